@@ -1,0 +1,1 @@
+"""The screening worker: inbox -> model -> database -> per-visit PDF report, plus audit queries."""

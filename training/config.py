@@ -1,0 +1,168 @@
+"""Typed settings for data, model and training, parsed once from ``config.toml``.
+
+The file is read with :mod:`tomllib` and validated with pydantic models that forbid unknown keys,
+so a typo fails at start-up with the key and the file named. Relative paths resolve against the
+folder holding the config file. The ``[screening]`` table belongs to the worker and is validated
+there; this module only checks that it is a table.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+from typing import Annotated, Any, Literal, Union
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+
+class ConfigError(ValueError):
+    """A configuration file is missing, unreadable or invalid; the message says where and why."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class IdridSegmentationSource(_Strict):
+    kind: Literal["idrid-segmentation"]
+    path: Path
+    subset: str = "a. Training Set"
+
+
+class IdridGradingSource(_Strict):
+    kind: Literal["idrid-grading"]
+    path: Path
+    subset: Literal["train", "test"] = "train"
+
+
+class KaggleSource(_Strict):
+    kind: Literal["kaggle"]
+    path: Path
+    splits: tuple[str, ...] = ("train", "valid", "test")
+
+
+class ManifestSource(_Strict):
+    kind: Literal["manifest"]
+    path: Path
+    # Column holding the DME label; srahim calls its binary flag "maculopathy".
+    dme_column: str = "dme_grade"
+    # True when the DME column is a binary present/absent flag, not IDRiD's 0/1/2 risk.
+    dme_binary: bool = False
+
+
+Source = Annotated[
+    Union[IdridSegmentationSource, IdridGradingSource, KaggleSource, ManifestSource],
+    Field(discriminator="kind"),
+]
+
+
+class DataSettings(_Strict):
+    sources: tuple[Source, ...] = ()
+    cache_dir: Path = Path(".cache/preprocessed")
+    val_fraction: float = Field(0.15, ge=0.0, lt=1.0)
+    test_fraction: float = Field(0.15, ge=0.0, lt=1.0)
+    split_seed: int = 13
+
+    @model_validator(mode="after")
+    def _fractions(self) -> "DataSettings":
+        if self.val_fraction + self.test_fraction >= 1.0:
+            raise ValueError("val_fraction + test_fraction must be below 1")
+        return self
+
+
+class ModelSettings(_Strict):
+    backbone: Literal["resnet18", "resnet34", "resnet50"] = "resnet34"
+    image_size: int = Field(512, ge=64, le=2048)
+    pretrained_weights: Path | None = None
+    decoder_channels: tuple[int, int, int, int, int] = (256, 128, 64, 32, 16)
+    dropout: float = Field(0.2, ge=0.0, lt=1.0)
+
+    @field_validator("image_size")
+    @classmethod
+    def _multiple_of_32(cls, v: int) -> int:
+        if v % 32:
+            raise ValueError(f"image_size must be a multiple of 32 (the encoder downsamples 32x), got {v}")
+        return v
+
+    @field_validator("pretrained_weights", mode="before")
+    @classmethod
+    def _empty_is_none(cls, v: Any) -> Any:
+        return None if v in ("", None) else v
+
+
+class TrainSettings(_Strict):
+    out_dir: Path = Path("runs/baseline")
+    epochs: int = Field(40, ge=1)
+    batch_size: int = Field(8, ge=1)
+    lr: float = Field(5e-4, gt=0)
+    weight_decay: float = Field(1e-4, ge=0)
+    patience: int = Field(8, ge=1)
+    lr_patience: int = Field(3, ge=0)
+    seg_weight: float = Field(0.6, ge=0)
+    cls_weight: float = Field(0.4, ge=0)
+    dme_weight: float = Field(0.5, ge=0, le=1)
+    balance_classes: bool = True
+    num_workers: int = Field(0, ge=0)
+    seed: int = 0
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    target_sensitivity: float = Field(0.90, gt=0, le=1)
+    max_steps_per_epoch: int | None = Field(None, ge=1)
+
+
+class TrainingConfig(_Strict):
+    data: DataSettings = DataSettings()
+    model: ModelSettings = ModelSettings()
+    train: TrainSettings = TrainSettings()
+    # Owned and validated by the screening package; kept opaque here.
+    screening: dict[str, Any] = Field(default_factory=dict)
+
+
+def read_toml(path: str | Path) -> dict[str, Any]:
+    """Read a TOML file, turning I/O and syntax errors into :class:`ConfigError`."""
+    path = Path(path)
+    try:
+        with path.open("rb") as fh:
+            return tomllib.load(fh)
+    except FileNotFoundError:
+        raise ConfigError(f"config file not found: {path} (pass --config or create it from the README)") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+
+
+def format_validation_error(exc: ValidationError, path: Path) -> str:
+    lines = [f"{path}: invalid settings"]
+    for err in exc.errors():
+        loc = ".".join(str(p) for p in err["loc"])
+        if err["type"] == "extra_forbidden":
+            lines.append(f"  unknown key '{loc}' (remove it or check its spelling)")
+        else:
+            lines.append(f"  key '{loc}': {err['msg']} (got {err.get('input')!r})")
+    return "\n".join(lines)
+
+
+def resolve_paths(model: BaseModel, base: Path) -> Any:
+    """Return a copy of a settings model with every relative Path made absolute against ``base``."""
+    updates: dict[str, Any] = {}
+    for name in type(model).model_fields:
+        value = getattr(model, name)
+        if isinstance(value, Path):
+            updates[name] = value if value.is_absolute() else (base / value)
+        elif isinstance(value, BaseModel):
+            updates[name] = resolve_paths(value, base)
+        elif isinstance(value, tuple) and value and isinstance(value[0], BaseModel):
+            updates[name] = tuple(resolve_paths(v, base) for v in value)
+    return model.model_copy(update=updates)
+
+
+def parse_training_config(raw: dict[str, Any], path: str | Path) -> TrainingConfig:
+    path = Path(path)
+    try:
+        cfg = TrainingConfig.model_validate(raw)
+    except ValidationError as exc:
+        raise ConfigError(format_validation_error(exc, path)) from None
+    return resolve_paths(cfg, path.resolve().parent)
+
+
+def load_training_config(path: str | Path) -> TrainingConfig:
+    """Read and validate ``config.toml``; the only place training reads its settings."""
+    return parse_training_config(read_toml(path), path)

@@ -1,0 +1,49 @@
+"""The unit every data source produces: one image with whichever labels it has."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+# DME label codes carried by a Record / sample:
+DME_UNKNOWN = -1  # no DME label at all
+DME_PRESENT = 3  # DME risk present but grade (1 or 2) unknown, e.g. a binary "maculopathy" flag
+DR_UNKNOWN = -1
+
+
+@dataclass(frozen=True)
+class Record:
+    """One fundus image and what is known about it.
+
+    ``masks`` is ``None`` when the image has no lesion annotation at all; otherwise it holds one
+    entry per lesion (training.model.LESIONS order), where ``None`` means "annotated, lesion absent".
+    """
+
+    image: Path
+    patient_id: str
+    source: str
+    eye: str | None = None
+    dr_grade: int = DR_UNKNOWN
+    dme_grade: int = DME_UNKNOWN
+    masks: tuple[Path | None, ...] | None = None
+
+    @property
+    def has_grade(self) -> bool:
+        return self.dr_grade != DR_UNKNOWN
+
+    @property
+    def has_dme(self) -> bool:
+        return self.dme_grade != DME_UNKNOWN
+
+    @property
+    def has_masks(self) -> bool:
+        return self.masks is not None
+
+    @property
+    def referable(self) -> int | None:
+        """Referable DR: grade >= 2 or any DME risk; None when it cannot be told from the labels."""
+        if self.dr_grade >= 2 or self.dme_grade >= 1:
+            return 1
+        if self.dr_grade in (0, 1) and self.dme_grade == 0:
+            return 0
+        return None

@@ -1,0 +1,81 @@
+"""Fundus preprocessing and the albumentations presets.
+
+``preprocess_fundus`` (crop to the camera's circular field, pad square, resize with INTER_AREA;
+masks with nearest neighbour) runs once per image, in the cache for training and in the worker.
+``eval_transforms`` is the exact preset the worker applies before the model.
+"""
+
+from __future__ import annotations
+
+import albumentations as A
+import cv2
+import numpy as np
+from albumentations.pytorch import ToTensorV2
+
+from training.model import IMAGENET_MEAN, IMAGENET_STD
+
+
+def fundus_bbox(image: np.ndarray, threshold: int = 12) -> tuple[int, int, int, int]:
+    """Bounding box (y0, y1, x0, x1) of the illuminated field; the whole image when it looks all dark."""
+    if image.ndim != 3 or image.shape[2] != 3:
+        raise ValueError(f"expected an (H, W, 3) RGB image, got shape {image.shape}")
+    small_scale = max(1, max(image.shape[:2]) // 512)
+    probe = image[::small_scale, ::small_scale].max(axis=2)
+    rows = np.flatnonzero((probe > threshold).mean(axis=1) > 0.01)
+    cols = np.flatnonzero((probe > threshold).mean(axis=0) > 0.01)
+    h, w = image.shape[:2]
+    if rows.size < 2 or cols.size < 2:
+        return 0, h, 0, w
+    y0, y1 = rows[0] * small_scale, min(h, (rows[-1] + 1) * small_scale)
+    x0, x1 = cols[0] * small_scale, min(w, (cols[-1] + 1) * small_scale)
+    return int(y0), int(y1), int(x0), int(x1)
+
+
+def _pad_square(arr: np.ndarray) -> np.ndarray:
+    h, w = arr.shape[:2]
+    side = max(h, w)
+    top, left = (side - h) // 2, (side - w) // 2
+    pad = [(top, side - h - top), (left, side - w - left)] + [(0, 0)] * (arr.ndim - 2)
+    return np.pad(arr, pad, mode="constant")
+
+
+def preprocess_fundus(
+    image: np.ndarray, size: int, masks: np.ndarray | None = None
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """Crop to the fundus, pad to a square and resize to ``size``.
+
+    image: (H, W, 3) uint8 RGB. masks: optional (H, W, K) uint8 {0, 1}, cropped and resized with
+    nearest neighbour so that they stay binary and aligned.
+    """
+    if masks is not None and masks.shape[:2] != image.shape[:2]:
+        raise ValueError(f"masks {masks.shape[:2]} and image {image.shape[:2]} differ in size")
+    y0, y1, x0, x1 = fundus_bbox(image)
+    img = _pad_square(image[y0:y1, x0:x1])
+    interp = cv2.INTER_AREA if img.shape[0] >= size else cv2.INTER_LINEAR
+    img = cv2.resize(img, (size, size), interpolation=interp)
+    if masks is not None:
+        m = _pad_square(masks[y0:y1, x0:x1])
+        m = cv2.resize(m, (size, size), interpolation=cv2.INTER_NEAREST)
+        if m.ndim == 2:
+            m = m[..., None]
+        masks = m
+    return img, masks
+
+
+def train_transforms(size: int) -> A.Compose:
+    """Flip, shift-scale-rotate, brightness/contrast, ImageNet normalisation; masks follow the geometry."""
+    return A.Compose(
+        [
+            A.HorizontalFlip(p=0.5),
+            A.Affine(scale=(0.9, 1.1), translate_percent=(-0.05, 0.05), rotate=(-25, 25), border_mode=cv2.BORDER_CONSTANT, p=0.8),
+            A.RandomBrightnessContrast(brightness_limit=0.2, contrast_limit=0.2, p=0.7),
+            A.Resize(size, size),
+            A.Normalize(mean=IMAGENET_MEAN, std=IMAGENET_STD),
+            ToTensorV2(transpose_mask=True),
+        ]
+    )
+
+
+def eval_transforms(size: int) -> A.Compose:
+    """The evaluation preset; the screening worker applies exactly this."""
+    return A.Compose([A.Resize(size, size), A.Normalize(mean=IMAGENET_MEAN, std=IMAGENET_STD), ToTensorV2(transpose_mask=True)])

@@ -1,0 +1,9 @@
+from .multitask import (
+    DME_GRADES, DR_GRADES, IMAGENET_MEAN, IMAGENET_STD, LESION_CODES, LESIONS, ModelConfig, MultiTaskNet,
+    MultiTaskOutput, build_model,
+)
+
+__all__ = [
+    "DME_GRADES", "DR_GRADES", "IMAGENET_MEAN", "IMAGENET_STD", "LESION_CODES", "LESIONS", "ModelConfig",
+    "MultiTaskNet", "MultiTaskOutput", "build_model",
+]
