@@ -55,7 +55,13 @@ def load_local_weights(net: nn.Module, path: str | Path) -> None:
     if isinstance(state, dict) and "state_dict" in state:
         state = state["state_dict"]
     state = {k: v for k, v in state.items() if not k.startswith("fc.")}
-    missing, unexpected = net.load_state_dict(state, strict=False)
+    try:
+        missing, unexpected = net.load_state_dict(state, strict=False)
+    except RuntimeError as exc:
+        raise ValueError(
+            f"{path}: does not match the backbone ({str(exc).splitlines()[1].strip()}); "
+            "use weights of the same ResNet depth as [model] backbone"
+        ) from None
     missing = [k for k in missing if not k.startswith("fc.")]
     if missing or unexpected:
         raise ValueError(

@@ -1,0 +1,29 @@
+# Plain runner. `make run` starts the worker, `make test` runs the whole suite; both set up .venv first.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+CONFIG ?= config.toml
+
+.PHONY: run once test train evaluate bench clean
+
+$(VENV)/.installed: pyproject.toml
+	python3 -m venv $(VENV)
+	$(VENV)/bin/pip install --quiet -e '.[dev]'
+	touch $@
+
+run: $(VENV)/.installed
+	$(VENV)/bin/dr-screen --config $(CONFIG) run
+
+once: $(VENV)/.installed
+	$(VENV)/bin/dr-screen --config $(CONFIG) run --once
+
+test: $(VENV)/.installed
+	$(VENV)/bin/pytest
+
+train: $(VENV)/.installed
+	$(VENV)/bin/dr-train --config $(CONFIG) train
+
+evaluate: $(VENV)/.installed
+	$(VENV)/bin/dr-train --config $(CONFIG) evaluate --checkpoint models/baseline.pt --split test
+
+clean:
+	rm -rf .cache runs work archive rejected screening.db* .pytest_cache

@@ -1,0 +1,393 @@
+"""Audit statistics over the screening database.
+
+Which rows a date range selects
+    ``start``/``end`` (inclusive, either may be ``None``) filter on the **UTC calendar date the file was
+    received**: ``images.received_at`` for graded, failed and rejected images and ``drops.received_at``
+    for duplicate and rejected arrivals. The exam date from the file name is *not* used: it may be
+    missing (rejected files) or typed wrongly, while the arrival time is always known.
+
+What is counted
+    * grades, referrals, exams: one per image that has a Result (each eye counts once); ``exams`` is
+      the number of distinct exams among them and ``referable_exams`` those with a referable eye;
+    * duplicates: drops with outcome ``duplicate`` (the same content dropped again);
+    * rejected: images in state ``rejected`` (grouped by ``images.error``) plus rejected drops not
+      attached to a rejected image (grouped by ``drops.reason``);
+    * failed: images in state ``failed`` (grouped by ``images.error``);
+    * turnaround: seconds from ``images.received_at`` to the first report of the image's exam created
+      at or after the image's result; images with a result but no such report count as
+      ``awaiting_report``. Percentiles use linear interpolation between ranks (numpy's default,
+      Excel's PERCENTILE.INC).
+
+Per model version
+    Grades, referrals, duplicates (of images graded by that version) and turnaround are broken down by
+    ``results.model_version``; ``overall`` pools them (and counts every duplicate drop, including those of
+    images not graded yet). Rejected and failed files never reached a model, so they are reported once
+    for the whole period and do not depend on the ``model_version`` filter.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from datetime import date, datetime, time, timedelta, timezone
+from os import PathLike
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import ColumnElement, func, select
+from sqlalchemy.orm import Session, aliased
+
+from screening.db.models import Drop, DropOutcome, Image, ImageState, Report, Result
+
+ALL = "ALL"
+DR_GRADES = range(5)
+DME_GRADES = range(3)
+PERCENTILES = (50, 90, 99)
+DATE_BASIS = "received_at (UTC date, inclusive)"
+NO_REASON = "(no reason given)"
+
+
+@dataclass
+class ModelStats:
+    model_version: str
+    images: int = 0
+    dr_grades: dict[int, int] = field(default_factory=lambda: {g: 0 for g in DR_GRADES})
+    dme_grades: dict[int, int] = field(default_factory=lambda: {g: 0 for g in DME_GRADES})
+    referable: int = 0
+    not_referable: int = 0
+    exams: int = 0
+    referable_exams: int = 0
+    duplicates: int = 0
+    reported: int = 0  # images whose turnaround is known
+    awaiting_report: int = 0
+    turnaround_p50_s: float | None = None
+    turnaround_p90_s: float | None = None
+    turnaround_p99_s: float | None = None
+
+
+@dataclass
+class AuditSummary:
+    start: date | None
+    end: date | None
+    model_version: str | None
+    overall: ModelStats
+    by_model: dict[str, ModelStats]
+    rejected: int = 0
+    rejected_reasons: dict[str, int] = field(default_factory=dict)
+    failed: int = 0
+    failed_reasons: dict[str, int] = field(default_factory=dict)
+    date_basis: str = DATE_BASIS
+
+    @property
+    def duplicates(self) -> int:
+        return self.overall.duplicates
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["start"] = None if self.start is None else self.start.isoformat()
+        d["end"] = None if self.end is None else self.end.isoformat()
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> AuditSummary:
+        def stats(s: dict[str, Any]) -> ModelStats:
+            s = dict(s)
+            s["dr_grades"] = {int(k): int(v) for k, v in s["dr_grades"].items()}
+            s["dme_grades"] = {int(k): int(v) for k, v in s["dme_grades"].items()}
+            return ModelStats(**s)
+
+        return cls(
+            start=None if d["start"] is None else date.fromisoformat(d["start"]),
+            end=None if d["end"] is None else date.fromisoformat(d["end"]),
+            model_version=d["model_version"],
+            overall=stats(d["overall"]),
+            by_model={k: stats(v) for k, v in d["by_model"].items()},
+            rejected=d["rejected"],
+            rejected_reasons=dict(d["rejected_reasons"]),
+            failed=d["failed"],
+            failed_reasons=dict(d["failed_reasons"]),
+            date_basis=d.get("date_basis", DATE_BASIS),
+        )
+
+
+def percentile(values: list[float], q: float) -> float | None:
+    """Linear interpolation between closest ranks; ``None`` for no values."""
+    if not values:
+        return None
+    xs = sorted(values)
+    pos = (len(xs) - 1) * q / 100.0
+    lo, hi = math.floor(pos), math.ceil(pos)
+    return xs[lo] + (xs[hi] - xs[lo]) * (pos - lo)
+
+
+def _utc_bounds(start: date | None, end: date | None) -> tuple[datetime | None, datetime | None]:
+    lo = None if start is None else datetime.combine(start, time.min, tzinfo=timezone.utc)
+    hi = None if end is None else datetime.combine(end + timedelta(days=1), time.min, tzinfo=timezone.utc)
+    return lo, hi
+
+
+def _in_range(column: Any, lo: datetime | None, hi: datetime | None) -> list[ColumnElement[bool]]:
+    conds: list[ColumnElement[bool]] = []
+    if lo is not None:
+        conds.append(column >= lo)
+    if hi is not None:
+        conds.append(column < hi)
+    return conds
+
+
+def _as_utc(dt: datetime) -> datetime:
+    return dt.replace(tzinfo=timezone.utc) if dt.tzinfo is None else dt
+
+
+def _fill(stats: ModelStats, rows: list[Any], duplicates: int) -> None:
+    exams: set[int] = set()
+    referable_exams: set[int] = set()
+    turnaround: list[float] = []
+    for r in rows:
+        stats.images += 1
+        stats.dr_grades[r.dr_grade] = stats.dr_grades.get(r.dr_grade, 0) + 1
+        stats.dme_grades[r.dme_grade] = stats.dme_grades.get(r.dme_grade, 0) + 1
+        if r.referable:
+            stats.referable += 1
+        else:
+            stats.not_referable += 1
+        if r.exam_id is not None:
+            exams.add(r.exam_id)
+            if r.referable:
+                referable_exams.add(r.exam_id)
+        if r.first_report_at is None:
+            stats.awaiting_report += 1
+        else:
+            turnaround.append((_as_utc(r.first_report_at) - r.received_at).total_seconds())
+    stats.exams, stats.referable_exams = len(exams), len(referable_exams)
+    stats.reported = len(turnaround)
+    stats.duplicates = duplicates
+    for q in PERCENTILES:
+        setattr(stats, f"turnaround_p{q}_s", percentile(turnaround, q))
+
+
+def audit_summary(
+    session: Session, start: date | None = None, end: date | None = None, model_version: str | None = None
+) -> AuditSummary:
+    """Statistics for files received between ``start`` and ``end`` (UTC dates, inclusive)."""
+    if start is not None and end is not None and end < start:
+        raise ValueError(f"end {end} is before start {start}")
+    lo, hi = _utc_bounds(start, end)
+
+    rep = aliased(Report)
+    first_report_at = (
+        select(func.min(rep.created_at))
+        .where(rep.exam_id == Image.exam_id, rep.created_at >= Result.created_at)
+        .correlate(Image, Result)
+        .scalar_subquery()
+    )
+    graded = (
+        select(
+            Result.model_version,
+            Result.dr_grade,
+            Result.dme_grade,
+            Result.referable,
+            Image.exam_id,
+            Image.received_at,
+            first_report_at.label("first_report_at"),
+        )
+        .join(Image, Image.id == Result.image_id)
+        .where(*_in_range(Image.received_at, lo, hi))
+    )
+    if model_version is not None:
+        graded = graded.where(Result.model_version == model_version)
+    rows = session.execute(graded).all()
+
+    dup_stmt = (
+        select(Result.model_version, func.count(Drop.id))
+        .select_from(Drop)
+        .outerjoin(Result, Result.image_id == Drop.image_id)
+        .where(Drop.outcome == DropOutcome.DUPLICATE.value, *_in_range(Drop.received_at, lo, hi))
+        .group_by(Result.model_version)
+    )
+    if model_version is not None:
+        dup_stmt = dup_stmt.where(Result.model_version == model_version)
+    dups: dict[str | None, int] = {mv: n for mv, n in session.execute(dup_stmt).all()}
+
+    by_model: dict[str, ModelStats] = {}
+    for mv in sorted({r.model_version for r in rows} | {mv for mv in dups if mv is not None}):
+        by_model[mv] = ModelStats(mv)
+        _fill(by_model[mv], [r for r in rows if r.model_version == mv], dups.get(mv, 0))
+    overall = ModelStats(ALL if model_version is None else model_version)
+    _fill(overall, list(rows), sum(dups.values()))
+
+    rejected: Counter[str] = Counter()
+    failed: Counter[str] = Counter()
+    for state, error in session.execute(
+        select(Image.state, Image.error).where(
+            Image.state.in_([ImageState.REJECTED.value, ImageState.FAILED.value]),
+            *_in_range(Image.received_at, lo, hi),
+        )
+    ).all():
+        (rejected if state == ImageState.REJECTED else failed)[error or NO_REASON] += 1
+    for (reason,) in session.execute(
+        select(Drop.reason)
+        .outerjoin(Image, Image.id == Drop.image_id)
+        .where(
+            Drop.outcome == DropOutcome.REJECTED.value,
+            (Image.id.is_(None)) | (Image.state != ImageState.REJECTED.value),
+            *_in_range(Drop.received_at, lo, hi),
+        )
+    ).all():
+        rejected[reason or NO_REASON] += 1
+
+    def ordered(c: Counter[str]) -> dict[str, int]:
+        return dict(sorted(c.items(), key=lambda kv: (-kv[1], kv[0])))
+
+    return AuditSummary(
+        start=start,
+        end=end,
+        model_version=model_version,
+        overall=overall,
+        by_model=by_model,
+        rejected=sum(rejected.values()),
+        rejected_reasons=ordered(rejected),
+        failed=sum(failed.values()),
+        failed_reasons=ordered(failed),
+    )
+
+
+# --- output -------------------------------------------------------------------------------------
+
+
+def _stat_rows(s: ModelStats) -> list[tuple[str, str, Any]]:
+    """(section, key, value) rows for one column of statistics."""
+    rows: list[tuple[str, str, Any]] = [("images", "graded", s.images)]
+    rows += [("dr_grade", str(g), s.dr_grades.get(g, 0)) for g in sorted(s.dr_grades)]
+    rows += [("dme_grade", str(g), s.dme_grades.get(g, 0)) for g in sorted(s.dme_grades)]
+    rows += [
+        ("referral", "referable", s.referable),
+        ("referral", "not_referable", s.not_referable),
+        ("exams", "graded", s.exams),
+        ("exams", "referable", s.referable_exams),
+        ("duplicates", "drops", s.duplicates),
+        ("turnaround_s", "reported", s.reported),
+        ("turnaround_s", "awaiting_report", s.awaiting_report),
+    ]
+    rows += [("turnaround_s", f"p{q}", getattr(s, f"turnaround_p{q}_s")) for q in PERCENTILES]
+    return rows
+
+
+def summary_rows(summary: AuditSummary) -> list[dict[str, str]]:
+    """The summary as tidy rows ``section, model_version, key, value`` (what :func:`write_csv` writes).
+    ``model_version`` is ``ALL`` for the pooled column and empty for period-wide rows."""
+    out: list[tuple[str, str, str, Any]] = [
+        ("filter", "", "start", summary.start.isoformat() if summary.start else ""),
+        ("filter", "", "end", summary.end.isoformat() if summary.end else ""),
+        ("filter", "", "model_version", summary.model_version or ""),
+        ("filter", "", "date_basis", summary.date_basis),
+    ]
+    for col in [summary.overall, *summary.by_model.values()]:
+        label = ALL if col is summary.overall else col.model_version
+        out += [(sec, label, key, val) for sec, key, val in _stat_rows(col)]
+    out.append(("rejected", "", "total", summary.rejected))
+    out += [("rejected_reason", "", reason, n) for reason, n in summary.rejected_reasons.items()]
+    out.append(("failed", "", "total", summary.failed))
+    out += [("failed_reason", "", reason, n) for reason, n in summary.failed_reasons.items()]
+
+    def text(v: Any) -> str:
+        if v is None:
+            return ""
+        if isinstance(v, float):
+            return repr(round(v, 3))
+        return str(v)
+
+    return [{"section": s, "model_version": m, "key": k, "value": text(v)} for s, m, k, v in out]
+
+
+def write_csv(summary: AuditSummary, path: str | PathLike[str]) -> Path:
+    path = Path(path)
+    with path.open("w", newline="", encoding="utf-8") as fh:
+        writer = csv.DictWriter(fh, fieldnames=["section", "model_version", "key", "value"])
+        writer.writeheader()
+        writer.writerows(summary_rows(summary))
+    return path
+
+
+def write_json(summary: AuditSummary, path: str | PathLike[str]) -> Path:
+    path = Path(path)
+    path.write_text(json.dumps(summary.to_dict(), indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    return path
+
+
+def read_json(path: str | PathLike[str]) -> AuditSummary:
+    return AuditSummary.from_dict(json.loads(Path(path).read_text(encoding="utf-8")))
+
+
+def _fmt_seconds(v: float | None) -> str:
+    if v is None:
+        return "-"
+    if v < 120:
+        return f"{v:.0f} s"
+    if v < 7200:
+        return f"{v / 60:.1f} min"
+    return f"{v / 3600:.1f} h"
+
+
+def format_table(summary: AuditSummary) -> str:
+    """A plain-text table for the terminal: one column per model version plus the pooled one."""
+    period = f"{summary.start or 'beginning'} .. {summary.end or 'now'}"
+    lines = [f"Screening audit, files received {period} (UTC dates, by {summary.date_basis.split(' ')[0]})"]
+    if summary.model_version:
+        lines.append(f"Model version: {summary.model_version}")
+    cols = [summary.overall, *summary.by_model.values()]
+    headers = ["", *(ALL if c is summary.overall else c.model_version for c in cols)]
+    labels = {
+        ("images", "graded"): "Images graded",
+        ("referral", "referable"): "Referable",
+        ("referral", "not_referable"): "Not referable",
+        ("exams", "graded"): "Exams graded",
+        ("exams", "referable"): "Exams referable",
+        ("duplicates", "drops"): "Duplicate drops",
+        ("turnaround_s", "reported"): "Reported images",
+        ("turnaround_s", "awaiting_report"): "Awaiting report",
+    }
+    body: list[list[str]] = []
+    per_col = [_stat_rows(c) for c in cols]
+    for i, (sec, key, _) in enumerate(per_col[0]):
+        if sec == "dr_grade":
+            label = f"DR grade {key}"
+        elif sec == "dme_grade":
+            label = f"DME risk {key}"
+        elif sec == "turnaround_s" and key.startswith("p"):
+            label = f"Turnaround {key}"
+        else:
+            label = labels[(sec, key)]
+        vals = [c[i][2] for c in per_col]
+        body.append([label, *(_fmt_seconds(v) if label.startswith("Turnaround") else str(v) for v in vals)])
+    widths = [max(len(r[j]) for r in [headers, *body]) for j in range(len(headers))]
+
+    def fmt(r: list[str]) -> str:
+        return "  ".join(r[0].ljust(widths[0]) if j == 0 else r[j].rjust(widths[j]) for j in range(len(r))).rstrip()
+
+    lines += ["", fmt(headers), "  ".join("-" * w for w in widths)]
+    lines += [fmt(r) for r in body]
+    for title, total, reasons in (
+        ("Rejected", summary.rejected, summary.rejected_reasons),
+        ("Failed", summary.failed, summary.failed_reasons),
+    ):
+        lines += ["", f"{title}: {total}"]
+        lines += [f"  {n:>6}  {reason}" for reason, n in reasons.items()]
+    return "\n".join(lines) + "\n"
+
+
+__all__ = [
+    "ALL",
+    "AuditSummary",
+    "ModelStats",
+    "audit_summary",
+    "format_table",
+    "percentile",
+    "read_json",
+    "summary_rows",
+    "write_csv",
+    "write_json",
+]

@@ -1,0 +1,112 @@
+"""Schema migrations with Alembic, run from code (no alembic.ini).
+
+``init_db(engine)`` is the one call the worker and CLI need at start-up:
+
+* brand-new database (no tables): create the schema from the models and stamp it at head;
+* database tracked by Alembic and behind: take a file backup (SQLite files) and upgrade to head;
+* already at head: nothing;
+* tables but no ``alembic_version``: refuse (an unknown database is never altered blindly).
+
+For staff tooling, :func:`alembic_config` returns a Config usable with ``alembic.command``
+(``command.current(alembic_config(url))``, ``command.upgrade(cfg, "head", sql=True)`` for SQL output).
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from datetime import datetime, timezone
+from pathlib import Path
+
+from alembic import command
+from alembic.config import Config
+from alembic.runtime.migration import MigrationContext
+from alembic.script import ScriptDirectory
+from sqlalchemy import Connection, Engine, inspect
+
+from screening.db.models import Base
+
+MIGRATIONS_DIR = Path(__file__).resolve().parent / "migrations"
+VERSION_TABLE = "alembic_version"
+
+
+class SchemaError(RuntimeError):
+    """The database cannot be brought to the current schema automatically."""
+
+
+def alembic_config(url: str | None = None, connection: Connection | None = None) -> Config:
+    cfg = Config()
+    cfg.set_main_option("script_location", str(MIGRATIONS_DIR))
+    if url is not None:
+        cfg.set_main_option("sqlalchemy.url", url.replace("%", "%%"))
+    if connection is not None:
+        cfg.attributes["connection"] = connection
+    return cfg
+
+
+def head_revision() -> str:
+    head = ScriptDirectory.from_config(alembic_config()).get_current_head()
+    assert head is not None
+    return head
+
+
+def current_revision(engine: Engine) -> str | None:
+    with engine.connect() as conn:
+        return MigrationContext.configure(conn).get_current_revision()
+
+
+def upgrade(engine: Engine, revision: str = "head") -> None:
+    """Run the revisions up to ``revision`` on whatever the database has now."""
+    with engine.begin() as conn:
+        command.upgrade(alembic_config(connection=conn), revision)
+
+
+def _backup_sqlite(engine: Engine, tag: str) -> Path | None:
+    db = engine.url.database if engine.dialect.name == "sqlite" else None
+    if not db or db == ":memory:" or not Path(db).is_file():
+        return None
+    stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    dest = Path(db).with_name(f"{Path(db).name}.{tag}.{stamp}.bak")
+    raw = engine.raw_connection()
+    try:
+        target = sqlite3.connect(dest)
+        try:
+            raw.driver_connection.backup(target)  # consistent online copy, WAL included
+        finally:
+            target.close()
+    finally:
+        raw.close()
+    return dest
+
+
+def init_db(engine: Engine, *, backup: bool = True) -> str:
+    """Bring the database to the head revision; returns the revision it is at afterwards."""
+    head = head_revision()
+    tables = set(inspect(engine).get_table_names())
+    if not tables - {VERSION_TABLE}:
+        with engine.begin() as conn:
+            Base.metadata.create_all(conn)
+            command.stamp(alembic_config(connection=conn), "head")
+        return head
+    current = current_revision(engine)
+    if current is None:
+        raise SchemaError(
+            f"{engine.url.render_as_string(hide_password=True)} has tables ({', '.join(sorted(tables))}) "
+            "but no alembic_version: not a screening database, or one from before migrations were tracked; "
+            "refusing to alter it"
+        )
+    if current != head:
+        if backup:
+            _backup_sqlite(engine, f"pre-{head}")
+        upgrade(engine, "head")
+    return head
+
+
+__all__ = [
+    "MIGRATIONS_DIR",
+    "SchemaError",
+    "alembic_config",
+    "current_revision",
+    "head_revision",
+    "init_db",
+    "upgrade",
+]

@@ -1,0 +1,291 @@
+"""SQLAlchemy 2.0 typed models for the screening records.
+
+Every timestamp is stored as UTC (naive UTC in the database, timezone-aware UTC in Python); a naive
+``datetime`` handed to a timestamp column is refused rather than guessed at. ``source_name`` is the
+clinic's file name kept as text for display and audit only; it is never joined onto a path.
+
+The schema is owned by the Alembic revisions in ``screening/db/migrations/versions``: a change here
+needs a new revision there (``tests/screening/db/test_migrations.py`` fails when the two disagree).
+"""
+
+from __future__ import annotations
+
+from datetime import date, datetime, timezone
+from enum import StrEnum
+from typing import Any
+
+from sqlalchemy import (
+    JSON,
+    CheckConstraint,
+    DateTime,
+    Float,
+    ForeignKey,
+    Index,
+    MetaData,
+    String,
+    Text,
+    UniqueConstraint,
+)
+from sqlalchemy.engine import Dialect
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
+from sqlalchemy.types import TypeDecorator
+
+# Stable constraint names so that Alembic batch migrations on SQLite can find and alter them.
+NAMING_CONVENTION = {
+    "ix": "ix_%(column_0_label)s",
+    "uq": "uq_%(table_name)s_%(column_0_N_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+
+class ImageState(StrEnum):
+    RECEIVED = "received"  # hashed and recorded, waiting for (or in) inference
+    DONE = "done"  # a Result exists; the exam's report is not yet (re)rendered
+    REPORTED = "reported"  # included in a rendered report
+    REJECTED = "rejected"  # not gradable input (bad name, not an image, ...); see Image.error
+    FAILED = "failed"  # processing raised; see Image.error
+
+
+class DropOutcome(StrEnum):
+    NEW = "new"  # first arrival of this content: an Image was created
+    DUPLICATE = "duplicate"  # same SHA-256 as an existing Image: nothing re-processed
+    REJECTED = "rejected"  # refused on arrival; see Drop.reason
+
+
+class Eye(StrEnum):
+    LEFT = "L"
+    RIGHT = "R"
+
+
+LESION_KEYS = ("ma", "he", "ex", "se", "od")  # microaneurysms, haemorrhages, hard/soft exudates, optic disc
+
+
+def utcnow() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+class UTCDateTime(TypeDecorator[datetime]):
+    """Aware UTC ``datetime`` in Python, naive UTC in the database (portable across SQLite/PostgreSQL)."""
+
+    impl = DateTime
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None or value.utcoffset() is None:
+            raise ValueError(f"naive datetime {value!r}: pass a timezone-aware datetime (e.g. datetime.now(timezone.utc))")
+        return value.astimezone(timezone.utc).replace(tzinfo=None)
+
+    def process_result_value(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        return value.replace(tzinfo=timezone.utc) if value.tzinfo is None else value.astimezone(timezone.utc)
+
+
+def _in(column: str, values: Any) -> str:
+    return f"{column} IN ({', '.join(repr(str(v)) for v in values)})"
+
+
+class Base(DeclarativeBase):
+    metadata = MetaData(naming_convention=NAMING_CONVENTION)
+    type_annotation_map = {datetime: UTCDateTime(), str: String(), dict[str, Any]: JSON(), list[float]: JSON()}
+
+
+class Patient(Base):
+    __tablename__ = "patients"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    code: Mapped[str] = mapped_column(String(64), unique=True)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+    exams: Mapped[list[Exam]] = relationship(back_populates="patient", order_by="Exam.exam_date")
+
+    def __repr__(self) -> str:
+        return f"Patient(id={self.id!r}, code={self.code!r})"
+
+
+class Exam(Base):
+    """One visit: a patient's photos taken on one date (the unit a PDF report covers)."""
+
+    __tablename__ = "exams"
+    __table_args__ = (UniqueConstraint("patient_id", "exam_date"),)
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    patient_id: Mapped[int] = mapped_column(ForeignKey("patients.id", ondelete="RESTRICT"))
+    exam_date: Mapped[date]
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+    patient: Mapped[Patient] = relationship(back_populates="exams")
+    images: Mapped[list[Image]] = relationship(back_populates="exam", order_by="Image.id")
+    reports: Mapped[list[Report]] = relationship(back_populates="exam", order_by="Report.version")
+
+    def __repr__(self) -> str:
+        return f"Exam(id={self.id!r}, patient_id={self.patient_id!r}, exam_date={self.exam_date!r})"
+
+
+class Image(Base):
+    """One distinct file content (by SHA-256), however many times it was dropped."""
+
+    __tablename__ = "images"
+    __table_args__ = (
+        CheckConstraint(_in("state", ImageState), name="state"),
+        CheckConstraint("eye IS NULL OR " + _in("eye", Eye), name="eye"),
+        Index("ix_images_state", "state"),
+        Index("ix_images_exam_id", "exam_id"),
+        Index("ix_images_received_at", "received_at"),
+    )
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    exam_id: Mapped[int | None] = mapped_column(ForeignKey("exams.id", ondelete="RESTRICT"))
+    eye: Mapped[str | None] = mapped_column(String(1))
+    sha256: Mapped[str] = mapped_column(String(64), unique=True)
+    source_name: Mapped[str] = mapped_column(Text)
+    stored_path: Mapped[str | None] = mapped_column(Text)
+    state: Mapped[str] = mapped_column(String(16), default=ImageState.RECEIVED.value)
+    error: Mapped[str | None] = mapped_column(Text)
+    received_at: Mapped[datetime] = mapped_column(default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)
+    width: Mapped[int | None]  # added in revision 0002
+    height: Mapped[int | None]  # added in revision 0002
+
+    exam: Mapped[Exam | None] = relationship(back_populates="images")
+    result: Mapped[Result | None] = relationship(back_populates="image", uselist=False)
+    drops: Mapped[list[Drop]] = relationship(back_populates="image", order_by="Drop.id")
+
+    def __repr__(self) -> str:
+        return f"Image(id={self.id!r}, sha256={self.sha256[:12]!r}, eye={self.eye!r}, state={self.state!r})"
+
+
+class Drop(Base):
+    """Every arrival of a file in the inbox, including duplicates and rejects."""
+
+    __tablename__ = "drops"
+    __table_args__ = (
+        CheckConstraint(_in("outcome", DropOutcome), name="outcome"),
+        Index("ix_drops_sha256", "sha256"),
+        Index("ix_drops_received_at", "received_at"),
+        Index("ix_drops_image_id", "image_id"),
+    )
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    image_id: Mapped[int | None] = mapped_column(ForeignKey("images.id", ondelete="RESTRICT"))
+    sha256: Mapped[str] = mapped_column(String(64))
+    source_name: Mapped[str] = mapped_column(Text)
+    received_at: Mapped[datetime] = mapped_column(default=utcnow)
+    outcome: Mapped[str] = mapped_column(String(16))
+    reason: Mapped[str | None] = mapped_column(Text)  # added in revision 0002
+
+    image: Mapped[Image | None] = relationship(back_populates="drops")
+
+    def __repr__(self) -> str:
+        return f"Drop(id={self.id!r}, sha256={self.sha256[:12]!r}, outcome={self.outcome!r})"
+
+
+class Result(Base):
+    """The model's output for one image (at most one per image)."""
+
+    __tablename__ = "results"
+    __table_args__ = (
+        CheckConstraint("dr_grade BETWEEN 0 AND 4", name="dr_grade"),
+        CheckConstraint("dme_grade BETWEEN 0 AND 2", name="dme_grade"),
+        *(
+            CheckConstraint(f"area_{k} >= 0 AND area_{k} <= 1", name=f"area_{k}")
+            for k in LESION_KEYS
+        ),
+        Index("ix_results_model_version", "model_version"),
+    )
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    image_id: Mapped[int] = mapped_column(ForeignKey("images.id", ondelete="RESTRICT"), unique=True)
+    model_version: Mapped[str] = mapped_column(String(128))
+    checkpoint_sha256: Mapped[str] = mapped_column(String(64))
+    dr_grade: Mapped[int]
+    dr_probs: Mapped[list[float]]
+    dme_grade: Mapped[int]
+    dme_probs: Mapped[list[float]]
+    referable_score: Mapped[float] = mapped_column(Float)
+    referable: Mapped[bool]
+    area_ma: Mapped[float] = mapped_column(Float, default=0.0)
+    area_he: Mapped[float] = mapped_column(Float, default=0.0)
+    area_ex: Mapped[float] = mapped_column(Float, default=0.0)
+    area_se: Mapped[float] = mapped_column(Float, default=0.0)
+    area_od: Mapped[float] = mapped_column(Float, default=0.0)
+    mask_dir: Mapped[str | None] = mapped_column(Text)
+    overlay_path: Mapped[str | None] = mapped_column(Text)
+    dr_cam_path: Mapped[str | None] = mapped_column(Text)
+    dme_cam_path: Mapped[str | None] = mapped_column(Text)
+    device: Mapped[str | None] = mapped_column(String(32))
+    inference_ms: Mapped[float | None] = mapped_column(Float)  # added in revision 0002
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+    image: Mapped[Image] = relationship(back_populates="result")
+
+    @property
+    def areas(self) -> dict[str, float]:
+        return {k: getattr(self, f"area_{k}") for k in LESION_KEYS}
+
+    def __repr__(self) -> str:
+        return (
+            f"Result(id={self.id!r}, image_id={self.image_id!r}, model_version={self.model_version!r}, "
+            f"dr_grade={self.dr_grade!r}, dme_grade={self.dme_grade!r}, referable={self.referable!r})"
+        )
+
+
+class Report(Base):
+    """A rendered PDF for one exam; re-rendering (e.g. the second eye arrived) adds a new version."""
+
+    __tablename__ = "reports"
+    __table_args__ = (UniqueConstraint("exam_id", "version"),)
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    exam_id: Mapped[int] = mapped_column(ForeignKey("exams.id", ondelete="RESTRICT"))
+    version: Mapped[int]
+    path: Mapped[str] = mapped_column(Text)
+    model_version: Mapped[str] = mapped_column(String(128))
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+    exam: Mapped[Exam] = relationship(back_populates="reports")
+
+    def __repr__(self) -> str:
+        return f"Report(id={self.id!r}, exam_id={self.exam_id!r}, version={self.version!r})"
+
+
+class Event(Base):
+    """Append-only log of what happened (state changes, results, reports, errors)."""
+
+    __tablename__ = "events"
+    __table_args__ = (
+        Index("ix_events_image_id", "image_id"),
+        Index("ix_events_created_at", "created_at"),
+    )
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    image_id: Mapped[int | None] = mapped_column(ForeignKey("images.id", ondelete="RESTRICT"))
+    drop_id: Mapped[int | None] = mapped_column(ForeignKey("drops.id", ondelete="RESTRICT"))
+    kind: Mapped[str] = mapped_column(String(32))
+    message: Mapped[str] = mapped_column(Text, default="")
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+    def __repr__(self) -> str:
+        return f"Event(id={self.id!r}, kind={self.kind!r}, image_id={self.image_id!r})"
+
+
+__all__ = [
+    "LESION_KEYS",
+    "Base",
+    "Drop",
+    "DropOutcome",
+    "Event",
+    "Exam",
+    "Eye",
+    "Image",
+    "ImageState",
+    "Patient",
+    "Report",
+    "Result",
+    "UTCDateTime",
+    "utcnow",
+]

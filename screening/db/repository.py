@@ -1,0 +1,352 @@
+"""Data access for the worker, report renderer and recovery.
+
+Every function takes the caller's :class:`Session` and at most *flushes*: committing (or rolling back)
+is the caller's unit of work (see :func:`screening.db.session.session_scope`). Timestamps passed in
+must be timezone-aware; they are stored as UTC.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from datetime import date, datetime
+from os import PathLike
+
+from sqlalchemy import Select, case, func, or_, select
+from sqlalchemy.orm import Session
+
+from screening.db.models import (
+    Drop,
+    DropOutcome,
+    Event,
+    Exam,
+    Eye,
+    Image,
+    ImageState,
+    Patient,
+    Report,
+    Result,
+    utcnow,
+)
+
+PathStr = str | PathLike[str]
+
+
+def _path(p: PathStr | None) -> str | None:
+    return None if p is None else str(p)
+
+
+def _check(value: str, allowed: type[ImageState] | type[DropOutcome] | type[Eye], what: str) -> str:
+    try:
+        return allowed(value).value
+    except ValueError:
+        raise ValueError(f"unknown {what} {value!r}; expected one of {[v.value for v in allowed]}") from None
+
+
+def _insert_if_absent(session: Session, model: type, values: dict, key: Sequence[str]) -> None:
+    """INSERT ... ON CONFLICT DO NOTHING where the dialect has it, so two workers racing to create the
+    same patient/exam both succeed without a savepoint; elsewhere the caller's select-then-add decides."""
+    name = session.get_bind().dialect.name
+    if name == "sqlite":
+        from sqlalchemy.dialects.sqlite import insert
+    elif name == "postgresql":
+        from sqlalchemy.dialects.postgresql import insert
+    else:
+        session.add(model(**values))
+        session.flush()
+        return
+    session.execute(insert(model).values(**values).on_conflict_do_nothing(index_elements=list(key)))
+
+
+# --- patients and exams -------------------------------------------------------------------------
+
+
+def get_or_create_patient(session: Session, code: str) -> Patient:
+    code = code.strip()
+    if not code:
+        raise ValueError("patient code is empty")
+    stmt = select(Patient).where(Patient.code == code)
+    patient = session.scalars(stmt).one_or_none()
+    if patient is None:
+        _insert_if_absent(session, Patient, {"code": code, "created_at": utcnow()}, ["code"])
+        patient = session.scalars(stmt).one()
+    return patient
+
+
+def get_or_create_exam(session: Session, patient: Patient, exam_date: date) -> Exam:
+    if patient.id is None:
+        session.flush()
+    stmt = select(Exam).where(Exam.patient_id == patient.id, Exam.exam_date == exam_date)
+    exam = session.scalars(stmt).one_or_none()
+    if exam is None:
+        _insert_if_absent(
+            session,
+            Exam,
+            {"patient_id": patient.id, "exam_date": exam_date, "created_at": utcnow()},
+            ["patient_id", "exam_date"],
+        )
+        exam = session.scalars(stmt).one()
+    return exam
+
+
+# --- images and drops ---------------------------------------------------------------------------
+
+
+def get_image_by_sha(session: Session, sha256: str) -> Image | None:
+    return session.scalars(select(Image).where(Image.sha256 == sha256.lower())).one_or_none()
+
+
+def add_image(
+    session: Session,
+    *,
+    sha256: str,
+    source_name: str,
+    exam: Exam | None = None,
+    eye: str | None = None,
+    stored_path: PathStr | None = None,
+    state: str = ImageState.RECEIVED,
+    error: str | None = None,
+    width: int | None = None,
+    height: int | None = None,
+    received_at: datetime | None = None,
+) -> Image:
+    """A new distinct file content. Raises IntegrityError on flush if ``sha256`` is already known:
+    check :func:`get_image_by_sha` first and :func:`record_drop` a duplicate instead."""
+    now = received_at or utcnow()
+    image = Image(
+        sha256=sha256.lower(),
+        source_name=source_name,
+        exam=exam,
+        eye=None if eye is None else _check(eye, Eye, "eye"),
+        stored_path=_path(stored_path),
+        state=_check(state, ImageState, "state"),
+        error=error,
+        width=width,
+        height=height,
+        received_at=now,
+        updated_at=now,
+    )
+    session.add(image)
+    session.flush()
+    return image
+
+
+def record_drop(
+    session: Session,
+    *,
+    sha256: str,
+    source_name: str,
+    outcome: str,
+    image: Image | None = None,
+    reason: str | None = None,
+    received_at: datetime | None = None,
+) -> Drop:
+    """Log one arrival of a file (every arrival, duplicates and rejects included)."""
+    drop = Drop(
+        sha256=sha256.lower(),
+        source_name=source_name,
+        outcome=_check(outcome, DropOutcome, "drop outcome"),
+        image=image,
+        reason=reason,
+        received_at=received_at or utcnow(),
+    )
+    session.add(drop)
+    session.flush()
+    return drop
+
+
+def add_event(
+    session: Session,
+    kind: str,
+    message: str = "",
+    *,
+    image: Image | None = None,
+    drop: Drop | None = None,
+    created_at: datetime | None = None,
+) -> Event:
+    """Append to the event log (never updated or deleted)."""
+    if (image is not None and image.id is None) or (drop is not None and drop.id is None):
+        session.flush()
+    event = Event(
+        kind=kind,
+        message=message,
+        image_id=None if image is None else image.id,
+        drop_id=None if drop is None else drop.id,
+        created_at=created_at or utcnow(),
+    )
+    session.add(event)
+    session.flush()
+    return event
+
+
+def set_state(session: Session, image: Image, state: str, error: str | None = None) -> Event:
+    """Move ``image`` to ``state`` (``error`` is kept for rejected/failed, cleared otherwise) and log it
+    as an Event of kind ``"state"`` with message ``"old -> new[: error]"``."""
+    new = _check(state, ImageState, "state")
+    old = image.state
+    image.state = new
+    image.error = error if new in (ImageState.REJECTED, ImageState.FAILED) else None
+    image.updated_at = utcnow()
+    message = f"{old} -> {new}" + (f": {error}" if error else "")
+    return add_event(session, "state", message, image=image)
+
+
+# --- results and reports ------------------------------------------------------------------------
+
+
+def add_result(
+    session: Session,
+    image: Image,
+    *,
+    model_version: str,
+    checkpoint_sha256: str,
+    dr_grade: int,
+    dr_probs: Sequence[float],
+    dme_grade: int,
+    dme_probs: Sequence[float],
+    referable_score: float,
+    referable: bool,
+    area_ma: float = 0.0,
+    area_he: float = 0.0,
+    area_ex: float = 0.0,
+    area_se: float = 0.0,
+    area_od: float = 0.0,
+    mask_dir: PathStr | None = None,
+    overlay_path: PathStr | None = None,
+    dr_cam_path: PathStr | None = None,
+    dme_cam_path: PathStr | None = None,
+    device: str | None = None,
+    inference_ms: float | None = None,
+    created_at: datetime | None = None,
+) -> Result:
+    """Store the model output for ``image`` (one per image; a second raises IntegrityError on flush).
+    Does not change the image state: call :func:`set_state` (``done``) in the same unit of work."""
+    result = Result(
+        image=image,
+        model_version=model_version,
+        checkpoint_sha256=checkpoint_sha256,
+        dr_grade=int(dr_grade),
+        dr_probs=[float(p) for p in dr_probs],
+        dme_grade=int(dme_grade),
+        dme_probs=[float(p) for p in dme_probs],
+        referable_score=float(referable_score),
+        referable=bool(referable),
+        area_ma=float(area_ma),
+        area_he=float(area_he),
+        area_ex=float(area_ex),
+        area_se=float(area_se),
+        area_od=float(area_od),
+        mask_dir=_path(mask_dir),
+        overlay_path=_path(overlay_path),
+        dr_cam_path=_path(dr_cam_path),
+        dme_cam_path=_path(dme_cam_path),
+        device=device,
+        inference_ms=None if inference_ms is None else float(inference_ms),
+        created_at=created_at or utcnow(),
+    )
+    session.add(result)
+    session.flush()
+    add_event(session, "result", f"{model_version}: DR {dr_grade}, DME {dme_grade}, referable={bool(referable)}", image=image)
+    return result
+
+
+def exam_images_with_results(
+    session: Session, exam_id: int, *, include_pending: bool = False
+) -> list[tuple[Image, Result | None]]:
+    """The exam's images with their results, right eye first then left (then unknown eye), oldest first.
+    By default only images that have a Result; ``include_pending=True`` adds the others with ``None``."""
+    eye_order = case((Image.eye == Eye.RIGHT.value, 0), (Image.eye == Eye.LEFT.value, 1), else_=2)
+    stmt: Select = (
+        select(Image, Result)
+        .join(Result, Result.image_id == Image.id, isouter=include_pending)
+        .where(Image.exam_id == exam_id)
+        .order_by(eye_order, Image.id)
+    )
+    return [(img, res) for img, res in session.execute(stmt).all()]
+
+
+def next_report_version(session: Session, exam_id: int) -> int:
+    current = session.scalar(select(func.max(Report.version)).where(Report.exam_id == exam_id))
+    return 1 if current is None else current + 1
+
+
+def add_report(
+    session: Session,
+    exam: Exam,
+    path: PathStr,
+    model_version: str,
+    *,
+    version: int | None = None,
+    created_at: datetime | None = None,
+) -> Report:
+    """Record a rendered report; ``version`` defaults to :func:`next_report_version`. Two writers racing
+    for the same version get an IntegrityError on flush (unique exam_id, version)."""
+    if exam.id is None:
+        session.flush()
+    report = Report(
+        exam=exam,
+        version=version if version is not None else next_report_version(session, exam.id),
+        path=str(path),
+        model_version=model_version,
+        created_at=created_at or utcnow(),
+    )
+    session.add(report)
+    session.flush()
+    add_event(session, "report", f"exam {exam.id} v{report.version}: {report.path}")
+    return report
+
+
+# --- recovery -----------------------------------------------------------------------------------
+
+
+def images_in_state(session: Session, states: str | Iterable[str]) -> list[Image]:
+    """Images in any of ``states``, oldest first (e.g. ``received`` after a restart: re-run them)."""
+    wanted = [states] if isinstance(states, str) else list(states)
+    wanted = [_check(s, ImageState, "state") for s in wanted]
+    return list(session.scalars(select(Image).where(Image.state.in_(wanted)).order_by(Image.received_at, Image.id)))
+
+
+def exams_needing_report(session: Session) -> list[Exam]:
+    """Exams with at least one ``done`` image whose newest result is not covered by a report, i.e.
+    there is no report created at or after the exam's latest result. Ordered by exam id."""
+    latest_result = (
+        select(Image.exam_id.label("exam_id"), func.max(Result.created_at).label("at"))
+        .join(Result, Result.image_id == Image.id)
+        .where(Image.exam_id.is_not(None))
+        .group_by(Image.exam_id)
+        .subquery()
+    )
+    latest_report = (
+        select(Report.exam_id.label("exam_id"), func.max(Report.created_at).label("at"))
+        .group_by(Report.exam_id)
+        .subquery()
+    )
+    has_done = (
+        select(Image.id)
+        .where(Image.exam_id == Exam.id, Image.state == ImageState.DONE.value)
+        .exists()
+    )
+    stmt = (
+        select(Exam)
+        .join(latest_result, latest_result.c.exam_id == Exam.id)
+        .outerjoin(latest_report, latest_report.c.exam_id == Exam.id)
+        .where(has_done, or_(latest_report.c.at.is_(None), latest_report.c.at < latest_result.c.at))
+        .order_by(Exam.id)
+    )
+    return list(session.scalars(stmt))
+
+
+__all__ = [
+    "add_event",
+    "add_image",
+    "add_report",
+    "add_result",
+    "exam_images_with_results",
+    "exams_needing_report",
+    "get_image_by_sha",
+    "get_or_create_exam",
+    "get_or_create_patient",
+    "images_in_state",
+    "next_report_version",
+    "record_drop",
+    "set_state",
+]

@@ -1,0 +1,69 @@
+"""Grad-CAM for the DR and DME heads, computed from the prediction's own forward pass.
+
+Both classification heads read the encoder's last stage. The network runs once; its last-stage
+activations are handed to each head wrapped so that pytorch-grad-cam's ``GradCAM`` hooks an
+identity layer sitting exactly where ``encoder.layer4`` ends. The CAM classes then re-run only the
+tiny head (pool + MLP) and back-propagate to those activations: the same gradients and the same
+maps as Grad-CAM on ``encoder.layer4`` of the full model, without a second full forward.
+"""
+
+from __future__ import annotations
+
+import cv2
+import numpy as np
+import torch
+from pytorch_grad_cam import GradCAM
+from pytorch_grad_cam.utils.image import show_cam_on_image
+from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
+from torch import nn
+
+LESION_COLOURS_RGB: dict[str, tuple[int, int, int]] = {
+    "MA": (255, 40, 40),
+    "HE": (150, 0, 40),
+    "EX": (255, 230, 0),
+    "SE": (170, 220, 255),
+    "OD": (40, 200, 80),
+}
+
+
+class HeadOnFeatures(nn.Module):
+    """One classification head applied to precomputed encoder features; ``layer`` is the CAM target."""
+
+    def __init__(self, head: nn.Module) -> None:
+        super().__init__()
+        self.layer = nn.Identity()
+        self.head = head
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return self.head(self.layer(features))
+
+
+def head_cams(head: nn.Module, features: torch.Tensor, classes: list[int], out_size: int) -> np.ndarray:
+    """Grad-CAM maps (N, out_size, out_size) in [0, 1] for the given class of each sample."""
+    wrapper = HeadOnFeatures(head)
+    # a normal tensor (not an inference tensor) that autograd tracks, so the hooks see its gradient
+    feats = features.detach().clone().float().requires_grad_(True)
+    with torch.enable_grad(), GradCAM(model=wrapper, target_layers=[wrapper.layer]) as cam:
+        maps = cam(input_tensor=feats, targets=[ClassifierOutputTarget(int(c)) for c in classes])
+    return np.stack([cv2.resize(m.astype(np.float32), (out_size, out_size), interpolation=cv2.INTER_CUBIC).clip(0, 1) for m in maps])
+
+
+def cam_overlay(rgb: np.ndarray, cam: np.ndarray) -> np.ndarray:
+    """Heatmap over the photo (uint8 RGB)."""
+    return show_cam_on_image(rgb.astype(np.float32) / 255.0, cam, use_rgb=True, image_weight=0.55)
+
+
+def lesion_overlay(rgb: np.ndarray, masks: np.ndarray, codes: tuple[str, ...]) -> np.ndarray:
+    """Colour each lesion mask over the photo; outlines for the optic disc so it does not hide lesions."""
+    out = rgb.copy()
+    for k, code in enumerate(codes):
+        m = masks[k].astype(bool)
+        if not m.any():
+            continue
+        colour = np.array(LESION_COLOURS_RGB[code], dtype=np.float32)
+        if code == "OD":
+            contours, _ = cv2.findContours(m.astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
+            cv2.drawContours(out, contours, -1, tuple(int(c) for c in colour), 2)
+        else:
+            out[m] = (0.35 * out[m] + 0.65 * colour).astype(np.uint8)
+    return out

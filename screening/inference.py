@@ -1,0 +1,108 @@
+"""Predictor: load the checkpoint once, grade batches of images, explain both heads from one forward."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from training.checkpoint import load_model
+from training.data.transforms import eval_transforms
+from training.engine import resolve_device
+from training.model import LESION_CODES
+
+from .explain import head_cams
+
+
+@dataclass
+class ImagePrediction:
+    dr_grade: int
+    dr_probs: list[float]
+    dme_grade: int
+    dme_probs: list[float]
+    referable_score: float
+    referable: bool
+    masks: np.ndarray  # (5, S, S) bool, LESION_CODES order
+    lesion_areas: dict[str, float]  # fraction of the fundus field, per lesion code
+    dr_cam: np.ndarray  # (S, S) float in [0, 1]
+    dme_cam: np.ndarray
+
+
+def referable_probability(dr_probs: np.ndarray, dme_probs: np.ndarray) -> np.ndarray:
+    """P(referable) = 1 - P(DR <= 1) * P(no DME risk): grade >= 2 or any DME risk refers."""
+    return 1.0 - dr_probs[:, :2].sum(1) * dme_probs[:, 0]
+
+
+class Predictor:
+    """Holds the model for the worker's lifetime; ``predict`` takes preprocessed RGB images."""
+
+    def __init__(self, checkpoint: Path, device: str = "auto", threads: int = 2) -> None:
+        torch.set_num_threads(threads)
+        self.device = resolve_device(device)
+        self.model, self.meta = load_model(checkpoint, self.device)
+        self.size = self.model.config.image_size
+        self.transform = eval_transforms(self.size)
+        self.threshold = float(self.meta["thresholds"]["referable"])
+        self.lesion_threshold = float(self.meta["thresholds"].get("lesion", 0.5))
+
+    @property
+    def version(self) -> str:
+        return str(self.meta["model_version"])
+
+    @property
+    def kind(self) -> str:
+        """'real' for a model trained and validated on real photos, 'synthetic' for a demo model."""
+        return str(self.meta["provenance"]["kind"])
+
+    def report_metrics(self) -> dict[str, float | str]:
+        """The checkpoint's headline metrics, labelled for the report's model section."""
+        metrics = self.meta.get("metrics", {})
+        val = metrics.get("validation", {})
+        out: dict[str, float | str] = {}
+        for label, key in (("Validation DR kappa", "val_kappa"), ("Validation referable-DR AUC", "val_ref_auc"),
+                           ("Validation mean lesion AUPR", "val_aupr_mean")):
+            if isinstance(val.get(key), (int, float)):
+                out[label] = round(float(val[key]), 3)
+        for key, value in (metrics.get("test") or {}).items():
+            if isinstance(value, (int, float, str)):
+                out[f"Test {key}"] = round(float(value), 3) if isinstance(value, float) else value
+        out["Referral threshold"] = round(self.threshold, 3)
+        return out
+
+    def to_tensor(self, images: list[np.ndarray]) -> torch.Tensor:
+        return torch.stack([self.transform(image=im)["image"] for im in images]).to(self.device)
+
+    def forward(self, batch: torch.Tensor) -> Any:
+        with torch.inference_mode():
+            return self.model(batch)
+
+    def predict(self, images: list[np.ndarray], explain: bool = True) -> list[ImagePrediction]:
+        if not images:
+            return []
+        out = self.forward(self.to_tensor(images))
+        dr = out.dr_logits.float().softmax(1).cpu().numpy()
+        dme = out.dme_logits.float().softmax(1).cpu().numpy()
+        seg = (torch.sigmoid(out.seg_logits.float()) > self.lesion_threshold).cpu().numpy()
+        ref = referable_probability(dr, dme)
+        dr_cls, dme_cls = dr.argmax(1), dme.argmax(1)
+        if explain:
+            dr_cams = head_cams(self.model.dr_head, out.features, list(dr_cls), self.size)
+            dme_cams = head_cams(self.model.dme_head, out.features, list(dme_cls), self.size)
+        else:
+            dr_cams = dme_cams = np.zeros((len(images), self.size, self.size), np.float32)
+        preds = []
+        for i, im in enumerate(images):
+            field = im.max(axis=2) > 12
+            n_field = max(int(field.sum()), 1)
+            areas = {code: float((seg[i, k] & field).sum()) / n_field for k, code in enumerate(LESION_CODES)}
+            preds.append(ImagePrediction(
+                dr_grade=int(dr_cls[i]), dr_probs=[float(x) for x in dr[i]],
+                dme_grade=int(dme_cls[i]), dme_probs=[float(x) for x in dme[i]],
+                referable_score=float(ref[i]), referable=bool(ref[i] >= self.threshold),
+                masks=seg[i] & field[None], lesion_areas=areas, dr_cam=dr_cams[i], dme_cam=dme_cams[i],
+            ))
+        return preds

@@ -1,0 +1,646 @@
+"""Intake layer: notice new fundus exports in the inbox, wait until they stop changing, identify them.
+
+Nothing here runs the model, touches the database or moves files; the pipeline does that with what
+:class:`Intake` hands it.
+
+How files reach the pipeline
+----------------------------
+* :class:`InboxWatcher` runs a watchdog observer (``native`` = inotify/FSEvents/ReadDirectoryChanges,
+  ``polling`` = :class:`~watchdog.observers.polling.PollingObserver`). Its handler only enqueues paths.
+  Native events are not delivered for changes made by *other machines* on a network share, so
+  ``observer = "polling"`` is the safe choice for SMB/NFS inboxes.
+* :func:`sweep` lists the inbox directly; :class:`Intake` sweeps at start and every
+  ``sweep_interval`` seconds, which catches files present before start and any missed events.
+* :class:`StabilityTracker` decides when a file has stopped changing: its ``(size, mtime_ns)`` must
+  stay the same for ``stable_seconds`` of *observed* time (the file's own mtime is not trusted: share
+  clocks drift). A file that stays at 0 bytes is reported after ``10 x stable_seconds`` so the
+  pipeline can reject it as empty instead of skipping it forever.
+
+Only the top level of the inbox is considered: sub-folders, symlinks and other non-regular entries
+are skipped (not recursed into). Temporary/hidden names (see :func:`is_ignored`) are skipped until they
+are renamed. Regular files with an unsupported suffix are *not* skipped: they are returned like any
+other file and :func:`unsupported_reason` says why the pipeline should reject them.
+
+Naming: :func:`parse_identity` reads ``patient``/``eye``/``date`` from the file stem using the
+configured ``filename_patterns``, and a sidecar ``<stem>.json`` (or ``<name>.json``) with keys
+``patient_id``, ``eye``, ``exam_date`` complements/overrides what the name gave. The sidecar is a
+companion of the image: the pipeline should move it together with the image (see :func:`sidecar_for`).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import queue
+import re
+import stat
+import threading
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from datetime import date
+from hashlib import sha256
+from pathlib import Path
+from typing import TYPE_CHECKING, Literal
+
+if TYPE_CHECKING:
+    from screening.config import ScreeningSettings
+
+log = logging.getLogger(__name__)
+
+__all__ = [
+    "EMPTY_FILE_FACTOR",
+    "SUPPORTED_SUFFIXES",
+    "Identity",
+    "IdentityError",
+    "InboxWatcher",
+    "Intake",
+    "StabilityTracker",
+    "is_ignored",
+    "is_supported",
+    "parse_identity",
+    "sha256_file",
+    "sidecar_for",
+    "sweep",
+    "unsupported_reason",
+    "wait_until_stable",
+]
+
+SUPPORTED_SUFFIXES: frozenset[str] = frozenset({".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp"})
+"""Image suffixes the pipeline accepts (compared lower-cased)."""
+
+EMPTY_FILE_FACTOR = 10.0
+"""A 0-byte file is reported as stable after this many ``stable_seconds`` (so it can be rejected)."""
+
+_IGNORED_SUFFIXES = (".part", ".tmp", ".crdownload", ".partial", ".json")
+_IGNORED_NAMES = frozenset({"thumbs.db", "desktop.ini"})
+_PATIENT_ID_RE = re.compile(r"[A-Za-z0-9_-]{1,64}")
+_EYES = {"l": "L", "left": "L", "os": "L", "r": "R", "right": "R", "od": "R"}
+_SIDECAR_MAX_BYTES = 64 * 1024
+_NAMING_HINT = "name files like Patient001_L.jpg or <id>_<eye>_<yyyymmdd>.jpg"
+
+
+# --------------------------------------------------------------------------------------------- names
+
+
+def is_ignored(name: str | os.PathLike[str]) -> bool:
+    """True for names intake never picks up: temporary/hidden files (until renamed) and sidecar JSON.
+
+    Dotfiles, Office lock files ``~$...``, ``*.part``, ``*.tmp``, ``*.crdownload``, ``*.partial``,
+    ``Thumbs.db``, ``desktop.ini`` and ``*.json`` sidecars (read together with their image).
+    Only the last path component is looked at; comparisons are case-insensitive.
+    """
+    base = os.path.basename(os.fspath(name).rstrip("/\\"))
+    low = base.lower()
+    if not base or base.startswith(".") or base.startswith("~$"):
+        return True
+    return low in _IGNORED_NAMES or low.endswith(_IGNORED_SUFFIXES)
+
+
+def is_supported(path: str | os.PathLike[str]) -> bool:
+    """True when the file's suffix is one of :data:`SUPPORTED_SUFFIXES` (case-insensitive)."""
+    return Path(path).suffix.lower() in SUPPORTED_SUFFIXES
+
+
+def unsupported_reason(path: str | os.PathLike[str]) -> str | None:
+    """``None`` for a supported image suffix, otherwise a reason the pipeline can show when rejecting."""
+    p = Path(path)
+    if is_supported(p):
+        return None
+    allowed = ", ".join(sorted(SUPPORTED_SUFFIXES))
+    if not p.suffix:
+        return f"'{p.name}' has no file extension; supported image types are {allowed}"
+    return f"'{p.name}' has unsupported file type '{p.suffix}'; supported image types are {allowed}"
+
+
+# ------------------------------------------------------------------------------------------ identity
+
+
+@dataclass(frozen=True)
+class Identity:
+    patient_id: str
+    eye: Literal["L", "R"]
+    exam_date: date | None = None  # None: the pipeline uses the drop date
+
+
+class IdentityError(Exception):
+    """Why a file could not be identified. Returned (not raised) by :func:`parse_identity`."""
+
+    def __init__(self, path: str | os.PathLike[str], reason: str) -> None:
+        super().__init__(reason)
+        self.path = Path(path)
+        self.reason = reason
+
+    def __str__(self) -> str:
+        return self.reason
+
+    def __repr__(self) -> str:
+        return f"IdentityError({str(self.path)!r}, {self.reason!r})"
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, IdentityError) and (self.path, self.reason) == (other.path, other.reason)
+
+    def __hash__(self) -> int:
+        return hash((self.path, self.reason))
+
+
+def sidecar_for(path: str | os.PathLike[str]) -> Path | None:
+    """The sidecar JSON of an image if one exists: ``<stem>.json`` first, then ``<name>.json``."""
+    p = Path(path)
+    for cand in (p.with_suffix(".json"), p.with_name(p.name + ".json")):
+        if cand != p and cand.is_file():
+            return cand
+    return None
+
+
+def _normalise_eye(value: object) -> str | None:
+    if not isinstance(value, str):
+        return None
+    return _EYES.get(value.strip().lower())
+
+
+def _parse_date(value: str) -> date | None:
+    """``YYYYMMDD`` or ``YYYY-MM-DD`` (``_`` also accepted as a separator) -> date; None if invalid."""
+    s = value.strip()
+    m = re.fullmatch(r"(\d{4})[-_]?(\d{2})[-_]?(\d{2})", s)
+    if m is None:
+        return None
+    try:
+        d = date(int(m[1]), int(m[2]), int(m[3]))
+    except ValueError:
+        return None
+    return d if d.year >= 1900 else None
+
+
+def _match_patterns(stem: str, patterns: Sequence[str | re.Pattern[str]]) -> dict[str, str | None] | None:
+    """First pattern that matches, as a dict of its named groups; exact case first, then ignoring case."""
+    for flags in (0, re.IGNORECASE):
+        for pat in patterns:
+            rx = re.compile(pat.pattern, pat.flags | flags) if isinstance(pat, re.Pattern) else re.compile(pat, flags)
+            m = rx.search(stem)
+            if m is not None and m.groupdict().get("patient"):
+                return m.groupdict()
+    return None
+
+
+def _read_sidecar(path: Path, sidecar: Path) -> dict | IdentityError:
+    try:
+        size = sidecar.stat().st_size
+        if size > _SIDECAR_MAX_BYTES:
+            return IdentityError(path, f"sidecar {sidecar.name} is too large ({size} bytes; at most {_SIDECAR_MAX_BYTES})")
+        data = json.loads(sidecar.read_text(encoding="utf-8-sig"))
+    except FileNotFoundError:
+        return {}
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        return IdentityError(path, f"sidecar {sidecar.name} could not be read as JSON: {exc}")
+    if not isinstance(data, dict):
+        return IdentityError(path, f"sidecar {sidecar.name} must hold a JSON object with patient_id, eye, exam_date")
+    return data
+
+
+def parse_identity(
+    path: str | os.PathLike[str], patterns: Sequence[str | re.Pattern[str]]
+) -> Identity | IdentityError:
+    """Patient, eye and exam date of an image from its name and/or sidecar JSON.
+
+    The patterns are tried on the file stem in order (as written, then case-insensitively); groups
+    ``patient``, ``eye``, ``date`` are used when present. A sidecar (:func:`sidecar_for`) with keys
+    ``patient_id``, ``eye``, ``exam_date`` (``YYYY-MM-DD`` or null) overrides/complements the name.
+    The result is validated: patient id ``[A-Za-z0-9_-]{1,64}`` (so no path separators or ``..``),
+    eye one of L/R/OD/OS/left/right (OD = right, OS = left), date a real calendar date.
+    """
+    p = Path(path)
+    groups = _match_patterns(p.stem, patterns) or {}
+    patient: object = groups.get("patient")
+    eye_raw: object = groups.get("eye")
+    date_raw: object = groups.get("date")
+    source = {"patient": "file name", "eye": "file name", "date": "file name"}
+
+    sidecar = sidecar_for(p)
+    if sidecar is not None:
+        data = _read_sidecar(p, sidecar)
+        if isinstance(data, IdentityError):
+            return data
+        for key, field in (("patient_id", "patient"), ("eye", "eye"), ("exam_date", "date")):
+            if key in data and data[key] is not None:
+                value = data[key]
+                if key == "patient_id" and isinstance(value, int) and not isinstance(value, bool):
+                    value = str(value)
+                if not isinstance(value, str):
+                    return IdentityError(p, f"sidecar {sidecar.name}: '{key}' must be a string, got {value!r}")
+                if field == "patient":
+                    patient = value
+                elif field == "eye":
+                    eye_raw = value
+                else:
+                    date_raw = value
+                source[field] = f"sidecar {sidecar.name}"
+
+    if not patient:
+        side = p.with_suffix(".json").name
+        return IdentityError(p, f"no patient id in the file name '{p.name}' and no sidecar {side}; {_NAMING_HINT}")
+    if not isinstance(patient, str) or not _PATIENT_ID_RE.fullmatch(patient):
+        return IdentityError(
+            p,
+            f"invalid patient id {patient!r} (from {source['patient']}): use 1-64 letters, digits, '_' or '-'",
+        )
+
+    if not eye_raw:
+        return IdentityError(
+            p, f"no eye (L/R/OD/OS/left/right) in the file name '{p.name}' or its sidecar; {_NAMING_HINT}"
+        )
+    eye = _normalise_eye(eye_raw)
+    if eye is None:
+        return IdentityError(
+            p, f"invalid eye {eye_raw!r} (from {source['eye']}): use L, R, OD (right), OS (left), left or right"
+        )
+
+    exam_date: date | None = None
+    if date_raw:
+        exam_date = _parse_date(str(date_raw))
+        if exam_date is None:
+            return IdentityError(
+                p, f"invalid exam date {date_raw!r} (from {source['date']}): expected a real date as YYYYMMDD or YYYY-MM-DD"
+            )
+    return Identity(patient_id=patient, eye=eye, exam_date=exam_date)  # type: ignore[arg-type]
+
+
+# -------------------------------------------------------------------------------------------- hashing
+
+
+def sha256_file(path: str | os.PathLike[str], chunk: int = 1 << 20) -> str:
+    """Hex SHA-256 of a file, read in ``chunk``-byte blocks."""
+    h = sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+# ------------------------------------------------------------------------------------------ stability
+
+Signature = tuple[int, int]
+
+
+def _signature(path: Path) -> Signature | None:
+    """``(size, mtime_ns)`` of a regular file (symlinks not followed); None if gone or not a file."""
+    try:
+        st = os.lstat(path)
+    except OSError:
+        return None
+    if not stat.S_ISREG(st.st_mode):
+        return None
+    return (st.st_size, st.st_mtime_ns)
+
+
+class StabilityTracker:
+    """Decides when files have stopped changing.
+
+    ``observe(path)`` is True once the file's ``(size, mtime_ns)`` has been unchanged for
+    ``stable_seconds`` since it was first seen with that signature. A vanished (or non-regular) file is
+    forgotten. A 0-byte file only counts as stable after ``empty_factor x stable_seconds`` so the
+    pipeline can reject it as empty. Not thread-safe: use from one thread.
+    """
+
+    def __init__(
+        self,
+        stable_seconds: float,
+        clock: Callable[[], float] = time.monotonic,
+        *,
+        empty_factor: float = EMPTY_FILE_FACTOR,
+    ) -> None:
+        if stable_seconds < 0:
+            raise ValueError("stable_seconds must be >= 0")
+        self.stable_seconds = float(stable_seconds)
+        self.empty_seconds = float(stable_seconds) * empty_factor
+        self.clock = clock
+        self._seen: dict[Path, tuple[Signature, float]] = {}
+
+    def observe(self, path: str | os.PathLike[str], now: float | None = None) -> bool:
+        p = Path(path)
+        sig = _signature(p)
+        if sig is None:
+            self._seen.pop(p, None)
+            return False
+        t = self.clock() if now is None else now
+        prev = self._seen.get(p)
+        if prev is None or prev[0] != sig:
+            self._seen[p] = (sig, t)
+            since = t
+        else:
+            since = prev[1]
+        needed = self.stable_seconds if sig[0] > 0 else self.empty_seconds
+        return t - since >= needed
+
+    def forget(self, path: str | os.PathLike[str]) -> None:
+        self._seen.pop(Path(path), None)
+
+    def signature(self, path: str | os.PathLike[str]) -> Signature | None:
+        """The ``(size, mtime_ns)`` last observed for ``path`` (None if not tracked)."""
+        seen = self._seen.get(Path(path))
+        return seen[0] if seen else None
+
+    def __contains__(self, path: object) -> bool:
+        return isinstance(path, (str, os.PathLike)) and Path(path) in self._seen
+
+    def __len__(self) -> int:
+        return len(self._seen)
+
+
+def wait_until_stable(
+    paths: Iterable[str | os.PathLike[str]],
+    timeout: float,
+    *,
+    stable_seconds: float = 2.0,
+    interval: float | None = None,
+    clock: Callable[[], float] = time.monotonic,
+    sleep: Callable[[float], None] = time.sleep,
+) -> list[Path]:
+    """Block until every path is stable or ``timeout`` seconds pass; returns the stable ones (input order).
+
+    Vanished files are dropped. Files still changing at the deadline are left out of the result.
+    """
+    todo = [Path(p) for p in paths]
+    tracker = StabilityTracker(stable_seconds, clock)
+    step = interval if interval is not None else min(0.25, max(stable_seconds / 4, 0.01))
+    deadline = clock() + timeout
+    stable: set[Path] = set()
+    while True:
+        now = clock()
+        for p in todo:
+            if p not in stable and tracker.observe(p, now):
+                stable.add(p)
+        todo = [p for p in todo if p in stable or _signature(p) is not None]
+        if all(p in stable for p in todo) or now >= deadline:
+            return [p for p in todo if p in stable]
+        sleep(min(step, max(deadline - now, 0.0)))
+
+
+# -------------------------------------------------------------------------------------------- sweep
+
+
+def sweep(inbox: str | os.PathLike[str]) -> list[Path]:
+    """Candidate files directly in ``inbox``, oldest mtime first (name breaks ties).
+
+    Non-recursive: sub-folders, symlinks and other non-regular entries are skipped, as are names
+    :func:`is_ignored` rejects. Unsupported suffixes are included (the pipeline rejects them with
+    :func:`unsupported_reason`). Raises ``OSError`` if the inbox itself cannot be listed.
+    """
+    root = Path(inbox)
+    found: list[tuple[int, str, Path]] = []
+    with os.scandir(root) as it:
+        for entry in it:
+            if is_ignored(entry.name):
+                continue
+            try:
+                if not entry.is_file(follow_symlinks=False):
+                    continue
+                mtime = entry.stat(follow_symlinks=False).st_mtime_ns
+            except OSError:  # vanished between listing and stat
+                continue
+            found.append((mtime, entry.name, root / entry.name))
+    found.sort(key=lambda t: (t[0], t[1]))
+    return [p for _, _, p in found]
+
+
+# ------------------------------------------------------------------------------------------- watcher
+
+
+def _event_path(raw: str | bytes) -> Path:
+    return Path(os.fsdecode(raw))
+
+
+def _make_handler(enqueue: Callable[[Path], None]):
+    from watchdog.events import FileSystemEventHandler
+
+    class _EnqueueHandler(FileSystemEventHandler):
+        """Only enqueues paths; all work happens in the consumer thread."""
+
+        def on_created(self, event) -> None:
+            if not event.is_directory:
+                enqueue(_event_path(event.src_path))
+
+        def on_modified(self, event) -> None:
+            if not event.is_directory:
+                enqueue(_event_path(event.src_path))
+
+        def on_closed(self, event) -> None:  # inotify close-after-write: a good "maybe done" hint
+            if not event.is_directory:
+                enqueue(_event_path(event.src_path))
+
+        def on_moved(self, event) -> None:
+            if not event.is_directory and event.dest_path:
+                enqueue(_event_path(event.dest_path))
+
+    return _EnqueueHandler()
+
+
+class InboxWatcher:
+    """Watchdog observer on the inbox (non-recursive) whose handler only enqueues file paths.
+
+    ``observer="native"`` uses :class:`watchdog.observers.Observer`; if it cannot start (e.g. the
+    inotify watch limit is reached) it falls back to polling with a warning. ``"polling"`` uses
+    :class:`~watchdog.observers.polling.PollingObserver` with ``timeout=poll_interval``.
+    """
+
+    def __init__(
+        self,
+        inbox: str | os.PathLike[str],
+        observer: Literal["native", "polling"] = "native",
+        poll_interval: float = 1.0,
+    ) -> None:
+        if observer not in ("native", "polling"):
+            raise ValueError(f"observer must be 'native' or 'polling', got {observer!r}")
+        self.inbox = Path(os.path.abspath(inbox))
+        self.observer_kind = observer
+        self.poll_interval = float(poll_interval)
+        self.active_kind: str | None = None
+        self._queue: queue.SimpleQueue[Path] = queue.SimpleQueue()
+        self._observer = None
+        self._lock = threading.Lock()
+
+    @classmethod
+    def from_settings(cls, settings: ScreeningSettings) -> InboxWatcher:
+        return cls(settings.inbox, settings.observer, settings.poll_interval)
+
+    def _enqueue(self, path: Path) -> None:
+        self._queue.put(path)
+
+    def _new_observer(self, kind: str):
+        if kind == "polling":
+            from watchdog.observers.polling import PollingObserver
+
+            return PollingObserver(timeout=self.poll_interval)
+        from watchdog.observers import Observer
+
+        return Observer()
+
+    def start(self) -> None:
+        with self._lock:
+            if self._observer is not None:
+                return
+            if not self.inbox.is_dir():
+                raise FileNotFoundError(f"inbox folder {self.inbox} does not exist (is the share mounted?)")
+            handler = _make_handler(self._enqueue)
+            kinds = [self.observer_kind] + (["polling"] if self.observer_kind == "native" else [])
+            last_exc: Exception | None = None
+            for kind in kinds:
+                obs = self._new_observer(kind)
+                try:
+                    obs.schedule(handler, str(self.inbox), recursive=False)
+                    obs.start()
+                except OSError as exc:
+                    last_exc = exc
+                    log.warning("could not start %s observer on %s: %s", kind, self.inbox, exc)
+                    continue
+                self._observer, self.active_kind = obs, kind
+                if kind != self.observer_kind:
+                    log.warning("watching %s with the polling observer instead", self.inbox)
+                return
+            assert last_exc is not None
+            raise last_exc
+
+    def stop(self, timeout: float = 5.0) -> None:
+        with self._lock:
+            obs, self._observer = self._observer, None
+        if obs is not None:
+            obs.stop()
+            obs.join(timeout)
+
+    @property
+    def running(self) -> bool:
+        return self._observer is not None
+
+    def pending(self, timeout: float | None = 0.0) -> set[Path]:
+        """Drain the queue: wait up to ``timeout`` s for the first path (0 = don't wait), then take all queued."""
+        out: set[Path] = set()
+        try:
+            if timeout is None or timeout > 0:
+                out.add(self._queue.get(timeout=timeout))
+            while True:
+                out.add(self._queue.get_nowait())
+        except queue.Empty:
+            pass
+        return out
+
+    def __enter__(self) -> InboxWatcher:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+# -------------------------------------------------------------------------------------------- intake
+
+
+class Intake:
+    """Watcher + periodic sweep + stability tracking: ``poll()`` returns files ready to process now.
+
+    Each path is returned once; it is returned again only if its ``(size, mtime_ns)`` changed after it
+    was returned (normally the pipeline moves it out of the inbox). ``poll`` works without ``start()``
+    (sweep only); ``start()`` adds the watchdog observer. Use from one thread.
+    """
+
+    def __init__(
+        self,
+        settings: ScreeningSettings,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+        watcher: InboxWatcher | None = None,
+    ) -> None:
+        self.settings = settings
+        self.inbox = Path(os.path.abspath(settings.inbox))
+        self.clock = clock
+        self.sweep_interval = float(settings.sweep_interval)
+        self.tracker = StabilityTracker(settings.stable_seconds, clock)
+        self.watcher = watcher or InboxWatcher(self.inbox, settings.observer, settings.poll_interval)
+        self._pending: set[Path] = set()
+        self._returned: dict[Path, Signature] = {}
+        self._next_sweep: float | None = None  # None: sweep on the next poll
+        self.last_sweep_error: OSError | None = None
+
+    # lifecycle
+    def start(self) -> None:
+        self.watcher.start()
+        self._next_sweep = None
+
+    def stop(self) -> None:
+        self.watcher.stop()
+
+    def __enter__(self) -> Intake:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    @property
+    def pending(self) -> frozenset[Path]:
+        """Files seen but not yet stable."""
+        return frozenset(self._pending)
+
+    def _key(self, path: Path) -> Path | None:
+        """Canonical inbox path for a candidate, or None if it is not a top-level, non-ignored inbox file."""
+        if is_ignored(path.name):
+            return None
+        if os.path.normcase(os.path.abspath(path.parent)) != os.path.normcase(str(self.inbox)):
+            return None
+        return self.inbox / path.name
+
+    def _add(self, path: Path) -> None:
+        key = self._key(path)
+        if key is None or key in self._pending:
+            return
+        sig = _signature(key)
+        if sig is None:
+            self._returned.pop(key, None)
+            return
+        if self._returned.get(key) == sig:  # already handed out and unchanged
+            return
+        self._pending.add(key)
+
+    def _sweep(self, now: float) -> None:
+        self._next_sweep = now + self.sweep_interval
+        try:
+            listed = sweep(self.inbox)
+        except OSError as exc:
+            if self.last_sweep_error is None or str(exc) != str(self.last_sweep_error):
+                log.warning("cannot list inbox %s: %s", self.inbox, exc)
+            self.last_sweep_error = exc
+            return
+        self.last_sweep_error = None
+        present = set(listed)
+        for gone in [p for p in self._returned if p not in present]:
+            del self._returned[gone]
+        for p in listed:
+            self._add(p)
+
+    def poll(self, now: float | None = None) -> list[Path]:
+        """Files that are stable now (oldest first), drawn from watcher events plus the periodic sweep."""
+        t = self.clock() if now is None else now
+        for p in self.watcher.pending(0):
+            self._add(p)
+        if self._next_sweep is None or t >= self._next_sweep:
+            self._sweep(t)
+        ready: list[tuple[int, str, Path]] = []
+        for p in list(self._pending):
+            if not self.tracker.observe(p, t):
+                if _signature(p) is None:  # vanished
+                    self._pending.discard(p)
+                    self._returned.pop(p, None)
+                continue
+            sig = self.tracker.signature(p)
+            self._pending.discard(p)
+            self.tracker.forget(p)
+            if sig is None:
+                continue
+            self._returned[p] = sig
+            ready.append((sig[1], p.name, p))
+        ready.sort(key=lambda r: (r[0], r[1]))
+        return [p for _, _, p in ready]
+
+    def wait_until_stable(self, paths: Iterable[str | os.PathLike[str]], timeout: float) -> list[Path]:
+        """One-shot: block until the given files are stable (settings.stable_seconds) or timeout."""
+        return wait_until_stable(paths, timeout, stable_seconds=self.settings.stable_seconds, clock=self.clock)

@@ -1,0 +1,351 @@
+"""One unit of work per image: intake -> decode -> predict (batched) -> persist -> report.
+
+State machine (``images.state``): received -> done -> reported, or rejected / failed. The original
+stays in the inbox until its result is committed, then moves to the archive; a worker killed at any
+point finds either the file still in the inbox (and redoes the image) or a committed state to
+continue from. Report PDFs are rendered to a temporary name and renamed, earlier versions kept.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import shutil
+import signal
+import threading
+import time
+from dataclasses import dataclass
+from datetime import date, datetime, timezone
+from pathlib import Path
+from typing import Any, Callable
+
+import cv2
+import numpy as np
+from sqlalchemy.orm import Session, sessionmaker
+
+from training.model import LESION_CODES
+
+from .config import ScreeningSettings
+from .db import repository as repo
+from .db.models import DropOutcome, Exam, Image, ImageState
+from .db.session import session_scope
+from .explain import cam_overlay, lesion_overlay
+from .imaging import DecodedImage, ImageRejected, decode
+from .inference import ImagePrediction, Predictor
+from .intake import Identity, IdentityError, Intake, parse_identity, sha256_file, sidecar_for, sweep, unsupported_reason, wait_until_stable
+from .report import EyeFinding, ReportContext, render_with_retries
+
+log = logging.getLogger("screening")
+_SAFE = re.compile(r"[^A-Za-z0-9._-]+")
+
+
+def safe_name(name: str) -> str:
+    """A file name from a user, reduced to something that cannot act as a path."""
+    cleaned = _SAFE.sub("_", os.path.basename(name)).lstrip(".")
+    return cleaned[:120] or "file"
+
+
+def _atomic_png(path: Path, rgb: np.ndarray) -> None:
+    tmp = path.with_name(path.name + ".tmp.png")
+    bgr = cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR) if rgb.ndim == 3 else rgb
+    if not cv2.imwrite(str(tmp), bgr):
+        raise OSError(f"could not write {tmp}")
+    os.replace(tmp, path)
+
+
+@dataclass
+class Job:
+    image_id: int
+    path: Path
+    sha256: str
+    decoded: DecodedImage
+
+
+@dataclass
+class BatchOutcome:
+    processed: int = 0
+    duplicates: int = 0
+    rejected: int = 0
+    failed: int = 0
+    reports: int = 0
+
+
+class Worker:
+    """Owns the predictor and the session factory; ``process`` handles one batch of ready files."""
+
+    def __init__(
+        self, settings: ScreeningSettings, predictor: Predictor, factory: sessionmaker[Session], templates_dir: Path,
+        today: Callable[[], date] = date.today,
+    ) -> None:
+        self.s = settings
+        self.predictor = predictor
+        self.factory = factory
+        self.templates_dir = templates_dir
+        self.today = today
+        for folder in (settings.inbox, settings.reports, settings.archive, settings.rejected, settings.work_dir):
+            folder.mkdir(parents=True, exist_ok=True)
+
+    # ------------------------------------------------------------------ intake
+    def _reject(self, path: Path, sha: str, reason: str, existing: Image | None, session: Session) -> None:
+        stamp = datetime.now().strftime("%Y%m%dT%H%M%S")
+        dest = self.s.rejected / f"{stamp}_{sha[:8]}_{safe_name(path.name)}"
+        image = existing or repo.add_image(session, sha256=sha, source_name=path.name, state=ImageState.REJECTED, error=reason)
+        if existing is not None and existing.state in (ImageState.RECEIVED, ImageState.FAILED):
+            repo.set_state(session, existing, ImageState.REJECTED, reason)
+        drop = repo.record_drop(session, sha256=sha, source_name=path.name, outcome=DropOutcome.REJECTED, image=image, reason=reason)
+        repo.add_event(session, "rejected", reason, image=image, drop=drop)
+        image.stored_path = str(dest)
+        session.flush()
+        # The DB row exists before the move: a crash here leaves the file in the inbox, seen again next sweep.
+        dest.with_name(dest.name + ".reason.txt").write_text(
+            f"File: {path.name}\nSHA-256: {sha}\nRejected: {datetime.now().isoformat(timespec='seconds')}\n"
+            f"Reason: {reason}\nWhat to do: fix the issue and copy the file into the inbox again.\n"
+        )
+        shutil.move(str(path), dest)
+        sidecar = sidecar_for(path)
+        if sidecar is not None:
+            shutil.move(str(sidecar), dest.with_name(dest.name + ".json"))
+        log.warning("rejected image %s (sha %s): %s", image.id, sha[:12], reason)
+
+    def _archive(self, path: Path, sha: str, sub: str = "") -> Path:
+        folder = self.s.archive / datetime.now().strftime("%Y-%m-%d") / sub
+        folder.mkdir(parents=True, exist_ok=True)
+        dest = folder / f"{sha[:12]}_{safe_name(path.name)}"
+        n = 1
+        while dest.exists():
+            dest = folder / f"{sha[:12]}_{n}_{safe_name(path.name)}"
+            n += 1
+        shutil.move(str(path), dest)
+        sidecar = sidecar_for(path)
+        if sidecar is not None:
+            shutil.move(str(sidecar), dest.with_name(dest.name + ".json"))
+        return dest
+
+    def intake(self, path: Path, out: BatchOutcome) -> Job | None:
+        """Hash, identify, de-duplicate and decode one file; returns a Job when it needs the model."""
+        if not path.is_file():
+            return None
+        sha = sha256_file(path)
+        with session_scope(self.factory) as session:
+            existing = repo.get_image_by_sha(session, sha)
+            if existing is not None and existing.state in (ImageState.DONE, ImageState.REPORTED):
+                if existing.stored_path == str(path):  # our own drop, archived after a crash: finish the move
+                    existing.stored_path = str(self._archive(path, sha))
+                    return None
+                drop = repo.record_drop(session, sha256=sha, source_name=path.name, outcome=DropOutcome.DUPLICATE, image=existing,
+                                        reason=f"same content as image {existing.id}")
+                dest = self._archive(path, sha, "duplicates")
+                repo.add_event(session, "duplicate", f"archived as {dest.name}", image=existing, drop=drop)
+                out.duplicates += 1
+                log.info("duplicate of image %s archived", existing.id)
+                return None
+            reason = unsupported_reason(path)
+            identity: Identity | None = None
+            if reason is None:
+                parsed = parse_identity(path, self.s.filename_patterns)
+                if isinstance(parsed, IdentityError):
+                    reason = parsed.reason
+                else:
+                    identity = parsed
+            decoded = None
+            if reason is None:
+                try:
+                    decoded = decode(path, self.predictor.size)
+                except ImageRejected as exc:
+                    reason = str(exc)
+            if reason is not None:
+                self._reject(path, sha, reason, existing, session)
+                out.rejected += 1
+                return None
+            assert identity is not None and decoded is not None
+            patient = repo.get_or_create_patient(session, identity.patient_id)
+            exam = repo.get_or_create_exam(session, patient, identity.exam_date or self.today())
+            w, h = decoded.original_size
+            if existing is None:
+                image = repo.add_image(session, sha256=sha, source_name=path.name, exam=exam, eye=identity.eye,
+                                       stored_path=path, width=w, height=h)
+                repo.record_drop(session, sha256=sha, source_name=path.name, outcome=DropOutcome.NEW, image=image)
+            else:  # received before a crash, or rejected/failed earlier and dropped again
+                image = existing
+                if existing.state != ImageState.RECEIVED or existing.stored_path != str(path):
+                    repo.record_drop(session, sha256=sha, source_name=path.name, outcome=DropOutcome.NEW, image=image)
+                image.exam, image.eye, image.stored_path, image.width, image.height = exam, identity.eye, str(path), w, h
+                if existing.state != ImageState.RECEIVED:
+                    repo.set_state(session, image, ImageState.RECEIVED)
+            session.flush()
+            return Job(image.id, path, sha, decoded)
+
+    # ------------------------------------------------------------------ results
+    def _write_outputs(self, job: Job, pred: ImagePrediction) -> dict[str, Path]:
+        """Masks, overlay, heatmaps and the display photo, written to a temp folder then renamed into place."""
+        final = self.s.work_dir / job.sha256[:2] / job.sha256
+        tmp = final.with_name(final.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        disp = job.decoded.display
+        size = disp.shape[0]
+        up = lambda m: cv2.resize(m.astype(np.uint8), (size, size), interpolation=cv2.INTER_NEAREST)  # noqa: E731
+        masks = np.stack([up(m) for m in pred.masks])
+        for k, code in enumerate(LESION_CODES):
+            cv2.imwrite(str(tmp / f"mask_{code}.png"), masks[k] * 255)
+        cv2.imwrite(str(tmp / "photo.jpg"), cv2.cvtColor(disp, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, 92])
+        _atomic_png(tmp / "overlay.png", lesion_overlay(disp, masks, LESION_CODES))
+        for name, cam in (("dr_cam", pred.dr_cam), ("dme_cam", pred.dme_cam)):
+            cam = cv2.resize(cam, (size, size), interpolation=cv2.INTER_LINEAR)
+            _atomic_png(tmp / f"{name}.png", cam_overlay(disp, cam))
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        return {"dir": final, "photo": final / "photo.jpg", "overlay": final / "overlay.png",
+                "dr_cam": final / "dr_cam.png", "dme_cam": final / "dme_cam.png"}
+
+    def store(self, job: Job, pred: ImagePrediction, inference_ms: float) -> None:
+        files = self._write_outputs(job, pred)
+        with session_scope(self.factory) as session:
+            image = session.get(Image, job.image_id)
+            a = pred.lesion_areas
+            repo.add_result(
+                session, image, model_version=self.predictor.version,
+                checkpoint_sha256=self.predictor.meta["checkpoint_sha256"], dr_grade=pred.dr_grade, dr_probs=pred.dr_probs,
+                dme_grade=pred.dme_grade, dme_probs=pred.dme_probs, referable_score=pred.referable_score,
+                referable=pred.referable, area_ma=a["MA"], area_he=a["HE"], area_ex=a["EX"], area_se=a["SE"], area_od=a["OD"],
+                mask_dir=files["dir"], overlay_path=files["overlay"], dr_cam_path=files["dr_cam"],
+                dme_cam_path=files["dme_cam"], device=str(self.predictor.device), inference_ms=inference_ms,
+            )
+            repo.set_state(session, image, ImageState.DONE)
+        # Committed: now the original may leave the inbox. A crash before this line is finished by intake().
+        with session_scope(self.factory) as session:
+            image = session.get(Image, job.image_id)
+            image.stored_path = str(self._archive(job.path, job.sha256))
+
+    def _fail(self, job: Job, exc: BaseException) -> None:
+        reason = f"processing failed ({type(exc).__name__}: {exc}); the file was kept in the inbox and will be retried"
+        with session_scope(self.factory) as session:
+            image = session.get(Image, job.image_id)
+            repo.set_state(session, image, ImageState.FAILED, reason)
+        log.exception("image %s failed", job.image_id)
+
+    # ------------------------------------------------------------------ reports
+    def _context(self, session: Session, exam: Exam, version: int) -> ReportContext:
+        eyes: dict[str, EyeFinding] = {}
+        for image, result in repo.exam_images_with_results(session, exam.id):
+            if image.eye not in ("L", "R") or result is None:
+                continue
+            folder = Path(result.mask_dir) if result.mask_dir else None
+            eyes[image.eye] = EyeFinding(  # a later image of the same eye replaces an earlier one
+                eye=image.eye, source_name=image.source_name, photo_path=folder / "photo.jpg" if folder else None,
+                overlay_path=Path(result.overlay_path) if result.overlay_path else None,
+                dr_cam_path=Path(result.dr_cam_path) if result.dr_cam_path else None,
+                dme_cam_path=Path(result.dme_cam_path) if result.dme_cam_path else None,
+                dr_grade=result.dr_grade, dr_probs=result.dr_probs, dme_grade=result.dme_grade, dme_probs=result.dme_probs,
+                referable_score=result.referable_score, referable=result.referable,
+                lesion_areas={k.upper(): v for k, v in result.areas.items()},
+            )
+        return ReportContext(
+            clinic_name=self.s.clinic_name, patient_id=exam.patient.code, exam_date=exam.exam_date,
+            eyes=[eyes[e] for e in ("R", "L") if e in eyes], model_version=self.predictor.version,
+            checkpoint_sha256=self.predictor.meta["checkpoint_sha256"],
+            model_status="research" if self.predictor.kind == "real" else "demo",
+            model_metrics=self.predictor.report_metrics(), generated_at=datetime.now(timezone.utc).astimezone(),
+            report_version=version,
+        )
+
+    def render_pending(self, out: BatchOutcome) -> None:
+        """(Re-)render the report of every exam whose newest result is not yet in a report."""
+        with session_scope(self.factory) as session:
+            exam_ids = [e.id for e in repo.exams_needing_report(session)]
+        for exam_id in exam_ids:
+            with session_scope(self.factory) as session:
+                exam = session.get(Exam, exam_id)
+                ctx = self._context(session, exam, repo.next_report_version(session, exam_id))
+            try:
+                path = render_with_retries(ctx, self.templates_dir, self.s.reports, retries=self.s.report_retries)
+            except Exception as exc:  # noqa: BLE001 - the result stays stored; the next loop retries
+                with session_scope(self.factory) as session:
+                    repo.add_event(session, "report_failed", f"exam {exam_id}: {exc}")
+                log.error("report for exam %s failed, will retry: %s", exam_id, exc)
+                continue
+            version = int(re.search(r"_v(\d+)\.pdf$", path.name).group(1))
+            with session_scope(self.factory) as session:
+                exam = session.get(Exam, exam_id)
+                repo.add_report(session, exam, path, self.predictor.version, version=version)
+                for image in exam.images:
+                    if image.state == ImageState.DONE:
+                        repo.set_state(session, image, ImageState.REPORTED)
+            out.reports += 1
+            log.info("report v%s for exam %s written", version, exam_id)
+
+    # ------------------------------------------------------------------ driving
+    def process(self, paths: list[Path]) -> BatchOutcome:
+        out = BatchOutcome()
+        jobs: list[Job] = []
+        for path in paths:
+            try:
+                job = self.intake(path, out)
+            except Exception:  # noqa: BLE001 - one bad file must not stop the others; it stays in the inbox
+                log.exception("intake of a file failed; it stays in the inbox")
+                out.failed += 1
+                continue
+            if job is not None:
+                jobs.append(job)
+        for i in range(0, len(jobs), self.s.batch_size):
+            chunk = jobs[i:i + self.s.batch_size]
+            t0 = time.perf_counter()
+            try:
+                preds = self.predictor.predict([j.decoded.rgb for j in chunk])
+            except Exception as exc:  # noqa: BLE001
+                for job in chunk:
+                    self._fail(job, exc)
+                out.failed += len(chunk)
+                continue
+            per_image_ms = (time.perf_counter() - t0) * 1000 / len(chunk)
+            for job, pred in zip(chunk, preds):
+                try:
+                    self.store(job, pred, per_image_ms)
+                    out.processed += 1
+                except Exception as exc:  # noqa: BLE001
+                    self._fail(job, exc)
+                    out.failed += 1
+        self.render_pending(out)
+        return out
+
+    def recover(self) -> None:
+        """After a restart: images left 'received' whose file is gone can never finish: mark them failed."""
+        with session_scope(self.factory) as session:
+            for image in repo.images_in_state(session, [ImageState.RECEIVED]):
+                if not image.stored_path or not Path(image.stored_path).is_file():
+                    repo.set_state(session, image, ImageState.FAILED, "the original file disappeared before it was graded; copy it into the inbox again")
+
+    def run_once(self, settle_timeout: float | None = None) -> BatchOutcome:
+        """Process what is in the inbox now (waiting for files still being written), then return."""
+        self.recover()
+        candidates = sweep(self.s.inbox)
+        timeout = settle_timeout if settle_timeout is not None else max(10.0, 5 * self.s.stable_seconds)
+        ready = wait_until_stable(candidates, timeout, stable_seconds=self.s.stable_seconds) if candidates else []
+        left = set(candidates) - set(ready)
+        if left:
+            log.warning("%d file(s) still changing after %.0fs; left in the inbox for the next run", len(left), timeout)
+        out = self.process(ready)
+        if not ready:
+            self.render_pending(out)
+        return out
+
+    def run_forever(self, stop: threading.Event | None = None) -> None:
+        stop = stop or threading.Event()
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                signal.signal(sig, lambda *_: stop.set())
+        self.recover()
+        self.render_pending(BatchOutcome())
+        log.info("watching %s (%s observer)", self.s.inbox, self.s.observer)
+        with Intake(self.s) as intake:
+            while not stop.is_set():
+                ready = intake.poll()
+                if ready:
+                    for i in range(0, len(ready), max(self.s.batch_size * 4, 1)):
+                        out = self.process(ready[i:i + self.s.batch_size * 4])
+                        log.info("batch: %s", out)
+                else:
+                    stop.wait(self.s.poll_interval)
+        log.info("worker stopped")

@@ -1,0 +1,473 @@
+"""Per-visit PDF reports: one A4 report per patient exam, rendered from a Jinja2 template with WeasyPrint.
+
+Public API
+----------
+- :class:`EyeFinding`, :class:`ReportContext`: what the worker hands over (validated on construction).
+- :data:`LESION_COLOURS` (``screening.explain.LESION_COLOURS_RGB``), :data:`LESION_LABELS`: legend colours and names.
+- :func:`referral_recommendation`: the worse-eye referral rule (one table, :data:`REFERRAL_LEVELS`).
+- :func:`safe_patient_dir_name`: a patient id made safe for use as a folder name.
+- :func:`render_html`, :func:`render_pdf`, :func:`render_with_retries`; :class:`ReportError`.
+
+Files are written as ``reports_dir/<safe patient id>/<exam date ISO>/report_v<N>.pdf``; earlier versions are
+never overwritten and ``latest.pdf`` beside them is a copy of the newest one. Every file is published atomically
+(temporary file in the same folder, fsync, then link/replace), so a reader never sees a half-written PDF.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import logging
+import os
+import re
+import tempfile
+import time
+from dataclasses import dataclass, field
+from datetime import date, datetime
+from pathlib import Path
+from typing import Literal, Sequence
+
+from jinja2 import Environment, FileSystemLoader, StrictUndefined
+
+from screening.explain import LESION_COLOURS_RGB
+from training.model.multitask import DME_GRADES, DR_GRADES, LESION_CODES
+
+log = logging.getLogger(__name__)
+
+TEMPLATE_NAME = "report.html.j2"
+DEMO_WATERMARK = "DEMO MODEL \u2014 NOT FOR CLINICAL USE"
+RESEARCH_STATUS = "research model, not clinically validated"
+
+# Overlay colours (RGB): the very dict screening.explain draws the lesion overlay with, so the legend always
+# matches the picture. MA red, HE maroon, EX yellow, SE light blue, OD green.
+LESION_COLOURS: dict[str, tuple[int, int, int]] = LESION_COLOURS_RGB
+LESION_LABELS: dict[str, str] = {
+    "MA": "Microaneurysms",
+    "HE": "Haemorrhages",
+    "EX": "Hard exudates",
+    "SE": "Soft exudates",
+    "OD": "Optic disc",
+}
+if not tuple(LESION_COLOURS) == tuple(LESION_LABELS) == LESION_CODES:
+    raise ImportError(f"lesion colour/label tables {tuple(LESION_COLOURS)} out of sync with the model's {LESION_CODES}")
+
+EYE_NAMES = {"R": "Right eye", "L": "Left eye"}
+EYE_ORDER = ("R", "L")
+
+
+class ReportError(RuntimeError):
+    """Rendering a report failed (after all retries); the message names the patient and the exam."""
+
+
+# --------------------------------------------------------------------------------------------------- data
+
+
+@dataclass(frozen=True)
+class EyeFinding:
+    eye: Literal["R", "L"]
+    source_name: str  # the uploaded file's name: shown (escaped), never used as a path
+    photo_path: Path | None
+    overlay_path: Path | None
+    dr_cam_path: Path | None
+    dme_cam_path: Path | None
+    dr_grade: int
+    dr_probs: Sequence[float]  # 5 ICDR class probabilities
+    dme_grade: int
+    dme_probs: Sequence[float]  # 3 IDRiD DME risk probabilities
+    referable_score: float
+    referable: bool
+    lesion_areas: dict[str, float] = field(default_factory=dict)  # code -> fraction of the fundus, 0..1
+    image_quality: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.eye not in EYE_NAMES:
+            raise ValueError(f"eye must be 'R' or 'L', got {self.eye!r}")
+        if not 0 <= int(self.dr_grade) < len(DR_GRADES):
+            raise ValueError(f"dr_grade must be 0..{len(DR_GRADES) - 1}, got {self.dr_grade!r}")
+        if not 0 <= int(self.dme_grade) < len(DME_GRADES):
+            raise ValueError(f"dme_grade must be 0..{len(DME_GRADES) - 1}, got {self.dme_grade!r}")
+        if len(self.dr_probs) != len(DR_GRADES):
+            raise ValueError(f"dr_probs needs {len(DR_GRADES)} values, got {len(self.dr_probs)}")
+        if len(self.dme_probs) != len(DME_GRADES):
+            raise ValueError(f"dme_probs needs {len(DME_GRADES)} values, got {len(self.dme_probs)}")
+        unknown = set(self.lesion_areas) - set(LESION_CODES)
+        if unknown:
+            raise ValueError(f"unknown lesion codes {sorted(unknown)}; expected some of {LESION_CODES}")
+
+    @property
+    def eye_name(self) -> str:
+        return EYE_NAMES[self.eye]
+
+    @property
+    def dr_name(self) -> str:
+        return DR_GRADES[self.dr_grade]
+
+    @property
+    def dme_name(self) -> str:
+        return DME_GRADES[self.dme_grade]
+
+    @property
+    def dr_confidence(self) -> float:
+        return float(self.dr_probs[self.dr_grade])
+
+    @property
+    def dme_confidence(self) -> float:
+        return float(self.dme_probs[self.dme_grade])
+
+
+@dataclass(frozen=True)
+class ReportContext:
+    clinic_name: str
+    patient_id: str
+    exam_date: date
+    eyes: list[EyeFinding]
+    model_version: str
+    checkpoint_sha256: str
+    model_status: Literal["research", "demo"]
+    model_metrics: dict[str, float | str]
+    generated_at: datetime
+    report_version: int = 1
+
+    def __post_init__(self) -> None:
+        if self.model_status not in ("research", "demo"):
+            raise ValueError(f"model_status must be 'research' or 'demo', got {self.model_status!r}")
+        if isinstance(self.exam_date, datetime) or not isinstance(self.exam_date, date):
+            raise ValueError(f"exam_date must be a datetime.date, got {type(self.exam_date).__name__}")
+        if int(self.report_version) < 1:
+            raise ValueError(f"report_version must be >= 1, got {self.report_version!r}")
+        seen = [e.eye for e in self.eyes]
+        if len(seen) != len(set(seen)):
+            raise ValueError(f"each eye may appear once per report, got {seen}")
+
+    def eye(self, code: str) -> EyeFinding | None:
+        return next((e for e in self.eyes if e.eye == code), None)
+
+
+# ----------------------------------------------------------------------------------------------- referral
+
+
+@dataclass(frozen=True)
+class ReferralLevel:
+    level: str
+    rank: int  # higher = more urgent
+    text: str  # the headline shown in the report
+    advice: str  # the follow-up instruction under it
+    colour: str  # box colour in the report
+
+
+# The one table of referral outcomes, most urgent first. Wording follows common screening-programme practice
+# (e.g. NHS Diabetic Eye Screening Programme / ICO guidance); local pathways may set different intervals.
+REFERRAL_LEVELS: dict[str, ReferralLevel] = {
+    lv.level: lv
+    for lv in (
+        ReferralLevel("urgent", 5, "Urgent referral (proliferative DR)",
+                      "Refer urgently to ophthalmology / hospital eye service; to be seen within 2 weeks.",
+                      "#b71c1c"),
+        ReferralLevel("soon", 4, "Refer within weeks (severe non-proliferative DR)",
+                      "Refer to ophthalmology; to be seen within 4-6 weeks.", "#d84315"),
+        ReferralLevel("routine", 3, "Refer to ophthalmology (routine)",
+                      "Routine referral for moderate non-proliferative DR and/or possible diabetic macular oedema; "
+                      "to be seen within 13 weeks.", "#e69500"),
+        ReferralLevel("rescreen_12", 2, "Rescreen in 12 months",
+                      "Mild non-proliferative DR: no referral needed; rescreen in 12 months and optimise glycaemic, "
+                      "blood-pressure and lipid control.", "#558b2f"),
+        ReferralLevel("rescreen_24", 1, "Rescreen in 12-24 months (routine)",
+                      "No apparent diabetic retinopathy or macular oedema risk; routine rescreening in 12-24 months "
+                      "as per local programme.", "#2e7d32"),
+        ReferralLevel("no_images", 0, "No gradable images received",
+                      "No eye was graded: recall the patient for retinal photography.", "#616161"),
+    )
+}
+
+
+@dataclass(frozen=True)
+class Referral:
+    level: str  # a key of REFERRAL_LEVELS
+    text: str
+    advice: str
+    colour: str
+    reason: str  # which eye and finding drove it, e.g. "Right eye: Proliferative DR, No DME risk"
+
+
+def _eye_level(e: EyeFinding) -> ReferralLevel:
+    if e.dr_grade >= 4:
+        key = "urgent"
+    elif e.dr_grade == 3:
+        key = "soon"
+    elif e.dr_grade == 2 or e.dme_grade >= 1:
+        key = "routine"
+    elif e.dr_grade == 1:
+        key = "rescreen_12"
+    else:
+        key = "rescreen_24"
+    return REFERRAL_LEVELS[key]
+
+
+def referral_recommendation(eyes: Sequence[EyeFinding]) -> Referral:
+    """The referral for the exam, taken from the worse eye (ties: the right eye, then the left)."""
+    if not eyes:
+        lv = REFERRAL_LEVELS["no_images"]
+        return Referral(lv.level, lv.text, lv.advice, lv.colour, "No eye images were received for this exam.")
+    ordered = sorted(eyes, key=lambda e: EYE_ORDER.index(e.eye))
+    worst = max(ordered, key=lambda e: _eye_level(e).rank)  # max keeps the first of equal ranks
+    lv = _eye_level(worst)
+    reason = "; ".join(
+        f"{e.eye_name}: {e.dr_name}, {e.dme_name}"
+        for e in ordered
+        if _eye_level(e).rank == lv.rank
+    )
+    return Referral(lv.level, lv.text, lv.advice, lv.colour, reason)
+
+
+# -------------------------------------------------------------------------------------------------- paths
+
+_UNSAFE = re.compile(r"[^A-Za-z0-9_-]")
+_MAX_ID_LEN = 64
+
+
+def safe_patient_dir_name(patient_id: str) -> str:
+    """A folder name for a patient id: only [A-Za-z0-9_-]; anything else becomes '_'.
+
+    When characters had to be replaced (or the id was shortened), an 8-hex-digit hash of the original id is
+    appended, so two different ids such as ``a/b`` and ``a_b`` never share a folder.
+    """
+    if not isinstance(patient_id, str) or not patient_id.strip():
+        raise ValueError("patient id is empty")
+    cleaned = _UNSAFE.sub("_", patient_id.strip())
+    if cleaned == patient_id and len(cleaned) <= _MAX_ID_LEN:
+        return cleaned
+    digest = hashlib.sha256(patient_id.encode("utf-8")).hexdigest()[:8]
+    return f"{cleaned[:_MAX_ID_LEN]}-{digest}"
+
+
+def report_dir(ctx: ReportContext, reports_dir: Path) -> Path:
+    """``reports_dir/<safe patient id>/<exam date ISO>``; guaranteed to lie inside ``reports_dir``."""
+    root = Path(reports_dir).resolve()
+    out = (root / safe_patient_dir_name(ctx.patient_id) / ctx.exam_date.isoformat()).resolve()
+    if not out.is_relative_to(root):  # cannot happen with the sanitised name; belt and braces
+        raise ValueError(f"report folder {out} escapes {root}")
+    return out
+
+
+_VERSION_RE = re.compile(r"^report_v(\d+)\.pdf$")
+
+
+def existing_versions(folder: Path) -> list[int]:
+    if not folder.is_dir():
+        return []
+    return sorted(int(m.group(1)) for p in folder.iterdir() if (m := _VERSION_RE.match(p.name)))
+
+
+# ------------------------------------------------------------------------------------------------ render
+
+
+def _uri(path: Path | str | None) -> str | None:
+    if path is None:
+        return None
+    p = Path(path).resolve()
+    return p.as_uri() if p.is_file() else None
+
+
+def _pct(x: float, digits: int = 0) -> str:
+    return f"{100.0 * float(x):.{digits}f}%"
+
+
+def _area(x: float | None) -> str:
+    if x is None:
+        return "\u2013"
+    v = 100.0 * float(x)
+    if v == 0:
+        return "0%"
+    if v < 0.01:
+        return "<0.01%"
+    return f"{v:.2f}%"
+
+
+def _metric(v: float | str) -> str:
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        return str(v)
+    return f"{v:.3f}" if isinstance(v, float) else str(v)
+
+
+def _rgb(c: tuple[int, int, int]) -> str:
+    return "#{:02x}{:02x}{:02x}".format(*c)
+
+
+def _eye_view(e: EyeFinding) -> dict:
+    return {
+        "code": e.eye,
+        "name": e.eye_name,
+        "source_name": e.source_name,
+        "photo": _uri(e.photo_path),
+        "overlay": _uri(e.overlay_path),
+        "dr_cam": _uri(e.dr_cam_path),
+        "dme_cam": _uri(e.dme_cam_path),
+        "dr_grade": e.dr_grade,
+        "dr_name": e.dr_name,
+        "dr_conf": _pct(e.dr_confidence),
+        "dr_probs": [(i, DR_GRADES[i], _pct(p)) for i, p in enumerate(e.dr_probs)],
+        "dme_grade": e.dme_grade,
+        "dme_name": e.dme_name,
+        "dme_conf": _pct(e.dme_confidence),
+        "dme_probs": [(i, DME_GRADES[i], _pct(p)) for i, p in enumerate(e.dme_probs)],
+        "referable": e.referable,
+        "referable_score": _pct(e.referable_score),
+        "level": _eye_level(e),
+        "lesions": [
+            {"code": c, "label": LESION_LABELS[c], "colour": _rgb(LESION_COLOURS[c]), "area": _area(e.lesion_areas.get(c))}
+            for c in LESION_CODES
+        ],
+        "image_quality": e.image_quality,
+    }
+
+
+def _environment(templates_dir: Path) -> Environment:
+    env = Environment(loader=FileSystemLoader(str(templates_dir)), autoescape=True, undefined=StrictUndefined)
+    return env
+
+
+def render_html(ctx: ReportContext, templates_dir: Path | str) -> str:
+    """The report as an HTML string; every user-provided string is autoescaped by Jinja2."""
+    templates_dir = Path(templates_dir).resolve()
+    env = _environment(templates_dir)
+    gen = ctx.generated_at
+    generated = gen.strftime("%Y-%m-%d %H:%M") + (f" {gen.strftime('%Z') or gen.strftime('%z')}" if gen.tzinfo else "")
+    eyes = [
+        {"code": code, "name": EYE_NAMES[code], "finding": _eye_view(f) if (f := ctx.eye(code)) else None}
+        for code in EYE_ORDER
+    ]
+    return env.get_template(TEMPLATE_NAME).render(
+        clinic_name=ctx.clinic_name,
+        patient_id=ctx.patient_id,
+        exam_date=ctx.exam_date.isoformat(),
+        report_version=ctx.report_version,
+        generated_at=generated,
+        referral=referral_recommendation(ctx.eyes),
+        eyes=eyes,
+        lesion_legend=[
+            {"code": c, "label": LESION_LABELS[c], "colour": _rgb(rgb)} for c, rgb in LESION_COLOURS.items()
+        ],
+        model_version=ctx.model_version,
+        checkpoint_short=(ctx.checkpoint_sha256 or "")[:12] or "unknown",
+        model_metrics=[(k, _metric(v)) for k, v in ctx.model_metrics.items()],
+        is_demo=ctx.model_status == "demo",
+        demo_watermark=DEMO_WATERMARK,
+        research_status=RESEARCH_STATUS,
+        stylesheet=(templates_dir / "report.css").as_uri(),
+    )
+
+
+def _fsync_dir(folder: Path) -> None:
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _write_temp(folder: Path, data: bytes, prefix: str) -> Path:
+    fd, tmp = tempfile.mkstemp(prefix=prefix, suffix=".tmp", dir=folder)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return Path(tmp)
+
+
+def _publish_new(tmp: Path, final: Path) -> None:
+    """Move ``tmp`` to ``final`` atomically, failing with FileExistsError rather than overwriting."""
+    try:
+        os.link(tmp, final)  # atomic and never clobbers
+    except FileExistsError:
+        tmp.unlink(missing_ok=True)
+        raise
+    except OSError:  # filesystem without hard links: check, then replace
+        if final.exists():
+            tmp.unlink(missing_ok=True)
+            raise FileExistsError(final) from None
+        os.replace(tmp, final)
+    else:
+        tmp.unlink()
+
+
+def render_pdf(ctx: ReportContext, templates_dir: Path | str, reports_dir: Path | str) -> Path:
+    """Render the PDF and publish it as a new version; returns the path of ``report_v<N>.pdf``.
+
+    N is ``ctx.report_version``, or one more than the highest version already on disk if that is larger, so
+    an earlier report is never overwritten; the version printed in the PDF always matches its file name.
+    ``latest.pdf`` in the same folder is atomically replaced by a copy of the new version.
+    """
+    from weasyprint import HTML  # imported lazily: it is slow to import
+
+    templates_dir = Path(templates_dir).resolve()
+    folder = report_dir(ctx, Path(reports_dir))
+    folder.mkdir(parents=True, exist_ok=True)
+    for _ in range(100):  # another writer may take a version number while we render
+        version = max(int(ctx.report_version), max(existing_versions(folder), default=0) + 1)
+        vctx = dataclasses.replace(ctx, report_version=version)
+        pdf = HTML(string=render_html(vctx, templates_dir), base_url=str(templates_dir)).write_pdf()
+        final = folder / f"report_v{version}.pdf"
+        tmp = _write_temp(folder, pdf, f".report_v{version}.")
+        try:
+            _publish_new(tmp, final)
+        except FileExistsError:
+            log.warning("report %s appeared while rendering; trying the next version", final)
+            continue
+        latest_tmp = _write_temp(folder, pdf, ".latest.")
+        if version >= max(existing_versions(folder), default=0):
+            os.replace(latest_tmp, folder / "latest.pdf")
+        else:  # a newer version was published meanwhile; leave latest.pdf pointing at that one
+            latest_tmp.unlink(missing_ok=True)
+        _fsync_dir(folder)
+        log.info("wrote report %s", final)
+        return final
+    raise RuntimeError(f"could not find a free report version in {folder}")
+
+
+def render_with_retries(
+    ctx: ReportContext,
+    templates_dir: Path | str,
+    reports_dir: Path | str,
+    retries: int = 3,
+    delay: float = 0.5,
+) -> Path:
+    """``render_pdf`` with up to ``retries`` attempts (at least one), sleeping ``delay * attempt`` in between.
+
+    Invalid input (ValueError) is not retried. After the last failure a :class:`ReportError` naming the patient
+    and the exam date is raised, chained to the last exception.
+    """
+    attempts = max(1, int(retries))
+    last: BaseException | None = None
+    for attempt in range(1, attempts + 1):
+        try:
+            return render_pdf(ctx, templates_dir, reports_dir)
+        except ValueError as exc:
+            last = exc
+            break
+        except Exception as exc:  # noqa: BLE001 - anything from WeasyPrint or the filesystem
+            last = exc
+            log.warning("report for patient %r exam %s failed (attempt %d/%d): %s",
+                        ctx.patient_id, ctx.exam_date.isoformat(), attempt, attempts, exc)
+            if attempt < attempts and delay > 0:
+                time.sleep(delay * attempt)
+    raise ReportError(
+        f"could not render the report for patient {ctx.patient_id!r}, exam {ctx.exam_date.isoformat()}: "
+        f"{type(last).__name__}: {last}"
+    ) from last
+
+
+__all__ = [
+    "DEMO_WATERMARK", "EYE_NAMES", "LESION_COLOURS", "LESION_LABELS", "REFERRAL_LEVELS", "RESEARCH_STATUS",
+    "EyeFinding", "Referral", "ReferralLevel", "ReportContext", "ReportError", "existing_versions",
+    "referral_recommendation", "render_html", "render_pdf", "render_with_retries", "report_dir",
+    "safe_patient_dir_name",
+]

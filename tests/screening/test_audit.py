@@ -1,0 +1,188 @@
+"""Audit statistics on a small seeded database with hand-computed answers."""
+
+from __future__ import annotations
+
+import csv
+import json
+from datetime import date, datetime, timedelta, timezone
+
+import pytest
+
+from screening.audit import (
+    AuditSummary,
+    audit_summary,
+    format_table,
+    percentile,
+    read_json,
+    summary_rows,
+    write_csv,
+    write_json,
+)
+from screening.db import init_db, make_engine, make_session_factory, session_scope
+from screening.db import repository as repo
+
+T0 = datetime(2024, 5, 1, 8, 0, tzinfo=timezone.utc)
+DAY = date(2024, 5, 1)
+
+
+def at(seconds: float) -> datetime:
+    return T0 + timedelta(seconds=seconds)
+
+
+_n = iter(range(1, 10_000))
+
+
+def _image(s, exam, eye, received, *, state=None, error=None, result=None):
+    sha = f"{next(_n):064x}"
+    name = f"{exam.patient.code if exam else 'unknown'}_{eye}_{received:%Y%m%d}.jpg"
+    img = repo.add_image(s, sha256=sha, source_name=name, exam=exam, eye=eye, received_at=received)
+    repo.record_drop(s, sha256=sha, source_name=name, outcome="new", image=img, received_at=received)
+    if result is not None:
+        mv, dr, dme, referable, created = result
+        repo.add_result(
+            s, img, model_version=mv, checkpoint_sha256="c" * 64, dr_grade=dr, dr_probs=[0.2] * 5, dme_grade=dme,
+            dme_probs=[1 / 3] * 3, referable_score=0.9 if referable else 0.1, referable=referable, created_at=created,
+        )
+        repo.set_state(s, img, "done")
+    if state is not None:
+        repo.set_state(s, img, state, error)
+    return img
+
+
+@pytest.fixture
+def factory(tmp_path):
+    engine = make_engine(f"sqlite:///{tmp_path / 'audit.db'}")
+    init_db(engine)
+    factory = make_session_factory(engine)
+    with session_scope(factory) as s:
+        exam = lambda code, d=DAY: repo.get_or_create_exam(s, repo.get_or_create_patient(s, code), d)  # noqa: E731
+        e1, e2, e3 = exam("P1"), exam("P2"), exam("P3")
+        # model v1: exam 1 both eyes, reported at +100 s -> turnaround 100 s (L) and 90 s (R)
+        _image(s, e1, "L", at(0), result=("v1", 2, 1, True, at(60)))
+        _image(s, e1, "R", at(10), result=("v1", 0, 0, False, at(70)))
+        repo.add_report(s, e1, "r/e1v1.pdf", "v1", created_at=at(100))
+        # exam 2, reported at +1300 s -> 300 s; then the same file is dropped again
+        dup_src = _image(s, e2, "L", at(1000), result=("v1", 4, 2, True, at(1010)))
+        repo.add_report(s, e2, "r/e2v1.pdf", "v1", created_at=at(1300))
+        repo.record_drop(s, sha256=dup_src.sha256, source_name="again.jpg", outcome="duplicate", image=dup_src, received_at=at(2000))
+        # model v2: exam 3, left reported at +5015 s (15 s); right's result is newer than the report -> awaiting
+        _image(s, e3, "L", at(5000), result=("v2", 1, 0, False, at(5010)))
+        repo.add_report(s, e3, "r/e3v1.pdf", "v2", created_at=at(5015))
+        _image(s, e3, "R", at(5020), result=("v2", 3, 0, True, at(5030)))
+        # failures (no result): two OOM, one decode error; the OOM file is dropped again
+        oom = _image(s, None, None, at(6000), state="failed", error="CUDA out of memory")
+        repo.record_drop(s, sha256=oom.sha256, source_name="retry.jpg", outcome="duplicate", image=oom, received_at=at(6100))
+        _image(s, None, None, at(6001), state="failed", error="CUDA out of memory")
+        _image(s, None, None, at(6002), state="failed", error="decode error")
+        # rejects: one rejected image with its rejected drop (counted once), three drops refused on arrival
+        bad = repo.add_image(s, sha256="f" * 64, source_name="holiday.jpg", received_at=at(7000))
+        repo.set_state(s, bad, "rejected", "unparseable file name")
+        repo.record_drop(s, sha256="f" * 64, source_name="holiday.jpg", outcome="rejected", image=bad, reason="unparseable file name", received_at=at(7000))
+        for i, reason in enumerate(["not an image", "not an image", None]):
+            repo.record_drop(s, sha256=f"{i:064x}"[::-1], source_name=f"junk{i}.txt", outcome="rejected", reason=reason, received_at=at(7100 + i))
+        # outside 2024-05-01 (UTC): a v1 result received the day before (never reported), a reject the day after
+        _image(s, exam("P9", date(2024, 4, 30)), "L", T0 - timedelta(hours=9), result=("v1", 1, 0, False, T0 - timedelta(hours=8)))
+        repo.record_drop(s, sha256="e" * 64, source_name="late.txt", outcome="rejected", reason="not an image", received_at=T0 + timedelta(days=1))
+    yield factory
+    engine.dispose()
+
+
+def test_percentile_linear_interpolation():
+    assert percentile([], 50) is None
+    assert percentile([7.0], 99) == 7.0
+    assert percentile([90, 100, 300], 50) == 100
+    assert percentile([300, 100, 90], 90) == pytest.approx(260)
+    assert percentile([15, 90, 100, 300], 50) == pytest.approx(95)
+
+
+def test_summary_for_one_day(factory):
+    with factory() as s:
+        summary = audit_summary(s, DAY, DAY)
+    v1, v2, all_ = summary.by_model["v1"], summary.by_model["v2"], summary.overall
+    assert list(summary.by_model) == ["v1", "v2"]
+
+    assert v1.images == 3
+    assert v1.dr_grades == {0: 1, 1: 0, 2: 1, 3: 0, 4: 1}
+    assert v1.dme_grades == {0: 1, 1: 1, 2: 1}
+    assert (v1.referable, v1.not_referable, v1.exams, v1.referable_exams) == (2, 1, 2, 2)
+    assert (v1.duplicates, v1.reported, v1.awaiting_report) == (1, 3, 0)
+    assert v1.turnaround_p50_s == pytest.approx(100)
+    assert v1.turnaround_p90_s == pytest.approx(260)
+    assert v1.turnaround_p99_s == pytest.approx(296)
+
+    assert v2.images == 2
+    assert v2.dr_grades == {0: 0, 1: 1, 2: 0, 3: 1, 4: 0}
+    assert v2.dme_grades == {0: 2, 1: 0, 2: 0}
+    assert (v2.referable, v2.not_referable, v2.exams, v2.referable_exams) == (1, 1, 1, 1)
+    assert (v2.duplicates, v2.reported, v2.awaiting_report) == (0, 1, 1)
+    assert v2.turnaround_p50_s == v2.turnaround_p90_s == v2.turnaround_p99_s == pytest.approx(15)
+
+    assert all_.model_version == "ALL"
+    assert all_.images == 5 and all_.dr_grades == {0: 1, 1: 1, 2: 1, 3: 1, 4: 1}
+    assert (all_.referable, all_.not_referable, all_.exams, all_.referable_exams) == (3, 2, 3, 3)
+    assert all_.duplicates == summary.duplicates == 2  # includes the duplicate of the failed file
+    assert all_.turnaround_p50_s == pytest.approx(95)
+    assert all_.turnaround_p90_s == pytest.approx(240)
+    assert all_.turnaround_p99_s == pytest.approx(294)
+
+    assert summary.failed == 3
+    assert summary.failed_reasons == {"CUDA out of memory": 2, "decode error": 1}
+    assert summary.rejected == 4
+    assert list(summary.rejected_reasons.items()) == [
+        ("not an image", 2), ("(no reason given)", 1), ("unparseable file name", 1)
+    ]
+
+
+def test_date_range_and_model_filter(factory):
+    with factory() as s:
+        everything = audit_summary(s, None, None)
+        assert everything.by_model["v1"].images == 4 and everything.by_model["v1"].awaiting_report == 1
+        assert everything.rejected == 5 and everything.rejected_reasons["not an image"] == 3
+        before = audit_summary(s, None, date(2024, 4, 30))
+        assert before.overall.images == 1 and before.rejected == 0 and before.failed == 0
+        assert before.overall.turnaround_p50_s is None
+        after = audit_summary(s, date(2024, 5, 2), None)
+        assert after.overall.images == 0 and after.by_model == {} and after.rejected == 1
+        only_v2 = audit_summary(s, DAY, DAY, model_version="v2")
+        assert list(only_v2.by_model) == ["v2"] and only_v2.overall.model_version == "v2"
+        assert only_v2.overall.images == 2 and only_v2.overall.duplicates == 0
+        assert only_v2.failed == 3 and only_v2.rejected == 4  # not model-specific
+        with pytest.raises(ValueError):
+            audit_summary(s, date(2024, 5, 2), DAY)
+
+
+def test_json_round_trip(factory, tmp_path):
+    with factory() as s:
+        summary = audit_summary(s, DAY, DAY)
+    path = write_json(summary, tmp_path / "audit.json")
+    assert json.loads(path.read_text())["by_model"]["v1"]["dr_grades"]["4"] == 1
+    back = read_json(path)
+    assert isinstance(back, AuditSummary) and back == summary
+
+
+def test_csv_round_trip(factory, tmp_path):
+    with factory() as s:
+        summary = audit_summary(s, DAY, DAY)
+    path = write_csv(summary, tmp_path / "audit.csv")
+    with path.open(newline="", encoding="utf-8") as fh:
+        rows = list(csv.DictReader(fh))
+    assert rows == summary_rows(summary)
+    index = {(r["section"], r["model_version"], r["key"]): r["value"] for r in rows}
+    assert index[("filter", "", "start")] == "2024-05-01"
+    assert index[("dr_grade", "v1", "4")] == "1"
+    assert index[("referral", "ALL", "referable")] == "3"
+    assert float(index[("turnaround_s", "v1", "p90")]) == pytest.approx(260)
+    assert index[("turnaround_s", "v2", "awaiting_report")] == "1"
+    assert index[("failed_reason", "", "CUDA out of memory")] == "2"
+    assert index[("rejected", "", "total")] == "4"
+
+
+def test_format_table(factory):
+    with factory() as s:
+        text = format_table(audit_summary(s, DAY, DAY))
+    lines = text.splitlines()
+    header = next(line for line in lines if line.strip().startswith("ALL"))
+    assert header.split() == ["ALL", "v1", "v2"]
+    assert next(line for line in lines if line.startswith("DR grade 4")).split()[-3:] == ["1", "1", "0"]
+    assert next(line for line in lines if line.startswith("Turnaround p50")).split()[2:] == ["95", "s", "100", "s", "15", "s"]
+    assert "Rejected: 4" in text and "Failed: 3" in text and "CUDA out of memory" in text

@@ -1,0 +1,439 @@
+"""Intake layer: names, sidecars, ignoring, hashing, stability, sweep, watchers, Intake.poll."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from datetime import date
+from pathlib import Path
+
+import pytest
+
+from screening.config import DEFAULT_PATTERNS, ScreeningSettings
+from screening.intake import (
+    SUPPORTED_SUFFIXES,
+    Identity,
+    IdentityError,
+    InboxWatcher,
+    Intake,
+    StabilityTracker,
+    is_ignored,
+    is_supported,
+    parse_identity,
+    sha256_file,
+    sidecar_for,
+    sweep,
+    unsupported_reason,
+    wait_until_stable,
+)
+
+
+class FakeClock:
+    def __init__(self, t: float = 1000.0) -> None:
+        self.t = t
+
+    def __call__(self) -> float:
+        return self.t
+
+    def advance(self, dt: float) -> None:
+        self.t += dt
+
+
+def write(path: Path, data: bytes = b"img", mtime_ns: int | None = None) -> Path:
+    path.write_bytes(data)
+    if mtime_ns is not None:
+        os.utime(path, ns=(mtime_ns, mtime_ns))
+    return path
+
+
+def append(path: Path, data: bytes, mtime_ns: int) -> None:
+    with open(path, "ab") as f:
+        f.write(data)
+    os.utime(path, ns=(mtime_ns, mtime_ns))
+
+
+# ----------------------------------------------------------------------------------------- identity
+
+
+@pytest.mark.parametrize(
+    ("name", "expected"),
+    [
+        ("Patient001_L.jpg", Identity("Patient001", "L", None)),
+        ("Patient7_R.png", Identity("Patient7", "R", None)),
+        ("P123_OD_20250102.jpg", Identity("P123", "R", date(2025, 1, 2))),
+        ("AB-9_OS_20241231.tif", Identity("AB-9", "L", date(2024, 12, 31))),
+        ("Patient001_l.jpg", Identity("Patient001", "L", None)),
+        ("Patient001_od.JPG", Identity("Patient001", "R", None)),
+        ("Patient001_Left.jpeg", Identity("Patient001", "L", None)),
+        ("x9_RIGHT_20250102.bmp", Identity("x9", "R", date(2025, 1, 2))),
+        ("x9_os_20250102.png", Identity("x9", "L", date(2025, 1, 2))),
+    ],
+)
+def test_parse_identity_from_name(tmp_path: Path, name: str, expected: Identity) -> None:
+    assert parse_identity(tmp_path / name, DEFAULT_PATTERNS) == expected
+
+
+def test_invalid_date_in_name_is_error(tmp_path: Path) -> None:
+    res = parse_identity(tmp_path / "P1_L_20251301.jpg", DEFAULT_PATTERNS)
+    assert isinstance(res, IdentityError)
+    assert "20251301" in res.reason and "date" in res.reason
+    res = parse_identity(tmp_path / "P1_L_20250230.jpg", DEFAULT_PATTERNS)
+    assert isinstance(res, IdentityError)
+
+
+def test_no_patient_id_error_message(tmp_path: Path) -> None:
+    res = parse_identity(tmp_path / "x.jpg", DEFAULT_PATTERNS)
+    assert isinstance(res, IdentityError)
+    assert res.path == tmp_path / "x.jpg"
+    assert "no patient id in the file name 'x.jpg'" in res.reason
+    assert "no sidecar x.json" in res.reason
+    assert "Patient001_L.jpg" in res.reason and "<id>_<eye>_<yyyymmdd>.jpg" in res.reason
+    assert str(res) == res.reason
+
+
+def test_sidecar_supplies_identity(tmp_path: Path) -> None:
+    img = write(tmp_path / "IMG_0001.jpg")
+    (tmp_path / "IMG_0001.json").write_text(json.dumps({"patient_id": "Pat42", "eye": "OD", "exam_date": "2025-03-04"}))
+    assert sidecar_for(img) == tmp_path / "IMG_0001.json"
+    assert parse_identity(img, DEFAULT_PATTERNS) == Identity("Pat42", "R", date(2025, 3, 4))
+
+
+def test_sidecar_named_after_full_name_and_missing_date(tmp_path: Path) -> None:
+    img = write(tmp_path / "scan.tif")
+    (tmp_path / "scan.tif.json").write_text(json.dumps({"patient_id": "A1", "eye": "left"}))
+    assert parse_identity(img, DEFAULT_PATTERNS) == Identity("A1", "L", None)
+
+
+def test_sidecar_overrides_and_complements_name(tmp_path: Path) -> None:
+    img = write(tmp_path / "Patient7_L.jpg")
+    (tmp_path / "Patient7_L.json").write_text(json.dumps({"exam_date": "2024-02-29", "eye": "R"}))
+    assert parse_identity(img, DEFAULT_PATTERNS) == Identity("Patient7", "R", date(2024, 2, 29))
+
+
+@pytest.mark.parametrize(
+    ("payload", "fragment"),
+    [
+        ('{"patient_id": "P1", "eye": "L", "exam_date": "2025-13-01"}', "date"),
+        ('{"patient_id": "P1", "eye": "X"}', "eye"),
+        ('{"patient_id": "P1"}', "no eye"),
+        ('{"eye": "L"}', "no patient id"),
+        ('["P1", "L"]', "JSON object"),
+        ("{not json", "could not be read"),
+        ('{"patient_id": ["P1"], "eye": "L"}', "must be a string"),
+    ],
+)
+def test_bad_sidecars_are_errors(tmp_path: Path, payload: str, fragment: str) -> None:
+    img = write(tmp_path / "IMG_1.jpg")
+    (tmp_path / "IMG_1.json").write_text(payload)
+    res = parse_identity(img, DEFAULT_PATTERNS)
+    assert isinstance(res, IdentityError)
+    assert fragment in res.reason
+
+
+@pytest.mark.parametrize("bad_id", ["../etc", "..", "a/b", "a\\b", "/abs", "a b", "x" * 65, "é1", "P1\n"])
+def test_path_traversal_and_bad_ids_in_sidecar_rejected(tmp_path: Path, bad_id: str) -> None:
+    img = write(tmp_path / "IMG_2.jpg")
+    (tmp_path / "IMG_2.json").write_text(json.dumps({"patient_id": bad_id, "eye": "L"}))
+    res = parse_identity(img, DEFAULT_PATTERNS)
+    assert isinstance(res, IdentityError)
+    assert "invalid patient id" in res.reason
+
+
+def test_path_traversal_in_name_rejected_with_permissive_pattern(tmp_path: Path) -> None:
+    pats = (r"^(?P<patient>.+)_(?P<eye>L|R)$",)
+    for name in ("..._L.jpg", "a..b_L.jpg", "x.y_R.png"):
+        res = parse_identity(tmp_path / name, pats)
+        assert isinstance(res, IdentityError), name
+        assert "invalid patient id" in res.reason
+    assert parse_identity(tmp_path / "ok-1_L.jpg", pats) == Identity("ok-1", "L", None)
+    assert parse_identity(tmp_path / ("x" * 64 + "_L.jpg"), pats) == Identity("x" * 64, "L", None)
+
+
+def test_patterns_tried_in_order(tmp_path: Path) -> None:
+    pats = (r"^(?P<patient>\d+)-(?P<eye>[LR])$", r"^(?P<patient>[a-z]+)_(?P<eye>[LR])$")
+    assert parse_identity(tmp_path / "123-L.jpg", pats) == Identity("123", "L", None)
+    assert parse_identity(tmp_path / "abc_R.jpg", pats) == Identity("abc", "R", None)
+
+
+# ------------------------------------------------------------------------------------ names/suffixes
+
+
+@pytest.mark.parametrize(
+    "name",
+    [".hidden.jpg", ".DS_Store", "~$report.docx", "a.jpg.part", "a.TMP", "a.jpg.crdownload", "a.partial",
+     "Thumbs.db", "thumbs.DB", "desktop.ini", "Patient7_L.json", "x.jpg.JSON", ""],
+)
+def test_ignored_names(name: str) -> None:
+    assert is_ignored(name)
+
+
+@pytest.mark.parametrize("name", ["Patient001_L.jpg", "scan.TIFF", "notes.txt", "archive.zip", "noext", "a.part.jpg"])
+def test_not_ignored_names(name: str) -> None:
+    assert not is_ignored(name)
+    assert not is_ignored(Path("/inbox") / name)
+
+
+def test_supported_suffixes_case_insensitive() -> None:
+    assert SUPPORTED_SUFFIXES == {".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp"}
+    for n in ("a.JPG", "a.Jpeg", "a.png", "a.TIF", "a.tiff", "a.BMP"):
+        assert is_supported(n) and unsupported_reason(n) is None
+    reason = unsupported_reason("report.pdf")
+    assert reason and "'.pdf'" in reason and ".jpg" in reason
+    assert "no file extension" in (unsupported_reason("README") or "")
+
+
+def test_sha256_file(tmp_path: Path) -> None:
+    data = os.urandom(3 * 1024 + 17)
+    p = write(tmp_path / "a.jpg", data)
+    assert sha256_file(p) == hashlib.sha256(data).hexdigest()
+    assert sha256_file(p, chunk=1000) == hashlib.sha256(data).hexdigest()
+    assert sha256_file(write(tmp_path / "e.jpg", b"")) == hashlib.sha256(b"").hexdigest()
+
+
+# ----------------------------------------------------------------------------------------- stability
+
+
+def test_file_written_in_chunks_not_stable_until_it_stops_growing(tmp_path: Path) -> None:
+    clock = FakeClock()
+    tr = StabilityTracker(2.0, clock)
+    p = write(tmp_path / "P1_L.jpg", b"a" * 10, mtime_ns=1_000_000_000)
+    assert not tr.observe(p)
+    for i in range(5):  # a chunk arrives every 1.5 s: never 2 s unchanged
+        clock.advance(1.5)
+        append(p, b"b" * 10, mtime_ns=(2 + i) * 1_000_000_000)
+        assert not tr.observe(p)
+    clock.advance(1.9)
+    assert not tr.observe(p)
+    clock.advance(0.1)
+    assert tr.observe(p)
+    assert tr.observe(p)  # stays stable while unchanged
+
+
+def test_same_size_but_new_mtime_resets(tmp_path: Path) -> None:
+    clock = FakeClock()
+    tr = StabilityTracker(1.0, clock)
+    p = write(tmp_path / "a.jpg", b"xxxx", mtime_ns=5_000_000_000)
+    tr.observe(p)
+    clock.advance(0.9)
+    os.utime(p, ns=(6_000_000_000, 6_000_000_000))
+    assert not tr.observe(p)
+    clock.advance(0.9)
+    assert not tr.observe(p)
+    clock.advance(0.1)
+    assert tr.observe(p)
+
+
+def test_zero_byte_file_eventually_reported(tmp_path: Path) -> None:
+    clock = FakeClock()
+    tr = StabilityTracker(2.0, clock)
+    p = write(tmp_path / "empty.jpg", b"")
+    assert not tr.observe(p)
+    clock.advance(2.0)
+    assert not tr.observe(p)  # normal files would be stable now
+    clock.advance(17.9)
+    assert not tr.observe(p)
+    clock.advance(0.1)
+    assert tr.observe(p)
+
+
+def test_zero_byte_then_content_uses_normal_delay(tmp_path: Path) -> None:
+    clock = FakeClock()
+    tr = StabilityTracker(2.0, clock)
+    p = write(tmp_path / "a.jpg", b"", mtime_ns=1_000_000_000)
+    tr.observe(p)
+    clock.advance(5)
+    append(p, b"data", mtime_ns=2_000_000_000)
+    assert not tr.observe(p)
+    clock.advance(2)
+    assert tr.observe(p)
+
+
+def test_vanished_file_forgotten(tmp_path: Path) -> None:
+    clock = FakeClock()
+    tr = StabilityTracker(1.0, clock)
+    p = write(tmp_path / "a.jpg")
+    tr.observe(p)
+    assert p in tr and len(tr) == 1
+    p.unlink()
+    assert not tr.observe(p)
+    assert p not in tr and len(tr) == 0
+    write(p, b"new")
+    clock.advance(5)
+    assert not tr.observe(p)  # re-appeared: starts over
+
+
+def test_wait_until_stable_fake_clock(tmp_path: Path) -> None:
+    clock = FakeClock()
+    a = write(tmp_path / "a.jpg")
+    gone = tmp_path / "gone.jpg"
+    res = wait_until_stable([a, gone], timeout=10, stable_seconds=1.0, clock=clock, sleep=clock.advance)
+    assert res == [a]
+    assert clock.t - 1000.0 < 2
+
+
+def test_wait_until_stable_times_out_for_growing_file(tmp_path: Path) -> None:
+    clock = FakeClock()
+    p = write(tmp_path / "a.jpg", b"x", mtime_ns=1)
+    n = [1]
+
+    def sleep(dt: float) -> None:
+        clock.advance(dt)
+        n[0] += 1
+        append(p, b"x", mtime_ns=n[0])
+
+    assert wait_until_stable([p], timeout=3, stable_seconds=1.0, clock=clock, sleep=sleep) == []
+
+
+# --------------------------------------------------------------------------------------------- sweep
+
+
+def test_sweep_lists_candidates_by_mtime(tmp_path: Path) -> None:
+    write(tmp_path / "b.jpg", mtime_ns=3_000_000_000)
+    write(tmp_path / "a.jpg", mtime_ns=1_000_000_000)
+    write(tmp_path / "c.pdf", mtime_ns=2_000_000_000)  # unsupported: still listed, pipeline rejects it
+    write(tmp_path / "d.jpg.part")
+    write(tmp_path / ".hidden.jpg")
+    write(tmp_path / "a.json", b"{}")
+    (tmp_path / "sub").mkdir()
+    write(tmp_path / "sub" / "x.jpg")
+    (tmp_path / "link.jpg").symlink_to(tmp_path / "a.jpg")
+    assert [p.name for p in sweep(tmp_path)] == ["a.jpg", "c.pdf", "b.jpg"]
+
+
+def test_sweep_missing_inbox_raises(tmp_path: Path) -> None:
+    with pytest.raises(OSError):
+        sweep(tmp_path / "nope")
+
+
+# ------------------------------------------------------------------------------------------- watcher
+
+
+def _wait_for(watcher: InboxWatcher, target: Path, timeout: float = 1.5) -> set[Path]:
+    seen: set[Path] = set()
+    deadline = time.monotonic() + timeout
+    while target not in seen and time.monotonic() < deadline:
+        seen |= watcher.pending(timeout=0.05)
+    return seen
+
+
+@pytest.mark.parametrize("kind", ["native", "polling"])
+def test_watcher_sees_new_file(tmp_path: Path, kind: str) -> None:
+    with InboxWatcher(tmp_path, kind, poll_interval=0.05) as w:
+        assert w.running and w.active_kind == kind
+        p = write(tmp_path / "P1_L.jpg", b"data")
+        assert p in _wait_for(w, p)
+        (tmp_path / "P2_R.jpg.part").write_bytes(b"x")
+        os.rename(tmp_path / "P2_R.jpg.part", tmp_path / "P2_R.jpg")
+        assert tmp_path / "P2_R.jpg" in _wait_for(w, tmp_path / "P2_R.jpg")
+    assert not w.running
+    assert w.pending(0) <= {tmp_path / n for n in ("P1_L.jpg", "P2_R.jpg", "P2_R.jpg.part")}
+
+
+def test_watcher_missing_inbox_clear_error(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match="inbox"):
+        InboxWatcher(tmp_path / "missing").start()
+
+
+def test_watcher_from_settings_and_bad_kind(tmp_path: Path) -> None:
+    w = InboxWatcher.from_settings(ScreeningSettings(inbox=tmp_path, observer="polling", poll_interval=0.3))
+    assert (w.observer_kind, w.poll_interval, w.inbox) == ("polling", 0.3, tmp_path)
+    with pytest.raises(ValueError):
+        InboxWatcher(tmp_path, "inotify")  # type: ignore[arg-type]
+
+
+# -------------------------------------------------------------------------------------------- intake
+
+
+def _settings(tmp_path: Path, **kw) -> ScreeningSettings:
+    kw.setdefault("inbox", tmp_path)
+    kw.setdefault("stable_seconds", 2.0)
+    kw.setdefault("sweep_interval", 30.0)
+    return ScreeningSettings(**kw)
+
+
+def test_intake_returns_each_file_once(tmp_path: Path) -> None:
+    clock = FakeClock()
+    a = write(tmp_path / "P1_L.jpg", mtime_ns=1_000_000_000)
+    b = write(tmp_path / "P2_R.jpg", mtime_ns=2_000_000_000)
+    write(tmp_path / "P3_L.jpg.part")
+    intake = Intake(_settings(tmp_path), clock=clock)
+    assert intake.poll() == []  # first sweep: seen, not yet stable
+    assert intake.pending == {a, b}
+    clock.advance(2.0)
+    assert intake.poll() == [a, b]
+    for _ in range(3):
+        clock.advance(31)  # several sweeps while the files are still there
+        assert intake.poll() == []
+    # changed after being returned -> returned again once stable
+    append(a, b"more", mtime_ns=9_000_000_000)
+    clock.advance(31)
+    assert intake.poll() == []
+    clock.advance(2)
+    assert intake.poll() == [a]
+    # pipeline moves files out; a new file with the same name is returned again
+    a.unlink()
+    b.unlink()
+    clock.advance(31)
+    assert intake.poll() == []
+    write(a, b"again", mtime_ns=1_000_000_000)
+    clock.advance(31)
+    intake.poll()
+    clock.advance(2)
+    assert intake.poll() == [a]
+
+
+def test_intake_growing_and_empty_files(tmp_path: Path) -> None:
+    clock = FakeClock()
+    intake = Intake(_settings(tmp_path, sweep_interval=1.0), clock=clock)
+    g = write(tmp_path / "P1_L.jpg", b"x", mtime_ns=1)
+    e = write(tmp_path / "P2_L.jpg", b"")
+    assert intake.poll() == []
+    for i in range(4):
+        clock.advance(1.5)
+        append(g, b"x", mtime_ns=2 + i)
+        assert intake.poll() == []
+    clock.advance(2.0)
+    assert intake.poll() == [g]
+    clock.advance(20.0)
+    assert intake.poll() == [e]  # empty file reported so it can be rejected
+    clock.advance(30.0)
+    assert intake.poll() == []
+
+
+def test_intake_vanished_pending_file_dropped(tmp_path: Path) -> None:
+    clock = FakeClock()
+    intake = Intake(_settings(tmp_path), clock=clock)
+    p = write(tmp_path / "P1_L.jpg")
+    intake.poll()
+    assert p in intake.pending
+    p.unlink()
+    clock.advance(3)
+    assert intake.poll() == []
+    assert intake.pending == frozenset()
+
+
+def test_intake_missing_inbox_does_not_crash(tmp_path: Path) -> None:
+    intake = Intake(_settings(tmp_path / "gone"), clock=FakeClock())
+    assert intake.poll() == []
+    assert intake.last_sweep_error is not None
+
+
+@pytest.mark.parametrize("kind", ["native", "polling"])
+def test_intake_real_time_with_watcher(tmp_path: Path, kind: str) -> None:
+    before = write(tmp_path / "P0_R.jpg", b"old")
+    settings = _settings(tmp_path, observer=kind, poll_interval=0.05, stable_seconds=0.2, sweep_interval=60)
+    got: list[Path] = []
+    with Intake(settings) as intake:
+        assert intake.poll() == []  # the start sweep sees the old file; no further sweep for 60 s
+        assert intake.pending == {before}
+        new = write(tmp_path / "P1_L.jpg", b"new")  # only the watcher can report this one
+        deadline = time.monotonic() + 2.0
+        while time.monotonic() < deadline and len(got) < 2:
+            got += intake.poll()
+            time.sleep(0.05)
+        assert sorted(got) == sorted([before, new])  # sweep found the old one, watcher the new one
+        for _ in range(3):
+            assert intake.poll() == []
+        assert intake.wait_until_stable([new], timeout=1.0) == [new]

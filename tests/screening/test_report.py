@@ -1,0 +1,255 @@
+"""Per-visit PDF reports: referral rule, escaping, safe paths, versioning, retries, and the rendered PDF's text."""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import shutil
+import subprocess
+from datetime import date, datetime, timezone
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+
+from screening import report as rpt
+from screening.report import (
+    DEMO_WATERMARK, LESION_COLOURS, RESEARCH_STATUS, EyeFinding, ReportContext, ReportError,
+    referral_recommendation, render_html, render_pdf, render_with_retries, safe_patient_dir_name,
+)
+from training.model.multitask import DME_GRADES, DR_GRADES
+
+TEMPLATES = Path(__file__).resolve().parents[2] / "templates"
+EXAM = date(2024, 5, 17)
+HAS_POPPLER = shutil.which("pdftoppm") is not None and shutil.which("pdftotext") is not None
+
+
+# ------------------------------------------------------------------------------------------------ helpers
+
+
+def _norm(text: str) -> str:
+    """Drop whitespace and hyphens so line wrapping / de-hyphenation in PDF text extraction doesn't matter."""
+    return re.sub(r"[\s\-\u2010\u2011\u00ad]+", "", text).lower()
+
+
+def _contains(text: str, needle: str) -> bool:
+    return _norm(needle) in _norm(text)
+
+
+def _images(folder: Path, eye: str) -> dict[str, Path]:
+    folder.mkdir(parents=True, exist_ok=True)
+    h, w = 96, 112
+    photo = np.zeros((h, w, 3), np.uint8)
+    cv2.circle(photo, (w // 2, h // 2), 44, (40, 70, 170), -1)
+    overlay = photo.copy()
+    for code, (x, y) in zip(LESION_COLOURS, [(40, 40), (60, 50), (70, 35), (45, 62), (78, 48)]):
+        r, g, b = LESION_COLOURS[code]
+        cv2.circle(overlay, (x, y), 4, (b, g, r), -1)
+    cam = cv2.applyColorMap(np.tile(np.linspace(0, 255, w, dtype=np.uint8), (h, 1)), cv2.COLORMAP_JET)
+    out = {}
+    for name, img in {"photo": photo, "overlay": overlay, "dr_cam": cam, "dme_cam": cam[:, ::-1]}.items():
+        p = folder / f"{eye}_{name}.png"
+        assert cv2.imwrite(str(p), img)
+        out[name] = p
+    return out
+
+
+def _eye(eye: str, dr: int, dme: int, folder: Path | None = None, source_name: str | None = None) -> EyeFinding:
+    imgs = _images(folder, eye) if folder is not None else {}
+    dr_probs = [0.02] * 5
+    dr_probs[dr] = 0.92
+    dme_probs = [0.05] * 3
+    dme_probs[dme] = 0.9
+    return EyeFinding(
+        eye=eye, source_name=source_name or f"{eye}_fundus.jpg",
+        photo_path=imgs.get("photo"), overlay_path=imgs.get("overlay"),
+        dr_cam_path=imgs.get("dr_cam"), dme_cam_path=imgs.get("dme_cam"),
+        dr_grade=dr, dr_probs=dr_probs, dme_grade=dme, dme_probs=dme_probs,
+        referable_score=0.9 if dr >= 2 else 0.1, referable=dr >= 2,
+        lesion_areas={"MA": 0.0012, "HE": 0.004, "EX": 0.0, "SE": 0.00001, "OD": 0.021},
+    )
+
+
+def _ctx(eyes, status="demo", patient_id="PAT-00123", version=1) -> ReportContext:
+    return ReportContext(
+        clinic_name="Northside Diabetic Eye Screening", patient_id=patient_id, exam_date=EXAM, eyes=eyes,
+        model_version="mt-resnet34 v1.3.0", checkpoint_sha256="ab12cd34ef56" + "0" * 52, model_status=status,
+        model_metrics={"DR quadratic kappa": 0.8123, "Referable DR AUC": 0.934, "Validation set": "IDRiD test"},
+        generated_at=datetime(2024, 5, 17, 14, 32, tzinfo=timezone.utc), report_version=version,
+    )
+
+
+def _pages_text(pdf: Path) -> list[str]:
+    pypdf = pytest.importorskip("pypdf")
+    return [p.extract_text() or "" for p in pypdf.PdfReader(str(pdf)).pages]
+
+
+def _pdftotext(pdf: Path) -> str:
+    return subprocess.run(["pdftotext", str(pdf), "-"], check=True, capture_output=True, text=True).stdout
+
+
+# ----------------------------------------------------------------------------------------------- referral
+
+
+@pytest.mark.parametrize(
+    ("right", "left", "level", "text"),
+    [
+        ((0, 0), (0, 0), "rescreen_24", "Rescreen in 12-24 months"),
+        ((1, 0), (0, 0), "rescreen_12", "Rescreen in 12 months"),
+        ((0, 0), (2, 0), "routine", "Refer to ophthalmology (routine)"),
+        ((1, 0), (0, 1), "routine", "Refer to ophthalmology (routine)"),
+        ((3, 0), (1, 2), "soon", "Refer within weeks"),
+        ((2, 2), (4, 0), "urgent", "Urgent referral (proliferative DR)"),
+    ],
+)
+def test_referral_comes_from_the_worse_eye(right, left, level, text):
+    ref = referral_recommendation([_eye("R", *right), _eye("L", *left)])
+    assert ref.level == level
+    assert text in ref.text
+    assert ref.colour == rpt.REFERRAL_LEVELS[level].colour
+
+
+def test_referral_reason_names_the_worse_eye_and_handles_no_eyes():
+    ref = referral_recommendation([_eye("R", 1, 0), _eye("L", 4, 0)])
+    assert ref.reason.startswith("Left eye") and DR_GRADES[4] in ref.reason
+    assert referral_recommendation([_eye("L", 0, 0)]).level == "rescreen_24"
+    assert referral_recommendation([]).level == "no_images"
+
+
+def test_invalid_findings_are_rejected():
+    with pytest.raises(ValueError, match="dr_grade"):
+        dataclasses.replace(_eye("R", 0, 0), dr_grade=5)
+    with pytest.raises(ValueError, match="dme_probs"):
+        dataclasses.replace(_eye("R", 0, 0), dme_probs=[1.0])
+    with pytest.raises(ValueError, match="eye must be"):
+        _eye("X", 0, 0)
+    with pytest.raises(ValueError, match="once"):
+        _ctx([_eye("R", 0, 0), _eye("R", 1, 0)])
+
+
+# ---------------------------------------------------------------------------------------- paths and HTML
+
+
+def test_patient_id_is_sanitised_and_cannot_escape(tmp_path):
+    assert safe_patient_dir_name("PAT-001_a") == "PAT-001_a"
+    evil = safe_patient_dir_name("../../etc")
+    assert re.fullmatch(r"[A-Za-z0-9_-]+", evil) and ".." not in evil
+    assert safe_patient_dir_name("a/b") != safe_patient_dir_name("a_b")  # no folder shared by two patients
+    for bad in ("", "   "):
+        with pytest.raises(ValueError):
+            safe_patient_dir_name(bad)
+    folder = rpt.report_dir(_ctx([], patient_id="../../etc"), tmp_path / "reports")
+    assert folder.is_relative_to((tmp_path / "reports").resolve())
+
+
+def test_html_escapes_user_strings_and_uses_file_uris(tmp_path):
+    eye = _eye("R", 2, 1, tmp_path / "img", source_name='<script>alert("x")</script>.jpg')
+    html = render_html(_ctx([eye], patient_id="<b>P1</b>"), TEMPLATES)
+    assert "<script>" not in html and "&lt;script&gt;" in html
+    assert "<b>P1</b>" not in html and "&lt;b&gt;P1&lt;/b&gt;" in html
+    assert eye.photo_path.resolve().as_uri() in html
+    for rgb in LESION_COLOURS.values():  # the legend's colours come from the one Python dict
+        assert "#{:02x}{:02x}{:02x}".format(*rgb) in html
+
+
+# ------------------------------------------------------------------------------------------ rendered PDFs
+
+
+@pytest.fixture(scope="module")
+def demo_pdf(tmp_path_factory) -> Path:
+    tmp = tmp_path_factory.mktemp("demo")
+    eyes = [_eye("L", 4, 0, tmp / "img"), _eye("R", 2, 1, tmp / "img", source_name="<script>x</script>.jpg")]
+    return render_pdf(_ctx(eyes, status="demo"), TEMPLATES, tmp / "reports")
+
+
+def test_demo_report_pdf(demo_pdf, tmp_path):
+    assert demo_pdf.name == "report_v1.pdf"
+    assert demo_pdf.parent.name == EXAM.isoformat() and demo_pdf.parent.parent.name == "PAT-00123"
+    assert (demo_pdf.parent / "latest.pdf").read_bytes() == demo_pdf.read_bytes()
+    assert not [p for p in demo_pdf.parent.iterdir() if p.suffix == ".tmp"]
+
+    pages = _pages_text(demo_pdf)
+    assert 1 <= len(pages) <= 2, "two eyes must fit on two A4 pages"
+    text = "\n".join(pages)
+    for needle in ["PAT-00123", "2024-05-17", DR_GRADES[4], DR_GRADES[2], DME_GRADES[0], DME_GRADES[1],
+                   "Urgent referral (proliferative DR)", "mt-resnet34 v1.3.0", "ab12cd34ef56", "0.812",
+                   "Right eye", "Left eye", "<script>x</script>.jpg", "not replace an examination"]:
+        assert _contains(text, needle), needle
+    for page in pages:  # the watermark is on every page
+        assert _contains(page, "NOT FOR CLINICAL USE")
+    assert _contains(text, DEMO_WATERMARK)
+    assert "research model" not in text.lower()
+    # the Right eye's section comes before the Left eye's, whatever the order of ctx.eyes
+    assert _norm(text).index(_norm("<script>x</script>.jpg")) < _norm(text).index(_norm("L_fundus.jpg"))
+
+
+@pytest.mark.skipif(not HAS_POPPLER, reason="poppler-utils (pdftoppm, pdftotext) not installed")
+def test_demo_report_rasterises_and_pdftotext_reads_it(demo_pdf, tmp_path):
+    subprocess.run(["pdftoppm", "-r", "50", "-png", str(demo_pdf), str(tmp_path / "page")], check=True)
+    pngs = sorted(tmp_path.glob("page-*.png"))
+    assert pngs and all(p.stat().st_size > 1000 for p in pngs)
+    img = cv2.imread(str(pngs[0]))
+    assert img is not None and img.shape[0] > img.shape[1]  # portrait A4
+    text = _pdftotext(demo_pdf)
+    for needle in ["PAT-00123", "2024-05-17", "Proliferative DR", "DME risk", "Urgent referral", "mt-resnet34 v1.3.0"]:
+        assert _contains(text, needle), needle
+
+
+def test_research_report_missing_eye_versions_and_evil_id(tmp_path):
+    reports = tmp_path / "reports"
+    ctx = _ctx([_eye("R", 1, 0, tmp_path / "img")], status="research", patient_id="../../etc")
+    first = render_pdf(ctx, TEMPLATES, reports)
+    # the malicious id stays inside the reports folder
+    assert first.resolve().is_relative_to(reports.resolve())
+    assert not (tmp_path / "etc").exists()
+    assert re.fullmatch(r"[A-Za-z0-9_-]+", first.parent.parent.name)
+
+    text = "\n".join(_pages_text(first))
+    assert _contains(text, RESEARCH_STATUS)
+    assert "NOT FOR CLINICAL USE" not in text and "DEMO" not in text
+    assert _contains(text, "Left eye") and _contains(text, "not received")
+    assert _contains(text, "Rescreen in 12 months") and _contains(text, DR_GRADES[1])
+    assert _contains(text, "../../etc")  # shown (escaped) as given, only the folder name is sanitised
+
+    v1_bytes = first.read_bytes()
+    second = render_pdf(ctx, TEMPLATES, reports)  # same requested version: must not overwrite v1
+    assert second.name == "report_v2.pdf" and first.name == "report_v1.pdf"
+    assert first.read_bytes() == v1_bytes
+    assert (second.parent / "latest.pdf").read_bytes() == second.read_bytes()
+    assert _contains("\n".join(_pages_text(second)), "Report version 2")
+    assert sorted(p.name for p in second.parent.iterdir()) == ["latest.pdf", "report_v1.pdf", "report_v2.pdf"]
+
+
+# ---------------------------------------------------------------------------------------------- retries
+
+
+def test_render_with_retries_retries_then_succeeds(monkeypatch, tmp_path):
+    calls = []
+
+    def flaky(ctx, templates_dir, reports_dir):
+        calls.append(1)
+        if len(calls) < 3:
+            raise OSError("disk hiccup")
+        return tmp_path / "ok.pdf"
+
+    monkeypatch.setattr(rpt, "render_pdf", flaky)
+    assert render_with_retries(_ctx([]), TEMPLATES, tmp_path, retries=3, delay=0) == tmp_path / "ok.pdf"
+    assert len(calls) == 3
+
+
+def test_render_with_retries_raises_report_error_naming_the_exam(monkeypatch, tmp_path):
+    calls = []
+
+    def broken(ctx, templates_dir, reports_dir):
+        calls.append(1)
+        raise RuntimeError("weasyprint exploded")
+
+    monkeypatch.setattr(rpt, "render_pdf", broken)
+    with pytest.raises(ReportError, match=r"PAT-00123.*2024-05-17.*weasyprint exploded") as exc:
+        render_with_retries(_ctx([]), TEMPLATES, tmp_path, retries=3, delay=0)
+    assert len(calls) == 3 and isinstance(exc.value.__cause__, RuntimeError)
+
+    monkeypatch.undo()
+    with pytest.raises(ReportError, match="empty"):  # invalid input fails at once, without retries
+        render_with_retries(_ctx([], patient_id="  "), TEMPLATES, tmp_path, retries=3, delay=0)

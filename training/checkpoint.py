@@ -1,0 +1,118 @@
+"""Checkpoints as plain dicts that load with ``torch.load(..., weights_only=True)``.
+
+A checkpoint carries everything the worker needs to rebuild and describe the model:
+``model_state``, ``model_config`` (backbone, input size, normalisation...), ``labels``,
+``thresholds`` (the referral operating point), ``provenance`` (data summary, synthetic or real,
+command, date, git commit) and ``metrics`` (validation). Training checkpoints also carry
+``optimizer_state``, ``scheduler_state``, ``epoch``, ``best_score`` and ``history`` for resuming.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import subprocess
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from training.model import DME_GRADES, DR_GRADES, LESION_CODES, ModelConfig, MultiTaskNet, build_model
+
+REQUIRED_KEYS = ("model_state", "model_config", "labels", "thresholds", "provenance", "metrics", "model_version")
+MODEL_KINDS = ("real", "synthetic")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint is missing, unreadable or lacks the metadata the product requires."""
+
+
+def labels_dict() -> dict[str, list[str]]:
+    return {"dr": list(DR_GRADES), "dme": list(DME_GRADES), "lesions": list(LESION_CODES)}
+
+
+def git_commit(cwd: Path | None = None) -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=cwd, capture_output=True, text=True, timeout=5)
+        return out.stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def make_version(model_config: ModelConfig, kind: str, when: datetime | None = None) -> str:
+    when = when or datetime.now(timezone.utc)
+    return f"drnet-{model_config.backbone}-{model_config.image_size}-{kind}-{when:%Y%m%d%H%M}"
+
+
+def save_checkpoint(path: str | Path, payload: dict[str, Any]) -> Path:
+    """Atomic save: write beside the target, then rename."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(payload, tmp)
+    os.replace(tmp, path)
+    return path
+
+
+def file_sha256(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def read_checkpoint(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint not found: {path} (train one with `dr-train train` or set [screening] checkpoint)")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - any unpickling failure is the same user error
+        raise CheckpointError(f"{path}: not a loadable checkpoint ({type(exc).__name__}: {exc})") from None
+    if not isinstance(ckpt, dict):
+        raise CheckpointError(f"{path}: expected a dict checkpoint, got {type(ckpt).__name__}")
+    return ckpt
+
+
+def validate_metadata(ckpt: dict[str, Any], path: str | Path) -> None:
+    """The worker refuses checkpoints that cannot say what they are."""
+    missing = [k for k in REQUIRED_KEYS if k not in ckpt]
+    if missing:
+        raise CheckpointError(
+            f"{path}: checkpoint lacks required metadata {missing}; export it with `dr-train export` "
+            "from a training run (it records config, labels, threshold, provenance and metrics)"
+        )
+    kind = ckpt["provenance"].get("kind")
+    if kind not in MODEL_KINDS:
+        raise CheckpointError(f"{path}: provenance.kind must be one of {MODEL_KINDS}, got {kind!r}")
+    if "referable" not in ckpt["thresholds"]:
+        raise CheckpointError(f"{path}: thresholds.referable (the referral operating point) is missing")
+
+
+def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[MultiTaskNet, dict[str, Any]]:
+    """Rebuild the model from the checkpoint's own config; returns (model in eval mode, metadata)."""
+    ckpt = read_checkpoint(path)
+    validate_metadata(ckpt, path)
+    config = ModelConfig.from_dict(ckpt["model_config"])
+    model = build_model(config)
+    state = {k: v.float() if v.is_floating_point() else v for k, v in ckpt["model_state"].items()}
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as exc:
+        raise CheckpointError(f"{path}: weights do not match its model_config: {exc}") from None
+    model.to(device).eval()
+    meta = {k: v for k, v in ckpt.items() if k not in ("model_state", "optimizer_state", "scheduler_state")}
+    meta["checkpoint_sha256"] = file_sha256(path)
+    return model, meta
+
+
+def export_checkpoint(src: str | Path, dst: str | Path, half: bool = True) -> Path:
+    """Strip optimizer/scheduler state (and optionally store weights in float16) for shipping."""
+    ckpt = read_checkpoint(src)
+    validate_metadata(ckpt, src)
+    out = {k: v for k, v in ckpt.items() if k not in ("optimizer_state", "scheduler_state", "history")}
+    if half:
+        out["model_state"] = {k: v.half() if v.is_floating_point() else v for k, v in ckpt["model_state"].items()}
+    return save_checkpoint(dst, out)

@@ -1,0 +1,139 @@
+"""``dr-train``: prepare (cache), train, evaluate, export, demo. Thin: parsing and messages only."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from training.config import ConfigError, ManifestSource, TrainingConfig, load_training_config
+
+
+def _cfg(args: argparse.Namespace) -> TrainingConfig:
+    cfg = load_training_config(args.config)
+    updates = {}
+    for key in ("epochs", "batch_size", "max_steps_per_epoch", "lr", "device"):
+        value = getattr(args, key, None)
+        if value is not None:
+            updates[key] = value
+    if getattr(args, "out_dir", None):
+        updates["out_dir"] = Path(args.out_dir).resolve()
+    model_updates = {"image_size": args.image_size} if getattr(args, "image_size", None) else {}
+    if getattr(args, "backbone", None):
+        model_updates["backbone"] = args.backbone
+    return cfg.model_copy(update={
+        "train": cfg.train.model_copy(update=updates),
+        "model": cfg.model.model_copy(update=model_updates),
+    })
+
+
+def cmd_prepare(args: argparse.Namespace) -> int:
+    from training.data.cache import build_cache
+    from training.data.sources import load_all
+    from training.data.split import split_by_patient
+    from training.train import data_summary
+
+    cfg = _cfg(args)
+    records = load_all(cfg.data)
+    build_cache(records, cfg.model.image_size, cfg.data.cache_dir)
+    splits = split_by_patient(records, cfg.data.val_fraction, cfg.data.test_fraction, cfg.data.split_seed)
+    print(json.dumps(data_summary(splits), indent=1))
+    print(f"cached {len(records)} images at {cfg.model.image_size}px in {cfg.data.cache_dir}")
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from training.train import run_training
+
+    cfg = _cfg(args)
+    state = run_training(cfg, kind="real", resume=not args.restart, command="dr-train " + " ".join(sys.argv[1:]))
+    print(f"done: {state.epoch} epochs, best validation score {state.best_score:.4f}; checkpoints in {cfg.train.out_dir}")
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from training.evaluate import evaluate_checkpoint
+
+    cfg = _cfg(args)
+    result = evaluate_checkpoint(cfg, Path(args.checkpoint), args.split, Path(args.out) if args.out else None,
+                                 tta=args.tta, bootstrap=args.bootstrap)
+    print(json.dumps(result["summary"], indent=1))
+    print(f"metrics and plots written to {result['out_dir']}")
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from training.checkpoint import export_checkpoint
+
+    out = export_checkpoint(args.checkpoint, args.output, half=not args.full_precision)
+    print(f"exported {args.checkpoint} -> {out} ({out.stat().st_size / 1e6:.1f} MB)")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from training.demo import train_demo_model
+
+    path = train_demo_model(Path(args.output), Path(args.work), minutes=args.minutes)
+    print(f"demo model (synthetic data, not for clinical use) written to {path}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="dr-train", description="Build and validate the DR multi-task model.")
+    p.add_argument("--config", default="config.toml", help="settings file (default: %(default)s)")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    def overrides(sp: argparse.ArgumentParser) -> None:
+        sp.add_argument("--image-size", type=int, help="override [model] image_size")
+        sp.add_argument("--backbone", choices=["resnet18", "resnet34", "resnet50"], help="override [model] backbone")
+
+    sp = sub.add_parser("prepare", help="read all sources, check them and build the preprocessing cache")
+    overrides(sp)
+    sp.set_defaults(func=cmd_prepare)
+
+    sp = sub.add_parser("train", help="train; resumes from <out_dir>/last.pt when present")
+    overrides(sp)
+    sp.add_argument("--epochs", type=int)
+    sp.add_argument("--batch-size", type=int)
+    sp.add_argument("--lr", type=float)
+    sp.add_argument("--max-steps-per-epoch", type=int)
+    sp.add_argument("--device", choices=["auto", "cpu", "cuda"])
+    sp.add_argument("--out-dir", help="override [train] out_dir")
+    sp.add_argument("--restart", action="store_true", help="ignore last.pt and start from scratch")
+    sp.set_defaults(func=cmd_train)
+
+    sp = sub.add_parser("evaluate", help="metrics (JSON) and plots (PNG) of a checkpoint on a split")
+    sp.add_argument("--checkpoint", required=True)
+    sp.add_argument("--split", choices=["train", "val", "test"], default="val")
+    sp.add_argument("--out", help="output folder (default: beside the checkpoint, eval-<split>)")
+    sp.add_argument("--tta", action="store_true", help="average with a horizontally flipped pass")
+    sp.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for 95%% intervals")
+    sp.add_argument("--device", choices=["auto", "cpu", "cuda"])
+    sp.set_defaults(func=cmd_evaluate)
+
+    sp = sub.add_parser("export", help="strip optimizer state and store half-precision weights for shipping")
+    sp.add_argument("checkpoint")
+    sp.add_argument("output")
+    sp.add_argument("--full-precision", action="store_true")
+    sp.set_defaults(func=cmd_export)
+
+    sp = sub.add_parser("demo", help="train a small demo model on synthetic fundus images (not for clinical use)")
+    sp.add_argument("--output", default="models/demo.pt")
+    sp.add_argument("--work", default=".cache/demo")
+    sp.add_argument("--minutes", type=float, default=3.0)
+    sp.set_defaults(func=cmd_demo)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (ConfigError, FileNotFoundError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

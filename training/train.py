@@ -1,0 +1,162 @@
+"""From settings to a validated, self-describing checkpoint: data -> split -> cache -> loaders -> fit."""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections import Counter
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, WeightedRandomSampler
+
+from training.checkpoint import git_commit, labels_dict, make_version
+from training.config import TrainingConfig
+from training.data.cache import build_cache
+from training.data.dataset import FundusDataset, class_counts
+from training.data.records import Record
+from training.data.sources import load_all
+from training.data.split import split_by_patient
+from training.data.transforms import eval_transforms, train_transforms
+from training.engine import FitState, Predictions, fit, resolve_device, seed_everything
+from training.evaluation import plot_history
+from training.losses import MultiTaskLoss, inverse_frequency_weights
+from training.metrics import choose_threshold, classification_metrics, referable_labels, referable_score, segmentation_metrics
+from training.model import LESION_CODES, ModelConfig, build_model
+
+
+def model_config_from(cfg: TrainingConfig) -> ModelConfig:
+    m = cfg.model
+    return ModelConfig(backbone=m.backbone, image_size=m.image_size, decoder_channels=tuple(m.decoder_channels), dropout=m.dropout)
+
+
+def data_summary(splits: dict[str, list[Record]]) -> dict[str, Any]:
+    """What the model saw: counts per split, source, DR grade, DME label and mask availability."""
+    out: dict[str, Any] = {}
+    for name, recs in splits.items():
+        out[name] = {
+            "images": len(recs),
+            "patients": len({r.patient_id for r in recs}),
+            "by_source": dict(Counter(r.source for r in recs)),
+            "dr_grades": {str(k): v for k, v in sorted(Counter(r.dr_grade for r in recs if r.has_grade).items())},
+            "dme_labels": {str(k): v for k, v in sorted(Counter(r.dme_grade for r in recs if r.has_dme).items())},
+            "with_masks": sum(r.has_masks for r in recs),
+        }
+    return out
+
+
+def score_predictions(preds: Predictions) -> tuple[float, dict[str, float]]:
+    """Model-selection score on validation: mean of DR kappa, referable AUC and mean lesion AUPR (those defined)."""
+    cls = classification_metrics(preds.dr_probs, preds.dme_probs, preds.dr_true, preds.dme_true)
+    metrics: dict[str, float] = {}
+    if cls["dr"].get("quadratic_kappa") is not None:
+        metrics["kappa"] = cls["dr"]["quadratic_kappa"]
+    if cls["dr"].get("accuracy") is not None:
+        metrics["dr_acc"] = cls["dr"]["accuracy"]
+    if cls["referable"].get("auc") is not None:
+        metrics["ref_auc"] = cls["referable"]["auc"]
+    if preds.seg_probs is not None:
+        seg = segmentation_metrics(preds.seg_probs, preds.seg_masks, max_pixels=400_000)
+        auprs = {c: v["aupr"] for c, v in seg.items() if v is not None and v.get("aupr") is not None}
+        for c, v in auprs.items():
+            metrics[f"aupr_{c}"] = v
+        if auprs:
+            metrics["aupr_mean"] = float(np.mean(list(auprs.values())))
+    parts = [metrics[k] for k in ("kappa", "ref_auc", "aupr_mean") if k in metrics]
+    return (float(np.mean(parts)) if parts else -float(preds.losses.get("val_total", 0.0))), metrics
+
+
+def referral_threshold(preds: Predictions, target_sensitivity: float) -> float:
+    y = referable_labels(preds.dr_true, preds.dme_true)
+    s = referable_score(preds.dr_probs, preds.dme_probs)
+    if len(set(y[y >= 0].tolist())) < 2:
+        return 0.5
+    return float(choose_threshold(y, s, target_sensitivity))
+
+
+@dataclass
+class TrainingData:
+    splits: dict[str, list[Record]]
+    train: DataLoader
+    val: DataLoader
+
+
+def make_loaders(cfg: TrainingConfig, records: list[Record] | None = None, progress: bool = True) -> TrainingData:
+    records = load_all(cfg.data) if records is None else records
+    if not records:
+        raise ValueError("no training images: add sources under [data] in the config")
+    splits = split_by_patient(records, cfg.data.val_fraction, cfg.data.test_fraction, cfg.data.split_seed)
+    size = cfg.model.image_size
+    build_cache(records, size, cfg.data.cache_dir, progress=progress)
+    train_ds = FundusDataset(splits["train"], size, cfg.data.cache_dir, train_transforms(size))
+    val_ds = FundusDataset(splits["val"], size, cfg.data.cache_dir, eval_transforms(size))
+    # Lesion-annotated images are few; draw them more often so the segmentation head keeps learning.
+    seg_share = sum(r.has_masks for r in splits["train"]) / max(len(splits["train"]), 1)
+    boost = 1.0 if seg_share == 0 or seg_share >= 0.25 else min(4.0, 0.25 / seg_share)
+    weights = [boost if r.has_masks else 1.0 for r in splits["train"]]
+    gen = torch.Generator().manual_seed(cfg.train.seed)
+    sampler = WeightedRandomSampler(weights, num_samples=len(weights), replacement=True, generator=gen)
+    kw = dict(batch_size=cfg.train.batch_size, num_workers=cfg.train.num_workers, persistent_workers=cfg.train.num_workers > 0)
+    return TrainingData(
+        splits,
+        DataLoader(train_ds, sampler=sampler, drop_last=len(train_ds) > cfg.train.batch_size, **kw),
+        DataLoader(val_ds, shuffle=False, **kw),
+    )
+
+
+def run_training(
+    cfg: TrainingConfig, kind: str = "real", resume: bool = True, progress: bool = True,
+    records: list[Record] | None = None, command: str | None = None, log: Callable[[str], None] = print,
+    max_seconds: float | None = None,
+) -> FitState:
+    """Train with the settings; writes best.pt/last.pt, history.json, curves.png and splits.json to out_dir."""
+    seed_everything(cfg.train.seed)
+    device = resolve_device(cfg.train.device)
+    data = make_loaders(cfg, records, progress)
+    out_dir = cfg.train.out_dir
+    out_dir.mkdir(parents=True, exist_ok=True)
+    summary = data_summary(data.splits)
+    (out_dir / "splits.json").write_text(json.dumps(
+        {k: [str(r.image) for r in v] for k, v in data.splits.items()} | {"summary": summary}, indent=1))
+    log(f"data: " + ", ".join(f"{k} {v['images']} images / {v['patients']} patients" for k, v in summary.items()))
+
+    mcfg = model_config_from(cfg)
+    model = build_model(mcfg, cfg.model.pretrained_weights).to(device)
+    dr_w = inverse_frequency_weights(class_counts(data.splits["train"]).tolist()) if cfg.train.balance_classes else None
+    loss_fn = MultiTaskLoss(cfg.train.cls_weight, cfg.train.seg_weight, cfg.train.dme_weight, dr_w).to(device)
+    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
+    scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode="max", factor=0.5, patience=cfg.train.lr_patience)
+    started = datetime.now(timezone.utc)
+    version = make_version(mcfg, kind, started)
+    command = command or " ".join(sys.argv)
+    last_preds: dict[str, Predictions] = {}
+
+    def score_fn(preds: Predictions) -> tuple[float, dict[str, float]]:
+        last_preds["val"] = preds
+        return score_predictions(preds)
+
+    def payload(row: dict[str, float]) -> dict[str, Any]:
+        threshold = referral_threshold(last_preds["val"], cfg.train.target_sensitivity)
+        return {
+            "model_version": version,
+            "model_config": mcfg.to_dict(),
+            "labels": labels_dict(),
+            "thresholds": {"referable": threshold, "lesion": 0.5, "target_sensitivity": cfg.train.target_sensitivity},
+            "provenance": {
+                "kind": kind, "command": command, "started": started.isoformat(), "git_commit": git_commit(),
+                "data": summary, "pretrained_weights": str(cfg.model.pretrained_weights or "none (random init)"),
+                "train_config": json.loads(cfg.train.model_dump_json()),
+                "split": {"val_fraction": cfg.data.val_fraction, "test_fraction": cfg.data.test_fraction, "seed": cfg.data.split_seed},
+            },
+            "metrics": {"validation": {k: float(v) for k, v in row.items()}},
+        }
+
+    return fit(
+        model, data.train, data.val, loss_fn, optimizer, scheduler, out_dir, cfg.train.epochs, cfg.train.patience,
+        device, score_fn, payload, max_steps=cfg.train.max_steps_per_epoch, resume=resume, progress=progress,
+        plot_fn=plot_history, log=log, max_seconds=max_seconds,
+    )
