@@ -5,7 +5,8 @@ CONFIG ?= config.toml
 
 .PHONY: run once test train evaluate bench clean
 
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.installed: pyproject.toml scripts/system-deps.sh
+	./scripts/system-deps.sh
 	python3 -m venv $(VENV)
 	$(VENV)/bin/pip install --quiet -e '.[dev]'
 	touch $@

@@ -92,7 +92,7 @@ def make_loaders(cfg: TrainingConfig, records: list[Record] | None = None, progr
     splits = split_by_patient(records, cfg.data.val_fraction, cfg.data.test_fraction, cfg.data.split_seed)
     size = cfg.model.image_size
     build_cache(records, size, cfg.data.cache_dir, progress=progress)
-    train_ds = FundusDataset(splits["train"], size, cfg.data.cache_dir, train_transforms(size))
+    train_ds = FundusDataset(splits["train"], size, cfg.data.cache_dir, train_transforms(size, seed=cfg.train.seed))
     val_ds = FundusDataset(splits["val"], size, cfg.data.cache_dir, eval_transforms(size))
     # Lesion-annotated images are few; draw them more often so the segmentation head keeps learning.
     seg_share = sum(r.has_masks for r in splits["train"]) / max(len(splits["train"]), 1)

@@ -62,8 +62,12 @@ def preprocess_fundus(
     return img, masks
 
 
-def train_transforms(size: int) -> A.Compose:
-    """Flip, shift-scale-rotate, brightness/contrast, ImageNet normalisation; masks follow the geometry."""
+def train_transforms(size: int, seed: int | None = None) -> A.Compose:
+    """Flip, shift-scale-rotate, brightness/contrast, ImageNet normalisation; masks follow the geometry.
+
+    albumentations keeps its own random state (global seeds do not reach it): pass ``seed`` for
+    reproducible augmentation sequences.
+    """
     return A.Compose(
         [
             A.HorizontalFlip(p=0.5),
@@ -72,7 +76,8 @@ def train_transforms(size: int) -> A.Compose:
             A.Resize(size, size),
             A.Normalize(mean=IMAGENET_MEAN, std=IMAGENET_STD),
             ToTensorV2(transpose_mask=True),
-        ]
+        ],
+        seed=seed,
     )
 
 

@@ -1,0 +1,49 @@
+"""Worker fixtures: a tiny random-init checkpoint, settings in tmp_path, synthetic fundus JPEGs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+import torch
+
+from screening.config import ScreeningSettings
+from training.checkpoint import labels_dict, save_checkpoint
+from training.model import ModelConfig, build_model
+
+
+def make_checkpoint(path: Path, kind: str = "synthetic", image_size: int = 64, backbone: str = "resnet18") -> Path:
+    torch.manual_seed(0)
+    cfg = ModelConfig(backbone=backbone, image_size=image_size, decoder_channels=(16, 16, 16, 8, 8))
+    model = build_model(cfg)
+    return save_checkpoint(path, {
+        "model_state": model.state_dict(), "model_config": cfg.to_dict(), "labels": labels_dict(),
+        "thresholds": {"referable": 0.5, "lesion": 0.5}, "provenance": {"kind": kind},
+        "metrics": {"validation": {"val_kappa": 0.5, "val_ref_auc": 0.75}}, "model_version": f"test-{kind}-v1",
+    })
+
+
+def write_fundus(path: Path, seed: int = 0, size: int = 256) -> Path:
+    from training.data.synthetic import make_fundus
+
+    f = make_fundus(np.random.default_rng(seed), size=size)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    cv2.imwrite(str(path), cv2.cvtColor(f.image, cv2.COLOR_RGB2BGR))
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory) -> Path:
+    return make_checkpoint(tmp_path_factory.mktemp("ckpt") / "demo.pt")
+
+
+@pytest.fixture
+def settings(tmp_path, tiny_checkpoint) -> ScreeningSettings:
+    return ScreeningSettings(
+        inbox=tmp_path / "inbox", reports=tmp_path / "reports", archive=tmp_path / "archive",
+        rejected=tmp_path / "rejected", work_dir=tmp_path / "work", database=f"sqlite:///{tmp_path / 'db.sqlite'}",
+        checkpoint=tiny_checkpoint, stable_seconds=0.1, poll_interval=0.1, sweep_interval=0.5, batch_size=4,
+        threads=1, device="cpu",
+    )

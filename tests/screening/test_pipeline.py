@@ -1,0 +1,240 @@
+"""The worker end to end: inbox -> DB -> PDF, with duplicates, rejects, partial writes, late eyes, crashes."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from pypdf import PdfReader
+from sqlalchemy import func, select
+
+from screening.db import init_db, make_engine, make_session_factory, session_scope
+from screening.db.models import Drop, Event, Image, Report, Result
+from screening.inference import Predictor
+from screening.pipeline import Worker
+
+from .conftest import write_fundus
+
+PROJECT = Path(__file__).resolve().parents[2]
+
+
+def make_worker(settings) -> Worker:
+    engine = make_engine(settings.database)
+    init_db(engine)
+    return Worker(settings, Predictor(settings.checkpoint, "cpu", 1), make_session_factory(engine), PROJECT / "templates")
+
+
+def pdf_text(path: Path) -> str:
+    return " ".join((p.extract_text() or "") for p in PdfReader(str(path)).pages)
+
+
+def count(worker: Worker, model) -> int:
+    with session_scope(worker.factory) as s:
+        return s.scalar(select(func.count()).select_from(model))
+
+
+def test_one_shot_real_photos_both_eyes_and_camera_file(settings, shared_data):
+    worker = make_worker(settings)
+    src = shared_data / "srahim"
+    shutil.copy(src / "Patient002_R.jpg", settings.inbox / "Patient002_R.jpg")
+    shutil.copy(src / "Patient002_L.jpg", settings.inbox / "Patient002_L.jpg")
+    shutil.copy(shared_data / "fullres" / "camera_01.jpg", settings.inbox / "CAM7_OS_20251120.jpg")
+    out = worker.run_once(settle_timeout=5)
+    assert (out.processed, out.rejected, out.failed) == (3, 0, 0)
+    assert list(settings.inbox.iterdir()) == []
+    assert len(list(settings.archive.rglob("*.jpg"))) == 3
+    reports = sorted(settings.reports.rglob("report_v*.pdf"))
+    assert [p.relative_to(settings.reports).parts[0] for p in reports] == ["CAM7", "Patient002"]
+    text = pdf_text(settings.reports / "CAM7" / "2025-11-20" / "report_v1.pdf")
+    assert "CAM7" in text and "2025-11-20" in text and "test-synthetic-v1" in text
+    assert "NOT FOR CLINICAL USE" in text.upper()
+    with session_scope(worker.factory) as s:
+        cam = s.scalars(select(Image).where(Image.source_name == "CAM7_OS_20251120.jpg")).one()
+        assert (cam.width, cam.height, cam.eye, cam.state) == (4288, 2848, "L", "reported")
+        res = cam.result
+        assert len(res.dr_probs) == 5 and abs(sum(res.dr_probs) - 1) < 1e-4
+        assert 0 <= res.area_od <= 1
+        assert sorted(p.name for p in Path(res.mask_dir).iterdir()) == [
+            "dme_cam.jpg", "dr_cam.jpg", "mask_EX.png", "mask_HE.png", "mask_MA.png", "mask_OD.png", "mask_SE.png",
+            "overlay.jpg", "photo.jpg"]
+
+
+def test_duplicates_one_result_two_drops(settings):
+    worker = make_worker(settings)
+    write_fundus(settings.inbox / "P1_R.jpg", seed=1)
+    shutil.copy(settings.inbox / "P1_R.jpg", settings.inbox / "P1_R_20250101.jpg")  # same bytes in the same batch
+    out = worker.run_once(settle_timeout=5)
+    assert (out.processed, out.duplicates) == (1, 1)
+    shutil.copy(next(settings.archive.rglob("*P1_R.jpg")), settings.inbox / "P1_R.jpg")  # dropped again later
+    out = worker.run_once(settle_timeout=5)
+    assert (out.processed, out.duplicates) == (0, 1)
+    # known content under a name without a patient id: still recognised (by content) as already graded
+    (settings.inbox / "copy.jpg").write_bytes(next(settings.archive.rglob("*P1_R.jpg")).read_bytes())
+    out = worker.run_once(settle_timeout=5)
+    assert (out.duplicates, out.rejected) == (1, 0)
+    assert count(worker, Result) == 1 and count(worker, Image) == 1
+    with session_scope(worker.factory) as s:
+        assert [d.outcome for d in s.scalars(select(Drop).order_by(Drop.id))] == ["new", "duplicate", "duplicate", "duplicate"]
+        assert s.scalars(select(Image)).one().state == "reported"
+    assert len(list((settings.archive).rglob("duplicates/*.jpg"))) == 3
+    assert list(settings.inbox.iterdir()) == []
+
+
+def test_rejected_files_keep_the_file_and_say_why(settings):
+    worker = make_worker(settings)
+    (settings.inbox / "P2_L.jpg").write_bytes(b"this is not a jpeg")
+    write_fundus(settings.inbox / "holiday.jpg", seed=2)
+    (settings.inbox / "P3_R.pdf").write_bytes(b"%PDF-1.4")
+    import cv2
+    import numpy as np
+    cv2.imwrite(str(settings.inbox / "P4_R.png"), np.full((300, 300, 3), 255, np.uint8))  # a white page
+    out = worker.run_once(settle_timeout=5)
+    assert (out.processed, out.rejected) == (0, 4)
+    reasons = {p.name.split("_", 2)[2].removesuffix(".reason.txt"): p.read_text() for p in settings.rejected.glob("*.reason.txt")}
+    assert set(reasons) == {"P2_L.jpg", "holiday.jpg", "P3_R.pdf", "P4_R.png"}
+    assert "not a readable image" in reasons["P2_L.jpg"]
+    assert "no patient id" in reasons["holiday.jpg"]
+    assert "unsupported" in reasons["P3_R.pdf"]
+    assert "fundus" in reasons["P4_R.png"]
+    for name in reasons:  # the file itself is kept beside its reason
+        assert any(p.name.endswith(name) for p in settings.rejected.iterdir() if not p.name.endswith(".txt"))
+    with session_scope(worker.factory) as s:
+        assert {i.state for i in s.scalars(select(Image))} == {"rejected"}
+        assert s.scalar(select(func.count()).select_from(Drop).where(Drop.outcome == "rejected")) == 4
+
+
+def test_second_eye_later_rerenders_and_keeps_v1(settings):
+    worker = make_worker(settings)
+    write_fundus(settings.inbox / "P9_R_20251101.jpg", seed=3)
+    worker.run_once(settle_timeout=5)
+    folder = settings.reports / "P9" / "2025-11-01"
+    v1 = (folder / "report_v1.pdf").read_bytes()
+    assert "not received" in pdf_text(folder / "report_v1.pdf").lower()
+    write_fundus(settings.inbox / "P9_L_20251101.jpg", seed=4)
+    worker.run_once(settle_timeout=5)
+    assert (folder / "report_v1.pdf").read_bytes() == v1
+    text = pdf_text(folder / "report_v2.pdf")
+    assert "Right eye" in text and "Left eye" in text and "not received" not in text.lower()
+    assert (folder / "latest.pdf").read_bytes() == (folder / "report_v2.pdf").read_bytes()
+    with session_scope(worker.factory) as s:
+        assert [r.version for r in s.scalars(select(Report).order_by(Report.version))] == [1, 2]
+
+
+def test_report_failure_keeps_result_and_is_retried(settings, monkeypatch):
+    import screening.pipeline as pipeline
+
+    worker = make_worker(settings)
+    write_fundus(settings.inbox / "P5_R.jpg", seed=5)
+
+    def broken(*a, **k):
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr(pipeline, "render_with_retries", broken)
+    out = worker.run_once(settle_timeout=5)
+    assert out.processed == 1 and out.reports == 0
+    with session_scope(worker.factory) as s:
+        assert s.scalars(select(Image)).one().state == "done"
+        assert s.scalar(select(func.count()).select_from(Event).where(Event.kind == "report_failed")) == 1
+    monkeypatch.undo()
+    out = worker.run_once(settle_timeout=5)
+    assert out.reports == 1
+    with session_scope(worker.factory) as s:
+        assert s.scalars(select(Image)).one().state == "reported"
+
+
+def test_crash_between_commit_and_archive_is_finished_on_restart(settings, monkeypatch):
+    worker = make_worker(settings)
+    write_fundus(settings.inbox / "P6_R.jpg", seed=6)
+
+    def crash(*a, **k):
+        raise KeyboardInterrupt  # the process dies right after the result was committed
+
+    monkeypatch.setattr(Worker, "_archive", crash)
+    with pytest.raises(KeyboardInterrupt):
+        worker.run_once(settle_timeout=5)
+    assert (settings.inbox / "P6_R.jpg").exists()
+    monkeypatch.undo()
+    out = make_worker(settings).run_once(settle_timeout=5)
+    assert out.duplicates == 0 and out.processed == 0 and out.reports == 1
+    assert list(settings.inbox.iterdir()) == []
+    assert count(worker, Result) == 1 and count(worker, Drop) == 1
+
+
+def test_crash_before_commit_redoes_the_image(settings, monkeypatch):
+    worker = make_worker(settings)
+    write_fundus(settings.inbox / "P7_L.jpg", seed=7)
+    monkeypatch.setattr(Worker, "store", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt()))
+    with pytest.raises(KeyboardInterrupt):
+        worker.run_once(settle_timeout=5)
+    monkeypatch.undo()
+    with session_scope(worker.factory) as s:
+        assert s.scalars(select(Image)).one().state == "received"
+    out = make_worker(settings).run_once(settle_timeout=5)
+    assert out.processed == 1 and count(worker, Result) == 1 and count(worker, Drop) == 1
+
+
+def test_watch_mode_waits_for_partial_writes(settings):
+    worker = make_worker(settings)
+    stop = threading.Event()
+    thread = threading.Thread(target=worker.run_forever, args=(stop,), daemon=True)
+    thread.start()
+    try:
+        full = write_fundus(settings.work_dir / "src.jpg", seed=8).read_bytes()
+        target = settings.inbox / "P8_R.jpg"
+        with open(target, "wb") as fh:  # a slow copy over a network share
+            for i in range(0, len(full), len(full) // 5 + 1):
+                fh.write(full[i:i + len(full) // 5 + 1])
+                fh.flush()
+                time.sleep(0.06)
+        (settings.inbox / ".hidden_P8_L.jpg.part").write_bytes(full)  # ignored until renamed
+        deadline = time.time() + 60
+        while time.time() < deadline and not list(settings.reports.rglob("report_v1.pdf")):
+            time.sleep(0.2)
+    finally:
+        stop.set()
+        thread.join(30)
+    import hashlib
+    with session_scope(worker.factory) as s:
+        images = s.scalars(select(Image)).all()
+    assert [i.sha256 for i in images] == [hashlib.sha256(full).hexdigest()]  # read whole, once
+    assert images[0].state == "reported"
+    assert (settings.inbox / ".hidden_P8_L.jpg.part").exists()
+
+
+def test_killed_worker_leaves_consistent_state(settings, tmp_path):
+    """SIGKILL the real CLI mid-run, restart it: every photo ends graded exactly once, none lost."""
+    cfg = tmp_path / "config.toml"
+    cfg.write_text(
+        "[screening]\n"
+        f"inbox = '{settings.inbox}'\nreports = '{settings.reports}'\narchive = '{settings.archive}'\n"
+        f"rejected = '{settings.rejected}'\nwork_dir = '{settings.work_dir}'\ndatabase = '{settings.database}'\n"
+        f"checkpoint = '{settings.checkpoint}'\nstable_seconds = 0.1\nthreads = 1\ndevice = 'cpu'\nbatch_size = 2\n"
+    )
+    for i in range(6):
+        write_fundus(settings.inbox / f"K{i // 2}_{'RL'[i % 2]}.jpg", seed=20 + i)
+    cmd = [sys.executable, "-m", "screening.cli", "--config", str(cfg), "run", "--once"]
+    proc = subprocess.Popen(cmd, cwd=PROJECT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while time.time() < deadline and len(list(settings.inbox.iterdir())) == 6 and proc.poll() is None:
+        time.sleep(0.05)
+    time.sleep(0.3)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    done = subprocess.run(cmd, cwd=PROJECT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert list(settings.inbox.iterdir()) == []
+    engine = make_engine(settings.database)
+    factory = make_session_factory(engine)
+    with session_scope(factory) as s:
+        assert s.scalar(select(func.count()).select_from(Result)) == 6
+        assert {i.state for i in s.scalars(select(Image))} == {"reported"}
+        assert s.scalar(select(func.count()).select_from(Drop).where(Drop.outcome == "duplicate")) == 0
+    assert len(list(settings.reports.glob("K*/*/latest.pdf"))) == 3
+    assert not [p for p in settings.reports.rglob("*") if p.is_file() and not p.name.endswith(".pdf")]

@@ -1,0 +1,173 @@
+"""``dr-train``: help, clean errors (exit 2, the culprit named) and evaluate's outputs."""
+
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from training.cli import main
+from training.evaluation import DR_CONFUSION_PNG, LESION_PR_PNG, METRICS_FILE, REFERABLE_ROC_PNG
+
+torch.set_num_threads(1)
+
+SUBCOMMANDS = ("prepare", "train", "evaluate", "export", "demo")
+
+
+def write_config(tmp_path: Path, sources: str, cache: Path | None = None) -> Path:
+    """A config.toml with the tiny model settings and the given ``sources`` TOML array."""
+    path = tmp_path / "config.toml"
+    cache = cache or tmp_path / "cache"
+    path.write_text(
+        f"""
+[data]
+sources = {sources}
+cache_dir = "{cache.as_posix()}"
+val_fraction = 0.25
+test_fraction = 0.25
+split_seed = 0
+
+[model]
+backbone = "resnet18"
+image_size = 64
+decoder_channels = [16, 16, 16, 8, 8]
+
+[train]
+out_dir = "{(tmp_path / 'run').as_posix()}"
+epochs = 1
+batch_size = 4
+max_steps_per_epoch = 1
+device = "cpu"
+"""
+    )
+    return path
+
+
+def manifest_source(csv_path: Path) -> str:
+    return f'[{{ kind = "manifest", path = "{csv_path.as_posix()}" }}]'
+
+
+def run_cli(argv: list[str]) -> int:
+    try:
+        return main(argv)
+    except SystemExit as exc:  # argparse exits for --help and usage errors
+        return int(exc.code or 0)
+
+
+# --------------------------------------------------------------------------------------------- help
+
+
+def test_top_level_help_exits_zero(capsys: pytest.CaptureFixture[str]) -> None:
+    assert run_cli(["--help"]) == 0
+    out = capsys.readouterr().out
+    assert "dr-train" in out
+    for sub in SUBCOMMANDS:
+        assert sub in out
+
+
+@pytest.mark.parametrize("sub", SUBCOMMANDS)
+def test_subcommand_help_exits_zero(sub: str, capsys: pytest.CaptureFixture[str]) -> None:
+    assert run_cli([sub, "--help"]) == 0
+    assert f"dr-train {sub}" in capsys.readouterr().out
+
+
+def test_missing_subcommand_is_a_usage_error(capsys: pytest.CaptureFixture[str]) -> None:
+    assert run_cli([]) == 2
+    assert "required" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------------------- errors
+
+
+@pytest.mark.parametrize("sub", ["prepare", "train"])
+def test_missing_source_folder_exits_2_naming_it(sub: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    missing = tmp_path / "no-such-kaggle-folder"
+    cfg = write_config(tmp_path, f'[{{ kind = "kaggle", path = "{missing.as_posix()}" }}]')
+    assert run_cli(["--config", str(cfg), sub]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error:") and "no-such-kaggle-folder" in err
+    assert "Traceback" not in err
+
+
+def test_missing_config_file_exits_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert run_cli(["--config", str(tmp_path / "absent.toml"), "prepare"]) == 2
+    assert "absent.toml" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("sub", ["prepare", "train"])
+def test_manifest_without_expected_columns_exits_2_naming_them(sub: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "labels.csv").write_text("file,grade\na.jpg,0\n")
+    cfg = write_config(tmp_path, manifest_source(data / "labels.csv"))
+    assert run_cli(["--config", str(cfg), sub]) == 2
+    err = capsys.readouterr().err
+    assert "lacks column(s)" in err
+    for column in ("image", "dr_grade", "dme_grade"):
+        assert f"'{column}'" in err
+    assert "labels.csv" in err
+
+
+@pytest.fixture
+def manifest_with_broken_image(tiny_csv: Path, tmp_path: Path) -> Path:
+    """A copy of the tiny synthetic set whose manifest also lists a text file named .jpg."""
+    data = tmp_path / "data"
+    shutil.copytree(tiny_csv.parent, data)
+    (data / "images" / "Broken_L.jpg").write_text("this is not a JPEG\n")
+    rows = list(csv.DictReader((data / "labels.csv").open()))
+    rows.append({**{k: "" for k in rows[0]}, "image": "images/Broken_L.jpg", "patient_id": "Broken",
+                 "eye": "L", "dr_grade": "1", "dme_grade": "0"})
+    with (data / "labels.csv").open("w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    return data / "labels.csv"
+
+
+@pytest.mark.parametrize("sub", ["prepare", "train"])
+def test_unreadable_image_fails_clearly(sub: str, manifest_with_broken_image: Path, tmp_path: Path,
+                                        capsys: pytest.CaptureFixture[str]) -> None:
+    cfg = write_config(tmp_path, manifest_source(manifest_with_broken_image))
+    assert run_cli(["--config", str(cfg), sub]) == 2
+    err = capsys.readouterr().err
+    message = err.strip().splitlines()[-1].split("\r")[-1]  # after the cache's progress bar
+    assert message.startswith("error:") and "Broken_L.jpg" in message and "cannot decode" in message
+    assert "Traceback" not in err
+    assert not (tmp_path / "run" / "last.pt").exists()  # nothing was trained around the bad file
+
+
+# ---------------------------------------------------------------------------------- evaluate, export
+
+
+def test_evaluate_writes_metrics_and_plots(trained_run, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    cfg, run_dir = trained_run
+    config = write_config(tmp_path, manifest_source(cfg.data.sources[0].path), cache=cfg.data.cache_dir)
+    out = tmp_path / "eval"
+    code = run_cli(["--config", str(config), "evaluate", "--checkpoint", str(run_dir / "best.pt"),
+                    "--split", "val", "--out", str(out), "--bootstrap", "20", "--device", "cpu"])
+    assert code == 0
+    stdout = capsys.readouterr().out
+    assert "metrics and plots written to" in stdout
+    metrics = json.loads((out / METRICS_FILE).read_text())
+    assert {"dr", "referable"} <= set(metrics)
+    for png in (DR_CONFUSION_PNG, REFERABLE_ROC_PNG, LESION_PR_PNG):
+        assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", png
+
+
+def test_evaluate_missing_checkpoint_exits_2(trained_run, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    cfg, _ = trained_run
+    config = write_config(tmp_path, manifest_source(cfg.data.sources[0].path), cache=cfg.data.cache_dir)
+    assert run_cli(["--config", str(config), "evaluate", "--checkpoint", str(tmp_path / "nope.pt")]) == 2
+    assert "nope.pt" in capsys.readouterr().err
+
+
+def test_export_writes_a_smaller_checkpoint(trained_run, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    _, run_dir = trained_run
+    dst = tmp_path / "shipped.pt"
+    assert run_cli(["export", str(run_dir / "best.pt"), str(dst)]) == 0
+    assert dst.is_file() and dst.stat().st_size < (run_dir / "best.pt").stat().st_size
+    assert "exported" in capsys.readouterr().out
