@@ -13,7 +13,7 @@ import cv2
 import numpy as np
 import torch
 from pytorch_grad_cam import GradCAM
-from pytorch_grad_cam.utils.image import show_cam_on_image
+from pytorch_grad_cam.utils.image import scale_cam_image, show_cam_on_image
 from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 from torch import nn
 
@@ -45,7 +45,8 @@ def head_cams(head: nn.Module, features: torch.Tensor, classes: list[int], out_s
     feats = features.detach().clone().float().requires_grad_(True)
     with torch.enable_grad(), GradCAM(model=wrapper, target_layers=[wrapper.layer]) as cam:
         maps = cam(input_tensor=feats, targets=[ClassifierOutputTarget(int(c)) for c in classes])
-    return np.stack([cv2.resize(m.astype(np.float32), (out_size, out_size), interpolation=cv2.INTER_CUBIC).clip(0, 1) for m in maps])
+    # maps are at the feature grid (input of the wrapper); upscale like GradCAM does for a full model
+    return scale_cam_image(maps, (out_size, out_size)).astype(np.float32)
 
 
 def cam_overlay(rgb: np.ndarray, cam: np.ndarray) -> np.ndarray:

@@ -1,0 +1,80 @@
+import numpy as np
+import pytest
+import torch
+from pytorch_grad_cam import GradCAM
+from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
+
+from screening.explain import head_cams
+from screening.inference import Predictor, referable_probability
+from training.checkpoint import CheckpointError
+from training.data.synthetic import make_fundus
+
+
+@pytest.fixture(scope="module")
+def predictor(tiny_checkpoint):
+    return Predictor(tiny_checkpoint, "cpu", 1)
+
+
+def _images(n, size=64):
+    return [make_fundus(np.random.default_rng(i), size=size).image for i in range(n)]
+
+
+class _DrOnly(torch.nn.Module):
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x):
+        return self.model(x).dr_logits
+
+
+def test_head_cams_equal_gradcam_on_the_full_model(predictor):
+    """Our one-forward CAM equals pytorch-grad-cam's own GradCAM on encoder.layer4 of the whole network."""
+    x = predictor.to_tensor(_images(2))
+    classes = [1, 3]
+    out = predictor.forward(x)
+    ours = head_cams(predictor.model.dr_head, out.features, classes, 64)
+    wrapped = _DrOnly(predictor.model)
+    with GradCAM(model=wrapped, target_layers=[predictor.model.encoder.layer4]) as cam:
+        ref = cam(input_tensor=x, targets=[ClassifierOutputTarget(c) for c in classes])
+    assert ours.shape == ref.shape == (2, 64, 64)
+    assert np.allclose(ours, ref, atol=1e-4)
+    assert not np.allclose(ours[0], head_cams(predictor.model.dr_head, out.features, [0, 0], 64)[0], atol=1e-3)
+
+
+def test_predict_runs_the_network_once_for_grades_masks_and_both_cams(predictor):
+    calls = []
+    handle = predictor.model.encoder.register_forward_hook(lambda *a: calls.append(1))
+    try:
+        preds = predictor.predict(_images(3))
+    finally:
+        handle.remove()
+    assert len(calls) == 1
+    p = preds[0]
+    assert p.masks.shape == (5, 64, 64) and p.dr_cam.shape == (64, 64) and p.dme_cam.shape == (64, 64)
+    assert abs(sum(p.dr_probs) - 1) < 1e-5 and abs(sum(p.dme_probs) - 1) < 1e-5
+    assert p.dr_grade == int(np.argmax(p.dr_probs))
+    assert 0 <= p.dr_cam.min() and p.dr_cam.max() <= 1
+    assert set(p.lesion_areas) == {"MA", "HE", "EX", "SE", "OD"}
+
+
+def test_batch_equals_single_image_predictions(predictor):
+    imgs = _images(3)
+    batch = predictor.predict(imgs, explain=False)
+    single = predictor.predict(imgs[1:2], explain=False)[0]
+    assert np.allclose(batch[1].dr_probs, single.dr_probs, atol=1e-5)
+
+
+def test_referable_probability():
+    dr = np.array([[1.0, 0, 0, 0, 0], [0, 0, 1.0, 0, 0], [0.5, 0.5, 0, 0, 0]])
+    dme = np.array([[1.0, 0, 0], [1.0, 0, 0], [0.5, 0.5, 0]])
+    assert np.allclose(referable_probability(dr, dme), [0.0, 1.0, 0.5])
+
+
+def test_checkpoint_without_metadata_is_refused(tmp_path, tiny_checkpoint):
+    ckpt = torch.load(tiny_checkpoint, weights_only=True)
+    del ckpt["provenance"]
+    bad = tmp_path / "bare.pt"
+    torch.save(ckpt, bad)
+    with pytest.raises(CheckpointError, match="provenance"):
+        Predictor(bad, "cpu", 1)
