@@ -210,7 +210,8 @@ class Worker:
         return {"dir": final, "photo": final / "photo.jpg", "overlay": final / "overlay.jpg",
                 "dr_cam": final / "dr_cam.jpg", "dme_cam": final / "dme_cam.jpg"}
 
-    def store(self, job: Job, pred: ImagePrediction, inference_ms: float) -> None:
+    def store(self, job: Job, pred: ImagePrediction, inference_ms: float) -> int:
+        """Persist one result; returns the image's exam id."""
         files = self._write_outputs(job, pred)
         with session_scope(self.factory) as session:
             image = session.get(Image, job.image_id)
@@ -224,10 +225,12 @@ class Worker:
                 dme_cam_path=files["dme_cam"], device=str(self.predictor.device), inference_ms=inference_ms,
             )
             repo.set_state(session, image, ImageState.DONE)
+            exam_id = image.exam_id
         # Committed: now the original may leave the inbox. A crash before this line is finished by intake().
         with session_scope(self.factory) as session:
             image = session.get(Image, job.image_id)
             image.stored_path = str(self._archive(job.path, job.sha256))
+        return exam_id
 
     def _fail(self, job: Job, exc: BaseException) -> None:
         reason = f"processing failed ({type(exc).__name__}: {exc}); the file was kept in the inbox and will be retried"
@@ -261,10 +264,12 @@ class Worker:
             report_version=version,
         )
 
-    def render_pending(self, out: BatchOutcome) -> None:
-        """(Re-)render the report of every exam whose newest result is not yet in a report."""
-        with session_scope(self.factory) as session:
-            exam_ids = [e.id for e in repo.exams_needing_report(session)]
+    def render_pending(self, out: BatchOutcome, exam_ids: list[int] | None = None) -> None:
+        """(Re-)render the reports of ``exam_ids`` (the exams a batch touched), or, when None, of every
+        exam whose newest result is not yet in a report (start-up and periodic catch-up)."""
+        if exam_ids is None:
+            with session_scope(self.factory) as session:
+                exam_ids = [e.id for e in repo.exams_needing_report(session)]
         for exam_id in exam_ids:
             with session_scope(self.factory) as session:
                 exam = session.get(Exam, exam_id)
@@ -290,6 +295,7 @@ class Worker:
     def process(self, paths: list[Path]) -> BatchOutcome:
         out = BatchOutcome()
         jobs: list[Job] = []
+        touched: set[int] = set()
         for path in paths:
             try:
                 job = self.intake(path, out)
@@ -312,12 +318,12 @@ class Worker:
             per_image_ms = (time.perf_counter() - t0) * 1000 / len(chunk)
             for job, pred in zip(chunk, preds):
                 try:
-                    self.store(job, pred, per_image_ms)
+                    touched.add(self.store(job, pred, per_image_ms))
                     out.processed += 1
                 except Exception as exc:  # noqa: BLE001
                     self._fail(job, exc)
                     out.failed += 1
-        self.render_pending(out)
+        self.render_pending(out, sorted(touched))
         return out
 
     def recover(self) -> None:
@@ -336,9 +342,10 @@ class Worker:
         left = set(candidates) - set(ready)
         if left:
             log.warning("%d file(s) still changing after %.0fs; left in the inbox for the next run", len(left), timeout)
+        catch_up = BatchOutcome()
+        self.render_pending(catch_up)  # reports that failed or were interrupted in an earlier run
         out = self.process(ready)
-        if not ready:
-            self.render_pending(out)
+        out.reports += catch_up.reports
         return out
 
     def run_forever(self, stop: threading.Event | None = None) -> None:
@@ -349,8 +356,12 @@ class Worker:
         self.recover()
         self.render_pending(BatchOutcome())
         log.info("watching %s (%s observer)", self.s.inbox, self.s.observer)
+        next_catch_up = time.monotonic() + self.s.sweep_interval
         with Intake(self.s) as intake:
             while not stop.is_set():
+                if time.monotonic() >= next_catch_up:  # retry reports that failed to render
+                    self.render_pending(BatchOutcome())
+                    next_catch_up = time.monotonic() + self.s.sweep_interval
                 ready = intake.poll()
                 if ready:
                     for i in range(0, len(ready), max(self.s.batch_size * 4, 1)):
