@@ -45,7 +45,7 @@ class Predictor:
         self.device = resolve_device(device)
         self.model, self.meta = load_model(checkpoint, self.device)
         self.size = self.model.config.image_size
-        self.transform = eval_transforms(self.size)
+        self.transform = eval_transforms(self.size, self.model.config.contrast)
         self.threshold = float(self.meta["thresholds"]["referable"])
         self.lesion_threshold = float(self.meta["thresholds"].get("lesion", 0.5))
 

@@ -76,6 +76,7 @@ class ModelSettings(_Strict):
     pretrained_weights: Path | None = None
     decoder_channels: tuple[int, int, int, int, int] = (256, 128, 64, 32, 16)
     dropout: float = Field(0.2, ge=0.0, lt=1.0)
+    contrast: Literal["none", "local-mean"] = "none"
 
     @field_validator("image_size")
     @classmethod
@@ -107,6 +108,7 @@ class TrainSettings(_Strict):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     target_sensitivity: float = Field(0.90, gt=0, le=1)
     max_steps_per_epoch: int | None = Field(None, ge=1)
+    balanced_sampling: bool = False  # draw images with weight 1/sqrt(frequency of their DR grade)
 
 
 class TrainingConfig(_Strict):

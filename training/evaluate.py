@@ -33,7 +33,7 @@ def evaluate_checkpoint(
     recs = splits[split]
     if not recs:
         raise ValueError(f"split {split!r} is empty; check [data] val_fraction/test_fraction")
-    loader = DataLoader(FundusDataset(recs, size, cfg.data.cache_dir, eval_transforms(size)), batch_size=cfg.train.batch_size)
+    loader = DataLoader(FundusDataset(recs, size, cfg.data.cache_dir, eval_transforms(size, model.config.contrast)), batch_size=cfg.train.batch_size)
     preds = predict(model, loader, device, progress=progress, tta_flip=tta)
     out_dir = out_dir or checkpoint.parent / f"eval-{split}{'-tta' if tta else ''}"
     metrics = write_evaluation(

@@ -31,7 +31,8 @@ from training.model import LESION_CODES, ModelConfig, build_model
 
 def model_config_from(cfg: TrainingConfig) -> ModelConfig:
     m = cfg.model
-    return ModelConfig(backbone=m.backbone, image_size=m.image_size, decoder_channels=tuple(m.decoder_channels), dropout=m.dropout)
+    return ModelConfig(backbone=m.backbone, image_size=m.image_size, decoder_channels=tuple(m.decoder_channels),
+                       dropout=m.dropout, contrast=m.contrast)
 
 
 def data_summary(splits: dict[str, list[Record]]) -> dict[str, Any]:
@@ -92,12 +93,17 @@ def make_loaders(cfg: TrainingConfig, records: list[Record] | None = None, progr
     splits = split_by_patient(records, cfg.data.val_fraction, cfg.data.test_fraction, cfg.data.split_seed)
     size = cfg.model.image_size
     build_cache(records, size, cfg.data.cache_dir, progress=progress)
-    train_ds = FundusDataset(splits["train"], size, cfg.data.cache_dir, train_transforms(size, seed=cfg.train.seed))
-    val_ds = FundusDataset(splits["val"], size, cfg.data.cache_dir, eval_transforms(size))
+    contrast = cfg.model.contrast
+    train_ds = FundusDataset(splits["train"], size, cfg.data.cache_dir, train_transforms(size, seed=cfg.train.seed, contrast=contrast))
+    val_ds = FundusDataset(splits["val"], size, cfg.data.cache_dir, eval_transforms(size, contrast))
     # Lesion-annotated images are few; draw them more often so the segmentation head keeps learning.
     seg_share = sum(r.has_masks for r in splits["train"]) / max(len(splits["train"]), 1)
     boost = 1.0 if seg_share == 0 or seg_share >= 0.25 else min(4.0, 0.25 / seg_share)
     weights = [boost if r.has_masks else 1.0 for r in splits["train"]]
+    if cfg.train.balanced_sampling:
+        counts = class_counts(splits["train"])
+        weights = [w * (float(counts.max()) / counts[r.dr_grade]) ** 0.5 if r.has_grade else w
+                   for w, r in zip(weights, splits["train"])]
     gen = torch.Generator().manual_seed(cfg.train.seed)
     sampler = WeightedRandomSampler(weights, num_samples=len(weights), replacement=True, generator=gen)
     kw = dict(batch_size=cfg.train.batch_size, num_workers=cfg.train.num_workers, persistent_workers=cfg.train.num_workers > 0)

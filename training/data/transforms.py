@@ -62,7 +62,31 @@ def preprocess_fundus(
     return img, masks
 
 
-def train_transforms(size: int, seed: int | None = None) -> A.Compose:
+CONTRAST_MODES = ("none", "local-mean")
+
+
+def subtract_local_mean(image: np.ndarray, **_: object) -> np.ndarray:
+    """Local-contrast normalisation (Graham, Kaggle DR 2015): 4 * (image - gaussian(image)) + 128.
+
+    Removes the camera's illumination and colour cast, so small red and yellow lesions stand out
+    the same way on every camera; pixels outside the fundus stay black.
+    """
+    field = (image.max(axis=2) > 12).astype(np.uint8)
+    k = max(3, int(max(image.shape[:2]) * 0.03) | 1)  # drop the bright ring the blur leaves at the rim
+    field = cv2.erode(field, cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (k, k))).astype(bool)
+    blur = cv2.GaussianBlur(image, (0, 0), sigmaX=max(image.shape[:2]) / 30)
+    out = cv2.addWeighted(image, 4.0, blur, -4.0, 128.0)
+    out[~field] = 0
+    return out
+
+
+def _contrast_step(contrast: str) -> list[A.BasicTransform]:
+    if contrast not in CONTRAST_MODES:
+        raise ValueError(f"contrast must be one of {CONTRAST_MODES}, got {contrast!r}")
+    return [A.Lambda(image=subtract_local_mean, p=1.0)] if contrast == "local-mean" else []
+
+
+def train_transforms(size: int, seed: int | None = None, contrast: str = "none") -> A.Compose:
     """Flip, shift-scale-rotate, brightness/contrast, ImageNet normalisation; masks follow the geometry.
 
     albumentations keeps its own random state (global seeds do not reach it): pass ``seed`` for
@@ -70,6 +94,7 @@ def train_transforms(size: int, seed: int | None = None) -> A.Compose:
     """
     return A.Compose(
         [
+            *_contrast_step(contrast),
             A.HorizontalFlip(p=0.5),
             A.Affine(scale=(0.9, 1.1), translate_percent=(-0.05, 0.05), rotate=(-25, 25), border_mode=cv2.BORDER_CONSTANT, p=0.8),
             A.RandomBrightnessContrast(brightness_limit=0.2, contrast_limit=0.2, p=0.7),
@@ -81,6 +106,7 @@ def train_transforms(size: int, seed: int | None = None) -> A.Compose:
     )
 
 
-def eval_transforms(size: int) -> A.Compose:
-    """The evaluation preset; the screening worker applies exactly this."""
-    return A.Compose([A.Resize(size, size), A.Normalize(mean=IMAGENET_MEAN, std=IMAGENET_STD), ToTensorV2(transpose_mask=True)])
+def eval_transforms(size: int, contrast: str = "none") -> A.Compose:
+    """The evaluation preset; the screening worker applies exactly this (``contrast`` from the checkpoint)."""
+    return A.Compose([*_contrast_step(contrast), A.Resize(size, size), A.Normalize(mean=IMAGENET_MEAN, std=IMAGENET_STD),
+                      ToTensorV2(transpose_mask=True)])

@@ -44,6 +44,7 @@ class ModelConfig:
     lesions: tuple[str, ...] = LESIONS
     mean: tuple[float, float, float] = IMAGENET_MEAN
     std: tuple[float, float, float] = IMAGENET_STD
+    contrast: str = "none"  # input preprocessing before normalisation: "none" | "local-mean"
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
