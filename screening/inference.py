@@ -68,8 +68,12 @@ class Predictor:
             if isinstance(val.get(key), (int, float)):
                 out[label] = round(float(val[key]), 3)
         for key, value in (metrics.get("test") or {}).items():
-            if isinstance(value, (int, float, str)):
-                out[f"Test {key}"] = round(float(value), 3) if isinstance(value, float) else value
+            if isinstance(value, float):
+                out[f"Test {key}"] = round(value, 3)
+            elif isinstance(value, int):
+                out[f"Test {key}"] = value
+            elif isinstance(value, (list, tuple)) and len(value) == 2 and all(isinstance(v, float) for v in value):
+                out[f"Test {key}"] = f"{value[0]:.3f} - {value[1]:.3f}"
         out["Referral threshold"] = round(self.threshold, 3)
         return out
 

@@ -108,11 +108,32 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[Mu
     return model, meta
 
 
-def export_checkpoint(src: str | Path, dst: str | Path, half: bool = True) -> Path:
-    """Strip optimizer/scheduler state (and optionally store weights in float16) for shipping."""
+def test_summary(metrics: dict[str, Any]) -> dict[str, Any]:
+    """The headline numbers of an evaluation's metrics.json, for the checkpoint and the report."""
+    ref, dr = metrics.get("referable", {}), metrics.get("dr", {})
+    out: dict[str, Any] = {
+        "referable AUC": ref.get("auc"), "referable AUC 95% CI": ref.get("auc_ci95"),
+        "sensitivity": ref.get("sensitivity"), "specificity": ref.get("specificity"),
+        "DR kappa": dr.get("quadratic_kappa"), "images": metrics.get("n_samples"),
+    }
+    for code, seg in (metrics.get("segmentation") or {}).items():
+        if seg:
+            out[f"{code} AUPR"] = seg.get("aupr")
+    od = (metrics.get("segmentation") or {}).get("OD") or {}
+    out["OD Dice"] = od.get("dice")
+    return {k: v for k, v in out.items() if v is not None}
+
+
+def export_checkpoint(src: str | Path, dst: str | Path, half: bool = True, test_metrics: dict[str, Any] | None = None) -> Path:
+    """Strip optimizer/scheduler state (and optionally store weights in float16) for shipping.
+
+    ``test_metrics`` (an evaluation's metrics.json on the held-out test split) is summarised into
+    ``metrics["test"]`` so the worker's reports can show it."""
     ckpt = read_checkpoint(src)
     validate_metadata(ckpt, src)
-    out = {k: v for k, v in ckpt.items() if k not in ("optimizer_state", "scheduler_state", "history")}
+    out = {k: v for k, v in ckpt.items() if k not in ("optimizer_state", "scheduler_state", "history", "torch_rng")}
+    if test_metrics is not None:
+        out["metrics"] = {**ckpt["metrics"], "test": test_summary(test_metrics)}
     if half:
         out["model_state"] = {k: v.half() if v.is_floating_point() else v for k, v in ckpt["model_state"].items()}
     return save_checkpoint(dst, out)

@@ -66,7 +66,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 def cmd_export(args: argparse.Namespace) -> int:
     from training.checkpoint import export_checkpoint
 
-    out = export_checkpoint(args.checkpoint, args.output, half=not args.full_precision)
+    test = json.loads(Path(args.test_metrics).read_text()) if args.test_metrics else None
+    out = export_checkpoint(args.checkpoint, args.output, half=not args.full_precision, test_metrics=test)
     print(f"exported {args.checkpoint} -> {out} ({out.stat().st_size / 1e6:.1f} MB)")
     return 0
 
@@ -116,6 +117,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("checkpoint")
     sp.add_argument("output")
     sp.add_argument("--full-precision", action="store_true")
+    sp.add_argument("--test-metrics", help="metrics.json of `evaluate --split test`, summarised into the checkpoint")
     sp.set_defaults(func=cmd_export)
 
     sp = sub.add_parser("demo", help="train a small demo model on synthetic fundus images (not for clinical use)")

@@ -180,13 +180,17 @@ def test_crash_before_commit_redoes_the_image(settings, monkeypatch):
     assert out.processed == 1 and count(worker, Result) == 1 and count(worker, Drop) == 1
 
 
-def test_watch_mode_waits_for_partial_writes(settings):
+@pytest.mark.parametrize("source", ["synthetic", "real"])
+def test_watch_mode_waits_for_partial_writes(settings, source, request):
+    if source == "real":
+        full = (request.getfixturevalue("shared_data") / "fullres" / "camera_03.jpg").read_bytes()
+    else:
+        full = write_fundus(settings.work_dir / "src.jpg", seed=8).read_bytes()
     worker = make_worker(settings)
     stop = threading.Event()
     thread = threading.Thread(target=worker.run_forever, args=(stop,), daemon=True)
     thread.start()
     try:
-        full = write_fundus(settings.work_dir / "src.jpg", seed=8).read_bytes()
         target = settings.inbox / "P8_R.jpg"
         with open(target, "wb") as fh:  # a slow copy over a network share
             for i in range(0, len(full), len(full) // 5 + 1):

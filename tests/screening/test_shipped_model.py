@@ -1,0 +1,50 @@
+"""The checkpoint shipped in models/ is the worker's default: it loads, describes itself and grades real photos."""
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from screening.config import load_screening_settings
+from screening.imaging import decode
+from screening.inference import Predictor
+
+PROJECT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def shipped() -> Path:
+    return load_screening_settings(PROJECT / "config.toml").checkpoint
+
+
+def test_shipped_checkpoint_is_the_default_and_small(shipped):
+    assert shipped == PROJECT / "models" / "baseline.pt"
+    assert shipped.is_file(), "models/baseline.pt is missing: it is the worker's default model"
+    assert shipped.stat().st_size < 60 * 1024 * 1024
+
+
+def test_shipped_checkpoint_metadata(shipped):
+    ckpt = torch.load(shipped, map_location="cpu", weights_only=True)
+    assert ckpt["provenance"]["kind"] == "real"
+    assert "optimizer_state" not in ckpt
+    assert 0.0 < ckpt["thresholds"]["referable"] < 1.0
+    assert ckpt["thresholds"]["target_sensitivity"] == pytest.approx(0.9)
+    assert {"val_kappa", "val_ref_auc"} <= set(ckpt["metrics"]["validation"])
+    assert "referable AUC" in ckpt["metrics"]["test"]
+    data = ckpt["provenance"]["data"]
+    assert data["train"]["images"] > 300 and data["test"]["images"] > 50
+
+
+def test_shipped_model_grades_a_real_photo(shipped, shared_data):
+    predictor = Predictor(shipped, "cpu", 2)
+    assert predictor.kind == "real"
+    images = [decode(shared_data / "srahim" / name, predictor.size).rgb for name in ("Patient002_L.jpg", "Patient002_R.jpg")]
+    images.append(decode(shared_data / "fullres" / "camera_01.jpg", predictor.size).rgb)
+    preds = predictor.predict(images)
+    for p in preds:
+        assert 0 <= p.dr_grade <= 4 and 0 <= p.dme_grade <= 2
+        assert abs(sum(p.dr_probs) - 1) < 1e-4
+        assert 0.0 <= p.referable_score <= 1.0
+        assert p.lesion_areas["OD"] > 0.0  # every fundus photo shows an optic disc
+    metrics = predictor.report_metrics()
+    assert "Validation DR kappa" in metrics and "Referral threshold" in metrics
