@@ -428,7 +428,7 @@ def render_pdf(ctx: ReportContext, templates_dir: Path | str, reports_dir: Path 
         else:  # a newer version was published meanwhile; leave latest.pdf pointing at that one
             latest_tmp.unlink(missing_ok=True)
         _fsync_dir(folder)
-        log.info("wrote report %s", final)
+        log.debug("wrote report %s", final)
         return final
     raise RuntimeError(f"could not find a free report version in {folder}")
 
@@ -455,8 +455,8 @@ def render_with_retries(
             break
         except Exception as exc:  # noqa: BLE001 - anything from WeasyPrint or the filesystem
             last = exc
-            log.warning("report for patient %r exam %s failed (attempt %d/%d): %s",
-                        ctx.patient_id, ctx.exam_date.isoformat(), attempt, attempts, exc)
+            # no patient identifiers in logs: the caller logs the exam's database id
+            log.warning("report rendering failed (attempt %d/%d): %s", attempt, attempts, type(exc).__name__)
             if attempt < attempts and delay > 0:
                 time.sleep(delay * attempt)
     raise ReportError(
