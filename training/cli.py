@@ -63,6 +63,14 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_fit_grader(args: argparse.Namespace) -> int:
+    from training.evaluate import fit_grader_for_checkpoint
+
+    result = fit_grader_for_checkpoint(_cfg(args), Path(args.checkpoint), Path(args.output), args.c)
+    print(json.dumps(result, indent=1))
+    return 0
+
+
 def cmd_export(args: argparse.Namespace) -> int:
     from training.checkpoint import export_checkpoint
 
@@ -112,6 +120,12 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for 95%% intervals")
     sp.add_argument("--device", choices=["auto", "cpu", "cuda"])
     sp.set_defaults(func=cmd_evaluate)
+
+    sp = sub.add_parser("fit-grader", help="fit the lesion-evidence grader (train split) and the referral threshold (val)")
+    sp.add_argument("--checkpoint", required=True)
+    sp.add_argument("--output", required=True)
+    sp.add_argument("--c", type=float, default=1.0, help="inverse regularisation strength (default %(default)s)")
+    sp.set_defaults(func=cmd_fit_grader)
 
     sp = sub.add_parser("export", help="strip optimizer state and store half-precision weights for shipping")
     sp.add_argument("checkpoint")

@@ -5,16 +5,79 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from torch.utils.data import DataLoader
 
-from training.checkpoint import load_model
+from training.checkpoint import load_model, read_checkpoint, save_checkpoint
 from training.config import TrainingConfig
 from training.data.dataset import FundusDataset
 from training.data.sources import load_all
 from training.data.split import split_by_patient
 from training.data.transforms import eval_transforms
-from training.engine import predict, resolve_device
+from training.data.cache import load_record
+from training.data.records import Record
+from training.engine import Predictions, predict, resolve_device
 from training.evaluation import write_evaluation
+from training.grader import apply_grader, features_of, fit_grader
+from training.metrics import choose_threshold, classification_metrics, referable_labels, referable_score
+
+
+def _split(cfg: TrainingConfig, meta: dict[str, Any]) -> dict[str, list[Record]]:
+    """The checkpoint's own split, rebuilt from the configured sources and the recorded fractions and seed."""
+    sp = meta["provenance"].get("split", {})
+    return split_by_patient(
+        load_all(cfg.data), sp.get("val_fraction", cfg.data.val_fraction), sp.get("test_fraction", cfg.data.test_fraction),
+        sp.get("seed", cfg.data.split_seed),
+    )
+
+
+def _features(records: list[Record], size: int, cache_dir: Path) -> Any:
+    """Lesion features of the same preprocessed image the network sees (the worker's decode gives the same)."""
+    return features_of([load_record(r, size, cache_dir).image for r in records])
+
+
+def _predict(model, meta, recs, cfg, device, tta=False, progress=True) -> Predictions:
+    size = model.config.image_size
+    loader = DataLoader(FundusDataset(recs, size, cfg.data.cache_dir, eval_transforms(size, model.config.contrast)),
+                        batch_size=cfg.train.batch_size)
+    preds = predict(model, loader, device, progress=progress, tta_flip=tta)
+    if "grader" in meta:
+        preds.dr_probs, preds.dme_probs = apply_grader(meta["grader"], _features(recs, size, cfg.data.cache_dir), preds.dme_probs)
+    return preds
+
+
+def fit_grader_for_checkpoint(cfg: TrainingConfig, checkpoint: Path, output: Path, c: float = 1.0) -> dict[str, Any]:
+    """Fit the lesion-evidence grader on the checkpoint's training split, choose the referral threshold on
+    its validation split, and write a checkpoint that carries both (the test split is not touched)."""
+    device = resolve_device(cfg.train.device)
+    model, meta = load_model(checkpoint, device)
+    meta = {k: v for k, v in meta.items() if k != "grader"}
+    size = model.config.image_size
+    splits = _split(cfg, meta)
+    train = [r for r in splits["train"] if r.has_grade or r.has_dme]
+    grader = fit_grader(_features(train, size, cfg.data.cache_dir), np.array([r.dr_grade for r in train]),
+                        np.array([r.dme_grade for r in train]), c)
+    val = [r for r in splits["val"] if r.has_grade or r.has_dme]
+    cnn = _predict(model, meta, val, cfg, device, progress=False)
+    dr, dme = apply_grader(grader, _features(val, size, cfg.data.cache_dir), cnn.dme_probs)
+    target = float(meta["thresholds"].get("target_sensitivity", cfg.train.target_sensitivity))
+    threshold = float(choose_threshold(referable_labels(cnn.dr_true, cnn.dme_true), referable_score(dr, dme), target))
+    before = classification_metrics(cnn.dr_probs, cnn.dme_probs, cnn.dr_true, cnn.dme_true)
+    after = classification_metrics(dr, dme, cnn.dr_true, cnn.dme_true, threshold)
+    ckpt = read_checkpoint(checkpoint)
+    validation = dict(ckpt["metrics"].get("validation", {}))
+    validation.update({
+        "network_val_kappa": before["dr"]["quadratic_kappa"] or 0.0, "network_val_ref_auc": before["referable"]["auc"] or 0.0,
+        "val_kappa": after["dr"]["quadratic_kappa"] or 0.0, "val_ref_auc": after["referable"]["auc"] or 0.0,
+        "val_sensitivity": after["referable"]["sensitivity"], "val_specificity": after["referable"]["specificity"],
+    })
+    ckpt.update(
+        grader=grader, model_version=ckpt["model_version"].split("+")[0] + "+lesion-lr",
+        thresholds={**ckpt["thresholds"], "referable": threshold},
+        metrics={**ckpt["metrics"], "validation": validation},
+    )
+    save_checkpoint(output, ckpt)
+    return {"output": str(output), "threshold": threshold, "validation": validation}
 
 
 def evaluate_checkpoint(
@@ -23,18 +86,10 @@ def evaluate_checkpoint(
 ) -> dict[str, Any]:
     device = resolve_device(cfg.train.device)
     model, meta = load_model(checkpoint, device)
-    size = model.config.image_size
-    sp = meta["provenance"].get("split", {})
-    records = load_all(cfg.data)
-    splits = split_by_patient(
-        records, sp.get("val_fraction", cfg.data.val_fraction), sp.get("test_fraction", cfg.data.test_fraction),
-        sp.get("seed", cfg.data.split_seed),
-    )
-    recs = splits[split]
+    recs = _split(cfg, meta)[split]
     if not recs:
         raise ValueError(f"split {split!r} is empty; check [data] val_fraction/test_fraction")
-    loader = DataLoader(FundusDataset(recs, size, cfg.data.cache_dir, eval_transforms(size, model.config.contrast)), batch_size=cfg.train.batch_size)
-    preds = predict(model, loader, device, progress=progress, tta_flip=tta)
+    preds = _predict(model, meta, recs, cfg, device, tta, progress)
     out_dir = out_dir or checkpoint.parent / f"eval-{split}{'-tta' if tta else ''}"
     metrics = write_evaluation(
         out_dir, preds.dr_probs, preds.dme_probs, preds.dr_true, preds.dme_true,
