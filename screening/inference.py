@@ -68,14 +68,16 @@ class Predictor:
                            ("Validation mean lesion AUPR", "val_aupr_mean")):
             if isinstance(val.get(key), (int, float)):
                 out[label] = round(float(val[key]), 3)
-        for key, value in (metrics.get("test") or {}).items():
-            if isinstance(value, float):
-                out[f"Test {key}"] = round(value, 3)
-            elif isinstance(value, int):
-                out[f"Test {key}"] = value
-            elif isinstance(value, (list, tuple)) and len(value) == 2 and all(isinstance(v, float) for v in value):
-                out[f"Test {key}"] = f"{value[0]:.3f} - {value[1]:.3f}"
+        test = metrics.get("test") or {}
+        for key in ("referable AUC", "sensitivity", "specificity", "DR kappa", "OD Dice"):
+            if isinstance(test.get(key), (int, float)):
+                out[f"Test {key}"] = round(float(test[key]), 3)
+        ci = test.get("referable AUC 95% CI")
+        if isinstance(ci, (list, tuple)) and len(ci) == 2 and all(isinstance(v, float) for v in ci):
+            out["Test referable AUC 95% CI"] = f"{ci[0]:.2f}-{ci[1]:.2f}"
         out["Referral threshold"] = round(self.threshold, 3)
+        if "grader" in self.meta:
+            out["Grades from"] = "lesion-evidence regression"
         return out
 
     def to_tensor(self, images: list[np.ndarray]) -> torch.Tensor:

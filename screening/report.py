@@ -194,7 +194,9 @@ def _eye_level(e: EyeFinding) -> ReferralLevel:
         key = "urgent"
     elif e.dr_grade == 3:
         key = "soon"
-    elif e.dr_grade == 2 or e.dme_grade >= 1:
+    elif e.dr_grade == 2 or e.dme_grade >= 1 or e.referable:
+        # referable: the referable-DR score is at or above the validated operating threshold (chosen for
+        # sensitivity >= 0.90), which can refer an eye whose most likely single grade is below moderate
         key = "routine"
     elif e.dr_grade == 1:
         key = "rescreen_12"
@@ -211,11 +213,13 @@ def referral_recommendation(eyes: Sequence[EyeFinding]) -> Referral:
     ordered = sorted(eyes, key=lambda e: EYE_ORDER.index(e.eye))
     worst = max(ordered, key=lambda e: _eye_level(e).rank)  # max keeps the first of equal ranks
     lv = _eye_level(worst)
-    reason = "; ".join(
-        f"{e.eye_name}: {e.dr_name}, {e.dme_name}"
-        for e in ordered
-        if _eye_level(e).rank == lv.rank
-    )
+    def finding(e: EyeFinding) -> str:
+        text = f"{e.eye_name}: {e.dr_name}, {e.dme_name}"
+        if e.referable and e.dr_grade < 2 and e.dme_grade == 0:
+            text += f" (referable-DR score {e.referable_score:.0%} is above the screening threshold)"
+        return text
+
+    reason = "; ".join(finding(e) for e in ordered if _eye_level(e).rank == lv.rank)
     return Referral(lv.level, lv.text, lv.advice, lv.colour, reason)
 
 
@@ -350,6 +354,7 @@ def render_html(ctx: ReportContext, templates_dir: Path | str) -> str:
         model_version=ctx.model_version,
         checkpoint_short=(ctx.checkpoint_sha256 or "")[:12] or "unknown",
         model_metrics=[(k, _metric(v)) for k, v in ctx.model_metrics.items()],
+        grades_from_regression="Grades from" in ctx.model_metrics,
         is_demo=ctx.model_status == "demo",
         demo_watermark=DEMO_WATERMARK,
         research_status=RESEARCH_STATUS,

@@ -253,3 +253,14 @@ def test_render_with_retries_raises_report_error_naming_the_exam(monkeypatch, tm
     monkeypatch.undo()
     with pytest.raises(ReportError, match="empty"):  # invalid input fails at once, without retries
         render_with_retries(_ctx([], patient_id="  "), TEMPLATES, tmp_path, retries=3, delay=0)
+
+
+def test_referable_score_above_threshold_escalates_a_low_grade_eye():
+    """The operating threshold (chosen for sensitivity) refers an eye whose most likely grade is mild."""
+    from dataclasses import replace
+
+    mild = replace(_eye("R", 1, 0), referable=True, referable_score=0.61)
+    ref = referral_recommendation([mild, _eye("L", 0, 0)])
+    assert ref.level == "routine"
+    assert "above the screening threshold" in ref.reason and "61%" in ref.reason
+    assert referral_recommendation([_eye("R", 1, 0)]).level == "rescreen_12"
