@@ -48,3 +48,21 @@ def test_shipped_model_grades_a_real_photo(shipped, shared_data):
         assert p.lesion_areas["OD"] > 0.0  # every fundus photo shows an optic disc
     metrics = predictor.report_metrics()
     assert "Validation DR kappa" in metrics and "Referral threshold" in metrics
+
+
+@pytest.mark.slow
+def test_evaluation_reproduces_the_model_cards_test_numbers(shipped, shared_data, tmp_path):
+    """`dr-train evaluate --split test` on the shipped file gives the numbers stored in it (and in MODEL_CARD.md)."""
+    from training.config import load_training_config
+    from training.evaluate import evaluate_checkpoint
+
+    cfg = load_training_config(PROJECT / "config.toml")
+    cfg = cfg.model_copy(update={"data": cfg.data.model_copy(update={"cache_dir": tmp_path / "cache"})})
+    result = evaluate_checkpoint(cfg, shipped, "test", tmp_path / "eval", bootstrap=0, progress=False)
+    stored = torch.load(shipped, map_location="cpu", weights_only=True)["metrics"]["test"]
+    ref = result["metrics"]["referable"]
+    assert ref["auc"] == pytest.approx(stored["referable AUC"], abs=2e-3)
+    assert ref["sensitivity"] == pytest.approx(stored["sensitivity"], abs=2e-3)
+    assert ref["specificity"] == pytest.approx(stored["specificity"], abs=2e-3)
+    assert result["metrics"]["dr"]["quadratic_kappa"] == pytest.approx(stored["DR kappa"], abs=2e-3)
+    assert result["metrics"]["segmentation"]["OD"]["dice"] == pytest.approx(stored["OD Dice"], abs=5e-3)
