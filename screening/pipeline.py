@@ -8,6 +8,7 @@ continue from. Report PDFs are rendered to a temporary name and renamed, earlier
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import os
 import re
@@ -38,6 +39,15 @@ from .report import EyeFinding, ReportContext, render_with_retries
 
 log = logging.getLogger("screening")
 _SAFE = re.compile(r"[^A-Za-z0-9._-]+")
+
+
+def release_memory() -> None:
+    """Hand freed heap pages back to the OS between batches (glibc keeps them otherwise, and the next
+    forward's activations then land on top of a fragmented heap). A no-op where glibc is absent."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 def safe_name(name: str) -> str:
@@ -290,6 +300,8 @@ class Worker:
                         repo.set_state(session, image, ImageState.REPORTED)
             out.reports += 1
             log.info("report v%s for exam %s written", version, exam_id)
+        if exam_ids:
+            release_memory()
 
     # ------------------------------------------------------------------ driving
     def process(self, paths: list[Path]) -> BatchOutcome:
@@ -323,6 +335,8 @@ class Worker:
                 except Exception as exc:  # noqa: BLE001
                     self._fail(job, exc)
                     out.failed += 1
+            del preds
+            release_memory()
         self.render_pending(out, sorted(touched))
         return out
 
