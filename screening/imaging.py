@@ -9,7 +9,7 @@ import cv2
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from training.data.transforms import preprocess_fundus
+from training.data.transforms import crop_square, resize_square
 
 _REDUCED = {8: cv2.IMREAD_REDUCED_COLOR_8, 4: cv2.IMREAD_REDUCED_COLOR_4, 2: cv2.IMREAD_REDUCED_COLOR_2}
 
@@ -50,9 +50,8 @@ def decode(path: Path, size: int, display_size: int = 512) -> DecodedImage:
         raise ImageRejected(f"image is too small ({width}x{height}); fundus photos need at least 128 px on the short side")
     rgb = cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
     check_fundus(rgb)
-    display, _ = preprocess_fundus(rgb, display_size)
-    out, _ = preprocess_fundus(rgb, size)  # exactly what the training cache does
-    return DecodedImage(out, display, (width, height), factor)
+    square = crop_square(rgb)  # crop once; both sizes are resized from it exactly as preprocess_fundus does
+    return DecodedImage(resize_square(square, size), resize_square(square, display_size), (width, height), factor)
 
 
 def check_fundus(rgb: np.ndarray) -> None:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -14,6 +13,7 @@ from training.checkpoint import load_model
 from training.data.transforms import eval_transforms
 from training.engine import resolve_device
 from training.grader import apply_grader, features_of
+from training.metrics import referable_score
 from training.model import LESION_CODES
 
 from .explain import head_cams
@@ -33,9 +33,8 @@ class ImagePrediction:
     dme_cam: np.ndarray
 
 
-def referable_probability(dr_probs: np.ndarray, dme_probs: np.ndarray) -> np.ndarray:
-    """P(referable) = 1 - P(DR <= 1) * P(no DME risk): grade >= 2 or any DME risk refers."""
-    return 1.0 - dr_probs[:, :2].sum(1) * dme_probs[:, 0]
+# P(referable) = 1 - P(DR <= 1) * P(no DME risk): the same function the referral threshold was chosen with.
+referable_probability = referable_score
 
 
 class Predictor:

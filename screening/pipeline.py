@@ -19,7 +19,7 @@ import time
 from dataclasses import dataclass
 from datetime import date, datetime, timezone
 from pathlib import Path
-from typing import Any, Callable
+from typing import Callable
 
 import cv2
 import numpy as np
@@ -60,6 +60,14 @@ def _write_jpeg(path: Path, rgb: np.ndarray, quality: int = 90) -> None:
     """Report pictures are JPEG: WeasyPrint embeds JPEG as is but re-encodes PNG (measured ~0.35 s each)."""
     if not cv2.imwrite(str(path), cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, quality]):
         raise OSError(f"could not write {path}")
+
+
+def _move_with_sidecar(path: Path, dest: Path) -> None:
+    """Move a user's file out of the inbox; its sidecar JSON (if any) goes along as ``<dest>.json``."""
+    sidecar = sidecar_for(path)
+    shutil.move(str(path), dest)
+    if sidecar is not None:
+        shutil.move(str(sidecar), dest.with_name(dest.name + ".json"))
 
 
 @dataclass
@@ -122,10 +130,7 @@ class Worker:
             f"File: {path.name}\nSHA-256: {sha}\nRejected: {datetime.now().isoformat(timespec='seconds')}\n"
             f"Reason: {reason}\nWhat to do: fix the issue and copy the file into the inbox again.\n"
         )
-        shutil.move(str(path), dest)
-        sidecar = sidecar_for(path)
-        if sidecar is not None:
-            shutil.move(str(sidecar), dest.with_name(dest.name + ".json"))
+        _move_with_sidecar(path, dest)
         log.warning("rejected image %s (sha %s): %s", image.id, sha[:12], reason)
 
     def _archive(self, path: Path, sha: str, sub: str = "") -> Path:
@@ -136,10 +141,7 @@ class Worker:
         while dest.exists():
             dest = folder / f"{sha[:12]}_{n}_{safe_name(path.name)}"
             n += 1
-        shutil.move(str(path), dest)
-        sidecar = sidecar_for(path)
-        if sidecar is not None:
-            shutil.move(str(sidecar), dest.with_name(dest.name + ".json"))
+        _move_with_sidecar(path, dest)
         return dest
 
     def intake(self, path: Path, out: BatchOutcome) -> Job | None:

@@ -7,7 +7,7 @@ import json
 import sys
 from pathlib import Path
 
-from training.config import ConfigError, ManifestSource, TrainingConfig, load_training_config
+from training.config import ConfigError, TrainingConfig, load_training_config
 
 
 def _cfg(args: argparse.Namespace) -> TrainingConfig:

@@ -7,7 +7,6 @@ import sys
 from collections import Counter
 from dataclasses import dataclass
 from datetime import datetime, timezone
-from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
@@ -26,7 +25,7 @@ from training.engine import FitState, Predictions, fit, resolve_device, seed_eve
 from training.evaluation import plot_history
 from training.losses import MultiTaskLoss, inverse_frequency_weights
 from training.metrics import choose_threshold, classification_metrics, referable_labels, referable_score, segmentation_metrics
-from training.model import LESION_CODES, ModelConfig, build_model
+from training.model import ModelConfig, build_model
 
 
 def model_config_from(cfg: TrainingConfig) -> ModelConfig:

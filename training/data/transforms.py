@@ -39,6 +39,18 @@ def _pad_square(arr: np.ndarray) -> np.ndarray:
     return np.pad(arr, pad, mode="constant")
 
 
+def crop_square(image: np.ndarray) -> np.ndarray:
+    """The fundus cropped out of the photo and padded (black) to a square, at the photo's resolution."""
+    y0, y1, x0, x1 = fundus_bbox(image)
+    return _pad_square(image[y0:y1, x0:x1])
+
+
+def resize_square(square: np.ndarray, size: int) -> np.ndarray:
+    """INTER_AREA when shrinking (no aliasing of small lesions), linear when enlarging."""
+    interp = cv2.INTER_AREA if square.shape[0] >= size else cv2.INTER_LINEAR
+    return cv2.resize(square, (size, size), interpolation=interp)
+
+
 def preprocess_fundus(
     image: np.ndarray, size: int, masks: np.ndarray | None = None
 ) -> tuple[np.ndarray, np.ndarray | None]:
@@ -50,9 +62,7 @@ def preprocess_fundus(
     if masks is not None and masks.shape[:2] != image.shape[:2]:
         raise ValueError(f"masks {masks.shape[:2]} and image {image.shape[:2]} differ in size")
     y0, y1, x0, x1 = fundus_bbox(image)
-    img = _pad_square(image[y0:y1, x0:x1])
-    interp = cv2.INTER_AREA if img.shape[0] >= size else cv2.INTER_LINEAR
-    img = cv2.resize(img, (size, size), interpolation=interp)
+    img = resize_square(_pad_square(image[y0:y1, x0:x1]), size)
     if masks is not None:
         m = _pad_square(masks[y0:y1, x0:x1])
         m = cv2.resize(m, (size, size), interpolation=cv2.INTER_NEAREST)
