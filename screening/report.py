@@ -16,6 +16,7 @@ never overwritten and ``latest.pdf`` beside them is a copy of the newest one. Ev
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import logging
 import os
@@ -325,13 +326,29 @@ def _eye_view(e: EyeFinding) -> dict:
     }
 
 
+@functools.lru_cache(maxsize=8)
 def _environment(templates_dir: Path) -> Environment:
-    env = Environment(loader=FileSystemLoader(str(templates_dir)), autoescape=True, undefined=StrictUndefined)
-    return env
+    """One Jinja2 environment per templates folder: the template is compiled once, not once per report
+    (its loader still reloads a template whose file changed)."""
+    return Environment(loader=FileSystemLoader(str(templates_dir)), autoescape=True, undefined=StrictUndefined)
 
 
-def render_html(ctx: ReportContext, templates_dir: Path | str) -> str:
-    """The report as an HTML string; every user-provided string is autoescaped by Jinja2."""
+@functools.lru_cache(maxsize=8)
+def _stylesheet(css_path: Path, stamp: tuple[int, int]) -> tuple[object, object]:
+    """The report stylesheet parsed once (per file version, ``stamp`` = mtime and size) with its font configuration."""
+    from weasyprint import CSS
+    from weasyprint.text.fonts import FontConfiguration
+
+    fonts = FontConfiguration()
+    return CSS(filename=str(css_path), font_config=fonts), fonts
+
+
+def render_html(ctx: ReportContext, templates_dir: Path | str, link_stylesheet: bool = True) -> str:
+    """The report as an HTML string; every user-provided string is autoescaped by Jinja2.
+
+    ``link_stylesheet=False`` leaves out the ``<link>`` to report.css (render_pdf hands WeasyPrint the parsed
+    stylesheet instead of having it parse the file for every report).
+    """
     templates_dir = Path(templates_dir).resolve()
     env = _environment(templates_dir)
     gen = ctx.generated_at
@@ -358,7 +375,7 @@ def render_html(ctx: ReportContext, templates_dir: Path | str) -> str:
         is_demo=ctx.model_status == "demo",
         demo_watermark=DEMO_WATERMARK,
         research_status=RESEARCH_STATUS,
-        stylesheet=(templates_dir / "report.css").as_uri(),
+        stylesheet=(templates_dir / "report.css").as_uri() if link_stylesheet else None,
     )
 
 
@@ -414,12 +431,19 @@ def render_pdf(ctx: ReportContext, templates_dir: Path | str, reports_dir: Path 
     from weasyprint import HTML  # imported lazily: it is slow to import
 
     templates_dir = Path(templates_dir).resolve()
+    css_path = templates_dir / "report.css"
+    try:
+        st = css_path.stat()
+    except OSError as exc:
+        raise FileNotFoundError(f"report stylesheet missing: {css_path} ({exc.strerror}); restore templates/report.css") from None
+    css, fonts = _stylesheet(css_path, (st.st_mtime_ns, st.st_size))
     folder = report_dir(ctx, Path(reports_dir))
     folder.mkdir(parents=True, exist_ok=True)
     for _ in range(100):  # another writer may take a version number while we render
         version = max(int(ctx.report_version), max(existing_versions(folder), default=0) + 1)
         vctx = dataclasses.replace(ctx, report_version=version)
-        pdf = HTML(string=render_html(vctx, templates_dir), base_url=str(templates_dir)).write_pdf()
+        html = render_html(vctx, templates_dir, link_stylesheet=False)
+        pdf = HTML(string=html, base_url=str(templates_dir)).write_pdf(stylesheets=[css], font_config=fonts)
         final = folder / f"report_v{version}.pdf"
         tmp = _write_temp(folder, pdf, f".report_v{version}.")
         try:

@@ -109,6 +109,24 @@ class TrainSettings(_Strict):
     target_sensitivity: float = Field(0.90, gt=0, le=1)
     max_steps_per_epoch: int | None = Field(None, ge=1)
     balanced_sampling: bool = False  # draw images with weight 1/sqrt(frequency of their DR grade)
+    # Lesion stage (experiments/README.md E5): train on random crops of the image_size image, start from an
+    # earlier checkpoint, train and validate on the lesion-annotated images only.
+    crop_size: int | None = Field(None, ge=32)
+    init_from: Path | None = None
+    lesion_only: bool = False  # only lesion-annotated images; the DR/DME heads are left as they are
+    samples_per_epoch: int | None = Field(None, ge=1)  # images drawn per epoch (default: the training split's size)
+
+    @field_validator("crop_size")
+    @classmethod
+    def _crop_multiple_of_32(cls, v: int | None) -> int | None:
+        if v is not None and v % 32:
+            raise ValueError(f"crop_size must be a multiple of 32 (the encoder downsamples 32x), got {v}")
+        return v
+
+    @field_validator("init_from", mode="before")
+    @classmethod
+    def _empty_init_is_none(cls, v: Any) -> Any:
+        return None if v in ("", None) else v
 
 
 class TrainingConfig(_Strict):
@@ -117,6 +135,13 @@ class TrainingConfig(_Strict):
     train: TrainSettings = TrainSettings()
     # Owned and validated by the screening package; kept opaque here.
     screening: dict[str, Any] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _crop_fits(self) -> "TrainingConfig":
+        crop = self.train.crop_size
+        if crop is not None and crop > self.model.image_size:
+            raise ValueError(f"train.crop_size ({crop}) must not exceed model.image_size ({self.model.image_size})")
+        return self
 
 
 def read_toml(path: str | Path) -> dict[str, Any]:

@@ -7,6 +7,7 @@ import sys
 from collections import Counter
 from dataclasses import dataclass
 from datetime import datetime, timezone
+from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
@@ -78,6 +79,19 @@ def referral_threshold(preds: Predictions, target_sensitivity: float) -> float:
     return float(choose_threshold(y, s, target_sensitivity))
 
 
+def init_weights(model: torch.nn.Module, path: Path) -> None:
+    """Start from the weights of an earlier checkpoint of the same architecture (the input size may differ)."""
+    from training.checkpoint import read_checkpoint
+
+    ckpt = read_checkpoint(path)
+    theirs, ours = dict(ckpt["model_config"]), model.config.to_dict()
+    diff = [k for k in ours if k != "image_size" and theirs.get(k) != ours[k]]
+    if diff:
+        raise ValueError(f"train.init_from {path}: its model differs from [model] in {', '.join(diff)} "
+                         f"({', '.join(f'{k}={theirs.get(k)!r}' for k in diff)}); use the same settings or drop init_from")
+    model.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in ckpt["model_state"].items()})
+
+
 @dataclass
 class TrainingData:
     splits: dict[str, list[Record]]
@@ -93,21 +107,29 @@ def make_loaders(cfg: TrainingConfig, records: list[Record] | None = None, progr
     size = cfg.model.image_size
     build_cache(records, size, cfg.data.cache_dir, progress=progress)
     contrast = cfg.model.contrast
-    train_ds = FundusDataset(splits["train"], size, cfg.data.cache_dir, train_transforms(size, seed=cfg.train.seed, contrast=contrast))
-    val_ds = FundusDataset(splits["val"], size, cfg.data.cache_dir, eval_transforms(size, contrast))
+    train_recs, val_recs = splits["train"], splits["val"]
+    if cfg.train.lesion_only:  # the split stays the one of all sources: same patients on the same side
+        train_recs, val_recs = [r for r in train_recs if r.has_masks], [r for r in val_recs if r.has_masks]
+        if not train_recs or not val_recs:
+            raise ValueError("train.lesion_only: the training and validation splits need lesion-annotated images "
+                             f"(got {len(train_recs)} and {len(val_recs)}); add an idrid-segmentation source")
+    train_ds = FundusDataset(train_recs, size, cfg.data.cache_dir,
+                             train_transforms(size, seed=cfg.train.seed, contrast=contrast, crop=cfg.train.crop_size))
+    val_ds = FundusDataset(val_recs, size, cfg.data.cache_dir, eval_transforms(size, contrast))
     # Lesion-annotated images are few; draw them more often so the segmentation head keeps learning.
-    seg_share = sum(r.has_masks for r in splits["train"]) / max(len(splits["train"]), 1)
+    seg_share = sum(r.has_masks for r in train_recs) / max(len(train_recs), 1)
     boost = 1.0 if seg_share == 0 or seg_share >= 0.25 else min(4.0, 0.25 / seg_share)
-    weights = [boost if r.has_masks else 1.0 for r in splits["train"]]
-    if cfg.train.balanced_sampling:
-        counts = class_counts(splits["train"])
+    weights = [boost if r.has_masks else 1.0 for r in train_recs]
+    if cfg.train.balanced_sampling and any(r.has_grade for r in train_recs):
+        counts = np.maximum(class_counts(train_recs), 1)
         weights = [w * (float(counts.max()) / counts[r.dr_grade]) ** 0.5 if r.has_grade else w
-                   for w, r in zip(weights, splits["train"])]
+                   for w, r in zip(weights, train_recs)]
     gen = torch.Generator().manual_seed(cfg.train.seed)
-    sampler = WeightedRandomSampler(weights, num_samples=len(weights), replacement=True, generator=gen)
+    sampler = WeightedRandomSampler(weights, num_samples=cfg.train.samples_per_epoch or len(weights), replacement=True,
+                                    generator=gen)
     kw = dict(batch_size=cfg.train.batch_size, num_workers=cfg.train.num_workers, persistent_workers=cfg.train.num_workers > 0)
     return TrainingData(
-        splits,
+        {**splits, "train": train_recs, "val": val_recs},
         DataLoader(train_ds, sampler=sampler, drop_last=len(train_ds) > cfg.train.batch_size, **kw),
         DataLoader(val_ds, shuffle=False, **kw),
     )
@@ -130,10 +152,17 @@ def run_training(
     log(f"data: " + ", ".join(f"{k} {v['images']} images / {v['patients']} patients" for k, v in summary.items()))
 
     mcfg = model_config_from(cfg)
-    model = build_model(mcfg, cfg.model.pretrained_weights).to(device)
-    dr_w = inverse_frequency_weights(class_counts(data.splits["train"]).tolist()) if cfg.train.balance_classes else None
+    model = build_model(mcfg, cfg.model.pretrained_weights)
+    if cfg.train.init_from is not None:
+        init_weights(model, cfg.train.init_from)
+    model = model.to(device)
+    counts = class_counts(data.splits["train"])
+    dr_w = inverse_frequency_weights(counts.tolist()) if cfg.train.balance_classes and counts.all() else None
     loss_fn = MultiTaskLoss(cfg.train.cls_weight, cfg.train.seg_weight, cfg.train.dme_weight, dr_w).to(device)
-    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
+    params = model.parameters()
+    if cfg.train.lesion_only:  # no DR/DME labels here: leave those heads exactly as they are (weight decay included)
+        params = [p for name, p in model.named_parameters() if not name.startswith(("dr_head.", "dme_head."))]
+    optimizer = torch.optim.Adam(params, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
     scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode="max", factor=0.5, patience=cfg.train.lr_patience)
     started = datetime.now(timezone.utc)
     version = make_version(mcfg, kind, started)

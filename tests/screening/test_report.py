@@ -264,3 +264,23 @@ def test_referable_score_above_threshold_escalates_a_low_grade_eye():
     assert ref.level == "routine"
     assert "above the screening threshold" in ref.reason and "61%" in ref.reason
     assert referral_recommendation([_eye("R", 1, 0)]).level == "rescreen_12"
+
+
+def test_stylesheet_is_parsed_once_yet_applied_and_reloaded_when_it_changes(tmp_path: Path) -> None:
+    """render_pdf hands WeasyPrint a cached, parsed report.css instead of a <link>: the style must still
+    apply, and an edited stylesheet must be picked up."""
+    pypdf = pytest.importorskip("pypdf")
+    templates = tmp_path / "templates"
+    shutil.copytree(TEMPLATES, templates)
+    assert "<link" not in render_html(_ctx([_eye("R", 1, 0)]), templates, link_stylesheet=False)
+    ctx = _ctx([_eye("R", 1, 0, tmp_path / "img")])
+
+    def page_mm(pdf: Path) -> tuple[int, int]:
+        box = pypdf.PdfReader(str(pdf)).pages[0].mediabox
+        return round(float(box.width) * 25.4 / 72), round(float(box.height) * 25.4 / 72)
+
+    css = templates / "report.css"
+    css.write_text(css.read_text().replace("size: A4;", "size: 150mm 200mm;", 1))
+    assert page_mm(render_pdf(ctx, templates, tmp_path / "out")) == (150, 200)  # not WeasyPrint's default A4
+    css.write_text(css.read_text().replace("size: 150mm 200mm;", "size: A5;", 1) + "\n/* edited */\n")
+    assert page_mm(render_pdf(ctx, templates, tmp_path / "out")) == (148, 210)

@@ -51,3 +51,13 @@ def test_relative_paths_resolve_against_config_folder(tmp_path):
     cfg = load_training_config(_write(sub, "[train]\nout_dir = 'runs/x'\n[model]\npretrained_weights = ''\n"))
     assert cfg.train.out_dir == sub / "runs" / "x"
     assert cfg.model.pretrained_weights is None
+
+
+def test_crop_size_is_checked_against_the_encoder_and_the_image_size(tmp_path):
+    with pytest.raises(ConfigError, match=r"train\.crop_size.*multiple of 32"):
+        load_training_config(_write(tmp_path, "[train]\ncrop_size = 100\n"))
+    with pytest.raises(ConfigError, match=r"crop_size \(512\) must not exceed model.image_size \(256\)"):
+        load_training_config(_write(tmp_path, "[model]\nimage_size = 256\n[train]\ncrop_size = 512\n"))
+    cfg = load_training_config(_write(tmp_path, "[model]\nimage_size = 512\n[train]\ncrop_size = 256\ninit_from = 'runs/a/best.pt'\n"))
+    assert cfg.train.crop_size == 256 and cfg.train.init_from == tmp_path / "runs/a/best.pt"
+    assert load_training_config(_write(tmp_path, "[train]\ninit_from = ''\n")).train.init_from is None

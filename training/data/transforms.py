@@ -96,19 +96,28 @@ def _contrast_step(contrast: str) -> list[A.BasicTransform]:
     return [A.Lambda(image=subtract_local_mean, p=1.0)] if contrast == "local-mean" else []
 
 
-def train_transforms(size: int, seed: int | None = None, contrast: str = "none") -> A.Compose:
+def train_transforms(size: int, seed: int | None = None, contrast: str = "none", crop: int | None = None) -> A.Compose:
     """Flip, shift-scale-rotate, brightness/contrast, ImageNet normalisation; masks follow the geometry.
+
+    ``crop``: train on ``crop`` x ``crop`` patches of the ``size`` image instead of the whole image
+    (full resolution for small lesions at a fraction of the cost); half the patches are centred on
+    an annotated pixel when the image has masks. The contrast step runs on the whole image first, so
+    a patch looks exactly like the same region of an evaluation image.
 
     albumentations keeps its own random state (global seeds do not reach it): pass ``seed`` for
     reproducible augmentation sequences.
     """
+    if crop is not None and not 32 <= crop <= size:
+        raise ValueError(f"crop must be between 32 and the image size {size}, got {crop}")
+    sizing: list[A.BasicTransform] = [A.Resize(size, size)] if crop is None else [
+        A.OneOf([A.CropNonEmptyMaskIfExists(crop, crop), A.RandomCrop(crop, crop)], p=1.0)]
     return A.Compose(
         [
             *_contrast_step(contrast),
             A.HorizontalFlip(p=0.5),
             A.Affine(scale=(0.9, 1.1), translate_percent=(-0.05, 0.05), rotate=(-25, 25), border_mode=cv2.BORDER_CONSTANT, p=0.8),
             A.RandomBrightnessContrast(brightness_limit=0.2, contrast_limit=0.2, p=0.7),
-            A.Resize(size, size),
+            *sizing,
             A.Normalize(mean=IMAGENET_MEAN, std=IMAGENET_STD),
             ToTensorV2(transpose_mask=True),
         ],

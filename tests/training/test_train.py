@@ -1,0 +1,66 @@
+"""The lesion stage of training (experiments/README.md E5): crops, lesion-only data, init from a checkpoint."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from training.checkpoint import read_checkpoint
+from training.config import DataSettings, ManifestSource, ModelSettings, TrainingConfig, TrainSettings
+from training.data.synthetic import write_synthetic_dataset
+from training.train import make_loaders, run_training
+
+torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="module")
+def unannotated_csv(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """8 graded synthetic images without lesion masks (a second source beside the annotated one)."""
+    return write_synthetic_dataset(tmp_path_factory.mktemp("plain") / "data", 8, size=96, seed=1, with_masks=False)
+
+
+def _config(trained_run, unannotated_csv: Path, out: Path, **train: object) -> TrainingConfig:
+    base, _ = trained_run
+    settings = dict(base.train.model_dump()) | dict(out_dir=out, lesion_only=True, crop_size=32, samples_per_epoch=8,
+                                                    max_steps_per_epoch=None, cls_weight=0.0, seg_weight=1.0)
+    settings.update(train)
+    sources = (*base.data.sources, ManifestSource(kind="manifest", path=unannotated_csv))
+    return TrainingConfig(data=DataSettings(**(base.data.model_dump() | {"sources": sources})), model=base.model,
+                          train=TrainSettings(**settings))
+
+
+def test_lesion_only_loaders_draw_crops_of_annotated_images(trained_run, unannotated_csv: Path, tmp_path: Path) -> None:
+    cfg = _config(trained_run, unannotated_csv, tmp_path / "run")
+    data = make_loaders(cfg, progress=False)
+    assert data.splits["train"] and all(r.has_masks for r in data.splits["train"] + data.splits["val"])
+    batches = list(data.train)
+    assert len(batches) == 8 // cfg.train.batch_size  # samples_per_epoch, not the split's size
+    assert batches[0]["image"].shape[-2:] == (32, 32) and batches[0]["masks"].shape[-2:] == (32, 32)
+    assert bool(batches[0]["has_masks"].all())
+    full = make_loaders(cfg.model_copy(update={"train": cfg.train.model_copy(update={"lesion_only": False})}), progress=False)
+    assert any(not r.has_masks for r in full.splits["train"])  # the other source is there, and was left out above
+    assert next(iter(data.val))["image"].shape[-1] == cfg.model.image_size  # validation sees whole images
+
+
+def test_lesion_stage_starts_from_the_checkpoint_and_leaves_the_grading_heads_alone(
+    trained_run, unannotated_csv: Path, tmp_path: Path
+) -> None:
+    _, run_dir = trained_run
+    init = run_dir / "best.pt"
+    cfg = _config(trained_run, unannotated_csv, tmp_path / "run", init_from=init, lr=1e-2, epochs=1)
+    run_training(cfg, kind="synthetic", resume=False, progress=False, command="pytest", log=lambda _m: None)
+    before, after = read_checkpoint(init)["model_state"], read_checkpoint(tmp_path / "run" / "last.pt")["model_state"]
+    heads = [k for k in before if k.startswith(("dr_head.", "dme_head."))]
+    assert heads and all(torch.equal(before[k].float(), after[k].float()) for k in heads)
+    seg = [k for k in before if k.startswith(("encoder.", "decoder.", "seg_head.")) and before[k].is_floating_point()]
+    assert any(not torch.equal(before[k].float(), after[k].float()) for k in seg)  # and the rest did train
+
+
+def test_init_from_a_different_architecture_names_the_difference(trained_run, unannotated_csv: Path, tmp_path: Path) -> None:
+    _, run_dir = trained_run
+    base = _config(trained_run, unannotated_csv, tmp_path / "run", init_from=run_dir / "best.pt")
+    cfg = base.model_copy(update={"model": ModelSettings(**(base.model.model_dump() | {"decoder_channels": (32, 16, 16, 8, 8)}))})
+    with pytest.raises(ValueError, match=r"best\.pt.*decoder_channels"):
+        run_training(cfg, kind="synthetic", resume=False, progress=False, command="pytest", log=lambda _m: None)
