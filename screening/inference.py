@@ -12,7 +12,7 @@ import torch
 from training.checkpoint import load_model
 from training.data.transforms import eval_transforms
 from training.engine import resolve_device
-from training.grader import apply_grader, features_of
+from training.grader import apply_grader, features_of, uses_segmentation
 from training.metrics import referable_score
 from training.model import LESION_CODES
 
@@ -92,9 +92,11 @@ class Predictor:
         out = self.forward(self.to_tensor(images))
         dr = out.dr_logits.float().softmax(1).cpu().numpy()
         dme = out.dme_logits.float().softmax(1).cpu().numpy()
+        seg_probs = torch.sigmoid(out.seg_logits.float()).cpu().numpy()
         if "grader" in self.meta:  # grades from lesion evidence (see training/grader.py)
-            dr, dme = apply_grader(self.meta["grader"], features_of(images), dme)
-        seg = (torch.sigmoid(out.seg_logits.float()) > self.lesion_threshold).cpu().numpy()
+            grader = self.meta["grader"]
+            dr, dme = apply_grader(grader, features_of(images, seg_probs if uses_segmentation(grader) else None), dme)
+        seg = seg_probs > self.lesion_threshold
         ref = referable_probability(dr, dme)
         dr_cls, dme_cls = dr.argmax(1), dme.argmax(1)
         if explain:

@@ -66,7 +66,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 def cmd_fit_grader(args: argparse.Namespace) -> int:
     from training.evaluate import fit_grader_for_checkpoint
 
-    result = fit_grader_for_checkpoint(_cfg(args), Path(args.checkpoint), Path(args.output), args.c)
+    result = fit_grader_for_checkpoint(_cfg(args), Path(args.checkpoint), Path(args.output), args.c, args.with_segmentation)
     print(json.dumps(result, indent=1))
     return 0
 
@@ -125,6 +125,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--checkpoint", required=True)
     sp.add_argument("--output", required=True)
     sp.add_argument("--c", type=float, default=1.0, help="inverse regularisation strength (default %(default)s)")
+    sp.add_argument("--with-segmentation", action="store_true",
+                    help="use the network's lesion maps as evidence too (one forward per training image)")
     sp.set_defaults(func=cmd_fit_grader)
 
     sp = sub.add_parser("export", help="strip optimizer state and store half-precision weights for shipping")

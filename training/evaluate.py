@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 from torch.utils.data import DataLoader
 
 from training.checkpoint import load_model, read_checkpoint, save_checkpoint
@@ -18,7 +19,7 @@ from training.data.cache import load_record
 from training.data.records import Record
 from training.engine import Predictions, predict, resolve_device
 from training.evaluation import write_evaluation
-from training.grader import apply_grader, features_of, fit_grader
+from training.grader import apply_grader, features_of, fit_grader, uses_segmentation
 from training.metrics import choose_threshold, classification_metrics, referable_labels, referable_score
 
 
@@ -31,9 +32,22 @@ def _split(cfg: TrainingConfig, meta: dict[str, Any]) -> dict[str, list[Record]]
     )
 
 
-def _features(records: list[Record], size: int, cache_dir: Path) -> Any:
-    """Lesion features of the same preprocessed image the network sees (the worker's decode gives the same)."""
-    return features_of([load_record(r, size, cache_dir).image for r in records])
+def _features(records: list[Record], size: int, cache_dir: Path, model: Any = None, device: Any = None,
+              batch_size: int = 8) -> Any:
+    """Lesion features of the same preprocessed image the network sees (the worker's decode gives the same);
+    with ``model``, its lesion maps of those images join them (a grader fitted ``--with-segmentation``)."""
+    images = [load_record(r, size, cache_dir).image for r in records]
+    if model is None:
+        return features_of(images)
+    transform = eval_transforms(size, model.config.contrast)
+    model.eval()
+    rows = []
+    with torch.inference_mode():
+        for i in range(0, len(images), batch_size):
+            chunk = images[i:i + batch_size]
+            x = torch.stack([transform(image=im)["image"] for im in chunk]).to(device)
+            rows.append(features_of(chunk, torch.sigmoid(model(x).seg_logits.float()).cpu().numpy()))
+    return np.concatenate(rows) if rows else features_of([])
 
 
 def _predict(model, meta, recs, cfg, device, tta=False, progress=True) -> Predictions:
@@ -42,24 +56,29 @@ def _predict(model, meta, recs, cfg, device, tta=False, progress=True) -> Predic
                         batch_size=cfg.train.batch_size)
     preds = predict(model, loader, device, progress=progress, tta_flip=tta)
     if "grader" in meta:
-        preds.dr_probs, preds.dme_probs = apply_grader(meta["grader"], _features(recs, size, cfg.data.cache_dir), preds.dme_probs)
+        seg_model = model if uses_segmentation(meta["grader"]) else None
+        features = _features(recs, size, cfg.data.cache_dir, seg_model, next(model.parameters()).device)
+        preds.dr_probs, preds.dme_probs = apply_grader(meta["grader"], features, preds.dme_probs)
     return preds
 
 
-def fit_grader_for_checkpoint(cfg: TrainingConfig, checkpoint: Path, output: Path, c: float = 1.0) -> dict[str, Any]:
+def fit_grader_for_checkpoint(cfg: TrainingConfig, checkpoint: Path, output: Path, c: float = 1.0,
+                              segmentation: bool = False) -> dict[str, Any]:
     """Fit the lesion-evidence grader on the checkpoint's training split, choose the referral threshold on
-    its validation split, and write a checkpoint that carries both (the test split is not touched)."""
+    its validation split, and write a checkpoint that carries both (the test split is not touched).
+    ``segmentation``: the network's lesion maps join the image measurements as evidence."""
     device = resolve_device(cfg.train.device)
     model, meta = load_model(checkpoint, device)
     meta = {k: v for k, v in meta.items() if k != "grader"}
     size = model.config.image_size
     splits = _split(cfg, meta)
     train = [r for r in splits["train"] if r.has_grade or r.has_dme]
-    grader = fit_grader(_features(train, size, cfg.data.cache_dir), np.array([r.dr_grade for r in train]),
+    seg_model = model if segmentation else None
+    grader = fit_grader(_features(train, size, cfg.data.cache_dir, seg_model, device), np.array([r.dr_grade for r in train]),
                         np.array([r.dme_grade for r in train]), c)
     val = [r for r in splits["val"] if r.has_grade or r.has_dme]
     cnn = _predict(model, meta, val, cfg, device, progress=False)
-    dr, dme = apply_grader(grader, _features(val, size, cfg.data.cache_dir), cnn.dme_probs)
+    dr, dme = apply_grader(grader, _features(val, size, cfg.data.cache_dir, seg_model, device), cnn.dme_probs)
     target = float(meta["thresholds"].get("target_sensitivity", cfg.train.target_sensitivity))
     threshold = float(choose_threshold(referable_labels(cnn.dr_true, cnn.dme_true), referable_score(dr, dme), target))
     before = classification_metrics(cnn.dr_probs, cnn.dme_probs, cnn.dr_true, cnn.dme_true)
@@ -72,7 +91,7 @@ def fit_grader_for_checkpoint(cfg: TrainingConfig, checkpoint: Path, output: Pat
         "val_sensitivity": after["referable"]["sensitivity"], "val_specificity": after["referable"]["specificity"],
     })
     ckpt.update(
-        grader=grader, model_version=ckpt["model_version"].split("+")[0] + "+lesion-lr",
+        grader=grader, model_version=ckpt["model_version"].split("+")[0] + ("+lesion-seg-lr" if segmentation else "+lesion-lr"),
         thresholds={**ckpt["thresholds"], "referable": threshold},
         metrics={**ckpt["metrics"], "validation": validation},
     )

@@ -12,6 +12,9 @@ the validation split. ICDR grades are defined by lesions, so the product grades 
 * two logistic regressions on standardised features (scikit-learn, class-balanced): DR grade 0-4
   (multinomial) and DME risk present (binary; a binary "maculopathy" flag counts as present).
 * DME grade 1 vs 2 is split by the network's DME head (its relative P(1) : P(2)).
+* optionally (``dr-train fit-grader --with-segmentation``, experiments E6) the network's own lesion maps
+  join the evidence: per lesion (MA, HE, EX, SE) the share of the fundus above 0.5, the mean probability,
+  the number of separate spots and the 99.9th percentile (:data:`SEG_FEATURE_NAMES`).
 
 The fitted parameters are stored in the checkpoint (``grader``: plain tensors, weights_only-safe);
 the worker and the evaluation apply exactly :func:`apply_grader`.
@@ -37,16 +40,46 @@ FEATURE_NAMES: tuple[str, ...] = (
 )
 
 
+SEG_LESIONS: tuple[str, ...] = ("MA", "HE", "EX", "SE")  # channels 0..3 of the lesion head; OD is anatomy
+SEG_FEATURE_NAMES: tuple[str, ...] = tuple(
+    f"seg_{c}_{k}" for c in SEG_LESIONS for k in ("area50", "mean", "spots", "p999"))
+FEATURE_SETS: dict[str, tuple[str, ...]] = {
+    "image": FEATURE_NAMES,
+    "image+segmentation": FEATURE_NAMES + SEG_FEATURE_NAMES,
+}
+
+
+def _field(image: np.ndarray) -> np.ndarray:
+    """The illuminated fundus, eroded by a rim (kernel scales with the image side / 256)."""
+    scale = image.shape[0] / 256
+    field = (image.max(axis=2) > 12).astype(np.uint8)
+    field = cv2.erode(field, np.ones((max(3, int(15 * scale)),) * 2, np.uint8)).astype(bool)
+    return field if field.any() else np.ones(image.shape[:2], bool)
+
+
+def segmentation_features(image: np.ndarray, seg_probs: np.ndarray) -> np.ndarray:
+    """Lesion-map evidence of one image: ``seg_probs`` (5, S, S) sigmoid outputs for the (S, S, 3) ``image``."""
+    if seg_probs.ndim != 3 or seg_probs.shape[0] < len(SEG_LESIONS) or seg_probs.shape[1:] != image.shape[:2]:
+        raise ValueError(f"seg_probs must have shape (5, {image.shape[0]}, {image.shape[1]}), got {seg_probs.shape}")
+    field = _field(image)
+    out: list[float] = []
+    for k in range(len(SEG_LESIONS)):
+        p = seg_probs[k].astype(np.float32)
+        inside = p[field]
+        hot = ((p > 0.5) & field).astype(np.uint8)
+        spots = cv2.connectedComponents(hot, connectivity=8)[0] - 1
+        out += [float((inside > 0.5).mean()), float(inside.mean()), float(np.log1p(spots)),
+                float(np.percentile(inside, 99.9))]
+    return np.asarray(out, dtype=np.float64)
+
+
 def lesion_features(image: np.ndarray) -> np.ndarray:
     """Features of one preprocessed fundus image (S, S, 3) uint8 RGB; kernel sizes scale with S/256."""
     if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
         raise ValueError(f"expected an (S, S, 3) uint8 RGB image, got {image.shape} {image.dtype}")
     scale = image.shape[0] / 256
     e = subtract_local_mean(image).astype(np.float32)
-    field = (image.max(axis=2) > 12).astype(np.uint8)
-    field = cv2.erode(field, np.ones((max(3, int(15 * scale)),) * 2, np.uint8)).astype(bool)
-    if not field.any():
-        field = np.ones(image.shape[:2], bool)
+    field = _field(image)
     g, b = e[..., 1], e[..., 2]
     lum = e.mean(axis=2)
     f: list[float] = [((lum > t) & field).mean() for t in (150, 170, 190, 210)]
@@ -63,8 +96,21 @@ def lesion_features(image: np.ndarray) -> np.ndarray:
     return np.asarray(f, dtype=np.float64)
 
 
-def features_of(images: list[np.ndarray]) -> np.ndarray:
-    return np.stack([lesion_features(im) for im in images]) if images else np.zeros((0, len(FEATURE_NAMES)))
+def features_of(images: list[np.ndarray], seg_probs: np.ndarray | list[np.ndarray] | None = None) -> np.ndarray:
+    """(N, F) features: the image measurements, followed by the lesion-map ones when ``seg_probs`` is given."""
+    names = FEATURE_SETS["image" if seg_probs is None else "image+segmentation"]
+    if not images:
+        return np.zeros((0, len(names)))
+    if seg_probs is not None and len(seg_probs) != len(images):
+        raise ValueError(f"{len(images)} images but {len(seg_probs)} lesion maps")
+    rows = [lesion_features(im) if seg_probs is None else np.r_[lesion_features(im), segmentation_features(im, seg_probs[i])]
+            for i, im in enumerate(images)]
+    return np.stack(rows)
+
+
+def uses_segmentation(grader: dict[str, Any]) -> bool:
+    """Whether the grader needs the network's lesion maps (:func:`features_of` with ``seg_probs``)."""
+    return tuple(grader["features"]) == FEATURE_SETS["image+segmentation"]
 
 
 def fit_grader(features: np.ndarray, dr: np.ndarray, dme: np.ndarray, c: float = 1.0) -> dict[str, Any]:
@@ -72,8 +118,10 @@ def fit_grader(features: np.ndarray, dr: np.ndarray, dme: np.ndarray, c: float =
     from sklearn.linear_model import LogisticRegression
     from sklearn.preprocessing import StandardScaler
 
-    if features.ndim != 2 or features.shape[1] != len(FEATURE_NAMES):
-        raise ValueError(f"features must have shape (N, {len(FEATURE_NAMES)}), got {features.shape}")
+    names = next((n for n in FEATURE_SETS.values() if features.ndim == 2 and features.shape[1] == len(n)), None)
+    if names is None:
+        raise ValueError(f"features must have shape (N, {len(FEATURE_NAMES)}) or (N, {len(FEATURE_SETS['image+segmentation'])}) "
+                         f"(see training/grader.py FEATURE_SETS), got {features.shape}")
     scaler = StandardScaler().fit(features)
     x = scaler.transform(features)
     kd, km = dr >= 0, dme >= 0
@@ -83,7 +131,7 @@ def fit_grader(features: np.ndarray, dr: np.ndarray, dme: np.ndarray, c: float =
     m_dme = LogisticRegression(C=c, max_iter=5000, class_weight="balanced").fit(x[km], (dme[km] >= 1).astype(int))
     t = lambda a: torch.tensor(np.asarray(a), dtype=torch.float64)  # noqa: E731
     return {
-        "kind": "lesion-evidence logistic regression", "features": list(FEATURE_NAMES), "C": float(c),
+        "kind": "lesion-evidence logistic regression", "features": list(names), "C": float(c),
         "mean": t(scaler.mean_), "scale": t(scaler.scale_),
         "dr_coef": t(m_dr.coef_), "dr_intercept": t(m_dr.intercept_),
         "dme_coef": t(m_dme.coef_), "dme_intercept": t(m_dme.intercept_),
@@ -93,8 +141,11 @@ def fit_grader(features: np.ndarray, dr: np.ndarray, dme: np.ndarray, c: float =
 
 def apply_grader(grader: dict[str, Any], features: np.ndarray, cnn_dme_probs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(DR probabilities (N, 5), DME probabilities (N, 3)) from features and the network's DME head."""
-    if list(grader["features"]) != list(FEATURE_NAMES):
+    if tuple(grader["features"]) not in FEATURE_SETS.values():
         raise ValueError("the checkpoint's grader was fitted on other features; refit it with `dr-train fit-grader`")
+    if features.ndim != 2 or features.shape[1] != len(grader["features"]):
+        raise ValueError(f"the grader needs (N, {len(grader['features'])}) features "
+                         f"({'with' if uses_segmentation(grader) else 'without'} lesion maps), got {features.shape}")
     x = (features - grader["mean"].numpy()) / grader["scale"].numpy()
     logits = x @ grader["dr_coef"].numpy().T + grader["dr_intercept"].numpy()
     logits -= logits.max(axis=1, keepdims=True)

@@ -63,3 +63,9 @@ def trained_run(tiny_csv: Path, shared_cache: Path, tmp_path_factory: pytest.Tem
     cfg = tiny_config(tiny_csv, out, shared_cache)
     run_training(cfg, kind="synthetic", resume=False, progress=False, command="pytest", log=lambda _m: None)
     return cfg, out
+
+
+@pytest.fixture(scope="session")
+def tiny_config_factory():
+    """:func:`tiny_config` for tests that build their own data (test modules cannot import conftest)."""
+    return tiny_config

@@ -3,7 +3,10 @@ import pytest
 import torch
 
 from training.data.synthetic import make_fundus
-from training.grader import FEATURE_NAMES, apply_grader, features_of, fit_grader, lesion_features
+from training.grader import (
+    FEATURE_NAMES, FEATURE_SETS, SEG_FEATURE_NAMES, apply_grader, features_of, fit_grader, lesion_features,
+    segmentation_features, uses_segmentation,
+)
 
 
 def test_features_shape_determinism_and_lesion_sensitivity():
@@ -67,3 +70,65 @@ def test_predictor_grades_with_the_checkpoints_grader(tmp_path):
     preds = Predictor(path, "cpu", 1).predict(images)
     assert [p.dr_grade for p in preds] == [4, 4] and all(p.referable for p in preds)
     assert features_of(images).shape == (2, len(FEATURE_NAMES))
+
+
+def test_segmentation_features_measure_the_lesion_maps():
+    image = make_fundus(np.random.default_rng(3), size=128, dr_grade=0).image
+    probs = np.zeros((5, 128, 128), np.float32)
+    for y, x in ((50, 50), (70, 80), (60, 30)):  # three separate exudate spots, 5x5 px each, well inside the field
+        probs[2, y:y + 5, x:x + 5] = 0.9
+    probs[0, 64, 64] = 0.3  # a weak microaneurysm candidate: below 0.5, so no spot
+    f = dict(zip(SEG_FEATURE_NAMES, segmentation_features(image, probs)))
+    assert f["seg_EX_spots"] == pytest.approx(np.log1p(3)) and f["seg_EX_area50"] > 0 and f["seg_EX_p999"] == pytest.approx(0.9)
+    assert f["seg_MA_spots"] == 0 and f["seg_MA_area50"] == 0 and 0 < f["seg_MA_mean"] < 1e-3
+    assert f["seg_HE_mean"] == 0
+    with pytest.raises(ValueError, match=r"seg_probs must have shape \(5, 128, 128\)"):
+        segmentation_features(image, probs[:, :64])
+    both = features_of([image, image], probs[None].repeat(2, 0))
+    assert both.shape == (2, len(FEATURE_SETS["image+segmentation"]))
+    assert np.array_equal(both[0, :len(FEATURE_NAMES)], lesion_features(image))
+
+
+def test_a_grader_fitted_with_lesion_maps_needs_them():
+    rng = np.random.default_rng(0)
+    x, dr, dme = _toy()
+    xs = np.c_[x, rng.normal(size=(len(x), len(SEG_FEATURE_NAMES)))]
+    g = fit_grader(xs, dr, dme)
+    assert uses_segmentation(g) and not uses_segmentation(fit_grader(x, dr, dme))
+    cnn = np.tile([1.0, 0, 0], (len(x), 1))
+    assert apply_grader(g, xs, cnn)[0].shape == (len(x), 5)
+    with pytest.raises(ValueError, match=r"needs \(N, 43\) features \(with lesion maps\)"):
+        apply_grader(g, x, cnn)
+    with pytest.raises(ValueError, match="FEATURE_SETS"):
+        fit_grader(x[:, :10], dr, dme)
+
+
+def test_predictor_feeds_its_lesion_maps_to_a_segmentation_grader(tmp_path):
+    from screening.inference import Predictor
+    from training.checkpoint import labels_dict, save_checkpoint
+    from training.model import ModelConfig, build_model
+
+    x, dr, dme = _toy()
+    g = fit_grader(np.c_[x, np.zeros((len(x), len(SEG_FEATURE_NAMES)))], dr, dme)
+    n_img = len(FEATURE_NAMES)
+    g["mean"] = torch.zeros_like(g["mean"])
+    g["scale"] = torch.ones_like(g["scale"])
+    g["dr_coef"] = torch.zeros_like(g["dr_coef"])
+    g["dr_coef"][4, n_img + SEG_FEATURE_NAMES.index("seg_EX_mean")] = 100.0  # grade 4 iff the EX map is lit
+    g["dr_intercept"] = torch.tensor([20.0, 0, 0, 0, 0], dtype=torch.float64)
+    cfg = ModelConfig(backbone="resnet18", image_size=64, decoder_channels=(16, 16, 16, 8, 8))
+    model = build_model(cfg)
+    head = model.seg_head  # the final 3x3 convolution: zero weights, so the bias alone sets every lesion map
+    torch.nn.init.zeros_(head.weight)
+    images = [make_fundus(np.random.default_rng(i), size=64).image for i in range(2)]
+
+    def grades(ex_bias: float) -> list[int]:
+        with torch.no_grad():
+            head.bias.copy_(torch.tensor([-10.0, -10, ex_bias, -10, -10]))
+        path = save_checkpoint(tmp_path / f"g{ex_bias}.pt", {
+            "model_state": model.state_dict(), "model_config": cfg.to_dict(), "labels": labels_dict(),
+            "thresholds": {"referable": 0.5}, "provenance": {"kind": "real"}, "metrics": {}, "model_version": "g",
+            "grader": g})
+        return [p.dr_grade for p in Predictor(path, "cpu", 1).predict(images, explain=False)]
+
+    assert grades(-10.0) == [0, 0] and grades(10.0) == [4, 4]

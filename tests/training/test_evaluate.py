@@ -1,0 +1,43 @@
+"""fit-grader and evaluate on a checkpoint: the grader's validation numbers are what evaluate reproduces."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from training.checkpoint import read_checkpoint
+from training.evaluate import evaluate_checkpoint, fit_grader_for_checkpoint
+from training.grader import uses_segmentation
+
+from training.data.synthetic import write_synthetic_dataset
+from training.train import run_training
+
+torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="module")
+def graded_run(tmp_path_factory: pytest.TempPathFactory, tiny_config_factory):
+    """A tiny two-step run on 48 synthetic images (24 patients): enough for every grade in the training split."""
+    root = tmp_path_factory.mktemp("fitgrader")
+    csv = write_synthetic_dataset(root / "data", 48, size=96, seed=5)
+    cfg = tiny_config_factory(csv, root / "run", root / "cache")
+    cfg = cfg.model_copy(update={"data": cfg.data.model_copy(update={"val_fraction": 0.3, "test_fraction": 0.1})})
+    run_training(cfg, kind="synthetic", resume=False, progress=False, command="pytest", log=lambda _m: None)
+    return cfg, root / "run" / "best.pt"
+
+
+@pytest.mark.parametrize("segmentation", [False, True])
+def test_fit_grader_writes_a_checkpoint_whose_evaluation_matches(graded_run, tmp_path: Path, segmentation: bool) -> None:
+    cfg, best = graded_run
+    out = tmp_path / "graded.pt"
+    result = fit_grader_for_checkpoint(cfg, best, out, segmentation=segmentation)
+    ckpt = read_checkpoint(out)
+    assert uses_segmentation(ckpt["grader"]) is segmentation
+    assert ckpt["model_version"].endswith("+lesion-seg-lr" if segmentation else "+lesion-lr")
+    assert ckpt["thresholds"]["referable"] == pytest.approx(result["threshold"])
+    assert "grader" not in read_checkpoint(best)  # the source checkpoint is left as it was
+    summary = evaluate_checkpoint(cfg, out, "val", tmp_path / "eval", bootstrap=10, progress=False)["summary"]
+    assert summary["referable"]["auc"] == pytest.approx(result["validation"]["val_ref_auc"])
+    assert summary["dr_kappa"] == pytest.approx(result["validation"]["val_kappa"])
