@@ -186,7 +186,9 @@ def part_a(args, ckpt: Path, tmp: Path, report: dict) -> dict:
     cmd = [sys.executable, __file__, "--child-a", "--workdir", str(tmp / "worker-a"), "--checkpoint", str(ckpt),
            "--k", str(args.k), "--repeats", str(args.repeats), "--batch-size", str(args.batch_size),
            "--threads", str(args.threads), "--out", str(out)]
-    proc = subprocess.run(cmd, cwd=ROOT)
+    from screening.runtime import WORKER_ENV  # the worker process's settings (dr-screen applies them at start)
+
+    proc = subprocess.run(cmd, cwd=ROOT, env={**WORKER_ENV, **os.environ})
     if proc.returncode != 0:
         sys.exit(f"error: worker child failed ({proc.returncode})")
     res = json.loads(out.read_text())
@@ -439,6 +441,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--backbone", default="resnet34", choices=["resnet18", "resnet34", "resnet50"])
     p.add_argument("--size", type=int, default=512, help="model_config image_size of the test checkpoint")
+    p.add_argument("--model", help="benchmark this checkpoint (e.g. models/baseline.pt) instead of a random-init one")
     p.add_argument("--k", type=int, default=8, help="images per worker run in (a) (even: both eyes of k/2 patients)")
     p.add_argument("--naive-k", type=int, default=None, help="files for the naive script in (b) (default: k)")
     p.add_argument("--batch-size", type=int, default=4)
@@ -472,11 +475,12 @@ def main(argv: list[str] | None = None) -> int:
 
     torch.set_num_threads(args.threads)
     info = machine_info()
-    print_header(f"screening worker, {args.backbone} @ {args.size}px, batch {args.batch_size}, CPU", info)
+    what = f"checkpoint {args.model}" if args.model else f"{args.backbone} @ {args.size}px (random init)"
+    print_header(f"screening worker, {what}, batch {args.batch_size}, CPU", info)
     report: dict = {"machine": info, "args": {k: v for k, v in vars(args).items() if v is not None}, "targets": TARGETS}
     tmp = Path(tempfile.mkdtemp(prefix="bench-worker-"))
     try:
-        ckpt = make_checkpoint(tmp / "model.pt", args.backbone, args.size)
+        ckpt = Path(args.model).resolve() if args.model else make_checkpoint(tmp / "model.pt", args.backbone, args.size)
         worker_ms = None
         if "a" in args.parts or "d" in args.parts:
             worker_ms = part_a(args, ckpt, tmp, report)["e2e_ms_median"]

@@ -8,8 +8,12 @@ import sys
 from datetime import date
 from pathlib import Path
 
-from training.checkpoint import CheckpointError
-from training.config import ConfigError
+from .runtime import apply_worker_env
+
+apply_worker_env()  # before torch is imported below (see screening/runtime.py)
+
+from training.checkpoint import CheckpointError  # noqa: E402
+from training.config import ConfigError  # noqa: E402
 
 from .config import ScreeningSettings, load_screening_settings
 
