@@ -1,3 +1,4 @@
+import cv2
 import numpy as np
 import pytest
 import torch
@@ -132,3 +133,9 @@ def test_predictor_feeds_its_lesion_maps_to_a_segmentation_grader(tmp_path):
         return [p.dr_grade for p in Predictor(path, "cpu", 1).predict(images, explain=False)]
 
     assert grades(-10.0) == [0, 0] and grades(10.0) == [4, 4]
+
+
+def test_image_features_are_measured_at_256_px_at_most():
+    big = make_fundus(np.random.default_rng(4), size=512, dr_grade=2, dme_grade=2).image
+    small = cv2.resize(big, (256, 256), interpolation=cv2.INTER_AREA)
+    assert np.array_equal(lesion_features(big), lesion_features(small))
