@@ -79,9 +79,12 @@ def referral_threshold(preds: Predictions, target_sensitivity: float) -> float:
     return float(choose_threshold(y, s, target_sensitivity))
 
 
-def init_weights(model: torch.nn.Module, path: Path) -> None:
-    """Start from the weights of an earlier checkpoint of the same architecture (the input size may differ)."""
-    from training.checkpoint import read_checkpoint
+def init_weights(model: torch.nn.Module, path: Path) -> dict[str, Any]:
+    """Start from the weights of an earlier checkpoint of the same architecture (the input size may differ).
+
+    Returns what the new checkpoint records about that starting point (its provenance: what it was trained on).
+    """
+    from training.checkpoint import file_sha256, read_checkpoint
 
     ckpt = read_checkpoint(path)
     theirs, ours = dict(ckpt["model_config"]), model.config.to_dict()
@@ -90,6 +93,9 @@ def init_weights(model: torch.nn.Module, path: Path) -> None:
         raise ValueError(f"train.init_from {path}: its model differs from [model] in {', '.join(diff)} "
                          f"({', '.join(f'{k}={theirs.get(k)!r}' for k in diff)}); use the same settings or drop init_from")
     model.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in ckpt["model_state"].items()})
+    prov = ckpt.get("provenance", {})
+    return {"checkpoint": str(path), "sha256": file_sha256(path), "model_version": ckpt.get("model_version"),
+            **{k: prov[k] for k in ("command", "started", "git_commit", "data", "train_config", "init_from") if k in prov}}
 
 
 @dataclass
@@ -153,8 +159,7 @@ def run_training(
 
     mcfg = model_config_from(cfg)
     model = build_model(mcfg, cfg.model.pretrained_weights)
-    if cfg.train.init_from is not None:
-        init_weights(model, cfg.train.init_from)
+    init_from = init_weights(model, cfg.train.init_from) if cfg.train.init_from is not None else None
     model = model.to(device)
     counts = class_counts(data.splits["train"])
     dr_w = inverse_frequency_weights(counts.tolist()) if cfg.train.balance_classes and counts.all() else None
@@ -185,7 +190,7 @@ def run_training(
                 "data": summary, "pretrained_weights": str(cfg.model.pretrained_weights or "none (random init)"),
                 "train_config": json.loads(cfg.train.model_dump_json()),
                 "split": {"val_fraction": cfg.data.val_fraction, "test_fraction": cfg.data.test_fraction, "seed": cfg.data.split_seed},
-            },
+            } | ({"init_from": init_from} if init_from else {}),
             "metrics": {"validation": {k: float(v) for k, v in row.items()}},
         }
 

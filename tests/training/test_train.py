@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from training.checkpoint import read_checkpoint
+from training.checkpoint import file_sha256, read_checkpoint
 from training.config import DataSettings, ManifestSource, ModelSettings, TrainingConfig, TrainSettings
 from training.data.synthetic import write_synthetic_dataset
 from training.train import make_loaders, run_training
@@ -56,6 +56,10 @@ def test_lesion_stage_starts_from_the_checkpoint_and_leaves_the_grading_heads_al
     assert heads and all(torch.equal(before[k].float(), after[k].float()) for k in heads)
     seg = [k for k in before if k.startswith(("encoder.", "decoder.", "seg_head.")) and before[k].is_floating_point()]
     assert any(not torch.equal(before[k].float(), after[k].float()) for k in seg)  # and the rest did train
+    origin = read_checkpoint(tmp_path / "run" / "last.pt")["provenance"]["init_from"]  # what it was built on
+    source = read_checkpoint(init)
+    assert origin["sha256"] == file_sha256(init) and origin["model_version"] == source["model_version"]
+    assert origin["data"] == source["provenance"]["data"]
 
 
 def test_init_from_a_different_architecture_names_the_difference(trained_run, unannotated_csv: Path, tmp_path: Path) -> None:
