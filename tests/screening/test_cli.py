@@ -1,4 +1,5 @@
 import json
+import logging
 from pathlib import Path
 
 import pytest
@@ -57,6 +58,7 @@ def test_run_once_then_audit_exports(tmp_path, tiny_checkpoint, capsys):
     assert cli.main(["--config", str(cfg), "run", "--once"]) == 0
     out = capsys.readouterr().out
     assert "processed 1" in out and "rejected 1" in out
+    assert not logging.getLogger("weasyprint.progress").isEnabledFor(logging.INFO)  # no "Step n" lines per report
     assert cli.main(["--config", str(cfg), "audit", "--json", str(tmp_path / "a.json"), "--csv", str(tmp_path / "a.csv")]) == 0
     table = capsys.readouterr().out
     assert "Images graded" in table and "unsupported" in table
