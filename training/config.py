@@ -12,7 +12,7 @@ import tomllib
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 
 class ConfigError(ValueError):
@@ -70,6 +70,17 @@ class DataSettings(_Strict):
         return self
 
 
+def _multiple_of_32(v: int | None, info: ValidationInfo) -> int | None:
+    if v is not None and v % 32:
+        raise ValueError(f"{info.field_name} must be a multiple of 32 (the encoder downsamples 32x), got {v}")
+    return v
+
+
+def _empty_is_none(v: Any) -> Any:
+    """An empty string in the TOML file means "not set"."""
+    return None if v in ("", None) else v
+
+
 class ModelSettings(_Strict):
     backbone: Literal["resnet18", "resnet34", "resnet50"] = "resnet34"
     image_size: int = Field(512, ge=64, le=2048)
@@ -78,17 +89,8 @@ class ModelSettings(_Strict):
     dropout: float = Field(0.2, ge=0.0, lt=1.0)
     contrast: Literal["none", "local-mean"] = "none"
 
-    @field_validator("image_size")
-    @classmethod
-    def _multiple_of_32(cls, v: int) -> int:
-        if v % 32:
-            raise ValueError(f"image_size must be a multiple of 32 (the encoder downsamples 32x), got {v}")
-        return v
-
-    @field_validator("pretrained_weights", mode="before")
-    @classmethod
-    def _empty_is_none(cls, v: Any) -> Any:
-        return None if v in ("", None) else v
+    _image_size_multiple_of_32 = field_validator("image_size")(_multiple_of_32)
+    _no_weights_when_empty = field_validator("pretrained_weights", mode="before")(_empty_is_none)
 
 
 class TrainSettings(_Strict):
@@ -116,17 +118,8 @@ class TrainSettings(_Strict):
     lesion_only: bool = False  # only lesion-annotated images; the DR/DME heads are left as they are
     samples_per_epoch: int | None = Field(None, ge=1)  # images drawn per epoch (default: the training split's size)
 
-    @field_validator("crop_size")
-    @classmethod
-    def _crop_multiple_of_32(cls, v: int | None) -> int | None:
-        if v is not None and v % 32:
-            raise ValueError(f"crop_size must be a multiple of 32 (the encoder downsamples 32x), got {v}")
-        return v
-
-    @field_validator("init_from", mode="before")
-    @classmethod
-    def _empty_init_is_none(cls, v: Any) -> Any:
-        return None if v in ("", None) else v
+    _crop_multiple_of_32 = field_validator("crop_size")(_multiple_of_32)
+    _no_init_when_empty = field_validator("init_from", mode="before")(_empty_is_none)
 
 
 class TrainingConfig(_Strict):

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, WeightedRandomSampler
 
-from training.checkpoint import git_commit, labels_dict, make_version
+from training.checkpoint import file_sha256, git_commit, labels_dict, make_version, read_checkpoint
 from training.config import TrainingConfig
 from training.data.cache import build_cache
 from training.data.dataset import FundusDataset, class_counts
@@ -84,8 +84,6 @@ def init_weights(model: torch.nn.Module, path: Path) -> dict[str, Any]:
 
     Returns what the new checkpoint records about that starting point (its provenance: what it was trained on).
     """
-    from training.checkpoint import file_sha256, read_checkpoint
-
     ckpt = read_checkpoint(path)
     theirs, ours = dict(ckpt["model_config"]), model.config.to_dict()
     diff = [k for k in ours if k != "image_size" and theirs.get(k) != ours[k]]
