@@ -73,14 +73,25 @@ def patient_pairs() -> list[tuple[Path, Path]]:
     return pairs
 
 
-def settings_for(workdir: Path, checkpoint: Path, batch_size: int, threads: int):
+def settings_for(workdir: Path, checkpoint: Path, batch_size: int, threads: int, renderer: str = "process"):
     from screening.config import ScreeningSettings
 
     return ScreeningSettings(
         inbox=workdir / "inbox", reports=workdir / "reports", archive=workdir / "archive", rejected=workdir / "rejected",
         work_dir=workdir / "work", database=f"sqlite:///{workdir / 'screening.db'}", checkpoint=checkpoint,
-        stable_seconds=0, batch_size=batch_size, threads=threads, device="cpu",
+        stable_seconds=0, batch_size=batch_size, threads=threads, device="cpu", report_renderer=renderer,
     )
+
+
+def renderer_hwm_bytes(worker) -> int:
+    """Peak RSS (VmHWM) of the worker's report renderer process, 0 when it renders inline."""
+    pid = getattr(worker.renderer, "pid", None)
+    if pid is None:
+        return 0
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    return 0
 
 
 def max_rss_bytes() -> int:
@@ -123,7 +134,7 @@ def child_a(args: argparse.Namespace) -> int:
 
     workdir, ckpt = Path(args.workdir), Path(args.checkpoint)
     workdir.mkdir(parents=True, exist_ok=True)
-    settings = settings_for(workdir, ckpt, args.batch_size, args.threads)
+    settings = settings_for(workdir, ckpt, args.batch_size, args.threads, args.renderer)
     predictor = Predictor(ckpt, "cpu", args.threads)
     worker = Worker(settings, predictor, _session_factory(settings), ROOT / "templates")
     timer = StageTimer()
@@ -132,8 +143,8 @@ def child_a(args: argparse.Namespace) -> int:
     timer.wrap(predictor, "predict", "predict (forward + Grad-CAM + masks)")
     timer.wrap(worker, "_write_outputs", "PNG outputs")
     timer.wrap(worker, "store", "store (PNGs + DB + archive)")
-    timer.wrap(pipeline, "render_with_retries", "PDF rendering (WeasyPrint)")
-    timer.wrap(worker, "render_pending", "render_pending (PDF + DB)")
+    timer.wrap(worker, "collect_reports", "report bookkeeping (DB), incl. waiting below")
+    timer.wrap(worker, "wait_for_reports", "waiting for PDFs after the last batch")
 
     pairs = patient_pairs()
     per_run = args.k // 2
@@ -162,6 +173,7 @@ def child_a(args: argparse.Namespace) -> int:
         if out.processed != len(files) or out.failed or out.rejected:
             sys.exit(f"error: worker run gave {out} for {len(files)} files")
         rss = max_rss_bytes()
+        renderer_rss = renderer_hwm_bytes(worker)
         # bare forward of the same images at the same batch size, right after (same load conditions)
         batches = [predictor.to_tensor([decode(f, predictor.size).rgb for f in files[i:i + args.batch_size]])
                    for i in range(0, len(files), args.batch_size)]
@@ -170,7 +182,8 @@ def child_a(args: argparse.Namespace) -> int:
             t1 = time.perf_counter()
             predictor.forward(b)
             fwd += time.perf_counter() - t1
-        runs.append({"files": len(files), "reports": out.reports, "e2e_s": e2e, "forward_s": fwd, "max_rss_bytes": rss})
+        runs.append({"files": len(files), "reports": out.reports, "e2e_s": e2e, "forward_s": fwd, "max_rss_bytes": rss,
+                     "renderer_hwm_bytes": renderer_rss})
     total_files = sum(r["files"] for r in runs)
     result = {
         "runs": runs, "rss_after_warmup_bytes": rss_after_warmup,
@@ -185,7 +198,7 @@ def part_a(args, ckpt: Path, tmp: Path, report: dict) -> dict:
     out = tmp / "a.json"
     cmd = [sys.executable, __file__, "--child-a", "--workdir", str(tmp / "worker-a"), "--checkpoint", str(ckpt),
            "--k", str(args.k), "--repeats", str(args.repeats), "--batch-size", str(args.batch_size),
-           "--threads", str(args.threads), "--out", str(out)]
+           "--threads", str(args.threads), "--renderer", args.renderer, "--out", str(out)]
     from screening.runtime import WORKER_ENV  # the worker process's settings (dr-screen applies them at start)
 
     proc = subprocess.run(cmd, cwd=ROOT, env={**WORKER_ENV, **os.environ})
@@ -196,7 +209,9 @@ def part_a(args, ckpt: Path, tmp: Path, report: dict) -> dict:
     fwd = [r["forward_s"] * 1000 / r["files"] for r in res["runs"]]
     ratios = [a / b for a, b in zip(e2e, fwd)]
     peak = max(r["max_rss_bytes"] for r in res["runs"])
-    res.update(e2e_ms_per_image=e2e, forward_ms_per_image=fwd, ratio_per_run=ratios,
+    renderer_peak = max(r.get("renderer_hwm_bytes", 0) for r in res["runs"])
+    res.update(renderer_peak_gb=renderer_peak / 1e9, combined_peak_gb=(peak + renderer_peak) / 1e9,
+               e2e_ms_per_image=e2e, forward_ms_per_image=fwd, ratio_per_run=ratios,
                e2e_ms_median=median(e2e), forward_ms_median=median(fwd), ratio_median=median(ratios),
                peak_rss_gb=peak / 1e9)
     print(f"\n(a) drop-to-PDF vs bare forward: K={args.k} images ({args.k // 2} patients, both eyes) per run, "
@@ -210,8 +225,10 @@ def part_a(args, ckpt: Path, tmp: Path, report: dict) -> dict:
     print("    stage breakdown inside run_once (ms/image, all timed runs):")
     for k, v in res["stages_ms_per_image"].items():
         print(f"      {k:<40s} {v:8.1f}")
-    print(f"\n(d) peak RSS of the worker process (ru_maxrss, after the timed runs): {peak / 1e9:.2f} GB "
-          f"(target <= {TARGETS['peak_rss_gb']} GB); after warm-up: {res['rss_after_warmup_bytes'] / 1e9:.2f} GB")
+    print(f"\n(d) peak RSS of the worker process (ru_maxrss, after the timed runs): {peak / 1e9:.2f} GB; "
+          f"after warm-up: {res['rss_after_warmup_bytes'] / 1e9:.2f} GB; its report renderer process (VmHWM): "
+          f"{renderer_peak / 1e9:.2f} GB; sum of the two peaks {(peak + renderer_peak) / 1e9:.2f} GB "
+          f"(target <= {TARGETS['peak_rss_gb']} GB)")
     report["a_worker"] = res
     return res
 
@@ -347,76 +364,74 @@ def prefill_history(factory, n: int) -> None:
 
 
 def part_e(args, tmp: Path, report: dict) -> None:
-    import screening.pipeline as pipeline
     from screening.cli import _session_factory
     from screening.intake import Intake, sweep, wait_until_stable
     from screening.pipeline import Worker
 
-    def fake_render(ctx, templates_dir, reports_dir, retries=3):  # WeasyPrint stubbed: constant per exam, see (a)
-        folder = Path(reports_dir) / ctx.patient_id / ctx.exam_date.isoformat()
-        folder.mkdir(parents=True, exist_ok=True)
-        path = folder / f"report_v{ctx.report_version}.pdf"
-        path.write_bytes(b"%PDF-stub")
-        return path
+    from screening.renderer import InlineRenderer, RenderResult
 
-    real_render = pipeline.render_with_retries
-    pipeline.render_with_retries = fake_render
+    class StubRenderer(InlineRenderer):  # WeasyPrint stubbed: constant per exam, see (a)
+        def submit(self, job) -> None:
+            folder = Path(job.reports_dir) / job.ctx.patient_id / job.ctx.exam_date.isoformat()
+            folder.mkdir(parents=True, exist_ok=True)
+            path = folder / f"report_v{job.ctx.report_version}.pdf"
+            path.write_bytes(b"%PDF-stub")
+            self._done.append(RenderResult(job.key, path))
+
     rows, results = [], []
-    try:
-        for backlog in args.backlogs:
-            for history in (0, backlog):
-                wd = tmp / f"backlog-{backlog}-{history}"
-                wd.mkdir(parents=True, exist_ok=True)
-                settings = settings_for(wd, tmp / "unused.pt", args.batch_size, args.threads)
-                worker = Worker(settings, StubPredictor(args.e_size), _session_factory(settings), ROOT / "templates")
-                t0 = time.perf_counter()
-                make_backlog(settings.inbox, backlog)
-                if history:
-                    prefill_history(worker.factory, history)
-                setup_s = time.perf_counter() - t0
-                reps = max(args.repeats, 3)
-                t_sweep = []
-                for _ in range(reps):
-                    t1 = time.perf_counter()
-                    listed = sweep(settings.inbox)
-                    t_sweep.append(time.perf_counter() - t1)
+    for backlog in args.backlogs:
+        for history in (0, backlog):
+            wd = tmp / f"backlog-{backlog}-{history}"
+            wd.mkdir(parents=True, exist_ok=True)
+            settings = settings_for(wd, tmp / "unused.pt", args.batch_size, args.threads)
+            worker = Worker(settings, StubPredictor(args.e_size), _session_factory(settings), ROOT / "templates",
+                            renderer=StubRenderer())
+            t0 = time.perf_counter()
+            make_backlog(settings.inbox, backlog)
+            if history:
+                prefill_history(worker.factory, history)
+            setup_s = time.perf_counter() - t0
+            reps = max(args.repeats, 3)
+            t_sweep = []
+            for _ in range(reps):
                 t1 = time.perf_counter()
-                stable = wait_until_stable(listed, 0, stable_seconds=0)
-                t_wait = time.perf_counter() - t1
-                intake = Intake(settings)  # no observer started: poll() sweeps + tracks stability
+                listed = sweep(settings.inbox)
+                t_sweep.append(time.perf_counter() - t1)
+            t1 = time.perf_counter()
+            stable = wait_until_stable(listed, 0, stable_seconds=0)
+            t_wait = time.perf_counter() - t1
+            intake = Intake(settings)  # no observer started: poll() sweeps + tracks stability
+            t1 = time.perf_counter()
+            ready = intake.poll()
+            t_poll = time.perf_counter() - t1
+            assert len(ready) == len(stable) == backlog, (len(ready), len(stable), backlog)
+            t1 = time.perf_counter()
+            worker.recover()
+            t_recover = time.perf_counter() - t1
+            # process the first N files the way run_forever does: chunks of batch_size * 4
+            chunk = max(args.batch_size * 4, 1)
+            todo = ready[: args.first_n]
+            per_chunk = []
+            for i in range(0, len(todo), chunk):
                 t1 = time.perf_counter()
-                ready = intake.poll()
-                t_poll = time.perf_counter() - t1
-                assert len(ready) == len(stable) == backlog, (len(ready), len(stable), backlog)
-                t1 = time.perf_counter()
-                worker.recover()
-                t_recover = time.perf_counter() - t1
-                # process the first N files the way run_forever does: chunks of batch_size * 4
-                chunk = max(args.batch_size * 4, 1)
-                todo = ready[: args.first_n]
-                per_chunk = []
-                for i in range(0, len(todo), chunk):
-                    t1 = time.perf_counter()
-                    out = worker.process(todo[i:i + chunk])
-                    per_chunk.append(time.perf_counter() - t1)
-                    assert out.processed == len(todo[i:i + chunk]), out
-                t1 = time.perf_counter()
-                intake.poll(now=time.monotonic() + 3600)  # next sweep: forgets the moved files
-                t_poll2 = time.perf_counter() - t1
-                entry = {
-                    "backlog": backlog, "history": history, "setup_s": setup_s, "sweep_s": t_sweep,
-                    "wait_until_stable_s": t_wait, "poll_first_s": t_poll, "poll_after_s": t_poll2, "recover_s": t_recover,
-                    "process_chunks_s": per_chunk, "processed": len(todo),
-                    "per_file_process_ms": sum(per_chunk) * 1000 / len(todo),
-                    "per_file_sweep_us": median(t_sweep) * 1e6 / backlog,
-                }
-                results.append(entry)
-                rows.append([backlog, history, f"{median(t_sweep) * 1000:.1f}", f"{entry['per_file_sweep_us']:.1f}",
-                             f"{t_poll * 1000:.1f}", f"{t_wait * 1000:.1f}", f"{t_recover * 1000:.1f}",
-                             f"{entry['per_file_process_ms']:.1f}"])
-                shutil.rmtree(wd, ignore_errors=True)
-    finally:
-        pipeline.render_with_retries = real_render
+                out = worker.process(todo[i:i + chunk])
+                per_chunk.append(time.perf_counter() - t1)
+                assert out.processed == len(todo[i:i + chunk]), out
+            t1 = time.perf_counter()
+            intake.poll(now=time.monotonic() + 3600)  # next sweep: forgets the moved files
+            t_poll2 = time.perf_counter() - t1
+            entry = {
+                "backlog": backlog, "history": history, "setup_s": setup_s, "sweep_s": t_sweep,
+                "wait_until_stable_s": t_wait, "poll_first_s": t_poll, "poll_after_s": t_poll2, "recover_s": t_recover,
+                "process_chunks_s": per_chunk, "processed": len(todo),
+                "per_file_process_ms": sum(per_chunk) * 1000 / len(todo),
+                "per_file_sweep_us": median(t_sweep) * 1e6 / backlog,
+            }
+            results.append(entry)
+            rows.append([backlog, history, f"{median(t_sweep) * 1000:.1f}", f"{entry['per_file_sweep_us']:.1f}",
+                         f"{t_poll * 1000:.1f}", f"{t_wait * 1000:.1f}", f"{t_recover * 1000:.1f}",
+                         f"{entry['per_file_process_ms']:.1f}"])
+            shutil.rmtree(wd, ignore_errors=True)
     print(f"\n(e) backlog scaling (model + WeasyPrint stubbed, model input {args.e_size} px; first {args.first_n} "
           f"files processed in chunks of {args.batch_size * 4}, as run_forever does)")
     print_table(["backlog", "DB history", "sweep ms", "sweep us/file", "poll ms", "wait_stable ms", "recover ms",
@@ -447,6 +462,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--threads", type=int, default=2, help="worker/predictor torch threads ([screening] threads)")
     p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--renderer", default="process", choices=["process", "inline"],
+                   help="[screening] report_renderer for (a): PDFs in a side process (default) or in the worker")
     p.add_argument("--backlogs", type=int, nargs=2, default=[100, 10_000])
     p.add_argument("--first-n", type=int, default=20, help="files processed per backlog in (e)")
     p.add_argument("--e-size", type=int, default=512, help="model input size the stub predictor claims in (e)")

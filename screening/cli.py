@@ -58,13 +58,13 @@ def make_worker(settings: ScreeningSettings, config_path: Path, allow_demo: bool
 
 
 def cmd_run(args: argparse.Namespace, settings: ScreeningSettings) -> int:
-    worker = make_worker(settings, Path(args.config), allow_demo=not args.no_demo)
-    if args.once:
-        out = worker.run_once()
-        print(f"processed {out.processed}, duplicates {out.duplicates}, rejected {out.rejected}, "
-              f"failed {out.failed}, reports {out.reports}")
-        return 1 if out.failed else 0
-    worker.run_forever()
+    with make_worker(settings, Path(args.config), allow_demo=not args.no_demo) as worker:
+        if args.once:
+            out = worker.run_once()
+            print(f"processed {out.processed}, duplicates {out.duplicates}, rejected {out.rejected}, "
+                  f"failed {out.failed}, reports {out.reports}")
+            return 1 if out.failed else 0
+        worker.run_forever()
     return 0
 
 

@@ -28,11 +28,12 @@ class ScreeningSettings(_Strict):
     poll_interval: float = Field(1.0, gt=0)
     sweep_interval: float = Field(30.0, gt=0)
     stable_seconds: float = Field(2.0, ge=0)
-    batch_size: int = Field(2, ge=1)
+    batch_size: int = Field(1, ge=1)
     threads: int = Field(2, ge=1)
     device: Literal["auto", "cpu", "cuda"] = "auto"
     filename_patterns: tuple[str, ...] = DEFAULT_PATTERNS
     report_retries: int = Field(3, ge=1)
+    report_renderer: Literal["process", "inline"] = "process"
     clinic_name: str = "Diabetic Eye Screening Service"
 
     @field_validator("filename_patterns")

@@ -17,13 +17,7 @@ from pytorch_grad_cam.utils.image import scale_cam_image, show_cam_on_image
 from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 from torch import nn
 
-LESION_COLOURS_RGB: dict[str, tuple[int, int, int]] = {
-    "MA": (255, 40, 40),
-    "HE": (150, 0, 40),
-    "EX": (255, 230, 0),
-    "SE": (170, 220, 255),
-    "OD": (40, 200, 80),
-}
+from .legend import LESION_COLOURS_RGB
 
 
 class HeadOnFeatures(nn.Module):

@@ -35,7 +35,8 @@ from .explain import cam_overlay, lesion_overlay
 from .imaging import DecodedImage, ImageRejected, decode
 from .inference import ImagePrediction, Predictor
 from .intake import Identity, IdentityError, Intake, parse_identity, sha256_file, sidecar_for, sweep, unsupported_reason, wait_until_stable
-from .report import EyeFinding, ReportContext, render_with_retries
+from .renderer import Renderer, RenderJob, RenderResult, make_renderer
+from .report import EyeFinding, ReportContext
 
 log = logging.getLogger("screening")
 _SAFE = re.compile(r"[^A-Za-z0-9._-]+")
@@ -73,9 +74,20 @@ def _move_with_sidecar(path: Path, dest: Path) -> None:
 @dataclass
 class Job:
     image_id: int
+    exam_id: int
     path: Path
     sha256: str
     decoded: DecodedImage
+
+
+@dataclass(frozen=True)
+class PendingReport:
+    """A report handed to the renderer: what it covers, so that its completion is recorded exactly."""
+
+    exam_id: int
+    version: int
+    image_ids: tuple[int, ...]  # the exam's images that were 'done' when the report's content was read
+    snapshot_at: datetime  # when its content was read: results stored later are not in it
 
 
 @dataclass
@@ -92,13 +104,16 @@ class Worker:
 
     def __init__(
         self, settings: ScreeningSettings, predictor: Predictor, factory: sessionmaker[Session], templates_dir: Path,
-        today: Callable[[], date] = date.today,
+        today: Callable[[], date] = date.today, renderer: Renderer | None = None,
     ) -> None:
         self.s = settings
         self.predictor = predictor
         self.factory = factory
         self.templates_dir = templates_dir
         self.today = today
+        self.renderer: Renderer = renderer if renderer is not None else make_renderer(settings.report_renderer)
+        self._in_flight: dict[int, PendingReport] = {}
+        self._next_key = 1
         for folder in (settings.inbox, settings.reports, settings.archive, settings.rejected, settings.work_dir):
             folder.mkdir(parents=True, exist_ok=True)
 
@@ -196,7 +211,7 @@ class Worker:
                 if existing.state != ImageState.RECEIVED:
                     repo.set_state(session, image, ImageState.RECEIVED)
             session.flush()
-            return Job(image.id, path, sha, decoded)
+            return Job(image.id, exam.id, path, sha, decoded)
 
     # ------------------------------------------------------------------ results
     def _write_outputs(self, job: Job, pred: ImagePrediction) -> dict[str, Path]:
@@ -276,40 +291,96 @@ class Worker:
             report_version=version,
         )
 
-    def render_pending(self, out: BatchOutcome, exam_ids: list[int] | None = None) -> None:
-        """(Re-)render the reports of ``exam_ids`` (the exams a batch touched), or, when None, of every
-        exam whose newest result is not yet in a report (start-up and periodic catch-up)."""
+    def submit_reports(self, exam_ids: list[int] | None = None) -> int:
+        """Hand the reports of ``exam_ids`` to the renderer, or, when None, of every exam whose newest result
+        is in no report yet and that has no report on the way (start-up and periodic catch-up). The renderer
+        works while the caller goes on (``collect_reports`` records what it finished). Returns how many."""
+        in_flight = {p.exam_id for p in self._in_flight.values()}
         if exam_ids is None:
             with session_scope(self.factory) as session:
-                exam_ids = [e.id for e in repo.exams_needing_report(session)]
+                exam_ids = [e.id for e in repo.exams_needing_report(session) if e.id not in in_flight]
         for exam_id in exam_ids:
             with session_scope(self.factory) as session:
                 exam = session.get(Exam, exam_id)
-                ctx = self._context(session, exam, repo.next_report_version(session, exam_id))
-            try:
-                path = render_with_retries(ctx, self.templates_dir, self.s.reports, retries=self.s.report_retries)
-            except Exception as exc:  # noqa: BLE001 - the result stays stored; the next loop retries
-                with session_scope(self.factory) as session:
-                    repo.add_event(session, "report_failed", f"exam {exam_id}: {exc}")
-                log.error("report for exam %s failed, will retry: %s", exam_id, exc)
-                continue
-            version = int(re.search(r"_v(\d+)\.pdf$", path.name).group(1))
+                snapshot_at = repo.utcnow()
+                queued = [p.version for p in self._in_flight.values() if p.exam_id == exam_id]
+                version = max([repo.next_report_version(session, exam_id), *(v + 1 for v in queued)])
+                ctx = self._context(session, exam, version)
+                done = tuple(i.id for i in exam.images if i.state == ImageState.DONE)
+            key, self._next_key = self._next_key, self._next_key + 1
+            self._in_flight[key] = PendingReport(exam_id, version, done, snapshot_at)
+            self.renderer.submit(RenderJob(key, ctx, self.templates_dir, self.s.reports, retries=self.s.report_retries))
+        return len(exam_ids)
+
+    def _record_report(self, result: RenderResult, out: BatchOutcome) -> None:
+        pending = self._in_flight.pop(result.key)
+        if result.path is None:
             with session_scope(self.factory) as session:
-                exam = session.get(Exam, exam_id)
-                repo.add_report(session, exam, path, self.predictor.version, version=version)
-                for image in exam.images:
-                    if image.state == ImageState.DONE:
-                        repo.set_state(session, image, ImageState.REPORTED)
-            out.reports += 1
-            log.info("report v%s for exam %s written", version, exam_id)
-        if exam_ids:
-            release_memory()
+                repo.add_event(session, "report_failed", f"exam {pending.exam_id}: {result.error}")
+            log.error("report for exam %s failed, will retry: %s", pending.exam_id, result.error)
+            return
+        path = Path(result.path)
+        version = int(re.search(r"_v(\d+)\.pdf$", path.name).group(1))
+        with session_scope(self.factory) as session:
+            exam = session.get(Exam, pending.exam_id)
+            # created_at = when its content was read, so a result stored after that still counts as unreported
+            repo.add_report(session, exam, path, self.predictor.version, version=version, created_at=pending.snapshot_at)
+            for image in exam.images:
+                if image.id in pending.image_ids and image.state == ImageState.DONE:
+                    repo.set_state(session, image, ImageState.REPORTED)
+        out.reports += 1
+        log.info("report v%s for exam %s written", version, pending.exam_id)
+
+    def collect_reports(self, out: BatchOutcome, timeout: float = 0.0) -> int:
+        """Record the reports the renderer has finished (waiting up to ``timeout`` s for one); returns how many
+        results were handled, failures included."""
+        results = self.renderer.results(timeout) if self._in_flight else []
+        for result in results:
+            try:
+                self._record_report(result, out)
+            except Exception:  # noqa: BLE001 - e.g. the database is locked: the catch-up renders it again
+                log.exception("recording the report of job %s failed; it will be rendered again", result.key)
+        return len(results)
+
+    def wait_for_reports(self, out: BatchOutcome, stall_timeout: float = 300.0) -> None:
+        """Block until every submitted report is rendered and recorded. If none finishes for ``stall_timeout``
+        seconds the renderer is stopped (a hung WeasyPrint) and its reports count as failed: the results stay
+        stored and the catch-up renders them again."""
+        last = time.monotonic()
+        while self._in_flight:
+            if self.collect_reports(out, timeout=1.0):
+                last = time.monotonic()
+            elif time.monotonic() - last > stall_timeout:
+                log.error("no report finished in %.0f s; stopping the renderer, %d report(s) will be retried",
+                          stall_timeout, len(self._in_flight))
+                self.renderer.close(timeout=5)
+                self.collect_reports(out)
+                self._in_flight.clear()
+                return
+
+    def render_pending(self, out: BatchOutcome, exam_ids: list[int] | None = None) -> None:
+        """Render (``submit_reports``) and record, waiting for the result."""
+        if self.submit_reports(exam_ids):
+            self.wait_for_reports(out)
+
+    def close(self) -> None:
+        """Wait for reports on the way, then stop the renderer."""
+        self.wait_for_reports(BatchOutcome(), stall_timeout=120)
+        self.renderer.close()
+
+    def __enter__(self) -> Worker:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
     # ------------------------------------------------------------------ driving
     def process(self, paths: list[Path]) -> BatchOutcome:
+        """Intake ``paths``, then predict and store them batch by batch. An exam's report goes to the renderer
+        right after the batch holding its last image here, so it renders while the next batch runs; reports
+        finished meanwhile are recorded between batches (``wait_for_reports`` waits for the rest)."""
         out = BatchOutcome()
         jobs: list[Job] = []
-        touched: set[int] = set()
         for path in paths:
             try:
                 job = self.intake(path, out)
@@ -319,8 +390,10 @@ class Worker:
                 continue
             if job is not None:
                 jobs.append(job)
-        for i in range(0, len(jobs), self.s.batch_size):
-            chunk = jobs[i:i + self.s.batch_size]
+        chunks = [jobs[i:i + self.s.batch_size] for i in range(0, len(jobs), self.s.batch_size)]
+        last_chunk = {job.exam_id: k for k, chunk in enumerate(chunks) for job in chunk}
+        stored: set[int] = set()  # exams with a new result, report not yet submitted
+        for k, chunk in enumerate(chunks):
             t0 = time.perf_counter()
             try:
                 preds = self.predictor.predict([j.decoded.rgb for j in chunk])
@@ -328,19 +401,28 @@ class Worker:
                 for job in chunk:
                     self._fail(job, exc)
                 out.failed += len(chunk)
-                continue
+                preds = []
             per_image_ms = (time.perf_counter() - t0) * 1000 / len(chunk)
             for job, pred in zip(chunk, preds):
                 try:
-                    touched.add(self.store(job, pred, per_image_ms))
+                    stored.add(self.store(job, pred, per_image_ms))
                     out.processed += 1
                 except Exception as exc:  # noqa: BLE001
                     self._fail(job, exc)
                     out.failed += 1
             del preds
+            ready = sorted(e for e in stored if last_chunk.get(e, -1) <= k)
+            stored.difference_update(ready)
+            self._submit_quietly(ready)
+            self.collect_reports(out)
             release_memory()
-        self.render_pending(out, sorted(touched))
         return out
+
+    def _submit_quietly(self, exam_ids: list[int] | None) -> None:
+        try:
+            self.submit_reports(exam_ids)
+        except Exception:  # noqa: BLE001 - results are stored; the periodic catch-up submits them again
+            log.exception("could not hand reports %s to the renderer; they will be retried", exam_ids or "")
 
     def recover(self) -> None:
         """After a restart: images left 'received' whose file is gone can never finish: mark them failed."""
@@ -359,8 +441,10 @@ class Worker:
         if left:
             log.warning("%d file(s) still changing after %.0fs; left in the inbox for the next run", len(left), timeout)
         catch_up = BatchOutcome()
-        self.render_pending(catch_up)  # reports that failed or were interrupted in an earlier run
+        self._submit_quietly(None)  # reports that failed or were interrupted in an earlier run
+        self.collect_reports(catch_up)
         out = self.process(ready)
+        self.wait_for_reports(out)
         out.reports += catch_up.reports
         return out
 
@@ -370,19 +454,28 @@ class Worker:
             for sig in (signal.SIGINT, signal.SIGTERM):
                 signal.signal(sig, lambda *_: stop.set())
         self.recover()
-        self.render_pending(BatchOutcome())
+        start = getattr(self.renderer, "start", None)
+        if start is not None:
+            start()  # the renderer imports WeasyPrint while the first files arrive
+        self._submit_quietly(None)
         log.info("watching %s (%s observer)", self.s.inbox, self.s.observer)
         next_catch_up = time.monotonic() + self.s.sweep_interval
-        with Intake(self.s) as intake:
-            while not stop.is_set():
-                if time.monotonic() >= next_catch_up:  # retry reports that failed to render
-                    self.render_pending(BatchOutcome())
-                    next_catch_up = time.monotonic() + self.s.sweep_interval
-                ready = intake.poll()
-                if ready:
-                    for i in range(0, len(ready), max(self.s.batch_size * 4, 1)):
-                        out = self.process(ready[i:i + self.s.batch_size * 4])
-                        log.info("batch: %s", out)
-                else:
-                    stop.wait(self.s.poll_interval)
+        idle = BatchOutcome()
+        try:
+            with Intake(self.s) as intake:
+                while not stop.is_set():
+                    if time.monotonic() >= next_catch_up:  # retry reports that failed to render
+                        self._submit_quietly(None)
+                        next_catch_up = time.monotonic() + self.s.sweep_interval
+                    ready = intake.poll()
+                    if ready:
+                        for i in range(0, len(ready), max(self.s.batch_size * 4, 1)):
+                            out = self.process(ready[i:i + self.s.batch_size * 4])
+                            log.info("batch: %s", out)
+                    elif self._in_flight:
+                        self.collect_reports(idle, timeout=self.s.poll_interval)
+                    else:
+                        stop.wait(self.s.poll_interval)
+        finally:
+            self.close()
         log.info("worker stopped")

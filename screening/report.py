@@ -3,7 +3,7 @@
 Public API
 ----------
 - :class:`EyeFinding`, :class:`ReportContext`: what the worker hands over (validated on construction).
-- :data:`LESION_COLOURS` (``screening.explain.LESION_COLOURS_RGB``), :data:`LESION_LABELS`: legend colours and names.
+- :data:`LESION_COLOURS` (``screening.legend.LESION_COLOURS_RGB``), :data:`LESION_LABELS`: legend colours and names.
 - :func:`referral_recommendation`: the worse-eye referral rule (one table, :data:`REFERRAL_LEVELS`).
 - :func:`safe_patient_dir_name`: a patient id made safe for use as a folder name.
 - :func:`render_html`, :func:`render_pdf`, :func:`render_with_retries`; :class:`ReportError`.
@@ -30,8 +30,8 @@ from typing import Literal, Sequence
 
 from jinja2 import Environment, FileSystemLoader, StrictUndefined
 
-from screening.explain import LESION_COLOURS_RGB
-from training.model.multitask import DME_GRADES, DR_GRADES, LESION_CODES
+from screening.legend import LESION_COLOURS_RGB
+from training.labels import DME_GRADES, DR_GRADES, LESION_CODES
 
 log = logging.getLogger(__name__)
 

@@ -24,10 +24,22 @@ from .conftest import write_fundus
 PROJECT = Path(__file__).resolve().parents[2]
 
 
-def make_worker(settings) -> Worker:
+_OPEN: list[Worker] = []
+
+
+@pytest.fixture(autouse=True)
+def _close_workers():
+    yield
+    while _OPEN:
+        _OPEN.pop().close()  # stops each worker's renderer process
+
+
+def make_worker(settings, **kw) -> Worker:
     engine = make_engine(settings.database)
     init_db(engine)
-    return Worker(settings, Predictor(settings.checkpoint, "cpu", 1), make_session_factory(engine), PROJECT / "templates")
+    worker = Worker(settings, Predictor(settings.checkpoint, "cpu", 1), make_session_factory(engine), PROJECT / "templates", **kw)
+    _OPEN.append(worker)
+    return worker
 
 
 def pdf_text(path: Path) -> str:
@@ -126,22 +138,100 @@ def test_second_eye_later_rerenders_and_keeps_v1(settings):
         assert [r.version for r in s.scalars(select(Report).order_by(Report.version))] == [1, 2]
 
 
-def test_report_failure_keeps_result_and_is_retried(settings, monkeypatch):
-    import screening.pipeline as pipeline
+def test_one_report_per_exam_even_when_its_eyes_fall_in_different_batches(settings):
+    worker = make_worker(settings.model_copy(update={"batch_size": 1}))  # four forwards, each eye alone
+    for i, name in enumerate(["Q1_L.jpg", "Q1_R.jpg", "Q2_L.jpg", "Q2_R.jpg"]):
+        write_fundus(settings.inbox / name, seed=30 + i)
+    out = worker.run_once(settle_timeout=5)
+    assert (out.processed, out.reports) == (4, 2)
+    assert sorted(p.relative_to(settings.reports).parts[0] for p in settings.reports.rglob("report_v*.pdf")) == ["Q1", "Q2"]
+    for patient in ("Q1", "Q2"):
+        text = pdf_text(next((settings.reports / patient).rglob("report_v1.pdf")))
+        assert "not received" not in text.lower()
+    with session_scope(worker.factory) as s:
+        assert {i.state for i in s.scalars(select(Image))} == {"reported"}
 
-    worker = make_worker(settings)
+
+class HeldRenderer:
+    """Test double for the renderer process: keeps jobs until the test lets each one succeed or fail."""
+
+    def __init__(self) -> None:
+        self.jobs: dict[int, object] = {}
+        self.done: list = []
+
+    def submit(self, job) -> None:
+        self.jobs[job.key] = job
+
+    def release(self, key: int, fail: bool = False) -> None:
+        from screening.renderer import RenderResult, render_job
+
+        job = self.jobs.pop(key)
+        self.done.append(RenderResult(key, None, "RuntimeError: disk full") if fail else render_job(job))
+
+    def results(self, timeout: float = 0.0) -> list:
+        done, self.done = self.done, []
+        return done
+
+    @property
+    def pending(self) -> int:
+        return len(self.jobs) + len(self.done)
+
+    def close(self, timeout: float = 30.0) -> None:
+        pass
+
+
+def test_second_eye_while_the_first_report_renders(settings):
+    """v1 (right eye) is still rendering when the left eye is stored: v2 is queued with both eyes. If v1 then
+    succeeds and v2 fails, the left eye must not count as reported, and the catch-up renders it."""
+    from screening.db import repository as repo
+
+    held = HeldRenderer()
+    worker = make_worker(settings, renderer=held)
+    write_fundus(settings.inbox / "P3_R_20250301.jpg", seed=40)
+    worker.process([settings.inbox / "P3_R_20250301.jpg"])
+    (first,) = held.jobs.values()
+    write_fundus(settings.inbox / "P3_L_20250301.jpg", seed=41)
+    worker.process([settings.inbox / "P3_L_20250301.jpg"])
+    second = held.jobs[max(held.jobs)]
+    assert (first.ctx.report_version, [e.eye for e in first.ctx.eyes]) == (1, ["R"])
+    assert (second.ctx.report_version, [e.eye for e in second.ctx.eyes]) == (2, ["R", "L"])
+    worker.submit_reports(None)  # catch-up while both are on the way: nothing more to send
+    assert len(held.jobs) == 2
+    held.release(first.key)
+    held.release(second.key, fail=True)
+    out = worker.process([])
+    assert out.reports == 0  # process() only records between batches; collect now
+    worker.collect_reports(out)
+    assert out.reports == 1
+    with session_scope(worker.factory) as s:
+        assert {i.eye: i.state for i in s.scalars(select(Image))} == {"R": "reported", "L": "done"}
+        assert [e.id for e in repo.exams_needing_report(s)] == [s.scalars(select(Image)).first().exam_id]
+    worker.submit_reports(None)
+    (retry,) = held.jobs.values()
+    assert [e.eye for e in retry.ctx.eyes] == ["R", "L"]
+    held.release(retry.key)
+    worker.collect_reports(out)
+    with session_scope(worker.factory) as s:
+        assert {i.state for i in s.scalars(select(Image))} == {"reported"}
+        assert [r.version for r in s.scalars(select(Report).order_by(Report.version))] == [1, 2]
+        assert repo.exams_needing_report(s) == []
+    folder = settings.reports / "P3" / "2025-03-01"
+    assert "Left eye" in pdf_text(folder / "report_v2.pdf") and "not received" in pdf_text(folder / "report_v1.pdf").lower()
+
+
+@pytest.mark.parametrize("renderer", ["process", "inline"])
+def test_report_failure_keeps_result_and_is_retried(settings, tmp_path, renderer):
+    worker = make_worker(settings.model_copy(update={"report_renderer": renderer, "report_retries": 1}))
     write_fundus(settings.inbox / "P5_R.jpg", seed=5)
-
-    def broken(*a, **k):
-        raise RuntimeError("disk full")
-
-    monkeypatch.setattr(pipeline, "render_with_retries", broken)
+    worker.templates_dir = tmp_path / "no-templates"  # the renderer finds no template: every attempt fails
     out = worker.run_once(settle_timeout=5)
     assert out.processed == 1 and out.reports == 0
     with session_scope(worker.factory) as s:
         assert s.scalars(select(Image)).one().state == "done"
-        assert s.scalar(select(func.count()).select_from(Event).where(Event.kind == "report_failed")) == 1
-    monkeypatch.undo()
+        failed = s.scalars(select(Event).where(Event.kind == "report_failed")).all()
+        assert len(failed) == 1 and "report.css" in failed[0].message
+    assert not list(settings.reports.rglob("*.pdf"))
+    worker.templates_dir = PROJECT / "templates"
     out = worker.run_once(settle_timeout=5)
     assert out.reports == 1
     with session_scope(worker.factory) as s:
@@ -211,6 +301,27 @@ def test_watch_mode_waits_for_partial_writes(settings, source, request):
     assert (settings.inbox / ".hidden_P8_L.jpg.part").exists()
 
 
+def _renderer_children(parent: int) -> list[int]:
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            cmdline = (stat.parent / "cmdline").read_bytes()
+        except OSError:
+            continue
+        if int(fields[1]) == parent and b"screening.renderer" in cmdline:
+            found.append(int(stat.parent.name))
+    return found
+
+
+def _alive(pid: int) -> bool:
+    """Running, not a zombie waiting to be reaped."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
 def test_killed_worker_leaves_consistent_state(settings, tmp_path):
     """SIGKILL the real CLI mid-run, restart it: every photo ends graded exactly once, none lost."""
     cfg = tmp_path / "config.toml"
@@ -228,8 +339,13 @@ def test_killed_worker_leaves_consistent_state(settings, tmp_path):
     while time.time() < deadline and len(list(settings.inbox.iterdir())) == 6 and proc.poll() is None:
         time.sleep(0.05)
     time.sleep(0.3)
+    renderers = _renderer_children(proc.pid)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
+    deadline = time.time() + 15  # its renderer process (if it had started one) sees its input close and exits
+    while time.time() < deadline and any(Path(f"/proc/{pid}").exists() and _alive(pid) for pid in renderers):
+        time.sleep(0.1)
+    assert not [pid for pid in renderers if Path(f"/proc/{pid}").exists() and _alive(pid)]
     done = subprocess.run(cmd, cwd=PROJECT, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     assert list(settings.inbox.iterdir()) == []

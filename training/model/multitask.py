@@ -9,24 +9,11 @@ from typing import Any, NamedTuple
 import torch
 from torch import nn
 
+from ..labels import DME_GRADES, DR_GRADES, LESION_CODES, LESIONS  # noqa: F401 - re-exported
 from .decoder import UNetDecoder
 from .encoder import ResNetEncoder
 from .heads import ClassificationHead, SegmentationHead
 
-LESIONS: tuple[str, ...] = ("microaneurysms", "haemorrhages", "hard_exudates", "soft_exudates", "optic_disc")
-LESION_CODES: tuple[str, ...] = ("MA", "HE", "EX", "SE", "OD")
-DR_GRADES: tuple[str, ...] = (
-    "No apparent retinopathy",
-    "Mild non-proliferative DR",
-    "Moderate non-proliferative DR",
-    "Severe non-proliferative DR",
-    "Proliferative DR",
-)
-DME_GRADES: tuple[str, ...] = (
-    "No DME risk",
-    "DME risk 1 (hard exudates away from the macula centre)",
-    "DME risk 2 (hard exudates within one disc diameter of the macula centre)",
-)
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 

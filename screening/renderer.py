@@ -1,0 +1,258 @@
+"""Report PDFs rendered off the inference path.
+
+WeasyPrint is pure Python for most of its work and holds the GIL, so a render thread slows the next
+batch's forward more than it saves (measured, BENCHMARKS.md). :class:`ProcessRenderer` instead keeps one
+small child process (``python -m screening.renderer``) that imports only Jinja2, WeasyPrint and
+:mod:`screening.report` -- no torch, about 50 MB -- and renders the jobs it is sent, in order, while the
+worker goes on with the next batch. :class:`InlineRenderer` renders in the calling thread (same interface;
+``[screening] report_renderer = "inline"``).
+
+The child only turns a :class:`~screening.report.ReportContext` into a published PDF; the worker keeps all
+database work. Protocol: pickled :class:`RenderJob` objects on the child's stdin, pickled
+:class:`RenderResult` objects back on its stdout (both ends are this code; nothing else writes there). The
+child exits when its stdin closes, so it never outlives the worker, not even a killed one. If the child
+dies, every job it held comes back as failed (the worker retries those reports later) and the next
+:meth:`ProcessRenderer.submit` starts a new child.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import pickle
+import queue
+import signal
+import subprocess
+import sys
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO, Protocol
+
+from .report import ReportContext, render_with_retries
+
+log = logging.getLogger(__name__)
+
+_PACKAGE_ROOT = Path(__file__).resolve().parents[1]  # the folder holding screening/ and training/
+
+
+@dataclass(frozen=True)
+class RenderJob:
+    key: int  # chosen by the caller, returned in the result
+    ctx: ReportContext
+    templates_dir: Path
+    reports_dir: Path
+    retries: int = 3
+    retry_delay: float = 0.5
+
+
+@dataclass(frozen=True)
+class RenderResult:
+    key: int
+    path: Path | None  # the published report_v<N>.pdf, or None when rendering failed
+    error: str | None = None  # what went wrong, when path is None
+
+
+def render_job(job: RenderJob) -> RenderResult:
+    """Render one job; any failure becomes a result with the error's type and message."""
+    try:
+        path = render_with_retries(job.ctx, job.templates_dir, job.reports_dir, retries=job.retries, delay=job.retry_delay)
+    except Exception as exc:  # noqa: BLE001 - reported back to the worker, which records it and retries later
+        return RenderResult(job.key, None, f"{type(exc).__name__}: {exc}")
+    return RenderResult(job.key, path)
+
+
+class Renderer(Protocol):
+    def submit(self, job: RenderJob) -> None: ...
+
+    def results(self, timeout: float = 0.0) -> list[RenderResult]:
+        """Finished jobs, oldest first; waits up to ``timeout`` seconds for the first one if none is ready
+        and jobs are outstanding."""
+        ...
+
+    @property
+    def pending(self) -> int: ...
+
+    def close(self, timeout: float = 30.0) -> None: ...
+
+
+class InlineRenderer:
+    """Renders each job as it is submitted, in the caller's thread."""
+
+    def __init__(self) -> None:
+        self._done: list[RenderResult] = []
+
+    def submit(self, job: RenderJob) -> None:
+        self._done.append(render_job(job))
+
+    def results(self, timeout: float = 0.0) -> list[RenderResult]:
+        done, self._done = self._done, []
+        return done
+
+    @property
+    def pending(self) -> int:
+        return len(self._done)
+
+    def close(self, timeout: float = 30.0) -> None:
+        pass
+
+
+class ProcessRenderer:
+    """Renders jobs in one child process, in submission order; see the module docstring."""
+
+    def __init__(self, python: str | None = None) -> None:
+        self.python = python or sys.executable
+        self._proc: subprocess.Popen[bytes] | None = None
+        self._reader: threading.Thread | None = None
+        self._lock = threading.Lock()
+        self._outstanding: set[int] = set()
+        self._done: queue.SimpleQueue[RenderResult] = queue.SimpleQueue()
+
+    # -- child lifecycle
+    @property
+    def pid(self) -> int | None:
+        return self._proc.pid if self._proc is not None and self._proc.poll() is None else None
+
+    def start(self) -> None:
+        """Start the child now (it takes about a second to import WeasyPrint); a no-op while one runs."""
+        if self._proc is not None and self._proc.poll() is None:
+            return
+        env = dict(os.environ)
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (str(_PACKAGE_ROOT), env.get("PYTHONPATH")) if p)
+        self._proc = subprocess.Popen(
+            [self.python, "-m", "screening.renderer"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+            env=env, cwd=str(_PACKAGE_ROOT),
+        )
+        self._reader = threading.Thread(target=self._read, args=(self._proc,), name="report-renderer-reader", daemon=True)
+        self._reader.start()
+        log.debug("report renderer process %s started", self._proc.pid)
+
+    def _read(self, proc: subprocess.Popen[bytes]) -> None:
+        assert proc.stdout is not None
+        while True:
+            try:
+                result = pickle.load(proc.stdout)
+            except EOFError:  # the child is gone
+                break
+            except Exception:  # noqa: BLE001 - a broken stream: stop this child, its jobs are failed below
+                log.exception("report renderer sent something unreadable; restarting it")
+                proc.kill()
+                break
+            with self._lock:
+                self._outstanding.discard(result.key)
+            self._done.put(result)
+        code = proc.wait()
+        self._fail_outstanding(f"the report renderer process exited (exit code {code}) before finishing this report")
+
+    def _fail_outstanding(self, reason: str) -> None:
+        with self._lock:
+            lost, self._outstanding = sorted(self._outstanding), set()
+        if lost:
+            log.error("report renderer: %s; %d report(s) will be retried", reason, len(lost))
+        for key in lost:
+            self._done.put(RenderResult(key, None, reason))
+
+    # -- jobs
+    def submit(self, job: RenderJob) -> None:
+        self.start()
+        proc = self._proc
+        assert proc is not None and proc.stdin is not None
+        with self._lock:
+            self._outstanding.add(job.key)
+        try:
+            proc.stdin.write(pickle.dumps(job, protocol=pickle.HIGHEST_PROTOCOL))
+            proc.stdin.flush()
+        except (BrokenPipeError, OSError, ValueError) as exc:  # the child died (the reader fails its other jobs)
+            with self._lock:
+                lost = job.key in self._outstanding
+                self._outstanding.discard(job.key)
+            if lost:
+                self._done.put(RenderResult(job.key, None, f"the report renderer process is gone ({type(exc).__name__})"))
+
+    def results(self, timeout: float = 0.0) -> list[RenderResult]:
+        out: list[RenderResult] = []
+        if timeout > 0 and self.pending:
+            try:
+                out.append(self._done.get(timeout=timeout))
+            except queue.Empty:
+                return out
+        while True:
+            try:
+                out.append(self._done.get_nowait())
+            except queue.Empty:
+                return out
+
+    @property
+    def pending(self) -> int:
+        with self._lock:
+            return len(self._outstanding) + self._done.qsize()
+
+    def close(self, timeout: float = 30.0) -> None:
+        """Let the child finish what it holds (up to ``timeout`` seconds), then stop it."""
+        proc, self._proc = self._proc, None
+        if proc is None:
+            return
+        try:
+            if proc.stdin is not None:
+                proc.stdin.close()
+        except OSError:
+            pass
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            log.warning("report renderer did not stop within %.0f s; killing it", timeout)
+            proc.kill()
+            proc.wait()
+        if self._reader is not None:
+            self._reader.join(timeout=5)
+
+
+def make_renderer(kind: str) -> Renderer:
+    if kind == "process":
+        return ProcessRenderer()
+    if kind == "inline":
+        return InlineRenderer()
+    raise ValueError(f"unknown report renderer {kind!r}; expected 'process' or 'inline'")
+
+
+# ------------------------------------------------------------------------------------------------ child
+
+
+def _serve(jobs: BinaryIO, results: BinaryIO) -> int:
+    while True:
+        try:
+            job = pickle.load(jobs)
+        except EOFError:
+            return 0
+        result = render_job(job)
+        pickle.dump(result, results, protocol=pickle.HIGHEST_PROTOCOL)
+        results.flush()
+        _trim_heap()
+
+
+def _trim_heap() -> None:
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+def main() -> int:
+    # Ctrl-C in a terminal reaches the whole process group: the worker decides when to stop and closes our stdin.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    logging.basicConfig(level=logging.WARNING, stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s (renderer): %(message)s")
+    results = os.fdopen(os.dup(sys.stdout.fileno()), "wb")
+    os.dup2(sys.stderr.fileno(), sys.stdout.fileno())  # stray prints must not corrupt the result stream
+    import weasyprint  # noqa: F401 - imported before the first job arrives
+
+    return _serve(sys.stdin.buffer, results)
+
+
+if __name__ == "__main__":
+    # run as ``-m``: use the importable module, so results pickle as screening.renderer.RenderResult
+    from screening.renderer import main as _main
+
+    sys.exit(_main())

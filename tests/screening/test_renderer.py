@@ -1,0 +1,114 @@
+"""The report renderer process: renders what it is sent, stays torch-free, survives its child dying."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from pypdf import PdfReader
+
+from screening.renderer import InlineRenderer, ProcessRenderer, RenderJob, make_renderer
+
+from .test_report import TEMPLATES, _ctx, _eye
+
+PROJECT = Path(__file__).resolve().parents[2]
+
+
+def _text(pdf: Path) -> str:
+    return " ".join((p.extract_text() or "") for p in PdfReader(str(pdf)).pages)
+
+
+def _wait(renderer, n: int, timeout: float = 60.0) -> list:
+    got, deadline = [], time.monotonic() + timeout
+    while len(got) < n and time.monotonic() < deadline:
+        got += renderer.results(timeout=1.0)
+    return got
+
+
+def test_renderer_modules_do_not_import_torch():
+    """The renderer process must stay small: importing it (and the report code) must not pull in torch."""
+    code = "import sys, screening.renderer, screening.report; print(sorted(m for m in ('torch', 'cv2', 'numpy') if m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code], cwd=PROJECT, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
+
+
+def test_process_renderer_renders_in_order_and_versions_do_not_collide(tmp_path):
+    renderer = ProcessRenderer()
+    try:
+        renderer.submit(RenderJob(1, _ctx([_eye("R", 0, 0, tmp_path / "img")], version=1), TEMPLATES, tmp_path / "reports"))
+        # the same exam again before the first is finished, also asking for version 1: it must become v2
+        renderer.submit(RenderJob(2, _ctx([_eye("R", 0, 0, tmp_path / "img"), _eye("L", 3, 1, tmp_path / "img")], version=1),
+                                  TEMPLATES, tmp_path / "reports"))
+        assert renderer.pending == 2 and renderer.pid is not None and renderer.pid != os.getpid()
+        results = _wait(renderer, 2)
+    finally:
+        renderer.close()
+    assert [r.key for r in results] == [1, 2] and [r.error for r in results] == [None, None]
+    assert [r.path.name for r in results] == ["report_v1.pdf", "report_v2.pdf"]
+    assert "Report v1" in _text(results[0].path) and "Report v2" in _text(results[1].path)
+    second = _text(results[1].path)
+    assert "Left eye" in second and "Severe non-proliferative" in second
+    assert renderer.pending == 0 and renderer.pid is None
+
+
+def test_process_renderer_reports_a_failure_with_its_reason(tmp_path):
+    renderer = ProcessRenderer()
+    try:
+        renderer.submit(RenderJob(7, _ctx([]), tmp_path / "missing-templates", tmp_path / "reports", retries=1))
+        (result,) = _wait(renderer, 1)
+    finally:
+        renderer.close()
+    assert result.key == 7 and result.path is None
+    assert "ReportError" in result.error and "report.css" in result.error
+    assert not list((tmp_path / "reports").rglob("*.pdf"))
+
+
+def test_dead_renderer_fails_its_jobs_and_the_next_submit_starts_a_new_one(tmp_path):
+    renderer = ProcessRenderer()
+    try:
+        renderer.start()
+        first = renderer.pid
+        os.kill(first, signal.SIGSTOP)  # hold it so the job is certainly still outstanding when it dies
+        renderer.submit(RenderJob(1, _ctx([]), TEMPLATES, tmp_path / "reports"))
+        os.kill(first, signal.SIGKILL)
+        (lost,) = _wait(renderer, 1)
+        assert lost.key == 1 and lost.path is None and "exited" in lost.error
+        renderer.submit(RenderJob(2, _ctx([]), TEMPLATES, tmp_path / "reports"))
+        (ok,) = _wait(renderer, 1)
+        assert renderer.pid not in (None, first)
+    finally:
+        renderer.close()
+    assert ok.key == 2 and ok.path is not None and ok.path.name == "report_v1.pdf"
+
+
+def test_renderer_process_ignores_ctrl_c_and_stops_when_the_worker_goes(tmp_path):
+    """Ctrl-C reaches the whole process group: the renderer keeps going until the worker closes its input."""
+    renderer = ProcessRenderer()
+    try:
+        renderer.start()
+        pid = renderer.pid
+        time.sleep(1.0)  # let it install its handlers
+        os.kill(pid, signal.SIGINT)
+        renderer.submit(RenderJob(1, _ctx([]), TEMPLATES, tmp_path / "reports"))
+        (ok,) = _wait(renderer, 1)
+        assert ok.path is not None
+        proc = renderer._proc
+    finally:
+        renderer.close(timeout=10)
+    assert proc.returncode == 0
+
+
+def test_inline_renderer_same_results(tmp_path):
+    renderer = make_renderer("inline")
+    assert isinstance(renderer, InlineRenderer)
+    renderer.submit(RenderJob(3, _ctx([_eye("L", 2, 0)]), TEMPLATES, tmp_path / "reports"))
+    assert renderer.pending == 1
+    (result,) = renderer.results()
+    assert result.key == 3 and result.path.name == "report_v1.pdf" and renderer.pending == 0
+    with pytest.raises(ValueError, match="'threads'"):
+        make_renderer("threads")

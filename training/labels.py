@@ -1,0 +1,24 @@
+"""The label vocabulary of the network: lesion channels, ICDR DR grades and IDRiD DME risk grades.
+
+Plain tuples with no torch import, so that code which only needs the names (the report renderer, which
+runs in its own small process) can use them without loading the deep-learning stack.
+"""
+
+from __future__ import annotations
+
+LESIONS: tuple[str, ...] = ("microaneurysms", "haemorrhages", "hard_exudates", "soft_exudates", "optic_disc")
+LESION_CODES: tuple[str, ...] = ("MA", "HE", "EX", "SE", "OD")
+DR_GRADES: tuple[str, ...] = (
+    "No apparent retinopathy",
+    "Mild non-proliferative DR",
+    "Moderate non-proliferative DR",
+    "Severe non-proliferative DR",
+    "Proliferative DR",
+)
+DME_GRADES: tuple[str, ...] = (
+    "No DME risk",
+    "DME risk 1 (hard exudates away from the macula centre)",
+    "DME risk 2 (hard exudates within one disc diameter of the macula centre)",
+)
+
+__all__ = ["DME_GRADES", "DR_GRADES", "LESIONS", "LESION_CODES"]
