@@ -3,7 +3,8 @@
 State machine (``images.state``): received -> done -> reported, or rejected / failed. The original
 stays in the inbox until its result is committed, then moves to the archive; a worker killed at any
 point finds either the file still in the inbox (and redoes the image) or a committed state to
-continue from. Report PDFs are rendered to a temporary name and renamed, earlier versions kept.
+continue from. Report PDFs are rendered by ``screening.renderer`` (by default a side process, while the
+next batch runs) to a temporary name and renamed, earlier versions kept; the worker records each one.
 """
 
 from __future__ import annotations
@@ -308,8 +309,8 @@ class Worker:
                 ctx = self._context(session, exam, version)
                 done = tuple(i.id for i in exam.images if i.state == ImageState.DONE)
             key, self._next_key = self._next_key, self._next_key + 1
-            self._in_flight[key] = PendingReport(exam_id, version, done, snapshot_at)
             self.renderer.submit(RenderJob(key, ctx, self.templates_dir, self.s.reports, retries=self.s.report_retries))
+            self._in_flight[key] = PendingReport(exam_id, version, done, snapshot_at)  # results are read later, here
         return len(exam_ids)
 
     def _record_report(self, result: RenderResult, out: BatchOutcome) -> None:
@@ -357,11 +358,6 @@ class Worker:
                 self.collect_reports(out)
                 self._in_flight.clear()
                 return
-
-    def render_pending(self, out: BatchOutcome, exam_ids: list[int] | None = None) -> None:
-        """Render (``submit_reports``) and record, waiting for the result."""
-        if self.submit_reports(exam_ids):
-            self.wait_for_reports(out)
 
     def close(self) -> None:
         """Wait for reports on the way, then stop the renderer."""

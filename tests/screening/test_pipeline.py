@@ -158,6 +158,7 @@ class HeldRenderer:
     def __init__(self) -> None:
         self.jobs: dict[int, object] = {}
         self.done: list = []
+        self.closed = False
 
     def submit(self, job) -> None:
         self.jobs[job.key] = job
@@ -177,7 +178,29 @@ class HeldRenderer:
         return len(self.jobs) + len(self.done)
 
     def close(self, timeout: float = 30.0) -> None:
-        pass
+        self.closed = True
+        for key in sorted(self.jobs):  # what a stopped renderer process does with the jobs it held
+            self.release(key, fail=True)
+
+
+def test_a_hung_renderer_is_stopped_and_its_reports_retried_later(settings):
+    held = HeldRenderer()
+    worker = make_worker(settings, renderer=held)
+    write_fundus(settings.inbox / "P4_R.jpg", seed=42)
+    out = worker.process([settings.inbox / "P4_R.jpg"])
+    assert len(held.jobs) == 1
+    t0 = time.monotonic()
+    worker.wait_for_reports(out, stall_timeout=0.5)  # the renderer never answers
+    assert time.monotonic() - t0 < 10 and held.closed and worker._in_flight == {}
+    with session_scope(worker.factory) as s:
+        assert s.scalars(select(Image)).one().state == "done"
+        assert s.scalar(select(func.count()).select_from(Event).where(Event.kind == "report_failed")) == 1
+    worker.submit_reports(None)  # the catch-up sends it again
+    (job,) = held.jobs.values()
+    held.release(job.key)
+    worker.collect_reports(out)
+    with session_scope(worker.factory) as s:
+        assert s.scalars(select(Image)).one().state == "reported"
 
 
 def test_second_eye_while_the_first_report_renders(settings):
