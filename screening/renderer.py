@@ -34,6 +34,7 @@ from .report import ReportContext, render_with_retries
 log = logging.getLogger(__name__)
 
 _PACKAGE_ROOT = Path(__file__).resolve().parents[1]  # the folder holding screening/ and training/
+RENDERER_NICENESS = 10
 
 
 @dataclass(frozen=True)
@@ -242,6 +243,8 @@ def _trim_heap() -> None:
 def main() -> int:
     # Ctrl-C in a terminal reaches the whole process group: the worker decides when to stop and closes our stdin.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    # Grading comes first: the report uses the CPU the forward leaves idle (and all of it while the worker waits).
+    os.nice(RENDERER_NICENESS)
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s (renderer): %(message)s")
     results = os.fdopen(os.dup(sys.stdout.fileno()), "wb")
