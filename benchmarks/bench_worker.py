@@ -4,7 +4,8 @@
     PDF report) vs the bare ``predictor.forward`` of the same images at the same batch size (target <= 1.5x);
 (b) naive one-process-per-photo script (benchmarks/naive_predict.py) vs the worker (target >= 6x);
 (c) Grad-CAM overhead: ``predict(explain=True)`` vs ``explain=False`` and vs the bare forward (target <= 20%);
-(d) peak RSS of the worker process during (a) (target <= 1.5 GB); (a) runs in a child process for this;
+(d) peak RSS of the worker process during (a) plus its report renderer process's (target <= 1.5 GB); (a) runs
+    in a child process for this;
 (e) backlog scaling: sweep / Intake.poll / wait_until_stable and the per-file intake+DB+PNG cost of the
     first N files with a backlog of 100 vs 10,000 distinct small JPEGs in the inbox. The model forward and
     the WeasyPrint PDF rendering are STUBBED in (e) (constant per file; measured in (a)); everything else
@@ -13,7 +14,7 @@
 
 Real photos are read from ../shared/data/srahim (both eyes per patient); nothing is copied into the repo.
 
-    .venv/bin/python benchmarks/bench_worker.py                   # resnet34 @ 512 px, K=8, batch 4
+    .venv/bin/python benchmarks/bench_worker.py                   # resnet34 @ 512 px, K=8, batch 1 (config default)
     .venv/bin/python benchmarks/bench_worker.py --backbone resnet18 --parts a c
     .venv/bin/python benchmarks/bench_worker.py --quick --json /tmp/bw.json
 """
@@ -459,7 +460,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--model", help="benchmark this checkpoint (e.g. models/baseline.pt) instead of a random-init one")
     p.add_argument("--k", type=int, default=8, help="images per worker run in (a) (even: both eyes of k/2 patients)")
     p.add_argument("--naive-k", type=int, default=None, help="files for the naive script in (b) (default: k)")
-    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--batch-size", type=int, default=1, help="[screening] batch_size (config default 1)")
     p.add_argument("--threads", type=int, default=2, help="worker/predictor torch threads ([screening] threads)")
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--renderer", default="process", choices=["process", "inline"],

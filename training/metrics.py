@@ -31,12 +31,11 @@ from sklearn.metrics import (
 )
 
 from training.data.records import DME_PRESENT, DME_UNKNOWN, DR_UNKNOWN
+from training.labels import DME_GRADES, DR_GRADES, LESION_CODES
 
-# Mirrors training.model.multitask (kept here so that importing metrics does not import torch;
-# tests/training/test_metrics.py checks that the two agree).
-LESION_CODES: tuple[str, ...] = ("MA", "HE", "EX", "SE", "OD")
-NUM_DR_GRADES = 5
-NUM_DME_GRADES = 3
+# training.labels, not training.model: importing metrics must not import torch
+NUM_DR_GRADES = len(DR_GRADES)
+NUM_DME_GRADES = len(DME_GRADES)
 REFERABLE_UNKNOWN = -1
 
 __all__ = [
