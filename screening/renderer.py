@@ -122,7 +122,7 @@ class ProcessRenderer:
         env["PYTHONPATH"] = os.pathsep.join(p for p in (str(_PACKAGE_ROOT), env.get("PYTHONPATH")) if p)
         self._proc = subprocess.Popen(
             [self.python, "-m", "screening.renderer"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-            env=env, cwd=str(_PACKAGE_ROOT),
+            env=env,  # same working folder as the worker: relative paths in a job mean the same to both
         )
         self._reader = threading.Thread(target=self._read, args=(self._proc,), name="report-renderer-reader", daemon=True)
         self._reader.start()

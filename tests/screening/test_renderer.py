@@ -112,3 +112,15 @@ def test_inline_renderer_same_results(tmp_path):
     assert result.key == 3 and result.path.name == "report_v1.pdf" and renderer.pending == 0
     with pytest.raises(ValueError, match="'threads'"):
         make_renderer("threads")
+
+
+def test_relative_paths_mean_the_same_folder_to_the_renderer(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    renderer = ProcessRenderer()
+    try:
+        renderer.submit(RenderJob(1, _ctx([]), TEMPLATES, Path("relative-reports")))
+        (result,) = _wait(renderer, 1)
+    finally:
+        renderer.close()
+    assert result.error is None and result.path.is_relative_to(tmp_path.resolve() / "relative-reports")
+    assert result.path.is_file()
