@@ -409,8 +409,8 @@ def part_e(args, tmp: Path, report: dict) -> None:
             t1 = time.perf_counter()
             worker.recover()
             t_recover = time.perf_counter() - t1
-            # process the first N files the way run_forever does: chunks of batch_size * 4
-            chunk = max(args.batch_size * 4, 1)
+            # process the first N files the way run_forever does: groups of max(batch_size * 4, 8)
+            chunk = max(args.batch_size * 4, 8)
             todo = ready[: args.first_n]
             per_chunk = []
             for i in range(0, len(todo), chunk):
@@ -434,7 +434,7 @@ def part_e(args, tmp: Path, report: dict) -> None:
                          f"{entry['per_file_process_ms']:.1f}"])
             shutil.rmtree(wd, ignore_errors=True)
     print(f"\n(e) backlog scaling (model + WeasyPrint stubbed, model input {args.e_size} px; first {args.first_n} "
-          f"files processed in chunks of {args.batch_size * 4}, as run_forever does)")
+          f"files processed in groups of {max(args.batch_size * 4, 8)}, as run_forever does)")
     print_table(["backlog", "DB history", "sweep ms", "sweep us/file", "poll ms", "wait_stable ms", "recover ms",
                  "process ms/file (first N)"], rows)
     by = {(r["backlog"], r["history"]): r for r in results}

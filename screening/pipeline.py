@@ -450,9 +450,7 @@ class Worker:
             for sig in (signal.SIGINT, signal.SIGTERM):
                 signal.signal(sig, lambda *_: stop.set())
         self.recover()
-        start = getattr(self.renderer, "start", None)
-        if start is not None:
-            start()  # the renderer imports WeasyPrint while the first files arrive
+        self.renderer.start()  # a renderer process imports WeasyPrint while the first files arrive
         self._submit_quietly(None)
         log.info("watching %s (%s observer)", self.s.inbox, self.s.observer)
         next_catch_up = time.monotonic() + self.s.sweep_interval
@@ -464,9 +462,10 @@ class Worker:
                         self._submit_quietly(None)
                         next_catch_up = time.monotonic() + self.s.sweep_interval
                     ready = intake.poll()
-                    if ready:
-                        for i in range(0, len(ready), max(self.s.batch_size * 4, 1)):
-                            out = self.process(ready[i:i + self.s.batch_size * 4])
+                    if ready:  # in groups, so a long backlog is not all decoded at once
+                        group = max(self.s.batch_size * 4, 8)
+                        for i in range(0, len(ready), group):
+                            out = self.process(ready[i:i + group])
                             log.info("batch: %s", out)
                     elif self._in_flight:
                         self.collect_reports(idle, timeout=self.s.poll_interval)

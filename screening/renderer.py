@@ -64,6 +64,10 @@ def render_job(job: RenderJob) -> RenderResult:
 
 
 class Renderer(Protocol):
+    def start(self) -> None:
+        """Get ready to render (a no-op where there is nothing to start)."""
+        ...
+
     def submit(self, job: RenderJob) -> None: ...
 
     def results(self, timeout: float = 0.0) -> list[RenderResult]:
@@ -82,6 +86,9 @@ class InlineRenderer:
 
     def __init__(self) -> None:
         self._done: list[RenderResult] = []
+
+    def start(self) -> None:
+        pass
 
     def submit(self, job: RenderJob) -> None:
         self._done.append(render_job(job))

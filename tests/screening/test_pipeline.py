@@ -160,6 +160,9 @@ class HeldRenderer:
         self.done: list = []
         self.closed = False
 
+    def start(self) -> None:
+        pass
+
     def submit(self, job) -> None:
         self.jobs[job.key] = job
 
