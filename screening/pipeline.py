@@ -9,7 +9,6 @@ next batch runs) to a temporary name and renamed, earlier versions kept; the wor
 
 from __future__ import annotations
 
-import ctypes
 import logging
 import os
 import re
@@ -38,18 +37,10 @@ from .inference import ImagePrediction, Predictor
 from .intake import Identity, IdentityError, Intake, parse_identity, sha256_file, sidecar_for, sweep, unsupported_reason, wait_until_stable
 from .renderer import Renderer, RenderJob, RenderResult, make_renderer
 from .report import EyeFinding, ReportContext
+from .runtime import release_memory
 
 log = logging.getLogger("screening")
 _SAFE = re.compile(r"[^A-Za-z0-9._-]+")
-
-
-def release_memory() -> None:
-    """Hand freed heap pages back to the OS between batches (glibc keeps them otherwise, and the next
-    forward's activations then land on top of a fragmented heap). A no-op where glibc is absent."""
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
 
 
 def safe_name(name: str) -> str:

@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import BinaryIO, Protocol
 
 from .report import ReportContext, render_with_retries
+from .runtime import release_memory
 
 log = logging.getLogger(__name__)
 
@@ -235,16 +236,7 @@ def _serve(jobs: BinaryIO, results: BinaryIO) -> int:
         result = render_job(job)
         pickle.dump(result, results, protocol=pickle.HIGHEST_PROTOCOL)
         results.flush()
-        _trim_heap()
-
-
-def _trim_heap() -> None:
-    try:
-        import ctypes
-
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
+        release_memory()
 
 
 def main() -> int:
