@@ -368,7 +368,6 @@ def part_e(args, tmp: Path, report: dict) -> None:
     from screening.cli import _session_factory
     from screening.intake import Intake, sweep, wait_until_stable
     from screening.pipeline import Worker
-
     from screening.renderer import InlineRenderer, RenderResult
 
     class StubRenderer(InlineRenderer):  # WeasyPrint stubbed: constant per exam, see (a)

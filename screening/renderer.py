@@ -3,7 +3,7 @@
 WeasyPrint is pure Python for most of its work and holds the GIL, so a render thread slows the next
 batch's forward more than it saves (measured, BENCHMARKS.md). :class:`ProcessRenderer` instead keeps one
 small child process (``python -m screening.renderer``) that imports only Jinja2, WeasyPrint and
-:mod:`screening.report` -- no torch, about 50 MB -- and renders the jobs it is sent, in order, while the
+:mod:`screening.report` -- no torch, about 80 MB at its peak -- and renders the jobs it is sent, in order, while the
 worker goes on with the next batch. :class:`InlineRenderer` renders in the calling thread (same interface;
 ``[screening] report_renderer = "inline"``).
 

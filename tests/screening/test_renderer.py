@@ -10,17 +10,16 @@ import time
 from pathlib import Path
 
 import pytest
-from pypdf import PdfReader
 
 from screening.renderer import InlineRenderer, ProcessRenderer, RenderJob, make_renderer
 
-from .test_report import TEMPLATES, _ctx, _eye
+from .test_report import TEMPLATES, _ctx, _eye, _pages_text
 
 PROJECT = Path(__file__).resolve().parents[2]
 
 
 def _text(pdf: Path) -> str:
-    return " ".join((p.extract_text() or "") for p in PdfReader(str(pdf)).pages)
+    return " ".join(_pages_text(pdf))
 
 
 def _wait(renderer, n: int, timeout: float = 60.0) -> list:
