@@ -457,7 +457,9 @@ class Worker:
                         group = max(self.s.batch_size * 4, 8)
                         for i in range(0, len(ready), group):
                             out = self.process(ready[i:i + group])
-                            log.info("batch: %s", out)
+                            log.info("batch: processed %d, duplicates %d, rejected %d, failed %d; reports recorded "
+                                     "meanwhile %d (each report is logged when it is written)", out.processed,
+                                     out.duplicates, out.rejected, out.failed, out.reports)
                     elif self._in_flight:
                         self.collect_reports(idle, timeout=self.s.poll_interval)
                     else:
