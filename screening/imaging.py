@@ -9,7 +9,7 @@ import cv2
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from training.data.transforms import crop_square, resize_square
+from training.data.transforms import channel_max, crop_square, resize_square
 
 _REDUCED = {8: cv2.IMREAD_REDUCED_COLOR_8, 4: cv2.IMREAD_REDUCED_COLOR_4, 2: cv2.IMREAD_REDUCED_COLOR_2}
 
@@ -57,7 +57,7 @@ def decode(path: Path, size: int, display_size: int = 512) -> DecodedImage:
 def check_fundus(rgb: np.ndarray) -> None:
     """Cheap plausibility check: a lit, red-dominant field of view surrounded by dark borders."""
     small = cv2.resize(rgb, (128, 128), interpolation=cv2.INTER_AREA) if max(rgb.shape[:2]) > 128 else rgb
-    field = small.max(axis=2) > 12
+    field = channel_max(small) > 12
     frac = float(field.mean())
     if frac < 0.25:
         raise ImageRejected(f"image is almost entirely dark ({frac:.0%} lit); check the camera exposure and retake")

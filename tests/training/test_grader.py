@@ -8,6 +8,7 @@ from training.grader import (
     FEATURE_NAMES, FEATURE_SETS, SEG_FEATURE_NAMES, apply_grader, features_of, fit_grader, lesion_features,
     segmentation_features, uses_segmentation,
 )
+from training.data.transforms import subtract_local_mean
 
 
 def test_features_shape_determinism_and_lesion_sensitivity():
@@ -139,3 +140,30 @@ def test_image_features_are_measured_at_256_px_at_most():
     big = make_fundus(np.random.default_rng(4), size=512, dr_grade=2, dme_grade=2).image
     small = cv2.resize(big, (256, 256), interpolation=cv2.INTER_AREA)
     assert np.array_equal(lesion_features(big), lesion_features(small))
+
+
+def _reference_lesion_features(image):
+    """lesion_features as first written (numpy reductions over the channel axis); the shipped grader was
+    fitted on these values, so the faster code must give the same numbers."""
+    if image.shape[0] > 256:
+        image = cv2.resize(image, (256, 256), interpolation=cv2.INTER_AREA)
+    e = subtract_local_mean(image).astype(np.float32)  # byte-identical to its reference (test_transforms)
+    field = cv2.erode((image.max(axis=2) > 12).astype(np.uint8), np.ones((15, 15), np.uint8)).astype(bool)
+    g, b, lum = e[..., 1], e[..., 2], e.mean(axis=2)
+    f = [((lum > t) & field).mean() for t in (150, 170, 190, 210)]
+    f += [((g > t) & (b < t - 30) & field).mean() for t in (150, 170, 190, 210)]
+    f += [((lum < t) & field).mean() for t in (100, 80, 60)]
+    for k in (5, 9):
+        kernel = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (k, k))
+        for op in (cv2.MORPH_BLACKHAT, cv2.MORPH_TOPHAT):
+            th = cv2.morphologyEx(image[..., 1], op, kernel)
+            f += [((th > t) & field).mean() for t in (12, 20)]
+    f += list(np.percentile(lum[field], [1, 5, 50, 95, 99]))
+    f += list(np.std(e[field], axis=0))
+    return np.asarray(f, dtype=np.float64)
+
+
+@pytest.mark.parametrize("grade", [0, 2, 4])
+def test_image_features_equal_the_reference_implementation(grade):
+    img = make_fundus(np.random.default_rng(grade), size=512, dr_grade=grade, dme_grade=min(grade, 2)).image
+    assert np.array_equal(lesion_features(img), _reference_lesion_features(img))

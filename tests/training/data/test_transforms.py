@@ -3,7 +3,11 @@ import pytest
 import torch
 
 from training.data.synthetic import make_fundus
-from training.data.transforms import eval_transforms, preprocess_fundus, subtract_local_mean, train_transforms
+import cv2
+
+from training.data.transforms import (
+    channel_max, eval_transforms, fundus_bbox, preprocess_fundus, subtract_local_mean, train_transforms,
+)
 
 
 def _fundus():
@@ -30,6 +34,40 @@ def test_local_mean_contrast_flattens_illumination_and_keeps_background_black():
     assert (out[img.max(axis=2) <= 12] == 0).all()
     centre = out[96:160, 96:160].reshape(-1, 3).mean(0)
     assert np.all(np.abs(centre - 128) < 40)  # the retina's colour cast is gone: near mid-grey
+
+
+def test_channel_max_gives_numpys_values_for_any_layout():
+    rng = np.random.default_rng(3)
+    for img in (rng.integers(0, 256, (37, 53, 3), dtype=np.uint8), rng.normal(size=(20, 30, 4)).astype(np.float32)):
+        for view in (img, img[::2, 1::3], np.ascontiguousarray(img.transpose(1, 0, 2))):
+            out = channel_max(view)
+            assert out.dtype == view.dtype and np.array_equal(out, view.max(axis=2))
+    assert not np.shares_memory(channel_max(img), img)  # a new array: callers may write into it
+    with pytest.raises(ValueError, match=r"\(H, W, C\).*\(5, 5\)"):
+        channel_max(np.zeros((5, 5), np.uint8))
+
+
+def _reference_local_mean(image):
+    """The contrast step as first written (numpy max over channels, boolean-mask assignment); the fast
+    version must give the same bytes, or the worker would no longer apply the training preset."""
+    field = (image.max(axis=2) > 12).astype(np.uint8)
+    k = max(3, int(max(image.shape[:2]) * 0.03) | 1)
+    field = cv2.erode(field, cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (k, k))).astype(bool)
+    blur = cv2.GaussianBlur(image, (0, 0), sigmaX=max(image.shape[:2]) / 30)
+    out = cv2.addWeighted(image, 4.0, blur, -4.0, 128.0)
+    out[~field] = 0
+    return out
+
+
+@pytest.mark.parametrize("size", [256, 512])
+def test_local_mean_contrast_and_bbox_are_byte_identical_to_the_reference(size):
+    img = make_fundus(np.random.default_rng(size), size=size, dr_grade=3, dme_grade=2).image
+    assert np.array_equal(subtract_local_mean(img), _reference_local_mean(img))
+    wide = np.zeros((size, size + 90, 3), np.uint8)
+    wide[:, 40:40 + size] = img
+    probe = wide.max(axis=2)
+    rows, cols = np.flatnonzero((probe > 12).mean(axis=1) > 0.01), np.flatnonzero((probe > 12).mean(axis=0) > 0.01)
+    assert fundus_bbox(wide) == (rows[0], rows[-1] + 1, cols[0], cols[-1] + 1)
 
 
 def test_contrast_mode_is_part_of_both_presets_and_validated():
