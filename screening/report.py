@@ -350,14 +350,18 @@ def render_html(ctx: ReportContext, templates_dir: Path | str, link_stylesheet: 
     stylesheet instead of having it parse the file for every report).
     """
     templates_dir = Path(templates_dir).resolve()
-    env = _environment(templates_dir)
+    return _environment(templates_dir).get_template(TEMPLATE_NAME).render(**template_variables(ctx, templates_dir, link_stylesheet))
+
+
+def template_variables(ctx: ReportContext, templates_dir: Path, link_stylesheet: bool = True) -> dict[str, object]:
+    """What the template sees (benchmarks/bench_report.py renders other template versions with it)."""
     gen = ctx.generated_at
     generated = gen.strftime("%Y-%m-%d %H:%M") + (f" {gen.strftime('%Z') or gen.strftime('%z')}" if gen.tzinfo else "")
     eyes = [
         {"code": code, "name": EYE_NAMES[code], "finding": _eye_view(f) if (f := ctx.eye(code)) else None}
         for code in EYE_ORDER
     ]
-    return env.get_template(TEMPLATE_NAME).render(
+    return dict(
         clinic_name=ctx.clinic_name,
         patient_id=ctx.patient_id,
         exam_date=ctx.exam_date.isoformat(),
@@ -365,9 +369,6 @@ def render_html(ctx: ReportContext, templates_dir: Path | str, link_stylesheet: 
         generated_at=generated,
         referral=referral_recommendation(ctx.eyes),
         eyes=eyes,
-        lesion_legend=[
-            {"code": c, "label": LESION_LABELS[c], "colour": _rgb(rgb)} for c, rgb in LESION_COLOURS.items()
-        ],
         model_version=ctx.model_version,
         checkpoint_short=(ctx.checkpoint_sha256 or "")[:12] or "unknown",
         model_metrics=[(k, _metric(v)) for k, v in ctx.model_metrics.items()],
@@ -498,5 +499,5 @@ __all__ = [
     "DEMO_WATERMARK", "EYE_NAMES", "LESION_COLOURS", "LESION_LABELS", "REFERRAL_LEVELS", "RESEARCH_STATUS",
     "EyeFinding", "Referral", "ReferralLevel", "ReportContext", "ReportError", "existing_versions",
     "referral_recommendation", "render_html", "render_pdf", "render_with_retries", "report_dir",
-    "safe_patient_dir_name",
+    "safe_patient_dir_name", "template_variables",
 ]

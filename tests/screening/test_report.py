@@ -184,6 +184,24 @@ def test_demo_report_pdf(demo_pdf, tmp_path):
     assert _norm(text).index(_norm("<script>x</script>.jpg")) < _norm(text).index(_norm("L_fundus.jpg"))
 
 
+def test_two_graded_eyes_keep_all_their_findings(tmp_path):
+    """Each eye's section stays whole with its findings and lesion table: right eye on page 1, left eye on
+    page 2 (two graded eyes do not fit on one page), with long file names and image-quality notes."""
+    long_name = "camera-export_" + "x" * 60 + "_R.jpg"
+    right = dataclasses.replace(_eye("R", 3, 2, tmp_path / "img", source_name=long_name), image_quality="slightly blurred",
+                                lesion_areas={"MA": 0.0031, "HE": 0.0456, "EX": 0.0789, "SE": 0.0002, "OD": 0.0211})
+    left = dataclasses.replace(_eye("L", 1, 0, tmp_path / "img"), image_quality="small pupil",
+                               lesion_areas={"MA": 0.0007, "HE": 0.0, "EX": 0.0123, "SE": 0.0, "OD": 0.0199})
+    pages = _pages_text(render_pdf(_ctx([left, right], status="research"), TEMPLATES, tmp_path / "reports"))
+    assert len(pages) == 2
+    areas = {"R": ["0.31%", "4.56%", "7.89%", "0.02%", "2.11%"], "L": ["0.07%", "1.23%", "1.99%"]}
+    for page, eye, grade, quality in ((pages[0], "R", DR_GRADES[3], "slightly blurred"), (pages[1], "L", DR_GRADES[1], "small pupil")):
+        for needle in ["Area (% of fundus)", "Referable DR", "Confidence 92%", "Confidence 90%", grade, quality, *areas[eye]]:
+            assert _contains(page, needle), (eye, needle)
+    assert _contains(pages[0], long_name) and not _contains(pages[0], "1.23%")
+    assert _contains(pages[1], "Grading model") and _contains(pages[1], "not replace an examination")
+
+
 @pytest.mark.skipif(not HAS_POPPLER, reason="poppler-utils (pdftoppm, pdftotext) not installed")
 def test_demo_report_rasterises_and_pdftotext_reads_it(demo_pdf, tmp_path):
     subprocess.run(["pdftoppm", "-r", "50", "-png", str(demo_pdf), str(tmp_path / "page")], check=True)
