@@ -102,6 +102,33 @@ def test_renderer_process_ignores_ctrl_c_and_stops_when_the_worker_goes(tmp_path
     assert proc.returncode == 0
 
 
+@pytest.mark.skipif(not hasattr(os, "SCHED_IDLE"), reason="SCHED_IDLE is Linux-only")
+def test_renderer_process_runs_only_on_idle_cpu(tmp_path):
+    """Grading keeps the CPU: the renderer child runs under SCHED_IDLE, the worker keeps its own policy."""
+    renderer = ProcessRenderer()
+    try:
+        renderer.submit(RenderJob(1, _ctx([]), TEMPLATES, tmp_path / "reports"))
+        (ok,) = _wait(renderer, 1)  # the child has set its policy before it reads its first job
+        assert ok.path is not None
+        assert os.sched_getscheduler(renderer.pid) == os.SCHED_IDLE
+    finally:
+        renderer.close()
+    assert os.sched_getscheduler(0) != os.SCHED_IDLE
+
+
+def test_lower_priority_falls_back_to_niceness(monkeypatch):
+    import screening.renderer as r
+
+    calls = []
+
+    def refuse(*_):
+        raise PermissionError("not allowed here")
+
+    monkeypatch.setattr(r.os, "sched_setscheduler", refuse)
+    monkeypatch.setattr(r.os, "nice", calls.append)
+    assert r.lower_priority() == f"nice {r.RENDERER_NICENESS}" and calls == [r.RENDERER_NICENESS]
+
+
 def test_inline_renderer_same_results(tmp_path):
     renderer = make_renderer("inline")
     assert isinstance(renderer, InlineRenderer)
