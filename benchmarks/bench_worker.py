@@ -141,11 +141,15 @@ def child_a(args: argparse.Namespace) -> int:
     timer = StageTimer()
     timer.wrap(worker, "intake", "intake (hash, identify, decode, DB)")
     timer.wrap(pipeline, "decode", "  of which decode")
-    timer.wrap(predictor, "predict", "predict (forward + Grad-CAM + masks)")
+    timer.wrap(predictor, "run", "forward pass")
+    timer.wrap(predictor, "finish", "finish (grades, masks, Grad-CAM)")
+    timer.wrap(worker, "_prepare", "prepare next batch (in a thread, overlaps the rest)")
     timer.wrap(worker, "_write_outputs", "PNG outputs")
     timer.wrap(worker, "store", "store (PNGs + DB + archive)")
     timer.wrap(worker, "collect_reports", "report bookkeeping (DB), incl. waiting below")
     timer.wrap(worker, "wait_for_reports", "waiting for PDFs after the last batch")
+    timer.wrap(worker, "submit_reports", "handing reports to the renderer (DB reads)")
+    timer.wrap(pipeline, "release_memory", "malloc_trim between batches")
 
     pairs = patient_pairs()
     per_run = args.k // 2
@@ -315,14 +319,25 @@ class StubPredictor:
     def report_metrics(self) -> dict:
         return {}
 
-    def predict(self, images, explain: bool = True):
+    def prepare(self, images):
+        from screening.inference import PreparedBatch
+
+        return PreparedBatch(images=list(images), tensor=None, image_features=None)
+
+    def run(self, batch):
+        return None
+
+    def finish(self, batch, out, explain: bool = True):
         import numpy as np
 
         from screening.inference import ImagePrediction
 
         z = np.zeros((self.size, self.size), np.float32)
         return [ImagePrediction(0, [1, 0, 0, 0, 0], 0, [1, 0, 0], 0.0, False, np.zeros((5, self.size, self.size), bool),
-                                {c: 0.0 for c in ("MA", "HE", "EX", "SE", "OD")}, z, z) for _ in images]
+                                {c: 0.0 for c in ("MA", "HE", "EX", "SE", "OD")}, z, z) for _ in batch.images]
+
+    def predict(self, images, explain: bool = True):
+        return self.finish(self.prepare(images), None, explain)
 
 
 def make_backlog(inbox: Path, n: int, seed: int = 0) -> None:

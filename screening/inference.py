@@ -33,6 +33,15 @@ class ImagePrediction:
     dme_cam: np.ndarray
 
 
+@dataclass
+class PreparedBatch:
+    """A batch ready for the forward pass (:meth:`Predictor.prepare`)."""
+
+    images: list[np.ndarray]  # preprocessed RGB, as given
+    tensor: torch.Tensor | None  # the eval preset applied, on the model's device; None when empty
+    image_features: np.ndarray | None  # the grader's image measurements, when the checkpoint has a grader
+
+
 # P(referable) = 1 - P(DR <= 1) * P(no DME risk): the same function the referral threshold was chosen with.
 referable_probability = referable_score
 
@@ -86,16 +95,36 @@ class Predictor:
         with torch.inference_mode():
             return self.model(batch)
 
-    def predict(self, images: list[np.ndarray], explain: bool = True) -> list[ImagePrediction]:
+    def prepare(self, images: list[np.ndarray]) -> PreparedBatch:
+        """Everything that needs the images alone: the model input and, with a grader, the image measurements.
+        Thread-safe (no model state), so the worker prepares the next batch while this one finishes."""
+        grader = self.meta.get("grader")
+        return PreparedBatch(
+            images=list(images), tensor=self.to_tensor(images) if images else None,
+            image_features=features_of(images) if grader is not None and images else None,
+        )
+
+    def predict(self, images: list[np.ndarray] | PreparedBatch, explain: bool = True) -> list[ImagePrediction]:
+        """Grades, masks and heatmaps of a batch: ``images`` (preprocessed RGB) or their :meth:`prepare` d batch."""
+        batch = images if isinstance(images, PreparedBatch) else self.prepare(images)
+        return self.finish(batch, self.run(batch), explain)
+
+    def run(self, batch: PreparedBatch) -> Any:
+        """The forward pass of a prepared batch (None for an empty one)."""
+        return self.forward(batch.tensor) if batch.images else None
+
+    def finish(self, batch: PreparedBatch, out: Any, explain: bool = True) -> list[ImagePrediction]:
+        """Grades (from the heads, or the grader), masks, areas and Grad-CAM of the forward output ``out``."""
+        images = batch.images
         if not images:
             return []
-        out = self.forward(self.to_tensor(images))
         dr = out.dr_logits.float().softmax(1).cpu().numpy()
         dme = out.dme_logits.float().softmax(1).cpu().numpy()
         seg_probs = torch.sigmoid(out.seg_logits.float()).cpu().numpy()
         if "grader" in self.meta:  # grades from lesion evidence (see training/grader.py)
             grader = self.meta["grader"]
-            dr, dme = apply_grader(grader, features_of(images, seg_probs if uses_segmentation(grader) else None), dme)
+            feats = features_of(images, seg_probs if uses_segmentation(grader) else None, image_features=batch.image_features)
+            dr, dme = apply_grader(grader, feats, dme)
         seg = seg_probs > self.lesion_threshold
         ref = referable_probability(dr, dme)
         dr_cls, dme_cls = dr.argmax(1), dme.argmax(1)

@@ -103,16 +103,28 @@ def lesion_features(image: np.ndarray) -> np.ndarray:
     return np.asarray(f, dtype=np.float64)
 
 
-def features_of(images: list[np.ndarray], seg_probs: np.ndarray | list[np.ndarray] | None = None) -> np.ndarray:
-    """(N, F) features: the image measurements, followed by the lesion-map ones when ``seg_probs`` is given."""
+def features_of(
+    images: list[np.ndarray],
+    seg_probs: np.ndarray | list[np.ndarray] | None = None,
+    image_features: np.ndarray | None = None,
+) -> np.ndarray:
+    """(N, F) features: the image measurements, followed by the lesion-map ones when ``seg_probs`` is given.
+
+    ``image_features``: the (N, len(FEATURE_NAMES)) image measurements of ``images`` if already taken (the
+    worker measures the next image while the current one finishes); they depend on the image alone.
+    """
     names = FEATURE_SETS["image" if seg_probs is None else "image+segmentation"]
     if not images:
         return np.zeros((0, len(names)))
     if seg_probs is not None and len(seg_probs) != len(images):
         raise ValueError(f"{len(images)} images but {len(seg_probs)} lesion maps")
-    rows = [lesion_features(im) if seg_probs is None else np.r_[lesion_features(im), segmentation_features(im, seg_probs[i])]
-            for i, im in enumerate(images)]
-    return np.stack(rows)
+    if image_features is None:
+        image_features = np.stack([lesion_features(im) for im in images])
+    elif image_features.shape != (len(images), len(FEATURE_NAMES)):
+        raise ValueError(f"image_features must have shape ({len(images)}, {len(FEATURE_NAMES)}), got {image_features.shape}")
+    if seg_probs is None:
+        return image_features
+    return np.stack([np.r_[image_features[i], segmentation_features(im, seg_probs[i])] for i, im in enumerate(images)])
 
 
 def uses_segmentation(grader: dict[str, Any]) -> bool:

@@ -152,6 +152,38 @@ def test_one_report_per_exam_even_when_its_eyes_fall_in_different_batches(settin
         assert {i.state for i in s.scalars(select(Image))} == {"reported"}
 
 
+def test_next_batch_is_prepared_in_a_thread_and_a_failed_one_fails_alone(settings):
+    """The worker prepares batch k+1 in a helper thread while batch k finishes: the grades are those of a plain
+    predict, and a batch whose preparation fails is marked failed (file kept in the inbox) without the others."""
+    from screening.imaging import decode
+
+    worker = make_worker(settings.model_copy(update={"batch_size": 1}))
+    for i in range(4):
+        write_fundus(settings.inbox / f"T{i}_R.jpg", seed=40 + i)
+    real_prepare, calls = worker.predictor.prepare, []
+
+    def prepare(images):
+        calls.append(threading.current_thread().name)
+        if len(calls) == 3:
+            raise RuntimeError("simulated preprocessing failure")
+        return real_prepare(images)
+
+    worker.predictor.prepare = prepare
+    out = worker.run_once(settle_timeout=5)
+    assert (out.processed, out.failed) == (3, 1) and len(calls) == 4
+    assert all(name.startswith("prepare") for name in calls)
+    (left,) = list(settings.inbox.iterdir())  # the failed image's file stays for the retry
+    with session_scope(worker.factory) as s:
+        failed = s.scalars(select(Image).where(Image.state == "failed")).one()
+        assert failed.source_name == left.name and "simulated preprocessing failure" in (failed.error or "")
+        graded = {i.source_name: i.result.dr_probs for i in s.scalars(select(Image).where(Image.state != "failed"))}
+    worker.predictor.prepare = real_prepare
+    for name, probs in graded.items():
+        archived = next(settings.archive.rglob(f"*_{name}"))
+        direct = worker.predictor.predict([decode(archived, worker.predictor.size).rgb])[0]
+        assert probs == pytest.approx(direct.dr_probs, abs=1e-9)
+
+
 class HeldRenderer:
     """Test double for the renderer process: keeps jobs until the test lets each one succeed or fail."""
 

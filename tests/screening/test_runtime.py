@@ -6,7 +6,10 @@ import os
 import subprocess
 import sys
 
-from screening.runtime import WORKER_ENV, apply_worker_env
+import pytest
+
+from screening import runtime
+from screening.runtime import WORKER_ENV, apply_worker_env, free_heap_bytes, release_memory
 
 
 def _child(code: str, **env: str) -> str:
@@ -32,3 +35,25 @@ def test_setting_it_after_torch_is_loaded_is_reported() -> None:
 
     env: dict[str, str] = {}
     assert apply_worker_env(env) == ["OMP_WAIT_POLICY"] and env["OMP_WAIT_POLICY"] == "PASSIVE"
+
+
+@pytest.mark.skipif(free_heap_bytes() is None, reason="needs glibc's mallinfo2")
+def test_release_memory_trims_only_above_the_free_heap_threshold(monkeypatch) -> None:
+    import ctypes
+
+    assert free_heap_bytes() >= 0
+    trims = []
+    real = ctypes.CDLL
+
+    class Libc:
+        def __init__(self, name):
+            self._lib = real(name)
+
+        def __getattr__(self, attr):
+            if attr == "malloc_trim":
+                return lambda pad: trims.append(pad) or 1
+            return getattr(self._lib, attr)
+
+    monkeypatch.setattr(runtime.ctypes, "CDLL", Libc)
+    assert release_memory(min_free_bytes=1 << 62) is False and trims == []  # far more than any heap holds free
+    assert release_memory() is True and trims == [0]  # no threshold: always trims
