@@ -105,7 +105,7 @@ class Predictor:
         )
 
     def predict(self, images: list[np.ndarray] | PreparedBatch, explain: bool = True) -> list[ImagePrediction]:
-        """Grades, masks and heatmaps of a batch: ``images`` (preprocessed RGB) or their :meth:`prepare` d batch."""
+        """Grades, masks and heatmaps of a batch: ``images`` (preprocessed RGB) or a batch from :meth:`prepare`."""
         batch = images if isinstance(images, PreparedBatch) else self.prepare(images)
         return self.finish(batch, self.run(batch), explain)
 

@@ -196,7 +196,7 @@ def test_two_graded_eyes_keep_all_their_findings(tmp_path):
     assert len(pages) == 2
     areas = {"R": ["0.31%", "4.56%", "7.89%", "0.02%", "2.11%"], "L": ["0.07%", "1.23%", "1.99%"]}
     for page, eye, grade, quality in ((pages[0], "R", DR_GRADES[3], "slightly blurred"), (pages[1], "L", DR_GRADES[1], "small pupil")):
-        for needle in ["Area (% of fundus)", "Referable DR", "Confidence 92%", "Confidence 90%", grade, quality, *areas[eye]]:
+        for needle in ["Lesion area (% of fundus)", "Referable DR", "Confidence 92%", "Confidence 90%", grade, quality, *areas[eye]]:
             assert _contains(page, needle), (eye, needle)
     assert _contains(pages[0], long_name) and not _contains(pages[0], "1.23%")
     assert _contains(pages[1], "Grading model") and _contains(pages[1], "not replace an examination")
