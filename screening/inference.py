@@ -97,7 +97,8 @@ class Predictor:
 
     def prepare(self, images: list[np.ndarray]) -> PreparedBatch:
         """Everything that needs the images alone: the model input and, with a grader, the image measurements.
-        Thread-safe (no model state), so the worker prepares the next batch while this one finishes."""
+        It touches nothing that :meth:`run` and :meth:`finish` use, so the worker runs it for the next batch in
+        a helper thread while the current batch finishes (one prepare at a time)."""
         grader = self.meta.get("grader")
         return PreparedBatch(
             images=list(images), tensor=self.to_tensor(images) if images else None,

@@ -97,7 +97,7 @@ def subtract_local_mean(image: np.ndarray, **_: object) -> np.ndarray:
     field = cv2.erode(field, cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (k, k)))
     blur = cv2.GaussianBlur(image, (0, 0), sigmaX=max(image.shape[:2]) / 30)
     out = cv2.addWeighted(image, 4.0, blur, -4.0, 128.0)
-    return np.multiply(out, field[..., None] if out.ndim == 3 else field, out=out)  # 0 outside the field
+    return np.multiply(out, field[..., None], out=out)  # 0 outside the field
 
 
 def _contrast_step(contrast: str) -> list[A.BasicTransform]:
