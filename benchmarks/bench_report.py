@@ -108,12 +108,10 @@ def main() -> int:
     ap.add_argument("--json", help="write the results to this JSON file")
     args = ap.parse_args()
 
-    from jinja2 import Environment, FileSystemLoader, StrictUndefined
-    from weasyprint import CSS, HTML
-    from weasyprint.text.fonts import FontConfiguration
+    from weasyprint import HTML
 
     from screening.legend import LESION_COLOURS_RGB
-    from screening.report import LESION_LABELS, TEMPLATE_NAME, template_variables
+    from screening.report import LESION_LABELS, TEMPLATE_NAME, _environment, _stylesheet, template_variables
 
     info = machine_info()
     print_header("PDF report rendering (WeasyPrint), two-eye visit", info)
@@ -125,14 +123,15 @@ def main() -> int:
             versions[f"templates/ at {args.baseline_ref}"] = templates_at(args.baseline_ref, tmp_path / "baseline")
         jobs = {}
         for label, folder in versions.items():
-            env = Environment(loader=FileSystemLoader(str(folder)), autoescape=True, undefined=StrictUndefined)
+            folder = folder.resolve()
             variables = template_variables(ctx, folder, link_stylesheet=False)
             # earlier templates drew a separate overlay legend from this list
             variables["lesion_legend"] = [{"code": c, "label": LESION_LABELS[c], "colour": "#{:02x}{:02x}{:02x}".format(*rgb)}
                                           for c, rgb in LESION_COLOURS_RGB.items()]
-            fonts = FontConfiguration()
-            css = CSS(filename=str(folder / "report.css"), font_config=fonts)
-            html = env.get_template(TEMPLATE_NAME).render(**variables)
+            # the same Jinja2 environment and parsed stylesheet that screening.report.render_pdf uses
+            st = (folder / "report.css").stat()
+            css, fonts = _stylesheet(folder / "report.css", (st.st_mtime_ns, st.st_size))
+            html = _environment(folder).get_template(TEMPLATE_NAME).render(**variables)
             jobs[label] = (html, folder, css, fonts)
         wall: dict[str, list[float]] = {k: [] for k in jobs}
         cpu: dict[str, list[float]] = {k: [] for k in jobs}
