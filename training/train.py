@@ -20,7 +20,7 @@ from training.data.cache import build_cache
 from training.data.dataset import FundusDataset, class_counts
 from training.data.records import Record
 from training.data.sources import load_all
-from training.data.split import split_by_patient
+from training.data.split import configured_split
 from training.data.transforms import eval_transforms, train_transforms
 from training.engine import FitState, Predictions, fit, resolve_device, seed_everything
 from training.evaluation import plot_history
@@ -32,7 +32,7 @@ from training.model import ModelConfig, build_model
 def model_config_from(cfg: TrainingConfig) -> ModelConfig:
     m = cfg.model
     return ModelConfig(backbone=m.backbone, image_size=m.image_size, decoder_channels=tuple(m.decoder_channels),
-                       dropout=m.dropout, contrast=m.contrast)
+                       dropout=m.dropout, contrast=m.contrast, grade_inputs=m.grade_inputs)
 
 
 def data_summary(splits: dict[str, list[Record]]) -> dict[str, Any]:
@@ -107,7 +107,7 @@ def make_loaders(cfg: TrainingConfig, records: list[Record] | None = None, progr
     records = load_all(cfg.data) if records is None else records
     if not records:
         raise ValueError("no training images: add sources under [data] in the config")
-    splits = split_by_patient(records, cfg.data.val_fraction, cfg.data.test_fraction, cfg.data.split_seed)
+    splits = configured_split(cfg.data, records)
     size = cfg.model.image_size
     build_cache(records, size, cfg.data.cache_dir, progress=progress)
     contrast = cfg.model.contrast
