@@ -96,6 +96,22 @@ def init_weights(model: torch.nn.Module, path: Path) -> dict[str, Any]:
             **{k: prov[k] for k in ("command", "started", "git_commit", "data", "train_config", "init_from") if k in prov}}
 
 
+class EpochSampler(WeightedRandomSampler):
+    """Weighted sampling with replacement whose draws depend only on (seed, epoch), not on earlier epochs.
+
+    Why: a resumed run must draw exactly the batches the uninterrupted run would have drawn; a generator
+    that runs on from epoch to epoch would restart from the seed after an interruption.
+    """
+
+    def __init__(self, weights: list[float], num_samples: int, seed: int) -> None:
+        self.seed = seed
+        super().__init__(weights, num_samples=num_samples, replacement=True, generator=torch.Generator().manual_seed(seed))
+
+    def set_epoch(self, epoch: int, seed: int | None = None) -> None:
+        assert self.generator is not None
+        self.generator.manual_seed(self.seed * 100_003 + epoch)
+
+
 @dataclass
 class TrainingData:
     splits: dict[str, list[Record]]
@@ -128,9 +144,7 @@ def make_loaders(cfg: TrainingConfig, records: list[Record] | None = None, progr
         counts = np.maximum(class_counts(train_recs), 1)
         weights = [w * (float(counts.max()) / counts[r.dr_grade]) ** 0.5 if r.has_grade else w
                    for w, r in zip(weights, train_recs)]
-    gen = torch.Generator().manual_seed(cfg.train.seed)
-    sampler = WeightedRandomSampler(weights, num_samples=cfg.train.samples_per_epoch or len(weights), replacement=True,
-                                    generator=gen)
+    sampler = EpochSampler(weights, cfg.train.samples_per_epoch or len(weights), cfg.train.seed)
     kw = dict(batch_size=cfg.train.batch_size, num_workers=cfg.train.num_workers, persistent_workers=cfg.train.num_workers > 0)
     return TrainingData(
         {**splits, "train": train_recs, "val": val_recs},
@@ -195,5 +209,5 @@ def run_training(
     return fit(
         model, data.train, data.val, loss_fn, optimizer, scheduler, out_dir, cfg.train.epochs, cfg.train.patience,
         device, score_fn, payload, max_steps=cfg.train.max_steps_per_epoch, resume=resume, progress=progress,
-        plot_fn=plot_history, log=log, max_seconds=max_seconds,
+        plot_fn=plot_history, log=log, max_seconds=max_seconds, seed=cfg.train.seed,
     )
