@@ -86,8 +86,10 @@ def cmd_audit(args: argparse.Namespace, settings: ScreeningSettings) -> int:
 
 
 def cmd_init_db(args: argparse.Namespace, settings: ScreeningSettings) -> int:
+    from sqlalchemy.engine import make_url
+
     _session_factory(settings)
-    print(f"database ready: {settings.database}")
+    print(f"database ready: {make_url(settings.database).render_as_string(hide_password=True)}")
     return 0
 
 

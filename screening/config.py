@@ -36,6 +36,29 @@ class ScreeningSettings(_Strict):
     report_renderer: Literal["process", "inline"] = "process"
     clinic_name: str = "Diabetic Eye Screening Service"
 
+    @field_validator("database")
+    @classmethod
+    def _database_url(cls, url: str) -> str:
+        """SQLite (the default, nothing to install) or PostgreSQL through psycopg 3 (a project dependency);
+        a bare ``postgresql://`` URL gets the psycopg driver rather than SQLAlchemy's default psycopg2."""
+        from sqlalchemy.engine import make_url
+        from sqlalchemy.exc import ArgumentError
+
+        try:
+            parsed = make_url(url)
+        except ArgumentError:
+            raise ValueError(
+                f"{url!r} is not a database URL: use sqlite:///screening.db or postgresql+psycopg://user:password@host/dbname"
+            ) from None
+        backend, driver = parsed.get_backend_name(), parsed.get_driver_name()
+        if backend == "postgresql" and "+" not in parsed.drivername:
+            return parsed.set(drivername="postgresql+psycopg").render_as_string(hide_password=False)
+        if backend == "sqlite" or (backend == "postgresql" and driver == "psycopg"):
+            return url
+        raise ValueError(
+            f"database {parsed.drivername!r} is not supported: use sqlite:///... or postgresql+psycopg://..."
+        )
+
     @field_validator("filename_patterns")
     @classmethod
     def _compile(cls, pats: tuple[str, ...]) -> tuple[str, ...]:

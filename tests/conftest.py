@@ -22,3 +22,96 @@ def shared_data() -> Path:
     if not (SHARED_DATA / "README.md").is_file():
         pytest.skip(f"real fundus data not found at {SHARED_DATA} (set DR_SHARED_DATA or place it beside the project)")
     return SHARED_DATA
+
+
+# --- databases: every database test runs on SQLite and on PostgreSQL ---------------------------------------
+
+PG_TEMP = PROJECT_ROOT / "scripts" / "pg-temp.sh"
+
+
+def _no_postgres(reason: str) -> None:
+    """Skip a PostgreSQL variant, saying why; under CI (CI=true) fail instead, so CI really runs them."""
+    if os.environ.get("CI", "").lower() == "true":
+        pytest.fail(f"CI=true but the PostgreSQL tests cannot run: {reason}", pytrace=False)
+    pytest.skip(f"PostgreSQL variant skipped: {reason}")
+
+
+@pytest.fixture(scope="session")
+def postgres_server():
+    """The URL of a throw-away PostgreSQL server (scripts/pg-temp.sh) for the whole session, stopped at the end.
+    ``DR_TEST_POSTGRES_URL`` points the tests at an existing server instead (a database per test is created in
+    it and dropped)."""
+    import shutil
+    import subprocess
+    import tempfile
+
+    given = os.environ.get("DR_TEST_POSTGRES_URL")
+    if given:
+        yield given
+        return
+    try:
+        import psycopg  # noqa: F401
+    except ImportError:
+        _no_postgres("the psycopg driver is not installed (pip install 'psycopg[binary]'; it is a project dependency)")
+    # not under pytest's tmp_path: that is private to this user and the server may run as 'postgres'
+    folder = tempfile.mkdtemp(prefix="dr-pg-")
+    proc = subprocess.run([str(PG_TEMP), "start", folder], capture_output=True, text=True, timeout=180)
+    if proc.returncode != 0:
+        shutil.rmtree(folder, ignore_errors=True)
+        _no_postgres(f"{PG_TEMP.name} could not start a server (exit {proc.returncode}): {proc.stderr.strip()[-800:]}")
+    try:
+        yield proc.stdout.strip().splitlines()[-1]
+    finally:
+        subprocess.run([str(PG_TEMP), "stop", folder], capture_output=True, timeout=120)
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+_db_counter = iter(range(1, 1_000_000))
+
+
+def postgres_database(server_url: str):
+    """Create an empty database on ``server_url``; returns (its URL, a function that drops it)."""
+    from sqlalchemy import create_engine
+    from sqlalchemy.engine import make_url
+
+    name = f"dr_test_{os.getpid()}_{next(_db_counter)}"
+    admin = create_engine(server_url, isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.exec_driver_sql(f'CREATE DATABASE "{name}"')
+
+    def drop() -> None:
+        with admin.connect() as conn:
+            conn.exec_driver_sql(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        admin.dispose()
+
+    return make_url(server_url).set(database=name).render_as_string(hide_password=False), drop
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def db_backend(request) -> str:
+    """Each database test runs once per backend the product supports."""
+    return request.param
+
+
+@pytest.fixture
+def make_db_url(db_backend, request, tmp_path):
+    """``make_db_url(name)``: the URL of a new, empty database on this test's backend (a SQLite file in
+    tmp_path, or a database on the session's PostgreSQL server, dropped at the end of the test)."""
+    drops = []
+
+    def make(name: str = "screening") -> str:
+        if db_backend == "sqlite":
+            return f"sqlite:///{tmp_path / (name + '.db')}"
+        url, drop = postgres_database(request.getfixturevalue("postgres_server"))
+        drops.append(drop)
+        return url
+
+    yield make
+    for drop in drops:
+        drop()
+
+
+@pytest.fixture
+def db_url(make_db_url) -> str:
+    """An empty database on each supported backend: a SQLite file, then a PostgreSQL database."""
+    return make_db_url()

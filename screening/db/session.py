@@ -25,8 +25,14 @@ def make_engine(url: str, *, busy_timeout_ms: int = DEFAULT_BUSY_TIMEOUT_MS, ech
     For SQLite every new DBAPI connection gets ``PRAGMA foreign_keys=ON`` and ``busy_timeout`` (so a
     writer waits for a concurrent one instead of failing with "database is locked"); file databases
     also get ``journal_mode=WAL`` (readers such as the audit never block the worker) and
-    ``synchronous=NORMAL`` (safe with WAL). Other URLs are passed to :func:`create_engine` unchanged.
+    ``synchronous=NORMAL`` (safe with WAL).
+
+    A server database (PostgreSQL, ``postgresql+psycopg://``) gets ``pool_pre_ping``: a long-running worker's
+    pooled connection that the server or the network dropped (server restart, idle timeout) is replaced on
+    checkout instead of failing the next photo's transaction. Nothing else differs between the two backends.
     """
+    if make_url(url).get_backend_name() != "sqlite":
+        kwargs.setdefault("pool_pre_ping", True)
     engine = create_engine(url, echo=echo, **kwargs)
     if engine.dialect.name == "sqlite":
         wal = _is_sqlite_file(url)

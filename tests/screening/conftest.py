@@ -47,3 +47,9 @@ def settings(tmp_path, tiny_checkpoint) -> ScreeningSettings:
         checkpoint=tiny_checkpoint, stable_seconds=0.1, poll_interval=0.1, sweep_interval=0.5, batch_size=4,
         threads=1, device="cpu",
     )
+
+
+@pytest.fixture
+def settings_db(settings, db_url) -> ScreeningSettings:
+    """``settings`` on each supported database: the SQLite file, then a PostgreSQL database."""
+    return settings.model_copy(update={"database": db_url})

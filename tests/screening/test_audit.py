@@ -50,8 +50,8 @@ def _image(s, exam, eye, received, *, state=None, error=None, result=None):
 
 
 @pytest.fixture
-def factory(tmp_path):
-    engine = make_engine(f"sqlite:///{tmp_path / 'audit.db'}")
+def factory(db_url):
+    engine = make_engine(db_url)
     init_db(engine)
     factory = make_session_factory(engine)
     with session_scope(factory) as s:

@@ -73,3 +73,21 @@ def test_bad_config_key_exits_2(tmp_path, capsys):
     cfg.write_text("[screening]\ninbox_folder = 'x'\n")
     assert cli.main(["--config", str(cfg), "init-db"]) == 2
     assert "screening.inbox_folder" in capsys.readouterr().err
+
+
+def test_init_db_on_each_database_never_prints_the_password(tmp_path, db_url, capsys):
+    from sqlalchemy.engine import make_url
+
+    from screening.db import current_revision, head_revision, make_engine
+
+    url = make_url(db_url)
+    if url.get_backend_name() == "postgresql":  # the test server trusts local connections: any password is accepted
+        url = url.set(password="s3cret")
+    cfg = tmp_path / "config.toml"
+    cfg.write_text(f"[screening]\ndatabase = '{url.render_as_string(hide_password=False)}'\n")
+    assert cli.main(["--config", str(cfg), "init-db"]) == 0
+    out = capsys.readouterr().out
+    assert "database ready" in out and "s3cret" not in out
+    engine = make_engine(db_url)
+    assert current_revision(engine) == head_revision()
+    engine.dispose()

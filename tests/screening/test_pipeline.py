@@ -77,7 +77,8 @@ def test_one_shot_real_photos_both_eyes_and_camera_file(settings, shared_data):
             "overlay.jpg", "photo.jpg"]
 
 
-def test_duplicates_one_result_two_drops(settings):
+def test_duplicates_one_result_two_drops(settings_db):
+    settings = settings_db  # on SQLite, then on PostgreSQL
     worker = make_worker(settings)
     write_fundus(settings.inbox / "P1_R.jpg", seed=1)
     shutil.copy(settings.inbox / "P1_R.jpg", settings.inbox / "P1_R_20250101.jpg")  # same bytes in the same batch
@@ -121,7 +122,8 @@ def test_rejected_files_keep_the_file_and_say_why(settings):
         assert s.scalar(select(func.count()).select_from(Drop).where(Drop.outcome == "rejected")) == 4
 
 
-def test_second_eye_later_rerenders_and_keeps_v1(settings):
+def test_second_eye_later_rerenders_and_keeps_v1(settings_db):
+    settings = settings_db  # on SQLite, then on PostgreSQL
     worker = make_worker(settings)
     write_fundus(settings.inbox / "P9_R_20251101.jpg", seed=3)
     worker.run_once(settle_timeout=5)
@@ -296,7 +298,8 @@ def test_report_failure_keeps_result_and_is_retried(settings, tmp_path, renderer
         assert s.scalars(select(Image)).one().state == "reported"
 
 
-def test_crash_between_commit_and_archive_is_finished_on_restart(settings, monkeypatch):
+def test_crash_between_commit_and_archive_is_finished_on_restart(settings_db, monkeypatch):
+    settings = settings_db  # on SQLite, then on PostgreSQL
     worker = make_worker(settings)
     write_fundus(settings.inbox / "P6_R.jpg", seed=6)
 
@@ -314,7 +317,8 @@ def test_crash_between_commit_and_archive_is_finished_on_restart(settings, monke
     assert count(worker, Result) == 1 and count(worker, Drop) == 1
 
 
-def test_crash_before_commit_redoes_the_image(settings, monkeypatch):
+def test_crash_before_commit_redoes_the_image(settings_db, monkeypatch):
+    settings = settings_db  # on SQLite, then on PostgreSQL
     worker = make_worker(settings)
     write_fundus(settings.inbox / "P7_L.jpg", seed=7)
     monkeypatch.setattr(Worker, "store", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt()))
@@ -380,8 +384,9 @@ def _alive(pid: int) -> bool:
         return False
 
 
-def test_killed_worker_leaves_consistent_state(settings, tmp_path):
+def test_killed_worker_leaves_consistent_state(settings_db, tmp_path):
     """SIGKILL the real CLI mid-run, restart it: every photo ends graded exactly once, none lost."""
+    settings = settings_db  # on SQLite, then on PostgreSQL
     cfg = tmp_path / "config.toml"
     cfg.write_text(
         "[screening]\n"

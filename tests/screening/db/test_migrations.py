@@ -1,4 +1,5 @@
-"""Schema migrations: an old (revision 0001) database is upgraded in place without losing rows."""
+"""Schema migrations: an old (revision 0001) database is upgraded in place without losing rows, on SQLite and on
+PostgreSQL (``db_url``): the same revisions serve both."""
 
 from __future__ import annotations
 
@@ -23,57 +24,56 @@ def _diff(engine):
         return compare_metadata(MigrationContext.configure(conn, opts={"compare_type": True}), Base.metadata)
 
 
-@pytest.fixture
-def db_path(tmp_path):
-    return tmp_path / "old.db"
-
-
 def test_head_is_second_revision():
     assert head_revision() == "0002"
 
 
-def test_upgrade_from_revision_1_keeps_rows(db_path):
-    engine = make_engine(f"sqlite:///{db_path}")
+# rows written by the old schema, with plain SQL as an old worker would have (portable SQL: ids from the
+# database's own sequence or rowid, so that PostgreSQL's sequences stay in step)
+OLD_ROWS = """
+INSERT INTO patients (code, created_at) VALUES ('P001', '2024-03-01 08:00:00.000000');
+INSERT INTO exams (patient_id, exam_date, created_at)
+SELECT id, '2024-03-01', '2024-03-01 08:00:00.000000' FROM patients WHERE code = 'P001';
+INSERT INTO images (exam_id, eye, sha256, source_name, stored_path, state, error, received_at, updated_at)
+SELECT id, 'L', 'aa', 'P001_L_20240301.jpg', 'archive/aa.jpg', 'reported', NULL,
+       '2024-03-01 08:00:00.000000', '2024-03-01 08:05:00.000000' FROM exams;
+INSERT INTO drops (image_id, sha256, source_name, received_at, outcome)
+SELECT id, 'aa', 'P001_L_20240301.jpg', '2024-03-01 08:00:00.000000', 'new' FROM images;
+INSERT INTO results (image_id, model_version, checkpoint_sha256, dr_grade, dr_probs, dme_grade, dme_probs,
+                     referable_score, referable, area_ma, area_he, area_ex, area_se, area_od,
+                     mask_dir, overlay_path, dr_cam_path, dme_cam_path, device, created_at)
+SELECT id, 'v1', 'cc', 3, '[0,0,0.1,0.8,0.1]', 1, '[0.2,0.7,0.1]', 0.93, TRUE, 0.01, 0.02, 0.0, 0.0, 0.03,
+       'work/1', 'work/1/o.png', 'work/1/dr.png', 'work/1/dme.png', 'cpu', '2024-03-01 08:01:00.000000' FROM images;
+INSERT INTO reports (exam_id, version, path, model_version, created_at)
+SELECT id, 1, 'reports/P001.pdf', 'v1', '2024-03-01 08:02:00.000000' FROM exams;
+INSERT INTO events (image_id, drop_id, kind, message, created_at)
+SELECT image_id, id, 'state', 'received -> done', '2024-03-01 08:01:00.000000' FROM drops
+"""
+
+
+def test_upgrade_from_revision_1_keeps_rows(db_url, tmp_path):
+    engine = make_engine(db_url)
     upgrade(engine, "0001")
     assert current_revision(engine) == "0001"
     assert "width" not in _cols(engine, "images") and "reason" not in _cols(engine, "drops")
     assert "inference_ms" not in _cols(engine, "results")
+    with engine.begin() as conn:
+        for statement in OLD_ROWS.split(";"):
+            conn.exec_driver_sql(statement)
 
-    # rows written by the old schema, with plain SQL as an old worker would have
-    raw = sqlite3.connect(db_path)
-    raw.executescript(
-        """
-        INSERT INTO patients (id, code, created_at) VALUES (1, 'P001', '2024-03-01 08:00:00.000000');
-        INSERT INTO exams (id, patient_id, exam_date, created_at) VALUES (1, 1, '2024-03-01', '2024-03-01 08:00:00.000000');
-        INSERT INTO images (id, exam_id, eye, sha256, source_name, stored_path, state, error, received_at, updated_at)
-        VALUES (1, 1, 'L', 'aa', 'P001_L_20240301.jpg', 'archive/aa.jpg', 'reported', NULL,
-                '2024-03-01 08:00:00.000000', '2024-03-01 08:05:00.000000');
-        INSERT INTO drops (id, image_id, sha256, source_name, received_at, outcome)
-        VALUES (1, 1, 'aa', 'P001_L_20240301.jpg', '2024-03-01 08:00:00.000000', 'new');
-        INSERT INTO results (id, image_id, model_version, checkpoint_sha256, dr_grade, dr_probs, dme_grade, dme_probs,
-                             referable_score, referable, area_ma, area_he, area_ex, area_se, area_od,
-                             mask_dir, overlay_path, dr_cam_path, dme_cam_path, device, created_at)
-        VALUES (1, 1, 'v1', 'cc', 3, '[0,0,0.1,0.8,0.1]', 1, '[0.2,0.7,0.1]', 0.93, 1, 0.01, 0.02, 0.0, 0.0, 0.03,
-                'work/1', 'work/1/o.png', 'work/1/dr.png', 'work/1/dme.png', 'cpu', '2024-03-01 08:01:00.000000');
-        INSERT INTO reports (id, exam_id, version, path, model_version, created_at)
-        VALUES (1, 1, 1, 'reports/P001.pdf', 'v1', '2024-03-01 08:02:00.000000');
-        INSERT INTO events (id, image_id, drop_id, kind, message, created_at)
-        VALUES (1, 1, 1, 'state', 'received -> done', '2024-03-01 08:01:00.000000');
-        """
-    )
-    raw.commit()
-    raw.close()
-
-    assert init_db(engine) == "0002"
-    assert current_revision(engine) == "0002"
+    assert init_db(engine) == head_revision()
+    assert current_revision(engine) == head_revision()
     assert {"width", "height"} <= _cols(engine, "images")
     assert "reason" in _cols(engine, "drops") and "inference_ms" in _cols(engine, "results")
     assert _diff(engine) == []
-    backups = list(db_path.parent.glob("old.db.pre-0002.*.bak"))
-    assert len(backups) == 1
-    with sqlite3.connect(backups[0]) as b:
-        assert b.execute("SELECT version_num FROM alembic_version").fetchone() == ("0001",)
-        assert b.execute("SELECT count(*) FROM results").fetchone() == (1,)
+    backups = list(tmp_path.glob("screening.db.pre-*.bak"))
+    if engine.dialect.name == "sqlite":  # a file copy first; PostgreSQL runs the upgrade in one transaction
+        assert len(backups) == 1
+        with sqlite3.connect(backups[0]) as b:
+            assert b.execute("SELECT version_num FROM alembic_version").fetchone() == ("0001",)
+            assert b.execute("SELECT count(*) FROM results").fetchone() == (1,)
+    else:
+        assert backups == []
 
     with make_session_factory(engine)() as s:
         img = s.scalars(select(Image)).one()
@@ -91,8 +91,8 @@ def test_upgrade_from_revision_1_keeps_rows(db_path):
     engine.dispose()
 
 
-def test_new_database_is_created_and_stamped(tmp_path):
-    engine = make_engine(f"sqlite:///{tmp_path / 'new.db'}")
+def test_new_database_is_created_and_stamped(db_url, tmp_path):
+    engine = make_engine(db_url)
     assert init_db(engine) == head_revision()
     assert current_revision(engine) == head_revision()
     assert _diff(engine) == []
@@ -101,11 +101,11 @@ def test_new_database_is_created_and_stamped(tmp_path):
     assert not list(tmp_path.glob("*.bak"))
 
 
-def test_migrations_from_empty_match_models(tmp_path):
-    engine = make_engine(f"sqlite:///{tmp_path / 'chain.db'}")
+def test_migrations_from_empty_match_models(make_db_url):
+    engine = make_engine(make_db_url("chain"))
     upgrade(engine, "head")
     assert _diff(engine) == []
-    via_models = make_engine(f"sqlite:///{tmp_path / 'models.db'}")
+    via_models = make_engine(make_db_url("models"))
     init_db(via_models)
     a, b = inspect(engine), inspect(via_models)
     for table in Base.metadata.tables:
@@ -114,22 +114,25 @@ def test_migrations_from_empty_match_models(tmp_path):
         for what in ("get_indexes", "get_unique_constraints", "get_check_constraints", "get_foreign_keys"):
             names = lambda insp: sorted(x["name"] or "" for x in getattr(insp, what)(table))  # noqa: E731
             assert names(a) == names(b), (table, what)
+    engine.dispose()
+    via_models.dispose()
 
 
-def test_unknown_database_is_refused(tmp_path):
-    path = tmp_path / "other.db"
-    with sqlite3.connect(path) as raw:
-        raw.execute("CREATE TABLE something (id INTEGER)")
+def test_unknown_database_is_refused(db_url):
+    engine = make_engine(db_url)
+    with engine.begin() as conn:
+        conn.exec_driver_sql("CREATE TABLE something (id INTEGER)")
     with pytest.raises(SchemaError, match="alembic_version"):
-        init_db(make_engine(f"sqlite:///{path}"))
+        init_db(engine)
+    engine.dispose()
 
 
-def test_downgrade_to_revision_1_keeps_rows(tmp_path):
+def test_downgrade_to_revision_1_keeps_rows(db_url):
     from alembic import command
 
     from screening.db.migrate import alembic_config
 
-    engine = make_engine(f"sqlite:///{tmp_path / 'down.db'}")
+    engine = make_engine(db_url)
     init_db(engine)
     with make_session_factory(engine).begin() as s:
         img = Image(sha256="ab" * 32, source_name="P1_L.jpg", width=10, height=20)
@@ -141,3 +144,4 @@ def test_downgrade_to_revision_1_keeps_rows(tmp_path):
         assert conn.exec_driver_sql("SELECT count(*) FROM drops WHERE image_id IS NOT NULL").scalar() == 1
     init_db(engine)
     assert current_revision(engine) == head_revision() and _diff(engine) == []
+    engine.dispose()

@@ -16,8 +16,8 @@ T0 = datetime(2024, 5, 1, 9, 0, tzinfo=timezone.utc)
 
 
 @pytest.fixture
-def factory(tmp_path):
-    engine = make_engine(f"sqlite:///{tmp_path / 'screening.db'}")
+def factory(db_url):
+    engine = make_engine(db_url)
     init_db(engine)
     yield make_session_factory(engine)
     engine.dispose()
