@@ -6,7 +6,7 @@ import re
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, ValidationError, field_validator
+from pydantic import Field, ValidationError, ValidationInfo, field_validator
 
 from training.config import ConfigError, _Strict, format_validation_error, read_toml, resolve_paths
 
@@ -31,10 +31,29 @@ class ScreeningSettings(_Strict):
     batch_size: int = Field(1, ge=1)
     threads: int = Field(2, ge=1)
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    # GPU only (device = "cuda"): autocast precision of the forward pass, and the GPU memory (GB) a batch may
+    # use: the batch size is then derived from the model's measured memory per image, at most batch_size
+    # when that is set too (screening/inference.py). The CPU always runs float32 with batch_size.
+    precision: Literal["float32", "float16", "bfloat16"] = "float32"
+    gpu_memory_gb: float = Field(0.0, ge=0)
     filename_patterns: tuple[str, ...] = DEFAULT_PATTERNS
     report_retries: int = Field(3, ge=1)
     report_renderer: Literal["process", "inline"] = "process"
     clinic_name: str = "Diabetic Eye Screening Service"
+
+    @field_validator("precision", "gpu_memory_gb")
+    @classmethod
+    def _gpu_settings_need_cuda(cls, value: str | float, info: ValidationInfo) -> str | float:
+        default = cls.model_fields[info.field_name].default
+        if value != default and info.data.get("device") != "cuda":
+            raise ValueError(f"{info.field_name} = {value!r} is for a GPU: set device = 'cuda' as well, or remove "
+                             f"{info.field_name} (the CPU runs float32 with batch_size)")
+        return value
+
+    def gpu_batch_cap(self) -> int | None:
+        """The most images per GPU forward when the batch is sized by ``gpu_memory_gb``: ``batch_size`` if the
+        config sets it, else no cap of ours (None). Not used unless ``gpu_memory_gb`` is set."""
+        return self.batch_size if "batch_size" in self.model_fields_set else None
 
     @field_validator("database")
     @classmethod

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
+import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -17,6 +19,13 @@ from training.metrics import referable_score
 from training.model import LESION_CODES, lesion_evidence
 
 from .explain import head_cams
+
+log = logging.getLogger(__name__)
+
+Precision = Literal["float32", "float16", "bfloat16"]
+AUTOCAST_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16}
+MAX_GPU_BATCH = 256  # beyond this a GPU gains nothing per image and a failed batch costs more photos
+MEMORY_HEADROOM = 1.25  # measured activation memory x this: the allocator's fragmentation and cuDNN workspaces
 
 
 @dataclass
@@ -46,12 +55,33 @@ class PreparedBatch:
 referable_probability = referable_score
 
 
-class Predictor:
-    """Holds the model for the worker's lifetime; ``predict`` takes preprocessed RGB images."""
+def batch_size_for_memory(budget_bytes: float, fixed_bytes: float, per_image_bytes: float, cap: int = MAX_GPU_BATCH) -> int:
+    """The most images per forward whose peak memory, ``fixed + n * per_image`` times :data:`MEMORY_HEADROOM`,
+    stays within ``budget_bytes`` (at most ``cap``). Raises ValueError when not even one image fits."""
+    need_one = (fixed_bytes + per_image_bytes) * MEMORY_HEADROOM
+    if budget_bytes < need_one:
+        raise ValueError(f"{budget_bytes / 1e9:.2f} GB of GPU memory is not enough for one image "
+                         f"(needs {need_one / 1e9:.2f} GB with this model and precision)")
+    n = int((budget_bytes / MEMORY_HEADROOM - fixed_bytes) // max(per_image_bytes, 1.0))
+    return max(1, min(cap, n))
 
-    def __init__(self, checkpoint: Path, device: str = "auto", threads: int = 2) -> None:
+
+class Predictor:
+    """Holds the model for the worker's lifetime; ``predict`` takes preprocessed RGB images.
+
+    On a GPU, ``precision`` ``"float16"``/``"bfloat16"`` runs the forward pass under autocast (the heads'
+    probabilities, the masks and their areas stay within the tolerance tested in tests/screening/test_inference.py
+    of float32; Grad-CAM is computed in float32 from the half-precision features), and batches travel to the
+    device from pinned host memory without blocking. On the CPU the default (float32, plain ``.to``) runs exactly
+    the operations it always did: the outputs are bit-identical.
+    """
+
+    def __init__(self, checkpoint: Path, device: str = "auto", threads: int = 2, precision: Precision = "float32") -> None:
+        if precision not in ("float32", *AUTOCAST_DTYPES):
+            raise ValueError(f"precision {precision!r}: use 'float32', 'float16' or 'bfloat16'")
         torch.set_num_threads(threads)
         self.device = resolve_device(device)
+        self.precision: Precision = precision
         self.model, self.meta = load_model(checkpoint, self.device)
         self.size = self.model.config.image_size
         self.transform = eval_transforms(self.size, self.model.config.contrast)
@@ -97,11 +127,48 @@ class Predictor:
         return "the network's DR/DME heads (image features)"
 
     def to_tensor(self, images: list[np.ndarray]) -> torch.Tensor:
-        return torch.stack([self.transform(image=im)["image"] for im in images]).to(self.device)
+        batch = torch.stack([self.transform(image=im)["image"] for im in images])
+        if self.device.type == "cuda":  # page-locked: the copy is a DMA that overlaps the host's next work
+            return batch.pin_memory().to(self.device, non_blocking=True)
+        return batch.to(self.device)
+
+    def _autocast(self) -> contextlib.AbstractContextManager[Any]:
+        if self.precision == "float32":
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.device.type, dtype=AUTOCAST_DTYPES[self.precision])
 
     def forward(self, batch: torch.Tensor) -> Any:
-        with torch.inference_mode():
+        with torch.inference_mode(), self._autocast():
             return self.model(batch)
+
+    def measure_memory(self) -> tuple[int, int]:
+        """(fixed, per image) bytes of GPU memory that grading a batch needs beyond the loaded weights, from
+        the peaks of a real forward pass and both Grad-CAMs at batch sizes 1 and 2 (zeros as input: activation
+        memory depends on the shapes alone)."""
+        if self.device.type != "cuda":
+            raise RuntimeError(f"GPU memory can only be measured on a CUDA device, not {self.device}")
+        peaks = []
+        for n in (1, 2):
+            torch.cuda.synchronize(self.device)
+            torch.cuda.empty_cache()
+            start = torch.cuda.memory_allocated(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            out = self.forward(torch.zeros(n, 3, self.size, self.size, device=self.device))
+            evidence = lesion_evidence(out.seg_logits) if self.model.config.grade_inputs == "features+lesions" else None
+            head_cams(self.model.dr_head, out.features, [0] * n, self.size, evidence)
+            torch.cuda.synchronize(self.device)
+            peaks.append(torch.cuda.max_memory_allocated(self.device) - start)
+            del out, evidence
+        per_image = max(peaks[1] - peaks[0], 1)
+        return max(peaks[0] - per_image, 0), per_image
+
+    def batch_size_for(self, gpu_memory_gb: float, cap: int = MAX_GPU_BATCH) -> int:
+        """Images per forward that fit in ``gpu_memory_gb`` (see :func:`batch_size_for_memory`)."""
+        fixed, per_image = self.measure_memory()
+        n = batch_size_for_memory(gpu_memory_gb * 1e9, fixed, per_image, cap)
+        log.info("GPU batch: %d images in %.1f GB (%s: %.0f MB per image, %.0f MB fixed)", n, gpu_memory_gb,
+                 self.precision, per_image / 1e6, fixed / 1e6)
+        return n
 
     def prepare(self, images: list[np.ndarray]) -> PreparedBatch:
         """Everything that needs the images alone: the model input and, with a grader, the image measurements.

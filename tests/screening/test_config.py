@@ -51,3 +51,23 @@ def test_unsupported_database_url_named(tmp_path, url):
     p.write_text(f"[screening]\ndatabase = '{url}'\n")
     with pytest.raises(ConfigError, match=r"screening\.database.*(not supported|not a database URL)"):
         load_screening_settings(p)
+
+
+def test_gpu_settings(tmp_path):
+    p = tmp_path / "c.toml"
+    p.write_text("[screening]\ndevice = 'cuda'\nprecision = 'float16'\ngpu_memory_gb = 20\n")
+    s = load_screening_settings(p)
+    assert (s.precision, s.gpu_memory_gb, s.batch_size, s.gpu_batch_cap()) == ("float16", 20.0, 1, None)
+    p.write_text("[screening]\ndevice = 'cuda'\ngpu_memory_gb = 20\nbatch_size = 32\n")
+    assert load_screening_settings(p).gpu_batch_cap() == 32
+
+
+@pytest.mark.parametrize("line", ["precision = 'bfloat16'", "gpu_memory_gb = 8"])
+@pytest.mark.parametrize("device", ["cpu", "auto"])
+def test_gpu_settings_without_cuda_are_refused(tmp_path, line, device):
+    """The CPU path stays float32 with the configured batch: a GPU setting there is a mistake, said so."""
+    p = tmp_path / "c.toml"
+    p.write_text(f"[screening]\ndevice = '{device}'\n{line}\n")
+    key = line.split(" ")[0]
+    with pytest.raises(ConfigError, match=rf"screening\.{key}.*set device = 'cuda'"):
+        load_screening_settings(p)

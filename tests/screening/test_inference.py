@@ -78,3 +78,131 @@ def test_checkpoint_without_metadata_is_refused(tmp_path, tiny_checkpoint):
     torch.save(ckpt, bad)
     with pytest.raises(CheckpointError, match="provenance"):
         Predictor(bad, "cpu", 1)
+
+
+# --- GPU: half precision, pinned transfers, batches sized by memory; the CPU path unchanged ------------------
+
+from pathlib import Path  # noqa: E402
+
+from screening.inference import MEMORY_HEADROOM, batch_size_for_memory  # noqa: E402
+
+SHIPPED = Path(__file__).resolve().parents[2] / "models" / "baseline.pt"
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU on this machine (torch.cuda.is_available() is False)")
+
+
+def test_cpu_path_is_bit_identical_to_plain_float32(predictor):
+    """The default CPU predictor runs exactly the pre-GPU operations (stack, .to, inference_mode forward):
+    every output tensor is bit-for-bit what the plain float32 model gives."""
+    imgs = _images(3)
+    assert predictor.precision == "float32" and predictor.device.type == "cpu"
+    out = predictor.run(predictor.prepare(imgs))
+    with torch.inference_mode():
+        ref = predictor.model(torch.stack([predictor.transform(image=im)["image"] for im in imgs]))
+    for name in ("dr_logits", "dme_logits", "seg_logits", "features"):
+        got, want = getattr(out, name), getattr(ref, name)
+        assert got.dtype == torch.float32 and torch.equal(got, want), name
+
+
+def test_batch_size_for_memory():
+    gb = 1e9
+    # 1 GB fixed + 0.5 GB per image in 20 GB: (20 / 1.25 - 1) / 0.5 = 30 images
+    assert batch_size_for_memory(20 * gb, 1 * gb, 0.5 * gb) == 30
+    assert batch_size_for_memory(20 * gb, 1 * gb, 0.5 * gb, cap=8) == 8
+    assert batch_size_for_memory(1000 * gb, 0, 1e6) == 256  # never more than MAX_GPU_BATCH
+    assert batch_size_for_memory((1 + 0.5) * gb * MEMORY_HEADROOM, 1 * gb, 0.5 * gb) == 1
+    with pytest.raises(ValueError, match="not enough for one image"):
+        batch_size_for_memory(1.5 * gb, 1 * gb, 0.5 * gb)
+
+
+def test_memory_measurement_needs_cuda(predictor):
+    with pytest.raises(RuntimeError, match="CUDA"):
+        predictor.measure_memory()
+
+
+def test_unknown_precision_refused(tiny_checkpoint):
+    with pytest.raises(ValueError, match="precision 'float8'"):
+        Predictor(tiny_checkpoint, "cpu", 1, precision="float8")
+
+
+# What "matches float32" means for half-precision inference (measured with the shipped model on real photos:
+# bfloat16 differs by at most 0.008 in a probability, 1e-5 of the pixels in a mask and 3e-5 in an area).
+PROB_TOL = 0.02  # any DR/DME probability and the referable score
+MASK_PIXELS_TOL = 0.001  # share of a mask's pixels that may flip at the lesion threshold
+AREA_TOL = 0.001  # lesion area as a fraction of the fundus field
+CAM_MEAN_TOL = 0.02  # mean absolute difference of a Grad-CAM map (values in [0, 1])
+
+
+def assert_matches_float32(ref, half):
+    for a, b in zip(ref, half):
+        assert np.abs(np.subtract(a.dr_probs, b.dr_probs)).max() <= PROB_TOL
+        assert np.abs(np.subtract(a.dme_probs, b.dme_probs)).max() <= PROB_TOL
+        assert abs(a.referable_score - b.referable_score) <= PROB_TOL
+        for probs, grade, other in ((a.dr_probs, a.dr_grade, b.dr_grade), (a.dme_probs, a.dme_grade, b.dme_grade)):
+            top2 = np.sort(probs)[-2:]
+            if top2[1] - top2[0] > 2 * PROB_TOL:  # a near-tie may go either way; anything else may not
+                assert grade == other
+        assert (a.masks != b.masks).mean() <= MASK_PIXELS_TOL
+        assert max(abs(a.lesion_areas[k] - b.lesion_areas[k]) for k in a.lesion_areas) <= AREA_TOL
+        assert np.abs(a.dr_cam - b.dr_cam).mean() <= CAM_MEAN_TOL and np.abs(a.dme_cam - b.dme_cam).mean() <= CAM_MEAN_TOL
+
+
+@pytest.mark.slow
+@pytest.mark.realdata
+@pytest.mark.parametrize(
+    "device, precision",
+    [
+        # the product never runs half precision on a CPU (config refuses it); this proves the autocast path and
+        # the tolerance check where no GPU is present. bfloat16 keeps fewer mantissa bits than float16.
+        ("cpu", "bfloat16"),
+        pytest.param("cuda", "float16", marks=needs_cuda),
+        pytest.param("cuda", "bfloat16", marks=needs_cuda),
+    ],
+)
+def test_half_precision_matches_float32_on_real_photos(shared_data, device, precision):
+    from screening.imaging import decode
+
+    if not SHIPPED.is_file():
+        pytest.skip(f"shipped model not found at {SHIPPED}")
+    ref = Predictor(SHIPPED, device, 2)
+    half = Predictor(SHIPPED, device, 2, precision=precision)
+    paths = sorted((shared_data / "srahim").glob("Patient00*.jpg"))[:1 if device == "cpu" else 8]  # CPU: slow
+    images = [decode(p, ref.size).rgb for p in paths]
+    batch = half.prepare(images)
+    out = half.run(batch)
+    assert out.seg_logits.dtype == {"float16": torch.float16, "bfloat16": torch.bfloat16}[precision]
+    assert_matches_float32(ref.predict(images), half.finish(batch, out))
+
+
+@needs_cuda
+def test_gpu_batch_from_memory_fits_and_transfers_from_pinned_memory(tiny_checkpoint, monkeypatch):
+    p = Predictor(tiny_checkpoint, "cuda", 1, precision="float16")
+    fixed, per_image = p.measure_memory()
+    assert per_image > 0
+    budget_gb = (fixed + 10 * per_image) * MEMORY_HEADROOM / 1e9
+    n = p.batch_size_for(budget_gb)
+    assert 9 <= n <= 10
+    pinned = []
+    real_pin = torch.Tensor.pin_memory
+    monkeypatch.setattr(torch.Tensor, "pin_memory", lambda self, *a: pinned.append(1) or real_pin(self, *a))
+    torch.cuda.synchronize()
+    start = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    preds = p.predict(_images(n))
+    torch.cuda.synchronize()
+    assert len(preds) == n and pinned
+    assert torch.cuda.max_memory_allocated() - start <= budget_gb * 1e9
+    cpu = Predictor(tiny_checkpoint, "cpu", 1).predict(_images(n), explain=False)
+    assert np.abs(np.subtract([q.dr_probs for q in preds], [q.dr_probs for q in cpu])).max() <= PROB_TOL
+
+
+@needs_cuda
+def test_worker_batch_is_sized_by_gpu_memory(tmp_path, tiny_checkpoint):
+    from screening import cli
+    from screening.config import load_screening_settings
+
+    cfg = tmp_path / "config.toml"
+    cfg.write_text(f"[screening]\ncheckpoint = '{tiny_checkpoint}'\ndevice = 'cuda'\nprecision = 'float16'\n"
+                   f"gpu_memory_gb = 2\nbatch_size = 48\ndatabase = 'sqlite:///{tmp_path / 'db.sqlite'}'\n")
+    with cli.make_worker(load_screening_settings(cfg), cfg) as worker:
+        assert worker.s.batch_size == 48  # the tiny model fits 48 images in 2 GB many times over: the cap holds
+        assert worker.predictor.precision == "float16" and worker.predictor.device.type == "cuda"
