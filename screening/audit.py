@@ -16,7 +16,8 @@ What is counted
     * turnaround: seconds from ``images.received_at`` to the first report of the image's exam created
       at or after the image's result; images with a result but no such report count as
       ``awaiting_report``. Percentiles use linear interpolation between ranks (numpy's default,
-      Excel's PERCENTILE.INC).
+      Excel's PERCENTILE.INC). The database keeps this per result (``results.turnaround_s``, updated
+      as reports are recorded), and the result's copy of ``received_at`` selects the date range.
 
 Per model version
     Grades, referrals, duplicates (of images graded by that version) and turnaround are broken down by
@@ -37,10 +38,10 @@ from os import PathLike
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import ColumnElement, func, select
-from sqlalchemy.orm import Session, aliased
+from sqlalchemy import ColumnElement, case, func, select
+from sqlalchemy.orm import Session
 
-from screening.db.models import Drop, DropOutcome, Image, ImageState, Report, Result
+from screening.db.models import Drop, DropOutcome, Image, ImageState, Result
 
 ALL = "ALL"
 DR_GRADES = range(5)
@@ -138,68 +139,100 @@ def _in_range(column: Any, lo: datetime | None, hi: datetime | None) -> list[Col
     return conds
 
 
-def _as_utc(dt: datetime) -> datetime:
-    return dt.replace(tzinfo=timezone.utc) if dt.tzinfo is None else dt
+def _consistent_snapshot(session: Session) -> None:
+    """Every query of one audit must see the same rows, or a rank computed from one count would point past
+    the values another query sees while workers write. SQLite's read transaction is one snapshot already;
+    PostgreSQL's default READ COMMITTED takes a new one per statement, so ask it for REPEATABLE READ (only
+    possible before the session's transaction has begun, which is how the CLI calls this)."""
+    if session.get_bind().dialect.name == "postgresql" and not session.in_transaction():
+        session.connection(execution_options={"isolation_level": "REPEATABLE READ"})
 
 
-def _fill(stats: ModelStats, rows: list[Any], duplicates: int) -> None:
-    exams: set[int] = set()
-    referable_exams: set[int] = set()
-    turnaround: list[float] = []
-    for r in rows:
-        stats.images += 1
-        stats.dr_grades[r.dr_grade] = stats.dr_grades.get(r.dr_grade, 0) + 1
-        stats.dme_grades[r.dme_grade] = stats.dme_grades.get(r.dme_grade, 0) + 1
-        if r.referable:
-            stats.referable += 1
+def _grade_counts(session: Session, where: list[ColumnElement[bool]]) -> dict[str, ModelStats]:
+    """Images, grades, referrals and reported images per model: one walk along ix_results_audit_grades,
+    whose order is the grouping (no sort, no join)."""
+    by_model: dict[str, ModelStats] = {}
+    stmt = (
+        select(Result.model_version, Result.dr_grade, Result.dme_grade, Result.referable, func.count(),
+               func.count(Result.turnaround_s))
+        .where(*where)
+        .group_by(Result.model_version, Result.dr_grade, Result.dme_grade, Result.referable)
+    )
+    for mv, dr, dme, referable, n, reported in session.execute(stmt).all():
+        st = by_model.setdefault(mv, ModelStats(mv))
+        st.images += n
+        st.dr_grades[dr] = st.dr_grades.get(dr, 0) + n
+        st.dme_grades[dme] = st.dme_grades.get(dme, 0) + n
+        if referable:
+            st.referable += n
         else:
-            stats.not_referable += 1
-        if r.exam_id is not None:
-            exams.add(r.exam_id)
-            if r.referable:
-                referable_exams.add(r.exam_id)
-        if r.first_report_at is None:
-            stats.awaiting_report += 1
-        else:
-            turnaround.append((_as_utc(r.first_report_at) - r.received_at).total_seconds())
-    stats.exams, stats.referable_exams = len(exams), len(referable_exams)
-    stats.reported = len(turnaround)
-    stats.duplicates = duplicates
+            st.not_referable += n
+        st.reported += reported
+    for st in by_model.values():
+        st.awaiting_report = st.images - st.reported
+    return by_model
+
+
+def _exam_counts(session: Session, where: list[ColumnElement[bool]]) -> tuple[int, int]:
+    """(exams, exams with a referable eye) among the results matching ``where``, read in exam order from
+    ix_results_audit_exams (or ix_results_audit_model_exams for one model), never sorted. Same numbers on
+    both databases, each in the form it runs fastest (1M results, BENCHMARKS.md): SQLite dedupes a DISTINCT
+    along the index almost for free, so it counts twice; PostgreSQL pays per row visited, so it groups once."""
+    graded = [Result.exam_id.is_not(None), *where]
+    if session.get_bind().dialect.name == "postgresql":
+        per_exam = (
+            select(func.max(case((Result.referable, 1), else_=0)).label("referable"))
+            .where(*graded).group_by(Result.exam_id).subquery()
+        )
+        exams, referable = session.execute(
+            select(func.count(), func.coalesce(func.sum(per_exam.c.referable), 0))
+        ).one()
+        return int(exams), int(referable)
+
+    def distinct_exams(*extra: ColumnElement[bool]) -> int:
+        ids = select(Result.exam_id).where(*graded, *extra).distinct().subquery()
+        return int(session.scalar(select(func.count()).select_from(ids)) or 0)
+
+    return distinct_exams(), distinct_exams(Result.referable)
+
+
+def _turnaround_percentiles(session: Session, where: list[ColumnElement[bool]], n: int) -> dict[int, float | None]:
+    """The percentiles of :func:`percentile` over the ``n`` known turnarounds matching ``where``, reading only
+    the values at the two ranks around each: ``ORDER BY ... OFFSET`` along a turnaround index, from the low
+    end for ranks in the lower half and from the high end above it (p99 walks 1 % of the index, not 99 %)."""
+    out: dict[int, float | None] = {q: None for q in PERCENTILES}
+    if n == 0:
+        return out
     for q in PERCENTILES:
-        setattr(stats, f"turnaround_p{q}_s", percentile(turnaround, q))
+        pos = (n - 1) * q / 100.0
+        lo, hi = math.floor(pos), math.ceil(pos)
+        stmt = select(Result.turnaround_s).where(Result.turnaround_s.is_not(None), *where).limit(hi - lo + 1)
+        if hi <= (n - 1) / 2:
+            values = list(session.scalars(stmt.order_by(Result.turnaround_s).offset(lo)))
+        else:
+            values = list(session.scalars(stmt.order_by(Result.turnaround_s.desc()).offset(n - 1 - hi)))[::-1]
+        if values:
+            out[q] = values[0] + (values[-1] - values[0]) * (pos - lo)
+    return out
 
 
 def audit_summary(
     session: Session, start: date | None = None, end: date | None = None, model_version: str | None = None
 ) -> AuditSummary:
-    """Statistics for files received between ``start`` and ``end`` (UTC dates, inclusive)."""
+    """Statistics for files received between ``start`` and ``end`` (UTC dates, inclusive).
+
+    Graded images are counted from ``results`` alone (its copy of the arrival time, its turnaround), each
+    count along its own index, so that a million results take well under a second (BENCHMARKS.md)."""
     if start is not None and end is not None and end < start:
         raise ValueError(f"end {end} is before start {start}")
     lo, hi = _utc_bounds(start, end)
-
-    rep = aliased(Report)
-    first_report_at = (
-        select(func.min(rep.created_at))
-        .where(rep.exam_id == Image.exam_id, rep.created_at >= Result.created_at)
-        .correlate(Image, Result)
-        .scalar_subquery()
-    )
-    graded = (
-        select(
-            Result.model_version,
-            Result.dr_grade,
-            Result.dme_grade,
-            Result.referable,
-            Image.exam_id,
-            Image.received_at,
-            first_report_at.label("first_report_at"),
-        )
-        .join(Image, Image.id == Result.image_id)
-        .where(*_in_range(Image.received_at, lo, hi))
-    )
+    _consistent_snapshot(session)
+    where = _in_range(Result.received_at, lo, hi)
     if model_version is not None:
-        graded = graded.where(Result.model_version == model_version)
-    rows = session.execute(graded).all()
+        where.append(Result.model_version == model_version)
+
+    graded = _grade_counts(session, where)
+    models = sorted(graded)
 
     dup_stmt = (
         select(Result.model_version, func.count(Drop.id))
@@ -212,12 +245,35 @@ def audit_summary(
         dup_stmt = dup_stmt.where(Result.model_version == model_version)
     dups: dict[str | None, int] = {mv: n for mv, n in session.execute(dup_stmt).all()}
 
-    by_model: dict[str, ModelStats] = {}
-    for mv in sorted({r.model_version for r in rows} | {mv for mv in dups if mv is not None}):
-        by_model[mv] = ModelStats(mv)
-        _fill(by_model[mv], [r for r in rows if r.model_version == mv], dups.get(mv, 0))
     overall = ModelStats(ALL if model_version is None else model_version)
-    _fill(overall, list(rows), sum(dups.values()))
+    by_model: dict[str, ModelStats] = {}
+    for mv in sorted(set(models) | {mv for mv in dups if mv is not None}):
+        st = by_model[mv] = graded.get(mv, ModelStats(mv))
+        st.duplicates = dups.get(mv, 0)
+        if mv in graded:
+            if len(models) > 1:
+                st.exams, st.referable_exams = _exam_counts(session, [*where, Result.model_version == mv])
+            pct = _turnaround_percentiles(session, [*where, Result.model_version == mv], st.reported)
+            for q in PERCENTILES:
+                setattr(st, f"turnaround_p{q}_s", pct[q])
+        for key in ("images", "referable", "not_referable", "reported", "awaiting_report"):
+            setattr(overall, key, getattr(overall, key) + getattr(st, key))
+        for g, n in st.dr_grades.items():
+            overall.dr_grades[g] = overall.dr_grades.get(g, 0) + n
+        for g, n in st.dme_grades.items():
+            overall.dme_grades[g] = overall.dme_grades.get(g, 0) + n
+    overall.duplicates = sum(dups.values())
+    if models:
+        overall.exams, overall.referable_exams = _exam_counts(session, where)
+    if len(models) == 1:  # the pooled column is that model's
+        only = by_model[models[0]]
+        only.exams, only.referable_exams = overall.exams, overall.referable_exams
+        for q in PERCENTILES:
+            setattr(overall, f"turnaround_p{q}_s", getattr(only, f"turnaround_p{q}_s"))
+    else:
+        pct = _turnaround_percentiles(session, where, overall.reported)
+        for q in PERCENTILES:
+            setattr(overall, f"turnaround_p{q}_s", pct[q])
 
     rejected: Counter[str] = Counter()
     failed: Counter[str] = Counter()

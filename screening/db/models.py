@@ -133,9 +133,10 @@ class Image(Base):
     __table_args__ = (
         CheckConstraint(_in("state", ImageState), name="state"),
         CheckConstraint("eye IS NULL OR " + _in("eye", Eye), name="eye"),
-        Index("ix_images_state", "state"),
         Index("ix_images_exam_id", "exam_id"),
         Index("ix_images_received_at", "received_at"),
+        # work to resume, and the audit's rejected and failed files by date (revision 0003: was on state alone)
+        Index("ix_images_state_received_at", "state", "received_at"),
     )
 
     id: Mapped[int] = mapped_column(primary_key=True)
@@ -168,6 +169,7 @@ class Drop(Base):
         Index("ix_drops_sha256", "sha256"),
         Index("ix_drops_received_at", "received_at"),
         Index("ix_drops_image_id", "image_id"),
+        Index("ix_drops_outcome_received_at", "outcome", "received_at", "image_id"),  # the audit's duplicates and rejects (0003)
     )
 
     id: Mapped[int] = mapped_column(primary_key=True)
@@ -195,7 +197,15 @@ class Result(Base):
             CheckConstraint(f"area_{k} >= 0 AND area_{k} <= 1", name=f"area_{k}")
             for k in LESION_KEYS
         ),
-        Index("ix_results_model_version", "model_version"),
+        # The audit counts from this table alone, each count a walk along one of these indexes (revision 0003):
+        # grades and referrals per model; distinct exams, pooled and per model; turnaround percentiles per model
+        # and pooled.
+        Index("ix_results_audit_grades", "model_version", "dr_grade", "dme_grade", "referable", "received_at", "turnaround_s"),
+        Index("ix_results_audit_exams", "exam_id", "referable", "received_at"),
+        Index("ix_results_audit_model_exams", "model_version", "exam_id", "referable", "received_at"),
+        Index("ix_results_audit_turnaround", "model_version", "turnaround_s", "received_at"),
+        Index("ix_results_turnaround", "turnaround_s", "received_at"),
+        Index("ix_results_image_model", "image_id", "model_version"),  # duplicates per model, from the index alone
     )
 
     id: Mapped[int] = mapped_column(primary_key=True)
@@ -220,6 +230,14 @@ class Result(Base):
     device: Mapped[str | None] = mapped_column(String(32))
     inference_ms: Mapped[float | None] = mapped_column(Float)  # added in revision 0002
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    # Revision 0003, for an audit over millions of rows without a join: the image's exam and arrival time,
+    # copied when the result is stored (neither changes afterwards; the image stays their owner), and the
+    # turnaround, kept by repository.add_result/add_report.
+    exam_id: Mapped[int | None] = mapped_column(ForeignKey("exams.id", ondelete="RESTRICT"))
+    received_at: Mapped[datetime]
+    # Seconds from received_at to the first report of the exam created at or after this result; NULL while
+    # there is none (awaiting report).
+    turnaround_s: Mapped[float | None] = mapped_column(Float)
 
     image: Mapped[Image] = relationship(back_populates="result")
 

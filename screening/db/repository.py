@@ -219,7 +219,15 @@ def add_result(
     created_at: datetime | None = None,
 ) -> Result:
     """Store the model output for ``image`` (one per image; a second raises IntegrityError on flush).
-    Does not change the image state: call :func:`set_state` (``done``) in the same unit of work."""
+    Does not change the image state: call :func:`set_state` (``done``) in the same unit of work.
+    The image's exam and arrival time are copied onto the result for the audit (see models.Result)."""
+    created_at = created_at or utcnow()
+    session.flush()  # the image's id and exam_id, however it was attached
+    first_report_at = None  # a report already made at or after this result covers it (replays, imports)
+    if image.exam_id is not None:
+        first_report_at = session.scalar(
+            select(func.min(Report.created_at)).where(Report.exam_id == image.exam_id, Report.created_at >= created_at)
+        )
     result = Result(
         image=image,
         model_version=model_version,
@@ -241,7 +249,10 @@ def add_result(
         dme_cam_path=_path(dme_cam_path),
         device=device,
         inference_ms=None if inference_ms is None else float(inference_ms),
-        created_at=created_at or utcnow(),
+        created_at=created_at,
+        exam_id=image.exam_id,
+        received_at=image.received_at,
+        turnaround_s=None if first_report_at is None else (first_report_at - image.received_at).total_seconds(),
     )
     session.add(result)
     session.flush()
@@ -291,8 +302,20 @@ def add_report(
     )
     session.add(report)
     session.flush()
+    _record_turnaround(session, exam.id, report.created_at)
     add_event(session, "report", f"exam {exam.id} v{report.version}: {report.path}")
     return report
+
+
+def _record_turnaround(session: Session, exam_id: int, report_at: datetime) -> None:
+    """A report made at ``report_at`` covers the exam's results created at or before it: their turnaround is
+    the time from arrival to the first such report (a smaller value wins, whatever order reports arrive in)."""
+    covered = session.scalars(select(Result).where(Result.exam_id == exam_id, Result.created_at <= report_at))
+    for result in covered:
+        seconds = (report_at - result.received_at).total_seconds()
+        if result.turnaround_s is None or seconds < result.turnaround_s:
+            result.turnaround_s = seconds
+    session.flush()
 
 
 # --- recovery -----------------------------------------------------------------------------------

@@ -24,8 +24,8 @@ def _diff(engine):
         return compare_metadata(MigrationContext.configure(conn, opts={"compare_type": True}), Base.metadata)
 
 
-def test_head_is_second_revision():
-    assert head_revision() == "0002"
+def test_head_is_third_revision():
+    assert head_revision() == "0003"
 
 
 # rows written by the old schema, with plain SQL as an old worker would have (portable SQL: ids from the
@@ -83,6 +83,8 @@ def test_upgrade_from_revision_1_keeps_rows(db_url, tmp_path):
         r = s.scalars(select(Result)).one()
         assert (r.dr_grade, r.dme_grade, r.referable, r.inference_ms) == (3, 1, True, None)
         assert r.dr_probs == [0, 0, 0.1, 0.8, 0.1] and r.area_od == 0.03
+        # 0003 copied the image's exam and arrival time and measured the turnaround (08:00 -> report 08:02)
+        assert (r.exam_id, r.received_at, r.turnaround_s) == (img.exam_id, img.received_at, 120.0)
         d = s.scalars(select(Drop)).one()
         assert (d.outcome, d.reason) == ("new", None)
         # the new columns are writable
@@ -144,4 +146,48 @@ def test_downgrade_to_revision_1_keeps_rows(db_url):
         assert conn.exec_driver_sql("SELECT count(*) FROM drops WHERE image_id IS NOT NULL").scalar() == 1
     init_db(engine)
     assert current_revision(engine) == head_revision() and _diff(engine) == []
+    engine.dispose()
+
+
+def test_revision_3_fills_the_audit_columns_as_the_repository_keeps_them(db_url):
+    """Rows written at head (turnaround kept by add_result/add_report, reports out of order included), taken
+    back to 0002 and upgraded again: the migration recomputes exactly the same exam, arrival and turnaround."""
+    from datetime import date, datetime, timedelta, timezone
+
+    from alembic import command
+
+    from screening.db import repository as repo
+    from screening.db import session_scope
+    from screening.db.migrate import alembic_config
+
+    t0 = datetime(2024, 3, 1, 8, tzinfo=timezone.utc)
+    at = lambda s: t0 + timedelta(seconds=s, microseconds=s * 7)  # noqa: E731 - sub-second parts too
+    engine = make_engine(db_url)
+    init_db(engine)
+    factory = make_session_factory(engine)
+    with session_scope(factory) as s:
+        for e in range(4):
+            exam = repo.get_or_create_exam(s, repo.get_or_create_patient(s, f"P{e}"), date(2024, 3, 1))
+            for k, eye in enumerate("RL"):
+                img = repo.add_image(s, sha256=f"{e}{k}".ljust(64, "0"), source_name="x.jpg", exam=exam, eye=eye,
+                                     received_at=at(100 * e + k))
+                repo.add_result(s, img, model_version="m", checkpoint_sha256="c" * 64, dr_grade=0, dr_probs=[1, 0, 0, 0, 0],
+                                dme_grade=0, dme_probs=[1, 0, 0], referable_score=0.1, referable=False,
+                                created_at=at(100 * e + 10 * k + 5))
+            if e < 3:
+                repo.add_report(s, exam, "v2.pdf", "m", version=2, created_at=at(100 * e + 50))
+            if e == 1:
+                repo.add_report(s, exam, "v1.pdf", "m", version=1, created_at=at(100 * e + 12))  # covers R only
+    def snapshot():
+        with factory() as s:  # closed again: an open read would hold PostgreSQL's lock against the ALTERs below
+            return sorted((r.id, r.exam_id, r.received_at, r.turnaround_s) for r in s.scalars(select(Result)))
+
+    kept = snapshot()
+    turnarounds = [t for *_, t in kept]
+    assert turnarounds.count(None) == 2 and 12.000084 in turnarounds  # exam 3 unreported; exam 1's R by v1
+    with engine.begin() as conn:
+        command.downgrade(alembic_config(connection=conn), "0002")
+    assert "turnaround_s" not in _cols(engine, "results")
+    init_db(engine, backup=False)
+    assert snapshot() == kept and _diff(engine) == []
     engine.dispose()

@@ -29,6 +29,7 @@ def _result(image: Image, **kw) -> Result:
     values = dict(
         image=image, model_version="m1", checkpoint_sha256="c" * 64, dr_grade=2, dr_probs=[0.1, 0.1, 0.6, 0.1, 0.1],
         dme_grade=0, dme_probs=[0.9, 0.05, 0.05], referable_score=0.7, referable=True,
+        received_at=datetime(2024, 1, 1, tzinfo=timezone.utc),  # repository.add_result copies the image's
     )
     values.update(kw)
     return Result(**values)

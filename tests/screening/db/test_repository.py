@@ -184,3 +184,28 @@ def test_exams_needing_report(factory):
         ids = [e.id for e in exams]
     with factory() as s:
         assert [e.id for e in repo.exams_needing_report(s)] == [ids[0], ids[2]]
+
+
+def test_result_carries_exam_arrival_and_turnaround_for_the_audit(factory):
+    """results.exam_id/received_at are the image's; turnaround_s is arrival -> first report made at or after
+    the result, whatever order the rows are recorded in (models.Result, revision 0003)."""
+    sec = lambda n: T0 + timedelta(seconds=n)  # noqa: E731
+    with session_scope(factory) as s:
+        exam = repo.get_or_create_exam(s, repo.get_or_create_patient(s, "P1"), date(2024, 5, 1))
+        left = repo.add_image(s, sha256="1" * 64, source_name="P1_L.jpg", exam=exam, eye="L", received_at=sec(0))
+        right = repo.add_image(s, sha256="2" * 64, source_name="P1_R.jpg", exam=exam, eye="R", received_at=sec(5))
+        late = repo.add_image(s, sha256="3" * 64, source_name="P1_L2.jpg", exam=exam, eye="L", received_at=sec(6))
+        r_left = _result(s, left, at=sec(10))
+        assert (r_left.exam_id, r_left.received_at, r_left.turnaround_s) == (exam.id, sec(0), None)
+        repo.add_report(s, exam, "v2.pdf", "m1", version=2, created_at=sec(100))
+        assert r_left.turnaround_s == 100.0
+        repo.add_report(s, exam, "v1.pdf", "m1", version=1, created_at=sec(40))  # recorded late: the earlier wins
+        assert r_left.turnaround_s == 40.0
+        r_right = _result(s, right, at=sec(50))  # stored after the v2 report it is covered by
+        assert r_right.turnaround_s == 95.0
+        r_late = _result(s, late, at=sec(200))  # newer than every report: awaiting
+        assert r_late.turnaround_s is None
+        repo.add_report(s, exam, "v3.pdf", "m1", created_at=sec(300))
+        assert (r_left.turnaround_s, r_right.turnaround_s, r_late.turnaround_s) == (40.0, 95.0, 294.0)
+    with factory() as s:  # and so they were stored
+        assert sorted(s.scalars(select(Result.turnaround_s))) == [40.0, 95.0, 294.0]
