@@ -12,7 +12,6 @@ from .runtime import apply_worker_env
 
 apply_worker_env()  # before torch is imported below (see screening/runtime.py)
 
-from training.checkpoint import CheckpointError  # noqa: E402
 from training.config import ConfigError  # noqa: E402
 
 from .config import ScreeningSettings, load_screening_settings
@@ -33,6 +32,8 @@ def resolve_checkpoint(settings: ScreeningSettings, allow_demo: bool = True) -> 
     if settings.checkpoint.is_file():
         return settings.checkpoint
     if not allow_demo:
+        from training.checkpoint import CheckpointError
+
         raise CheckpointError(f"checkpoint not found: {settings.checkpoint}; set [screening] checkpoint in the config")
     demo = settings.work_dir / "demo-model.pt"
     if not demo.is_file():
@@ -62,7 +63,14 @@ def make_worker(settings: ScreeningSettings, config_path: Path, allow_demo: bool
 
 
 def cmd_run(args: argparse.Namespace, settings: ScreeningSettings) -> int:
-    with make_worker(settings, Path(args.config), allow_demo=not args.no_demo) as worker:
+    from training.checkpoint import CheckpointError  # torch: only the worker needs it, not audit or init-db
+
+    try:
+        worker = make_worker(settings, Path(args.config), allow_demo=not args.no_demo)
+    except CheckpointError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    with worker:
         if args.once:
             out = worker.run_once()
             print(f"processed {out.processed}, duplicates {out.duplicates}, rejected {out.rejected}, "
@@ -127,7 +135,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         settings = load_screening_settings(args.config)
         return args.func(args, settings)
-    except (ConfigError, CheckpointError) as exc:
+    except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
 

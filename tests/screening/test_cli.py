@@ -91,3 +91,17 @@ def test_init_db_on_each_database_never_prints_the_password(tmp_path, db_url, ca
     engine = make_engine(db_url)
     assert current_revision(engine) == head_revision()
     engine.dispose()
+
+
+def test_audit_and_init_db_do_not_import_torch(tmp_path):
+    """`dr-screen audit` starts in well under a second: torch (seconds to import) is for the worker only."""
+    import subprocess
+    import sys
+
+    code = ("import sys; from screening import cli; "
+            f"rc = cli.main(['--config', {str(tmp_path / 'c.toml')!r}, 'audit']); "
+            "print(rc, 'torch' in sys.modules)")
+    (tmp_path / "c.toml").write_text(f"[screening]\ndatabase = 'sqlite:///{tmp_path / 'a.db'}'\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                         cwd=Path(__file__).resolve().parents[2])
+    assert out.stdout.strip().splitlines()[-1] == "0 False", out.stderr[-2000:]
