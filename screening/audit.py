@@ -173,27 +173,41 @@ def _grade_counts(session: Session, where: list[ColumnElement[bool]]) -> dict[st
     return by_model
 
 
-def _exam_counts(session: Session, where: list[ColumnElement[bool]]) -> tuple[int, int]:
-    """(exams, exams with a referable eye) among the results matching ``where``, read in exam order from
-    ix_results_audit_exams (or ix_results_audit_model_exams for one model), never sorted. Same numbers on
-    both databases, each in the form it runs fastest (1M results, BENCHMARKS.md): SQLite dedupes a DISTINCT
-    along the index almost for free, so it counts twice; PostgreSQL pays per row visited, so it groups once."""
+def _exam_counts(session: Session, where: list[ColumnElement[bool]], models: list[str]) -> dict[str | None, tuple[int, int]]:
+    """(exams, exams with a referable eye) among the results matching ``where``: pooled under ``None`` and,
+    when there are several ``models``, per model. Exam ids are read in order along ix_results_audit_exams
+    (pooled) and ix_results_audit_model_exams (per model), never sorted. The same numbers on both databases,
+    each in the form it runs fastest (1M results, BENCHMARKS.md): SQLite dedupes a DISTINCT along an index
+    almost for free, so it counts distinct ids; PostgreSQL pays per row visited, so it groups once by exam."""
     graded = [Result.exam_id.is_not(None), *where]
+    split = len(models) > 1
+    out: dict[str | None, tuple[int, int]] = {}
     if session.get_bind().dialect.name == "postgresql":
-        per_exam = (
-            select(func.max(case((Result.referable, 1), else_=0)).label("referable"))
-            .where(*graded).group_by(Result.exam_id).subquery()
-        )
-        exams, referable = session.execute(
-            select(func.count(), func.coalesce(func.sum(per_exam.c.referable), 0))
-        ).one()
-        return int(exams), int(referable)
+        referable = func.max(case((Result.referable, 1), else_=0)).label("referable")
+        pooled = select(referable).where(*graded).group_by(Result.exam_id).subquery()
+        n, ref = session.execute(select(func.count(), func.coalesce(func.sum(pooled.c.referable), 0))).one()
+        out[None] = (int(n), int(ref))
+        if split:
+            per = (select(Result.model_version, referable).where(*graded)
+                   .group_by(Result.model_version, Result.exam_id).subquery())
+            for mv, n, ref in session.execute(
+                select(per.c.model_version, func.count(), func.sum(per.c.referable)).group_by(per.c.model_version)
+            ):
+                out[mv] = (int(n), int(ref))
+        return out
 
     def distinct_exams(*extra: ColumnElement[bool]) -> int:
         ids = select(Result.exam_id).where(*graded, *extra).distinct().subquery()
         return int(session.scalar(select(func.count()).select_from(ids)) or 0)
 
-    return distinct_exams(), distinct_exams(Result.referable)
+    out[None] = (distinct_exams(), distinct_exams(Result.referable))
+    if split:
+        per_model = select(Result.model_version, func.count(Result.exam_id.distinct())).group_by(Result.model_version)
+        exams = {mv: n for mv, n in session.execute(per_model.where(*graded))}
+        referable_exams = {mv: n for mv, n in session.execute(per_model.where(*graded, Result.referable))}
+        for mv in models:
+            out[mv] = (int(exams.get(mv, 0)), int(referable_exams.get(mv, 0)))
+    return out
 
 
 def _turnaround_percentiles(session: Session, where: list[ColumnElement[bool]], n: int) -> dict[int, float | None]:
@@ -233,6 +247,7 @@ def audit_summary(
 
     graded = _grade_counts(session, where)
     models = sorted(graded)
+    exams = _exam_counts(session, where, models) if models else {None: (0, 0)}
 
     dup_stmt = (
         select(Result.model_version, func.count(Drop.id))
@@ -251,8 +266,7 @@ def audit_summary(
         st = by_model[mv] = graded.get(mv, ModelStats(mv))
         st.duplicates = dups.get(mv, 0)
         if mv in graded:
-            if len(models) > 1:
-                st.exams, st.referable_exams = _exam_counts(session, [*where, Result.model_version == mv])
+            st.exams, st.referable_exams = exams.get(mv, exams[None])  # one model: the pooled counts are its own
             pct = _turnaround_percentiles(session, [*where, Result.model_version == mv], st.reported)
             for q in PERCENTILES:
                 setattr(st, f"turnaround_p{q}_s", pct[q])
@@ -263,13 +277,10 @@ def audit_summary(
         for g, n in st.dme_grades.items():
             overall.dme_grades[g] = overall.dme_grades.get(g, 0) + n
     overall.duplicates = sum(dups.values())
-    if models:
-        overall.exams, overall.referable_exams = _exam_counts(session, where)
+    overall.exams, overall.referable_exams = exams[None]
     if len(models) == 1:  # the pooled column is that model's
-        only = by_model[models[0]]
-        only.exams, only.referable_exams = overall.exams, overall.referable_exams
         for q in PERCENTILES:
-            setattr(overall, f"turnaround_p{q}_s", getattr(only, f"turnaround_p{q}_s"))
+            setattr(overall, f"turnaround_p{q}_s", getattr(by_model[models[0]], f"turnaround_p{q}_s"))
     else:
         pct = _turnaround_percentiles(session, where, overall.reported)
         for q in PERCENTILES:
