@@ -47,14 +47,13 @@ def resolve_checkpoint(settings: ScreeningSettings, allow_demo: bool = True) -> 
 
 
 def make_worker(settings: ScreeningSettings, config_path: Path, allow_demo: bool = True):
-    from .inference import Predictor
+    from .inference import MAX_GPU_BATCH, Predictor
     from .pipeline import Worker
 
     predictor = Predictor(resolve_checkpoint(settings, allow_demo), settings.device, settings.threads, settings.precision)
     log.info("model %s (%s) on %s, %s", predictor.version, predictor.kind, predictor.device, predictor.precision)
     if settings.gpu_memory_gb:  # device is cuda (config validation): batches as large as that memory allows
-        cap = settings.gpu_batch_cap()
-        batch = predictor.batch_size_for(settings.gpu_memory_gb, *(() if cap is None else (cap,)))
+        batch = predictor.batch_size_for(settings.gpu_memory_gb, settings.gpu_batch_cap() or MAX_GPU_BATCH)
         settings = settings.model_copy(update={"batch_size": batch})
     templates = config_path.resolve().parent / "templates"
     if not (templates / "report.html.j2").is_file():
