@@ -9,8 +9,6 @@ command, date, git commit) and ``metrics`` (validation). Training checkpoints al
 
 from __future__ import annotations
 
-import hashlib
-import os
 import subprocess
 from datetime import datetime, timezone
 from pathlib import Path
@@ -18,6 +16,7 @@ from typing import Any
 
 import torch
 
+from training.common import atomic_write, sha256_file
 from training.model import DME_GRADES, DR_GRADES, LESION_CODES, ModelConfig, MultiTaskNet, build_model
 
 REQUIRED_KEYS = ("model_state", "model_config", "labels", "thresholds", "provenance", "metrics", "model_version")
@@ -46,21 +45,14 @@ def make_version(model_config: ModelConfig, kind: str, when: datetime | None = N
 
 
 def save_checkpoint(path: str | Path, payload: dict[str, Any]) -> Path:
-    """Atomic save: write beside the target, then rename."""
+    """Atomic save (:func:`training.common.atomic_write`): a reader, or a resumed run, never finds half a file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(payload, tmp)
-    os.replace(tmp, path)
-    return path
+    return atomic_write(path, lambda tmp: torch.save(payload, tmp))
 
 
-def file_sha256(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+file_sha256 = sha256_file
+"""The checkpoint file's SHA-256 (the one hashing function, :func:`training.common.sha256_file`)."""
 
 
 def read_checkpoint(path: str | Path) -> dict[str, Any]:

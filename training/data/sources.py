@@ -28,6 +28,7 @@ from training.config import (
     DataSettings, IdridGradingSource, IdridSegmentationSource, KaggleSource, ManifestSource,
 )
 from training.data.records import DME_PRESENT, DME_UNKNOWN, DR_UNKNOWN, Record
+from training.labels import LESION_KEYS
 from training.model import LESION_CODES
 
 IMAGE_EXTENSIONS: tuple[str, ...] = (".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp")
@@ -48,7 +49,7 @@ _LESION_ALIASES: tuple[frozenset[str], ...] = (
     frozenset({"opticdisc", "od"}),
 )
 # Manifest mask columns, in LESION_CODES order.
-MANIFEST_MASK_COLUMNS: tuple[str, ...] = ("ma_mask", "he_mask", "ex_mask", "se_mask", "od_mask")
+MANIFEST_MASK_COLUMNS: tuple[str, ...] = tuple(f"{key}_mask" for key in LESION_KEYS)
 IDRID_GRADING_COLUMNS: tuple[str, ...] = ("Image name", "Retinopathy grade", "Risk of macular edema")
 KAGGLE_COLUMNS: tuple[str, ...] = IDRID_GRADING_COLUMNS
 _EYE_SUFFIX = re.compile(r"^(?P<patient>.+?)[_-](?P<eye>left|right|L|R|OD|OS)$", re.IGNORECASE)

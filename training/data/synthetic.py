@@ -23,12 +23,13 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from training.data.sources import MANIFEST_MASK_COLUMNS
 from training.model import LESION_CODES, LESIONS
 
-MA, HE, EX, SE, OD = range(5)
+MA, HE, EX, SE, OD = range(5)  # mask channels, in LESION_CODES order
 SEVERE_HAEMORRHAGES = 20  # >= this many haemorrhages -> severe NPDR (the "4" of the 4-2-1 rule, simplified)
 SEVERE_SOFT_EXUDATES = 6  # >= this many cotton-wool spots -> severe NPDR
-CSV_COLUMNS = ("image", "patient_id", "eye", "dr_grade", "dme_grade", "ma_mask", "he_mask", "ex_mask", "se_mask", "od_mask")
+CSV_COLUMNS = ("image", "patient_id", "eye", "dr_grade", "dme_grade", *MANIFEST_MASK_COLUMNS)
 
 
 @dataclass
@@ -442,8 +443,7 @@ def write_synthetic_dataset(folder: Path, n: int, size: int = 256, seed: int = 0
         image_rel = f"images/{stem}.jpg"
         cv2.imwrite(str(folder / image_rel), cv2.cvtColor(f.image, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, 95])
         row = {"image": image_rel, "patient_id": patient, "eye": eye, "dr_grade": f.dr_grade, "dme_grade": f.dme_grade}
-        for k, code in enumerate(LESION_CODES):
-            col = f"{code.lower()}_mask"
+        for k, (code, col) in enumerate(zip(LESION_CODES, MANIFEST_MASK_COLUMNS)):
             row[col] = ""
             if with_masks and f.masks[..., k].any():
                 rel = f"masks/{stem}_{code}.png"
