@@ -19,8 +19,14 @@ class ConfigError(ValueError):
     """A configuration file is missing, unreadable or invalid; the message says where and why."""
 
 
-class _Strict(BaseModel):
+class StrictSettings(BaseModel):
+    """Settings that refuse unknown keys (a typo fails at start-up, naming the key) and stay as read.
+    Public: the worker's ``[screening]`` table is validated the same way."""
+
     model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+_Strict = StrictSettings  # the name the settings classes below use
 
 
 class IdridSegmentationSource(_Strict):

@@ -20,6 +20,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from training.device import resolve_device  # noqa: F401 - re-exported: callers of the training loop import it from here
 from training.losses import MultiTaskLoss
 
 
@@ -27,14 +28,6 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("device = 'cuda' was requested but CUDA is not available; use 'auto' or 'cpu'")
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
 
 
 def _to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
