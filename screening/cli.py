@@ -12,8 +12,7 @@ from .runtime import apply_worker_env
 
 apply_worker_env()  # before torch is imported below (see screening/runtime.py)
 
-from training.checkpoint import CheckpointError  # noqa: E402
-from training.config import ConfigError  # noqa: E402
+from training.api import CheckpointError, ConfigError  # noqa: E402
 
 from .config import ScreeningSettings, load_screening_settings
 
@@ -36,7 +35,7 @@ def resolve_checkpoint(settings: ScreeningSettings, allow_demo: bool = True) -> 
         raise CheckpointError(f"checkpoint not found: {settings.checkpoint}; set [screening] checkpoint in the config")
     demo = settings.work_dir / "demo-model.pt"
     if not demo.is_file():
-        from training.demo import train_demo_model
+        from training.api import train_demo_model
 
         log.warning("no checkpoint at %s: training a DEMO model on synthetic images (about 3 minutes); "
                     "its reports are watermarked 'not for clinical use'", settings.checkpoint)

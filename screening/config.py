@@ -8,7 +8,14 @@ from typing import Literal
 
 from pydantic import Field, ValidationError, field_validator
 
-from training.config import ConfigError, _Strict, format_validation_error, read_toml, resolve_paths
+from training.api import (
+    ConfigError,
+    StrictSettings,
+    format_validation_error,
+    parse_training_config,
+    read_toml,
+    resolve_paths,
+)
 
 DEFAULT_PATTERNS = (
     r"^(?P<patient>[A-Za-z]+\d+)_(?P<eye>L|R|OD|OS|left|right)$",
@@ -16,7 +23,7 @@ DEFAULT_PATTERNS = (
 )
 
 
-class ScreeningSettings(_Strict):
+class ScreeningSettings(StrictSettings):
     inbox: Path = Path("inbox")
     reports: Path = Path("reports")
     archive: Path = Path("archive")
@@ -72,8 +79,6 @@ def parse_screening_settings(raw: dict, path: str | Path) -> ScreeningSettings:
 
 def load_screening_settings(path: str | Path) -> ScreeningSettings:
     """Read ``config.toml`` once; the whole file is validated (training tables too) so typos anywhere fail."""
-    from training.config import parse_training_config
-
     raw = read_toml(path)
     parse_training_config(raw, path)
     return parse_screening_settings(raw, path)

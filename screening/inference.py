@@ -9,12 +9,17 @@ from typing import Any
 import numpy as np
 import torch
 
-from training.checkpoint import load_model
-from training.data.transforms import channel_max, eval_transforms
-from training.engine import resolve_device
-from training.grader import apply_grader, features_of, uses_segmentation
-from training.metrics import referable_score
-from training.model import LESION_CODES
+from training.api import (
+    apply_grader,
+    eval_transforms,
+    features_of,
+    fundus_mask,
+    load_model,
+    referable_score,
+    resolve_device,
+    uses_segmentation,
+)
+from training.common import LESION_CODES
 
 from .explain import head_cams
 
@@ -136,7 +141,7 @@ class Predictor:
             dr_cams = dme_cams = np.zeros((len(images), self.size, self.size), np.float32)
         preds = []
         for i, im in enumerate(images):
-            field = channel_max(im) > 12
+            field = fundus_mask(im)
             n_field = max(int(field.sum()), 1)
             areas = {code: float((seg[i, k] & field).sum()) / n_field for k, code in enumerate(LESION_CODES)}
             preds.append(ImagePrediction(

@@ -7,7 +7,7 @@ must be timezone-aware; they are stored as UTC.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from datetime import date, datetime
 from os import PathLike
 
@@ -15,6 +15,7 @@ from sqlalchemy import Select, case, func, or_, select
 from sqlalchemy.orm import Session
 
 from screening.db.models import (
+    LESION_COLUMNS,
     Drop,
     DropOutcome,
     Event,
@@ -154,6 +155,29 @@ def record_drop(
     return drop
 
 
+def unfiled_drops(session: Session, *, sha256: str | None = None, source_name: str | None = None) -> list[Drop]:
+    """Duplicate and rejected drops whose file has not been moved out of the inbox yet, oldest first.
+
+    The worker records such a drop and commits, then moves the file, then logs an event of the drop's outcome
+    kind (``duplicate`` / ``rejected``) with the drop's id (``screening.stages.filing``). A drop without that
+    event was interrupted between its commit and its move. Drops without an image (none are written any
+    more) count as filed. ``sha256`` / ``source_name`` narrow the search to one file.
+    """
+    closing = (
+        select(Event.id)
+        .where(Event.image_id == Drop.image_id, Event.drop_id == Drop.id, Event.kind == Drop.outcome)
+        .exists()
+    )
+    stmt = select(Drop).where(
+        Drop.outcome.in_([DropOutcome.DUPLICATE.value, DropOutcome.REJECTED.value]), Drop.image_id.is_not(None), ~closing
+    )
+    if sha256 is not None:
+        stmt = stmt.where(Drop.sha256 == sha256.lower())
+    if source_name is not None:
+        stmt = stmt.where(Drop.source_name == source_name)
+    return list(session.scalars(stmt.order_by(Drop.id)))
+
+
 def add_event(
     session: Session,
     kind: str,
@@ -205,11 +229,7 @@ def add_result(
     dme_probs: Sequence[float],
     referable_score: float,
     referable: bool,
-    area_ma: float = 0.0,
-    area_he: float = 0.0,
-    area_ex: float = 0.0,
-    area_se: float = 0.0,
-    area_od: float = 0.0,
+    lesion_areas: Mapping[str, float] | None = None,
     mask_dir: PathStr | None = None,
     overlay_path: PathStr | None = None,
     dr_cam_path: PathStr | None = None,
@@ -219,7 +239,12 @@ def add_result(
     created_at: datetime | None = None,
 ) -> Result:
     """Store the model output for ``image`` (one per image; a second raises IntegrityError on flush).
+    ``lesion_areas`` is keyed by lesion code (``MA`` ... ``OD``; a missing code stores 0).
     Does not change the image state: call :func:`set_state` (``done``) in the same unit of work."""
+    areas = dict(lesion_areas or {})
+    unknown = set(areas) - set(LESION_COLUMNS)
+    if unknown:
+        raise ValueError(f"unknown lesion codes {sorted(unknown)}; expected some of {list(LESION_COLUMNS)}")
     result = Result(
         image=image,
         model_version=model_version,
@@ -230,11 +255,7 @@ def add_result(
         dme_probs=[float(p) for p in dme_probs],
         referable_score=float(referable_score),
         referable=bool(referable),
-        area_ma=float(area_ma),
-        area_he=float(area_he),
-        area_ex=float(area_ex),
-        area_se=float(area_se),
-        area_od=float(area_od),
+        **{column: float(areas.get(code, 0.0)) for code, column in LESION_COLUMNS.items()},
         mask_dir=_path(mask_dir),
         overlay_path=_path(overlay_path),
         dr_cam_path=_path(dr_cam_path),
@@ -349,4 +370,5 @@ __all__ = [
     "next_report_version",
     "record_drop",
     "set_state",
+    "unfiled_drops",
 ]
