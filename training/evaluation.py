@@ -19,6 +19,7 @@ from matplotlib.figure import Figure
 from sklearn.metrics import ConfusionMatrixDisplay, roc_auc_score, roc_curve
 
 from training.common import atomic_write, atomic_write_text
+from training.losses import LOSS_PARTS
 from training.metrics import (
     LESION_CODES,
     NUM_DR_GRADES,
@@ -39,7 +40,7 @@ DR_CONFUSION_PNG = "dr_confusion_matrix.png"
 REFERABLE_ROC_PNG = "referable_roc.png"
 LESION_PR_PNG = "lesion_pr_curves.png"
 
-__all__ = ["write_evaluation", "plot_history", "to_jsonable"]
+__all__ = ["history_panels", "plot_history", "to_jsonable", "write_evaluation"]
 
 
 # ---------------------------------------------------------------------------------- helpers
@@ -240,6 +241,7 @@ def _plot_pr(curves: Mapping[str, tuple[np.ndarray, np.ndarray, float]],
 
 # ---------------------------------------------------------------------------------- training curves
 _NON_METRIC_KEYS = {"epoch", "step", "time", "seconds", "wall_s", "elapsed"}
+_LOSS_KEYS = {f"{phase}_{part}" for phase in ("train", "val") for part in LOSS_PARTS}  # as training/engine.py writes them
 
 
 def _series(history: Sequence[Mapping[str, Any]], key: str) -> np.ndarray:
@@ -251,30 +253,38 @@ def _series(history: Sequence[Mapping[str, Any]], key: str) -> np.ndarray:
     return np.asarray(vals, dtype=np.float64)
 
 
-def plot_history(history: Sequence[Mapping[str, Any]], out_png: str | Path) -> None:
-    """Training curves from per-epoch dicts, e.g. ``{"epoch": 3, "train_loss": .., "val_loss": .., "val_kappa": ..}``.
+def history_panels(history: Sequence[Mapping[str, Any]]) -> list[tuple[list[str], str, bool]]:
+    """The panels of the training-curve plot as (keys, title, log scale), empty panels left out.
 
-    Left panel: every numeric key containing "loss"; right panel: other numeric keys (kappa, AUC,
-    ...); keys containing "lr" go on a third, log-scale panel.  Missing values leave gaps.
+    Loss: the loss terms as :func:`training.engine.fit` records them (``train_total``, ``val_seg``, ... from
+    :data:`training.losses.LOSS_PARTS`) and any key containing "loss"; learning rate (log scale): ``lr``
+    and ``*_lr``; validation metrics: the other numeric keys (kappa, AUC, score, ...). Bookkeeping
+    (epoch, seconds, images per second) is not plotted.
     """
-    if not history:
-        raise ValueError("history is empty: nothing to plot")
     keys: list[str] = []
     for h in history:
         for k, v in h.items():
-            if k in keys or k in _NON_METRIC_KEYS:
+            if k in keys or k in _NON_METRIC_KEYS or k.endswith("_per_s"):
                 continue
             if isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, bool):
                 keys.append(k)
-    loss_keys = [k for k in keys if "loss" in k]
+    loss_keys = [k for k in keys if k in _LOSS_KEYS or "loss" in k]
     lr_keys = [k for k in keys if k not in loss_keys and (k == "lr" or k.endswith("_lr") or k.startswith("lr"))]
     metric_keys = [k for k in keys if k not in loss_keys and k not in lr_keys]
+    panels = [(loss_keys, "Loss", False), (metric_keys, "Validation metrics", False), (lr_keys, "Learning rate", True)]
+    return [p for p in panels if p[0]]
+
+
+def plot_history(history: Sequence[Mapping[str, Any]], out_png: str | Path) -> None:
+    """Training curves from the per-epoch rows of ``history.json``, one panel per group of
+    :func:`history_panels`.  Missing values leave gaps."""
+    if not history:
+        raise ValueError("history is empty: nothing to plot")
     x = _series(history, "epoch")
     if np.isnan(x).any():
         x = np.arange(1, len(history) + 1, dtype=np.float64)
 
-    panels = [(loss_keys, "Loss", False), (metric_keys, "Validation metrics", False), (lr_keys, "Learning rate", True)]
-    panels = [p for p in panels if p[0]] or [([], "No numeric values", False)]
+    panels = history_panels(history) or [([], "No numeric values", False)]
     fig = Figure(figsize=(5 * len(panels), 4))
     for i, (ks, title, logy) in enumerate(panels, start=1):
         ax = fig.add_subplot(1, len(panels), i)

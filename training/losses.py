@@ -81,6 +81,10 @@ def dme_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return total / n
 
 
+LOSS_PARTS: tuple[str, ...] = ("total", "dr", "dme", "seg")
+"""The loss terms, in :class:`LossParts` order; the training history names them ``train_<part>`` and ``val_<part>``."""
+
+
 @dataclass
 class LossParts:
     total: torch.Tensor
@@ -89,7 +93,7 @@ class LossParts:
     seg: torch.Tensor
 
     def as_floats(self) -> dict[str, float]:
-        return {k: float(getattr(self, k).detach()) for k in ("total", "dr", "dme", "seg")}
+        return {k: float(getattr(self, k).detach()) for k in LOSS_PARTS}
 
 
 class MultiTaskLoss(nn.Module):

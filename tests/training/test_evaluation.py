@@ -8,7 +8,7 @@ import matplotlib.image as mpimg
 import numpy as np
 import pytest
 
-from training.evaluation import plot_history, write_evaluation
+from training.evaluation import history_panels, plot_history, write_evaluation
 
 
 def _assert_nontrivial_png(path):
@@ -92,6 +92,19 @@ def test_write_evaluation_seg_args_together(tmp_path):
     dr_p, dme_p, dr, dme, seg, _ = _synthetic()
     with pytest.raises(ValueError, match="seg_masks"):
         write_evaluation(tmp_path, dr_p, dme_p, dr, dme, seg_probs=seg, bootstrap=0)
+
+
+def test_curves_put_the_losses_of_a_real_training_history_in_the_loss_panel(trained_run):
+    """history.json as training/engine.py writes it (train_total, val_seg, val_kappa, lr, images/s, ...)."""
+    _, out = trained_run
+    history = json.loads((out / "history.json").read_text())
+    assert {"train_total", "val_total", "lr"} <= set(history[0])  # the real keys, not a test's idea of them
+    panels = {title: keys for keys, title, _ in history_panels(history)}
+    assert set(panels) == {"Loss", "Validation metrics", "Learning rate"}
+    assert {f"{p}_{part}" for p in ("train", "val") for part in ("total", "dr", "dme", "seg")} <= set(panels["Loss"])
+    assert not any(k.endswith(("_total", "_dr", "_dme", "_seg")) for k in panels["Validation metrics"])
+    assert "val_score" in panels["Validation metrics"] and panels["Learning rate"] == ["lr"]
+    assert not [k for keys in panels.values() for k in keys if k.endswith("_per_s") or k in ("epoch", "seconds")]
 
 
 def test_plot_history(tmp_path):
