@@ -35,7 +35,7 @@ from datetime import date, datetime, timezone
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import ROOT, data_dir, machine_info, median, print_header, print_table, write_json  # noqa: E402
+from _common import ROOT, data_dir, machine_info, median, print_header, print_table, write_json
 
 TARGETS = {"e2e_vs_forward": 1.5, "naive_vs_worker": 6.0, "gradcam_overhead": 0.20, "peak_rss_gb": 1.5}
 

@@ -14,7 +14,7 @@ apply_worker_env()  # before torch is imported below (see screening/runtime.py)
 
 from training.api import CheckpointError, ConfigError  # noqa: E402
 
-from .config import ScreeningSettings, load_screening_settings
+from .config import ScreeningSettings, load_screening_settings  # noqa: E402
 
 log = logging.getLogger("screening")
 

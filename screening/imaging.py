@@ -11,7 +11,7 @@ from PIL import Image, UnidentifiedImageError
 
 from training.api import crop_square, fundus_mask, resize_square
 
-from .rejection import RejectReason, Rejection
+from .rejection import Rejection, RejectReason
 
 _REDUCED = {8: cv2.IMREAD_REDUCED_COLOR_8, 4: cv2.IMREAD_REDUCED_COLOR_4, 2: cv2.IMREAD_REDUCED_COLOR_2}
 

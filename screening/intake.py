@@ -45,7 +45,7 @@ from typing import TYPE_CHECKING, Literal
 
 from training.common import MAX_ID_LENGTH, is_safe_id
 
-from .rejection import RejectReason, Rejection
+from .rejection import Rejection, RejectReason
 
 if TYPE_CHECKING:
     from screening.config import ScreeningSettings

@@ -103,7 +103,7 @@ class Worker:
         for path in paths:
             try:
                 outcome = self.intake.admit(path)
-            except Exception:  # noqa: BLE001 - one bad file must not stop the others; it stays in the inbox
+            except Exception:
                 log.exception("intake of a file failed; it stays in the inbox")
                 out.failed += 1
                 continue
@@ -136,7 +136,7 @@ class Worker:
     def _submit_quietly(self, exam_ids: list[int] | None) -> None:
         try:
             self.report.submit(exam_ids)
-        except Exception:  # noqa: BLE001 - results are stored; the periodic catch-up submits them again
+        except Exception:
             log.exception("could not hand reports %s to the renderer; they will be retried", exam_ids or "")
 
     def recover(self) -> None:

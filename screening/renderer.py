@@ -145,7 +145,7 @@ class ProcessRenderer:
                 result = pickle.load(proc.stdout)
             except EOFError:  # the child is gone
                 break
-            except Exception:  # noqa: BLE001 - a broken stream: stop this child, its jobs are failed below
+            except Exception:
                 log.exception("report renderer sent something unreadable; restarting it")
                 proc.kill()
                 break

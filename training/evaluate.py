@@ -11,12 +11,12 @@ from torch.utils.data import DataLoader
 
 from training.checkpoint import load_model, read_checkpoint, save_checkpoint
 from training.config import TrainingConfig
+from training.data.cache import load_record
 from training.data.dataset import FundusDataset
+from training.data.records import Record
 from training.data.sources import load_all
 from training.data.split import split_by_patient
 from training.data.transforms import eval_transforms
-from training.data.cache import load_record
-from training.data.records import Record
 from training.engine import Predictions, predict, resolve_device
 from training.evaluation import write_evaluation
 from training.grader import apply_grader, features_of, fit_grader, uses_segmentation

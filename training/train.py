@@ -153,7 +153,7 @@ def run_training(
     summary = data_summary(data.splits)
     (out_dir / "splits.json").write_text(json.dumps(
         {k: [str(r.image) for r in v] for k, v in data.splits.items()} | {"summary": summary}, indent=1))
-    log(f"data: " + ", ".join(f"{k} {v['images']} images / {v['patients']} patients" for k, v in summary.items()))
+    log("data: " + ", ".join(f"{k} {v['images']} images / {v['patients']} patients" for k, v in summary.items()))
 
     mcfg = model_config_from(cfg)
     model = build_model(mcfg, cfg.model.pretrained_weights)

@@ -12,7 +12,7 @@ import time
 from collections.abc import Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 
-from ..inference import PreparedBatch, Predictor
+from ..inference import Predictor, PreparedBatch
 from .outcomes import GradedBatch, Job
 
 

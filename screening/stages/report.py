@@ -139,7 +139,7 @@ class ReportStage:
         for result in results:
             try:
                 outcomes.append(self._record(result))
-            except Exception:  # noqa: BLE001 - e.g. the database is locked: the catch-up renders it again
+            except Exception:
                 log.exception("recording the report of job %s failed; it will be rendered again", result.key)
         return outcomes
 

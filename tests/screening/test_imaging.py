@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 
 from screening.imaging import check_fundus, decode, reduction_factor
-from screening.rejection import RejectReason, Rejection
+from screening.rejection import Rejection, RejectReason
 from training.data.synthetic import make_fundus
 from training.data.transforms import preprocess_fundus
 

@@ -25,7 +25,7 @@ from screening.intake import (
     sweep,
     wait_until_stable,
 )
-from screening.rejection import RejectReason, Rejection
+from screening.rejection import Rejection, RejectReason
 
 
 def unidentified(path: Path, patterns=DEFAULT_PATTERNS) -> Rejection:

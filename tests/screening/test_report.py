@@ -15,8 +15,17 @@ import pytest
 
 from screening import report as rpt
 from screening.report import (
-    DEMO_WATERMARK, LESION_COLOURS, RESEARCH_STATUS, EyeFinding, ReportContext, ReportError, ReportVersionTaken,
-    referral_recommendation, render_html, render_pdf, render_with_retries,
+    DEMO_WATERMARK,
+    LESION_COLOURS,
+    RESEARCH_STATUS,
+    EyeFinding,
+    ReportContext,
+    ReportError,
+    ReportVersionTaken,
+    referral_recommendation,
+    render_html,
+    render_pdf,
+    render_with_retries,
 )
 from training.model.multitask import DME_GRADES, DR_GRADES
 

@@ -34,9 +34,9 @@ def _synthetic(n=60, seed=0):
     dme_p = np.exp(dme_logits) / np.exp(dme_logits).sum(1, keepdims=True)
     masks = np.zeros((4, 5, 32, 32), np.uint8)
     for i in range(4):
-        for l in range(4):
+        for k in range(4):
             y, x = rng.integers(0, 24, 2)
-            masks[i, l, y:y + 6, x:x + 6] = 1
+            masks[i, k, y:y + 6, x:x + 6] = 1
     seg = np.clip(masks * 0.5 + rng.random(masks.shape) * 0.5, 0, 1)
     return dr_p, dme_p, dr, dme, seg, masks
 

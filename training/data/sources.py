@@ -25,7 +25,11 @@ from pathlib import Path
 from typing import Union
 
 from training.config import (
-    DataSettings, IdridGradingSource, IdridSegmentationSource, KaggleSource, ManifestSource,
+    DataSettings,
+    IdridGradingSource,
+    IdridSegmentationSource,
+    KaggleSource,
+    ManifestSource,
 )
 from training.data.records import DME_PRESENT, DME_UNKNOWN, DR_UNKNOWN, Record
 from training.labels import LESION_KEYS

@@ -1,6 +1,14 @@
 from .multitask import (
-    DME_GRADES, DR_GRADES, IMAGENET_MEAN, IMAGENET_STD, LESION_CODES, LESIONS, ModelConfig, MultiTaskNet,
-    MultiTaskOutput, build_model,
+    DME_GRADES,
+    DR_GRADES,
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    LESION_CODES,
+    LESIONS,
+    ModelConfig,
+    MultiTaskNet,
+    MultiTaskOutput,
+    build_model,
 )
 
 __all__ = [
