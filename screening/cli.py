@@ -5,8 +5,10 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from collections.abc import Callable
 from datetime import date
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from .runtime import apply_worker_env
 
@@ -16,10 +18,15 @@ from training.api import CheckpointError, ConfigError  # noqa: E402
 
 from .config import ScreeningSettings, load_screening_settings  # noqa: E402
 
+if TYPE_CHECKING:
+    from sqlalchemy.orm import Session, sessionmaker
+
+    from .pipeline import Worker
+
 log = logging.getLogger("screening")
 
 
-def _session_factory(settings: ScreeningSettings):
+def _session_factory(settings: ScreeningSettings) -> sessionmaker[Session]:
     from .db import init_db, make_engine, make_session_factory
 
     engine = make_engine(settings.database)
@@ -44,7 +51,7 @@ def resolve_checkpoint(settings: ScreeningSettings, allow_demo: bool = True) -> 
     return demo
 
 
-def make_worker(settings: ScreeningSettings, config_path: Path, allow_demo: bool = True):
+def make_worker(settings: ScreeningSettings, config_path: Path, allow_demo: bool = True) -> Worker:
     from .inference import Predictor
     from .pipeline import Worker
 
@@ -119,7 +126,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger("weasyprint.progress").setLevel(logging.WARNING)  # seven "Step n" lines per report
     try:
         settings = load_screening_settings(args.config)
-        return args.func(args, settings)
+        command: Callable[[argparse.Namespace, ScreeningSettings], int] = args.func
+        return command(args, settings)
     except (ConfigError, CheckpointError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import Field, ValidationError, field_validator
 
@@ -65,7 +65,7 @@ class ScreeningSettings(StrictSettings):
         return self.database
 
 
-def parse_screening_settings(raw: dict, path: str | Path) -> ScreeningSettings:
+def parse_screening_settings(raw: dict[str, Any], path: str | Path) -> ScreeningSettings:
     path = Path(path)
     try:
         s = ScreeningSettings.model_validate(raw.get("screening", {}))
@@ -73,8 +73,8 @@ def parse_screening_settings(raw: dict, path: str | Path) -> ScreeningSettings:
         msg = format_validation_error(exc, path).replace("key '", "key 'screening.")
         raise ConfigError(msg) from None
     base = path.resolve().parent
-    s = resolve_paths(s, base)
-    return s.model_copy(update={"database": s.resolved_database(base)})
+    resolved: ScreeningSettings = resolve_paths(s, base)
+    return resolved.model_copy(update={"database": resolved.resolved_database(base)})
 
 
 def load_screening_settings(path: str | Path) -> ScreeningSettings:

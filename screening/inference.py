@@ -117,7 +117,7 @@ class Predictor:
 
     def run(self, batch: PreparedBatch) -> Any:
         """The forward pass of a prepared batch (None for an empty one)."""
-        return self.forward(batch.tensor) if batch.images else None
+        return self.forward(batch.tensor) if batch.tensor is not None else None
 
     def finish(self, batch: PreparedBatch, out: Any, explain: bool = True) -> list[ImagePrediction]:
         """Grades (from the heads, or the grader), masks, areas and Grad-CAM of the forward output ``out``."""

@@ -41,13 +41,16 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import date
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Literal, cast
 
 from training.common import MAX_ID_LENGTH, is_safe_id
 
 from .rejection import Rejection, RejectReason
 
 if TYPE_CHECKING:
+    from watchdog.events import FileSystemEvent, FileSystemEventHandler
+    from watchdog.observers.api import BaseObserver
+
     from screening.config import ScreeningSettings
 
 log = logging.getLogger(__name__)
@@ -138,10 +141,11 @@ def sidecar_for(path: str | os.PathLike[str]) -> Path | None:
     return None
 
 
-def _normalise_eye(value: object) -> str | None:
+def _normalise_eye(value: object) -> Literal["L", "R"] | None:
     if not isinstance(value, str):
         return None
-    return _EYES.get(value.strip().lower())
+    eye = _EYES.get(value.strip().lower())
+    return None if eye is None else cast(Literal["L", "R"], eye)
 
 
 def _parse_date(value: str) -> date | None:
@@ -240,7 +244,7 @@ def parse_identity(path: str | os.PathLike[str], patterns: Sequence[str | re.Pat
             raise _unidentified(
                 f"invalid exam date {date_raw!r} (from {source['date']}): expected a real date as YYYYMMDD or YYYY-MM-DD"
             )
-    return Identity(patient_id=patient, eye=eye, exam_date=exam_date)  # type: ignore[arg-type]
+    return Identity(patient_id=patient, eye=eye, exam_date=exam_date)
 
 
 # ------------------------------------------------------------------------------------------ stability
@@ -376,25 +380,25 @@ def _event_path(raw: str | bytes) -> Path:
     return Path(os.fsdecode(raw))
 
 
-def _make_handler(enqueue: Callable[[Path], None]):
+def _make_handler(enqueue: Callable[[Path], None]) -> FileSystemEventHandler:
     from watchdog.events import FileSystemEventHandler
 
     class _EnqueueHandler(FileSystemEventHandler):
         """Only enqueues paths; all work happens in the consumer thread."""
 
-        def on_created(self, event) -> None:
+        def on_created(self, event: FileSystemEvent) -> None:
             if not event.is_directory:
                 enqueue(_event_path(event.src_path))
 
-        def on_modified(self, event) -> None:
+        def on_modified(self, event: FileSystemEvent) -> None:
             if not event.is_directory:
                 enqueue(_event_path(event.src_path))
 
-        def on_closed(self, event) -> None:  # inotify close-after-write: a good "maybe done" hint
+        def on_closed(self, event: FileSystemEvent) -> None:  # inotify close-after-write: a good "maybe done" hint
             if not event.is_directory:
                 enqueue(_event_path(event.src_path))
 
-        def on_moved(self, event) -> None:
+        def on_moved(self, event: FileSystemEvent) -> None:
             if not event.is_directory and event.dest_path:
                 enqueue(_event_path(event.dest_path))
 
@@ -422,7 +426,7 @@ class InboxWatcher:
         self.poll_interval = float(poll_interval)
         self.active_kind: str | None = None
         self._queue: queue.SimpleQueue[Path] = queue.SimpleQueue()
-        self._observer = None
+        self._observer: BaseObserver | None = None
         self._lock = threading.Lock()
 
     @classmethod
@@ -432,7 +436,7 @@ class InboxWatcher:
     def _enqueue(self, path: Path) -> None:
         self._queue.put(path)
 
-    def _new_observer(self, kind: str):
+    def _new_observer(self, kind: str) -> BaseObserver:
         if kind == "polling":
             from watchdog.observers.polling import PollingObserver
 

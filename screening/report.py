@@ -285,7 +285,7 @@ def _rgb(c: tuple[int, int, int]) -> str:
     return "#{:02x}{:02x}{:02x}".format(*c)
 
 
-def _eye_view(e: EyeFinding) -> dict:
+def _eye_view(e: EyeFinding) -> dict[str, object]:
     return {
         "code": e.eye,
         "name": e.eye_name,

@@ -26,7 +26,8 @@ class StrictSettings(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
-_Strict = StrictSettings  # the name the settings classes below use
+class _Strict(StrictSettings):
+    """The base of the training settings below (a class, not an alias, so that type checkers see the fields)."""
 
 
 class IdridSegmentationSource(_Strict):

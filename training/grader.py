@@ -149,7 +149,10 @@ def fit_grader(features: np.ndarray, dr: np.ndarray, dme: np.ndarray, c: float =
         raise ValueError(f"the DR grader needs all five grades in the training split, got {sorted(set(dr[kd].tolist()))}")
     m_dr = LogisticRegression(C=c, max_iter=5000, class_weight="balanced").fit(x[kd], dr[kd])
     m_dme = LogisticRegression(C=c, max_iter=5000, class_weight="balanced").fit(x[km], (dme[km] >= 1).astype(int))
-    t = lambda a: torch.tensor(np.asarray(a), dtype=torch.float64)  # noqa: E731
+
+    def t(values: Any) -> torch.Tensor:
+        return torch.tensor(np.asarray(values), dtype=torch.float64)
+
     return {
         "kind": "lesion-evidence logistic regression", "features": list(names), "C": float(c),
         "mean": t(scaler.mean_), "scale": t(scaler.scale_),

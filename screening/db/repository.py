@@ -10,8 +10,9 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping, Sequence
 from datetime import date, datetime
 from os import PathLike
+from typing import Any
 
-from sqlalchemy import Select, case, func, or_, select
+from sqlalchemy import case, func, or_, select
 from sqlalchemy.orm import Session
 
 from screening.db.models import (
@@ -43,19 +44,21 @@ def _check(value: str, allowed: type[ImageState] | type[DropOutcome] | type[Eye]
         raise ValueError(f"unknown {what} {value!r}; expected one of {[v.value for v in allowed]}") from None
 
 
-def _insert_if_absent(session: Session, model: type, values: dict, key: Sequence[str]) -> None:
+def _insert_if_absent(session: Session, model: type[Patient] | type[Exam], values: dict[str, Any], key: Sequence[str]) -> None:
     """INSERT ... ON CONFLICT DO NOTHING where the dialect has it, so two workers racing to create the
     same patient/exam both succeed without a savepoint; elsewhere the caller's select-then-add decides."""
     name = session.get_bind().dialect.name
     if name == "sqlite":
-        from sqlalchemy.dialects.sqlite import insert
+        from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+
+        session.execute(sqlite_insert(model).values(**values).on_conflict_do_nothing(index_elements=list(key)))
     elif name == "postgresql":
-        from sqlalchemy.dialects.postgresql import insert
+        from sqlalchemy.dialects.postgresql import insert as postgresql_insert
+
+        session.execute(postgresql_insert(model).values(**values).on_conflict_do_nothing(index_elements=list(key)))
     else:
         session.add(model(**values))
         session.flush()
-        return
-    session.execute(insert(model).values(**values).on_conflict_do_nothing(index_elements=list(key)))
 
 
 # --- patients and exams -------------------------------------------------------------------------
@@ -276,7 +279,7 @@ def exam_images_with_results(
     """The exam's images with their results, right eye first then left (then unknown eye), oldest first.
     By default only images that have a Result; ``include_pending=True`` adds the others with ``None``."""
     eye_order = case((Image.eye == Eye.RIGHT.value, 0), (Image.eye == Eye.LEFT.value, 1), else_=2)
-    stmt: Select = (
+    stmt = (
         select(Image, Result)
         .join(Result, Result.image_id == Image.id, isouter=include_pending)
         .where(Image.exam_id == exam_id)

@@ -21,7 +21,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from ..config import ScreeningSettings
 from ..db import repository as repo
-from ..db.models import Exam, ImageState
+from ..db.models import Exam, ImageState, utcnow
 from ..db.session import session_scope
 from ..inference import Predictor
 from ..renderer import Renderer, RenderJob, RenderResult
@@ -97,7 +97,7 @@ class ReportStage:
                 exam = session.get(Exam, exam_id)
                 if exam is None:
                     raise LookupError(f"exam {exam_id} is not in the database; no report to render")
-                snapshot_at = repo.utcnow()
+                snapshot_at = utcnow()
                 version = self.next_version(session, exam)
                 ctx = self._context(session, exam, version)
                 done = tuple(i.id for i in exam.images if i.state == ImageState.DONE)

@@ -99,9 +99,8 @@ def subtract_local_mean(image: np.ndarray, **_: object) -> np.ndarray:
     Removes the camera's illumination and colour cast, so small red and yellow lesions stand out
     the same way on every camera; pixels outside the fundus stay black.
     """
-    field = fundus_mask(image).astype(np.uint8)
     k = max(3, int(max(image.shape[:2]) * 0.03) | 1)  # drop the bright ring the blur leaves at the rim
-    field = cv2.erode(field, cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (k, k)))
+    field = cv2.erode(fundus_mask(image).astype(np.uint8), cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (k, k)))
     blur = cv2.GaussianBlur(image, (0, 0), sigmaX=max(image.shape[:2]) / 30)
     out = cv2.addWeighted(image, 4.0, blur, -4.0, 128.0)
     return np.multiply(out, field[..., None], out=out)  # 0 outside the field
