@@ -89,7 +89,7 @@ class StoreStage:
         # next intake of it (same file, image done) finishes the move.
         try:
             archived = self.filing.archive_image(job.image_id, job.path, job.sha256)
-        except OSError:
+        except Exception:
             log.exception("image %s is stored but its file could not be archived now; it will be on the next pass",
                           job.image_id)
             archived = None
