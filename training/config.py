@@ -187,7 +187,8 @@ def parse_training_config(raw: dict[str, Any], path: str | Path) -> TrainingConf
         cfg = TrainingConfig.model_validate(raw)
     except ValidationError as exc:
         raise ConfigError(format_validation_error(exc, path)) from None
-    return resolve_paths(cfg, path.resolve().parent)
+    resolved: TrainingConfig = resolve_paths(cfg, path.resolve().parent)
+    return resolved
 
 
 def load_training_config(path: str | Path) -> TrainingConfig:

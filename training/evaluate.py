@@ -21,6 +21,7 @@ from training.engine import Predictions, predict, resolve_device
 from training.evaluation import write_evaluation
 from training.grader import apply_grader, features_of, fit_grader, uses_segmentation
 from training.metrics import choose_threshold, classification_metrics, referable_labels, referable_score
+from training.model import MultiTaskNet
 
 
 def _split(cfg: TrainingConfig, meta: dict[str, Any]) -> dict[str, list[Record]]:
@@ -50,7 +51,10 @@ def _features(records: list[Record], size: int, cache_dir: Path, model: Any = No
     return np.concatenate(rows) if rows else features_of([])
 
 
-def _predict(model, meta, recs, cfg, device, tta=False, progress=True) -> Predictions:
+def _predict(
+    model: MultiTaskNet, meta: dict[str, Any], recs: list[Record], cfg: TrainingConfig, device: torch.device,
+    tta: bool = False, progress: bool = True,
+) -> Predictions:
     size = model.config.image_size
     loader = DataLoader(FundusDataset(recs, size, cfg.data.cache_dir, eval_transforms(size, model.config.contrast)),
                         batch_size=cfg.train.batch_size)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -69,7 +69,7 @@ def _save(fig: Figure, path: Path) -> None:
     atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=100, bbox_inches="tight"))
 
 
-def _ci(fn, *arrays, n_boot: int, seed: int) -> list[float | None] | None:
+def _ci(fn: Callable[..., float | None], *arrays: np.ndarray, n_boot: int, seed: int) -> list[float | None] | None:
     if n_boot <= 0:
         return None
     low, high = bootstrap_ci(fn, *arrays, n_boot=n_boot, seed=seed)
@@ -185,7 +185,7 @@ def write_evaluation(
         plots["lesion_pr_curves"] = LESION_PR_PNG
     base["plots"] = plots
 
-    result = to_jsonable(base)
+    result: dict[str, Any] = to_jsonable(base)
     atomic_write_text(out / METRICS_FILE, json.dumps(result, indent=2, allow_nan=False) + "\n")
     return result
 
@@ -248,8 +248,8 @@ def _series(history: Sequence[Mapping[str, Any]], key: str) -> np.ndarray:
     vals = []
     for h in history:
         v = h.get(key)
-        ok = isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, bool)
-        vals.append(float(v) if ok else np.nan)
+        numeric = isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, bool)
+        vals.append(float(v) if numeric and v is not None else np.nan)
     return np.asarray(vals, dtype=np.float64)
 
 

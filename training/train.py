@@ -26,7 +26,7 @@ from training.engine import FitState, Predictions, fit, resolve_device, seed_eve
 from training.evaluation import plot_history
 from training.losses import MultiTaskLoss, inverse_frequency_weights
 from training.metrics import choose_threshold, classification_metrics, referable_labels, referable_score, segmentation_metrics
-from training.model import ModelConfig, build_model
+from training.model import ModelConfig, MultiTaskNet, build_model
 
 
 def model_config_from(cfg: TrainingConfig) -> ModelConfig:
@@ -79,7 +79,7 @@ def referral_threshold(preds: Predictions, target_sensitivity: float) -> float:
     return float(choose_threshold(y, s, target_sensitivity))
 
 
-def init_weights(model: torch.nn.Module, path: Path) -> dict[str, Any]:
+def init_weights(model: MultiTaskNet, path: Path) -> dict[str, Any]:
     """Start from the weights of an earlier checkpoint of the same architecture (the input size may differ).
 
     Returns what the new checkpoint records about that starting point (its provenance: what it was trained on).
@@ -99,8 +99,8 @@ def init_weights(model: torch.nn.Module, path: Path) -> dict[str, Any]:
 @dataclass
 class TrainingData:
     splits: dict[str, list[Record]]
-    train: DataLoader
-    val: DataLoader
+    train: DataLoader[dict[str, Any]]
+    val: DataLoader[dict[str, Any]]
 
 
 def make_loaders(cfg: TrainingConfig, records: list[Record] | None = None, progress: bool = True) -> TrainingData:
@@ -131,7 +131,8 @@ def make_loaders(cfg: TrainingConfig, records: list[Record] | None = None, progr
     gen = torch.Generator().manual_seed(cfg.train.seed)
     sampler = WeightedRandomSampler(weights, num_samples=cfg.train.samples_per_epoch or len(weights), replacement=True,
                                     generator=gen)
-    kw = dict(batch_size=cfg.train.batch_size, num_workers=cfg.train.num_workers, persistent_workers=cfg.train.num_workers > 0)
+    kw: dict[str, Any] = dict(batch_size=cfg.train.batch_size, num_workers=cfg.train.num_workers,
+                              persistent_workers=cfg.train.num_workers > 0)
     return TrainingData(
         {**splits, "train": train_recs, "val": val_recs},
         DataLoader(train_ds, sampler=sampler, drop_last=len(train_ds) > cfg.train.batch_size, **kw),
@@ -162,7 +163,7 @@ def run_training(
     counts = class_counts(data.splits["train"])
     dr_w = inverse_frequency_weights(counts.tolist()) if cfg.train.balance_classes and counts.all() else None
     loss_fn = MultiTaskLoss(cfg.train.cls_weight, cfg.train.seg_weight, cfg.train.dme_weight, dr_w).to(device)
-    params = model.parameters()
+    params = list(model.parameters())
     if cfg.train.lesion_only:  # no DR/DME labels here: leave those heads exactly as they are (weight decay included)
         params = [p for name, p in model.named_parameters() if not name.startswith(("dr_head.", "dme_head."))]
     optimizer = torch.optim.Adam(params, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)

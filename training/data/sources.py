@@ -355,7 +355,7 @@ def _manifest_masks(row: dict[str, str], mask_columns: Sequence[str], base: Path
     cells = [row.get(c, "") for c in MANIFEST_MASK_COLUMNS]
     if not any(cells):
         return None
-    masks = []
+    masks: list[Path | None] = []
     for column, cell in zip(MANIFEST_MASK_COLUMNS, cells):
         if not cell:
             masks.append(None)

@@ -1,15 +1,5 @@
-from .multitask import (
-    DME_GRADES,
-    DR_GRADES,
-    IMAGENET_MEAN,
-    IMAGENET_STD,
-    LESION_CODES,
-    LESIONS,
-    ModelConfig,
-    MultiTaskNet,
-    MultiTaskOutput,
-    build_model,
-)
+from ..labels import DME_GRADES, DR_GRADES, LESION_CODES, LESIONS
+from .multitask import IMAGENET_MEAN, IMAGENET_STD, ModelConfig, MultiTaskNet, MultiTaskOutput, build_model
 
 __all__ = [
     "DME_GRADES", "DR_GRADES", "IMAGENET_MEAN", "IMAGENET_STD", "LESION_CODES", "LESIONS", "ModelConfig",

@@ -23,4 +23,5 @@ class ClassificationHead(nn.Module):
         )
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
-        return self.mlp(self.pool(features))
+        logits: torch.Tensor = self.mlp(self.pool(features))
+        return logits

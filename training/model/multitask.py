@@ -43,7 +43,8 @@ class ModelConfig:
         unknown = set(d) - known
         if unknown:
             raise ValueError(f"model_config has unknown keys {sorted(unknown)}; is the checkpoint from a newer version?")
-        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
+        values: dict[str, Any] = {k: tuple(v) if isinstance(v, list) else v for k, v in d.items()}
+        return cls(**values)
 
 
 class MultiTaskOutput(NamedTuple):
