@@ -21,21 +21,30 @@ from .legend import LESION_COLOURS_RGB
 
 
 class HeadOnFeatures(nn.Module):
-    """One classification head applied to precomputed encoder features; ``layer`` is the CAM target."""
+    """One classification head applied to precomputed encoder features; ``layer`` is the CAM target.
 
-    def __init__(self, head: nn.Module) -> None:
+    A v2 evidence head also reads the lesion head's evidence; that is passed in and held constant, so the map
+    shows where in the encoder's last stage the grade came from (the decoder path is not back-propagated).
+    """
+
+    def __init__(self, head: nn.Module, evidence: torch.Tensor | None = None) -> None:
         super().__init__()
         self.layer = nn.Identity()
         self.head = head
+        self.evidence = evidence
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
-        out: torch.Tensor = self.head(self.layer(features))
+        if self.evidence is None:
+            out: torch.Tensor = self.head(self.layer(features))
+        else:
+            out = self.head(self.layer(features), self.evidence)
         return out
 
 
-def head_cams(head: nn.Module, features: torch.Tensor, classes: list[int], out_size: int) -> np.ndarray:
+def head_cams(head: nn.Module, features: torch.Tensor, classes: list[int], out_size: int,
+              evidence: torch.Tensor | None = None) -> np.ndarray:
     """Grad-CAM maps (N, out_size, out_size) in [0, 1] for the given class of each sample."""
-    wrapper = HeadOnFeatures(head)
+    wrapper = HeadOnFeatures(head, None if evidence is None else evidence.detach().clone().float())
     # a normal tensor (not an inference tensor) that autograd tracks, so the hooks see its gradient
     feats = features.detach().clone().float().requires_grad_(True)
     with torch.enable_grad(), GradCAM(model=wrapper, target_layers=[wrapper.layer]) as cam:

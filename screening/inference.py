@@ -14,6 +14,7 @@ from training.api import (
     eval_transforms,
     features_of,
     fundus_mask,
+    lesion_evidence,
     load_model,
     referable_score,
     resolve_device,
@@ -89,9 +90,17 @@ class Predictor:
         if isinstance(ci, (list, tuple)) and len(ci) == 2 and all(isinstance(v, float) for v in ci):
             out["Test referable AUC 95% CI"] = f"{ci[0]:.2f}-{ci[1]:.2f}"
         out["Referral threshold"] = round(self.threshold, 3)
-        if "grader" in self.meta:
-            out["Grades from"] = "lesion-evidence regression"
+        out["Grades from"] = self.grade_source
         return out
+
+    @property
+    def grade_source(self) -> str:
+        """What produced the DR grade and DME risk, in words for the report."""
+        if "grader" in self.meta:
+            return "lesion-evidence regression on image measurements"
+        if self.model.config.grade_inputs == "features+lesions":
+            return "the network's DR/DME heads (image features and its own lesion maps)"
+        return "the network's DR/DME heads (image features)"
 
     def to_tensor(self, images: list[np.ndarray]) -> torch.Tensor:
         return torch.stack([self.transform(image=im)["image"] for im in images]).to(self.device)
@@ -135,8 +144,9 @@ class Predictor:
         ref = referable_probability(dr, dme)
         dr_cls, dme_cls = dr.argmax(1), dme.argmax(1)
         if explain:
-            dr_cams = head_cams(self.model.dr_head, out.features, list(dr_cls), self.size)
-            dme_cams = head_cams(self.model.dme_head, out.features, list(dme_cls), self.size)
+            evidence = lesion_evidence(out.seg_logits) if self.model.config.grade_inputs == "features+lesions" else None
+            dr_cams = head_cams(self.model.dr_head, out.features, list(dr_cls), self.size, evidence)
+            dme_cams = head_cams(self.model.dme_head, out.features, list(dme_cls), self.size, evidence)
         else:
             dr_cams = dme_cams = np.zeros((len(images), self.size, self.size), np.float32)
         preds = []

@@ -359,7 +359,7 @@ def template_variables(ctx: ReportContext, templates_dir: Path, link_stylesheet:
         model_version=ctx.model_version,
         checkpoint_short=(ctx.checkpoint_sha256 or "")[:12] or "unknown",
         model_metrics=[(k, _metric(v)) for k, v in ctx.model_metrics.items()],
-        grades_from_regression="Grades from" in ctx.model_metrics,
+        grades_from_regression="regression" in str(ctx.model_metrics.get("Grades from", "")),
         is_demo=ctx.model_status == "demo",
         demo_watermark=DEMO_WATERMARK,
         research_status=RESEARCH_STATUS,

@@ -4,7 +4,8 @@
 label vocabulary, the fundus threshold) and from nowhere else in ``training``
 (``tests/screening/test_boundaries.py`` checks it). What is here, by area:
 
-* **model**: :class:`MultiTaskNet` and its :class:`ModelConfig` / :class:`MultiTaskOutput`;
+* **model**: :class:`MultiTaskNet` and its :class:`ModelConfig` / :class:`MultiTaskOutput`; :func:`lesion_evidence`
+  (what v2 evidence heads read besides the features, held constant for Grad-CAM);
 * **checkpoint**: :func:`load_model` (rebuild a model and its metadata from a checkpoint file),
   :class:`CheckpointError`; a checkpoint may carry the lesion-evidence grader, applied with
   :func:`apply_grader` on :func:`features_of`, and its referral rule is :func:`referable_score`;
@@ -36,7 +37,7 @@ from training.data.transforms import channel_max, crop_square, eval_transforms, 
 from training.device import resolve_device
 from training.grader import apply_grader, features_of, uses_segmentation
 from training.metrics import referable_score
-from training.model import ModelConfig, MultiTaskNet, MultiTaskOutput
+from training.model import ModelConfig, MultiTaskNet, MultiTaskOutput, lesion_evidence
 
 
 def train_demo_model(output: Path, work: Path, *, minutes: float = 3.0, progress: bool = True) -> Path:
@@ -51,6 +52,6 @@ def train_demo_model(output: Path, work: Path, *, minutes: float = 3.0, progress
 __all__ = [
     "CheckpointError", "ConfigError", "ModelConfig", "MultiTaskNet", "MultiTaskOutput", "StrictSettings",
     "apply_grader", "channel_max", "crop_square", "eval_transforms", "features_of", "format_validation_error",
-    "fundus_mask", "load_model", "parse_training_config", "read_toml", "referable_score", "resize_square",
+    "fundus_mask", "lesion_evidence", "load_model", "parse_training_config", "read_toml", "referable_score", "resize_square",
     "resolve_device", "resolve_paths", "train_demo_model", "uses_segmentation",
 ]

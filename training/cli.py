@@ -32,13 +32,13 @@ def _cfg(args: argparse.Namespace) -> TrainingConfig:
 def cmd_prepare(args: argparse.Namespace) -> int:
     from training.data.cache import build_cache
     from training.data.sources import load_all
-    from training.data.split import split_by_patient
+    from training.data.split import configured_split
     from training.train import data_summary
 
     cfg = _cfg(args)
     records = load_all(cfg.data)
     build_cache(records, cfg.model.image_size, cfg.data.cache_dir)
-    splits = split_by_patient(records, cfg.data.val_fraction, cfg.data.test_fraction, cfg.data.split_seed)
+    splits = configured_split(cfg.data, records)
     print(json.dumps(data_summary(splits), indent=1))
     print(f"cached {len(records)} images at {cfg.model.image_size}px in {cfg.data.cache_dir}")
     return 0
@@ -59,7 +59,10 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     cfg = _cfg(args)
     result = evaluate_checkpoint(cfg, Path(args.checkpoint), args.split, Path(args.out) if args.out else None,
                                  tta=args.tta, bootstrap=args.bootstrap)
-    print(json.dumps(result["summary"], indent=1))
+    summary = dict(result["summary"])
+    table = summary.pop("table", [])
+    print(json.dumps(summary, indent=1))
+    print("\n".join(table))
     print(f"metrics and plots written to {result['out_dir']}")
     return 0
 
@@ -69,6 +72,16 @@ def cmd_fit_grader(args: argparse.Namespace) -> int:
 
     result = fit_grader_for_checkpoint(_cfg(args), Path(args.checkpoint), Path(args.output), args.c, args.with_segmentation)
     print(json.dumps(result, indent=1))
+    return 0
+
+
+def cmd_grade_heads(args: argparse.Namespace) -> int:
+    from training.grading import run_grading_stage
+
+    cfg = _cfg(args)
+    out = Path(args.out) if args.out else cfg.train.out_dir
+    summary = run_grading_stage(cfg, Path(args.init_from), out, epochs=args.epochs)
+    print(json.dumps({k: v for k, v in summary.items() if k != "grid"}, indent=1, default=float))
     return 0
 
 
@@ -97,6 +110,12 @@ def build_parser() -> argparse.ArgumentParser:
     def overrides(sp: argparse.ArgumentParser) -> None:
         sp.add_argument("--image-size", type=int, help="override [model] image_size")
         sp.add_argument("--backbone", choices=["resnet18", "resnet34", "resnet50"], help="override [model] backbone")
+
+    sp = sub.add_parser("grade-heads", help="grading stage: fit the DR/DME evidence heads on a frozen trunk (resumable)")
+    sp.add_argument("--init-from", required=True, help="checkpoint whose encoder, decoder and lesion head are kept")
+    sp.add_argument("--out", help="output folder (default: [train] out_dir)")
+    sp.add_argument("--epochs", type=int, default=150, help="epochs per grid point on the cached vectors")
+    sp.set_defaults(func=cmd_grade_heads)
 
     sp = sub.add_parser("prepare", help="read all sources, check them and build the preprocessing cache")
     overrides(sp)

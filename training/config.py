@@ -63,20 +63,6 @@ Source = Annotated[
 ]
 
 
-class DataSettings(_Strict):
-    sources: tuple[Source, ...] = ()
-    cache_dir: Path = Path(".cache/preprocessed")
-    val_fraction: float = Field(0.15, ge=0.0, lt=1.0)
-    test_fraction: float = Field(0.15, ge=0.0, lt=1.0)
-    split_seed: int = 13
-
-    @model_validator(mode="after")
-    def _fractions(self) -> "DataSettings":
-        if self.val_fraction + self.test_fraction >= 1.0:
-            raise ValueError("val_fraction + test_fraction must be below 1")
-        return self
-
-
 def _multiple_of_32(v: int | None, info: ValidationInfo) -> int | None:
     if v is not None and v % 32:
         raise ValueError(f"{info.field_name} must be a multiple of 32 (the encoder downsamples 32x), got {v}")
@@ -88,6 +74,25 @@ def _empty_is_none(v: Any) -> Any:
     return None if v in ("", None) else v
 
 
+class DataSettings(_Strict):
+    sources: tuple[Source, ...] = ()
+    cache_dir: Path = Path(".cache/preprocessed")
+    val_fraction: float = Field(0.15, ge=0.0, lt=1.0)
+    test_fraction: float = Field(0.15, ge=0.0, lt=1.0)
+    split_seed: int = 13
+    # Another config whose split this one keeps: its patients stay on the side they were on there (a model
+    # initialised from a network trained on that split is then never evaluated on patients it trained on).
+    pin_split: Path | None = None
+
+    _no_pin_when_empty = field_validator("pin_split", mode="before")(_empty_is_none)
+
+    @model_validator(mode="after")
+    def _fractions(self) -> "DataSettings":
+        if self.val_fraction + self.test_fraction >= 1.0:
+            raise ValueError("val_fraction + test_fraction must be below 1")
+        return self
+
+
 class ModelSettings(_Strict):
     backbone: Literal["resnet18", "resnet34", "resnet50"] = "resnet34"
     image_size: int = Field(512, ge=64, le=2048)
@@ -95,6 +100,8 @@ class ModelSettings(_Strict):
     decoder_channels: tuple[int, int, int, int, int] = (256, 128, 64, 32, 16)
     dropout: float = Field(0.2, ge=0.0, lt=1.0)
     contrast: Literal["none", "local-mean"] = "none"
+    # What the DR/DME heads read: the pooled encoder features, or those plus the lesion head's evidence (v2).
+    grade_inputs: Literal["features", "features+lesions"] = "features"
 
     _image_size_multiple_of_32 = field_validator("image_size")(_multiple_of_32)
     _no_weights_when_empty = field_validator("pretrained_weights", mode="before")(_empty_is_none)

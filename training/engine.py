@@ -131,6 +131,15 @@ def predict(
     )
 
 
+def _eta(history: list[dict[str, float]], epochs: int) -> str:
+    """'ETA 12 min for 4 more epochs' from the mean time of the epochs run so far."""
+    left = epochs - len(history)
+    if left <= 0:
+        return "last epoch"
+    mean = float(np.mean([h["seconds"] for h in history]))
+    return f"ETA {left * mean / 60:.0f} min for {left} more epoch{'s' if left > 1 else ''}"
+
+
 class EarlyStopping:
     """Stop when the monitored score has not improved by ``min_delta`` for ``patience`` epochs."""
 
@@ -177,12 +186,18 @@ def fit(
     plot_fn: Callable[[list[dict[str, float]], Path], None] | None = None,
     log: Callable[[str], None] = print,
     max_seconds: float | None = None,
+    seed: int = 0,
 ) -> FitState:
     """Train until ``epochs`` or early stopping; resumable from ``out_dir/last.pt``.
 
     ``score_fn`` turns validation predictions into (score to maximise, metrics);
     ``checkpoint_payload(metrics)`` returns the metadata part of a checkpoint (config, labels,
     thresholds, provenance...) to which model/optimizer/scheduler state are added here.
+
+    Resuming is exact (with ``num_workers = 0``): model, optimiser, scheduler, early-stopping state and the
+    torch random state come from ``last.pt``, and the sampler and augmentation are reseeded per epoch
+    (``set_epoch``), so an interrupted run continues with the batches the uninterrupted run would draw.
+    Each epoch is logged with its time and an ETA for the epochs left (early stopping may end sooner).
     """
     from training.checkpoint import read_checkpoint, save_checkpoint
 
@@ -205,6 +220,9 @@ def fit(
             log(f"time budget of {max_seconds:.0f}s reached after epoch {state.epoch}")
             break
         epoch = state.epoch + 1
+        for part in (getattr(train_loader, "sampler", None), getattr(train_loader, "dataset", None)):
+            if part is not None and hasattr(part, "set_epoch"):
+                part.set_epoch(epoch, seed)
         t0 = time.perf_counter()
         row: dict[str, float] = {"epoch": epoch, "lr": optimizer.param_groups[0]["lr"]}
         row.update(train_one_epoch(model, train_loader, loss_fn, optimizer, device, epoch, max_steps, progress))
@@ -235,7 +253,7 @@ def fit(
             f"epoch {epoch}: train loss {row.get('train_total', float('nan')):.4f} "
             f"val loss {row.get('val_total', float('nan')):.4f} score {score:.4f}"
             f"{' (best)' if improved else ''} " + " ".join(f"{k}={v:.3f}" for k, v in metrics.items())
-            + f" [{row['seconds']:.0f}s]"
+            + f" [{row['seconds']:.0f}s, {_eta(state.history, epochs)}]"
         )
     if stopper.should_stop:
         log(f"early stopping after epoch {state.epoch}: no improvement for {patience} epochs")

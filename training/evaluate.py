@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -14,11 +15,10 @@ from training.config import TrainingConfig
 from training.data.cache import load_record
 from training.data.dataset import FundusDataset
 from training.data.records import Record
-from training.data.sources import load_all
-from training.data.split import split_by_patient
+from training.data.split import configured_split
 from training.data.transforms import eval_transforms
 from training.engine import Predictions, predict, resolve_device
-from training.evaluation import write_evaluation
+from training.evaluation import METRICS_FILE, RELIABILITY_PNG, clinical_evaluation, plot_reliability, write_evaluation
 from training.grader import apply_grader, features_of, fit_grader, uses_segmentation
 from training.metrics import choose_threshold, classification_metrics, referable_labels, referable_score
 from training.model import MultiTaskNet
@@ -27,10 +27,7 @@ from training.model import MultiTaskNet
 def _split(cfg: TrainingConfig, meta: dict[str, Any]) -> dict[str, list[Record]]:
     """The checkpoint's own split, rebuilt from the configured sources and the recorded fractions and seed."""
     sp = meta["provenance"].get("split", {})
-    return split_by_patient(
-        load_all(cfg.data), sp.get("val_fraction", cfg.data.val_fraction), sp.get("test_fraction", cfg.data.test_fraction),
-        sp.get("seed", cfg.data.split_seed),
-    )
+    return configured_split(cfg.data, None, sp.get("val_fraction"), sp.get("test_fraction"), sp.get("seed"))
 
 
 def _features(records: list[Record], size: int, cache_dir: Path, model: Any = None, device: Any = None,
@@ -119,6 +116,14 @@ def evaluate_checkpoint(
         preds.seg_probs, preds.seg_masks, threshold=float(meta["thresholds"]["referable"]),
         target_sensitivity=float(meta["thresholds"].get("target_sensitivity", 0.9)), bootstrap=bootstrap,
     )
+    threshold = float(meta["thresholds"]["referable"])
+    clinical = clinical_evaluation(preds.dr_probs, preds.dme_probs, preds.dr_true, preds.dme_true,
+                                   [r.patient_id for r in recs], [r.source for r in recs], threshold, bootstrap)
+    plot_reliability(referable_labels(preds.dr_true, preds.dme_true, dme_unknown_as_absent=True),
+                     referable_score(preds.dr_probs, preds.dme_probs), out_dir / RELIABILITY_PNG)
+    metrics["clinical"] = clinical
+    metrics["plots"]["referable_reliability"] = RELIABILITY_PNG
+    (out_dir / METRICS_FILE).write_text(json.dumps(metrics, indent=2, allow_nan=False) + "\n")
     seg = metrics.get("segmentation") or {}
     summary = {
         "checkpoint": str(checkpoint), "model_version": meta["model_version"], "split": split, "images": len(recs),
@@ -129,5 +134,27 @@ def evaluate_checkpoint(
         "referable": {k: v for k, v in metrics["referable"].items() if not k.endswith("_reason")},
         "lesion_aupr": {k: (v or {}).get("aupr") for k, v in seg.items()} if seg else None,
         "od_dice": (seg.get("OD") or {}).get("dice") if seg else None,
+        "table": clinical_table(clinical),
     }
     return {"summary": summary, "metrics": metrics, "out_dir": out_dir}
+
+
+def _fmt(block: dict[str, Any]) -> str:
+    v, ci = block.get("value"), block.get("ci95")
+    if v is None:
+        return "-"
+    return f"{v:.3f}" + (f" ({ci[0]:.2f}-{ci[1]:.2f})" if ci and ci[0] is not None else "")
+
+
+def clinical_table(clinical: dict[str, Any]) -> list[str]:
+    """Markdown rows (overall, then per source) of the headline numbers with their 95% intervals."""
+    rows = ["| source | images / patients | eye referable AUC | eye sens | eye spec | patient sens | patient spec "
+            "| DR kappa | DR acc | DME present AUC | DME 0/1/2 acc | ECE |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for name, b in [("overall", clinical["overall"]), *clinical["by_source"].items()]:
+        rows.append(
+            f"| {name} | {b['images']} / {b['patients']} | {_fmt(b['eye']['auc'])} | {_fmt(b['eye']['sensitivity'])} "
+            f"| {_fmt(b['eye']['specificity'])} | {_fmt(b['patient']['sensitivity'])} | {_fmt(b['patient']['specificity'])} "
+            f"| {_fmt(b['dr']['kappa'])} | {_fmt(b['dr']['accuracy'])} | {_fmt(b['dme']['present_auc'])} "
+            f"| {_fmt(b['dme']['exact_accuracy'])} | {_fmt(b['eye']['ece'])} |")
+    return rows

@@ -27,10 +27,14 @@ from training.metrics import (
     bootstrap_ci,
     choose_threshold,
     classification_metrics,
+    expected_calibration_error,
+    grouped_bootstrap_ci,
     lesion_pr_curves,
+    per_patient,
     quadratic_kappa,
     referable_labels,
     referable_score,
+    reliability_curve,
     segmentation_metrics,
     sensitivity_specificity,
 )
@@ -39,8 +43,9 @@ METRICS_FILE = "metrics.json"
 DR_CONFUSION_PNG = "dr_confusion_matrix.png"
 REFERABLE_ROC_PNG = "referable_roc.png"
 LESION_PR_PNG = "lesion_pr_curves.png"
+RELIABILITY_PNG = "referable_reliability.png"
 
-__all__ = ["history_panels", "plot_history", "to_jsonable", "write_evaluation"]
+__all__ = ["clinical_evaluation", "history_panels", "plot_history", "plot_reliability", "to_jsonable", "write_evaluation"]
 
 
 # ---------------------------------------------------------------------------------- helpers
@@ -74,6 +79,124 @@ def _ci(fn: Callable[..., float | None], *arrays: np.ndarray, n_boot: int, seed:
         return None
     low, high = bootstrap_ci(fn, *arrays, n_boot=n_boot, seed=seed)
     return [low, high]
+
+
+# ---------------------------------------------------------------------------------- per source, per patient
+def _auc_or_none(y: np.ndarray, s: np.ndarray) -> float | None:
+    return float(roc_auc_score(y, s)) if y.size and y.min() != y.max() else None
+
+
+def _rate(y: np.ndarray, s: np.ndarray, positive: int, t: float) -> float | None:
+    sel = y == positive
+    if not sel.any():
+        return None
+    return float(np.mean(s[sel] >= t)) if positive == 1 else float(np.mean(s[sel] < t))
+
+
+def _with_ci(value: float | None, fn: Any, groups: Sequence[str] | np.ndarray, *arrays: np.ndarray, n_boot: int, seed: int
+             ) -> dict[str, Any]:
+    ci = grouped_bootstrap_ci(fn, groups, *arrays, n_boot=n_boot, seed=seed) if value is not None and n_boot > 0 else None
+    return {"value": value, "ci95": list(ci) if ci is not None else None}
+
+
+def _clinical_block(dr_p: np.ndarray, dme_p: np.ndarray, dr_y: np.ndarray, dme_y: np.ndarray, patients: np.ndarray,
+                    threshold: float, n_boot: int, seed: int, dme_unknown_as_absent: bool) -> dict[str, Any]:
+    """Eye- and patient-level metrics of one group of images, each with a patient-bootstrap 95% interval."""
+    y = referable_labels(dr_y, dme_y, dme_unknown_as_absent)
+    s = referable_score(dr_p, dme_p)
+    known = y != REFERABLE_UNKNOWN
+    ky, ks, kp = y[known], s[known], patients[known]
+    t = float(threshold)
+    out: dict[str, Any] = {"images": int(len(dr_y)), "patients": int(len(set(patients.tolist())))}
+    out["eye"] = {
+        "n": int(known.sum()), "n_referable": int((ky == 1).sum()),
+        "auc": _with_ci(_auc_or_none(ky, ks), _auc_or_none, kp, ky, ks, n_boot=n_boot, seed=seed),
+        "sensitivity": _with_ci(_rate(ky, ks, 1, t), lambda a, b: _rate(a, b, 1, t), kp, ky, ks, n_boot=n_boot, seed=seed + 1),
+        "specificity": _with_ci(_rate(ky, ks, 0, t), lambda a, b: _rate(a, b, 0, t), kp, ky, ks, n_boot=n_boot, seed=seed + 2),
+        "ece": _with_ci(expected_calibration_error(ky, ks), expected_calibration_error, kp, ky, ks, n_boot=n_boot, seed=seed + 3),
+    }
+    py, ps, pid = per_patient(patients.tolist(), y, s)
+    pk = py != REFERABLE_UNKNOWN
+    py, ps, pid = py[pk], ps[pk], np.asarray(pid)[pk]
+    out["patient"] = {
+        "n": int(pk.sum()), "n_referable": int((py == 1).sum()),
+        "auc": _with_ci(_auc_or_none(py, ps), _auc_or_none, pid, py, ps, n_boot=n_boot, seed=seed + 4),
+        "sensitivity": _with_ci(_rate(py, ps, 1, t), lambda a, b: _rate(a, b, 1, t), pid, py, ps, n_boot=n_boot, seed=seed + 5),
+        "specificity": _with_ci(_rate(py, ps, 0, t), lambda a, b: _rate(a, b, 0, t), pid, py, ps, n_boot=n_boot, seed=seed + 6),
+    }
+    dk = dr_y != -1
+    pred = dr_p.argmax(1)
+
+    def acc(a: np.ndarray, b: np.ndarray) -> float | None:
+        return float(np.mean(a == b)) if a.size else None
+
+    out["dr"] = {
+        "n": int(dk.sum()),
+        "kappa": _with_ci(quadratic_kappa(dr_y[dk], pred[dk]), quadratic_kappa, patients[dk], dr_y[dk], pred[dk],
+                          n_boot=n_boot, seed=seed + 7),
+        "accuracy": _with_ci(acc(dr_y[dk], pred[dk]), acc, patients[dk], dr_y[dk], pred[dk], n_boot=n_boot, seed=seed + 8),
+    }
+    present_known = dme_y != -1
+    pres_y = (dme_y[present_known] >= 1).astype(np.int64)
+    pres_s = dme_p[present_known, 1] + dme_p[present_known, 2]
+    exact = np.isin(dme_y, (0, 1, 2))
+    dme_pred = dme_p.argmax(1)
+    out["dme"] = {
+        "n_present_known": int(present_known.sum()), "n_exact": int(exact.sum()),
+        "present_auc": _with_ci(_auc_or_none(pres_y, pres_s), _auc_or_none, patients[present_known], pres_y, pres_s,
+                                n_boot=n_boot, seed=seed + 9),
+        "present_accuracy": _with_ci(acc(pres_y, (np.isin(dme_pred[present_known], (1, 2))).astype(np.int64)), acc,
+                                     patients[present_known], pres_y,
+                                     np.isin(dme_pred[present_known], (1, 2)).astype(np.int64), n_boot=n_boot, seed=seed + 10),
+        "exact_accuracy": _with_ci(acc(dme_y[exact], dme_pred[exact]), acc, patients[exact], dme_y[exact], dme_pred[exact],
+                                   n_boot=n_boot, seed=seed + 11),
+    }
+    return out
+
+
+def clinical_evaluation(
+    dr_probs: Any, dme_probs: Any, dr_true: Any, dme_true: Any, patients: Sequence[str], sources: Sequence[str],
+    threshold: float, bootstrap: int = 1000, seed: int = 0, dme_unknown_as_absent: bool = True,
+) -> dict[str, Any]:
+    """Overall and per-source metrics with **patient-level** bootstrap intervals (both eyes resampled together).
+
+    Eye level: referable AUC, sensitivity/specificity at the stored ``threshold``, ECE of P(referable).
+    Patient level: referred when any eye is (score = the highest eye score). DR kappa and accuracy; DME present
+    AUC and accuracy; DME 0/1/2 accuracy where exact grades exist (IDRiD). Patient ids are prefixed by the source
+    so two sets' numbering never merges patients. ``dme_unknown_as_absent``: see :func:`referable_labels`.
+    """
+    dr_p, dme_p = np.asarray(dr_probs, np.float64), np.asarray(dme_probs, np.float64)
+    dr_y, dme_y = np.asarray(dr_true).astype(np.int64), np.asarray(dme_true).astype(np.int64)
+    src = np.asarray([str(s) for s in sources])
+    pat = np.asarray([f"{s}/{p}" for s, p in zip(sources, patients)])
+    out: dict[str, Any] = {
+        "threshold": float(threshold), "bootstrap": {"n_boot": int(bootstrap), "unit": "patient", "seed": int(seed)},
+        "referable_definition": ("DR >= 2 or any DME risk; " + ("DR 0-1 with DME not graded counts as not referable"
+                                 if dme_unknown_as_absent else "DR 0-1 with DME not graded is left out")),
+        "overall": _clinical_block(dr_p, dme_p, dr_y, dme_y, pat, threshold, bootstrap, seed, dme_unknown_as_absent),
+        "by_source": {},
+    }
+    for name in sorted(set(src.tolist())):
+        sel = src == name
+        out["by_source"][name] = _clinical_block(dr_p[sel], dme_p[sel], dr_y[sel], dme_y[sel], pat[sel], threshold,
+                                                 bootstrap, seed, dme_unknown_as_absent)
+    result: dict[str, Any] = to_jsonable(out)
+    return result
+
+
+def plot_reliability(y_true: Any, prob: Any, path: str | Path, title: str = "P(referable) reliability") -> None:
+    """Reliability diagram: observed referable rate against mean predicted probability per bin."""
+    frac, conf, count = reliability_curve(y_true, prob)
+    fig = Figure(figsize=(4.5, 4.5))
+    ax = fig.add_subplot(1, 1, 1)
+    ax.plot([0, 1], [0, 1], ls="--", color="grey", lw=1, label="perfect calibration")
+    keep = count > 0
+    ax.plot(conf[keep], frac[keep], marker="o", label="model")
+    ece = expected_calibration_error(y_true, prob)
+    ax.set(xlabel="mean predicted P(referable)", ylabel="observed referable share", xlim=(0, 1), ylim=(0, 1),
+           title=f"{title}\nECE {ece:.3f}" if ece is not None else title)
+    ax.legend(loc="upper left")
+    _save(fig, Path(path))
 
 
 # ---------------------------------------------------------------------------------- report

@@ -39,8 +39,9 @@ NUM_DME_GRADES = len(DME_GRADES)
 REFERABLE_UNKNOWN = -1
 
 __all__ = [
-    "LESION_CODES", "bootstrap_ci", "choose_threshold", "classification_metrics", "lesion_pr_curves",
-    "referable_labels", "referable_score", "segmentation_metrics", "sensitivity_specificity",
+    "LESION_CODES", "bootstrap_ci", "choose_threshold", "classification_metrics", "expected_calibration_error",
+    "grouped_bootstrap_ci", "lesion_pr_curves", "per_patient", "referable_labels", "referable_score",
+    "reliability_curve", "segmentation_metrics", "sensitivity_specificity",
 ]
 
 
@@ -97,7 +98,7 @@ def _f(x: Any) -> float | None:
 
 
 # ------------------------------------------------------------------------------------- referable DR
-def referable_labels(dr_true: Any, dme_true: Any) -> np.ndarray:
+def referable_labels(dr_true: Any, dme_true: Any, dme_unknown_as_absent: bool = False) -> np.ndarray:
     """Referable diabetic retinopathy from the grade labels: 1 referable, 0 not, -1 unknown.
 
     * 1 when DR grade >= 2 (moderate NPDR or worse) **or** any DME risk (codes 1, 2, or 3 = present,
@@ -105,13 +106,18 @@ def referable_labels(dr_true: Any, dme_true: Any) -> np.ndarray:
     * 0 only when both are known and benign: DR grade in {0, 1} **and** DME grade 0.
     * -1 otherwise, e.g. DR 0/1 with DME unknown (the DME could make it referable), or DR unknown
       with DME 0.
+
+    ``dme_unknown_as_absent``: for sets graded for DR only (APTOS, EyePACS), DR 0/1 counts as not
+    referable, the usual "referable = DR >= 2" reading of those sets (an eye with DME but DR 0/1 is then
+    mislabelled; such eyes are rare, and the model card says so).
     """
     dr = _labels("dr_true", dr_true, (DR_UNKNOWN, *range(NUM_DR_GRADES)))
     dme = _labels("dme_true", dme_true, (DME_UNKNOWN, *range(NUM_DME_GRADES), DME_PRESENT))
     _same_length(dr_true=dr, dme_true=dme)
     out = np.full(dr.shape, REFERABLE_UNKNOWN, dtype=np.int64)
     out[(dr >= 2) | np.isin(dme, (1, 2, DME_PRESENT))] = 1
-    out[np.isin(dr, (0, 1)) & (dme == 0)] = 0
+    benign_dme = (dme == 0) | (dme == DME_UNKNOWN) if dme_unknown_as_absent else dme == 0
+    out[np.isin(dr, (0, 1)) & benign_dme] = 0
     return out
 
 
@@ -183,6 +189,7 @@ def _binary_auc(y: np.ndarray, s: np.ndarray) -> tuple[float | None, str | None]
 # ---------------------------------------------------------------------------------- classification
 def classification_metrics(
     dr_probs: Any, dme_probs: Any, dr_true: Any, dme_true: Any, threshold: float | None = None,
+    dme_unknown_as_absent: bool = False,
 ) -> dict[str, Any]:
     """DR grading, DME and referable-DR metrics; json-serialisable (python types only).
 
@@ -203,7 +210,7 @@ def classification_metrics(
         "n_samples": int(dr_y.shape[0]),
         "dr": _dr_metrics(dr_p, dr_y),
         "dme": _dme_metrics(dme_p, dme_y),
-        "referable": _referable_metrics(dr_p, dme_p, dr_y, dme_y, threshold),
+        "referable": _referable_metrics(dr_p, dme_p, dr_y, dme_y, threshold, dme_unknown_as_absent),
     }
 
 
@@ -265,8 +272,8 @@ def _dme_metrics(p: np.ndarray, y: np.ndarray) -> dict[str, Any]:
 
 
 def _referable_metrics(dr_p: np.ndarray, dme_p: np.ndarray, dr_y: np.ndarray, dme_y: np.ndarray,
-                       threshold: float | None) -> dict[str, Any]:
-    y = referable_labels(dr_y, dme_y)
+                       threshold: float | None, dme_unknown_as_absent: bool = False) -> dict[str, Any]:
+    y = referable_labels(dr_y, dme_y, dme_unknown_as_absent)
     s = referable_score(dr_p, dme_p)
     known = y != REFERABLE_UNKNOWN
     auc, reason = _binary_auc(y[known], s[known])
@@ -410,7 +417,87 @@ def lesion_pr_curves(
     return curves
 
 
+# ---------------------------------------------------------------------------------- calibration
+def expected_calibration_error(y_true: Any, prob: Any, bins: int = 10) -> float | None:
+    """ECE of binary probabilities: sum over equal-width bins of (share of samples) x |mean prob - positive rate|.
+
+    Unknown labels (-1) are ignored; None when no label is known.
+    """
+    y, p = _known_binary(y_true, prob)
+    if y.size == 0:
+        return None
+    frac, conf, count = reliability_curve(y, p, bins)
+    keep = count > 0
+    return float(np.sum(count[keep] / y.size * np.abs(conf[keep] - frac[keep])))
+
+
+def reliability_curve(y_true: Any, prob: Any, bins: int = 10) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per equal-width bin: observed positive rate, mean predicted probability, count (NaN where empty)."""
+    y, p = _known_binary(y_true, prob)
+    idx = np.clip((p * bins).astype(np.int64), 0, bins - 1)
+    count = np.bincount(idx, minlength=bins).astype(np.float64)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        frac = np.bincount(idx, weights=y.astype(np.float64), minlength=bins) / count
+        conf = np.bincount(idx, weights=p, minlength=bins) / count
+    return frac, conf, count
+
+
+# ---------------------------------------------------------------------------------- per patient
+def per_patient(patients: Sequence[str], y_true: Any, score: Any) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """Patient-level referable labels and scores from eye-level ones: a patient is referred when any eye is.
+
+    Label 1 when any eye is referable, 0 when every eye is known non-referable, -1 otherwise; score = the
+    highest eye score (the patient is referred when any eye's score passes the threshold).
+    """
+    y = _labels("y_true", y_true, (REFERABLE_UNKNOWN, 0, 1))
+    s = _scores("score", score)
+    order: dict[str, list[int]] = {}
+    for i, p in enumerate(patients):
+        order.setdefault(str(p), []).append(i)
+    ys, ss = [], []
+    for idx in order.values():
+        yy = y[idx]
+        ys.append(1 if (yy == 1).any() else (0 if (yy == 0).all() else REFERABLE_UNKNOWN))
+        ss.append(float(s[idx].max()))
+    return np.array(ys, np.int64), np.array(ss, np.float64), list(order)
+
+
 # ---------------------------------------------------------------------------------- bootstrap
+def grouped_bootstrap_ci(
+    metric_fn: Callable[..., Any], groups: Sequence[str] | np.ndarray, *arrays: Any, n_boot: int = 1000, seed: int = 0,
+    alpha: float = 0.05,
+) -> tuple[float | None, float | None]:
+    """Like :func:`bootstrap_ci`, but resampling whole groups (patients): both eyes of a resampled patient
+    come along together, so the interval reflects that two eyes of one person are not independent."""
+    arrs = [np.asarray(a) for a in arrays]
+    _same_length(groups=np.asarray(groups), **{f"arrays[{i}]": a for i, a in enumerate(arrs)})
+    members: dict[str, list[int]] = {}
+    for i, g in enumerate(groups):
+        members.setdefault(str(g), []).append(i)
+    rows = list(members.values())
+    if not rows:
+        return None, None
+    rng = np.random.default_rng(seed)
+    values = []
+    for _ in range(n_boot):
+        pick = rng.integers(0, len(rows), len(rows))
+        idx = np.fromiter((i for k in pick for i in rows[k]), dtype=np.int64)
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", UndefinedMetricWarning)
+                v = metric_fn(*(a[idx] for a in arrs))
+        except ValueError:
+            continue
+        v = _f(v)
+        if v is not None:
+            values.append(v)
+    if not values:
+        return None, None
+    low, high = np.percentile(values, [100 * alpha / 2, 100 * (1 - alpha / 2)])
+    return float(low), float(high)
+
+
+# ---------------------------------------------------------------------------------- bootstrap (rows)
 def bootstrap_ci(
     metric_fn: Callable[..., Any], *arrays: Any, n_boot: int = 1000, seed: int = 0, alpha: float = 0.05,
 ) -> tuple[float | None, float | None]:

@@ -20,7 +20,7 @@ from training.data.cache import build_cache
 from training.data.dataset import FundusDataset, class_counts
 from training.data.records import Record
 from training.data.sources import load_all
-from training.data.split import split_by_patient
+from training.data.split import configured_split
 from training.data.transforms import eval_transforms, train_transforms
 from training.engine import FitState, Predictions, fit, resolve_device, seed_everything
 from training.evaluation import plot_history
@@ -32,7 +32,7 @@ from training.model import ModelConfig, MultiTaskNet, build_model
 def model_config_from(cfg: TrainingConfig) -> ModelConfig:
     m = cfg.model
     return ModelConfig(backbone=m.backbone, image_size=m.image_size, decoder_channels=tuple(m.decoder_channels),
-                       dropout=m.dropout, contrast=m.contrast)
+                       dropout=m.dropout, contrast=m.contrast, grade_inputs=m.grade_inputs)
 
 
 def data_summary(splits: dict[str, list[Record]]) -> dict[str, Any]:
@@ -96,6 +96,22 @@ def init_weights(model: MultiTaskNet, path: Path) -> dict[str, Any]:
             **{k: prov[k] for k in ("command", "started", "git_commit", "data", "train_config", "init_from") if k in prov}}
 
 
+class EpochSampler(WeightedRandomSampler):
+    """Weighted sampling with replacement whose draws depend only on (seed, epoch), not on earlier epochs.
+
+    Why: a resumed run must draw exactly the batches the uninterrupted run would have drawn; a generator
+    that runs on from epoch to epoch would restart from the seed after an interruption.
+    """
+
+    def __init__(self, weights: list[float], num_samples: int, seed: int) -> None:
+        self.seed = seed
+        super().__init__(weights, num_samples=num_samples, replacement=True, generator=torch.Generator().manual_seed(seed))
+
+    def set_epoch(self, epoch: int, seed: int | None = None) -> None:
+        assert self.generator is not None
+        self.generator.manual_seed(self.seed * 100_003 + epoch)
+
+
 @dataclass
 class TrainingData:
     splits: dict[str, list[Record]]
@@ -107,7 +123,7 @@ def make_loaders(cfg: TrainingConfig, records: list[Record] | None = None, progr
     records = load_all(cfg.data) if records is None else records
     if not records:
         raise ValueError("no training images: add sources under [data] in the config")
-    splits = split_by_patient(records, cfg.data.val_fraction, cfg.data.test_fraction, cfg.data.split_seed)
+    splits = configured_split(cfg.data, records)
     size = cfg.model.image_size
     build_cache(records, size, cfg.data.cache_dir, progress=progress)
     contrast = cfg.model.contrast
@@ -128,9 +144,7 @@ def make_loaders(cfg: TrainingConfig, records: list[Record] | None = None, progr
         counts = np.maximum(class_counts(train_recs), 1)
         weights = [w * (float(counts.max()) / counts[r.dr_grade]) ** 0.5 if r.has_grade else w
                    for w, r in zip(weights, train_recs)]
-    gen = torch.Generator().manual_seed(cfg.train.seed)
-    sampler = WeightedRandomSampler(weights, num_samples=cfg.train.samples_per_epoch or len(weights), replacement=True,
-                                    generator=gen)
+    sampler = EpochSampler(weights, cfg.train.samples_per_epoch or len(weights), cfg.train.seed)
     kw: dict[str, Any] = dict(batch_size=cfg.train.batch_size, num_workers=cfg.train.num_workers,
                               persistent_workers=cfg.train.num_workers > 0)
     return TrainingData(
@@ -196,5 +210,5 @@ def run_training(
     return fit(
         model, data.train, data.val, loss_fn, optimizer, scheduler, out_dir, cfg.train.epochs, cfg.train.patience,
         device, score_fn, payload, max_steps=cfg.train.max_steps_per_epoch, resume=resume, progress=progress,
-        plot_fn=plot_history, log=log, max_seconds=max_seconds,
+        plot_fn=plot_history, log=log, max_seconds=max_seconds, seed=cfg.train.seed,
     )

@@ -14,9 +14,10 @@ from training.checkpoint import labels_dict, save_checkpoint
 from training.model import ModelConfig, build_model
 
 
-def make_checkpoint(path: Path, kind: str = "synthetic", image_size: int = 64, backbone: str = "resnet18") -> Path:
+def make_checkpoint(path: Path, kind: str = "synthetic", image_size: int = 64, backbone: str = "resnet18",
+                    grade_inputs: str = "features") -> Path:
     torch.manual_seed(0)
-    cfg = ModelConfig(backbone=backbone, image_size=image_size, decoder_channels=(16, 16, 16, 8, 8))
+    cfg = ModelConfig(backbone=backbone, image_size=image_size, decoder_channels=(16, 16, 16, 8, 8), grade_inputs=grade_inputs)
     model = build_model(cfg)
     return save_checkpoint(path, {
         "model_state": model.state_dict(), "model_config": cfg.to_dict(), "labels": labels_dict(),
@@ -32,6 +33,12 @@ def write_fundus(path: Path, seed: int = 0, size: int = 256) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     cv2.imwrite(str(path), cv2.cvtColor(f.image, cv2.COLOR_RGB2BGR))
     return path
+
+
+@pytest.fixture(scope="session")
+def make_tiny_checkpoint():
+    """:func:`make_checkpoint` for tests that need a variant (test modules cannot import conftest)."""
+    return make_checkpoint
 
 
 @pytest.fixture(scope="session")

@@ -132,3 +132,19 @@ def test_same_seed_gives_identical_losses(make_config, tmp_path: Path) -> None:
     assert ra == rb
     c, _ = _run(make_config(out_dir=tmp_path / "c", seed=4))
     assert _loss_columns(c.history[0])["train_total"] != ra["train_total"]
+
+
+def test_resumed_run_ends_with_exactly_the_weights_of_an_uninterrupted_run(make_config, tmp_path: Path) -> None:
+    """Interrupted after epoch 1 and resumed: same batches, same augmentation, same dropout -> same weights."""
+    straight = make_config(epochs=2, out_dir=tmp_path / "straight", balanced_sampling=True)
+    _, straight_logs = _run(straight)
+    assert any("ETA" in m and "1 more epoch" in m for m in straight_logs)
+    first = make_config(epochs=1, out_dir=tmp_path / "resumed", balanced_sampling=True)
+    _run(first)
+    second = first.model_copy(update={"train": first.train.model_copy(update={"epochs": 2})})
+    _, logs = _run(second, resume=True)
+    assert any("resumed from" in m for m in logs)
+    a = read_checkpoint(tmp_path / "straight" / "last.pt")["model_state"]
+    b = read_checkpoint(tmp_path / "resumed" / "last.pt")["model_state"]
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a), [k for k in a if not torch.equal(a[k], b[k])][:3]

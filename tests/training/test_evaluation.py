@@ -120,3 +120,28 @@ def test_plot_history(tmp_path):
     _assert_nontrivial_png(out)
     with pytest.raises(ValueError, match="empty"):
         plot_history([], out)
+
+
+def test_clinical_evaluation_per_source_with_patient_intervals(tmp_path) -> None:
+    from training.evaluation import clinical_evaluation, plot_reliability
+
+    rng = np.random.default_rng(0)
+    n = 120
+    dr_y = rng.integers(0, 5, n)
+    dme_y = np.where(np.arange(n) < 60, rng.integers(0, 3, n), -1)  # second source: DR grades only
+    dr_p = np.eye(5)[dr_y] * 0.6 + 0.08
+    dme_p = np.full((n, 3), 1 / 3)
+    sources = ["idrid"] * 60 + ["aptos"] * 60
+    patients = [f"P{i // 2}" for i in range(60)] + [f"P{i // 2}" for i in range(60)]  # same numbers, two sets
+    out = clinical_evaluation(dr_p, dme_p, dr_y, dme_y, patients, sources, threshold=0.5, bootstrap=50)
+    assert set(out["by_source"]) == {"aptos", "idrid"}
+    assert out["overall"]["patients"] == 60  # ids are per source: P0 of idrid is not P0 of aptos
+    assert out["by_source"]["aptos"]["dme"]["n_exact"] == 0
+    # DR-only set: DR 0-1 counts as not referable, so both classes exist and the AUC is defined
+    aptos = out["by_source"]["aptos"]["eye"]
+    assert aptos["n"] == 60 and aptos["auc"]["value"] == pytest.approx(1.0)
+    low, high = out["overall"]["dr"]["kappa"]["ci95"]
+    assert low <= out["overall"]["dr"]["kappa"]["value"] <= high
+    assert out["overall"]["patient"]["n"] == 60
+    plot_reliability(np.r_[np.zeros(10), np.ones(10)], np.linspace(0, 1, 20), tmp_path / "rel.png")
+    assert (tmp_path / "rel.png").stat().st_size > 1000

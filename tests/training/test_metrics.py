@@ -245,3 +245,47 @@ def test_bootstrap_skips_undefined_resamples():
     assert bootstrap_ci(lambda a: None, y, n_boot=10) == (None, None)
     with pytest.raises(ValueError, match=r"arrays\[1\]"):
         bootstrap_ci(roc_auc_score, y, s[:3])
+
+
+# ---------------------------------------------------------------------------------- v2 evaluation helpers
+def test_referable_labels_can_read_dr_only_sets_as_dr_at_least_2() -> None:
+    from training.metrics import referable_labels
+
+    dr, dme = [0, 1, 2, 0, -1], [-1, -1, -1, 0, -1]
+    assert referable_labels(dr, dme).tolist() == [-1, -1, 1, 0, -1]
+    assert referable_labels(dr, dme, dme_unknown_as_absent=True).tolist() == [0, 0, 1, 0, -1]
+
+
+def test_expected_calibration_error_and_reliability_curve() -> None:
+    from training.metrics import expected_calibration_error, reliability_curve
+
+    y = np.array([0] * 8 + [1] * 2 + [1] * 9 + [0] * 1)
+    p = np.array([0.15] * 10 + [0.85] * 10)  # bin 1: 20% positive at 0.15; bin 8: 90% positive at 0.85
+    assert expected_calibration_error(y, p) == pytest.approx(0.5 * 0.05 + 0.5 * 0.05)
+    frac, conf, count = reliability_curve(y, p)
+    assert count[1] == 10 and count[8] == 10 and frac[1] == pytest.approx(0.2) and conf[8] == pytest.approx(0.85)
+    assert expected_calibration_error([-1, -1], [0.2, 0.3]) is None
+
+
+def test_per_patient_refers_when_any_eye_is_referable() -> None:
+    from training.metrics import per_patient
+
+    y, s, ids = per_patient(["a", "a", "b", "b", "c"], [0, 1, 0, 0, -1], [0.1, 0.7, 0.2, 0.4, 0.9])
+    assert ids == ["a", "b", "c"] and y.tolist() == [1, 0, -1] and s.tolist() == [0.7, 0.4, 0.9]
+
+
+def test_grouped_bootstrap_resamples_whole_patients() -> None:
+    from training.metrics import grouped_bootstrap_ci
+
+    groups = [f"p{i // 2}" for i in range(40)]
+    values = np.repeat(np.arange(20, dtype=float), 2)  # both eyes of a patient equal
+    seen = []
+
+    def spy(v: np.ndarray) -> float:
+        seen.append(v)
+        return float(v.mean())
+
+    low, high = grouped_bootstrap_ci(spy, groups, values, n_boot=50, seed=0)
+    assert low is not None and low < values.mean() < high
+    for v in seen:  # every resample holds pairs: a patient's two eyes are drawn together
+        assert len(v) == 40 and all(np.sum(v == x) % 2 == 0 for x in np.unique(v))

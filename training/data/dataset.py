@@ -41,6 +41,12 @@ class FundusDataset(Dataset[dict[str, Any]]):
     def __len__(self) -> int:
         return len(self.records)
 
+    def set_epoch(self, epoch: int, seed: int) -> None:
+        """Reseed the augmentation for ``epoch`` so a resumed run draws exactly what an uninterrupted one would
+        (albumentations keeps its own random state, which a checkpoint does not capture)."""
+        if hasattr(self.transform, "set_random_seed"):
+            self.transform.set_random_seed(seed * 100_003 + epoch)
+
     def __getitem__(self, index: int) -> dict[str, Any]:
         record = self.records[index]
         cached = load_record(record, self.size, self.cache_dir)

@@ -26,6 +26,8 @@ class Record:
     dr_grade: int = DR_UNKNOWN
     dme_grade: int = DME_UNKNOWN
     masks: tuple[Path | None, ...] | None = None
+    # Graders' verdict where the source publishes one (Messidor-2's ``gradable``): True/False; None = not stated.
+    gradable: bool | None = None
 
     @property
     def has_grade(self) -> bool:

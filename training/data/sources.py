@@ -56,6 +56,7 @@ _LESION_ALIASES: tuple[frozenset[str], ...] = (
 MANIFEST_MASK_COLUMNS: tuple[str, ...] = tuple(f"{key}_mask" for key in LESION_KEYS)
 IDRID_GRADING_COLUMNS: tuple[str, ...] = ("Image name", "Retinopathy grade", "Risk of macular edema")
 KAGGLE_COLUMNS: tuple[str, ...] = IDRID_GRADING_COLUMNS
+_EYES: dict[str, str] = {"l": "L", "left": "L", "os": "L", "r": "R", "right": "R", "od": "R"}
 _EYE_SUFFIX = re.compile(r"^(?P<patient>.+?)[_-](?P<eye>left|right|L|R|OD|OS)$", re.IGNORECASE)
 
 SourceSettings = Union[IdridSegmentationSource, IdridGradingSource, KaggleSource, ManifestSource]
@@ -310,9 +311,9 @@ def load_idrid_grading(settings: IdridGradingSource, skip_missing: bool = False)
 
 
 def patient_and_eye(stem: str) -> tuple[str, str | None]:
-    """'10_left' -> ('10', 'left'); names without an eye suffix are their own patient."""
+    """'10_left' -> ('10', 'L'); names without an eye suffix are their own patient."""
     m = _EYE_SUFFIX.match(stem)
-    return (m["patient"], m["eye"]) if m else (stem, None)
+    return (m["patient"], _EYES[m["eye"].lower()]) if m else (stem, None)
 
 
 def load_kaggle(settings: KaggleSource, skip_missing: bool = False) -> list[Record]:
@@ -367,16 +368,38 @@ def _manifest_masks(row: dict[str, str], mask_columns: Sequence[str], base: Path
     return tuple(masks)
 
 
+def _eye_code(value: str, where: str) -> str | None:
+    """'L'/'R' from L, R, OS, OD, left, right (any case); None for an empty cell."""
+    value = value.strip()
+    if not value:
+        return None
+    try:
+        return _EYES[value.lower()]
+    except KeyError:
+        raise DataSourceError(f"{where}: column 'eye' has {value!r}; expected L, R, OD, OS, left, right or empty") from None
+
+
+def _gradable(value: str, where: str) -> bool | None:
+    label = parse_label(value, BINARY_VALUES, where, "gradable")
+    return None if label is None else bool(label)
+
+
 def load_manifest(settings: ManifestSource, skip_missing: bool = False) -> list[Record]:
-    """Records from a manifest CSV (``image, [patient_id], [eye], dr_grade, <dme_column>, [*_mask]``).
+    """Records from a manifest CSV (``image, [patient_id], [eye], dr_grade, [<dme_column>], [gradable], [*_mask]``).
 
     Empty label cells mean unknown. With ``dme_binary`` the DME column is a present/absent flag:
     1 -> ``DME_PRESENT`` (risk present, grade unknown), 0 -> 0. Without ``patient_id`` each image
-    is its own patient (its file stem).
+    is its own patient (its file stem). A CSV without the default ``dme_grade`` column has no DME
+    labels (EyePACS publishes none); a ``dme_column`` named in the config must exist. ``eye`` is
+    normalised to L/R; ``gradable`` (0/1) is the graders' verdict where published.
     """
     csv_path = Path(settings.path)
     what = f"manifest {csv_path.parent.name}"
-    table = read_csv(csv_path, ("image", "dr_grade", settings.dme_column), what, optional=("patient_id", "eye", *MANIFEST_MASK_COLUMNS))
+    dme_required = settings.dme_column != "dme_grade"
+    required = ("image", "dr_grade", settings.dme_column) if dme_required else ("image", "dr_grade")
+    table = read_csv(csv_path, required, what,
+                     optional=("patient_id", "eye", "gradable", "dme_grade", *MANIFEST_MASK_COLUMNS))
+    has_dme = settings.dme_column in table.columns
     mask_columns = [c for c in MANIFEST_MASK_COLUMNS if c in table.columns]
     base = csv_path.parent
     records, missing = [], []
@@ -391,11 +414,13 @@ def load_manifest(settings: ManifestSource, skip_missing: bool = False) -> list[
         records.append(Record(
             image=image,
             patient_id=row.get("patient_id") or image.stem,
-            eye=row.get("eye") or None,
+            eye=_eye_code(row.get("eye", ""), where),
             source=f"manifest:{csv_path.parent.name}",
             dr_grade=_dr_code(row["dr_grade"], where, "dr_grade"),
-            dme_grade=_dme_code(row[settings.dme_column], settings.dme_binary, where, settings.dme_column),
+            dme_grade=(_dme_code(row[settings.dme_column], settings.dme_binary, where, settings.dme_column)
+                       if has_dme else DME_UNKNOWN),
             masks=_manifest_masks(row, mask_columns, base, where),
+            gradable=_gradable(row.get("gradable", ""), where),
         ))
     _report_missing(missing, what, skip_missing)
     return records

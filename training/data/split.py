@@ -10,9 +10,13 @@ from __future__ import annotations
 
 import random
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING
 
 from training.data.records import Record
+
+if TYPE_CHECKING:
+    from training.config import DataSettings
 
 SPLITS: tuple[str, str, str] = ("train", "val", "test")
 
@@ -43,20 +47,28 @@ def patient_stratum(records: Sequence[Record]) -> tuple[int, int, bool]:
 
 
 def split_by_patient(
-    records: Sequence[Record], val_fraction: float, test_fraction: float, seed: int
+    records: Sequence[Record], val_fraction: float, test_fraction: float, seed: int,
+    pinned: Mapping[str, str] | None = None,
 ) -> dict[str, list[Record]]:
     """Split records into ``train``/``val``/``test`` with no patient on two sides; same seed, same split.
 
     The result does not depend on the input order. Records keep their input order within each split.
+    ``pinned`` maps patient ids to the side they must stay on (an earlier split this one extends); the
+    other patients are dealt out as usual.
     """
     _check_fractions(val_fraction, test_fraction)
+    pinned = dict(pinned or {})
+    bad = sorted({v for v in pinned.values() if v not in SPLITS})
+    if bad:
+        raise ValueError(f"pinned split names must be one of {SPLITS}, got {bad}")
     groups = group_by_patient(records)
     strata: dict[tuple[int, int, bool], list[str]] = defaultdict(list)
     for patient, idx in groups.items():
-        strata[patient_stratum([records[i] for i in idx])].append(patient)
+        if patient not in pinned:
+            strata[patient_stratum([records[i] for i in idx])].append(patient)
 
     rng = random.Random(seed)
-    assignment: dict[str, str] = {}
+    assignment: dict[str, str] = {p: side for p, side in pinned.items() if p in groups}
     # Running quotas start at 0.5 so that each split gets round(n * fraction) patients overall.
     quota = {"test": 0.5, "val": 0.5}
     for key in sorted(strata):
@@ -78,3 +90,32 @@ def split_by_patient(
     for rec in records:
         out[assignment[rec.patient_id]].append(rec)
     return out
+
+
+def pinned_sides(split: Mapping[str, Sequence[Record]]) -> dict[str, str]:
+    """Patient id -> side of an existing split (for ``split_by_patient(..., pinned=...)``)."""
+    return {r.patient_id: side for side, recs in split.items() for r in recs}
+
+
+def configured_split(
+    data: "DataSettings", records: Sequence[Record] | None = None, val_fraction: float | None = None,
+    test_fraction: float | None = None, seed: int | None = None,
+) -> dict[str, list[Record]]:
+    """The split of ``[data]``'s sources (or of ``records``), honouring ``[data] pin_split``.
+
+    Fractions and seed default to the settings' (a checkpoint passes the ones it recorded). A pinned config's
+    own split is rebuilt the same way (its own pin included), and its patients keep their side here.
+    """
+    from training.config import load_training_config
+    from training.data.sources import load_all
+
+    records = load_all(data) if records is None else records
+    pinned: dict[str, str] = {}
+    if data.pin_split is not None:
+        other = load_training_config(data.pin_split).data
+        pinned = pinned_sides(configured_split(other))
+    return split_by_patient(
+        records, data.val_fraction if val_fraction is None else val_fraction,
+        data.test_fraction if test_fraction is None else test_fraction, data.split_seed if seed is None else seed,
+        pinned,
+    )

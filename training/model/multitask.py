@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, cast
 
 import torch
 from torch import nn
@@ -12,7 +12,7 @@ from torch import nn
 from ..labels import DME_GRADES, DR_GRADES, LESION_CODES, LESIONS  # noqa: F401 - re-exported
 from .decoder import UNetDecoder
 from .encoder import ResNetEncoder
-from .heads import ClassificationHead, SegmentationHead
+from .heads import EVIDENCE_STATS, ClassificationHead, EvidenceHead, SegmentationHead, lesion_evidence
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -32,6 +32,10 @@ class ModelConfig:
     mean: tuple[float, float, float] = IMAGENET_MEAN
     std: tuple[float, float, float] = IMAGENET_STD
     contrast: str = "none"  # input preprocessing before normalisation: "none" | "local-mean"
+    # What the DR and DME heads read: "features" (the encoder's pooled last stage; models before v2) or
+    # "features+lesions" (avg + max pooled features and the lesion head's evidence, see heads.EvidenceHead).
+    grade_inputs: str = "features"
+    head_hidden: int = 256  # hidden units of the DR/DME heads' MLP
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -61,15 +65,39 @@ class MultiTaskNet(nn.Module):
         self.encoder = ResNetEncoder(config.backbone, weights_path)
         self.decoder = UNetDecoder(self.encoder.out_channels, tuple(config.decoder_channels))
         self.seg_head = SegmentationHead(self.decoder.out_channels, len(config.lesions))
-        self.dr_head = ClassificationHead(self.encoder.out_channels[-1], config.num_dr_classes, config.dropout)
-        self.dme_head = ClassificationHead(self.encoder.out_channels[-1], config.num_dme_classes, config.dropout)
+        channels = self.encoder.out_channels[-1]
+        self.dr_head: nn.Module
+        self.dme_head: nn.Module
+        if config.grade_inputs == "features":
+            self.dr_head = ClassificationHead(channels, config.num_dr_classes, config.dropout, config.head_hidden)
+            self.dme_head = ClassificationHead(channels, config.num_dme_classes, config.dropout, config.head_hidden)
+        elif config.grade_inputs == "features+lesions":
+            evidence = len(config.lesions) * len(EVIDENCE_STATS)
+            self.dr_head = EvidenceHead(channels, evidence, config.num_dr_classes, config.dropout, config.head_hidden)
+            self.dme_head = EvidenceHead(channels, evidence, config.num_dme_classes, config.dropout, config.head_hidden)
+        else:
+            raise ValueError(f"model_config grade_inputs must be 'features' or 'features+lesions', got {config.grade_inputs!r}")
 
-    def forward(self, x: torch.Tensor) -> MultiTaskOutput:
+    def trunk(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Encoder + decoder + lesion head: (last-stage features, lesion logits)."""
         if x.ndim != 4 or x.shape[1] != 3 or x.shape[-1] % 32 or x.shape[-2] % 32:
             raise ValueError(f"expected an (N, 3, H, W) batch with H and W multiples of 32, got {tuple(x.shape)}")
         feats = self.encoder(x)
-        seg = self.seg_head(self.decoder(feats))
-        return MultiTaskOutput(self.dr_head(feats[-1]), self.dme_head(feats[-1]), seg, feats[-1])
+        return feats[-1], self.seg_head(self.decoder(feats))
+
+    def head_inputs(self, features: torch.Tensor, seg_logits: torch.Tensor) -> torch.Tensor | None:
+        """The vector the evidence heads classify (None for pooled-feature heads, which pool themselves)."""
+        if self.config.grade_inputs == "features":
+            return None
+        return EvidenceHead.pooled(features, lesion_evidence(seg_logits))
+
+    def forward(self, x: torch.Tensor) -> MultiTaskOutput:
+        features, seg = self.trunk(x)
+        vector = self.head_inputs(features, seg)
+        if vector is None:
+            return MultiTaskOutput(self.dr_head(features), self.dme_head(features), seg, features)
+        dr_head, dme_head = cast(EvidenceHead, self.dr_head), cast(EvidenceHead, self.dme_head)  # grade_inputs says so
+        return MultiTaskOutput(dr_head.classify(vector), dme_head.classify(vector), seg, features)
 
 
 def build_model(config: ModelConfig, weights_path: str | Path | None = None) -> MultiTaskNet:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shutil
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -25,6 +26,7 @@ from training.data.sources import (
     load_manifest,
     load_records,
 )
+from training.data.split import configured_split
 
 # ------------------------------------------------------------------------------------------ IDRiD seg
 
@@ -118,7 +120,7 @@ def test_kaggle_layout(tmp_path: Path, synth) -> None:
     root = _kaggle_tree(tmp_path, synth)
     recs = load_kaggle(KaggleSource(kind="kaggle", path=root, splits=("train", "valid")))
     assert [(r.image.name, r.patient_id, r.eye, r.dr_grade, r.dme_grade) for r in recs] == [
-        ("10_left.png", "10", "left", 2, 1), ("10_right.png", "10", "right", 3, 2), ("11_left.png", "11", "left", 0, 0),
+        ("10_left.png", "10", "L", 2, 1), ("10_right.png", "10", "R", 3, 2), ("11_left.png", "11", "L", 0, 0),
     ]
 
 
@@ -160,13 +162,30 @@ def test_manifest_without_patient_id_uses_stem(tmp_path: Path, synth) -> None:
     assert (rec.patient_id, rec.dr_grade, rec.dme_grade, rec.eye) == ("IDRiD_NAR_001", 0, 0, None)
 
 
+def test_manifest_without_dme_column_eye_spellings_and_gradable(tmp_path: Path, synth) -> None:
+    # EyePACS publishes no DME column; Messidor-2 has 'gradable'; eyes come as L/R, OD/OS or left/right
+    for name in ("a.jpg", "b.jpg", "c.jpg"):
+        synth.write_rgb(tmp_path / name, synth.fundus())
+    (tmp_path / "labels.csv").write_text(
+        "image,patient_id,eye,dr_grade,gradable\na.jpg,P1,left,2,1\nb.jpg,P1,OD,0,0\nc.jpg,P2,,1,\n")
+    recs = load_manifest(ManifestSource(kind="manifest", path=tmp_path / "labels.csv"))
+    assert [(r.eye, r.dr_grade, r.dme_grade, r.gradable) for r in recs] == [
+        ("L", 2, DME_UNKNOWN, True), ("R", 0, DME_UNKNOWN, False), (None, 1, DME_UNKNOWN, None)]
+    (tmp_path / "labels.csv").write_text("image,patient_id,eye,dr_grade\na.jpg,P1,middle,2\n")
+    with pytest.raises(DataSourceError, match=r"line 2: column 'eye' has 'middle'"):
+        load_manifest(ManifestSource(kind="manifest", path=tmp_path / "labels.csv"))
+    (tmp_path / "labels.csv").write_text("image,dr_grade,gradable\na.jpg,2,maybe\n")
+    with pytest.raises(DataSourceError, match=r"column 'gradable' has 'maybe'"):
+        load_manifest(ManifestSource(kind="manifest", path=tmp_path / "labels.csv"))
+
+
 def test_manifest_bad_columns_message_names_file_missing_and_found(tmp_path: Path) -> None:
     csv_path = tmp_path / "labels.csv"
-    csv_path.write_text("image,patient_id,dr_grade,maculopathy\nx.jpg,P,0,1\n")
-    with pytest.raises(DataSourceError) as exc:
-        load_manifest(ManifestSource(kind="manifest", path=csv_path))  # default dme_column="dme_grade"
+    csv_path.write_text("image,patient_id,dr_grade,dme\nx.jpg,P,0,1\n")
+    with pytest.raises(DataSourceError) as exc:  # a DME column named in the config must exist
+        load_manifest(ManifestSource(kind="manifest", path=csv_path, dme_column="maculopathy"))
     msg = str(exc.value)
-    assert str(csv_path) in msg and "['dme_grade']" in msg and "maculopathy" in msg and "found columns" in msg
+    assert str(csv_path) in msg and "['maculopathy']" in msg and "dme" in msg and "found columns" in msg
 
 
 def test_manifest_bad_label_value_names_line(tmp_path: Path, synth) -> None:
@@ -212,7 +231,32 @@ def test_real_configured_sources(shared_data: Path, project_root: Path) -> None:
     assert {r.dme_grade for r in by_source["manifest:srahim"]} <= {0, DME_PRESENT}
 
 
-def test_real_idrid_grading_csv_parses_and_reports_absent_images(shared_data: Path) -> None:
+def test_real_idrid_grading_training_set_loads_with_its_label_counts(shared_data: Path) -> None:
     source = IdridGradingSource(kind="idrid-grading", path=shared_data / "idrid" / "B. Disease Grading")
-    with pytest.raises(DataSourceError, match="lists 413 images"):
-        load_idrid_grading(source)
+    recs = load_idrid_grading(source)
+    assert len(recs) == 413
+    assert Counter(r.dr_grade for r in recs) == {0: 134, 1: 20, 2: 136, 3: 74, 4: 49}  # shared/data/README.md
+    assert Counter(r.dme_grade for r in recs) == {0: 177, 1: 41, 2: 195}
+    # the test set's images are held back: its CSV parses, and the folder's absence is named
+    test = IdridGradingSource(kind="idrid-grading", path=source.path, subset="test")
+    with pytest.raises(DataSourceError, match="lists 103 images"):
+        load_idrid_grading(test)
+
+
+def test_real_v2_sources_load_with_their_quirks(shared_data: Path, project_root: Path) -> None:
+    cfg = load_training_config(project_root / "experiments" / "v2-sources.toml")
+    recs = load_all(cfg.data)
+    by_source = Counter(r.source for r in recs)
+    assert by_source["manifest:messidor2"] == 1249 and by_source["manifest:aptos"] == 2270
+    assert by_source["manifest:eyepacs"] == 742 and by_source["idrid-grading"] == 413
+    eyepacs = [r for r in recs if r.source == "manifest:eyepacs"]
+    assert {r.eye for r in eyepacs} == {"L", "R"} and all(not r.has_dme for r in eyepacs)  # no DME column
+    messidor = [r for r in recs if r.source == "manifest:messidor2"]
+    assert all(r.gradable is True for r in messidor)  # this release dropped the ungradable ones
+    assert {r.dme_grade for r in messidor} == {0, DME_PRESENT}  # binary DME: present, grade unknown
+    assert len({r.patient_id for r in messidor}) == 626
+    splits = configured_split(cfg.data, recs)
+    sides = {}
+    for side, part in splits.items():
+        for r in part:
+            assert sides.setdefault(r.patient_id, side) == side  # both eyes of a patient on one side

@@ -46,3 +46,34 @@ def test_reproducible_and_order_independent() -> None:
 def test_bad_fractions_rejected() -> None:
     with pytest.raises(ValueError, match="below 1"):
         split_by_patient(_records(), 0.6, 0.5, seed=0)
+
+
+def test_pinned_patients_keep_their_side_and_the_rest_are_dealt() -> None:
+    recs = _records()
+    pinned = {"P0": "test", "P1": "val", "P2": "train", "IDRiD_3": "test"}
+    split = split_by_patient(recs, 0.15, 0.15, seed=13, pinned=pinned)
+    side = {r.patient_id: name for name, part in split.items() for r in part}
+    assert all(side[p] == s for p, s in pinned.items())
+    assert sum(len(v) for v in split.values()) == len(recs)
+    assert abs(len({r.patient_id for r in split["test"]}) - 0.15 * 80) <= 2
+    with pytest.raises(ValueError, match="pinned split names"):
+        split_by_patient(recs, 0.15, 0.15, seed=13, pinned={"P0": "holdout"})
+
+
+def test_configured_split_pins_the_split_of_another_config(tmp_path: Path, synth) -> None:
+    from training.config import load_training_config
+    from training.data.split import configured_split
+
+    for p in range(12):
+        synth.write_rgb(tmp_path / f"P{p}.jpg", synth.fundus(64, 64))
+    (tmp_path / "old.csv").write_text("image,patient_id,dr_grade,dme_grade\n" + "".join(f"P{p}.jpg,P{p},{p % 5},0\n" for p in range(6)))
+    (tmp_path / "new.csv").write_text("image,patient_id,dr_grade,dme_grade\n" + "".join(f"P{p}.jpg,P{p},{p % 5},0\n" for p in range(6, 12)))
+    (tmp_path / "old.toml").write_text('[data]\nsources = [{ kind = "manifest", path = "old.csv" }]\nval_fraction = 0.3\ntest_fraction = 0.3\nsplit_seed = 1\n')
+    (tmp_path / "new.toml").write_text('[data]\nsources = [{ kind = "manifest", path = "old.csv" }, { kind = "manifest", path = "new.csv" }]\n'
+                                       'pin_split = "old.toml"\nsplit_seed = 99\n')
+    old = configured_split(load_training_config(tmp_path / "old.toml").data)
+    new = configured_split(load_training_config(tmp_path / "new.toml").data)
+    old_side = {r.patient_id: s for s, part in old.items() for r in part}
+    new_side = {r.patient_id: s for s, part in new.items() for r in part}
+    assert all(new_side[p] == s for p, s in old_side.items())
+    assert set(new_side) == {f"P{p}" for p in range(12)}
