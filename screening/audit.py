@@ -10,9 +10,14 @@ What is counted
     * grades, referrals, exams: one per image that has a Result (each eye counts once); ``exams`` is
       the number of distinct exams among them and ``referable_exams`` those with a referable eye;
     * duplicates: drops with outcome ``duplicate`` (the same content dropped again);
-    * rejected: images in state ``rejected`` (grouped by ``images.error``) plus rejected drops not
-      attached to a rejected image (grouped by ``drops.reason``);
-    * failed: images in state ``failed`` (grouped by ``images.error``);
+    * drops: every arrival of a file (or of anything else in the inbox: a link, a folder) exactly once, by
+      its outcome (``new``, ``duplicate``, ``rejected``);
+    * rejected: images in state ``rejected`` plus rejected drops not attached to a rejected image, grouped
+      by their reason code (``images.error_code`` / ``drops.reason_code``, see :mod:`screening.rejection`;
+      rows from before revision 0006 have no code and are grouped by their message text);
+    * failed: images in state ``failed``, grouped the same way;
+    * incidents: events with an incident code (a move retried, an orphan report removed, a state repaired
+      at start-up...), by ``events.created_at``;
     * turnaround: seconds from ``images.received_at`` to the first report of the image's exam created
       at or after the image's result; images with a result but no such report count as
       ``awaiting_report``. Percentiles use linear interpolation between ranks (numpy's default,
@@ -40,7 +45,8 @@ from typing import Any
 from sqlalchemy import ColumnElement, func, select
 from sqlalchemy.orm import Session, aliased
 
-from screening.db.models import Drop, DropOutcome, Image, ImageState, Report, Result
+from screening.db.models import Drop, DropOutcome, Event, Image, ImageState, Report, Result
+from screening.rejection import Incident
 
 ALL = "ALL"
 DR_GRADES = range(5)
@@ -79,6 +85,8 @@ class AuditSummary:
     rejected_reasons: dict[str, int] = field(default_factory=dict)
     failed: int = 0
     failed_reasons: dict[str, int] = field(default_factory=dict)
+    drops: dict[str, int] = field(default_factory=lambda: {o.value: 0 for o in DropOutcome})
+    incidents: dict[str, int] = field(default_factory=dict)
     date_basis: str = DATE_BASIS
 
     @property
@@ -109,6 +117,8 @@ class AuditSummary:
             rejected_reasons=dict(d["rejected_reasons"]),
             failed=d["failed"],
             failed_reasons=dict(d["failed_reasons"]),
+            drops={str(k): int(v) for k, v in d.get("drops", {}).items()},
+            incidents={str(k): int(v) for k, v in d.get("incidents", {}).items()},
             date_basis=d.get("date_basis", DATE_BASIS),
         )
 
@@ -221,15 +231,15 @@ def audit_summary(
 
     rejected: Counter[str] = Counter()
     failed: Counter[str] = Counter()
-    for state, error in session.execute(
-        select(Image.state, Image.error).where(
+    for state, error, code in session.execute(
+        select(Image.state, Image.error, Image.error_code).where(
             Image.state.in_([ImageState.REJECTED.value, ImageState.FAILED.value]),
             *_in_range(Image.received_at, lo, hi),
         )
     ).all():
-        (rejected if state == ImageState.REJECTED else failed)[error or NO_REASON] += 1
-    for (reason,) in session.execute(
-        select(Drop.reason)
+        (rejected if state == ImageState.REJECTED else failed)[reason_key(code, error)] += 1
+    for reason, code in session.execute(
+        select(Drop.reason, Drop.reason_code)
         .outerjoin(Image, Image.id == Drop.image_id)
         .where(
             Drop.outcome == DropOutcome.REJECTED.value,
@@ -237,7 +247,19 @@ def audit_summary(
             *_in_range(Drop.received_at, lo, hi),
         )
     ).all():
-        rejected[reason or NO_REASON] += 1
+        rejected[reason_key(code, reason)] += 1
+    drops = {o.value: 0 for o in DropOutcome}
+    for outcome, n in session.execute(
+        select(Drop.outcome, func.count(Drop.id)).where(*_in_range(Drop.received_at, lo, hi)).group_by(Drop.outcome)
+    ).all():
+        drops[outcome] = n
+    incidents: Counter[str] = Counter()
+    for code, n in session.execute(
+        select(Event.code, func.count(Event.id))
+        .where(Event.code.in_([i.value for i in Incident]), *_in_range(Event.created_at, lo, hi))
+        .group_by(Event.code)
+    ).all():
+        incidents[code or NO_REASON] = n
 
     def ordered(c: Counter[str]) -> dict[str, int]:
         return dict(sorted(c.items(), key=lambda kv: (-kv[1], kv[0])))
@@ -252,7 +274,15 @@ def audit_summary(
         rejected_reasons=ordered(rejected),
         failed=sum(failed.values()),
         failed_reasons=ordered(failed),
+        drops=drops,
+        incidents=ordered(incidents),
     )
+
+
+def reason_key(code: str | None, message: str | None) -> str:
+    """What a rejection or failure is grouped by: its stable code; rows from before revision 0006 have none and
+    are grouped by their message."""
+    return code or message or NO_REASON
 
 
 # --- output -------------------------------------------------------------------------------------
@@ -292,6 +322,8 @@ def summary_rows(summary: AuditSummary) -> list[dict[str, str]]:
     out += [("rejected_reason", "", reason, n) for reason, n in summary.rejected_reasons.items()]
     out.append(("failed", "", "total", summary.failed))
     out += [("failed_reason", "", reason, n) for reason, n in summary.failed_reasons.items()]
+    out += [("drops", "", outcome, n) for outcome, n in summary.drops.items()]
+    out += [("incident", "", code, n) for code, n in summary.incidents.items()]
 
     def text(v: Any) -> str:
         if v is None:
@@ -376,6 +408,11 @@ def format_table(summary: AuditSummary) -> str:
     ):
         lines += ["", f"{title}: {total}"]
         lines += [f"  {n:>6}  {reason}" for reason, n in reasons.items()]
+    lines += ["", f"Files dropped: {sum(summary.drops.values())} "
+              f"({', '.join(f'{outcome} {n}' for outcome, n in summary.drops.items())})"]
+    if summary.incidents:
+        lines += ["", "Repaired or retried:"]
+        lines += [f"  {n:>6}  {code}" for code, n in summary.incidents.items()]
     return "\n".join(lines) + "\n"
 
 
@@ -387,6 +424,7 @@ __all__ = [
     "format_table",
     "percentile",
     "read_json",
+    "reason_key",
     "summary_rows",
     "write_csv",
     "write_json",

@@ -149,6 +149,7 @@ class Image(Base):
     stored_path: Mapped[str | None] = mapped_column(Text)
     state: Mapped[str] = mapped_column(String(16), default=ImageState.RECEIVED.value)
     error: Mapped[str | None] = mapped_column(Text)
+    error_code: Mapped[str | None] = mapped_column(String(32))  # added in revision 0006: why, as a stable code
     received_at: Mapped[datetime] = mapped_column(default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)
     width: Mapped[int | None]  # added in revision 0002
@@ -180,6 +181,7 @@ class Drop(Base):
     received_at: Mapped[datetime] = mapped_column(default=utcnow)
     outcome: Mapped[str] = mapped_column(String(16))
     reason: Mapped[str | None] = mapped_column(Text)  # added in revision 0002
+    reason_code: Mapped[str | None] = mapped_column(String(32))  # added in revision 0006: why, as a stable code
 
     image: Mapped[Image | None] = relationship(back_populates="drops")
 
@@ -276,6 +278,7 @@ class Event(Base):
     drop_id: Mapped[int | None] = mapped_column(ForeignKey("drops.id", ondelete="RESTRICT"))
     kind: Mapped[str] = mapped_column(String(32))
     message: Mapped[str] = mapped_column(Text, default="")
+    code: Mapped[str | None] = mapped_column(String(32))  # added in revision 0006: a reason or incident code
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
 
     def __repr__(self) -> str:

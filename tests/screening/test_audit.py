@@ -186,3 +186,33 @@ def test_format_table(factory):
     assert next(line for line in lines if line.startswith("DR grade 4")).split()[-3:] == ["1", "1", "0"]
     assert next(line for line in lines if line.startswith("Turnaround p50")).split()[2:] == ["95", "s", "100", "s", "15", "s"]
     assert "Rejected: 4" in text and "Failed: 3" in text and "CUDA out of memory" in text
+
+
+def test_errors_group_by_code_and_every_drop_counts_once(tmp_path):
+    """Messages name files and carry numbers: grouping by them split one cause into many rows (issue 12)."""
+    engine = make_engine(f"sqlite:///{tmp_path / 'codes.db'}")
+    init_db(engine)
+    factory = make_session_factory(engine)
+    with session_scope(factory) as s:
+        for i in range(3):  # one cause, three different texts
+            img = repo.add_image(s, sha256=f"{i + 1:064x}", source_name=f"P{i}_L.jpg", received_at=at(i))
+            repo.record_drop(s, sha256=img.sha256, source_name=img.source_name, outcome="new", image=img, received_at=at(i))
+            repo.set_state(s, img, "failed", f"processing failed (OperationalError: [SQL: UPDATE ... {i}])", code="storing_failed")
+        for i, code in enumerate(["too_large", "too_large", "not_a_file"]):
+            repo.record_drop(s, sha256=f"{i + 10:064x}", source_name=f"x{i}", outcome="rejected", reason=f"text {i}",
+                             reason_code=code, received_at=at(100 + i))
+        repo.record_drop(s, sha256=f"{1:064x}", source_name="again.jpg", outcome="duplicate", received_at=at(200))
+        repo.add_event(s, "archive", "could not move", code="archive_failed", created_at=at(300))
+        repo.add_event(s, "archive", "could not move", code="archive_failed", created_at=at(301))
+        repo.add_event(s, "reconcile", "removed", code="orphan_report_removed", created_at=at(302))
+        repo.add_event(s, "state", "no code", created_at=at(303))
+    with factory() as s:
+        summary = audit_summary(s, DAY, DAY)
+    assert summary.failed_reasons == {"storing_failed": 3}
+    assert summary.rejected_reasons == {"too_large": 2, "not_a_file": 1}
+    assert summary.drops == {"new": 3, "duplicate": 1, "rejected": 3}
+    assert summary.incidents == {"archive_failed": 2, "orphan_report_removed": 1}
+    assert read_json(write_json(summary, tmp_path / "a.json")) == summary
+    text = format_table(summary)
+    assert "Files dropped: 7 (new 3, duplicate 1, rejected 3)" in text and "archive_failed" in text
+    engine.dispose()

@@ -28,8 +28,11 @@ def db_path(tmp_path):
     return tmp_path / "old.db"
 
 
-def test_head_is_second_revision():
-    assert head_revision() == "0002"
+HEAD = "0006_hardening"
+
+
+def test_head_is_the_reason_codes_revision():
+    assert head_revision() == HEAD
 
 
 def test_upgrade_from_revision_1_keeps_rows(db_path):
@@ -64,12 +67,12 @@ def test_upgrade_from_revision_1_keeps_rows(db_path):
     raw.commit()
     raw.close()
 
-    assert init_db(engine) == "0002"
-    assert current_revision(engine) == "0002"
+    assert init_db(engine) == HEAD
+    assert current_revision(engine) == HEAD
     assert {"width", "height"} <= _cols(engine, "images")
     assert "reason" in _cols(engine, "drops") and "inference_ms" in _cols(engine, "results")
     assert _diff(engine) == []
-    backups = list(db_path.parent.glob("old.db.pre-0002.*.bak"))
+    backups = list(db_path.parent.glob(f"old.db.pre-{HEAD}.*.bak"))
     assert len(backups) == 1
     with sqlite3.connect(backups[0]) as b:
         assert b.execute("SELECT version_num FROM alembic_version").fetchone() == ("0001",)
@@ -84,9 +87,10 @@ def test_upgrade_from_revision_1_keeps_rows(db_path):
         assert (r.dr_grade, r.dme_grade, r.referable, r.inference_ms) == (3, 1, True, None)
         assert r.dr_probs == [0, 0, 0.1, 0.8, 0.1] and r.area_od == 0.03
         d = s.scalars(select(Drop)).one()
-        assert (d.outcome, d.reason) == ("new", None)
+        assert (d.outcome, d.reason, d.reason_code, img.error_code) == ("new", None, None, None)
         # the new columns are writable
         img.width, img.height, d.reason, r.inference_ms = 2048, 1536, "ok", 41.0
+        d.reason_code, img.error_code = "empty", "grading_failed"
         s.commit()
     engine.dispose()
 
