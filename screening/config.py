@@ -42,6 +42,16 @@ class ScreeningSettings(StrictSettings):
     report_retries: int = Field(3, ge=1)
     report_renderer: Literal["process", "inline"] = "process"
     clinic_name: str = "Diabetic Eye Screening Service"
+    # Hard limits on what a dropped file may cost, checked before it is decoded (over them: a recorded rejection).
+    max_file_bytes: int = Field(256 * 1024 * 1024, gt=0)
+    max_pixels: int = Field(50_000_000, gt=0)  # width x height, read from the header
+    max_pages: int = Field(4, ge=1)  # pages (IFDs) of a TIFF, thumbnails included
+    # A file whose image data stops short (still being copied, truncated, corrupt) stays in the inbox and is
+    # read again when it changes; once unchanged this long it is rejected as incomplete or corrupt.
+    incomplete_grace: float = Field(300.0, ge=0)
+    # Hidden and temporary names (.part, ~$, dotfiles, a sidecar without its photo) are left alone while they
+    # are in use; unchanged this long, they are rejected with a reason so that nothing lies in the inbox unseen.
+    abandoned_after: float = Field(3600.0, gt=0)
 
     @field_validator("filename_patterns")
     @classmethod

@@ -51,4 +51,9 @@ def test_tiny_and_corrupt_files(tmp_path):
     bad.write_bytes(b"\xff\xd8\xff\xe0 truncated")
     with pytest.raises(Rejection) as exc:
         decode(bad, 64)
+    assert exc.value.code == RejectReason.INCOMPLETE and "incomplete or corrupt" in exc.value.message
+    junk = tmp_path / "j.jpg"
+    junk.write_bytes(b"no image signature at all")
+    with pytest.raises(Rejection) as exc:
+        decode(junk, 64)
     assert exc.value.code == RejectReason.UNREADABLE

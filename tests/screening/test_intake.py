@@ -289,7 +289,16 @@ def test_sweep_lists_candidates_by_mtime(tmp_path: Path) -> None:
     (tmp_path / "sub").mkdir()
     write(tmp_path / "sub" / "x.jpg")
     (tmp_path / "link.jpg").symlink_to(tmp_path / "a.jpg")
-    assert [p.name for p in sweep(tmp_path)] == ["a.jpg", "c.pdf", "b.jpg"]
+    os.utime(tmp_path / "sub", ns=(4_000_000_000, 4_000_000_000))
+    os.utime(tmp_path / "link.jpg", ns=(5_000_000_000, 5_000_000_000), follow_symlinks=False)
+    # a folder and a link are listed (never followed or entered) so that the pipeline refuses them with a reason
+    assert [p.name for p in sweep(tmp_path)] == ["a.jpg", "c.pdf", "b.jpg", "sub", "link.jpg"]
+    # hidden and temporary names only once left unchanged for abandoned_after; a sidecar with its photo never
+    old = time.time() - 7200
+    for name in ("d.jpg.part", ".hidden.jpg", "a.json"):
+        os.utime(tmp_path / name, (old, old))
+    assert {p.name for p in sweep(tmp_path, abandoned_after=3600)} - {p.name for p in sweep(tmp_path)} == {
+        "d.jpg.part", ".hidden.jpg"}
 
 
 def test_sweep_missing_inbox_raises(tmp_path: Path) -> None:
