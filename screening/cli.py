@@ -27,11 +27,41 @@ log = logging.getLogger("screening")
 
 
 def _session_factory(settings: ScreeningSettings) -> sessionmaker[Session]:
-    from .db import init_db, make_engine, make_session_factory
+    """The database, created or migrated; a URL that cannot work is a :class:`ConfigError` saying why."""
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError, NoSuchModuleError, OperationalError
 
-    engine = make_engine(settings.database)
-    init_db(engine)
+    from .db import init_db, make_engine, make_session_factory
+    from .db.session import _sqlite_file
+
+    shown = settings.database.split("@")[-1]  # never print a password
+    try:
+        make_url(settings.database)
+        path = _sqlite_file(settings.database)
+        if path is not None and not Path(path).parent.is_dir():
+            raise ConfigError(f"[screening] database: the folder {Path(path).parent} does not exist; create it or "
+                              "point the database URL at an existing folder")
+        engine = make_engine(settings.database)
+        init_db(engine)
+    except (ArgumentError, NoSuchModuleError) as exc:
+        raise ConfigError(f"[screening] database = {shown!r} is not a usable database URL ({type(exc).__name__}); "
+                          "use e.g. 'sqlite:///screening.db'") from None
+    except OperationalError as exc:
+        raise ConfigError(f"[screening] database {shown!r} cannot be opened ({exc.orig}); check the path and "
+                          "its permissions") from None
     return make_session_factory(engine)
+
+
+def prepare_folders(settings: ScreeningSettings) -> None:
+    """Create the worker's folders; a path that exists but is not a folder is a :class:`ConfigError`."""
+    for key in ("inbox", "reports", "archive", "rejected", "work_dir"):
+        folder: Path = getattr(settings, key)
+        if folder.exists() and not folder.is_dir():
+            raise ConfigError(f"[screening] {key} = {str(folder)!r} is a file, not a folder; point it at a folder")
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise ConfigError(f"[screening] {key}: cannot create the folder {folder} ({exc.strerror})") from None
 
 
 def resolve_checkpoint(settings: ScreeningSettings, allow_demo: bool = True) -> Path:
@@ -64,13 +94,19 @@ def make_worker(settings: ScreeningSettings, config_path: Path, allow_demo: bool
 
 
 def cmd_run(args: argparse.Namespace, settings: ScreeningSettings) -> int:
-    with make_worker(settings, Path(args.config), allow_demo=not args.no_demo) as worker:
-        if args.once:
-            out = worker.run_once()
-            print(f"processed {out.processed}, duplicates {out.duplicates}, rejected {out.rejected}, "
-                  f"failed {out.failed}, reports {out.reports}")
-            return 1 if out.failed else 0
-        worker.run_forever()
+    """Exit 0 when everything was handled; 1 when a file failed, could not be moved, or a report failed (all of
+    them are retried by the next run); 2 for a configuration error; 3 when the worker could not run or had
+    to stop (another worker holds the inbox or database; the database file was deleted or replaced)."""
+    from .lock import WorkerLock
+
+    prepare_folders(settings)
+    with WorkerLock(settings.inbox, settings.database):  # before the database is opened: no two create it
+        with make_worker(settings, Path(args.config), allow_demo=not args.no_demo) as worker:
+            if args.once:
+                out = worker.run_once()
+                print(out.summary())
+                return 0 if out.ok else 1
+            worker.run_forever()
     return 0
 
 
@@ -124,13 +160,20 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("alembic").setLevel(logging.WARNING)
     logging.getLogger("weasyprint.progress").setLevel(logging.WARNING)  # seven "Step n" lines per report
+    from .db import DatabaseGone, SchemaError
+    from .lock import WorkerLocked
+
     try:
         settings = load_screening_settings(args.config)
         command: Callable[[argparse.Namespace, ScreeningSettings], int] = args.func
         return command(args, settings)
-    except (ConfigError, CheckpointError) as exc:
+    except (ConfigError, CheckpointError, SchemaError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except (WorkerLocked, DatabaseGone) as exc:
+        log.error("%s", exc)
+        print(f"error: {exc}", file=sys.stderr)
+        return 3
 
 
 if __name__ == "__main__":

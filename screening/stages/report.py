@@ -7,23 +7,35 @@ place that does) and hands it to the renderer (by default a side process), which
 version. :meth:`ReportStage.collect` records the finished ones: a report row, and the images it covers as
 ``reported``. A failed render leaves the results stored; the catch-up (``submit()`` without exams) renders
 the exam again.
+
+At start-up :meth:`ReportStage.reconcile` makes the report folders and the database agree: a
+``report_vN.pdf`` that no row records (published by a renderer that finished after its worker died) is
+removed, and ``latest.pdf`` put back to the newest recorded version; a recorded report whose file is gone
+is counted and its visit rendered again. Both are ``reconcile`` events with an incident code.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
+import shutil
 import time
+from collections import defaultdict
 from collections.abc import Mapping
-from datetime import datetime, timezone
+from datetime import date, datetime, timezone
 from pathlib import Path
 
+from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
+
+from training.common import atomic_write, safe_id
 
 from ..config import ScreeningSettings
 from ..db import repository as repo
-from ..db.models import Exam, ImageState, utcnow
-from ..db.session import session_scope
+from ..db.models import Exam, ImageState, Patient, Report, utcnow
+from ..db.session import DatabaseGone, transaction
 from ..inference import Predictor
+from ..rejection import Incident
 from ..renderer import Renderer, RenderJob, RenderResult
 from ..report import EYE_ORDER, EyeFinding, ReportContext, existing_versions, report_folder
 from .outcomes import PendingReport, ReportFailed, ReportOutcome, ReportWritten
@@ -84,23 +96,28 @@ class ReportStage:
         )
 
     # ---------------------------------------------------------------------------------- rendering
+    def _snapshot(self, session: Session, exam_id: int) -> tuple[datetime, int, ReportContext, tuple[int, ...]]:
+        """What the exam's next report holds, read in one transaction: when, which version, the content, and
+        the images it covers."""
+        exam = session.get(Exam, exam_id)
+        if exam is None:
+            raise LookupError(f"exam {exam_id} is not in the database; no report to render")
+        snapshot_at = utcnow()
+        version = self.next_version(session, exam)
+        ctx = self._context(session, exam, version)
+        return snapshot_at, version, ctx, tuple(i.id for i in exam.images if i.state == ImageState.DONE)
+
     def submit(self, exam_ids: list[int] | None = None) -> int:
         """Hand the reports of ``exam_ids`` to the renderer, or, when None, of every exam whose newest result is
         in no report yet and that has no report on the way (start-up and periodic catch-up). The renderer works
         while the caller goes on; :meth:`collect` records what it finished. Returns how many were handed over."""
         if exam_ids is None:
             in_flight = {p.exam_id for p in self._in_flight.values()}
-            with session_scope(self.factory) as session:
-                exam_ids = [e.id for e in repo.exams_needing_report(session) if e.id not in in_flight]
+            exam_ids = transaction(self.factory, lambda session: [
+                e.id for e in repo.exams_needing_report(session) if e.id not in in_flight], what="finding reports to make")
         for exam_id in exam_ids:
-            with session_scope(self.factory) as session:
-                exam = session.get(Exam, exam_id)
-                if exam is None:
-                    raise LookupError(f"exam {exam_id} is not in the database; no report to render")
-                snapshot_at = utcnow()
-                version = self.next_version(session, exam)
-                ctx = self._context(session, exam, version)
-                done = tuple(i.id for i in exam.images if i.state == ImageState.DONE)
+            snapshot_at, version, ctx, done = transaction(
+                self.factory, functools.partial(self._snapshot, exam_id=exam_id), what="reading a report's content")
             key, self._next_key = self._next_key, self._next_key + 1
             self.renderer.submit(RenderJob(key, ctx, self.templates_dir, self.settings.reports,
                                            retries=self.settings.report_retries))
@@ -115,20 +132,25 @@ class ReportStage:
                                f"expected {pending.version} of exam {pending.exam_id}")
         if result.path is None:
             error = result.error or "unknown error"
-            with session_scope(self.factory) as session:
-                repo.add_event(session, "report_failed", f"exam {pending.exam_id}: {error}")
+            transaction(self.factory, lambda session: repo.add_event(
+                session, "report_failed", f"exam {pending.exam_id}: {error}", code=Incident.REPORT_FAILED),
+                what="recording a failed report")
             log.error("report for exam %s failed, will retry: %s", pending.exam_id, error)
             return ReportFailed(pending.exam_id, pending.version, error)
-        with session_scope(self.factory) as session:
+        path = result.path
+
+        def record(session: Session) -> None:
             exam = session.get(Exam, pending.exam_id)
             if exam is None:
-                raise LookupError(f"exam {pending.exam_id} is not in the database; its report {result.path.name} is unrecorded")
+                raise LookupError(f"exam {pending.exam_id} is not in the database; its report {path.name} is unrecorded")
             # created_at = when its content was read, so a result stored after that still counts as unreported
-            repo.add_report(session, exam, result.path, self.predictor.version, version=result.version,
+            repo.add_report(session, exam, path, self.predictor.version, version=result.version,
                             created_at=pending.snapshot_at)
             for image in exam.images:
                 if image.id in pending.image_ids and image.state == ImageState.DONE:
                     repo.set_state(session, image, ImageState.REPORTED)
+
+        transaction(self.factory, record, what="recording a report")
         log.info("report v%s for exam %s written", result.version, pending.exam_id)
         return ReportWritten(pending.exam_id, result.version, result.path)
 
@@ -139,8 +161,13 @@ class ReportStage:
         for result in results:
             try:
                 outcomes.append(self._record(result))
-            except Exception:
+            except DatabaseGone:
+                raise
+            except Exception as exc:  # the report is made again by the catch-up
                 log.exception("recording the report of job %s failed; it will be rendered again", result.key)
+                pending = self._in_flight.pop(result.key, None)
+                if pending is not None:
+                    outcomes.append(ReportFailed(pending.exam_id, pending.version, f"{type(exc).__name__}: not recorded"))
         return outcomes
 
     def wait(self, stall_timeout: float = 300.0) -> list[ReportOutcome]:
@@ -169,9 +196,78 @@ class ReportStage:
         self.renderer.close()
 
 
+    # ------------------------------------------------------------------------------- reconciling
+    def reconcile(self) -> list[int]:
+        """At start-up, before anything renders (see the module docstring): remove report PDFs no row records and
+        count recorded ones whose file is gone. Returns the exams whose newest recorded report is missing, to be
+        rendered again. Only folders of exams in the database are looked at; nothing else in ``reports/`` is."""
+        if self._in_flight:
+            raise RuntimeError("reconcile() runs before any report is submitted")
+
+        def read(session: Session) -> dict[tuple[str, date], tuple[int, set[int]]]:
+            rows = session.execute(
+                select(Exam.id, Patient.code, Exam.exam_date, Report.version)
+                .join(Patient, Patient.id == Exam.patient_id).outerjoin(Report, Report.exam_id == Exam.id)).all()
+            exams: dict[tuple[str, date], tuple[int, set[int]]] = {}
+            for exam_id, code, exam_date, version in rows:
+                _, versions = exams.setdefault((safe_id(code), exam_date), (exam_id, set()))
+                if version is not None:
+                    versions.add(version)
+            return exams
+
+        exams = transaction(self.factory, read, what="reading recorded reports")
+        removed: dict[int, list[int]] = defaultdict(list)
+        missing: dict[int, list[int]] = defaultdict(list)
+        rerender: list[int] = []
+        root = self.settings.reports
+        for (folder_name, exam_date), (exam_id, versions) in exams.items():
+            folder = root / folder_name / exam_date.isoformat()
+            on_disk = set(existing_versions(folder))
+            for version in sorted(on_disk - versions):
+                (folder / f"report_v{version}.pdf").unlink(missing_ok=True)
+                removed[exam_id].append(version)
+            if exam_id in removed:
+                self._restore_latest(folder, versions)
+            gone = sorted(versions - on_disk)
+            if gone:
+                missing[exam_id] = gone
+                if max(versions) in gone:
+                    rerender.append(exam_id)
+
+        def record(session: Session) -> None:
+            for exam_id, versions_removed in removed.items():
+                repo.add_event(session, "reconcile", f"exam {exam_id}: removed report_v{versions_removed} (written by a "
+                               "renderer after its worker stopped; never recorded)", code=Incident.ORPHAN_REPORT_REMOVED)
+            for exam_id, versions_gone in missing.items():
+                repo.add_event(session, "reconcile", f"exam {exam_id}: recorded report_v{versions_gone} missing on disk"
+                               + ("; rendered again" if exam_id in rerender else ""), code=Incident.REPORT_FILE_MISSING)
+
+        if removed or missing:
+            transaction(self.factory, record, what="recording reconciled reports")
+            log.warning("reports reconciled at start-up: %d unrecorded PDF(s) removed, %d recorded PDF(s) missing",
+                        sum(map(len, removed.values())), sum(map(len, missing.values())))
+        return sorted(rerender)
+
+    @staticmethod
+    def _restore_latest(folder: Path, recorded: set[int]) -> None:
+        """``latest.pdf`` = the newest recorded version on disk (or none) after unrecorded versions went."""
+        latest = folder / "latest.pdf"
+        present = [v for v in sorted(recorded, reverse=True) if (folder / f"report_v{v}.pdf").is_file()]
+        if not present:
+            latest.unlink(missing_ok=True)
+            return
+        newest = folder / f"report_v{present[0]}.pdf"
+        atomic_write(latest, lambda tmp: shutil.copyfile(newest, tmp))
+
+
 def written(outcomes: list[ReportOutcome]) -> int:
     """How many of ``outcomes`` are reports written."""
     return sum(isinstance(o, ReportWritten) for o in outcomes)
 
 
-__all__ = ["ReportStage", "written"]
+def failed(outcomes: list[ReportOutcome]) -> int:
+    """How many of ``outcomes`` are reports that failed (to render, or to be recorded)."""
+    return sum(isinstance(o, ReportFailed) for o in outcomes)
+
+
+__all__ = ["ReportStage", "failed", "written"]

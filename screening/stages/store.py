@@ -3,7 +3,9 @@
 Masks, overlay, heatmaps and the display photo are published as one folder (``work/<sha[:2]>/<sha>``);
 the result and the ``done`` state are committed in one transaction; only then does the original leave the
 inbox (:meth:`~screening.stages.filing.Filing.archive_image`). A crash before the commit redoes the image;
-a crash after it leaves a ``done`` image whose file intake archives on restart.
+a crash after it leaves a ``done`` image whose file intake archives on restart, and so does an archive that
+cannot take the file now (full, read-only): the image stays ``done``, never ``failed``, and its report is
+made all the same. An image that already has a result (stored by an earlier attempt) keeps it.
 """
 
 from __future__ import annotations
@@ -20,10 +22,11 @@ from training.common import LESION_CODES, atomic_write_dir
 from ..config import ScreeningSettings
 from ..db import repository as repo
 from ..db.models import Image, ImageState
-from ..db.session import session_scope
+from ..db.session import DatabaseGone, transaction
 from ..explain import cam_overlay, lesion_overlay
 from ..inference import ImagePrediction, Predictor
-from .filing import Filing
+from ..rejection import FailReason
+from .filing import Filing, MoveFailed
 from .outcomes import Failed, Job, Stored
 
 log = logging.getLogger("screening")
@@ -71,37 +74,64 @@ class StoreStage:
     def save(self, job: Job, pred: ImagePrediction, inference_ms: float) -> Stored:
         """Persist one result, then archive the original (see the module docstring)."""
         files = self.write_outputs(job, pred)
-        with session_scope(self.factory) as session:
+
+        def record(session: Session) -> int | None:
             image = _image(session, job.image_id)
-            repo.add_result(
-                session, image, model_version=self.predictor.version,
-                checkpoint_sha256=self.predictor.meta["checkpoint_sha256"], dr_grade=pred.dr_grade, dr_probs=pred.dr_probs,
-                dme_grade=pred.dme_grade, dme_probs=pred.dme_probs, referable_score=pred.referable_score,
-                referable=pred.referable, lesion_areas=pred.lesion_areas, mask_dir=files["dir"],
-                overlay_path=files["overlay"], dr_cam_path=files["dr_cam"], dme_cam_path=files["dme_cam"],
-                device=str(self.predictor.device), inference_ms=inference_ms,
-            )
-            repo.set_state(session, image, ImageState.DONE)
-            exam_id = image.exam_id
+            if image.result is None:
+                repo.add_result(
+                    session, image, model_version=self.predictor.version,
+                    checkpoint_sha256=self.predictor.meta["checkpoint_sha256"], dr_grade=pred.dr_grade,
+                    dr_probs=pred.dr_probs, dme_grade=pred.dme_grade, dme_probs=pred.dme_probs,
+                    referable_score=pred.referable_score, referable=pred.referable, lesion_areas=pred.lesion_areas,
+                    mask_dir=files["dir"], overlay_path=files["overlay"], dr_cam_path=files["dr_cam"],
+                    dme_cam_path=files["dme_cam"], device=str(self.predictor.device), inference_ms=inference_ms,
+                )
+            if image.state not in (ImageState.DONE, ImageState.REPORTED):
+                repo.set_state(session, image, ImageState.DONE)
+            return image.exam_id
+
+        exam_id = transaction(self.factory, record, what="storing a result")
         if exam_id is None:  # admitted images always have one; a row edited by hand might not
             raise LookupError(f"image {job.image_id} has no exam; its result is stored but no report can include it")
-        # Committed: now the original may leave the inbox. If it cannot move now, it stays there and the
-        # next intake of it (same file, image done) finishes the move.
+        # Committed: now the original may leave the inbox. If it cannot move now (recorded by the filing), it
+        # stays there and the next intake of it (same file, image done) finishes the move.
         try:
             archived = self.filing.archive_image(job.image_id, job.path, job.sha256)
+        except DatabaseGone:
+            raise
+        except MoveFailed:
+            archived = None
         except Exception:
             log.exception("image %s is stored but its file could not be archived now; it will be on the next pass",
                           job.image_id)
             archived = None
         return Stored(job.image_id, exam_id, archived)
 
-    def fail(self, job: Job, exc: BaseException) -> Failed:
-        """Record why grading or storing failed; the file stays in the inbox and is retried when seen again."""
-        reason = f"processing failed ({type(exc).__name__}: {exc}); the file was kept in the inbox and will be retried"
-        with session_scope(self.factory) as session:
-            repo.set_state(session, _image(session, job.image_id), ImageState.FAILED, reason)
-        log.error("image %s failed: %s", job.image_id, type(exc).__name__, exc_info=exc)
+    def fail(self, job: Job, exc: BaseException, code: FailReason = FailReason.GRADING) -> Failed:
+        """Record why grading or storing failed (``code``, and a short text without SQL or parameters); the file
+        stays in the inbox and is retried. An image whose result is stored meanwhile is not marked failed."""
+        reason = f"processing failed ({describe(exc)}); the file was kept in the inbox and will be retried"
+
+        def record(session: Session) -> None:
+            image = _image(session, job.image_id)
+            if image.result is None:
+                repo.set_state(session, image, ImageState.FAILED, reason, code=code)
+
+        transaction(self.factory, record, what="recording a failure")
+        log.error("image %s failed (%s): %s", job.image_id, code.value, type(exc).__name__, exc_info=exc)
         return Failed(job.image_id, reason)
 
 
-__all__ = ["StoreStage"]
+def describe(exc: BaseException, limit: int = 200) -> str:
+    """``Type: first line of the message``, at most ``limit`` characters. A database error is described by its
+    driver's message alone: SQLAlchemy's text carries the SQL and its parameters (patient ids, paths), and made
+    one cause look like many in the audit."""
+    from sqlalchemy.exc import DBAPIError
+
+    inner: BaseException = exc.orig if isinstance(exc, DBAPIError) and isinstance(exc.orig, BaseException) else exc
+    text = (str(inner).strip().splitlines() or [""])[0]
+    described = f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+    return described if len(described) <= limit else described[: limit - 3] + "..."
+
+
+__all__ = ["StoreStage", "describe"]

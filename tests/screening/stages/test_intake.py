@@ -54,7 +54,7 @@ def test_same_content_from_another_file_in_flight_is_a_duplicate(stage, settings
 @pytest.mark.parametrize("name, content, code, fragment", [
     ("P3_R.pdf", b"%PDF-1.4", RejectReason.UNSUPPORTED_TYPE, "unsupported file type"),
     ("holiday.jpg", None, RejectReason.IDENTITY, "no patient id"),
-    ("P3_R.jpg", b"\xff\xd8\xff\xe0 not really", RejectReason.UNREADABLE, "export"),
+    ("P3_R.jpg", b"GIF89a not a photo format the worker reads", RejectReason.UNREADABLE, "export"),
 ])
 def test_refusals_carry_a_code_and_a_message_and_are_filed(stage, settings, name, content, code, fragment):
     path = settings.inbox / name
