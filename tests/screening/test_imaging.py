@@ -2,7 +2,7 @@ import cv2
 import numpy as np
 import pytest
 
-from screening.imaging import check_fundus, decode, reduction_factor
+from screening.imaging import DecodeLimits, check_fundus, decode, decode_bytes, reduction_factor
 from screening.rejection import Rejection, RejectReason
 from training.data.synthetic import make_fundus
 from training.data.transforms import preprocess_fundus
@@ -57,3 +57,126 @@ def test_tiny_and_corrupt_files(tmp_path):
     with pytest.raises(Rejection) as exc:
         decode(junk, 64)
     assert exc.value.code == RejectReason.UNREADABLE
+
+
+# ------------------------------------------------------------------------- complete files, hard limits (issue 12)
+
+def _fundus_bytes(ext: str, size: int = 400, seed: int = 0) -> bytes:
+    img = make_fundus(np.random.default_rng(seed), size=size).image
+    ok, enc = cv2.imencode(ext, cv2.cvtColor(img, cv2.COLOR_RGB2BGR))
+    assert ok
+    return enc.tobytes()
+
+
+@pytest.mark.parametrize("cut", [
+    lambda d: d[: len(d) * 3 // 10],  # the first 30%: the decoder used to fill the rest with grey
+    lambda d: d[: len(d) * 3 // 10] + b"\xff\xd9",  # ... even with an end marker put back
+    lambda d: d[:2000] + bytes(len(d) - 2000),  # full length, but the second part not written yet (zeros)
+    lambda d: d[:3000] + b"\x55" * 400 + d[3400:],  # corrupt entropy-coded data
+], ids=["truncated", "truncated-with-eoi", "preallocated", "corrupt"])
+def test_an_incomplete_jpeg_is_refused_not_graded(cut):
+    data = _fundus_bytes(".jpg")
+    assert decode_bytes(data, 64).rgb.shape == (64, 64, 3)  # the whole file is fine
+    with pytest.raises(Rejection) as exc:
+        decode_bytes(cut(data), 64)
+    assert exc.value.code == RejectReason.INCOMPLETE and "incomplete or corrupt" in exc.value.message
+
+
+@pytest.mark.parametrize("ext, cut", [
+    (".png", lambda d: d[:-12]),  # no IEND
+    (".png", lambda d: d[:60] + bytes([d[60] ^ 0xFF]) + d[61:]),  # a chunk fails its CRC
+    (".png", lambda d: d[: len(d) // 2]),
+    (".bmp", lambda d: d[: len(d) // 2]),
+    (".tif", lambda d: d[: len(d) - 200]),
+])
+def test_incomplete_png_bmp_tiff_are_refused(ext, cut):
+    data = _fundus_bytes(ext)
+    assert decode_bytes(data, 64).original_size == (400, 400)
+    with pytest.raises(Rejection) as exc:
+        decode_bytes(cut(data), 64)
+    assert exc.value.code == RejectReason.INCOMPLETE
+
+
+def _png_header_only(width: int, height: int) -> bytes:
+    """A well-formed PNG that claims ``width`` x ``height`` pixels (its data would be gigabytes decoded)."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0))
+            + chunk(b"IDAT", zlib.compress(b"\x00" * 64)) + chunk(b"IEND", b""))
+
+
+def _jpeg_claiming(width: int, height: int) -> bytes:
+    """A small real JPEG whose frame header is edited to claim ``width`` x ``height``."""
+    data = bytearray(_fundus_bytes(".jpg", size=200))
+    sof = data.index(b"\xff\xc0")
+    data[sof + 5:sof + 9] = height.to_bytes(2, "big") + width.to_bytes(2, "big")
+    return bytes(data)
+
+
+@pytest.mark.parametrize("data", [_png_header_only(30000, 30000), _png_header_only(13000, 13000), _jpeg_claiming(20000, 15000)],
+                         ids=["png-30000", "png-13000", "jpeg-20000x15000"])
+def test_decompression_bombs_are_refused_from_the_header(data):
+    """Refused from the header alone: quick, and without the gigabytes a decode would take (a 13000 px square
+    PNG used to raise the worker's peak memory to 2.4 GB)."""
+    import resource
+    import time
+
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    t0 = time.perf_counter()
+    with pytest.raises(Rejection) as exc:
+        decode_bytes(data, 64, limits=DecodeLimits(max_pixels=50_000_000))
+    assert exc.value.code == RejectReason.TOO_LARGE and "max_pixels" in exc.value.message
+    assert time.perf_counter() - t0 < 2.0
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before < 100_000  # KiB: under 100 MB more
+
+
+def _tiff(pages: list[tuple[tuple[int, int], int]]) -> bytes:
+    """A TIFF with one page per (size, NewSubfileType) entry, each a fundus picture of that size."""
+    import io
+
+    from PIL import Image, TiffImagePlugin
+
+    buf = io.BytesIO()
+    with TiffImagePlugin.AppendingTiffWriter(buf) as tf:
+        for (w, h), subfile in pages:
+            img = cv2.resize(make_fundus(np.random.default_rng(0), size=300).image, (w, h))
+            Image.fromarray(img).save(tf, "TIFF", tiffinfo={254: subfile})
+            tf.newFrame()
+    return buf.getvalue()
+
+
+def test_multi_page_tiff_one_photo_or_a_refusal():
+    thumb_first = _tiff([((80, 80), 1), ((300, 300), 0)])  # a thumbnail, then the photo: the photo is read
+    assert decode_bytes(thumb_first, 64).original_size == (300, 300)
+    with pytest.raises(Rejection) as exc:  # two photos in one file: refused, not graded as its first page
+        decode_bytes(_tiff([((300, 300), 0), ((300, 300), 0)]), 64)
+    assert exc.value.code == RejectReason.MULTI_PAGE and "2 full-size pictures" in exc.value.message
+    with pytest.raises(Rejection) as exc:
+        decode_bytes(_tiff([((200, 200), 0)] + [((60, 60), 1)] * 5), 64, limits=DecodeLimits(max_pages=4))
+    assert exc.value.code == RejectReason.MULTI_PAGE and "more than 4 pages" in exc.value.message
+
+
+def test_an_empty_file_has_its_own_reason():
+    with pytest.raises(Rejection) as exc:
+        decode_bytes(b"", 64)
+    assert exc.value.code == RejectReason.EMPTY
+
+
+def test_real_photos_pass_the_complete_file_check_and_cut_ones_do_not(shared_data):
+    """The strict check must not refuse real exports (all 5181 JPEGs in ../shared/data pass; a sample here),
+    and a real camera file cut short is refused."""
+    from screening.imaging import jpeg_complete
+
+    files = sorted(p for p in shared_data.rglob("*") if p.suffix.lower() in (".jpg", ".jpeg"))
+    assert files
+    for path in files[:: max(1, len(files) // 120)]:
+        assert jpeg_complete(path.read_bytes()) is None, path.name
+    camera = (shared_data / "fullres" / "camera_01.jpg").read_bytes()
+    for cut in (camera[: len(camera) // 3], camera[: len(camera) - 5000] + b"\xff\xd9"):
+        with pytest.raises(Rejection) as exc:
+            decode_bytes(cut, 256)
+        assert exc.value.code == RejectReason.INCOMPLETE
