@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import shutil
+import time
 from pathlib import Path
 
 import pytest
@@ -11,7 +13,8 @@ from sqlalchemy import select
 from screening.db import init_db, make_engine, make_session_factory, session_scope
 from screening.db.models import Drop, Image
 from screening.rejection import RejectReason
-from screening.stages import Admitted, Duplicate, Filing, IntakeStage, Rejected, Vanished
+from screening.intake import sweep
+from screening.stages import Admitted, Deferred, Duplicate, Filing, IntakeStage, Rejected, Vanished
 
 from ..conftest import write_fundus
 
@@ -74,3 +77,138 @@ def test_refusals_carry_a_code_and_a_message_and_are_filed(stage, settings, name
 
 def test_a_file_gone_before_intake(stage, settings):
     assert stage.admit(settings.inbox / "gone.jpg") == Vanished(settings.inbox / "gone.jpg")
+
+
+# ------------------------------------------------------------------------------ hostile entries (issue 12)
+
+def _aged(path: Path, seconds: float = 7200) -> Path:
+    old = time.time() - seconds
+    os.utime(path, (old, old), follow_symlinks=False)
+    return path
+
+
+def _reason(outcome) -> str:
+    return Path(str(outcome.filed_as) + ".reason.txt").read_text()
+
+
+def test_links_folders_pipes_and_left_behind_names_are_refused_with_a_reason(stage, settings, tmp_path):
+    """Each used to lie in the inbox for ever, unrecorded; a link to a photo was even graded through the link."""
+    photo = write_fundus(tmp_path / "elsewhere" / "P1_R.jpg", seed=1)
+    secret = tmp_path / "secret.txt"
+    secret.write_text("not for the worker")
+    entries = {
+        "passwd_R.jpg": lambda p: p.symlink_to(secret),
+        "P1_R.jpg": lambda p: p.symlink_to(photo),
+        "folder_of_photos": lambda p: (p.mkdir(), write_fundus(p / "P2_L.jpg", seed=2)),
+        "P3_R.jpg": lambda p: os.mkfifo(p),
+        "..P4_R.jpg": lambda p: (write_fundus(p, seed=4), _aged(p)),
+        "scan.jpg.part": lambda p: (p.write_bytes(b"half"), _aged(p)),
+        "lonely.json": lambda p: (p.write_text('{"patient_id": "P5"}'), _aged(p)),
+    }
+    for name, make in entries.items():
+        make(settings.inbox / name)
+    listed = {p.name for p in sweep(settings.inbox, settings.abandoned_after)}
+    assert listed == set(entries)
+    codes = {}
+    for name in entries:
+        outcome = stage.admit(settings.inbox / name)
+        assert isinstance(outcome, Rejected), (name, outcome)
+        codes[name] = outcome.code
+        assert not os.path.lexists(settings.inbox / name) and os.path.lexists(outcome.filed_as)
+        assert name in _reason(outcome)
+    assert codes == {"passwd_R.jpg": "not_a_file", "P1_R.jpg": "not_a_file", "folder_of_photos": "not_a_file",
+                     "P3_R.jpg": "not_a_file", "..P4_R.jpg": "left_behind", "scan.jpg.part": "left_behind",
+                     "lonely.json": "left_behind"}
+    assert photo.is_file() and secret.read_text() == "not for the worker"  # links moved, never followed
+    assert (settings.rejected.glob("*_P1_R.jpg")).__next__().is_symlink()
+    with session_scope(stage.factory) as s:
+        drops = s.scalars(select(Drop)).all()
+        assert sorted(d.reason_code for d in drops) == sorted(codes.values())
+        assert all(d.outcome == "rejected" and d.image_id is None for d in drops)
+        assert s.scalars(select(Image)).all() == []  # nothing was read as a photo
+
+
+def test_young_temporary_names_are_left_alone(settings):
+    (settings.inbox).mkdir(parents=True, exist_ok=True)
+    (settings.inbox / ".P6_R.jpg.tmp").write_bytes(b"a copy in progress")
+    (settings.inbox / "P6_R.json").write_text('{"eye": "R"}')
+    write_fundus(settings.inbox / "P6_R.jpg", seed=6)
+    _aged(settings.inbox / "P6_R.json")  # old, but its photo is beside it: it travels with the photo
+    assert [p.name for p in sweep(settings.inbox, settings.abandoned_after)] == ["P6_R.jpg"]
+
+
+def test_an_incomplete_file_waits_while_it_may_still_arrive_then_is_refused(stage, settings):
+    data = (write_fundus(settings.work_dir / "src.jpg", seed=7)).read_bytes()
+    path = settings.inbox / "P7_R.jpg"
+    path.write_bytes(data[: len(data) // 2])  # a slow copy, paused half way
+    outcome = stage.admit(path)
+    assert isinstance(outcome, Deferred) and outcome.code == RejectReason.INCOMPLETE
+    assert path.is_file() and list(settings.rejected.iterdir()) == []
+    with session_scope(stage.factory) as s:
+        assert s.scalars(select(Drop)).all() == []  # nothing recorded while it may still arrive
+    with open(path, "ab") as fh:  # the copy resumes
+        fh.write(data[len(data) // 2:])
+    admitted = stage.admit(path)
+    assert isinstance(admitted, Admitted)
+    import hashlib
+    assert admitted.job.sha256 == hashlib.sha256(data).hexdigest()  # the bytes hashed are the bytes decoded
+    stuck = settings.inbox / "P8_R.jpg"
+    stuck.write_bytes(data[: len(data) // 2])
+    _aged(stuck, settings.incomplete_grace + 60)  # unchanged for longer than the grace: refused
+    refused = stage.admit(stuck)
+    assert isinstance(refused, Rejected) and refused.code == RejectReason.INCOMPLETE
+    assert "incomplete or corrupt" in _reason(refused)
+
+
+def test_limits_on_bytes_and_an_empty_file(stage, settings):
+    big = write_fundus(settings.inbox / "P9_R.jpg", seed=9)
+    small = stage.settings.model_copy(update={"max_file_bytes": big.stat().st_size - 1})
+    limited = IntakeStage(small, stage.factory, stage.filing, image_size=64)
+    outcome = limited.admit(big)
+    assert isinstance(outcome, Rejected) and outcome.code == RejectReason.TOO_LARGE and "max_file_bytes" in outcome.message
+    empty = settings.inbox / "P10_R.jpg"
+    empty.write_bytes(b"")
+    outcome = stage.admit(empty)
+    assert isinstance(outcome, Rejected) and outcome.code == RejectReason.EMPTY
+
+
+def _graded(stage, path: Path) -> int:
+    """Admit ``path`` and mark its image graded, as the store stage would (its file archived)."""
+    from screening.db import repository as repo
+    from screening.db.models import ImageState
+
+    job = stage.admit(path).job
+    with session_scope(stage.factory) as s:
+        image = s.get(Image, job.image_id)
+        repo.set_state(s, image, ImageState.DONE)
+    stage.filing.archive_image(job.image_id, path, job.sha256)
+    return job.image_id
+
+
+def test_the_same_bytes_under_another_patient_are_a_recorded_conflict(stage, settings):
+    """They used to be a silent duplicate: that patient got no exam, no report and no warning."""
+    first = write_fundus(settings.inbox / "Patient143_L.jpg", seed=11)
+    data = first.read_bytes()
+    image_id = _graded(stage, first)
+    for name, kind in (("patient143_l.JPG", Duplicate), ("Patient143_L_20250101.jpg", Duplicate),
+                       ("Patient999_L.jpg", Rejected), ("Patient143_R.jpg", Rejected), ("no-name.jpg", Duplicate)):
+        (settings.inbox / name).write_bytes(data)
+        outcome = stage.admit(settings.inbox / name)
+        assert isinstance(outcome, kind), name
+        if kind is Rejected:
+            assert outcome.code == RejectReason.IDENTITY_CONFLICT and f"image {image_id}" in outcome.message
+            assert "Patient143" not in _reason(outcome).split("Reason:")[1]  # the other patient is not named
+    with session_scope(stage.factory) as s:
+        conflicts = s.scalars(select(Drop).where(Drop.reason_code == "identity_conflict")).all()
+        assert sorted(d.source_name for d in conflicts) == ["Patient143_R.jpg", "Patient999_L.jpg"]
+        assert all(d.image_id == image_id and d.outcome == "rejected" for d in conflicts)
+
+
+def test_patient_ids_are_case_folded(stage, settings):
+    from screening.db.models import Patient
+
+    a = stage.admit(write_fundus(settings.inbox / "Patient143_L.jpg", seed=12))
+    b = stage.admit(write_fundus(settings.inbox / "patient143_r.JPG", seed=13))
+    assert isinstance(a, Admitted) and isinstance(b, Admitted) and a.job.exam_id == b.job.exam_id
+    with session_scope(stage.factory) as s:
+        assert [p.code for p in s.scalars(select(Patient))] == ["Patient143"]  # the first spelling is kept
