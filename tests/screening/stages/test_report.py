@@ -77,3 +77,29 @@ def test_version_counts_the_database_the_queue_and_the_disk(stage, settings):
         assert [r.version for r in s.get(Exam, exam_id).reports] == [4]
         assert repo.next_report_version(s, exam_id) == 5
     assert stage.in_flight == {}
+
+
+def test_start_up_removes_unrecorded_pdfs_and_renders_a_missing_one_again(stage, settings):
+    """A renderer that finished after its worker died left report_vN.pdf files no row records (issue 12)."""
+    from sqlalchemy import select
+
+    from screening.db.models import Event
+
+    exam_id = _graded_exam(stage.factory)
+    folder = report_folder(settings.reports, "P7", date(2025, 3, 1))
+    folder.mkdir(parents=True)
+    (folder / "report_v1.pdf").write_bytes(b"%PDF v1, recorded")
+    with session_scope(stage.factory) as s:
+        repo.add_report(s, s.get(Exam, exam_id), folder / "report_v1.pdf", "m", version=1)
+    (folder / "report_v2.pdf").write_bytes(b"%PDF v2, published after the worker died")
+    (folder / "latest.pdf").write_bytes(b"%PDF v2, published after the worker died")
+    (settings.reports / "notes.pdf").write_bytes(b"someone else's file")  # not a report folder: left alone
+    assert stage.reconcile() == []
+    assert sorted(p.name for p in folder.iterdir()) == ["latest.pdf", "report_v1.pdf"]
+    assert (folder / "latest.pdf").read_bytes() == b"%PDF v1, recorded" and (settings.reports / "notes.pdf").exists()
+    (folder / "report_v1.pdf").unlink()  # a recorded report deleted by hand: counted, and the visit made again
+    assert stage.reconcile() == [exam_id]
+    assert not (folder / "latest.pdf").exists() or (folder / "latest.pdf").read_bytes() != b"%PDF v2, published after the worker died"
+    with session_scope(stage.factory) as s:
+        codes = [e.code for e in s.scalars(select(Event).where(Event.kind == "reconcile"))]
+    assert codes == ["orphan_report_removed", "report_file_missing"]
