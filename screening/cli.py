@@ -26,29 +26,39 @@ if TYPE_CHECKING:
 log = logging.getLogger("screening")
 
 
-def _session_factory(settings: ScreeningSettings) -> sessionmaker[Session]:
-    """The database, created or migrated; a URL that cannot work is a :class:`ConfigError` saying why."""
+def check_database_url(url: str) -> None:
+    """A :class:`ConfigError` saying why ``url`` cannot work (unparseable, an unknown kind of database, a SQLite
+    file in a folder that does not exist), before anything is opened."""
     from sqlalchemy.engine import make_url
-    from sqlalchemy.exc import ArgumentError, NoSuchModuleError, OperationalError
+    from sqlalchemy.exc import ArgumentError, NoSuchModuleError
 
-    from .db import init_db, make_engine, make_session_factory
     from .db.session import _sqlite_file
 
-    shown = settings.database.split("@")[-1]  # never print a password
+    shown = url.split("@")[-1]  # never print a password
     try:
-        make_url(settings.database)
-        path = _sqlite_file(settings.database)
-        if path is not None and not Path(path).parent.is_dir():
-            raise ConfigError(f"[screening] database: the folder {Path(path).parent} does not exist; create it or "
-                              "point the database URL at an existing folder")
-        engine = make_engine(settings.database)
-        init_db(engine)
-    except (ArgumentError, NoSuchModuleError) as exc:
+        make_url(url).get_dialect()
+    except (ArgumentError, NoSuchModuleError, ValueError) as exc:
         raise ConfigError(f"[screening] database = {shown!r} is not a usable database URL ({type(exc).__name__}); "
                           "use e.g. 'sqlite:///screening.db'") from None
+    path = _sqlite_file(url)
+    if path is not None and not Path(path).parent.is_dir():
+        raise ConfigError(f"[screening] database: the folder {Path(path).parent} does not exist; create it or point "
+                          "the database URL at an existing folder")
+
+
+def _session_factory(settings: ScreeningSettings) -> sessionmaker[Session]:
+    """The database, created or migrated; a URL that cannot work is a :class:`ConfigError` saying why."""
+    from sqlalchemy.exc import OperationalError
+
+    from .db import init_db, make_engine, make_session_factory
+
+    check_database_url(settings.database)
+    try:
+        engine = make_engine(settings.database)
+        init_db(engine)
     except OperationalError as exc:
-        raise ConfigError(f"[screening] database {shown!r} cannot be opened ({exc.orig}); check the path and "
-                          "its permissions") from None
+        raise ConfigError(f"[screening] database {settings.database.split('@')[-1]!r} cannot be opened ({exc.orig}); "
+                          "check the path and its permissions") from None
     return make_session_factory(engine)
 
 
@@ -99,6 +109,7 @@ def cmd_run(args: argparse.Namespace, settings: ScreeningSettings) -> int:
     to stop (another worker holds the inbox or database; the database file was deleted or replaced)."""
     from .lock import WorkerLock
 
+    check_database_url(settings.database)
     prepare_folders(settings)
     with WorkerLock(settings.inbox, settings.database):  # before the database is opened: no two create it
         with make_worker(settings, Path(args.config), allow_demo=not args.no_demo) as worker:

@@ -45,6 +45,7 @@ class WorkerLock:
     def __init__(self, inbox: Path, database_url: str) -> None:
         self.inbox = Path(inbox)
         db = _sqlite_file(database_url)
+        self.database = Path(db) if db is not None else None
         self.db_lock = Path(db + ".worker.lock") if db is not None else None
         self._fds: list[int] = []
 
@@ -61,7 +62,7 @@ class WorkerLock:
                 fd = _lock(self.db_lock, directory=False)
                 if fd is None:
                     raise WorkerLocked(
-                        f"another worker is already running on the database {self.db_lock.with_suffix('').with_suffix('')}"
+                        f"another worker is already running on the database {self.database}"
                         f"{self._holder()}; stop it first, or give this worker its own database and inbox")
                 self._fds.append(fd)
                 os.ftruncate(fd, 0)

@@ -73,3 +73,51 @@ def test_bad_config_key_exits_2(tmp_path, capsys):
     cfg.write_text("[screening]\ninbox_folder = 'x'\n")
     assert cli.main(["--config", str(cfg), "init-db"]) == 2
     assert "screening.inbox_folder" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------- clear start-up errors (issue 12)
+
+@pytest.mark.parametrize("line, fragment", [
+    ("database = 'sqlite:///{tmp}/no/such/folder/s.db'", "does not exist"),
+    ("database = 'nosuchdb://x/y'", "not a usable database URL"),
+    ("inbox = '{tmp}/inbox-file'", "is a file, not a folder"),
+], ids=["missing-folder", "unknown-scheme", "inbox-is-a-file"])
+def test_configuration_faults_are_clear_errors_not_tracebacks(tmp_path, tiny_checkpoint, capsys, line, fragment):
+    (tmp_path / "inbox-file").write_text("not a folder")
+    cfg = tmp_path / "config.toml"
+    cfg.write_text(f"[screening]\ncheckpoint = '{tiny_checkpoint}'\nthreads = 1\ndevice = 'cpu'\n"
+                   + line.format(tmp=tmp_path) + "\n")
+    assert cli.main(["--config", str(cfg), "run", "--once"]) == 2
+    err = capsys.readouterr().err
+    assert fragment in err and "Traceback" not in err
+
+
+def test_once_exits_non_zero_when_a_report_failed(tmp_path, tiny_checkpoint, capsys):
+    """It printed "reports 0" and exited 0 when every report failed (issue 12)."""
+    cfg = _config(tmp_path, tiny_checkpoint)
+    (tmp_path / "templates").mkdir()  # templates beside the config win: a broken one fails every render
+    (tmp_path / "templates" / "report.html.j2").write_text("{{ no_such_variable.attribute }}")
+    (tmp_path / "templates" / "report.css").write_text("")
+    cfg.write_text(cfg.read_text() + "report_renderer = 'inline'\nreport_retries = 1\n")
+    write_fundus(tmp_path / "inbox" / "P1_R.jpg", seed=1)
+    assert cli.main(["--config", str(cfg), "run", "--once"]) == 1
+    out = capsys.readouterr().out
+    assert "processed 1" in out and "report failures 1" in out
+
+
+def test_once_rejects_an_empty_file_left_long_ago(tmp_path, tiny_checkpoint, capsys):
+    """With stable_seconds = 2 an empty file needed 20 s of watching, and --once waits 10 s: never rejected."""
+    import os
+    import time
+
+    cfg = tmp_path / "config.toml"
+    cfg.write_text(f"[screening]\ncheckpoint = '{tiny_checkpoint}'\nstable_seconds = 2.0\nthreads = 1\ndevice = 'cpu'\n")
+    empty = tmp_path / "inbox" / "P1_R.jpg"
+    empty.parent.mkdir()
+    empty.write_bytes(b"")
+    os.utime(empty, (time.time() - 60, time.time() - 60))
+    t0 = time.monotonic()
+    assert cli.main(["--config", str(cfg), "run", "--once"]) == 0
+    assert "rejected 1" in capsys.readouterr().out and time.monotonic() - t0 < 60
+    (reason,) = (tmp_path / "rejected").glob("*.reason.txt")
+    assert "empty (0 bytes)" in reason.read_text()
