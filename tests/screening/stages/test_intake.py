@@ -12,8 +12,8 @@ from sqlalchemy import select
 
 from screening.db import init_db, make_engine, make_session_factory, session_scope
 from screening.db.models import Drop, Image
-from screening.rejection import RejectReason
 from screening.intake import sweep
+from screening.rejection import RejectReason
 from screening.stages import Admitted, Deferred, Duplicate, Filing, IntakeStage, Rejected, Vanished
 
 from ..conftest import write_fundus
