@@ -54,3 +54,45 @@ def settings(tmp_path, tiny_checkpoint) -> ScreeningSettings:
         checkpoint=tiny_checkpoint, stable_seconds=0.1, poll_interval=0.1, sweep_interval=0.5, batch_size=4,
         threads=1, device="cpu",
     )
+
+
+@pytest.fixture
+def small_fs():
+    """Mount a small tmpfs over a folder (``small_fs(folder, size="1m", readonly=False)``), to make a full or
+    read-only disk for real; unmounted afterwards. Needs root (CI runs as root); skipped with the reason
+    otherwise. ``small_fs.remount(folder, readonly)`` flips a mounted one."""
+    import os
+    import subprocess
+
+    mounted: list[Path] = []
+
+    def mount(folder: Path, size: str = "1m", readonly: bool = False) -> Path:
+        if os.geteuid() != 0:
+            pytest.skip("a full or read-only file system is made by mounting a small tmpfs, which needs root")
+        folder.mkdir(parents=True, exist_ok=True)
+        opts = f"size={size}" + (",ro" if readonly else "")
+        done = subprocess.run(["mount", "-t", "tmpfs", "-o", opts, "tmpfs", str(folder)], capture_output=True, text=True)
+        if done.returncode != 0:
+            pytest.skip(f"cannot mount a tmpfs here: {done.stderr.strip()}")
+        mounted.append(folder)
+        return folder
+
+    def remount(folder: Path, readonly: bool) -> None:
+        subprocess.run(["mount", "-o", f"remount,{'ro' if readonly else 'rw'}", str(folder)], check=True)
+
+    mount.remount = remount  # type: ignore[attr-defined]
+    yield mount
+    for folder in reversed(mounted):
+        subprocess.run(["umount", "-l", str(folder)], capture_output=True)
+
+
+def fill(folder: Path) -> Path:
+    """Fill the file system of ``folder`` to the last byte; returns the filler file."""
+    filler = folder / "filler"
+    with open(filler, "wb", buffering=0) as fh:
+        try:
+            while True:
+                fh.write(b"\0" * 4096)
+        except OSError:
+            pass
+    return filler

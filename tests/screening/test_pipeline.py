@@ -401,3 +401,192 @@ def test_killed_worker_leaves_consistent_state(settings, tmp_path):
         assert s.scalar(select(func.count()).select_from(Drop).where(Drop.outcome == "duplicate")) == 0
     assert len(list(settings.reports.glob("K*/*/latest.pdf"))) == 3
     assert not [p for p in settings.reports.rglob("*") if p.is_file() and not p.name.endswith(".pdf")]
+
+
+# --------------------------------------------------------------------------------------- faults (issue 12)
+
+def _images(worker: Worker) -> dict[str, Image]:
+    with session_scope(worker.factory) as s:
+        return {i.source_name: i for i in s.scalars(select(Image))}
+
+
+def _watch(worker: Worker) -> tuple[threading.Event, threading.Thread, list[BaseException]]:
+    stop, errors = threading.Event(), []
+
+    def run() -> None:
+        try:
+            worker.run_forever(stop)
+        except BaseException as exc:  # noqa: BLE001 - handed to the test
+            errors.append(exc)
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    return stop, thread, errors
+
+
+def _until(condition, timeout: float = 60.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        time.sleep(0.1)
+    return False
+
+
+def test_a_full_archive_is_retried_in_watch_mode_and_never_holds_half_a_photo(settings, small_fs):
+    """The archive's disk is full when a graded photo should move there: the photo stays in the inbox, its result
+    and report are made, no partial copy is left, and once there is room the move happens without a restart."""
+    import hashlib
+
+    from .conftest import fill
+
+    s = settings.model_copy(update={"report_renderer": "inline", "sweep_interval": 0.3})
+    small_fs(s.archive, "1m")
+    filler = fill(s.archive)
+    worker = make_worker(s)
+    stop, thread, errors = _watch(worker)
+    try:
+        photo = write_fundus(s.inbox / "P1_R.jpg", seed=61)
+        assert _until(lambda: _images(worker).get("P1_R.jpg") is not None and _images(worker)["P1_R.jpg"].state == "reported")
+        time.sleep(1.0)  # a few more attempts against the full disk
+        assert photo.is_file()
+        assert [p.name for p in s.archive.rglob("*") if p.is_file()] == ["filler"]  # never half a photo
+        filler.unlink()
+        assert _until(lambda: not photo.exists(), timeout=30), "not moved once the archive had room"
+    finally:
+        stop.set()
+        thread.join(30)
+    assert errors == []
+    image = _images(worker)["P1_R.jpg"]
+    (archived,) = [p for p in s.archive.rglob("*P1_R.jpg")]
+    assert image.stored_path == str(archived) and hashlib.sha256(archived.read_bytes()).hexdigest() == image.sha256
+    with session_scope(worker.factory) as db:
+        failures = db.scalars(select(Event).where(Event.code == "archive_failed")).all()
+    assert len(failures) >= 2 and all("P1_R" not in e.message for e in failures)
+
+
+def test_a_read_only_archive_blocks_no_photo(settings, small_fs):
+    s = settings.model_copy(update={"report_renderer": "inline"})
+    small_fs(s.archive, "4m", readonly=True)
+    write_fundus(s.inbox / "P2_R.jpg", seed=62)
+    out = make_worker(s).run_once(settle_timeout=5)
+    assert (out.processed, out.failed, out.unmoved, out.reports, out.ok) == (1, 0, 1, 1, False)
+    assert (s.inbox / "P2_R.jpg").is_file()
+    small_fs.remount(s.archive, readonly=False)
+    worker = make_worker(s)
+    out = worker.run_once(settle_timeout=5)
+    assert out.ok and out.processed == 0 and list(s.inbox.iterdir()) == []
+    image = _images(worker)["P2_R.jpg"]
+    assert image.state == "reported" and Path(image.stored_path).is_file()
+
+
+def test_an_image_left_failed_with_its_result_stored_is_finished(settings):
+    """An older worker marked a graded photo 'failed' when its archive move failed; every later run then failed
+    with IntegrityError (NOT NULL results.image_id) and the visit never got a report."""
+    from screening.db import repository as repo
+
+    s = settings.model_copy(update={"report_renderer": "inline"})
+    worker = make_worker(s)
+    path = write_fundus(s.inbox / "P3_R.jpg", seed=63)
+    job = worker.intake.admit(path).job
+    with session_scope(worker.factory) as db:
+        image = db.get(Image, job.image_id)
+        repo.add_result(db, image, model_version="old", checkpoint_sha256="c" * 64, dr_grade=1, dr_probs=[0, 1, 0, 0, 0],
+                        dme_grade=0, dme_probs=[1, 0, 0], referable_score=0.2, referable=False)
+        repo.set_state(db, image, "failed", "processing failed (PermissionError: ...); the file was kept in the inbox")
+    out = make_worker(s).run_once(settle_timeout=5)
+    assert (out.failed, out.reports, out.ok) == (0, 1, True) and list(s.inbox.iterdir()) == []
+    with session_scope(worker.factory) as db:
+        image = db.scalars(select(Image)).one()
+        assert image.state == "reported" and image.result.model_version == "old" and image.error_code is None
+    assert count(worker, Result) == 1
+
+
+def test_a_file_written_in_two_parts_is_graded_whole_once(settings):
+    """A slow network copy pauses half way (longer than stable_seconds): the half file used to be graded and the
+    rest landed in the archived copy, whose SHA-256 then differed from the database's."""
+    import hashlib
+
+    s = settings.model_copy(update={"report_renderer": "inline", "sweep_interval": 0.3})
+    full = write_fundus(s.work_dir / "src.jpg", seed=64).read_bytes()
+    worker = make_worker(s)
+    stop, thread, errors = _watch(worker)
+    try:
+        target = s.inbox / "P4_R.jpg"
+        with open(target, "wb") as fh:
+            fh.write(full[: len(full) // 2])
+            fh.flush()
+            time.sleep(2.0)  # twenty times stable_seconds
+            fh.write(full[len(full) // 2:])
+        assert _until(lambda: not target.exists())
+    finally:
+        stop.set()
+        thread.join(30)
+    assert errors == []
+    images = _images(worker)
+    assert list(images) == ["P4_R.jpg"] and images["P4_R.jpg"].sha256 == hashlib.sha256(full).hexdigest()
+    assert hashlib.sha256(Path(images["P4_R.jpg"].stored_path).read_bytes()).hexdigest() == images["P4_R.jpg"].sha256
+
+
+def test_a_deleted_database_stops_the_worker_with_a_clear_error(settings):
+    """It went on grading into the unlinked file; after a restart the audit showed 1 graded photo of 5."""
+    from screening.db import DatabaseGone
+
+    s = settings.model_copy(update={"report_renderer": "inline"})
+    worker = make_worker(s)
+    stop, thread, errors = _watch(worker)
+    try:
+        write_fundus(s.inbox / "P5_R.jpg", seed=65)
+        assert _until(lambda: not (s.inbox / "P5_R.jpg").exists())
+        Path(s.database.removeprefix("sqlite:///")).unlink()
+        write_fundus(s.inbox / "P6_R.jpg", seed=66)
+        thread.join(30)
+        assert not thread.is_alive(), "the worker went on without its database"
+    finally:
+        stop.set()
+        thread.join(30)
+    assert len(errors) == 1 and isinstance(errors[0], DatabaseGone) and "deleted" in str(errors[0])
+    assert (s.inbox / "P6_R.jpg").is_file()  # nothing recorded for it, so it never left the inbox
+
+
+def test_a_database_locked_past_the_busy_timeout_is_waited_out(settings):
+    """The worker exited (rc 1) when another program held the database longer than the busy timeout."""
+    s = settings.model_copy(update={"report_renderer": "inline"})
+    engine = make_engine(s.database, busy_timeout_ms=200)
+    init_db(engine)
+    worker = Worker(s, Predictor(s.checkpoint, "cpu", 1), make_session_factory(engine), PROJECT / "templates")
+    _OPEN.append(worker)
+    write_fundus(s.inbox / "P7_R.jpg", seed=67)
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import sqlite3, sys, time\n"
+        "c = sqlite3.connect(sys.argv[1], isolation_level=None)\n"
+        "c.execute('BEGIN EXCLUSIVE'); print('locked', flush=True); time.sleep(3); c.execute('COMMIT')\n"),
+        s.database.removeprefix("sqlite:///")], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        out = worker.run_once(settle_timeout=5)
+    finally:
+        holder.wait(30)
+    assert out.ok and out.processed == 1 and list(s.inbox.iterdir()) == []
+
+
+def test_a_failed_intake_is_retried_in_watch_mode_without_a_restart(settings):
+    s = settings.model_copy(update={"report_renderer": "inline", "sweep_interval": 0.3})
+    worker = make_worker(s)
+    real, calls = worker.intake.admit, []
+
+    def flaky(path):
+        calls.append(path.name)
+        if len(calls) == 1:
+            raise RuntimeError("simulated: database unavailable")
+        return real(path)
+
+    worker.intake.admit = flaky
+    stop, thread, errors = _watch(worker)
+    try:
+        write_fundus(s.inbox / "P8_R.jpg", seed=68)
+        assert _until(lambda: not (s.inbox / "P8_R.jpg").exists(), timeout=30), "never tried again"
+    finally:
+        stop.set()
+        thread.join(30)
+    assert errors == [] and calls == ["P8_R.jpg", "P8_R.jpg"]
