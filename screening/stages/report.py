@@ -20,9 +20,8 @@ import functools
 import logging
 import shutil
 import time
-from collections import defaultdict
 from collections.abc import Mapping
-from datetime import date, datetime, timezone
+from datetime import datetime, timezone
 from pathlib import Path
 
 from sqlalchemy import select
@@ -32,7 +31,7 @@ from training.common import atomic_write, safe_id
 
 from ..config import ScreeningSettings
 from ..db import repository as repo
-from ..db.models import Exam, ImageState, Patient, Report, utcnow
+from ..db.models import Exam, Image, ImageState, Patient, Report, utcnow
 from ..db.session import DatabaseGone, transaction
 from ..inference import Predictor
 from ..rejection import Incident
@@ -198,55 +197,58 @@ class ReportStage:
 
     # ------------------------------------------------------------------------------- reconciling
     def reconcile(self) -> list[int]:
-        """At start-up, before anything renders (see the module docstring): remove report PDFs no row records and
-        count recorded ones whose file is gone. Returns the exams whose newest recorded report is missing, to be
-        rendered again. Only folders of exams in the database are looked at; nothing else in ``reports/`` is."""
+        """At start-up, before anything renders (see the module docstring). Returns the exams to render again.
+
+        * An unrecorded ``report_vN.pdf`` can only belong to an exam that still has a ``done`` image: the
+          worker that submitted it died before recording it, so its images were never marked reported (and
+          every start-up reconciles before anything renders). Only those exams' folders are listed.
+        * A recorded report whose newest version is gone from disk (deleted by hand, a restored backup) is
+          counted and its visit rendered again: one ``stat`` per exam with reports.
+
+        Only folders of exams in the database are looked at; nothing else in ``reports/`` is touched."""
         if self._in_flight:
             raise RuntimeError("reconcile() runs before any report is submitted")
 
-        def read(session: Session) -> dict[tuple[str, date], tuple[int, set[int]]]:
+        def read(session: Session) -> dict[int, tuple[Path, set[int], bool]]:
+            has_done = select(Image.id).where(Image.exam_id == Exam.id, Image.state == ImageState.DONE.value).exists()
             rows = session.execute(
-                select(Exam.id, Patient.code, Exam.exam_date, Report.version)
+                select(Exam.id, Patient.code, Exam.exam_date, Report.version, has_done)
                 .join(Patient, Patient.id == Exam.patient_id).outerjoin(Report, Report.exam_id == Exam.id)).all()
-            exams: dict[tuple[str, date], tuple[int, set[int]]] = {}
-            for exam_id, code, exam_date, version in rows:
-                _, versions = exams.setdefault((safe_id(code), exam_date), (exam_id, set()))
+            exams: dict[int, tuple[Path, set[int], bool]] = {}
+            for exam_id, code, exam_date, version, done in rows:
+                folder = self.settings.reports / safe_id(code) / exam_date.isoformat()
+                _, versions, _ = exams.setdefault(exam_id, (folder, set(), bool(done)))
                 if version is not None:
                     versions.add(version)
             return exams
 
         exams = transaction(self.factory, read, what="reading recorded reports")
-        removed: dict[int, list[int]] = defaultdict(list)
-        missing: dict[int, list[int]] = defaultdict(list)
-        rerender: list[int] = []
-        root = self.settings.reports
-        for (folder_name, exam_date), (exam_id, versions) in exams.items():
-            folder = root / folder_name / exam_date.isoformat()
-            on_disk = set(existing_versions(folder))
-            for version in sorted(on_disk - versions):
-                (folder / f"report_v{version}.pdf").unlink(missing_ok=True)
-                removed[exam_id].append(version)
-            if exam_id in removed:
-                self._restore_latest(folder, versions)
-            gone = sorted(versions - on_disk)
-            if gone:
-                missing[exam_id] = gone
-                if max(versions) in gone:
-                    rerender.append(exam_id)
+        removed: dict[int, list[int]] = {}
+        missing: dict[int, int] = {}
+        for exam_id, (folder, versions, has_done) in exams.items():
+            if has_done:
+                orphans = sorted(set(existing_versions(folder)) - versions)
+                for version in orphans:
+                    (folder / f"report_v{version}.pdf").unlink(missing_ok=True)
+                if orphans:
+                    removed[exam_id] = orphans
+                    self._restore_latest(folder, versions)
+            if versions and not (folder / f"report_v{max(versions)}.pdf").is_file():
+                missing[exam_id] = max(versions)
 
         def record(session: Session) -> None:
             for exam_id, versions_removed in removed.items():
                 repo.add_event(session, "reconcile", f"exam {exam_id}: removed report_v{versions_removed} (written by a "
                                "renderer after its worker stopped; never recorded)", code=Incident.ORPHAN_REPORT_REMOVED)
-            for exam_id, versions_gone in missing.items():
-                repo.add_event(session, "reconcile", f"exam {exam_id}: recorded report_v{versions_gone} missing on disk"
-                               + ("; rendered again" if exam_id in rerender else ""), code=Incident.REPORT_FILE_MISSING)
+            for exam_id, version in missing.items():
+                repo.add_event(session, "reconcile", f"exam {exam_id}: recorded report_v{version} is missing on disk; "
+                               "rendered again", code=Incident.REPORT_FILE_MISSING)
 
         if removed or missing:
             transaction(self.factory, record, what="recording reconciled reports")
-            log.warning("reports reconciled at start-up: %d unrecorded PDF(s) removed, %d recorded PDF(s) missing",
-                        sum(map(len, removed.values())), sum(map(len, missing.values())))
-        return sorted(rerender)
+            log.warning("reports reconciled at start-up: %d unrecorded PDF(s) removed, %d visit(s) whose report is "
+                        "missing rendered again", sum(map(len, removed.values())), len(missing))
+        return sorted(missing)
 
     @staticmethod
     def _restore_latest(folder: Path, recorded: set[int]) -> None:
