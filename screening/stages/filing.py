@@ -247,14 +247,14 @@ class Filing:
         originals are still in the inbox with their records, and are moved again). Returns how many."""
         removed = 0
         for root in (self.settings.archive, self.settings.rejected):
-            if not root.is_dir():
-                continue
-            for partial in root.rglob(f".*{PARTIAL_SUFFIX}"):
-                try:
-                    partial.unlink()
-                except OSError:
-                    continue
-                removed += 1
+            for folder, _, names in os.walk(root):  # os.walk: several times faster than Path.rglob on a big archive
+                for name in names:
+                    if name.startswith(".") and name.endswith(PARTIAL_SUFFIX):
+                        try:
+                            os.unlink(os.path.join(folder, name))
+                        except OSError:
+                            continue
+                        removed += 1
         if removed:
             transaction(self.factory, lambda s: repo.add_event(
                 s, "reconcile", f"removed {removed} partial cop{'y' if removed == 1 else 'ies'} left by an interrupted move",
