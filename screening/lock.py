@@ -11,6 +11,7 @@ there is never a stale lock to clean up. Nothing is written into the inbox.
 from __future__ import annotations
 
 import fcntl
+import logging
 import os
 import socket
 from datetime import datetime, timezone
@@ -19,19 +20,25 @@ from types import TracebackType
 
 from .db.session import _sqlite_file
 
+log = logging.getLogger("screening")
+
 
 class WorkerLocked(RuntimeError):
     """Another worker holds the inbox or the database."""
 
 
 def _lock(path: Path, *, directory: bool) -> int | None:
-    """An exclusive, non-blocking flock on ``path``; its descriptor, or None when another process holds it."""
+    """An exclusive, non-blocking flock on ``path``; its descriptor, or None when another process holds it. A file
+    system that cannot lock (some network shares refuse ``flock`` on a folder) gets a warning, not a refusal:
+    the descriptor is kept all the same."""
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY) if directory else os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         os.close(fd)
         return None
+    except OSError as exc:
+        log.warning("cannot lock %s on this file system (%s); make sure only one worker uses it", path, exc.strerror)
     except BaseException:
         os.close(fd)
         raise
