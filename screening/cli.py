@@ -32,7 +32,7 @@ def check_database_url(url: str) -> None:
     from sqlalchemy.engine import make_url
     from sqlalchemy.exc import ArgumentError, NoSuchModuleError
 
-    from .db.session import _sqlite_file
+    from .db.session import sqlite_file_path
 
     shown = url.split("@")[-1]  # never print a password
     try:
@@ -40,7 +40,7 @@ def check_database_url(url: str) -> None:
     except (ArgumentError, NoSuchModuleError, ValueError) as exc:
         raise ConfigError(f"[screening] database = {shown!r} is not a usable database URL ({type(exc).__name__}); "
                           "use e.g. 'sqlite:///screening.db'") from None
-    path = _sqlite_file(url)
+    path = sqlite_file_path(url)
     if path is not None and not Path(path).parent.is_dir():
         raise ConfigError(f"[screening] database: the folder {Path(path).parent} does not exist; create it or point "
                           "the database URL at an existing folder")

@@ -18,7 +18,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from types import TracebackType
 
-from .db.session import _sqlite_file
+from .db.session import sqlite_file_path
 
 log = logging.getLogger("screening")
 
@@ -51,7 +51,7 @@ class WorkerLock:
 
     def __init__(self, inbox: Path, database_url: str) -> None:
         self.inbox = Path(inbox)
-        db = _sqlite_file(database_url)
+        db = sqlite_file_path(database_url)
         self.database = Path(db) if db is not None else None
         self.db_lock = Path(db + ".worker.lock") if db is not None else None
         self._fds: list[int] = []

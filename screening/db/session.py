@@ -37,7 +37,7 @@ class DatabaseGone(RuntimeError):
     the process must stop and be restarted on the file that is there now (or the file restored)."""
 
 
-def _sqlite_file(url: str) -> str | None:
+def sqlite_file_path(url: str) -> str | None:
     """The absolute path of a SQLite file URL; None for other databases and in-memory SQLite."""
     u = make_url(url)
     db = u.database or ""
@@ -84,7 +84,7 @@ def make_engine(url: str, *, busy_timeout_ms: int = DEFAULT_BUSY_TIMEOUT_MS, ech
     """
     engine = create_engine(url, echo=echo, **kwargs)
     if engine.dialect.name == "sqlite":
-        path = _sqlite_file(url)
+        path = sqlite_file_path(url)
         guard = _FileIdentity(path) if path is not None else None
 
         @event.listens_for(engine, "connect")
@@ -162,5 +162,5 @@ def transaction(
 
 __all__ = [
     "DEFAULT_BUSY_TIMEOUT_MS", "DatabaseGone", "is_busy", "make_engine", "make_session_factory", "session_scope",
-    "transaction",
+    "sqlite_file_path", "transaction",
 ]
