@@ -326,6 +326,7 @@ def faults(folder: Path, checkpoint: Path) -> dict[str, Any]:
                 filler.unlink()
                 again = cli(cfg, "run", "--once")
                 out["full_archive"] = {
+                    "log_when_full": [line[24:] for line in full.stderr.splitlines() if " ERROR " in line or "error:" in line][-4:],
                     "exit_code_when_full": full.returncode, "state_when_full": state[0][0] if state else None,
                     "partial_files_when_full": partial, "exit_code_with_room": again.returncode,
                     "archived_with_room": any(archive.rglob("*F1_R.jpg")) and not (inbox / "F1_R.jpg").exists(),
