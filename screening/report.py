@@ -3,6 +3,7 @@
 Public API
 ----------
 - :class:`EyeFinding`, :class:`ReportContext`: what the worker hands over (validated on construction).
+- :class:`ReviewNote`, :class:`EyeReview`: a clinician's sign-off, printed beside the model's answers on a reviewed version.
 - :data:`LESION_COLOURS` (``screening.legend.LESION_COLOURS_RGB``), :data:`LESION_LABELS`: legend colours and names.
 - :func:`referral_recommendation`: the worse-eye referral rule (one table, :data:`REFERRAL_LEVELS`).
 - :func:`safe_patient_dir_name`: a patient id made safe for use as a folder name.
@@ -117,6 +118,52 @@ class EyeFinding:
 
 
 @dataclass(frozen=True)
+class EyeReview:
+    """The grader's answer for one eye: gradable or not, and if gradable the DR grade and DME risk."""
+
+    eye: Literal["R", "L"]
+    gradable: bool
+    dr_grade: int | None
+    dme_grade: int | None
+
+    def __post_init__(self) -> None:
+        if self.eye not in EYE_NAMES:
+            raise ValueError(f"eye must be 'R' or 'L', got {self.eye!r}")
+        if not self.gradable:
+            if self.dr_grade is not None or self.dme_grade is not None:
+                raise ValueError(f"{EYE_NAMES[self.eye]}: an ungradable eye has no DR grade or DME risk")
+            return
+        if self.dr_grade is None or not 0 <= int(self.dr_grade) < len(DR_GRADES):
+            raise ValueError(f"{EYE_NAMES[self.eye]}: DR grade must be 0..{len(DR_GRADES) - 1}, got {self.dr_grade!r}")
+        if self.dme_grade is None or not 0 <= int(self.dme_grade) < len(DME_GRADES):
+            raise ValueError(f"{EYE_NAMES[self.eye]}: DME risk must be 0..{len(DME_GRADES) - 1}, got {self.dme_grade!r}")
+
+
+@dataclass(frozen=True)
+class ReviewNote:
+    """A clinician's sign-off of the visit: printed on the reviewed version, beside (never instead of) the
+    model's answers, so that a reader sees both what the software said and what the grader decided."""
+
+    reviewer: str
+    reviewed_at: datetime
+    outcome: Literal["confirmed", "corrected"]
+    referral: str  # the grader's referral outcome, a key of REFERRAL_LEVELS
+    eyes: tuple[EyeReview, ...]
+    comment: str | None = None
+
+    def __post_init__(self) -> None:
+        if not self.reviewer.strip():
+            raise ValueError("reviewer name is empty")
+        if self.outcome not in ("confirmed", "corrected"):
+            raise ValueError(f"outcome must be 'confirmed' or 'corrected', got {self.outcome!r}")
+        if self.referral not in REFERRAL_LEVELS:
+            raise ValueError(f"unknown referral {self.referral!r}; expected one of {list(REFERRAL_LEVELS)}")
+
+    def eye(self, code: str) -> EyeReview | None:
+        return next((e for e in self.eyes if e.eye == code), None)
+
+
+@dataclass(frozen=True)
 class ReportContext:
     clinic_name: str
     patient_id: str
@@ -128,6 +175,7 @@ class ReportContext:
     model_metrics: dict[str, float | str]
     generated_at: datetime
     report_version: int = 1
+    review: ReviewNote | None = None  # set on the version rendered after a clinician's sign-off
 
     def __post_init__(self) -> None:
         if self.model_status not in ("research", "demo"):
@@ -161,14 +209,18 @@ class ReferralLevel:
 REFERRAL_LEVELS: dict[str, ReferralLevel] = {
     lv.level: lv
     for lv in (
-        ReferralLevel("urgent", 5, "Urgent referral (proliferative DR)",
+        ReferralLevel("urgent", 6, "Urgent referral (proliferative DR)",
                       "Refer urgently to ophthalmology / hospital eye service; to be seen within 2 weeks.",
                       "#b71c1c"),
-        ReferralLevel("soon", 4, "Refer within weeks (severe non-proliferative DR)",
+        ReferralLevel("soon", 5, "Refer within weeks (severe non-proliferative DR)",
                       "Refer to ophthalmology; to be seen within 4-6 weeks.", "#d84315"),
-        ReferralLevel("routine", 3, "Refer to ophthalmology (routine)",
+        ReferralLevel("routine", 4, "Refer to ophthalmology (routine)",
                       "Routine referral for moderate non-proliferative DR and/or possible diabetic macular oedema; "
                       "to be seen within 13 weeks.", "#e69500"),
+        # only a grader gives this one (the model grades every photo it accepts)
+        ReferralLevel("ungradable", 3, "Recall: ungradable image",
+                      "An eye could not be graded: recapture the photograph, or examine by slit lamp as per the local "
+                      "pathway.", "#6d4c41"),
         ReferralLevel("rescreen_12", 2, "Rescreen in 12 months",
                       "Mild non-proliferative DR: no referral needed; rescreen in 12 months and optimise glycaemic, "
                       "blood-pressure and lipid control.", "#558b2f"),
@@ -179,6 +231,10 @@ REFERRAL_LEVELS: dict[str, ReferralLevel] = {
                       "No eye was graded: recall the patient for retinal photography.", "#616161"),
     )
 }
+# The outcomes that send the patient to ophthalmology (a "positive" when referral sensitivity is measured).
+REFER_LEVELS = frozenset({"urgent", "soon", "routine"})
+# Outcomes that say no grade could be given (left out of referral sensitivity and specificity).
+NO_GRADE_LEVELS = frozenset({"ungradable", "no_images"})
 
 
 @dataclass(frozen=True)
@@ -257,6 +313,14 @@ def report_dir(ctx: ReportContext, reports_dir: Path) -> Path:
 _VERSION_RE = re.compile(r"^report_v(\d+)\.pdf$")
 
 
+def report_version_of(path: Path | str) -> int:
+    """The version number of a ``report_v<N>.pdf`` path."""
+    m = _VERSION_RE.match(Path(path).name)
+    if m is None:
+        raise ValueError(f"{path} is not a report_v<N>.pdf file")
+    return int(m.group(1))
+
+
 def existing_versions(folder: Path) -> list[int]:
     if not folder.is_dir():
         return []
@@ -298,7 +362,38 @@ def _rgb(c: tuple[int, int, int]) -> str:
     return "#{:02x}{:02x}{:02x}".format(*c)
 
 
-def _eye_view(e: EyeFinding) -> dict:
+def _eye_review_view(e: EyeFinding, r: EyeReview | None) -> dict | None:
+    """What the grader said about this eye, beside the model's answer (None: no review of this eye)."""
+    if r is None:
+        return None
+    if not r.gradable:
+        return {"gradable": False, "agrees": False}
+    assert r.dr_grade is not None and r.dme_grade is not None
+    return {
+        "gradable": True,
+        "dr_grade": r.dr_grade, "dr_name": DR_GRADES[r.dr_grade], "dr_changed": r.dr_grade != e.dr_grade,
+        "dme_grade": r.dme_grade, "dme_name": DME_GRADES[r.dme_grade], "dme_changed": r.dme_grade != e.dme_grade,
+        "agrees": r.dr_grade == e.dr_grade and r.dme_grade == e.dme_grade,
+    }
+
+
+def _review_view(ctx: ReportContext, model_referral: Referral) -> dict | None:
+    r = ctx.review
+    if r is None:
+        return None
+    at = r.reviewed_at
+    return {
+        "reviewer": r.reviewer,
+        "reviewed_at": at.strftime("%Y-%m-%d %H:%M") + (f" {at.strftime('%Z') or at.strftime('%z')}" if at.tzinfo else ""),
+        "reviewed_on": at.strftime("%Y-%m-%d"),
+        "corrected": r.outcome == "corrected",
+        "level": REFERRAL_LEVELS[r.referral],
+        "referral_changed": r.referral != model_referral.level,
+        "comment": r.comment,
+    }
+
+
+def _eye_view(e: EyeFinding, review: EyeReview | None = None) -> dict:
     return {
         "code": e.eye,
         "name": e.eye_name,
@@ -323,6 +418,7 @@ def _eye_view(e: EyeFinding) -> dict:
             for c in LESION_CODES
         ],
         "image_quality": e.image_quality,
+        "review": _eye_review_view(e, review),
     }
 
 
@@ -358,16 +454,19 @@ def template_variables(ctx: ReportContext, templates_dir: Path, link_stylesheet:
     gen = ctx.generated_at
     generated = gen.strftime("%Y-%m-%d %H:%M") + (f" {gen.strftime('%Z') or gen.strftime('%z')}" if gen.tzinfo else "")
     eyes = [
-        {"code": code, "name": EYE_NAMES[code], "finding": _eye_view(f) if (f := ctx.eye(code)) else None}
+        {"code": code, "name": EYE_NAMES[code],
+         "finding": _eye_view(f, ctx.review.eye(code) if ctx.review else None) if (f := ctx.eye(code)) else None}
         for code in EYE_ORDER
     ]
+    referral = referral_recommendation(ctx.eyes)
     return dict(
         clinic_name=ctx.clinic_name,
         patient_id=ctx.patient_id,
         exam_date=ctx.exam_date.isoformat(),
         report_version=ctx.report_version,
         generated_at=generated,
-        referral=referral_recommendation(ctx.eyes),
+        referral=referral,
+        review=_review_view(ctx, referral),
         eyes=eyes,
         model_version=ctx.model_version,
         checkpoint_short=(ctx.checkpoint_sha256 or "")[:12] or "unknown",
@@ -496,8 +595,8 @@ def render_with_retries(
 
 
 __all__ = [
-    "DEMO_WATERMARK", "EYE_NAMES", "LESION_COLOURS", "LESION_LABELS", "REFERRAL_LEVELS", "RESEARCH_STATUS",
-    "EyeFinding", "Referral", "ReferralLevel", "ReportContext", "ReportError", "existing_versions",
-    "referral_recommendation", "render_html", "render_pdf", "render_with_retries", "report_dir",
-    "safe_patient_dir_name", "template_variables",
+    "DEMO_WATERMARK", "EYE_NAMES", "LESION_COLOURS", "LESION_LABELS", "NO_GRADE_LEVELS", "REFERRAL_LEVELS",
+    "REFER_LEVELS", "RESEARCH_STATUS", "EyeFinding", "EyeReview", "Referral", "ReferralLevel", "ReportContext",
+    "ReportError", "ReviewNote", "existing_versions", "referral_recommendation", "render_html", "render_pdf",
+    "render_with_retries", "report_dir", "report_version_of", "safe_patient_dir_name", "template_variables",
 ]

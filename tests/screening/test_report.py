@@ -302,3 +302,55 @@ def test_stylesheet_is_parsed_once_yet_applied_and_reloaded_when_it_changes(tmp_
     assert page_mm(render_pdf(ctx, templates, tmp_path / "out")) == (150, 200)  # not WeasyPrint's default A4
     css.write_text(css.read_text().replace("size: 150mm 200mm;", "size: A5;", 1) + "\n/* edited */\n")
     assert page_mm(render_pdf(ctx, templates, tmp_path / "out")) == (148, 210)
+
+
+# ------------------------------------------------------------------------------------------ reviewed version
+
+
+def _review(**kw) -> rpt.ReviewNote:
+    values = dict(reviewer="Dr <i>Grey</i>", reviewed_at=datetime(2024, 5, 20, 9, 15, tzinfo=timezone.utc),
+                  outcome="corrected", referral="soon",
+                  eyes=(rpt.EyeReview("R", True, 3, 0), rpt.EyeReview("L", False, None, None)), comment="beading <b>here</b>")
+    values.update(kw)
+    return rpt.ReviewNote(**values)
+
+
+def test_review_note_refuses_inconsistent_answers():
+    with pytest.raises(ValueError, match="ungradable eye has no DR grade"):
+        rpt.EyeReview("R", False, 2, None)
+    with pytest.raises(ValueError, match="DME risk must be 0..2"):
+        rpt.EyeReview("L", True, 2, 3)
+    with pytest.raises(ValueError, match="unknown referral"):
+        _review(referral="later")
+    with pytest.raises(ValueError, match="reviewer name is empty"):
+        _review(reviewer="  ")
+
+
+def test_reviewed_report_shows_the_sign_off_beside_the_models_answers(tmp_path):
+    eyes = [_eye("R", 1, 0, tmp_path / "img"), _eye("L", 2, 1, tmp_path / "img")]
+    html = render_html(dataclasses.replace(_ctx(eyes), review=_review()), TEMPLATES)
+    assert "<i>Grey</i>" not in html and "&lt;i&gt;Grey&lt;/i&gt;" in html and "&lt;b&gt;here&lt;/b&gt;" in html
+
+    pdf = render_pdf(dataclasses.replace(_ctx(eyes, status="research"), review=_review()), TEMPLATES, tmp_path / "reports")
+    pages = _pages_text(pdf)
+    assert len(pages) == 2, "the sign-off must not push a two-eye report onto a third page"
+    text = "\n".join(pages)
+    for needle in ["Clinician sign-off", "Reviewed by Dr <i>Grey</i> on 2024-05-20 09:15 UTC", "corrected the automated grading",
+                   "Refer within weeks (severe non-proliferative DR)", "Comment: beading <b>here</b>",
+                   # the model's own answers stay visible next to the grader's
+                   "Model's recommendation (changed at sign-off): Refer to ophthalmology (routine)",
+                   f"1 – {DR_GRADES[1]}", f"Grader: 3 – {DR_GRADES[3]} (corrected)", "Grader: ungradable",
+                   f"2 – {DR_GRADES[2]}", "Grader: agrees"]:
+        assert _contains(text, needle), needle
+    for page in pages:  # the running footer says it on every page
+        assert _contains(page, "Reviewed by Dr <i>Grey</i> on 2024-05-20")
+
+
+def test_confirmed_review_says_confirmed_and_draft_has_no_sign_off(tmp_path):
+    eyes = [_eye("R", 2, 0)]
+    note = _review(outcome="confirmed", referral="routine", eyes=(rpt.EyeReview("R", True, 2, 0),), comment=None)
+    html = render_html(dataclasses.replace(_ctx(eyes), review=note), TEMPLATES)
+    assert "confirmed</strong> the automated grading" in html and "(corrected)" not in html
+    assert "changed at sign-off" not in html and "Comment:" not in html
+    draft = render_html(_ctx(eyes), TEMPLATES)
+    assert "Clinician sign-off" not in draft and "Reviewed by" not in draft and "Grader:" not in draft
