@@ -277,9 +277,11 @@ def add_report(
     *,
     version: int | None = None,
     created_at: datetime | None = None,
+    review_id: int | None = None,
 ) -> Report:
     """Record a rendered report; ``version`` defaults to :func:`next_report_version`. Two writers racing
-    for the same version get an IntegrityError on flush (unique exam_id, version)."""
+    for the same version get an IntegrityError on flush (unique exam_id, version). ``review_id``: the
+    sign-off the version shows (reviewed versions only)."""
     if exam.id is None:
         session.flush()
     report = Report(
@@ -288,6 +290,7 @@ def add_report(
         path=str(path),
         model_version=model_version,
         created_at=created_at or utcnow(),
+        review_id=review_id,
     )
     session.add(report)
     session.flush()
