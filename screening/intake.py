@@ -173,6 +173,11 @@ def _parse_date(value: str) -> date | None:
     return d if d.year >= 1900 else None
 
 
+# Public names for the grading-centre import (screening.review), which reads eyes and dates written the same ways.
+normalise_eye = _normalise_eye
+parse_exam_date = _parse_date
+
+
 def _match_patterns(stem: str, patterns: Sequence[str | re.Pattern[str]]) -> dict[str, str | None] | None:
     """First pattern that matches, as a dict of its named groups; exact case first, then ignoring case."""
     for flags in (0, re.IGNORECASE):
