@@ -35,6 +35,9 @@ class ScreeningSettings(_Strict):
     report_retries: int = Field(3, ge=1)
     report_renderer: Literal["process", "inline"] = "process"
     clinic_name: str = "Diabetic Eye Screening Service"
+    # the review page (dr-screen serve); any address but loopback requires a login
+    review_host: str = "127.0.0.1"
+    review_port: int = Field(8765, ge=1, le=65535)
 
     @field_validator("filename_patterns")
     @classmethod
@@ -47,6 +50,12 @@ class ScreeningSettings(_Strict):
             if "patient" not in rx.groupindex:
                 raise ValueError(f"pattern {p!r} has no (?P<patient>...) group")
         return pats
+
+    @property
+    def demo_checkpoint(self) -> Path:
+        """Where a demo model is trained when ``checkpoint`` is missing (``dr-screen run``); reviewed reports
+        look here too for the model that graded a visit."""
+        return self.work_dir / "demo-model.pt"
 
     def resolved_database(self, base: Path) -> str:
         """A relative SQLite path in the URL resolves against the config folder too."""

@@ -192,6 +192,38 @@ class ReportContext:
         return next((e for e in self.eyes if e.eye == code), None)
 
 
+def model_metrics_for_report(meta: dict) -> dict[str, float | str]:
+    """A checkpoint's headline metrics (its metadata, as ``training.checkpoint`` stores it), labelled for the
+    report's model section. Here rather than in the predictor so that a reviewed version, rendered without
+    loading the model, describes it in the same words."""
+    metrics = meta.get("metrics", {})
+    val = metrics.get("validation", {})
+    out: dict[str, float | str] = {}
+    for label, key in (("Validation DR kappa", "val_kappa"), ("Validation referable-DR AUC", "val_ref_auc"),
+                       ("Validation mean lesion AUPR", "val_aupr_mean")):
+        if isinstance(val.get(key), (int, float)):
+            out[label] = round(float(val[key]), 3)
+    test = metrics.get("test") or {}
+    for key in ("referable AUC", "sensitivity", "specificity", "DR kappa", "OD Dice"):
+        if isinstance(test.get(key), (int, float)):
+            out[f"Test {key}"] = round(float(test[key]), 3)
+    ci = test.get("referable AUC 95% CI")
+    if isinstance(ci, (list, tuple)) and len(ci) == 2 and all(isinstance(v, float) for v in ci):
+        out["Test referable AUC 95% CI"] = f"{ci[0]:.2f}-{ci[1]:.2f}"
+    out["Referral threshold"] = round(float(meta["thresholds"]["referable"]), 3)
+    out["Grades from"] = grade_source(meta)
+    return out
+
+
+def grade_source(meta: dict) -> str:
+    """What produced the DR grade and DME risk, in words for the report (from the checkpoint's metadata)."""
+    if "grader" in meta:
+        return "lesion-evidence regression on image measurements"
+    if (meta.get("model_config") or {}).get("grade_inputs") == "features+lesions":
+        return "the network's DR/DME heads (image features and its own lesion maps)"
+    return "the network's DR/DME heads (image features)"
+
+
 # ----------------------------------------------------------------------------------------------- referral
 
 
@@ -597,6 +629,7 @@ def render_with_retries(
 __all__ = [
     "DEMO_WATERMARK", "EYE_NAMES", "LESION_COLOURS", "LESION_LABELS", "NO_GRADE_LEVELS", "REFERRAL_LEVELS",
     "REFER_LEVELS", "RESEARCH_STATUS", "EyeFinding", "EyeReview", "Referral", "ReferralLevel", "ReportContext",
-    "ReportError", "ReviewNote", "existing_versions", "referral_recommendation", "render_html", "render_pdf",
-    "render_with_retries", "report_dir", "report_version_of", "safe_patient_dir_name", "template_variables",
+    "ReportError", "ReviewNote", "existing_versions", "grade_source", "model_metrics_for_report",
+    "referral_recommendation", "render_html", "render_pdf", "render_with_retries", "report_dir", "report_version_of",
+    "safe_patient_dir_name", "template_variables",
 ]
