@@ -1,25 +1,18 @@
-"""Review fixtures: visits seeded straight into the database (fast, hand-checkable numbers), and a real
-worker run over synthetic photos (results, pictures and draft PDFs on disk) for the reviewed report."""
+"""Review fixtures: visits seeded straight into the database (fast, hand-checkable numbers). The real worker
+run (``worked``) is in the parent conftest, shared with the review page's tests."""
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Iterator
 from datetime import date, datetime, timedelta, timezone
-from pathlib import Path
 
 import pytest
 from sqlalchemy.orm import Session, sessionmaker
 
-from screening.config import ScreeningSettings
-from screening.db import init_db, make_engine, make_session_factory, session_scope
+from screening.db import init_db, make_engine, make_session_factory
 from screening.db import repository as repo
 from screening.db.models import Exam
 
-from ..conftest import write_fundus
-
-PROJECT = Path(__file__).resolve().parents[3]
-TEMPLATES = PROJECT / "templates"
 T0 = datetime(2025, 3, 3, 8, 0, tzinfo=timezone.utc)
 _n = iter(range(1, 100_000))
 
@@ -56,39 +49,3 @@ def factory(tmp_path) -> Iterator[sessionmaker[Session]]:
     init_db(engine)
     yield make_session_factory(engine)
     engine.dispose()
-
-
-@dataclasses.dataclass
-class Worked:
-    settings: ScreeningSettings
-    factory: sessionmaker[Session]
-    exams: dict[str, int]  # patient code -> exam id
-
-
-def run_worker(settings: ScreeningSettings, photos: dict[str, int]) -> Worked:
-    """Grade ``photos`` (file name -> synthetic seed) with the tiny checkpoint; reports rendered inline."""
-    from screening.inference import Predictor
-    from screening.pipeline import Worker
-
-    settings = settings.model_copy(update={"report_renderer": "inline"})
-    for name, seed in photos.items():
-        write_fundus(settings.inbox / name, seed=seed)
-    engine = make_engine(settings.database)
-    init_db(engine)
-    factory = make_session_factory(engine)
-    with Worker(settings, Predictor(settings.checkpoint, "cpu", 1), factory, TEMPLATES) as worker:
-        out = worker.run_once(settle_timeout=5)
-    assert (out.processed, out.failed) == (len(photos), 0)
-    with session_scope(factory) as s:
-        from sqlalchemy import select
-
-        from screening.db.models import Patient
-
-        exams = {p.code: p.exams[0].id for p in s.scalars(select(Patient))}
-    return Worked(settings, factory, exams)
-
-
-@pytest.fixture
-def worked(settings) -> Worked:
-    """P1: both eyes, P2: right eye only, graded and reported by the real worker."""
-    return run_worker(settings, {"P1_R.jpg": 1, "P1_L.jpg": 2, "P2_R.jpg": 3})

@@ -13,7 +13,7 @@ from screening.report import EyeReview, ReportError
 from screening.review import ReviewError, load_visit, sign_off
 from screening.review.reviewed_report import ModelCatalog, render_reviewed_report
 
-from .conftest import TEMPLATES
+from ..conftest import TEMPLATES
 
 
 def _text(path) -> str:
