@@ -252,11 +252,15 @@ def create_app(
             history = rrepo.review_history(s, exam_id)
             reports = rrepo.exam_reports(s, exam_id)
         current = visit.current_review
+        # a signed-off visit shows its current answers to start from; otherwise the model's, and only then is
+        # 'Confirm the model's findings' offered (it checks that nothing was changed from the model's answers)
+        offer_confirm = current is None or visit.awaiting_review
         defaults = {a.eye: a for a in (
-            [EyeReview(e.eye, e.gradable, e.dr_grade, e.dme_grade) for e in current.eyes]  # type: ignore[arg-type]
-            if current is not None and not visit.awaiting_review else [e.model_answer for e in visit.eyes])}
+            [e.model_answer for e in visit.eyes] if offer_confirm
+            else [EyeReview(e.eye, e.gradable, e.dr_grade, e.dme_grade) for e in current.eyes])}  # type: ignore[arg-type, union-attr]
         return render_template(
             "visit.html.j2", visit=visit, history=history, reports=reports, defaults=defaults, error=error,
+            offer_confirm=offer_confirm,
             form=form or {}, reviewer_name=g.get("display_name") or session.get("reviewer_name", ""),
             pictures=PICTURES,
         ), status

@@ -90,6 +90,7 @@ def test_confirm_and_correct_from_the_page(worked):
         assert (review.source, review.outcome, review.reviewer, review.comment, review.user_id) == (
             "web", "confirmed", "Dr Local", "looks right", None)
 
+    assert 'id="confirm"' not in page  # signed off: the form starts from the sign-off, 'confirm' is not offered
     # a correction: the right eye's DR grade changed, the left eye ungradable
     form = _form(page)
     new_dr = str((int(form["dr_R"]) + 1) % 5)
