@@ -266,6 +266,8 @@ def cmd_serve(args: argparse.Namespace, settings: ScreeningSettings) -> int:
     except ServeError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # Ctrl-C: the usual way to stop it
+        log.info("review page stopped")
     return 0
 
 

@@ -3,7 +3,8 @@ reviewed report version and model-versus-grader agreement.
 
 Submodules: :mod:`.visits` (queue and sign-off rules), :mod:`.grading_csv` (bulk import),
 :mod:`.reviewed_report` (the re-rendered PDF), :mod:`.agreement` (audit statistics), :mod:`.text`
-(terminal output). Nothing here imports torch: the review page and its commands stay light.
+(terminal output). Torch is imported only to read a checkpoint's metadata for a reviewed report (the network
+itself is never loaded), so the review page and its commands stay light.
 """
 
 from screening.review.visits import (

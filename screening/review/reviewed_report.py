@@ -25,6 +25,9 @@ from screening.report import ReportContext, model_metrics_for_report, render_wit
 from screening.review.visits import ReviewError, Visit, load_visit, review_note
 
 log = logging.getLogger(__name__)
+# One render at a time per process: the review page serves from several threads, and WeasyPrint's cached
+# stylesheet and font configuration (screening.report) are shared objects not meant for concurrent use.
+_RENDER_LOCK = threading.Lock()
 
 
 @dataclass(frozen=True)
@@ -118,7 +121,8 @@ def render_reviewed_report(
         ctx = reviewed_context(visit, model, clinic_name, repo.next_report_version(session, exam_id))
         review_id = visit.current_review.id  # type: ignore[union-attr]  # reviewed_context checked it
     try:
-        path = render_with_retries(ctx, templates_dir, reports_dir, retries=retries)
+        with _RENDER_LOCK:
+            path = render_with_retries(ctx, templates_dir, reports_dir, retries=retries)
     except Exception as exc:
         with session_scope(factory) as session:
             repo.add_event(session, "report_failed", f"exam {exam_id} review {review_id}: {type(exc).__name__}: {exc}")
