@@ -36,10 +36,11 @@ from screening.config import ScreeningSettings
 from screening.db import reviews as rrepo
 from screening.db.models import Report, Result, ReviewSource, ReviewUser
 from screening.db.session import session_scope
-from screening.report import DME_GRADES, DR_GRADES, EYE_NAMES, LESION_LABELS, REFERRAL_LEVELS, EyeReview, ReportError
+from screening.report import EYE_NAMES, LESION_LABELS, REFERRAL_LEVELS, EyeReview, ReportError
 from screening.review.reviewed_report import ModelCatalog, render_reviewed_report
 from screening.review.visits import GRADER_REFERRALS, ReviewError, Visit, load_visit, recently_reviewed, review_queue, sign_off
 from screening.web.auth import LoginThrottle, verify_password
+from training.labels import DME_GRADES, DR_GRADES
 
 log = logging.getLogger("screening.web")
 

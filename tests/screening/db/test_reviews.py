@@ -6,7 +6,7 @@ from datetime import date, datetime, timezone
 
 import pytest
 from sqlalchemy import select
-from sqlalchemy.exc import IntegrityError, OperationalError
+from sqlalchemy.exc import IntegrityError
 
 from screening.db import init_db, make_engine, make_session_factory, session_scope
 from screening.db import repository as repo

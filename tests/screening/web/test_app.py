@@ -5,9 +5,7 @@ from __future__ import annotations
 
 import logging
 import re
-from pathlib import Path
 
-import pytest
 from sqlalchemy import select, update
 
 from screening.db import reviews as rrepo
