@@ -5,7 +5,6 @@ where they are missing."""
 
 from __future__ import annotations
 
-import os
 import shutil
 import threading
 import urllib.request
@@ -48,12 +47,12 @@ def server(worked):
 
 
 @pytest.fixture
-def browser(tmp_path):
+def browser(tmp_path, monkeypatch):
     webdriver = pytest.importorskip("selenium.webdriver")
     from selenium.webdriver.chrome.service import Service
 
-    os.environ["SE_OFFLINE"] = "true"  # Selenium Manager must never fetch a browser or driver
-    os.environ["SE_AVOID_STATS"] = "true"
+    monkeypatch.setenv("SE_OFFLINE", "true")  # Selenium Manager must never fetch a browser or driver
+    monkeypatch.setenv("SE_AVOID_STATS", "true")
     options = webdriver.ChromeOptions()
     options.binary_location = CHROMIUM
     for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--disable-background-networking",
@@ -69,7 +68,10 @@ def browser(tmp_path):
 def test_log_in_open_the_queue_correct_a_grade_and_get_the_reviewed_pdf(server, browser, tmp_path):
     from pypdf import PdfReader
     from selenium.webdriver.common.by import By
-    from selenium.webdriver.support.ui import Select
+    from selenium.webdriver.support import expected_conditions as EC
+    from selenium.webdriver.support.ui import Select, WebDriverWait
+
+    wait = WebDriverWait(browser, 60)  # a click returns before the next page has loaded: wait for it
 
     base, worked = server
     exam_id = worked.exams["P1"]
@@ -78,12 +80,12 @@ def test_log_in_open_the_queue_correct_a_grade_and_get_the_reviewed_pdf(server, 
     browser.find_element(By.ID, "username").send_keys("grey")
     browser.find_element(By.ID, "password").send_keys(PASSWORD)
     browser.find_element(By.ID, "login").click()
-
-    assert browser.current_url == f"{base}/queue"
+    wait.until(EC.url_to_be(f"{base}/queue"))
     rows = browser.find_elements(By.CSS_SELECTOR, "#queue tbody tr")
     assert len(rows) == 2 and "Signed in as Dr A. Grey" in browser.find_element(By.TAG_NAME, "header").text
     browser.find_element(By.LINK_TEXT, f"Visit {exam_id}").click()
-    assert browser.current_url == f"{base}/visits/{exam_id}"
+    wait.until(EC.url_to_be(f"{base}/visits/{exam_id}"))
+    wait.until(lambda b: b.execute_script("return document.readyState") == "complete")
     photos = browser.find_elements(By.CSS_SELECTOR, "figure.full img")
     assert len(photos) == 4 and all(browser.execute_script("return arguments[0].naturalWidth", img) > 0 for img in photos)
 
@@ -94,9 +96,10 @@ def test_log_in_open_the_queue_correct_a_grade_and_get_the_reviewed_pdf(server, 
     Select(browser.find_element(By.ID, "gradable_L")).select_by_value("no")
     browser.find_element(By.ID, "comment").send_keys("IRMA superotemporal <check>")
     browser.find_element(By.ID, "correct").click()
+    flash = wait.until(EC.visibility_of_element_located((By.CSS_SELECTOR, ".flash")))  # after the PDF is rendered
 
     assert browser.current_url == f"{base}/visits/{exam_id}"
-    assert "Signed off (corrected). The reviewed report is version 2." in browser.find_element(By.CSS_SELECTOR, ".flash").text
+    assert "Signed off (corrected). The reviewed report is version 2." in flash.text
     assert "corrected by Dr A. Grey" in browser.find_element(By.ID, "status").text
     assert "IRMA superotemporal <check>" in browser.find_element(By.ID, "history").text
     browser.set_window_size(1400, browser.execute_script("return document.body.scrollHeight") + 200)
