@@ -8,22 +8,28 @@ import argparse
 import getpass
 import logging
 import sys
+from collections.abc import Callable
 from datetime import date
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from .runtime import apply_worker_env
 
 apply_worker_env()  # before torch is imported below (see screening/runtime.py)
 
-from training.checkpoint import CheckpointError  # noqa: E402
-from training.config import ConfigError  # noqa: E402
+from training.api import CheckpointError, ConfigError  # noqa: E402
 
-from .config import ScreeningSettings, load_screening_settings
+from .config import ScreeningSettings, load_screening_settings  # noqa: E402
+
+if TYPE_CHECKING:
+    from sqlalchemy.orm import Session, sessionmaker
+
+    from .pipeline import Worker
 
 log = logging.getLogger("screening")
 
 
-def _session_factory(settings: ScreeningSettings):
+def _session_factory(settings: ScreeningSettings) -> sessionmaker[Session]:
     from .db import init_db, make_engine, make_session_factory
 
     engine = make_engine(settings.database)
@@ -39,7 +45,7 @@ def resolve_checkpoint(settings: ScreeningSettings, allow_demo: bool = True) -> 
         raise CheckpointError(f"checkpoint not found: {settings.checkpoint}; set [screening] checkpoint in the config")
     demo = settings.demo_checkpoint
     if not demo.is_file():
-        from training.demo import train_demo_model
+        from training.api import train_demo_model
 
         log.warning("no checkpoint at %s: training a DEMO model on synthetic images (about 3 minutes); "
                     "its reports are watermarked 'not for clinical use'", settings.checkpoint)
@@ -56,7 +62,7 @@ def templates_dir(config_path: Path) -> Path:
     return templates
 
 
-def make_worker(settings: ScreeningSettings, config_path: Path, allow_demo: bool = True):
+def make_worker(settings: ScreeningSettings, config_path: Path, allow_demo: bool = True) -> Worker:
     from .inference import Predictor
     from .pipeline import Worker
 
@@ -122,7 +128,7 @@ def _eye_code(text: str) -> str:
     return code
 
 
-def _render_reviewed(args: argparse.Namespace, settings: ScreeningSettings, factory, exam_id: int) -> bool:
+def _render_reviewed(args: argparse.Namespace, settings: ScreeningSettings, factory: sessionmaker[Session], exam_id: int) -> bool:
     from .report import ReportError
     from .review.reviewed_report import ModelCatalog, render_reviewed_report
     from .review.visits import ReviewError
@@ -410,7 +416,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger("weasyprint.progress").setLevel(logging.WARNING)  # seven "Step n" lines per report
     try:
         settings = load_screening_settings(args.config)
-        return args.func(args, settings)
+        command: Callable[[argparse.Namespace, ScreeningSettings], int] = args.func
+        return command(args, settings)
     except (ConfigError, CheckpointError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -4,11 +4,18 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import Field, ValidationError, field_validator
 
-from training.config import ConfigError, _Strict, format_validation_error, read_toml, resolve_paths
+from training.api import (
+    ConfigError,
+    StrictSettings,
+    format_validation_error,
+    parse_training_config,
+    read_toml,
+    resolve_paths,
+)
 
 DEFAULT_PATTERNS = (
     r"^(?P<patient>[A-Za-z]+\d+)_(?P<eye>L|R|OD|OS|left|right)$",
@@ -16,7 +23,7 @@ DEFAULT_PATTERNS = (
 )
 
 
-class ScreeningSettings(_Strict):
+class ScreeningSettings(StrictSettings):
     inbox: Path = Path("inbox")
     reports: Path = Path("reports")
     archive: Path = Path("archive")
@@ -67,7 +74,7 @@ class ScreeningSettings(_Strict):
         return self.database
 
 
-def parse_screening_settings(raw: dict, path: str | Path) -> ScreeningSettings:
+def parse_screening_settings(raw: dict[str, Any], path: str | Path) -> ScreeningSettings:
     path = Path(path)
     try:
         s = ScreeningSettings.model_validate(raw.get("screening", {}))
@@ -75,14 +82,12 @@ def parse_screening_settings(raw: dict, path: str | Path) -> ScreeningSettings:
         msg = format_validation_error(exc, path).replace("key '", "key 'screening.")
         raise ConfigError(msg) from None
     base = path.resolve().parent
-    s = resolve_paths(s, base)
-    return s.model_copy(update={"database": s.resolved_database(base)})
+    resolved: ScreeningSettings = resolve_paths(s, base)
+    return resolved.model_copy(update={"database": resolved.resolved_database(base)})
 
 
 def load_screening_settings(path: str | Path) -> ScreeningSettings:
     """Read ``config.toml`` once; the whole file is validated (training tables too) so typos anywhere fail."""
-    from training.config import parse_training_config
-
     raw = read_toml(path)
     parse_training_config(raw, path)
     return parse_screening_settings(raw, path)

@@ -9,12 +9,18 @@ from typing import Any
 import numpy as np
 import torch
 
-from training.checkpoint import load_model
-from training.data.transforms import channel_max, eval_transforms
-from training.engine import resolve_device
-from training.grader import apply_grader, features_of, uses_segmentation
-from training.metrics import referable_score
-from training.model import LESION_CODES, lesion_evidence
+from training.api import (
+    apply_grader,
+    eval_transforms,
+    features_of,
+    fundus_mask,
+    lesion_evidence,
+    load_model,
+    referable_score,
+    resolve_device,
+    uses_segmentation,
+)
+from training.common import LESION_CODES
 
 from .explain import head_cams
 from .report import grade_source, model_metrics_for_report
@@ -101,7 +107,7 @@ class Predictor:
 
     def run(self, batch: PreparedBatch) -> Any:
         """The forward pass of a prepared batch (None for an empty one)."""
-        return self.forward(batch.tensor) if batch.images else None
+        return self.forward(batch.tensor) if batch.tensor is not None else None
 
     def finish(self, batch: PreparedBatch, out: Any, explain: bool = True) -> list[ImagePrediction]:
         """Grades (from the heads, or the grader), masks, areas and Grad-CAM of the forward output ``out``."""
@@ -126,7 +132,7 @@ class Predictor:
             dr_cams = dme_cams = np.zeros((len(images), self.size, self.size), np.float32)
         preds = []
         for i, im in enumerate(images):
-            field = channel_max(im) > 12
+            field = fundus_mask(im)
             n_field = max(int(field.sum()), 1)
             areas = {code: float((seg[i, k] & field).sum()) / n_field for k, code in enumerate(LESION_CODES)}
             preds.append(ImagePrediction(

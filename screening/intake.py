@@ -19,10 +19,10 @@ How files reach the pipeline
 Only the top level of the inbox is considered: sub-folders, symlinks and other non-regular entries
 are skipped (not recursed into). Temporary/hidden names (see :func:`is_ignored`) are skipped until they
 are renamed. Regular files with an unsupported suffix are *not* skipped: they are returned like any
-other file and :func:`unsupported_reason` says why the pipeline should reject them.
+other file and :func:`check_supported` raises the :class:`~screening.rejection.Rejection` the pipeline records.
 
 Naming: :func:`parse_identity` reads ``patient``/``eye``/``date`` from the file stem using the
-configured ``filename_patterns``, and a sidecar ``<stem>.json`` (or ``<name>.json``) with keys
+configured ``filename_patterns`` (raising a :class:`~screening.rejection.Rejection` when it cannot), and a sidecar ``<stem>.json`` (or ``<name>.json``) with keys
 ``patient_id``, ``eye``, ``exam_date`` complements/overrides what the name gave. The sidecar is a
 companion of the image: the pipeline should move it together with the image (see :func:`sidecar_for`).
 """
@@ -40,11 +40,17 @@ import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import date
-from hashlib import sha256
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Literal, cast
+
+from training.common import MAX_ID_LENGTH, is_safe_id
+
+from .rejection import Rejection, RejectReason
 
 if TYPE_CHECKING:
+    from watchdog.events import FileSystemEvent, FileSystemEventHandler
+    from watchdog.observers.api import BaseObserver
+
     from screening.config import ScreeningSettings
 
 log = logging.getLogger(__name__)
@@ -53,17 +59,15 @@ __all__ = [
     "EMPTY_FILE_FACTOR",
     "SUPPORTED_SUFFIXES",
     "Identity",
-    "IdentityError",
     "InboxWatcher",
     "Intake",
     "StabilityTracker",
+    "check_supported",
     "is_ignored",
     "is_supported",
     "parse_identity",
-    "sha256_file",
     "sidecar_for",
     "sweep",
-    "unsupported_reason",
     "wait_until_stable",
 ]
 
@@ -75,7 +79,6 @@ EMPTY_FILE_FACTOR = 10.0
 
 _IGNORED_SUFFIXES = (".part", ".tmp", ".crdownload", ".partial", ".json")
 _IGNORED_NAMES = frozenset({"thumbs.db", "desktop.ini"})
-_PATIENT_ID_RE = re.compile(r"[A-Za-z0-9_-]{1,64}")
 _EYES = {"l": "L", "left": "L", "os": "L", "r": "R", "right": "R", "od": "R"}
 _SIDECAR_MAX_BYTES = 64 * 1024
 _NAMING_HINT = "name files like Patient001_L.jpg or <id>_<eye>_<yyyymmdd>.jpg"
@@ -103,15 +106,16 @@ def is_supported(path: str | os.PathLike[str]) -> bool:
     return Path(path).suffix.lower() in SUPPORTED_SUFFIXES
 
 
-def unsupported_reason(path: str | os.PathLike[str]) -> str | None:
-    """``None`` for a supported image suffix, otherwise a reason the pipeline can show when rejecting."""
+def check_supported(path: str | os.PathLike[str]) -> None:
+    """Raises a :class:`Rejection` (``unsupported_type``) unless the suffix is one of :data:`SUPPORTED_SUFFIXES`."""
     p = Path(path)
     if is_supported(p):
-        return None
+        return
     allowed = ", ".join(sorted(SUPPORTED_SUFFIXES))
     if not p.suffix:
-        return f"'{p.name}' has no file extension; supported image types are {allowed}"
-    return f"'{p.name}' has unsupported file type '{p.suffix}'; supported image types are {allowed}"
+        raise Rejection(RejectReason.UNSUPPORTED_TYPE, f"'{p.name}' has no file extension; supported image types are {allowed}")
+    raise Rejection(RejectReason.UNSUPPORTED_TYPE,
+                    f"'{p.name}' has unsupported file type '{p.suffix}'; supported image types are {allowed}")
 
 
 # ------------------------------------------------------------------------------------------ identity
@@ -124,25 +128,8 @@ class Identity:
     exam_date: date | None = None  # None: the pipeline uses the drop date
 
 
-class IdentityError(Exception):
-    """Why a file could not be identified. Returned (not raised) by :func:`parse_identity`."""
-
-    def __init__(self, path: str | os.PathLike[str], reason: str) -> None:
-        super().__init__(reason)
-        self.path = Path(path)
-        self.reason = reason
-
-    def __str__(self) -> str:
-        return self.reason
-
-    def __repr__(self) -> str:
-        return f"IdentityError({str(self.path)!r}, {self.reason!r})"
-
-    def __eq__(self, other: object) -> bool:
-        return isinstance(other, IdentityError) and (self.path, self.reason) == (other.path, other.reason)
-
-    def __hash__(self) -> int:
-        return hash((self.path, self.reason))
+def _unidentified(message: str) -> Rejection:
+    return Rejection(RejectReason.IDENTITY, message)
 
 
 def sidecar_for(path: str | os.PathLike[str]) -> Path | None:
@@ -154,10 +141,11 @@ def sidecar_for(path: str | os.PathLike[str]) -> Path | None:
     return None
 
 
-def _normalise_eye(value: object) -> str | None:
+def _normalise_eye(value: object) -> Literal["L", "R"] | None:
     if not isinstance(value, str):
         return None
-    return _EYES.get(value.strip().lower())
+    eye = _EYES.get(value.strip().lower())
+    return None if eye is None else cast(Literal["L", "R"], eye)
 
 
 def _parse_date(value: str) -> date | None:
@@ -189,30 +177,30 @@ def _match_patterns(stem: str, patterns: Sequence[str | re.Pattern[str]]) -> dic
     return None
 
 
-def _read_sidecar(path: Path, sidecar: Path) -> dict | IdentityError:
+def _read_sidecar(sidecar: Path) -> dict[str, object]:
     try:
         size = sidecar.stat().st_size
         if size > _SIDECAR_MAX_BYTES:
-            return IdentityError(path, f"sidecar {sidecar.name} is too large ({size} bytes; at most {_SIDECAR_MAX_BYTES})")
+            raise _unidentified(f"sidecar {sidecar.name} is too large ({size} bytes; at most {_SIDECAR_MAX_BYTES})")
         data = json.loads(sidecar.read_text(encoding="utf-8-sig"))
     except FileNotFoundError:
         return {}
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        return IdentityError(path, f"sidecar {sidecar.name} could not be read as JSON: {exc}")
+        raise _unidentified(f"sidecar {sidecar.name} could not be read as JSON: {exc}") from None
     if not isinstance(data, dict):
-        return IdentityError(path, f"sidecar {sidecar.name} must hold a JSON object with patient_id, eye, exam_date")
+        raise _unidentified(f"sidecar {sidecar.name} must hold a JSON object with patient_id, eye, exam_date")
     return data
 
 
-def parse_identity(
-    path: str | os.PathLike[str], patterns: Sequence[str | re.Pattern[str]]
-) -> Identity | IdentityError:
-    """Patient, eye and exam date of an image from its name and/or sidecar JSON.
+def parse_identity(path: str | os.PathLike[str], patterns: Sequence[str | re.Pattern[str]]) -> Identity:
+    """Patient, eye and exam date of an image from its name and/or sidecar JSON; raises a :class:`Rejection`
+    (``identity``) saying what is missing or invalid and how to name the file.
 
     The patterns are tried on the file stem in order (as written, then case-insensitively); groups
     ``patient``, ``eye``, ``date`` are used when present. A sidecar (:func:`sidecar_for`) with keys
     ``patient_id``, ``eye``, ``exam_date`` (``YYYY-MM-DD`` or null) overrides/complements the name.
-    The result is validated: patient id ``[A-Za-z0-9_-]{1,64}`` (so no path separators or ``..``),
+    The result is validated: patient id ``[A-Za-z0-9_-]{1,64}`` (:func:`training.common.is_safe_id`: no
+    path separators or ``..``),
     eye one of L/R/OD/OS/left/right (OD = right, OS = left), date a real calendar date.
     """
     p = Path(path)
@@ -224,16 +212,14 @@ def parse_identity(
 
     sidecar = sidecar_for(p)
     if sidecar is not None:
-        data = _read_sidecar(p, sidecar)
-        if isinstance(data, IdentityError):
-            return data
+        data = _read_sidecar(sidecar)
         for key, field in (("patient_id", "patient"), ("eye", "eye"), ("exam_date", "date")):
             if key in data and data[key] is not None:
                 value = data[key]
                 if key == "patient_id" and isinstance(value, int) and not isinstance(value, bool):
                     value = str(value)
                 if not isinstance(value, str):
-                    return IdentityError(p, f"sidecar {sidecar.name}: '{key}' must be a string, got {value!r}")
+                    raise _unidentified(f"sidecar {sidecar.name}: '{key}' must be a string, got {value!r}")
                 if field == "patient":
                     patient = value
                 elif field == "eye":
@@ -244,43 +230,26 @@ def parse_identity(
 
     if not patient:
         side = p.with_suffix(".json").name
-        return IdentityError(p, f"no patient id in the file name '{p.name}' and no sidecar {side}; {_NAMING_HINT}")
-    if not isinstance(patient, str) or not _PATIENT_ID_RE.fullmatch(patient):
-        return IdentityError(
-            p,
-            f"invalid patient id {patient!r} (from {source['patient']}): use 1-64 letters, digits, '_' or '-'",
+        raise _unidentified(f"no patient id in the file name '{p.name}' and no sidecar {side}; {_NAMING_HINT}")
+    if not isinstance(patient, str) or not is_safe_id(patient):
+        raise _unidentified(
+            f"invalid patient id {patient!r} (from {source['patient']}): use 1-{MAX_ID_LENGTH} letters, digits, '_' or '-'"
         )
 
     if not eye_raw:
-        return IdentityError(
-            p, f"no eye (L/R/OD/OS/left/right) in the file name '{p.name}' or its sidecar; {_NAMING_HINT}"
-        )
+        raise _unidentified(f"no eye (L/R/OD/OS/left/right) in the file name '{p.name}' or its sidecar; {_NAMING_HINT}")
     eye = _normalise_eye(eye_raw)
     if eye is None:
-        return IdentityError(
-            p, f"invalid eye {eye_raw!r} (from {source['eye']}): use L, R, OD (right), OS (left), left or right"
-        )
+        raise _unidentified(f"invalid eye {eye_raw!r} (from {source['eye']}): use L, R, OD (right), OS (left), left or right")
 
     exam_date: date | None = None
     if date_raw:
         exam_date = _parse_date(str(date_raw))
         if exam_date is None:
-            return IdentityError(
-                p, f"invalid exam date {date_raw!r} (from {source['date']}): expected a real date as YYYYMMDD or YYYY-MM-DD"
+            raise _unidentified(
+                f"invalid exam date {date_raw!r} (from {source['date']}): expected a real date as YYYYMMDD or YYYY-MM-DD"
             )
-    return Identity(patient_id=patient, eye=eye, exam_date=exam_date)  # type: ignore[arg-type]
-
-
-# -------------------------------------------------------------------------------------------- hashing
-
-
-def sha256_file(path: str | os.PathLike[str], chunk: int = 1 << 20) -> str:
-    """Hex SHA-256 of a file, read in ``chunk``-byte blocks."""
-    h = sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
+    return Identity(patient_id=patient, eye=eye, exam_date=exam_date)
 
 
 # ------------------------------------------------------------------------------------------ stability
@@ -416,25 +385,25 @@ def _event_path(raw: str | bytes) -> Path:
     return Path(os.fsdecode(raw))
 
 
-def _make_handler(enqueue: Callable[[Path], None]):
+def _make_handler(enqueue: Callable[[Path], None]) -> FileSystemEventHandler:
     from watchdog.events import FileSystemEventHandler
 
     class _EnqueueHandler(FileSystemEventHandler):
         """Only enqueues paths; all work happens in the consumer thread."""
 
-        def on_created(self, event) -> None:
+        def on_created(self, event: FileSystemEvent) -> None:
             if not event.is_directory:
                 enqueue(_event_path(event.src_path))
 
-        def on_modified(self, event) -> None:
+        def on_modified(self, event: FileSystemEvent) -> None:
             if not event.is_directory:
                 enqueue(_event_path(event.src_path))
 
-        def on_closed(self, event) -> None:  # inotify close-after-write: a good "maybe done" hint
+        def on_closed(self, event: FileSystemEvent) -> None:  # inotify close-after-write: a good "maybe done" hint
             if not event.is_directory:
                 enqueue(_event_path(event.src_path))
 
-        def on_moved(self, event) -> None:
+        def on_moved(self, event: FileSystemEvent) -> None:
             if not event.is_directory and event.dest_path:
                 enqueue(_event_path(event.dest_path))
 
@@ -462,7 +431,7 @@ class InboxWatcher:
         self.poll_interval = float(poll_interval)
         self.active_kind: str | None = None
         self._queue: queue.SimpleQueue[Path] = queue.SimpleQueue()
-        self._observer = None
+        self._observer: BaseObserver | None = None
         self._lock = threading.Lock()
 
     @classmethod
@@ -472,7 +441,7 @@ class InboxWatcher:
     def _enqueue(self, path: Path) -> None:
         self._queue.put(path)
 
-    def _new_observer(self, kind: str):
+    def _new_observer(self, kind: str) -> BaseObserver:
         if kind == "polling":
             from watchdog.observers.polling import PollingObserver
 

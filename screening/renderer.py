@@ -51,17 +51,19 @@ class RenderJob:
 @dataclass(frozen=True)
 class RenderResult:
     key: int
-    path: Path | None  # the published report_v<N>.pdf, or None when rendering failed
+    version: int  # the report version this job was for: the one written when ``path`` is set
+    path: Path | None  # the published report_v<version>.pdf, or None when rendering failed
     error: str | None = None  # what went wrong, when path is None
 
 
 def render_job(job: RenderJob) -> RenderResult:
     """Render one job; any failure becomes a result with the error's type and message."""
+    version = job.ctx.report_version
     try:
         path = render_with_retries(job.ctx, job.templates_dir, job.reports_dir, retries=job.retries, delay=job.retry_delay)
     except Exception as exc:  # noqa: BLE001 - reported back to the worker, which records it and retries later
-        return RenderResult(job.key, None, f"{type(exc).__name__}: {exc}")
-    return RenderResult(job.key, path)
+        return RenderResult(job.key, version, None, f"{type(exc).__name__}: {exc}")
+    return RenderResult(job.key, version, path)
 
 
 class Renderer(Protocol):
@@ -114,7 +116,7 @@ class ProcessRenderer:
         self._proc: subprocess.Popen[bytes] | None = None
         self._reader: threading.Thread | None = None
         self._lock = threading.Lock()
-        self._outstanding: set[int] = set()
+        self._outstanding: dict[int, int] = {}  # job key -> its report version
         self._done: queue.SimpleQueue[RenderResult] = queue.SimpleQueue()
 
     # -- child lifecycle
@@ -143,23 +145,23 @@ class ProcessRenderer:
                 result = pickle.load(proc.stdout)
             except EOFError:  # the child is gone
                 break
-            except Exception:  # noqa: BLE001 - a broken stream: stop this child, its jobs are failed below
+            except Exception:
                 log.exception("report renderer sent something unreadable; restarting it")
                 proc.kill()
                 break
             with self._lock:
-                self._outstanding.discard(result.key)
+                self._outstanding.pop(result.key, None)
             self._done.put(result)
         code = proc.wait()
         self._fail_outstanding(f"the report renderer process exited (exit code {code}) before finishing this report")
 
     def _fail_outstanding(self, reason: str) -> None:
         with self._lock:
-            lost, self._outstanding = sorted(self._outstanding), set()
+            lost, self._outstanding = sorted(self._outstanding.items()), {}
         if lost:
             log.error("report renderer: %s; %d report(s) will be retried", reason, len(lost))
-        for key in lost:
-            self._done.put(RenderResult(key, None, reason))
+        for key, version in lost:
+            self._done.put(RenderResult(key, version, None, reason))
 
     # -- jobs
     def submit(self, job: RenderJob) -> None:
@@ -167,16 +169,16 @@ class ProcessRenderer:
         proc = self._proc
         assert proc is not None and proc.stdin is not None
         with self._lock:
-            self._outstanding.add(job.key)
+            self._outstanding[job.key] = job.ctx.report_version
         try:
             proc.stdin.write(pickle.dumps(job, protocol=pickle.HIGHEST_PROTOCOL))
             proc.stdin.flush()
         except (BrokenPipeError, OSError, ValueError) as exc:  # the child died (the reader fails its other jobs)
             with self._lock:
-                lost = job.key in self._outstanding
-                self._outstanding.discard(job.key)
+                lost = self._outstanding.pop(job.key, None) is not None
             if lost:
-                self._done.put(RenderResult(job.key, None, f"the report renderer process is gone ({type(exc).__name__})"))
+                self._done.put(RenderResult(job.key, job.ctx.report_version, None,
+                                            f"the report renderer process is gone ({type(exc).__name__})"))
 
     def results(self, timeout: float = 0.0) -> list[RenderResult]:
         out: list[RenderResult] = []

@@ -6,33 +6,34 @@ Public API
 - :class:`ReviewNote`, :class:`EyeReview`: a clinician's sign-off, printed beside the model's answers on a reviewed version.
 - :data:`LESION_COLOURS` (``screening.legend.LESION_COLOURS_RGB``), :data:`LESION_LABELS`: legend colours and names.
 - :func:`referral_recommendation`: the worse-eye referral rule (one table, :data:`REFERRAL_LEVELS`).
-- :func:`safe_patient_dir_name`: a patient id made safe for use as a folder name.
-- :func:`render_html`, :func:`render_pdf`, :func:`render_with_retries`; :class:`ReportError`.
+- :func:`report_folder`, :func:`existing_versions`: where an exam's reports go and which versions are there.
+- :func:`render_html`, :func:`render_pdf`, :func:`render_with_retries`; :class:`ReportError`,
+  :class:`ReportVersionTaken`.
 
-Files are written as ``reports_dir/<safe patient id>/<exam date ISO>/report_v<N>.pdf``; earlier versions are
-never overwritten and ``latest.pdf`` beside them is a copy of the newest one. Every file is published atomically
-(temporary file in the same folder, fsync, then link/replace), so a reader never sees a half-written PDF.
+Files are written as ``reports_dir/<safe patient id>/<exam date ISO>/report_v<N>.pdf``
+(:func:`training.common.safe_id` makes the folder name); ``latest.pdf`` beside them is a copy of the newest
+one. N is ``ReportContext.report_version``, decided by the caller (the worker's report stage, from the
+database, the reports on their way and the files on disk); this module only publishes it, and never
+over an earlier report. Every file is published atomically (:func:`training.common.atomic_write`), so a
+reader never sees a half-written PDF.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import functools
-import hashlib
 import logging
-import os
 import re
-import tempfile
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import date, datetime
 from pathlib import Path
-from typing import Literal, Sequence
+from typing import Any, Literal, Sequence
 
 from jinja2 import Environment, FileSystemLoader, StrictUndefined
 
 from screening.legend import LESION_COLOURS_RGB
-from training.labels import DME_GRADES, DR_GRADES, LESION_CODES
+from training.common import DME_GRADES, DR_GRADES, LESION_CODES, LESION_NAMES, atomic_write_bytes, safe_id
 
 log = logging.getLogger(__name__)
 
@@ -43,13 +44,7 @@ RESEARCH_STATUS = "research model, not clinically validated"
 # Overlay colours (RGB): the very dict screening.explain draws the lesion overlay with, so the legend always
 # matches the picture. MA red, HE maroon, EX yellow, SE light blue, OD green.
 LESION_COLOURS: dict[str, tuple[int, int, int]] = LESION_COLOURS_RGB
-LESION_LABELS: dict[str, str] = {
-    "MA": "Microaneurysms",
-    "HE": "Haemorrhages",
-    "EX": "Hard exudates",
-    "SE": "Soft exudates",
-    "OD": "Optic disc",
-}
+LESION_LABELS: dict[str, str] = LESION_NAMES
 if not tuple(LESION_COLOURS) == tuple(LESION_LABELS) == LESION_CODES:
     raise ImportError(f"lesion colour/label tables {tuple(LESION_COLOURS)} out of sync with the model's {LESION_CODES}")
 
@@ -59,6 +54,11 @@ EYE_ORDER = ("R", "L")
 
 class ReportError(RuntimeError):
     """Rendering a report failed (after all retries); the message names the patient and the exam."""
+
+
+class ReportVersionTaken(FileExistsError):
+    """The report file of the requested version exists already: it is never overwritten. Not retried;
+    the caller decides a new version (the worker's catch-up does, seeing the file on disk)."""
 
 
 # --------------------------------------------------------------------------------------------------- data
@@ -192,7 +192,7 @@ class ReportContext:
         return next((e for e in self.eyes if e.eye == code), None)
 
 
-def model_metrics_for_report(meta: dict) -> dict[str, float | str]:
+def model_metrics_for_report(meta: Mapping[str, Any]) -> dict[str, float | str]:
     """A checkpoint's headline metrics (its metadata, as ``training.checkpoint`` stores it), labelled for the
     report's model section. Here rather than in the predictor so that a reviewed version, rendered without
     loading the model, describes it in the same words."""
@@ -215,7 +215,7 @@ def model_metrics_for_report(meta: dict) -> dict[str, float | str]:
     return out
 
 
-def grade_source(meta: dict) -> str:
+def grade_source(meta: Mapping[str, Any]) -> str:
     """What produced the DR grade and DME risk, in words for the report (from the checkpoint's metadata)."""
     if "grader" in meta:
         return "lesion-evidence regression on image measurements"
@@ -314,46 +314,26 @@ def referral_recommendation(eyes: Sequence[EyeFinding]) -> Referral:
 
 # -------------------------------------------------------------------------------------------------- paths
 
-_UNSAFE = re.compile(r"[^A-Za-z0-9_-]")
-_MAX_ID_LEN = 64
 
-
-def safe_patient_dir_name(patient_id: str) -> str:
-    """A folder name for a patient id: only [A-Za-z0-9_-]; anything else becomes '_'.
-
-    When characters had to be replaced (or the id was shortened), an 8-hex-digit hash of the original id is
-    appended, so two different ids such as ``a/b`` and ``a_b`` never share a folder.
-    """
-    if not isinstance(patient_id, str) or not patient_id.strip():
-        raise ValueError("patient id is empty")
-    cleaned = _UNSAFE.sub("_", patient_id.strip())
-    if cleaned == patient_id and len(cleaned) <= _MAX_ID_LEN:
-        return cleaned
-    digest = hashlib.sha256(patient_id.encode("utf-8")).hexdigest()[:8]
-    return f"{cleaned[:_MAX_ID_LEN]}-{digest}"
-
-
-def report_dir(ctx: ReportContext, reports_dir: Path) -> Path:
+def report_folder(reports_dir: Path | str, patient_id: str, exam_date: date) -> Path:
     """``reports_dir/<safe patient id>/<exam date ISO>``; guaranteed to lie inside ``reports_dir``."""
     root = Path(reports_dir).resolve()
-    out = (root / safe_patient_dir_name(ctx.patient_id) / ctx.exam_date.isoformat()).resolve()
+    out = (root / safe_id(patient_id) / exam_date.isoformat()).resolve()
     if not out.is_relative_to(root):  # cannot happen with the sanitised name; belt and braces
         raise ValueError(f"report folder {out} escapes {root}")
     return out
 
 
+def report_dir(ctx: ReportContext, reports_dir: Path) -> Path:
+    """The folder of ``ctx``'s exam (:func:`report_folder`)."""
+    return report_folder(reports_dir, ctx.patient_id, ctx.exam_date)
+
+
 _VERSION_RE = re.compile(r"^report_v(\d+)\.pdf$")
 
 
-def report_version_of(path: Path | str) -> int:
-    """The version number of a ``report_v<N>.pdf`` path."""
-    m = _VERSION_RE.match(Path(path).name)
-    if m is None:
-        raise ValueError(f"{path} is not a report_v<N>.pdf file")
-    return int(m.group(1))
-
-
 def existing_versions(folder: Path) -> list[int]:
+    """The versions of the ``report_v<N>.pdf`` files in ``folder``, ascending (none when it is absent)."""
     if not folder.is_dir():
         return []
     return sorted(int(m.group(1)) for p in folder.iterdir() if (m := _VERSION_RE.match(p.name)))
@@ -394,7 +374,7 @@ def _rgb(c: tuple[int, int, int]) -> str:
     return "#{:02x}{:02x}{:02x}".format(*c)
 
 
-def _eye_review_view(e: EyeFinding, r: EyeReview | None) -> dict | None:
+def _eye_review_view(e: EyeFinding, r: EyeReview | None) -> dict[str, object] | None:
     """What the grader said about this eye, beside the model's answer (None: no review of this eye)."""
     if r is None:
         return None
@@ -409,7 +389,7 @@ def _eye_review_view(e: EyeFinding, r: EyeReview | None) -> dict | None:
     }
 
 
-def _review_view(ctx: ReportContext, model_referral: Referral) -> dict | None:
+def _review_view(ctx: ReportContext, model_referral: Referral) -> dict[str, object] | None:
     r = ctx.review
     if r is None:
         return None
@@ -425,7 +405,7 @@ def _review_view(ctx: ReportContext, model_referral: Referral) -> dict | None:
     }
 
 
-def _eye_view(e: EyeFinding, review: EyeReview | None = None) -> dict:
+def _eye_view(e: EyeFinding, review: EyeReview | None = None) -> dict[str, object]:
     return {
         "code": e.eye,
         "name": e.eye_name,
@@ -511,54 +491,13 @@ def template_variables(ctx: ReportContext, templates_dir: Path, link_stylesheet:
     )
 
 
-def _fsync_dir(folder: Path) -> None:
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def _write_temp(folder: Path, data: bytes, prefix: str) -> Path:
-    fd, tmp = tempfile.mkstemp(prefix=prefix, suffix=".tmp", dir=folder)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return Path(tmp)
-
-
-def _publish_new(tmp: Path, final: Path) -> None:
-    """Move ``tmp`` to ``final`` atomically, failing with FileExistsError rather than overwriting."""
-    try:
-        os.link(tmp, final)  # atomic and never clobbers
-    except FileExistsError:
-        tmp.unlink(missing_ok=True)
-        raise
-    except OSError:  # filesystem without hard links: check, then replace
-        if final.exists():
-            tmp.unlink(missing_ok=True)
-            raise FileExistsError(final) from None
-        os.replace(tmp, final)
-    else:
-        tmp.unlink()
-
-
 def render_pdf(ctx: ReportContext, templates_dir: Path | str, reports_dir: Path | str) -> Path:
-    """Render the PDF and publish it as a new version; returns the path of ``report_v<N>.pdf``.
+    """Render the PDF and publish it as ``report_v<ctx.report_version>.pdf``; returns its path.
 
-    N is ``ctx.report_version``, or one more than the highest version already on disk if that is larger, so
-    an earlier report is never overwritten; the version printed in the PDF always matches its file name.
-    ``latest.pdf`` in the same folder is atomically replaced by a copy of the new version.
+    The version is the caller's: the one printed in the PDF is the one in its name. An existing file of that
+    version is never replaced: :class:`ReportVersionTaken` is raised instead (checked before rendering, and
+    again atomically when publishing, in case another writer took the name meanwhile). ``latest.pdf`` in the
+    same folder is atomically replaced by a copy, unless a newer version is already there.
     """
     from weasyprint import HTML  # imported lazily: it is slow to import
 
@@ -571,27 +510,21 @@ def render_pdf(ctx: ReportContext, templates_dir: Path | str, reports_dir: Path 
     css, fonts = _stylesheet(css_path, (st.st_mtime_ns, st.st_size))
     folder = report_dir(ctx, Path(reports_dir))
     folder.mkdir(parents=True, exist_ok=True)
-    for _ in range(100):  # another writer may take a version number while we render
-        version = max(int(ctx.report_version), max(existing_versions(folder), default=0) + 1)
-        vctx = dataclasses.replace(ctx, report_version=version)
-        html = render_html(vctx, templates_dir, link_stylesheet=False)
-        pdf = HTML(string=html, base_url=str(templates_dir)).write_pdf(stylesheets=[css], font_config=fonts)
-        final = folder / f"report_v{version}.pdf"
-        tmp = _write_temp(folder, pdf, f".report_v{version}.")
-        try:
-            _publish_new(tmp, final)
-        except FileExistsError:
-            log.warning("report %s appeared while rendering; trying the next version", final)
-            continue
-        latest_tmp = _write_temp(folder, pdf, ".latest.")
-        if version >= max(existing_versions(folder), default=0):
-            os.replace(latest_tmp, folder / "latest.pdf")
-        else:  # a newer version was published meanwhile; leave latest.pdf pointing at that one
-            latest_tmp.unlink(missing_ok=True)
-        _fsync_dir(folder)
-        log.debug("wrote report %s", final)
-        return final
-    raise RuntimeError(f"could not find a free report version in {folder}")
+    version = int(ctx.report_version)
+    final = folder / f"report_v{version}.pdf"
+    taken = f"{final} exists already (reports are never overwritten); render it as a new version"
+    if final.exists():
+        raise ReportVersionTaken(taken)
+    html = render_html(ctx, templates_dir, link_stylesheet=False)
+    pdf = HTML(string=html, base_url=str(templates_dir)).write_pdf(stylesheets=[css], font_config=fonts)
+    try:
+        atomic_write_bytes(final, pdf, overwrite=False)
+    except FileExistsError:
+        raise ReportVersionTaken(taken) from None
+    if version >= max(existing_versions(folder), default=0):
+        atomic_write_bytes(folder / "latest.pdf", pdf)
+    log.debug("wrote report %s", final)
+    return final
 
 
 def render_with_retries(
@@ -603,7 +536,7 @@ def render_with_retries(
 ) -> Path:
     """``render_pdf`` with up to ``retries`` attempts (at least one), sleeping ``delay * attempt`` in between.
 
-    Invalid input (ValueError) is not retried. After the last failure a :class:`ReportError` naming the patient
+    Invalid input (ValueError) and a version that is taken (:class:`ReportVersionTaken`) are not retried. After the last failure a :class:`ReportError` naming the patient
     and the exam date is raised, chained to the last exception.
     """
     attempts = max(1, int(retries))
@@ -611,7 +544,7 @@ def render_with_retries(
     for attempt in range(1, attempts + 1):
         try:
             return render_pdf(ctx, templates_dir, reports_dir)
-        except ValueError as exc:
+        except (ValueError, ReportVersionTaken) as exc:
             last = exc
             break
         except Exception as exc:  # noqa: BLE001 - anything from WeasyPrint or the filesystem
@@ -629,7 +562,7 @@ def render_with_retries(
 __all__ = [
     "DEMO_WATERMARK", "EYE_NAMES", "LESION_COLOURS", "LESION_LABELS", "NO_GRADE_LEVELS", "REFERRAL_LEVELS",
     "REFER_LEVELS", "RESEARCH_STATUS", "EyeFinding", "EyeReview", "Referral", "ReferralLevel", "ReportContext",
-    "ReportError", "ReviewNote", "existing_versions", "grade_source", "model_metrics_for_report",
-    "referral_recommendation", "render_html", "render_pdf", "render_with_retries", "report_dir", "report_version_of",
-    "safe_patient_dir_name", "template_variables",
+    "ReportError", "ReportVersionTaken", "ReviewNote", "existing_versions", "grade_source", "model_metrics_for_report",
+    "referral_recommendation", "render_html", "render_pdf", "render_with_retries", "report_dir", "report_folder",
+    "template_variables",
 ]

@@ -132,7 +132,8 @@ def referable_score(dr_probs: Any, dme_probs: Any) -> np.ndarray:
     dr = _probs("dr_probs", dr_probs, NUM_DR_GRADES)
     dme = _probs("dme_probs", dme_probs, NUM_DME_GRADES)
     _same_length(dr_probs=dr, dme_probs=dme)
-    return np.clip(1.0 - (dr[:, 0] + dr[:, 1]) * dme[:, 0], 0.0, 1.0)
+    score: np.ndarray = np.clip(1.0 - (dr[:, 0] + dr[:, 1]) * dme[:, 0], 0.0, 1.0)
+    return score
 
 
 def _known_binary(y_true: Any, score: Any) -> tuple[np.ndarray, np.ndarray]:
@@ -372,9 +373,9 @@ def segmentation_metrics(
             continue
         pr = p[sel, li] >= threshold
         axes = (1, 2)
-        inter = np.sum(gt & pr, axis=axes, dtype=np.int64)
-        g = np.sum(gt, axis=axes, dtype=np.int64)
-        q = np.sum(pr, axis=axes, dtype=np.int64)
+        inter = np.asarray(np.sum(gt & pr, axis=axes, dtype=np.int64))
+        g = np.asarray(np.sum(gt, axis=axes, dtype=np.int64))
+        q = np.asarray(np.sum(pr, axis=axes, dtype=np.int64))
         union = g + q - inter
         y, s, w = _pixel_sample(p[sel, li], gt, max_pixels, seed + li)
         present = g > 0
@@ -463,7 +464,7 @@ def per_patient(patients: Sequence[str], y_true: Any, score: Any) -> tuple[np.nd
 
 # ---------------------------------------------------------------------------------- bootstrap
 def grouped_bootstrap_ci(
-    metric_fn: Callable[..., Any], groups: Sequence[str], *arrays: Any, n_boot: int = 1000, seed: int = 0,
+    metric_fn: Callable[..., Any], groups: Sequence[str] | np.ndarray, *arrays: Any, n_boot: int = 1000, seed: int = 0,
     alpha: float = 0.05,
 ) -> tuple[float | None, float | None]:
     """Like :func:`bootstrap_ci`, but resampling whole groups (patients): both eyes of a resampled patient

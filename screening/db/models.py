@@ -32,6 +32,8 @@ from sqlalchemy.engine import Dialect
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 from sqlalchemy.types import TypeDecorator
 
+from training.common import LESION_CODES, LESION_KEYS
+
 # Stable constraint names so that Alembic batch migrations on SQLite can find and alter them.
 NAMING_CONVENTION = {
     "ix": "ix_%(column_0_label)s",
@@ -72,7 +74,8 @@ class ReviewSource(StrEnum):
     IMPORT = "import"  # a grading centre's CSV (dr-screen review import)
 
 
-LESION_KEYS = ("ma", "he", "ex", "se", "od")  # microaneurysms, haemorrhages, hard/soft exudates, optic disc
+# The lesion vocabulary's lower-case codes name the area columns: area_ma, area_he, area_ex, area_se, area_od.
+LESION_COLUMNS: dict[str, str] = {code: f"area_{key}" for code, key in zip(LESION_CODES, LESION_KEYS)}
 
 
 def utcnow() -> datetime:
@@ -238,7 +241,13 @@ class Result(Base):
 
     @property
     def areas(self) -> dict[str, float]:
+        """Lesion areas keyed by lower-case code (``ma`` ... ``od``), as the columns are named."""
         return {k: getattr(self, f"area_{k}") for k in LESION_KEYS}
+
+    @property
+    def lesion_areas(self) -> dict[str, float]:
+        """Lesion areas keyed by lesion code (``MA`` ... ``OD``), as the model and the report name them."""
+        return {code: getattr(self, column) for code, column in LESION_COLUMNS.items()}
 
     def __repr__(self) -> str:
         return (
@@ -387,12 +396,13 @@ def append_only_triggers(table: str) -> list[str]:
 
 for _table in APPEND_ONLY_TABLES:
     for _sql in append_only_triggers(_table):
-        event.listen(Base.metadata.tables[_table], "after_create", DDL(_sql).execute_if(dialect="sqlite"))
+        event.listen(Base.metadata.tables[_table], "after_create",
+                     DDL(_sql).execute_if(dialect="sqlite"))  # type: ignore[no-untyped-call]  # SQLAlchemy's DDL is untyped
 
 
 __all__ = [
     "APPEND_ONLY_TABLES",
-    "LESION_KEYS",
+    "LESION_COLUMNS",
     "Base",
     "Drop",
     "DropOutcome",

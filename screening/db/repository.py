@@ -7,14 +7,16 @@ must be timezone-aware; they are stored as UTC.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from datetime import date, datetime
 from os import PathLike
+from typing import Any
 
-from sqlalchemy import Select, case, func, or_, select
+from sqlalchemy import case, func, or_, select
 from sqlalchemy.orm import Session
 
 from screening.db.models import (
+    LESION_COLUMNS,
     Drop,
     DropOutcome,
     Event,
@@ -42,19 +44,21 @@ def _check(value: str, allowed: type[ImageState] | type[DropOutcome] | type[Eye]
         raise ValueError(f"unknown {what} {value!r}; expected one of {[v.value for v in allowed]}") from None
 
 
-def _insert_if_absent(session: Session, model: type, values: dict, key: Sequence[str]) -> None:
+def _insert_if_absent(session: Session, model: type[Patient] | type[Exam], values: dict[str, Any], key: Sequence[str]) -> None:
     """INSERT ... ON CONFLICT DO NOTHING where the dialect has it, so two workers racing to create the
     same patient/exam both succeed without a savepoint; elsewhere the caller's select-then-add decides."""
     name = session.get_bind().dialect.name
     if name == "sqlite":
-        from sqlalchemy.dialects.sqlite import insert
+        from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+
+        session.execute(sqlite_insert(model).values(**values).on_conflict_do_nothing(index_elements=list(key)))
     elif name == "postgresql":
-        from sqlalchemy.dialects.postgresql import insert
+        from sqlalchemy.dialects.postgresql import insert as postgresql_insert
+
+        session.execute(postgresql_insert(model).values(**values).on_conflict_do_nothing(index_elements=list(key)))
     else:
         session.add(model(**values))
         session.flush()
-        return
-    session.execute(insert(model).values(**values).on_conflict_do_nothing(index_elements=list(key)))
 
 
 # --- patients and exams -------------------------------------------------------------------------
@@ -154,6 +158,29 @@ def record_drop(
     return drop
 
 
+def unfiled_drops(session: Session, *, sha256: str | None = None, source_name: str | None = None) -> list[Drop]:
+    """Duplicate and rejected drops whose file has not been moved out of the inbox yet, oldest first.
+
+    The worker records such a drop and commits, then moves the file, then logs an event of the drop's outcome
+    kind (``duplicate`` / ``rejected``) with the drop's id (``screening.stages.filing``). A drop without that
+    event was interrupted between its commit and its move. Drops without an image (none are written any
+    more) count as filed. ``sha256`` / ``source_name`` narrow the search to one file.
+    """
+    closing = (
+        select(Event.id)
+        .where(Event.image_id == Drop.image_id, Event.drop_id == Drop.id, Event.kind == Drop.outcome)
+        .exists()
+    )
+    stmt = select(Drop).where(
+        Drop.outcome.in_([DropOutcome.DUPLICATE.value, DropOutcome.REJECTED.value]), Drop.image_id.is_not(None), ~closing
+    )
+    if sha256 is not None:
+        stmt = stmt.where(Drop.sha256 == sha256.lower())
+    if source_name is not None:
+        stmt = stmt.where(Drop.source_name == source_name)
+    return list(session.scalars(stmt.order_by(Drop.id)))
+
+
 def add_event(
     session: Session,
     kind: str,
@@ -205,11 +232,7 @@ def add_result(
     dme_probs: Sequence[float],
     referable_score: float,
     referable: bool,
-    area_ma: float = 0.0,
-    area_he: float = 0.0,
-    area_ex: float = 0.0,
-    area_se: float = 0.0,
-    area_od: float = 0.0,
+    lesion_areas: Mapping[str, float] | None = None,
     mask_dir: PathStr | None = None,
     overlay_path: PathStr | None = None,
     dr_cam_path: PathStr | None = None,
@@ -219,7 +242,12 @@ def add_result(
     created_at: datetime | None = None,
 ) -> Result:
     """Store the model output for ``image`` (one per image; a second raises IntegrityError on flush).
+    ``lesion_areas`` is keyed by lesion code (``MA`` ... ``OD``; a missing code stores 0).
     Does not change the image state: call :func:`set_state` (``done``) in the same unit of work."""
+    areas = dict(lesion_areas or {})
+    unknown = set(areas) - set(LESION_COLUMNS)
+    if unknown:
+        raise ValueError(f"unknown lesion codes {sorted(unknown)}; expected some of {list(LESION_COLUMNS)}")
     result = Result(
         image=image,
         model_version=model_version,
@@ -230,11 +258,7 @@ def add_result(
         dme_probs=[float(p) for p in dme_probs],
         referable_score=float(referable_score),
         referable=bool(referable),
-        area_ma=float(area_ma),
-        area_he=float(area_he),
-        area_ex=float(area_ex),
-        area_se=float(area_se),
-        area_od=float(area_od),
+        **{column: float(areas.get(code, 0.0)) for code, column in LESION_COLUMNS.items()},
         mask_dir=_path(mask_dir),
         overlay_path=_path(overlay_path),
         dr_cam_path=_path(dr_cam_path),
@@ -255,7 +279,7 @@ def exam_images_with_results(
     """The exam's images with their results, right eye first then left (then unknown eye), oldest first.
     By default only images that have a Result; ``include_pending=True`` adds the others with ``None``."""
     eye_order = case((Image.eye == Eye.RIGHT.value, 0), (Image.eye == Eye.LEFT.value, 1), else_=2)
-    stmt: Select = (
+    stmt = (
         select(Image, Result)
         .join(Result, Result.image_id == Image.id, isouter=include_pending)
         .where(Image.exam_id == exam_id)
@@ -352,4 +376,5 @@ __all__ = [
     "next_report_version",
     "record_drop",
     "set_state",
+    "unfiled_drops",
 ]

@@ -15,8 +15,8 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session, selectinload
 
 from screening.db.models import (
-    Eye,
     Exam,
+    Eye,
     Image,
     Report,
     Result,

@@ -136,7 +136,10 @@ def _reviewed_at(raw: str, line: int, errors: list[LineError]) -> datetime | Non
 
 def _parse_line(n: int, row: dict[str, str], default_reviewer: str | None, errors: list[LineError]) -> GradingLine | None:
     before = len(errors)
-    get = lambda c: (row.get(c) or "").strip()  # noqa: E731
+
+    def get(column: str) -> str:
+        return (row.get(column) or "").strip()
+
     patient = get("patient")
     if not patient:
         errors.append(LineError(n, "patient", "empty: give the patient id as in the photo's file name"))
@@ -180,8 +183,11 @@ def _parse_line(n: int, row: dict[str, str], default_reviewer: str | None, error
     if len(errors) > before:
         return None
     assert eye is not None and exam_date is not None
-    answer = (EyeReview(eye, True, int(dr), int(dme)) if gradable  # type: ignore[arg-type]
-              else EyeReview(eye, False, None, None))  # type: ignore[arg-type]
+    if gradable:
+        assert isinstance(dr, int) and isinstance(dme, int)  # checked above: both given, neither 'U'
+        answer = EyeReview(eye, True, dr, dme)
+    else:
+        answer = EyeReview(eye, False, None, None)
     return GradingLine(n, patient, exam_date, answer, referral, reviewer, reviewed_at, comment)
 
 
@@ -214,7 +220,7 @@ def read_grading_csv(path: Path, default_reviewer: str | None = None) -> tuple[l
     for row in reader:
         n, start = start, reader.line_num + 1  # the line the record starts on (a quoted field may span lines)
         if None in row:
-            errors.append(LineError(n, None, f"{len(row[None])} more value(s) than the header has columns"))  # type: ignore[index]
+            errors.append(LineError(n, None, f"{len(row[None])} more value(s) than the header has columns"))
             continue
         if not any((v or "").strip() for v in row.values()):
             continue

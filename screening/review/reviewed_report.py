@@ -1,9 +1,9 @@
 """The reviewed version of a visit's report: after a sign-off, the PDF is rendered again as a new version
 that says who reviewed it and when, with each correction beside the model's answer.
 
-It is rendered where the sign-off is made (the review page or the command line), without the worker and
-without loading the network: the model's description (version, status, validation metrics) comes from the
-checkpoint whose SHA-256 the visit's results carry, read as metadata only.
+It is rendered where the sign-off is made (the review page or the command line), without the worker: the
+model's description (version, status, validation metrics) comes from the checkpoint whose SHA-256 the
+visit's results carry, read once per file version (its network is built to read it, then dropped).
 """
 
 from __future__ import annotations
@@ -21,13 +21,22 @@ from screening.config import ScreeningSettings
 from screening.db import repository as repo
 from screening.db.models import Exam, Report
 from screening.db.session import session_scope
-from screening.report import ReportContext, model_metrics_for_report, render_with_retries, report_version_of
+from screening.report import (
+    ReportContext,
+    ReportError,
+    ReportVersionTaken,
+    existing_versions,
+    model_metrics_for_report,
+    render_with_retries,
+    report_folder,
+)
 from screening.review.visits import ReviewError, Visit, load_visit, review_note
 
 log = logging.getLogger(__name__)
 # One render at a time per process: the review page serves from several threads, and WeasyPrint's cached
 # stylesheet and font configuration (screening.report) are shared objects not meant for concurrent use.
 _RENDER_LOCK = threading.Lock()
+VERSION_ATTEMPTS = 5
 
 
 @dataclass(frozen=True)
@@ -61,15 +70,13 @@ class ModelCatalog:
         key = (path.resolve(), st.st_mtime_ns, st.st_size)
         with self._lock:
             if key not in self._cache:
-                from training.checkpoint import CheckpointError, file_sha256, read_checkpoint
+                from training.api import CheckpointError, load_model
 
                 try:
-                    ckpt = read_checkpoint(path)
+                    _, meta = load_model(path, "cpu")  # the public checkpoint API; only the metadata is kept
                 except CheckpointError as exc:
                     log.warning("cannot describe the model from %s: %s", path, exc)
                     return None
-                meta = {k: v for k, v in ckpt.items() if k not in ("model_state", "optimizer_state", "scheduler_state")}
-                meta["checkpoint_sha256"] = file_sha256(path)
                 self._cache[key] = meta
             return self._cache[key]
 
@@ -114,25 +121,33 @@ def render_reviewed_report(
     """Render and record the reviewed version of the visit's current sign-off. The sign-off is committed
     before this is called, so a failed render (ReportError) loses nothing: ``dr-screen review render``
     makes it later. No database transaction is held while WeasyPrint works."""
-    with session_scope(factory) as session:
-        visit = load_visit(session, exam_id)
-        newest = visit.newest
-        model = catalog.describe(newest.model_version, newest.checkpoint_sha256)
-        ctx = reviewed_context(visit, model, clinic_name, repo.next_report_version(session, exam_id))
-        review_id = visit.current_review.id  # type: ignore[union-attr]  # reviewed_context checked it
-    try:
-        with _RENDER_LOCK:
-            path = render_with_retries(ctx, templates_dir, reports_dir, retries=retries)
-    except Exception as exc:
+    for _ in range(VERSION_ATTEMPTS):
         with session_scope(factory) as session:
-            repo.add_event(session, "report_failed", f"exam {exam_id} review {review_id}: {type(exc).__name__}: {exc}")
-        raise
-    with session_scope(factory) as session:
-        exam = session.get(Exam, exam_id)
-        assert exam is not None
-        report = repo.add_report(session, exam, path, model.version, version=report_version_of(path), review_id=review_id)
-    log.info("reviewed report v%s for exam %s written", report.version, exam_id)
-    return report
+            visit = load_visit(session, exam_id)
+            newest = visit.newest
+            model = catalog.describe(newest.model_version, newest.checkpoint_sha256)
+            # past every version recorded and every file on disk (a worker may have published one it has not
+            # recorded yet); should the worker take this number meanwhile, the render is refused and repeated
+            folder = report_folder(reports_dir, visit.patient_code, visit.exam_date)
+            version = max(repo.next_report_version(session, exam_id), max(existing_versions(folder), default=0) + 1)
+            ctx = reviewed_context(visit, model, clinic_name, version)
+            review_id = visit.current_review.id  # type: ignore[union-attr]  # reviewed_context checked it
+        try:
+            with _RENDER_LOCK:
+                path = render_with_retries(ctx, templates_dir, reports_dir, retries=retries)
+        except ReportError as exc:
+            if isinstance(exc.__cause__, ReportVersionTaken):
+                continue
+            with session_scope(factory) as session:
+                repo.add_event(session, "report_failed", f"exam {exam_id} review {review_id}: {exc.__cause__!r}")
+            raise
+        with session_scope(factory) as session:
+            exam = session.get(Exam, exam_id)
+            assert exam is not None
+            report = repo.add_report(session, exam, path, model.version, version=version, review_id=review_id)
+        log.info("reviewed report v%s for exam %s written", report.version, exam_id)
+        return report
+    raise ReportError(f"visit {exam_id}: another writer took {VERSION_ATTEMPTS} report versions in a row; try again")
 
 
 __all__ = ["ModelCatalog", "ModelInfo", "render_reviewed_report", "reviewed_context"]

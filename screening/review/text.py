@@ -10,7 +10,7 @@ from screening.db.models import Report, Review
 from screening.report import EYE_NAMES, REFERRAL_LEVELS
 from screening.review.grading_csv import ImportOutcome
 from screening.review.visits import Visit
-from training.labels import DME_GRADES, DR_GRADES
+from training.common import DME_GRADES, DR_GRADES
 
 
 def _ago(at: datetime, now: datetime | None = None) -> str:
@@ -24,7 +24,10 @@ def _ago(at: datetime, now: datetime | None = None) -> str:
 
 def _table(headers: list[str], rows: list[list[str]]) -> list[str]:
     widths = [max(len(r[j]) for r in [headers, *rows]) for j in range(len(headers))]
-    fmt = lambda r: "  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip()  # noqa: E731
+
+    def fmt(row: list[str]) -> str:
+        return "  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip()
+
     return [fmt(headers), "  ".join("-" * w for w in widths), *(fmt(r) for r in rows)]
 
 

@@ -31,7 +31,7 @@ from screening.report import (
     ReviewNote,
     referral_recommendation,
 )
-from training.labels import DME_GRADES, DR_GRADES
+from training.common import DME_GRADES, DR_GRADES
 
 REVIEWER_MAX_CHARS = 120
 COMMENT_MAX_CHARS = 2000
@@ -122,7 +122,7 @@ def finding_of(graded: rrepo.GradedEye) -> EyeFinding:
         dme_cam_path=Path(result.dme_cam_path) if result.dme_cam_path else None,
         dr_grade=result.dr_grade, dr_probs=result.dr_probs, dme_grade=result.dme_grade, dme_probs=result.dme_probs,
         referable_score=result.referable_score, referable=result.referable,
-        lesion_areas={k.upper(): v for k, v in result.areas.items()},
+        lesion_areas=result.lesion_areas,
     )
 
 

@@ -40,7 +40,7 @@ from screening.report import EYE_NAMES, LESION_LABELS, REFERRAL_LEVELS, EyeRevie
 from screening.review.reviewed_report import ModelCatalog, render_reviewed_report
 from screening.review.visits import GRADER_REFERRALS, ReviewError, Visit, load_visit, recently_reviewed, review_queue, sign_off
 from screening.web.auth import LoginThrottle, verify_password
-from training.labels import DME_GRADES, DR_GRADES
+from training.common import DME_GRADES, DR_GRADES
 
 log = logging.getLogger("screening.web")
 

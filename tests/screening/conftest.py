@@ -10,7 +10,6 @@ import cv2
 import numpy as np
 import pytest
 import torch
-
 from sqlalchemy.orm import Session, sessionmaker
 
 from screening.config import ScreeningSettings

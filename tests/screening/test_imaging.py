@@ -2,7 +2,8 @@ import cv2
 import numpy as np
 import pytest
 
-from screening.imaging import ImageRejected, check_fundus, decode, reduction_factor
+from screening.imaging import check_fundus, decode, reduction_factor
+from screening.rejection import Rejection, RejectReason
 from training.data.synthetic import make_fundus
 from training.data.transforms import preprocess_fundus
 
@@ -28,22 +29,26 @@ def test_big_camera_jpeg_uses_reduced_decode(shared_data):
     assert d.decode_factor == 4 and d.original_size == (4288, 2848)
 
 
-@pytest.mark.parametrize("make, reason", [
-    (lambda: np.zeros((300, 300, 3), np.uint8), "dark"),
-    (lambda: np.full((300, 300, 3), 255, np.uint8), "fundus"),
-    (lambda: np.dstack([np.full((300, 300), 40, np.uint8), np.full((300, 300), 90, np.uint8), np.full((300, 300), 200, np.uint8)]), "fundus"),
+@pytest.mark.parametrize("make, reason, code", [
+    (lambda: np.zeros((300, 300, 3), np.uint8), "dark", RejectReason.TOO_DARK),
+    (lambda: np.full((300, 300, 3), 255, np.uint8), "fundus", RejectReason.NOT_FUNDUS),
+    (lambda: np.dstack([np.full((300, 300), 40, np.uint8), np.full((300, 300), 90, np.uint8), np.full((300, 300), 200, np.uint8)]),
+     "fundus", RejectReason.NOT_FUNDUS),
 ])
-def test_non_fundus_images_are_rejected_with_reason(make, reason):
-    with pytest.raises(ImageRejected, match=reason):
+def test_non_fundus_images_are_rejected_with_reason(make, reason, code):
+    with pytest.raises(Rejection, match=reason) as exc:
         check_fundus(make())
+    assert exc.value.code == code
 
 
 def test_tiny_and_corrupt_files(tmp_path):
     small = tmp_path / "s.png"
     cv2.imwrite(str(small), np.zeros((50, 50, 3), np.uint8))
-    with pytest.raises(ImageRejected, match="too small"):
+    with pytest.raises(Rejection, match="too small") as exc:
         decode(small, 64)
+    assert exc.value.code == RejectReason.TOO_SMALL
     bad = tmp_path / "b.jpg"
     bad.write_bytes(b"\xff\xd8\xff\xe0 truncated")
-    with pytest.raises(ImageRejected):
+    with pytest.raises(Rejection) as exc:
         decode(bad, 64)
+    assert exc.value.code == RejectReason.UNREADABLE

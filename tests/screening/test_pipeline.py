@@ -18,6 +18,7 @@ from screening.db import init_db, make_engine, make_session_factory, session_sco
 from screening.db.models import Drop, Event, Image, Report, Result
 from screening.inference import Predictor
 from screening.pipeline import Worker
+from screening.stages import ReportFailed, ReportWritten, StoreStage
 
 from .conftest import write_fundus
 
@@ -202,7 +203,7 @@ class HeldRenderer:
         from screening.renderer import RenderResult, render_job
 
         job = self.jobs.pop(key)
-        self.done.append(RenderResult(key, None, "RuntimeError: disk full") if fail else render_job(job))
+        self.done.append(RenderResult(key, job.ctx.report_version, None, "RuntimeError: disk full") if fail else render_job(job))
 
     def results(self, timeout: float = 0.0) -> list:
         done, self.done = self.done, []
@@ -222,18 +223,20 @@ def test_a_hung_renderer_is_stopped_and_its_reports_retried_later(settings):
     held = HeldRenderer()
     worker = make_worker(settings, renderer=held)
     write_fundus(settings.inbox / "P4_R.jpg", seed=42)
-    out = worker.process([settings.inbox / "P4_R.jpg"])
+    worker.process([settings.inbox / "P4_R.jpg"])
     assert len(held.jobs) == 1
     t0 = time.monotonic()
-    worker.wait_for_reports(out, stall_timeout=0.5)  # the renderer never answers
-    assert time.monotonic() - t0 < 10 and held.closed and worker._in_flight == {}
+    outcomes = worker.report.wait(stall_timeout=0.5)  # the renderer never answers
+    assert time.monotonic() - t0 < 10 and held.closed and worker.report.in_flight == {}
+    assert [type(o) for o in outcomes] == [ReportFailed] and outcomes[0].error == "RuntimeError: disk full"
     with session_scope(worker.factory) as s:
         assert s.scalars(select(Image)).one().state == "done"
         assert s.scalar(select(func.count()).select_from(Event).where(Event.kind == "report_failed")) == 1
-    worker.submit_reports(None)  # the catch-up sends it again
+    worker.report.submit()  # the catch-up sends it again
     (job,) = held.jobs.values()
     held.release(job.key)
-    worker.collect_reports(out)
+    (written,) = worker.report.collect()
+    assert isinstance(written, ReportWritten) and written.path.name == "report_v1.pdf" and written.version == 1
     with session_scope(worker.factory) as s:
         assert s.scalars(select(Image)).one().state == "reported"
 
@@ -253,22 +256,23 @@ def test_second_eye_while_the_first_report_renders(settings):
     second = held.jobs[max(held.jobs)]
     assert (first.ctx.report_version, [e.eye for e in first.ctx.eyes]) == (1, ["R"])
     assert (second.ctx.report_version, [e.eye for e in second.ctx.eyes]) == (2, ["R", "L"])
-    worker.submit_reports(None)  # catch-up while both are on the way: nothing more to send
+    assert worker.report.submit() == 0  # catch-up while both are on the way: nothing more to send
     assert len(held.jobs) == 2
     held.release(first.key)
     held.release(second.key, fail=True)
     out = worker.process([])
     assert out.reports == 0  # process() only records between batches; collect now
-    worker.collect_reports(out)
-    assert out.reports == 1
+    outcomes = worker.report.collect()
+    assert [(type(o), o.version) for o in outcomes] == [(ReportWritten, 1), (ReportFailed, 2)]
     with session_scope(worker.factory) as s:
         assert {i.eye: i.state for i in s.scalars(select(Image))} == {"R": "reported", "L": "done"}
         assert [e.id for e in repo.exams_needing_report(s)] == [s.scalars(select(Image)).first().exam_id]
-    worker.submit_reports(None)
+    worker.report.submit()
     (retry,) = held.jobs.values()
     assert [e.eye for e in retry.ctx.eyes] == ["R", "L"]
+    assert retry.ctx.report_version == 2  # the failed v2 wrote no file and no row: its number is free again
     held.release(retry.key)
-    worker.collect_reports(out)
+    worker.report.collect()
     with session_scope(worker.factory) as s:
         assert {i.state for i in s.scalars(select(Image))} == {"reported"}
         assert [r.version for r in s.scalars(select(Report).order_by(Report.version))] == [1, 2]
@@ -281,7 +285,7 @@ def test_second_eye_while_the_first_report_renders(settings):
 def test_report_failure_keeps_result_and_is_retried(settings, tmp_path, renderer):
     worker = make_worker(settings.model_copy(update={"report_renderer": renderer, "report_retries": 1}))
     write_fundus(settings.inbox / "P5_R.jpg", seed=5)
-    worker.templates_dir = tmp_path / "no-templates"  # the renderer finds no template: every attempt fails
+    worker.report.templates_dir = tmp_path / "no-templates"  # the renderer finds no template: every attempt fails
     out = worker.run_once(settle_timeout=5)
     assert out.processed == 1 and out.reports == 0
     with session_scope(worker.factory) as s:
@@ -289,35 +293,17 @@ def test_report_failure_keeps_result_and_is_retried(settings, tmp_path, renderer
         failed = s.scalars(select(Event).where(Event.kind == "report_failed")).all()
         assert len(failed) == 1 and "report.css" in failed[0].message
     assert not list(settings.reports.rglob("*.pdf"))
-    worker.templates_dir = PROJECT / "templates"
+    worker.report.templates_dir = PROJECT / "templates"
     out = worker.run_once(settle_timeout=5)
     assert out.reports == 1
     with session_scope(worker.factory) as s:
         assert s.scalars(select(Image)).one().state == "reported"
 
 
-def test_crash_between_commit_and_archive_is_finished_on_restart(settings, monkeypatch):
-    worker = make_worker(settings)
-    write_fundus(settings.inbox / "P6_R.jpg", seed=6)
-
-    def crash(*a, **k):
-        raise KeyboardInterrupt  # the process dies right after the result was committed
-
-    monkeypatch.setattr(Worker, "_archive", crash)
-    with pytest.raises(KeyboardInterrupt):
-        worker.run_once(settle_timeout=5)
-    assert (settings.inbox / "P6_R.jpg").exists()
-    monkeypatch.undo()
-    out = make_worker(settings).run_once(settle_timeout=5)
-    assert out.duplicates == 0 and out.processed == 0 and out.reports == 1
-    assert list(settings.inbox.iterdir()) == []
-    assert count(worker, Result) == 1 and count(worker, Drop) == 1
-
-
 def test_crash_before_commit_redoes_the_image(settings, monkeypatch):
     worker = make_worker(settings)
     write_fundus(settings.inbox / "P7_L.jpg", seed=7)
-    monkeypatch.setattr(Worker, "store", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt()))
+    monkeypatch.setattr(StoreStage, "save", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt()))
     with pytest.raises(KeyboardInterrupt):
         worker.run_once(settle_timeout=5)
     monkeypatch.undo()

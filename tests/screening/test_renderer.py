@@ -40,16 +40,22 @@ def test_process_renderer_renders_in_order_and_versions_do_not_collide(tmp_path)
     renderer = ProcessRenderer()
     try:
         renderer.submit(RenderJob(1, _ctx([_eye("R", 0, 0, tmp_path / "img")], version=1), TEMPLATES, tmp_path / "reports"))
-        # the same exam again before the first is finished, also asking for version 1: it must become v2
-        renderer.submit(RenderJob(2, _ctx([_eye("R", 0, 0, tmp_path / "img"), _eye("L", 3, 1, tmp_path / "img")], version=1),
+        # the same exam again before the first is finished: the caller decides version 2
+        renderer.submit(RenderJob(2, _ctx([_eye("R", 0, 0, tmp_path / "img"), _eye("L", 3, 1, tmp_path / "img")], version=2),
                                   TEMPLATES, tmp_path / "reports"))
-        assert renderer.pending == 2 and renderer.pid is not None and renderer.pid != os.getpid()
-        results = _wait(renderer, 2)
+        # a third asking for a version that is taken by then: refused, v1 is never overwritten
+        renderer.submit(RenderJob(3, _ctx([], version=1), TEMPLATES, tmp_path / "reports"))
+        assert renderer.pending == 3 and renderer.pid is not None and renderer.pid != os.getpid()
+        results = _wait(renderer, 3)
     finally:
         renderer.close()
-    assert [r.key for r in results] == [1, 2] and [r.error for r in results] == [None, None]
-    assert [r.path.name for r in results] == ["report_v1.pdf", "report_v2.pdf"]
+    assert [r.key for r in results] == [1, 2, 3] and [r.error for r in results][:2] == [None, None]
+    assert [r.version for r in results] == [1, 2, 1]  # each result says which version it was for
+    assert [r.path.name for r in results[:2]] == ["report_v1.pdf", "report_v2.pdf"]
+    assert results[2].path is None and "ReportVersionTaken" in results[2].error and "report_v1.pdf" in results[2].error
     assert "Report v1" in _text(results[0].path) and "Report v2" in _text(results[1].path)
+    first = _text(results[0].path)
+    assert "Right eye" in first and "Left eye" in first and "not received" in first.lower()  # still the one-eye v1
     second = _text(results[1].path)
     assert "Left eye" in second and "Severe non-proliferative" in second
     assert renderer.pending == 0 and renderer.pid is None

@@ -15,8 +15,17 @@ import pytest
 
 from screening import report as rpt
 from screening.report import (
-    DEMO_WATERMARK, LESION_COLOURS, RESEARCH_STATUS, EyeFinding, ReportContext, ReportError,
-    referral_recommendation, render_html, render_pdf, render_with_retries, safe_patient_dir_name,
+    DEMO_WATERMARK,
+    LESION_COLOURS,
+    RESEARCH_STATUS,
+    EyeFinding,
+    ReportContext,
+    ReportError,
+    ReportVersionTaken,
+    referral_recommendation,
+    render_html,
+    render_pdf,
+    render_with_retries,
 )
 from training.model.multitask import DME_GRADES, DR_GRADES
 
@@ -132,15 +141,16 @@ def test_invalid_findings_are_rejected():
 
 
 def test_patient_id_is_sanitised_and_cannot_escape(tmp_path):
-    assert safe_patient_dir_name("PAT-001_a") == "PAT-001_a"
-    evil = safe_patient_dir_name("../../etc")
-    assert re.fullmatch(r"[A-Za-z0-9_-]+", evil) and ".." not in evil
-    assert safe_patient_dir_name("a/b") != safe_patient_dir_name("a_b")  # no folder shared by two patients
-    for bad in ("", "   "):
-        with pytest.raises(ValueError):
-            safe_patient_dir_name(bad)
+    """The folder name comes from training.common.safe_id (tested in tests/training/test_common.py)."""
     folder = rpt.report_dir(_ctx([], patient_id="../../etc"), tmp_path / "reports")
     assert folder.is_relative_to((tmp_path / "reports").resolve())
+    assert re.fullmatch(r"[A-Za-z0-9_-]+", folder.parent.name) and ".." not in folder.parent.name
+    assert rpt.report_dir(_ctx([], patient_id="PAT-001_a"), tmp_path / "reports").parent.name == "PAT-001_a"
+    a_b = rpt.report_folder(tmp_path / "reports", "a/b", EXAM)
+    assert a_b != rpt.report_folder(tmp_path / "reports", "a_b", EXAM)  # no folder shared by two patients
+    for bad in ("", "   "):
+        with pytest.raises(ValueError):
+            rpt.report_folder(tmp_path / "reports", bad, EXAM)
 
 
 def test_html_escapes_user_strings_and_uses_file_uris(tmp_path):
@@ -231,7 +241,10 @@ def test_research_report_missing_eye_versions_and_evil_id(tmp_path):
     assert _contains(text, "../../etc")  # shown (escaped) as given, only the folder name is sanitised
 
     v1_bytes = first.read_bytes()
-    second = render_pdf(ctx, TEMPLATES, reports)  # same requested version: must not overwrite v1
+    with pytest.raises(ReportVersionTaken, match="report_v1.pdf exists"):  # same version again: v1 is never overwritten
+        render_pdf(ctx, TEMPLATES, reports)
+    assert first.read_bytes() == v1_bytes and (first.parent / "latest.pdf").read_bytes() == v1_bytes
+    second = render_pdf(dataclasses.replace(ctx, report_version=2), TEMPLATES, reports)
     assert second.name == "report_v2.pdf" and first.name == "report_v1.pdf"
     assert first.read_bytes() == v1_bytes
     assert (second.parent / "latest.pdf").read_bytes() == second.read_bytes()
@@ -273,6 +286,19 @@ def test_render_with_retries_raises_report_error_naming_the_exam(monkeypatch, tm
         render_with_retries(_ctx([], patient_id="  "), TEMPLATES, tmp_path, retries=3, delay=0)
 
 
+def test_a_taken_version_is_not_retried(monkeypatch, tmp_path):
+    calls = []
+
+    def taken(ctx, templates_dir, reports_dir):
+        calls.append(1)
+        raise ReportVersionTaken("report_v1.pdf exists already")
+
+    monkeypatch.setattr(rpt, "render_pdf", taken)
+    with pytest.raises(ReportError, match="report_v1.pdf exists"):
+        render_with_retries(_ctx([]), TEMPLATES, tmp_path, retries=3, delay=0)
+    assert len(calls) == 1
+
+
 def test_referable_score_above_threshold_escalates_a_low_grade_eye():
     """The operating threshold (chosen for sensitivity) refers an eye whose most likely grade is mild."""
     from dataclasses import replace
@@ -301,7 +327,7 @@ def test_stylesheet_is_parsed_once_yet_applied_and_reloaded_when_it_changes(tmp_
     css.write_text(css.read_text().replace("size: A4;", "size: 150mm 200mm;", 1))
     assert page_mm(render_pdf(ctx, templates, tmp_path / "out")) == (150, 200)  # not WeasyPrint's default A4
     css.write_text(css.read_text().replace("size: 150mm 200mm;", "size: A5;", 1) + "\n/* edited */\n")
-    assert page_mm(render_pdf(ctx, templates, tmp_path / "out")) == (148, 210)
+    assert page_mm(render_pdf(dataclasses.replace(ctx, report_version=2), templates, tmp_path / "out")) == (148, 210)
 
 
 # ------------------------------------------------------------------------------------------ reviewed version

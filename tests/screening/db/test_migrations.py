@@ -113,8 +113,8 @@ def test_migrations_from_empty_match_models(tmp_path):
         # column order differs (ALTER TABLE ADD COLUMN appends); everything else must be the same
         assert {c["name"] for c in a.get_columns(table)} == {c["name"] for c in b.get_columns(table)}, table
         for what in ("get_indexes", "get_unique_constraints", "get_check_constraints", "get_foreign_keys"):
-            names = lambda insp: sorted(x["name"] or "" for x in getattr(insp, what)(table))  # noqa: E731
-            assert names(a) == names(b), (table, what)
+            names_a, names_b = (sorted(x["name"] or "" for x in getattr(insp, what)(table)) for insp in (a, b))
+            assert names_a == names_b, (table, what)
 
 
 def test_unknown_database_is_refused(tmp_path):

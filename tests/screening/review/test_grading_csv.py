@@ -7,8 +7,8 @@ from datetime import date, datetime, timezone
 import pytest
 from sqlalchemy import func, select
 
-from screening.db import session_scope
 from screening.db import reviews as rrepo
+from screening.db import session_scope
 from screening.db.models import Review
 from screening.review.grading_csv import import_grading, read_grading_csv
 

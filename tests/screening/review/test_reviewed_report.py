@@ -6,8 +6,8 @@ import pytest
 from pypdf import PdfReader
 from sqlalchemy import select
 
-from screening.db import session_scope
 from screening.db import reviews as rrepo
+from screening.db import session_scope
 from screening.db.models import Event, Report
 from screening.report import EyeReview, ReportError
 from screening.review import ReviewError, load_visit, sign_off
@@ -34,7 +34,7 @@ def test_correction_is_rendered_as_a_new_version_beside_the_models_answers(worke
     exam_id = worked.exams["P1"]
     with session_scope(worked.factory) as s:
         visit = load_visit(s, exam_id)
-        right, left = visit.eye("R").finding, visit.eye("L").finding
+        right = visit.eye("R").finding
         new_dr = (right.dr_grade + 2) % 5
         review = sign_off(s, exam_id, reviewer="Dr A. Grey", source="cli", comment="see <macula>",
                           answers=[EyeReview("R", True, new_dr, right.dme_grade), EyeReview("L", False, None, None)])

@@ -7,8 +7,8 @@ from datetime import date, datetime, timedelta, timezone
 import pytest
 from sqlalchemy import select
 
-from screening.db import session_scope
 from screening.db import reviews as rrepo
+from screening.db import session_scope
 from screening.db.models import Result
 from screening.report import EyeReview
 from screening.review import ReviewError, load_visit, recently_reviewed, referral_from_answers, review_queue, sign_off
