@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 from pypdf import PdfReader
 from sqlalchemy import select
@@ -91,3 +93,16 @@ def test_a_failed_render_keeps_the_sign_off_and_logs_it(worked, tmp_path):
         assert s.scalars(select(Report).where(Report.review_id.is_not(None))).all() == []
         assert "review" in s.scalars(select(Event.message).where(Event.kind == "report_failed")).one()
     assert _render(worked, exam_id).review_id is not None  # and it can be made later
+
+
+def test_reviewed_version_passes_a_version_already_on_disk(worked):
+    """A version the worker published but has not recorded yet is never overwritten: the reviewed one follows it."""
+    exam_id = worked.exams["P2"]
+    with session_scope(worked.factory) as s:
+        sign_off(s, exam_id, reviewer="Dr A. Grey", source="cli")
+        [draft] = rrepo.exam_reports(s, exam_id)
+    unrecorded = Path(draft.path).with_name("report_v2.pdf")
+    unrecorded.write_bytes(b"%PDF-1.4 published by the worker, not yet recorded")
+    report = _render(worked, exam_id)
+    assert report.version == 3 and report.path.endswith("report_v3.pdf")
+    assert unrecorded.read_bytes().startswith(b"%PDF-1.4 published by the worker")
