@@ -13,13 +13,13 @@ import unicodedata
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import date, datetime, timedelta, timezone
-from pathlib import Path
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from screening.db import reviews as rrepo
 from screening.db.models import Exam, Patient, Review, ReviewOutcome, ReviewSource, ReviewUser
+from screening.findings import eye_finding
 from screening.report import (
     EYE_NAMES,
     NO_GRADE_LEVELS,
@@ -112,18 +112,7 @@ class Visit:
 
 def finding_of(graded: rrepo.GradedEye) -> EyeFinding:
     """The model's finding for a stored result, as the worker's report shows it."""
-    image, result = graded.image, graded.result
-    folder = Path(result.mask_dir) if result.mask_dir else None
-    assert image.eye in ("R", "L")
-    return EyeFinding(
-        eye=image.eye, source_name=image.source_name, photo_path=folder / "photo.jpg" if folder else None,  # type: ignore[arg-type]
-        overlay_path=Path(result.overlay_path) if result.overlay_path else None,
-        dr_cam_path=Path(result.dr_cam_path) if result.dr_cam_path else None,
-        dme_cam_path=Path(result.dme_cam_path) if result.dme_cam_path else None,
-        dr_grade=result.dr_grade, dr_probs=result.dr_probs, dme_grade=result.dme_grade, dme_probs=result.dme_probs,
-        referable_score=result.referable_score, referable=result.referable,
-        lesion_areas=result.lesion_areas,
-    )
+    return eye_finding(graded.image, graded.result)
 
 
 def load_visits(session: Session, exam_ids: Iterable[int] | None = None) -> list[Visit]:

@@ -23,6 +23,7 @@ from ..config import ScreeningSettings
 from ..db import repository as repo
 from ..db.models import Exam, ImageState, utcnow
 from ..db.session import session_scope
+from ..findings import eye_finding
 from ..inference import Predictor
 from ..renderer import Renderer, RenderJob, RenderResult
 from ..report import EYE_ORDER, EyeFinding, ReportContext, existing_versions, report_folder
@@ -64,16 +65,7 @@ class ReportStage:
         for image, result in repo.exam_images_with_results(session, exam.id):
             if image.eye not in EYE_ORDER or result is None:
                 continue
-            folder = Path(result.mask_dir) if result.mask_dir else None
-            eyes[image.eye] = EyeFinding(  # a later image of the same eye replaces an earlier one
-                eye="R" if image.eye == "R" else "L", source_name=image.source_name,
-                photo_path=folder / "photo.jpg" if folder else None,
-                overlay_path=Path(result.overlay_path) if result.overlay_path else None,
-                dr_cam_path=Path(result.dr_cam_path) if result.dr_cam_path else None,
-                dme_cam_path=Path(result.dme_cam_path) if result.dme_cam_path else None,
-                dr_grade=result.dr_grade, dr_probs=result.dr_probs, dme_grade=result.dme_grade, dme_probs=result.dme_probs,
-                referable_score=result.referable_score, referable=result.referable, lesion_areas=result.lesion_areas,
-            )
+            eyes[image.eye] = eye_finding(image, result)  # a later image of the same eye replaces an earlier one
         return ReportContext(
             clinic_name=self.settings.clinic_name, patient_id=exam.patient.code, exam_date=exam.exam_date,
             eyes=[eyes[e] for e in EYE_ORDER if e in eyes], model_version=self.predictor.version,

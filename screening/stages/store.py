@@ -22,6 +22,7 @@ from ..db import repository as repo
 from ..db.models import Image, ImageState
 from ..db.session import session_scope
 from ..explain import cam_overlay, lesion_overlay
+from ..findings import PHOTO_FILE
 from ..inference import ImagePrediction, Predictor
 from .filing import Filing
 from .outcomes import Failed, Job, Stored
@@ -58,14 +59,14 @@ class StoreStage:
             masks = np.stack([cv2.resize(m.astype(np.uint8), (size, size), interpolation=cv2.INTER_NEAREST) for m in pred.masks])
             for k, code in enumerate(LESION_CODES):
                 cv2.imwrite(str(folder / f"mask_{code}.png"), masks[k] * 255)
-            _write_jpeg(folder / "photo.jpg", disp, 92)
+            _write_jpeg(folder / PHOTO_FILE, disp, 92)
             _write_jpeg(folder / "overlay.jpg", lesion_overlay(disp, masks, LESION_CODES))
             small = cv2.resize(disp, (256, 256), interpolation=cv2.INTER_AREA)  # heatmaps print small: 256 px
             for name, cam in (("dr_cam", pred.dr_cam), ("dme_cam", pred.dme_cam)):
                 _write_jpeg(folder / f"{name}.jpg", cam_overlay(small, cv2.resize(cam, (256, 256), interpolation=cv2.INTER_LINEAR)))
 
         final = atomic_write_dir(self.settings.work_dir / job.sha256[:2] / job.sha256, fill)
-        return {"dir": final, "photo": final / "photo.jpg", "overlay": final / "overlay.jpg",
+        return {"dir": final, "photo": final / PHOTO_FILE, "overlay": final / "overlay.jpg",
                 "dr_cam": final / "dr_cam.jpg", "dme_cam": final / "dme_cam.jpg"}
 
     def save(self, job: Job, pred: ImagePrediction, inference_ms: float) -> Stored:

@@ -36,6 +36,7 @@ from screening.config import ScreeningSettings
 from screening.db import reviews as rrepo
 from screening.db.models import Report, Result, ReviewSource, ReviewUser
 from screening.db.session import session_scope
+from screening.findings import eye_finding
 from screening.report import EYE_NAMES, LESION_LABELS, REFERRAL_LEVELS, EyeReview, ReportError
 from screening.review.reviewed_report import ModelCatalog, render_reviewed_report
 from screening.review.visits import GRADER_REFERRALS, ReviewError, Visit, load_visit, recently_reviewed, review_queue, sign_off
@@ -59,10 +60,10 @@ def _inside(path: str | Path | None, root: Path) -> Path | None:
     return p if p.is_relative_to(root.resolve()) and p.is_file() else None
 
 
-def _picture_path(result: Result, kind: str) -> str | None:
-    if kind == "photo":
-        return str(Path(result.mask_dir) / "photo.jpg") if result.mask_dir else None
-    return {"overlay": result.overlay_path, "dr_cam": result.dr_cam_path, "dme_cam": result.dme_cam_path}[kind]
+def _picture_path(result: Result, kind: str) -> Path | None:
+    """Where the picture ``kind`` of ``result`` is, as the report shows it (the database says; never the browser)."""
+    f = eye_finding(result.image, result)
+    return {"photo": f.photo_path, "overlay": f.overlay_path, "dr_cam": f.dr_cam_path, "dme_cam": f.dme_cam_path}[kind]
 
 
 def _parse_answers(form: Any, visit: Visit) -> list[EyeReview]:
