@@ -28,8 +28,11 @@ def db_path(tmp_path):
     return tmp_path / "old.db"
 
 
-def test_head_is_second_revision():
-    assert head_revision() == "0002"
+HEAD = "0007_device_original_masks"
+
+
+def test_head_is_the_device_and_original_masks_revision():
+    assert head_revision() == HEAD
 
 
 def test_upgrade_from_revision_1_keeps_rows(db_path):
@@ -64,12 +67,12 @@ def test_upgrade_from_revision_1_keeps_rows(db_path):
     raw.commit()
     raw.close()
 
-    assert init_db(engine) == "0002"
-    assert current_revision(engine) == "0002"
+    assert init_db(engine) == HEAD
+    assert current_revision(engine) == HEAD
     assert {"width", "height"} <= _cols(engine, "images")
     assert "reason" in _cols(engine, "drops") and "inference_ms" in _cols(engine, "results")
     assert _diff(engine) == []
-    backups = list(db_path.parent.glob("old.db.pre-0002.*.bak"))
+    backups = list(db_path.parent.glob(f"old.db.pre-{HEAD}.*.bak"))
     assert len(backups) == 1
     with sqlite3.connect(backups[0]) as b:
         assert b.execute("SELECT version_num FROM alembic_version").fetchone() == ("0001",)
@@ -78,16 +81,21 @@ def test_upgrade_from_revision_1_keeps_rows(db_path):
     with make_session_factory(engine)() as s:
         img = s.scalars(select(Image)).one()
         assert (img.source_name, img.state, img.eye, img.width, img.height) == ("P001_L_20240301.jpg", "reported", "L", None, None)
+        assert img.device is None
         assert img.exam.patient.code == "P001"
         assert img.received_at.isoformat() == "2024-03-01T08:00:00+00:00"
         r = s.scalars(select(Result)).one()
-        assert (r.dr_grade, r.dme_grade, r.referable, r.inference_ms) == (3, 1, True, None)
+        assert (r.dr_grade, r.dme_grade, r.referable, r.inference_ms, r.original_masks) == (3, 1, True, None, None)
         assert r.dr_probs == [0, 0, 0.1, 0.8, 0.1] and r.area_od == 0.03
         d = s.scalars(select(Drop)).one()
         assert (d.outcome, d.reason) == ("new", None)
         # the new columns are writable
         img.width, img.height, d.reason, r.inference_ms = 2048, 1536, "ok", 41.0
+        img.device, r.original_masks = "Topcon TRC-NW8", {"MA": "work/aa/mask_MA.tif"}
         s.commit()
+    with make_session_factory(engine)() as s:
+        img, r = s.scalars(select(Image)).one(), s.scalars(select(Result)).one()
+        assert (img.device, r.original_masks) == ("Topcon TRC-NW8", {"MA": "work/aa/mask_MA.tif"})
     engine.dispose()
 
 
@@ -137,6 +145,7 @@ def test_downgrade_to_revision_1_keeps_rows(tmp_path):
     with engine.begin() as conn:  # foreign keys stay ON: no table rebuild may drop 'images'
         command.downgrade(alembic_config(connection=conn), "0001")
     assert current_revision(engine) == "0001" and "width" not in _cols(engine, "images")
+    assert "device" not in _cols(engine, "images") and "original_masks" not in _cols(engine, "results")
     with engine.connect() as conn:
         assert conn.exec_driver_sql("SELECT count(*) FROM drops WHERE image_id IS NOT NULL").scalar() == 1
     init_db(engine)
