@@ -128,3 +128,42 @@ def malformed_dicom(path, *, no_pixels=False, syntax=None, monochrome=False, tru
         data = path.read_bytes()
         path.write_bytes(data[: len(data) - 20000])
     return path
+
+
+def test_rle_compressed_and_16_bit_secondary_captures_are_read(tmp_path):
+    """Any transfer syntax an installed decoder handles: RLE Lossless (pydicom's own), and a 16-bit SC kept to its top 8 bits."""
+    import pydicom
+    from pydicom.uid import RLELossless
+
+    rgb = synthetic_fundus(7, size=128)
+    path = write_dicom(tmp_path / "rle.dcm", rgb=rgb, sop_class=SC_SOP_CLASS)
+    ds = pydicom.dcmread(path)
+    ds.compress(RLELossless)
+    ds.save_as(path, enforce_file_format=True)
+    assert np.array_equal(read_dicom(path).rgb, rgb)
+
+    wide = write_dicom(tmp_path / "16.dcm", rgb=rgb, sop_class=SC_SOP_CLASS)
+    ds = pydicom.dcmread(wide)
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit = 16, 12, 11
+    ds.PixelData = (rgb.astype(np.uint16) << 4).tobytes()
+    ds["PixelData"].VR = "OW"
+    ds.save_as(wide, enforce_file_format=True)
+    assert np.array_equal(read_dicom(wide).rgb, rgb)
+
+
+def test_a_multi_frame_file_is_refused(tmp_path):
+    import pydicom
+
+    rgb = synthetic_fundus(8, size=128)
+    path = write_dicom(tmp_path / "mf.dcm", rgb=rgb, sop_class="1.2.840.10008.5.1.4.1.1.7.4")
+    ds = pydicom.dcmread(path)
+    ds.NumberOfFrames = 2
+    ds.PixelData = np.concatenate([rgb, rgb]).tobytes()
+    ds.save_as(path, enforce_file_format=True)
+    with pytest.raises(Rejection, match="2 frames") as exc:
+        read_dicom(path)
+    assert exc.value.code == RejectReason.UNSUPPORTED_TYPE
+    ds.NumberOfFrames = 1
+    ds.PixelData = rgb.tobytes()
+    ds.save_as(path, enforce_file_format=True)
+    assert np.array_equal(read_dicom(path).rgb, rgb)  # the multi-frame true-colour class with one frame is fine
