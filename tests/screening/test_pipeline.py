@@ -74,9 +74,11 @@ def test_one_shot_real_photos_both_eyes_and_camera_file(settings, shared_data):
         res = cam.result
         assert len(res.dr_probs) == 5 and abs(sum(res.dr_probs) - 1) < 1e-4
         assert 0 <= res.area_od <= 1
-        assert sorted(p.name for p in Path(res.mask_dir).iterdir()) == [
-            "dme_cam.jpg", "dr_cam.jpg", "mask_EX.png", "mask_HE.png", "mask_MA.png", "mask_OD.png", "mask_SE.png",
-            "overlay.jpg", "photo.jpg"]
+        assert sorted(p.name for p in Path(res.mask_dir).iterdir()) == sorted([
+            "dme_cam.jpg", "dr_cam.jpg", "overlay.jpg", "photo.jpg",
+            *(f"mask_{c}.{ext}" for c in ("EX", "HE", "MA", "OD", "SE") for ext in ("png", "tif"))])
+        # the camera's masks at its own 4288x2848, where an image viewer overlays them on the original
+        assert cv2.imread(res.original_masks["OD"], cv2.IMREAD_UNCHANGED).shape == (2848, 4288)
 
 
 def test_duplicates_one_result_two_drops(settings):
