@@ -42,6 +42,8 @@ class ScreeningSettings(StrictSettings):
     report_retries: int = Field(3, ge=1)
     report_renderer: Literal["process", "inline"] = "process"
     clinic_name: str = "Diabetic Eye Screening Service"
+    # several photographs (fields) of one eye in a visit: which one gives the eye's result (all are shown)
+    eye_result: Literal["worst", "latest"] = "worst"
     # the review page (dr-screen serve); any address but loopback requires a login
     review_host: str = "127.0.0.1"
     review_port: int = Field(8765, ge=1, le=65535)

@@ -20,7 +20,7 @@ def _path(value: str | None) -> Path | None:
 
 
 def eye_finding(image: Image, result: Result) -> EyeFinding:
-    """``result`` (of ``image``) as the report's finding for that eye."""
+    """``result`` (of ``image``) as the report's finding for that photograph (one field of the eye)."""
     if image.eye not in ("R", "L"):
         raise ValueError(f"image {image.id} has no eye (R or L), so no report shows it")
     folder = _path(result.mask_dir)
@@ -30,6 +30,7 @@ def eye_finding(image: Image, result: Result) -> EyeFinding:
         dr_cam_path=_path(result.dr_cam_path), dme_cam_path=_path(result.dme_cam_path),
         dr_grade=result.dr_grade, dr_probs=result.dr_probs, dme_grade=result.dme_grade, dme_probs=result.dme_probs,
         referable_score=result.referable_score, referable=result.referable, lesion_areas=result.lesion_areas,
+        mask_folder=folder if result.original_masks else None,
     )
 
 

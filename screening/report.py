@@ -2,10 +2,13 @@
 
 Public API
 ----------
-- :class:`EyeFinding`, :class:`ReportContext`: what the worker hands over (validated on construction).
+- :class:`EyeFinding` (one photograph of one eye: a field), :class:`ReportContext`: what the worker hands over
+  (validated on construction). An eye may have several fields (e.g. macula-centred and disc-centred): every one
+  is shown, and the eye's result is chosen from them by :func:`eye_result` (:data:`EYE_RESULT_RULES`).
 - :class:`ReviewNote`, :class:`EyeReview`: a clinician's sign-off, printed beside the model's answers on a reviewed version.
 - :data:`LESION_COLOURS` (``screening.legend.LESION_COLOURS_RGB``), :data:`LESION_LABELS`: legend colours and names.
-- :func:`referral_recommendation`: the worse-eye referral rule (one table, :data:`REFERRAL_LEVELS`).
+- :func:`referral_recommendation`: the worse-eye referral rule (one table, :data:`REFERRAL_LEVELS`), applied to
+  each eye's result.
 - :func:`report_folder`, :func:`existing_versions`: where an exam's reports go and which versions are there.
 - :func:`render_html`, :func:`render_pdf`, :func:`render_with_retries`; :class:`ReportError`,
   :class:`ReportVersionTaken`.
@@ -51,6 +54,12 @@ if not tuple(LESION_COLOURS) == tuple(LESION_LABELS) == LESION_CODES:
 EYE_NAMES = {"R": "Right eye", "L": "Left eye"}
 EYE_ORDER = ("R", "L")
 
+EyeResultRule = Literal["worst", "latest"]
+EYE_RESULT_RULES: dict[str, str] = {  # rule -> how the report states it
+    "worst": "its worst field",
+    "latest": "its latest field",
+}
+
 
 class ReportError(RuntimeError):
     """Rendering a report failed (after all retries); the message names the patient and the exam."""
@@ -66,6 +75,8 @@ class ReportVersionTaken(FileExistsError):
 
 @dataclass(frozen=True)
 class EyeFinding:
+    """The grading of one photograph (one field) of one eye."""
+
     eye: Literal["R", "L"]
     source_name: str  # the uploaded file's name: shown (escaped), never used as a path
     photo_path: Path | None
@@ -80,6 +91,7 @@ class EyeFinding:
     referable: bool
     lesion_areas: dict[str, float] = field(default_factory=dict)  # code -> fraction of the fundus, 0..1
     image_quality: str | None = None
+    mask_folder: Path | None = None  # the lesion masks at the photo's own size (TIFF), for image viewers
 
     def __post_init__(self) -> None:
         if self.eye not in EYE_NAMES:
@@ -175,6 +187,7 @@ class ReportContext:
     model_metrics: dict[str, float | str]
     generated_at: datetime
     report_version: int = 1
+    eye_result_rule: EyeResultRule = "worst"
     review: ReviewNote | None = None  # set on the version rendered after a clinician's sign-off
 
     def __post_init__(self) -> None:
@@ -184,12 +197,20 @@ class ReportContext:
             raise ValueError(f"exam_date must be a datetime.date, got {type(self.exam_date).__name__}")
         if int(self.report_version) < 1:
             raise ValueError(f"report_version must be >= 1, got {self.report_version!r}")
-        seen = [e.eye for e in self.eyes]
-        if len(seen) != len(set(seen)):
-            raise ValueError(f"each eye may appear once per report, got {seen}")
+        if self.eye_result_rule not in EYE_RESULT_RULES:
+            raise ValueError(f"eye_result_rule must be one of {sorted(EYE_RESULT_RULES)}, got {self.eye_result_rule!r}")
+
+    def fields(self, code: str) -> list[EyeFinding]:
+        """The eye's photographs in the order they arrived (``eyes`` is in that order)."""
+        return [e for e in self.eyes if e.eye == code]
 
     def eye(self, code: str) -> EyeFinding | None:
-        return next((e for e in self.eyes if e.eye == code), None)
+        """The eye's result: the field :func:`eye_result` chooses (None when the eye has no photograph)."""
+        return eye_result(self.fields(code), self.eye_result_rule)
+
+    def eye_results(self) -> list[EyeFinding]:
+        """Each eye's result, right eye first: what the referral is decided from."""
+        return [f for code in EYE_ORDER if (f := self.eye(code)) is not None]
 
 
 def model_metrics_for_report(meta: Mapping[str, Any]) -> dict[str, float | str]:
@@ -294,8 +315,27 @@ def _eye_level(e: EyeFinding) -> ReferralLevel:
     return REFERRAL_LEVELS[key]
 
 
+def _severity(e: EyeFinding) -> tuple[int, int, int, float]:
+    """How bad a field's findings are: its referral level first, then the grades, then the referral score."""
+    return _eye_level(e).rank, e.dr_grade, e.dme_grade, e.referable_score
+
+
+def eye_result(fields: Sequence[EyeFinding], rule: EyeResultRule = "worst") -> EyeFinding | None:
+    """The field that stands for the eye: with ``"worst"`` the one with the most severe findings (ties: the earlier
+    field), so a lesion seen in one field only is never outweighed by a clean other field; with ``"latest"`` the
+    last one to arrive (a recapture replaces the result, every field is still shown). None without fields."""
+    if not fields:
+        return None
+    if rule == "latest":
+        return fields[-1]
+    if rule != "worst":
+        raise ValueError(f"unknown eye result rule {rule!r}; expected one of {sorted(EYE_RESULT_RULES)}")
+    return max(fields, key=_severity)  # max keeps the first of equal keys
+
+
 def referral_recommendation(eyes: Sequence[EyeFinding]) -> Referral:
-    """The referral for the exam, taken from the worse eye (ties: the right eye, then the left)."""
+    """The referral for the exam, taken from the worse eye (ties: the right eye, then the left). ``eyes`` holds one
+    finding per eye: each eye's result (:meth:`ReportContext.eye_results`)."""
     if not eyes:
         lv = REFERRAL_LEVELS["no_images"]
         return Referral(lv.level, lv.text, lv.advice, lv.colour, "No eye images were received for this exam.")
@@ -431,6 +471,7 @@ def _eye_view(e: EyeFinding, review: EyeReview | None = None) -> dict[str, objec
         ],
         "image_quality": e.image_quality,
         "review": _eye_review_view(e, review),
+        "mask_folder": str(e.mask_folder) if e.mask_folder is not None else None,
     }
 
 
@@ -465,12 +506,18 @@ def template_variables(ctx: ReportContext, templates_dir: Path, link_stylesheet:
     """What the template sees (benchmarks/bench_report.py renders other template versions with it)."""
     gen = ctx.generated_at
     generated = gen.strftime("%Y-%m-%d %H:%M") + (f" {gen.strftime('%Z') or gen.strftime('%z')}" if gen.tzinfo else "")
-    eyes = [
-        {"code": code, "name": EYE_NAMES[code],
-         "finding": _eye_view(f, ctx.review.eye(code) if ctx.review else None) if (f := ctx.eye(code)) else None}
-        for code in EYE_ORDER
-    ]
-    referral = referral_recommendation(ctx.eyes)
+    referral = referral_recommendation(ctx.eye_results())
+    eyes = []
+    for code in EYE_ORDER:
+        fields, result = ctx.fields(code), ctx.eye(code)
+        grader = ctx.review.eye(code) if ctx.review else None  # the grader's answer is for the eye: beside its result
+        views = [dict(_eye_view(f, grader if f is result else None), number=k, is_result=f is result)
+                 for k, f in enumerate(fields, start=1)]
+        eyes.append({
+            "code": code, "name": EYE_NAMES[code], "fields": views,
+            "finding": next((v for v in views if v["is_result"]), None),
+            "rule_text": EYE_RESULT_RULES[ctx.eye_result_rule],
+        })
     return dict(
         clinic_name=ctx.clinic_name,
         patient_id=ctx.patient_id,
@@ -560,9 +607,10 @@ def render_with_retries(
 
 
 __all__ = [
-    "DEMO_WATERMARK", "EYE_NAMES", "LESION_COLOURS", "LESION_LABELS", "NO_GRADE_LEVELS", "REFERRAL_LEVELS",
-    "REFER_LEVELS", "RESEARCH_STATUS", "EyeFinding", "EyeReview", "Referral", "ReferralLevel", "ReportContext",
-    "ReportError", "ReportVersionTaken", "ReviewNote", "existing_versions", "grade_source", "model_metrics_for_report",
+    "DEMO_WATERMARK", "EYE_NAMES", "EYE_RESULT_RULES", "LESION_COLOURS", "LESION_LABELS", "NO_GRADE_LEVELS",
+    "REFERRAL_LEVELS", "REFER_LEVELS", "RESEARCH_STATUS", "EyeFinding", "EyeResultRule", "EyeReview", "Referral",
+    "ReferralLevel", "ReportContext", "ReportError", "ReportVersionTaken", "ReviewNote", "existing_versions", "eye_result",
+    "grade_source", "model_metrics_for_report",
     "referral_recommendation", "render_html", "render_pdf", "render_with_retries", "report_dir", "report_folder",
     "template_variables",
 ]

@@ -166,6 +166,8 @@ class Image(Base):
     updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)
     width: Mapped[int | None]  # added in revision 0002
     height: Mapped[int | None]  # added in revision 0002
+    # the camera: DICOM Manufacturer (0008,0070) and Manufacturer's Model Name (0008,1090); revision 0007
+    device: Mapped[str | None] = mapped_column(String(128))
 
     exam: Mapped[Exam | None] = relationship(back_populates="images")
     result: Mapped[Result | None] = relationship(back_populates="image", uselist=False)
@@ -235,6 +237,8 @@ class Result(Base):
     dme_cam_path: Mapped[str | None] = mapped_column(Text)
     device: Mapped[str | None] = mapped_column(String(32))
     inference_ms: Mapped[float | None] = mapped_column(Float)  # added in revision 0002
+    # lesion code -> lossless TIFF mask at the original photo's width and height; revision 0007
+    original_masks: Mapped[dict[str, Any] | None] = mapped_column(JSON)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
 
     image: Mapped[Image] = relationship(back_populates="result")

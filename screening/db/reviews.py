@@ -33,8 +33,8 @@ EYES = (Eye.RIGHT.value, Eye.LEFT.value)
 
 
 @dataclass(frozen=True)
-class GradedEye:
-    """The photo of one eye that a visit's report shows now: the newest image of that eye with a result."""
+class GradedField:
+    """One graded photograph (field) of an eye: the image and the model's result for it."""
 
     image: Image
     result: Result
@@ -54,9 +54,10 @@ class EyeGrades:
 # --- the visit's current photos ------------------------------------------------------------------
 
 
-def graded_eyes(session: Session, exam_ids: Iterable[int] | None = None) -> dict[int, dict[str, GradedEye]]:
-    """Per exam, per eye (``R``/``L``), the newest image with a result: the same photo the worker's report
-    shows (a later photo of an eye replaces an earlier one). Exams without any graded eye are absent."""
+def graded_fields(session: Session, exam_ids: Iterable[int] | None = None) -> dict[int, dict[str, list[GradedField]]]:
+    """Per exam, per eye (``R`` then ``L``), every image with a result in arrival order: the fields the worker's
+    report shows (the eye's result is chosen from them by ``screening.report.eye_result``). Exams without any
+    graded eye are absent."""
     stmt = (
         select(Image, Result)
         .join(Result, Result.image_id == Image.id)
@@ -65,10 +66,10 @@ def graded_eyes(session: Session, exam_ids: Iterable[int] | None = None) -> dict
     )
     if exam_ids is not None:
         stmt = stmt.where(Image.exam_id.in_(list(exam_ids)))
-    out: dict[int, dict[str, GradedEye]] = {}
+    out: dict[int, dict[str, list[GradedField]]] = {}
     for image, result in session.execute(stmt).all():
         assert image.exam_id is not None and image.eye is not None
-        out.setdefault(image.exam_id, {})[image.eye] = GradedEye(image, result)  # ordered by id: newest wins
+        out.setdefault(image.exam_id, {}).setdefault(image.eye, []).append(GradedField(image, result))
     return {exam_id: {e: eyes[e] for e in EYES if e in eyes} for exam_id, eyes in out.items()}
 
 
@@ -186,7 +187,7 @@ def count_active_users(session: Session) -> int:
 
 __all__ = [
     "EyeGrades",
-    "GradedEye",
+    "GradedField",
     "add_review",
     "add_user",
     "all_reviews",
@@ -196,7 +197,7 @@ __all__ = [
     "exam_reports",
     "first_report_times",
     "get_user",
-    "graded_eyes",
+    "graded_fields",
     "list_users",
     "report_of_review",
     "review_history",

@@ -155,8 +155,8 @@ def _wait(visit: Visit, review: Review) -> float | None:
 
 
 def _in_period(visit: Visit, lo: datetime | None, hi: datetime | None, model_version: str | None) -> bool:
-    return any((lo is None or e.received_at >= lo) and (hi is None or e.received_at < hi)
-               and (model_version is None or e.model_version == model_version) for e in visit.eyes)
+    return any((lo is None or f.received_at >= lo) and (hi is None or f.received_at < hi)
+               and (model_version is None or f.model_version == model_version) for f in visit.fields)
 
 
 def agreement_summary(

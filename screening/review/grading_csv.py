@@ -39,7 +39,7 @@ from sqlalchemy.orm import Session
 
 from screening.db.models import Exam, Patient, Review, ReviewSource
 from screening.intake import normalise_eye, parse_exam_date
-from screening.report import EYE_NAMES, EyeReview
+from screening.report import EYE_NAMES, EyeResultRule, EyeReview
 from screening.review.visits import (
     COMMENT_MAX_CHARS,
     GRADER_REFERRALS,
@@ -258,9 +258,11 @@ def _same_as_current(review: Review | None, answers: tuple[EyeReview, ...], refe
             and set(answers_of(review)) == set(answers))
 
 
-def import_grading(session: Session, lines: Sequence[GradingLine], *, source: str = ReviewSource.IMPORT.value) -> ImportOutcome:
+def import_grading(
+    session: Session, lines: Sequence[GradingLine], *, source: str = ReviewSource.IMPORT.value, rule: EyeResultRule = "worst",
+) -> ImportOutcome:
     """Record one sign-off per visit in ``lines`` (flushes only). The caller commits when ``outcome.ok``
-    and this is not a dry run, and rolls back otherwise."""
+    and this is not a dry run, and rolls back otherwise. ``rule``: the worker's ``[screening] eye_result``."""
     out = ImportOutcome()
     groups = _group(lines, out.errors)
     for (patient, exam_date), group in groups.items():
@@ -275,7 +277,7 @@ def import_grading(session: Session, lines: Sequence[GradingLine], *, source: st
             out.errors.append(LineError(first.line, column, why))
             continue
         try:
-            visit = load_visit(session, exam.id)
+            visit = load_visit(session, exam.id, rule)
         except ReviewError as exc:
             out.errors.append(LineError(first.line, None, str(exc)))
             continue
@@ -301,7 +303,7 @@ def import_grading(session: Session, lines: Sequence[GradingLine], *, source: st
             out.visits.append(ImportedVisit(exam.id, patient, exam_date, [ln.line for ln in group], None))
             continue
         try:
-            review = sign_off(session, exam.id, reviewer=reviewer, source=source, answers=answers, referral=referral,
+            review = sign_off(session, exam.id, reviewer=reviewer, source=source, answers=answers, referral=referral, rule=rule,
                               comment="; ".join(comments) or None, reviewed_at=reviewed_at)
         except ReviewError as exc:
             out.errors.append(LineError(first.line, None, str(exc)))

@@ -22,6 +22,7 @@ from screening.db import repository as repo
 from screening.db.models import Exam, Report
 from screening.db.session import session_scope
 from screening.report import (
+    EyeResultRule,
     ReportContext,
     ReportError,
     ReportVersionTaken,
@@ -102,9 +103,9 @@ def reviewed_context(visit: Visit, model: ModelInfo, clinic_name: str, version: 
         raise ReviewError(f"visit {visit.exam_id} has a photo graded after its last sign-off; review it again first")
     return ReportContext(
         clinic_name=clinic_name, patient_id=visit.patient_code, exam_date=visit.exam_date,
-        eyes=[e.finding for e in visit.eyes], model_version=model.version, checkpoint_sha256=model.checkpoint_sha256,
+        eyes=visit.report_findings(), model_version=model.version, checkpoint_sha256=model.checkpoint_sha256,
         model_status=model.status, model_metrics=model.metrics, generated_at=datetime.now(timezone.utc).astimezone(),
-        report_version=version, review=review_note(review),
+        report_version=version, eye_result_rule=visit.eye_result_rule, review=review_note(review),
     )
 
 
@@ -117,13 +118,14 @@ def render_reviewed_report(
     templates_dir: Path,
     reports_dir: Path,
     retries: int = 3,
+    rule: EyeResultRule = "worst",
 ) -> Report:
     """Render and record the reviewed version of the visit's current sign-off. The sign-off is committed
     before this is called, so a failed render (ReportError) loses nothing: ``dr-screen review render``
     makes it later. No database transaction is held while WeasyPrint works."""
     for _ in range(VERSION_ATTEMPTS):
         with session_scope(factory) as session:
-            visit = load_visit(session, exam_id)
+            visit = load_visit(session, exam_id, rule)
             newest = visit.newest
             model = catalog.describe(newest.model_version, newest.checkpoint_sha256)
             # past every version recorded and every file on disk (a worker may have published one it has not

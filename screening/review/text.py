@@ -67,7 +67,11 @@ def format_visit(visit: Visit, history: Sequence[Review], reports: Sequence[Repo
              "status: " + ("awaiting review" if visit.awaiting_review else "signed off"), ""]
     for e in visit.eyes:
         f = e.finding
-        lines.append(f"{e.name} (image {e.image_id}, {e.source_name}), model {e.model_version}:")
+        for k, fld in enumerate(e.fields, start=1):
+            tag = " <- the eye's result" if fld is e.result and len(e.fields) > 1 else ""
+            lines.append(f"{e.name} field {k} of {len(e.fields)}: image {fld.image_id}, {fld.source_name}, model "
+                         f"{fld.model_version}: DR {fld.finding.dr_grade}, DME {fld.finding.dme_grade}{tag}")
+        lines.append(f"{e.name}, the model's answer for the eye:")
         lines.append(f"  DR grade  {f.dr_grade} {DR_GRADES[f.dr_grade]} ({f.dr_confidence:.0%})")
         lines.append(f"  DME risk  {f.dme_grade} {DME_GRADES[f.dme_grade]} ({f.dme_confidence:.0%})")
         lines.append(f"  referable {'yes' if f.referable else 'no'} (score {f.referable_score:.0%})")

@@ -10,7 +10,7 @@ referral outcome. The command line, the CSV import and the review page all recor
 from __future__ import annotations
 
 import unicodedata
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Collection, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import date, datetime, timedelta, timezone
 
@@ -26,9 +26,11 @@ from screening.report import (
     REFER_LEVELS,
     REFERRAL_LEVELS,
     EyeFinding,
+    EyeResultRule,
     EyeReview,
     Referral,
     ReviewNote,
+    eye_result,
     referral_recommendation,
 )
 from training.common import DME_GRADES, DR_GRADES
@@ -48,10 +50,9 @@ class ReviewError(ValueError):
 
 
 @dataclass(frozen=True)
-class VisitEye:
-    """One eye of a visit as the report shows it: the model's finding for its newest graded photo."""
+class VisitField:
+    """One graded photograph (field) of an eye: the model's finding for it."""
 
-    eye: str
     image_id: int
     source_name: str
     finding: EyeFinding
@@ -60,13 +61,33 @@ class VisitEye:
     graded_at: datetime
     received_at: datetime  # when the photo arrived (the audit's date basis)
 
+
+@dataclass(frozen=True)
+class VisitEye:
+    """One eye of a visit as the report shows it: every graded field, and the one that gives the eye's result
+    (``screening.report.eye_result``, by the ``[screening] eye_result`` rule). A sign-off answers for the eye."""
+
+    eye: str
+    fields: tuple[VisitField, ...]  # in arrival order
+    result: VisitField
+
     @property
     def name(self) -> str:
         return EYE_NAMES[self.eye]
 
     @property
+    def finding(self) -> EyeFinding:
+        return self.result.finding
+
+    @property
+    def image_id(self) -> int:
+        """The field whose result stands for the eye (what a sign-off records it reviewed)."""
+        return self.result.image_id
+
+    @property
     def model_answer(self) -> EyeReview:
-        return EyeReview(self.finding.eye, True, self.finding.dr_grade, self.finding.dme_grade)
+        f = self.finding
+        return EyeReview(f.eye, True, f.dr_grade, f.dme_grade)
 
 
 @dataclass(frozen=True)
@@ -78,19 +99,33 @@ class Visit:
     model_referral: Referral
     current_review: Review | None
     first_report_at: datetime | None
+    eye_result_rule: EyeResultRule = "worst"
 
     def eye(self, code: str) -> VisitEye | None:
         return next((e for e in self.eyes if e.eye == code), None)
 
     @property
+    def fields(self) -> tuple[VisitField, ...]:
+        return tuple(f for e in self.eyes for f in e.fields)
+
+    @property
     def image_ids(self) -> dict[str, int]:
+        """Per eye, the field that gives the eye's result."""
         return {e.eye: e.image_id for e in self.eyes}
 
     @property
+    def field_ids(self) -> frozenset[int]:
+        """Every graded photograph of the visit (what a grader saw on the page)."""
+        return frozenset(f.image_id for f in self.fields)
+
+    @property
     def awaiting_review(self) -> bool:
-        """No sign-off yet, or the last one does not cover exactly the photos the report shows now."""
+        """No sign-off yet, or one that does not cover the visit as it is now: an eye it did not answer for, or
+        a photograph graded after it was recorded (a new field, a second eye)."""
         r = self.current_review
-        return r is None or {(e.eye, e.image_id) for e in r.eyes} != set(self.image_ids.items())
+        if r is None or {e.eye for e in r.eyes} != {e.eye for e in self.eyes}:
+            return True
+        return any(f.graded_at > r.created_at for f in self.fields)
 
     @property
     def referable(self) -> bool:
@@ -99,26 +134,26 @@ class Visit:
     @property
     def ready_at(self) -> datetime:
         """Since when the visit could be reviewed: its first report, else its first graded photo."""
-        return self.first_report_at or min(e.graded_at for e in self.eyes)
+        return self.first_report_at or min(f.graded_at for f in self.fields)
 
     @property
-    def newest(self) -> VisitEye:
-        return max(self.eyes, key=lambda e: (e.graded_at, e.image_id))
+    def newest(self) -> VisitField:
+        return max(self.fields, key=lambda f: (f.graded_at, f.image_id))
 
     @property
     def model_version(self) -> str:
         return self.newest.model_version
 
+    def report_findings(self) -> list[EyeFinding]:
+        """Every field's finding as the report lists them (right eye first, arrival order within an eye)."""
+        return [f.finding for f in self.fields]
 
-def finding_of(graded: rrepo.GradedEye) -> EyeFinding:
-    """The model's finding for a stored result, as the worker's report shows it."""
-    return eye_finding(graded.image, graded.result)
 
-
-def load_visits(session: Session, exam_ids: Iterable[int] | None = None) -> list[Visit]:
-    """Visits with at least one graded eye (of ``exam_ids``, or all), ordered by exam id."""
+def load_visits(session: Session, exam_ids: Iterable[int] | None = None, rule: EyeResultRule = "worst") -> list[Visit]:
+    """Visits with at least one graded eye (of ``exam_ids``, or all), ordered by exam id; each eye's result is
+    chosen by ``rule`` (the worker's ``[screening] eye_result``)."""
     ids = None if exam_ids is None else list(exam_ids)
-    graded = rrepo.graded_eyes(session, ids)
+    graded = rrepo.graded_fields(session, ids)
     if not graded:
         return []
     reviews = rrepo.current_reviews(session, graded)
@@ -128,22 +163,26 @@ def load_visits(session: Session, exam_ids: Iterable[int] | None = None) -> list
     ).all()
     visits = []
     for exam_id, exam_date, code in sorted(rows):
-        eyes = tuple(
-            VisitEye(eye=g.image.eye or "", image_id=g.image.id, source_name=g.image.source_name, finding=finding_of(g),
-                     model_version=g.result.model_version, checkpoint_sha256=g.result.checkpoint_sha256,
-                     graded_at=g.result.created_at, received_at=g.image.received_at)
-            for g in graded[exam_id].values()
-        )
+        eyes = []
+        for eye, graded_fields in graded[exam_id].items():
+            fields = tuple(
+                VisitField(image_id=g.image.id, source_name=g.image.source_name, finding=eye_finding(g.image, g.result),
+                           model_version=g.result.model_version, checkpoint_sha256=g.result.checkpoint_sha256,
+                           graded_at=g.result.created_at, received_at=g.image.received_at)
+                for g in graded_fields
+            )
+            chosen = eye_result([f.finding for f in fields], rule)
+            eyes.append(VisitEye(eye, fields, next(f for f in fields if f.finding is chosen)))
         visits.append(Visit(
-            exam_id=exam_id, patient_code=code, exam_date=exam_date, eyes=eyes,
+            exam_id=exam_id, patient_code=code, exam_date=exam_date, eyes=tuple(eyes),
             model_referral=referral_recommendation([e.finding for e in eyes]),
-            current_review=reviews.get(exam_id), first_report_at=first_reports.get(exam_id),
+            current_review=reviews.get(exam_id), first_report_at=first_reports.get(exam_id), eye_result_rule=rule,
         ))
     return visits
 
 
-def load_visit(session: Session, exam_id: int) -> Visit:
-    found = load_visits(session, [exam_id])
+def load_visit(session: Session, exam_id: int, rule: EyeResultRule = "worst") -> Visit:
+    found = load_visits(session, [exam_id], rule)
     if found:
         return found[0]
     if session.get(Exam, exam_id) is None:
@@ -151,15 +190,15 @@ def load_visit(session: Session, exam_id: int) -> Visit:
     raise ReviewError(f"visit {exam_id} has no graded photo yet: there is nothing to review")
 
 
-def review_queue(session: Session) -> list[Visit]:
+def review_queue(session: Session, rule: EyeResultRule = "worst") -> list[Visit]:
     """Visits awaiting review: those the model would refer first, then oldest first (by :attr:`Visit.ready_at`)."""
-    waiting = [v for v in load_visits(session) if v.awaiting_review]
+    waiting = [v for v in load_visits(session, rule=rule) if v.awaiting_review]
     return sorted(waiting, key=lambda v: (not v.referable, v.ready_at, v.exam_id))
 
 
-def recently_reviewed(session: Session, limit: int = 50) -> list[Visit]:
+def recently_reviewed(session: Session, limit: int = 50, rule: EyeResultRule = "worst") -> list[Visit]:
     """Visits whose current sign-off covers their photos, most recently signed off first."""
-    done = [v for v in load_visits(session) if not v.awaiting_review]
+    done = [v for v in load_visits(session, rule=rule) if not v.awaiting_review]
     return sorted(done, key=lambda v: -(v.current_review.id if v.current_review else 0))[:limit]
 
 
@@ -217,18 +256,20 @@ def sign_off(
     comment: str | None = None,
     user: ReviewUser | None = None,
     reviewed_at: datetime | None = None,
-    seen_images: Mapping[str, int] | None = None,
+    seen_fields: Collection[int] | None = None,
     seen_review_id: int | None | object = _UNSET,
+    rule: EyeResultRule = "worst",
 ) -> Review:
     """Record a confirmation (``answers=None``: the model's grades and its referral) or a correction.
 
-    ``answers``: one :class:`EyeReview` per eye the visit's report shows. ``referral``: a key of
+    ``answers``: one :class:`EyeReview` per eye the visit's report shows (for the eye, whatever its number of
+    fields; ``rule`` decides which field's result is the model's answer, as on the report). ``referral``: a key of
     :data:`GRADER_REFERRALS`, or None for the one the answers imply (:func:`referral_from_answers`); a
-    referral less urgent than the grader's own grades imply is refused. ``seen_images`` and ``seen_review_id``
+    referral less urgent than the grader's own grades imply is refused. ``seen_fields`` and ``seen_review_id``
     (the review page sends them) refuse a sign-off of a visit that changed since the grader opened it: a new
     photo, or someone else's sign-off. Flushes, never commits.
     """
-    visit = load_visit(session, exam_id)
+    visit = load_visit(session, exam_id, rule)
     name = clean_text(reviewer, "the reviewer's name", REVIEWER_MAX_CHARS, required=True)
     assert name is not None
     note = clean_text(comment, "the comment", COMMENT_MAX_CHARS, required=False, multiline=True)
@@ -236,7 +277,7 @@ def sign_off(
         source = ReviewSource(source).value
     except ValueError:
         raise ReviewError(f"unknown review source {source!r}; expected one of {[s.value for s in ReviewSource]}") from None
-    if seen_images is not None and dict(seen_images) != visit.image_ids:
+    if seen_fields is not None and frozenset(seen_fields) != visit.field_ids:
         raise ReviewError(f"visit {exam_id} changed while it was open: a new photo was graded. Look at it, then sign off again")
     current = visit.current_review
     if seen_review_id is not _UNSET and seen_review_id != (current.id if current else None):
@@ -303,9 +344,9 @@ __all__ = [
     "ReviewError",
     "Visit",
     "VisitEye",
+    "VisitField",
     "answers_of",
     "clean_text",
-    "finding_of",
     "load_visit",
     "load_visits",
     "recently_reviewed",

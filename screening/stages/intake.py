@@ -6,8 +6,10 @@ Per file, in this order:
 1. hash it (SHA-256: the content's identity);
 2. a move interrupted by a crash (a committed record whose file is still here) is finished: :class:`Resumed`;
 3. content already graded, or being graded from another file still in the inbox: :class:`Duplicate`;
-4. the checks, each raising :class:`~screening.rejection.Rejection` (supported suffix, patient / eye / date
-   from the name or sidecar, a decodable colour fundus photo): :class:`Rejected`;
+4. the checks, each raising :class:`~screening.rejection.Rejection`: a DICOM file (by content,
+   :mod:`screening.dicom`) gives its patient / eye / date / camera from its tags and its picture from its pixel
+   data; any other file needs a supported suffix, patient / eye / date from the name or sidecar and a decodable
+   image; both must be a colour fundus photo: :class:`Rejected`;
 5. otherwise the patient, exam, image (``received``) and drop rows are committed: :class:`Admitted`.
 
 The database is written before any file moves (:mod:`screening.stages.filing`). Nothing here runs the model.
@@ -29,9 +31,10 @@ from ..config import ScreeningSettings
 from ..db import repository as repo
 from ..db.models import DropOutcome, Image, ImageState
 from ..db.session import session_scope
-from ..imaging import DecodedImage, decode
+from ..dicom import DICOM_SUFFIXES, dicom_identity, is_dicom, read_dicom
+from ..imaging import DecodedImage, decode, preprocess
 from ..intake import Identity, check_supported, parse_identity
-from ..rejection import Rejection
+from ..rejection import Rejection, RejectReason
 from .filing import Filing
 from .outcomes import Admitted, Duplicate, IntakeOutcome, Job, Rejected, Resumed, Vanished
 
@@ -104,12 +107,24 @@ class IntakeStage:
             log.info("duplicate of image %s", known.image_id)
             return Duplicate(known.image_id, self.filing.file_drop(duplicate_drop, path, sha))
         try:
-            check_supported(path)
-            identity = parse_identity(path, self.settings.filename_patterns)
-            decoded = decode(path, self.image_size)
+            identity, decoded = self.read(path)
         except Rejection as rejection:
             return self._reject(path, sha, known, rejection)
         return Admitted(self._admit(path, sha, known, identity, decoded))
+
+    def read(self, path: Path) -> tuple[Identity, DecodedImage]:
+        """Who the photo is of and the photo in the model's frame, from a DICOM file's tags and pixels or from
+        an image file's name (or sidecar) and pixels; raises a :class:`Rejection` saying what is wrong."""
+        if is_dicom(path):
+            photo = read_dicom(path)
+            identity = dicom_identity(photo, path, self.settings.filename_patterns)
+            return identity, preprocess(photo.rgb, photo.size, self.image_size)
+        if path.suffix.lower() in DICOM_SUFFIXES:
+            raise Rejection(RejectReason.UNREADABLE,
+                            f"'{path.name}' is named as DICOM but has no DICOM Part 10 header ('DICM' at byte 128); "
+                            "export it again as a DICOM file")
+        check_supported(path)
+        return parse_identity(path, self.settings.filename_patterns), decode(path, self.image_size)
 
     def _reject(self, path: Path, sha: str, known: _Known | None, rejection: Rejection) -> Rejected:
         """Record the refusal (a new content gets a ``rejected`` image; a known one keeps its state unless this
@@ -140,7 +155,7 @@ class IntakeStage:
             w, h = decoded.original_size
             if known is None:
                 image = repo.add_image(session, sha256=sha, source_name=path.name, exam=exam, eye=identity.eye,
-                                       stored_path=path, width=w, height=h)
+                                       stored_path=path, width=w, height=h, device=identity.device)
                 repo.record_drop(session, sha256=sha, source_name=path.name, outcome=DropOutcome.NEW, image=image)
             else:  # received before a crash, failed and retried, or rejected earlier and dropped again
                 found = session.get(Image, known.image_id)
@@ -150,6 +165,7 @@ class IntakeStage:
                 if not known.same_drop:
                     repo.record_drop(session, sha256=sha, source_name=path.name, outcome=DropOutcome.NEW, image=image)
                 image.exam, image.eye, image.stored_path, image.width, image.height = exam, identity.eye, str(path), w, h
+                image.device = identity.device
                 if image.state != ImageState.RECEIVED:
                     repo.set_state(session, image, ImageState.RECEIVED)
             session.flush()

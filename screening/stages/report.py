@@ -61,18 +61,20 @@ class ReportStage:
         return max(recorded, queued, on_disk) + 1
 
     def _context(self, session: Session, exam: Exam, version: int) -> ReportContext:
-        eyes: dict[str, EyeFinding] = {}
+        """Every graded photograph of the exam, in arrival order within each eye: several fields of one eye are all
+        shown, and the report picks the eye's result by ``settings.eye_result``."""
+        fields: list[EyeFinding] = []
         for image, result in repo.exam_images_with_results(session, exam.id):
             if image.eye not in EYE_ORDER or result is None:
                 continue
-            eyes[image.eye] = eye_finding(image, result)  # a later image of the same eye replaces an earlier one
+            fields.append(eye_finding(image, result))
         return ReportContext(
             clinic_name=self.settings.clinic_name, patient_id=exam.patient.code, exam_date=exam.exam_date,
-            eyes=[eyes[e] for e in EYE_ORDER if e in eyes], model_version=self.predictor.version,
+            eyes=fields, model_version=self.predictor.version,
             checkpoint_sha256=self.predictor.meta["checkpoint_sha256"],
             model_status="research" if self.predictor.kind == "real" else "demo",
             model_metrics=self.predictor.report_metrics(), generated_at=datetime.now(timezone.utc).astimezone(),
-            report_version=version,
+            report_version=version, eye_result_rule=self.settings.eye_result,
         )
 
     # ---------------------------------------------------------------------------------- rendering

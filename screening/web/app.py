@@ -37,7 +37,7 @@ from screening.db import reviews as rrepo
 from screening.db.models import Report, Result, ReviewSource, ReviewUser
 from screening.db.session import session_scope
 from screening.findings import eye_finding
-from screening.report import EYE_NAMES, LESION_LABELS, REFERRAL_LEVELS, EyeReview, ReportError
+from screening.report import EYE_NAMES, EYE_RESULT_RULES, LESION_LABELS, REFERRAL_LEVELS, EyeReview, ReportError
 from screening.review.reviewed_report import ModelCatalog, render_reviewed_report
 from screening.review.visits import GRADER_REFERRALS, ReviewError, Visit, load_visit, recently_reviewed, review_queue, sign_off
 from screening.web.auth import LoginThrottle, verify_password
@@ -96,12 +96,12 @@ def _check_untouched(form: Any, visit: Visit) -> None:
                           "press 'Sign off with my answers' to record your answers, or put them back")
 
 
-def _seen(form: Any, visit: Visit) -> tuple[dict[str, int], int | None]:
-    """The visit's photos and sign-off as they were when the grader opened the page (hidden fields)."""
+def _seen(form: Any) -> tuple[set[int] | None, int | None]:
+    """The visit's photographs and sign-off as they were when the grader opened the page (hidden fields)."""
     try:
-        images = {e: int(form[f"seen_image_{e}"]) for e in EYE_NAMES if f"seen_image_{e}" in form}
+        fields = form.get("seen_fields")
         raw = form.get("seen_review", "")
-        return images, (int(raw) if raw else None)
+        return ({int(i) for i in fields.split(",")} if fields is not None else None), (int(raw) if raw else None)
     except ValueError:
         raise ReviewError("the form is damaged; reload the visit and sign off again") from None
 
@@ -139,6 +139,7 @@ def create_app(
     catalog = catalog or ModelCatalog.from_settings(settings)
     throttle = LoginThrottle()
     work_root, reports_root = Path(settings.work_dir), Path(settings.reports)
+    rule = settings.eye_result  # which field of an eye gives its result, as on the worker's reports
     css = Path(templates_dir) / "review" / "review.css"
 
     def current_user(s: Session) -> ReviewUser | None:
@@ -242,13 +243,13 @@ def create_app(
     @app.get("/queue")
     def queue() -> Any:
         with session_scope(factory) as s:
-            waiting, done = review_queue(s), recently_reviewed(s, limit=30)
+            waiting, done = review_queue(s, rule), recently_reviewed(s, limit=30, rule=rule)
         return render_template("queue.html.j2", waiting=waiting, done=done)
 
     def show_visit(exam_id: int, error: str | None = None, status: int = 200, form: Any = None) -> Any:
         with session_scope(factory) as s:
             try:
-                visit = load_visit(s, exam_id)
+                visit = load_visit(s, exam_id, rule)
             except ReviewError:
                 abort(404)
             history = rrepo.review_history(s, exam_id)
@@ -264,7 +265,7 @@ def create_app(
             "visit.html.j2", visit=visit, history=history, reports=reports, defaults=defaults, error=error,
             offer_confirm=offer_confirm,
             form=form or {}, reviewer_name=g.get("display_name") or session.get("reviewer_name", ""),
-            pictures=PICTURES,
+            pictures=PICTURES, rule_text=EYE_RESULT_RULES[rule],
         ), status
 
     @app.get("/visits/<int:exam_id>")
@@ -276,8 +277,8 @@ def create_app(
         reviewer = g.get("display_name") or form.get("reviewer", "")
         try:
             with session_scope(factory) as s:
-                visit = load_visit(s, exam_id)
-                images, review_id = _seen(form, visit)
+                visit = load_visit(s, exam_id, rule)
+                fields, review_id = _seen(form)
                 user = s.get(ReviewUser, g.user_id) if g.user_id is not None else None
                 if confirm:
                     _check_untouched(form, visit)
@@ -285,7 +286,7 @@ def create_app(
                     s, exam_id, reviewer=reviewer, source=ReviewSource.WEB.value, user=user,
                     answers=None if confirm else _parse_answers(form, visit),
                     referral=(form.get("referral") or None) if not confirm else None,
-                    comment=form.get("comment"), seen_images=images, seen_review_id=review_id,
+                    comment=form.get("comment"), seen_fields=fields, seen_review_id=review_id, rule=rule,
                 )
                 outcome, review_id = review.outcome, review.id
         except ReviewError as exc:  # shown on the visit page, with what the grader entered kept in the form
@@ -296,7 +297,7 @@ def create_app(
         try:
             report = render_reviewed_report(factory, exam_id, catalog=catalog, clinic_name=settings.clinic_name,
                                             templates_dir=Path(templates_dir), reports_dir=reports_root,
-                                            retries=settings.report_retries)
+                                            retries=settings.report_retries, rule=rule)
             flash(f"Signed off ({outcome}). The reviewed report is version {report.version}.", "ok")
         except (ReportError, ReviewError) as exc:
             log.error("reviewed report for exam %s failed: %s", exam_id, type(exc).__name__)

@@ -4,6 +4,7 @@ worker run over them (``worked``: results, pictures and draft PDFs on disk, for 
 from __future__ import annotations
 
 import dataclasses
+import io
 from pathlib import Path
 
 import cv2
@@ -59,6 +60,77 @@ def settings(tmp_path, tiny_checkpoint) -> ScreeningSettings:
         checkpoint=tiny_checkpoint, stable_seconds=0.1, poll_interval=0.1, sweep_interval=0.5, batch_size=4,
         threads=1, device="cpu",
     )
+
+
+# ------------------------------------------------------------------------------------------------ DICOM files
+
+OP_SOP_CLASS = "1.2.840.10008.5.1.4.1.1.77.1.5.1"  # Ophthalmic Photography 8 Bit Image
+SC_SOP_CLASS = "1.2.840.10008.5.1.4.1.1.7"  # Secondary Capture Image
+
+
+def write_dicom(
+    path: Path, *, rgb: np.ndarray | None = None, jpeg: bytes | None = None, sop_class: str = OP_SOP_CLASS,
+    patient_id: object = "P100", image_laterality: object = "R", laterality: object = None,
+    acquisition: object = "20250301101500", study_date: object = None, manufacturer: object = "Topcon",
+    model: object = "TRC-NW8", **extra: object,
+) -> Path:
+    """A DICOM Part 10 file made with pydicom, as a camera or PACS exports one: ``rgb`` uncompressed (explicit VR
+    little endian, RGB), or ``jpeg`` bytes encapsulated as JPEG baseline (YBR_FULL_422), or neither (no pixel
+    data). A tag given as None is left out; ``extra`` sets further elements by keyword."""
+    from PIL import Image as PILImage
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.encaps import encapsulate
+    from pydicom.uid import ExplicitVRLittleEndian, JPEGBaseline8Bit, generate_uid
+
+    meta = FileMetaDataset()
+    meta.TransferSyntaxUID = JPEGBaseline8Bit if jpeg is not None else ExplicitVRLittleEndian
+    meta.MediaStorageSOPClassUID = sop_class
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    ds = Dataset()
+    ds.file_meta = meta
+    ds.SOPClassUID, ds.SOPInstanceUID = sop_class, meta.MediaStorageSOPInstanceUID
+    ds.Modality = "OP" if sop_class == OP_SOP_CLASS else "OT"
+    for keyword, value in (("PatientID", patient_id), ("ImageLaterality", image_laterality), ("Laterality", laterality),
+                           ("AcquisitionDateTime", acquisition), ("StudyDate", study_date),
+                           ("Manufacturer", manufacturer), ("ManufacturerModelName", model)):
+        if value is not None:
+            setattr(ds, keyword, value)
+    if rgb is not None or jpeg is not None:
+        if jpeg is not None:
+            with PILImage.open(io.BytesIO(jpeg)) as im:
+                width, height = im.size
+        else:
+            assert rgb is not None
+            height, width = rgb.shape[:2]
+        ds.Rows, ds.Columns = height, width
+        ds.SamplesPerPixel, ds.PlanarConfiguration = 3, 0
+        ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 8, 8, 7, 0
+        if jpeg is not None:
+            ds.PhotometricInterpretation = "YBR_FULL_422"
+            ds.PixelData = encapsulate([jpeg])
+            ds["PixelData"].VR = "OB"
+        else:
+            assert rgb is not None
+            ds.PhotometricInterpretation = "RGB"
+            ds.PixelData = np.ascontiguousarray(rgb, np.uint8).tobytes()
+    for keyword, value in extra.items():
+        setattr(ds, keyword, value)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    ds.save_as(path, enforce_file_format=True)
+    return path
+
+
+def jpeg_bytes(rgb: np.ndarray, quality: int = 95) -> bytes:
+    """Baseline JPEG of an RGB picture (what a camera puts in a JPEG-compressed DICOM)."""
+    ok, buf = cv2.imencode(".jpg", cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, quality])
+    assert ok
+    return buf.tobytes()
+
+
+def synthetic_fundus(seed: int = 0, size: int = 256) -> np.ndarray:
+    from training.data.synthetic import make_fundus
+
+    return make_fundus(np.random.default_rng(seed), size=size).image
 
 
 @dataclasses.dataclass

@@ -133,8 +133,59 @@ def test_invalid_findings_are_rejected():
         dataclasses.replace(_eye("R", 0, 0), dme_probs=[1.0])
     with pytest.raises(ValueError, match="eye must be"):
         _eye("X", 0, 0)
-    with pytest.raises(ValueError, match="once"):
-        _ctx([_eye("R", 0, 0), _eye("R", 1, 0)])
+    with pytest.raises(ValueError, match="eye_result_rule"):
+        dataclasses.replace(_ctx([_eye("R", 0, 0)]), eye_result_rule="best")
+
+
+# -------------------------------------------------------------------------------- several fields per eye
+
+
+def test_the_eye_result_is_its_worst_field_or_its_latest():
+    macula, disc, recapture = _eye("R", 1, 0), _eye("R", 3, 0), _eye("R", 0, 0)
+    assert rpt.eye_result([macula, disc, recapture], "worst") is disc
+    assert rpt.eye_result([macula, disc, recapture], "latest") is recapture
+    assert rpt.eye_result([], "worst") is None
+    same = dataclasses.replace(macula, source_name="again.jpg")
+    assert rpt.eye_result([macula, same], "worst") is macula  # equal findings: the earlier field
+    # a field referred by its score outranks a clean one of the same grade
+    scored = dataclasses.replace(macula, dr_grade=0, dr_probs=[0.6, 0.1, 0.1, 0.1, 0.1], referable=True, referable_score=0.7)
+    assert rpt.eye_result([_eye("R", 0, 0), scored], "worst") is scored
+    with pytest.raises(ValueError, match="rule"):
+        rpt.eye_result([macula], "best")  # type: ignore[arg-type]
+
+
+def test_the_referral_comes_from_each_eyes_result_under_either_rule():
+    fields = [_eye("R", 4, 0), _eye("R", 0, 0), _eye("L", 1, 0)]  # a proliferative finding in the first right field
+    worst = _ctx(fields)
+    assert [e.dr_grade for e in worst.eye_results()] == [4, 1] and len(worst.fields("R")) == 2
+    assert referral_recommendation(worst.eye_results()).level == "urgent"
+    latest = dataclasses.replace(worst, eye_result_rule="latest")
+    assert [e.dr_grade for e in latest.eye_results()] == [0, 1]
+    assert referral_recommendation(latest.eye_results()).level == "rescreen_12"
+
+
+def test_every_field_is_shown_with_its_pictures_and_the_eye_result_is_marked(tmp_path):
+    macula = dataclasses.replace(_eye("R", 1, 0, tmp_path / "m"), source_name="P1_R_macula.jpg",
+                                 mask_folder=tmp_path / "work" / "ab" / "abcdef")
+    disc = dataclasses.replace(_eye("R", 3, 1, tmp_path / "d"), source_name="P1_R_disc.jpg")
+    left = _eye("L", 0, 0, tmp_path / "l")
+    ctx = _ctx([macula, disc, left], status="research")
+    html = render_html(ctx, TEMPLATES)
+    # each field's own four pictures
+    for finding in (macula, disc, left):
+        for picture in (finding.photo_path, finding.overlay_path, finding.dr_cam_path, finding.dme_cam_path):
+            assert html.count(picture.resolve().as_uri()) == 1
+    assert "Field 1 of 2" in html and "Field 2 of 2" in html and html.count("eye result</span>") == 1
+    assert "Field 1 of 1" not in html  # a single photograph looks as it always did
+    text = "\n".join(_pages_text(render_pdf(ctx, TEMPLATES, tmp_path / "reports")))
+    for needle in ("P1_R_macula.jpg", "P1_R_disc.jpg", "2 photographs of this eye", "its worst field: field 2",
+                   "2 fields; result from field 2", DR_GRADES[1], DR_GRADES[3], "Refer within weeks",
+                   "Lesion masks at the photograph's own size", str(tmp_path / "work" / "ab" / "abcdef")):
+        assert _contains(text, needle), needle
+    recaptured = dataclasses.replace(ctx, eyes=[disc, macula, left], eye_result_rule="latest", report_version=2)
+    latest = "\n".join(_pages_text(render_pdf(recaptured, TEMPLATES, tmp_path / "reports")))
+    assert _contains(latest, f"its latest field: field 2, {DR_GRADES[1]}") and _contains(latest, "Rescreen in 12 months")
+    assert _contains(latest, DR_GRADES[3])  # the earlier field is still shown
 
 
 # ---------------------------------------------------------------------------------------- paths and HTML

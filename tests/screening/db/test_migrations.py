@@ -28,8 +28,12 @@ def db_path(tmp_path):
     return tmp_path / "old.db"
 
 
-def test_head_is_third_revision():
-    assert head_revision() == "0003"
+HEAD = "0014_reviews"
+PREVIOUS = "0007_device_original_masks"  # the head before the review tables
+
+
+def test_head_is_the_reviews_revision():
+    assert head_revision() == HEAD
 
 
 def test_upgrade_from_revision_1_keeps_rows(db_path):
@@ -64,12 +68,12 @@ def test_upgrade_from_revision_1_keeps_rows(db_path):
     raw.commit()
     raw.close()
 
-    assert init_db(engine) == "0003"
-    assert current_revision(engine) == "0003"
+    assert init_db(engine) == HEAD
+    assert current_revision(engine) == HEAD
     assert {"width", "height"} <= _cols(engine, "images")
     assert "reason" in _cols(engine, "drops") and "inference_ms" in _cols(engine, "results")
     assert _diff(engine) == []
-    backups = list(db_path.parent.glob("old.db.pre-0003.*.bak"))
+    backups = list(db_path.parent.glob(f"old.db.pre-{HEAD}.*.bak"))
     assert len(backups) == 1
     with sqlite3.connect(backups[0]) as b:
         assert b.execute("SELECT version_num FROM alembic_version").fetchone() == ("0001",)
@@ -78,16 +82,21 @@ def test_upgrade_from_revision_1_keeps_rows(db_path):
     with make_session_factory(engine)() as s:
         img = s.scalars(select(Image)).one()
         assert (img.source_name, img.state, img.eye, img.width, img.height) == ("P001_L_20240301.jpg", "reported", "L", None, None)
+        assert img.device is None
         assert img.exam.patient.code == "P001"
         assert img.received_at.isoformat() == "2024-03-01T08:00:00+00:00"
         r = s.scalars(select(Result)).one()
-        assert (r.dr_grade, r.dme_grade, r.referable, r.inference_ms) == (3, 1, True, None)
+        assert (r.dr_grade, r.dme_grade, r.referable, r.inference_ms, r.original_masks) == (3, 1, True, None, None)
         assert r.dr_probs == [0, 0, 0.1, 0.8, 0.1] and r.area_od == 0.03
         d = s.scalars(select(Drop)).one()
         assert (d.outcome, d.reason) == ("new", None)
         # the new columns are writable
         img.width, img.height, d.reason, r.inference_ms = 2048, 1536, "ok", 41.0
+        img.device, r.original_masks = "Topcon TRC-NW8", {"MA": "work/aa/mask_MA.tif"}
         s.commit()
+    with make_session_factory(engine)() as s:
+        img, r = s.scalars(select(Image)).one(), s.scalars(select(Result)).one()
+        assert (img.device, r.original_masks) == ("Topcon TRC-NW8", {"MA": "work/aa/mask_MA.tif"})
     engine.dispose()
 
 
@@ -138,6 +147,7 @@ def test_downgrade_to_revision_1_keeps_rows(tmp_path):
     with engine.begin() as conn:  # foreign keys stay ON: no table rebuild may drop 'images'
         command.downgrade(alembic_config(connection=conn), "0001")
     assert current_revision(engine) == "0001" and "width" not in _cols(engine, "images")
+    assert "device" not in _cols(engine, "images") and "original_masks" not in _cols(engine, "results")
     with engine.connect() as conn:
         assert conn.exec_driver_sql("SELECT count(*) FROM drops WHERE image_id IS NOT NULL").scalar() == 1
     init_db(engine)
@@ -149,10 +159,10 @@ def _triggers(engine) -> set[str]:
         return {r[0] for r in conn.exec_driver_sql("SELECT name FROM sqlite_master WHERE type = 'trigger'")}
 
 
-def test_upgrade_from_revision_2_keeps_rows_and_adds_append_only_reviews(db_path):
-    """A clinic database at 0002 (reports included) gains the review tables; its rows and reports stay."""
+def test_upgrade_from_the_previous_head_keeps_rows_and_adds_append_only_reviews(db_path):
+    """A clinic database at the revision before (reports included) gains the review tables; its rows stay."""
     engine = make_engine(f"sqlite:///{db_path}")
-    upgrade(engine, "0002")
+    upgrade(engine, PREVIOUS)
     raw = sqlite3.connect(db_path)
     raw.executescript(
         """
@@ -176,12 +186,12 @@ def test_upgrade_from_revision_2_keeps_rows_and_adds_append_only_reviews(db_path
     raw.close()
     assert "reviews" not in inspect(engine).get_table_names()
 
-    assert init_db(engine) == "0003"
+    assert init_db(engine) == HEAD
     assert {"review_users", "reviews", "review_eyes"} <= set(inspect(engine).get_table_names())
     assert "review_id" in _cols(engine, "reports")
     assert _diff(engine) == []
     assert _triggers(engine) == {"reviews_no_update", "reviews_no_delete", "review_eyes_no_update", "review_eyes_no_delete"}
-    assert len(list(db_path.parent.glob("old.db.pre-0003.*.bak"))) == 1
+    assert len(list(db_path.parent.glob(f"old.db.pre-{HEAD}.*.bak"))) == 1
     with engine.connect() as conn:
         rows = conn.exec_driver_sql("SELECT id, exam_id, version, path, model_version, created_at, review_id FROM reports ORDER BY id").all()
         assert [tuple(r) for r in rows] == [
@@ -206,7 +216,7 @@ def test_upgrade_from_revision_2_keeps_rows_and_adds_append_only_reviews(db_path
     engine.dispose()
 
 
-def test_downgrade_from_3_to_2_keeps_reports(tmp_path):
+def test_downgrade_to_the_previous_head_keeps_reports(tmp_path):
     from alembic import command
 
     from screening.db.migrate import alembic_config
@@ -218,8 +228,8 @@ def test_downgrade_from_3_to_2_keeps_reports(tmp_path):
         conn.exec_driver_sql("INSERT INTO exams (id, patient_id, exam_date, created_at) VALUES (1, 1, '2025-01-01', '2025-01-01 00:00:00')")
         conn.exec_driver_sql("INSERT INTO reports (exam_id, version, path, model_version, created_at) VALUES (1, 1, 'r.pdf', 'v', '2025-01-01 00:00:00')")
     with engine.begin() as conn:
-        command.downgrade(alembic_config(connection=conn), "0002")
-    assert current_revision(engine) == "0002" and "review_id" not in _cols(engine, "reports")
+        command.downgrade(alembic_config(connection=conn), PREVIOUS)
+    assert current_revision(engine) == PREVIOUS and "review_id" not in _cols(engine, "reports")
     assert not {"reviews", "review_eyes", "review_users"} & set(inspect(engine).get_table_names()) and not _triggers(engine)
     with engine.connect() as conn:
         assert conn.exec_driver_sql("SELECT path FROM reports").scalar() == "r.pdf"

@@ -29,20 +29,21 @@ def _graded(s, exam, eye, dr, sha):
     return img
 
 
-def test_graded_eyes_are_the_newest_graded_photo_of_each_eye(factory):
+def test_graded_fields_are_every_graded_photo_of_each_eye_in_arrival_order(factory):
     with session_scope(factory) as s:
         exam = repo.get_or_create_exam(s, repo.get_or_create_patient(s, "P1"), date(2025, 1, 2))
-        _graded(s, exam, "L", 1, "a")
-        newer_left = _graded(s, exam, "L", 3, "b")  # the same eye photographed again: replaces the first
+        first_left = _graded(s, exam, "L", 1, "a")
+        second_left = _graded(s, exam, "L", 3, "b")  # the same eye photographed again: a second field
         right = _graded(s, exam, "R", 0, "c")
-        repo.add_image(s, sha256="d" * 64, source_name="R2.jpg", exam=exam, eye="R")  # not graded yet: ignored
+        repo.add_image(s, sha256="d" * 64, source_name="R2.jpg", exam=exam, eye="R")  # not graded yet: left out
         other = repo.get_or_create_exam(s, repo.get_or_create_patient(s, "P2"), date(2025, 1, 2))
-        eyes = rrepo.graded_eyes(s)
-        assert list(eyes) == [exam.id]  # the exam without results is absent
-        assert list(eyes[exam.id]) == ["R", "L"]
-        assert eyes[exam.id]["L"].image.id == newer_left.id and eyes[exam.id]["L"].result.dr_grade == 3
-        assert eyes[exam.id]["R"].image.id == right.id
-        assert rrepo.graded_eyes(s, [other.id]) == {}
+        fields = rrepo.graded_fields(s)
+        assert list(fields) == [exam.id]  # the exam without results is absent
+        assert list(fields[exam.id]) == ["R", "L"]  # right eye first
+        assert [g.image.id for g in fields[exam.id]["L"]] == [first_left.id, second_left.id]
+        assert [g.result.dr_grade for g in fields[exam.id]["L"]] == [1, 3]
+        assert [g.image.id for g in fields[exam.id]["R"]] == [right.id]
+        assert rrepo.graded_fields(s, [other.id]) == {}
 
 
 def test_reviews_are_appended_and_the_latest_is_current(factory):

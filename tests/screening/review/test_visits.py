@@ -64,6 +64,28 @@ def test_same_grades_with_another_referral_is_a_correction(factory):
         assert (r.outcome, r.referral) == ("corrected", "routine")
 
 
+def test_several_fields_of_an_eye_the_result_follows_the_rule_and_a_new_field_reopens_the_visit(factory):
+    now = datetime.now(timezone.utc) - timedelta(minutes=10)
+    with session_scope(factory) as s:
+        exam_id = seed_visit(s, "P1", {"R": (3, 0, True)}, received=now).id  # macula-centred field: severe NPDR
+        seed_visit(s, "P1", {"R": (1, 0, False)}, received=now + timedelta(seconds=60))  # disc-centred field: mild
+    with session_scope(factory) as s:
+        worst, latest = load_visit(s, exam_id, "worst"), load_visit(s, exam_id, "latest")
+        assert len(worst.eye("R").fields) == 2 and len(worst.field_ids) == 2
+        assert worst.eye("R").model_answer == EyeReview("R", True, 3, 0) and worst.model_referral.level == "soon"
+        assert latest.eye("R").model_answer == EyeReview("R", True, 1, 0) and latest.model_referral.level == "rescreen_12"
+        review = sign_off(s, exam_id, reviewer="A", source="cli", seen_fields=worst.field_ids)
+        assert (review.outcome, review.referral) == ("confirmed", "soon")
+        assert review.eyes[0].image_id == worst.eye("R").image_id  # the field that gave the eye's result
+    with session_scope(factory) as s:
+        assert review_queue(s) == []
+        seed_visit(s, "P1", {"R": (2, 0, True)}, received=datetime.now(timezone.utc))  # a third field, after the sign-off
+    with session_scope(factory) as s:
+        assert [v.exam_id for v in review_queue(s)] == [exam_id]
+        with pytest.raises(ReviewError, match="a new photo was graded"):
+            sign_off(s, exam_id, reviewer="A", source="cli", seen_fields=worst.field_ids)
+
+
 def test_a_photo_graded_after_the_sign_off_puts_the_visit_back_in_the_queue(factory):
     with session_scope(factory) as s:
         exam = seed_visit(s, "P1", {"R": (0, 0, False)}, report_at=at(60))
@@ -95,7 +117,7 @@ def test_a_photo_graded_after_the_sign_off_puts_the_visit_back_in_the_queue(fact
         (dict(referral="no_images"), "unknown referral"),
         (dict(reviewed_at=datetime(2025, 1, 1)), "no time zone"),
         (dict(reviewed_at=datetime.now(timezone.utc) + timedelta(hours=1)), "in the future"),
-        (dict(seen_images={"R": 999, "L": 998}), "a new photo was graded"),
+        (dict(seen_fields={999, 998}), "a new photo was graded"),
         (dict(seen_review_id=12345), "signed off by nobody"),
     ],
 )
@@ -112,10 +134,10 @@ def test_sign_off_refuses_with_a_reason(factory, kwargs, message):
 def test_sign_off_of_a_visit_someone_else_signed_meanwhile_is_refused(factory):
     with session_scope(factory) as s:
         exam_id = seed_visit(s, "P1", {"R": (2, 0, True)}).id
-        seen = load_visit(s, exam_id).image_ids
-        sign_off(s, exam_id, reviewer="Dr Abbot", source="web", seen_images=seen, seen_review_id=None)
+        seen = load_visit(s, exam_id).field_ids
+        sign_off(s, exam_id, reviewer="Dr Abbot", source="web", seen_fields=seen, seen_review_id=None)
     with session_scope(factory) as s, pytest.raises(ReviewError, match="signed off by Dr Abbot .* while it was open"):
-        sign_off(s, exam_id, reviewer="Dr Grey", source="web", seen_images=seen, seen_review_id=None)
+        sign_off(s, exam_id, reviewer="Dr Grey", source="web", seen_fields=seen, seen_review_id=None)
 
 
 def test_unknown_visit_and_visit_without_results(factory):

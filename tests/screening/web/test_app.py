@@ -233,3 +233,23 @@ def test_access_log_has_ids_but_no_patient_ids(worked, caplog):
     assert f"GET /visits/{exam_id} 200 user=None" in messages
     assert any(m.startswith("review ") and f"of exam {exam_id} recorded (confirmed)" in m for m in messages)
     assert not [m for m in messages if re.search(r"\bP[12]\b", m)], messages
+
+
+def test_an_eye_with_two_fields_shows_both_and_is_signed_off_once(settings):
+    from datetime import date
+
+    from ..conftest import run_worker
+
+    worked = run_worker(settings, {"P3_R.jpg": 1, f"P3_R_{date.today():%Y%m%d}.jpg": 4})  # two fields of one eye
+    client = _app(worked).test_client()
+    exam_id = worked.exams["P3"]
+    page = client.get(f"/visits/{exam_id}").get_data(as_text=True)
+    assert "2 fields; the eye's result is field" in page and "Field 2 of 2" in page
+    image_ids = set(re.findall(rf'src="/visits/{exam_id}/images/(\d+)/photo\.jpg"', page))
+    assert len(image_ids) == 2
+    form = _form(page)
+    assert set(form["seen_fields"].split(",")) == image_ids
+    assert client.post(f"/visits/{exam_id}/confirm", data={**form, "reviewer": "Dr Local"}).status_code == 302
+    with session_scope(worked.factory) as s:
+        review = rrepo.current_review(s, exam_id)
+        assert [e.eye for e in review.eyes] == ["R"] and str(review.eyes[0].image_id) in image_ids

@@ -1,8 +1,8 @@
 """Clinician sign-off: review_users, reviews, review_eyes and reports.review_id.
 
-Revision ID: 0003
-Revises: 0002
-Create Date: 2026-01-03
+Revision ID: 0014_reviews
+Revises: 0007_device_original_masks
+Create Date: 2026-12-01
 
 New tables only, plus one nullable column on ``reports``: existing rows keep their values (a report made
 before this revision is a model draft, ``review_id`` NULL). Reviews are append-only; SQLite triggers
@@ -14,8 +14,8 @@ from __future__ import annotations
 import sqlalchemy as sa
 from alembic import op
 
-revision = "0003"
-down_revision = "0002"
+revision = "0014_reviews"
+down_revision = "0007_device_original_masks"
 branch_labels = None
 depends_on = None
 
