@@ -23,6 +23,12 @@ What is counted
       ``awaiting_report``. Percentiles use linear interpolation between ranks (numpy's default,
       Excel's PERCENTILE.INC).
 
+Model versus grader
+    ``agreement`` (:mod:`screening.review.agreement`): for the visits in the period, the share signed off
+    by a clinician, quadratic kappa of the DR grade, sensitivity and specificity of the model's referral
+    against the graders', and the median time from report to review; overall, per model version and per
+    reviewer.
+
 Per model version
     Grades, referrals, duplicates (of images graded by that version) and turnaround are broken down by
     ``results.model_version``; ``overall`` pools them (and counts every duplicate drop, including those of
@@ -47,6 +53,9 @@ from sqlalchemy.orm import Session, aliased
 
 from screening.db.models import Drop, DropOutcome, Event, Image, ImageState, Report, Result
 from screening.rejection import Incident
+from screening.review.agreement import AgreementStats, AgreementSummary, agreement_summary
+from screening.review.agreement import groups as agreement_groups
+from screening.review.agreement import stat_rows as agreement_rows
 
 ALL = "ALL"
 DR_GRADES = range(5)
@@ -88,6 +97,7 @@ class AuditSummary:
     drops: dict[str, int] = field(default_factory=lambda: {o.value: 0 for o in DropOutcome})
     incidents: dict[str, int] = field(default_factory=dict)
     date_basis: str = DATE_BASIS
+    agreement: AgreementSummary | None = None  # model versus grader; None in exports made before it existed
 
     @property
     def duplicates(self) -> int:
@@ -120,6 +130,7 @@ class AuditSummary:
             drops={str(k): int(v) for k, v in d.get("drops", {}).items()},
             incidents={str(k): int(v) for k, v in d.get("incidents", {}).items()},
             date_basis=d.get("date_basis", DATE_BASIS),
+            agreement=AgreementSummary.from_dict(d["agreement"]) if d.get("agreement") else None,
         )
 
 
@@ -268,6 +279,7 @@ def audit_summary(
         start=start,
         end=end,
         model_version=model_version,
+        agreement=agreement_summary(session, lo, hi, model_version),
         overall=overall,
         by_model=by_model,
         rejected=sum(rejected.values()),
@@ -306,9 +318,13 @@ def _stat_rows(s: ModelStats) -> list[tuple[str, str, Any]]:
     return rows
 
 
+CSV_FIELDS = ["section", "model_version", "key", "value", "reviewer"]
+
+
 def summary_rows(summary: AuditSummary) -> list[dict[str, str]]:
-    """The summary as tidy rows ``section, model_version, key, value`` (what :func:`write_csv` writes).
-    ``model_version`` is ``ALL`` for the pooled column and empty for period-wide rows."""
+    """The summary as tidy rows ``section, model_version, key, value, reviewer`` (what :func:`write_csv`
+    writes). ``model_version`` is ``ALL`` for the pooled column and empty for period-wide rows; ``reviewer``
+    is set only on the per-reviewer agreement rows (section ``agreement``)."""
     out: list[tuple[str, str, str, Any]] = [
         ("filter", "", "start", summary.start.isoformat() if summary.start else ""),
         ("filter", "", "end", summary.end.isoformat() if summary.end else ""),
@@ -324,6 +340,12 @@ def summary_rows(summary: AuditSummary) -> list[dict[str, str]]:
     out += [("failed_reason", "", reason, n) for reason, n in summary.failed_reasons.items()]
     out += [("drops", "", outcome, n) for outcome, n in summary.drops.items()]
     out += [("incident", "", code, n) for code, n in summary.incidents.items()]
+    reviewer_of: dict[int, str] = {}
+    if summary.agreement is not None:
+        for label, reviewer, stats in agreement_groups(summary.agreement):
+            for key, val in agreement_rows(stats):
+                reviewer_of[len(out)] = reviewer
+                out.append(("agreement", label, key, val))
 
     def text(v: Any) -> str:
         if v is None:
@@ -332,13 +354,14 @@ def summary_rows(summary: AuditSummary) -> list[dict[str, str]]:
             return repr(round(v, 3))
         return str(v)
 
-    return [{"section": s, "model_version": m, "key": k, "value": text(v)} for s, m, k, v in out]
+    return [{"section": s, "model_version": m, "key": k, "value": text(v), "reviewer": reviewer_of.get(i, "")}
+            for i, (s, m, k, v) in enumerate(out)]
 
 
 def write_csv(summary: AuditSummary, path: str | PathLike[str]) -> Path:
     path = Path(path)
     with path.open("w", newline="", encoding="utf-8") as fh:
-        writer = csv.DictWriter(fh, fieldnames=["section", "model_version", "key", "value"])
+        writer = csv.DictWriter(fh, fieldnames=CSV_FIELDS)
         writer.writeheader()
         writer.writerows(summary_rows(summary))
     return path
@@ -413,11 +436,52 @@ def format_table(summary: AuditSummary) -> str:
     if summary.incidents:
         lines += ["", "Repaired or retried:"]
         lines += [f"  {n:>6}  {code}" for code, n in summary.incidents.items()]
+    if summary.agreement is not None:
+        lines += ["", *_agreement_table(summary.agreement)]
     return "\n".join(lines) + "\n"
+
+
+_AGREEMENT_LABELS = {
+    "visits_graded": "Visits graded", "visits_reviewed": "Visits reviewed", "share_reviewed": "Share reviewed",
+    "visits_corrected": "Visits corrected", "eyes_compared": "Eyes compared", "eyes_ungradable": "Eyes ungradable (grader)",
+    "dr_kappa": "DR kappa (quadratic)", "dr_exact_agreement": "DR exact agreement",
+    "dme_kappa": "DME kappa (quadratic)", "dme_exact_agreement": "DME exact agreement",
+    "referral_true_pos": "Referral: both refer", "referral_false_pos": "Referral: model only",
+    "referral_false_neg": "Referral: grader only", "referral_true_neg": "Referral: neither",
+    "referral_sensitivity": "Referral sensitivity", "referral_specificity": "Referral specificity",
+    "visits_ungradable": "Visits ungradable (grader)", "review_time_n": "Visits timed",
+    "review_time_p50_s": "Report to review, median",
+}
+
+
+def _agreement_table(agreement: AgreementSummary) -> list[str]:
+    """Model versus grader: one column per model version and per reviewer, beside the pooled one."""
+    cols = list(agreement_groups(agreement))
+    headers = ["Model vs grader", *(f"{r} (reviewer)" if r else m for m, r, _ in cols)]
+
+    def fmt_value(key: str, v: Any) -> str:
+        if v is None:
+            return "-"
+        if key == "review_time_p50_s":
+            return _fmt_seconds(v)
+        if key.startswith("share") or key.endswith(("agreement", "sensitivity", "specificity")):
+            return f"{100 * v:.1f}%"
+        return f"{v:.3f}" if isinstance(v, float) else str(v)
+
+    body = [[label, *(fmt_value(key, getattr(s, key)) for _, _, s in cols)] for key, label in _AGREEMENT_LABELS.items()]
+    widths = [max(len(r[j]) for r in [headers, *body]) for j in range(len(headers))]
+
+    def fmt(r: list[str]) -> str:
+        return "  ".join(r[0].ljust(widths[0]) if j == 0 else r[j].rjust(widths[j]) for j in range(len(r))).rstrip()
+
+    return [fmt(headers), "  ".join("-" * w for w in widths), *(fmt(r) for r in body)]
 
 
 __all__ = [
     "ALL",
+    "CSV_FIELDS",
+    "AgreementStats",
+    "AgreementSummary",
     "AuditSummary",
     "ModelStats",
     "audit_summary",

@@ -46,7 +46,7 @@ import stat
 import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import date, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal, cast
@@ -78,6 +78,7 @@ __all__ = [
     "is_candidate",
     "is_ignored",
     "is_supported",
+    "normalise_eye",
     "parse_identity",
     "read_content",
     "sidecar_for",
@@ -86,8 +87,9 @@ __all__ = [
     "wait_until_stable",
 ]
 
-SUPPORTED_SUFFIXES: frozenset[str] = frozenset({".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp"})
-"""Image suffixes the pipeline accepts (compared lower-cased)."""
+SUPPORTED_SUFFIXES: frozenset[str] = frozenset({".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp", ".dcm", ".dicom"})
+"""Suffixes the pipeline accepts (compared lower-cased). A DICOM file is recognised by its content whatever its
+name (:func:`screening.dicom.is_dicom`); these two suffixes only make a DICOM-named file count as one."""
 
 EMPTY_FILE_FACTOR = 10.0
 """A 0-byte file is reported as stable after this many ``stable_seconds`` (so it can be rejected), or as soon
@@ -130,9 +132,10 @@ def check_supported(path: str | os.PathLike[str]) -> None:
     p = Path(path)
     if is_supported(p):
         return
-    allowed = ", ".join(sorted(SUPPORTED_SUFFIXES))
+    allowed = ", ".join(sorted(SUPPORTED_SUFFIXES)) + " (DICOM files whatever their name)"
     if not p.suffix:
-        raise Rejection(RejectReason.UNSUPPORTED_TYPE, f"'{p.name}' has no file extension; supported image types are {allowed}")
+        raise Rejection(RejectReason.UNSUPPORTED_TYPE, f"'{p.name}' has no file extension and is not a DICOM file; "
+                                                       f"supported image types are {allowed}")
     raise Rejection(RejectReason.UNSUPPORTED_TYPE,
                     f"'{p.name}' has unsupported file type '{p.suffix}'; supported image types are {allowed}")
 
@@ -142,9 +145,12 @@ def check_supported(path: str | os.PathLike[str]) -> None:
 
 @dataclass(frozen=True)
 class Identity:
-    patient_id: str
+    """Who and what a photo is, from its name, sidecar or DICOM tags. ``patient_id`` stays out of ``repr``."""
+
+    patient_id: str = field(repr=False)
     eye: Literal["L", "R"]
     exam_date: date | None = None  # None: the pipeline uses the drop date
+    device: str | None = None  # the camera, where the file says (DICOM Manufacturer and model)
 
 
 def _unidentified(message: str) -> Rejection:
@@ -160,7 +166,8 @@ def sidecar_for(path: str | os.PathLike[str]) -> Path | None:
     return None
 
 
-def _normalise_eye(value: object) -> Literal["L", "R"] | None:
+def normalise_eye(value: object) -> Literal["L", "R"] | None:
+    """``L``/``R``/``OD``/``OS``/``left``/``right`` (any case) -> ``"L"`` or ``"R"``; None for anything else."""
     if not isinstance(value, str):
         return None
     eye = _EYES.get(value.strip().lower())
@@ -179,6 +186,10 @@ def _parse_date(value: str) -> date | None:
     except ValueError:
         return None
     return d if d.year >= 1900 else None
+
+
+# Public name for the grading-centre import (screening.review), which reads exam dates written the same ways.
+parse_exam_date = _parse_date
 
 
 def _match_patterns(stem: str, patterns: Sequence[str | re.Pattern[str]]) -> dict[str, str | None] | None:
@@ -231,20 +242,20 @@ def parse_identity(
     sidecar = sidecar_for(p)
     if sidecar is not None:
         data = _read_sidecar(sidecar)
-        for key, field in (("patient_id", "patient"), ("eye", "eye"), ("exam_date", "date")):
+        for key, slot in (("patient_id", "patient"), ("eye", "eye"), ("exam_date", "date")):
             if key in data and data[key] is not None:
                 value = data[key]
                 if key == "patient_id" and isinstance(value, int) and not isinstance(value, bool):
                     value = str(value)
                 if not isinstance(value, str):
                     raise _unidentified(f"sidecar {sidecar.name}: '{key}' must be a string, got {value!r}")
-                if field == "patient":
+                if slot == "patient":
                     patient = value
-                elif field == "eye":
+                elif slot == "eye":
                     eye_raw = value
                 else:
                     date_raw = value
-                source[field] = f"sidecar {sidecar.name}"
+                source[slot] = f"sidecar {sidecar.name}"
 
     if not patient:
         side = p.with_suffix(".json").name
@@ -256,7 +267,7 @@ def parse_identity(
 
     if not eye_raw:
         raise _unidentified(f"no eye (L/R/OD/OS/left/right) in the file name '{p.name}' or its sidecar; {_NAMING_HINT}")
-    eye = _normalise_eye(eye_raw)
+    eye = normalise_eye(eye_raw)
     if eye is None:
         raise _unidentified(f"invalid eye {eye_raw!r} (from {source['eye']}): use L, R, OD (right), OS (left), left or right")
 

@@ -11,7 +11,8 @@ label vocabulary, the fundus threshold) and from nowhere else in ``training``
   :func:`apply_grader` on :func:`features_of`, and its referral rule is :func:`referable_score`;
   :func:`train_demo_model` makes a synthetic-data checkpoint when no real one exists;
 * **transforms**: the evaluation preset :func:`eval_transforms` and the preprocessing it expects
-  (:func:`crop_square`, :func:`resize_square`), :func:`fundus_mask`, :func:`channel_max`;
+  (:func:`crop_square`, :func:`resize_square`; :func:`fundus_bbox`, the crop box it takes, which the worker keeps to
+  map the model's masks back onto the original photo), :func:`fundus_mask`, :func:`channel_max`;
 * **device**: :func:`resolve_device`, without the training loop;
 * **settings**: the config file is one TOML file for both packages; :func:`read_toml`,
   :func:`parse_training_config` (the worker validates the whole file), :class:`StrictSettings`,
@@ -33,7 +34,7 @@ from training.config import (
     read_toml,
     resolve_paths,
 )
-from training.data.transforms import channel_max, crop_square, eval_transforms, fundus_mask, resize_square
+from training.data.transforms import channel_max, crop_square, eval_transforms, fundus_bbox, fundus_mask, resize_square
 from training.device import resolve_device
 from training.grader import apply_grader, features_of, uses_segmentation
 from training.metrics import referable_score
@@ -51,7 +52,7 @@ def train_demo_model(output: Path, work: Path, *, minutes: float = 3.0, progress
 
 __all__ = [
     "CheckpointError", "ConfigError", "ModelConfig", "MultiTaskNet", "MultiTaskOutput", "StrictSettings",
-    "apply_grader", "channel_max", "crop_square", "eval_transforms", "features_of", "format_validation_error",
+    "apply_grader", "channel_max", "crop_square", "eval_transforms", "features_of", "format_validation_error", "fundus_bbox",
     "fundus_mask", "lesion_evidence", "load_model", "parse_training_config", "read_toml", "referable_score", "resize_square",
     "resolve_device", "resolve_paths", "train_demo_model", "uses_segmentation",
 ]

@@ -120,6 +120,7 @@ def add_image(
     error_code: str | None = None,
     width: int | None = None,
     height: int | None = None,
+    device: str | None = None,
     received_at: datetime | None = None,
 ) -> Image:
     """A new distinct file content. Raises IntegrityError on flush if ``sha256`` is already known:
@@ -136,6 +137,7 @@ def add_image(
         error_code=error_code,
         width=width,
         height=height,
+        device=device,
         received_at=now,
         updated_at=now,
     )
@@ -253,15 +255,17 @@ def add_result(
     overlay_path: PathStr | None = None,
     dr_cam_path: PathStr | None = None,
     dme_cam_path: PathStr | None = None,
+    original_masks: Mapping[str, PathStr] | None = None,
     device: str | None = None,
     inference_ms: float | None = None,
     created_at: datetime | None = None,
 ) -> Result:
     """Store the model output for ``image`` (one per image; a second raises IntegrityError on flush).
-    ``lesion_areas`` is keyed by lesion code (``MA`` ... ``OD``; a missing code stores 0).
+    ``lesion_areas`` is keyed by lesion code (``MA`` ... ``OD``; a missing code stores 0), and so is
+    ``original_masks`` (the TIFF of each lesion at the original photo's size).
     Does not change the image state: call :func:`set_state` (``done``) in the same unit of work."""
     areas = dict(lesion_areas or {})
-    unknown = set(areas) - set(LESION_COLUMNS)
+    unknown = (set(areas) | set(original_masks or {})) - set(LESION_COLUMNS)
     if unknown:
         raise ValueError(f"unknown lesion codes {sorted(unknown)}; expected some of {list(LESION_COLUMNS)}")
     result = Result(
@@ -279,6 +283,7 @@ def add_result(
         overlay_path=_path(overlay_path),
         dr_cam_path=_path(dr_cam_path),
         dme_cam_path=_path(dme_cam_path),
+        original_masks=None if original_masks is None else {code: str(p) for code, p in original_masks.items()},
         device=device,
         inference_ms=None if inference_ms is None else float(inference_ms),
         created_at=created_at or utcnow(),
@@ -317,9 +322,11 @@ def add_report(
     *,
     version: int | None = None,
     created_at: datetime | None = None,
+    review_id: int | None = None,
 ) -> Report:
     """Record a rendered report; ``version`` defaults to :func:`next_report_version`. Two writers racing
-    for the same version get an IntegrityError on flush (unique exam_id, version)."""
+    for the same version get an IntegrityError on flush (unique exam_id, version). ``review_id``: the
+    sign-off the version shows (reviewed versions only)."""
     if exam.id is None:
         session.flush()
     report = Report(
@@ -328,6 +335,7 @@ def add_report(
         path=str(path),
         model_version=model_version,
         created_at=created_at or utcnow(),
+        review_id=review_id,
     )
     session.add(report)
     session.flush()

@@ -11,8 +11,10 @@ Per entry, in this order:
    so is an image whose result is stored but whose state says otherwise (repaired first);
 4. content already graded, or being graded from another file still in the inbox: a :class:`Duplicate`,
    unless the name says another patient or the other eye: then an ``identity_conflict`` refusal for staff;
-5. the checks, each raising :class:`~screening.rejection.Rejection`: supported suffix, size limit, patient /
-   eye / date from the name or sidecar, a complete, decodable colour fundus photo within the limits;
+5. the checks, each raising :class:`~screening.rejection.Rejection`: size limit; a DICOM file (by content,
+   :mod:`screening.dicom`) gives its patient / eye / date / camera from its tags and its picture from its pixel
+   data; any other file needs a supported suffix, patient / eye / date from the name or sidecar and a complete,
+   decodable image within the limits; both must be a colour fundus photo;
    a file whose data stops short and that changed within ``incomplete_grace`` seconds is
    :class:`Deferred` (left in the inbox, read again later) instead: it may still be being copied;
 6. otherwise the patient, exam, image (``received``) and drop rows are committed: :class:`Admitted`.
@@ -37,7 +39,8 @@ from ..config import ScreeningSettings
 from ..db import repository as repo
 from ..db.models import DropOutcome, Image, ImageState
 from ..db.session import transaction
-from ..imaging import DecodedImage, DecodeLimits, decode_bytes
+from ..dicom import DICOM_SUFFIXES, dicom_identity, is_dicom, read_dicom
+from ..imaging import DecodedImage, DecodeLimits, decode_bytes, preprocess
 from ..intake import (
     Content,
     Identity,
@@ -172,10 +175,7 @@ class IntakeStage:
             log.info("duplicate of image %s", known.image_id)
             return Duplicate(known.image_id, filed)
         try:
-            check_supported(path)
-            if unidentified is not None:
-                raise unidentified
-            decoded = self._decode(path, content)
+            identity, decoded = self.read(path, content, identity, unidentified)
         except Rejection as rejection:
             if rejection.code == RejectReason.INCOMPLETE and time.time() - content.mtime_ns / 1e9 < self.settings.incomplete_grace:
                 log.info("a file is incomplete or corrupt; left in the inbox in case it is still being copied")
@@ -183,6 +183,28 @@ class IntakeStage:
             return self._reject(path, sha, known, rejection)
         assert identity is not None
         return Admitted(self._admit(path, sha, known, identity, decoded))
+
+    def read(self, path: Path, content: Content, named: Identity | None,
+             unidentified: Rejection | None) -> tuple[Identity, DecodedImage]:
+        """Who the photo is of and the photo in the model's frame, from a DICOM file's tags and pixels or from
+        an image file's name (or sidecar, ``named``) and pixels; raises a :class:`Rejection` saying what is wrong."""
+        if content.data is not None and is_dicom(path):
+            photo = read_dicom(path)
+            identity = dicom_identity(photo, path, self.settings.filename_patterns)
+            w, h = photo.size
+            if w * h > self.limits.max_pixels:
+                raise Rejection(RejectReason.TOO_LARGE, f"'{path.name}' is {w}x{h} pixels, over the limit of "
+                                f"{self.limits.max_pixels / 1e6:g} megapixels ([screening] max_pixels)")
+            return identity, preprocess(photo.rgb, photo.size, self.image_size)
+        if content.data is not None and path.suffix.lower() in DICOM_SUFFIXES:
+            raise Rejection(RejectReason.UNREADABLE,
+                            f"'{path.name}' is named as DICOM but has no DICOM Part 10 header ('DICM' at byte 128); "
+                            "export it again as a DICOM file")
+        check_supported(path)
+        if unidentified is not None:
+            raise unidentified
+        assert named is not None
+        return named, self._decode(path, content)
 
     def _decode(self, path: Path, content: Content) -> DecodedImage:
         if content.data is None:
@@ -264,7 +286,7 @@ class IntakeStage:
             w, h = decoded.original_size
             if known is None:
                 image = repo.add_image(session, sha256=sha, source_name=path.name, exam=exam, eye=identity.eye,
-                                       stored_path=path, width=w, height=h)
+                                       stored_path=path, width=w, height=h, device=identity.device)
                 repo.record_drop(session, sha256=sha, source_name=path.name, outcome=DropOutcome.NEW, image=image)
             else:  # received before a crash, failed and retried, or rejected earlier and dropped again
                 found = session.get(Image, known.image_id)
@@ -274,6 +296,7 @@ class IntakeStage:
                 if not known.same_drop:
                     repo.record_drop(session, sha256=sha, source_name=path.name, outcome=DropOutcome.NEW, image=image)
                 image.exam, image.eye, image.stored_path, image.width, image.height = exam, identity.eye, str(path), w, h
+                image.device = identity.device
                 if image.state != ImageState.RECEIVED:
                     repo.set_state(session, image, ImageState.RECEIVED)
             session.flush()

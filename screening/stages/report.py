@@ -34,6 +34,7 @@ from ..config import ScreeningSettings
 from ..db import repository as repo
 from ..db.models import Exam, Image, ImageState, Patient, Report, utcnow
 from ..db.session import DatabaseGone, transaction
+from ..findings import eye_finding
 from ..inference import Predictor
 from ..rejection import Incident
 from ..renderer import Renderer, RenderJob, RenderResult
@@ -72,27 +73,20 @@ class ReportStage:
         return max(recorded, queued, on_disk) + 1
 
     def _context(self, session: Session, exam: Exam, version: int) -> ReportContext:
-        eyes: dict[str, EyeFinding] = {}
+        """Every graded photograph of the exam, in arrival order within each eye: several fields of one eye are all
+        shown, and the report picks the eye's result by ``settings.eye_result``."""
+        fields: list[EyeFinding] = []
         for image, result in repo.exam_images_with_results(session, exam.id):
             if image.eye not in EYE_ORDER or result is None:
                 continue
-            folder = Path(result.mask_dir) if result.mask_dir else None
-            eyes[image.eye] = EyeFinding(  # a later image of the same eye replaces an earlier one
-                eye="R" if image.eye == "R" else "L", source_name=image.source_name,
-                photo_path=folder / "photo.jpg" if folder else None,
-                overlay_path=Path(result.overlay_path) if result.overlay_path else None,
-                dr_cam_path=Path(result.dr_cam_path) if result.dr_cam_path else None,
-                dme_cam_path=Path(result.dme_cam_path) if result.dme_cam_path else None,
-                dr_grade=result.dr_grade, dr_probs=result.dr_probs, dme_grade=result.dme_grade, dme_probs=result.dme_probs,
-                referable_score=result.referable_score, referable=result.referable, lesion_areas=result.lesion_areas,
-            )
+            fields.append(eye_finding(image, result))
         return ReportContext(
             clinic_name=self.settings.clinic_name, patient_id=exam.patient.code, exam_date=exam.exam_date,
-            eyes=[eyes[e] for e in EYE_ORDER if e in eyes], model_version=self.predictor.version,
+            eyes=fields, model_version=self.predictor.version,
             checkpoint_sha256=self.predictor.meta["checkpoint_sha256"],
             model_status="research" if self.predictor.kind == "real" else "demo",
             model_metrics=self.predictor.report_metrics(), generated_at=datetime.now(timezone.utc).astimezone(),
-            report_version=version,
+            report_version=version, eye_result_rule=self.settings.eye_result,
         )
 
     # ---------------------------------------------------------------------------------- rendering

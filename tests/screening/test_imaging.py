@@ -180,3 +180,75 @@ def test_real_photos_pass_the_complete_file_check_and_cut_ones_do_not(shared_dat
         with pytest.raises(Rejection) as exc:
             decode_bytes(cut, 256)
         assert exc.value.code == RejectReason.INCOMPLETE
+# ------------------------------------------------------------------------------ masks on the original photo
+
+
+def _photo_with_spot(width=2400, height=1600, centre=(1300, 800), radius=900, spot=(1650, 520), spot_radius=14):
+    """A wide camera photo whose round field is cut at the top and bottom (so the crop is narrower than the photo
+    and the square is padded above and below), with one bright yellow-white spot at a known place."""
+    img = np.zeros((height, width, 3), np.uint8)
+    cv2.circle(img, centre, radius, (170, 80, 35), -1)  # RGB: a red-orange fundus
+    cv2.circle(img, spot, spot_radius, (255, 255, 200), -1)
+    return img
+
+
+def _spot_mask(decoded):
+    """What a lesion head would draw for the spot: the bright pixels of the model frame, as (1, S, S)."""
+    return (decoded.rgb.min(axis=2) > 150)[None]
+
+
+def test_geometry_records_the_reduced_decode_crop_and_padding(tmp_path):
+    path = tmp_path / "wide.jpg"
+    cv2.imwrite(str(path), cv2.cvtColor(_photo_with_spot(), cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, 95])
+    d = decode(path, 256, display_size=512)
+    g = d.geometry
+    assert d.decode_factor == 2 and g.original_size == (2400, 1600) and g.decoded_size == (1200, 800)
+    x0, y0, x1, y1 = g.crop
+    assert (y0, y1) == (0, 800) and abs(x0 - 200) <= 4 and abs(x1 - 1100) <= 4  # the field, at half size
+    assert g.pad == (0, (g.side - 800) // 2) and g.pad[1] > 0 and g.side == x1 - x0
+
+
+def test_a_bright_spot_maps_back_to_its_place_on_the_original_photo(tmp_path):
+    """The round trip the masks make: photo -> model frame (reduced decode, crop, pad, resize) -> original size."""
+    spot = (1650, 520)
+    path = tmp_path / "wide.jpg"
+    cv2.imwrite(str(path), cv2.cvtColor(_photo_with_spot(spot=spot), cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, 95])
+    d = decode(path, 256)
+    frame = _spot_mask(d)
+    assert 0 < frame.sum() < 50  # a few model pixels
+    (mask,) = d.geometry.to_original(frame)
+    assert mask.shape == (1600, 2400) and mask.dtype == np.uint8 and set(np.unique(mask)) == {0, 255}
+    assert mask[spot[1], spot[0]] == 255
+    ys, xs = np.nonzero(mask)
+    assert abs(xs.mean() - spot[0]) < 4 and abs(ys.mean() - spot[1]) < 4  # centred on the spot, within a pixel or two
+    assert xs.max() - xs.min() < 60 and ys.max() - ys.min() < 60  # and nowhere else
+
+
+def test_masks_outside_the_crop_stay_empty_and_all_masks_map_at_once():
+    img = _photo_with_spot()
+    from screening.imaging import preprocess
+
+    d = preprocess(img, (2400, 1600), 128, 128)
+    full = np.ones((5, 128, 128), bool)  # a mask covering the whole frame, padding included
+    maps = d.geometry.to_original(full)
+    assert len(maps) == 5 and all(m.shape == (1600, 2400) for m in maps)
+    x0, _, x1, _ = d.geometry.crop
+    assert maps[0][:, : x0 - 1].max() == 0 and maps[0][:, x1 + 1:].max() == 0  # the black sides the crop cut off
+    assert maps[4][:, x0 + 1: x1 - 1].min() == 255
+    with pytest.raises(ValueError, match="square"):
+        d.geometry.to_original(np.ones((1, 10, 12), bool))
+
+
+def test_an_exif_rotated_photo_gets_masks_the_way_viewers_show_it(tmp_path):
+    from PIL import Image
+
+    upright = _photo_with_spot(width=1600, height=1200, centre=(800, 600), radius=580, spot=(1000, 300))
+    stored = np.ascontiguousarray(np.rot90(upright, k=1))  # the camera stored it turned; EXIF 6 turns it back
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    path = tmp_path / "turned.jpg"
+    Image.fromarray(stored).save(path, quality=95, exif=exif)
+    d = decode(path, 128, display_size=128)
+    assert d.original_size == (1600, 1200)
+    (mask,) = d.geometry.to_original(_spot_mask(d))
+    assert mask.shape == (1200, 1600) and mask[300, 1000] == 255

@@ -172,11 +172,11 @@ def test_not_ignored_names(name: str) -> None:
 
 
 def test_supported_suffixes_case_insensitive() -> None:
-    assert SUPPORTED_SUFFIXES == {".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp"}
-    for n in ("a.JPG", "a.Jpeg", "a.png", "a.TIF", "a.tiff", "a.BMP"):
+    assert SUPPORTED_SUFFIXES == {".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp", ".dcm", ".dicom"}
+    for n in ("a.JPG", "a.Jpeg", "a.png", "a.TIF", "a.tiff", "a.BMP", "a.DCM", "a.dicom"):
         assert is_supported(n)
         check_supported(n)  # raises nothing
-    for name, fragments in (("report.pdf", ("'.pdf'", ".jpg")), ("README", ("no file extension",))):
+    for name, fragments in (("report.pdf", ("'.pdf'", ".jpg")), ("README", ("no file extension", "not a DICOM file"))):
         with pytest.raises(Rejection) as exc:
             check_supported(name)
         assert exc.value.code == RejectReason.UNSUPPORTED_TYPE and all(f in exc.value.message for f in fragments)

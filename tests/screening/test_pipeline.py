@@ -10,6 +10,7 @@ import threading
 import time
 from pathlib import Path
 
+import cv2
 import pytest
 from pypdf import PdfReader
 from sqlalchemy import func, select
@@ -20,7 +21,7 @@ from screening.inference import Predictor
 from screening.pipeline import Worker
 from screening.stages import ReportFailed, ReportWritten, StoreStage
 
-from .conftest import write_fundus
+from .conftest import synthetic_fundus, write_dicom, write_fundus
 
 PROJECT = Path(__file__).resolve().parents[2]
 
@@ -73,9 +74,11 @@ def test_one_shot_real_photos_both_eyes_and_camera_file(settings, shared_data):
         res = cam.result
         assert len(res.dr_probs) == 5 and abs(sum(res.dr_probs) - 1) < 1e-4
         assert 0 <= res.area_od <= 1
-        assert sorted(p.name for p in Path(res.mask_dir).iterdir()) == [
-            "dme_cam.jpg", "dr_cam.jpg", "mask_EX.png", "mask_HE.png", "mask_MA.png", "mask_OD.png", "mask_SE.png",
-            "overlay.jpg", "photo.jpg"]
+        assert sorted(p.name for p in Path(res.mask_dir).iterdir()) == sorted([
+            "dme_cam.jpg", "dr_cam.jpg", "overlay.jpg", "photo.jpg",
+            *(f"mask_{c}.{ext}" for c in ("EX", "HE", "MA", "OD", "SE") for ext in ("png", "tif"))])
+        # the camera's masks at its own 4288x2848, where an image viewer overlays them on the original
+        assert cv2.imread(res.original_masks["OD"], cv2.IMREAD_UNCHANGED).shape == (2848, 4288)
 
 
 def test_duplicates_one_result_two_drops(settings):
@@ -136,6 +139,34 @@ def test_second_eye_later_rerenders_and_keeps_v1(settings):
     assert "Right eye" in text and "Left eye" in text and "not received" not in text.lower()
     assert (folder / "latest.pdf").read_bytes() == (folder / "report_v2.pdf").read_bytes()
     with session_scope(worker.factory) as s:
+        assert [r.version for r in s.scalars(select(Report).order_by(Report.version))] == [1, 2]
+
+
+def test_a_second_field_of_the_same_eye_from_dicom_rerenders_with_both_fields(settings):
+    """Macula-centred field as a named JPEG, the disc-centred field of the same eye later as a nameless DICOM
+    export: a new report version shows both fields; the camera is recorded; masks exist at each photo's size."""
+    worker = make_worker(settings)
+    write_fundus(settings.inbox / "P10_R_20251102.jpg", seed=5)
+    worker.run_once(settle_timeout=5)
+    folder = settings.reports / "P10" / "2025-11-02"
+    v1 = (folder / "report_v1.pdf").read_bytes()
+    write_dicom(settings.inbox / "IM000001", rgb=synthetic_fundus(6, size=300), patient_id="P10", image_laterality="R",
+                acquisition="20251102093000")
+    out = worker.run_once(settle_timeout=5)
+    assert (out.processed, out.reports, out.rejected) == (1, 1, 0)
+    assert (folder / "report_v1.pdf").read_bytes() == v1
+    text = pdf_text(folder / "report_v2.pdf")
+    for needle in ("P10_R_20251102.jpg", "IM000001", "Field 1 of 2", "Field 2 of 2", "eye result", "worst field"):
+        assert needle in text, needle
+    with session_scope(worker.factory) as s:
+        images = list(s.scalars(select(Image).order_by(Image.id)))
+        assert [(i.eye, i.device, i.width, i.height, i.state) for i in images] == [
+            ("R", None, 256, 256, "reported"), ("R", "Topcon TRC-NW8", 300, 300, "reported")]
+        for image in images:
+            paths = image.result.original_masks
+            assert sorted(paths) == ["EX", "HE", "MA", "OD", "SE"]
+            tif = cv2.imread(paths["OD"], cv2.IMREAD_UNCHANGED)
+            assert tif.shape == (image.height, image.width)
         assert [r.version for r in s.scalars(select(Report).order_by(Report.version))] == [1, 2]
 
 

@@ -133,8 +133,59 @@ def test_invalid_findings_are_rejected():
         dataclasses.replace(_eye("R", 0, 0), dme_probs=[1.0])
     with pytest.raises(ValueError, match="eye must be"):
         _eye("X", 0, 0)
-    with pytest.raises(ValueError, match="once"):
-        _ctx([_eye("R", 0, 0), _eye("R", 1, 0)])
+    with pytest.raises(ValueError, match="eye_result_rule"):
+        dataclasses.replace(_ctx([_eye("R", 0, 0)]), eye_result_rule="best")
+
+
+# -------------------------------------------------------------------------------- several fields per eye
+
+
+def test_the_eye_result_is_its_worst_field_or_its_latest():
+    macula, disc, recapture = _eye("R", 1, 0), _eye("R", 3, 0), _eye("R", 0, 0)
+    assert rpt.eye_result([macula, disc, recapture], "worst") is disc
+    assert rpt.eye_result([macula, disc, recapture], "latest") is recapture
+    assert rpt.eye_result([], "worst") is None
+    same = dataclasses.replace(macula, source_name="again.jpg")
+    assert rpt.eye_result([macula, same], "worst") is macula  # equal findings: the earlier field
+    # a field referred by its score outranks a clean one of the same grade
+    scored = dataclasses.replace(macula, dr_grade=0, dr_probs=[0.6, 0.1, 0.1, 0.1, 0.1], referable=True, referable_score=0.7)
+    assert rpt.eye_result([_eye("R", 0, 0), scored], "worst") is scored
+    with pytest.raises(ValueError, match="rule"):
+        rpt.eye_result([macula], "best")  # type: ignore[arg-type]
+
+
+def test_the_referral_comes_from_each_eyes_result_under_either_rule():
+    fields = [_eye("R", 4, 0), _eye("R", 0, 0), _eye("L", 1, 0)]  # a proliferative finding in the first right field
+    worst = _ctx(fields)
+    assert [e.dr_grade for e in worst.eye_results()] == [4, 1] and len(worst.fields("R")) == 2
+    assert referral_recommendation(worst.eye_results()).level == "urgent"
+    latest = dataclasses.replace(worst, eye_result_rule="latest")
+    assert [e.dr_grade for e in latest.eye_results()] == [0, 1]
+    assert referral_recommendation(latest.eye_results()).level == "rescreen_12"
+
+
+def test_every_field_is_shown_with_its_pictures_and_the_eye_result_is_marked(tmp_path):
+    macula = dataclasses.replace(_eye("R", 1, 0, tmp_path / "m"), source_name="P1_R_macula.jpg",
+                                 mask_folder=tmp_path / "work" / "ab" / "abcdef")
+    disc = dataclasses.replace(_eye("R", 3, 1, tmp_path / "d"), source_name="P1_R_disc.jpg")
+    left = _eye("L", 0, 0, tmp_path / "l")
+    ctx = _ctx([macula, disc, left], status="research")
+    html = render_html(ctx, TEMPLATES)
+    # each field's own four pictures
+    for finding in (macula, disc, left):
+        for picture in (finding.photo_path, finding.overlay_path, finding.dr_cam_path, finding.dme_cam_path):
+            assert html.count(picture.resolve().as_uri()) == 1
+    assert "Field 1 of 2" in html and "Field 2 of 2" in html and html.count("eye result</span>") == 1
+    assert "Field 1 of 1" not in html  # a single photograph looks as it always did
+    text = "\n".join(_pages_text(render_pdf(ctx, TEMPLATES, tmp_path / "reports")))
+    for needle in ("P1_R_macula.jpg", "P1_R_disc.jpg", "2 photographs of this eye", "its worst field: field 2",
+                   "2 fields; result from field 2", DR_GRADES[1], DR_GRADES[3], "Refer within weeks",
+                   "Lesion masks at the photograph's own size", str(tmp_path / "work" / "ab" / "abcdef")):
+        assert _contains(text, needle), needle
+    recaptured = dataclasses.replace(ctx, eyes=[disc, macula, left], eye_result_rule="latest", report_version=2)
+    latest = "\n".join(_pages_text(render_pdf(recaptured, TEMPLATES, tmp_path / "reports")))
+    assert _contains(latest, f"its latest field: field 2, {DR_GRADES[1]}") and _contains(latest, "Rescreen in 12 months")
+    assert _contains(latest, DR_GRADES[3])  # the earlier field is still shown
 
 
 # ---------------------------------------------------------------------------------------- paths and HTML
@@ -328,3 +379,55 @@ def test_stylesheet_is_parsed_once_yet_applied_and_reloaded_when_it_changes(tmp_
     assert page_mm(render_pdf(ctx, templates, tmp_path / "out")) == (150, 200)  # not WeasyPrint's default A4
     css.write_text(css.read_text().replace("size: 150mm 200mm;", "size: A5;", 1) + "\n/* edited */\n")
     assert page_mm(render_pdf(dataclasses.replace(ctx, report_version=2), templates, tmp_path / "out")) == (148, 210)
+
+
+# ------------------------------------------------------------------------------------------ reviewed version
+
+
+def _review(**kw) -> rpt.ReviewNote:
+    values = dict(reviewer="Dr <i>Grey</i>", reviewed_at=datetime(2024, 5, 20, 9, 15, tzinfo=timezone.utc),
+                  outcome="corrected", referral="soon",
+                  eyes=(rpt.EyeReview("R", True, 3, 0), rpt.EyeReview("L", False, None, None)), comment="beading <b>here</b>")
+    values.update(kw)
+    return rpt.ReviewNote(**values)
+
+
+def test_review_note_refuses_inconsistent_answers():
+    with pytest.raises(ValueError, match="ungradable eye has no DR grade"):
+        rpt.EyeReview("R", False, 2, None)
+    with pytest.raises(ValueError, match="DME risk must be 0..2"):
+        rpt.EyeReview("L", True, 2, 3)
+    with pytest.raises(ValueError, match="unknown referral"):
+        _review(referral="later")
+    with pytest.raises(ValueError, match="reviewer name is empty"):
+        _review(reviewer="  ")
+
+
+def test_reviewed_report_shows_the_sign_off_beside_the_models_answers(tmp_path):
+    eyes = [_eye("R", 1, 0, tmp_path / "img"), _eye("L", 2, 1, tmp_path / "img")]
+    html = render_html(dataclasses.replace(_ctx(eyes), review=_review()), TEMPLATES)
+    assert "<i>Grey</i>" not in html and "&lt;i&gt;Grey&lt;/i&gt;" in html and "&lt;b&gt;here&lt;/b&gt;" in html
+
+    pdf = render_pdf(dataclasses.replace(_ctx(eyes, status="research"), review=_review()), TEMPLATES, tmp_path / "reports")
+    pages = _pages_text(pdf)
+    assert len(pages) == 2, "the sign-off must not push a two-eye report onto a third page"
+    text = "\n".join(pages)
+    for needle in ["Clinician sign-off", "Reviewed by Dr <i>Grey</i> on 2024-05-20 09:15 UTC", "corrected the automated grading",
+                   "Refer within weeks (severe non-proliferative DR)", "Comment: beading <b>here</b>",
+                   # the model's own answers stay visible next to the grader's
+                   "Model's recommendation (changed at sign-off): Refer to ophthalmology (routine)",
+                   f"1 – {DR_GRADES[1]}", f"Grader: 3 – {DR_GRADES[3]} (corrected)", "Grader: ungradable",
+                   f"2 – {DR_GRADES[2]}", "Grader: agrees"]:
+        assert _contains(text, needle), needle
+    for page in pages:  # the running footer says it on every page
+        assert _contains(page, "Reviewed by Dr <i>Grey</i> on 2024-05-20")
+
+
+def test_confirmed_review_says_confirmed_and_draft_has_no_sign_off(tmp_path):
+    eyes = [_eye("R", 2, 0)]
+    note = _review(outcome="confirmed", referral="routine", eyes=(rpt.EyeReview("R", True, 2, 0),), comment=None)
+    html = render_html(dataclasses.replace(_ctx(eyes), review=note), TEMPLATES)
+    assert "confirmed</strong> the automated grading" in html and "(corrected)" not in html
+    assert "changed at sign-off" not in html and "Comment:" not in html
+    draft = render_html(_ctx(eyes), TEMPLATES)
+    assert "Clinician sign-off" not in draft and "Reviewed by" not in draft and "Grader:" not in draft

@@ -2,21 +2,27 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import time
+import warnings
 from pathlib import Path
 
+import cv2
+import numpy as np
 import pytest
 from sqlalchemy import select
 
 from screening.db import init_db, make_engine, make_session_factory, session_scope
 from screening.db.models import Drop, Image
+from screening.imaging import decode, preprocess
 from screening.intake import sweep
 from screening.rejection import RejectReason
 from screening.stages import Admitted, Deferred, Duplicate, Filing, IntakeStage, Rejected, Vanished
 
-from ..conftest import write_fundus
+from ..conftest import SC_SOP_CLASS, jpeg_bytes, synthetic_fundus, write_dicom, write_fundus
+from ..test_dicom import malformed_dicom
 
 
 @pytest.fixture
@@ -212,3 +218,88 @@ def test_patient_ids_are_case_folded(stage, settings):
     assert isinstance(a, Admitted) and isinstance(b, Admitted) and a.job.exam_id == b.job.exam_id
     with session_scope(stage.factory) as s:
         assert [p.code for p in s.scalars(select(Patient))] == ["Patient143"]  # the first spelling is kept
+
+
+# ---------------------------------------------------------------------------------------------------- DICOM
+
+SECRET = "SECRET-ID-4711"
+
+
+def _no_identifier_anywhere(caplog, capfd, *outcomes):
+    out, err = capfd.readouterr()
+    assert SECRET not in caplog.text and SECRET not in out and SECRET not in err
+    for outcome in outcomes:
+        assert SECRET not in repr(outcome)
+
+
+def test_a_dicom_export_without_a_name_is_admitted_from_its_tags(stage, settings, caplog, capfd):
+    caplog.set_level(logging.DEBUG)
+    rgb = synthetic_fundus(5)
+    path = write_dicom(settings.inbox / "IM000001", jpeg=jpeg_bytes(rgb), patient_id=SECRET, image_laterality="L",
+                       acquisition="20250301101500")
+    outcome = stage.admit(path)
+    assert isinstance(outcome, Admitted), outcome
+    job = outcome.job
+    assert np.abs(job.decoded.rgb.astype(int) - preprocess(rgb, (256, 256), 64).rgb).mean() < 3  # the JPEG's loss only
+    with session_scope(stage.factory) as s:
+        image = s.get(Image, job.image_id)
+        assert (image.exam.patient.code, image.eye, image.exam.exam_date.isoformat()) == (SECRET, "L", "2025-03-01")
+        assert (image.device, image.width, image.height, image.source_name) == ("Topcon TRC-NW8", 256, 256, "IM000001")
+    _no_identifier_anywhere(caplog, capfd, outcome)
+
+
+@pytest.mark.parametrize("kw, code, fragment", [
+    (dict(patient_id=None), RejectReason.IDENTITY, "no Patient ID (0010,0020)"),
+    (dict(no_pixels=True), RejectReason.UNREADABLE, "no pixel data"),
+    (dict(syntax="1.2.3.4.5.6.7.8.9.10"), RejectReason.UNSUPPORTED_TYPE, "transfer syntax"),
+    (dict(sop_class="1.2.840.10008.5.1.4.1.1.2"), RejectReason.UNSUPPORTED_TYPE, "SOP class"),
+    (dict(image_laterality=None), RejectReason.IDENTITY, "no eye"),
+    (dict(acquisition=None, study_date=SECRET), RejectReason.IDENTITY, "valid date"),
+])
+def test_malformed_dicom_is_refused_with_a_recorded_reason(stage, settings, kw, code, fragment, caplog, capfd):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        path = malformed_dicom(settings.inbox / "IM000002.dcm", **kw)
+    caplog.set_level(logging.DEBUG)
+    outcome = stage.admit(path)
+    assert isinstance(outcome, Rejected) and outcome.code == code and fragment in outcome.message, outcome
+    assert not path.exists() and outcome.filed_as is not None and outcome.filed_as.parent == settings.rejected
+    reason = Path(str(outcome.filed_as) + ".reason.txt").read_text()
+    assert outcome.message in reason and SECRET not in reason
+    with session_scope(stage.factory) as s:
+        image = s.get(Image, outcome.image_id)
+        assert (image.state, image.error, image.exam_id) == ("rejected", outcome.message, None)
+        assert [d.reason for d in s.scalars(select(Drop))] == [outcome.message]
+    _no_identifier_anywhere(caplog, capfd, outcome)
+
+
+def test_a_dcm_name_without_the_dicom_header_is_refused(stage, settings):
+    path = settings.inbox / "P1_R.dcm"
+    path.write_bytes(jpeg_bytes(synthetic_fundus(6)))
+    outcome = stage.admit(path)
+    assert isinstance(outcome, Rejected) and outcome.code == RejectReason.UNREADABLE and "DICM" in outcome.message
+
+
+@pytest.mark.realdata
+def test_dicom_made_from_real_photos_jpeg_and_uncompressed_op_and_sc(stage, settings, shared_data):
+    """Real camera JPEGs put into DICOM as a camera does (the JPEG bytes unchanged), and as uncompressed pixels."""
+    srahim = sorted((shared_data / "srahim").glob("*_R.jpg"))[0]
+    camera = shared_data / "fullres" / "camera_01.jpg"
+    reference = decode(srahim, 64)
+    rgb = cv2.cvtColor(cv2.imread(str(srahim)), cv2.COLOR_BGR2RGB)
+    cases = [
+        ("op_jpeg", dict(jpeg=srahim.read_bytes()), (1024, 685)),
+        ("sc_jpeg", dict(jpeg=srahim.read_bytes(), sop_class=SC_SOP_CLASS), (1024, 685)),
+        ("op_raw", dict(rgb=rgb), (1024, 685)),
+        ("sc_raw", dict(rgb=rgb, sop_class=SC_SOP_CLASS), (1024, 685)),
+        ("camera_op_jpeg", dict(jpeg=camera.read_bytes(), image_laterality="L"), (4288, 2848)),
+    ]
+    for k, (name, kw, size) in enumerate(cases):
+        outcome = stage.admit(write_dicom(settings.inbox / name, patient_id=f"R{k}", **kw))
+        assert isinstance(outcome, Admitted), (name, outcome)
+        assert outcome.job.decoded.original_size == size
+        if size == (1024, 685):  # the same picture as the JPEG file gives, within JPEG decoders' rounding
+            assert np.abs(outcome.job.decoded.rgb.astype(int) - reference.rgb).mean() < 1.5, name
+        with session_scope(stage.factory) as s:
+            image = s.get(Image, outcome.job.image_id)
+            assert (image.width, image.height, image.device) == (*size, "Topcon TRC-NW8")

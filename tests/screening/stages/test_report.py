@@ -103,3 +103,29 @@ def test_start_up_removes_unrecorded_pdfs_and_renders_a_missing_one_again(stage,
     with session_scope(stage.factory) as s:
         codes = [e.code for e in s.scalars(select(Event).where(Event.kind == "reconcile"))]
     assert codes == ["orphan_report_removed", "report_file_missing"]
+@pytest.mark.parametrize("rule, result_grade", [("worst", 3), ("latest", 1)])
+def test_every_field_of_an_eye_goes_into_the_report_and_the_rule_picks_the_result(settings, rule, result_grade):
+    stage = ReportStage(settings.model_copy(update={"eye_result": rule}), *_parts(settings), PROJECT / "templates")
+    with session_scope(stage.factory) as s:
+        exam = repo.get_or_create_exam(s, repo.get_or_create_patient(s, "P8"), date(2025, 3, 2))
+        for k, (eye, grade) in enumerate([("R", 0), ("R", 3), ("L", 0), ("R", 1)]):
+            image = repo.add_image(s, sha256=f"{k:064x}", source_name=f"P8_{eye}_{k}.jpg", exam=exam, eye=eye)
+            probs = [0.0] * 5
+            probs[grade] = 1.0
+            repo.add_result(s, image, model_version="m", checkpoint_sha256="c" * 64, dr_grade=grade, dr_probs=probs,
+                            dme_grade=0, dme_probs=[1, 0, 0], referable_score=0.1, referable=False,
+                            mask_dir=f"work/{k}", original_masks={"MA": f"work/{k}/mask_MA.tif"} if k == 1 else None)
+            repo.set_state(s, image, "done")
+        exam_id = exam.id
+    assert stage.submit([exam_id]) == 1
+    ctx = stage.renderer.jobs[0].ctx
+    assert [f.source_name for f in ctx.fields("R")] == ["P8_R_0.jpg", "P8_R_1.jpg", "P8_R_3.jpg"]  # arrival order
+    assert [f.source_name for f in ctx.fields("L")] == ["P8_L_2.jpg"]
+    assert ctx.eye_result_rule == rule and ctx.eye("R").dr_grade == result_grade
+    assert [f.mask_folder for f in ctx.fields("R")] == [None, Path("work/1"), None]  # only where TIFFs were made
+
+
+def _parts(settings):
+    engine = make_engine(settings.database)
+    init_db(engine)
+    return make_session_factory(engine), Predictor(settings.checkpoint, "cpu", 1), Keep()

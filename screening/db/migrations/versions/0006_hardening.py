@@ -1,7 +1,7 @@
 """Stable reason codes: images.error_code, drops.reason_code, events.code.
 
 Revision ID: 0006_hardening
-Revises: 0002
+Revises: 0014_reviews
 Create Date: 2026-01-20
 
 Why: the audit grouped errors by their message text, and messages name files and carry numbers, so one
@@ -16,7 +16,7 @@ import sqlalchemy as sa
 from alembic import op
 
 revision = "0006_hardening"
-down_revision = "0002"
+down_revision = "0014_reviews"
 branch_labels = None
 depends_on = None
 
