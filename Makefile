@@ -1,4 +1,5 @@
-# Plain runner. `make run` starts the worker, `make test` runs the whole suite; both set up .venv first.
+# Plain runner. `make run` starts the worker, `make test` runs lint (ruff), types (mypy) and the whole suite;
+# both set up .venv first.
 VENV ?= .venv
 PY := $(VENV)/bin/python
 CONFIG ?= config.toml
@@ -18,6 +19,8 @@ once: $(VENV)/.installed
 	$(VENV)/bin/dr-screen --config $(CONFIG) run --once
 
 test: $(VENV)/.installed
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/mypy
 	$(VENV)/bin/pytest
 
 train: $(VENV)/.installed

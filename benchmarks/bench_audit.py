@@ -38,7 +38,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks._common import ROOT, machine_info, median, print_header, print_table, timed, write_json  # noqa: E402
+from benchmarks._common import ROOT, machine_info, median, print_header, print_table, write_json
 
 YEAR_START = np.datetime64("2025-01-01T00:00:00", "us")
 YEAR_US = 365 * 24 * 3600 * 10**6
@@ -306,7 +306,8 @@ def main() -> int:
                              "load_s": load_s, "timings": {}}
         for span in spans:
             timings = {}
-            for name, fn, in_process in (("audit_summary", lambda: run(span), True), ("command", lambda: command(span), False)):
+            for name, fn, in_process in (("audit_summary", lambda span=span: run(span), True),
+                                     ("command", lambda span=span: command(span), False)):
                 fn()  # warm-up
                 walls, cpus = zip(*(measure(fn, in_process) for _ in range(args.runs)))
                 timings[name] = {"wall_s": list(walls), "cpu_s": list(cpus)}

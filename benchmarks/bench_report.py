@@ -21,7 +21,7 @@ from datetime import date, datetime, timezone
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import ROOT, data_dir, machine_info, median, print_header, print_table, write_json  # noqa: E402
+from _common import ROOT, data_dir, machine_info, median, print_header, print_table, write_json
 
 TEMPLATE_FILES = ("report.html.j2", "report.css")
 

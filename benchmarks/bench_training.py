@@ -13,13 +13,14 @@ forward (``torch.inference_mode``), random-initialised model, synthetic tensors;
 from __future__ import annotations
 
 import argparse
+import functools
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import data_dir, machine_info, median, print_header, print_table, timed, write_json  # noqa: E402
+from _common import data_dir, machine_info, median, print_header, print_table, timed, write_json
 
 
 def synthetic_batch(n: int, size: int, seed: int = 0):
@@ -106,8 +107,8 @@ def main(argv: list[str] | None = None) -> int:
             opt = torch.optim.Adam(model.parameters(), lr=1e-4)
             train_step, eval_step = make_steps(model, loss_fn, opt)
             batch = synthetic_batch(args.batch_size, size)
-            t_train = timed(lambda: train_step(batch), args.repeats, args.warmup)
-            t_eval = timed(lambda: eval_step(batch), args.repeats, args.warmup)
+            t_train = timed(functools.partial(train_step, batch), args.repeats, args.warmup)
+            t_eval = timed(functools.partial(eval_step, batch), args.repeats, args.warmup)
             entry = {"size": size, "path": "synthetic", "train_s_per_batch": t_train, "eval_s_per_batch": t_eval,
                      "train_img_per_s": args.batch_size / median(t_train), "eval_img_per_s": args.batch_size / median(t_eval)}
             results.append(entry)

@@ -35,7 +35,7 @@ from datetime import date, datetime, timezone
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import ROOT, data_dir, machine_info, median, print_header, print_table, write_json  # noqa: E402
+from _common import ROOT, data_dir, machine_info, median, print_header, print_table, write_json
 
 TARGETS = {"e2e_vs_forward": 1.5, "naive_vs_worker": 6.0, "gradcam_overhead": 0.20, "peak_rss_gb": 1.5}
 
@@ -86,7 +86,7 @@ def settings_for(workdir: Path, checkpoint: Path, batch_size: int, threads: int,
 
 def renderer_hwm_bytes(worker) -> int:
     """Peak RSS (VmHWM) of the worker's report renderer process, 0 when it renders inline."""
-    pid = getattr(worker.renderer, "pid", None)
+    pid = getattr(worker.report.renderer, "pid", None)
     if pid is None:
         return 0
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
@@ -128,6 +128,7 @@ def child_a(args: argparse.Namespace) -> int:
     import torch
 
     import screening.pipeline as pipeline
+    import screening.stages.intake as intake_stage
     from screening.cli import _session_factory
     from screening.imaging import decode
     from screening.inference import Predictor
@@ -139,16 +140,16 @@ def child_a(args: argparse.Namespace) -> int:
     predictor = Predictor(ckpt, "cpu", args.threads)
     worker = Worker(settings, predictor, _session_factory(settings), ROOT / "templates")
     timer = StageTimer()
-    timer.wrap(worker, "intake", "intake (hash, identify, decode, DB)")
-    timer.wrap(pipeline, "decode", "  of which decode")
+    timer.wrap(worker.intake, "admit", "intake (hash, identify, decode, DB)")
+    timer.wrap(intake_stage, "decode", "  of which decode")
     timer.wrap(predictor, "run", "forward pass")
     timer.wrap(predictor, "finish", "finish (grades, masks, Grad-CAM)")
-    timer.wrap(worker, "_prepare", "prepare next batch (in a thread, overlaps the rest)")
-    timer.wrap(worker, "_write_outputs", "PNG outputs")
-    timer.wrap(worker, "store", "store (PNGs + DB + archive)")
-    timer.wrap(worker, "collect_reports", "report bookkeeping (DB), incl. waiting below")
-    timer.wrap(worker, "wait_for_reports", "waiting for PDFs after the last batch")
-    timer.wrap(worker, "submit_reports", "handing reports to the renderer (DB reads)")
+    timer.wrap(worker.grade, "_prepare", "prepare next batch (in a thread, overlaps the rest)")
+    timer.wrap(worker.store, "write_outputs", "PNG outputs")
+    timer.wrap(worker.store, "save", "store (PNGs + DB + archive)")
+    timer.wrap(worker.report, "collect", "report bookkeeping (DB), incl. waiting below")
+    timer.wrap(worker.report, "wait", "waiting for PDFs after the last batch")
+    timer.wrap(worker.report, "submit", "handing reports to the renderer (DB reads)")
     timer.wrap(pipeline, "release_memory", "malloc_trim between batches")
 
     pairs = patient_pairs()
@@ -331,10 +332,11 @@ class StubPredictor:
         import numpy as np
 
         from screening.inference import ImagePrediction
+        from training.common import LESION_CODES
 
         z = np.zeros((self.size, self.size), np.float32)
         return [ImagePrediction(0, [1, 0, 0, 0, 0], 0, [1, 0, 0], 0.0, False, np.zeros((5, self.size, self.size), bool),
-                                {c: 0.0 for c in ("MA", "HE", "EX", "SE", "OD")}, z, z) for _ in batch.images]
+                                dict.fromkeys(LESION_CODES, 0.0), z, z) for _ in batch.images]
 
     def predict(self, images, explain: bool = True):
         return self.finish(self.prepare(images), None, explain)
@@ -384,14 +386,15 @@ def part_e(args, tmp: Path, report: dict) -> None:
     from screening.intake import Intake, sweep, wait_until_stable
     from screening.pipeline import Worker
     from screening.renderer import InlineRenderer, RenderResult
+    from screening.report import report_dir
 
     class StubRenderer(InlineRenderer):  # WeasyPrint stubbed: constant per exam, see (a)
         def submit(self, job) -> None:
-            folder = Path(job.reports_dir) / job.ctx.patient_id / job.ctx.exam_date.isoformat()
+            folder = report_dir(job.ctx, Path(job.reports_dir))
             folder.mkdir(parents=True, exist_ok=True)
             path = folder / f"report_v{job.ctx.report_version}.pdf"
             path.write_bytes(b"%PDF-stub")
-            self._done.append(RenderResult(job.key, path))
+            self._done.append(RenderResult(job.key, job.ctx.report_version, path))
 
     rows, results = [], []
     for backlog in args.backlogs:

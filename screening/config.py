@@ -4,11 +4,18 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import Field, ValidationError, ValidationInfo, field_validator
 
-from training.config import ConfigError, _Strict, format_validation_error, read_toml, resolve_paths
+from training.api import (
+    ConfigError,
+    StrictSettings,
+    format_validation_error,
+    parse_training_config,
+    read_toml,
+    resolve_paths,
+)
 
 DEFAULT_PATTERNS = (
     r"^(?P<patient>[A-Za-z]+\d+)_(?P<eye>L|R|OD|OS|left|right)$",
@@ -16,7 +23,7 @@ DEFAULT_PATTERNS = (
 )
 
 
-class ScreeningSettings(_Strict):
+class ScreeningSettings(StrictSettings):
     inbox: Path = Path("inbox")
     reports: Path = Path("reports")
     archive: Path = Path("archive")
@@ -40,10 +47,26 @@ class ScreeningSettings(_Strict):
     report_retries: int = Field(3, ge=1)
     report_renderer: Literal["process", "inline"] = "process"
     clinic_name: str = "Diabetic Eye Screening Service"
+    # Hard limits on what a dropped file may cost, checked before it is decoded (over them: a recorded rejection).
+    max_file_bytes: int = Field(256 * 1024 * 1024, gt=0)
+    max_pixels: int = Field(50_000_000, gt=0)  # width x height, read from the header
+    max_pages: int = Field(4, ge=1)  # pages (IFDs) of a TIFF, thumbnails included
+    # A file whose image data stops short (still being copied, truncated, corrupt) stays in the inbox and is
+    # read again when it changes; once unchanged this long it is rejected as incomplete or corrupt.
+    incomplete_grace: float = Field(300.0, ge=0)
+    # Hidden and temporary names (.part, ~$, dotfiles, a sidecar without its photo) are left alone while they
+    # are in use; unchanged this long, they are rejected with a reason so that nothing lies in the inbox unseen.
+    abandoned_after: float = Field(3600.0, gt=0)
+    # several photographs (fields) of one eye in a visit: which one gives the eye's result (all are shown)
+    eye_result: Literal["worst", "latest"] = "worst"
+    # the review page (dr-screen serve); any address but loopback requires a login
+    review_host: str = "127.0.0.1"
+    review_port: int = Field(8765, ge=1, le=65535)
 
     @field_validator("precision", "gpu_memory_gb")
     @classmethod
     def _gpu_settings_need_cuda(cls, value: str | float, info: ValidationInfo) -> str | float:
+        assert info.field_name is not None  # a field validator always has its field's name
         default = cls.model_fields[info.field_name].default
         if value != default and info.data.get("device") != "cuda":
             raise ValueError(f"{info.field_name} = {value!r} is for a GPU: set device = 'cuda' as well, or remove "
@@ -67,15 +90,17 @@ class ScreeningSettings(_Strict):
             parsed = make_url(url)
         except ArgumentError:
             raise ValueError(
-                f"{url!r} is not a database URL: use sqlite:///screening.db or postgresql+psycopg://user:password@host/dbname"
+                f"{url!r} is not a usable database URL: use sqlite:///screening.db or "
+                "postgresql+psycopg://user:password@host/dbname"
             ) from None
-        backend, driver = parsed.get_backend_name(), parsed.get_driver_name()
-        if backend == "postgresql" and "+" not in parsed.drivername:
+        backend, _, driver = parsed.drivername.partition("+")  # by name: loading an unknown dialect would raise
+        if backend == "postgresql" and not driver:
             return parsed.set(drivername="postgresql+psycopg").render_as_string(hide_password=False)
         if backend == "sqlite" or (backend == "postgresql" and driver == "psycopg"):
             return url
         raise ValueError(
-            f"database {parsed.drivername!r} is not supported: use sqlite:///... or postgresql+psycopg://..."
+            f"database {parsed.drivername!r} is not supported (not a usable database URL here): use sqlite:///... or "
+            "postgresql+psycopg://..."
         )
 
     @field_validator("filename_patterns")
@@ -90,6 +115,12 @@ class ScreeningSettings(_Strict):
                 raise ValueError(f"pattern {p!r} has no (?P<patient>...) group")
         return pats
 
+    @property
+    def demo_checkpoint(self) -> Path:
+        """Where a demo model is trained when ``checkpoint`` is missing (``dr-screen run``); reviewed reports
+        look here too for the model that graded a visit."""
+        return self.work_dir / "demo-model.pt"
+
     def resolved_database(self, base: Path) -> str:
         """A relative SQLite path in the URL resolves against the config folder too."""
         prefix = "sqlite:///"
@@ -100,7 +131,7 @@ class ScreeningSettings(_Strict):
         return self.database
 
 
-def parse_screening_settings(raw: dict, path: str | Path) -> ScreeningSettings:
+def parse_screening_settings(raw: dict[str, Any], path: str | Path) -> ScreeningSettings:
     path = Path(path)
     try:
         s = ScreeningSettings.model_validate(raw.get("screening", {}))
@@ -108,14 +139,12 @@ def parse_screening_settings(raw: dict, path: str | Path) -> ScreeningSettings:
         msg = format_validation_error(exc, path).replace("key '", "key 'screening.")
         raise ConfigError(msg) from None
     base = path.resolve().parent
-    s = resolve_paths(s, base)
-    return s.model_copy(update={"database": s.resolved_database(base)})
+    resolved: ScreeningSettings = resolve_paths(s, base)
+    return resolved.model_copy(update={"database": resolved.resolved_database(base)})
 
 
 def load_screening_settings(path: str | Path) -> ScreeningSettings:
     """Read ``config.toml`` once; the whole file is validated (training tables too) so typos anywhere fail."""
-    from training.config import parse_training_config
-
     raw = read_toml(path)
     parse_training_config(raw, path)
     return parse_screening_settings(raw, path)

@@ -35,8 +35,10 @@ class HeadOnFeatures(nn.Module):
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         if self.evidence is None:
-            return self.head(self.layer(features))
-        return self.head(self.layer(features), self.evidence)
+            out: torch.Tensor = self.head(self.layer(features))
+        else:
+            out = self.head(self.layer(features), self.evidence)
+        return out
 
 
 def head_cams(head: nn.Module, features: torch.Tensor, classes: list[int], out_size: int,
@@ -48,12 +50,14 @@ def head_cams(head: nn.Module, features: torch.Tensor, classes: list[int], out_s
     with torch.enable_grad(), GradCAM(model=wrapper, target_layers=[wrapper.layer]) as cam:
         maps = cam(input_tensor=feats, targets=[ClassifierOutputTarget(int(c)) for c in classes])
     # maps are at the feature grid (input of the wrapper); upscale like GradCAM does for a full model
-    return scale_cam_image(maps, (out_size, out_size)).astype(np.float32)
+    scaled: np.ndarray = scale_cam_image(maps, (out_size, out_size)).astype(np.float32)
+    return scaled
 
 
 def cam_overlay(rgb: np.ndarray, cam: np.ndarray) -> np.ndarray:
     """Heatmap over the photo (uint8 RGB)."""
-    return show_cam_on_image(rgb.astype(np.float32) / 255.0, cam, use_rgb=True, image_weight=0.55)
+    overlay: np.ndarray = show_cam_on_image(rgb.astype(np.float32) / 255.0, cam, use_rgb=True, image_weight=0.55)
+    return overlay
 
 
 def lesion_overlay(rgb: np.ndarray, masks: np.ndarray, codes: tuple[str, ...]) -> np.ndarray:

@@ -11,14 +11,21 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
-from training.checkpoint import load_model
-from training.data.transforms import channel_max, eval_transforms
-from training.engine import resolve_device
-from training.grader import apply_grader, features_of, uses_segmentation
-from training.metrics import referable_score
-from training.model import LESION_CODES, lesion_evidence
+from training.api import (
+    apply_grader,
+    eval_transforms,
+    features_of,
+    fundus_mask,
+    lesion_evidence,
+    load_model,
+    referable_score,
+    resolve_device,
+    uses_segmentation,
+)
+from training.common import LESION_CODES
 
 from .explain import head_cams
+from .report import grade_source, model_metrics_for_report
 
 log = logging.getLogger(__name__)
 
@@ -99,32 +106,12 @@ class Predictor:
 
     def report_metrics(self) -> dict[str, float | str]:
         """The checkpoint's headline metrics, labelled for the report's model section."""
-        metrics = self.meta.get("metrics", {})
-        val = metrics.get("validation", {})
-        out: dict[str, float | str] = {}
-        for label, key in (("Validation DR kappa", "val_kappa"), ("Validation referable-DR AUC", "val_ref_auc"),
-                           ("Validation mean lesion AUPR", "val_aupr_mean")):
-            if isinstance(val.get(key), (int, float)):
-                out[label] = round(float(val[key]), 3)
-        test = metrics.get("test") or {}
-        for key in ("referable AUC", "sensitivity", "specificity", "DR kappa", "OD Dice"):
-            if isinstance(test.get(key), (int, float)):
-                out[f"Test {key}"] = round(float(test[key]), 3)
-        ci = test.get("referable AUC 95% CI")
-        if isinstance(ci, (list, tuple)) and len(ci) == 2 and all(isinstance(v, float) for v in ci):
-            out["Test referable AUC 95% CI"] = f"{ci[0]:.2f}-{ci[1]:.2f}"
-        out["Referral threshold"] = round(self.threshold, 3)
-        out["Grades from"] = self.grade_source
-        return out
+        return model_metrics_for_report(self.meta)
 
     @property
     def grade_source(self) -> str:
         """What produced the DR grade and DME risk, in words for the report."""
-        if "grader" in self.meta:
-            return "lesion-evidence regression on image measurements"
-        if self.model.config.grade_inputs == "features+lesions":
-            return "the network's DR/DME heads (image features and its own lesion maps)"
-        return "the network's DR/DME heads (image features)"
+        return grade_source(self.meta)
 
     def to_tensor(self, images: list[np.ndarray]) -> torch.Tensor:
         batch = torch.stack([self.transform(image=im)["image"] for im in images])
@@ -187,7 +174,7 @@ class Predictor:
 
     def run(self, batch: PreparedBatch) -> Any:
         """The forward pass of a prepared batch (None for an empty one)."""
-        return self.forward(batch.tensor) if batch.images else None
+        return self.forward(batch.tensor) if batch.tensor is not None else None
 
     def finish(self, batch: PreparedBatch, out: Any, explain: bool = True) -> list[ImagePrediction]:
         """Grades (from the heads, or the grader), masks, areas and Grad-CAM of the forward output ``out``."""
@@ -212,7 +199,7 @@ class Predictor:
             dr_cams = dme_cams = np.zeros((len(images), self.size, self.size), np.float32)
         preds = []
         for i, im in enumerate(images):
-            field = channel_max(im) > 12
+            field = fundus_mask(im)
             n_field = max(int(field.sum()), 1)
             areas = {code: float((seg[i, k] & field).sum()) / n_field for k, code in enumerate(LESION_CODES)}
             preds.append(ImagePrediction(

@@ -10,8 +10,11 @@ worker goes on with the next batch. :class:`InlineRenderer` renders in the calli
 The child only turns a :class:`~screening.report.ReportContext` into a published PDF; the worker keeps all
 database work. Protocol: pickled :class:`RenderJob` objects on the child's stdin, pickled
 :class:`RenderResult` objects back on its stdout (both ends are this code; nothing else writes there). The
-child exits when its stdin closes, so it never outlives the worker, not even a killed one. If the child
-dies, every job it held comes back as failed (the worker retries those reports later) and the next
+child exits when its stdin closes, so it never outlives the worker, not even a killed one; it renders nothing
+more once its parent is gone (a job still in the pipe would be published and never recorded), and a result
+it cannot send back (the worker died while it rendered) ends it quietly, without a traceback: the worker's
+start-up reconciles such a PDF (:meth:`screening.stages.report.ReportStage.reconcile`). If the child dies,
+every job it held comes back as failed (the worker retries those reports later) and the next
 :meth:`ProcessRenderer.submit` starts a new child.
 """
 
@@ -51,17 +54,19 @@ class RenderJob:
 @dataclass(frozen=True)
 class RenderResult:
     key: int
-    path: Path | None  # the published report_v<N>.pdf, or None when rendering failed
+    version: int  # the report version this job was for: the one written when ``path`` is set
+    path: Path | None  # the published report_v<version>.pdf, or None when rendering failed
     error: str | None = None  # what went wrong, when path is None
 
 
 def render_job(job: RenderJob) -> RenderResult:
     """Render one job; any failure becomes a result with the error's type and message."""
+    version = job.ctx.report_version
     try:
         path = render_with_retries(job.ctx, job.templates_dir, job.reports_dir, retries=job.retries, delay=job.retry_delay)
     except Exception as exc:  # noqa: BLE001 - reported back to the worker, which records it and retries later
-        return RenderResult(job.key, None, f"{type(exc).__name__}: {exc}")
-    return RenderResult(job.key, path)
+        return RenderResult(job.key, version, None, f"{type(exc).__name__}: {exc}")
+    return RenderResult(job.key, version, path)
 
 
 class Renderer(Protocol):
@@ -114,7 +119,7 @@ class ProcessRenderer:
         self._proc: subprocess.Popen[bytes] | None = None
         self._reader: threading.Thread | None = None
         self._lock = threading.Lock()
-        self._outstanding: set[int] = set()
+        self._outstanding: dict[int, int] = {}  # job key -> its report version
         self._done: queue.SimpleQueue[RenderResult] = queue.SimpleQueue()
 
     # -- child lifecycle
@@ -143,23 +148,23 @@ class ProcessRenderer:
                 result = pickle.load(proc.stdout)
             except EOFError:  # the child is gone
                 break
-            except Exception:  # noqa: BLE001 - a broken stream: stop this child, its jobs are failed below
+            except Exception:
                 log.exception("report renderer sent something unreadable; restarting it")
                 proc.kill()
                 break
             with self._lock:
-                self._outstanding.discard(result.key)
+                self._outstanding.pop(result.key, None)
             self._done.put(result)
         code = proc.wait()
         self._fail_outstanding(f"the report renderer process exited (exit code {code}) before finishing this report")
 
     def _fail_outstanding(self, reason: str) -> None:
         with self._lock:
-            lost, self._outstanding = sorted(self._outstanding), set()
+            lost, self._outstanding = sorted(self._outstanding.items()), {}
         if lost:
             log.error("report renderer: %s; %d report(s) will be retried", reason, len(lost))
-        for key in lost:
-            self._done.put(RenderResult(key, None, reason))
+        for key, version in lost:
+            self._done.put(RenderResult(key, version, None, reason))
 
     # -- jobs
     def submit(self, job: RenderJob) -> None:
@@ -167,16 +172,16 @@ class ProcessRenderer:
         proc = self._proc
         assert proc is not None and proc.stdin is not None
         with self._lock:
-            self._outstanding.add(job.key)
+            self._outstanding[job.key] = job.ctx.report_version
         try:
             proc.stdin.write(pickle.dumps(job, protocol=pickle.HIGHEST_PROTOCOL))
             proc.stdin.flush()
         except (BrokenPipeError, OSError, ValueError) as exc:  # the child died (the reader fails its other jobs)
             with self._lock:
-                lost = job.key in self._outstanding
-                self._outstanding.discard(job.key)
+                lost = self._outstanding.pop(job.key, None) is not None
             if lost:
-                self._done.put(RenderResult(job.key, None, f"the report renderer process is gone ({type(exc).__name__})"))
+                self._done.put(RenderResult(job.key, job.ctx.report_version, None,
+                                            f"the report renderer process is gone ({type(exc).__name__})"))
 
     def results(self, timeout: float = 0.0) -> list[RenderResult]:
         out: list[RenderResult] = []
@@ -244,21 +249,31 @@ def lower_priority() -> str:
     return f"nice {RENDERER_NICENESS}"
 
 
-def _serve(jobs: BinaryIO, results: BinaryIO) -> int:
+def _serve(jobs: BinaryIO, results: BinaryIO, parent: int | None = None) -> int:
+    """Render the jobs read from ``jobs`` in order, answering on ``results``, until ``jobs`` ends, ``parent``
+    (the worker's pid) is no longer this process's parent, or the answer cannot be delivered."""
     while True:
         try:
             job = pickle.load(jobs)
         except EOFError:
             return 0
+        if parent is not None and os.getppid() != parent:
+            log.warning("the worker has stopped; report job %s not rendered (it will be made again)", job.key)
+            return 0
         result = render_job(job)
-        pickle.dump(result, results, protocol=pickle.HIGHEST_PROTOCOL)
-        results.flush()
+        try:
+            pickle.dump(result, results, protocol=pickle.HIGHEST_PROTOCOL)
+            results.flush()
+        except (BrokenPipeError, ConnectionResetError):
+            log.warning("the worker stopped while report job %s rendered; its start-up reconciles the file", job.key)
+            return 0
         release_memory()
 
 
 def main() -> int:
     # Ctrl-C in a terminal reaches the whole process group: the worker decides when to stop and closes our stdin.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    parent = os.getppid()
     lower_priority()
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s (renderer): %(message)s")
@@ -266,7 +281,13 @@ def main() -> int:
     os.dup2(sys.stderr.fileno(), sys.stdout.fileno())  # stray prints must not corrupt the result stream
     import weasyprint  # noqa: F401 - imported before the first job arrives
 
-    return _serve(sys.stdin.buffer, results)
+    try:
+        return _serve(sys.stdin.buffer, results, parent)
+    finally:
+        try:
+            results.close()
+        except OSError:  # a broken pipe: nobody is listening any more, and nothing is left to say
+            pass
 
 
 if __name__ == "__main__":

@@ -2,36 +2,41 @@
 
 Public API
 ----------
-- :class:`EyeFinding`, :class:`ReportContext`: what the worker hands over (validated on construction).
+- :class:`EyeFinding` (one photograph of one eye: a field), :class:`ReportContext`: what the worker hands over
+  (validated on construction). An eye may have several fields (e.g. macula-centred and disc-centred): every one
+  is shown, and the eye's result is chosen from them by :func:`eye_result` (:data:`EYE_RESULT_RULES`).
+- :class:`ReviewNote`, :class:`EyeReview`: a clinician's sign-off, printed beside the model's answers on a reviewed version.
 - :data:`LESION_COLOURS` (``screening.legend.LESION_COLOURS_RGB``), :data:`LESION_LABELS`: legend colours and names.
-- :func:`referral_recommendation`: the worse-eye referral rule (one table, :data:`REFERRAL_LEVELS`).
-- :func:`safe_patient_dir_name`: a patient id made safe for use as a folder name.
-- :func:`render_html`, :func:`render_pdf`, :func:`render_with_retries`; :class:`ReportError`.
+- :func:`referral_recommendation`: the worse-eye referral rule (one table, :data:`REFERRAL_LEVELS`), applied to
+  each eye's result.
+- :func:`report_folder`, :func:`existing_versions`: where an exam's reports go and which versions are there.
+- :func:`render_html`, :func:`render_pdf`, :func:`render_with_retries`; :class:`ReportError`,
+  :class:`ReportVersionTaken`.
 
-Files are written as ``reports_dir/<safe patient id>/<exam date ISO>/report_v<N>.pdf``; earlier versions are
-never overwritten and ``latest.pdf`` beside them is a copy of the newest one. Every file is published atomically
-(temporary file in the same folder, fsync, then link/replace), so a reader never sees a half-written PDF.
+Files are written as ``reports_dir/<safe patient id>/<exam date ISO>/report_v<N>.pdf``
+(:func:`training.common.safe_id` makes the folder name); ``latest.pdf`` beside them is a copy of the newest
+one. N is ``ReportContext.report_version``, decided by the caller (the worker's report stage, from the
+database, the reports on their way and the files on disk); this module only publishes it, and never
+over an earlier report. Every file is published atomically (:func:`training.common.atomic_write`), so a
+reader never sees a half-written PDF.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import functools
-import hashlib
 import logging
-import os
 import re
-import tempfile
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import date, datetime
 from pathlib import Path
-from typing import Literal, Sequence
+from typing import Any, Literal, Sequence
 
 from jinja2 import Environment, FileSystemLoader, StrictUndefined
 
 from screening.legend import LESION_COLOURS_RGB
-from training.labels import DME_GRADES, DR_GRADES, LESION_CODES
+from training.common import DME_GRADES, DR_GRADES, LESION_CODES, LESION_NAMES, atomic_write_bytes, safe_id
 
 log = logging.getLogger(__name__)
 
@@ -42,22 +47,27 @@ RESEARCH_STATUS = "research model, not clinically validated"
 # Overlay colours (RGB): the very dict screening.explain draws the lesion overlay with, so the legend always
 # matches the picture. MA red, HE maroon, EX yellow, SE light blue, OD green.
 LESION_COLOURS: dict[str, tuple[int, int, int]] = LESION_COLOURS_RGB
-LESION_LABELS: dict[str, str] = {
-    "MA": "Microaneurysms",
-    "HE": "Haemorrhages",
-    "EX": "Hard exudates",
-    "SE": "Soft exudates",
-    "OD": "Optic disc",
-}
+LESION_LABELS: dict[str, str] = LESION_NAMES
 if not tuple(LESION_COLOURS) == tuple(LESION_LABELS) == LESION_CODES:
     raise ImportError(f"lesion colour/label tables {tuple(LESION_COLOURS)} out of sync with the model's {LESION_CODES}")
 
 EYE_NAMES = {"R": "Right eye", "L": "Left eye"}
 EYE_ORDER = ("R", "L")
 
+EyeResultRule = Literal["worst", "latest"]
+EYE_RESULT_RULES: dict[str, str] = {  # rule -> how the report states it
+    "worst": "its worst field",
+    "latest": "its latest field",
+}
+
 
 class ReportError(RuntimeError):
     """Rendering a report failed (after all retries); the message names the patient and the exam."""
+
+
+class ReportVersionTaken(FileExistsError):
+    """The report file of the requested version exists already: it is never overwritten. Not retried;
+    the caller decides a new version (the worker's catch-up does, seeing the file on disk)."""
 
 
 # --------------------------------------------------------------------------------------------------- data
@@ -65,6 +75,8 @@ class ReportError(RuntimeError):
 
 @dataclass(frozen=True)
 class EyeFinding:
+    """The grading of one photograph (one field) of one eye."""
+
     eye: Literal["R", "L"]
     source_name: str  # the uploaded file's name: shown (escaped), never used as a path
     photo_path: Path | None
@@ -79,6 +91,7 @@ class EyeFinding:
     referable: bool
     lesion_areas: dict[str, float] = field(default_factory=dict)  # code -> fraction of the fundus, 0..1
     image_quality: str | None = None
+    mask_folder: Path | None = None  # the lesion masks at the photo's own size (TIFF), for image viewers
 
     def __post_init__(self) -> None:
         if self.eye not in EYE_NAMES:
@@ -117,6 +130,52 @@ class EyeFinding:
 
 
 @dataclass(frozen=True)
+class EyeReview:
+    """The grader's answer for one eye: gradable or not, and if gradable the DR grade and DME risk."""
+
+    eye: Literal["R", "L"]
+    gradable: bool
+    dr_grade: int | None
+    dme_grade: int | None
+
+    def __post_init__(self) -> None:
+        if self.eye not in EYE_NAMES:
+            raise ValueError(f"eye must be 'R' or 'L', got {self.eye!r}")
+        if not self.gradable:
+            if self.dr_grade is not None or self.dme_grade is not None:
+                raise ValueError(f"{EYE_NAMES[self.eye]}: an ungradable eye has no DR grade or DME risk")
+            return
+        if self.dr_grade is None or not 0 <= int(self.dr_grade) < len(DR_GRADES):
+            raise ValueError(f"{EYE_NAMES[self.eye]}: DR grade must be 0..{len(DR_GRADES) - 1}, got {self.dr_grade!r}")
+        if self.dme_grade is None or not 0 <= int(self.dme_grade) < len(DME_GRADES):
+            raise ValueError(f"{EYE_NAMES[self.eye]}: DME risk must be 0..{len(DME_GRADES) - 1}, got {self.dme_grade!r}")
+
+
+@dataclass(frozen=True)
+class ReviewNote:
+    """A clinician's sign-off of the visit: printed on the reviewed version, beside (never instead of) the
+    model's answers, so that a reader sees both what the software said and what the grader decided."""
+
+    reviewer: str
+    reviewed_at: datetime
+    outcome: Literal["confirmed", "corrected"]
+    referral: str  # the grader's referral outcome, a key of REFERRAL_LEVELS
+    eyes: tuple[EyeReview, ...]
+    comment: str | None = None
+
+    def __post_init__(self) -> None:
+        if not self.reviewer.strip():
+            raise ValueError("reviewer name is empty")
+        if self.outcome not in ("confirmed", "corrected"):
+            raise ValueError(f"outcome must be 'confirmed' or 'corrected', got {self.outcome!r}")
+        if self.referral not in REFERRAL_LEVELS:
+            raise ValueError(f"unknown referral {self.referral!r}; expected one of {list(REFERRAL_LEVELS)}")
+
+    def eye(self, code: str) -> EyeReview | None:
+        return next((e for e in self.eyes if e.eye == code), None)
+
+
+@dataclass(frozen=True)
 class ReportContext:
     clinic_name: str
     patient_id: str
@@ -128,6 +187,8 @@ class ReportContext:
     model_metrics: dict[str, float | str]
     generated_at: datetime
     report_version: int = 1
+    eye_result_rule: EyeResultRule = "worst"
+    review: ReviewNote | None = None  # set on the version rendered after a clinician's sign-off
 
     def __post_init__(self) -> None:
         if self.model_status not in ("research", "demo"):
@@ -136,12 +197,52 @@ class ReportContext:
             raise ValueError(f"exam_date must be a datetime.date, got {type(self.exam_date).__name__}")
         if int(self.report_version) < 1:
             raise ValueError(f"report_version must be >= 1, got {self.report_version!r}")
-        seen = [e.eye for e in self.eyes]
-        if len(seen) != len(set(seen)):
-            raise ValueError(f"each eye may appear once per report, got {seen}")
+        if self.eye_result_rule not in EYE_RESULT_RULES:
+            raise ValueError(f"eye_result_rule must be one of {sorted(EYE_RESULT_RULES)}, got {self.eye_result_rule!r}")
+
+    def fields(self, code: str) -> list[EyeFinding]:
+        """The eye's photographs in the order they arrived (``eyes`` is in that order)."""
+        return [e for e in self.eyes if e.eye == code]
 
     def eye(self, code: str) -> EyeFinding | None:
-        return next((e for e in self.eyes if e.eye == code), None)
+        """The eye's result: the field :func:`eye_result` chooses (None when the eye has no photograph)."""
+        return eye_result(self.fields(code), self.eye_result_rule)
+
+    def eye_results(self) -> list[EyeFinding]:
+        """Each eye's result, right eye first: what the referral is decided from."""
+        return [f for code in EYE_ORDER if (f := self.eye(code)) is not None]
+
+
+def model_metrics_for_report(meta: Mapping[str, Any]) -> dict[str, float | str]:
+    """A checkpoint's headline metrics (its metadata, as ``training.checkpoint`` stores it), labelled for the
+    report's model section. Here rather than in the predictor so that a reviewed version, rendered without
+    loading the model, describes it in the same words."""
+    metrics = meta.get("metrics", {})
+    val = metrics.get("validation", {})
+    out: dict[str, float | str] = {}
+    for label, key in (("Validation DR kappa", "val_kappa"), ("Validation referable-DR AUC", "val_ref_auc"),
+                       ("Validation mean lesion AUPR", "val_aupr_mean")):
+        if isinstance(val.get(key), (int, float)):
+            out[label] = round(float(val[key]), 3)
+    test = metrics.get("test") or {}
+    for key in ("referable AUC", "sensitivity", "specificity", "DR kappa", "OD Dice"):
+        if isinstance(test.get(key), (int, float)):
+            out[f"Test {key}"] = round(float(test[key]), 3)
+    ci = test.get("referable AUC 95% CI")
+    if isinstance(ci, (list, tuple)) and len(ci) == 2 and all(isinstance(v, float) for v in ci):
+        out["Test referable AUC 95% CI"] = f"{ci[0]:.2f}-{ci[1]:.2f}"
+    out["Referral threshold"] = round(float(meta["thresholds"]["referable"]), 3)
+    out["Grades from"] = grade_source(meta)
+    return out
+
+
+def grade_source(meta: Mapping[str, Any]) -> str:
+    """What produced the DR grade and DME risk, in words for the report (from the checkpoint's metadata)."""
+    if "grader" in meta:
+        return "lesion-evidence regression on image measurements"
+    if (meta.get("model_config") or {}).get("grade_inputs") == "features+lesions":
+        return "the network's DR/DME heads (image features and its own lesion maps)"
+    return "the network's DR/DME heads (image features)"
 
 
 # ----------------------------------------------------------------------------------------------- referral
@@ -161,14 +262,18 @@ class ReferralLevel:
 REFERRAL_LEVELS: dict[str, ReferralLevel] = {
     lv.level: lv
     for lv in (
-        ReferralLevel("urgent", 5, "Urgent referral (proliferative DR)",
+        ReferralLevel("urgent", 6, "Urgent referral (proliferative DR)",
                       "Refer urgently to ophthalmology / hospital eye service; to be seen within 2 weeks.",
                       "#b71c1c"),
-        ReferralLevel("soon", 4, "Refer within weeks (severe non-proliferative DR)",
+        ReferralLevel("soon", 5, "Refer within weeks (severe non-proliferative DR)",
                       "Refer to ophthalmology; to be seen within 4-6 weeks.", "#d84315"),
-        ReferralLevel("routine", 3, "Refer to ophthalmology (routine)",
+        ReferralLevel("routine", 4, "Refer to ophthalmology (routine)",
                       "Routine referral for moderate non-proliferative DR and/or possible diabetic macular oedema; "
                       "to be seen within 13 weeks.", "#e69500"),
+        # only a grader gives this one (the model grades every photo it accepts)
+        ReferralLevel("ungradable", 3, "Recall: ungradable image",
+                      "An eye could not be graded: recapture the photograph, or examine by slit lamp as per the local "
+                      "pathway.", "#6d4c41"),
         ReferralLevel("rescreen_12", 2, "Rescreen in 12 months",
                       "Mild non-proliferative DR: no referral needed; rescreen in 12 months and optimise glycaemic, "
                       "blood-pressure and lipid control.", "#558b2f"),
@@ -179,6 +284,10 @@ REFERRAL_LEVELS: dict[str, ReferralLevel] = {
                       "No eye was graded: recall the patient for retinal photography.", "#616161"),
     )
 }
+# The outcomes that send the patient to ophthalmology (a "positive" when referral sensitivity is measured).
+REFER_LEVELS = frozenset({"urgent", "soon", "routine"})
+# Outcomes that say no grade could be given (left out of referral sensitivity and specificity).
+NO_GRADE_LEVELS = frozenset({"ungradable", "no_images"})
 
 
 @dataclass(frozen=True)
@@ -206,8 +315,27 @@ def _eye_level(e: EyeFinding) -> ReferralLevel:
     return REFERRAL_LEVELS[key]
 
 
+def _severity(e: EyeFinding) -> tuple[int, int, int, float]:
+    """How bad a field's findings are: its referral level first, then the grades, then the referral score."""
+    return _eye_level(e).rank, e.dr_grade, e.dme_grade, e.referable_score
+
+
+def eye_result(fields: Sequence[EyeFinding], rule: EyeResultRule = "worst") -> EyeFinding | None:
+    """The field that stands for the eye: with ``"worst"`` the one with the most severe findings (ties: the earlier
+    field), so a lesion seen in one field only is never outweighed by a clean other field; with ``"latest"`` the
+    last one to arrive (a recapture replaces the result, every field is still shown). None without fields."""
+    if not fields:
+        return None
+    if rule == "latest":
+        return fields[-1]
+    if rule != "worst":
+        raise ValueError(f"unknown eye result rule {rule!r}; expected one of {sorted(EYE_RESULT_RULES)}")
+    return max(fields, key=_severity)  # max keeps the first of equal keys
+
+
 def referral_recommendation(eyes: Sequence[EyeFinding]) -> Referral:
-    """The referral for the exam, taken from the worse eye (ties: the right eye, then the left)."""
+    """The referral for the exam, taken from the worse eye (ties: the right eye, then the left). ``eyes`` holds one
+    finding per eye: each eye's result (:meth:`ReportContext.eye_results`)."""
     if not eyes:
         lv = REFERRAL_LEVELS["no_images"]
         return Referral(lv.level, lv.text, lv.advice, lv.colour, "No eye images were received for this exam.")
@@ -226,38 +354,26 @@ def referral_recommendation(eyes: Sequence[EyeFinding]) -> Referral:
 
 # -------------------------------------------------------------------------------------------------- paths
 
-_UNSAFE = re.compile(r"[^A-Za-z0-9_-]")
-_MAX_ID_LEN = 64
 
-
-def safe_patient_dir_name(patient_id: str) -> str:
-    """A folder name for a patient id: only [A-Za-z0-9_-]; anything else becomes '_'.
-
-    When characters had to be replaced (or the id was shortened), an 8-hex-digit hash of the original id is
-    appended, so two different ids such as ``a/b`` and ``a_b`` never share a folder.
-    """
-    if not isinstance(patient_id, str) or not patient_id.strip():
-        raise ValueError("patient id is empty")
-    cleaned = _UNSAFE.sub("_", patient_id.strip())
-    if cleaned == patient_id and len(cleaned) <= _MAX_ID_LEN:
-        return cleaned
-    digest = hashlib.sha256(patient_id.encode("utf-8")).hexdigest()[:8]
-    return f"{cleaned[:_MAX_ID_LEN]}-{digest}"
-
-
-def report_dir(ctx: ReportContext, reports_dir: Path) -> Path:
+def report_folder(reports_dir: Path | str, patient_id: str, exam_date: date) -> Path:
     """``reports_dir/<safe patient id>/<exam date ISO>``; guaranteed to lie inside ``reports_dir``."""
     root = Path(reports_dir).resolve()
-    out = (root / safe_patient_dir_name(ctx.patient_id) / ctx.exam_date.isoformat()).resolve()
+    out = (root / safe_id(patient_id) / exam_date.isoformat()).resolve()
     if not out.is_relative_to(root):  # cannot happen with the sanitised name; belt and braces
         raise ValueError(f"report folder {out} escapes {root}")
     return out
+
+
+def report_dir(ctx: ReportContext, reports_dir: Path) -> Path:
+    """The folder of ``ctx``'s exam (:func:`report_folder`)."""
+    return report_folder(reports_dir, ctx.patient_id, ctx.exam_date)
 
 
 _VERSION_RE = re.compile(r"^report_v(\d+)\.pdf$")
 
 
 def existing_versions(folder: Path) -> list[int]:
+    """The versions of the ``report_v<N>.pdf`` files in ``folder``, ascending (none when it is absent)."""
     if not folder.is_dir():
         return []
     return sorted(int(m.group(1)) for p in folder.iterdir() if (m := _VERSION_RE.match(p.name)))
@@ -298,7 +414,38 @@ def _rgb(c: tuple[int, int, int]) -> str:
     return "#{:02x}{:02x}{:02x}".format(*c)
 
 
-def _eye_view(e: EyeFinding) -> dict:
+def _eye_review_view(e: EyeFinding, r: EyeReview | None) -> dict[str, object] | None:
+    """What the grader said about this eye, beside the model's answer (None: no review of this eye)."""
+    if r is None:
+        return None
+    if not r.gradable:
+        return {"gradable": False, "agrees": False}
+    assert r.dr_grade is not None and r.dme_grade is not None
+    return {
+        "gradable": True,
+        "dr_grade": r.dr_grade, "dr_name": DR_GRADES[r.dr_grade], "dr_changed": r.dr_grade != e.dr_grade,
+        "dme_grade": r.dme_grade, "dme_name": DME_GRADES[r.dme_grade], "dme_changed": r.dme_grade != e.dme_grade,
+        "agrees": r.dr_grade == e.dr_grade and r.dme_grade == e.dme_grade,
+    }
+
+
+def _review_view(ctx: ReportContext, model_referral: Referral) -> dict[str, object] | None:
+    r = ctx.review
+    if r is None:
+        return None
+    at = r.reviewed_at
+    return {
+        "reviewer": r.reviewer,
+        "reviewed_at": at.strftime("%Y-%m-%d %H:%M") + (f" {at.strftime('%Z') or at.strftime('%z')}" if at.tzinfo else ""),
+        "reviewed_on": at.strftime("%Y-%m-%d"),
+        "corrected": r.outcome == "corrected",
+        "level": REFERRAL_LEVELS[r.referral],
+        "referral_changed": r.referral != model_referral.level,
+        "comment": r.comment,
+    }
+
+
+def _eye_view(e: EyeFinding, review: EyeReview | None = None) -> dict[str, object]:
     return {
         "code": e.eye,
         "name": e.eye_name,
@@ -323,6 +470,8 @@ def _eye_view(e: EyeFinding) -> dict:
             for c in LESION_CODES
         ],
         "image_quality": e.image_quality,
+        "review": _eye_review_view(e, review),
+        "mask_folder": str(e.mask_folder) if e.mask_folder is not None else None,
     }
 
 
@@ -357,17 +506,26 @@ def template_variables(ctx: ReportContext, templates_dir: Path, link_stylesheet:
     """What the template sees (benchmarks/bench_report.py renders other template versions with it)."""
     gen = ctx.generated_at
     generated = gen.strftime("%Y-%m-%d %H:%M") + (f" {gen.strftime('%Z') or gen.strftime('%z')}" if gen.tzinfo else "")
-    eyes = [
-        {"code": code, "name": EYE_NAMES[code], "finding": _eye_view(f) if (f := ctx.eye(code)) else None}
-        for code in EYE_ORDER
-    ]
+    referral = referral_recommendation(ctx.eye_results())
+    eyes = []
+    for code in EYE_ORDER:
+        fields, result = ctx.fields(code), ctx.eye(code)
+        grader = ctx.review.eye(code) if ctx.review else None  # the grader's answer is for the eye: beside its result
+        views = [dict(_eye_view(f, grader if f is result else None), number=k, is_result=f is result)
+                 for k, f in enumerate(fields, start=1)]
+        eyes.append({
+            "code": code, "name": EYE_NAMES[code], "fields": views,
+            "finding": next((v for v in views if v["is_result"]), None),
+            "rule_text": EYE_RESULT_RULES[ctx.eye_result_rule],
+        })
     return dict(
         clinic_name=ctx.clinic_name,
         patient_id=ctx.patient_id,
         exam_date=ctx.exam_date.isoformat(),
         report_version=ctx.report_version,
         generated_at=generated,
-        referral=referral_recommendation(ctx.eyes),
+        referral=referral,
+        review=_review_view(ctx, referral),
         eyes=eyes,
         model_version=ctx.model_version,
         checkpoint_short=(ctx.checkpoint_sha256 or "")[:12] or "unknown",
@@ -380,54 +538,13 @@ def template_variables(ctx: ReportContext, templates_dir: Path, link_stylesheet:
     )
 
 
-def _fsync_dir(folder: Path) -> None:
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def _write_temp(folder: Path, data: bytes, prefix: str) -> Path:
-    fd, tmp = tempfile.mkstemp(prefix=prefix, suffix=".tmp", dir=folder)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return Path(tmp)
-
-
-def _publish_new(tmp: Path, final: Path) -> None:
-    """Move ``tmp`` to ``final`` atomically, failing with FileExistsError rather than overwriting."""
-    try:
-        os.link(tmp, final)  # atomic and never clobbers
-    except FileExistsError:
-        tmp.unlink(missing_ok=True)
-        raise
-    except OSError:  # filesystem without hard links: check, then replace
-        if final.exists():
-            tmp.unlink(missing_ok=True)
-            raise FileExistsError(final) from None
-        os.replace(tmp, final)
-    else:
-        tmp.unlink()
-
-
 def render_pdf(ctx: ReportContext, templates_dir: Path | str, reports_dir: Path | str) -> Path:
-    """Render the PDF and publish it as a new version; returns the path of ``report_v<N>.pdf``.
+    """Render the PDF and publish it as ``report_v<ctx.report_version>.pdf``; returns its path.
 
-    N is ``ctx.report_version``, or one more than the highest version already on disk if that is larger, so
-    an earlier report is never overwritten; the version printed in the PDF always matches its file name.
-    ``latest.pdf`` in the same folder is atomically replaced by a copy of the new version.
+    The version is the caller's: the one printed in the PDF is the one in its name. An existing file of that
+    version is never replaced: :class:`ReportVersionTaken` is raised instead (checked before rendering, and
+    again atomically when publishing, in case another writer took the name meanwhile). ``latest.pdf`` in the
+    same folder is atomically replaced by a copy, unless a newer version is already there.
     """
     from weasyprint import HTML  # imported lazily: it is slow to import
 
@@ -440,27 +557,21 @@ def render_pdf(ctx: ReportContext, templates_dir: Path | str, reports_dir: Path 
     css, fonts = _stylesheet(css_path, (st.st_mtime_ns, st.st_size))
     folder = report_dir(ctx, Path(reports_dir))
     folder.mkdir(parents=True, exist_ok=True)
-    for _ in range(100):  # another writer may take a version number while we render
-        version = max(int(ctx.report_version), max(existing_versions(folder), default=0) + 1)
-        vctx = dataclasses.replace(ctx, report_version=version)
-        html = render_html(vctx, templates_dir, link_stylesheet=False)
-        pdf = HTML(string=html, base_url=str(templates_dir)).write_pdf(stylesheets=[css], font_config=fonts)
-        final = folder / f"report_v{version}.pdf"
-        tmp = _write_temp(folder, pdf, f".report_v{version}.")
-        try:
-            _publish_new(tmp, final)
-        except FileExistsError:
-            log.warning("report %s appeared while rendering; trying the next version", final)
-            continue
-        latest_tmp = _write_temp(folder, pdf, ".latest.")
-        if version >= max(existing_versions(folder), default=0):
-            os.replace(latest_tmp, folder / "latest.pdf")
-        else:  # a newer version was published meanwhile; leave latest.pdf pointing at that one
-            latest_tmp.unlink(missing_ok=True)
-        _fsync_dir(folder)
-        log.debug("wrote report %s", final)
-        return final
-    raise RuntimeError(f"could not find a free report version in {folder}")
+    version = int(ctx.report_version)
+    final = folder / f"report_v{version}.pdf"
+    taken = f"{final} exists already (reports are never overwritten); render it as a new version"
+    if final.exists():
+        raise ReportVersionTaken(taken)
+    html = render_html(ctx, templates_dir, link_stylesheet=False)
+    pdf = HTML(string=html, base_url=str(templates_dir)).write_pdf(stylesheets=[css], font_config=fonts)
+    try:
+        atomic_write_bytes(final, pdf, overwrite=False)
+    except FileExistsError:
+        raise ReportVersionTaken(taken) from None
+    if version >= max(existing_versions(folder), default=0):
+        atomic_write_bytes(folder / "latest.pdf", pdf)
+    log.debug("wrote report %s", final)
+    return final
 
 
 def render_with_retries(
@@ -472,7 +583,7 @@ def render_with_retries(
 ) -> Path:
     """``render_pdf`` with up to ``retries`` attempts (at least one), sleeping ``delay * attempt`` in between.
 
-    Invalid input (ValueError) is not retried. After the last failure a :class:`ReportError` naming the patient
+    Invalid input (ValueError) and a version that is taken (:class:`ReportVersionTaken`) are not retried. After the last failure a :class:`ReportError` naming the patient
     and the exam date is raised, chained to the last exception.
     """
     attempts = max(1, int(retries))
@@ -480,7 +591,7 @@ def render_with_retries(
     for attempt in range(1, attempts + 1):
         try:
             return render_pdf(ctx, templates_dir, reports_dir)
-        except ValueError as exc:
+        except (ValueError, ReportVersionTaken) as exc:
             last = exc
             break
         except Exception as exc:  # noqa: BLE001 - anything from WeasyPrint or the filesystem
@@ -496,8 +607,10 @@ def render_with_retries(
 
 
 __all__ = [
-    "DEMO_WATERMARK", "EYE_NAMES", "LESION_COLOURS", "LESION_LABELS", "REFERRAL_LEVELS", "RESEARCH_STATUS",
-    "EyeFinding", "Referral", "ReferralLevel", "ReportContext", "ReportError", "existing_versions",
-    "referral_recommendation", "render_html", "render_pdf", "render_with_retries", "report_dir",
-    "safe_patient_dir_name", "template_variables",
+    "DEMO_WATERMARK", "EYE_NAMES", "EYE_RESULT_RULES", "LESION_COLOURS", "LESION_LABELS", "NO_GRADE_LEVELS",
+    "REFERRAL_LEVELS", "REFER_LEVELS", "RESEARCH_STATUS", "EyeFinding", "EyeResultRule", "EyeReview", "Referral",
+    "ReferralLevel", "ReportContext", "ReportError", "ReportVersionTaken", "ReviewNote", "existing_versions", "eye_result",
+    "grade_source", "model_metrics_for_report",
+    "referral_recommendation", "render_html", "render_pdf", "render_with_retries", "report_dir", "report_folder",
+    "template_variables",
 ]

@@ -9,8 +9,7 @@ command, date, git commit) and ``metrics`` (validation). Training checkpoints al
 
 from __future__ import annotations
 
-import hashlib
-import os
+import pickle
 import subprocess
 from datetime import datetime, timezone
 from pathlib import Path
@@ -18,6 +17,7 @@ from typing import Any
 
 import torch
 
+from training.common import atomic_write, sha256_file
 from training.model import DME_GRADES, DR_GRADES, LESION_CODES, ModelConfig, MultiTaskNet, build_model
 
 REQUIRED_KEYS = ("model_state", "model_config", "labels", "thresholds", "provenance", "metrics", "model_version")
@@ -46,21 +46,14 @@ def make_version(model_config: ModelConfig, kind: str, when: datetime | None = N
 
 
 def save_checkpoint(path: str | Path, payload: dict[str, Any]) -> Path:
-    """Atomic save: write beside the target, then rename."""
+    """Atomic save (:func:`training.common.atomic_write`): a reader, or a resumed run, never finds half a file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(payload, tmp)
-    os.replace(tmp, path)
-    return path
+    return atomic_write(path, lambda tmp: torch.save(payload, tmp))
 
 
-def file_sha256(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+file_sha256 = sha256_file
+"""The checkpoint file's SHA-256 (the one hashing function, :func:`training.common.sha256_file`)."""
 
 
 def read_checkpoint(path: str | Path) -> dict[str, Any]:
@@ -69,8 +62,18 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
         raise CheckpointError(f"checkpoint not found: {path} (train one with `dr-train train` or set [screening] checkpoint)")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - any unpickling failure is the same user error
-        raise CheckpointError(f"{path}: not a loadable checkpoint ({type(exc).__name__}: {exc})") from None
+    except pickle.UnpicklingError as exc:
+        # torch's own message advises loading with weights_only=False, which would run whatever code the file
+        # holds: never quote it to someone holding a file of unknown origin
+        if "unsupported global" not in str(exc).lower():  # not a reference to code: damaged, or not a pickle at all
+            raise CheckpointError(f"{path}: not a loadable checkpoint (not a PyTorch file, or damaged); export it again "
+                                  "with `dr-train export`") from None
+        raise CheckpointError(
+            f"{path}: refused: it holds Python objects other than tensors and plain data, and loading those could run "
+            "code. Use a checkpoint exported with `dr-train export`, from a source you trust") from None
+    except Exception as exc:  # noqa: BLE001 - any other failure to read is the same user error
+        raise CheckpointError(f"{path}: not a loadable checkpoint ({type(exc).__name__}); it may be damaged or not a "
+                              "PyTorch file. Export it again with `dr-train export`") from None
     if not isinstance(ckpt, dict):
         raise CheckpointError(f"{path}: expected a dict checkpoint, got {type(ckpt).__name__}")
     return ckpt
@@ -121,7 +124,34 @@ def test_summary(metrics: dict[str, Any]) -> dict[str, Any]:
             out[f"{code} AUPR"] = seg.get("aupr")
     od = (metrics.get("segmentation") or {}).get("OD") or {}
     out["OD Dice"] = od.get("dice")
+    clinical = metrics.get("clinical")
+    if clinical:  # v2 evaluations: per-source, per-patient numbers with patient-bootstrap intervals
+        overall = _clinical_summary(clinical["overall"])
+        out.update({"referable AUC": overall["eye AUC"], "referable AUC 95% CI": overall.get("eye AUC 95% CI"),
+                    "sensitivity": overall["eye sensitivity"], "specificity": overall["eye specificity"],
+                    "DR kappa": overall["DR kappa"]})
+        out["overall"] = overall
+        out["by_source"] = {name: _clinical_summary(block) for name, block in clinical["by_source"].items()}
+        out["referable definition"] = clinical.get("referable_definition")
     return {k: v for k, v in out.items() if v is not None}
+
+
+def _clinical_summary(block: dict[str, Any]) -> dict[str, Any]:
+    """Flat ``{"eye AUC": v, "eye AUC 95% CI": [lo, hi], ...}`` of one :func:`clinical_evaluation` block."""
+    items = {
+        "eye AUC": block["eye"]["auc"], "eye sensitivity": block["eye"]["sensitivity"],
+        "eye specificity": block["eye"]["specificity"], "ECE": block["eye"]["ece"],
+        "patient AUC": block["patient"]["auc"], "patient sensitivity": block["patient"]["sensitivity"],
+        "patient specificity": block["patient"]["specificity"], "DR kappa": block["dr"]["kappa"],
+        "DR accuracy": block["dr"]["accuracy"], "DME present AUC": block["dme"]["present_auc"],
+        "DME 0/1/2 accuracy": block["dme"]["exact_accuracy"],
+    }
+    out: dict[str, Any] = {"images": block["images"], "patients": block["patients"]}
+    for name, value in items.items():
+        out[name] = value["value"]
+        if value.get("ci95"):
+            out[f"{name} 95% CI"] = value["ci95"]
+    return out
 
 
 def export_checkpoint(src: str | Path, dst: str | Path, half: bool = True, test_metrics: dict[str, Any] | None = None) -> Path:

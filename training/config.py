@@ -19,8 +19,15 @@ class ConfigError(ValueError):
     """A configuration file is missing, unreadable or invalid; the message says where and why."""
 
 
-class _Strict(BaseModel):
+class StrictSettings(BaseModel):
+    """Settings that refuse unknown keys (a typo fails at start-up, naming the key) and stay as read.
+    Public: the worker's ``[screening]`` table is validated the same way."""
+
     model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class _Strict(StrictSettings):
+    """The base of the training settings below (a class, not an alias, so that type checkers see the fields)."""
 
 
 class IdridSegmentationSource(_Strict):
@@ -187,7 +194,8 @@ def parse_training_config(raw: dict[str, Any], path: str | Path) -> TrainingConf
         cfg = TrainingConfig.model_validate(raw)
     except ValidationError as exc:
         raise ConfigError(format_validation_error(exc, path)) from None
-    return resolve_paths(cfg, path.resolve().parent)
+    resolved: TrainingConfig = resolve_paths(cfg, path.resolve().parent)
+    return resolved
 
 
 def load_training_config(path: str | Path) -> TrainingConfig:

@@ -13,7 +13,6 @@ from training.config import DataSettings, ManifestSource, ModelSettings, Trainin
 from training.data.synthetic import write_synthetic_dataset
 from training.train import run_training
 
-
 # Sized to learn within ~2 minutes on 2 shared CPU cores with one torch thread (measured: ~8 s/epoch at
 # 64 px, 200 images; after 14 epochs a fresh 60-image synthetic set gives DR kappa ~0.59, referable
 # AUC ~0.93, OD Dice ~0.70). At 128 px with a wider decoder, 2 minutes gave 3 epochs and chance-level results.

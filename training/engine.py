@@ -20,6 +20,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from training.device import resolve_device as resolve_device  # re-exported: callers of the training loop import it here
 from training.losses import MultiTaskLoss
 
 
@@ -29,20 +30,12 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def resolve_device(name: str) -> torch.device:
-    if name == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("device = 'cuda' was requested but CUDA is not available; use 'auto' or 'cpu'")
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
 def _to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
     return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
 
 def train_one_epoch(
-    model: nn.Module, loader: Iterable, loss_fn: MultiTaskLoss, optimizer: torch.optim.Optimizer,
+    model: nn.Module, loader: Iterable[dict[str, Any]], loss_fn: MultiTaskLoss, optimizer: torch.optim.Optimizer,
     device: torch.device, epoch: int, max_steps: int | None = None, progress: bool = True,
 ) -> dict[str, float]:
     model.train()
@@ -92,7 +85,7 @@ class Predictions:
 
 @torch.inference_mode()
 def predict(
-    model: nn.Module, loader: Iterable, device: torch.device, loss_fn: MultiTaskLoss | None = None,
+    model: nn.Module, loader: Iterable[dict[str, Any]], device: torch.device, loss_fn: MultiTaskLoss | None = None,
     progress: bool = True, tta_flip: bool = False,
 ) -> Predictions:
     """Run the model over a loader; keep lesion maps only for samples that have masks."""
@@ -124,10 +117,15 @@ def predict(
             seg_m.append(batch["masks"][has].to(torch.uint8).cpu())
         images += batch["image"].shape[0]
     elapsed = time.perf_counter() - t0
-    cat = lambda xs: torch.cat(xs).numpy() if xs else None  # noqa: E731
+    if not dr:
+        raise ValueError("the data loader gave no batches: nothing to predict (is the split empty?)")
+
+    def cat(xs: list[torch.Tensor]) -> np.ndarray:
+        return torch.cat(xs).numpy()
+
     return Predictions(
         dr_probs=cat(dr), dme_probs=cat(dme), dr_true=cat(dr_t), dme_true=cat(dme_t),
-        seg_probs=cat(seg_p), seg_masks=cat(seg_m),
+        seg_probs=cat(seg_p) if seg_p else None, seg_masks=cat(seg_m) if seg_m else None,
         losses={f"val_{k}": v / n for k, v in sums.items()} if n else {},
         images_per_s=images / elapsed if elapsed > 0 else 0.0,
     )
@@ -171,8 +169,8 @@ class FitState:
 
 def fit(
     model: nn.Module,
-    train_loader: Iterable,
-    val_loader: Iterable,
+    train_loader: Iterable[dict[str, Any]],
+    val_loader: Iterable[dict[str, Any]],
     loss_fn: MultiTaskLoss,
     optimizer: torch.optim.Optimizer,
     scheduler: torch.optim.lr_scheduler.ReduceLROnPlateau,
@@ -223,7 +221,7 @@ def fit(
             break
         epoch = state.epoch + 1
         for part in (getattr(train_loader, "sampler", None), getattr(train_loader, "dataset", None)):
-            if hasattr(part, "set_epoch"):
+            if part is not None and hasattr(part, "set_epoch"):
                 part.set_epoch(epoch, seed)
         t0 = time.perf_counter()
         row: dict[str, float] = {"epoch": epoch, "lr": optimizer.param_groups[0]["lr"]}

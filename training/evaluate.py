@@ -12,15 +12,16 @@ from torch.utils.data import DataLoader
 
 from training.checkpoint import load_model, read_checkpoint, save_checkpoint
 from training.config import TrainingConfig
+from training.data.cache import load_record
 from training.data.dataset import FundusDataset
+from training.data.records import Record
 from training.data.split import configured_split
 from training.data.transforms import eval_transforms
-from training.data.cache import load_record
-from training.data.records import Record
 from training.engine import Predictions, predict, resolve_device
 from training.evaluation import METRICS_FILE, RELIABILITY_PNG, clinical_evaluation, plot_reliability, write_evaluation
 from training.grader import apply_grader, features_of, fit_grader, uses_segmentation
 from training.metrics import choose_threshold, classification_metrics, referable_labels, referable_score
+from training.model import MultiTaskNet
 
 
 def _split(cfg: TrainingConfig, meta: dict[str, Any]) -> dict[str, list[Record]]:
@@ -47,7 +48,10 @@ def _features(records: list[Record], size: int, cache_dir: Path, model: Any = No
     return np.concatenate(rows) if rows else features_of([])
 
 
-def _predict(model, meta, recs, cfg, device, tta=False, progress=True) -> Predictions:
+def _predict(
+    model: MultiTaskNet, meta: dict[str, Any], recs: list[Record], cfg: TrainingConfig, device: torch.device,
+    tta: bool = False, progress: bool = True,
+) -> Predictions:
     size = model.config.image_size
     loader = DataLoader(FundusDataset(recs, size, cfg.data.cache_dir, eval_transforms(size, model.config.contrast)),
                         batch_size=cfg.train.batch_size)

@@ -9,8 +9,7 @@ from __future__ import annotations
 
 import json
 import math
-import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +18,8 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from sklearn.metrics import ConfusionMatrixDisplay, roc_auc_score, roc_curve
 
+from training.common import atomic_write, atomic_write_text
+from training.losses import LOSS_PARTS
 from training.metrics import (
     LESION_CODES,
     NUM_DR_GRADES,
@@ -44,7 +45,7 @@ REFERABLE_ROC_PNG = "referable_roc.png"
 LESION_PR_PNG = "lesion_pr_curves.png"
 RELIABILITY_PNG = "referable_reliability.png"
 
-__all__ = ["clinical_evaluation", "write_evaluation", "plot_history", "plot_reliability", "to_jsonable"]
+__all__ = ["clinical_evaluation", "history_panels", "plot_history", "plot_reliability", "to_jsonable", "write_evaluation"]
 
 
 # ---------------------------------------------------------------------------------- helpers
@@ -68,20 +69,12 @@ def to_jsonable(obj: Any) -> Any:
     return obj
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-
-
 def _save(fig: Figure, path: Path) -> None:
     FigureCanvasAgg(fig)
-    tmp = path.with_name(f".{path.stem}.tmp{os.getpid()}{path.suffix}")
-    fig.savefig(tmp, format="png", dpi=100, bbox_inches="tight")
-    os.replace(tmp, path)
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=100, bbox_inches="tight"))
 
 
-def _ci(fn, *arrays, n_boot: int, seed: int) -> list[float | None] | None:
+def _ci(fn: Callable[..., float | None], *arrays: np.ndarray, n_boot: int, seed: int) -> list[float | None] | None:
     if n_boot <= 0:
         return None
     low, high = bootstrap_ci(fn, *arrays, n_boot=n_boot, seed=seed)
@@ -100,7 +93,7 @@ def _rate(y: np.ndarray, s: np.ndarray, positive: int, t: float) -> float | None
     return float(np.mean(s[sel] >= t)) if positive == 1 else float(np.mean(s[sel] < t))
 
 
-def _with_ci(value: float | None, fn: Any, groups: Sequence[str], *arrays: np.ndarray, n_boot: int, seed: int
+def _with_ci(value: float | None, fn: Any, groups: Sequence[str] | np.ndarray, *arrays: np.ndarray, n_boot: int, seed: int
              ) -> dict[str, Any]:
     ci = grouped_bootstrap_ci(fn, groups, *arrays, n_boot=n_boot, seed=seed) if value is not None and n_boot > 0 else None
     return {"value": value, "ci95": list(ci) if ci is not None else None}
@@ -187,7 +180,8 @@ def clinical_evaluation(
         sel = src == name
         out["by_source"][name] = _clinical_block(dr_p[sel], dme_p[sel], dr_y[sel], dme_y[sel], pat[sel], threshold,
                                                  bootstrap, seed, dme_unknown_as_absent)
-    return to_jsonable(out)
+    result: dict[str, Any] = to_jsonable(out)
+    return result
 
 
 def plot_reliability(y_true: Any, prob: Any, path: str | Path, title: str = "P(referable) reliability") -> None:
@@ -314,8 +308,8 @@ def write_evaluation(
         plots["lesion_pr_curves"] = LESION_PR_PNG
     base["plots"] = plots
 
-    result = to_jsonable(base)
-    _atomic_write_text(out / METRICS_FILE, json.dumps(result, indent=2, allow_nan=False) + "\n")
+    result: dict[str, Any] = to_jsonable(base)
+    atomic_write_text(out / METRICS_FILE, json.dumps(result, indent=2, allow_nan=False) + "\n")
     return result
 
 
@@ -370,41 +364,50 @@ def _plot_pr(curves: Mapping[str, tuple[np.ndarray, np.ndarray, float]],
 
 # ---------------------------------------------------------------------------------- training curves
 _NON_METRIC_KEYS = {"epoch", "step", "time", "seconds", "wall_s", "elapsed"}
+_LOSS_KEYS = {f"{phase}_{part}" for phase in ("train", "val") for part in LOSS_PARTS}  # as training/engine.py writes them
 
 
 def _series(history: Sequence[Mapping[str, Any]], key: str) -> np.ndarray:
     vals = []
     for h in history:
         v = h.get(key)
-        ok = isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, bool)
-        vals.append(float(v) if ok else np.nan)
+        numeric = isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, bool)
+        vals.append(float(v) if numeric and v is not None else np.nan)
     return np.asarray(vals, dtype=np.float64)
 
 
-def plot_history(history: Sequence[Mapping[str, Any]], out_png: str | Path) -> None:
-    """Training curves from per-epoch dicts, e.g. ``{"epoch": 3, "train_loss": .., "val_loss": .., "val_kappa": ..}``.
+def history_panels(history: Sequence[Mapping[str, Any]]) -> list[tuple[list[str], str, bool]]:
+    """The panels of the training-curve plot as (keys, title, log scale), empty panels left out.
 
-    Left panel: every numeric key containing "loss"; right panel: other numeric keys (kappa, AUC,
-    ...); keys containing "lr" go on a third, log-scale panel.  Missing values leave gaps.
+    Loss: the loss terms as :func:`training.engine.fit` records them (``train_total``, ``val_seg``, ... from
+    :data:`training.losses.LOSS_PARTS`) and any key containing "loss"; learning rate (log scale): ``lr``
+    and ``*_lr``; validation metrics: the other numeric keys (kappa, AUC, score, ...). Bookkeeping
+    (epoch, seconds, images per second) is not plotted.
     """
-    if not history:
-        raise ValueError("history is empty: nothing to plot")
     keys: list[str] = []
     for h in history:
         for k, v in h.items():
-            if k in keys or k in _NON_METRIC_KEYS:
+            if k in keys or k in _NON_METRIC_KEYS or k.endswith("_per_s"):
                 continue
             if isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, bool):
                 keys.append(k)
-    loss_keys = [k for k in keys if "loss" in k]
+    loss_keys = [k for k in keys if k in _LOSS_KEYS or "loss" in k]
     lr_keys = [k for k in keys if k not in loss_keys and (k == "lr" or k.endswith("_lr") or k.startswith("lr"))]
     metric_keys = [k for k in keys if k not in loss_keys and k not in lr_keys]
+    panels = [(loss_keys, "Loss", False), (metric_keys, "Validation metrics", False), (lr_keys, "Learning rate", True)]
+    return [p for p in panels if p[0]]
+
+
+def plot_history(history: Sequence[Mapping[str, Any]], out_png: str | Path) -> None:
+    """Training curves from the per-epoch rows of ``history.json``, one panel per group of
+    :func:`history_panels`.  Missing values leave gaps."""
+    if not history:
+        raise ValueError("history is empty: nothing to plot")
     x = _series(history, "epoch")
     if np.isnan(x).any():
         x = np.arange(1, len(history) + 1, dtype=np.float64)
 
-    panels = [(loss_keys, "Loss", False), (metric_keys, "Validation metrics", False), (lr_keys, "Learning rate", True)]
-    panels = [p for p in panels if p[0]] or [([], "No numeric values", False)]
+    panels = history_panels(history) or [([], "No numeric values", False)]
     fig = Figure(figsize=(5 * len(panels), 4))
     for i, (ks, title, logy) in enumerate(panels, start=1):
         ax = fig.add_subplot(1, len(panels), i)

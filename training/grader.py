@@ -28,7 +28,8 @@ import cv2
 import numpy as np
 import torch
 
-from training.data.transforms import channel_max, subtract_local_mean
+from training.common import PATHOLOGY_CODES
+from training.data.transforms import fundus_mask, subtract_local_mean
 
 FEATURE_NAMES: tuple[str, ...] = (
     *(f"bright>{t}" for t in (150, 170, 190, 210)),
@@ -40,7 +41,7 @@ FEATURE_NAMES: tuple[str, ...] = (
 )
 
 
-SEG_LESIONS: tuple[str, ...] = ("MA", "HE", "EX", "SE")  # channels 0..3 of the lesion head; OD is anatomy
+SEG_LESIONS: tuple[str, ...] = PATHOLOGY_CODES  # channels 0..3 of the lesion head; OD is anatomy
 SEG_FEATURE_NAMES: tuple[str, ...] = tuple(
     f"seg_{c}_{k}" for c in SEG_LESIONS for k in ("area50", "mean", "spots", "p999"))
 FEATURE_SETS: dict[str, tuple[str, ...]] = {
@@ -52,7 +53,7 @@ FEATURE_SETS: dict[str, tuple[str, ...]] = {
 def _field(image: np.ndarray) -> np.ndarray:
     """The illuminated fundus, eroded by a rim (kernel scales with the image side / 256)."""
     scale = image.shape[0] / 256
-    field = (channel_max(image) > 12).astype(np.uint8)
+    field = fundus_mask(image).astype(np.uint8)
     field = cv2.erode(field, np.ones((max(3, int(15 * scale)),) * 2, np.uint8)).astype(bool)
     return field if field.any() else np.ones(image.shape[:2], bool)
 
@@ -148,7 +149,10 @@ def fit_grader(features: np.ndarray, dr: np.ndarray, dme: np.ndarray, c: float =
         raise ValueError(f"the DR grader needs all five grades in the training split, got {sorted(set(dr[kd].tolist()))}")
     m_dr = LogisticRegression(C=c, max_iter=5000, class_weight="balanced").fit(x[kd], dr[kd])
     m_dme = LogisticRegression(C=c, max_iter=5000, class_weight="balanced").fit(x[km], (dme[km] >= 1).astype(int))
-    t = lambda a: torch.tensor(np.asarray(a), dtype=torch.float64)  # noqa: E731
+
+    def t(values: Any) -> torch.Tensor:
+        return torch.tensor(np.asarray(values), dtype=torch.float64)
+
     return {
         "kind": "lesion-evidence logistic regression", "features": list(names), "C": float(c),
         "mean": t(scaler.mean_), "scale": t(scaler.scale_),

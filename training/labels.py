@@ -8,6 +8,12 @@ from __future__ import annotations
 
 LESIONS: tuple[str, ...] = ("microaneurysms", "haemorrhages", "hard_exudates", "soft_exudates", "optic_disc")
 LESION_CODES: tuple[str, ...] = ("MA", "HE", "EX", "SE", "OD")
+LESION_KEYS: tuple[str, ...] = tuple(code.lower() for code in LESION_CODES)
+"""Lower-case codes, for names such as the database's ``area_ma`` columns and the manifests' ``ma_mask``."""
+LESION_NAMES: dict[str, str] = {code: name.replace("_", " ").capitalize() for code, name in zip(LESION_CODES, LESIONS)}
+"""What a person reads: ``{"MA": "Microaneurysms", ..., "OD": "Optic disc"}``."""
+PATHOLOGY_CODES: tuple[str, ...] = LESION_CODES[:4]
+"""The lesions proper; the optic disc (``OD``, the last channel) is anatomy, segmented as a landmark."""
 DR_GRADES: tuple[str, ...] = (
     "No apparent retinopathy",
     "Mild non-proliferative DR",
@@ -21,4 +27,4 @@ DME_GRADES: tuple[str, ...] = (
     "DME risk 2 (hard exudates within one disc diameter of the macula centre)",
 )
 
-__all__ = ["DME_GRADES", "DR_GRADES", "LESIONS", "LESION_CODES"]
+__all__ = ["DME_GRADES", "DR_GRADES", "LESIONS", "LESION_CODES", "LESION_KEYS", "LESION_NAMES", "PATHOLOGY_CODES"]

@@ -9,12 +9,16 @@ keeps the graph connected.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from training.data.records import DME_PRESENT
+
+if TYPE_CHECKING:
+    from training.model import MultiTaskOutput
 
 
 def _check(name: str, t: torch.Tensor, ndim: int) -> None:
@@ -81,6 +85,10 @@ def dme_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return total / n
 
 
+LOSS_PARTS: tuple[str, ...] = ("total", "dr", "dme", "seg")
+"""The loss terms, in :class:`LossParts` order; the training history names them ``train_<part>`` and ``val_<part>``."""
+
+
 @dataclass
 class LossParts:
     total: torch.Tensor
@@ -89,11 +97,13 @@ class LossParts:
     seg: torch.Tensor
 
     def as_floats(self) -> dict[str, float]:
-        return {k: float(getattr(self, k).detach()) for k in ("total", "dr", "dme", "seg")}
+        return {k: float(getattr(self, k).detach()) for k in LOSS_PARTS}
 
 
 class MultiTaskLoss(nn.Module):
     """total = cls_weight * ((1 - dme_weight) * DR-CE + dme_weight * DME) + seg_weight * (BCE + Dice)."""
+
+    dr_class_weights: torch.Tensor | None  # a buffer: moves with the module, saved with its state
 
     def __init__(
         self, cls_weight: float = 0.4, seg_weight: float = 0.6, dme_weight: float = 0.5,
@@ -103,7 +113,7 @@ class MultiTaskLoss(nn.Module):
         self.cls_weight, self.seg_weight, self.dme_weight = cls_weight, seg_weight, dme_weight
         self.register_buffer("dr_class_weights", dr_class_weights if dr_class_weights is not None else None)
 
-    def forward(self, out, batch: dict[str, torch.Tensor]) -> LossParts:
+    def forward(self, out: MultiTaskOutput, batch: dict[str, torch.Tensor]) -> LossParts:
         dr = masked_cross_entropy(out.dr_logits, batch["dr"], self.dr_class_weights)
         dme = dme_loss(out.dme_logits, batch["dme"])
         seg = masked_bce_dice(out.seg_logits, batch["masks"], batch["has_masks"])

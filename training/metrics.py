@@ -132,7 +132,8 @@ def referable_score(dr_probs: Any, dme_probs: Any) -> np.ndarray:
     dr = _probs("dr_probs", dr_probs, NUM_DR_GRADES)
     dme = _probs("dme_probs", dme_probs, NUM_DME_GRADES)
     _same_length(dr_probs=dr, dme_probs=dme)
-    return np.clip(1.0 - (dr[:, 0] + dr[:, 1]) * dme[:, 0], 0.0, 1.0)
+    score: np.ndarray = np.clip(1.0 - (dr[:, 0] + dr[:, 1]) * dme[:, 0], 0.0, 1.0)
+    return score
 
 
 def _known_binary(y_true: Any, score: Any) -> tuple[np.ndarray, np.ndarray]:
@@ -372,9 +373,9 @@ def segmentation_metrics(
             continue
         pr = p[sel, li] >= threshold
         axes = (1, 2)
-        inter = np.sum(gt & pr, axis=axes, dtype=np.int64)
-        g = np.sum(gt, axis=axes, dtype=np.int64)
-        q = np.sum(pr, axis=axes, dtype=np.int64)
+        inter = np.asarray(np.sum(gt & pr, axis=axes, dtype=np.int64))
+        g = np.asarray(np.sum(gt, axis=axes, dtype=np.int64))
+        q = np.asarray(np.sum(pr, axis=axes, dtype=np.int64))
         union = g + q - inter
         y, s, w = _pixel_sample(p[sel, li], gt, max_pixels, seed + li)
         present = g > 0
@@ -463,7 +464,7 @@ def per_patient(patients: Sequence[str], y_true: Any, score: Any) -> tuple[np.nd
 
 # ---------------------------------------------------------------------------------- bootstrap
 def grouped_bootstrap_ci(
-    metric_fn: Callable[..., Any], groups: Sequence[str], *arrays: Any, n_boot: int = 1000, seed: int = 0,
+    metric_fn: Callable[..., Any], groups: Sequence[str] | np.ndarray, *arrays: Any, n_boot: int = 1000, seed: int = 0,
     alpha: float = 0.05,
 ) -> tuple[float | None, float | None]:
     """Like :func:`bootstrap_ci`, but resampling whole groups (patients): both eyes of a resampled patient
@@ -477,12 +478,24 @@ def grouped_bootstrap_ci(
     if not rows:
         return None, None
     rng = np.random.default_rng(seed)
+
+    def draw() -> np.ndarray:
+        pick = rng.integers(0, len(rows), len(rows))
+        return np.fromiter((i for k in pick for i in rows[k]), dtype=np.int64)
+
+    return _percentile_interval(metric_fn, arrs, draw, n_boot, alpha)
+
+
+def _percentile_interval(
+    metric_fn: Callable[..., Any], arrs: list[np.ndarray], draw: Callable[[], np.ndarray], n_boot: int, alpha: float,
+) -> tuple[float | None, float | None]:
+    """The bootstrap loop both intervals share: ``draw()`` gives one resample's row indices; resamples where the
+    metric is undefined (None, NaN, or sklearn's ValueError for a single class) are skipped."""
     values = []
     for _ in range(n_boot):
-        pick = rng.integers(0, len(rows), len(rows))
-        idx = np.fromiter((i for k in pick for i in rows[k]), dtype=np.int64)
+        idx = draw()
         try:
-            with warnings.catch_warnings():
+            with warnings.catch_warnings():  # undefined resamples are expected and skipped
                 warnings.simplefilter("ignore", UndefinedMetricWarning)
                 v = metric_fn(*(a[idx] for a in arrs))
         except ValueError:
@@ -522,19 +535,8 @@ def bootstrap_ci(
     if n == 0:
         return None, None
     rng = np.random.default_rng(seed)
-    values = []
-    for _ in range(n_boot):
-        idx = rng.integers(0, n, n)
-        try:
-            with warnings.catch_warnings():  # undefined resamples are expected and skipped
-                warnings.simplefilter("ignore", UndefinedMetricWarning)
-                v = metric_fn(*(a[idx] for a in arrs))
-        except ValueError:
-            continue
-        v = _f(v)
-        if v is not None:
-            values.append(v)
-    if not values:
-        return None, None
-    low, high = np.percentile(values, [100 * alpha / 2, 100 * (1 - alpha / 2)])
-    return float(low), float(high)
+
+    def draw() -> np.ndarray:
+        return np.asarray(rng.integers(0, n, n))
+
+    return _percentile_interval(metric_fn, arrs, draw, n_boot, alpha)

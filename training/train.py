@@ -26,7 +26,7 @@ from training.engine import FitState, Predictions, fit, resolve_device, seed_eve
 from training.evaluation import plot_history
 from training.losses import MultiTaskLoss, inverse_frequency_weights
 from training.metrics import choose_threshold, classification_metrics, referable_labels, referable_score, segmentation_metrics
-from training.model import ModelConfig, build_model
+from training.model import ModelConfig, MultiTaskNet, build_model
 
 
 def model_config_from(cfg: TrainingConfig) -> ModelConfig:
@@ -79,7 +79,7 @@ def referral_threshold(preds: Predictions, target_sensitivity: float) -> float:
     return float(choose_threshold(y, s, target_sensitivity))
 
 
-def init_weights(model: torch.nn.Module, path: Path) -> dict[str, Any]:
+def init_weights(model: MultiTaskNet, path: Path) -> dict[str, Any]:
     """Start from the weights of an earlier checkpoint of the same architecture (the input size may differ).
 
     Returns what the new checkpoint records about that starting point (its provenance: what it was trained on).
@@ -115,8 +115,8 @@ class EpochSampler(WeightedRandomSampler):
 @dataclass
 class TrainingData:
     splits: dict[str, list[Record]]
-    train: DataLoader
-    val: DataLoader
+    train: DataLoader[dict[str, Any]]
+    val: DataLoader[dict[str, Any]]
 
 
 def make_loaders(cfg: TrainingConfig, records: list[Record] | None = None, progress: bool = True) -> TrainingData:
@@ -145,7 +145,8 @@ def make_loaders(cfg: TrainingConfig, records: list[Record] | None = None, progr
         weights = [w * (float(counts.max()) / counts[r.dr_grade]) ** 0.5 if r.has_grade else w
                    for w, r in zip(weights, train_recs)]
     sampler = EpochSampler(weights, cfg.train.samples_per_epoch or len(weights), cfg.train.seed)
-    kw = dict(batch_size=cfg.train.batch_size, num_workers=cfg.train.num_workers, persistent_workers=cfg.train.num_workers > 0)
+    kw: dict[str, Any] = dict(batch_size=cfg.train.batch_size, num_workers=cfg.train.num_workers,
+                              persistent_workers=cfg.train.num_workers > 0)
     return TrainingData(
         {**splits, "train": train_recs, "val": val_recs},
         DataLoader(train_ds, sampler=sampler, drop_last=len(train_ds) > cfg.train.batch_size, **kw),
@@ -167,7 +168,7 @@ def run_training(
     summary = data_summary(data.splits)
     (out_dir / "splits.json").write_text(json.dumps(
         {k: [str(r.image) for r in v] for k, v in data.splits.items()} | {"summary": summary}, indent=1))
-    log(f"data: " + ", ".join(f"{k} {v['images']} images / {v['patients']} patients" for k, v in summary.items()))
+    log("data: " + ", ".join(f"{k} {v['images']} images / {v['patients']} patients" for k, v in summary.items()))
 
     mcfg = model_config_from(cfg)
     model = build_model(mcfg, cfg.model.pretrained_weights)
@@ -176,7 +177,7 @@ def run_training(
     counts = class_counts(data.splits["train"])
     dr_w = inverse_frequency_weights(counts.tolist()) if cfg.train.balance_classes and counts.all() else None
     loss_fn = MultiTaskLoss(cfg.train.cls_weight, cfg.train.seg_weight, cfg.train.dme_weight, dr_w).to(device)
-    params = model.parameters()
+    params = list(model.parameters())
     if cfg.train.lesion_only:  # no DR/DME labels here: leave those heads exactly as they are (weight decay included)
         params = [p for name, p in model.named_parameters() if not name.startswith(("dr_head.", "dme_head."))]
     optimizer = torch.optim.Adam(params, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)

@@ -70,7 +70,10 @@ def _backup_sqlite(engine: Engine, tag: str) -> Path | None:
     try:
         target = sqlite3.connect(dest)
         try:
-            raw.driver_connection.backup(target)  # consistent online copy, WAL included
+            driver = raw.driver_connection
+            if driver is None:
+                raise RuntimeError(f"no open SQLite connection to back up {db} with")
+            driver.backup(target)  # consistent online copy, WAL included
         finally:
             target.close()
     finally:

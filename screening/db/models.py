@@ -15,6 +15,7 @@ from enum import StrEnum
 from typing import Any
 
 from sqlalchemy import (
+    DDL,
     JSON,
     CheckConstraint,
     DateTime,
@@ -25,10 +26,13 @@ from sqlalchemy import (
     String,
     Text,
     UniqueConstraint,
+    event,
 )
 from sqlalchemy.engine import Dialect
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 from sqlalchemy.types import TypeDecorator
+
+from training.common import LESION_CODES, LESION_KEYS
 
 # Stable constraint names so that Alembic batch migrations on SQLite can find and alter them.
 NAMING_CONVENTION = {
@@ -59,7 +63,19 @@ class Eye(StrEnum):
     RIGHT = "R"
 
 
-LESION_KEYS = ("ma", "he", "ex", "se", "od")  # microaneurysms, haemorrhages, hard/soft exudates, optic disc
+class ReviewOutcome(StrEnum):
+    CONFIRMED = "confirmed"  # the grader's answers equal the model's
+    CORRECTED = "corrected"  # at least one grade, gradability or the referral differs from the model's
+
+
+class ReviewSource(StrEnum):
+    CLI = "cli"  # dr-screen review confirm/correct
+    WEB = "web"  # the review page (dr-screen serve)
+    IMPORT = "import"  # a grading centre's CSV (dr-screen review import)
+
+
+# The lesion vocabulary's lower-case codes name the area columns: area_ma, area_he, area_ex, area_se, area_od.
+LESION_COLUMNS: dict[str, str] = {code: f"area_{key}" for code, key in zip(LESION_CODES, LESION_KEYS)}
 
 
 def utcnow() -> datetime:
@@ -135,7 +151,8 @@ class Image(Base):
         CheckConstraint("eye IS NULL OR " + _in("eye", Eye), name="eye"),
         Index("ix_images_exam_id", "exam_id"),
         Index("ix_images_received_at", "received_at"),
-        # work to resume, and the audit's rejected and failed files by date (revision 0003: was on state alone)
+        # work to resume, and the audit's rejected and failed files by date (revision 0003_audit_columns_indexes;
+        # was on state alone)
         Index("ix_images_state_received_at", "state", "received_at"),
     )
 
@@ -147,10 +164,13 @@ class Image(Base):
     stored_path: Mapped[str | None] = mapped_column(Text)
     state: Mapped[str] = mapped_column(String(16), default=ImageState.RECEIVED.value)
     error: Mapped[str | None] = mapped_column(Text)
+    error_code: Mapped[str | None] = mapped_column(String(32))  # added in revision 0006: why, as a stable code
     received_at: Mapped[datetime] = mapped_column(default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)
     width: Mapped[int | None]  # added in revision 0002
     height: Mapped[int | None]  # added in revision 0002
+    # the camera: DICOM Manufacturer (0008,0070) and Manufacturer's Model Name (0008,1090); revision 0007
+    device: Mapped[str | None] = mapped_column(String(128))
 
     exam: Mapped[Exam | None] = relationship(back_populates="images")
     result: Mapped[Result | None] = relationship(back_populates="image", uselist=False)
@@ -169,7 +189,8 @@ class Drop(Base):
         Index("ix_drops_sha256", "sha256"),
         Index("ix_drops_received_at", "received_at"),
         Index("ix_drops_image_id", "image_id"),
-        Index("ix_drops_outcome_received_at", "outcome", "received_at", "image_id"),  # the audit's duplicates and rejects (0003)
+        # the audit's duplicates and rejects (revision 0003_audit_columns_indexes)
+        Index("ix_drops_outcome_received_at", "outcome", "received_at", "image_id"),
     )
 
     id: Mapped[int] = mapped_column(primary_key=True)
@@ -179,6 +200,7 @@ class Drop(Base):
     received_at: Mapped[datetime] = mapped_column(default=utcnow)
     outcome: Mapped[str] = mapped_column(String(16))
     reason: Mapped[str | None] = mapped_column(Text)  # added in revision 0002
+    reason_code: Mapped[str | None] = mapped_column(String(32))  # added in revision 0006: why, as a stable code
 
     image: Mapped[Image | None] = relationship(back_populates="drops")
 
@@ -197,9 +219,9 @@ class Result(Base):
             CheckConstraint(f"area_{k} >= 0 AND area_{k} <= 1", name=f"area_{k}")
             for k in LESION_KEYS
         ),
-        # The audit counts from this table alone, each count a walk along one of these indexes (revision 0003):
-        # grades and referrals per model; distinct exams, pooled and per model; turnaround percentiles per model
-        # and pooled.
+        # The audit counts from this table alone, each count a walk along one of these indexes (revision
+        # 0003_audit_columns_indexes): grades and referrals per model; distinct exams, pooled and per model;
+        # turnaround percentiles per model and pooled.
         Index("ix_results_audit_grades", "model_version", "dr_grade", "dme_grade", "referable", "received_at", "turnaround_s"),
         Index("ix_results_audit_exams", "exam_id", "referable", "received_at"),
         Index("ix_results_audit_model_exams", "model_version", "exam_id", "referable", "received_at"),
@@ -229,9 +251,11 @@ class Result(Base):
     dme_cam_path: Mapped[str | None] = mapped_column(Text)
     device: Mapped[str | None] = mapped_column(String(32))
     inference_ms: Mapped[float | None] = mapped_column(Float)  # added in revision 0002
+    # lesion code -> lossless TIFF mask at the original photo's width and height; revision 0007
+    original_masks: Mapped[dict[str, Any] | None] = mapped_column(JSON)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
-    # Revision 0003, for an audit over millions of rows without a join: the image's exam and arrival time,
-    # copied when the result is stored (neither changes afterwards; the image stays their owner), and the
+    # Revision 0003_audit_columns_indexes, for an audit over millions of rows without a join: the image's exam and
+    # arrival time, copied when the result is stored (neither changes afterwards; the image stays their owner), and the
     # turnaround, kept by repository.add_result/add_report.
     exam_id: Mapped[int | None] = mapped_column(ForeignKey("exams.id", ondelete="RESTRICT"))
     received_at: Mapped[datetime]
@@ -243,7 +267,13 @@ class Result(Base):
 
     @property
     def areas(self) -> dict[str, float]:
+        """Lesion areas keyed by lower-case code (``ma`` ... ``od``), as the columns are named."""
         return {k: getattr(self, f"area_{k}") for k in LESION_KEYS}
+
+    @property
+    def lesion_areas(self) -> dict[str, float]:
+        """Lesion areas keyed by lesion code (``MA`` ... ``OD``), as the model and the report name them."""
+        return {code: getattr(self, column) for code, column in LESION_COLUMNS.items()}
 
     def __repr__(self) -> str:
         return (
@@ -264,6 +294,8 @@ class Report(Base):
     path: Mapped[str] = mapped_column(Text)
     model_version: Mapped[str] = mapped_column(String(128))
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    # the sign-off this version shows (revision 0014_reviews); empty for the model's draft versions
+    review_id: Mapped[int | None] = mapped_column(ForeignKey("reviews.id", ondelete="RESTRICT"))
 
     exam: Mapped[Exam] = relationship(back_populates="reports")
 
@@ -285,14 +317,146 @@ class Event(Base):
     drop_id: Mapped[int | None] = mapped_column(ForeignKey("drops.id", ondelete="RESTRICT"))
     kind: Mapped[str] = mapped_column(String(32))
     message: Mapped[str] = mapped_column(Text, default="")
+    code: Mapped[str | None] = mapped_column(String(32))  # added in revision 0006: a reason or incident code
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
 
     def __repr__(self) -> str:
         return f"Event(id={self.id!r}, kind={self.kind!r}, image_id={self.image_id!r})"
 
 
+class ReviewUser(Base):
+    """Someone who may log in to the review page (``dr-screen user add``). Not a clinical record: the name
+    a review was signed with is copied into ``reviews.reviewer``, so renaming or disabling a user never
+    changes a past sign-off."""
+
+    __tablename__ = "review_users"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    username: Mapped[str] = mapped_column(String(64), unique=True)
+    display_name: Mapped[str] = mapped_column(Text)  # printed on reviewed reports: "reviewed by <display_name>"
+    password_hash: Mapped[str] = mapped_column(Text)  # werkzeug scrypt hash with its own salt and parameters
+    active: Mapped[bool] = mapped_column(default=True)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    password_changed_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+    def __repr__(self) -> str:
+        return f"ReviewUser(id={self.id!r}, username={self.username!r}, active={self.active!r})"
+
+
+class Review(Base):
+    """One sign-off of a visit by a clinician: append-only (a later sign-off adds a row; the visit's current
+    review is its row with the highest id). Stored beside the model's results, which it never changes."""
+
+    __tablename__ = "reviews"
+    __table_args__ = (
+        CheckConstraint(_in("outcome", ReviewOutcome), name="outcome"),
+        CheckConstraint(_in("source", ReviewSource), name="source"),
+        Index("ix_reviews_exam_id", "exam_id"),
+        Index("ix_reviews_reviewed_at", "reviewed_at"),
+    )
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    exam_id: Mapped[int] = mapped_column(ForeignKey("exams.id", ondelete="RESTRICT"))
+    reviewer: Mapped[str] = mapped_column(Text)  # the name as signed (and printed on the reviewed report)
+    user_id: Mapped[int | None] = mapped_column(ForeignKey("review_users.id", ondelete="RESTRICT"))
+    source: Mapped[str] = mapped_column(String(16))
+    outcome: Mapped[str] = mapped_column(String(16))
+    referral: Mapped[str] = mapped_column(String(16))  # the grader's referral outcome (screening.report.REFERRAL_LEVELS)
+    model_referral: Mapped[str] = mapped_column(String(16))  # the model's, as shown to the grader
+    comment: Mapped[str | None] = mapped_column(Text)
+    reviewed_at: Mapped[datetime] = mapped_column(default=utcnow)  # when the grader graded (imports: their date)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)  # when this row was recorded
+
+    exam: Mapped[Exam] = relationship()
+    eyes: Mapped[list[ReviewEye]] = relationship(back_populates="review", order_by="ReviewEye.eye.desc()")
+
+    def __repr__(self) -> str:
+        return f"Review(id={self.id!r}, exam_id={self.exam_id!r}, outcome={self.outcome!r}, referral={self.referral!r})"
+
+
+class ReviewEye(Base):
+    """The grader's answer for one eye of a review: gradable or not, and if gradable its DR grade and DME risk.
+    ``image_id`` names the photo (and so the model result) that was reviewed."""
+
+    __tablename__ = "review_eyes"
+    __table_args__ = (
+        UniqueConstraint("review_id", "eye"),
+        CheckConstraint(_in("eye", Eye), name="eye"),
+        CheckConstraint("dr_grade IS NULL OR dr_grade BETWEEN 0 AND 4", name="dr_grade"),
+        CheckConstraint("dme_grade IS NULL OR dme_grade BETWEEN 0 AND 2", name="dme_grade"),
+        CheckConstraint(
+            # boolean expressions, not "gradable = 1": PostgreSQL has no boolean = integer (same meaning on SQLite)
+            "(gradable AND dr_grade IS NOT NULL AND dme_grade IS NOT NULL) OR "
+            "(NOT gradable AND dr_grade IS NULL AND dme_grade IS NULL)",
+            name="grades_iff_gradable",
+        ),
+        Index("ix_review_eyes_image_id", "image_id"),
+    )
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    review_id: Mapped[int] = mapped_column(ForeignKey("reviews.id", ondelete="RESTRICT"))
+    image_id: Mapped[int] = mapped_column(ForeignKey("images.id", ondelete="RESTRICT"))
+    eye: Mapped[str] = mapped_column(String(1))
+    gradable: Mapped[bool]
+    dr_grade: Mapped[int | None]
+    dme_grade: Mapped[int | None]
+
+    review: Mapped[Review] = relationship(back_populates="eyes")
+    image: Mapped[Image] = relationship()
+
+    def __repr__(self) -> str:
+        return (f"ReviewEye(review_id={self.review_id!r}, eye={self.eye!r}, gradable={self.gradable!r}, "
+                f"dr_grade={self.dr_grade!r}, dme_grade={self.dme_grade!r})")
+
+
+# Sign-offs are never edited or removed, not even by a stray UPDATE in an SQL client: the database refuses it
+# (revision 0014_reviews creates the same triggers). A correction is a new review. SQLite: a trigger per verb
+# that raises. PostgreSQL: the same trigger names, calling one PL/pgSQL function that raises with SQLSTATE 23001
+# (restrict_violation, an IntegrityError as SQLite's RAISE(ABORT) is); the DELETE trigger is per statement and
+# also fires on TRUNCATE, which skips row triggers.
+APPEND_ONLY_TABLES = ("reviews", "review_eyes")
+APPEND_ONLY_FUNCTION = "refuse_review_change"
+
+
+def append_only_triggers(table: str, dialect: str = "sqlite") -> list[str]:
+    """The DDL that makes ``table`` append-only on ``dialect`` ('sqlite' or 'postgresql'); on PostgreSQL it
+    expects :func:`append_only_function_ddl` to have run."""
+    message = f"{table} is append-only: record a new review instead"
+    if dialect == "postgresql":
+        return [
+            f"CREATE TRIGGER {table}_no_update BEFORE UPDATE ON {table} FOR EACH ROW "
+            f"EXECUTE FUNCTION {APPEND_ONLY_FUNCTION}()",
+            f"CREATE TRIGGER {table}_no_delete BEFORE DELETE OR TRUNCATE ON {table} FOR EACH STATEMENT "
+            f"EXECUTE FUNCTION {APPEND_ONLY_FUNCTION}()",
+        ]
+    return [
+        f"CREATE TRIGGER {table}_no_{verb.lower()} BEFORE {verb} ON {table} "
+        f"BEGIN SELECT RAISE(ABORT, '{message}'); END"
+        for verb in ("UPDATE", "DELETE")
+    ]
+
+
+def append_only_function_ddl() -> str:
+    """PostgreSQL: the function the append-only triggers call (created or replaced; the same for every table)."""
+    return (
+        f"CREATE OR REPLACE FUNCTION {APPEND_ONLY_FUNCTION}() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN "
+        "RAISE EXCEPTION USING MESSAGE = TG_TABLE_NAME || ' is append-only: record a new review instead', "
+        "ERRCODE = 'restrict_violation'; END $$"
+    )
+
+
+for _table in APPEND_ONLY_TABLES:
+    _ddl = [(_sql, "sqlite") for _sql in append_only_triggers(_table)]
+    _ddl += [(append_only_function_ddl(), "postgresql")]
+    _ddl += [(_sql, "postgresql") for _sql in append_only_triggers(_table, "postgresql")]
+    for _sql, _dialect in _ddl:
+        event.listen(Base.metadata.tables[_table], "after_create",
+                     DDL(_sql).execute_if(dialect=_dialect))  # type: ignore[no-untyped-call]  # SQLAlchemy's DDL is untyped
+
+
 __all__ = [
-    "LESION_KEYS",
+    "APPEND_ONLY_TABLES",
+    "LESION_COLUMNS",
     "Base",
     "Drop",
     "DropOutcome",
@@ -304,6 +468,14 @@ __all__ = [
     "Patient",
     "Report",
     "Result",
+    "Review",
+    "ReviewEye",
+    "ReviewOutcome",
+    "ReviewSource",
+    "ReviewUser",
     "UTCDateTime",
+    "APPEND_ONLY_FUNCTION",
+    "append_only_function_ddl",
+    "append_only_triggers",
     "utcnow",
 ]

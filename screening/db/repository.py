@@ -7,14 +7,16 @@ must be timezone-aware; they are stored as UTC.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from datetime import date, datetime
 from os import PathLike
+from typing import Any
 
-from sqlalchemy import Select, case, func, or_, select
+from sqlalchemy import case, func, or_, select
 from sqlalchemy.orm import Session
 
 from screening.db.models import (
+    LESION_COLUMNS,
     Drop,
     DropOutcome,
     Event,
@@ -42,33 +44,43 @@ def _check(value: str, allowed: type[ImageState] | type[DropOutcome] | type[Eye]
         raise ValueError(f"unknown {what} {value!r}; expected one of {[v.value for v in allowed]}") from None
 
 
-def _insert_if_absent(session: Session, model: type, values: dict, key: Sequence[str]) -> None:
+def _insert_if_absent(session: Session, model: type[Patient] | type[Exam], values: dict[str, Any], key: Sequence[str]) -> None:
     """INSERT ... ON CONFLICT DO NOTHING where the dialect has it, so two workers racing to create the
     same patient/exam both succeed without a savepoint; elsewhere the caller's select-then-add decides."""
     name = session.get_bind().dialect.name
     if name == "sqlite":
-        from sqlalchemy.dialects.sqlite import insert
+        from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+
+        session.execute(sqlite_insert(model).values(**values).on_conflict_do_nothing(index_elements=list(key)))
     elif name == "postgresql":
-        from sqlalchemy.dialects.postgresql import insert
+        from sqlalchemy.dialects.postgresql import insert as postgresql_insert
+
+        session.execute(postgresql_insert(model).values(**values).on_conflict_do_nothing(index_elements=list(key)))
     else:
         session.add(model(**values))
         session.flush()
-        return
-    session.execute(insert(model).values(**values).on_conflict_do_nothing(index_elements=list(key)))
 
 
 # --- patients and exams -------------------------------------------------------------------------
 
 
+def find_patient(session: Session, code: str) -> Patient | None:
+    """The patient whose code is ``code`` ignoring case (``patient143`` is ``Patient143``); the oldest when a
+    database from before case-folding holds several spellings."""
+    stmt = select(Patient).where(func.lower(Patient.code) == code.strip().lower()).order_by(Patient.id).limit(1)
+    return session.scalars(stmt).first()
+
+
 def get_or_create_patient(session: Session, code: str) -> Patient:
+    """The patient with ``code``, ignoring case (:func:`find_patient`), created with this spelling when new.
+    Patient ids are ASCII (``training.common.is_safe_id``), so SQL ``lower()`` folds them fully."""
     code = code.strip()
     if not code:
         raise ValueError("patient code is empty")
-    stmt = select(Patient).where(Patient.code == code)
-    patient = session.scalars(stmt).one_or_none()
+    patient = find_patient(session, code)
     if patient is None:
         _insert_if_absent(session, Patient, {"code": code, "created_at": utcnow()}, ["code"])
-        patient = session.scalars(stmt).one()
+        patient = session.scalars(select(Patient).where(Patient.code == code)).one()
     return patient
 
 
@@ -105,8 +117,10 @@ def add_image(
     stored_path: PathStr | None = None,
     state: str = ImageState.RECEIVED,
     error: str | None = None,
+    error_code: str | None = None,
     width: int | None = None,
     height: int | None = None,
+    device: str | None = None,
     received_at: datetime | None = None,
 ) -> Image:
     """A new distinct file content. Raises IntegrityError on flush if ``sha256`` is already known:
@@ -120,8 +134,10 @@ def add_image(
         stored_path=_path(stored_path),
         state=_check(state, ImageState, "state"),
         error=error,
+        error_code=error_code,
         width=width,
         height=height,
+        device=device,
         received_at=now,
         updated_at=now,
     )
@@ -138,20 +154,44 @@ def record_drop(
     outcome: str,
     image: Image | None = None,
     reason: str | None = None,
+    reason_code: str | None = None,
     received_at: datetime | None = None,
 ) -> Drop:
-    """Log one arrival of a file (every arrival, duplicates and rejects included)."""
+    """Log one arrival of a file (every arrival, duplicates and rejects included); ``reason_code`` is the stable
+    code of ``reason`` (``screening.rejection.RejectReason``)."""
     drop = Drop(
         sha256=sha256.lower(),
         source_name=source_name,
         outcome=_check(outcome, DropOutcome, "drop outcome"),
         image=image,
         reason=reason,
+        reason_code=reason_code,
         received_at=received_at or utcnow(),
     )
     session.add(drop)
     session.flush()
     return drop
+
+
+def unfiled_drops(session: Session, *, sha256: str | None = None, source_name: str | None = None) -> list[Drop]:
+    """Duplicate and rejected drops whose file has not been moved out of the inbox yet, oldest first.
+
+    The worker records such a drop and commits, then moves the file, then logs an event of the drop's outcome
+    kind (``duplicate`` / ``rejected``) with the drop's id (``screening.stages.filing``). A drop without that
+    event was interrupted between its commit and its move. A drop without an image (an entry that is not a
+    file: a link, a folder) is tracked the same way when it has a reason code (revision 0006); older ones
+    count as filed. ``sha256`` / ``source_name`` narrow the search to one file.
+    """
+    closing = select(Event.id).where(Event.drop_id == Drop.id, Event.kind == Drop.outcome).exists()
+    stmt = select(Drop).where(
+        Drop.outcome.in_([DropOutcome.DUPLICATE.value, DropOutcome.REJECTED.value]),
+        or_(Drop.image_id.is_not(None), Drop.reason_code.is_not(None)), ~closing,
+    )
+    if sha256 is not None:
+        stmt = stmt.where(Drop.sha256 == sha256.lower())
+    if source_name is not None:
+        stmt = stmt.where(Drop.source_name == source_name)
+    return list(session.scalars(stmt.order_by(Drop.id)))
 
 
 def add_event(
@@ -161,9 +201,11 @@ def add_event(
     *,
     image: Image | None = None,
     drop: Drop | None = None,
+    code: str | None = None,
     created_at: datetime | None = None,
 ) -> Event:
-    """Append to the event log (never updated or deleted)."""
+    """Append to the event log (never updated or deleted); ``code`` is a reason or incident code
+    (``screening.rejection``) the audit counts by."""
     if (image is not None and image.id is None) or (drop is not None and drop.id is None):
         session.flush()
     event = Event(
@@ -171,6 +213,7 @@ def add_event(
         message=message,
         image_id=None if image is None else image.id,
         drop_id=None if drop is None else drop.id,
+        code=code,
         created_at=created_at or utcnow(),
     )
     session.add(event)
@@ -178,16 +221,18 @@ def add_event(
     return event
 
 
-def set_state(session: Session, image: Image, state: str, error: str | None = None) -> Event:
-    """Move ``image`` to ``state`` (``error`` is kept for rejected/failed, cleared otherwise) and log it
-    as an Event of kind ``"state"`` with message ``"old -> new[: error]"``."""
+def set_state(session: Session, image: Image, state: str, error: str | None = None, code: str | None = None) -> Event:
+    """Move ``image`` to ``state`` (``error`` and its stable ``code`` are kept for rejected/failed, cleared
+    otherwise) and log it as an Event of kind ``"state"`` with message ``"old -> new[: error]"``."""
     new = _check(state, ImageState, "state")
     old = image.state
+    keep = new in (ImageState.REJECTED, ImageState.FAILED)
     image.state = new
-    image.error = error if new in (ImageState.REJECTED, ImageState.FAILED) else None
+    image.error = error if keep else None
+    image.error_code = code if keep else None
     image.updated_at = utcnow()
     message = f"{old} -> {new}" + (f": {error}" if error else "")
-    return add_event(session, "state", message, image=image)
+    return add_event(session, "state", message, image=image, code=code if keep else None)
 
 
 # --- results and reports ------------------------------------------------------------------------
@@ -205,22 +250,25 @@ def add_result(
     dme_probs: Sequence[float],
     referable_score: float,
     referable: bool,
-    area_ma: float = 0.0,
-    area_he: float = 0.0,
-    area_ex: float = 0.0,
-    area_se: float = 0.0,
-    area_od: float = 0.0,
+    lesion_areas: Mapping[str, float] | None = None,
     mask_dir: PathStr | None = None,
     overlay_path: PathStr | None = None,
     dr_cam_path: PathStr | None = None,
     dme_cam_path: PathStr | None = None,
+    original_masks: Mapping[str, PathStr] | None = None,
     device: str | None = None,
     inference_ms: float | None = None,
     created_at: datetime | None = None,
 ) -> Result:
     """Store the model output for ``image`` (one per image; a second raises IntegrityError on flush).
+    ``lesion_areas`` is keyed by lesion code (``MA`` ... ``OD``; a missing code stores 0), and so is
+    ``original_masks`` (the TIFF of each lesion at the original photo's size).
     Does not change the image state: call :func:`set_state` (``done``) in the same unit of work.
     The image's exam and arrival time are copied onto the result for the audit (see models.Result)."""
+    areas = dict(lesion_areas or {})
+    unknown = (set(areas) | set(original_masks or {})) - set(LESION_COLUMNS)
+    if unknown:
+        raise ValueError(f"unknown lesion codes {sorted(unknown)}; expected some of {list(LESION_COLUMNS)}")
     created_at = created_at or utcnow()
     session.flush()  # the image's id and exam_id, however it was attached
     first_report_at = None  # a report already made at or after this result covers it (replays, imports)
@@ -238,15 +286,12 @@ def add_result(
         dme_probs=[float(p) for p in dme_probs],
         referable_score=float(referable_score),
         referable=bool(referable),
-        area_ma=float(area_ma),
-        area_he=float(area_he),
-        area_ex=float(area_ex),
-        area_se=float(area_se),
-        area_od=float(area_od),
+        **{column: float(areas.get(code, 0.0)) for code, column in LESION_COLUMNS.items()},
         mask_dir=_path(mask_dir),
         overlay_path=_path(overlay_path),
         dr_cam_path=_path(dr_cam_path),
         dme_cam_path=_path(dme_cam_path),
+        original_masks=None if original_masks is None else {code: str(p) for code, p in original_masks.items()},
         device=device,
         inference_ms=None if inference_ms is None else float(inference_ms),
         created_at=created_at,
@@ -266,7 +311,7 @@ def exam_images_with_results(
     """The exam's images with their results, right eye first then left (then unknown eye), oldest first.
     By default only images that have a Result; ``include_pending=True`` adds the others with ``None``."""
     eye_order = case((Image.eye == Eye.RIGHT.value, 0), (Image.eye == Eye.LEFT.value, 1), else_=2)
-    stmt: Select = (
+    stmt = (
         select(Image, Result)
         .join(Result, Result.image_id == Image.id, isouter=include_pending)
         .where(Image.exam_id == exam_id)
@@ -288,9 +333,11 @@ def add_report(
     *,
     version: int | None = None,
     created_at: datetime | None = None,
+    review_id: int | None = None,
 ) -> Report:
     """Record a rendered report; ``version`` defaults to :func:`next_report_version`. Two writers racing
-    for the same version get an IntegrityError on flush (unique exam_id, version)."""
+    for the same version get an IntegrityError on flush (unique exam_id, version). ``review_id``: the
+    sign-off the version shows (reviewed versions only)."""
     if exam.id is None:
         session.flush()
     report = Report(
@@ -299,6 +346,7 @@ def add_report(
         path=str(path),
         model_version=model_version,
         created_at=created_at or utcnow(),
+        review_id=review_id,
     )
     session.add(report)
     session.flush()
@@ -365,6 +413,7 @@ __all__ = [
     "add_result",
     "exam_images_with_results",
     "exams_needing_report",
+    "find_patient",
     "get_image_by_sha",
     "get_or_create_exam",
     "get_or_create_patient",
@@ -372,4 +421,5 @@ __all__ = [
     "next_report_version",
     "record_drop",
     "set_state",
+    "unfiled_drops",
 ]

@@ -190,7 +190,7 @@ def test_format_table(factory):
 
 def _reference_summary(session, start, end, model_version):
     """The audit's definitions computed the slow, obvious way (every row in Python, turnaround from the
-    reports themselves): what audit_summary gave before results carried their own copy (revision 0003)."""
+    reports themselves): what audit_summary gave before results carried their own copy (revision 0003_audit_columns_indexes)."""
     from sqlalchemy import select
 
     from screening.audit import ALL, ModelStats, percentile
@@ -215,7 +215,7 @@ def _reference_summary(session, start, end, model_version):
 
     def stats(name, subset, duplicates):
         st = ModelStats(name)
-        for res, img, t in subset:
+        for res, _img, _t in subset:
             st.images += 1
             st.dr_grades[res.dr_grade] += 1
             st.dme_grades[res.dme_grade] += 1
@@ -277,7 +277,7 @@ def test_audit_matches_the_reference_definitions_on_random_data(db_url):
                 version = repo.next_report_version(s, exam.id)
                 repo.add_report(s, exam, f"r/{exam.id}/v{version}.pdf", "m", version=version,
                                 created_at=received + timedelta(seconds=rng.randrange(-3600, 7200)))
-        for k in range(30):
+        for _ in range(30):
             img = rng.choice(images)
             repo.record_drop(s, sha256=img.sha256, source_name="again.jpg", outcome="duplicate", image=img,
                              received_at=base + timedelta(days=rng.randrange(4), seconds=rng.randrange(86400)))
@@ -293,4 +293,34 @@ def test_audit_matches_the_reference_definitions_on_random_data(db_url):
             assert list(got.by_model) == list(want_by_model)
             for mv, want in want_by_model.items():
                 assert _fields(got.by_model[mv]) == _fields(want), (start, end, model, mv)
+    engine.dispose()
+
+
+def test_errors_group_by_code_and_every_drop_counts_once(tmp_path):
+    """Messages name files and carry numbers: grouping by them split one cause into many rows (issue 12)."""
+    engine = make_engine(f"sqlite:///{tmp_path / 'codes.db'}")
+    init_db(engine)
+    factory = make_session_factory(engine)
+    with session_scope(factory) as s:
+        for i in range(3):  # one cause, three different texts
+            img = repo.add_image(s, sha256=f"{i + 1:064x}", source_name=f"P{i}_L.jpg", received_at=at(i))
+            repo.record_drop(s, sha256=img.sha256, source_name=img.source_name, outcome="new", image=img, received_at=at(i))
+            repo.set_state(s, img, "failed", f"processing failed (OperationalError: [SQL: UPDATE ... {i}])", code="storing_failed")
+        for i, code in enumerate(["too_large", "too_large", "not_a_file"]):
+            repo.record_drop(s, sha256=f"{i + 10:064x}", source_name=f"x{i}", outcome="rejected", reason=f"text {i}",
+                             reason_code=code, received_at=at(100 + i))
+        repo.record_drop(s, sha256=f"{1:064x}", source_name="again.jpg", outcome="duplicate", received_at=at(200))
+        repo.add_event(s, "archive", "could not move", code="archive_failed", created_at=at(300))
+        repo.add_event(s, "archive", "could not move", code="archive_failed", created_at=at(301))
+        repo.add_event(s, "reconcile", "removed", code="orphan_report_removed", created_at=at(302))
+        repo.add_event(s, "state", "no code", created_at=at(303))
+    with factory() as s:
+        summary = audit_summary(s, DAY, DAY)
+    assert summary.failed_reasons == {"storing_failed": 3}
+    assert summary.rejected_reasons == {"too_large": 2, "not_a_file": 1}
+    assert summary.drops == {"new": 3, "duplicate": 1, "rejected": 3}
+    assert summary.incidents == {"archive_failed": 2, "orphan_report_removed": 1}
+    assert read_json(write_json(summary, tmp_path / "a.json")) == summary
+    text = format_table(summary)
+    assert "Files dropped: 7 (new 3, duplicate 1, rejected 3)" in text and "archive_failed" in text
     engine.dispose()

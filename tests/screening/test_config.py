@@ -49,7 +49,7 @@ def test_database_urls_sqlite_and_postgresql(tmp_path, given, expected):
 def test_unsupported_database_url_named(tmp_path, url):
     p = tmp_path / "c.toml"
     p.write_text(f"[screening]\ndatabase = '{url}'\n")
-    with pytest.raises(ConfigError, match=r"screening\.database.*(not supported|not a database URL)"):
+    with pytest.raises(ConfigError, match=r"screening\.database.*(not supported|not a usable database URL)"):
         load_screening_settings(p)
 
 
@@ -70,4 +70,14 @@ def test_gpu_settings_without_cuda_are_refused(tmp_path, line, device):
     p.write_text(f"[screening]\ndevice = '{device}'\n{line}\n")
     key = line.split(" ")[0]
     with pytest.raises(ConfigError, match=rf"screening\.{key}.*set device = 'cuda'"):
+        load_screening_settings(p)
+
+
+def test_eye_result_rule_is_worst_or_latest(tmp_path, project_root):
+    assert load_screening_settings(project_root / "config.toml").eye_result == "worst"
+    p = tmp_path / "c.toml"
+    p.write_text("[screening]\neye_result = 'latest'\n")
+    assert load_screening_settings(p).eye_result == "latest"
+    p.write_text("[screening]\neye_result = 'best'\n")
+    with pytest.raises(ConfigError, match=r"screening\.eye_result"):
         load_screening_settings(p)

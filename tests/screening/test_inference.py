@@ -206,3 +206,27 @@ def test_worker_batch_is_sized_by_gpu_memory(tmp_path, tiny_checkpoint):
     with cli.make_worker(load_screening_settings(cfg), cfg) as worker:
         assert worker.s.batch_size == 48  # the tiny model fits 48 images in 2 GB many times over: the cap holds
         assert worker.predictor.precision == "float16" and worker.predictor.device.type == "cuda"
+
+
+def test_v2_evidence_heads_grade_and_explain_from_one_forward(tmp_path, make_tiny_checkpoint):
+    """A features+lesions checkpoint: one forward gives grades, masks and both CAMs; the report names the source."""
+    predictor = Predictor(make_tiny_checkpoint(tmp_path / "v2.pt", grade_inputs="features+lesions"), "cpu", 1)
+    calls = []
+    handle = predictor.model.encoder.register_forward_hook(lambda *a: calls.append(1))
+    try:
+        preds = predictor.predict(_images(2))
+    finally:
+        handle.remove()
+    assert len(calls) == 1
+    for p in preds:
+        assert abs(sum(p.dr_probs) - 1) < 1e-5 and p.dr_cam.shape == (64, 64)
+        assert 0 <= p.dr_cam.min() and p.dr_cam.max() <= 1
+    out = predictor.forward(predictor.to_tensor(_images(1)))
+    from training.model import lesion_evidence
+
+    evidence = lesion_evidence(out.seg_logits)
+    maps = [head_cams(predictor.model.dr_head, out.features, [c], 64, evidence) for c in range(5)]
+    assert any(m.max() > 0.5 for m in maps)  # gradients reach the features through the evidence head
+    assert any(not np.allclose(maps[0], m, atol=1e-3) for m in maps[1:])  # the map depends on the class explained
+    assert "lesion maps" in predictor.report_metrics()["Grades from"]
+    assert "image features)" in Predictor(make_tiny_checkpoint(tmp_path / "v1.pt"), "cpu", 1).report_metrics()["Grades from"]

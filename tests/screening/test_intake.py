@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import time
@@ -15,19 +14,26 @@ from screening.config import DEFAULT_PATTERNS, ScreeningSettings
 from screening.intake import (
     SUPPORTED_SUFFIXES,
     Identity,
-    IdentityError,
     InboxWatcher,
     Intake,
     StabilityTracker,
+    check_supported,
     is_ignored,
     is_supported,
     parse_identity,
-    sha256_file,
     sidecar_for,
     sweep,
-    unsupported_reason,
     wait_until_stable,
 )
+from screening.rejection import Rejection, RejectReason
+
+
+def unidentified(path: Path, patterns=DEFAULT_PATTERNS) -> Rejection:
+    """The Rejection parse_identity raises for ``path`` (failing the test when it raises none)."""
+    with pytest.raises(Rejection) as exc:
+        parse_identity(path, patterns)
+    assert exc.value.code == RejectReason.IDENTITY
+    return exc.value
 
 
 class FakeClock:
@@ -76,21 +82,17 @@ def test_parse_identity_from_name(tmp_path: Path, name: str, expected: Identity)
 
 
 def test_invalid_date_in_name_is_error(tmp_path: Path) -> None:
-    res = parse_identity(tmp_path / "P1_L_20251301.jpg", DEFAULT_PATTERNS)
-    assert isinstance(res, IdentityError)
-    assert "20251301" in res.reason and "date" in res.reason
-    res = parse_identity(tmp_path / "P1_L_20250230.jpg", DEFAULT_PATTERNS)
-    assert isinstance(res, IdentityError)
+    res = unidentified(tmp_path / "P1_L_20251301.jpg")
+    assert "20251301" in res.message and "date" in res.message
+    unidentified(tmp_path / "P1_L_20250230.jpg")
 
 
 def test_no_patient_id_error_message(tmp_path: Path) -> None:
-    res = parse_identity(tmp_path / "x.jpg", DEFAULT_PATTERNS)
-    assert isinstance(res, IdentityError)
-    assert res.path == tmp_path / "x.jpg"
-    assert "no patient id in the file name 'x.jpg'" in res.reason
-    assert "no sidecar x.json" in res.reason
-    assert "Patient001_L.jpg" in res.reason and "<id>_<eye>_<yyyymmdd>.jpg" in res.reason
-    assert str(res) == res.reason
+    res = unidentified(tmp_path / "x.jpg")
+    assert "no patient id in the file name 'x.jpg'" in res.message
+    assert "no sidecar x.json" in res.message
+    assert "Patient001_L.jpg" in res.message and "<id>_<eye>_<yyyymmdd>.jpg" in res.message
+    assert str(res) == res.message
 
 
 def test_sidecar_supplies_identity(tmp_path: Path) -> None:
@@ -127,26 +129,20 @@ def test_sidecar_overrides_and_complements_name(tmp_path: Path) -> None:
 def test_bad_sidecars_are_errors(tmp_path: Path, payload: str, fragment: str) -> None:
     img = write(tmp_path / "IMG_1.jpg")
     (tmp_path / "IMG_1.json").write_text(payload)
-    res = parse_identity(img, DEFAULT_PATTERNS)
-    assert isinstance(res, IdentityError)
-    assert fragment in res.reason
+    assert fragment in unidentified(img).message
 
 
 @pytest.mark.parametrize("bad_id", ["../etc", "..", "a/b", "a\\b", "/abs", "a b", "x" * 65, "é1", "P1\n"])
 def test_path_traversal_and_bad_ids_in_sidecar_rejected(tmp_path: Path, bad_id: str) -> None:
     img = write(tmp_path / "IMG_2.jpg")
     (tmp_path / "IMG_2.json").write_text(json.dumps({"patient_id": bad_id, "eye": "L"}))
-    res = parse_identity(img, DEFAULT_PATTERNS)
-    assert isinstance(res, IdentityError)
-    assert "invalid patient id" in res.reason
+    assert "invalid patient id" in unidentified(img).message
 
 
 def test_path_traversal_in_name_rejected_with_permissive_pattern(tmp_path: Path) -> None:
     pats = (r"^(?P<patient>.+)_(?P<eye>L|R)$",)
     for name in ("..._L.jpg", "a..b_L.jpg", "x.y_R.png"):
-        res = parse_identity(tmp_path / name, pats)
-        assert isinstance(res, IdentityError), name
-        assert "invalid patient id" in res.reason
+        assert "invalid patient id" in unidentified(tmp_path / name, pats).message, name
     assert parse_identity(tmp_path / "ok-1_L.jpg", pats) == Identity("ok-1", "L", None)
     assert parse_identity(tmp_path / ("x" * 64 + "_L.jpg"), pats) == Identity("x" * 64, "L", None)
 
@@ -176,20 +172,14 @@ def test_not_ignored_names(name: str) -> None:
 
 
 def test_supported_suffixes_case_insensitive() -> None:
-    assert SUPPORTED_SUFFIXES == {".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp"}
-    for n in ("a.JPG", "a.Jpeg", "a.png", "a.TIF", "a.tiff", "a.BMP"):
-        assert is_supported(n) and unsupported_reason(n) is None
-    reason = unsupported_reason("report.pdf")
-    assert reason and "'.pdf'" in reason and ".jpg" in reason
-    assert "no file extension" in (unsupported_reason("README") or "")
-
-
-def test_sha256_file(tmp_path: Path) -> None:
-    data = os.urandom(3 * 1024 + 17)
-    p = write(tmp_path / "a.jpg", data)
-    assert sha256_file(p) == hashlib.sha256(data).hexdigest()
-    assert sha256_file(p, chunk=1000) == hashlib.sha256(data).hexdigest()
-    assert sha256_file(write(tmp_path / "e.jpg", b"")) == hashlib.sha256(b"").hexdigest()
+    assert SUPPORTED_SUFFIXES == {".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp", ".dcm", ".dicom"}
+    for n in ("a.JPG", "a.Jpeg", "a.png", "a.TIF", "a.tiff", "a.BMP", "a.DCM", "a.dicom"):
+        assert is_supported(n)
+        check_supported(n)  # raises nothing
+    for name, fragments in (("report.pdf", ("'.pdf'", ".jpg")), ("README", ("no file extension", "not a DICOM file"))):
+        with pytest.raises(Rejection) as exc:
+            check_supported(name)
+        assert exc.value.code == RejectReason.UNSUPPORTED_TYPE and all(f in exc.value.message for f in fragments)
 
 
 # ----------------------------------------------------------------------------------------- stability
@@ -299,7 +289,16 @@ def test_sweep_lists_candidates_by_mtime(tmp_path: Path) -> None:
     (tmp_path / "sub").mkdir()
     write(tmp_path / "sub" / "x.jpg")
     (tmp_path / "link.jpg").symlink_to(tmp_path / "a.jpg")
-    assert [p.name for p in sweep(tmp_path)] == ["a.jpg", "c.pdf", "b.jpg"]
+    os.utime(tmp_path / "sub", ns=(4_000_000_000, 4_000_000_000))
+    os.utime(tmp_path / "link.jpg", ns=(5_000_000_000, 5_000_000_000), follow_symlinks=False)
+    # a folder and a link are listed (never followed or entered) so that the pipeline refuses them with a reason
+    assert [p.name for p in sweep(tmp_path)] == ["a.jpg", "c.pdf", "b.jpg", "sub", "link.jpg"]
+    # hidden and temporary names only once left unchanged for abandoned_after; a sidecar with its photo never
+    old = time.time() - 7200
+    for name in ("d.jpg.part", ".hidden.jpg", "a.json"):
+        os.utime(tmp_path / name, (old, old))
+    assert {p.name for p in sweep(tmp_path, abandoned_after=3600)} - {p.name for p in sweep(tmp_path)} == {
+        "d.jpg.part", ".hidden.jpg"}
 
 
 def test_sweep_missing_inbox_raises(tmp_path: Path) -> None:

@@ -15,8 +15,17 @@ import pytest
 
 from screening import report as rpt
 from screening.report import (
-    DEMO_WATERMARK, LESION_COLOURS, RESEARCH_STATUS, EyeFinding, ReportContext, ReportError,
-    referral_recommendation, render_html, render_pdf, render_with_retries, safe_patient_dir_name,
+    DEMO_WATERMARK,
+    LESION_COLOURS,
+    RESEARCH_STATUS,
+    EyeFinding,
+    ReportContext,
+    ReportError,
+    ReportVersionTaken,
+    referral_recommendation,
+    render_html,
+    render_pdf,
+    render_with_retries,
 )
 from training.model.multitask import DME_GRADES, DR_GRADES
 
@@ -124,23 +133,75 @@ def test_invalid_findings_are_rejected():
         dataclasses.replace(_eye("R", 0, 0), dme_probs=[1.0])
     with pytest.raises(ValueError, match="eye must be"):
         _eye("X", 0, 0)
-    with pytest.raises(ValueError, match="once"):
-        _ctx([_eye("R", 0, 0), _eye("R", 1, 0)])
+    with pytest.raises(ValueError, match="eye_result_rule"):
+        dataclasses.replace(_ctx([_eye("R", 0, 0)]), eye_result_rule="best")
+
+
+# -------------------------------------------------------------------------------- several fields per eye
+
+
+def test_the_eye_result_is_its_worst_field_or_its_latest():
+    macula, disc, recapture = _eye("R", 1, 0), _eye("R", 3, 0), _eye("R", 0, 0)
+    assert rpt.eye_result([macula, disc, recapture], "worst") is disc
+    assert rpt.eye_result([macula, disc, recapture], "latest") is recapture
+    assert rpt.eye_result([], "worst") is None
+    same = dataclasses.replace(macula, source_name="again.jpg")
+    assert rpt.eye_result([macula, same], "worst") is macula  # equal findings: the earlier field
+    # a field referred by its score outranks a clean one of the same grade
+    scored = dataclasses.replace(macula, dr_grade=0, dr_probs=[0.6, 0.1, 0.1, 0.1, 0.1], referable=True, referable_score=0.7)
+    assert rpt.eye_result([_eye("R", 0, 0), scored], "worst") is scored
+    with pytest.raises(ValueError, match="rule"):
+        rpt.eye_result([macula], "best")  # type: ignore[arg-type]
+
+
+def test_the_referral_comes_from_each_eyes_result_under_either_rule():
+    fields = [_eye("R", 4, 0), _eye("R", 0, 0), _eye("L", 1, 0)]  # a proliferative finding in the first right field
+    worst = _ctx(fields)
+    assert [e.dr_grade for e in worst.eye_results()] == [4, 1] and len(worst.fields("R")) == 2
+    assert referral_recommendation(worst.eye_results()).level == "urgent"
+    latest = dataclasses.replace(worst, eye_result_rule="latest")
+    assert [e.dr_grade for e in latest.eye_results()] == [0, 1]
+    assert referral_recommendation(latest.eye_results()).level == "rescreen_12"
+
+
+def test_every_field_is_shown_with_its_pictures_and_the_eye_result_is_marked(tmp_path):
+    macula = dataclasses.replace(_eye("R", 1, 0, tmp_path / "m"), source_name="P1_R_macula.jpg",
+                                 mask_folder=tmp_path / "work" / "ab" / "abcdef")
+    disc = dataclasses.replace(_eye("R", 3, 1, tmp_path / "d"), source_name="P1_R_disc.jpg")
+    left = _eye("L", 0, 0, tmp_path / "l")
+    ctx = _ctx([macula, disc, left], status="research")
+    html = render_html(ctx, TEMPLATES)
+    # each field's own four pictures
+    for finding in (macula, disc, left):
+        for picture in (finding.photo_path, finding.overlay_path, finding.dr_cam_path, finding.dme_cam_path):
+            assert html.count(picture.resolve().as_uri()) == 1
+    assert "Field 1 of 2" in html and "Field 2 of 2" in html and html.count("eye result</span>") == 1
+    assert "Field 1 of 1" not in html  # a single photograph looks as it always did
+    text = "\n".join(_pages_text(render_pdf(ctx, TEMPLATES, tmp_path / "reports")))
+    for needle in ("P1_R_macula.jpg", "P1_R_disc.jpg", "2 photographs of this eye", "its worst field: field 2",
+                   "2 fields; result from field 2", DR_GRADES[1], DR_GRADES[3], "Refer within weeks",
+                   "Lesion masks at the photograph's own size", str(tmp_path / "work" / "ab" / "abcdef")):
+        assert _contains(text, needle), needle
+    recaptured = dataclasses.replace(ctx, eyes=[disc, macula, left], eye_result_rule="latest", report_version=2)
+    latest = "\n".join(_pages_text(render_pdf(recaptured, TEMPLATES, tmp_path / "reports")))
+    assert _contains(latest, f"its latest field: field 2, {DR_GRADES[1]}") and _contains(latest, "Rescreen in 12 months")
+    assert _contains(latest, DR_GRADES[3])  # the earlier field is still shown
 
 
 # ---------------------------------------------------------------------------------------- paths and HTML
 
 
 def test_patient_id_is_sanitised_and_cannot_escape(tmp_path):
-    assert safe_patient_dir_name("PAT-001_a") == "PAT-001_a"
-    evil = safe_patient_dir_name("../../etc")
-    assert re.fullmatch(r"[A-Za-z0-9_-]+", evil) and ".." not in evil
-    assert safe_patient_dir_name("a/b") != safe_patient_dir_name("a_b")  # no folder shared by two patients
-    for bad in ("", "   "):
-        with pytest.raises(ValueError):
-            safe_patient_dir_name(bad)
+    """The folder name comes from training.common.safe_id (tested in tests/training/test_common.py)."""
     folder = rpt.report_dir(_ctx([], patient_id="../../etc"), tmp_path / "reports")
     assert folder.is_relative_to((tmp_path / "reports").resolve())
+    assert re.fullmatch(r"[A-Za-z0-9_-]+", folder.parent.name) and ".." not in folder.parent.name
+    assert rpt.report_dir(_ctx([], patient_id="PAT-001_a"), tmp_path / "reports").parent.name == "PAT-001_a"
+    a_b = rpt.report_folder(tmp_path / "reports", "a/b", EXAM)
+    assert a_b != rpt.report_folder(tmp_path / "reports", "a_b", EXAM)  # no folder shared by two patients
+    for bad in ("", "   "):
+        with pytest.raises(ValueError):
+            rpt.report_folder(tmp_path / "reports", bad, EXAM)
 
 
 def test_html_escapes_user_strings_and_uses_file_uris(tmp_path):
@@ -231,7 +292,10 @@ def test_research_report_missing_eye_versions_and_evil_id(tmp_path):
     assert _contains(text, "../../etc")  # shown (escaped) as given, only the folder name is sanitised
 
     v1_bytes = first.read_bytes()
-    second = render_pdf(ctx, TEMPLATES, reports)  # same requested version: must not overwrite v1
+    with pytest.raises(ReportVersionTaken, match="report_v1.pdf exists"):  # same version again: v1 is never overwritten
+        render_pdf(ctx, TEMPLATES, reports)
+    assert first.read_bytes() == v1_bytes and (first.parent / "latest.pdf").read_bytes() == v1_bytes
+    second = render_pdf(dataclasses.replace(ctx, report_version=2), TEMPLATES, reports)
     assert second.name == "report_v2.pdf" and first.name == "report_v1.pdf"
     assert first.read_bytes() == v1_bytes
     assert (second.parent / "latest.pdf").read_bytes() == second.read_bytes()
@@ -273,6 +337,19 @@ def test_render_with_retries_raises_report_error_naming_the_exam(monkeypatch, tm
         render_with_retries(_ctx([], patient_id="  "), TEMPLATES, tmp_path, retries=3, delay=0)
 
 
+def test_a_taken_version_is_not_retried(monkeypatch, tmp_path):
+    calls = []
+
+    def taken(ctx, templates_dir, reports_dir):
+        calls.append(1)
+        raise ReportVersionTaken("report_v1.pdf exists already")
+
+    monkeypatch.setattr(rpt, "render_pdf", taken)
+    with pytest.raises(ReportError, match="report_v1.pdf exists"):
+        render_with_retries(_ctx([]), TEMPLATES, tmp_path, retries=3, delay=0)
+    assert len(calls) == 1
+
+
 def test_referable_score_above_threshold_escalates_a_low_grade_eye():
     """The operating threshold (chosen for sensitivity) refers an eye whose most likely grade is mild."""
     from dataclasses import replace
@@ -301,4 +378,56 @@ def test_stylesheet_is_parsed_once_yet_applied_and_reloaded_when_it_changes(tmp_
     css.write_text(css.read_text().replace("size: A4;", "size: 150mm 200mm;", 1))
     assert page_mm(render_pdf(ctx, templates, tmp_path / "out")) == (150, 200)  # not WeasyPrint's default A4
     css.write_text(css.read_text().replace("size: 150mm 200mm;", "size: A5;", 1) + "\n/* edited */\n")
-    assert page_mm(render_pdf(ctx, templates, tmp_path / "out")) == (148, 210)
+    assert page_mm(render_pdf(dataclasses.replace(ctx, report_version=2), templates, tmp_path / "out")) == (148, 210)
+
+
+# ------------------------------------------------------------------------------------------ reviewed version
+
+
+def _review(**kw) -> rpt.ReviewNote:
+    values = dict(reviewer="Dr <i>Grey</i>", reviewed_at=datetime(2024, 5, 20, 9, 15, tzinfo=timezone.utc),
+                  outcome="corrected", referral="soon",
+                  eyes=(rpt.EyeReview("R", True, 3, 0), rpt.EyeReview("L", False, None, None)), comment="beading <b>here</b>")
+    values.update(kw)
+    return rpt.ReviewNote(**values)
+
+
+def test_review_note_refuses_inconsistent_answers():
+    with pytest.raises(ValueError, match="ungradable eye has no DR grade"):
+        rpt.EyeReview("R", False, 2, None)
+    with pytest.raises(ValueError, match="DME risk must be 0..2"):
+        rpt.EyeReview("L", True, 2, 3)
+    with pytest.raises(ValueError, match="unknown referral"):
+        _review(referral="later")
+    with pytest.raises(ValueError, match="reviewer name is empty"):
+        _review(reviewer="  ")
+
+
+def test_reviewed_report_shows_the_sign_off_beside_the_models_answers(tmp_path):
+    eyes = [_eye("R", 1, 0, tmp_path / "img"), _eye("L", 2, 1, tmp_path / "img")]
+    html = render_html(dataclasses.replace(_ctx(eyes), review=_review()), TEMPLATES)
+    assert "<i>Grey</i>" not in html and "&lt;i&gt;Grey&lt;/i&gt;" in html and "&lt;b&gt;here&lt;/b&gt;" in html
+
+    pdf = render_pdf(dataclasses.replace(_ctx(eyes, status="research"), review=_review()), TEMPLATES, tmp_path / "reports")
+    pages = _pages_text(pdf)
+    assert len(pages) == 2, "the sign-off must not push a two-eye report onto a third page"
+    text = "\n".join(pages)
+    for needle in ["Clinician sign-off", "Reviewed by Dr <i>Grey</i> on 2024-05-20 09:15 UTC", "corrected the automated grading",
+                   "Refer within weeks (severe non-proliferative DR)", "Comment: beading <b>here</b>",
+                   # the model's own answers stay visible next to the grader's
+                   "Model's recommendation (changed at sign-off): Refer to ophthalmology (routine)",
+                   f"1 – {DR_GRADES[1]}", f"Grader: 3 – {DR_GRADES[3]} (corrected)", "Grader: ungradable",
+                   f"2 – {DR_GRADES[2]}", "Grader: agrees"]:
+        assert _contains(text, needle), needle
+    for page in pages:  # the running footer says it on every page
+        assert _contains(page, "Reviewed by Dr <i>Grey</i> on 2024-05-20")
+
+
+def test_confirmed_review_says_confirmed_and_draft_has_no_sign_off(tmp_path):
+    eyes = [_eye("R", 2, 0)]
+    note = _review(outcome="confirmed", referral="routine", eyes=(rpt.EyeReview("R", True, 2, 0),), comment=None)
+    html = render_html(dataclasses.replace(_ctx(eyes), review=note), TEMPLATES)
+    assert "confirmed</strong> the automated grading" in html and "(corrected)" not in html
+    assert "changed at sign-off" not in html and "Comment:" not in html
+    draft = render_html(_ctx(eyes), TEMPLATES)
+    assert "Clinician sign-off" not in draft and "Reviewed by" not in draft and "Grader:" not in draft

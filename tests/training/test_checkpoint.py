@@ -132,3 +132,45 @@ def test_export_half_is_smaller_fp16_and_predicts_like_fp32(trained_with_model, 
     full = export_checkpoint(src, tmp_path / "full.pt", half=False)
     full_state = torch.load(full, map_location="cpu", weights_only=True)["model_state"]
     assert all(v.dtype == torch.float32 for v in full_state.values() if v.is_floating_point())
+
+
+def test_test_summary_carries_per_source_clinical_numbers() -> None:
+    import numpy as np
+
+    from training.checkpoint import test_summary
+    from training.evaluation import clinical_evaluation
+
+    rng = np.random.default_rng(1)
+    dr_y = rng.integers(0, 5, 40)
+    dr_p = np.eye(5)[dr_y] * 0.5 + 0.1
+    clinical = clinical_evaluation(dr_p, np.full((40, 3), 1 / 3), dr_y, np.full(40, -1), [f"p{i // 2}" for i in range(40)],
+                                   ["aptos"] * 20 + ["eyepacs"] * 20, threshold=0.5, bootstrap=20)
+    out = test_summary({"referable": {"auc": 0.1}, "dr": {"quadratic_kappa": 0.2}, "clinical": clinical})
+    assert out["referable AUC"] == clinical["overall"]["eye"]["auc"]["value"]  # v2: DR-only sets count
+    assert set(out["by_source"]) == {"aptos", "eyepacs"}
+    assert out["by_source"]["aptos"]["patients"] == 10 and "eye AUC 95% CI" in out["overall"]
+
+
+def test_hostile_and_damaged_checkpoints_are_refused_without_quoting_torchs_advice(tmp_path: Path) -> None:
+    """torch's refusal message tells the reader to load with weights_only=False, i.e. to run the file's code."""
+    import os
+
+    from training.checkpoint import read_checkpoint
+
+    marker = tmp_path / "ran"
+
+    class Payload:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    hostile = tmp_path / "hostile.pt"
+    torch.save({"model_state": Payload()}, hostile)
+    with pytest.raises(CheckpointError) as exc:
+        read_checkpoint(hostile)
+    assert "could run code" in str(exc.value) and "weights_only" not in str(exc.value).lower()
+    damaged = tmp_path / "damaged.pt"
+    damaged.write_bytes(b"not a checkpoint at all")
+    with pytest.raises(CheckpointError) as exc:
+        read_checkpoint(damaged)
+    assert "not a loadable checkpoint" in str(exc.value) and "weights_only" not in str(exc.value).lower()
+    assert not marker.exists()

@@ -8,10 +8,9 @@ import pytest
 import torch
 
 from training.checkpoint import read_checkpoint
+from training.data.synthetic import write_synthetic_dataset
 from training.evaluate import evaluate_checkpoint, fit_grader_for_checkpoint
 from training.grader import uses_segmentation
-
-from training.data.synthetic import write_synthetic_dataset
 from training.train import run_training
 
 torch.set_num_threads(1)

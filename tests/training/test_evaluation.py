@@ -8,7 +8,7 @@ import matplotlib.image as mpimg
 import numpy as np
 import pytest
 
-from training.evaluation import plot_history, write_evaluation
+from training.evaluation import history_panels, plot_history, write_evaluation
 
 
 def _assert_nontrivial_png(path):
@@ -34,9 +34,9 @@ def _synthetic(n=60, seed=0):
     dme_p = np.exp(dme_logits) / np.exp(dme_logits).sum(1, keepdims=True)
     masks = np.zeros((4, 5, 32, 32), np.uint8)
     for i in range(4):
-        for l in range(4):
+        for k in range(4):
             y, x = rng.integers(0, 24, 2)
-            masks[i, l, y:y + 6, x:x + 6] = 1
+            masks[i, k, y:y + 6, x:x + 6] = 1
     seg = np.clip(masks * 0.5 + rng.random(masks.shape) * 0.5, 0, 1)
     return dr_p, dme_p, dr, dme, seg, masks
 
@@ -92,6 +92,19 @@ def test_write_evaluation_seg_args_together(tmp_path):
     dr_p, dme_p, dr, dme, seg, _ = _synthetic()
     with pytest.raises(ValueError, match="seg_masks"):
         write_evaluation(tmp_path, dr_p, dme_p, dr, dme, seg_probs=seg, bootstrap=0)
+
+
+def test_curves_put_the_losses_of_a_real_training_history_in_the_loss_panel(trained_run):
+    """history.json as training/engine.py writes it (train_total, val_seg, val_kappa, lr, images/s, ...)."""
+    _, out = trained_run
+    history = json.loads((out / "history.json").read_text())
+    assert {"train_total", "val_total", "lr"} <= set(history[0])  # the real keys, not a test's idea of them
+    panels = {title: keys for keys, title, _ in history_panels(history)}
+    assert set(panels) == {"Loss", "Validation metrics", "Learning rate"}
+    assert {f"{p}_{part}" for p in ("train", "val") for part in ("total", "dr", "dme", "seg")} <= set(panels["Loss"])
+    assert not any(k.endswith(("_total", "_dr", "_dme", "_seg")) for k in panels["Validation metrics"])
+    assert "val_score" in panels["Validation metrics"] and panels["Learning rate"] == ["lr"]
+    assert not [k for keys in panels.values() for k in keys if k.endswith("_per_s") or k in ("epoch", "seconds")]
 
 
 def test_plot_history(tmp_path):

@@ -4,11 +4,18 @@ import pytest
 import torch
 
 from training.data.synthetic import make_fundus
-from training.grader import (
-    FEATURE_NAMES, FEATURE_SETS, SEG_FEATURE_NAMES, apply_grader, features_of, fit_grader, lesion_features,
-    segmentation_features, uses_segmentation,
-)
 from training.data.transforms import subtract_local_mean
+from training.grader import (
+    FEATURE_NAMES,
+    FEATURE_SETS,
+    SEG_FEATURE_NAMES,
+    apply_grader,
+    features_of,
+    fit_grader,
+    lesion_features,
+    segmentation_features,
+    uses_segmentation,
+)
 
 
 def test_features_shape_determinism_and_lesion_sensitivity():

@@ -13,7 +13,14 @@ from torch.nn import functional as F
 from training.checkpoint import load_model
 from training.data.synthetic import write_synthetic_dataset
 from training.grading import (
-    CHUNK, GridPoint, Heads, fit_temperature, fold_temperature, head_inputs_of, run_grading_stage, source_weights,
+    CHUNK,
+    GridPoint,
+    Heads,
+    fit_temperature,
+    fold_temperature,
+    head_inputs_of,
+    run_grading_stage,
+    source_weights,
     trunk_model,
 )
 from training.model import ModelConfig, build_model, lesion_evidence

@@ -3,7 +3,12 @@ import torch
 
 from training.data.records import DME_PRESENT
 from training.losses import (
-    MultiTaskLoss, dme_loss, inverse_frequency_weights, masked_bce_dice, masked_cross_entropy, soft_dice_loss,
+    MultiTaskLoss,
+    dme_loss,
+    inverse_frequency_weights,
+    masked_bce_dice,
+    masked_cross_entropy,
+    soft_dice_loss,
 )
 from training.model import MultiTaskOutput
 

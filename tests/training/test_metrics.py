@@ -161,9 +161,9 @@ def _seg_data(seed=0, n=4, size=32):
     rng = np.random.default_rng(seed)
     masks = np.zeros((n, len(LESION_CODES), size, size), dtype=np.uint8)
     for i in range(n):
-        for l in range(4):  # lesion 4 (OD) absent everywhere
+        for k in range(4):  # lesion 4 (OD) absent everywhere
             y, x = rng.integers(0, size - 8, 2)
-            masks[i, l, y:y + 6, x:x + 6] = 1
+            masks[i, k, y:y + 6, x:x + 6] = 1
     return masks
 
 

@@ -12,9 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
-import tempfile
 import zipfile
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -24,6 +22,7 @@ import cv2
 import numpy as np
 from tqdm import tqdm
 
+from training.common import atomic_write
 from training.data.records import Record
 from training.data.transforms import preprocess_fundus
 from training.model import LESIONS
@@ -52,18 +51,16 @@ class CachedImage:
         return cls(image=image, masks=masks)
 
     def save(self, path: str | Path) -> None:
-        """Atomic write: a temporary file in the same folder, then ``os.replace``."""
+        """Atomic write (:func:`training.common.atomic_write`; not fsynced: the cache can be rebuilt)."""
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         arrays = {"image": self.image} if self.masks is None else {"image": self.image, "masks": self.masks}
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "wb") as fh:
-                np.savez_compressed(fh, **arrays)
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+
+        def write(tmp: Path) -> None:
+            with open(tmp, "wb") as fh:  # a file object: savez would append ".npz" to a name
+                np.savez_compressed(fh, allow_pickle=False, **arrays)
+
+        atomic_write(path, write, durable=False)
 
 
 # ------------------------------------------------------------------------------------------- reading
@@ -95,9 +92,10 @@ def read_mask(path: str | Path) -> np.ndarray:
     mask = cv2.imdecode(data, cv2.IMREAD_UNCHANGED) if data.size else None
     if mask is None:
         raise ImageReadError(f"cannot decode mask {path}: the file is empty, truncated or not an image; replace or remove it")
-    if mask.ndim == 3:
-        mask = mask[..., :3].any(axis=2) if mask.shape[2] >= 3 else mask[..., 0]
-    return (mask != 0).astype(np.uint8)
+    lesion = np.asarray(mask != 0)
+    if lesion.ndim == 3:
+        lesion = np.any(lesion[..., :3], axis=2) if lesion.shape[2] >= 3 else lesion[..., 0]
+    return lesion.astype(np.uint8)
 
 
 def read_masks(record: Record, shape: tuple[int, int]) -> np.ndarray | None:

@@ -17,7 +17,7 @@ from training.data.transforms import eval_transforms
 from training.model import DR_GRADES
 
 
-class FundusDataset(Dataset):
+class FundusDataset(Dataset[dict[str, Any]]):
     """Items are dicts with the same keys for every source, so the default collate works:
 
     ``image`` float (3, S, S) normalised; ``masks`` float (5, S, S) {0, 1} (zeros when the image

@@ -25,9 +25,14 @@ from pathlib import Path
 from typing import Union
 
 from training.config import (
-    DataSettings, IdridGradingSource, IdridSegmentationSource, KaggleSource, ManifestSource,
+    DataSettings,
+    IdridGradingSource,
+    IdridSegmentationSource,
+    KaggleSource,
+    ManifestSource,
 )
 from training.data.records import DME_PRESENT, DME_UNKNOWN, DR_UNKNOWN, Record
+from training.labels import LESION_KEYS
 from training.model import LESION_CODES
 
 IMAGE_EXTENSIONS: tuple[str, ...] = (".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp")
@@ -48,7 +53,7 @@ _LESION_ALIASES: tuple[frozenset[str], ...] = (
     frozenset({"opticdisc", "od"}),
 )
 # Manifest mask columns, in LESION_CODES order.
-MANIFEST_MASK_COLUMNS: tuple[str, ...] = ("ma_mask", "he_mask", "ex_mask", "se_mask", "od_mask")
+MANIFEST_MASK_COLUMNS: tuple[str, ...] = tuple(f"{key}_mask" for key in LESION_KEYS)
 IDRID_GRADING_COLUMNS: tuple[str, ...] = ("Image name", "Retinopathy grade", "Risk of macular edema")
 KAGGLE_COLUMNS: tuple[str, ...] = IDRID_GRADING_COLUMNS
 _EYES: dict[str, str] = {"l": "L", "left": "L", "os": "L", "r": "R", "right": "R", "od": "R"}
@@ -351,7 +356,7 @@ def _manifest_masks(row: dict[str, str], mask_columns: Sequence[str], base: Path
     cells = [row.get(c, "") for c in MANIFEST_MASK_COLUMNS]
     if not any(cells):
         return None
-    masks = []
+    masks: list[Path | None] = []
     for column, cell in zip(MANIFEST_MASK_COLUMNS, cells):
         if not cell:
             masks.append(None)

@@ -11,7 +11,6 @@ from __future__ import annotations
 import random
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
-
 from typing import TYPE_CHECKING
 
 from training.data.records import Record

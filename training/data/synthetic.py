@@ -23,12 +23,15 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from training.data.sources import MANIFEST_MASK_COLUMNS
 from training.model import LESION_CODES, LESIONS
 
-MA, HE, EX, SE, OD = range(5)
+MA, HE, EX, SE, OD = range(5)  # mask channels, in LESION_CODES order
+Point = tuple[float, float]  # (x, y)
+Strokes = dict[int, list[np.ndarray]]  # line thickness -> polylines to draw at it
 SEVERE_HAEMORRHAGES = 20  # >= this many haemorrhages -> severe NPDR (the "4" of the 4-2-1 rule, simplified)
 SEVERE_SOFT_EXUDATES = 6  # >= this many cotton-wool spots -> severe NPDR
-CSV_COLUMNS = ("image", "patient_id", "eye", "dr_grade", "dme_grade", "ma_mask", "he_mask", "ex_mask", "se_mask", "od_mask")
+CSV_COLUMNS = ("image", "patient_id", "eye", "dr_grade", "dme_grade", *MANIFEST_MASK_COLUMNS)
 
 
 @dataclass
@@ -72,7 +75,9 @@ def dme_grade_from_mask(ex_mask: np.ndarray, fovea: tuple[float, float], disc_di
 # --------------------------------------------------------------------------------------------- drawing
 
 
-def _walk(rng, start, theta, n_steps, step, turn, noise):
+def _walk(
+    rng: np.random.Generator, start: Point | np.ndarray, theta: float, n_steps: int, step: float, turn: float, noise: float,
+) -> np.ndarray:
     """Points of a random walk with a constant turn rate (radians/step) and angular noise."""
     t = theta + np.cumsum(turn + rng.normal(0.0, noise, n_steps))
     pts = np.empty((n_steps + 1, 2), np.float64)
@@ -82,19 +87,22 @@ def _walk(rng, start, theta, n_steps, step, turn, noise):
     return pts
 
 
-def _polyline(strokes: dict, pts, thickness):
+def _polyline(strokes: Strokes, pts: np.ndarray, thickness: float) -> None:
     """Queue a polyline; ``_draw_strokes`` draws each thickness group with one cv2.polylines call."""
     strokes.setdefault(max(1, int(round(thickness))), []).append(np.round(pts).astype(np.int32).reshape(-1, 1, 2))
 
 
-def _draw_strokes(strokes: dict, shape) -> np.ndarray:
+def _draw_strokes(strokes: Strokes, shape: tuple[int, int]) -> np.ndarray:
     layer = np.zeros(shape, np.uint8)
     for thickness, lines in strokes.items():
         cv2.polylines(layer, lines, False, 255, thickness, cv2.LINE_AA)
     return layer
 
 
-def _vessel_tree(rng, layer, start, theta, length, thickness, step, turn, depth):
+def _vessel_tree(
+    rng: np.random.Generator, layer: Strokes, start: Point | np.ndarray, theta: float, length: float, thickness: float,
+    step: float, turn: float, depth: int,
+) -> None:
     """A vessel tapering along its course with side branches, queued on ``layer`` (a strokes dict)."""
     n = max(2, int(length / step))
     pts = _walk(rng, start, theta, n, step, turn, 0.08)
@@ -117,7 +125,7 @@ def _vessel_tree(rng, layer, start, theta, length, thickness, step, turn, depth)
 _NOISE_POOL: dict[int, np.ndarray] = {}
 
 
-def _noise(rng, shape) -> np.ndarray:
+def _noise(rng: np.random.Generator, shape: tuple[int, ...]) -> np.ndarray:
     """Standard-normal camera noise: a random window of a fixed pool (deterministic, much faster than fresh draws)."""
     n = int(np.prod(shape))
     pool = _NOISE_POOL.get(n)
@@ -127,7 +135,7 @@ def _noise(rng, shape) -> np.ndarray:
     return pool[off : off + n].reshape(shape)
 
 
-def _blob(rng, cx, cy, r, n_vertices=10):
+def _blob(rng: np.random.Generator, cx: float, cy: float, r: float, n_vertices: int = 10) -> np.ndarray:
     ang = np.sort(rng.uniform(0, 2 * np.pi, n_vertices))
     rad = r * rng.uniform(0.65, 1.25, n_vertices)
     pts = np.stack([cx + rad * np.cos(ang), cy + rad * np.sin(ang)], axis=1)
@@ -137,13 +145,13 @@ def _blob(rng, cx, cy, r, n_vertices=10):
 class _Placer:
     """Rejection sampling of lesion centres inside the retina, away from the disc and other lesions."""
 
-    def __init__(self, rng, size, fov_c, fov_r, disc_c, disc_r):
+    def __init__(self, rng: np.random.Generator, size: int, fov_c: Point, fov_r: float, disc_c: Point, disc_r: float) -> None:
         self.rng, self.size = rng, size
         self.fov_c, self.fov_r = fov_c, fov_r
         self.disc_c, self.disc_r = disc_c, disc_r
         self.occupied = np.zeros((size, size), bool)
 
-    def free(self, x, y, r, margin=2):
+    def free(self, x: float, y: float, r: float, margin: int = 2) -> bool:
         if math.hypot(x - self.fov_c[0], y - self.fov_c[1]) > self.fov_r * 0.93 - r:
             return False
         if math.hypot(x - self.disc_c[0], y - self.disc_c[1]) < self.disc_r * 1.25 + r + margin:
@@ -152,12 +160,15 @@ class _Placer:
         x0, y0 = max(0, int(x) - e), max(0, int(y) - e)
         return not self.occupied[y0 : int(y) + e + 1, x0 : int(x) + e + 1].any()
 
-    def take(self, x, y, r, margin=1):
+    def take(self, x: float, y: float, r: float, margin: int = 1) -> None:
         e = int(math.ceil(r)) + margin
         x0, y0 = max(0, int(x) - e), max(0, int(y) - e)
         self.occupied[y0 : int(y) + e + 1, x0 : int(x) + e + 1] = True
 
-    def sample(self, r, quadrant=None, max_radius=0.9, tries=200, near=None, near_r=None, avoid=None, avoid_r=None):
+    def sample(
+        self, r: float, quadrant: int | None = None, max_radius: float = 0.9, tries: int = 200, near: Point | None = None,
+        near_r: float = 0.0, avoid: Point | None = None, avoid_r: float = 0.0,
+    ) -> Point | None:
         for _ in range(tries):
             if near is not None:
                 a, d = self.rng.uniform(0, 2 * np.pi), near_r * math.sqrt(self.rng.uniform())
@@ -174,7 +185,7 @@ class _Placer:
         return None
 
 
-def _plan(rng, grade: int, dme: int | None) -> dict:
+def _plan(rng: np.random.Generator, grade: int, dme: int | None) -> dict[str, int]:
     """How many lesions of each kind to draw for a target DR grade (and DME target, for grade >= 2)."""
     if grade < 2:
         if dme not in (None, 0):
@@ -224,7 +235,9 @@ def make_fundus(
     raise RuntimeError(f"could not draw a fundus with dr_grade={dr_grade}, dme_grade={dme_grade} at size {size}")
 
 
-def _make_fundus_once(rng, size, dr_grade, dme_grade, eye) -> SyntheticFundus:
+def _make_fundus_once(
+    rng: np.random.Generator, size: int, dr_grade: int | None, dme_grade: int | None, eye: str | None,
+) -> SyntheticFundus:
     target = int(rng.integers(2 if dme_grade else 0, 5)) if dr_grade is None else dr_grade
     s = size / 256.0
     H = W = size
@@ -282,8 +295,8 @@ def _make_fundus_once(rng, size, dr_grade, dme_grade, eye) -> SyntheticFundus:
     img[by0:by1, bx0:bx1] = roi
 
     # --- vessels: four arcades (artery + vein each) from the disc, curving around the macula
-    arteries: dict = {}
-    veins: dict = {}
+    arteries: Strokes = {}
+    veins: Strokes = {}
     step = 4.0 * s
     for up in (-1.0, 1.0):
         for temporal in (True, False):
@@ -307,14 +320,14 @@ def _make_fundus_once(rng, size, dr_grade, dme_grade, eye) -> SyntheticFundus:
     neo = target == 4
     if neo:  # neovascularisation: tangles of thin irregular vessels at / next to the disc
         for _ in range(int(rng.integers(2, 5))):
-            a, d = rng.uniform(0, 2 * np.pi), disc_r * rng.uniform(0.3, 1.8)
-            c = (disc_c[0] + d * math.cos(a), disc_c[1] + d * math.sin(a))
+            angle, d = rng.uniform(0, 2 * np.pi), disc_r * rng.uniform(0.3, 1.8)
+            c = (disc_c[0] + d * math.cos(angle), disc_c[1] + d * math.sin(angle))
             for _ in range(int(rng.integers(8, 15))):
                 pts = _walk(rng, c, rng.uniform(0, 2 * np.pi), int(rng.integers(6, 14)), 1.6 * s, rng.normal(0, 0.3), 0.7)
                 _polyline(veins, pts, 1)
     for layer, col, strength in ((veins, (120, 22, 18), 0.75), (arteries, (165, 45, 30), 0.6)):
-        a = _draw_strokes(layer, (H, W)).astype(np.float32) * np.float32(strength / 255.0)
-        img += (np.array(col, np.float32) * (shade * a)[..., None] - img * a[..., None])
+        alpha = _draw_strokes(layer, (H, W)).astype(np.float32) * np.float32(strength / 255.0)
+        img += (np.array(col, np.float32) * (shade * alpha)[..., None] - img * alpha[..., None])
 
     # --- lesions
     plan = _plan(rng, target, dme_grade)
@@ -442,8 +455,7 @@ def write_synthetic_dataset(folder: Path, n: int, size: int = 256, seed: int = 0
         image_rel = f"images/{stem}.jpg"
         cv2.imwrite(str(folder / image_rel), cv2.cvtColor(f.image, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, 95])
         row = {"image": image_rel, "patient_id": patient, "eye": eye, "dr_grade": f.dr_grade, "dme_grade": f.dme_grade}
-        for k, code in enumerate(LESION_CODES):
-            col = f"{code.lower()}_mask"
+        for k, (code, col) in enumerate(zip(LESION_CODES, MANIFEST_MASK_COLUMNS)):
             row[col] = ""
             if with_masks and f.masks[..., k].any():
                 rel = f"masks/{stem}_{code}.png"

@@ -12,6 +12,7 @@ import cv2
 import numpy as np
 from albumentations.pytorch import ToTensorV2
 
+from training.common import FUNDUS_THRESHOLD
 from training.model import IMAGENET_MEAN, IMAGENET_STD
 
 
@@ -26,7 +27,13 @@ def channel_max(image: np.ndarray) -> np.ndarray:
     return out
 
 
-def fundus_bbox(image: np.ndarray, threshold: int = 12) -> tuple[int, int, int, int]:
+def fundus_mask(image: np.ndarray) -> np.ndarray:
+    """(H, W) bool: the camera's illuminated field, pixels whose brightest channel exceeds
+    :data:`~training.common.FUNDUS_THRESHOLD` (the one definition of "inside the fundus")."""
+    return channel_max(image) > FUNDUS_THRESHOLD
+
+
+def fundus_bbox(image: np.ndarray, threshold: int = FUNDUS_THRESHOLD) -> tuple[int, int, int, int]:
     """Bounding box (y0, y1, x0, x1) of the illuminated field; the whole image when it looks all dark."""
     if image.ndim != 3 or image.shape[2] != 3:
         raise ValueError(f"expected an (H, W, 3) RGB image, got shape {image.shape}")
@@ -92,9 +99,8 @@ def subtract_local_mean(image: np.ndarray, **_: object) -> np.ndarray:
     Removes the camera's illumination and colour cast, so small red and yellow lesions stand out
     the same way on every camera; pixels outside the fundus stay black.
     """
-    field = (channel_max(image) > 12).astype(np.uint8)
     k = max(3, int(max(image.shape[:2]) * 0.03) | 1)  # drop the bright ring the blur leaves at the rim
-    field = cv2.erode(field, cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (k, k)))
+    field = cv2.erode(fundus_mask(image).astype(np.uint8), cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (k, k)))
     blur = cv2.GaussianBlur(image, (0, 0), sigmaX=max(image.shape[:2]) / 30)
     out = cv2.addWeighted(image, 4.0, blur, -4.0, 128.0)
     return np.multiply(out, field[..., None], out=out)  # 0 outside the field

@@ -22,7 +22,8 @@ class DecoderBlock(nn.Module):
         x = F.interpolate(x, scale_factor=2.0, mode="nearest")
         if skip is not None:
             x = torch.cat([x, skip], dim=1)
-        return self.conv2(self.conv1(x))
+        out: torch.Tensor = self.conv2(self.conv1(x))
+        return out
 
 
 class UNetDecoder(nn.Module):

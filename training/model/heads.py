@@ -23,7 +23,8 @@ class ClassificationHead(nn.Module):
         )
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
-        return self.mlp(self.pool(features))
+        logits: torch.Tensor = self.mlp(self.pool(features))
+        return logits
 
 
 # Per lesion channel (MA, HE, EX, SE, OD): mean probability, log of it, the peak of the 8x8-averaged map and the
@@ -69,7 +70,8 @@ class EvidenceHead(nn.Module):
         return torch.cat([features.mean(dim=(2, 3)), features.amax(dim=(2, 3)), evidence.to(features.dtype)], dim=1)
 
     def classify(self, vector: torch.Tensor) -> torch.Tensor:
-        return self.mlp(self.norm(vector))
+        logits: torch.Tensor = self.mlp(self.norm(vector))
+        return logits
 
     def forward(self, features: torch.Tensor, evidence: torch.Tensor) -> torch.Tensor:
         return self.classify(self.pooled(features, evidence))

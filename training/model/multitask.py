@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, cast
 
 import torch
 from torch import nn
@@ -47,7 +47,8 @@ class ModelConfig:
         unknown = set(d) - known
         if unknown:
             raise ValueError(f"model_config has unknown keys {sorted(unknown)}; is the checkpoint from a newer version?")
-        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
+        values: dict[str, Any] = {k: tuple(v) if isinstance(v, list) else v for k, v in d.items()}
+        return cls(**values)
 
 
 class MultiTaskOutput(NamedTuple):
@@ -95,7 +96,8 @@ class MultiTaskNet(nn.Module):
         vector = self.head_inputs(features, seg)
         if vector is None:
             return MultiTaskOutput(self.dr_head(features), self.dme_head(features), seg, features)
-        return MultiTaskOutput(self.dr_head.classify(vector), self.dme_head.classify(vector), seg, features)
+        dr_head, dme_head = cast(EvidenceHead, self.dr_head), cast(EvidenceHead, self.dme_head)  # grade_inputs says so
+        return MultiTaskOutput(dr_head.classify(vector), dme_head.classify(vector), seg, features)
 
 
 def build_model(config: ModelConfig, weights_path: str | Path | None = None) -> MultiTaskNet:

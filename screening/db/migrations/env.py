@@ -7,6 +7,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from alembic import context
 
 from screening.db.models import Base
@@ -16,7 +18,7 @@ config = context.config
 target_metadata = Base.metadata
 
 
-def _configure(**kwargs) -> None:
+def _configure(**kwargs: Any) -> None:
     context.configure(
         target_metadata=target_metadata,
         render_as_batch=True,  # SQLite cannot ALTER most things in place
@@ -38,7 +40,10 @@ def run_migrations_online() -> None:
         with context.begin_transaction():
             context.run_migrations()
         return
-    engine = make_engine(config.get_main_option("sqlalchemy.url"))
+    url = config.get_main_option("sqlalchemy.url")
+    if not url:
+        raise RuntimeError("alembic: no sqlalchemy.url set and no connection handed over; run migrations through init_db")
+    engine = make_engine(url)
     try:
         with engine.begin() as conn:
             _configure(connection=conn)

@@ -24,8 +24,31 @@ def _diff(engine):
         return compare_metadata(MigrationContext.configure(conn, opts={"compare_type": True}), Base.metadata)
 
 
-def test_head_is_third_revision():
-    assert head_revision() == "0003"
+def _script():
+    from alembic.script import ScriptDirectory
+
+    from screening.db.migrate import alembic_config
+
+    return ScriptDirectory.from_config(alembic_config())
+
+
+def _below(revision: str) -> str:
+    """The revision directly below ``revision``, read from the scripts: other branches may land migrations
+    between two revisions of this one, and the tests must not care which."""
+    down = _script().get_revision(revision).down_revision
+    assert isinstance(down, str), (revision, down)
+    return down
+
+
+def test_one_linear_chain_with_the_review_and_audit_revisions_in_order():
+    """Every revision has one parent and one head ends the chain (the worker upgrades to 'head'); the revisions
+    other tests name are in it, in the order their data depends on."""
+    script = _script()
+    assert len(script.get_heads()) == 1 and head_revision() == script.get_current_head()
+    chain = [r.revision for r in script.walk_revisions("base", "heads")][::-1]
+    assert all(isinstance(r.down_revision, (str, type(None))) for r in script.walk_revisions())
+    order = ["0001", "0002", "0007_device_original_masks", "0014_reviews", "0006_hardening", "0003_audit_columns_indexes"]
+    assert [r for r in chain if r in order] == order
 
 
 # rows written by the old schema, with plain SQL as an old worker would have (portable SQL: ids from the
@@ -78,18 +101,24 @@ def test_upgrade_from_revision_1_keeps_rows(db_url, tmp_path):
     with make_session_factory(engine)() as s:
         img = s.scalars(select(Image)).one()
         assert (img.source_name, img.state, img.eye, img.width, img.height) == ("P001_L_20240301.jpg", "reported", "L", None, None)
+        assert img.device is None
         assert img.exam.patient.code == "P001"
         assert img.received_at.isoformat() == "2024-03-01T08:00:00+00:00"
         r = s.scalars(select(Result)).one()
-        assert (r.dr_grade, r.dme_grade, r.referable, r.inference_ms) == (3, 1, True, None)
+        assert (r.dr_grade, r.dme_grade, r.referable, r.inference_ms, r.original_masks) == (3, 1, True, None, None)
         assert r.dr_probs == [0, 0, 0.1, 0.8, 0.1] and r.area_od == 0.03
-        # 0003 copied the image's exam and arrival time and measured the turnaround (08:00 -> report 08:02)
+        # 0003_audit_columns_indexes copied the image's exam and arrival time and measured the turnaround (08:00 -> report 08:02)
         assert (r.exam_id, r.received_at, r.turnaround_s) == (img.exam_id, img.received_at, 120.0)
         d = s.scalars(select(Drop)).one()
-        assert (d.outcome, d.reason) == ("new", None)
+        assert (d.outcome, d.reason, d.reason_code, img.error_code) == ("new", None, None, None)
         # the new columns are writable
         img.width, img.height, d.reason, r.inference_ms = 2048, 1536, "ok", 41.0
+        d.reason_code, img.error_code = "empty", "grading_failed"
+        img.device, r.original_masks = "Topcon TRC-NW8", {"MA": "work/aa/mask_MA.tif"}
         s.commit()
+    with make_session_factory(engine)() as s:
+        img, r = s.scalars(select(Image)).one(), s.scalars(select(Result)).one()
+        assert (img.device, r.original_masks) == ("Topcon TRC-NW8", {"MA": "work/aa/mask_MA.tif"})
     engine.dispose()
 
 
@@ -98,6 +127,7 @@ def test_new_database_is_created_and_stamped(db_url, tmp_path):
     assert init_db(engine) == head_revision()
     assert current_revision(engine) == head_revision()
     assert _diff(engine) == []
+    assert len(_triggers(engine)) == 4  # reviews are append-only on a new database too
     assert not list(tmp_path.glob("*.bak"))
     assert init_db(engine) == head_revision()  # idempotent, no backup when nothing to do
     assert not list(tmp_path.glob("*.bak"))
@@ -114,8 +144,8 @@ def test_migrations_from_empty_match_models(make_db_url):
         # column order differs (ALTER TABLE ADD COLUMN appends); everything else must be the same
         assert {c["name"] for c in a.get_columns(table)} == {c["name"] for c in b.get_columns(table)}, table
         for what in ("get_indexes", "get_unique_constraints", "get_check_constraints", "get_foreign_keys"):
-            names = lambda insp: sorted(x["name"] or "" for x in getattr(insp, what)(table))  # noqa: E731
-            assert names(a) == names(b), (table, what)
+            names_a, names_b = (sorted(x["name"] or "" for x in getattr(insp, what)(table)) for insp in (a, b))
+            assert names_a == names_b, (table, what)
     engine.dispose()
     via_models.dispose()
 
@@ -142,6 +172,7 @@ def test_downgrade_to_revision_1_keeps_rows(db_url):
     with engine.begin() as conn:  # foreign keys stay ON: no table rebuild may drop 'images'
         command.downgrade(alembic_config(connection=conn), "0001")
     assert current_revision(engine) == "0001" and "width" not in _cols(engine, "images")
+    assert "device" not in _cols(engine, "images") and "original_masks" not in _cols(engine, "results")
     with engine.connect() as conn:
         assert conn.exec_driver_sql("SELECT count(*) FROM drops WHERE image_id IS NOT NULL").scalar() == 1
     init_db(engine)
@@ -149,9 +180,10 @@ def test_downgrade_to_revision_1_keeps_rows(db_url):
     engine.dispose()
 
 
-def test_revision_3_fills_the_audit_columns_as_the_repository_keeps_them(db_url):
+def test_audit_revision_fills_the_audit_columns_as_the_repository_keeps_them(db_url):
     """Rows written at head (turnaround kept by add_result/add_report, reports out of order included), taken
-    back to 0002 and upgraded again: the migration recomputes exactly the same exam, arrival and turnaround."""
+    back below revision 0003_audit_columns_indexes and upgraded again: the migration recomputes exactly the
+    same exam, arrival and turnaround."""
     from datetime import date, datetime, timedelta, timezone
 
     from alembic import command
@@ -186,8 +218,109 @@ def test_revision_3_fills_the_audit_columns_as_the_repository_keeps_them(db_url)
     turnarounds = [t for *_, t in kept]
     assert turnarounds.count(None) == 2 and 12.000084 in turnarounds  # exam 3 unreported; exam 1's R by v1
     with engine.begin() as conn:
-        command.downgrade(alembic_config(connection=conn), "0002")
+        command.downgrade(alembic_config(connection=conn), _below("0003_audit_columns_indexes"))
     assert "turnaround_s" not in _cols(engine, "results")
     init_db(engine, backup=False)
     assert snapshot() == kept and _diff(engine) == []
+    engine.dispose()
+
+
+def _triggers(engine) -> set[str]:
+    """The append-only triggers (SQLite triggers; PostgreSQL triggers calling a PL/pgSQL function)."""
+    sql = ("SELECT name FROM sqlite_master WHERE type = 'trigger'" if engine.dialect.name == "sqlite"
+           else "SELECT tgname FROM pg_trigger WHERE NOT tgisinternal")
+    with engine.connect() as conn:
+        return {r[0] for r in conn.exec_driver_sql(sql)}
+
+
+APPEND_ONLY_TRIGGERS = {"reviews_no_update", "reviews_no_delete", "review_eyes_no_update", "review_eyes_no_delete"}
+
+# a clinic database just below the review tables: a visit, one photo graded, two draft reports
+BEFORE_REVIEWS_ROWS = """
+INSERT INTO patients (id, code, created_at) VALUES (1, 'P001', '2025-03-01 08:00:00.000000');
+INSERT INTO exams (id, patient_id, exam_date, created_at) VALUES (1, 1, '2025-03-01', '2025-03-01 08:00:00.000000');
+INSERT INTO images (id, exam_id, eye, sha256, source_name, stored_path, state, error, received_at, updated_at, width, height)
+VALUES (1, 1, 'R', 'bb', 'P001_R_20250301.jpg', 'archive/bb.jpg', 'reported', NULL,
+        '2025-03-01 08:00:00.000000', '2025-03-01 08:05:00.000000', 640, 480);
+INSERT INTO results (id, image_id, model_version, checkpoint_sha256, dr_grade, dr_probs, dme_grade, dme_probs,
+                     referable_score, referable, area_ma, area_he, area_ex, area_se, area_od,
+                     mask_dir, overlay_path, dr_cam_path, dme_cam_path, device, inference_ms, created_at)
+VALUES (1, 1, 'v2', 'cc', 2, '[0,0,1,0,0]', 0, '[1,0,0]', 0.8, TRUE, 0, 0, 0, 0, 0.02,
+        NULL, NULL, NULL, NULL, 'cpu', 40.5, '2025-03-01 08:01:00.000000');
+INSERT INTO reports (id, exam_id, version, path, model_version, created_at)
+VALUES (1, 1, 1, 'reports/P001/2025-03-01/report_v1.pdf', 'v2', '2025-03-01 08:02:00.000000');
+INSERT INTO reports (id, exam_id, version, path, model_version, created_at)
+VALUES (2, 1, 2, 'reports/P001/2025-03-01/report_v2.pdf', 'v2', '2025-03-01 09:00:00.000000')
+"""
+
+
+def test_upgrade_from_below_the_reviews_keeps_rows_and_adds_append_only_reviews(db_url, tmp_path):
+    """A clinic database at the revision below the review tables (reports included) gains them; its rows stay;
+    a sign-off cannot be edited or deleted afterwards, on SQLite and on PostgreSQL."""
+    engine = make_engine(db_url)
+    upgrade(engine, _below("0014_reviews"))
+    with engine.begin() as conn:
+        for statement in BEFORE_REVIEWS_ROWS.split(";"):
+            conn.exec_driver_sql(statement)
+    assert "reviews" not in inspect(engine).get_table_names()
+
+    assert init_db(engine) == head_revision()
+    assert {"review_users", "reviews", "review_eyes"} <= set(inspect(engine).get_table_names())
+    assert "review_id" in _cols(engine, "reports")
+    assert _diff(engine) == []
+    assert _triggers(engine) == APPEND_ONLY_TRIGGERS
+    if engine.dialect.name == "sqlite":
+        assert len(list(tmp_path.glob(f"screening.db.pre-{head_revision()}.*.bak"))) == 1
+    with engine.connect() as conn:
+        rows = conn.exec_driver_sql("SELECT id, exam_id, version, path, model_version, created_at, review_id FROM reports ORDER BY id").all()
+        assert [(*r[:5], str(r[5])[:19], r[6]) for r in rows] == [  # text on SQLite, a datetime on PostgreSQL
+            (1, 1, 1, "reports/P001/2025-03-01/report_v1.pdf", "v2", "2025-03-01 08:02:00", None),
+            (2, 1, 2, "reports/P001/2025-03-01/report_v2.pdf", "v2", "2025-03-01 09:00:00", None),
+        ]
+        assert tuple(conn.exec_driver_sql("SELECT dr_grade, inference_ms FROM results").one()) == (2, 40.5)
+        if engine.dialect.name == "sqlite":
+            assert conn.exec_driver_sql("PRAGMA foreign_key_check").all() == []
+
+    # the new tables work, and a review cannot be edited or deleted afterwards
+    with engine.begin() as conn:
+        conn.exec_driver_sql(
+            "INSERT INTO reviews (id, exam_id, reviewer, source, outcome, referral, model_referral, reviewed_at, created_at) "
+            "VALUES (1, 1, 'Dr A', 'cli', 'corrected', 'soon', 'routine', '2025-03-02 10:00:00', '2025-03-02 10:00:00')")
+        conn.exec_driver_sql("INSERT INTO review_eyes (review_id, image_id, eye, gradable, dr_grade, dme_grade) VALUES (1, 1, 'R', TRUE, 3, 0)")
+        conn.exec_driver_sql("UPDATE reports SET review_id = 1 WHERE id = 2")
+    for sql in ("UPDATE reviews SET referral = 'routine'", "DELETE FROM review_eyes", "UPDATE review_eyes SET dr_grade = 2",
+                "DELETE FROM reviews"):
+        with pytest.raises(Exception, match="append-only"), engine.begin() as conn:
+            conn.exec_driver_sql(sql)
+    if engine.dialect.name == "postgresql":  # TRUNCATE skips row triggers: refused by a statement trigger
+        with pytest.raises(Exception, match="append-only"), engine.begin() as conn:
+            conn.exec_driver_sql("TRUNCATE review_eyes")
+    with pytest.raises(Exception, match="(?i)check constraint"), engine.begin() as conn:  # a gradable eye needs both grades
+        conn.exec_driver_sql("INSERT INTO review_eyes (review_id, image_id, eye, gradable, dr_grade, dme_grade) VALUES (1, 1, 'L', TRUE, NULL, 0)")
+    with engine.connect() as conn:
+        assert conn.exec_driver_sql("SELECT count(*) FROM review_eyes").scalar() == 1
+    engine.dispose()
+
+
+def test_downgrade_below_the_reviews_keeps_reports(db_url):
+    from alembic import command
+
+    from screening.db.migrate import alembic_config
+
+    below = _below("0014_reviews")
+    engine = make_engine(db_url)
+    init_db(engine)
+    with engine.begin() as conn:
+        conn.exec_driver_sql("INSERT INTO patients (id, code, created_at) VALUES (1, 'P1', '2025-01-01 00:00:00')")
+        conn.exec_driver_sql("INSERT INTO exams (id, patient_id, exam_date, created_at) VALUES (1, 1, '2025-01-01', '2025-01-01 00:00:00')")
+        conn.exec_driver_sql("INSERT INTO reports (exam_id, version, path, model_version, created_at) VALUES (1, 1, 'r.pdf', 'v', '2025-01-01 00:00:00')")
+    with engine.begin() as conn:
+        command.downgrade(alembic_config(connection=conn), below)
+    assert current_revision(engine) == below and "review_id" not in _cols(engine, "reports")
+    assert not {"reviews", "review_eyes", "review_users"} & set(inspect(engine).get_table_names()) and not _triggers(engine)
+    with engine.connect() as conn:
+        assert conn.exec_driver_sql("SELECT path FROM reports").scalar() == "r.pdf"
+    init_db(engine)
+    assert current_revision(engine) == head_revision() and _diff(engine) == []
+    assert _triggers(engine) == APPEND_ONLY_TRIGGERS
     engine.dispose()

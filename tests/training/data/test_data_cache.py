@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 
 import training.data.cache as cache
+from training.config import IdridSegmentationSource
 from training.data.cache import CachedImage, ImageReadError, build_cache, cache_path, load_record
 from training.data.records import Record
-from training.config import IdridSegmentationSource
 from training.data.sources import load_idrid_segmentation
 
 

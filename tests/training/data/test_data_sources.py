@@ -9,13 +9,24 @@ from pathlib import Path
 import pytest
 
 from training.config import (
-    DataSettings, IdridGradingSource, IdridSegmentationSource, KaggleSource, ManifestSource, load_training_config,
+    DataSettings,
+    IdridGradingSource,
+    IdridSegmentationSource,
+    KaggleSource,
+    ManifestSource,
+    load_training_config,
 )
 from training.data.records import DME_PRESENT, DME_UNKNOWN, DR_UNKNOWN
-from training.data.split import configured_split
 from training.data.sources import (
-    DataSourceError, load_all, load_idrid_grading, load_idrid_segmentation, load_kaggle, load_manifest, load_records,
+    DataSourceError,
+    load_all,
+    load_idrid_grading,
+    load_idrid_segmentation,
+    load_kaggle,
+    load_manifest,
+    load_records,
 )
+from training.data.split import configured_split
 
 # ------------------------------------------------------------------------------------------ IDRiD seg
 

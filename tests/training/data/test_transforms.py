@@ -1,12 +1,16 @@
+import cv2
 import numpy as np
 import pytest
 import torch
 
 from training.data.synthetic import make_fundus
-import cv2
-
 from training.data.transforms import (
-    channel_max, eval_transforms, fundus_bbox, preprocess_fundus, subtract_local_mean, train_transforms,
+    channel_max,
+    eval_transforms,
+    fundus_bbox,
+    preprocess_fundus,
+    subtract_local_mean,
+    train_transforms,
 )
 
 

@@ -1,7 +1,7 @@
 """Audit at scale: results carry their exam, arrival time and turnaround; indexes for each audit count.
 
-Revision ID: 0003
-Revises: 0002
+Revision ID: 0003_audit_columns_indexes
+Revises: 0006_hardening
 Create Date: 2026-11-30
 
 The audit used to join every result to its image and look up each exam's first report: fine for a clinic,
@@ -14,12 +14,13 @@ Existing rows are filled here with the same definitions the audit used before, s
 from __future__ import annotations
 
 from datetime import datetime, timezone
+from typing import Any
 
 import sqlalchemy as sa
 from alembic import op
 
-revision = "0003"
-down_revision = "0002"
+revision = "0003_audit_columns_indexes"
+down_revision = "0006_hardening"  # re-chained when revisions of other branches land below it
 branch_labels = None
 depends_on = None
 
@@ -35,11 +36,10 @@ RESULT_INDEXES = {
 }
 
 
-def _utc(value):
+def _utc(value: Any) -> datetime:
     """A timestamp as read back here (naive UTC from PostgreSQL, text or naive from SQLite) -> aware UTC."""
-    if isinstance(value, str):
-        value = datetime.fromisoformat(value)
-    return value.replace(tzinfo=timezone.utc) if value.tzinfo is None else value.astimezone(timezone.utc)
+    when: datetime = datetime.fromisoformat(value) if isinstance(value, str) else value
+    return when.replace(tzinfo=timezone.utc) if when.tzinfo is None else when.astimezone(timezone.utc)
 
 
 def _turnaround_in_python(bind: sa.Connection) -> None:

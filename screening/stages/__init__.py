@@ -1,0 +1,45 @@
+"""The worker as a line of stages, each with one job and a typed outcome.
+
+=========  ==========================================================================  =========================
+stage      job                                                                         outcome
+=========  ==========================================================================  =========================
+intake     a stable inbox entry -> identified, de-duplicated, decoded :class:`Job`,    :data:`IntakeOutcome`
+           or a recorded refusal / duplicate / conflict, or deferred (still arriving)
+grade      jobs in batches -> predictions, one forward pass per batch                  :class:`GradedBatch`
+store      masks and pictures, the result row, then the original to the archive        :class:`Stored`, :class:`Failed`
+report     which visits need a new report version, rendering (off the inference        :data:`ReportOutcome`
+           path), recording
+=========  ==========================================================================  =========================
+
+:class:`screening.pipeline.Worker` runs them in order. Files leave the inbox only through
+:class:`~screening.stages.filing.Filing`, and only after the database state that records them is committed.
+"""
+
+from .filing import Filing
+from .grade import GradeStage
+from .intake import IntakeStage
+from .outcomes import (
+    Admitted,
+    Deferred,
+    Duplicate,
+    Failed,
+    GradedBatch,
+    IntakeOutcome,
+    Job,
+    PendingReport,
+    Rejected,
+    ReportFailed,
+    ReportOutcome,
+    ReportWritten,
+    Resumed,
+    Stored,
+    Vanished,
+)
+from .report import ReportStage
+from .store import StoreStage
+
+__all__ = [
+    "Admitted", "Deferred", "Duplicate", "Failed", "Filing", "GradeStage", "GradedBatch", "IntakeOutcome", "IntakeStage", "Job",
+    "PendingReport", "Rejected", "ReportFailed", "ReportOutcome", "ReportStage", "ReportWritten", "Resumed", "Stored",
+    "StoreStage", "Vanished",
+]

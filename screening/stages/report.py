@@ -1,0 +1,273 @@
+"""Report stage: which visits need a report version, rendering off the inference path, recording what was written.
+
+An exam needs a new version when a result was stored after its newest report (the second eye arrived, or
+an earlier render failed). :meth:`ReportStage.submit` reads the exam's results into a
+:class:`~screening.report.ReportContext`, **decides its version** (:meth:`ReportStage.next_version`, the one
+place that does) and hands it to the renderer (by default a side process), which publishes exactly that
+version. :meth:`ReportStage.collect` records the finished ones: a report row, and the images it covers as
+``reported``. A failed render leaves the results stored; the catch-up (``submit()`` without exams) renders
+the exam again.
+
+At start-up :meth:`ReportStage.reconcile` makes the report folders and the database agree: a
+``report_vN.pdf`` that no row records (published by a renderer that finished after its worker died) is
+removed, and ``latest.pdf`` put back to the newest recorded version; a recorded report whose file is gone
+is counted and its visit rendered again. Both are ``reconcile`` events with an incident code.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+import shutil
+import time
+from collections.abc import Mapping
+from datetime import datetime, timezone
+from pathlib import Path
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session, sessionmaker
+
+from training.common import atomic_write, safe_id
+
+from ..config import ScreeningSettings
+from ..db import repository as repo
+from ..db.models import Exam, Image, ImageState, Patient, Report, utcnow
+from ..db.session import DatabaseGone, transaction
+from ..findings import eye_finding
+from ..inference import Predictor
+from ..rejection import Incident
+from ..renderer import Renderer, RenderJob, RenderResult
+from ..report import EYE_ORDER, EyeFinding, ReportContext, existing_versions, report_folder
+from .outcomes import PendingReport, ReportFailed, ReportOutcome, ReportWritten
+
+log = logging.getLogger("screening")
+
+
+class ReportStage:
+    def __init__(
+        self, settings: ScreeningSettings, factory: sessionmaker[Session], predictor: Predictor, renderer: Renderer,
+        templates_dir: Path,
+    ) -> None:
+        self.settings = settings
+        self.factory = factory
+        self.predictor = predictor  # the model shown on each report
+        self.renderer = renderer
+        self.templates_dir = templates_dir
+        self._in_flight: dict[int, PendingReport] = {}  # renderer job key -> what it covers
+        self._next_key = 1
+
+    @property
+    def in_flight(self) -> Mapping[int, PendingReport]:
+        """Reports handed to the renderer and not yet collected, by job key."""
+        return dict(self._in_flight)
+
+    # ------------------------------------------------------------------------------------ deciding
+    def next_version(self, session: Session, exam: Exam) -> int:
+        """The version the exam's next report gets: one past the highest of those recorded in the database, on
+        their way in the renderer, and on disk (a report published just before a crash, never recorded).
+        The renderer publishes exactly this version and never over an existing file."""
+        recorded = repo.next_report_version(session, exam.id) - 1
+        queued = max((p.version for p in self._in_flight.values() if p.exam_id == exam.id), default=0)
+        on_disk = max(existing_versions(report_folder(self.settings.reports, exam.patient.code, exam.exam_date)), default=0)
+        return max(recorded, queued, on_disk) + 1
+
+    def _context(self, session: Session, exam: Exam, version: int) -> ReportContext:
+        """Every graded photograph of the exam, in arrival order within each eye: several fields of one eye are all
+        shown, and the report picks the eye's result by ``settings.eye_result``."""
+        fields: list[EyeFinding] = []
+        for image, result in repo.exam_images_with_results(session, exam.id):
+            if image.eye not in EYE_ORDER or result is None:
+                continue
+            fields.append(eye_finding(image, result))
+        return ReportContext(
+            clinic_name=self.settings.clinic_name, patient_id=exam.patient.code, exam_date=exam.exam_date,
+            eyes=fields, model_version=self.predictor.version,
+            checkpoint_sha256=self.predictor.meta["checkpoint_sha256"],
+            model_status="research" if self.predictor.kind == "real" else "demo",
+            model_metrics=self.predictor.report_metrics(), generated_at=datetime.now(timezone.utc).astimezone(),
+            report_version=version, eye_result_rule=self.settings.eye_result,
+        )
+
+    # ---------------------------------------------------------------------------------- rendering
+    def _snapshot(self, session: Session, exam_id: int) -> tuple[datetime, int, ReportContext, tuple[int, ...]]:
+        """What the exam's next report holds, read in one transaction: when, which version, the content, and
+        the images it covers."""
+        exam = session.get(Exam, exam_id)
+        if exam is None:
+            raise LookupError(f"exam {exam_id} is not in the database; no report to render")
+        snapshot_at = utcnow()
+        version = self.next_version(session, exam)
+        ctx = self._context(session, exam, version)
+        return snapshot_at, version, ctx, tuple(i.id for i in exam.images if i.state == ImageState.DONE)
+
+    def submit(self, exam_ids: list[int] | None = None) -> int:
+        """Hand the reports of ``exam_ids`` to the renderer, or, when None, of every exam whose newest result is
+        in no report yet and that has no report on the way (start-up and periodic catch-up). The renderer works
+        while the caller goes on; :meth:`collect` records what it finished. Returns how many were handed over."""
+        if exam_ids is None:
+            in_flight = {p.exam_id for p in self._in_flight.values()}
+            exam_ids = transaction(self.factory, lambda session: [
+                e.id for e in repo.exams_needing_report(session) if e.id not in in_flight], what="finding reports to make")
+        for exam_id in exam_ids:
+            snapshot_at, version, ctx, done = transaction(
+                self.factory, functools.partial(self._snapshot, exam_id=exam_id), what="reading a report's content")
+            key, self._next_key = self._next_key, self._next_key + 1
+            self.renderer.submit(RenderJob(key, ctx, self.templates_dir, self.settings.reports,
+                                           retries=self.settings.report_retries))
+            self._in_flight[key] = PendingReport(exam_id, version, done, snapshot_at)
+        return len(exam_ids)
+
+    # ---------------------------------------------------------------------------------- recording
+    def _record(self, result: RenderResult) -> ReportOutcome:
+        pending = self._in_flight.pop(result.key)
+        if result.version != pending.version:  # both ends are this code: a mix-up is a bug, not a retry
+            raise RuntimeError(f"renderer job {result.key} answered for version {result.version}, "
+                               f"expected {pending.version} of exam {pending.exam_id}")
+        if result.path is None:
+            error = result.error or "unknown error"
+            transaction(self.factory, lambda session: repo.add_event(
+                session, "report_failed", f"exam {pending.exam_id}: {error}", code=Incident.REPORT_FAILED),
+                what="recording a failed report")
+            log.error("report for exam %s failed, will retry: %s", pending.exam_id, error)
+            return ReportFailed(pending.exam_id, pending.version, error)
+        path = result.path
+
+        def record(session: Session) -> None:
+            exam = session.get(Exam, pending.exam_id)
+            if exam is None:
+                raise LookupError(f"exam {pending.exam_id} is not in the database; its report {path.name} is unrecorded")
+            # created_at = when its content was read, so a result stored after that still counts as unreported
+            repo.add_report(session, exam, path, self.predictor.version, version=result.version,
+                            created_at=pending.snapshot_at)
+            for image in exam.images:
+                if image.id in pending.image_ids and image.state == ImageState.DONE:
+                    repo.set_state(session, image, ImageState.REPORTED)
+
+        transaction(self.factory, record, what="recording a report")
+        log.info("report v%s for exam %s written", result.version, pending.exam_id)
+        return ReportWritten(pending.exam_id, result.version, result.path)
+
+    def collect(self, timeout: float = 0.0) -> list[ReportOutcome]:
+        """Record the reports the renderer has finished (waiting up to ``timeout`` s for one), failures included."""
+        results = self.renderer.results(timeout) if self._in_flight else []
+        outcomes: list[ReportOutcome] = []
+        for result in results:
+            try:
+                outcomes.append(self._record(result))
+            except DatabaseGone:
+                raise
+            except Exception as exc:  # the report is made again by the catch-up
+                log.exception("recording the report of job %s failed; it will be rendered again", result.key)
+                pending = self._in_flight.pop(result.key, None)
+                if pending is not None:
+                    outcomes.append(ReportFailed(pending.exam_id, pending.version, f"{type(exc).__name__}: not recorded"))
+        return outcomes
+
+    def wait(self, stall_timeout: float = 300.0) -> list[ReportOutcome]:
+        """Block until every submitted report is rendered and recorded. If none finishes for ``stall_timeout``
+        seconds the renderer is stopped (a hung WeasyPrint) and its reports count as failed: the results stay
+        stored and the catch-up renders them again."""
+        outcomes: list[ReportOutcome] = []
+        last = time.monotonic()
+        while self._in_flight:
+            got = self.collect(timeout=1.0)
+            outcomes += got
+            if got:
+                last = time.monotonic()
+            elif time.monotonic() - last > stall_timeout:
+                log.error("no report finished in %.0f s; stopping the renderer, %d report(s) will be retried",
+                          stall_timeout, len(self._in_flight))
+                self.renderer.close(timeout=5)
+                outcomes += self.collect()
+                self._in_flight.clear()
+                break
+        return outcomes
+
+    def close(self) -> None:
+        """Wait for the reports on the way (up to 2 minutes without progress), then stop the renderer."""
+        self.wait(stall_timeout=120)
+        self.renderer.close()
+
+
+    # ------------------------------------------------------------------------------- reconciling
+    def reconcile(self) -> list[int]:
+        """At start-up, before anything renders (see the module docstring). Returns the exams to render again.
+
+        * An unrecorded ``report_vN.pdf`` can only belong to an exam that still has a ``done`` image: the
+          worker that submitted it died before recording it, so its images were never marked reported (and
+          every start-up reconciles before anything renders). Only those exams' folders are listed.
+        * A recorded report whose newest version is gone from disk (deleted by hand, a restored backup) is
+          counted and its visit rendered again: one ``stat`` per exam with reports.
+
+        Only folders of exams in the database are looked at; nothing else in ``reports/`` is touched."""
+        if self._in_flight:
+            raise RuntimeError("reconcile() runs before any report is submitted")
+
+        def read(session: Session) -> dict[int, tuple[str, set[int], bool]]:
+            has_done = select(Image.id).where(Image.exam_id == Exam.id, Image.state == ImageState.DONE.value).exists()
+            rows = session.execute(
+                select(Exam.id, Patient.code, Exam.exam_date, Report.version, has_done)
+                .join(Patient, Patient.id == Exam.patient_id).outerjoin(Report, Report.exam_id == Exam.id)).all()
+            root = str(self.settings.reports)
+            exams: dict[int, tuple[str, set[int], bool]] = {}
+            for exam_id, code, exam_date, version, done in rows:
+                entry = exams.get(exam_id)
+                if entry is None:  # plain strings: pathlib costs ~0.1 ms a path, seconds over 20,000 exams
+                    entry = exams[exam_id] = (os.path.join(root, safe_id(code), exam_date.isoformat()), set(), bool(done))
+                if version is not None:
+                    entry[1].add(version)
+            return exams
+
+        exams = transaction(self.factory, read, what="reading recorded reports")
+        removed: dict[int, list[int]] = {}
+        missing: dict[int, int] = {}
+        for exam_id, (where, versions, has_done) in exams.items():
+            if has_done:
+                folder = Path(where)
+                orphans = sorted(set(existing_versions(folder)) - versions)
+                for version in orphans:
+                    (folder / f"report_v{version}.pdf").unlink(missing_ok=True)
+                if orphans:
+                    removed[exam_id] = orphans
+                    self._restore_latest(folder, versions)
+            if versions and not os.path.isfile(os.path.join(where, f"report_v{max(versions)}.pdf")):
+                missing[exam_id] = max(versions)
+
+        def record(session: Session) -> None:
+            for exam_id, versions_removed in removed.items():
+                repo.add_event(session, "reconcile", f"exam {exam_id}: removed report_v{versions_removed} (written by a "
+                               "renderer after its worker stopped; never recorded)", code=Incident.ORPHAN_REPORT_REMOVED)
+            for exam_id, version in missing.items():
+                repo.add_event(session, "reconcile", f"exam {exam_id}: recorded report_v{version} is missing on disk; "
+                               "rendered again", code=Incident.REPORT_FILE_MISSING)
+
+        if removed or missing:
+            transaction(self.factory, record, what="recording reconciled reports")
+            log.warning("reports reconciled at start-up: %d unrecorded PDF(s) removed, %d visit(s) whose report is "
+                        "missing rendered again", sum(map(len, removed.values())), len(missing))
+        return sorted(missing)
+
+    @staticmethod
+    def _restore_latest(folder: Path, recorded: set[int]) -> None:
+        """``latest.pdf`` = the newest recorded version on disk (or none) after unrecorded versions went."""
+        latest = folder / "latest.pdf"
+        present = [v for v in sorted(recorded, reverse=True) if (folder / f"report_v{v}.pdf").is_file()]
+        if not present:
+            latest.unlink(missing_ok=True)
+            return
+        newest = folder / f"report_v{present[0]}.pdf"
+        atomic_write(latest, lambda tmp: shutil.copyfile(newest, tmp))
+
+
+def written(outcomes: list[ReportOutcome]) -> int:
+    """How many of ``outcomes`` are reports written."""
+    return sum(isinstance(o, ReportWritten) for o in outcomes)
+
+
+def failed(outcomes: list[ReportOutcome]) -> int:
+    """How many of ``outcomes`` are reports that failed (to render, or to be recorded)."""
+    return sum(isinstance(o, ReportFailed) for o in outcomes)
+
+
+__all__ = ["ReportStage", "failed", "written"]

@@ -1,0 +1,94 @@
+"""The public surface of ``training`` for code that uses a trained model: the screening worker, benchmarks.
+
+``screening`` imports from here and from :mod:`training.common` (hashing, atomic writes, safe names, the
+label vocabulary, the fundus threshold) and from nowhere else in ``training``
+(``tests/screening/test_boundaries.py`` checks it). What is here, by area:
+
+* **model**: :class:`MultiTaskNet` and its :class:`ModelConfig` / :class:`MultiTaskOutput`; :func:`lesion_evidence`
+  (what v2 evidence heads read besides the features, held constant for Grad-CAM);
+* **checkpoint**: :func:`load_model` (rebuild a model and its metadata from a checkpoint file),
+  :class:`CheckpointError`; a checkpoint may carry the lesion-evidence grader, applied with
+  :func:`apply_grader` on :func:`features_of`, and its referral rule is :func:`referable_score`;
+  :func:`train_demo_model` makes a synthetic-data checkpoint when no real one exists;
+* **transforms**: the evaluation preset :func:`eval_transforms` and the preprocessing it expects
+  (:func:`crop_square`, :func:`resize_square`; :func:`fundus_bbox`, the crop box it takes, which the worker keeps to
+  map the model's masks back onto the original photo), :func:`fundus_mask`, :func:`channel_max`;
+* **device**: :func:`resolve_device`, without the training loop;
+* **settings**: the config file is one TOML file for both packages; :func:`read_toml`,
+  :func:`parse_training_config` (the worker validates the whole file), :class:`StrictSettings`,
+  :func:`format_validation_error`, :func:`resolve_paths`, :class:`ConfigError`.
+
+Anything else in ``training`` may change without notice to ``screening``.
+"""
+
+from __future__ import annotations
+
+import importlib
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+# The settings need only pydantic: imported now. Everything else needs torch (seconds to import), so it is
+# imported on first use (PEP 562): ``dr-screen audit``, ``init-db`` and the review commands that never touch a
+# model start without torch, while ``from training.api import load_model`` works as before.
+from training.config import (
+    ConfigError,
+    StrictSettings,
+    format_validation_error,
+    parse_training_config,
+    read_toml,
+    resolve_paths,
+)
+
+if TYPE_CHECKING:
+    from training.checkpoint import CheckpointError, load_model
+    from training.data.transforms import (
+        channel_max,
+        crop_square,
+        eval_transforms,
+        fundus_bbox,
+        fundus_mask,
+        resize_square,
+    )
+    from training.device import resolve_device
+    from training.grader import apply_grader, features_of, uses_segmentation
+    from training.metrics import referable_score
+    from training.model import ModelConfig, MultiTaskNet, MultiTaskOutput, lesion_evidence
+
+_LAZY = {
+    "CheckpointError": "training.checkpoint", "load_model": "training.checkpoint",
+    "channel_max": "training.data.transforms", "crop_square": "training.data.transforms",
+    "eval_transforms": "training.data.transforms", "fundus_bbox": "training.data.transforms",
+    "fundus_mask": "training.data.transforms", "resize_square": "training.data.transforms",
+    "resolve_device": "training.device",
+    "apply_grader": "training.grader", "features_of": "training.grader", "uses_segmentation": "training.grader",
+    "referable_score": "training.metrics",
+    "ModelConfig": "training.model", "MultiTaskNet": "training.model", "MultiTaskOutput": "training.model",
+    "lesion_evidence": "training.model",
+}
+
+
+def __getattr__(name: str) -> Any:
+    """The torch-backed names, imported when first asked for."""
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def train_demo_model(output: Path, work: Path, *, minutes: float = 3.0, progress: bool = True) -> Path:
+    """Train a small model on synthetic images (about ``minutes``) and export it to ``output``; its
+    provenance says "synthetic", so reports made with it carry the demo watermark. The training loop is
+    imported only when this is called."""
+    from training.demo import train_demo_model as train
+
+    return train(output, work, minutes=minutes, progress=progress)
+
+
+__all__ = [
+    "CheckpointError", "ConfigError", "ModelConfig", "MultiTaskNet", "MultiTaskOutput", "StrictSettings",
+    "apply_grader", "channel_max", "crop_square", "eval_transforms", "features_of", "format_validation_error", "fundus_bbox",
+    "fundus_mask", "lesion_evidence", "load_model", "parse_training_config", "read_toml", "referable_score", "resize_square",
+    "resolve_device", "resolve_paths", "train_demo_model", "uses_segmentation",
+]
