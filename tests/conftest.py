@@ -115,3 +115,12 @@ def make_db_url(db_backend, request, tmp_path):
 def db_url(make_db_url) -> str:
     """An empty database on each supported backend: a SQLite file, then a PostgreSQL database."""
     return make_db_url()
+
+
+@pytest.fixture
+def pg_url(request):
+    """An empty database on the session's PostgreSQL server, for tests of what only a server does (connections
+    dropped, deadlocks); dropped at the end of the test."""
+    url, drop = postgres_database(request.getfixturevalue("postgres_server"))
+    yield url
+    drop()

@@ -9,6 +9,11 @@ Two faults of the database file are handled here, where every transaction passes
 * **locked past the busy timeout** (another program holding a write lock, a backup, a long audit query on
   an old SQLite): :func:`transaction` runs a unit of work again until the lock is released, instead of
   failing the photo or the worker.
+
+On PostgreSQL a writer waits for a row lock as long as it takes, so nothing is "busy"; what several workers
+can meet there instead is a deadlock or a serialization failure (the server aborts one of two transactions
+that wait on each other): :func:`transaction` runs the aborted unit of work again too. A file that vanished is
+a SQLite notion; a server that went away is retried (``pool_pre_ping`` replaces dropped connections).
 """
 
 from __future__ import annotations
@@ -143,31 +148,46 @@ def is_busy(exc: BaseException) -> bool:
     return "database is locked" in text or "database is busy" in text or "database table is locked" in text
 
 
+# SQLSTATEs after which PostgreSQL expects the transaction to be run again: serialization failure, deadlock
+RETRY_SQLSTATES = {"40001": "a serialization failure", "40P01": "a deadlock with another worker"}
+
+
+def _retry_reason(exc: BaseException) -> str | None:
+    """Why a unit of work that raised ``exc`` may simply be run again, or None."""
+    if is_busy(exc):
+        return "the database is locked by another program"
+    sqlstate = getattr(getattr(exc, "orig", None), "sqlstate", None)
+    if isinstance(exc, OperationalError) and sqlstate in RETRY_SQLSTATES:
+        return f"the server aborted it after {RETRY_SQLSTATES[sqlstate]}"
+    return None
+
+
 def transaction(
     factory: sessionmaker[Session], work: Callable[[Session], T], *, what: str = "a database update",
     give_up_after: float | None = None, sleep: Callable[[float], None] = time.sleep,
 ) -> T:
     """Run ``work(session)`` as one unit of work (:func:`session_scope`) and return what it returns. While the
-    database stays locked by another connection past the busy timeout, wait and run it again from the start
-    (it must only touch the database), with a warning each time; by default for as long as it takes, since a
-    worker that exits on a lock leaves photos unhandled until someone restarts it. ``give_up_after`` seconds of
-    waiting re-raise the last error instead. Any other error is raised at once."""
+    database stays locked by another connection past the busy timeout (SQLite), or the server aborts the unit
+    after a deadlock or serialization failure (PostgreSQL), wait and run it again from the start (it must only
+    touch the database), with a warning each time; by default for as long as it takes, since a worker that
+    exits on a lock leaves photos unhandled until someone restarts it. ``give_up_after`` seconds of waiting
+    re-raise the last error instead. Any other error is raised at once."""
     delay, waited = 0.5, 0.0
     while True:
         try:
             with session_scope(factory) as session:
                 return work(session)
         except OperationalError as exc:
-            if not is_busy(exc) or (give_up_after is not None and waited >= give_up_after):
+            reason = _retry_reason(exc)
+            if reason is None or (give_up_after is not None and waited >= give_up_after):
                 raise
-            log.warning("the database is locked by another program (%s waited %.0f s so far); trying again in %.1f s",
-                        what, waited, delay)
+            log.warning("%s (%s, waited %.0f s so far); trying again in %.1f s", reason, what, waited, delay)
             sleep(delay)
             waited += delay
             delay = min(delay * 2, MAX_RETRY_DELAY_S)
 
 
 __all__ = [
-    "DEFAULT_BUSY_TIMEOUT_MS", "DatabaseGone", "is_busy", "make_engine", "make_session_factory", "session_scope",
+    "DEFAULT_BUSY_TIMEOUT_MS", "RETRY_SQLSTATES", "DatabaseGone", "is_busy", "make_engine", "make_session_factory", "session_scope",
     "sqlite_file_path", "transaction",
 ]

@@ -84,3 +84,63 @@ def test_a_lock_held_past_the_busy_timeout_is_waited_out(db):
             transaction(factory, lambda s: repo.get_or_create_patient(s, "P4"), give_up_after=0.2)
         finally:
             holder.wait(10)
+
+
+# ------------------------------------------------------------------------ PostgreSQL's faults (issue 15)
+
+def test_postgresql_connections_dropped_by_the_server_are_replaced(pg_url):
+    """A server restart or an idle timeout drops the worker's pooled connections: the next unit of work gets a
+    fresh one (pool_pre_ping) instead of failing a photo."""
+    engine = make_engine(pg_url)
+    init_db(engine)
+    factory = make_session_factory(engine)
+    _add(factory, "P1")
+    admin = make_engine(pg_url)
+    with admin.connect() as conn:
+        killed = conn.exec_driver_sql("SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
+                                      "WHERE datname = current_database() AND pid <> pg_backend_pid()").scalar()
+    assert killed >= 1
+    _add(factory, "P2")
+    with session_scope(factory) as s:
+        assert s.scalar(select(func.count()).select_from(Patient)) == 2
+    admin.dispose()
+    engine.dispose()
+
+
+def test_postgresql_deadlock_between_two_workers_is_run_again(pg_url):
+    """Two units of work lock two rows in opposite orders: the server aborts one as a deadlock, and transaction()
+    runs it again, so both complete."""
+    import threading
+
+    engine = make_engine(pg_url)
+    init_db(engine)
+    factory = make_session_factory(engine)
+    _add(factory, "A")
+    _add(factory, "B")
+    first_locks = threading.Barrier(2)
+    runs: list[str] = []
+    errors: list[BaseException] = []
+
+    def unit(first: str, second: str):
+        def work(session):
+            runs.append(first)
+            session.execute(Patient.__table__.update().where(Patient.code == first).values(code=first))
+            if runs.count(first) == 1:  # the first attempt: both hold their first row before taking the second
+                first_locks.wait(10)
+            session.execute(Patient.__table__.update().where(Patient.code == second).values(code=second))
+        return work
+
+    def run(first: str, second: str) -> None:
+        try:
+            transaction(factory, unit(first, second), what="a test")
+        except BaseException as exc:  # noqa: BLE001 - reported by the test
+            errors.append(exc)
+
+    threads = [threading.Thread(target=run, args=pair) for pair in (("A", "B"), ("B", "A"))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert not errors, errors
+    assert sorted(runs) in (["A", "A", "B"], ["A", "B", "B"])  # one of the two ran again after the deadlock
+    engine.dispose()
