@@ -64,6 +64,7 @@ DME_GRADES = range(3)
 PERCENTILES = (50, 90, 99)
 DATE_BASIS = "received_at (UTC date, inclusive)"
 NO_REASON = "(no reason given)"
+NO_SITE = "(no site)"  # results stored before revision 0008_claims_sites recorded the grading worker's site
 
 
 @dataclass
@@ -85,6 +86,20 @@ class ModelStats:
 
 
 @dataclass
+class SiteStats:
+    """Per ``[screening] site`` of the worker that graded (``results.site``): where the work was done."""
+
+    site: str
+    images: int = 0
+    referable: int = 0
+    reported: int = 0
+    awaiting_report: int = 0
+    turnaround_p50_s: float | None = None
+    turnaround_p90_s: float | None = None
+    turnaround_p99_s: float | None = None
+
+
+@dataclass
 class AuditSummary:
     start: date | None
     end: date | None
@@ -99,6 +114,7 @@ class AuditSummary:
     incidents: dict[str, int] = field(default_factory=dict)
     date_basis: str = DATE_BASIS
     agreement: AgreementSummary | None = None  # model versus grader; None in exports made before it existed
+    by_site: dict[str, SiteStats] = field(default_factory=dict)  # filled when asked for (audit --by-site)
 
     @property
     def duplicates(self) -> int:
@@ -132,6 +148,7 @@ class AuditSummary:
             incidents={str(k): int(v) for k, v in d.get("incidents", {}).items()},
             date_basis=d.get("date_basis", DATE_BASIS),
             agreement=AgreementSummary.from_dict(d["agreement"]) if d.get("agreement") else None,
+            by_site={str(k): SiteStats(**v) for k, v in d.get("by_site", {}).items()},
         )
 
 
@@ -252,10 +269,28 @@ def _turnaround_percentiles(session: Session, where: list[ColumnElement[bool]], 
     return out
 
 
+def _site_counts(session: Session, where: list[ColumnElement[bool]]) -> dict[str, SiteStats]:
+    """Images, referrals and turnaround per grading site: one walk along ix_results_audit_site (site first),
+    and the percentiles of each site from the two values around each rank, as per model."""
+    out: dict[str, SiteStats] = {}
+    stmt = (select(Result.site, func.count(), func.count(case((Result.referable, 1))), func.count(Result.turnaround_s))
+            .where(*where).group_by(Result.site))
+    for site, n, referable, reported in session.execute(stmt).all():
+        st = SiteStats(site if site is not None else NO_SITE, int(n), int(referable), int(reported), int(n) - int(reported))
+        same_site = Result.site.is_(None) if site is None else Result.site == site
+        pct = _turnaround_percentiles(session, [*where, same_site], st.reported)
+        for q in PERCENTILES:
+            setattr(st, f"turnaround_p{q}_s", pct[q])
+        out[st.site] = st
+    return dict(sorted(out.items()))
+
+
 def audit_summary(
-    session: Session, start: date | None = None, end: date | None = None, model_version: str | None = None
+    session: Session, start: date | None = None, end: date | None = None, model_version: str | None = None,
+    *, by_site: bool = False,
 ) -> AuditSummary:
-    """Statistics for files received between ``start`` and ``end`` (UTC dates, inclusive).
+    """Statistics for files received between ``start`` and ``end`` (UTC dates, inclusive); ``by_site`` adds the
+    graded images per site of the worker that graded them (several workers writing one database).
 
     Graded images are counted from ``results`` alone (its copy of the arrival time, its turnaround), each
     count along its own index, so that a million results take well under a second (BENCHMARKS.md)."""
@@ -356,6 +391,7 @@ def audit_summary(
         failed_reasons=ordered(failed),
         drops=drops,
         incidents=ordered(incidents),
+        by_site=_site_counts(session, where) if by_site else {},
     )
 
 
@@ -386,13 +422,15 @@ def _stat_rows(s: ModelStats) -> list[tuple[str, str, Any]]:
     return rows
 
 
-CSV_FIELDS = ["section", "model_version", "key", "value", "reviewer"]
+CSV_FIELDS = ["section", "model_version", "key", "value", "reviewer", "site"]
+_SITE_KEYS = ("images", "referable", "reported", "awaiting_report", *(f"turnaround_p{q}_s" for q in PERCENTILES))
 
 
 def summary_rows(summary: AuditSummary) -> list[dict[str, str]]:
-    """The summary as tidy rows ``section, model_version, key, value, reviewer`` (what :func:`write_csv`
+    """The summary as tidy rows ``section, model_version, key, value, reviewer, site`` (what :func:`write_csv`
     writes). ``model_version`` is ``ALL`` for the pooled column and empty for period-wide rows; ``reviewer``
-    is set only on the per-reviewer agreement rows (section ``agreement``)."""
+    is set only on the per-reviewer agreement rows (section ``agreement``), ``site`` only on the per-site rows
+    (section ``site``, with ``audit --by-site``)."""
     out: list[tuple[str, str, str, Any]] = [
         ("filter", "", "start", summary.start.isoformat() if summary.start else ""),
         ("filter", "", "end", summary.end.isoformat() if summary.end else ""),
@@ -422,8 +460,13 @@ def summary_rows(summary: AuditSummary) -> list[dict[str, str]]:
             return repr(round(v, 3))
         return str(v)
 
-    return [{"section": s, "model_version": m, "key": k, "value": text(v), "reviewer": reviewer_of.get(i, "")}
-            for i, (s, m, k, v) in enumerate(out)]
+    site_of: dict[int, str] = {}
+    for site, site_stats in summary.by_site.items():
+        for key in _SITE_KEYS:
+            site_of[len(out)] = site
+            out.append(("site", summary.model_version or ALL, key, getattr(site_stats, key)))
+    return [{"section": s, "model_version": m, "key": k, "value": text(v), "reviewer": reviewer_of.get(i, ""),
+             "site": site_of.get(i, "")} for i, (s, m, k, v) in enumerate(out)]
 
 
 def write_csv(summary: AuditSummary, path: str | PathLike[str]) -> Path:
@@ -506,7 +549,24 @@ def format_table(summary: AuditSummary) -> str:
         lines += [f"  {n:>6}  {code}" for code, n in summary.incidents.items()]
     if summary.agreement is not None:
         lines += ["", *_agreement_table(summary.agreement)]
+    if summary.by_site:
+        lines += ["", *_site_table(summary.by_site)]
     return "\n".join(lines) + "\n"
+
+
+def _site_table(by_site: dict[str, SiteStats]) -> list[str]:
+    """Graded images per site of the grading worker: one column per site."""
+    labels = {"images": "Images graded", "referable": "Referable", "reported": "Reported images",
+              "awaiting_report": "Awaiting report", **{f"turnaround_p{q}_s": f"Turnaround p{q}" for q in PERCENTILES}}
+    headers = ["By site", *by_site]
+    body = [[label, *(_fmt_seconds(getattr(st, key)) if key.startswith("turnaround") else str(getattr(st, key))
+                      for st in by_site.values())] for key, label in labels.items()]
+    widths = [max(len(r[j]) for r in [headers, *body]) for j in range(len(headers))]
+
+    def fmt(r: list[str]) -> str:
+        return "  ".join(r[0].ljust(widths[0]) if j == 0 else r[j].rjust(widths[j]) for j in range(len(r))).rstrip()
+
+    return [fmt(headers), "  ".join("-" * w for w in widths), *(fmt(r) for r in body)]
 
 
 _AGREEMENT_LABELS = {
@@ -552,6 +612,7 @@ __all__ = [
     "AgreementSummary",
     "AuditSummary",
     "ModelStats",
+    "SiteStats",
     "audit_summary",
     "format_table",
     "percentile",

@@ -118,19 +118,18 @@ def make_worker(settings: ScreeningSettings, config_path: Path, allow_demo: bool
 
 def cmd_run(args: argparse.Namespace, settings: ScreeningSettings) -> int:
     """Exit 0 when everything was handled; 1 when a file failed, could not be moved, or a report failed (all of
-    them are retried by the next run); 2 for a configuration error; 3 when the worker could not run or had
-    to stop (another worker holds the inbox or database; the database file was deleted or replaced)."""
-    from .lock import WorkerLock
-
+    them are retried by the next run); 2 for a configuration error; 3 when the worker had to stop (the database
+    file was deleted or replaced). Other workers may run on the same inbox and database at the same time
+    (screening/claims.py); a file one of them holds is left to it."""
     check_database_url(settings.database)
     prepare_folders(settings)
-    with WorkerLock(settings.inbox, settings.database):  # before the database is opened: no two create it
-        with make_worker(settings, Path(args.config), allow_demo=not args.no_demo) as worker:
-            if args.once:
-                out = worker.run_once()
-                print(out.summary())
-                return 0 if out.ok else 1
-            worker.run_forever()
+    with make_worker(settings, Path(args.config), allow_demo=not args.no_demo) as worker:
+        log.info("worker %s (site %s) on %s", worker.claims.holder, settings.site, settings.database.split("@")[-1])
+        if args.once:
+            out = worker.run_once()
+            print(out.summary())
+            return 0 if out.ok else 1
+        worker.run_forever()
     return 0
 
 
@@ -140,7 +139,7 @@ def cmd_audit(args: argparse.Namespace, settings: ScreeningSettings) -> int:
 
     factory = _session_factory(settings)
     with session_scope(factory) as session:
-        summary = audit_summary(session, args.start, args.end, args.model_version)
+        summary = audit_summary(session, args.start, args.end, args.model_version, by_site=args.by_site)
     print(format_table(summary))
     if args.csv:
         write_csv(summary, Path(args.csv))
@@ -183,18 +182,23 @@ def _eye_code(text: str) -> str:
 
 
 def _render_reviewed(args: argparse.Namespace, settings: ScreeningSettings, factory: sessionmaker[Session], exam_id: int) -> bool:
+    from .claims import Claimer, make_holder
     from .report import ReportError
     from .review.reviewed_report import ModelCatalog, render_reviewed_report
     from .review.visits import ReviewError
 
+    claims = Claimer(factory, settings.site, settings.claim_lease_seconds, make_holder(f"{settings.site}-review"))
     try:
         report = render_reviewed_report(factory, exam_id, catalog=ModelCatalog.from_settings(settings),
                                         clinic_name=settings.clinic_name, templates_dir=templates_dir(Path(args.config)),
-                                        reports_dir=settings.reports, retries=settings.report_retries, rule=settings.eye_result)
+                                        reports_dir=settings.reports, retries=settings.report_retries, rule=settings.eye_result,
+                                        claims=claims)
     except (ReportError, ReviewError) as exc:
         print(f"error: visit {exam_id}: the reviewed report could not be made: {exc}. The sign-off is stored; "
               f"run `dr-screen review render {exam_id}` to try again", file=sys.stderr)
         return False
+    finally:
+        claims.close()
     print(f"visit {exam_id}: reviewed report v{report.version} written to {report.path}")
     return True
 
@@ -398,6 +402,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--from", dest="start", type=date.fromisoformat, help="first day (YYYY-MM-DD), by date received")
     sp.add_argument("--to", dest="end", type=date.fromisoformat, help="last day (YYYY-MM-DD), inclusive")
     sp.add_argument("--model-version")
+    sp.add_argument("--by-site", action="store_true", help="also count per site of the grading worker ([screening] site)")
     sp.add_argument("--csv", help="also write the table as CSV to this file")
     sp.add_argument("--json", help="also write JSON to this file")
     sp.set_defaults(func=cmd_audit)
@@ -482,7 +487,6 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger("alembic").setLevel(logging.WARNING)
     logging.getLogger("weasyprint.progress").setLevel(logging.WARNING)  # seven "Step n" lines per report
     from .db import DatabaseGone
-    from .lock import WorkerLocked
 
     try:
         settings = load_screening_settings(args.config)
@@ -491,7 +495,7 @@ def main(argv: list[str] | None = None) -> int:
     except _user_errors() as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    except (WorkerLocked, DatabaseGone) as exc:
+    except DatabaseGone as exc:
         log.error("%s", exc)
         print(f"error: {exc}", file=sys.stderr)
         return 3

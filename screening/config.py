@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import socket
 from pathlib import Path
 from typing import Any, Literal
 
@@ -21,6 +22,12 @@ DEFAULT_PATTERNS = (
     r"^(?P<patient>[A-Za-z]+\d+)_(?P<eye>L|R|OD|OS|left|right)$",
     r"^(?P<patient>[A-Za-z0-9-]+)_(?P<eye>L|R|OD|OS|left|right)_(?P<date>\d{8})$",
 )
+
+
+def default_site() -> str:
+    """This machine's short host name: where a worker without a ``site`` setting records its results."""
+    name = re.sub(r"[^\w .-]", "-", socket.gethostname().split(".")[0])[:64]
+    return name or "local"
 
 
 class ScreeningSettings(StrictSettings):
@@ -54,6 +61,11 @@ class ScreeningSettings(StrictSettings):
     # A file whose image data stops short (still being copied, truncated, corrupt) stays in the inbox and is
     # read again when it changes; once unchanged this long it is rejected as incomplete or corrupt.
     incomplete_grace: float = Field(300.0, ge=0)
+    # Several workers on one inbox and database (screening/claims.py): this worker's site, recorded on each
+    # result (the audit counts per site: dr-screen audit --by-site), and how long a claim on a photo or on a
+    # visit's report lasts unless renewed; a worker that dies releases its claims after this long.
+    site: str = Field(default_factory=default_site, min_length=1, max_length=64, pattern=r"^[\w .-]+$")
+    claim_lease_seconds: float = Field(60.0, ge=1)
     # Hidden and temporary names (.part, ~$, dotfiles, a sidecar without its photo) are left alone while they
     # are in use; unchanged this long, they are rejected with a reason so that nothing lies in the inbox unseen.
     abandoned_after: float = Field(3600.0, gt=0)

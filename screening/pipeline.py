@@ -13,6 +13,10 @@ run). A locked database is waited out (:func:`screening.db.session.transaction`)
 or replaced under the worker stops it (:class:`~screening.db.session.DatabaseGone`), since every result
 written after that would be lost. At start-up :meth:`Worker.recover` reconciles the database with the files.
 
+Several workers may share one inbox and one database (:mod:`screening.claims`): each file is claimed before it
+is read and released once it has left the inbox (or was put off), so every photo is graded by one worker; a
+file another worker holds is left to it and looked at again later (``run_forever``) or by the next run.
+
 :class:`Worker` only drives: which files to take (``run_once``: what is in the inbox now; ``run_forever``:
 the watcher and the periodic sweep), the order of the stages, and the counts of what happened.
 """
@@ -30,7 +34,9 @@ from pathlib import Path
 
 from sqlalchemy.orm import Session, sessionmaker
 
+from .claims import Claimer, ClaimLost
 from .config import ScreeningSettings
+from .db.models import ClaimKind
 from .db.session import DatabaseGone
 from .inference import Predictor
 from .intake import EMPTY_FILE_FACTOR, Intake, sweep, wait_until_stable
@@ -73,6 +79,7 @@ class BatchOutcome:
     report_failures: int = 0  # rendered or recorded unsuccessfully: the catch-up makes them again
     deferred: int = 0  # still arriving (incomplete, or changing while read): read again later
     unmoved: int = 0  # recorded, but the move out of the inbox failed (full, read-only): retried
+    elsewhere: int = 0  # claimed by another worker: left to it (looked at again later in watch mode)
     retry: list[Path] = field(default_factory=list)  # the files to hand out again (watch mode)
 
     def count(self, outcome: IntakeOutcome) -> None:
@@ -96,31 +103,37 @@ class BatchOutcome:
     def summary(self) -> str:
         return (f"processed {self.processed}, duplicates {self.duplicates}, rejected {self.rejected}, failed {self.failed}, "
                 f"reports {self.reports}, report failures {self.report_failures}, deferred {self.deferred}, "
-                f"not yet moved {self.unmoved}")
+                f"not yet moved {self.unmoved}, left to other workers {self.elsewhere}")
 
 
 class Worker:
-    """Holds the stages (and through them the predictor, the session factory and the renderer)."""
+    """Holds the stages (and through them the predictor, the session factory and the renderer) and this run's
+    claims (``claims``; by default a :class:`~screening.claims.Claimer` for ``settings.site``)."""
 
     def __init__(
         self, settings: ScreeningSettings, predictor: Predictor, factory: sessionmaker[Session], templates_dir: Path,
-        today: Callable[[], date] = date.today, renderer: Renderer | None = None,
+        today: Callable[[], date] = date.today, renderer: Renderer | None = None, claims: Claimer | None = None,
     ) -> None:
         self.s = settings
         self.predictor = predictor
         self.factory = factory
         for folder in (settings.inbox, settings.reports, settings.archive, settings.rejected, settings.work_dir):
             folder.mkdir(parents=True, exist_ok=True)
-        self.filing = Filing(settings, factory)
-        self.intake = IntakeStage(settings, factory, self.filing, predictor.size, today)
+        self.claims = claims if claims is not None else Claimer(factory, settings.site, settings.claim_lease_seconds)
+        self.filing = Filing(settings, factory, self.claims)
+        self.intake = IntakeStage(settings, factory, self.filing, predictor.size, today, claims=self.claims)
         self.grade = GradeStage(predictor, settings.batch_size)
-        self.store = StoreStage(settings, factory, self.filing, predictor)
+        self.store = StoreStage(settings, factory, self.filing, predictor, claims=self.claims)
         self.report = ReportStage(settings, factory, predictor,
-                                  renderer if renderer is not None else make_renderer(settings.report_renderer), templates_dir)
+                                  renderer if renderer is not None else make_renderer(settings.report_renderer), templates_dir,
+                                  claims=self.claims)
 
     def close(self) -> None:
-        """Wait for reports on the way, then stop the renderer."""
-        self.report.close()
+        """Wait for reports on the way, then stop the renderer and give up this run's claims."""
+        try:
+            self.report.close()
+        finally:
+            self.claims.close()
 
     def __enter__(self) -> Worker:
         return self
@@ -134,12 +147,37 @@ class Worker:
         after the batch holding its last image here, so it renders while the next batch runs; reports finished
         meanwhile are recorded between batches (``self.report.wait()`` waits for the rest)."""
         out = BatchOutcome()
+        claimed: list[str] = []
+        try:
+            self._process(paths, out, claimed)
+        finally:
+            try:
+                self.claims.release(ClaimKind.FILE, claimed)
+            except DatabaseGone:
+                raise
+            except Exception:
+                log.exception("could not release this worker's claims on %d file(s); they lapse after %.0f s",
+                              len(claimed), self.s.claim_lease_seconds)
+        return out
+
+    def _claim(self, path: Path) -> bool:
+        return self.claims.take(ClaimKind.FILE, path.name)
+
+    def _process(self, paths: Iterable[Path], out: BatchOutcome, claimed: list[str]) -> None:
         jobs = []
         for path in paths:
             try:
+                if not self._claim(path):  # another worker has it: left to that worker
+                    out.elsewhere += 1
+                    out.retry.append(path)
+                    continue
+                claimed.append(path.name)
                 outcome = self.intake.admit(path)
             except DatabaseGone:
                 raise
+            except ClaimLost:  # taken over by another worker while this one was stalled: theirs now
+                out.elsewhere += 1
+                continue
             except MoveFailed:  # recorded; the move is finished when the file is seen again
                 out.unmoved += 1
                 out.retry.append(path)
@@ -164,6 +202,11 @@ class Worker:
                     saved = self.store.save(job, pred, graded.per_image_ms)
                 except DatabaseGone:
                     raise
+                except ClaimLost:
+                    log.warning("image %s was taken over by another worker while this one graded it; its result is "
+                                "that worker's", job.image_id)
+                    out.elsewhere += 1
+                    continue
                 except Exception as exc:  # noqa: BLE001 - recorded as failed; the file stays for a retry
                     self._fail(job, exc, FailReason.STORING, out)
                     continue
@@ -178,7 +221,6 @@ class Worker:
             self._submit_quietly(ready)
             out.count_reports(self.report.collect())
             release_memory(TRIM_ABOVE_FREE_BYTES)
-        return out
 
     def _fail(self, job: Job, exc: BaseException, code: FailReason, out: BatchOutcome) -> None:
         out.failed += 1
@@ -202,6 +244,9 @@ class Worker:
         """After a restart, before anything else: the images and moves the last run left unfinished
         (:meth:`IntakeStage.recover`), then the report files and the database (:meth:`ReportStage.reconcile`;
         a visit whose newest report file is gone is rendered again)."""
+        purged = self.claims.purge_expired()
+        if purged:
+            log.info("removed %d claim(s) left by workers that stopped", purged)
         self.intake.recover()
         rerender = self.report.reconcile()
         if rerender:
@@ -271,7 +316,7 @@ class Worker:
                     delay = intake.retry_later(path)
                     log.info("a file stays in the inbox and is tried again within %.0f s", delay)
                 log.info("batch: %s (reports recorded meanwhile; each report is logged when it is written)", out.summary())
-        elif self.report.in_flight:
+        elif self.report.busy:
             self.report.collect(timeout=self.s.poll_interval)
         else:
             stop.wait(self.s.poll_interval)

@@ -7,13 +7,21 @@
 * already at head: nothing;
 * tables but no ``alembic_version``: refuse (an unknown database is never altered blindly).
 
+Several workers may start at once on one database (:mod:`screening.claims`): :func:`schema_lock` makes one of them
+create or upgrade the schema while the others wait, then find it at head (a lock file beside a SQLite database,
+a PostgreSQL advisory lock on a server).
+
 For staff tooling, :func:`alembic_config` returns a Config usable with ``alembic.command``
 (``command.current(alembic_config(url))``, ``command.upgrade(cfg, "head", sql=True)`` for SQL output).
 """
 
 from __future__ import annotations
 
+import fcntl
+import os
 import sqlite3
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -24,9 +32,12 @@ from alembic.script import ScriptDirectory
 from sqlalchemy import Connection, Engine, inspect
 
 from screening.db.models import Base
+from screening.db.session import sqlite_file_path
 
 MIGRATIONS_DIR = Path(__file__).resolve().parent / "migrations"
 VERSION_TABLE = "alembic_version"
+# pg_advisory_lock key of schema changes: any constant the database's other users do not use ("DRSCREEN" in hex)
+SCHEMA_LOCK_KEY = 0x4452534352454E
 
 
 class SchemaError(RuntimeError):
@@ -81,8 +92,39 @@ def _backup_sqlite(engine: Engine, tag: str) -> Path | None:
     return dest
 
 
+@contextmanager
+def schema_lock(engine: Engine) -> Iterator[None]:
+    """Held while the schema is created or upgraded, so that two processes starting together never both do it.
+    SQLite file: an exclusive ``flock`` on ``<database>.schema.lock`` (released by the kernel even when the
+    process is killed); PostgreSQL: a session advisory lock on its own connection. Waits for the holder."""
+    if engine.dialect.name == "postgresql":
+        with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
+            conn.exec_driver_sql(f"SELECT pg_advisory_lock({SCHEMA_LOCK_KEY})")
+            try:
+                yield
+            finally:
+                conn.exec_driver_sql(f"SELECT pg_advisory_unlock({SCHEMA_LOCK_KEY})")
+        return
+    path = sqlite_file_path(engine.url.render_as_string(hide_password=False)) if engine.dialect.name == "sqlite" else None
+    if path is None:  # in-memory SQLite: one process only
+        yield
+        return
+    fd = os.open(path + ".schema.lock", os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # releases the flock
+
+
 def init_db(engine: Engine, *, backup: bool = True) -> str:
-    """Bring the database to the head revision; returns the revision it is at afterwards."""
+    """Bring the database to the head revision; returns the revision it is at afterwards. Several processes
+    may call it at once (:func:`schema_lock`)."""
+    with schema_lock(engine):
+        return _init_db(engine, backup=backup)
+
+
+def _init_db(engine: Engine, *, backup: bool) -> str:
     head = head_revision()
     tables = set(inspect(engine).get_table_names())
     if not tables - {VERSION_TABLE}:
@@ -111,5 +153,6 @@ __all__ = [
     "current_revision",
     "head_revision",
     "init_db",
+    "schema_lock",
     "upgrade",
 ]

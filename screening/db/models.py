@@ -221,13 +221,14 @@ class Result(Base):
         ),
         # The audit counts from this table alone, each count a walk along one of these indexes (revision
         # 0003_audit_columns_indexes): grades and referrals per model; distinct exams, pooled and per model;
-        # turnaround percentiles per model and pooled.
+        # turnaround percentiles per model and pooled; per site (revision 0008_claims_sites, audit --by-site).
         Index("ix_results_audit_grades", "model_version", "dr_grade", "dme_grade", "referable", "received_at", "turnaround_s"),
         Index("ix_results_audit_exams", "exam_id", "referable", "received_at"),
         Index("ix_results_audit_model_exams", "model_version", "exam_id", "referable", "received_at"),
         Index("ix_results_audit_turnaround", "model_version", "turnaround_s", "received_at"),
         Index("ix_results_turnaround", "turnaround_s", "received_at"),
         Index("ix_results_image_model", "image_id", "model_version"),  # duplicates per model, from the index alone
+        Index("ix_results_audit_site", "site", "turnaround_s", "referable", "received_at"),
     )
 
     id: Mapped[int] = mapped_column(primary_key=True)
@@ -262,6 +263,9 @@ class Result(Base):
     # Seconds from received_at to the first report of the exam created at or after this result; NULL while
     # there is none (awaiting report).
     turnaround_s: Mapped[float | None] = mapped_column(Float)
+    # The site of the worker that graded it ([screening] site; revision 0008_claims_sites): with several workers
+    # writing one database, the audit can count per site. NULL for results stored before that revision.
+    site: Mapped[str | None] = mapped_column(String(64))
 
     image: Mapped[Image] = relationship(back_populates="result")
 
@@ -409,6 +413,40 @@ class ReviewEye(Base):
                 f"dr_grade={self.dr_grade!r}, dme_grade={self.dme_grade!r})")
 
 
+class ClaimKind(StrEnum):
+    FILE = "file"  # an inbox file, by name: held from intake until the file has left the inbox (or is put off)
+    VISIT = "visit"  # an exam's next report version, by exam id: held from choosing the version until it is recorded
+
+
+class Claim(Base):
+    """Work one worker (or one review render) holds so that no other takes it at the same time (revision
+    0008_claims_sites). A claim is a row per (kind, key), taken with one INSERT ... ON CONFLICT statement that
+    succeeds only when the key is free, already this holder's, or its lease has run out (``expires_at``); the
+    holder renews the lease while it works (:mod:`screening.claims`) and deletes the row when done. A holder
+    killed with ``kill -9`` renews nothing: its claims are taken over once their lease has passed. Every write
+    that acts on claimed work first renews the claim in the same transaction (``claims.hold``), so a holder
+    whose lease was taken over commits nothing for it."""
+
+    __tablename__ = "claims"
+    __table_args__ = (
+        UniqueConstraint("kind", "key"),
+        CheckConstraint(_in("kind", ClaimKind), name="kind"),
+        Index("ix_claims_holder", "holder"),
+        Index("ix_claims_expires_at", "expires_at"),
+    )
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    kind: Mapped[str] = mapped_column(String(8))
+    key: Mapped[str] = mapped_column(String(255))  # the file's name in the inbox, or the exam id
+    holder: Mapped[str] = mapped_column(String(160))  # "<site>/<host>/<pid>/<random>": unique per worker run
+    site: Mapped[str] = mapped_column(String(64))
+    claimed_at: Mapped[datetime] = mapped_column(default=utcnow)
+    expires_at: Mapped[datetime]
+
+    def __repr__(self) -> str:
+        return f"Claim(kind={self.kind!r}, key={self.key!r}, holder={self.holder!r}, expires_at={self.expires_at!r})"
+
+
 # Sign-offs are never edited or removed, not even by a stray UPDATE in an SQL client: the database refuses it
 # (revision 0014_reviews creates the same triggers). A correction is a new review. SQLite: a trigger per verb
 # that raises. PostgreSQL: the same trigger names, calling one PL/pgSQL function that raises with SQLSTATE 23001
@@ -458,6 +496,8 @@ __all__ = [
     "APPEND_ONLY_TABLES",
     "LESION_COLUMNS",
     "Base",
+    "Claim",
+    "ClaimKind",
     "Drop",
     "DropOutcome",
     "Event",

@@ -259,12 +259,14 @@ def add_result(
     device: str | None = None,
     inference_ms: float | None = None,
     created_at: datetime | None = None,
+    site: str | None = None,
 ) -> Result:
     """Store the model output for ``image`` (one per image; a second raises IntegrityError on flush).
     ``lesion_areas`` is keyed by lesion code (``MA`` ... ``OD``; a missing code stores 0), and so is
     ``original_masks`` (the TIFF of each lesion at the original photo's size).
     Does not change the image state: call :func:`set_state` (``done``) in the same unit of work.
-    The image's exam and arrival time are copied onto the result for the audit (see models.Result)."""
+    The image's exam and arrival time are copied onto the result for the audit (see models.Result); ``site`` is
+    the grading worker's ``[screening] site``."""
     areas = dict(lesion_areas or {})
     unknown = (set(areas) | set(original_masks or {})) - set(LESION_COLUMNS)
     if unknown:
@@ -298,6 +300,7 @@ def add_result(
         exam_id=image.exam_id,
         received_at=image.received_at,
         turnaround_s=None if first_report_at is None else (first_report_at - image.received_at).total_seconds(),
+        site=site,
     )
     session.add(result)
     session.flush()

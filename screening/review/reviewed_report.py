@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -17,9 +18,10 @@ from typing import Any, Literal
 
 from sqlalchemy.orm import Session, sessionmaker
 
+from screening.claims import Claimer
 from screening.config import ScreeningSettings
 from screening.db import repository as repo
-from screening.db.models import Exam, Report
+from screening.db.models import ClaimKind, Exam, Report
 from screening.db.session import session_scope
 from screening.report import (
     EyeResultRule,
@@ -38,6 +40,7 @@ log = logging.getLogger(__name__)
 # stylesheet and font configuration (screening.report) are shared objects not meant for concurrent use.
 _RENDER_LOCK = threading.Lock()
 VERSION_ATTEMPTS = 5
+CLAIM_WAIT_S = 30.0  # a worker's version of the visit takes seconds; longer, and the sign-off is rendered later
 
 
 @dataclass(frozen=True)
@@ -119,10 +122,40 @@ def render_reviewed_report(
     reports_dir: Path,
     retries: int = 3,
     rule: EyeResultRule = "worst",
+    claims: Claimer | None = None,
 ) -> Report:
     """Render and record the reviewed version of the visit's current sign-off. The sign-off is committed
     before this is called, so a failed render (ReportError) loses nothing: ``dr-screen review render``
-    makes it later. No database transaction is held while WeasyPrint works."""
+    makes it later. No database transaction is held while WeasyPrint works.
+
+    ``claims``: where workers share the database, the visit's report claim (:mod:`screening.claims`) is taken
+    first, as a worker takes it for its versions, waiting up to ``CLAIM_WAIT_S`` for a worker that is making
+    one; the version numbers then stay in order whoever writes them."""
+    if claims is None:
+        return _render_reviewed(factory, exam_id, catalog=catalog, clinic_name=clinic_name, templates_dir=templates_dir,
+                                reports_dir=reports_dir, retries=retries, rule=rule)
+    key = str(exam_id)
+    deadline = time.monotonic() + CLAIM_WAIT_S
+    while not claims.take(ClaimKind.VISIT, key):
+        if time.monotonic() > deadline:
+            raise ReportError(f"visit {exam_id}: a worker has been writing a version of this visit's report for over "
+                              f"{CLAIM_WAIT_S:.0f} s; the sign-off is recorded and `dr-screen review render` makes the "
+                              "reviewed version later")
+        time.sleep(0.5)
+    try:
+        from screening.stages.report import remove_unrecorded_versions
+
+        remove_unrecorded_versions(factory, reports_dir, exam_id)
+        return _render_reviewed(factory, exam_id, catalog=catalog, clinic_name=clinic_name, templates_dir=templates_dir,
+                                reports_dir=reports_dir, retries=retries, rule=rule, claims=claims)
+    finally:
+        claims.release(ClaimKind.VISIT, [key])
+
+
+def _render_reviewed(
+    factory: sessionmaker[Session], exam_id: int, *, catalog: ModelCatalog, clinic_name: str, templates_dir: Path,
+    reports_dir: Path, retries: int, rule: EyeResultRule, claims: Claimer | None = None,
+) -> Report:
     for _ in range(VERSION_ATTEMPTS):
         with session_scope(factory) as session:
             visit = load_visit(session, exam_id, rule)
@@ -144,6 +177,8 @@ def render_reviewed_report(
                 repo.add_event(session, "report_failed", f"exam {exam_id} review {review_id}: {exc.__cause__!r}")
             raise
         with session_scope(factory) as session:
+            if claims is not None:
+                claims.hold(session, ClaimKind.VISIT, str(exam_id))
             exam = session.get(Exam, exam_id)
             assert exam is not None
             report = repo.add_report(session, exam, path, model.version, version=version, review_id=review_id)

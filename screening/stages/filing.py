@@ -25,6 +25,12 @@ Destinations: ``archive/<date>/<sha12>_<name>``, ``archive/<date>/duplicates/...
 finished after a restart writes the same reason file). A sidecar JSON travels with its image as
 ``<dest>.json``. Names from users only ever become file names through :func:`training.common.safe_file_name`.
 Inbox entries that are not files (a link, a folder) move as they are: a link is moved, never followed.
+
+Several workers (:mod:`screening.claims`): only the worker holding a file's claim moves it, but the inbox may be
+a network share where another worker (one that took the file over after this one stalled) got there first. A
+file already gone is then recorded as such without overwriting what the other worker recorded, and the
+start-up clean-ups leave alone what other live workers are in the middle of (their claimed files, and partial
+copies younger than two leases).
 """
 
 from __future__ import annotations
@@ -34,16 +40,19 @@ import logging
 import os
 import shutil
 import stat
+import time
 from datetime import datetime
 from pathlib import Path
 
+from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
 from training.common import atomic_write_text, fsync_dir, safe_file_name, sha256_file
 
+from ..claims import Claimer
 from ..config import ScreeningSettings
 from ..db import repository as repo
-from ..db.models import Drop, DropOutcome, Image
+from ..db.models import ClaimKind, Drop, DropOutcome, Event, Image
 from ..db.session import transaction
 from ..intake import entry_sha256, sidecar_for
 from ..rejection import Incident
@@ -107,9 +116,10 @@ class Filing:
     """Archives graded and duplicate files, moves refused ones to ``rejected/`` with a reason file, and records
     where each went (see the module docstring for the commit-then-move protocol)."""
 
-    def __init__(self, settings: ScreeningSettings, factory: sessionmaker[Session]) -> None:
+    def __init__(self, settings: ScreeningSettings, factory: sessionmaker[Session], claims: Claimer | None = None) -> None:
         self.settings = settings
         self.factory = factory
+        self.claims = claims
 
     def _incident(self, exc: OSError, what: str, image_id: int | None, drop_id: int | None) -> MoveFailed:
         """Record a failed move (no names in the log: the ids say which) and build the error to raise."""
@@ -198,6 +208,8 @@ class Filing:
             image = session.get(Image, image_id)
             if image is None:
                 raise LookupError(f"image {image_id} is not in the database; its file {path.name} was archived as {dest}")
+            if dest is None and image.stored_path not in (None, str(path)):
+                return  # another worker moved it and recorded where: theirs stands
             image.stored_path = None if dest is None else str(dest)
             if dest is None:
                 repo.add_event(session, "archive", f"not archived: {NOT_FILED}", image=image, code=Incident.NOT_MOVED)
@@ -233,6 +245,9 @@ class Filing:
         def record(session: Session) -> None:
             drop = session.get(Drop, drop_id)
             assert drop is not None  # read above; drops are never deleted
+            closed = session.scalar(select(Event.id).where(Event.drop_id == drop_id, Event.kind == outcome).limit(1))
+            if closed is not None:
+                return  # another worker filed it (and closed the drop) first
             image = drop.image
             if image is not None and image.stored_path == str(path):  # the image's own file went with this drop
                 image.stored_path = None if dest is None else str(dest)
@@ -244,13 +259,22 @@ class Filing:
     # ---------------------------------------------------------------------------------- recovery
     def clean_partials(self) -> int:
         """At start-up: remove the ``.<name>.partial`` copies a crash left in the archive or ``rejected/`` (their
-        originals are still in the inbox with their records, and are moved again). Returns how many."""
+        originals are still in the inbox with their records, and are moved again). While other workers hold
+        files, a partial copy younger than two leases may be one of theirs being written: it is left. Returns
+        how many."""
+        claims = self.claims
+        others_busy = claims is not None and bool(transaction(
+            self.factory, lambda s: claims.held_by_others(s, ClaimKind.FILE), what="reading other workers' claims"))
+        min_age = 2 * self.settings.claim_lease_seconds if others_busy else 0.0
+        now = time.time()
         removed = 0
         for root in (self.settings.archive, self.settings.rejected):
             for folder, _, names in os.walk(root):  # os.walk: several times faster than Path.rglob on a big archive
                 for name in names:
                     if name.startswith(".") and name.endswith(PARTIAL_SUFFIX):
                         try:
+                            if min_age and now - os.lstat(os.path.join(folder, name)).st_mtime < min_age:
+                                continue
                             os.unlink(os.path.join(folder, name))
                         except OSError:
                             continue
@@ -269,8 +293,11 @@ class Filing:
 
         def close(session: Session) -> int:
             closed = 0
+            busy = self.claims.held_by_others(session, ClaimKind.FILE) if self.claims is not None else {}
             for drop in repo.unfiled_drops(session):
                 name = drop.source_name
+                if name in busy:
+                    continue  # another worker is filing it right now
                 candidate = self.settings.inbox / name
                 try:
                     still_there = (os.path.basename(name) == name and os.path.lexists(candidate)

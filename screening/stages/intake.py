@@ -33,11 +33,13 @@ from dataclasses import dataclass
 from datetime import date
 from pathlib import Path
 
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
+from ..claims import Claimer
 from ..config import ScreeningSettings
 from ..db import repository as repo
-from ..db.models import DropOutcome, Image, ImageState
+from ..db.models import ClaimKind, DropOutcome, Image, ImageState
 from ..db.session import transaction
 from ..dicom import DICOM_SUFFIXES, dicom_identity, is_dicom, read_dicom
 from ..imaging import DecodedImage, DecodeLimits, decode_bytes, preprocess
@@ -108,7 +110,7 @@ def conflict_with(image: Image, identity: Identity | None) -> str | None:
 class IntakeStage:
     def __init__(
         self, settings: ScreeningSettings, factory: sessionmaker[Session], filing: Filing, image_size: int,
-        today: Callable[[], date] = date.today,
+        today: Callable[[], date] = date.today, claims: Claimer | None = None,
     ) -> None:
         self.settings = settings
         self.factory = factory
@@ -116,9 +118,26 @@ class IntakeStage:
         self.image_size = image_size  # the model's input size: images are decoded no larger than needed
         self.today = today
         self.limits = DecodeLimits(max_pixels=settings.max_pixels, max_pages=settings.max_pages)
+        # Several workers: the caller claimed each file (screening.claims); every transaction that records it
+        # renews the claim first and raises ClaimLost if another worker took it over. None: one worker, no claims.
+        self.claims = claims
+
+    def _hold(self, session: Session, path: Path) -> None:
+        """Fence work this worker claimed (screening.claims): renewed, or ClaimLost if another worker took it over."""
+        if self.claims is not None and self.claims.holds(ClaimKind.FILE, path.name):
+            self.claims.hold(session, ClaimKind.FILE, path.name)
 
     def admit(self, path: Path) -> IntakeOutcome:
-        """One inbox entry through the steps of the module docstring."""
+        """One inbox entry through the steps of the module docstring. Another worker recording the same content
+        from another file at the same moment makes this one's new image a unique-key clash: the entry is then
+        looked at once more, and is that image's duplicate."""
+        try:
+            return self._admit_entry(path)
+        except IntegrityError:
+            log.info("the same photo was recorded by another worker at the same moment; looking at the file again")
+            return self._admit_entry(path)
+
+    def _admit_entry(self, path: Path) -> IntakeOutcome:
         try:
             st = os.lstat(path)
         except FileNotFoundError:
@@ -143,6 +162,7 @@ class IntakeStage:
             unidentified = rejection
 
         def look(session: Session) -> tuple[list[tuple[int, int | None]], _Known | None, int | None, str | None]:
+            self._hold(session, path)
             unfiled = [(d.id, d.image_id) for d in repo.unfiled_drops(session, sha256=sha, source_name=path.name)]
             image = repo.get_image_by_sha(session, sha)
             known = _Known.of(image, path) if image is not None else None
@@ -239,6 +259,7 @@ class IntakeStage:
             return Vanished(path)
 
         def record(session: Session) -> tuple[int, bool]:
+            self._hold(session, path)
             unfiled = repo.unfiled_drops(session, sha256=sha, source_name=path.name)
             if unfiled:
                 return unfiled[0].id, True
@@ -258,6 +279,7 @@ class IntakeStage:
         very file was its pending drop), commit, then file it under ``rejected/``."""
 
         def record(session: Session) -> tuple[int, int]:
+            self._hold(session, path)
             if known is None:
                 image = repo.add_image(session, sha256=sha, source_name=path.name, state=ImageState.REJECTED,
                                        error=rejection.message, error_code=rejection.code, stored_path=path)
@@ -281,6 +303,7 @@ class IntakeStage:
         """Commit the image as ``received`` in its patient's exam; its file stays in the inbox until stored."""
 
         def record(session: Session) -> Job:
+            self._hold(session, path)
             patient = repo.get_or_create_patient(session, identity.patient_id)
             exam = repo.get_or_create_exam(session, patient, identity.exam_date or self.today())
             w, h = decoded.original_size
@@ -310,7 +333,11 @@ class IntakeStage:
         gone are closed (:meth:`Filing.close_stale`) and half-copied files are removed (:meth:`Filing.clean_partials`)."""
 
         def fix(session: Session) -> None:
+            # files other workers are handling now: their images are theirs to finish, whatever this worker sees
+            busy = self.claims.held_by_others(session, ClaimKind.FILE) if self.claims is not None else {}
             for image in repo.images_in_state(session, [ImageState.RECEIVED, ImageState.FAILED]):
+                if image.stored_path and Path(image.stored_path).name in busy:
+                    continue
                 if image.result is not None:
                     repo.set_state(session, image, ImageState.DONE)
                     repo.add_event(session, "repair", "its result was stored: marked graded", image=image,

@@ -12,6 +12,14 @@ At start-up :meth:`ReportStage.reconcile` makes the report folders and the datab
 ``report_vN.pdf`` that no row records (published by a renderer that finished after its worker died) is
 removed, and ``latest.pdf`` put back to the newest recorded version; a recorded report whose file is gone
 is counted and its visit rendered again. Both are ``reconcile`` events with an incident code.
+
+Several workers (:mod:`screening.claims`): a visit's next version is claimed (``visit``) from choosing the version
+until it is recorded, so two workers that stored the visit's two eyes at the same moment make versions 1 and 2
+in order instead of racing for one number. A visit another worker holds waits (:attr:`ReportStage.busy`) and
+is tried again; once claimed it is rendered only if a photo of it is still unreported. When a worker takes a
+visit's claim afresh, a version file no row records is a dead worker's (nobody else may render the visit):
+it is removed first, so the recorded versions stay 1, 2, 3 ... with no gap. Start-up reconciliation leaves
+alone the visits other workers hold.
 """
 
 from __future__ import annotations
@@ -30,9 +38,10 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from training.common import atomic_write, safe_id
 
+from ..claims import Claimer
 from ..config import ScreeningSettings
 from ..db import repository as repo
-from ..db.models import Exam, Image, ImageState, Patient, Report, utcnow
+from ..db.models import ClaimKind, Exam, Image, ImageState, Patient, Report, utcnow
 from ..db.session import DatabaseGone, transaction
 from ..findings import eye_finding
 from ..inference import Predictor
@@ -47,20 +56,56 @@ log = logging.getLogger("screening")
 class ReportStage:
     def __init__(
         self, settings: ScreeningSettings, factory: sessionmaker[Session], predictor: Predictor, renderer: Renderer,
-        templates_dir: Path,
+        templates_dir: Path, claims: Claimer | None = None,
     ) -> None:
         self.settings = settings
         self.factory = factory
         self.predictor = predictor  # the model shown on each report
         self.renderer = renderer
         self.templates_dir = templates_dir
+        self.claims = claims  # None: the only writer of reports (no claims)
         self._in_flight: dict[int, PendingReport] = {}  # renderer job key -> what it covers
+        self._waiting: set[int] = set()  # exams whose visit claim another worker holds: tried again
+        self._waiting_retry_at = 0.0
         self._next_key = 1
 
     @property
     def in_flight(self) -> Mapping[int, PendingReport]:
         """Reports handed to the renderer and not yet collected, by job key."""
         return dict(self._in_flight)
+
+    @property
+    def waiting(self) -> frozenset[int]:
+        """Exams whose report waits for another worker to finish its version of the visit."""
+        return frozenset(self._waiting)
+
+    @property
+    def busy(self) -> bool:
+        """Reports in flight, or waiting for another worker's."""
+        return bool(self._in_flight or self._waiting)
+
+    # ------------------------------------------------------------------------------------ claiming
+    def _queued(self, exam_id: int) -> bool:
+        return any(p.exam_id == exam_id for p in self._in_flight.values())
+
+    def _claim(self, exam_id: int) -> bool:
+        """This worker's claim on the visit's next version: already held while a version of it is in flight here."""
+        if self.claims is None or self._queued(exam_id):
+            return True
+        return self.claims.take(ClaimKind.VISIT, str(exam_id))
+
+    def _release(self, exam_id: int) -> None:
+        if self.claims is not None and not self._queued(exam_id):
+            self.claims.release(ClaimKind.VISIT, [str(exam_id)])
+
+    def _still_unreported(self, exam_id: int) -> bool:
+        """After waiting for another worker's version: whether a photo of the visit is still unreported."""
+        return bool(transaction(self.factory, lambda session: session.scalar(
+            select(Image.id).where(Image.exam_id == exam_id, Image.state == ImageState.DONE.value).limit(1)),
+            what="checking a visit's report"))
+
+    def _remove_unrecorded(self, exam_id: int) -> None:
+        remove_unrecorded_versions(self.factory, self.settings.reports, exam_id)
 
     # ------------------------------------------------------------------------------------ deciding
     def next_version(self, session: Session, exam: Exam) -> int:
@@ -109,14 +154,43 @@ class ReportStage:
             in_flight = {p.exam_id for p in self._in_flight.values()}
             exam_ids = transaction(self.factory, lambda session: [
                 e.id for e in repo.exams_needing_report(session) if e.id not in in_flight], what="finding reports to make")
+        submitted = 0
         for exam_id in exam_ids:
-            snapshot_at, version, ctx, done = transaction(
-                self.factory, functools.partial(self._snapshot, exam_id=exam_id), what="reading a report's content")
-            key, self._next_key = self._next_key, self._next_key + 1
-            self.renderer.submit(RenderJob(key, ctx, self.templates_dir, self.settings.reports,
-                                           retries=self.settings.report_retries))
+            waited = exam_id in self._waiting
+            fresh = self.claims is not None and not self._queued(exam_id)
+            if not self._claim(exam_id):  # another worker is making a version of this visit: after it
+                self._waiting.add(exam_id)
+                continue
+            self._waiting.discard(exam_id)
+            try:
+                if waited and not self._still_unreported(exam_id):  # the other worker's version covered it all
+                    self._release(exam_id)
+                    continue
+                if fresh:
+                    self._remove_unrecorded(exam_id)
+                snapshot_at, version, ctx, done = transaction(
+                    self.factory, functools.partial(self._snapshot, exam_id=exam_id), what="reading a report's content")
+                key, self._next_key = self._next_key, self._next_key + 1
+                self.renderer.submit(RenderJob(key, ctx, self.templates_dir, self.settings.reports,
+                                               retries=self.settings.report_retries))
+            except BaseException:
+                self._release(exam_id)
+                raise
             self._in_flight[key] = PendingReport(exam_id, version, done, snapshot_at)
-        return len(exam_ids)
+            submitted += 1
+        return submitted
+
+    def _retry_waiting(self) -> None:
+        """Visits that waited for another worker: claimed again, at most once a second."""
+        if not self._waiting or time.monotonic() < self._waiting_retry_at:
+            return
+        self._waiting_retry_at = time.monotonic() + 1.0
+        try:
+            self.submit(sorted(self._waiting))
+        except DatabaseGone:
+            raise
+        except Exception:
+            log.exception("could not hand over reports that waited for another worker; trying again")
 
     # ---------------------------------------------------------------------------------- recording
     def _record(self, result: RenderResult) -> ReportOutcome:
@@ -134,6 +208,8 @@ class ReportStage:
         path = result.path
 
         def record(session: Session) -> None:
+            if self.claims is not None:  # ClaimLost: another worker took the visit over; the version is theirs to make
+                self.claims.hold(session, ClaimKind.VISIT, str(pending.exam_id))
             exam = session.get(Exam, pending.exam_id)
             if exam is None:
                 raise LookupError(f"exam {pending.exam_id} is not in the database; its report {path.name} is unrecorded")
@@ -153,6 +229,7 @@ class ReportStage:
         results = self.renderer.results(timeout) if self._in_flight else []
         outcomes: list[ReportOutcome] = []
         for result in results:
+            exam_id = self._in_flight[result.key].exam_id if result.key in self._in_flight else None
             try:
                 outcomes.append(self._record(result))
             except DatabaseGone:
@@ -162,6 +239,9 @@ class ReportStage:
                 pending = self._in_flight.pop(result.key, None)
                 if pending is not None:
                     outcomes.append(ReportFailed(pending.exam_id, pending.version, f"{type(exc).__name__}: not recorded"))
+            if exam_id is not None:
+                self._release(exam_id)
+        self._retry_waiting()
         return outcomes
 
     def wait(self, stall_timeout: float = 300.0) -> list[ReportOutcome]:
@@ -170,17 +250,23 @@ class ReportStage:
         stored and the catch-up renders them again."""
         outcomes: list[ReportOutcome] = []
         last = time.monotonic()
-        while self._in_flight:
+        while self._in_flight or self._waiting:
+            if not self._in_flight:  # only waiting for other workers' versions: nothing to collect yet
+                time.sleep(0.2)
             got = self.collect(timeout=1.0)
             outcomes += got
             if got:
                 last = time.monotonic()
             elif time.monotonic() - last > stall_timeout:
                 log.error("no report finished in %.0f s; stopping the renderer, %d report(s) will be retried",
-                          stall_timeout, len(self._in_flight))
+                          stall_timeout, len(self._in_flight) + len(self._waiting))
                 self.renderer.close(timeout=5)
                 outcomes += self.collect()
+                for pending in self._in_flight.values():
+                    if self.claims is not None:
+                        self.claims.release(ClaimKind.VISIT, [str(pending.exam_id)])
                 self._in_flight.clear()
+                self._waiting.clear()
                 break
         return outcomes
 
@@ -205,6 +291,7 @@ class ReportStage:
             raise RuntimeError("reconcile() runs before any report is submitted")
 
         def read(session: Session) -> dict[int, tuple[str, set[int], bool]]:
+            busy = self.claims.held_by_others(session, ClaimKind.VISIT) if self.claims is not None else {}
             has_done = select(Image.id).where(Image.exam_id == Exam.id, Image.state == ImageState.DONE.value).exists()
             rows = session.execute(
                 select(Exam.id, Patient.code, Exam.exam_date, Report.version, has_done)
@@ -212,6 +299,8 @@ class ReportStage:
             root = str(self.settings.reports)
             exams: dict[int, tuple[str, set[int], bool]] = {}
             for exam_id, code, exam_date, version, done in rows:
+                if str(exam_id) in busy:  # another worker is making a version of it right now
+                    continue
                 entry = exams.get(exam_id)
                 if entry is None:  # plain strings: pathlib costs ~0.1 ms a path, seconds over 20,000 exams
                     entry = exams[exam_id] = (os.path.join(root, safe_id(code), exam_date.isoformat()), set(), bool(done))
@@ -260,6 +349,35 @@ class ReportStage:
         atomic_write(latest, lambda tmp: shutil.copyfile(newest, tmp))
 
 
+def remove_unrecorded_versions(factory: sessionmaker[Session], reports_dir: Path, exam_id: int) -> list[int]:
+    """For a visit just claimed afresh (nobody else may render it now): remove the version files no row records,
+    left by a worker that died after its renderer published them, and put ``latest.pdf`` back to the newest
+    recorded version, so the next version fills their number. Returns the versions removed."""
+
+    def read(session: Session) -> tuple[Path, set[int]] | None:
+        exam = session.get(Exam, exam_id)
+        if exam is None:
+            return None
+        versions = set(session.scalars(select(Report.version).where(Report.exam_id == exam_id)))
+        return report_folder(reports_dir, exam.patient.code, exam.exam_date), versions
+
+    found = transaction(factory, read, what="reading a visit's recorded reports")
+    if found is None:
+        return []
+    folder, recorded = found
+    orphans = sorted(set(existing_versions(folder)) - recorded)
+    if not orphans:
+        return []
+    for version in orphans:
+        (folder / f"report_v{version}.pdf").unlink(missing_ok=True)
+    ReportStage._restore_latest(folder, recorded)
+    transaction(factory, lambda session: repo.add_event(
+        session, "reconcile", f"exam {exam_id}: removed report_v{orphans} (written by a renderer after its worker "
+        "stopped; never recorded)", code=Incident.ORPHAN_REPORT_REMOVED), what="recording removed reports")
+    log.warning("exam %s: removed %d report version(s) a stopped worker never recorded", exam_id, len(orphans))
+    return orphans
+
+
 def written(outcomes: list[ReportOutcome]) -> int:
     """How many of ``outcomes`` are reports written."""
     return sum(isinstance(o, ReportWritten) for o in outcomes)
@@ -270,4 +388,4 @@ def failed(outcomes: list[ReportOutcome]) -> int:
     return sum(isinstance(o, ReportFailed) for o in outcomes)
 
 
-__all__ = ["ReportStage", "failed", "written"]
+__all__ = ["ReportStage", "failed", "remove_unrecorded_versions", "written"]

@@ -22,9 +22,10 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from training.common import LESION_CODES, atomic_write_dir
 
+from ..claims import Claimer
 from ..config import ScreeningSettings
 from ..db import repository as repo
-from ..db.models import Image, ImageState
+from ..db.models import ClaimKind, Image, ImageState
 from ..db.session import DatabaseGone, transaction
 from ..explain import cam_overlay, lesion_overlay
 from ..findings import PHOTO_FILE
@@ -61,11 +62,13 @@ def _image(session: Session, image_id: int) -> Image:
 
 
 class StoreStage:
-    def __init__(self, settings: ScreeningSettings, factory: sessionmaker[Session], filing: Filing, predictor: Predictor) -> None:
+    def __init__(self, settings: ScreeningSettings, factory: sessionmaker[Session], filing: Filing, predictor: Predictor,
+                 claims: Claimer | None = None) -> None:
         self.settings = settings
         self.factory = factory
         self.filing = filing
         self.predictor = predictor  # names the model and device in each result
+        self.claims = claims  # several workers: the result is committed only while this worker holds the file
 
     def write_outputs(self, job: Job, pred: ImagePrediction) -> dict[str, Path]:
         """Masks (report frame and original size), overlay, heatmaps and the display photo, published together
@@ -96,6 +99,9 @@ class StoreStage:
         files = self.write_outputs(job, pred)
 
         def record(session: Session) -> int | None:
+            # ClaimLost: another worker took the file over; it stores the result
+            if self.claims is not None and self.claims.holds(ClaimKind.FILE, job.path.name):
+                self.claims.hold(session, ClaimKind.FILE, job.path.name)
             image = _image(session, job.image_id)
             if image.result is None:
                 repo.add_result(
@@ -106,7 +112,7 @@ class StoreStage:
                     mask_dir=files["dir"], overlay_path=files["overlay"], dr_cam_path=files["dr_cam"],
                     dme_cam_path=files["dme_cam"],
                     original_masks={code: files[f"mask_{code}.tif"] for code in LESION_CODES},
-                    device=str(self.predictor.device), inference_ms=inference_ms,
+                    device=str(self.predictor.device), inference_ms=inference_ms, site=self.settings.site,
                 )
             if image.state not in (ImageState.DONE, ImageState.REPORTED):
                 repo.set_state(session, image, ImageState.DONE)

@@ -32,6 +32,7 @@ from jinja2 import StrictUndefined
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
+from screening.claims import Claimer, make_holder
 from screening.config import ScreeningSettings
 from screening.db import reviews as rrepo
 from screening.db.models import Report, Result, ReviewSource, ReviewUser
@@ -137,6 +138,8 @@ def create_app(
     app.jinja_options = {**app.jinja_options, "autoescape": True, "undefined": StrictUndefined}
     CSRFProtect(app)
     catalog = catalog or ModelCatalog.from_settings(settings)
+    # the visit's report claim, as workers take it (screening.claims): reviewed versions stay in order with theirs
+    claims = Claimer(factory, settings.site, settings.claim_lease_seconds, make_holder(f"{settings.site}-review"))
     throttle = LoginThrottle()
     work_root, reports_root = Path(settings.work_dir), Path(settings.reports)
     rule = settings.eye_result  # which field of an eye gives its result, as on the worker's reports
@@ -297,7 +300,7 @@ def create_app(
         try:
             report = render_reviewed_report(factory, exam_id, catalog=catalog, clinic_name=settings.clinic_name,
                                             templates_dir=Path(templates_dir), reports_dir=reports_root,
-                                            retries=settings.report_retries, rule=rule)
+                                            retries=settings.report_retries, rule=rule, claims=claims)
             flash(f"Signed off ({outcome}). The reviewed report is version {report.version}.", "ok")
         except (ReportError, ReviewError) as exc:
             log.error("reviewed report for exam %s failed: %s", exam_id, type(exc).__name__)

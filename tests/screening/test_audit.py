@@ -324,3 +324,38 @@ def test_errors_group_by_code_and_every_drop_counts_once(tmp_path):
     text = format_table(summary)
     assert "Files dropped: 7 (new 3, duplicate 1, rejected 3)" in text and "archive_failed" in text
     engine.dispose()
+
+
+def test_audit_groups_by_the_site_that_graded(db_url, tmp_path):
+    """Several workers writing one database (issue 15): --by-site counts each site's images, referrals and
+    turnaround; results from before sites were recorded are '(no site)'; the pooled numbers are unchanged."""
+    engine = make_engine(db_url)
+    init_db(engine)
+    factory = make_session_factory(engine)
+    with session_scope(factory) as s:
+        for k, (site, referable, report_after) in enumerate([("north", True, 100), ("north", False, 300),
+                                                            ("south", True, 50), (None, False, None)]):
+            exam = repo.get_or_create_exam(s, repo.get_or_create_patient(s, f"S{k}"), DAY)  # a visit each
+            img = repo.add_image(s, sha256=f"{k + 1:064x}", source_name=f"S{k}_R.jpg", exam=exam, eye="R",
+                                 received_at=at(10 * k))
+            repo.add_result(s, img, model_version="m", checkpoint_sha256="c" * 64, dr_grade=0, dr_probs=[0.2] * 5,
+                            dme_grade=0, dme_probs=[1 / 3] * 3, referable_score=0.5, referable=referable,
+                            created_at=at(10 * k + 1), site=site)
+            if report_after is not None:
+                repo.add_report(s, exam, f"r{k}.pdf", "m", version=1, created_at=at(10 * k + report_after))
+    with factory() as s:
+        plain = audit_summary(s, DAY, DAY)
+        summary = audit_summary(s, DAY, DAY, by_site=True)
+    assert plain.by_site == {} and plain.overall == summary.overall and summary.overall.images == 4
+    assert list(summary.by_site) == ["(no site)", "north", "south"]
+    north, south, none = summary.by_site["north"], summary.by_site["south"], summary.by_site["(no site)"]
+    assert (north.images, north.referable, north.reported, north.awaiting_report) == (2, 1, 2, 0)
+    assert (north.turnaround_p50_s, south.turnaround_p50_s) == (200.0, 50.0)  # (100 + 300) / 2 and 50
+    assert (none.images, none.reported, none.awaiting_report, none.turnaround_p50_s) == (1, 0, 1, None)
+    assert read_json(write_json(summary, tmp_path / "a.json")) == summary
+    site_rows = [r for r in summary_rows(summary) if r["section"] == "site"]
+    assert {(r["site"], r["key"]): r["value"] for r in site_rows}[("south", "turnaround_p50_s")] == "50.0"
+    table = format_table(summary)
+    assert "By site" in table and next(line for line in table.splitlines() if line.startswith("Images graded")
+                                       and "north" not in line)
+    engine.dispose()

@@ -47,7 +47,8 @@ def test_one_linear_chain_with_the_review_and_audit_revisions_in_order():
     assert len(script.get_heads()) == 1 and head_revision() == script.get_current_head()
     chain = [r.revision for r in script.walk_revisions("base", "heads")][::-1]
     assert all(isinstance(r.down_revision, (str, type(None))) for r in script.walk_revisions())
-    order = ["0001", "0002", "0007_device_original_masks", "0014_reviews", "0006_hardening", "0003_audit_columns_indexes"]
+    order = ["0001", "0002", "0007_device_original_masks", "0014_reviews", "0006_hardening", "0003_audit_columns_indexes",
+             "0008_claims_sites"]
     assert [r for r in chain if r in order] == order
 
 

@@ -112,3 +112,32 @@ def test_reviewed_version_passes_a_version_already_on_disk(worked_db):
     report = _render(worked, exam_id)
     assert report.version == 3 and report.path.endswith("report_v3.pdf")
     assert unrecorded.read_bytes().startswith(b"%PDF-1.4 published by the worker")
+
+
+def test_with_workers_sharing_the_database_the_reviewed_version_waits_for_the_visits_claim(worked_db, monkeypatch):
+    """A worker is making a version of the visit (it holds the visit's claim): the reviewed version is not numbered
+    beside it; after a bounded wait the sign-off stays and the render is refused, and once the worker is done
+    the reviewed version follows the recorded ones, with no gap (issue 15)."""
+    from screening.claims import Claimer
+    from screening.db.models import Claim, ClaimKind
+    from screening.review import reviewed_report
+
+    worked = worked_db
+    exam_id = worked.exams["P2"]
+    with session_scope(worked.factory) as s:
+        sign_off(s, exam_id, reviewer="Dr A. Grey", source="web")
+    worker = Claimer(worked.factory, "north", 30.0)
+    page = Claimer(worked.factory, "north-review", 30.0)
+    assert worker.take(ClaimKind.VISIT, str(exam_id))
+    monkeypatch.setattr(reviewed_report, "CLAIM_WAIT_S", 1.0)
+    render = lambda: render_reviewed_report(  # noqa: E731
+        worked.factory, exam_id, catalog=ModelCatalog.from_settings(worked.settings), clinic_name="North Clinic",
+        templates_dir=TEMPLATES, reports_dir=worked.settings.reports, retries=1, claims=page)
+    with pytest.raises(ReportError, match="a worker has been writing a version"):
+        render()
+    worker.close()
+    report = render()
+    assert report.version == 2 and report.review_id is not None
+    with session_scope(worked.factory) as s:
+        assert s.scalars(select(Claim)).all() == []  # the page gave the visit back
+    page.close()

@@ -129,3 +129,94 @@ def _parts(settings):
     engine = make_engine(settings.database)
     init_db(engine)
     return make_session_factory(engine), Predictor(settings.checkpoint, "cpu", 1), Keep()
+
+
+# --------------------------------------------------------------------- several workers (issue 15), on each database
+
+def _two_workers(settings_db):
+    """Two report stages as two workers have them: one database, each its own claims and renderer."""
+    from screening.claims import Claimer
+
+    engine = make_engine(settings_db.database)
+    init_db(engine)
+    factory = make_session_factory(engine)
+    predictor = Predictor(settings_db.checkpoint, "cpu", 1)
+    stages = [ReportStage(settings_db, factory, predictor, Keep(), PROJECT / "templates",
+                          claims=Claimer(factory, f"site-{n}", 30.0)) for n in "ab"]
+    return factory, stages
+
+
+def _eye(factory, exam_id: int, eye: str, n: int) -> int:
+    """One more graded photo of the visit, as the store stage leaves it (done, result stored)."""
+    with session_scope(factory) as s:
+        image = repo.add_image(s, sha256=f"{n:064x}", source_name=f"P5_{eye}.jpg", exam=s.get(Exam, exam_id), eye=eye)
+        repo.add_result(s, image, model_version="m", checkpoint_sha256="c" * 64, dr_grade=n % 5, dr_probs=[0.2] * 5,
+                        dme_grade=0, dme_probs=[1, 0, 0], referable_score=0.1, referable=False)
+        repo.set_state(s, image, "done")
+        return image.id
+
+
+def _finish(stage, version_folder: Path) -> list:
+    """The renderer of ``stage`` finishes every job it holds (writing the PDF); the stage records them."""
+    for job in stage.renderer.jobs:
+        path = version_folder / f"report_v{job.ctx.report_version}.pdf"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(b"%PDF")
+        stage.renderer.done.append(RenderResult(job.key, job.ctx.report_version, path))
+    stage.renderer.jobs = []
+    return stage.collect()
+
+
+def test_two_eyes_stored_by_two_workers_make_versions_1_and_2_in_order(settings_db):
+    """Worker a reports the right eye; worker b stores the left eye meanwhile and must wait for a's version,
+    then makes version 2 with both eyes: never two version 1s, never a gap."""
+    factory, (a, b) = _two_workers(settings_db)
+    with session_scope(factory) as s:
+        exam_id = repo.get_or_create_exam(s, repo.get_or_create_patient(s, "P5"), date(2025, 3, 4)).id
+    folder = report_folder(settings_db.reports, "P5", date(2025, 3, 4))
+    _eye(factory, exam_id, "R", 1)
+    assert a.submit([exam_id]) == 1
+    _eye(factory, exam_id, "L", 2)
+    assert b.submit([exam_id]) == 0 and b.waiting == {exam_id} and b.busy  # a holds the visit
+    assert b.collect() == [] and b.waiting == {exam_id}
+    assert [o.version for o in _finish(a, folder)] == [1]  # recorded, then the visit's claim released
+    b._waiting_retry_at = 0.0
+    b.collect()
+    assert b.waiting == frozenset() and [j.ctx.report_version for j in b.renderer.jobs] == [2]
+    assert {f.eye for f in b.renderer.jobs[0].ctx.eyes} == {"R", "L"}
+    assert [o.version for o in _finish(b, folder)] == [2]
+    with session_scope(factory) as s:
+        assert [r.version for r in s.get(Exam, exam_id).reports] == [1, 2]
+        assert {i.state for i in s.get(Exam, exam_id).images} == {"reported"}
+
+
+def test_a_visit_another_worker_covered_meanwhile_is_not_rendered_again(settings_db):
+    factory, (a, b) = _two_workers(settings_db)
+    with session_scope(factory) as s:
+        exam_id = repo.get_or_create_exam(s, repo.get_or_create_patient(s, "P5"), date(2025, 3, 4)).id
+    _eye(factory, exam_id, "R", 1)
+    _eye(factory, exam_id, "L", 2)
+    assert a.submit([exam_id]) == 1 and b.submit([exam_id]) == 0  # both stored an eye; a's version has both
+    _finish(a, report_folder(settings_db.reports, "P5", date(2025, 3, 4)))
+    b._waiting_retry_at = 0.0
+    assert b.collect() == [] and not b.busy and b.renderer.jobs == []
+    with session_scope(factory) as s:
+        assert [r.version for r in s.get(Exam, exam_id).reports] == [1]
+
+
+def test_a_visit_claimed_afresh_drops_a_dead_workers_unrecorded_version(settings_db):
+    """A worker killed after its renderer published v2 but before recording it: the next worker to claim the
+    visit removes that file and makes v2 itself, so the recorded versions have no gap."""
+    factory, (a, _) = _two_workers(settings_db)
+    exam_id = _graded_exam(factory)
+    folder = report_folder(settings_db.reports, "P7", date(2025, 3, 1))
+    folder.mkdir(parents=True)
+    (folder / "report_v1.pdf").write_bytes(b"%PDF v1")
+    with session_scope(factory) as s:
+        repo.add_report(s, s.get(Exam, exam_id), folder / "report_v1.pdf", "m", version=1)
+    (folder / "report_v2.pdf").write_bytes(b"%PDF v2 of a dead worker")
+    (folder / "latest.pdf").write_bytes(b"%PDF v2 of a dead worker")
+    assert a.submit([exam_id]) == 1
+    assert [j.ctx.report_version for j in a.renderer.jobs] == [2]
+    assert sorted(p.name for p in folder.iterdir()) == ["latest.pdf", "report_v1.pdf"]
+    assert (folder / "latest.pdf").read_bytes() == b"%PDF v1"
