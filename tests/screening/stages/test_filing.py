@@ -43,6 +43,14 @@ sys.exit(main(["--config", sys.argv[1], "run", "--once", "--no-demo"]))
 """.format(code=KILLED)
 
 
+@pytest.fixture(params=["sqlite"])
+def db_backend(request) -> str:
+    """These tests kill a real CLI process between a commit and a move (about 10 s each): their subject is the
+    files, and the statements they commit are the ones every other stage test runs on both databases. So they
+    run on SQLite, and one of them (the graded image) on PostgreSQL as well."""
+    return str(request.param)
+
+
 @pytest.fixture
 def inline(settings):
     return settings.model_copy(update={"report_renderer": "inline"})
@@ -93,6 +101,7 @@ def _files(folder: Path) -> list[str]:
 # ------------------------------------------------------------------------------------------------- cases
 
 
+@pytest.mark.parametrize("db_backend", ["sqlite", "postgresql"], indirect=True)
 def test_graded_image_killed_before_its_archive(inline, tmp_path):
     write_fundus(inline.inbox / "P1_R.jpg", seed=1)
     _killed_run(inline, tmp_path)
