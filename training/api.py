@@ -37,7 +37,7 @@ from training.config import (
 from training.data.transforms import channel_max, crop_square, eval_transforms, fundus_bbox, fundus_mask, resize_square
 from training.device import resolve_device
 from training.grader import apply_grader, features_of, uses_segmentation
-from training.metrics import referable_score
+from training.metrics import calibrated_referable, referable_score
 from training.model import ModelConfig, MultiTaskNet, MultiTaskOutput, lesion_evidence
 
 
@@ -53,6 +53,6 @@ def train_demo_model(output: Path, work: Path, *, minutes: float = 3.0, progress
 __all__ = [
     "CheckpointError", "ConfigError", "ModelConfig", "MultiTaskNet", "MultiTaskOutput", "StrictSettings",
     "apply_grader", "channel_max", "crop_square", "eval_transforms", "features_of", "format_validation_error", "fundus_bbox",
-    "fundus_mask", "lesion_evidence", "load_model", "parse_training_config", "read_toml", "referable_score", "resize_square",
+    "fundus_mask", "lesion_evidence", "load_model", "parse_training_config", "read_toml", "referable_score", "calibrated_referable", "resize_square",
     "resolve_device", "resolve_paths", "train_demo_model", "uses_segmentation",
 ]
