@@ -1,4 +1,9 @@
-"""Decoding camera files at the size the model needs, and checking that what was read is a fundus photo."""
+"""Decoding camera files at the size the model needs.
+
+Whether what was read is a gradable fundus photo is not decided here: the learned gradability verdict
+(:mod:`screening.checks`) measures the decoded frame; a hand-set colour rule used to stand here and refused
+dark but gradable photos (issue 13).
+"""
 
 from __future__ import annotations
 
@@ -9,7 +14,7 @@ import cv2
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from training.api import crop_square, fundus_mask, resize_square
+from training.api import crop_square, resize_square
 
 from .rejection import Rejection, RejectReason
 
@@ -22,6 +27,7 @@ class DecodedImage:
     display: np.ndarray  # the same crop at report resolution (display_size), uint8 RGB
     original_size: tuple[int, int]  # (width, height) of the file as stored
     decode_factor: int
+    frame: np.ndarray | None = None  # the whole photo as decoded (reduced for big JPEGs), for the intake checks; dropped after them
 
 
 def reduction_factor(width: int, height: int, needed: int) -> int:
@@ -34,7 +40,7 @@ def reduction_factor(width: int, height: int, needed: int) -> int:
 
 def decode(path: Path, size: int, display_size: int = 512) -> DecodedImage:
     """Read an image no larger than needed and preprocess it exactly as training did; raises a
-    :class:`~screening.rejection.Rejection` when the file is not a usable colour fundus photo."""
+    :class:`~screening.rejection.Rejection` when the file cannot be read as an image of at least 128 px."""
     try:
         with Image.open(path) as im:
             width, height = im.size
@@ -50,24 +56,5 @@ def decode(path: Path, size: int, display_size: int = 512) -> DecodedImage:
         raise Rejection(RejectReason.TOO_SMALL,
                         f"image is too small ({width}x{height}); fundus photos need at least 128 px on the short side")
     rgb = cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
-    check_fundus(rgb)
     square = crop_square(rgb)  # crop once; both sizes are resized from it exactly as preprocess_fundus does
-    return DecodedImage(resize_square(square, size), resize_square(square, display_size), (width, height), factor)
-
-
-def check_fundus(rgb: np.ndarray) -> None:
-    """Cheap plausibility check: a lit, red-dominant field of view surrounded by dark borders."""
-    small = cv2.resize(rgb, (128, 128), interpolation=cv2.INTER_AREA) if max(rgb.shape[:2]) > 128 else rgb
-    field = fundus_mask(small)
-    frac = float(field.mean())
-    if frac < 0.25:
-        raise Rejection(RejectReason.TOO_DARK, f"image is almost entirely dark ({frac:.0%} lit); check the camera exposure and retake")
-    r, g, b = (float(small[..., i][field].mean()) for i in range(3))
-    if frac > 0.98 and not (r > 1.3 * b and r > g):
-        raise Rejection(RejectReason.NOT_FUNDUS, "does not look like a fundus photo (no dark surround, not red-dominant); check the file")
-    if not (r > 1.15 * b and r >= g):
-        raise Rejection(
-            RejectReason.NOT_FUNDUS,
-            f"does not look like a colour fundus photo (mean R/G/B {r:.0f}/{g:.0f}/{b:.0f}); "
-            "red-free or non-retinal images are not supported"
-        )
+    return DecodedImage(resize_square(square, size), resize_square(square, display_size), (width, height), factor, rgb)

@@ -124,8 +124,9 @@ def check_supported(path: str | os.PathLike[str]) -> None:
 @dataclass(frozen=True)
 class Identity:
     patient_id: str
-    eye: Literal["L", "R"]
+    eye: Literal["L", "R"] | None  # None: not stated; the intake checks read it from the photo or refuse the file
     exam_date: date | None = None  # None: the pipeline uses the drop date
+    eye_from: str | None = None  # where the stated eye came from: "file name" or "sidecar <name>"
 
 
 def _unidentified(message: str) -> Rejection:
@@ -194,6 +195,8 @@ def parse_identity(path: str | os.PathLike[str], patterns: Sequence[str | re.Pat
     The patterns are tried on the file stem in order (as written, then case-insensitively); groups
     ``patient``, ``eye``, ``date`` are used when present. A sidecar (:func:`sidecar_for`) with keys
     ``patient_id``, ``eye``, ``exam_date`` (``YYYY-MM-DD`` or null) overrides/complements the name.
+    An absent eye is allowed (``eye`` None): the worker then reads it from the photo when that is clear enough
+    (:mod:`screening.checks`) and refuses the file otherwise; an eye that is given but invalid is refused here.
     The result is validated: patient id ``[A-Za-z0-9_-]{1,64}`` (:func:`training.common.is_safe_id`: no
     path separators or ``..``),
     eye one of L/R/OD/OS/left/right (OD = right, OS = left), date a real calendar date.
@@ -231,11 +234,11 @@ def parse_identity(path: str | os.PathLike[str], patterns: Sequence[str | re.Pat
             f"invalid patient id {patient!r} (from {source['patient']}): use 1-{MAX_ID_LENGTH} letters, digits, '_' or '-'"
         )
 
-    if not eye_raw:
-        raise _unidentified(f"no eye (L/R/OD/OS/left/right) in the file name '{p.name}' or its sidecar; {_NAMING_HINT}")
-    eye = _normalise_eye(eye_raw)
-    if eye is None:
-        raise _unidentified(f"invalid eye {eye_raw!r} (from {source['eye']}): use L, R, OD (right), OS (left), left or right")
+    eye: Literal["L", "R"] | None = None
+    if eye_raw:
+        eye = _normalise_eye(eye_raw)
+        if eye is None:
+            raise _unidentified(f"invalid eye {eye_raw!r} (from {source['eye']}): use L, R, OD (right), OS (left), left or right")
 
     exam_date: date | None = None
     if date_raw:
@@ -244,7 +247,7 @@ def parse_identity(path: str | os.PathLike[str], patterns: Sequence[str | re.Pat
             raise _unidentified(
                 f"invalid exam date {date_raw!r} (from {source['date']}): expected a real date as YYYYMMDD or YYYY-MM-DD"
             )
-    return Identity(patient_id=patient, eye=eye, exam_date=exam_date)
+    return Identity(patient_id=patient, eye=eye, exam_date=exam_date, eye_from=source["eye"] if eye else None)
 
 
 # ------------------------------------------------------------------------------------------ stability

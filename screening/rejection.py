@@ -1,8 +1,10 @@
 """Why a file is refused: one exception type, :class:`Rejection`, with a reason code and a message for staff.
 
 Every check that can refuse a dropped file raises it: the suffix (:func:`screening.intake.check_supported`),
-the name or sidecar (:func:`screening.intake.parse_identity`), the picture itself
-(:func:`screening.imaging.decode`). The intake stage catches it in one place and records the refusal; the
+the name or sidecar (:func:`screening.intake.parse_identity`), the file's image data
+(:func:`screening.imaging.decode`), the intake checks (:mod:`screening.checks`: not a fundus photo, or no eye
+stated and none visible). A photo that is a fundus photo but ungradable is *not* refused: it is recorded as
+ungradable, with its reasons. The intake stage catches it in one place and records the refusal; the
 message is what staff read (in the ``.reason.txt`` beside the file and in the database), the code is for
 the program (outcomes, logs, tests). No torch or numpy import here: the inbox layer uses it too.
 """
@@ -17,8 +19,7 @@ class RejectReason(StrEnum):
     IDENTITY = "identity"  # patient, eye or exam date missing or invalid (file name or sidecar)
     UNREADABLE = "unreadable"  # no image could be decoded from the bytes
     TOO_SMALL = "too_small"  # fewer pixels than a fundus photo needs
-    TOO_DARK = "too_dark"  # almost nothing lit: exposure
-    NOT_FUNDUS = "not_fundus"  # a picture, but not a colour fundus photo
+    NOT_FUNDUS = "not_fundus"  # a picture, but not a colour fundus photo (the learned gradability verdict)
 
 
 class Rejection(Exception):

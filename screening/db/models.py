@@ -44,7 +44,7 @@ NAMING_CONVENTION = {
 
 class ImageState(StrEnum):
     RECEIVED = "received"  # hashed and recorded, waiting for (or in) inference
-    DONE = "done"  # a Result exists; the exam's report is not yet (re)rendered
+    DONE = "done"  # a Result exists, or the photo was judged ungradable (gradable = False, no Result); not yet reported
     REPORTED = "reported"  # included in a rendered report
     REJECTED = "rejected"  # not gradable input (bad name, not an image, ...); see Image.error
     FAILED = "failed"  # processing raised; see Image.error
@@ -59,6 +59,12 @@ class DropOutcome(StrEnum):
 class Eye(StrEnum):
     LEFT = "L"
     RIGHT = "R"
+
+
+class EyeSource(StrEnum):
+    NAME = "name"  # the file name
+    SIDECAR = "sidecar"  # the sidecar JSON
+    IMAGE = "image"  # read from the photo (no eye stated; confident prediction)
 
 
 # The lesion vocabulary's lower-case codes name the area columns: area_ma, area_he, area_ex, area_se, area_od.
@@ -94,7 +100,8 @@ def _in(column: str, values: Any) -> str:
 
 class Base(DeclarativeBase):
     metadata = MetaData(naming_convention=NAMING_CONVENTION)
-    type_annotation_map = {datetime: UTCDateTime(), str: String(), dict[str, Any]: JSON(), list[float]: JSON()}
+    type_annotation_map = {datetime: UTCDateTime(), str: String(), dict[str, Any]: JSON(), list[float]: JSON(),
+                           list[str]: JSON(), dict[str, float]: JSON()}
 
 
 class Patient(Base):
@@ -153,6 +160,16 @@ class Image(Base):
     updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)
     width: Mapped[int | None]  # added in revision 0002
     height: Mapped[int | None]  # added in revision 0002
+    # Intake checks (revision 0005; NULL for images recorded before it, and for refused files). Values are checked
+    # by the repository (an added CHECK constraint would need a table rebuild that SQLite's foreign keys forbid).
+    gradable: Mapped[bool | None]  # the learned gradability verdict; False: no Result, the report says recapture
+    quality_reasons: Mapped[list[str] | None]  # reason codes (training.quality.REASONS) when ungradable, [] when gradable
+    quality_scores: Mapped[dict[str, float] | None]  # each reason's probability
+    eye_source: Mapped[str | None] = mapped_column(String(8))  # where ``eye`` came from (EyeSource)
+    predicted_eye: Mapped[str | None] = mapped_column(String(1))  # the eye the photo shows (L/R)
+    eye_confidence: Mapped[float | None] = mapped_column(Float)  # P(predicted_eye)
+    eye_mismatch: Mapped[bool | None]  # the photo confidently shows the other eye than the stated one
+    eye_note: Mapped[str | None] = mapped_column(Text)  # what the report says about the eye check, if anything
 
     exam: Mapped[Exam | None] = relationship(back_populates="images")
     result: Mapped[Result | None] = relationship(back_populates="image", uselist=False)
@@ -290,6 +307,7 @@ __all__ = [
     "Event",
     "Exam",
     "Eye",
+    "EyeSource",
     "Image",
     "ImageState",
     "Patient",

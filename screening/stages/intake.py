@@ -7,17 +7,21 @@ Per file, in this order:
 2. a move interrupted by a crash (a committed record whose file is still here) is finished: :class:`Resumed`;
 3. content already graded, or being graded from another file still in the inbox: :class:`Duplicate`;
 4. the checks, each raising :class:`~screening.rejection.Rejection` (supported suffix, patient / eye / date
-   from the name or sidecar, a decodable colour fundus photo): :class:`Rejected`;
-5. otherwise the patient, exam, image (``received``) and drop rows are committed: :class:`Admitted`.
+   from the name or sidecar, a decodable image, then the intake checks of :mod:`screening.checks`: a colour
+   fundus photo, and an eye that is stated or clearly visible): :class:`Rejected`;
+5. otherwise the patient, exam, image (``received``, with its gradability verdict and eye check) and drop rows
+   are committed: :class:`Admitted`. An ungradable photo is admitted too (its job says so): it is stored with
+   its reasons instead of being graded.
 
-The database is written before any file moves (:mod:`screening.stages.filing`). Nothing here runs the model.
+The database is written before any file moves (:mod:`screening.stages.filing`). Nothing here runs the grading
+model; the intake checks' small models run here, on the decoded photo.
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import date
 from pathlib import Path
 
@@ -25,6 +29,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from training.common import sha256_file
 
+from ..checks import IntakeChecks, IntakeVerdict
 from ..config import ScreeningSettings
 from ..db import repository as repo
 from ..db.models import DropOutcome, Image, ImageState
@@ -70,12 +75,13 @@ class _Known:
 class IntakeStage:
     def __init__(
         self, settings: ScreeningSettings, factory: sessionmaker[Session], filing: Filing, image_size: int,
-        today: Callable[[], date] = date.today,
+        checks: IntakeChecks, today: Callable[[], date] = date.today,
     ) -> None:
         self.settings = settings
         self.factory = factory
         self.filing = filing
         self.image_size = image_size  # the model's input size: images are decoded no larger than needed
+        self.checks = checks
         self.today = today
 
     def admit(self, path: Path) -> IntakeOutcome:
@@ -107,9 +113,11 @@ class IntakeStage:
             check_supported(path)
             identity = parse_identity(path, self.settings.filename_patterns)
             decoded = decode(path, self.image_size)
+            verdict = self.checks.check(decoded, identity, path.name)
         except Rejection as rejection:
             return self._reject(path, sha, known, rejection)
-        return Admitted(self._admit(path, sha, known, identity, decoded))
+        decoded = replace(decoded, frame=None)  # the full frame was for the checks; jobs wait in memory without it
+        return Admitted(self._admit(path, sha, known, identity, decoded, verdict))
 
     def _reject(self, path: Path, sha: str, known: _Known | None, rejection: Rejection) -> Rejected:
         """Record the refusal (a new content gets a ``rejected`` image; a known one keeps its state unless this
@@ -132,14 +140,17 @@ class IntakeStage:
         log.warning("rejected image %s (sha %s): %s", image_id, sha[:12], rejection.code.value)  # the code: no names
         return Rejected(image_id, rejection.code, rejection.message, filed)
 
-    def _admit(self, path: Path, sha: str, known: _Known | None, identity: Identity, decoded: DecodedImage) -> Job:
-        """Commit the image as ``received`` in its patient's exam; its file stays in the inbox until stored."""
+    def _admit(self, path: Path, sha: str, known: _Known | None, identity: Identity, decoded: DecodedImage,
+               verdict: IntakeVerdict) -> Job:
+        """Commit the image as ``received`` in its patient's exam, with its intake checks; its file stays in the
+        inbox until stored."""
+        eye = verdict.eye.eye
         with session_scope(self.factory) as session:
             patient = repo.get_or_create_patient(session, identity.patient_id)
             exam = repo.get_or_create_exam(session, patient, identity.exam_date or self.today())
             w, h = decoded.original_size
             if known is None:
-                image = repo.add_image(session, sha256=sha, source_name=path.name, exam=exam, eye=identity.eye,
+                image = repo.add_image(session, sha256=sha, source_name=path.name, exam=exam, eye=eye,
                                        stored_path=path, width=w, height=h)
                 repo.record_drop(session, sha256=sha, source_name=path.name, outcome=DropOutcome.NEW, image=image)
             else:  # received before a crash, failed and retried, or rejected earlier and dropped again
@@ -149,11 +160,17 @@ class IntakeStage:
                 image = found
                 if not known.same_drop:
                     repo.record_drop(session, sha256=sha, source_name=path.name, outcome=DropOutcome.NEW, image=image)
-                image.exam, image.eye, image.stored_path, image.width, image.height = exam, identity.eye, str(path), w, h
+                image.exam, image.eye, image.stored_path, image.width, image.height = exam, eye, str(path), w, h
                 if image.state != ImageState.RECEIVED:
                     repo.set_state(session, image, ImageState.RECEIVED)
+            prediction = verdict.eye.prediction
+            repo.record_checks(
+                session, image, gradable=verdict.gradable, reasons=verdict.quality.reasons, scores=verdict.quality.scores,
+                eye_source=verdict.eye.source, predicted_eye=prediction.eye, eye_confidence=prediction.confidence,
+                eye_mismatch=verdict.eye.mismatch, eye_note=verdict.eye.note(),
+            )
             session.flush()
-            return Job(image.id, exam.id, path, sha, decoded)
+            return Job(image.id, exam.id, path, sha, decoded, verdict.gradable)
 
     def recover(self) -> None:
         """After a restart: images left ``received`` whose file is gone can never finish (marked failed), and

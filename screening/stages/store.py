@@ -1,4 +1,6 @@
-"""Store stage: one graded image's outputs, then its result row, then its original to the archive.
+"""Store stage: one graded image's outputs, then its result row, then its original to the archive. An image the
+intake checks judged ungradable is stored the same way without a grade: its display photo, the ``done`` state
+(no result row: it gets no DR grade), then the archive.
 
 Masks, overlay, heatmaps and the display photo are published as one folder (``work/<sha[:2]>/<sha>``);
 the result and the ``done`` state are committed in one transaction; only then does the original leave the
@@ -35,6 +37,11 @@ def _write_jpeg(path: Path, rgb: np.ndarray, quality: int = 90) -> None:
         raise OSError(f"could not write {path}")
 
 
+def photo_folder(work_dir: Path, sha256: str) -> Path:
+    """Where an image's pictures (photo, masks, overlay, heatmaps) are published: one folder per content."""
+    return work_dir / sha256[:2] / sha256
+
+
 def _image(session: Session, image_id: int) -> Image:
     image = session.get(Image, image_id)
     if image is None:
@@ -64,9 +71,36 @@ class StoreStage:
             for name, cam in (("dr_cam", pred.dr_cam), ("dme_cam", pred.dme_cam)):
                 _write_jpeg(folder / f"{name}.jpg", cam_overlay(small, cv2.resize(cam, (256, 256), interpolation=cv2.INTER_LINEAR)))
 
-        final = atomic_write_dir(self.settings.work_dir / job.sha256[:2] / job.sha256, fill)
+        final = atomic_write_dir(self.photo_dir(job.sha256), fill)
         return {"dir": final, "photo": final / "photo.jpg", "overlay": final / "overlay.jpg",
                 "dr_cam": final / "dr_cam.jpg", "dme_cam": final / "dme_cam.jpg"}
+
+    def photo_dir(self, sha256: str) -> Path:
+        return photo_folder(self.settings.work_dir, sha256)
+
+    def save_ungradable(self, job: Job) -> Stored:
+        """Persist an ungradable image: its photo for the report (the verdict is already recorded at intake), the
+        ``done`` state, then the archive. Nothing is graded."""
+        if job.gradable:
+            raise ValueError(f"image {job.image_id} is gradable; grade it and store it with save()")
+        atomic_write_dir(self.photo_dir(job.sha256), lambda folder: _write_jpeg(folder / "photo.jpg", job.decoded.display, 92))
+        with session_scope(self.factory) as session:
+            image = _image(session, job.image_id)
+            repo.set_state(session, image, ImageState.DONE)
+            exam_id = image.exam_id
+        if exam_id is None:
+            raise LookupError(f"image {job.image_id} has no exam; its verdict is stored but no report can include it")
+        return Stored(job.image_id, exam_id, self._archive(job))
+
+    def _archive(self, job: Job) -> Path | None:
+        """Committed: now the original may leave the inbox. If it cannot move now, it stays there and the next intake
+        of it (same file, image done) finishes the move."""
+        try:
+            return self.filing.archive_image(job.image_id, job.path, job.sha256)
+        except Exception:
+            log.exception("image %s is stored but its file could not be archived now; it will be on the next pass",
+                          job.image_id)
+            return None
 
     def save(self, job: Job, pred: ImagePrediction, inference_ms: float) -> Stored:
         """Persist one result, then archive the original (see the module docstring)."""
@@ -85,15 +119,7 @@ class StoreStage:
             exam_id = image.exam_id
         if exam_id is None:  # admitted images always have one; a row edited by hand might not
             raise LookupError(f"image {job.image_id} has no exam; its result is stored but no report can include it")
-        # Committed: now the original may leave the inbox. If it cannot move now, it stays there and the
-        # next intake of it (same file, image done) finishes the move.
-        try:
-            archived = self.filing.archive_image(job.image_id, job.path, job.sha256)
-        except Exception:
-            log.exception("image %s is stored but its file could not be archived now; it will be on the next pass",
-                          job.image_id)
-            archived = None
-        return Stored(job.image_id, exam_id, archived)
+        return Stored(job.image_id, exam_id, self._archive(job))
 
     def fail(self, job: Job, exc: BaseException) -> Failed:
         """Record why grading or storing failed; the file stays in the inbox and is retried when seen again."""
@@ -104,4 +130,4 @@ class StoreStage:
         return Failed(job.image_id, reason)
 
 
-__all__ = ["StoreStage"]
+__all__ = ["StoreStage", "photo_folder"]

@@ -28,8 +28,8 @@ def db_path(tmp_path):
     return tmp_path / "old.db"
 
 
-def test_head_is_second_revision():
-    assert head_revision() == "0002"
+def test_head_is_the_intake_checks_revision():
+    assert head_revision() == "0005_gradability_laterality"
 
 
 def test_upgrade_from_revision_1_keeps_rows(db_path):
@@ -64,12 +64,12 @@ def test_upgrade_from_revision_1_keeps_rows(db_path):
     raw.commit()
     raw.close()
 
-    assert init_db(engine) == "0002"
-    assert current_revision(engine) == "0002"
+    assert init_db(engine) == head_revision()
+    assert current_revision(engine) == head_revision()
     assert {"width", "height"} <= _cols(engine, "images")
     assert "reason" in _cols(engine, "drops") and "inference_ms" in _cols(engine, "results")
     assert _diff(engine) == []
-    backups = list(db_path.parent.glob("old.db.pre-0002.*.bak"))
+    backups = list(db_path.parent.glob(f"old.db.pre-{head_revision()}.*.bak"))
     assert len(backups) == 1
     with sqlite3.connect(backups[0]) as b:
         assert b.execute("SELECT version_num FROM alembic_version").fetchone() == ("0001",)
@@ -141,3 +141,32 @@ def test_downgrade_to_revision_1_keeps_rows(tmp_path):
         assert conn.exec_driver_sql("SELECT count(*) FROM drops WHERE image_id IS NOT NULL").scalar() == 1
     init_db(engine)
     assert current_revision(engine) == head_revision() and _diff(engine) == []
+
+
+def test_upgrade_from_revision_2_adds_the_intake_checks_as_unknown(db_path):
+    engine = make_engine(f"sqlite:///{db_path}")
+    upgrade(engine, "0002")
+    assert "gradable" not in _cols(engine, "images")
+    raw = sqlite3.connect(db_path)
+    raw.executescript(
+        """
+        INSERT INTO images (id, exam_id, eye, sha256, source_name, stored_path, state, error, received_at, updated_at,
+                            width, height)
+        VALUES (1, NULL, 'R', 'bb', 'P2_R.jpg', NULL, 'reported', NULL, '2025-01-01 08:00:00.000000',
+                '2025-01-01 08:00:00.000000', 1024, 768);
+        """
+    )
+    raw.commit()
+    raw.close()
+    assert init_db(engine) == head_revision()
+    assert {"gradable", "quality_reasons", "quality_scores", "eye_source", "predicted_eye", "eye_confidence",
+            "eye_mismatch", "eye_note"} <= _cols(engine, "images")
+    assert _diff(engine) == []
+    with make_session_factory(engine)() as s:
+        img = s.scalars(select(Image)).one()
+        assert (img.gradable, img.quality_reasons, img.eye_source, img.eye_mismatch) == (None, None, None, None)
+        img.gradable, img.quality_reasons, img.quality_scores = False, ["blurred"], {"blurred": 0.9}
+        s.commit()
+    with make_session_factory(engine)() as s:
+        assert s.scalars(select(Image)).one().quality_reasons == ["blurred"]
+    engine.dispose()
