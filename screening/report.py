@@ -64,24 +64,39 @@ class ReportVersionTaken(FileExistsError):
 
 @dataclass(frozen=True)
 class EyeFinding:
+    """One eye's photo and what was found. An ungradable photo (``gradable`` False) has no grades (``None``) and
+    says why in ``ungradable_reasons`` (what staff read, one sentence per reason)."""
+
     eye: Literal["R", "L"]
     source_name: str  # the uploaded file's name: shown (escaped), never used as a path
     photo_path: Path | None
     overlay_path: Path | None
     dr_cam_path: Path | None
     dme_cam_path: Path | None
-    dr_grade: int
-    dr_probs: Sequence[float]  # 5 ICDR class probabilities
-    dme_grade: int
-    dme_probs: Sequence[float]  # 3 IDRiD DME risk probabilities
-    referable_score: float
-    referable: bool
+    dr_grade: int | None
+    dr_probs: Sequence[float] | None  # 5 ICDR class probabilities
+    dme_grade: int | None
+    dme_probs: Sequence[float] | None  # 3 IDRiD DME risk probabilities
+    referable_score: float | None
+    referable: bool | None
     lesion_areas: dict[str, float] = field(default_factory=dict)  # code -> fraction of the fundus, 0..1
     image_quality: str | None = None
+    gradable: bool = True
+    ungradable_reasons: tuple[str, ...] = ()
+    eye_note: str | None = None  # the laterality check's note (a mismatch, or an eye read from the photo)
 
     def __post_init__(self) -> None:
         if self.eye not in EYE_NAMES:
             raise ValueError(f"eye must be 'R' or 'L', got {self.eye!r}")
+        if not self.gradable:
+            if not self.ungradable_reasons:
+                raise ValueError("an ungradable eye needs its reasons (ungradable_reasons)")
+            if any(v is not None for v in (self.dr_grade, self.dme_grade, self.referable)):
+                raise ValueError("an ungradable eye has no grades: pass None for dr_grade, dme_grade and referable")
+            return
+        if self.dr_grade is None or self.dme_grade is None or self.dr_probs is None or self.dme_probs is None \
+                or self.referable_score is None or self.referable is None:
+            raise ValueError("a gradable eye needs its grades, probabilities and referral score")
         if not 0 <= int(self.dr_grade) < len(DR_GRADES):
             raise ValueError(f"dr_grade must be 0..{len(DR_GRADES) - 1}, got {self.dr_grade!r}")
         if not 0 <= int(self.dme_grade) < len(DME_GRADES):
@@ -98,21 +113,33 @@ class EyeFinding:
     def eye_name(self) -> str:
         return EYE_NAMES[self.eye]
 
+    def _graded(self) -> tuple[int, Sequence[float], int, Sequence[float]]:
+        if self.dr_grade is None or self.dr_probs is None or self.dme_grade is None or self.dme_probs is None:
+            raise ValueError(f"{self.eye_name} is ungradable: it has no grades")
+        return self.dr_grade, self.dr_probs, self.dme_grade, self.dme_probs
+
     @property
     def dr_name(self) -> str:
-        return DR_GRADES[self.dr_grade]
+        return DR_GRADES[self._graded()[0]]
 
     @property
     def dme_name(self) -> str:
-        return DME_GRADES[self.dme_grade]
+        return DME_GRADES[self._graded()[2]]
 
     @property
     def dr_confidence(self) -> float:
-        return float(self.dr_probs[self.dr_grade])
+        grade, probs, _, _ = self._graded()
+        return float(probs[grade])
 
     @property
     def dme_confidence(self) -> float:
-        return float(self.dme_probs[self.dme_grade])
+        _, _, grade, probs = self._graded()
+        return float(probs[grade])
+
+    @property
+    def short_reasons(self) -> str:
+        """The ungradable reasons without their advice: "too dark (under-exposed), blurred (...)"."""
+        return ", ".join(r.split(":")[0] for r in self.ungradable_reasons)
 
 
 @dataclass(frozen=True)
@@ -127,8 +154,11 @@ class ReportContext:
     model_metrics: dict[str, float | str]
     generated_at: datetime
     report_version: int = 1
+    ungradable_rule: Literal["recall", "refer"] = "recall"  # [screening] ungradable_rule
 
     def __post_init__(self) -> None:
+        if self.ungradable_rule not in ("recall", "refer"):
+            raise ValueError(f"ungradable_rule must be 'recall' or 'refer', got {self.ungradable_rule!r}")
         if self.model_status not in ("research", "demo"):
             raise ValueError(f"model_status must be 'research' or 'demo', got {self.model_status!r}")
         if isinstance(self.exam_date, datetime) or not isinstance(self.exam_date, date):
@@ -160,14 +190,23 @@ class ReferralLevel:
 REFERRAL_LEVELS: dict[str, ReferralLevel] = {
     lv.level: lv
     for lv in (
-        ReferralLevel("urgent", 5, "Urgent referral (proliferative DR)",
+        ReferralLevel("urgent", 7, "Urgent referral (proliferative DR)",
                       "Refer urgently to ophthalmology / hospital eye service; to be seen within 2 weeks.",
                       "#b71c1c"),
-        ReferralLevel("soon", 4, "Refer within weeks (severe non-proliferative DR)",
+        ReferralLevel("soon", 6, "Refer within weeks (severe non-proliferative DR)",
                       "Refer to ophthalmology; to be seen within 4-6 weeks.", "#d84315"),
-        ReferralLevel("routine", 3, "Refer to ophthalmology (routine)",
+        ReferralLevel("routine", 5, "Refer to ophthalmology (routine)",
                       "Routine referral for moderate non-proliferative DR and/or possible diabetic macular oedema; "
                       "to be seen within 13 weeks.", "#e69500"),
+        # An eye that could not be graded ([screening] ungradable_rule): never "no retinopathy" by default.
+        ReferralLevel("refer_ungradable", 4, "Refer: ungradable photographs",
+                      "An eye could not be graded from its photographs (ungradable: recapture was not enough or is not "
+                      "possible). Refer for a clinical examination (slit-lamp biomicroscopy) as local policy requires.",
+                      "#8e5a00"),
+        ReferralLevel("recall_ungradable", 3, "Ungradable: recapture",
+                      "An eye could not be graded from its photograph: recall the patient for new photographs "
+                      "(dilated if not done, clean lens); if they are ungradable again, refer for examination.",
+                      "#6a1b9a"),
         ReferralLevel("rescreen_12", 2, "Rescreen in 12 months",
                       "Mild non-proliferative DR: no referral needed; rescreen in 12 months and optimise glycaemic, "
                       "blood-pressure and lipid control.", "#558b2f"),
@@ -189,7 +228,10 @@ class Referral:
     reason: str  # which eye and finding drove it, e.g. "Right eye: Proliferative DR, No DME risk"
 
 
-def _eye_level(e: EyeFinding) -> ReferralLevel:
+def _eye_level(e: EyeFinding, ungradable_rule: str = "recall") -> ReferralLevel:
+    if not e.gradable:
+        return REFERRAL_LEVELS["refer_ungradable" if ungradable_rule == "refer" else "recall_ungradable"]
+    assert e.dr_grade is not None and e.dme_grade is not None
     if e.dr_grade >= 4:
         key = "urgent"
     elif e.dr_grade == 3:
@@ -205,21 +247,24 @@ def _eye_level(e: EyeFinding) -> ReferralLevel:
     return REFERRAL_LEVELS[key]
 
 
-def referral_recommendation(eyes: Sequence[EyeFinding]) -> Referral:
-    """The referral for the exam, taken from the worse eye (ties: the right eye, then the left)."""
+def referral_recommendation(eyes: Sequence[EyeFinding], ungradable_rule: str = "recall") -> Referral:
+    """The referral for the exam, taken from the worse eye (ties: the right eye, then the left). An ungradable eye
+    recalls or refers the patient (``ungradable_rule``), unless the other eye needs a referral anyway."""
     if not eyes:
         lv = REFERRAL_LEVELS["no_images"]
         return Referral(lv.level, lv.text, lv.advice, lv.colour, "No eye images were received for this exam.")
     ordered = sorted(eyes, key=lambda e: EYE_ORDER.index(e.eye))
-    worst = max(ordered, key=lambda e: _eye_level(e).rank)  # max keeps the first of equal ranks
-    lv = _eye_level(worst)
+    worst = max(ordered, key=lambda e: _eye_level(e, ungradable_rule).rank)  # max keeps the first of equal ranks
+    lv = _eye_level(worst, ungradable_rule)
     def finding(e: EyeFinding) -> str:
+        if not e.gradable:
+            return f"{e.eye_name}: ungradable ({e.short_reasons})"
         text = f"{e.eye_name}: {e.dr_name}, {e.dme_name}"
-        if e.referable and e.dr_grade < 2 and e.dme_grade == 0:
+        if e.referable and (e.dr_grade or 0) < 2 and e.dme_grade == 0 and e.referable_score is not None:
             text += f" (referable-DR score {e.referable_score:.0%} is above the screening threshold)"
         return text
 
-    reason = "; ".join(finding(e) for e in ordered if _eye_level(e).rank == lv.rank)
+    reason = "; ".join(finding(e) for e in ordered if _eye_level(e, ungradable_rule).rank == lv.rank)
     return Referral(lv.level, lv.text, lv.advice, lv.colour, reason)
 
 
@@ -285,12 +330,22 @@ def _rgb(c: tuple[int, int, int]) -> str:
     return "#{:02x}{:02x}{:02x}".format(*c)
 
 
-def _eye_view(e: EyeFinding) -> dict[str, object]:
-    return {
+def _eye_view(e: EyeFinding, ungradable_rule: str = "recall") -> dict[str, object]:
+    common: dict[str, object] = {
         "code": e.eye,
         "name": e.eye_name,
         "source_name": e.source_name,
         "photo": _uri(e.photo_path),
+        "gradable": e.gradable,
+        "eye_note": e.eye_note,
+        "level": _eye_level(e, ungradable_rule),
+        "image_quality": e.image_quality,
+    }
+    if not e.gradable:
+        return {**common, "reasons": list(e.ungradable_reasons), "short_reasons": e.short_reasons}
+    assert e.dr_probs is not None and e.dme_probs is not None and e.referable_score is not None
+    return {
+        **common,
         "overlay": _uri(e.overlay_path),
         "dr_cam": _uri(e.dr_cam_path),
         "dme_cam": _uri(e.dme_cam_path),
@@ -304,12 +359,10 @@ def _eye_view(e: EyeFinding) -> dict[str, object]:
         "dme_probs": [(i, DME_GRADES[i], _pct(p)) for i, p in enumerate(e.dme_probs)],
         "referable": e.referable,
         "referable_score": _pct(e.referable_score),
-        "level": _eye_level(e),
         "lesions": [
             {"code": c, "label": LESION_LABELS[c], "colour": _rgb(LESION_COLOURS[c]), "area": _area(e.lesion_areas.get(c))}
             for c in LESION_CODES
         ],
-        "image_quality": e.image_quality,
     }
 
 
@@ -345,7 +398,7 @@ def template_variables(ctx: ReportContext, templates_dir: Path, link_stylesheet:
     gen = ctx.generated_at
     generated = gen.strftime("%Y-%m-%d %H:%M") + (f" {gen.strftime('%Z') or gen.strftime('%z')}" if gen.tzinfo else "")
     eyes = [
-        {"code": code, "name": EYE_NAMES[code], "finding": _eye_view(f) if (f := ctx.eye(code)) else None}
+        {"code": code, "name": EYE_NAMES[code], "finding": _eye_view(f, ctx.ungradable_rule) if (f := ctx.eye(code)) else None}
         for code in EYE_ORDER
     ]
     return dict(
@@ -354,7 +407,7 @@ def template_variables(ctx: ReportContext, templates_dir: Path, link_stylesheet:
         exam_date=ctx.exam_date.isoformat(),
         report_version=ctx.report_version,
         generated_at=generated,
-        referral=referral_recommendation(ctx.eyes),
+        referral=referral_recommendation(ctx.eyes, ctx.ungradable_rule),
         eyes=eyes,
         model_version=ctx.model_version,
         checkpoint_short=(ctx.checkpoint_sha256 or "")[:12] or "unknown",

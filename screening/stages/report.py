@@ -16,8 +16,11 @@ import time
 from collections.abc import Mapping
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Literal
 
 from sqlalchemy.orm import Session, sessionmaker
+
+from training.api import REASON_TEXT
 
 from ..config import ScreeningSettings
 from ..db import repository as repo
@@ -27,6 +30,7 @@ from ..inference import Predictor
 from ..renderer import Renderer, RenderJob, RenderResult
 from ..report import EYE_ORDER, EyeFinding, ReportContext, existing_versions, report_folder
 from .outcomes import PendingReport, ReportFailed, ReportOutcome, ReportWritten
+from .store import photo_folder
 
 log = logging.getLogger("screening")
 
@@ -61,18 +65,32 @@ class ReportStage:
 
     def _context(self, session: Session, exam: Exam, version: int) -> ReportContext:
         eyes: dict[str, EyeFinding] = {}
-        for image, result in repo.exam_images_with_results(session, exam.id):
-            if image.eye not in EYE_ORDER or result is None:
+        for image, result in repo.exam_images_with_results(session, exam.id, include_pending=True):
+            if image.eye not in EYE_ORDER or image.state not in (ImageState.DONE, ImageState.REPORTED):
+                continue
+            eye: Literal["R", "L"] = "R" if image.eye == "R" else "L"
+            if result is None:
+                if image.gradable is not False:
+                    continue  # done without a result and not judged ungradable: not an image a report can show
+                if eye in eyes and eyes[eye].gradable:
+                    continue  # a gradable photo of the eye beats an ungradable one, whatever their order
+                eyes[eye] = EyeFinding(
+                    eye=eye, source_name=image.source_name, photo_path=self._photo(image.sha256), overlay_path=None,
+                    dr_cam_path=None, dme_cam_path=None, dr_grade=None, dr_probs=None, dme_grade=None, dme_probs=None,
+                    referable_score=None, referable=None, gradable=False, eye_note=image.eye_note,
+                    ungradable_reasons=tuple(REASON_TEXT.get(r, r) for r in (image.quality_reasons or ["not assessed"])),
+                )
                 continue
             folder = Path(result.mask_dir) if result.mask_dir else None
-            eyes[image.eye] = EyeFinding(  # a later image of the same eye replaces an earlier one
-                eye="R" if image.eye == "R" else "L", source_name=image.source_name,
+            eyes[eye] = EyeFinding(  # a later gradable image of the same eye replaces an earlier one
+                eye=eye, source_name=image.source_name,
                 photo_path=folder / "photo.jpg" if folder else None,
                 overlay_path=Path(result.overlay_path) if result.overlay_path else None,
                 dr_cam_path=Path(result.dr_cam_path) if result.dr_cam_path else None,
                 dme_cam_path=Path(result.dme_cam_path) if result.dme_cam_path else None,
                 dr_grade=result.dr_grade, dr_probs=result.dr_probs, dme_grade=result.dme_grade, dme_probs=result.dme_probs,
                 referable_score=result.referable_score, referable=result.referable, lesion_areas=result.lesion_areas,
+                eye_note=image.eye_note,
             )
         return ReportContext(
             clinic_name=self.settings.clinic_name, patient_id=exam.patient.code, exam_date=exam.exam_date,
@@ -80,8 +98,13 @@ class ReportStage:
             checkpoint_sha256=self.predictor.meta["checkpoint_sha256"],
             model_status="research" if self.predictor.kind == "real" else "demo",
             model_metrics=self.predictor.report_metrics(), generated_at=datetime.now(timezone.utc).astimezone(),
-            report_version=version,
+            report_version=version, ungradable_rule=self.settings.ungradable_rule,
         )
+
+    def _photo(self, sha256: str) -> Path | None:
+        """The display photo the store stage published for an ungradable image (None when it is not there)."""
+        path = photo_folder(self.settings.work_dir, sha256) / "photo.jpg"
+        return path if path.is_file() else None
 
     # ---------------------------------------------------------------------------------- rendering
     def submit(self, exam_ids: list[int] | None = None) -> int:

@@ -328,3 +328,65 @@ def test_stylesheet_is_parsed_once_yet_applied_and_reloaded_when_it_changes(tmp_
     assert page_mm(render_pdf(ctx, templates, tmp_path / "out")) == (150, 200)  # not WeasyPrint's default A4
     css.write_text(css.read_text().replace("size: 150mm 200mm;", "size: A5;", 1) + "\n/* edited */\n")
     assert page_mm(render_pdf(dataclasses.replace(ctx, report_version=2), templates, tmp_path / "out")) == (148, 210)
+
+
+# ------------------------------------------------------------------------------- ungradable eyes, laterality
+
+
+def _ungradable(eye: str, folder: Path | None = None, *reasons: str) -> EyeFinding:
+    imgs = _images(folder, eye) if folder is not None else {}
+    return EyeFinding(
+        eye=eye, source_name=f"{eye}_dark.jpg", photo_path=imgs.get("photo"), overlay_path=None, dr_cam_path=None,
+        dme_cam_path=None, dr_grade=None, dr_probs=None, dme_grade=None, dme_probs=None, referable_score=None,
+        referable=None, gradable=False,
+        ungradable_reasons=reasons or ("too dark (under-exposed): raise the flash or exposure",),
+    )
+
+
+@pytest.mark.parametrize(("rule", "level", "text"), [
+    ("recall", "recall_ungradable", "Ungradable: recapture"),
+    ("refer", "refer_ungradable", "Refer: ungradable photographs"),
+])
+def test_an_ungradable_eye_recalls_or_refers_the_patient_by_rule(rule, level, text):
+    ref = referral_recommendation([_eye("R", 0, 0), _ungradable("L")], rule)
+    assert (ref.level, ref.text) == (level, text)
+    assert ref.reason == "Left eye: ungradable (too dark (under-exposed))"
+
+
+def test_an_ungradable_eye_never_hides_a_referral_from_the_other_eye():
+    for rule in ("recall", "refer"):
+        assert referral_recommendation([_eye("R", 4, 0), _ungradable("L")], rule).level == "urgent"
+        assert referral_recommendation([_eye("R", 2, 0), _ungradable("L")], rule).level == "routine"
+    assert referral_recommendation([_eye("R", 1, 0), _ungradable("L")], "recall").level == "recall_ungradable"
+
+
+def test_an_ungradable_finding_has_reasons_and_no_grades():
+    with pytest.raises(ValueError, match="reasons"):
+        dataclasses.replace(_ungradable("R"), ungradable_reasons=())
+    with pytest.raises(ValueError, match="no grades"):
+        dataclasses.replace(_ungradable("R"), dr_grade=2)
+    with pytest.raises(ValueError, match="needs its grades"):
+        dataclasses.replace(_eye("R", 0, 0), dr_grade=None)
+    with pytest.raises(ValueError, match="ungradable"):
+        _ = _ungradable("R").dr_name
+
+
+def test_report_says_ungradable_recapture_with_the_reasons_and_no_grade(tmp_path):
+    reasons = ("blurred (out of focus or moved): refocus, ask the patient to keep still",
+               "hazy, low contrast (media opacity such as cataract, or a dirty lens): clean the lens")
+    ctx = dataclasses.replace(_ctx([_eye("R", 0, 0, tmp_path), _ungradable("L", tmp_path, *reasons)], status="research"),
+                              ungradable_rule="recall")
+    html = render_html(ctx, TEMPLATES)
+    assert html.count("Ungradable: recapture") >= 3  # recommendation, summary row, eye section
+    assert "refocus, ask the patient to keep still" in html and "clean the lens" in html
+    assert "no retinopathy grade is given for this eye" in html
+    text = " ".join(_pages_text(render_pdf(ctx, TEMPLATES, tmp_path / "reports")))
+    assert "Ungradable: recapture" in text and "recall the patient for new photographs" in text
+    assert "Left eye: ungradable (blurred (out of focus or moved), hazy, low contrast" in text  # the reason line
+    assert len(re.findall(r"Confidence \d", text)) == 2  # the right eye's DR and DME confidences; the left eye has none
+
+
+def test_a_laterality_note_is_shown_escaped(tmp_path):
+    note = "Laterality mismatch: the file name says right eye, but the photo looks like a <left> eye"
+    html = render_html(_ctx([dataclasses.replace(_eye("R", 0, 0), eye_note=note)]), TEMPLATES)
+    assert "Laterality mismatch: the file name says right eye" in html and "&lt;left&gt;" in html
