@@ -231,7 +231,8 @@ def choose_thresholds(probs: np.ndarray, samples: Sequence[Sample], target_false
     others = [r for r in REASONS if r != "not_fundus"]
 
     def at(q: float) -> dict[str, float]:
-        t = {r: float(max(floor, np.quantile(probs[gradable, REASONS.index(r)], 1 - q))) for r in others}
+        # just above the quantile: a photo scoring exactly the highest gradable score is not flagged at q = 0
+        t = {r: float(max(floor, np.nextafter(np.quantile(probs[gradable, REASONS.index(r)], 1 - q), 1.0))) for r in others}
         t["not_fundus"] = t_nf
         return t
 

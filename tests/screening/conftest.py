@@ -51,10 +51,12 @@ def make_laterality_model(path: Path, confident: float = 0.999, side_gain: float
     return path
 
 
-def write_fundus(path: Path, seed: int = 0, size: int = 256, eye: str | None = None) -> Path:
+def write_fundus(path: Path, seed: int = 0, size: int = 256, eye: str | None = None, dr_grade: int | None = None) -> Path:
+    """A synthetic fundus JPEG; pass ``dr_grade=0`` where the optic disc must be found by brightness (the
+    laterality checks): bright synthetic exudates can outshine it."""
     from training.data.synthetic import make_fundus
 
-    f = make_fundus(np.random.default_rng(seed), size=size, eye=eye)
+    f = make_fundus(np.random.default_rng(seed), size=size, eye=eye, dr_grade=dr_grade)
     path.parent.mkdir(parents=True, exist_ok=True)
     cv2.imwrite(str(path), cv2.cvtColor(f.image, cv2.COLOR_RGB2BGR))
     return path

@@ -124,7 +124,7 @@ def test_no_eye_in_the_name_and_an_unclear_photo_is_refused_saying_why(stage, se
 
 def test_no_eye_in_the_name_and_a_clear_photo_takes_the_photos_eye(settings, intake_models):
     stage = make_stage(settings.model_copy(update={"laterality_model": intake_models["sure_eye"]}))
-    outcome = stage.admit(write_fundus(settings.inbox / "Patient14.jpg", seed=14, eye="L"))
+    outcome = stage.admit(write_fundus(settings.inbox / "Patient14.jpg", seed=14, eye="L", dr_grade=0))
     assert isinstance(outcome, Admitted)
     with session_scope(stage.factory) as s:
         image = s.get(Image, outcome.job.image_id)
@@ -134,7 +134,7 @@ def test_no_eye_in_the_name_and_a_clear_photo_takes_the_photos_eye(settings, int
 
 def test_a_name_that_contradicts_the_photo_is_flagged_never_corrected(settings, intake_models):
     stage = make_stage(settings.model_copy(update={"laterality_model": intake_models["sure_eye"]}))
-    outcome = stage.admit(write_fundus(settings.inbox / "Patient15_R.jpg", seed=15, eye="L"))
+    outcome = stage.admit(write_fundus(settings.inbox / "Patient15_R.jpg", seed=15, eye="L", dr_grade=0))
     assert isinstance(outcome, Admitted)
     with session_scope(stage.factory) as s:
         image = s.get(Image, outcome.job.image_id)
