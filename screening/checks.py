@@ -32,7 +32,7 @@ from .imaging import DecodedImage
 from .intake import Identity
 from .rejection import Rejection, RejectReason
 
-EyeSource = Literal["name", "sidecar", "image"]
+EyeSource = Literal["name", "sidecar", "dicom", "image"]
 EYE_WORDS = {"L": "left", "R": "right"}
 
 
@@ -41,7 +41,7 @@ class EyeCheck:
     """The eye of one photo: what its name said (if anything) and what the photo shows."""
 
     stated: Literal["L", "R"] | None
-    stated_from: str | None  # "file name" or "sidecar <name>.json"
+    stated_from: str | None  # "file name", "sidecar <name>.json" or "DICOM (0020,0062)"
     prediction: LateralityPrediction
 
     @property
@@ -51,9 +51,14 @@ class EyeCheck:
 
     @property
     def source(self) -> EyeSource:
+        """Where the filed eye came from: ``stated_from`` "sidecar ..." or "DICOM ..." (a DICOM intake names its
+        laterality tag so), else the file name; "image" when no eye was stated."""
         if self.stated is None:
             return "image"
-        return "sidecar" if (self.stated_from or "").startswith("sidecar") else "name"
+        origin = self.stated_from or ""
+        if origin.startswith("sidecar"):
+            return "sidecar"
+        return "dicom" if origin.startswith("DICOM") else "name"
 
     @property
     def mismatch(self) -> bool:

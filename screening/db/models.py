@@ -64,6 +64,7 @@ class Eye(StrEnum):
 class EyeSource(StrEnum):
     NAME = "name"  # the file name
     SIDECAR = "sidecar"  # the sidecar JSON
+    DICOM = "dicom"  # a DICOM laterality tag (an Identity whose eye_from starts with "DICOM")
     IMAGE = "image"  # read from the photo (no eye stated; confident prediction)
 
 

@@ -30,10 +30,12 @@ def test_a_stated_eye_that_agrees_has_nothing_to_say(settings, intake_models, ph
     assert not verdict.eye.mismatch and verdict.eye.note() is None
 
 
-def test_a_sidecar_eye_is_reported_as_such(settings, intake_models, photo):
-    verdict = _checks(settings, intake_models).check(photo, Identity("P1", "L", None, "sidecar x.json"), "x.jpg")
+def test_a_sidecar_or_dicom_eye_is_reported_as_such(settings, intake_models, photo):
+    checks = _checks(settings, intake_models)
+    verdict = checks.check(photo, Identity("P1", "L", None, "sidecar x.json"), "x.jpg")
     assert verdict.eye.source == "sidecar" and verdict.eye.mismatch
     assert "the sidecar x.json says left eye" in (verdict.eye.note() or "")
+    assert checks.check(photo, Identity("P1", "R", None, "DICOM (0020,0062)"), "x.dcm").eye.source == "dicom"
 
 
 def test_an_ungradable_photo_without_an_eye_is_refused_saying_both(settings, intake_models, photo):
