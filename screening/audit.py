@@ -10,13 +10,24 @@ What is counted
     * grades, referrals, exams: one per image that has a Result (each eye counts once); ``exams`` is
       the number of distinct exams among them and ``referable_exams`` those with a referable eye;
     * duplicates: drops with outcome ``duplicate`` (the same content dropped again);
-    * rejected: images in state ``rejected`` (grouped by ``images.error``) plus rejected drops not
-      attached to a rejected image (grouped by ``drops.reason``);
-    * failed: images in state ``failed`` (grouped by ``images.error``);
+    * drops: every arrival of a file (or of anything else in the inbox: a link, a folder) exactly once, by
+      its outcome (``new``, ``duplicate``, ``rejected``);
+    * rejected: images in state ``rejected`` plus rejected drops not attached to a rejected image, grouped
+      by their reason code (``images.error_code`` / ``drops.reason_code``, see :mod:`screening.rejection`;
+      rows from before revision 0006 have no code and are grouped by their message text);
+    * failed: images in state ``failed``, grouped the same way;
+    * incidents: events with an incident code (a move retried, an orphan report removed, a state repaired
+      at start-up...), by ``events.created_at``;
     * turnaround: seconds from ``images.received_at`` to the first report of the image's exam created
       at or after the image's result; images with a result but no such report count as
       ``awaiting_report``. Percentiles use linear interpolation between ranks (numpy's default,
       Excel's PERCENTILE.INC).
+
+Model versus grader
+    ``agreement`` (:mod:`screening.review.agreement`): for the visits in the period, the share signed off
+    by a clinician, quadratic kappa of the DR grade, sensitivity and specificity of the model's referral
+    against the graders', and the median time from report to review; overall, per model version and per
+    reviewer.
 
 Ungradable photos, per day and device
     Every photo admitted since the intake checks exist has a gradability verdict (``images.gradable``). Per UTC
@@ -44,10 +55,14 @@ from os import PathLike
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import ColumnElement, func, literal, select
+from sqlalchemy import ColumnElement, func, select
 from sqlalchemy.orm import Session, aliased
 
-from screening.db.models import Drop, DropOutcome, Image, ImageState, Report, Result
+from screening.db.models import Drop, DropOutcome, Event, Image, ImageState, Report, Result
+from screening.rejection import Incident
+from screening.review.agreement import AgreementStats, AgreementSummary, agreement_summary
+from screening.review.agreement import groups as agreement_groups
+from screening.review.agreement import stat_rows as agreement_rows
 
 ALL = "ALL"
 DR_GRADES = range(5)
@@ -95,9 +110,8 @@ UNKNOWN_DEVICE = "unknown"
 
 
 def _device_column() -> Any:
-    """``images.device`` when the schema records the camera (DICOM intake), else the constant 'unknown'."""
-    column = getattr(Image, "device", None)
-    return func.coalesce(column, UNKNOWN_DEVICE) if column is not None else literal(UNKNOWN_DEVICE)
+    """``images.device`` (the camera, from DICOM tags), 'unknown' where the file did not say."""
+    return func.coalesce(Image.device, UNKNOWN_DEVICE)
 
 
 @dataclass
@@ -111,8 +125,11 @@ class AuditSummary:
     rejected_reasons: dict[str, int] = field(default_factory=dict)
     failed: int = 0
     failed_reasons: dict[str, int] = field(default_factory=dict)
+    drops: dict[str, int] = field(default_factory=lambda: {o.value: 0 for o in DropOutcome})
+    incidents: dict[str, int] = field(default_factory=dict)
     ungradable_by_day: list[UngradableDay] = field(default_factory=list)
     date_basis: str = DATE_BASIS
+    agreement: AgreementSummary | None = None  # model versus grader; None in exports made before it existed
 
     @property
     def duplicates(self) -> int:
@@ -156,9 +173,12 @@ class AuditSummary:
             rejected_reasons=dict(d["rejected_reasons"]),
             failed=d["failed"],
             failed_reasons=dict(d["failed_reasons"]),
+            drops={str(k): int(v) for k, v in d.get("drops", {}).items()},
+            incidents={str(k): int(v) for k, v in d.get("incidents", {}).items()},
             ungradable_by_day=[UngradableDay(**{k: v for k, v in day.items() if k != "rate"})
                                for day in d.get("ungradable_by_day", [])],
             date_basis=d.get("date_basis", DATE_BASIS),
+            agreement=AgreementSummary.from_dict(d["agreement"]) if d.get("agreement") else None,
         )
 
 
@@ -270,15 +290,15 @@ def audit_summary(
 
     rejected: Counter[str] = Counter()
     failed: Counter[str] = Counter()
-    for state, error in session.execute(
-        select(Image.state, Image.error).where(
+    for state, error, code in session.execute(
+        select(Image.state, Image.error, Image.error_code).where(
             Image.state.in_([ImageState.REJECTED.value, ImageState.FAILED.value]),
             *_in_range(Image.received_at, lo, hi),
         )
     ).all():
-        (rejected if state == ImageState.REJECTED else failed)[error or NO_REASON] += 1
-    for (reason,) in session.execute(
-        select(Drop.reason)
+        (rejected if state == ImageState.REJECTED else failed)[reason_key(code, error)] += 1
+    for reason, code in session.execute(
+        select(Drop.reason, Drop.reason_code)
         .outerjoin(Image, Image.id == Drop.image_id)
         .where(
             Drop.outcome == DropOutcome.REJECTED.value,
@@ -286,7 +306,19 @@ def audit_summary(
             *_in_range(Drop.received_at, lo, hi),
         )
     ).all():
-        rejected[reason or NO_REASON] += 1
+        rejected[reason_key(code, reason)] += 1
+    drops = {o.value: 0 for o in DropOutcome}
+    for outcome, n in session.execute(
+        select(Drop.outcome, func.count(Drop.id)).where(*_in_range(Drop.received_at, lo, hi)).group_by(Drop.outcome)
+    ).all():
+        drops[outcome] = n
+    incidents: Counter[str] = Counter()
+    for code, n in session.execute(
+        select(Event.code, func.count(Event.id))
+        .where(Event.code.in_([i.value for i in Incident]), *_in_range(Event.created_at, lo, hi))
+        .group_by(Event.code)
+    ).all():
+        incidents[code or NO_REASON] = n
 
     def ordered(c: Counter[str]) -> dict[str, int]:
         return dict(sorted(c.items(), key=lambda kv: (-kv[1], kv[0])))
@@ -311,14 +343,23 @@ def audit_summary(
         start=start,
         end=end,
         model_version=model_version,
+        agreement=agreement_summary(session, lo, hi, model_version),
         overall=overall,
         by_model=by_model,
         rejected=sum(rejected.values()),
         rejected_reasons=ordered(rejected),
         failed=sum(failed.values()),
         failed_reasons=ordered(failed),
+        drops=drops,
+        incidents=ordered(incidents),
         ungradable_by_day=[days[k] for k in sorted(days)],
     )
+
+
+def reason_key(code: str | None, message: str | None) -> str:
+    """What a rejection or failure is grouped by: its stable code; rows from before revision 0006 have none and
+    are grouped by their message."""
+    return code or message or NO_REASON
 
 
 # --- output -------------------------------------------------------------------------------------
@@ -342,9 +383,13 @@ def _stat_rows(s: ModelStats) -> list[tuple[str, str, Any]]:
     return rows
 
 
+CSV_FIELDS = ["section", "model_version", "key", "value", "reviewer"]
+
+
 def summary_rows(summary: AuditSummary) -> list[dict[str, str]]:
-    """The summary as tidy rows ``section, model_version, key, value`` (what :func:`write_csv` writes).
-    ``model_version`` is ``ALL`` for the pooled column and empty for period-wide rows."""
+    """The summary as tidy rows ``section, model_version, key, value, reviewer`` (what :func:`write_csv`
+    writes). ``model_version`` is ``ALL`` for the pooled column and empty for period-wide rows; ``reviewer``
+    is set only on the per-reviewer agreement rows (section ``agreement``)."""
     out: list[tuple[str, str, str, Any]] = [
         ("filter", "", "start", summary.start.isoformat() if summary.start else ""),
         ("filter", "", "end", summary.end.isoformat() if summary.end else ""),
@@ -358,6 +403,8 @@ def summary_rows(summary: AuditSummary) -> list[dict[str, str]]:
     out += [("rejected_reason", "", reason, n) for reason, n in summary.rejected_reasons.items()]
     out.append(("failed", "", "total", summary.failed))
     out += [("failed_reason", "", reason, n) for reason, n in summary.failed_reasons.items()]
+    out += [("drops", "", outcome, n) for outcome, n in summary.drops.items()]
+    out += [("incident", "", code, n) for code, n in summary.incidents.items()]
     out += [("gradability", "", "assessed", summary.assessed), ("gradability", "", "ungradable", summary.ungradable),
             ("gradability", "", "ungradable_rate", summary.ungradable_rate)]
     for day in summary.ungradable_by_day:
@@ -367,6 +414,12 @@ def summary_rows(summary: AuditSummary) -> list[dict[str, str]]:
                 ("ungradable_by_day", "", f"{label} rate", day.rate),
                 ("ungradable_by_day", "", f"{label} eye_mismatches", day.eye_mismatches)]
         out += [("ungradable_reason", "", f"{label} {reason}", n) for reason, n in day.reasons.items()]
+    reviewer_of: dict[int, str] = {}
+    if summary.agreement is not None:
+        for label, reviewer, stats in agreement_groups(summary.agreement):
+            for key, val in agreement_rows(stats):
+                reviewer_of[len(out)] = reviewer
+                out.append(("agreement", label, key, val))
 
     def text(v: Any) -> str:
         if v is None:
@@ -375,13 +428,14 @@ def summary_rows(summary: AuditSummary) -> list[dict[str, str]]:
             return repr(round(v, 3))
         return str(v)
 
-    return [{"section": s, "model_version": m, "key": k, "value": text(v)} for s, m, k, v in out]
+    return [{"section": s, "model_version": m, "key": k, "value": text(v), "reviewer": reviewer_of.get(i, "")}
+            for i, (s, m, k, v) in enumerate(out)]
 
 
 def write_csv(summary: AuditSummary, path: str | PathLike[str]) -> Path:
     path = Path(path)
     with path.open("w", newline="", encoding="utf-8") as fh:
-        writer = csv.DictWriter(fh, fieldnames=["section", "model_version", "key", "value"])
+        writer = csv.DictWriter(fh, fieldnames=CSV_FIELDS)
         writer.writeheader()
         writer.writerows(summary_rows(summary))
     return path
@@ -451,6 +505,11 @@ def format_table(summary: AuditSummary) -> str:
     ):
         lines += ["", f"{title}: {total}"]
         lines += [f"  {n:>6}  {reason}" for reason, n in reasons.items()]
+    lines += ["", f"Files dropped: {sum(summary.drops.values())} "
+              f"({', '.join(f'{outcome} {n}' for outcome, n in summary.drops.items())})"]
+    if summary.incidents:
+        lines += ["", "Repaired or retried:"]
+        lines += [f"  {n:>6}  {code}" for code, n in summary.incidents.items()]
     rate = summary.ungradable_rate
     lines += ["", f"Ungradable: {summary.ungradable} of {summary.assessed} photos assessed"
               + (f" ({rate:.1%})" if rate is not None else "")]
@@ -460,11 +519,53 @@ def format_table(summary: AuditSummary) -> str:
             why = ", ".join(f"{r} {n}" for r, n in d.reasons.items())
             lines.append(f"  {d.day:<10}  {d.device[:16]:<16}  {d.assessed:>8}  {d.ungradable:>10}  "
                          f"{(d.rate or 0):>6.1%}  {d.eye_mismatches:>12}  {why}")
+    if summary.agreement is not None:
+        lines += ["", *_agreement_table(summary.agreement)]
     return "\n".join(lines) + "\n"
+
+
+_AGREEMENT_LABELS = {
+    "visits_graded": "Visits graded", "visits_reviewed": "Visits reviewed", "share_reviewed": "Share reviewed",
+    "visits_corrected": "Visits corrected", "eyes_compared": "Eyes compared", "eyes_ungradable": "Eyes ungradable (grader)",
+    "eyes_model_ungradable": "Eyes ungradable (model)",
+    "dr_kappa": "DR kappa (quadratic)", "dr_exact_agreement": "DR exact agreement",
+    "dme_kappa": "DME kappa (quadratic)", "dme_exact_agreement": "DME exact agreement",
+    "referral_true_pos": "Referral: both refer", "referral_false_pos": "Referral: model only",
+    "referral_false_neg": "Referral: grader only", "referral_true_neg": "Referral: neither",
+    "referral_sensitivity": "Referral sensitivity", "referral_specificity": "Referral specificity",
+    "visits_ungradable": "Visits ungradable (grader)", "review_time_n": "Visits timed",
+    "review_time_p50_s": "Report to review, median",
+}
+
+
+def _agreement_table(agreement: AgreementSummary) -> list[str]:
+    """Model versus grader: one column per model version and per reviewer, beside the pooled one."""
+    cols = list(agreement_groups(agreement))
+    headers = ["Model vs grader", *(f"{r} (reviewer)" if r else m for m, r, _ in cols)]
+
+    def fmt_value(key: str, v: Any) -> str:
+        if v is None:
+            return "-"
+        if key == "review_time_p50_s":
+            return _fmt_seconds(v)
+        if key.startswith("share") or key.endswith(("agreement", "sensitivity", "specificity")):
+            return f"{100 * v:.1f}%"
+        return f"{v:.3f}" if isinstance(v, float) else str(v)
+
+    body = [[label, *(fmt_value(key, getattr(s, key)) for _, _, s in cols)] for key, label in _AGREEMENT_LABELS.items()]
+    widths = [max(len(r[j]) for r in [headers, *body]) for j in range(len(headers))]
+
+    def fmt(r: list[str]) -> str:
+        return "  ".join(r[0].ljust(widths[0]) if j == 0 else r[j].rjust(widths[j]) for j in range(len(r))).rstrip()
+
+    return [fmt(headers), "  ".join("-" * w for w in widths), *(fmt(r) for r in body)]
 
 
 __all__ = [
     "ALL",
+    "CSV_FIELDS",
+    "AgreementStats",
+    "AgreementSummary",
     "AuditSummary",
     "ModelStats",
     "UngradableDay",
@@ -472,6 +573,7 @@ __all__ = [
     "format_table",
     "percentile",
     "read_json",
+    "reason_key",
     "summary_rows",
     "write_csv",
     "write_json",

@@ -5,7 +5,7 @@
   any other reason makes it *ungradable*: it is stored with its reasons, gets no DR grade, and its report says
   "ungradable: recapture".
 * **Laterality** (:func:`training.api.predict_laterality`): the eye read from the photo (optic disc side and
-  orientation) with a confidence. The eye stated by the file name or sidecar always wins; a confident
+  orientation) with a confidence. The eye stated by the file name, sidecar or DICOM laterality tag always wins; a confident
   disagreement is recorded and shown as a mismatch, never silently corrected. A photo whose name states no eye
   takes the predicted one when it is confident, and is refused (with the reason) when it is not.
 
@@ -69,7 +69,7 @@ class EyeCheck:
         """What the report says about the eye, or None when there is nothing to say (the name and the photo agree,
         or the photo is not clear enough to contradict the name). Stored with the image (``images.eye_note``)."""
         if self.source == "image":
-            return f"Eye read from the photo (none in the file name): it {self.prediction.describe()}."
+            return f"Eye read from the photo (none stated in the file name, sidecar or DICOM tags): it {self.prediction.describe()}."
         if self.mismatch:
             stated = EYE_WORDS[self.stated or "R"]
             return (f"Laterality mismatch: the {self.stated_from or 'file name'} says {stated} eye, but the photo "
@@ -105,9 +105,9 @@ class IntakeChecks:
     def check(self, decoded: DecodedImage, identity: Identity, file_name: str) -> IntakeVerdict:
         """The verdict for one photo; raises a :class:`Rejection` for a picture that is not a colour fundus photo,
         and for a photo whose eye is neither stated nor confidently visible."""
-        if decoded.frame is None:
-            raise ValueError("the intake checks need the decoded frame (screening.imaging.decode keeps it)")
-        quality = assess_quality(self.quality_model, decoded.frame)
+        if decoded.whole is None:
+            raise ValueError("the intake checks need the whole decoded photo (screening.imaging.preprocess keeps it in DecodedImage.whole)")
+        quality = assess_quality(self.quality_model, decoded.whole)
         if quality.not_fundus:
             score = quality.scores["not_fundus"]
             raise Rejection(RejectReason.NOT_FUNDUS,
@@ -121,8 +121,9 @@ class IntakeChecks:
                    else f"the photo does not show it clearly enough: it {prediction.describe()}, "
                         f"below the {float(self.laterality_model['confident']):.0%} needed")
             raise Rejection(RejectReason.IDENTITY,
-                            f"no eye (L/R/OD/OS/left/right) in the file name '{file_name}' or its sidecar, and {why}; "
-                            "name the file with the eye, e.g. Patient001_L.jpg")
+                            f"no eye stated for '{file_name}' (L/R/OD/OS/left/right: none in its file name, sidecar or "
+                            f"DICOM laterality tags), and {why}; name the file with the eye, e.g. Patient001_L.jpg, or "
+                            "set the laterality on the camera")
         return IntakeVerdict(quality, eye)
 
 

@@ -1,8 +1,11 @@
-"""``dr-screen``: run the worker (watch or one-shot), audit statistics, database set-up. Thin."""
+"""``dr-screen``: run the worker (watch or one-shot), audit statistics, database set-up, the clinician's
+review (queue, sign-off, grading-centre import), the review page and its logins. Thin: the work is in
+:mod:`screening.review` and :mod:`screening.web`."""
 
 from __future__ import annotations
 
 import argparse
+import getpass
 import logging
 import sys
 from collections.abc import Callable
@@ -26,12 +29,52 @@ if TYPE_CHECKING:
 log = logging.getLogger("screening")
 
 
+def check_database_url(url: str) -> None:
+    """A :class:`ConfigError` saying why ``url`` cannot work (unparseable, an unknown kind of database, a SQLite
+    file in a folder that does not exist), before anything is opened."""
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError, NoSuchModuleError
+
+    from .db.session import sqlite_file_path
+
+    shown = url.split("@")[-1]  # never print a password
+    try:
+        make_url(url).get_dialect()
+    except (ArgumentError, NoSuchModuleError, ValueError) as exc:
+        raise ConfigError(f"[screening] database = {shown!r} is not a usable database URL ({type(exc).__name__}); "
+                          "use e.g. 'sqlite:///screening.db'") from None
+    path = sqlite_file_path(url)
+    if path is not None and not Path(path).parent.is_dir():
+        raise ConfigError(f"[screening] database: the folder {Path(path).parent} does not exist; create it or point "
+                          "the database URL at an existing folder")
+
+
 def _session_factory(settings: ScreeningSettings) -> sessionmaker[Session]:
+    """The database, created or migrated; a URL that cannot work is a :class:`ConfigError` saying why."""
+    from sqlalchemy.exc import OperationalError
+
     from .db import init_db, make_engine, make_session_factory
 
-    engine = make_engine(settings.database)
-    init_db(engine)
+    check_database_url(settings.database)
+    try:
+        engine = make_engine(settings.database)
+        init_db(engine)
+    except OperationalError as exc:
+        raise ConfigError(f"[screening] database {settings.database.split('@')[-1]!r} cannot be opened ({exc.orig}); "
+                          "check the path and its permissions") from None
     return make_session_factory(engine)
+
+
+def prepare_folders(settings: ScreeningSettings) -> None:
+    """Create the worker's folders; a path that exists but is not a folder is a :class:`ConfigError`."""
+    for key in ("inbox", "reports", "archive", "rejected", "work_dir"):
+        folder: Path = getattr(settings, key)
+        if folder.exists() and not folder.is_dir():
+            raise ConfigError(f"[screening] {key} = {str(folder)!r} is a file, not a folder; point it at a folder")
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise ConfigError(f"[screening] {key}: cannot create the folder {folder} ({exc.strerror})") from None
 
 
 def resolve_checkpoint(settings: ScreeningSettings, allow_demo: bool = True) -> Path:
@@ -40,7 +83,7 @@ def resolve_checkpoint(settings: ScreeningSettings, allow_demo: bool = True) -> 
         return settings.checkpoint
     if not allow_demo:
         raise CheckpointError(f"checkpoint not found: {settings.checkpoint}; set [screening] checkpoint in the config")
-    demo = settings.work_dir / "demo-model.pt"
+    demo = settings.demo_checkpoint
     if not demo.is_file():
         from training.api import train_demo_model
 
@@ -51,26 +94,38 @@ def resolve_checkpoint(settings: ScreeningSettings, allow_demo: bool = True) -> 
     return demo
 
 
+def templates_dir(config_path: Path) -> Path:
+    """``templates/`` beside the config file when it has the report template, else the installed one."""
+    templates = config_path.resolve().parent / "templates"
+    if not (templates / "report.html.j2").is_file():
+        templates = Path(__file__).resolve().parents[1] / "templates"
+    return templates
+
+
 def make_worker(settings: ScreeningSettings, config_path: Path, allow_demo: bool = True) -> Worker:
     from .inference import Predictor
     from .pipeline import Worker
 
     predictor = Predictor(resolve_checkpoint(settings, allow_demo), settings.device, settings.threads)
     log.info("model %s (%s) on %s", predictor.version, predictor.kind, predictor.device)
-    templates = config_path.resolve().parent / "templates"
-    if not (templates / "report.html.j2").is_file():
-        templates = Path(__file__).resolve().parents[1] / "templates"
-    return Worker(settings, predictor, _session_factory(settings), templates)
+    return Worker(settings, predictor, _session_factory(settings), templates_dir(config_path))
 
 
 def cmd_run(args: argparse.Namespace, settings: ScreeningSettings) -> int:
-    with make_worker(settings, Path(args.config), allow_demo=not args.no_demo) as worker:
-        if args.once:
-            out = worker.run_once()
-            print(f"processed {out.processed}, duplicates {out.duplicates}, rejected {out.rejected}, "
-                  f"failed {out.failed}, reports {out.reports}")
-            return 1 if out.failed else 0
-        worker.run_forever()
+    """Exit 0 when everything was handled; 1 when a file failed, could not be moved, or a report failed (all of
+    them are retried by the next run); 2 for a configuration error; 3 when the worker could not run or had
+    to stop (another worker holds the inbox or database; the database file was deleted or replaced)."""
+    from .lock import WorkerLock
+
+    check_database_url(settings.database)
+    prepare_folders(settings)
+    with WorkerLock(settings.inbox, settings.database):  # before the database is opened: no two create it
+        with make_worker(settings, Path(args.config), allow_demo=not args.no_demo) as worker:
+            if args.once:
+                out = worker.run_once()
+                print(out.summary())
+                return 0 if out.ok else 1
+            worker.run_forever()
     return 0
 
 
@@ -97,6 +152,235 @@ def cmd_init_db(args: argparse.Namespace, settings: ScreeningSettings) -> int:
     return 0
 
 
+# --- review ---------------------------------------------------------------------------------------
+
+
+def _eye_value(text: str) -> tuple[str, int]:
+    """``R=3`` / ``left=1`` -> ("R", 3) for --dr/--dme."""
+    from .intake import normalise_eye
+
+    eye, sep, value = text.partition("=")
+    code = normalise_eye(eye)
+    if not sep or code is None or not value.strip().isdigit():
+        raise argparse.ArgumentTypeError(f"{text!r}: write EYE=GRADE, e.g. R=3 or left=1")
+    return code, int(value)
+
+
+def _eye_code(text: str) -> str:
+    from .intake import normalise_eye
+
+    code = normalise_eye(text)
+    if code is None:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an eye: write R or L (OD/OS, right/left)")
+    return code
+
+
+def _render_reviewed(args: argparse.Namespace, settings: ScreeningSettings, factory: sessionmaker[Session], exam_id: int) -> bool:
+    from .report import ReportError
+    from .review.reviewed_report import ModelCatalog, render_reviewed_report
+    from .review.visits import ReviewError
+
+    try:
+        report = render_reviewed_report(factory, exam_id, catalog=ModelCatalog.from_settings(settings),
+                                        clinic_name=settings.clinic_name, templates_dir=templates_dir(Path(args.config)),
+                                        reports_dir=settings.reports, retries=settings.report_retries, rule=settings.eye_result,
+                                        ungradable_rule=settings.ungradable_rule)
+    except (ReportError, ReviewError) as exc:
+        print(f"error: visit {exam_id}: the reviewed report could not be made: {exc}. The sign-off is stored; "
+              f"run `dr-screen review render {exam_id}` to try again", file=sys.stderr)
+        return False
+    print(f"visit {exam_id}: reviewed report v{report.version} written to {report.path}")
+    return True
+
+
+def cmd_review_list(args: argparse.Namespace, settings: ScreeningSettings) -> int:
+    from .db import session_scope
+    from .review import review_queue
+    from .review.text import format_queue
+
+    with session_scope(_session_factory(settings)) as session:
+        visits = review_queue(session, settings.eye_result, settings.ungradable_rule)
+    print(format_queue(visits[: args.limit] if args.limit else visits), end="")
+    return 0
+
+
+def cmd_review_show(args: argparse.Namespace, settings: ScreeningSettings) -> int:
+    from .db import reviews as rrepo
+    from .db import session_scope
+    from .review import ReviewError, load_visit
+    from .review.text import format_visit
+
+    with session_scope(_session_factory(settings)) as session:
+        try:
+            visit = load_visit(session, args.visit, settings.eye_result, settings.ungradable_rule)
+        except ReviewError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 1
+        print(format_visit(visit, rrepo.review_history(session, args.visit), rrepo.exam_reports(session, args.visit)), end="")
+    return 0
+
+
+def cmd_review_sign(args: argparse.Namespace, settings: ScreeningSettings) -> int:
+    """``review confirm`` and ``review correct``: record, then render the reviewed version."""
+    from .db import session_scope
+    from .report import EyeReview
+    from .review import ReviewError, load_visit, sign_off
+    from .review.text import format_review
+
+    factory = _session_factory(settings)
+    try:
+        with session_scope(factory) as session:
+            answers = None
+            referral = None
+            if args.review_command == "correct":
+                visit = load_visit(session, args.visit, settings.eye_result, settings.ungradable_rule)
+                given = {e.eye: e.model_answer for e in visit.eyes}
+                for eye in args.ungradable:
+                    if eye not in given:
+                        raise ReviewError(f"visit {args.visit} has no graded photo of eye {eye}")
+                    given[eye] = EyeReview(eye, False, None, None)
+                for option, values in (("dr", args.dr), ("dme", args.dme)):
+                    for eye, grade in values:
+                        if eye not in given:
+                            raise ReviewError(f"visit {args.visit} has no graded photo of eye {eye}")
+                        if not given[eye].gradable:
+                            raise ReviewError(f"eye {eye} is marked --ungradable; it cannot also have a --{option} grade")
+                        old = given[eye]
+                        given[eye] = EyeReview(eye, True, grade if option == "dr" else old.dr_grade,
+                                               grade if option == "dme" else old.dme_grade)
+                if not (args.dr or args.dme or args.ungradable or args.referral):
+                    raise ReviewError("nothing to correct: give --dr, --dme, --ungradable or --referral "
+                                      "(or use `dr-screen review confirm`)")
+                answers = list(given.values())
+                referral = None if args.referral in (None, "auto") else args.referral
+            review = sign_off(session, args.visit, reviewer=args.reviewer, source="cli", answers=answers, rule=settings.eye_result,
+                              ungradable_rule=settings.ungradable_rule,
+                              referral=referral, comment=args.comment)
+            print(f"signed off: {format_review(review)}")
+    except (ReviewError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    if not args.no_render and not _render_reviewed(args, settings, factory, args.visit):
+        return 1
+    return 0
+
+
+def cmd_review_import(args: argparse.Namespace, settings: ScreeningSettings) -> int:
+    from .review.grading_csv import import_grading, read_grading_csv
+    from .review.text import format_import
+
+    lines, errors, warnings = read_grading_csv(Path(args.csv), args.reviewer)
+    factory = _session_factory(settings)
+    session = factory()
+    try:
+        outcome = import_grading(session, lines, rule=settings.eye_result, ungradable_rule=settings.ungradable_rule)
+        outcome.errors = sorted(errors + outcome.errors, key=lambda e: (e.line, e.column or ""))
+        outcome.warnings = warnings + outcome.warnings
+        if outcome.ok and not args.dry_run:
+            session.commit()
+        else:
+            session.rollback()  # a dry run, or a file with errors: nothing is kept
+    finally:
+        session.close()
+    print(format_import(outcome, args.dry_run), end="")
+    for error in outcome.errors:
+        print(f"{args.csv}: {error}", file=sys.stderr)
+    if not outcome.ok:
+        return 1
+    if not args.dry_run and not args.no_render:
+        failed = [v.exam_id for v in outcome.visits if not v.skipped
+                  and not _render_reviewed(args, settings, factory, v.exam_id)]
+        return 1 if failed else 0
+    return 0
+
+
+def cmd_review_render(args: argparse.Namespace, settings: ScreeningSettings) -> int:
+    from .db import reviews as rrepo
+    from .db import session_scope
+    from .review import load_visits
+
+    factory = _session_factory(settings)
+    with session_scope(factory) as session:
+        todo = [v.exam_id for v in load_visits(session, [args.visit] if args.visit else None, settings.eye_result,
+                                                  settings.ungradable_rule)
+                if v.current_review is not None and not v.awaiting_review
+                and rrepo.report_of_review(session, v.current_review.id) is None]
+    if args.visit and not todo:
+        print(f"visit {args.visit}: nothing to render (not signed off, awaiting a new sign-off, or its reviewed report exists)")
+    ok = [exam_id for exam_id in todo if _render_reviewed(args, settings, factory, exam_id)]
+    print(f"{len(ok)} reviewed report(s) rendered, {len(todo) - len(ok)} failed")
+    return 0 if len(ok) == len(todo) else 1
+
+
+def cmd_serve(args: argparse.Namespace, settings: ScreeningSettings) -> int:
+    from .web.serve import ServeError, serve
+
+    try:
+        serve(settings, _session_factory(settings), templates_dir(Path(args.config)),
+              host=args.host or settings.review_host, port=args.port or settings.review_port,
+              require_login=args.require_login, secure_cookies=args.secure_cookies)
+    except ServeError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:  # Ctrl-C: the usual way to stop it
+        log.info("review page stopped")
+    return 0
+
+
+# --- review-page users ----------------------------------------------------------------------------
+
+
+def _new_password(args: argparse.Namespace) -> str:
+    if args.password_stdin:
+        return sys.stdin.readline().rstrip("\n")
+    first = getpass.getpass("password: ")
+    if getpass.getpass("again: ") != first:
+        raise ValueError("the two passwords differ; nothing was changed")
+    return first
+
+
+def cmd_user(args: argparse.Namespace, settings: ScreeningSettings) -> int:
+    from sqlalchemy.exc import IntegrityError
+
+    from .db import reviews as rrepo
+    from .db import session_scope
+    from .db.models import utcnow
+    from .web.auth import AuthError, check_username, hash_password
+
+    factory = _session_factory(settings)
+    try:
+        if args.user_command == "list":
+            with session_scope(factory) as session:
+                for u in rrepo.list_users(session):
+                    print(f"{u.username}\t{u.display_name}\t{'active' if u.active else 'disabled'}")
+            return 0
+        username = check_username(args.username)
+        if args.user_command == "add":
+            name = (args.name or username).strip()
+            password_hash = hash_password(_new_password(args))
+            with session_scope(factory) as session:
+                rrepo.add_user(session, username, name, password_hash)
+            print(f"user {username} added (signs as {name!r})")
+            return 0
+        with session_scope(factory) as session:
+            user = rrepo.get_user(session, username)
+            if user is None:
+                raise AuthError(f"no user {username!r}; `dr-screen user list` shows them")
+            if args.user_command == "passwd":
+                user.password_hash = hash_password(_new_password(args))
+                user.password_changed_at = utcnow()  # logs out the user's open sessions
+            else:
+                user.active = args.user_command == "enable"  # a disabled user's sessions end at their next request
+        print(f"user {username}: {args.user_command} done")
+        return 0
+    except (AuthError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except IntegrityError:
+        print(f"error: a user {args.username!r} exists already", file=sys.stderr)
+        return 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="dr-screen", description="DR screening worker: inbox -> grades -> PDF reports.")
     p.add_argument("--config", default="config.toml", help="settings file (default: %(default)s)")
@@ -115,6 +399,62 @@ def build_parser() -> argparse.ArgumentParser:
     sp.set_defaults(func=cmd_audit)
     sp = sub.add_parser("init-db", help="create or migrate the database")
     sp.set_defaults(func=cmd_init_db)
+
+    rv = sub.add_parser("review", help="the clinician's sign-off: queue, show, confirm, correct, import a grading CSV")
+    rsub = rv.add_subparsers(dest="review_command", required=True)
+    sp = rsub.add_parser("list", help="visits awaiting review (the model's referrals first, then oldest first)")
+    sp.add_argument("--limit", type=int, default=0, help="show at most this many")
+    sp.set_defaults(func=cmd_review_list)
+    sp = rsub.add_parser("show", help="one visit: the model's grades, sign-offs and reports")
+    sp.add_argument("visit", type=int, help="the visit number (from `review list`)")
+    sp.set_defaults(func=cmd_review_show)
+    for name, text in (("confirm", "confirm the model's grades and referral"),
+                       ("correct", "record the grader's own answers (eyes not named keep the model's grades)")):
+        sp = rsub.add_parser(name, help=text)
+        sp.add_argument("visit", type=int)
+        sp.add_argument("--reviewer", required=True, help="the name the sign-off is made in (printed on the report)")
+        sp.add_argument("--comment")
+        sp.add_argument("--no-render", action="store_true", help="do not render the reviewed report now (`review render` later)")
+        if name == "correct":
+            from .review.visits import GRADER_REFERRALS
+
+            sp.add_argument("--dr", type=_eye_value, action="append", default=[], metavar="EYE=GRADE", help="DR grade 0-4, e.g. R=3")
+            sp.add_argument("--dme", type=_eye_value, action="append", default=[], metavar="EYE=GRADE", help="DME risk 0-2, e.g. L=1")
+            sp.add_argument("--ungradable", type=_eye_code, action="append", default=[], metavar="EYE", help="this eye's photo is ungradable")
+            sp.add_argument("--referral", choices=["auto", *GRADER_REFERRALS],
+                            help="the referral outcome (default auto: what the grades imply, worse-eye rule)")
+        sp.set_defaults(func=cmd_review_sign)
+    sp = rsub.add_parser("import", help="record a grading centre's CSV (patient, eye, date, dr_grade, dme_grade, ...)")
+    sp.add_argument("csv", help="the CSV file; see screening/review/grading_csv.py for its columns")
+    sp.add_argument("--reviewer", help="the grader's name for lines without a reviewer column")
+    sp.add_argument("--dry-run", action="store_true", help="check everything and say what would be recorded; write nothing")
+    sp.add_argument("--no-render", action="store_true", help="do not render the reviewed reports now (`review render` later)")
+    sp.set_defaults(func=cmd_review_import)
+    sp = rsub.add_parser("render", help="render reviewed reports that are missing (e.g. after a failed render)")
+    sp.add_argument("visit", type=int, nargs="?", help="only this visit")
+    sp.set_defaults(func=cmd_review_render)
+
+    sp = sub.add_parser("serve", help="the review page for clinicians (127.0.0.1 by default; elsewhere with login)")
+    sp.add_argument("--host", help="address to listen on (default: [screening] review_host, 127.0.0.1)")
+    sp.add_argument("--port", type=int, help="port (default: [screening] review_port, 8765)")
+    sp.add_argument("--require-login", action="store_true", help="require a login on loopback too")
+    sp.add_argument("--secure-cookies", action="store_true", help="behind an HTTPS proxy: send the session cookie over HTTPS only")
+    sp.set_defaults(func=cmd_serve)
+
+    us = sub.add_parser("user", help="logins for the review page")
+    usub = us.add_subparsers(dest="user_command", required=True)
+    sp = usub.add_parser("add", help="add a user (asks for the password twice)")
+    sp.add_argument("username")
+    sp.add_argument("--name", help="the name sign-offs are made in, e.g. 'Dr A. Grey' (default: the user name)")
+    sp.add_argument("--password-stdin", action="store_true", help="read the password from the first line of stdin (scripts)")
+    sp = usub.add_parser("passwd", help="set a new password (logs the user out everywhere)")
+    sp.add_argument("username")
+    sp.add_argument("--password-stdin", action="store_true")
+    for name in ("disable", "enable"):
+        sp = usub.add_parser(name, help=f"{name} a user's login (their past sign-offs stay)")
+        sp.add_argument("username")
+    usub.add_parser("list", help="user names, display names, active or not")
+    us.set_defaults(func=cmd_user)
     return p
 
 
@@ -124,13 +464,20 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("alembic").setLevel(logging.WARNING)
     logging.getLogger("weasyprint.progress").setLevel(logging.WARNING)  # seven "Step n" lines per report
+    from .db import DatabaseGone, SchemaError
+    from .lock import WorkerLocked
+
     try:
         settings = load_screening_settings(args.config)
         command: Callable[[argparse.Namespace, ScreeningSettings], int] = args.func
         return command(args, settings)
-    except (ConfigError, CheckpointError) as exc:
+    except (ConfigError, CheckpointError, SchemaError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except (WorkerLocked, DatabaseGone) as exc:
+        log.error("%s", exc)
+        print(f"error: {exc}", file=sys.stderr)
+        return 3
 
 
 if __name__ == "__main__":

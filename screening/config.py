@@ -52,6 +52,21 @@ class ScreeningSettings(StrictSettings):
     report_retries: int = Field(3, ge=1)
     report_renderer: Literal["process", "inline"] = "process"
     clinic_name: str = "Diabetic Eye Screening Service"
+    # Hard limits on what a dropped file may cost, checked before it is decoded (over them: a recorded rejection).
+    max_file_bytes: int = Field(256 * 1024 * 1024, gt=0)
+    max_pixels: int = Field(50_000_000, gt=0)  # width x height, read from the header
+    max_pages: int = Field(4, ge=1)  # pages (IFDs) of a TIFF, thumbnails included
+    # A file whose image data stops short (still being copied, truncated, corrupt) stays in the inbox and is
+    # read again when it changes; once unchanged this long it is rejected as incomplete or corrupt.
+    incomplete_grace: float = Field(300.0, ge=0)
+    # Hidden and temporary names (.part, ~$, dotfiles, a sidecar without its photo) are left alone while they
+    # are in use; unchanged this long, they are rejected with a reason so that nothing lies in the inbox unseen.
+    abandoned_after: float = Field(3600.0, gt=0)
+    # several photographs (fields) of one eye in a visit: which one gives the eye's result (all are shown)
+    eye_result: Literal["worst", "latest"] = "worst"
+    # the review page (dr-screen serve); any address but loopback requires a login
+    review_host: str = "127.0.0.1"
+    review_port: int = Field(8765, ge=1, le=65535)
 
     @field_validator("filename_patterns")
     @classmethod
@@ -64,6 +79,12 @@ class ScreeningSettings(StrictSettings):
             if "patient" not in rx.groupindex:
                 raise ValueError(f"pattern {p!r} has no (?P<patient>...) group")
         return pats
+
+    @property
+    def demo_checkpoint(self) -> Path:
+        """Where a demo model is trained when ``checkpoint`` is missing (``dr-screen run``); reviewed reports
+        look here too for the model that graded a visit."""
+        return self.work_dir / "demo-model.pt"
 
     def resolved_database(self, base: Path) -> str:
         """A relative SQLite path in the URL resolves against the config folder too."""

@@ -23,6 +23,7 @@ from training.api import (
 from training.common import LESION_CODES
 
 from .explain import head_cams
+from .report import grade_source, model_metrics_for_report
 
 
 @dataclass
@@ -75,32 +76,12 @@ class Predictor:
 
     def report_metrics(self) -> dict[str, float | str]:
         """The checkpoint's headline metrics, labelled for the report's model section."""
-        metrics = self.meta.get("metrics", {})
-        val = metrics.get("validation", {})
-        out: dict[str, float | str] = {}
-        for label, key in (("Validation DR kappa", "val_kappa"), ("Validation referable-DR AUC", "val_ref_auc"),
-                           ("Validation mean lesion AUPR", "val_aupr_mean")):
-            if isinstance(val.get(key), (int, float)):
-                out[label] = round(float(val[key]), 3)
-        test = metrics.get("test") or {}
-        for key in ("referable AUC", "sensitivity", "specificity", "DR kappa", "OD Dice"):
-            if isinstance(test.get(key), (int, float)):
-                out[f"Test {key}"] = round(float(test[key]), 3)
-        ci = test.get("referable AUC 95% CI")
-        if isinstance(ci, (list, tuple)) and len(ci) == 2 and all(isinstance(v, float) for v in ci):
-            out["Test referable AUC 95% CI"] = f"{ci[0]:.2f}-{ci[1]:.2f}"
-        out["Referral threshold"] = round(self.threshold, 3)
-        out["Grades from"] = self.grade_source
-        return out
+        return model_metrics_for_report(self.meta)
 
     @property
     def grade_source(self) -> str:
         """What produced the DR grade and DME risk, in words for the report."""
-        if "grader" in self.meta:
-            return "lesion-evidence regression on image measurements"
-        if self.model.config.grade_inputs == "features+lesions":
-            return "the network's DR/DME heads (image features and its own lesion maps)"
-        return "the network's DR/DME heads (image features)"
+        return grade_source(self.meta)
 
     def to_tensor(self, images: list[np.ndarray]) -> torch.Tensor:
         return torch.stack([self.transform(image=im)["image"] for im in images]).to(self.device)

@@ -16,10 +16,16 @@ How files reach the pipeline
   clocks drift). A file that stays at 0 bytes is reported after ``10 x stable_seconds`` so the
   pipeline can reject it as empty instead of skipping it forever.
 
-Only the top level of the inbox is considered: sub-folders, symlinks and other non-regular entries
-are skipped (not recursed into). Temporary/hidden names (see :func:`is_ignored`) are skipped until they
-are renamed. Regular files with an unsupported suffix are *not* skipped: they are returned like any
+Only the top level of the inbox is considered, and nothing in it is skipped for ever. Sub-folders,
+symlinks, pipes and devices are returned like files (never followed or recursed into) and
+:func:`stray_rejection` says why the pipeline refuses them. Temporary/hidden names (see :func:`is_ignored`)
+are left alone while they may still be in use; once unchanged for ``abandoned_after`` seconds they are
+returned too, and refused with a reason. Regular files with an unsupported suffix are returned like any
 other file and :func:`check_supported` raises the :class:`~screening.rejection.Rejection` the pipeline records.
+
+Reading: :func:`read_content` reads a file once, whole, without following links, and hashes exactly the
+bytes it read (the pipeline decodes those same bytes); a file that changes while it is read raises
+:class:`StillChanging` and is read again later.
 
 Naming: :func:`parse_identity` reads ``patient``/``eye``/``date`` from the file stem using the
 configured ``filename_patterns`` (raising a :class:`~screening.rejection.Rejection` when it cannot), and a sidecar ``<stem>.json`` (or ``<name>.json``) with keys
@@ -29,6 +35,8 @@ companion of the image: the pipeline should move it together with the image (see
 
 from __future__ import annotations
 
+import errno
+import hashlib
 import json
 import logging
 import os
@@ -38,12 +46,12 @@ import stat
 import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
-from datetime import date
+from dataclasses import dataclass, field
+from datetime import date, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal, cast
 
-from training.common import MAX_ID_LENGTH, is_safe_id
+from training.common import MAX_ID_LENGTH, is_safe_id, sha256_file
 
 from .rejection import Rejection, RejectReason
 
@@ -57,25 +65,38 @@ log = logging.getLogger(__name__)
 
 __all__ = [
     "EMPTY_FILE_FACTOR",
+    "MAX_RETRY_DELAY",
     "SUPPORTED_SUFFIXES",
+    "Content",
     "Identity",
     "InboxWatcher",
     "Intake",
     "StabilityTracker",
+    "StillChanging",
     "check_supported",
+    "entry_sha256",
+    "is_candidate",
     "is_ignored",
     "is_supported",
+    "normalise_eye",
     "parse_identity",
+    "read_content",
     "sidecar_for",
+    "stray_rejection",
     "sweep",
     "wait_until_stable",
 ]
 
-SUPPORTED_SUFFIXES: frozenset[str] = frozenset({".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp"})
-"""Image suffixes the pipeline accepts (compared lower-cased)."""
+SUPPORTED_SUFFIXES: frozenset[str] = frozenset({".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp", ".dcm", ".dicom"})
+"""Suffixes the pipeline accepts (compared lower-cased). A DICOM file is recognised by its content whatever its
+name (:func:`screening.dicom.is_dicom`); these two suffixes only make a DICOM-named file count as one."""
 
 EMPTY_FILE_FACTOR = 10.0
-"""A 0-byte file is reported as stable after this many ``stable_seconds`` (so it can be rejected)."""
+"""A 0-byte file is reported as stable after this many ``stable_seconds`` (so it can be rejected), or as soon
+as its modification time is that old (a one-shot run does not wait for an empty file left long ago)."""
+
+MAX_RETRY_DELAY = 3600.0
+"""Longest wait, in seconds, before a file whose handling failed or was put off is tried again."""
 
 _IGNORED_SUFFIXES = (".part", ".tmp", ".crdownload", ".partial", ".json")
 _IGNORED_NAMES = frozenset({"thumbs.db", "desktop.ini"})
@@ -111,9 +132,10 @@ def check_supported(path: str | os.PathLike[str]) -> None:
     p = Path(path)
     if is_supported(p):
         return
-    allowed = ", ".join(sorted(SUPPORTED_SUFFIXES))
+    allowed = ", ".join(sorted(SUPPORTED_SUFFIXES)) + " (DICOM files whatever their name)"
     if not p.suffix:
-        raise Rejection(RejectReason.UNSUPPORTED_TYPE, f"'{p.name}' has no file extension; supported image types are {allowed}")
+        raise Rejection(RejectReason.UNSUPPORTED_TYPE, f"'{p.name}' has no file extension and is not a DICOM file; "
+                                                       f"supported image types are {allowed}")
     raise Rejection(RejectReason.UNSUPPORTED_TYPE,
                     f"'{p.name}' has unsupported file type '{p.suffix}'; supported image types are {allowed}")
 
@@ -123,10 +145,14 @@ def check_supported(path: str | os.PathLike[str]) -> None:
 
 @dataclass(frozen=True)
 class Identity:
-    patient_id: str
+    """Who and what a photo is, from its name, sidecar or DICOM tags. ``patient_id`` stays out of ``repr``."""
+
+    patient_id: str = field(repr=False)
     eye: Literal["L", "R"] | None  # None: not stated; the intake checks read it from the photo or refuse the file
     exam_date: date | None = None  # None: the pipeline uses the drop date
-    eye_from: str | None = None  # where the stated eye came from: "file name" or "sidecar <name>"
+    device: str | None = None  # the camera, where the file says (DICOM Manufacturer and model)
+    # where the stated eye came from: "file name", "sidecar <name>" or "DICOM <tag>" (screening.checks.EyeCheck.source)
+    eye_from: str | None = None
 
 
 def _unidentified(message: str) -> Rejection:
@@ -142,7 +168,8 @@ def sidecar_for(path: str | os.PathLike[str]) -> Path | None:
     return None
 
 
-def _normalise_eye(value: object) -> Literal["L", "R"] | None:
+def normalise_eye(value: object) -> Literal["L", "R"] | None:
+    """``L``/``R``/``OD``/``OS``/``left``/``right`` (any case) -> ``"L"`` or ``"R"``; None for anything else."""
     if not isinstance(value, str):
         return None
     eye = _EYES.get(value.strip().lower())
@@ -150,9 +177,10 @@ def _normalise_eye(value: object) -> Literal["L", "R"] | None:
 
 
 def _parse_date(value: str) -> date | None:
-    """``YYYYMMDD`` or ``YYYY-MM-DD`` (``_`` also accepted as a separator) -> date; None if invalid."""
+    """``YYYYMMDD`` or ``YYYY-MM-DD`` (``_`` also accepted as a separator), ASCII digits only -> date; None if
+    invalid (``\\d`` would also match other scripts' digits, which ``int`` then reads as numbers)."""
     s = value.strip()
-    m = re.fullmatch(r"(\d{4})[-_]?(\d{2})[-_]?(\d{2})", s)
+    m = re.fullmatch(r"([0-9]{4})[-_]?([0-9]{2})[-_]?([0-9]{2})", s)
     if m is None:
         return None
     try:
@@ -160,6 +188,10 @@ def _parse_date(value: str) -> date | None:
     except ValueError:
         return None
     return d if d.year >= 1900 else None
+
+
+# Public name for the grading-centre import (screening.review), which reads exam dates written the same ways.
+parse_exam_date = _parse_date
 
 
 def _match_patterns(stem: str, patterns: Sequence[str | re.Pattern[str]]) -> dict[str, str | None] | None:
@@ -188,7 +220,9 @@ def _read_sidecar(sidecar: Path) -> dict[str, object]:
     return data
 
 
-def parse_identity(path: str | os.PathLike[str], patterns: Sequence[str | re.Pattern[str]]) -> Identity:
+def parse_identity(
+    path: str | os.PathLike[str], patterns: Sequence[str | re.Pattern[str]], today: date | None = None,
+) -> Identity:
     """Patient, eye and exam date of an image from its name and/or sidecar JSON; raises a :class:`Rejection`
     (``identity``) saying what is missing or invalid and how to name the file.
 
@@ -199,7 +233,8 @@ def parse_identity(path: str | os.PathLike[str], patterns: Sequence[str | re.Pat
     (:mod:`screening.checks`) and refuses the file otherwise; an eye that is given but invalid is refused here.
     The result is validated: patient id ``[A-Za-z0-9_-]{1,64}`` (:func:`training.common.is_safe_id`: no
     path separators or ``..``),
-    eye one of L/R/OD/OS/left/right (OD = right, OS = left), date a real calendar date.
+    eye one of L/R/OD/OS/left/right (OD = right, OS = left), date a real calendar date, not after ``today``
+    (default: the local date; one day of slack for a camera whose clock runs ahead of this machine's).
     """
     p = Path(path)
     groups = _match_patterns(p.stem, patterns) or {}
@@ -211,20 +246,20 @@ def parse_identity(path: str | os.PathLike[str], patterns: Sequence[str | re.Pat
     sidecar = sidecar_for(p)
     if sidecar is not None:
         data = _read_sidecar(sidecar)
-        for key, field in (("patient_id", "patient"), ("eye", "eye"), ("exam_date", "date")):
+        for key, slot in (("patient_id", "patient"), ("eye", "eye"), ("exam_date", "date")):
             if key in data and data[key] is not None:
                 value = data[key]
                 if key == "patient_id" and isinstance(value, int) and not isinstance(value, bool):
                     value = str(value)
                 if not isinstance(value, str):
                     raise _unidentified(f"sidecar {sidecar.name}: '{key}' must be a string, got {value!r}")
-                if field == "patient":
+                if slot == "patient":
                     patient = value
-                elif field == "eye":
+                elif slot == "eye":
                     eye_raw = value
                 else:
                     date_raw = value
-                source[field] = f"sidecar {sidecar.name}"
+                source[slot] = f"sidecar {sidecar.name}"
 
     if not patient:
         side = p.with_suffix(".json").name
@@ -236,7 +271,7 @@ def parse_identity(path: str | os.PathLike[str], patterns: Sequence[str | re.Pat
 
     eye: Literal["L", "R"] | None = None
     if eye_raw:
-        eye = _normalise_eye(eye_raw)
+        eye = normalise_eye(eye_raw)
         if eye is None:
             raise _unidentified(f"invalid eye {eye_raw!r} (from {source['eye']}): use L, R, OD (right), OS (left), left or right")
 
@@ -247,6 +282,12 @@ def parse_identity(path: str | os.PathLike[str], patterns: Sequence[str | re.Pat
             raise _unidentified(
                 f"invalid exam date {date_raw!r} (from {source['date']}): expected a real date as YYYYMMDD or YYYY-MM-DD"
             )
+        latest = (today or date.today()) + timedelta(days=1)
+        if exam_date > latest:
+            raise _unidentified(
+                f"exam date {exam_date.isoformat()} (from {source['date']}) is in the future; check the date in the "
+                "file name or sidecar (and the camera's clock)"
+            )
     return Identity(patient_id=patient, eye=eye, exam_date=exam_date, eye_from=source["eye"] if eye else None)
 
 
@@ -256,14 +297,21 @@ Signature = tuple[int, int]
 
 
 def _signature(path: Path) -> Signature | None:
-    """``(size, mtime_ns)`` of a regular file (symlinks not followed); None if gone or not a file."""
+    """``(size, mtime_ns)`` of an inbox entry (symlinks not followed); None if gone. Only a regular file can
+    count as empty: any other entry (a link, a folder) reports a size of at least 1."""
     try:
         st = os.lstat(path)
     except OSError:
         return None
-    if not stat.S_ISREG(st.st_mode):
-        return None
-    return (st.st_size, st.st_mtime_ns)
+    return (st.st_size if stat.S_ISREG(st.st_mode) else max(st.st_size, 1), st.st_mtime_ns)
+
+
+def _mtime_age(path: Path) -> float:
+    """Seconds since ``path`` was last modified, by the wall clock (0 when it is gone)."""
+    try:
+        return time.time() - float(os.lstat(path).st_mtime)
+    except OSError:
+        return 0.0
 
 
 class StabilityTracker:
@@ -302,7 +350,9 @@ class StabilityTracker:
             since = t
         else:
             since = prev[1]
-        needed = self.stable_seconds if sig[0] > 0 else self.empty_seconds
+        needed = self.stable_seconds
+        if sig[0] == 0 and _mtime_age(p) < self.empty_seconds:  # empty and recent: a copy may be starting
+            needed = self.empty_seconds
         return t - since >= needed
 
     def forget(self, path: str | os.PathLike[str]) -> None:
@@ -352,28 +402,142 @@ def wait_until_stable(
 # -------------------------------------------------------------------------------------------- sweep
 
 
-def sweep(inbox: str | os.PathLike[str]) -> list[Path]:
-    """Candidate files directly in ``inbox``, oldest mtime first (name breaks ties).
+def _has_photo(sidecar: Path) -> bool:
+    """True when a file beside ``sidecar`` would read it as its sidecar (:func:`sidecar_for`)."""
+    stem = sidecar.name[: -len(".json")] if sidecar.name.lower().endswith(".json") else sidecar.stem
+    try:
+        names = os.listdir(sidecar.parent)
+    except OSError:
+        return False
+    return any(n != sidecar.name and (n == stem or Path(n).stem == stem) and not is_ignored(n) for n in names)
 
-    Non-recursive: sub-folders, symlinks and other non-regular entries are skipped, as are names
-    :func:`is_ignored` rejects. Unsupported suffixes are included (the pipeline rejects them with
-    :func:`unsupported_reason`). Raises ``OSError`` if the inbox itself cannot be listed.
+
+def is_candidate(path: Path, st: os.stat_result, abandoned_after: float | None, now: float | None = None) -> bool:
+    """Whether an inbox entry is for the pipeline now: every entry except a hidden or temporary name
+    (:func:`is_ignored`) that changed less than ``abandoned_after`` seconds ago (None: never), or a sidecar
+    whose photo is beside it (it travels with the photo)."""
+    if not is_ignored(path.name):
+        return True
+    if abandoned_after is None or (now if now is not None else time.time()) - st.st_mtime < abandoned_after:
+        return False
+    return not (path.name.lower().endswith(".json") and stat.S_ISREG(st.st_mode) and _has_photo(path))
+
+
+def sweep(inbox: str | os.PathLike[str], abandoned_after: float | None = None) -> list[Path]:
+    """Candidate entries directly in ``inbox`` (:func:`is_candidate`), oldest mtime first (name breaks ties).
+
+    Non-recursive: sub-folders, symlinks and other non-regular entries are listed (never followed) for the
+    pipeline to refuse with a reason (:func:`stray_rejection`); hidden and temporary names only once
+    ``abandoned_after`` seconds old. Unsupported suffixes are included (the pipeline rejects them with
+    :func:`check_supported`). Raises ``OSError`` if the inbox itself cannot be listed.
     """
     root = Path(inbox)
     found: list[tuple[int, str, Path]] = []
+    now = time.time()
     with os.scandir(root) as it:
         for entry in it:
-            if is_ignored(entry.name):
-                continue
             try:
-                if not entry.is_file(follow_symlinks=False):
-                    continue
-                mtime = entry.stat(follow_symlinks=False).st_mtime_ns
+                st = entry.stat(follow_symlinks=False)
             except OSError:  # vanished between listing and stat
                 continue
-            found.append((mtime, entry.name, root / entry.name))
+            if is_candidate(root / entry.name, st, abandoned_after, now):
+                found.append((st.st_mtime_ns, entry.name, root / entry.name))
     found.sort(key=lambda t: (t[0], t[1]))
     return [p for _, _, p in found]
+
+
+# ------------------------------------------------------------------------------------ entries, reading
+
+_KINDS = ((stat.S_ISLNK, "a link"), (stat.S_ISDIR, "a folder"), (stat.S_ISFIFO, "a named pipe"),
+          (stat.S_ISSOCK, "a socket"), (stat.S_ISCHR, "a device"), (stat.S_ISBLK, "a device"))
+
+
+def _kind(st: os.stat_result) -> str | None:
+    """What a non-regular entry is, in words; None for a regular file."""
+    return next((name for test, name in _KINDS if test(st.st_mode)), None if stat.S_ISREG(st.st_mode) else "not a file")
+
+
+def stray_rejection(path: Path, st: os.stat_result, abandoned_after: float, now: float | None = None) -> Rejection | None:
+    """Why the inbox entry ``path`` (its ``lstat`` is ``st``) is not a photo to read, or None when it is a
+    regular file with an ordinary name. Links are described, never followed."""
+    kind = _kind(st)
+    if kind == "a link":
+        return Rejection(RejectReason.NOT_A_FILE, f"'{path.name}' is a link, not a file; links are never followed. "
+                         "Copy the photo itself into the inbox")
+    if kind == "a folder":
+        return Rejection(RejectReason.NOT_A_FILE, f"'{path.name}' is a folder; only files directly in the inbox are "
+                         "read. Move the photos out of it into the inbox")
+    if kind is not None:
+        return Rejection(RejectReason.NOT_A_FILE, f"'{path.name}' is {kind}, not a file; copy photos into the inbox as files")
+    if is_ignored(path.name) and is_candidate(path, st, abandoned_after, now):
+        hours = abandoned_after / 3600
+        if path.name.lower().endswith(".json"):
+            return Rejection(RejectReason.LEFT_BEHIND, f"sidecar '{path.name}' has had no photo of the same name beside "
+                             f"it for {hours:g} h; copy the photo and its sidecar into the inbox together")
+        return Rejection(RejectReason.LEFT_BEHIND, f"'{path.name}' has a hidden or temporary name and has not changed "
+                         f"for {hours:g} h (an interrupted copy?); if it is a photo, give it an ordinary name "
+                         "(no leading '.', no .part/.tmp ending) and copy it into the inbox again")
+    return None
+
+
+def entry_sha256(path: Path, st: os.stat_result | None = None) -> str:
+    """The identity a drop of ``path`` is recorded under: the SHA-256 of a regular file's bytes; for anything
+    else (never opened, never followed) the SHA-256 of what it is and its name (and a link's target text)."""
+    st = st if st is not None else os.lstat(path)
+    if stat.S_ISREG(st.st_mode):
+        return sha256_file(path)
+    described = f"{_kind(st)}\0{path.name}"
+    if stat.S_ISLNK(st.st_mode):
+        described += "\0" + os.readlink(path)
+    return hashlib.sha256(described.encode("utf-8", "surrogateescape")).hexdigest()
+
+
+class StillChanging(Exception):
+    """The file changed while it was read: read it again once it is stable."""
+
+
+@dataclass(frozen=True)
+class Content:
+    """A file read once: ``data`` are the bytes hashed into ``sha256`` (None when the file is larger than the
+    limit: then it was hashed in blocks and never held in memory)."""
+
+    data: bytes | None
+    sha256: str
+    size: int
+    mtime_ns: int
+
+
+def read_content(path: Path, max_bytes: int) -> Content:
+    """Read the regular file ``path`` whole, without following a link, and hash exactly what was read.
+
+    Raises :class:`StillChanging` when its size or modification time moved during the read,
+    FileNotFoundError when it is gone, and a :class:`Rejection` (``not_a_file``) when a link or another
+    kind of entry took its name since it was listed."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:  # O_NOFOLLOW on a link
+            raise Rejection(RejectReason.NOT_A_FILE, f"'{path.name}' is a link, not a file; links are never followed. "
+                            "Copy the photo itself into the inbox") from None
+        raise
+    with os.fdopen(fd, "rb") as fh:
+        before = os.fstat(fd)
+        if not stat.S_ISREG(before.st_mode):
+            raise Rejection(RejectReason.NOT_A_FILE, f"'{path.name}' is {_kind(before)}, not a file")
+        digest = hashlib.sha256()
+        data: bytes | None = None
+        if before.st_size <= max_bytes:
+            data = fh.read(max_bytes + 1)
+            digest.update(data)
+        if data is None or len(data) > max_bytes:
+            data = None
+            while block := fh.read(1 << 20):
+                digest.update(block)
+        after = os.fstat(fd)
+        size = after.st_size
+        if (before.st_size, before.st_mtime_ns) != (size, after.st_mtime_ns) or (data is not None and len(data) != size):
+            raise StillChanging(path)
+    return Content(data, digest.hexdigest(), size, after.st_mtime_ns)
 
 
 # ------------------------------------------------------------------------------------------- watcher
@@ -507,12 +671,21 @@ class InboxWatcher:
 # -------------------------------------------------------------------------------------------- intake
 
 
+@dataclass(frozen=True)
+class _Retry:
+    signature: Signature | None  # as it was when the retry was asked for
+    not_before: float
+    attempts: int
+
+
 class Intake:
     """Watcher + periodic sweep + stability tracking: ``poll()`` returns files ready to process now.
 
     Each path is returned once; it is returned again only if its ``(size, mtime_ns)`` changed after it
-    was returned (normally the pipeline moves it out of the inbox). ``poll`` works without ``start()``
-    (sweep only); ``start()`` adds the watchdog observer. Use from one thread.
+    was returned (normally the pipeline moves it out of the inbox), or once :meth:`retry_later` asked for it
+    (its handling failed or was put off: a locked database, a full archive, a file still incomplete), at the
+    first sweep after a delay that doubles with each attempt, or as soon as it changes. ``poll`` works
+    without ``start()`` (sweep only); ``start()`` adds the watchdog observer. Use from one thread.
     """
 
     def __init__(
@@ -530,6 +703,7 @@ class Intake:
         self.watcher = watcher or InboxWatcher(self.inbox, settings.observer, settings.poll_interval)
         self._pending: set[Path] = set()
         self._returned: dict[Path, Signature] = {}
+        self._retry: dict[Path, _Retry] = {}
         self._next_sweep: float | None = None  # None: sweep on the next poll
         self.last_sweep_error: OSError | None = None
 
@@ -554,46 +728,68 @@ class Intake:
         return frozenset(self._pending)
 
     def _key(self, path: Path) -> Path | None:
-        """Canonical inbox path for a candidate, or None if it is not a top-level, non-ignored inbox file."""
-        if is_ignored(path.name):
-            return None
-        if os.path.normcase(os.path.abspath(path.parent)) != os.path.normcase(str(self.inbox)):
+        """Canonical inbox path for a candidate, or None if it is not directly in the inbox."""
+        if not path.name or os.path.normcase(os.path.abspath(path.parent)) != os.path.normcase(str(self.inbox)):
             return None
         return self.inbox / path.name
 
-    def _add(self, path: Path) -> None:
+    def _add(self, path: Path, now: float) -> None:
         key = self._key(path)
         if key is None or key in self._pending:
             return
-        sig = _signature(key)
-        if sig is None:
+        try:
+            st = os.lstat(key)
+        except OSError:
             self._returned.pop(key, None)
+            self._retry.pop(key, None)
             return
-        if self._returned.get(key) == sig:  # already handed out and unchanged
+        if not is_candidate(key, st, self.settings.abandoned_after):
+            return
+        sig = _signature(key)
+        retry = self._retry.get(key)
+        if retry is not None:
+            if sig == retry.signature and now < retry.not_before:  # unchanged, and not due yet
+                return
+        elif self._returned.get(key) == sig:  # already handed out and unchanged
             return
         self._pending.add(key)
+
+    def retry_later(self, path: Path, now: float | None = None) -> float:
+        """Hand ``path`` out again later: after ``sweep_interval`` seconds, doubling with each attempt (at most
+        :data:`MAX_RETRY_DELAY`), or as soon as it changes. Returns the delay."""
+        key = self._key(Path(path))
+        if key is None:
+            return 0.0
+        t = self.clock() if now is None else now
+        attempts = self._retry[key].attempts + 1 if key in self._retry else 1
+        delay = min(self.sweep_interval * 2.0 ** (attempts - 1), MAX_RETRY_DELAY)
+        self._retry[key] = _Retry(self._returned.get(key) or _signature(key), t + delay, attempts)
+        self._returned.pop(key, None)
+        return delay
 
     def _sweep(self, now: float) -> None:
         self._next_sweep = now + self.sweep_interval
         try:
-            listed = sweep(self.inbox)
+            listed = sweep(self.inbox, self.settings.abandoned_after)
         except OSError as exc:
             if self.last_sweep_error is None or str(exc) != str(self.last_sweep_error):
                 log.warning("cannot list inbox %s: %s", self.inbox, exc)
             self.last_sweep_error = exc
             return
         self.last_sweep_error = None
-        present = set(listed)
+        present = {p for p in self._returned.keys() | self._retry.keys() if os.path.lexists(p)}
         for gone in [p for p in self._returned if p not in present]:
             del self._returned[gone]
+        for gone in [p for p in self._retry if p not in present]:
+            del self._retry[gone]
         for p in listed:
-            self._add(p)
+            self._add(p, now)
 
     def poll(self, now: float | None = None) -> list[Path]:
         """Files that are stable now (oldest first), drawn from watcher events plus the periodic sweep."""
         t = self.clock() if now is None else now
         for p in self.watcher.pending(0):
-            self._add(p)
+            self._add(p, t)
         if self._next_sweep is None or t >= self._next_sweep:
             self._sweep(t)
         ready: list[tuple[int, str, Path]] = []

@@ -6,6 +6,13 @@ either the file still in the inbox (and redoes the image, or finishes the move i
 for) or a committed state to continue from. Report PDFs are rendered by ``screening.renderer`` (by default a
 side process, while the next batch runs); the report stage records each one.
 
+No photo is left in a state no run can finish: a file whose handling failed or was put off (grading
+failed, a full or read-only archive, a file still arriving) stays in the inbox with its committed state and
+is handed out again (``run_forever``: :meth:`screening.intake.Intake.retry_later`; ``run_once``: the next
+run). A locked database is waited out (:func:`screening.db.session.transaction`); a database file deleted
+or replaced under the worker stops it (:class:`~screening.db.session.DatabaseGone`), since every result
+written after that would be lost. At start-up :meth:`Worker.recover` reconciles the database with the files.
+
 :class:`Worker` only drives: which files to take (``run_once``: what is in the inbox now; ``run_forever``:
 the watcher and the periodic sweep), the order of the stages, and the counts of what happened.
 """
@@ -17,7 +24,7 @@ import signal
 import threading
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import date
 from pathlib import Path
 
@@ -25,12 +32,15 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from .checks import IntakeChecks
 from .config import ScreeningSettings
+from .db.session import DatabaseGone
 from .inference import Predictor
-from .intake import Intake, sweep, wait_until_stable
+from .intake import EMPTY_FILE_FACTOR, Intake, sweep, wait_until_stable
+from .rejection import FailReason
 from .renderer import Renderer, make_renderer
 from .runtime import release_memory
 from .stages import (
     Admitted,
+    Deferred,
     Duplicate,
     Filing,
     GradeStage,
@@ -38,9 +48,12 @@ from .stages import (
     IntakeStage,
     Job,
     Rejected,
+    ReportOutcome,
     ReportStage,
     StoreStage,
 )
+from .stages.filing import MoveFailed
+from .stages.report import failed as failed_reports
 from .stages.report import written
 
 # Trim the heap between batches only when glibc holds this much free. A 512 px batch leaves ~100 MB free,
@@ -56,14 +69,35 @@ class BatchOutcome:
     processed: int = 0
     duplicates: int = 0
     rejected: int = 0
-    failed: int = 0
+    failed: int = 0  # grading, storing or intake failed: the file stays in the inbox for a retry
     reports: int = 0
+    report_failures: int = 0  # rendered or recorded unsuccessfully: the catch-up makes them again
+    deferred: int = 0  # still arriving (incomplete, or changing while read): read again later
+    unmoved: int = 0  # recorded, but the move out of the inbox failed (full, read-only): retried
+    retry: list[Path] = field(default_factory=list)  # the files to hand out again (watch mode)
 
     def count(self, outcome: IntakeOutcome) -> None:
         if isinstance(outcome, Duplicate):
             self.duplicates += 1
         elif isinstance(outcome, Rejected):
             self.rejected += 1
+        elif isinstance(outcome, Deferred):
+            self.deferred += 1
+            self.retry.append(outcome.path)
+
+    def count_reports(self, outcomes: list[ReportOutcome]) -> None:
+        self.reports += written(outcomes)
+        self.report_failures += failed_reports(outcomes)
+
+    @property
+    def ok(self) -> bool:
+        """Nothing failed: every file handled (or deferred while it arrives) and every report made."""
+        return not (self.failed or self.report_failures or self.unmoved)
+
+    def summary(self) -> str:
+        return (f"processed {self.processed}, duplicates {self.duplicates}, rejected {self.rejected}, failed {self.failed}, "
+                f"reports {self.reports}, report failures {self.report_failures}, deferred {self.deferred}, "
+                f"not yet moved {self.unmoved}")
 
 
 class Worker:
@@ -80,7 +114,7 @@ class Worker:
         for folder in (settings.inbox, settings.reports, settings.archive, settings.rejected, settings.work_dir):
             folder.mkdir(parents=True, exist_ok=True)
         self.filing = Filing(settings, factory)
-        self.intake = IntakeStage(settings, factory, self.filing, predictor.size, self.checks, today)
+        self.intake = IntakeStage(settings, factory, self.filing, predictor.size, today, checks=self.checks)
         self.grade = GradeStage(predictor, settings.batch_size)
         self.store = StoreStage(settings, factory, self.filing, predictor)
         self.report = ReportStage(settings, factory, predictor,
@@ -107,9 +141,16 @@ class Worker:
         for path in paths:
             try:
                 outcome = self.intake.admit(path)
+            except DatabaseGone:
+                raise
+            except MoveFailed:  # recorded; the move is finished when the file is seen again
+                out.unmoved += 1
+                out.retry.append(path)
+                continue
             except Exception:
-                log.exception("intake of a file failed; it stays in the inbox")
+                log.exception("intake of a file failed; it stays in the inbox and is tried again")
                 out.failed += 1
+                out.retry.append(path)
                 continue
             out.count(outcome)
             if isinstance(outcome, Admitted):
@@ -119,58 +160,89 @@ class Worker:
         stored: set[int] = set()  # exams with a new result, report not yet submitted
         for job in ungradable:  # no grading: the verdict is recorded, the photo is stored for the report
             try:
-                stored.add(self.store.save_ungradable(job).exam_id)
-                out.processed += 1
+                saved = self.store.save_ungradable(job)
+            except DatabaseGone:
+                raise
             except Exception as exc:  # noqa: BLE001 - recorded as failed; the file stays for a retry
-                self.store.fail(job, exc)
-                out.failed += 1
+                self._fail(job, exc, FailReason.STORING, out)
+                continue
+            stored.add(saved.exam_id)
+            out.processed += 1
+            if saved.archived_as is None and job.path.exists():  # the archive could not take it now
+                out.unmoved += 1
+                out.retry.append(job.path)
         ready = sorted(e for e in stored if e not in last_batch)  # exams with nothing to grade in this group
         stored.difference_update(ready)
         self._submit_quietly(ready)
         for k, graded in enumerate(self.grade.grade(batches)):
             if graded.error is not None:
                 for job in graded.jobs:
-                    self.store.fail(job, graded.error)
-                out.failed += len(graded.jobs)
+                    self._fail(job, graded.error, FailReason.GRADING, out)
             for job, pred in zip(graded.jobs, graded.predictions):
                 try:
-                    stored.add(self.store.save(job, pred, graded.per_image_ms).exam_id)
-                    out.processed += 1
+                    saved = self.store.save(job, pred, graded.per_image_ms)
+                except DatabaseGone:
+                    raise
                 except Exception as exc:  # noqa: BLE001 - recorded as failed; the file stays for a retry
-                    self.store.fail(job, exc)
-                    out.failed += 1
+                    self._fail(job, exc, FailReason.STORING, out)
+                    continue
+                stored.add(saved.exam_id)
+                out.processed += 1
+                if saved.archived_as is None and job.path.exists():  # the archive could not take it now
+                    out.unmoved += 1
+                    out.retry.append(job.path)
             del graded
             ready = sorted(e for e in stored if last_batch.get(e, -1) <= k)
             stored.difference_update(ready)
             self._submit_quietly(ready)
-            out.reports += written(self.report.collect())
+            out.count_reports(self.report.collect())
             release_memory(TRIM_ABOVE_FREE_BYTES)
         return out
+
+    def _fail(self, job: Job, exc: BaseException, code: FailReason, out: BatchOutcome) -> None:
+        out.failed += 1
+        out.retry.append(job.path)
+        try:
+            self.store.fail(job, exc, code)
+        except DatabaseGone:
+            raise
+        except Exception:
+            log.exception("image %s failed and the failure could not be recorded; it is tried again", job.image_id)
 
     def _submit_quietly(self, exam_ids: list[int] | None) -> None:
         try:
             self.report.submit(exam_ids)
+        except DatabaseGone:
+            raise
         except Exception:
             log.exception("could not hand reports %s to the renderer; they will be retried", exam_ids or "")
 
     def recover(self) -> None:
-        """After a restart (see :meth:`IntakeStage.recover`)."""
+        """After a restart, before anything else: the images and moves the last run left unfinished
+        (:meth:`IntakeStage.recover`), then the report files and the database (:meth:`ReportStage.reconcile`;
+        a visit whose newest report file is gone is rendered again)."""
         self.intake.recover()
+        rerender = self.report.reconcile()
+        if rerender:
+            self._submit_quietly(rerender)
 
     # ------------------------------------------------------------------ driving
     def run_once(self, settle_timeout: float | None = None) -> BatchOutcome:
-        """Process what is in the inbox now (waiting for files still being written), then return."""
+        """Process what is in the inbox now (waiting for files still being written), then return. An empty file
+        is waited for as long as watch mode would (it may be a copy just starting), unless it is that old."""
         self.recover()
-        candidates = sweep(self.s.inbox)
+        candidates = sweep(self.s.inbox, self.s.abandoned_after)
         timeout = settle_timeout if settle_timeout is not None else max(10.0, 5 * self.s.stable_seconds)
+        if settle_timeout is None and any(_empty(p) for p in candidates):
+            timeout = max(timeout, EMPTY_FILE_FACTOR * self.s.stable_seconds + 1.0)
         ready = wait_until_stable(candidates, timeout, stable_seconds=self.s.stable_seconds) if candidates else []
         left = set(candidates) - set(ready)
         if left:
             log.warning("%d file(s) still changing after %.0fs; left in the inbox for the next run", len(left), timeout)
         self._submit_quietly(None)  # reports that failed or were interrupted in an earlier run
-        catch_up = written(self.report.collect())
+        catch_up = self.report.collect()
         out = self.process(ready)
-        out.reports += written(self.report.wait()) + catch_up
+        out.count_reports(self.report.wait() + catch_up)
         return out
 
     def run_forever(self, stop: threading.Event | None = None) -> None:
@@ -186,24 +258,49 @@ class Worker:
         try:
             with Intake(self.s) as intake:
                 while not stop.is_set():
+                    try:
+                        self._watch_step(intake, stop)
+                    except DatabaseGone:
+                        raise
+                    except Exception:  # the worker keeps going; what failed is retried
+                        log.exception("the worker's loop failed; going on in %.0f s", self.s.poll_interval)
+                        stop.wait(self.s.poll_interval)
                     if time.monotonic() >= next_catch_up:  # retry reports that failed to render
                         self._submit_quietly(None)
                         next_catch_up = time.monotonic() + self.s.sweep_interval
-                    ready = intake.poll()
-                    if ready:  # in groups, so a long backlog is not all decoded at once
-                        group = max(self.s.batch_size * 4, 8)
-                        for i in range(0, len(ready), group):
-                            out = self.process(ready[i:i + group])
-                            log.info("batch: processed %d, duplicates %d, rejected %d, failed %d; reports recorded "
-                                     "meanwhile %d (each report is logged when it is written)", out.processed,
-                                     out.duplicates, out.rejected, out.failed, out.reports)
-                    elif self.report.in_flight:
-                        self.report.collect(timeout=self.s.poll_interval)
-                    else:
-                        stop.wait(self.s.poll_interval)
         finally:
             self.close()
         log.info("worker stopped")
+
+    def _watch_step(self, intake: Intake, stop: threading.Event) -> None:
+        ready = intake.poll()
+        if ready:  # in groups, so a long backlog is not all decoded at once
+            group = max(self.s.batch_size * 4, 8)
+            for i in range(0, len(ready), group):
+                chunk = ready[i:i + group]
+                try:
+                    out = self.process(chunk)
+                except DatabaseGone:
+                    raise
+                except BaseException:
+                    for path in chunk:  # handed out, not finished: hand them out again
+                        intake.retry_later(path)
+                    raise
+                for path in out.retry:
+                    delay = intake.retry_later(path)
+                    log.info("a file stays in the inbox and is tried again within %.0f s", delay)
+                log.info("batch: %s (reports recorded meanwhile; each report is logged when it is written)", out.summary())
+        elif self.report.in_flight:
+            self.report.collect(timeout=self.s.poll_interval)
+        else:
+            stop.wait(self.s.poll_interval)
+
+
+def _empty(path: Path) -> bool:
+    try:
+        return path.is_file() and not path.is_symlink() and path.stat().st_size == 0
+    except OSError:
+        return False
 
 
 __all__ = ["TRIM_ABOVE_FREE_BYTES", "BatchOutcome", "Worker"]

@@ -1,12 +1,16 @@
-"""Why a file is refused: one exception type, :class:`Rejection`, with a reason code and a message for staff.
+"""Why a file is refused, why an image failed, and what else went wrong: stable reason codes, and
+:class:`Rejection`, the one exception type for a refusal.
 
-Every check that can refuse a dropped file raises it: the suffix (:func:`screening.intake.check_supported`),
-the name or sidecar (:func:`screening.intake.parse_identity`), the file's image data
-(:func:`screening.imaging.decode`), the intake checks (:mod:`screening.checks`: not a fundus photo, or no eye
-stated and none visible). A photo that is a fundus photo but ungradable is *not* refused: it is recorded as
-ungradable, with its reasons. The intake stage catches it in one place and records the refusal; the
-message is what staff read (in the ``.reason.txt`` beside the file and in the database), the code is for
-the program (outcomes, logs, tests). No torch or numpy import here: the inbox layer uses it too.
+Every check that can refuse a dropped file raises :class:`Rejection`: the entry itself
+(:func:`screening.intake.check_entry`: a link, a folder, an empty or oversized file, a temporary name left
+behind), the suffix (:func:`screening.intake.check_supported`), the name or sidecar
+(:func:`screening.intake.parse_identity`), the picture itself (:func:`screening.imaging.decode_bytes`), the
+intake checks (:mod:`screening.checks`: not a fundus photo, or no eye stated and none visible). A fundus photo
+that is ungradable is *not* refused: it is recorded as ungradable, with its reasons (``images.quality_reasons``).
+The intake stage catches a :class:`Rejection` in one place and records the refusal. The message is what staff read (in the
+``.reason.txt`` beside the file and in the database); the code is what the program and the audit group by
+(``images.error_code``, ``drops.reason_code``, ``events.code``): messages may name files and numbers, codes
+never change. No torch or numpy import here: the inbox layer and the renderer process use it too.
 """
 
 from __future__ import annotations
@@ -15,11 +19,44 @@ from enum import StrEnum
 
 
 class RejectReason(StrEnum):
+    """Why a dropped file was refused (``drops.reason_code``, and ``images.error_code`` of a rejected image)."""
+
     UNSUPPORTED_TYPE = "unsupported_type"  # not one of the image suffixes the worker reads
     IDENTITY = "identity"  # patient, eye or exam date missing or invalid (file name or sidecar)
+    IDENTITY_CONFLICT = "identity_conflict"  # the same bytes as a photo recorded for another patient or eye
     UNREADABLE = "unreadable"  # no image could be decoded from the bytes
+    INCOMPLETE = "incomplete"  # the image data stops before its end (truncated, still being copied, corrupt)
+    EMPTY = "empty"  # 0 bytes
+    TOO_LARGE = "too_large"  # over the configured limit on bytes or pixels
+    MULTI_PAGE = "multi_page"  # several photos in one file, or more pages than the configured limit
+    NOT_A_FILE = "not_a_file"  # a link, a folder, a pipe or a device in the inbox
+    LEFT_BEHIND = "left_behind"  # a hidden or temporary name (.part, ~$, dotfile, a lone sidecar) unchanged too long
     TOO_SMALL = "too_small"  # fewer pixels than a fundus photo needs
+    # Raised by the hand-set colour rule before revision 0005; older rows carry it. A dark fundus photo is now
+    # recorded as ungradable (reason ``too_dark`` in images.quality_reasons), not refused.
+    TOO_DARK = "too_dark"
     NOT_FUNDUS = "not_fundus"  # a picture, but not a colour fundus photo (the learned gradability verdict)
+
+
+class FailReason(StrEnum):
+    """Why an admitted image failed (``images.error_code`` of a ``failed`` image); the file stays in the inbox
+    and is retried, except for ``original_missing``."""
+
+    GRADING = "grading_failed"  # preparing the batch or the forward pass raised
+    STORING = "storing_failed"  # writing the pictures or the result raised
+    ORIGINAL_MISSING = "original_missing"  # the file left the inbox before it was graded
+
+
+class Incident(StrEnum):
+    """Things the worker noticed and repaired or retried (``events.code``); the audit counts them."""
+
+    ARCHIVE_FAILED = "archive_failed"  # a move out of the inbox failed (full or read-only disk); retried
+    PARTIAL_COPY_REMOVED = "partial_copy_removed"  # a half-copied file left in archive/ or rejected/ by a crash
+    NOT_MOVED = "not_moved"  # a recorded file was gone from the inbox when its move came
+    RESULT_STATE_REPAIRED = "result_state_repaired"  # an image with a stored result was not marked graded
+    ORPHAN_REPORT_REMOVED = "orphan_report_removed"  # a report PDF on disk that the database never recorded
+    REPORT_FILE_MISSING = "report_file_missing"  # a recorded report whose PDF is gone; the visit is rendered again
+    REPORT_FAILED = "report_failed"  # rendering failed; retried by the catch-up
 
 
 class Rejection(Exception):
@@ -38,4 +75,4 @@ class Rejection(Exception):
         return f"Rejection({self.code.value!r}, {self.message!r})"
 
 
-__all__ = ["RejectReason", "Rejection"]
+__all__ = ["FailReason", "Incident", "RejectReason", "Rejection"]

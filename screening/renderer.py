@@ -10,8 +10,11 @@ worker goes on with the next batch. :class:`InlineRenderer` renders in the calli
 The child only turns a :class:`~screening.report.ReportContext` into a published PDF; the worker keeps all
 database work. Protocol: pickled :class:`RenderJob` objects on the child's stdin, pickled
 :class:`RenderResult` objects back on its stdout (both ends are this code; nothing else writes there). The
-child exits when its stdin closes, so it never outlives the worker, not even a killed one. If the child
-dies, every job it held comes back as failed (the worker retries those reports later) and the next
+child exits when its stdin closes, so it never outlives the worker, not even a killed one; it renders nothing
+more once its parent is gone (a job still in the pipe would be published and never recorded), and a result
+it cannot send back (the worker died while it rendered) ends it quietly, without a traceback: the worker's
+start-up reconciles such a PDF (:meth:`screening.stages.report.ReportStage.reconcile`). If the child dies,
+every job it held comes back as failed (the worker retries those reports later) and the next
 :meth:`ProcessRenderer.submit` starts a new child.
 """
 
@@ -246,21 +249,31 @@ def lower_priority() -> str:
     return f"nice {RENDERER_NICENESS}"
 
 
-def _serve(jobs: BinaryIO, results: BinaryIO) -> int:
+def _serve(jobs: BinaryIO, results: BinaryIO, parent: int | None = None) -> int:
+    """Render the jobs read from ``jobs`` in order, answering on ``results``, until ``jobs`` ends, ``parent``
+    (the worker's pid) is no longer this process's parent, or the answer cannot be delivered."""
     while True:
         try:
             job = pickle.load(jobs)
         except EOFError:
             return 0
+        if parent is not None and os.getppid() != parent:
+            log.warning("the worker has stopped; report job %s not rendered (it will be made again)", job.key)
+            return 0
         result = render_job(job)
-        pickle.dump(result, results, protocol=pickle.HIGHEST_PROTOCOL)
-        results.flush()
+        try:
+            pickle.dump(result, results, protocol=pickle.HIGHEST_PROTOCOL)
+            results.flush()
+        except (BrokenPipeError, ConnectionResetError):
+            log.warning("the worker stopped while report job %s rendered; its start-up reconciles the file", job.key)
+            return 0
         release_memory()
 
 
 def main() -> int:
     # Ctrl-C in a terminal reaches the whole process group: the worker decides when to stop and closes our stdin.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    parent = os.getppid()
     lower_priority()
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s (renderer): %(message)s")
@@ -268,7 +281,13 @@ def main() -> int:
     os.dup2(sys.stderr.fileno(), sys.stdout.fileno())  # stray prints must not corrupt the result stream
     import weasyprint  # noqa: F401 - imported before the first job arrives
 
-    return _serve(sys.stdin.buffer, results)
+    try:
+        return _serve(sys.stdin.buffer, results, parent)
+    finally:
+        try:
+            results.close()
+        except OSError:  # a broken pipe: nobody is listening any more, and nothing is left to say
+            pass
 
 
 if __name__ == "__main__":

@@ -2,9 +2,13 @@
 
 Public API
 ----------
-- :class:`EyeFinding`, :class:`ReportContext`: what the worker hands over (validated on construction).
+- :class:`EyeFinding` (one photograph of one eye: a field), :class:`ReportContext`: what the worker hands over
+  (validated on construction). An eye may have several fields (e.g. macula-centred and disc-centred): every one
+  is shown, and the eye's result is chosen from them by :func:`eye_result` (:data:`EYE_RESULT_RULES`).
+- :class:`ReviewNote`, :class:`EyeReview`: a clinician's sign-off, printed beside the model's answers on a reviewed version.
 - :data:`LESION_COLOURS` (``screening.legend.LESION_COLOURS_RGB``), :data:`LESION_LABELS`: legend colours and names.
-- :func:`referral_recommendation`: the worse-eye referral rule (one table, :data:`REFERRAL_LEVELS`).
+- :func:`referral_recommendation`: the worse-eye referral rule (one table, :data:`REFERRAL_LEVELS`), applied to
+  each eye's result.
 - :func:`report_folder`, :func:`existing_versions`: where an exam's reports go and which versions are there.
 - :func:`render_html`, :func:`render_pdf`, :func:`render_with_retries`; :class:`ReportError`,
   :class:`ReportVersionTaken`.
@@ -23,10 +27,11 @@ import functools
 import logging
 import re
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import date, datetime
 from pathlib import Path
-from typing import Literal, Sequence
+from typing import Any, Literal, Sequence
 
 from jinja2 import Environment, FileSystemLoader, StrictUndefined
 
@@ -49,6 +54,13 @@ if not tuple(LESION_COLOURS) == tuple(LESION_LABELS) == LESION_CODES:
 EYE_NAMES = {"R": "Right eye", "L": "Left eye"}
 EYE_ORDER = ("R", "L")
 
+EyeResultRule = Literal["worst", "latest"]
+UngradableRule = Literal["recall", "refer"]  # what an ungradable eye asks for ([screening] ungradable_rule)
+EYE_RESULT_RULES: dict[str, str] = {  # rule -> how the report states it
+    "worst": "its worst field",
+    "latest": "its latest field",
+}
+
 
 class ReportError(RuntimeError):
     """Rendering a report failed (after all retries); the message names the patient and the exam."""
@@ -64,8 +76,8 @@ class ReportVersionTaken(FileExistsError):
 
 @dataclass(frozen=True)
 class EyeFinding:
-    """One eye's photo and what was found. An ungradable photo (``gradable`` False) has no grades (``None``) and
-    says why in ``ungradable_reasons`` (what staff read, one sentence per reason)."""
+    """The grading of one photograph (one field) of one eye. An ungradable photo (``gradable`` False) has no
+    grades (``None``) and says why in ``ungradable_reasons`` (what staff read, one sentence per reason)."""
 
     eye: Literal["R", "L"]
     source_name: str  # the uploaded file's name: shown (escaped), never used as a path
@@ -84,6 +96,7 @@ class EyeFinding:
     gradable: bool = True
     ungradable_reasons: tuple[str, ...] = ()
     eye_note: str | None = None  # the laterality check's note (a mismatch, or an eye read from the photo)
+    mask_folder: Path | None = None  # the lesion masks at the photo's own size (TIFF), for image viewers
 
     def __post_init__(self) -> None:
         if self.eye not in EYE_NAMES:
@@ -143,6 +156,52 @@ class EyeFinding:
 
 
 @dataclass(frozen=True)
+class EyeReview:
+    """The grader's answer for one eye: gradable or not, and if gradable the DR grade and DME risk."""
+
+    eye: Literal["R", "L"]
+    gradable: bool
+    dr_grade: int | None
+    dme_grade: int | None
+
+    def __post_init__(self) -> None:
+        if self.eye not in EYE_NAMES:
+            raise ValueError(f"eye must be 'R' or 'L', got {self.eye!r}")
+        if not self.gradable:
+            if self.dr_grade is not None or self.dme_grade is not None:
+                raise ValueError(f"{EYE_NAMES[self.eye]}: an ungradable eye has no DR grade or DME risk")
+            return
+        if self.dr_grade is None or not 0 <= int(self.dr_grade) < len(DR_GRADES):
+            raise ValueError(f"{EYE_NAMES[self.eye]}: DR grade must be 0..{len(DR_GRADES) - 1}, got {self.dr_grade!r}")
+        if self.dme_grade is None or not 0 <= int(self.dme_grade) < len(DME_GRADES):
+            raise ValueError(f"{EYE_NAMES[self.eye]}: DME risk must be 0..{len(DME_GRADES) - 1}, got {self.dme_grade!r}")
+
+
+@dataclass(frozen=True)
+class ReviewNote:
+    """A clinician's sign-off of the visit: printed on the reviewed version, beside (never instead of) the
+    model's answers, so that a reader sees both what the software said and what the grader decided."""
+
+    reviewer: str
+    reviewed_at: datetime
+    outcome: Literal["confirmed", "corrected"]
+    referral: str  # the grader's referral outcome, a key of REFERRAL_LEVELS
+    eyes: tuple[EyeReview, ...]
+    comment: str | None = None
+
+    def __post_init__(self) -> None:
+        if not self.reviewer.strip():
+            raise ValueError("reviewer name is empty")
+        if self.outcome not in ("confirmed", "corrected"):
+            raise ValueError(f"outcome must be 'confirmed' or 'corrected', got {self.outcome!r}")
+        if self.referral not in REFERRAL_LEVELS:
+            raise ValueError(f"unknown referral {self.referral!r}; expected one of {list(REFERRAL_LEVELS)}")
+
+    def eye(self, code: str) -> EyeReview | None:
+        return next((e for e in self.eyes if e.eye == code), None)
+
+
+@dataclass(frozen=True)
 class ReportContext:
     clinic_name: str
     patient_id: str
@@ -154,7 +213,9 @@ class ReportContext:
     model_metrics: dict[str, float | str]
     generated_at: datetime
     report_version: int = 1
-    ungradable_rule: Literal["recall", "refer"] = "recall"  # [screening] ungradable_rule
+    eye_result_rule: EyeResultRule = "worst"
+    review: ReviewNote | None = None  # set on the version rendered after a clinician's sign-off
+    ungradable_rule: UngradableRule = "recall"  # [screening] ungradable_rule
 
     def __post_init__(self) -> None:
         if self.ungradable_rule not in ("recall", "refer"):
@@ -165,12 +226,52 @@ class ReportContext:
             raise ValueError(f"exam_date must be a datetime.date, got {type(self.exam_date).__name__}")
         if int(self.report_version) < 1:
             raise ValueError(f"report_version must be >= 1, got {self.report_version!r}")
-        seen = [e.eye for e in self.eyes]
-        if len(seen) != len(set(seen)):
-            raise ValueError(f"each eye may appear once per report, got {seen}")
+        if self.eye_result_rule not in EYE_RESULT_RULES:
+            raise ValueError(f"eye_result_rule must be one of {sorted(EYE_RESULT_RULES)}, got {self.eye_result_rule!r}")
+
+    def fields(self, code: str) -> list[EyeFinding]:
+        """The eye's photographs in the order they arrived (``eyes`` is in that order)."""
+        return [e for e in self.eyes if e.eye == code]
 
     def eye(self, code: str) -> EyeFinding | None:
-        return next((e for e in self.eyes if e.eye == code), None)
+        """The eye's result: the field :func:`eye_result` chooses (None when the eye has no photograph)."""
+        return eye_result(self.fields(code), self.eye_result_rule)
+
+    def eye_results(self) -> list[EyeFinding]:
+        """Each eye's result, right eye first: what the referral is decided from."""
+        return [f for code in EYE_ORDER if (f := self.eye(code)) is not None]
+
+
+def model_metrics_for_report(meta: Mapping[str, Any]) -> dict[str, float | str]:
+    """A checkpoint's headline metrics (its metadata, as ``training.checkpoint`` stores it), labelled for the
+    report's model section. Here rather than in the predictor so that a reviewed version, rendered without
+    loading the model, describes it in the same words."""
+    metrics = meta.get("metrics", {})
+    val = metrics.get("validation", {})
+    out: dict[str, float | str] = {}
+    for label, key in (("Validation DR kappa", "val_kappa"), ("Validation referable-DR AUC", "val_ref_auc"),
+                       ("Validation mean lesion AUPR", "val_aupr_mean")):
+        if isinstance(val.get(key), (int, float)):
+            out[label] = round(float(val[key]), 3)
+    test = metrics.get("test") or {}
+    for key in ("referable AUC", "sensitivity", "specificity", "DR kappa", "OD Dice"):
+        if isinstance(test.get(key), (int, float)):
+            out[f"Test {key}"] = round(float(test[key]), 3)
+    ci = test.get("referable AUC 95% CI")
+    if isinstance(ci, (list, tuple)) and len(ci) == 2 and all(isinstance(v, float) for v in ci):
+        out["Test referable AUC 95% CI"] = f"{ci[0]:.2f}-{ci[1]:.2f}"
+    out["Referral threshold"] = round(float(meta["thresholds"]["referable"]), 3)
+    out["Grades from"] = grade_source(meta)
+    return out
+
+
+def grade_source(meta: Mapping[str, Any]) -> str:
+    """What produced the DR grade and DME risk, in words for the report (from the checkpoint's metadata)."""
+    if "grader" in meta:
+        return "lesion-evidence regression on image measurements"
+    if (meta.get("model_config") or {}).get("grade_inputs") == "features+lesions":
+        return "the network's DR/DME heads (image features and its own lesion maps)"
+    return "the network's DR/DME heads (image features)"
 
 
 # ----------------------------------------------------------------------------------------------- referral
@@ -198,15 +299,16 @@ REFERRAL_LEVELS: dict[str, ReferralLevel] = {
         ReferralLevel("routine", 5, "Refer to ophthalmology (routine)",
                       "Routine referral for moderate non-proliferative DR and/or possible diabetic macular oedema; "
                       "to be seen within 13 weeks.", "#e69500"),
-        # An eye that could not be graded ([screening] ungradable_rule): never "no retinopathy" by default.
+        # An eye that could not be graded: the model gives one of these two ([screening] ungradable_rule), a grader
+        # may choose either. Never "no retinopathy" by default.
         ReferralLevel("refer_ungradable", 4, "Refer: ungradable photographs",
                       "An eye could not be graded from its photographs (ungradable: recapture was not enough or is not "
                       "possible). Refer for a clinical examination (slit-lamp biomicroscopy) as local policy requires.",
                       "#8e5a00"),
-        ReferralLevel("recall_ungradable", 3, "Ungradable: recapture",
+        ReferralLevel("ungradable", 3, "Recall: ungradable image",
                       "An eye could not be graded from its photograph: recall the patient for new photographs "
-                      "(dilated if not done, clean lens); if they are ungradable again, refer for examination.",
-                      "#6a1b9a"),
+                      "(dilated if not done, clean lens); if they are ungradable again, refer for examination "
+                      "(slit lamp) as per the local pathway.", "#6a1b9a"),
         ReferralLevel("rescreen_12", 2, "Rescreen in 12 months",
                       "Mild non-proliferative DR: no referral needed; rescreen in 12 months and optimise glycaemic, "
                       "blood-pressure and lipid control.", "#558b2f"),
@@ -217,6 +319,10 @@ REFERRAL_LEVELS: dict[str, ReferralLevel] = {
                       "No eye was graded: recall the patient for retinal photography.", "#616161"),
     )
 }
+# The outcomes that send the patient to ophthalmology (a "positive" when referral sensitivity is measured).
+REFER_LEVELS = frozenset({"urgent", "soon", "routine"})
+# Outcomes that say no grade could be given (left out of referral sensitivity and specificity).
+NO_GRADE_LEVELS = frozenset({"ungradable", "refer_ungradable", "no_images"})
 
 
 @dataclass(frozen=True)
@@ -228,9 +334,9 @@ class Referral:
     reason: str  # which eye and finding drove it, e.g. "Right eye: Proliferative DR, No DME risk"
 
 
-def _eye_level(e: EyeFinding, ungradable_rule: str = "recall") -> ReferralLevel:
+def _eye_level(e: EyeFinding, ungradable_rule: UngradableRule = "recall") -> ReferralLevel:
     if not e.gradable:
-        return REFERRAL_LEVELS["refer_ungradable" if ungradable_rule == "refer" else "recall_ungradable"]
+        return REFERRAL_LEVELS["refer_ungradable" if ungradable_rule == "refer" else "ungradable"]
     assert e.dr_grade is not None and e.dme_grade is not None
     if e.dr_grade >= 4:
         key = "urgent"
@@ -247,9 +353,34 @@ def _eye_level(e: EyeFinding, ungradable_rule: str = "recall") -> ReferralLevel:
     return REFERRAL_LEVELS[key]
 
 
-def referral_recommendation(eyes: Sequence[EyeFinding], ungradable_rule: str = "recall") -> Referral:
-    """The referral for the exam, taken from the worse eye (ties: the right eye, then the left). An ungradable eye
-    recalls or refers the patient (``ungradable_rule``), unless the other eye needs a referral anyway."""
+def _severity(e: EyeFinding) -> tuple[int, int, int, float]:
+    """How bad a gradable field's findings are: its referral level first, then the grades, then the referral score."""
+    grade, _, dme, _ = e._graded()
+    return _eye_level(e).rank, grade, dme, float(e.referable_score or 0.0)
+
+
+def eye_result(fields: Sequence[EyeFinding], rule: EyeResultRule = "worst") -> EyeFinding | None:
+    """The field that stands for the eye: with ``"worst"`` the one with the most severe findings (ties: the earlier
+    field), so a lesion seen in one field only is never outweighed by a clean other field; with ``"latest"`` the
+    last one to arrive (a recapture replaces the result, every field is still shown). Only gradable fields are
+    chosen from when the eye has one (an ungradable recapture does not undo a grade); an eye whose fields are all
+    ungradable is represented by its latest. None without fields."""
+    if rule not in EYE_RESULT_RULES:
+        raise ValueError(f"unknown eye result rule {rule!r}; expected one of {sorted(EYE_RESULT_RULES)}")
+    if not fields:
+        return None
+    gradable = [f for f in fields if f.gradable]
+    if not gradable:
+        return fields[-1]
+    if rule == "latest":
+        return gradable[-1]
+    return max(gradable, key=_severity)  # max keeps the first of equal keys
+
+
+def referral_recommendation(eyes: Sequence[EyeFinding], ungradable_rule: UngradableRule = "recall") -> Referral:
+    """The referral for the exam, taken from the worse eye (ties: the right eye, then the left). ``eyes`` holds one
+    finding per eye: each eye's result (:meth:`ReportContext.eye_results`). An ungradable eye recalls or refers the
+    patient (``ungradable_rule``), unless the other eye needs a referral anyway."""
     if not eyes:
         lv = REFERRAL_LEVELS["no_images"]
         return Referral(lv.level, lv.text, lv.advice, lv.colour, "No eye images were received for this exam.")
@@ -330,7 +461,38 @@ def _rgb(c: tuple[int, int, int]) -> str:
     return "#{:02x}{:02x}{:02x}".format(*c)
 
 
-def _eye_view(e: EyeFinding, ungradable_rule: str = "recall") -> dict[str, object]:
+def _eye_review_view(e: EyeFinding, r: EyeReview | None) -> dict[str, object] | None:
+    """What the grader said about this eye, beside the model's answer (None: no review of this eye)."""
+    if r is None:
+        return None
+    if not r.gradable:
+        return {"gradable": False, "agrees": not e.gradable}
+    assert r.dr_grade is not None and r.dme_grade is not None
+    return {
+        "gradable": True,
+        "dr_grade": r.dr_grade, "dr_name": DR_GRADES[r.dr_grade], "dr_changed": r.dr_grade != e.dr_grade,
+        "dme_grade": r.dme_grade, "dme_name": DME_GRADES[r.dme_grade], "dme_changed": r.dme_grade != e.dme_grade,
+        "agrees": r.dr_grade == e.dr_grade and r.dme_grade == e.dme_grade,
+    }
+
+
+def _review_view(ctx: ReportContext, model_referral: Referral) -> dict[str, object] | None:
+    r = ctx.review
+    if r is None:
+        return None
+    at = r.reviewed_at
+    return {
+        "reviewer": r.reviewer,
+        "reviewed_at": at.strftime("%Y-%m-%d %H:%M") + (f" {at.strftime('%Z') or at.strftime('%z')}" if at.tzinfo else ""),
+        "reviewed_on": at.strftime("%Y-%m-%d"),
+        "corrected": r.outcome == "corrected",
+        "level": REFERRAL_LEVELS[r.referral],
+        "referral_changed": r.referral != model_referral.level,
+        "comment": r.comment,
+    }
+
+
+def _eye_view(e: EyeFinding, review: EyeReview | None = None, ungradable_rule: UngradableRule = "recall") -> dict[str, object]:
     common: dict[str, object] = {
         "code": e.eye,
         "name": e.eye_name,
@@ -340,6 +502,7 @@ def _eye_view(e: EyeFinding, ungradable_rule: str = "recall") -> dict[str, objec
         "eye_note": e.eye_note,
         "level": _eye_level(e, ungradable_rule),
         "image_quality": e.image_quality,
+        "review": _eye_review_view(e, review),
     }
     if not e.gradable:
         return {**common, "reasons": list(e.ungradable_reasons), "short_reasons": e.short_reasons}
@@ -363,6 +526,7 @@ def _eye_view(e: EyeFinding, ungradable_rule: str = "recall") -> dict[str, objec
             {"code": c, "label": LESION_LABELS[c], "colour": _rgb(LESION_COLOURS[c]), "area": _area(e.lesion_areas.get(c))}
             for c in LESION_CODES
         ],
+        "mask_folder": str(e.mask_folder) if e.mask_folder is not None else None,
     }
 
 
@@ -397,17 +561,26 @@ def template_variables(ctx: ReportContext, templates_dir: Path, link_stylesheet:
     """What the template sees (benchmarks/bench_report.py renders other template versions with it)."""
     gen = ctx.generated_at
     generated = gen.strftime("%Y-%m-%d %H:%M") + (f" {gen.strftime('%Z') or gen.strftime('%z')}" if gen.tzinfo else "")
-    eyes = [
-        {"code": code, "name": EYE_NAMES[code], "finding": _eye_view(f, ctx.ungradable_rule) if (f := ctx.eye(code)) else None}
-        for code in EYE_ORDER
-    ]
+    referral = referral_recommendation(ctx.eye_results(), ctx.ungradable_rule)
+    eyes = []
+    for code in EYE_ORDER:
+        fields, result = ctx.fields(code), ctx.eye(code)
+        grader = ctx.review.eye(code) if ctx.review else None  # the grader's answer is for the eye: beside its result
+        views = [dict(_eye_view(f, grader if f is result else None, ctx.ungradable_rule), number=k, is_result=f is result)
+                 for k, f in enumerate(fields, start=1)]
+        eyes.append({
+            "code": code, "name": EYE_NAMES[code], "fields": views,
+            "finding": next((v for v in views if v["is_result"]), None),
+            "rule_text": EYE_RESULT_RULES[ctx.eye_result_rule],
+        })
     return dict(
         clinic_name=ctx.clinic_name,
         patient_id=ctx.patient_id,
         exam_date=ctx.exam_date.isoformat(),
         report_version=ctx.report_version,
         generated_at=generated,
-        referral=referral_recommendation(ctx.eyes, ctx.ungradable_rule),
+        referral=referral,
+        review=_review_view(ctx, referral),
         eyes=eyes,
         model_version=ctx.model_version,
         checkpoint_short=(ctx.checkpoint_sha256 or "")[:12] or "unknown",
@@ -489,8 +662,11 @@ def render_with_retries(
 
 
 __all__ = [
-    "DEMO_WATERMARK", "EYE_NAMES", "LESION_COLOURS", "LESION_LABELS", "REFERRAL_LEVELS", "RESEARCH_STATUS",
-    "EyeFinding", "Referral", "ReferralLevel", "ReportContext", "ReportError", "ReportVersionTaken", "existing_versions",
+    "DEMO_WATERMARK", "EYE_NAMES", "EYE_RESULT_RULES", "LESION_COLOURS", "LESION_LABELS", "NO_GRADE_LEVELS",
+    "REFERRAL_LEVELS", "REFER_LEVELS", "RESEARCH_STATUS", "EyeFinding", "EyeResultRule", "EyeReview", "Referral",
+    "ReferralLevel", "ReportContext", "ReportError", "ReportVersionTaken", "ReviewNote", "UngradableRule", "existing_versions",
+    "eye_result",
+    "grade_source", "model_metrics_for_report",
     "referral_recommendation", "render_html", "render_pdf", "render_with_retries", "report_dir", "report_folder",
     "template_variables",
 ]

@@ -2,12 +2,16 @@
 # System libraries the Python packages need but cannot install themselves:
 #   Pango (WeasyPrint text layout), HarfBuzz-subset (WeasyPrint font subsetting in C; without it the
 #   pure-Python fallback makes each PDF ~4 s slower), poppler-utils (pdftoppm/pdftotext: tests render
-#   reports to PNG). Installs with apt-get when run as root; otherwise says what to install.
+#   reports to PNG), chromium + chromium-driver (the review page's browser test drives the system's
+#   Chromium with Selenium; no browser is ever downloaded). Installs with apt-get when run as root;
+#   otherwise says what to install.
 set -u
 need=()
 ldconfig -p 2>/dev/null | grep -q 'libpango-1.0.so' || need+=(libpango-1.0-0 libpangoft2-1.0-0)
 ldconfig -p 2>/dev/null | grep -q 'libharfbuzz-subset.so' || need+=(libharfbuzz-subset0)
 command -v pdftoppm >/dev/null 2>&1 || need+=(poppler-utils)
+command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1 || need+=(chromium)
+command -v chromedriver >/dev/null 2>&1 || need+=(chromium-driver)
 command -v fc-list >/dev/null 2>&1 && [ -n "$(fc-list 2>/dev/null | head -1)" ] || need+=(fonts-dejavu-core)
 [ ${#need[@]} -eq 0 ] && exit 0
 if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then

@@ -11,7 +11,8 @@ label vocabulary, the fundus threshold) and from nowhere else in ``training``
   :func:`apply_grader` on :func:`features_of`, and its referral rule is :func:`referable_score`;
   :func:`train_demo_model` makes a synthetic-data checkpoint when no real one exists;
 * **transforms**: the evaluation preset :func:`eval_transforms` and the preprocessing it expects
-  (:func:`crop_square`, :func:`resize_square`), :func:`fundus_mask`, :func:`channel_max`;
+  (:func:`crop_square`, :func:`resize_square`; :func:`fundus_bbox`, the crop box it takes, which the worker keeps to
+  map the model's masks back onto the original photo), :func:`fundus_mask`, :func:`channel_max`;
 * **intake checks** (issue 13): the gradability verdict :func:`assess_quality` (with :class:`QualityVerdict`,
   :data:`REASONS`, :data:`REASON_TEXT`, :func:`load_quality_model`) and the eye read from the photo
   :func:`predict_laterality` (with :class:`LateralityPrediction`, :func:`load_laterality_model`); both model files
@@ -37,7 +38,7 @@ from training.config import (
     read_toml,
     resolve_paths,
 )
-from training.data.transforms import channel_max, crop_square, eval_transforms, fundus_mask, resize_square
+from training.data.transforms import channel_max, crop_square, eval_transforms, fundus_bbox, fundus_mask, resize_square
 from training.device import resolve_device
 from training.grader import apply_grader, features_of, uses_segmentation
 from training.laterality import LateralityModelError, LateralityPrediction, load_laterality_model
@@ -58,10 +59,10 @@ def train_demo_model(output: Path, work: Path, *, minutes: float = 3.0, progress
 
 
 __all__ = [
-    "REASONS", "REASON_TEXT", "CheckpointError", "ConfigError", "LateralityModelError", "LateralityPrediction", "ModelConfig",
-    "MultiTaskNet", "MultiTaskOutput", "QualityModelError", "QualityVerdict", "StrictSettings", "apply_grader",
-    "assess_quality", "channel_max", "crop_square", "eval_transforms", "features_of", "format_validation_error",
-    "fundus_mask", "lesion_evidence", "load_laterality_model", "load_model", "load_quality_model", "parse_training_config",
-    "predict_laterality", "read_toml", "referable_score", "resize_square", "resolve_device", "resolve_paths",
-    "train_demo_model", "uses_segmentation",
+    "REASONS", "REASON_TEXT", "CheckpointError", "ConfigError", "LateralityModelError", "LateralityPrediction",
+    "ModelConfig", "MultiTaskNet", "MultiTaskOutput", "QualityModelError", "QualityVerdict", "StrictSettings",
+    "apply_grader", "assess_quality", "channel_max", "crop_square", "eval_transforms", "features_of",
+    "format_validation_error", "fundus_bbox", "fundus_mask", "lesion_evidence", "load_laterality_model", "load_model",
+    "load_quality_model", "parse_training_config", "predict_laterality", "read_toml", "referable_score",
+    "resize_square", "resolve_device", "resolve_paths", "train_demo_model", "uses_segmentation",
 ]

@@ -9,6 +9,7 @@ command, date, git commit) and ``metrics`` (validation). Training checkpoints al
 
 from __future__ import annotations
 
+import pickle
 import subprocess
 from datetime import datetime, timezone
 from pathlib import Path
@@ -61,8 +62,18 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
         raise CheckpointError(f"checkpoint not found: {path} (train one with `dr-train train` or set [screening] checkpoint)")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - any unpickling failure is the same user error
-        raise CheckpointError(f"{path}: not a loadable checkpoint ({type(exc).__name__}: {exc})") from None
+    except pickle.UnpicklingError as exc:
+        # torch's own message advises loading with weights_only=False, which would run whatever code the file
+        # holds: never quote it to someone holding a file of unknown origin
+        if "unsupported global" not in str(exc).lower():  # not a reference to code: damaged, or not a pickle at all
+            raise CheckpointError(f"{path}: not a loadable checkpoint (not a PyTorch file, or damaged); export it again "
+                                  "with `dr-train export`") from None
+        raise CheckpointError(
+            f"{path}: refused: it holds Python objects other than tensors and plain data, and loading those could run "
+            "code. Use a checkpoint exported with `dr-train export`, from a source you trust") from None
+    except Exception as exc:  # noqa: BLE001 - any other failure to read is the same user error
+        raise CheckpointError(f"{path}: not a loadable checkpoint ({type(exc).__name__}); it may be damaged or not a "
+                              "PyTorch file. Export it again with `dr-train export`") from None
     if not isinstance(ckpt, dict):
         raise CheckpointError(f"{path}: expected a dict checkpoint, got {type(ckpt).__name__}")
     return ckpt

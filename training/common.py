@@ -80,11 +80,18 @@ def safe_id(value: str) -> str:
     return f"{cleaned[:MAX_ID_LENGTH]}-{digest}"
 
 
+_SUFFIX = re.compile(r"\.[A-Za-z0-9]{1,10}$")
+
+
 def safe_file_name(name: str, max_length: int = 120) -> str:
     """A file name from a user reduced to something that cannot act as a path: its last component, runs of
-    characters other than letters, digits, ``.``, ``_``, ``-`` replaced by ``_``, no leading dot."""
+    characters other than letters, digits, ``.``, ``_``, ``-`` replaced by ``_``, no leading dot. A name cut to
+    ``max_length`` keeps its extension (``.jpg``): tools open files by it."""
     cleaned = _UNSAFE_NAME_CHARS.sub("_", os.path.basename(name)).lstrip(".")
-    return cleaned[:max_length] or "file"
+    if len(cleaned) > max_length:
+        suffix = m.group(0) if (m := _SUFFIX.search(cleaned)) and len(m.group(0)) < max_length else ""
+        cleaned = cleaned[: max_length - len(suffix)] + suffix
+    return cleaned or "file"
 
 
 # ---------------------------------------------------------------------------------------- atomic writes

@@ -478,12 +478,24 @@ def grouped_bootstrap_ci(
     if not rows:
         return None, None
     rng = np.random.default_rng(seed)
+
+    def draw() -> np.ndarray:
+        pick = rng.integers(0, len(rows), len(rows))
+        return np.fromiter((i for k in pick for i in rows[k]), dtype=np.int64)
+
+    return _percentile_interval(metric_fn, arrs, draw, n_boot, alpha)
+
+
+def _percentile_interval(
+    metric_fn: Callable[..., Any], arrs: list[np.ndarray], draw: Callable[[], np.ndarray], n_boot: int, alpha: float,
+) -> tuple[float | None, float | None]:
+    """The bootstrap loop both intervals share: ``draw()`` gives one resample's row indices; resamples where the
+    metric is undefined (None, NaN, or sklearn's ValueError for a single class) are skipped."""
     values = []
     for _ in range(n_boot):
-        pick = rng.integers(0, len(rows), len(rows))
-        idx = np.fromiter((i for k in pick for i in rows[k]), dtype=np.int64)
+        idx = draw()
         try:
-            with warnings.catch_warnings():
+            with warnings.catch_warnings():  # undefined resamples are expected and skipped
                 warnings.simplefilter("ignore", UndefinedMetricWarning)
                 v = metric_fn(*(a[idx] for a in arrs))
         except ValueError:
@@ -523,19 +535,8 @@ def bootstrap_ci(
     if n == 0:
         return None, None
     rng = np.random.default_rng(seed)
-    values = []
-    for _ in range(n_boot):
-        idx = rng.integers(0, n, n)
-        try:
-            with warnings.catch_warnings():  # undefined resamples are expected and skipped
-                warnings.simplefilter("ignore", UndefinedMetricWarning)
-                v = metric_fn(*(a[idx] for a in arrs))
-        except ValueError:
-            continue
-        v = _f(v)
-        if v is not None:
-            values.append(v)
-    if not values:
-        return None, None
-    low, high = np.percentile(values, [100 * alpha / 2, 100 * (1 - alpha / 2)])
-    return float(low), float(high)
+
+    def draw() -> np.ndarray:
+        return np.asarray(rng.integers(0, n, n))
+
+    return _percentile_interval(metric_fn, arrs, draw, n_boot, alpha)

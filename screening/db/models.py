@@ -15,6 +15,7 @@ from enum import StrEnum
 from typing import Any
 
 from sqlalchemy import (
+    DDL,
     JSON,
     CheckConstraint,
     DateTime,
@@ -25,6 +26,7 @@ from sqlalchemy import (
     String,
     Text,
     UniqueConstraint,
+    event,
 )
 from sqlalchemy.engine import Dialect
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
@@ -66,6 +68,17 @@ class EyeSource(StrEnum):
     SIDECAR = "sidecar"  # the sidecar JSON
     DICOM = "dicom"  # a DICOM laterality tag (an Identity whose eye_from starts with "DICOM")
     IMAGE = "image"  # read from the photo (no eye stated; confident prediction)
+
+
+class ReviewOutcome(StrEnum):
+    CONFIRMED = "confirmed"  # the grader's answers equal the model's
+    CORRECTED = "corrected"  # at least one grade, gradability or the referral differs from the model's
+
+
+class ReviewSource(StrEnum):
+    CLI = "cli"  # dr-screen review confirm/correct
+    WEB = "web"  # the review page (dr-screen serve)
+    IMPORT = "import"  # a grading centre's CSV (dr-screen review import)
 
 
 # The lesion vocabulary's lower-case codes name the area columns: area_ma, area_he, area_ex, area_se, area_od.
@@ -157,10 +170,13 @@ class Image(Base):
     stored_path: Mapped[str | None] = mapped_column(Text)
     state: Mapped[str] = mapped_column(String(16), default=ImageState.RECEIVED.value)
     error: Mapped[str | None] = mapped_column(Text)
+    error_code: Mapped[str | None] = mapped_column(String(32))  # added in revision 0006: why, as a stable code
     received_at: Mapped[datetime] = mapped_column(default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)
     width: Mapped[int | None]  # added in revision 0002
     height: Mapped[int | None]  # added in revision 0002
+    # the camera: DICOM Manufacturer (0008,0070) and Manufacturer's Model Name (0008,1090); revision 0007
+    device: Mapped[str | None] = mapped_column(String(128))
     # Intake checks (revision 0005; NULL for images recorded before it, and for refused files). Values are checked
     # by the repository (an added CHECK constraint would need a table rebuild that SQLite's foreign keys forbid).
     gradable: Mapped[bool | None]  # the learned gradability verdict; False: no Result, the report says recapture
@@ -171,6 +187,10 @@ class Image(Base):
     eye_confidence: Mapped[float | None] = mapped_column(Float)  # P(predicted_eye)
     eye_mismatch: Mapped[bool | None]  # the photo confidently shows the other eye than the stated one
     eye_note: Mapped[str | None] = mapped_column(Text)  # what the report says about the eye check, if anything
+    # Where and when the store stage published the photo (revision 0005): an ungradable image has no Result, so its
+    # display photo's folder and the time it joined its visit (what a review compares with its sign-off) are here.
+    photo_dir: Mapped[str | None] = mapped_column(Text)
+    stored_at: Mapped[datetime | None]
 
     exam: Mapped[Exam | None] = relationship(back_populates="images")
     result: Mapped[Result | None] = relationship(back_populates="image", uselist=False)
@@ -198,6 +218,7 @@ class Drop(Base):
     received_at: Mapped[datetime] = mapped_column(default=utcnow)
     outcome: Mapped[str] = mapped_column(String(16))
     reason: Mapped[str | None] = mapped_column(Text)  # added in revision 0002
+    reason_code: Mapped[str | None] = mapped_column(String(32))  # added in revision 0006: why, as a stable code
 
     image: Mapped[Image | None] = relationship(back_populates="drops")
 
@@ -240,6 +261,8 @@ class Result(Base):
     dme_cam_path: Mapped[str | None] = mapped_column(Text)
     device: Mapped[str | None] = mapped_column(String(32))
     inference_ms: Mapped[float | None] = mapped_column(Float)  # added in revision 0002
+    # lesion code -> lossless TIFF mask at the original photo's width and height; revision 0007
+    original_masks: Mapped[dict[str, Any] | None] = mapped_column(JSON)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
 
     image: Mapped[Image] = relationship(back_populates="result")
@@ -273,6 +296,8 @@ class Report(Base):
     path: Mapped[str] = mapped_column(Text)
     model_version: Mapped[str] = mapped_column(String(128))
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    # the sign-off this version shows (revision 0003); empty for the model's draft versions
+    review_id: Mapped[int | None] = mapped_column(ForeignKey("reviews.id", ondelete="RESTRICT"))
 
     exam: Mapped[Exam] = relationship(back_populates="reports")
 
@@ -294,13 +319,118 @@ class Event(Base):
     drop_id: Mapped[int | None] = mapped_column(ForeignKey("drops.id", ondelete="RESTRICT"))
     kind: Mapped[str] = mapped_column(String(32))
     message: Mapped[str] = mapped_column(Text, default="")
+    code: Mapped[str | None] = mapped_column(String(32))  # added in revision 0006: a reason or incident code
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
 
     def __repr__(self) -> str:
         return f"Event(id={self.id!r}, kind={self.kind!r}, image_id={self.image_id!r})"
 
 
+class ReviewUser(Base):
+    """Someone who may log in to the review page (``dr-screen user add``). Not a clinical record: the name
+    a review was signed with is copied into ``reviews.reviewer``, so renaming or disabling a user never
+    changes a past sign-off."""
+
+    __tablename__ = "review_users"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    username: Mapped[str] = mapped_column(String(64), unique=True)
+    display_name: Mapped[str] = mapped_column(Text)  # printed on reviewed reports: "reviewed by <display_name>"
+    password_hash: Mapped[str] = mapped_column(Text)  # werkzeug scrypt hash with its own salt and parameters
+    active: Mapped[bool] = mapped_column(default=True)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    password_changed_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+    def __repr__(self) -> str:
+        return f"ReviewUser(id={self.id!r}, username={self.username!r}, active={self.active!r})"
+
+
+class Review(Base):
+    """One sign-off of a visit by a clinician: append-only (a later sign-off adds a row; the visit's current
+    review is its row with the highest id). Stored beside the model's results, which it never changes."""
+
+    __tablename__ = "reviews"
+    __table_args__ = (
+        CheckConstraint(_in("outcome", ReviewOutcome), name="outcome"),
+        CheckConstraint(_in("source", ReviewSource), name="source"),
+        Index("ix_reviews_exam_id", "exam_id"),
+        Index("ix_reviews_reviewed_at", "reviewed_at"),
+    )
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    exam_id: Mapped[int] = mapped_column(ForeignKey("exams.id", ondelete="RESTRICT"))
+    reviewer: Mapped[str] = mapped_column(Text)  # the name as signed (and printed on the reviewed report)
+    user_id: Mapped[int | None] = mapped_column(ForeignKey("review_users.id", ondelete="RESTRICT"))
+    source: Mapped[str] = mapped_column(String(16))
+    outcome: Mapped[str] = mapped_column(String(16))
+    referral: Mapped[str] = mapped_column(String(16))  # the grader's referral outcome (screening.report.REFERRAL_LEVELS)
+    model_referral: Mapped[str] = mapped_column(String(16))  # the model's, as shown to the grader
+    comment: Mapped[str | None] = mapped_column(Text)
+    reviewed_at: Mapped[datetime] = mapped_column(default=utcnow)  # when the grader graded (imports: their date)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)  # when this row was recorded
+
+    exam: Mapped[Exam] = relationship()
+    eyes: Mapped[list[ReviewEye]] = relationship(back_populates="review", order_by="ReviewEye.eye.desc()")
+
+    def __repr__(self) -> str:
+        return f"Review(id={self.id!r}, exam_id={self.exam_id!r}, outcome={self.outcome!r}, referral={self.referral!r})"
+
+
+class ReviewEye(Base):
+    """The grader's answer for one eye of a review: gradable or not, and if gradable its DR grade and DME risk.
+    ``image_id`` names the photo (and so the model result) that was reviewed."""
+
+    __tablename__ = "review_eyes"
+    __table_args__ = (
+        UniqueConstraint("review_id", "eye"),
+        CheckConstraint(_in("eye", Eye), name="eye"),
+        CheckConstraint("dr_grade IS NULL OR dr_grade BETWEEN 0 AND 4", name="dr_grade"),
+        CheckConstraint("dme_grade IS NULL OR dme_grade BETWEEN 0 AND 2", name="dme_grade"),
+        CheckConstraint(
+            "(gradable = 1 AND dr_grade IS NOT NULL AND dme_grade IS NOT NULL) OR "
+            "(gradable = 0 AND dr_grade IS NULL AND dme_grade IS NULL)",
+            name="grades_iff_gradable",
+        ),
+        Index("ix_review_eyes_image_id", "image_id"),
+    )
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    review_id: Mapped[int] = mapped_column(ForeignKey("reviews.id", ondelete="RESTRICT"))
+    image_id: Mapped[int] = mapped_column(ForeignKey("images.id", ondelete="RESTRICT"))
+    eye: Mapped[str] = mapped_column(String(1))
+    gradable: Mapped[bool]
+    dr_grade: Mapped[int | None]
+    dme_grade: Mapped[int | None]
+
+    review: Mapped[Review] = relationship(back_populates="eyes")
+    image: Mapped[Image] = relationship()
+
+    def __repr__(self) -> str:
+        return (f"ReviewEye(review_id={self.review_id!r}, eye={self.eye!r}, gradable={self.gradable!r}, "
+                f"dr_grade={self.dr_grade!r}, dme_grade={self.dme_grade!r})")
+
+
+# Sign-offs are never edited or removed, not even by a stray UPDATE in an SQL client: SQLite triggers refuse
+# it (revision 0003 creates the same triggers). A correction is a new review.
+APPEND_ONLY_TABLES = ("reviews", "review_eyes")
+
+
+def append_only_triggers(table: str) -> list[str]:
+    return [
+        f"CREATE TRIGGER {table}_no_{verb.lower()} BEFORE {verb} ON {table} "
+        f"BEGIN SELECT RAISE(ABORT, '{table} is append-only: record a new review instead'); END"
+        for verb in ("UPDATE", "DELETE")
+    ]
+
+
+for _table in APPEND_ONLY_TABLES:
+    for _sql in append_only_triggers(_table):
+        event.listen(Base.metadata.tables[_table], "after_create",
+                     DDL(_sql).execute_if(dialect="sqlite"))  # type: ignore[no-untyped-call]  # SQLAlchemy's DDL is untyped
+
+
 __all__ = [
+    "APPEND_ONLY_TABLES",
     "LESION_COLUMNS",
     "Base",
     "Drop",
@@ -314,6 +444,12 @@ __all__ = [
     "Patient",
     "Report",
     "Result",
+    "Review",
+    "ReviewEye",
+    "ReviewOutcome",
+    "ReviewSource",
+    "ReviewUser",
     "UTCDateTime",
+    "append_only_triggers",
     "utcnow",
 ]

@@ -65,15 +65,23 @@ def _insert_if_absent(session: Session, model: type[Patient] | type[Exam], value
 # --- patients and exams -------------------------------------------------------------------------
 
 
+def find_patient(session: Session, code: str) -> Patient | None:
+    """The patient whose code is ``code`` ignoring case (``patient143`` is ``Patient143``); the oldest when a
+    database from before case-folding holds several spellings."""
+    stmt = select(Patient).where(func.lower(Patient.code) == code.strip().lower()).order_by(Patient.id).limit(1)
+    return session.scalars(stmt).first()
+
+
 def get_or_create_patient(session: Session, code: str) -> Patient:
+    """The patient with ``code``, ignoring case (:func:`find_patient`), created with this spelling when new.
+    Patient ids are ASCII (``training.common.is_safe_id``), so SQL ``lower()`` folds them fully."""
     code = code.strip()
     if not code:
         raise ValueError("patient code is empty")
-    stmt = select(Patient).where(Patient.code == code)
-    patient = session.scalars(stmt).one_or_none()
+    patient = find_patient(session, code)
     if patient is None:
         _insert_if_absent(session, Patient, {"code": code, "created_at": utcnow()}, ["code"])
-        patient = session.scalars(stmt).one()
+        patient = session.scalars(select(Patient).where(Patient.code == code)).one()
     return patient
 
 
@@ -110,8 +118,10 @@ def add_image(
     stored_path: PathStr | None = None,
     state: str = ImageState.RECEIVED,
     error: str | None = None,
+    error_code: str | None = None,
     width: int | None = None,
     height: int | None = None,
+    device: str | None = None,
     received_at: datetime | None = None,
 ) -> Image:
     """A new distinct file content. Raises IntegrityError on flush if ``sha256`` is already known:
@@ -125,8 +135,10 @@ def add_image(
         stored_path=_path(stored_path),
         state=_check(state, ImageState, "state"),
         error=error,
+        error_code=error_code,
         width=width,
         height=height,
+        device=device,
         received_at=now,
         updated_at=now,
     )
@@ -143,15 +155,18 @@ def record_drop(
     outcome: str,
     image: Image | None = None,
     reason: str | None = None,
+    reason_code: str | None = None,
     received_at: datetime | None = None,
 ) -> Drop:
-    """Log one arrival of a file (every arrival, duplicates and rejects included)."""
+    """Log one arrival of a file (every arrival, duplicates and rejects included); ``reason_code`` is the stable
+    code of ``reason`` (``screening.rejection.RejectReason``)."""
     drop = Drop(
         sha256=sha256.lower(),
         source_name=source_name,
         outcome=_check(outcome, DropOutcome, "drop outcome"),
         image=image,
         reason=reason,
+        reason_code=reason_code,
         received_at=received_at or utcnow(),
     )
     session.add(drop)
@@ -164,16 +179,14 @@ def unfiled_drops(session: Session, *, sha256: str | None = None, source_name: s
 
     The worker records such a drop and commits, then moves the file, then logs an event of the drop's outcome
     kind (``duplicate`` / ``rejected``) with the drop's id (``screening.stages.filing``). A drop without that
-    event was interrupted between its commit and its move. Drops without an image (none are written any
-    more) count as filed. ``sha256`` / ``source_name`` narrow the search to one file.
+    event was interrupted between its commit and its move. A drop without an image (an entry that is not a
+    file: a link, a folder) is tracked the same way when it has a reason code (revision 0006); older ones
+    count as filed. ``sha256`` / ``source_name`` narrow the search to one file.
     """
-    closing = (
-        select(Event.id)
-        .where(Event.image_id == Drop.image_id, Event.drop_id == Drop.id, Event.kind == Drop.outcome)
-        .exists()
-    )
+    closing = select(Event.id).where(Event.drop_id == Drop.id, Event.kind == Drop.outcome).exists()
     stmt = select(Drop).where(
-        Drop.outcome.in_([DropOutcome.DUPLICATE.value, DropOutcome.REJECTED.value]), Drop.image_id.is_not(None), ~closing
+        Drop.outcome.in_([DropOutcome.DUPLICATE.value, DropOutcome.REJECTED.value]),
+        or_(Drop.image_id.is_not(None), Drop.reason_code.is_not(None)), ~closing,
     )
     if sha256 is not None:
         stmt = stmt.where(Drop.sha256 == sha256.lower())
@@ -189,9 +202,11 @@ def add_event(
     *,
     image: Image | None = None,
     drop: Drop | None = None,
+    code: str | None = None,
     created_at: datetime | None = None,
 ) -> Event:
-    """Append to the event log (never updated or deleted)."""
+    """Append to the event log (never updated or deleted); ``code`` is a reason or incident code
+    (``screening.rejection``) the audit counts by."""
     if (image is not None and image.id is None) or (drop is not None and drop.id is None):
         session.flush()
     event = Event(
@@ -199,6 +214,7 @@ def add_event(
         message=message,
         image_id=None if image is None else image.id,
         drop_id=None if drop is None else drop.id,
+        code=code,
         created_at=created_at or utcnow(),
     )
     session.add(event)
@@ -206,16 +222,18 @@ def add_event(
     return event
 
 
-def set_state(session: Session, image: Image, state: str, error: str | None = None) -> Event:
-    """Move ``image`` to ``state`` (``error`` is kept for rejected/failed, cleared otherwise) and log it
-    as an Event of kind ``"state"`` with message ``"old -> new[: error]"``."""
+def set_state(session: Session, image: Image, state: str, error: str | None = None, code: str | None = None) -> Event:
+    """Move ``image`` to ``state`` (``error`` and its stable ``code`` are kept for rejected/failed, cleared
+    otherwise) and log it as an Event of kind ``"state"`` with message ``"old -> new[: error]"``."""
     new = _check(state, ImageState, "state")
     old = image.state
+    keep = new in (ImageState.REJECTED, ImageState.FAILED)
     image.state = new
-    image.error = error if new in (ImageState.REJECTED, ImageState.FAILED) else None
+    image.error = error if keep else None
+    image.error_code = code if keep else None
     image.updated_at = utcnow()
     message = f"{old} -> {new}" + (f": {error}" if error else "")
-    return add_event(session, "state", message, image=image)
+    return add_event(session, "state", message, image=image, code=code if keep else None)
 
 
 def record_checks(
@@ -275,15 +293,17 @@ def add_result(
     overlay_path: PathStr | None = None,
     dr_cam_path: PathStr | None = None,
     dme_cam_path: PathStr | None = None,
+    original_masks: Mapping[str, PathStr] | None = None,
     device: str | None = None,
     inference_ms: float | None = None,
     created_at: datetime | None = None,
 ) -> Result:
     """Store the model output for ``image`` (one per image; a second raises IntegrityError on flush).
-    ``lesion_areas`` is keyed by lesion code (``MA`` ... ``OD``; a missing code stores 0).
+    ``lesion_areas`` is keyed by lesion code (``MA`` ... ``OD``; a missing code stores 0), and so is
+    ``original_masks`` (the TIFF of each lesion at the original photo's size).
     Does not change the image state: call :func:`set_state` (``done``) in the same unit of work."""
     areas = dict(lesion_areas or {})
-    unknown = set(areas) - set(LESION_COLUMNS)
+    unknown = (set(areas) | set(original_masks or {})) - set(LESION_COLUMNS)
     if unknown:
         raise ValueError(f"unknown lesion codes {sorted(unknown)}; expected some of {list(LESION_COLUMNS)}")
     result = Result(
@@ -301,6 +321,7 @@ def add_result(
         overlay_path=_path(overlay_path),
         dr_cam_path=_path(dr_cam_path),
         dme_cam_path=_path(dme_cam_path),
+        original_masks=None if original_masks is None else {code: str(p) for code, p in original_masks.items()},
         device=device,
         inference_ms=None if inference_ms is None else float(inference_ms),
         created_at=created_at or utcnow(),
@@ -339,9 +360,11 @@ def add_report(
     *,
     version: int | None = None,
     created_at: datetime | None = None,
+    review_id: int | None = None,
 ) -> Report:
     """Record a rendered report; ``version`` defaults to :func:`next_report_version`. Two writers racing
-    for the same version get an IntegrityError on flush (unique exam_id, version)."""
+    for the same version get an IntegrityError on flush (unique exam_id, version). ``review_id``: the
+    sign-off the version shows (reviewed versions only)."""
     if exam.id is None:
         session.flush()
     report = Report(
@@ -350,6 +373,7 @@ def add_report(
         path=str(path),
         model_version=model_version,
         created_at=created_at or utcnow(),
+        review_id=review_id,
     )
     session.add(report)
     session.flush()
@@ -370,13 +394,14 @@ def images_in_state(session: Session, states: str | Iterable[str]) -> list[Image
 def exams_needing_report(session: Session) -> list[Exam]:
     """Exams with at least one ``done`` image whose newest result is not covered by a report, i.e.
     there is no report created at or after the exam's latest result. An image judged ungradable has no result:
-    the time it became ``done`` (its ``updated_at``) stands for one. Ordered by exam id."""
+    the time the store stage committed it (``stored_at``; ``updated_at`` for a row without one) stands for one.
+    Ordered by exam id."""
     results = (
         select(Image.exam_id.label("exam_id"), Result.created_at.label("at"))
         .join(Result, Result.image_id == Image.id)
         .where(Image.exam_id.is_not(None))
     )
-    ungradable = select(Image.exam_id.label("exam_id"), Image.updated_at.label("at")).where(
+    ungradable = select(Image.exam_id.label("exam_id"), func.coalesce(Image.stored_at, Image.updated_at).label("at")).where(
         Image.exam_id.is_not(None), Image.state == ImageState.DONE.value, Image.gradable.is_(False)
     )
     stored = union_all(results, ungradable).subquery()
@@ -410,6 +435,7 @@ __all__ = [
     "add_result",
     "exam_images_with_results",
     "exams_needing_report",
+    "find_patient",
     "get_image_by_sha",
     "get_or_create_exam",
     "get_or_create_patient",

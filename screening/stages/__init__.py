@@ -3,8 +3,8 @@
 =========  ==========================================================================  =========================
 stage      job                                                                         outcome
 =========  ==========================================================================  =========================
-intake     a stable inbox file -> identified, de-duplicated, decoded :class:`Job`,     :data:`IntakeOutcome`
-           or a recorded refusal / duplicate
+intake     a stable inbox entry -> identified, de-duplicated, decoded :class:`Job`,    :data:`IntakeOutcome`
+           or a recorded refusal / duplicate / conflict, or deferred (still arriving)
 grade      jobs in batches -> predictions, one forward pass per batch                  :class:`GradedBatch`
 store      masks and pictures, the result row, then the original to the archive        :class:`Stored`, :class:`Failed`
 report     which visits need a new report version, rendering (off the inference        :data:`ReportOutcome`
@@ -20,6 +20,7 @@ from .grade import GradeStage
 from .intake import IntakeStage
 from .outcomes import (
     Admitted,
+    Deferred,
     Duplicate,
     Failed,
     GradedBatch,
@@ -38,7 +39,7 @@ from .report import ReportStage
 from .store import StoreStage
 
 __all__ = [
-    "Admitted", "Duplicate", "Failed", "Filing", "GradeStage", "GradedBatch", "IntakeOutcome", "IntakeStage", "Job",
+    "Admitted", "Deferred", "Duplicate", "Failed", "Filing", "GradeStage", "GradedBatch", "IntakeOutcome", "IntakeStage", "Job",
     "PendingReport", "Rejected", "ReportFailed", "ReportOutcome", "ReportStage", "ReportWritten", "Resumed", "Stored",
     "StoreStage", "Vanished",
 ]

@@ -12,48 +12,95 @@ recognised and finished on restart, without recording anything twice:
   *unfiled* (:func:`screening.db.repository.unfiled_drops`): intake finishes its move when the same file
   (name and content) is seen again, and :meth:`Filing.close_stale` closes it at start-up when the file is gone.
 
+A move that fails (a full or read-only archive, a share gone) records an ``archive_failed`` incident and
+raises :class:`MoveFailed`; the file stays in the inbox with its committed record, which is exactly the
+interrupted case above, so the next attempt finishes it. Across file systems a file is copied under a hidden
+``.<name>.partial`` name beside its destination and renamed into place only when complete, so the archive
+never holds half a photo under its real name; partial copies left by a crash are removed at start-up
+(:meth:`Filing.clean_partials`). A copy already complete at the destination (a crash between the copy and
+the removal from the inbox) is recognised by its content and not made twice.
+
 Destinations: ``archive/<date>/<sha12>_<name>``, ``archive/<date>/duplicates/...``, and
 ``rejected/<time>_<sha8>_<name>`` with ``<that>.reason.txt`` beside it (the time is the drop's, so a move
 finished after a restart writes the same reason file). A sidecar JSON travels with its image as
 ``<dest>.json``. Names from users only ever become file names through :func:`training.common.safe_file_name`.
+Inbox entries that are not files (a link, a folder) move as they are: a link is moved, never followed.
 """
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import shutil
+import stat
 from datetime import datetime
 from pathlib import Path
 
 from sqlalchemy.orm import Session, sessionmaker
 
-from training.common import atomic_write_text, safe_file_name, sha256_file
+from training.common import atomic_write_text, fsync_dir, safe_file_name, sha256_file
 
 from ..config import ScreeningSettings
 from ..db import repository as repo
 from ..db.models import Drop, DropOutcome, Image
-from ..db.session import session_scope
-from ..intake import sidecar_for
+from ..db.session import transaction
+from ..intake import entry_sha256, sidecar_for
+from ..rejection import Incident
 
 log = logging.getLogger("screening")
 
 NOT_FILED = "the file was no longer in the inbox when the worker came to move it"
 GONE_AT_START = ("the file was no longer in the inbox when the worker restarted (taken away, or moved just before "
                  "the worker stopped)")
+PARTIAL_SUFFIX = ".partial"
+
+
+class MoveFailed(Exception):
+    """A file could not leave the inbox (the cause is chained); its record is committed and the move is retried."""
 
 
 def _reason_file(dest: Path) -> Path:
     return dest.with_name(dest.name + ".reason.txt")
 
 
+def _partial(dest: Path) -> Path:
+    return dest.with_name(f".{dest.name}{PARTIAL_SUFFIX}")
+
+
+def _move_entry(src: Path, dest: Path) -> None:
+    """Move one inbox entry to ``dest`` (a free name). A rename where it can; across file systems a regular file
+    is copied to :func:`_partial` first, made durable, renamed into place, and only then removed from the inbox."""
+    try:
+        os.rename(src, dest)
+        return
+    except OSError as exc:
+        if exc.errno != errno.EXDEV:
+            raise
+    if not stat.S_ISREG(os.lstat(src).st_mode):
+        shutil.move(str(src), dest)  # a link is recreated as a link, a folder copied with its links as links
+        return
+    tmp = _partial(dest)
+    try:
+        shutil.copyfile(src, tmp, follow_symlinks=False)
+        shutil.copystat(src, tmp, follow_symlinks=False)
+        with open(tmp, "rb") as fh:
+            os.fsync(fh.fileno())
+        os.rename(tmp, dest)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    fsync_dir(dest.parent)
+    os.unlink(src)
+
+
 def move_out_of_inbox(path: Path, dest: Path) -> None:
     """Move a clinic file (and its sidecar JSON, as ``<dest>.json``) out of the inbox. The caller has committed
     the database state that records the file."""
-    sidecar = sidecar_for(path)
-    shutil.move(str(path), dest)
+    sidecar = sidecar_for(path) if stat.S_ISREG(os.lstat(path).st_mode) else None
+    _move_entry(path, dest)
     if sidecar is not None:
-        shutil.move(str(sidecar), dest.with_name(dest.name + ".json"))
+        _move_entry(sidecar, dest.with_name(dest.name + ".json"))
 
 
 class Filing:
@@ -64,24 +111,49 @@ class Filing:
         self.settings = settings
         self.factory = factory
 
+    def _incident(self, exc: OSError, what: str, image_id: int | None, drop_id: int | None) -> MoveFailed:
+        """Record a failed move (no names in the log: the ids say which) and build the error to raise."""
+        reason = exc.strerror or type(exc).__name__
+        message = f"could not move {what} ({reason}); it stays in the inbox and the move is retried"
+
+        def record(session: Session) -> None:
+            image = session.get(Image, image_id) if image_id is not None else None
+            drop = session.get(Drop, drop_id) if drop_id is not None else None
+            repo.add_event(session, "archive", message, image=image, drop=drop, code=Incident.ARCHIVE_FAILED)
+
+        transaction(self.factory, record, what="recording a failed move")
+        log.error("image %s / drop %s: %s", image_id, drop_id, message)
+        return MoveFailed(message)
+
     # ------------------------------------------------------------------------------- moves alone
     def _move(self, path: Path, dest: Path) -> Path | None:
-        if not path.is_file():
+        if not os.path.lexists(path):
             return None
         try:
             move_out_of_inbox(path, dest)
         except FileNotFoundError:  # taken away between the check and the move
+            if os.path.lexists(path):
+                raise
             return None
         return dest
 
     def archive(self, path: Path, sha: str, sub: str = "") -> Path | None:
-        """Move ``path`` to ``archive/<today>/<sub>/``; None when it is no longer there."""
+        """Move ``path`` to ``archive/<today>/<sub>/``; None when it is no longer there. A file of the same content
+        already there under the name this one would get (copied before a crash) is reused."""
+        if not os.path.lexists(path):
+            return None
         folder = self.settings.archive / datetime.now().strftime("%Y-%m-%d") / sub
         folder.mkdir(parents=True, exist_ok=True)
         name = safe_file_name(path.name)
         dest = folder / f"{sha[:12]}_{name}"
         n = 1
-        while dest.exists():
+        while os.path.lexists(dest):
+            if dest.is_file() and not dest.is_symlink() and path.is_file() and sha256_file(dest) == sha:
+                sidecar = sidecar_for(path)
+                if sidecar is not None and not os.path.lexists(dest.with_name(dest.name + ".json")):
+                    _move_entry(sidecar, dest.with_name(dest.name + ".json"))
+                path.unlink()
+                return dest
             dest = folder / f"{sha[:12]}_{n}_{name}"
             n += 1
         return self._move(path, dest)
@@ -94,15 +166,16 @@ class Filing:
         safe = safe_file_name(name)
         dest = self.settings.rejected / f"{stem}_{safe}"
         n = 1
-        while dest.exists():
+        while os.path.lexists(dest):
             dest = self.settings.rejected / f"{stem}_{n}_{safe}"
             n += 1
         return dest
 
     def reject(self, path: Path, sha: str, reason: str, received_at: datetime) -> Path | None:
         """Write the reason file and move ``path`` beside it into ``rejected/``; None when it is no longer there."""
-        if not path.is_file():
+        if not os.path.lexists(path):
             return None
+        self.settings.rejected.mkdir(parents=True, exist_ok=True)
         dest = self._reject_dest(path.name, sha, received_at)
         when = received_at.astimezone().replace(tzinfo=None)
         atomic_write_text(
@@ -114,63 +187,111 @@ class Filing:
 
     # ------------------------------------------------------------------------ move, then record
     def archive_image(self, image_id: int, path: Path, sha: str) -> Path | None:
-        """Archive a graded image's own file (its result is committed) and record where it went."""
-        dest = self.archive(path, sha)
-        with session_scope(self.factory) as session:
+        """Archive a graded image's own file (its result is committed) and record where it went. Raises
+        :class:`MoveFailed` (recorded) when the archive cannot take it now."""
+        try:
+            dest = self.archive(path, sha)
+        except OSError as exc:
+            raise self._incident(exc, f"graded image {image_id} to the archive", image_id, None) from exc
+
+        def record(session: Session) -> None:
             image = session.get(Image, image_id)
             if image is None:
-                raise LookupError(f"image {image_id} is not in the database; its file {path.name} stays in the inbox")
+                raise LookupError(f"image {image_id} is not in the database; its file {path.name} was archived as {dest}")
             image.stored_path = None if dest is None else str(dest)
             if dest is None:
-                repo.add_event(session, "archive", f"not archived: {NOT_FILED}", image=image)
+                repo.add_event(session, "archive", f"not archived: {NOT_FILED}", image=image, code=Incident.NOT_MOVED)
+
+        transaction(self.factory, record, what="recording an archived file")
         return dest
 
     def file_drop(self, drop_id: int, path: Path, sha: str) -> Path | None:
         """Move the file of a committed duplicate or refused drop, then log the drop's closing event (and, when
-        it was an image's own file, the image's new ``stored_path``)."""
-        with session_scope(self.factory) as session:
+        it was an image's own file, the image's new ``stored_path``). Raises :class:`MoveFailed` (recorded)
+        when it cannot move now: the drop stays unfiled and the next intake of the file finishes it."""
+
+        def read(session: Session) -> tuple[str, str, datetime, int | None]:
             drop = session.get(Drop, drop_id)
             if drop is None:
                 raise LookupError(f"drop {drop_id} is not in the database; its file {path.name} stays in the inbox")
-            outcome, reason, received_at = drop.outcome, drop.reason or "", drop.received_at
-        if outcome == DropOutcome.DUPLICATE:
-            dest = self.archive(path, sha, "duplicates")
-            message = f"archived as {dest.name}" if dest is not None else f"not archived: {NOT_FILED}"
-        elif outcome == DropOutcome.REJECTED:
-            dest = self.reject(path, sha, reason, received_at)
-            message = reason if dest is not None else f"{reason} (not moved: {NOT_FILED})"
-        else:
-            raise ValueError(f"drop {drop_id} has outcome {outcome!r}; only duplicate and rejected drops are filed")
-        with session_scope(self.factory) as session:
+            return drop.outcome, drop.reason or "", drop.received_at, drop.image_id
+
+        outcome, reason, received_at, image_id = transaction(self.factory, read, what="reading a drop")
+        try:
+            if outcome == DropOutcome.DUPLICATE:
+                dest = self.archive(path, sha, "duplicates")
+                message = f"archived as {dest.name}" if dest is not None else f"not archived: {NOT_FILED}"
+            elif outcome == DropOutcome.REJECTED:
+                dest = self.reject(path, sha, reason, received_at)
+                message = reason if dest is not None else f"{reason} (not moved: {NOT_FILED})"
+            else:
+                raise ValueError(f"drop {drop_id} has outcome {outcome!r}; only duplicate and rejected drops are filed")
+        except OSError as exc:
+            where = "the archive" if outcome == DropOutcome.DUPLICATE else "rejected/"
+            raise self._incident(exc, f"the file of drop {drop_id} to {where}", image_id, drop_id) from exc
+
+        def record(session: Session) -> None:
             drop = session.get(Drop, drop_id)
             assert drop is not None  # read above; drops are never deleted
             image = drop.image
             if image is not None and image.stored_path == str(path):  # the image's own file went with this drop
                 image.stored_path = None if dest is None else str(dest)
-            repo.add_event(session, outcome, message, image=image, drop=drop)
+            repo.add_event(session, outcome, message, image=image, drop=drop, code=None if dest else Incident.NOT_MOVED)
+
+        transaction(self.factory, record, what="recording a filed drop")
         return dest
 
     # ---------------------------------------------------------------------------------- recovery
+    def clean_partials(self) -> int:
+        """At start-up: remove the ``.<name>.partial`` copies a crash left in the archive or ``rejected/`` (their
+        originals are still in the inbox with their records, and are moved again). Returns how many."""
+        removed = 0
+        for root in (self.settings.archive, self.settings.rejected):
+            for folder, _, names in os.walk(root):  # os.walk: several times faster than Path.rglob on a big archive
+                for name in names:
+                    if name.startswith(".") and name.endswith(PARTIAL_SUFFIX):
+                        try:
+                            os.unlink(os.path.join(folder, name))
+                        except OSError:
+                            continue
+                        removed += 1
+        if removed:
+            transaction(self.factory, lambda s: repo.add_event(
+                s, "reconcile", f"removed {removed} partial cop{'y' if removed == 1 else 'ies'} left by an interrupted move",
+                code=Incident.PARTIAL_COPY_REMOVED), what="recording removed partial copies")
+            log.warning("removed %d partial copies left by an interrupted move", removed)
+        return removed
+
     def close_stale(self) -> int:
         """At start-up: close the unfiled drops whose file is no longer in the inbox (a move interrupted after
         the file had gone, or a file removed by hand), so a later file of the same name and content is recorded
         as a new arrival. Returns how many were closed."""
-        closed = 0
-        with session_scope(self.factory) as session:
+
+        def close(session: Session) -> int:
+            closed = 0
             for drop in repo.unfiled_drops(session):
                 name = drop.source_name
                 candidate = self.settings.inbox / name
-                if os.path.basename(name) == name and candidate.is_file() and sha256_file(candidate) == drop.sha256:
-                    continue  # still there: intake finishes its move
+                try:
+                    still_there = (os.path.basename(name) == name and os.path.lexists(candidate)
+                                   and entry_sha256(candidate) == drop.sha256)
+                except OSError:
+                    still_there = False
+                if still_there:
+                    continue  # intake finishes its move
                 if drop.outcome == DropOutcome.REJECTED:  # its reason file may have been written before the kill
                     _reason_file(self._reject_dest(name, drop.sha256, drop.received_at)).unlink(missing_ok=True)
                 if drop.image is not None and drop.image.stored_path == str(candidate):
                     drop.image.stored_path = None
-                repo.add_event(session, drop.outcome, f"not moved: {GONE_AT_START}", image=drop.image, drop=drop)
+                repo.add_event(session, drop.outcome, f"not moved: {GONE_AT_START}", image=drop.image, drop=drop,
+                               code=Incident.NOT_MOVED)
                 closed += 1
+            return closed
+
+        closed = transaction(self.factory, close, what="closing interrupted moves")
         if closed:
             log.warning("%d interrupted move(s) out of the inbox found no file any more; recorded as not moved", closed)
         return closed
 
 
-__all__ = ["GONE_AT_START", "NOT_FILED", "Filing", "move_out_of_inbox"]
+__all__ = ["GONE_AT_START", "NOT_FILED", "PARTIAL_SUFFIX", "Filing", "MoveFailed", "move_out_of_inbox"]

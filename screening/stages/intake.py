@@ -1,25 +1,37 @@
-"""Intake stage: a stable inbox file -> an identified, de-duplicated, decoded :class:`Job`, or a recorded
-duplicate or refusal.
+"""Intake stage: an inbox entry -> an identified, de-duplicated, decoded :class:`Job`, or a recorded
+duplicate, conflict or refusal, or (for a file that may still be arriving) nothing yet.
 
-Per file, in this order:
+Per entry, in this order:
 
-1. hash it (SHA-256: the content's identity);
-2. a move interrupted by a crash (a committed record whose file is still here) is finished: :class:`Resumed`;
-3. content already graded, or being graded from another file still in the inbox: :class:`Duplicate`;
-4. the checks, each raising :class:`~screening.rejection.Rejection` (supported suffix, patient / eye / date
-   from the name or sidecar, a decodable image, then the intake checks of :mod:`screening.checks`: a colour
-   fundus photo, and an eye that is stated or clearly visible): :class:`Rejected`;
-5. otherwise the patient, exam, image (``received``, with its gradability verdict and eye check) and drop rows
-   are committed: :class:`Admitted`. An ungradable photo is admitted too (its job says so): it is stored with
-   its reasons instead of being graded.
+1. anything but a regular file with an ordinary name (a link, a folder, a pipe; a hidden or temporary name
+   left behind) is refused with its reason, never opened or followed;
+2. the file is read once, whole (:func:`screening.intake.read_content`), and the SHA-256 of exactly those
+   bytes is its identity; the same bytes are decoded in step 6;
+3. a move interrupted by a crash (a committed record whose file is still here) is finished: :class:`Resumed`;
+   so is an image whose result is stored but whose state says otherwise (repaired first);
+4. content already graded, or being graded from another file still in the inbox: a :class:`Duplicate`,
+   unless the name says another patient or the other eye: then an ``identity_conflict`` refusal for staff;
+5. the checks, each raising :class:`~screening.rejection.Rejection`: size limit; a DICOM file (by content,
+   :mod:`screening.dicom`) gives its patient / eye / date / camera from its tags and its picture from its pixel
+   data; any other file needs a supported suffix, patient / eye / date from the name or sidecar and a complete,
+   decodable image within the limits; then the intake checks of :mod:`screening.checks` on the decoded photo:
+   a colour fundus photo (the learned gradability verdict), and an eye that is stated (name, sidecar or DICOM
+   tag) or clearly visible; a file whose data stops short and that changed within ``incomplete_grace`` seconds is
+   :class:`Deferred` (left in the inbox, read again later) instead: it may still be being copied;
+6. otherwise the patient, exam, image (``received``, with its gradability verdict and eye check) and drop rows
+   are committed: :class:`Admitted`. An ungradable photo is admitted too (its job says so): the store stage
+   keeps it with its reasons instead of it being graded.
 
-The database is written before any file moves (:mod:`screening.stages.filing`). Nothing here runs the grading
-model; the intake checks' small models run here, on the decoded photo.
+The database is written before any file moves (:mod:`screening.stages.filing`); every unit of work waits
+out a locked database (:func:`screening.db.session.transaction`). Nothing here runs the grading model; the
+intake checks' small models run here, on the decoded photo.
 """
 
 from __future__ import annotations
 
 import logging
+import os
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from datetime import date
@@ -27,22 +39,31 @@ from pathlib import Path
 
 from sqlalchemy.orm import Session, sessionmaker
 
-from training.common import sha256_file
-
 from ..checks import IntakeChecks, IntakeVerdict
 from ..config import ScreeningSettings
 from ..db import repository as repo
 from ..db.models import DropOutcome, Image, ImageState
-from ..db.session import session_scope
-from ..imaging import DecodedImage, decode
-from ..intake import Identity, check_supported, parse_identity
-from ..rejection import Rejection
+from ..db.session import transaction
+from ..dicom import DICOM_SUFFIXES, dicom_identity, is_dicom, read_dicom
+from ..imaging import DecodedImage, DecodeLimits, decode_bytes, preprocess
+from ..intake import (
+    Content,
+    Identity,
+    StillChanging,
+    check_supported,
+    entry_sha256,
+    parse_identity,
+    read_content,
+    stray_rejection,
+)
+from ..rejection import FailReason, Incident, Rejection, RejectReason
 from .filing import Filing
-from .outcomes import Admitted, Duplicate, IntakeOutcome, Job, Rejected, Resumed, Vanished
+from .outcomes import Admitted, Deferred, Duplicate, IntakeOutcome, Job, Rejected, Resumed, Vanished
 
 log = logging.getLogger("screening")
 
 _GRADED = (ImageState.DONE, ImageState.REPORTED)
+_EYE_NAMES = {"L": "left", "R": "right"}
 
 
 @dataclass(frozen=True)
@@ -51,6 +72,7 @@ class _Known:
 
     image_id: int
     state: str
+    has_result: bool
     same_drop: bool  # the image's own file is this very path (its drop was recorded, its move is pending)
     in_flight_elsewhere: bool  # received from another file that is still in the inbox
 
@@ -58,84 +80,208 @@ class _Known:
     def of(cls, image: Image, path: Path) -> _Known:
         stored = image.stored_path
         return cls(
-            image_id=image.id, state=image.state, same_drop=stored == str(path),
+            image_id=image.id, state=image.state, has_result=image.result is not None, same_drop=stored == str(path),
             in_flight_elsewhere=(image.state == ImageState.RECEIVED and bool(stored) and stored != str(path)
                                  and Path(stored or "").is_file()),
         )
 
     @property
     def graded(self) -> bool:
-        return self.state in _GRADED
+        """Graded: its result is stored (whatever its state says: see :meth:`IntakeStage._repair`)."""
+        return self.state in _GRADED or self.has_result
 
     @property
     def duplicate(self) -> bool:
         return (self.graded and not self.same_drop) or self.in_flight_elsewhere
 
 
+def conflict_with(image: Image, identity: Identity | None) -> str | None:
+    """Why a drop with the same bytes as ``image`` cannot be a plain duplicate: its name says another patient
+    (compared ignoring case) or the other eye. None when it agrees, or says nothing (no parseable name)."""
+    if identity is None or image.exam is None:
+        return None
+    if image.exam.patient.code.lower() != identity.patient_id.lower():
+        return (f"the same bytes as a photo already recorded for another patient (image {image.id}); one of the two "
+                "names is wrong. This copy was not graded: check which patient the photo belongs to and correct the "
+                "record of the wrong one")
+    if image.eye is not None and identity.eye is not None and image.eye != identity.eye:
+        return (f"the same bytes as this patient's {_EYE_NAMES.get(image.eye, image.eye)} eye photo (image {image.id}), "
+                f"but named as the {_EYE_NAMES[identity.eye]} eye. This copy was not graded: check which eye it is")
+    return None
+
+
 class IntakeStage:
     def __init__(
         self, settings: ScreeningSettings, factory: sessionmaker[Session], filing: Filing, image_size: int,
-        checks: IntakeChecks, today: Callable[[], date] = date.today,
+        today: Callable[[], date] = date.today, checks: IntakeChecks | None = None,
     ) -> None:
+        """``checks``: the intake checks' models, loaded once by the worker; None loads them from ``settings``
+        (raising :class:`training.api.CheckpointError` with what to do when a model file is missing)."""
         self.settings = settings
         self.factory = factory
         self.filing = filing
         self.image_size = image_size  # the model's input size: images are decoded no larger than needed
-        self.checks = checks
         self.today = today
+        self.limits = DecodeLimits(max_pixels=settings.max_pixels, max_pages=settings.max_pages)
+        self.checks = checks if checks is not None else IntakeChecks.from_settings(settings)
 
     def admit(self, path: Path) -> IntakeOutcome:
-        """One stable file through the steps of the module docstring."""
-        if not path.is_file():
+        """One inbox entry through the steps of the module docstring."""
+        try:
+            st = os.lstat(path)
+        except FileNotFoundError:
             return Vanished(path)
-        sha = sha256_file(path)
-        duplicate_drop: int | None = None
-        with session_scope(self.factory) as session:
+        stray = stray_rejection(path, st, self.settings.abandoned_after)
+        if stray is not None:
+            return self._refuse_entry(path, stray)
+        try:
+            content = read_content(path, self.settings.max_file_bytes)
+        except FileNotFoundError:
+            return Vanished(path)
+        except StillChanging:
+            return Deferred(path, RejectReason.INCOMPLETE, "the file changed while it was read")
+        except Rejection as rejection:  # another kind of entry took the name since it was listed
+            return self._refuse_entry(path, rejection)
+        sha = content.sha256
+        identity: Identity | None = None
+        unidentified: Rejection | None = None
+        try:
+            identity = parse_identity(path, self.settings.filename_patterns, self.today())
+        except Rejection as rejection:
+            unidentified = rejection
+
+        def look(session: Session) -> tuple[list[tuple[int, int | None]], _Known | None, int | None, str | None]:
             unfiled = [(d.id, d.image_id) for d in repo.unfiled_drops(session, sha256=sha, source_name=path.name)]
             image = repo.get_image_by_sha(session, sha)
             known = _Known.of(image, path) if image is not None else None
-            if not unfiled and image is not None and known is not None and known.duplicate:
+            if unfiled or image is None or known is None or not known.duplicate:
+                return unfiled, known, None, None
+            conflict = conflict_with(image, identity)
+            if conflict is not None:
+                drop = repo.record_drop(session, sha256=sha, source_name=path.name, outcome=DropOutcome.REJECTED,
+                                        image=image, reason=conflict, reason_code=RejectReason.IDENTITY_CONFLICT)
+            else:
                 drop = repo.record_drop(session, sha256=sha, source_name=path.name, outcome=DropOutcome.DUPLICATE,
                                         image=image, reason=f"same content as image {image.id}")
-                duplicate_drop = drop.id
+            return unfiled, known, drop.id, conflict
+
+        unfiled, known, drop_id, conflict = transaction(self.factory, look, what="intake")
         # committed: from here on files may move
         if unfiled:
             drop_id, image_id = unfiled[0]
             log.info("finishing the interrupted move of a drop of image %s", image_id)
             return Resumed(image_id, self.filing.file_drop(drop_id, path, sha))
         if known is not None and known.graded and known.same_drop:  # graded, committed, archive interrupted
+            self._repair(known)
             log.info("image %s was graded before an interruption; archiving its file now", known.image_id)
             return Resumed(known.image_id, self.filing.archive_image(known.image_id, path, sha))
-        if known is not None and duplicate_drop is not None:
+        if known is not None and drop_id is not None:
+            filed = self.filing.file_drop(drop_id, path, sha)
+            if conflict is not None:
+                log.warning("identity conflict with image %s: same bytes under another name", known.image_id)
+                return Rejected(known.image_id, RejectReason.IDENTITY_CONFLICT, conflict, filed)
             log.info("duplicate of image %s", known.image_id)
-            return Duplicate(known.image_id, self.filing.file_drop(duplicate_drop, path, sha))
+            return Duplicate(known.image_id, filed)
         try:
-            check_supported(path)
-            identity = parse_identity(path, self.settings.filename_patterns)
-            decoded = decode(path, self.image_size)
+            identity, decoded = self.read(path, content, identity, unidentified)
             verdict = self.checks.check(decoded, identity, path.name)
         except Rejection as rejection:
+            if rejection.code == RejectReason.INCOMPLETE and time.time() - content.mtime_ns / 1e9 < self.settings.incomplete_grace:
+                log.info("a file is incomplete or corrupt; left in the inbox in case it is still being copied")
+                return Deferred(path, rejection.code, rejection.message)
             return self._reject(path, sha, known, rejection)
-        decoded = replace(decoded, frame=None)  # the full frame was for the checks; jobs wait in memory without it
+        decoded = replace(decoded, whole=None)  # the whole photo was for the checks; jobs wait in memory without it
         return Admitted(self._admit(path, sha, known, identity, decoded, verdict))
+
+    def read(self, path: Path, content: Content, named: Identity | None,
+             unidentified: Rejection | None) -> tuple[Identity, DecodedImage]:
+        """Who the photo is of and the photo in the model's frame, from a DICOM file's tags and pixels or from
+        an image file's name (or sidecar, ``named``) and pixels; raises a :class:`Rejection` saying what is wrong."""
+        if content.data is not None and is_dicom(path):
+            photo = read_dicom(path)
+            identity = dicom_identity(photo, path, self.settings.filename_patterns)
+            w, h = photo.size
+            if w * h > self.limits.max_pixels:
+                raise Rejection(RejectReason.TOO_LARGE, f"'{path.name}' is {w}x{h} pixels, over the limit of "
+                                f"{self.limits.max_pixels / 1e6:g} megapixels ([screening] max_pixels)")
+            return identity, preprocess(photo.rgb, photo.size, self.image_size)
+        if content.data is not None and path.suffix.lower() in DICOM_SUFFIXES:
+            raise Rejection(RejectReason.UNREADABLE,
+                            f"'{path.name}' is named as DICOM but has no DICOM Part 10 header ('DICM' at byte 128); "
+                            "export it again as a DICOM file")
+        check_supported(path)
+        if unidentified is not None:
+            raise unidentified
+        assert named is not None
+        return named, self._decode(path, content)
+
+    def _decode(self, path: Path, content: Content) -> DecodedImage:
+        if content.data is None:
+            limit = self.settings.max_file_bytes
+            raise Rejection(RejectReason.TOO_LARGE, f"'{path.name}' is {content.size / 2**20:.0f} MiB, over the limit of "
+                            f"{limit / 2**20:.0f} MiB ([screening] max_file_bytes); export it at a smaller size")
+        return decode_bytes(content.data, self.image_size, limits=self.limits, name=path.name)
+
+    def _repair(self, known: _Known) -> None:
+        """An image whose result is stored but whose state is not ``done``/``reported`` (left by a worker from
+        before issue 12, which marked it ``failed`` when its file could not be archived): it is graded. Re-grading
+        it would try to store a second result and fail every time."""
+        if known.state in _GRADED:
+            return
+
+        def fix(session: Session) -> None:
+            image = session.get(Image, known.image_id)
+            if image is not None and image.result is not None and image.state not in _GRADED:
+                repo.set_state(session, image, ImageState.DONE)
+                repo.add_event(session, "repair", "its result was stored: marked graded", image=image,
+                               code=Incident.RESULT_STATE_REPAIRED)
+
+        transaction(self.factory, fix, what="repairing an image's state")
+        log.warning("image %s had a stored result but state %r; marked graded", known.image_id, known.state)
+
+    def _refuse_entry(self, path: Path, rejection: Rejection) -> IntakeOutcome:
+        """Record and file an inbox entry that is not a photo to read (a link, a folder, a name left behind). It
+        gets a drop without an image, identified by :func:`screening.intake.entry_sha256` (no link followed)."""
+        try:
+            sha = entry_sha256(path)
+        except FileNotFoundError:
+            return Vanished(path)
+
+        def record(session: Session) -> tuple[int, bool]:
+            unfiled = repo.unfiled_drops(session, sha256=sha, source_name=path.name)
+            if unfiled:
+                return unfiled[0].id, True
+            drop = repo.record_drop(session, sha256=sha, source_name=path.name, outcome=DropOutcome.REJECTED,
+                                    reason=rejection.message, reason_code=rejection.code)
+            return drop.id, False
+
+        drop_id, resumed = transaction(self.factory, record, what="recording a refused entry")
+        filed = self.filing.file_drop(drop_id, path, sha)
+        if resumed:
+            return Resumed(None, filed)
+        log.warning("refused an inbox entry (drop %s): %s", drop_id, rejection.code.value)  # the code: no names
+        return Rejected(None, rejection.code, rejection.message, filed)
 
     def _reject(self, path: Path, sha: str, known: _Known | None, rejection: Rejection) -> Rejected:
         """Record the refusal (a new content gets a ``rejected`` image; a known one keeps its state unless this
         very file was its pending drop), commit, then file it under ``rejected/``."""
-        with session_scope(self.factory) as session:
+
+        def record(session: Session) -> tuple[int, int]:
             if known is None:
                 image = repo.add_image(session, sha256=sha, source_name=path.name, state=ImageState.REJECTED,
-                                       error=rejection.message, stored_path=path)
+                                       error=rejection.message, error_code=rejection.code, stored_path=path)
             else:
                 found = session.get(Image, known.image_id)
                 if found is None:
                     raise LookupError(f"image {known.image_id} vanished from the database while {path.name} was read")
                 image = found
                 if known.same_drop and image.state != ImageState.REJECTED:
-                    repo.set_state(session, image, ImageState.REJECTED, rejection.message)
+                    repo.set_state(session, image, ImageState.REJECTED, rejection.message, code=rejection.code)
             drop = repo.record_drop(session, sha256=sha, source_name=path.name, outcome=DropOutcome.REJECTED, image=image,
-                                    reason=rejection.message)
-            image_id, drop_id = image.id, drop.id
+                                    reason=rejection.message, reason_code=rejection.code)
+            return image.id, drop.id
+
+        image_id, drop_id = transaction(self.factory, record, what="recording a refusal")
         filed = self.filing.file_drop(drop_id, path, sha)
         log.warning("rejected image %s (sha %s): %s", image_id, sha[:12], rejection.code.value)  # the code: no names
         return Rejected(image_id, rejection.code, rejection.message, filed)
@@ -144,14 +290,15 @@ class IntakeStage:
                verdict: IntakeVerdict) -> Job:
         """Commit the image as ``received`` in its patient's exam, with its intake checks; its file stays in the
         inbox until stored."""
-        eye = verdict.eye.eye
-        with session_scope(self.factory) as session:
+        eye = verdict.eye.eye  # the stated eye, else the one the photo confidently shows
+
+        def record(session: Session) -> Job:
             patient = repo.get_or_create_patient(session, identity.patient_id)
             exam = repo.get_or_create_exam(session, patient, identity.exam_date or self.today())
             w, h = decoded.original_size
             if known is None:
                 image = repo.add_image(session, sha256=sha, source_name=path.name, exam=exam, eye=eye,
-                                       stored_path=path, width=w, height=h)
+                                       stored_path=path, width=w, height=h, device=identity.device)
                 repo.record_drop(session, sha256=sha, source_name=path.name, outcome=DropOutcome.NEW, image=image)
             else:  # received before a crash, failed and retried, or rejected earlier and dropped again
                 found = session.get(Image, known.image_id)
@@ -161,6 +308,7 @@ class IntakeStage:
                 if not known.same_drop:
                     repo.record_drop(session, sha256=sha, source_name=path.name, outcome=DropOutcome.NEW, image=image)
                 image.exam, image.eye, image.stored_path, image.width, image.height = exam, eye, str(path), w, h
+                image.device = identity.device
                 if image.state != ImageState.RECEIVED:
                     repo.set_state(session, image, ImageState.RECEIVED)
             prediction = verdict.eye.prediction
@@ -172,15 +320,27 @@ class IntakeStage:
             session.flush()
             return Job(image.id, exam.id, path, sha, decoded, verdict.gradable)
 
+        return transaction(self.factory, record, what="admitting a photo")
+
     def recover(self) -> None:
-        """After a restart: images left ``received`` whose file is gone can never finish (marked failed), and
-        interrupted moves whose file is gone are closed (:meth:`Filing.close_stale`)."""
-        with session_scope(self.factory) as session:
-            for image in repo.images_in_state(session, [ImageState.RECEIVED]):
-                if not image.stored_path or not Path(image.stored_path).is_file():
+        """After a restart: images left ``received`` whose file is gone can never finish (marked failed); images
+        whose result is stored but whose state says otherwise are marked graded; interrupted moves whose file is
+        gone are closed (:meth:`Filing.close_stale`) and half-copied files are removed (:meth:`Filing.clean_partials`)."""
+
+        def fix(session: Session) -> None:
+            for image in repo.images_in_state(session, [ImageState.RECEIVED, ImageState.FAILED]):
+                if image.result is not None:
+                    repo.set_state(session, image, ImageState.DONE)
+                    repo.add_event(session, "repair", "its result was stored: marked graded", image=image,
+                                   code=Incident.RESULT_STATE_REPAIRED)
+                elif image.state == ImageState.RECEIVED and (not image.stored_path or not Path(image.stored_path).is_file()):
                     repo.set_state(session, image, ImageState.FAILED,
-                                   "the original file disappeared before it was graded; copy it into the inbox again")
+                                   "the original file disappeared before it was graded; copy it into the inbox again",
+                                   code=FailReason.ORIGINAL_MISSING)
+
+        transaction(self.factory, fix, what="start-up recovery")
+        self.filing.clean_partials()
         self.filing.close_stale()
 
 
-__all__ = ["IntakeStage"]
+__all__ = ["IntakeStage", "conflict_with"]

@@ -43,9 +43,10 @@ class Duplicate:
 
 @dataclass(frozen=True)
 class Rejected:
-    """Refused (:class:`~screening.rejection.Rejection`): recorded, moved to ``rejected/`` with a reason file."""
+    """Refused (:class:`~screening.rejection.Rejection`): recorded, moved to ``rejected/`` with a reason file.
+    ``image_id`` is None for an inbox entry that is not a file (a link, a folder): its drop has no image."""
 
-    image_id: int
+    image_id: int | None
     code: RejectReason
     message: str
     filed_as: Path | None
@@ -67,7 +68,17 @@ class Vanished:
     path: Path
 
 
-IntakeOutcome = Admitted | Duplicate | Rejected | Resumed | Vanished
+@dataclass(frozen=True)
+class Deferred:
+    """Nothing recorded yet: the file may still be arriving (it changed while it was read, or its image data
+    stops short and it changed recently). It stays in the inbox and is read again later."""
+
+    path: Path
+    code: RejectReason
+    message: str
+
+
+IntakeOutcome = Admitted | Deferred | Duplicate | Rejected | Resumed | Vanished
 
 # ------------------------------------------------------------------------------------------------- grade
 

@@ -1,36 +1,45 @@
 """Report stage: which visits need a report version, rendering off the inference path, recording what was written.
 
-An exam needs a new version when a result was stored after its newest report (the second eye arrived, or
+An exam needs a new version when a result (or an ungradable verdict) was stored after its newest report (the second eye arrived, or
 an earlier render failed). :meth:`ReportStage.submit` reads the exam's results into a
 :class:`~screening.report.ReportContext`, **decides its version** (:meth:`ReportStage.next_version`, the one
 place that does) and hands it to the renderer (by default a side process), which publishes exactly that
 version. :meth:`ReportStage.collect` records the finished ones: a report row, and the images it covers as
 ``reported``. A failed render leaves the results stored; the catch-up (``submit()`` without exams) renders
 the exam again.
+
+At start-up :meth:`ReportStage.reconcile` makes the report folders and the database agree: a
+``report_vN.pdf`` that no row records (published by a renderer that finished after its worker died) is
+removed, and ``latest.pdf`` put back to the newest recorded version; a recorded report whose file is gone
+is counted and its visit rendered again. Both are ``reconcile`` events with an incident code.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
+import os
+import shutil
 import time
 from collections.abc import Mapping
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Literal
 
+from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
-from training.api import REASON_TEXT
+from training.common import atomic_write, safe_id
 
 from ..config import ScreeningSettings
 from ..db import repository as repo
-from ..db.models import Exam, ImageState, utcnow
-from ..db.session import session_scope
+from ..db.models import Exam, Image, ImageState, Patient, Report, utcnow
+from ..db.session import DatabaseGone, transaction
+from ..findings import stored_finding
 from ..inference import Predictor
+from ..rejection import Incident
 from ..renderer import Renderer, RenderJob, RenderResult
-from ..report import EYE_ORDER, EyeFinding, ReportContext, existing_versions, report_folder
+from ..report import EyeFinding, ReportContext, existing_versions, report_folder
 from .outcomes import PendingReport, ReportFailed, ReportOutcome, ReportWritten
-from .store import photo_folder
 
 log = logging.getLogger("screening")
 
@@ -64,66 +73,47 @@ class ReportStage:
         return max(recorded, queued, on_disk) + 1
 
     def _context(self, session: Session, exam: Exam, version: int) -> ReportContext:
-        eyes: dict[str, EyeFinding] = {}
+        """Every photograph of the exam the worker stored (graded, or ungradable with its reasons), in arrival order
+        within each eye: several fields of one eye are all shown, and the report picks the eye's result by
+        ``settings.eye_result`` (a gradable field before an ungradable one)."""
+        fields: list[EyeFinding] = []
         for image, result in repo.exam_images_with_results(session, exam.id, include_pending=True):
-            if image.eye not in EYE_ORDER or image.state not in (ImageState.DONE, ImageState.REPORTED):
-                continue
-            eye: Literal["R", "L"] = "R" if image.eye == "R" else "L"
-            if result is None:
-                if image.gradable is not False:
-                    continue  # done without a result and not judged ungradable: not an image a report can show
-                if eye in eyes and eyes[eye].gradable:
-                    continue  # a gradable photo of the eye beats an ungradable one, whatever their order
-                eyes[eye] = EyeFinding(
-                    eye=eye, source_name=image.source_name, photo_path=self._photo(image.sha256), overlay_path=None,
-                    dr_cam_path=None, dme_cam_path=None, dr_grade=None, dr_probs=None, dme_grade=None, dme_probs=None,
-                    referable_score=None, referable=None, gradable=False, eye_note=image.eye_note,
-                    ungradable_reasons=tuple(REASON_TEXT.get(r, r) for r in (image.quality_reasons or ["not assessed"])),
-                )
-                continue
-            folder = Path(result.mask_dir) if result.mask_dir else None
-            eyes[eye] = EyeFinding(  # a later gradable image of the same eye replaces an earlier one
-                eye=eye, source_name=image.source_name,
-                photo_path=folder / "photo.jpg" if folder else None,
-                overlay_path=Path(result.overlay_path) if result.overlay_path else None,
-                dr_cam_path=Path(result.dr_cam_path) if result.dr_cam_path else None,
-                dme_cam_path=Path(result.dme_cam_path) if result.dme_cam_path else None,
-                dr_grade=result.dr_grade, dr_probs=result.dr_probs, dme_grade=result.dme_grade, dme_probs=result.dme_probs,
-                referable_score=result.referable_score, referable=result.referable, lesion_areas=result.lesion_areas,
-                eye_note=image.eye_note,
-            )
+            finding = stored_finding(image, result)
+            if finding is not None:
+                fields.append(finding)
         return ReportContext(
             clinic_name=self.settings.clinic_name, patient_id=exam.patient.code, exam_date=exam.exam_date,
-            eyes=[eyes[e] for e in EYE_ORDER if e in eyes], model_version=self.predictor.version,
+            eyes=fields, model_version=self.predictor.version,
             checkpoint_sha256=self.predictor.meta["checkpoint_sha256"],
             model_status="research" if self.predictor.kind == "real" else "demo",
             model_metrics=self.predictor.report_metrics(), generated_at=datetime.now(timezone.utc).astimezone(),
-            report_version=version, ungradable_rule=self.settings.ungradable_rule,
+            report_version=version, eye_result_rule=self.settings.eye_result,
+            ungradable_rule=self.settings.ungradable_rule,
         )
 
-    def _photo(self, sha256: str) -> Path | None:
-        """The display photo the store stage published for an ungradable image (None when it is not there)."""
-        path = photo_folder(self.settings.work_dir, sha256) / "photo.jpg"
-        return path if path.is_file() else None
-
     # ---------------------------------------------------------------------------------- rendering
+    def _snapshot(self, session: Session, exam_id: int) -> tuple[datetime, int, ReportContext, tuple[int, ...]]:
+        """What the exam's next report holds, read in one transaction: when, which version, the content, and
+        the images it covers."""
+        exam = session.get(Exam, exam_id)
+        if exam is None:
+            raise LookupError(f"exam {exam_id} is not in the database; no report to render")
+        snapshot_at = utcnow()
+        version = self.next_version(session, exam)
+        ctx = self._context(session, exam, version)
+        return snapshot_at, version, ctx, tuple(i.id for i in exam.images if i.state == ImageState.DONE)
+
     def submit(self, exam_ids: list[int] | None = None) -> int:
         """Hand the reports of ``exam_ids`` to the renderer, or, when None, of every exam whose newest result is
         in no report yet and that has no report on the way (start-up and periodic catch-up). The renderer works
         while the caller goes on; :meth:`collect` records what it finished. Returns how many were handed over."""
         if exam_ids is None:
             in_flight = {p.exam_id for p in self._in_flight.values()}
-            with session_scope(self.factory) as session:
-                exam_ids = [e.id for e in repo.exams_needing_report(session) if e.id not in in_flight]
+            exam_ids = transaction(self.factory, lambda session: [
+                e.id for e in repo.exams_needing_report(session) if e.id not in in_flight], what="finding reports to make")
         for exam_id in exam_ids:
-            with session_scope(self.factory) as session:
-                exam = session.get(Exam, exam_id)
-                if exam is None:
-                    raise LookupError(f"exam {exam_id} is not in the database; no report to render")
-                snapshot_at = utcnow()
-                version = self.next_version(session, exam)
-                ctx = self._context(session, exam, version)
-                done = tuple(i.id for i in exam.images if i.state == ImageState.DONE)
+            snapshot_at, version, ctx, done = transaction(
+                self.factory, functools.partial(self._snapshot, exam_id=exam_id), what="reading a report's content")
             key, self._next_key = self._next_key, self._next_key + 1
             self.renderer.submit(RenderJob(key, ctx, self.templates_dir, self.settings.reports,
                                            retries=self.settings.report_retries))
@@ -138,20 +128,25 @@ class ReportStage:
                                f"expected {pending.version} of exam {pending.exam_id}")
         if result.path is None:
             error = result.error or "unknown error"
-            with session_scope(self.factory) as session:
-                repo.add_event(session, "report_failed", f"exam {pending.exam_id}: {error}")
+            transaction(self.factory, lambda session: repo.add_event(
+                session, "report_failed", f"exam {pending.exam_id}: {error}", code=Incident.REPORT_FAILED),
+                what="recording a failed report")
             log.error("report for exam %s failed, will retry: %s", pending.exam_id, error)
             return ReportFailed(pending.exam_id, pending.version, error)
-        with session_scope(self.factory) as session:
+        path = result.path
+
+        def record(session: Session) -> None:
             exam = session.get(Exam, pending.exam_id)
             if exam is None:
-                raise LookupError(f"exam {pending.exam_id} is not in the database; its report {result.path.name} is unrecorded")
+                raise LookupError(f"exam {pending.exam_id} is not in the database; its report {path.name} is unrecorded")
             # created_at = when its content was read, so a result stored after that still counts as unreported
-            repo.add_report(session, exam, result.path, self.predictor.version, version=result.version,
+            repo.add_report(session, exam, path, self.predictor.version, version=result.version,
                             created_at=pending.snapshot_at)
             for image in exam.images:
                 if image.id in pending.image_ids and image.state == ImageState.DONE:
                     repo.set_state(session, image, ImageState.REPORTED)
+
+        transaction(self.factory, record, what="recording a report")
         log.info("report v%s for exam %s written", result.version, pending.exam_id)
         return ReportWritten(pending.exam_id, result.version, result.path)
 
@@ -162,8 +157,13 @@ class ReportStage:
         for result in results:
             try:
                 outcomes.append(self._record(result))
-            except Exception:
+            except DatabaseGone:
+                raise
+            except Exception as exc:  # the report is made again by the catch-up
                 log.exception("recording the report of job %s failed; it will be rendered again", result.key)
+                pending = self._in_flight.pop(result.key, None)
+                if pending is not None:
+                    outcomes.append(ReportFailed(pending.exam_id, pending.version, f"{type(exc).__name__}: not recorded"))
         return outcomes
 
     def wait(self, stall_timeout: float = 300.0) -> list[ReportOutcome]:
@@ -192,9 +192,84 @@ class ReportStage:
         self.renderer.close()
 
 
+    # ------------------------------------------------------------------------------- reconciling
+    def reconcile(self) -> list[int]:
+        """At start-up, before anything renders (see the module docstring). Returns the exams to render again.
+
+        * An unrecorded ``report_vN.pdf`` can only belong to an exam that still has a ``done`` image: the
+          worker that submitted it died before recording it, so its images were never marked reported (and
+          every start-up reconciles before anything renders). Only those exams' folders are listed.
+        * A recorded report whose newest version is gone from disk (deleted by hand, a restored backup) is
+          counted and its visit rendered again: one ``stat`` per exam with reports.
+
+        Only folders of exams in the database are looked at; nothing else in ``reports/`` is touched."""
+        if self._in_flight:
+            raise RuntimeError("reconcile() runs before any report is submitted")
+
+        def read(session: Session) -> dict[int, tuple[str, set[int], bool]]:
+            has_done = select(Image.id).where(Image.exam_id == Exam.id, Image.state == ImageState.DONE.value).exists()
+            rows = session.execute(
+                select(Exam.id, Patient.code, Exam.exam_date, Report.version, has_done)
+                .join(Patient, Patient.id == Exam.patient_id).outerjoin(Report, Report.exam_id == Exam.id)).all()
+            root = str(self.settings.reports)
+            exams: dict[int, tuple[str, set[int], bool]] = {}
+            for exam_id, code, exam_date, version, done in rows:
+                entry = exams.get(exam_id)
+                if entry is None:  # plain strings: pathlib costs ~0.1 ms a path, seconds over 20,000 exams
+                    entry = exams[exam_id] = (os.path.join(root, safe_id(code), exam_date.isoformat()), set(), bool(done))
+                if version is not None:
+                    entry[1].add(version)
+            return exams
+
+        exams = transaction(self.factory, read, what="reading recorded reports")
+        removed: dict[int, list[int]] = {}
+        missing: dict[int, int] = {}
+        for exam_id, (where, versions, has_done) in exams.items():
+            if has_done:
+                folder = Path(where)
+                orphans = sorted(set(existing_versions(folder)) - versions)
+                for version in orphans:
+                    (folder / f"report_v{version}.pdf").unlink(missing_ok=True)
+                if orphans:
+                    removed[exam_id] = orphans
+                    self._restore_latest(folder, versions)
+            if versions and not os.path.isfile(os.path.join(where, f"report_v{max(versions)}.pdf")):
+                missing[exam_id] = max(versions)
+
+        def record(session: Session) -> None:
+            for exam_id, versions_removed in removed.items():
+                repo.add_event(session, "reconcile", f"exam {exam_id}: removed report_v{versions_removed} (written by a "
+                               "renderer after its worker stopped; never recorded)", code=Incident.ORPHAN_REPORT_REMOVED)
+            for exam_id, version in missing.items():
+                repo.add_event(session, "reconcile", f"exam {exam_id}: recorded report_v{version} is missing on disk; "
+                               "rendered again", code=Incident.REPORT_FILE_MISSING)
+
+        if removed or missing:
+            transaction(self.factory, record, what="recording reconciled reports")
+            log.warning("reports reconciled at start-up: %d unrecorded PDF(s) removed, %d visit(s) whose report is "
+                        "missing rendered again", sum(map(len, removed.values())), len(missing))
+        return sorted(missing)
+
+    @staticmethod
+    def _restore_latest(folder: Path, recorded: set[int]) -> None:
+        """``latest.pdf`` = the newest recorded version on disk (or none) after unrecorded versions went."""
+        latest = folder / "latest.pdf"
+        present = [v for v in sorted(recorded, reverse=True) if (folder / f"report_v{v}.pdf").is_file()]
+        if not present:
+            latest.unlink(missing_ok=True)
+            return
+        newest = folder / f"report_v{present[0]}.pdf"
+        atomic_write(latest, lambda tmp: shutil.copyfile(newest, tmp))
+
+
 def written(outcomes: list[ReportOutcome]) -> int:
     """How many of ``outcomes`` are reports written."""
     return sum(isinstance(o, ReportWritten) for o in outcomes)
 
 
-__all__ = ["ReportStage", "written"]
+def failed(outcomes: list[ReportOutcome]) -> int:
+    """How many of ``outcomes`` are reports that failed (to render, or to be recorded)."""
+    return sum(isinstance(o, ReportFailed) for o in outcomes)
+
+
+__all__ = ["ReportStage", "failed", "written"]

@@ -25,17 +25,17 @@ def _checks(settings, intake_models, quality="gradable", eye="sure_eye"):
 
 
 def test_a_stated_eye_that_agrees_has_nothing_to_say(settings, intake_models, photo):
-    verdict = _checks(settings, intake_models).check(photo, Identity("P1", "R", None, "file name"), "P1_R.jpg")
+    verdict = _checks(settings, intake_models).check(photo, Identity("P1", "R", None, eye_from="file name"), "P1_R.jpg")
     assert verdict.gradable and verdict.eye.eye == "R" and verdict.eye.source == "name"
     assert not verdict.eye.mismatch and verdict.eye.note() is None
 
 
 def test_a_sidecar_or_dicom_eye_is_reported_as_such(settings, intake_models, photo):
     checks = _checks(settings, intake_models)
-    verdict = checks.check(photo, Identity("P1", "L", None, "sidecar x.json"), "x.jpg")
+    verdict = checks.check(photo, Identity("P1", "L", None, eye_from="sidecar x.json"), "x.jpg")
     assert verdict.eye.source == "sidecar" and verdict.eye.mismatch
     assert "the sidecar x.json says left eye" in (verdict.eye.note() or "")
-    assert checks.check(photo, Identity("P1", "R", None, "DICOM (0020,0062)"), "x.dcm").eye.source == "dicom"
+    assert checks.check(photo, Identity("P1", "R", None, eye_from="DICOM Image Laterality (0020,0062)"), "x.dcm").eye.source == "dicom"
 
 
 def test_an_ungradable_photo_without_an_eye_is_refused_saying_both(settings, intake_models, photo):
@@ -52,6 +52,6 @@ def test_not_a_fundus_photo_is_refused_before_the_eye_is_looked_at(settings, int
     assert exc.value.code == RejectReason.NOT_FUNDUS and "'P1.jpg'" in exc.value.message
 
 
-def test_the_checks_need_the_whole_frame(settings, intake_models, photo):
-    with pytest.raises(ValueError, match="decoded frame"):
-        _checks(settings, intake_models).check(replace(photo, frame=None), Identity("P1", "R"), "P1_R.jpg")
+def test_the_checks_need_the_whole_photo(settings, intake_models, photo):
+    with pytest.raises(ValueError, match="whole decoded photo"):
+        _checks(settings, intake_models).check(replace(photo, whole=None), Identity("P1", "R"), "P1_R.jpg")

@@ -27,7 +27,8 @@ def test_a_missing_intake_model_stops_the_worker_saying_what_to_do(tmp_path, tin
 
 
 def test_help_exits_zero(capsys):
-    for argv in (["--help"], ["run", "--help"], ["audit", "--help"], ["init-db", "--help"]):
+    for argv in (["--help"], ["run", "--help"], ["audit", "--help"], ["init-db", "--help"], ["review", "import", "--help"],
+                 ["review", "correct", "--help"], ["serve", "--help"], ["user", "add", "--help"]):
         with pytest.raises(SystemExit) as exc:
             cli.main(argv)
         assert exc.value.code == 0
@@ -84,3 +85,143 @@ def test_bad_config_key_exits_2(tmp_path, capsys):
     cfg.write_text("[screening]\ninbox_folder = 'x'\n")
     assert cli.main(["--config", str(cfg), "init-db"]) == 2
     assert "screening.inbox_folder" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------- clear start-up errors (issue 12)
+
+@pytest.mark.parametrize("line, fragment", [
+    ("database = 'sqlite:///{tmp}/no/such/folder/s.db'", "does not exist"),
+    ("database = 'nosuchdb://x/y'", "not a usable database URL"),
+    ("inbox = '{tmp}/inbox-file'", "is a file, not a folder"),
+], ids=["missing-folder", "unknown-scheme", "inbox-is-a-file"])
+def test_configuration_faults_are_clear_errors_not_tracebacks(tmp_path, tiny_checkpoint, capsys, line, fragment):
+    (tmp_path / "inbox-file").write_text("not a folder")
+    cfg = tmp_path / "config.toml"
+    cfg.write_text(f"[screening]\ncheckpoint = '{tiny_checkpoint}'\nthreads = 1\ndevice = 'cpu'\n"
+                   + line.format(tmp=tmp_path) + "\n")
+    assert cli.main(["--config", str(cfg), "run", "--once"]) == 2
+    err = capsys.readouterr().err
+    assert fragment in err and "Traceback" not in err
+
+
+def test_once_exits_non_zero_when_a_report_failed(tmp_path, tiny_checkpoint, capsys):
+    """It printed "reports 0" and exited 0 when every report failed (issue 12)."""
+    cfg = _config(tmp_path, tiny_checkpoint)
+    (tmp_path / "templates").mkdir()  # templates beside the config win: a broken one fails every render
+    (tmp_path / "templates" / "report.html.j2").write_text("{{ no_such_variable.attribute }}")
+    (tmp_path / "templates" / "report.css").write_text("")
+    cfg.write_text(cfg.read_text() + "report_renderer = 'inline'\nreport_retries = 1\n")
+    write_fundus(tmp_path / "inbox" / "P1_R.jpg", seed=1)
+    assert cli.main(["--config", str(cfg), "run", "--once"]) == 1
+    out = capsys.readouterr().out
+    assert "processed 1" in out and "report failures 1" in out
+
+
+def test_once_rejects_an_empty_file_left_long_ago(tmp_path, tiny_checkpoint, capsys):
+    """With stable_seconds = 2 an empty file needed 20 s of watching, and --once waits 10 s: never rejected."""
+    import os
+    import time
+
+    cfg = _config(tmp_path, tiny_checkpoint)
+    cfg.write_text(cfg.read_text().replace("stable_seconds = 0.1", "stable_seconds = 2.0"))
+    empty = tmp_path / "inbox" / "P1_R.jpg"
+    empty.parent.mkdir()
+    empty.write_bytes(b"")
+    os.utime(empty, (time.time() - 60, time.time() - 60))
+    t0 = time.monotonic()
+    assert cli.main(["--config", str(cfg), "run", "--once"]) == 0
+    assert "rejected 1" in capsys.readouterr().out and time.monotonic() - t0 < 60
+    (reason,) = (tmp_path / "rejected").glob("*.reason.txt")
+    assert "empty (0 bytes)" in reason.read_text()
+def test_review_commands_end_to_end(tmp_path, tiny_checkpoint, capsys):
+    from pypdf import PdfReader
+
+    cfg = _config(tmp_path, tiny_checkpoint)
+    for name, seed in (("P1_R.jpg", 1), ("P1_L.jpg", 2), ("P2_R.jpg", 3)):
+        write_fundus(tmp_path / "inbox" / name, seed=seed)
+    assert cli.main(["--config", str(cfg), "run", "--once"]) == 0
+    capsys.readouterr()
+    run = lambda *argv: (cli.main(["--config", str(cfg), "review", *argv]), *capsys.readouterr())  # noqa: E731
+
+    rc, out, _ = run("list")
+    assert rc == 0 and "2 visit(s) await review" in out and "P1" in out and "P2" in out
+    rc, out, _ = run("show", "1")
+    assert rc == 0 and "Visit 1: patient P1" in out and "status: awaiting review" in out and "Right eye" in out
+
+    rc, out, err = run("correct", "1", "--reviewer", "Dr Grey", "--dr", "R=4", "--ungradable", "L", "--comment", "NVD")
+    assert rc == 0, err
+    assert "signed off: review 1: corrected by Dr Grey" in out and "Left eye: ungradable" in out and "Urgent referral" in out
+    report = out.split("written to ")[1].strip()
+    assert report.endswith("report_v2.pdf")
+    text = " ".join(p.extract_text() for p in PdfReader(report).pages)
+    assert "Reviewed by Dr Grey" in text and "Grader: 4" in text
+
+    rc, out, err = run("confirm", "9", "--reviewer", "Dr Grey")
+    assert rc == 1 and "there is no visit 9" in err
+    rc, out, err = run("correct", "2", "--reviewer", "Dr Grey")
+    assert rc == 1 and "nothing to correct" in err
+    rc, out, _ = run("list")
+    assert "1 visit(s) await review" in out and "P2" in out and "P1 " not in out
+
+    csv_path = tmp_path / "centre.csv"
+    csv_path.write_text("patient,eye,date,dr_grade,dme_grade\nP2,R,%s,7,0\n" % _exam_date(tmp_path))
+    rc, out, err = run("import", str(csv_path), "--reviewer", "North Centre")
+    assert rc == 1 and f"{csv_path}: line 2, column 'dr_grade': '7' is not a grade" in err and "nothing was recorded" in out
+    csv_path.write_text("patient,eye,date,dr_grade,dme_grade\nP2,R,%s,1,0\n" % _exam_date(tmp_path))
+    rc, out, err = run("import", str(csv_path), "--reviewer", "North Centre", "--dry-run")
+    assert rc == 0 and "lines 2: visit 2 (P2, " in out and ": would record " in out
+    assert "nothing was written" in out and "1 visit(s) await review" in run("list")[1]
+    rc, out, err = run("import", str(csv_path), "--reviewer", "North Centre")
+    assert rc == 0, err
+    assert "1 sign-off(s) recorded" in out and "visit 2: reviewed report v2 written" in out
+    assert "No visits await review." in run("list")[1]
+    rc, out, _ = run("render")
+    assert rc == 0 and "0 reviewed report(s) rendered" in out  # nothing is missing
+
+    assert cli.main(["--config", str(cfg), "audit", "--json", str(tmp_path / "a.json")]) == 0
+    agreement = json.loads((tmp_path / "a.json").read_text())["agreement"]
+    assert agreement["overall"]["share_reviewed"] == 1.0 and set(agreement["by_reviewer"]) == {"Dr Grey", "North Centre"}
+
+
+def _exam_date(tmp_path) -> str:
+    """The exam date the worker gave photos named without a date (the day they were dropped)."""
+    return next((tmp_path / "reports" / "P2").iterdir()).name
+
+
+def test_user_commands(tmp_path, capsys, monkeypatch):
+    import io
+
+    cfg = tmp_path / "config.toml"
+    cfg.write_text("[screening]\n")
+    user = lambda *argv, stdin="": (  # noqa: E731
+        monkeypatch.setattr("sys.stdin", io.StringIO(stdin)), cli.main(["--config", str(cfg), "user", *argv]),
+        *capsys.readouterr())[1:]
+    assert user("add", "grey", "--name", "Dr A. Grey", "--password-stdin", stdin="correct horse battery\n")[0] == 0
+    rc, _, err = user("add", "grey", "--password-stdin", stdin="another long one\n")
+    assert rc == 1 and "exists already" in err
+    rc, _, err = user("add", "abbot", "--password-stdin", stdin="short\n")
+    assert rc == 1 and "at least 10" in err
+    rc, _, err = user("add", "../etc", "--password-stdin", stdin="correct horse battery\n")
+    assert rc == 1 and "letters, digits" in err
+    assert user("disable", "grey")[0] == 0
+    rc, out, _ = user("list")
+    assert out.splitlines() == ["grey\tDr A. Grey\tdisabled"]
+    assert user("passwd", "nobody", "--password-stdin", stdin="correct horse battery\n")[0] == 1
+
+    from screening.config import load_screening_settings
+    from screening.db import make_engine, make_session_factory, session_scope
+    from screening.db import reviews as rrepo
+    from screening.web.auth import verify_password
+
+    assert user("passwd", "grey", "--password-stdin", stdin="a new long password\n")[0] == 0
+    with session_scope(make_session_factory(make_engine(load_screening_settings(cfg).database))) as s:
+        stored = rrepo.get_user(s, "grey").password_hash
+    assert stored.startswith("scrypt:") and "a new long password" not in stored
+    assert verify_password(stored, "a new long password") and not verify_password(stored, "correct horse battery")
+
+
+def test_serve_off_loopback_needs_a_user(tmp_path, capsys):
+    cfg = tmp_path / "config.toml"
+    cfg.write_text("[screening]\n")
+    assert cli.main(["--config", str(cfg), "serve", "--host", "0.0.0.0", "--port", "1"]) == 2
+    assert "no active user" in capsys.readouterr().err

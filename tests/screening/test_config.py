@@ -29,3 +29,13 @@ def test_typo_in_training_table_also_fails_worker_start(tmp_path):
     p.write_text("[modle]\nbackbone = 'resnet18'\n")
     with pytest.raises(ConfigError, match="modle"):
         load_screening_settings(p)
+
+
+def test_eye_result_rule_is_worst_or_latest(tmp_path, project_root):
+    assert load_screening_settings(project_root / "config.toml").eye_result == "worst"
+    p = tmp_path / "c.toml"
+    p.write_text("[screening]\neye_result = 'latest'\n")
+    assert load_screening_settings(p).eye_result == "latest"
+    p.write_text("[screening]\neye_result = 'best'\n")
+    with pytest.raises(ConfigError, match=r"screening\.eye_result"):
+        load_screening_settings(p)

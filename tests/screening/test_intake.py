@@ -66,15 +66,15 @@ def append(path: Path, data: bytes, mtime_ns: int) -> None:
 @pytest.mark.parametrize(
     ("name", "expected"),
     [
-        ("Patient001_L.jpg", Identity("Patient001", "L", None, "file name")),
-        ("Patient7_R.png", Identity("Patient7", "R", None, "file name")),
-        ("P123_OD_20250102.jpg", Identity("P123", "R", date(2025, 1, 2), "file name")),
-        ("AB-9_OS_20241231.tif", Identity("AB-9", "L", date(2024, 12, 31), "file name")),
-        ("Patient001_l.jpg", Identity("Patient001", "L", None, "file name")),
-        ("Patient001_od.JPG", Identity("Patient001", "R", None, "file name")),
-        ("Patient001_Left.jpeg", Identity("Patient001", "L", None, "file name")),
-        ("x9_RIGHT_20250102.bmp", Identity("x9", "R", date(2025, 1, 2), "file name")),
-        ("x9_os_20250102.png", Identity("x9", "L", date(2025, 1, 2), "file name")),
+        ("Patient001_L.jpg", Identity("Patient001", "L", None, eye_from="file name")),
+        ("Patient7_R.png", Identity("Patient7", "R", None, eye_from="file name")),
+        ("P123_OD_20250102.jpg", Identity("P123", "R", date(2025, 1, 2), eye_from="file name")),
+        ("AB-9_OS_20241231.tif", Identity("AB-9", "L", date(2024, 12, 31), eye_from="file name")),
+        ("Patient001_l.jpg", Identity("Patient001", "L", None, eye_from="file name")),
+        ("Patient001_od.JPG", Identity("Patient001", "R", None, eye_from="file name")),
+        ("Patient001_Left.jpeg", Identity("Patient001", "L", None, eye_from="file name")),
+        ("x9_RIGHT_20250102.bmp", Identity("x9", "R", date(2025, 1, 2), eye_from="file name")),
+        ("x9_os_20250102.png", Identity("x9", "L", date(2025, 1, 2), eye_from="file name")),
     ],
 )
 def test_parse_identity_from_name(tmp_path: Path, name: str, expected: Identity) -> None:
@@ -117,19 +117,19 @@ def test_sidecar_supplies_identity(tmp_path: Path) -> None:
     img = write(tmp_path / "IMG_0001.jpg")
     (tmp_path / "IMG_0001.json").write_text(json.dumps({"patient_id": "Pat42", "eye": "OD", "exam_date": "2025-03-04"}))
     assert sidecar_for(img) == tmp_path / "IMG_0001.json"
-    assert parse_identity(img, DEFAULT_PATTERNS) == Identity("Pat42", "R", date(2025, 3, 4), "sidecar IMG_0001.json")
+    assert parse_identity(img, DEFAULT_PATTERNS) == Identity("Pat42", "R", date(2025, 3, 4), eye_from="sidecar IMG_0001.json")
 
 
 def test_sidecar_named_after_full_name_and_missing_date(tmp_path: Path) -> None:
     img = write(tmp_path / "scan.tif")
     (tmp_path / "scan.tif.json").write_text(json.dumps({"patient_id": "A1", "eye": "left"}))
-    assert parse_identity(img, DEFAULT_PATTERNS) == Identity("A1", "L", None, "sidecar scan.tif.json")
+    assert parse_identity(img, DEFAULT_PATTERNS) == Identity("A1", "L", None, eye_from="sidecar scan.tif.json")
 
 
 def test_sidecar_overrides_and_complements_name(tmp_path: Path) -> None:
     img = write(tmp_path / "Patient7_L.jpg")
     (tmp_path / "Patient7_L.json").write_text(json.dumps({"exam_date": "2024-02-29", "eye": "R"}))
-    assert parse_identity(img, DEFAULT_PATTERNS) == Identity("Patient7", "R", date(2024, 2, 29), "sidecar Patient7_L.json")
+    assert parse_identity(img, DEFAULT_PATTERNS) == Identity("Patient7", "R", date(2024, 2, 29), eye_from="sidecar Patient7_L.json")
 
 
 @pytest.mark.parametrize(
@@ -160,14 +160,14 @@ def test_path_traversal_in_name_rejected_with_permissive_pattern(tmp_path: Path)
     pats = (r"^(?P<patient>.+)_(?P<eye>L|R)$",)
     for name in ("..._L.jpg", "a..b_L.jpg", "x.y_R.png"):
         assert "invalid patient id" in unidentified(tmp_path / name, pats).message, name
-    assert parse_identity(tmp_path / "ok-1_L.jpg", pats) == Identity("ok-1", "L", None, "file name")
-    assert parse_identity(tmp_path / ("x" * 64 + "_L.jpg"), pats) == Identity("x" * 64, "L", None, "file name")
+    assert parse_identity(tmp_path / "ok-1_L.jpg", pats) == Identity("ok-1", "L", None, eye_from="file name")
+    assert parse_identity(tmp_path / ("x" * 64 + "_L.jpg"), pats) == Identity("x" * 64, "L", None, eye_from="file name")
 
 
 def test_patterns_tried_in_order(tmp_path: Path) -> None:
     pats = (r"^(?P<patient>\d+)-(?P<eye>[LR])$", r"^(?P<patient>[a-z]+)_(?P<eye>[LR])$")
-    assert parse_identity(tmp_path / "123-L.jpg", pats) == Identity("123", "L", None, "file name")
-    assert parse_identity(tmp_path / "abc_R.jpg", pats) == Identity("abc", "R", None, "file name")
+    assert parse_identity(tmp_path / "123-L.jpg", pats) == Identity("123", "L", None, eye_from="file name")
+    assert parse_identity(tmp_path / "abc_R.jpg", pats) == Identity("abc", "R", None, eye_from="file name")
 
 
 # ------------------------------------------------------------------------------------ names/suffixes
@@ -189,11 +189,11 @@ def test_not_ignored_names(name: str) -> None:
 
 
 def test_supported_suffixes_case_insensitive() -> None:
-    assert SUPPORTED_SUFFIXES == {".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp"}
-    for n in ("a.JPG", "a.Jpeg", "a.png", "a.TIF", "a.tiff", "a.BMP"):
+    assert SUPPORTED_SUFFIXES == {".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp", ".dcm", ".dicom"}
+    for n in ("a.JPG", "a.Jpeg", "a.png", "a.TIF", "a.tiff", "a.BMP", "a.DCM", "a.dicom"):
         assert is_supported(n)
         check_supported(n)  # raises nothing
-    for name, fragments in (("report.pdf", ("'.pdf'", ".jpg")), ("README", ("no file extension",))):
+    for name, fragments in (("report.pdf", ("'.pdf'", ".jpg")), ("README", ("no file extension", "not a DICOM file"))):
         with pytest.raises(Rejection) as exc:
             check_supported(name)
         assert exc.value.code == RejectReason.UNSUPPORTED_TYPE and all(f in exc.value.message for f in fragments)
@@ -306,7 +306,16 @@ def test_sweep_lists_candidates_by_mtime(tmp_path: Path) -> None:
     (tmp_path / "sub").mkdir()
     write(tmp_path / "sub" / "x.jpg")
     (tmp_path / "link.jpg").symlink_to(tmp_path / "a.jpg")
-    assert [p.name for p in sweep(tmp_path)] == ["a.jpg", "c.pdf", "b.jpg"]
+    os.utime(tmp_path / "sub", ns=(4_000_000_000, 4_000_000_000))
+    os.utime(tmp_path / "link.jpg", ns=(5_000_000_000, 5_000_000_000), follow_symlinks=False)
+    # a folder and a link are listed (never followed or entered) so that the pipeline refuses them with a reason
+    assert [p.name for p in sweep(tmp_path)] == ["a.jpg", "c.pdf", "b.jpg", "sub", "link.jpg"]
+    # hidden and temporary names only once left unchanged for abandoned_after; a sidecar with its photo never
+    old = time.time() - 7200
+    for name in ("d.jpg.part", ".hidden.jpg", "a.json"):
+        os.utime(tmp_path / name, (old, old))
+    assert {p.name for p in sweep(tmp_path, abandoned_after=3600)} - {p.name for p in sweep(tmp_path)} == {
+        "d.jpg.part", ".hidden.jpg"}
 
 
 def test_sweep_missing_inbox_raises(tmp_path: Path) -> None:

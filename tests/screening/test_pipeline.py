@@ -10,6 +10,7 @@ import threading
 import time
 from pathlib import Path
 
+import cv2
 import pytest
 from pypdf import PdfReader
 from sqlalchemy import func, select
@@ -20,7 +21,7 @@ from screening.inference import Predictor
 from screening.pipeline import Worker
 from screening.stages import ReportFailed, ReportWritten, StoreStage
 
-from .conftest import write_fundus
+from .conftest import synthetic_fundus, write_dicom, write_fundus
 
 PROJECT = Path(__file__).resolve().parents[2]
 
@@ -73,9 +74,11 @@ def test_one_shot_real_photos_both_eyes_and_camera_file(settings, shared_data):
         res = cam.result
         assert len(res.dr_probs) == 5 and abs(sum(res.dr_probs) - 1) < 1e-4
         assert 0 <= res.area_od <= 1
-        assert sorted(p.name for p in Path(res.mask_dir).iterdir()) == [
-            "dme_cam.jpg", "dr_cam.jpg", "mask_EX.png", "mask_HE.png", "mask_MA.png", "mask_OD.png", "mask_SE.png",
-            "overlay.jpg", "photo.jpg"]
+        assert sorted(p.name for p in Path(res.mask_dir).iterdir()) == sorted([
+            "dme_cam.jpg", "dr_cam.jpg", "overlay.jpg", "photo.jpg",
+            *(f"mask_{c}.{ext}" for c in ("EX", "HE", "MA", "OD", "SE") for ext in ("png", "tif"))])
+        # the camera's masks at its own 4288x2848, where an image viewer overlays them on the original
+        assert cv2.imread(res.original_masks["OD"], cv2.IMREAD_UNCHANGED).shape == (2848, 4288)
 
 
 def test_duplicates_one_result_two_drops(settings):
@@ -137,6 +140,34 @@ def test_second_eye_later_rerenders_and_keeps_v1(settings):
     assert "Right eye" in text and "Left eye" in text and "not received" not in text.lower()
     assert (folder / "latest.pdf").read_bytes() == (folder / "report_v2.pdf").read_bytes()
     with session_scope(worker.factory) as s:
+        assert [r.version for r in s.scalars(select(Report).order_by(Report.version))] == [1, 2]
+
+
+def test_a_second_field_of_the_same_eye_from_dicom_rerenders_with_both_fields(settings):
+    """Macula-centred field as a named JPEG, the disc-centred field of the same eye later as a nameless DICOM
+    export: a new report version shows both fields; the camera is recorded; masks exist at each photo's size."""
+    worker = make_worker(settings)
+    write_fundus(settings.inbox / "P10_R_20251102.jpg", seed=5)
+    worker.run_once(settle_timeout=5)
+    folder = settings.reports / "P10" / "2025-11-02"
+    v1 = (folder / "report_v1.pdf").read_bytes()
+    write_dicom(settings.inbox / "IM000001", rgb=synthetic_fundus(6, size=300), patient_id="P10", image_laterality="R",
+                acquisition="20251102093000")
+    out = worker.run_once(settle_timeout=5)
+    assert (out.processed, out.reports, out.rejected) == (1, 1, 0)
+    assert (folder / "report_v1.pdf").read_bytes() == v1
+    text = pdf_text(folder / "report_v2.pdf")
+    for needle in ("P10_R_20251102.jpg", "IM000001", "Field 1 of 2", "Field 2 of 2", "eye result", "worst field"):
+        assert needle in text, needle
+    with session_scope(worker.factory) as s:
+        images = list(s.scalars(select(Image).order_by(Image.id)))
+        assert [(i.eye, i.device, i.width, i.height, i.state) for i in images] == [
+            ("R", None, 256, 256, "reported"), ("R", "Topcon TRC-NW8", 300, 300, "reported")]
+        for image in images:
+            paths = image.result.original_masks
+            assert sorted(paths) == ["EX", "HE", "MA", "OD", "SE"]
+            tif = cv2.imread(paths["OD"], cv2.IMREAD_UNCHANGED)
+            assert tif.shape == (image.height, image.width)
         assert [r.version for r in s.scalars(select(Report).order_by(Report.version))] == [1, 2]
 
 
@@ -446,7 +477,7 @@ def test_an_ungradable_eye_gets_no_grade_and_its_report_says_recapture(settings,
     assert day.reasons == {"blurred": 1, "too_dark": 1}
 
 
-def test_a_later_gradable_photo_of_the_eye_replaces_the_ungradable_one(settings, intake_models):
+def test_a_later_gradable_photo_of_the_eye_gives_its_result_over_the_ungradable_one(settings, intake_models):
     make_worker(settings.model_copy(update={"quality_model": intake_models["blurred"]}))
     worker = _OPEN[-1]
     write_fundus(settings.inbox / "P21_R_20251104.jpg", seed=22)
@@ -454,8 +485,10 @@ def test_a_later_gradable_photo_of_the_eye_replaces_the_ungradable_one(settings,
     recapture = make_worker(settings)
     write_fundus(settings.inbox / "P21_OD_20251104.jpg", seed=23)  # the recapture, same eye and visit
     recapture.run_once(settle_timeout=5)
-    text = pdf_text(settings.reports / "P21" / "2025-11-04" / "report_v2.pdf")
-    assert "Ungradable" not in text and "P21_OD_20251104.jpg" in text
+    text = " ".join(pdf_text(settings.reports / "P21" / "2025-11-04" / "report_v2.pdf").split())
+    # both fields are shown; the eye's result is the gradable one, whatever the rule
+    assert "2 fields; result from field 2" in text and "P21_OD_20251104.jpg" in text
+    assert "Ungradable: recapture" in text and "Recall: ungradable image" not in text
 
 
 def test_shipped_intake_models_on_real_photos(settings, shared_data, tmp_path):
@@ -490,3 +523,192 @@ def test_shipped_intake_models_on_real_photos(settings, shared_data, tmp_path):
         assert (wrong.eye, wrong.predicted_eye, wrong.eye_mismatch) == ("R", "L", True)
     text = pdf_text(next((settings.reports / "Patient034").rglob("report_v1.pdf")))
     assert "Laterality mismatch" in text and "says right eye" in text
+
+
+# --------------------------------------------------------------------------------------- faults (issue 12)
+
+def _images(worker: Worker) -> dict[str, Image]:
+    with session_scope(worker.factory) as s:
+        return {i.source_name: i for i in s.scalars(select(Image))}
+
+
+def _watch(worker: Worker) -> tuple[threading.Event, threading.Thread, list[BaseException]]:
+    stop, errors = threading.Event(), []
+
+    def run() -> None:
+        try:
+            worker.run_forever(stop)
+        except BaseException as exc:  # noqa: BLE001 - handed to the test
+            errors.append(exc)
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    return stop, thread, errors
+
+
+def _until(condition, timeout: float = 60.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        time.sleep(0.1)
+    return False
+
+
+def test_a_full_archive_is_retried_in_watch_mode_and_never_holds_half_a_photo(settings, small_fs):
+    """The archive's disk is full when a graded photo should move there: the photo stays in the inbox, its result
+    and report are made, no partial copy is left, and once there is room the move happens without a restart."""
+    import hashlib
+
+    from .conftest import fill
+
+    s = settings.model_copy(update={"report_renderer": "inline", "sweep_interval": 0.3})
+    small_fs(s.archive, "1m")
+    filler = fill(s.archive)
+    worker = make_worker(s)
+    stop, thread, errors = _watch(worker)
+    try:
+        photo = write_fundus(s.inbox / "P1_R.jpg", seed=61)
+        assert _until(lambda: _images(worker).get("P1_R.jpg") is not None and _images(worker)["P1_R.jpg"].state == "reported")
+        time.sleep(1.0)  # a few more attempts against the full disk
+        assert photo.is_file()
+        assert [p.name for p in s.archive.rglob("*") if p.is_file()] == ["filler"]  # never half a photo
+        filler.unlink()
+        assert _until(lambda: not photo.exists(), timeout=30), "not moved once the archive had room"
+    finally:
+        stop.set()
+        thread.join(30)
+    assert errors == []
+    image = _images(worker)["P1_R.jpg"]
+    (archived,) = [p for p in s.archive.rglob("*P1_R.jpg")]
+    assert image.stored_path == str(archived) and hashlib.sha256(archived.read_bytes()).hexdigest() == image.sha256
+    with session_scope(worker.factory) as db:
+        failures = db.scalars(select(Event).where(Event.code == "archive_failed")).all()
+    assert len(failures) >= 2 and all("P1_R" not in e.message for e in failures)
+
+
+def test_a_read_only_archive_blocks_no_photo(settings, small_fs):
+    s = settings.model_copy(update={"report_renderer": "inline"})
+    small_fs(s.archive, "4m", readonly=True)
+    write_fundus(s.inbox / "P2_R.jpg", seed=62)
+    out = make_worker(s).run_once(settle_timeout=5)
+    assert (out.processed, out.failed, out.unmoved, out.reports, out.ok) == (1, 0, 1, 1, False)
+    assert (s.inbox / "P2_R.jpg").is_file()
+    small_fs.remount(s.archive, readonly=False)
+    worker = make_worker(s)
+    out = worker.run_once(settle_timeout=5)
+    assert out.ok and out.processed == 0 and list(s.inbox.iterdir()) == []
+    image = _images(worker)["P2_R.jpg"]
+    assert image.state == "reported" and Path(image.stored_path).is_file()
+
+
+def test_an_image_left_failed_with_its_result_stored_is_finished(settings):
+    """An older worker marked a graded photo 'failed' when its archive move failed; every later run then failed
+    with IntegrityError (NOT NULL results.image_id) and the visit never got a report."""
+    from screening.db import repository as repo
+
+    s = settings.model_copy(update={"report_renderer": "inline"})
+    worker = make_worker(s)
+    path = write_fundus(s.inbox / "P3_R.jpg", seed=63)
+    job = worker.intake.admit(path).job
+    with session_scope(worker.factory) as db:
+        image = db.get(Image, job.image_id)
+        repo.add_result(db, image, model_version="old", checkpoint_sha256="c" * 64, dr_grade=1, dr_probs=[0, 1, 0, 0, 0],
+                        dme_grade=0, dme_probs=[1, 0, 0], referable_score=0.2, referable=False)
+        repo.set_state(db, image, "failed", "processing failed (PermissionError: ...); the file was kept in the inbox")
+    out = make_worker(s).run_once(settle_timeout=5)
+    assert (out.failed, out.reports, out.ok) == (0, 1, True) and list(s.inbox.iterdir()) == []
+    with session_scope(worker.factory) as db:
+        image = db.scalars(select(Image)).one()
+        assert image.state == "reported" and image.result.model_version == "old" and image.error_code is None
+    assert count(worker, Result) == 1
+
+
+def test_a_file_written_in_two_parts_is_graded_whole_once(settings):
+    """A slow network copy pauses half way (longer than stable_seconds): the half file used to be graded and the
+    rest landed in the archived copy, whose SHA-256 then differed from the database's."""
+    import hashlib
+
+    s = settings.model_copy(update={"report_renderer": "inline", "sweep_interval": 0.3})
+    full = write_fundus(s.work_dir / "src.jpg", seed=64).read_bytes()
+    worker = make_worker(s)
+    stop, thread, errors = _watch(worker)
+    try:
+        target = s.inbox / "P4_R.jpg"
+        with open(target, "wb") as fh:
+            fh.write(full[: len(full) // 2])
+            fh.flush()
+            time.sleep(2.0)  # twenty times stable_seconds
+            fh.write(full[len(full) // 2:])
+        assert _until(lambda: not target.exists())
+    finally:
+        stop.set()
+        thread.join(30)
+    assert errors == []
+    images = _images(worker)
+    assert list(images) == ["P4_R.jpg"] and images["P4_R.jpg"].sha256 == hashlib.sha256(full).hexdigest()
+    assert hashlib.sha256(Path(images["P4_R.jpg"].stored_path).read_bytes()).hexdigest() == images["P4_R.jpg"].sha256
+
+
+def test_a_deleted_database_stops_the_worker_with_a_clear_error(settings):
+    """It went on grading into the unlinked file; after a restart the audit showed 1 graded photo of 5."""
+    from screening.db import DatabaseGone
+
+    s = settings.model_copy(update={"report_renderer": "inline"})
+    worker = make_worker(s)
+    stop, thread, errors = _watch(worker)
+    try:
+        write_fundus(s.inbox / "P5_R.jpg", seed=65)
+        assert _until(lambda: not (s.inbox / "P5_R.jpg").exists())
+        Path(s.database.removeprefix("sqlite:///")).unlink()
+        write_fundus(s.inbox / "P6_R.jpg", seed=66)
+        thread.join(30)
+        assert not thread.is_alive(), "the worker went on without its database"
+    finally:
+        stop.set()
+        thread.join(30)
+    assert len(errors) == 1 and isinstance(errors[0], DatabaseGone) and "deleted" in str(errors[0])
+    assert (s.inbox / "P6_R.jpg").is_file()  # nothing recorded for it, so it never left the inbox
+
+
+def test_a_database_locked_past_the_busy_timeout_is_waited_out(settings):
+    """The worker exited (rc 1) when another program held the database longer than the busy timeout."""
+    s = settings.model_copy(update={"report_renderer": "inline"})
+    engine = make_engine(s.database, busy_timeout_ms=200)
+    init_db(engine)
+    worker = Worker(s, Predictor(s.checkpoint, "cpu", 1), make_session_factory(engine), PROJECT / "templates")
+    _OPEN.append(worker)
+    write_fundus(s.inbox / "P7_R.jpg", seed=67)
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import sqlite3, sys, time\n"
+        "c = sqlite3.connect(sys.argv[1], isolation_level=None)\n"
+        "c.execute('BEGIN EXCLUSIVE'); print('locked', flush=True); time.sleep(3); c.execute('COMMIT')\n"),
+        s.database.removeprefix("sqlite:///")], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        out = worker.run_once(settle_timeout=5)
+    finally:
+        holder.wait(30)
+    assert out.ok and out.processed == 1 and list(s.inbox.iterdir()) == []
+
+
+def test_a_failed_intake_is_retried_in_watch_mode_without_a_restart(settings):
+    s = settings.model_copy(update={"report_renderer": "inline", "sweep_interval": 0.3})
+    worker = make_worker(s)
+    real, calls = worker.intake.admit, []
+
+    def flaky(path):
+        calls.append(path.name)
+        if len(calls) == 1:
+            raise RuntimeError("simulated: database unavailable")
+        return real(path)
+
+    worker.intake.admit = flaky
+    stop, thread, errors = _watch(worker)
+    try:
+        write_fundus(s.inbox / "P8_R.jpg", seed=68)
+        assert _until(lambda: not (s.inbox / "P8_R.jpg").exists(), timeout=30), "never tried again"
+    finally:
+        stop.set()
+        thread.join(30)
+    assert errors == [] and calls == ["P8_R.jpg", "P8_R.jpg"]

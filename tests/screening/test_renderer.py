@@ -156,3 +156,48 @@ def test_relative_paths_mean_the_same_folder_to_the_renderer(tmp_path, monkeypat
         renderer.close()
     assert result.error is None and result.path.is_relative_to(tmp_path.resolve() / "relative-reports")
     assert result.path.is_file()
+
+
+def test_a_renderer_whose_worker_is_gone_stops_quietly(tmp_path, monkeypatch, caplog):
+    """A renderer finishing after its worker died logged a BrokenPipeError traceback (issue 12); one whose worker is
+    gone before it starts a job does not render it (it would be published and never recorded)."""
+    import io
+    import pickle
+
+    from screening import renderer as module
+    from screening.renderer import RenderResult, _serve
+
+    rendered = []
+    monkeypatch.setattr(module, "render_job", lambda job: rendered.append(job.key) or RenderResult(job.key, 1, None, "x"))
+    job = RenderJob(7, _ctx([], version=1), TEMPLATES, tmp_path / "reports")
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # the worker is gone: nobody reads the results
+    with os.fdopen(write_end, "wb") as results:
+        assert _serve(io.BytesIO(pickle.dumps(job)), results) == 0
+        assert rendered == [7]
+        with pytest.raises(BrokenPipeError):
+            results.close()
+    assert "stopped while report job 7 rendered" in caplog.text and "Traceback" not in caplog.text
+    rendered.clear()
+    assert _serve(io.BytesIO(pickle.dumps(job)), io.BytesIO(), parent=os.getpid() + 999_999) == 0
+    assert rendered == []  # its parent is not the worker any more: nothing rendered
+
+
+def test_a_killed_worker_leaves_no_traceback_from_its_renderer(tmp_path):
+    """The real child: its worker submits a report and is killed at once; whatever the child did then, it says
+    nothing but a warning on stderr."""
+    script = tmp_path / "worker.py"
+    script.write_text(
+        "import os, sys, time\n"
+        "from pathlib import Path\n"
+        "sys.path.insert(0, sys.argv[1])\n"
+        "from tests.screening.test_report import TEMPLATES, _ctx, _eye\n"
+        "from screening.renderer import ProcessRenderer, RenderJob\n"
+        "r = ProcessRenderer()\n"
+        "r.submit(RenderJob(1, _ctx([_eye('R', 0, 0, Path(sys.argv[2]))], version=1), TEMPLATES, Path(sys.argv[3])))\n"
+        "time.sleep(float(sys.argv[4]))\n"
+        "os.kill(os.getpid(), 9)\n")
+    run = subprocess.run([sys.executable, str(script), str(PROJECT), str(tmp_path / "img"), str(tmp_path / "reports"), "1.5"],
+                         cwd=PROJECT, capture_output=True, text=True, timeout=120)
+    assert run.returncode == -9
+    assert "Traceback" not in run.stderr and "BrokenPipeError" not in run.stderr, run.stderr[-2000:]

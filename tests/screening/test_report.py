@@ -133,8 +133,59 @@ def test_invalid_findings_are_rejected():
         dataclasses.replace(_eye("R", 0, 0), dme_probs=[1.0])
     with pytest.raises(ValueError, match="eye must be"):
         _eye("X", 0, 0)
-    with pytest.raises(ValueError, match="once"):
-        _ctx([_eye("R", 0, 0), _eye("R", 1, 0)])
+    with pytest.raises(ValueError, match="eye_result_rule"):
+        dataclasses.replace(_ctx([_eye("R", 0, 0)]), eye_result_rule="best")
+
+
+# -------------------------------------------------------------------------------- several fields per eye
+
+
+def test_the_eye_result_is_its_worst_field_or_its_latest():
+    macula, disc, recapture = _eye("R", 1, 0), _eye("R", 3, 0), _eye("R", 0, 0)
+    assert rpt.eye_result([macula, disc, recapture], "worst") is disc
+    assert rpt.eye_result([macula, disc, recapture], "latest") is recapture
+    assert rpt.eye_result([], "worst") is None
+    same = dataclasses.replace(macula, source_name="again.jpg")
+    assert rpt.eye_result([macula, same], "worst") is macula  # equal findings: the earlier field
+    # a field referred by its score outranks a clean one of the same grade
+    scored = dataclasses.replace(macula, dr_grade=0, dr_probs=[0.6, 0.1, 0.1, 0.1, 0.1], referable=True, referable_score=0.7)
+    assert rpt.eye_result([_eye("R", 0, 0), scored], "worst") is scored
+    with pytest.raises(ValueError, match="rule"):
+        rpt.eye_result([macula], "best")  # type: ignore[arg-type]
+
+
+def test_the_referral_comes_from_each_eyes_result_under_either_rule():
+    fields = [_eye("R", 4, 0), _eye("R", 0, 0), _eye("L", 1, 0)]  # a proliferative finding in the first right field
+    worst = _ctx(fields)
+    assert [e.dr_grade for e in worst.eye_results()] == [4, 1] and len(worst.fields("R")) == 2
+    assert referral_recommendation(worst.eye_results()).level == "urgent"
+    latest = dataclasses.replace(worst, eye_result_rule="latest")
+    assert [e.dr_grade for e in latest.eye_results()] == [0, 1]
+    assert referral_recommendation(latest.eye_results()).level == "rescreen_12"
+
+
+def test_every_field_is_shown_with_its_pictures_and_the_eye_result_is_marked(tmp_path):
+    macula = dataclasses.replace(_eye("R", 1, 0, tmp_path / "m"), source_name="P1_R_macula.jpg",
+                                 mask_folder=tmp_path / "work" / "ab" / "abcdef")
+    disc = dataclasses.replace(_eye("R", 3, 1, tmp_path / "d"), source_name="P1_R_disc.jpg")
+    left = _eye("L", 0, 0, tmp_path / "l")
+    ctx = _ctx([macula, disc, left], status="research")
+    html = render_html(ctx, TEMPLATES)
+    # each field's own four pictures
+    for finding in (macula, disc, left):
+        for picture in (finding.photo_path, finding.overlay_path, finding.dr_cam_path, finding.dme_cam_path):
+            assert html.count(picture.resolve().as_uri()) == 1
+    assert "Field 1 of 2" in html and "Field 2 of 2" in html and html.count("eye result</span>") == 1
+    assert "Field 1 of 1" not in html  # a single photograph looks as it always did
+    text = "\n".join(_pages_text(render_pdf(ctx, TEMPLATES, tmp_path / "reports")))
+    for needle in ("P1_R_macula.jpg", "P1_R_disc.jpg", "2 photographs of this eye", "its worst field: field 2",
+                   "2 fields; result from field 2", DR_GRADES[1], DR_GRADES[3], "Refer within weeks",
+                   "Lesion masks at the photograph's own size", str(tmp_path / "work" / "ab" / "abcdef")):
+        assert _contains(text, needle), needle
+    recaptured = dataclasses.replace(ctx, eyes=[disc, macula, left], eye_result_rule="latest", report_version=2)
+    latest = "\n".join(_pages_text(render_pdf(recaptured, TEMPLATES, tmp_path / "reports")))
+    assert _contains(latest, f"its latest field: field 2, {DR_GRADES[1]}") and _contains(latest, "Rescreen in 12 months")
+    assert _contains(latest, DR_GRADES[3])  # the earlier field is still shown
 
 
 # ---------------------------------------------------------------------------------------- paths and HTML
@@ -344,7 +395,7 @@ def _ungradable(eye: str, folder: Path | None = None, *reasons: str) -> EyeFindi
 
 
 @pytest.mark.parametrize(("rule", "level", "text"), [
-    ("recall", "recall_ungradable", "Ungradable: recapture"),
+    ("recall", "ungradable", "Recall: ungradable image"),
     ("refer", "refer_ungradable", "Refer: ungradable photographs"),
 ])
 def test_an_ungradable_eye_recalls_or_refers_the_patient_by_rule(rule, level, text):
@@ -357,7 +408,7 @@ def test_an_ungradable_eye_never_hides_a_referral_from_the_other_eye():
     for rule in ("recall", "refer"):
         assert referral_recommendation([_eye("R", 4, 0), _ungradable("L")], rule).level == "urgent"
         assert referral_recommendation([_eye("R", 2, 0), _ungradable("L")], rule).level == "routine"
-    assert referral_recommendation([_eye("R", 1, 0), _ungradable("L")], "recall").level == "recall_ungradable"
+    assert referral_recommendation([_eye("R", 1, 0), _ungradable("L")], "recall").level == "ungradable"
 
 
 def test_an_ungradable_finding_has_reasons_and_no_grades():
@@ -377,9 +428,9 @@ def test_report_says_ungradable_recapture_with_the_reasons_and_no_grade(tmp_path
     ctx = dataclasses.replace(_ctx([_eye("R", 0, 0, tmp_path), _ungradable("L", tmp_path, *reasons)], status="research"),
                               ungradable_rule="recall")
     html = render_html(ctx, TEMPLATES)
-    assert html.count("Ungradable: recapture") >= 3  # recommendation, summary row, eye section
+    assert html.count("Ungradable: recapture") >= 2 and "Recall: ungradable image" in html  # summary row, eye section; recommendation
     assert "refocus, ask the patient to keep still" in html and "clean the lens" in html
-    assert "no retinopathy grade is given for this eye" in html
+    assert "no retinopathy grade is given for it" in html
     text = " ".join(_pages_text(render_pdf(ctx, TEMPLATES, tmp_path / "reports")))
     assert "Ungradable: recapture" in text and "recall the patient for new photographs" in text
     assert "Left eye: ungradable (blurred (out of focus or moved), hazy, low contrast" in text  # the reason line
@@ -390,3 +441,83 @@ def test_a_laterality_note_is_shown_escaped(tmp_path):
     note = "Laterality mismatch: the file name says right eye, but the photo looks like a <left> eye"
     html = render_html(_ctx([dataclasses.replace(_eye("R", 0, 0), eye_note=note)]), TEMPLATES)
     assert "Laterality mismatch: the file name says right eye" in html and "&lt;left&gt;" in html
+
+
+# ------------------------------------------------------------------------------------------ reviewed version
+
+
+def _review(**kw) -> rpt.ReviewNote:
+    values = dict(reviewer="Dr <i>Grey</i>", reviewed_at=datetime(2024, 5, 20, 9, 15, tzinfo=timezone.utc),
+                  outcome="corrected", referral="soon",
+                  eyes=(rpt.EyeReview("R", True, 3, 0), rpt.EyeReview("L", False, None, None)), comment="beading <b>here</b>")
+    values.update(kw)
+    return rpt.ReviewNote(**values)
+
+
+def test_review_note_refuses_inconsistent_answers():
+    with pytest.raises(ValueError, match="ungradable eye has no DR grade"):
+        rpt.EyeReview("R", False, 2, None)
+    with pytest.raises(ValueError, match="DME risk must be 0..2"):
+        rpt.EyeReview("L", True, 2, 3)
+    with pytest.raises(ValueError, match="unknown referral"):
+        _review(referral="later")
+    with pytest.raises(ValueError, match="reviewer name is empty"):
+        _review(reviewer="  ")
+
+
+def test_reviewed_report_shows_the_sign_off_beside_the_models_answers(tmp_path):
+    eyes = [_eye("R", 1, 0, tmp_path / "img"), _eye("L", 2, 1, tmp_path / "img")]
+    html = render_html(dataclasses.replace(_ctx(eyes), review=_review()), TEMPLATES)
+    assert "<i>Grey</i>" not in html and "&lt;i&gt;Grey&lt;/i&gt;" in html and "&lt;b&gt;here&lt;/b&gt;" in html
+
+    pdf = render_pdf(dataclasses.replace(_ctx(eyes, status="research"), review=_review()), TEMPLATES, tmp_path / "reports")
+    pages = _pages_text(pdf)
+    assert len(pages) == 2, "the sign-off must not push a two-eye report onto a third page"
+    text = "\n".join(pages)
+    for needle in ["Clinician sign-off", "Reviewed by Dr <i>Grey</i> on 2024-05-20 09:15 UTC", "corrected the automated grading",
+                   "Refer within weeks (severe non-proliferative DR)", "Comment: beading <b>here</b>",
+                   # the model's own answers stay visible next to the grader's
+                   "Model's recommendation (changed at sign-off): Refer to ophthalmology (routine)",
+                   f"1 – {DR_GRADES[1]}", f"Grader: 3 – {DR_GRADES[3]} (corrected)", "Grader: ungradable",
+                   f"2 – {DR_GRADES[2]}", "Grader: agrees"]:
+        assert _contains(text, needle), needle
+    for page in pages:  # the running footer says it on every page
+        assert _contains(page, "Reviewed by Dr <i>Grey</i> on 2024-05-20")
+
+
+def test_confirmed_review_says_confirmed_and_draft_has_no_sign_off(tmp_path):
+    eyes = [_eye("R", 2, 0)]
+    note = _review(outcome="confirmed", referral="routine", eyes=(rpt.EyeReview("R", True, 2, 0),), comment=None)
+    html = render_html(dataclasses.replace(_ctx(eyes), review=note), TEMPLATES)
+    assert "confirmed</strong> the automated grading" in html and "(corrected)" not in html
+    assert "changed at sign-off" not in html and "Comment:" not in html
+    draft = render_html(_ctx(eyes), TEMPLATES)
+    assert "Clinician sign-off" not in draft and "Reviewed by" not in draft and "Grader:" not in draft
+
+
+def test_an_eyes_result_is_a_gradable_field_before_an_ungradable_one():
+    graded, dark, blurred = _eye("R", 1, 0), _ungradable("R"), _ungradable("R", None, "blurred (out of focus)")
+    for rule in ("worst", "latest"):
+        assert rpt.eye_result([graded, dark], rule) is graded  # an ungradable recapture does not undo a grade
+        assert rpt.eye_result([dark, graded], rule) is graded
+        assert rpt.eye_result([dark, blurred], rule) is blurred  # all ungradable: the latest stands for the eye
+    with pytest.raises(ValueError, match="unknown eye result rule"):
+        rpt.eye_result([graded], "best")  # type: ignore[arg-type]
+
+
+def test_several_fields_with_an_ungradable_one_show_both_and_grade_from_the_gradable(tmp_path):
+    ctx = _ctx([_ungradable("R", tmp_path), _eye("R", 2, 0, tmp_path), _eye("L", 0, 0, tmp_path)])
+    html = render_html(ctx, TEMPLATES)
+    assert "2 fields; result from field 2" in html and "Ungradable: recapture" in html
+    assert "Refer to ophthalmology (routine)" in html  # the graded field's moderate DR decides, not the recall
+
+
+def test_a_reviewed_report_shows_the_grader_beside_an_ungradable_eye(tmp_path):
+    note = _review(outcome="confirmed", referral="ungradable", comment=None,
+                   eyes=(rpt.EyeReview("R", True, 0, 0), rpt.EyeReview("L", False, None, None)))
+    ctx = dataclasses.replace(_ctx([_eye("R", 0, 0), _ungradable("L")]), review=note)
+    html = render_html(ctx, TEMPLATES)
+    assert "Grader: ungradable (agrees)" in html and "Recall: ungradable image" in html
+    regraded = _review(referral="routine", eyes=(rpt.EyeReview("R", True, 0, 0), rpt.EyeReview("L", True, 2, 0)))
+    html = render_html(dataclasses.replace(ctx, review=regraded), TEMPLATES)
+    assert f"graded it: DR 2 – {DR_GRADES[2]}" in html and "DR 2, DME 0 (graded)" in html

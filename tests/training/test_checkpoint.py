@@ -149,3 +149,28 @@ def test_test_summary_carries_per_source_clinical_numbers() -> None:
     assert out["referable AUC"] == clinical["overall"]["eye"]["auc"]["value"]  # v2: DR-only sets count
     assert set(out["by_source"]) == {"aptos", "eyepacs"}
     assert out["by_source"]["aptos"]["patients"] == 10 and "eye AUC 95% CI" in out["overall"]
+
+
+def test_hostile_and_damaged_checkpoints_are_refused_without_quoting_torchs_advice(tmp_path: Path) -> None:
+    """torch's refusal message tells the reader to load with weights_only=False, i.e. to run the file's code."""
+    import os
+
+    from training.checkpoint import read_checkpoint
+
+    marker = tmp_path / "ran"
+
+    class Payload:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    hostile = tmp_path / "hostile.pt"
+    torch.save({"model_state": Payload()}, hostile)
+    with pytest.raises(CheckpointError) as exc:
+        read_checkpoint(hostile)
+    assert "could run code" in str(exc.value) and "weights_only" not in str(exc.value).lower()
+    damaged = tmp_path / "damaged.pt"
+    damaged.write_bytes(b"not a checkpoint at all")
+    with pytest.raises(CheckpointError) as exc:
+        read_checkpoint(damaged)
+    assert "not a loadable checkpoint" in str(exc.value) and "weights_only" not in str(exc.value).lower()
+    assert not marker.exists()

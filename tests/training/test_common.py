@@ -80,6 +80,14 @@ def test_safe_file_name(name, expected):
     assert len(safe_file_name("y" * 500)) == 120
 
 
+def test_a_long_name_keeps_its_extension():
+    """A 250-character photo name used to lose its '.jpg' in the archive (issue 12)."""
+    long = "P1_R_" + "x" * 245 + ".jpg"
+    cut = safe_file_name(long)
+    assert len(cut) == 120 and cut.endswith(".jpg") and cut.startswith("P1_R_xxx")
+    assert safe_file_name("y" * 500).startswith("yyy")  # no extension: simply cut
+
+
 # ---------------------------------------------------------------------------------------- atomic writes
 
 

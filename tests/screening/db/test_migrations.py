@@ -28,8 +28,20 @@ def db_path(tmp_path):
     return tmp_path / "old.db"
 
 
-def test_head_is_the_intake_checks_revision():
-    assert head_revision() == "0005_gradability_laterality"
+HEAD = head_revision()  # read from the migration scripts: a later revision does not break these tests
+PREVIOUS = "0007_device_original_masks"  # the head before the review tables
+
+
+def test_the_revisions_form_one_chain_with_the_intake_checks_after_hardening():
+    from alembic.script import ScriptDirectory
+
+    from screening.db.migrate import alembic_config
+
+    scripts = ScriptDirectory.from_config(alembic_config())
+    assert len(scripts.get_heads()) == 1  # one line of history: no merge revision needed
+    chain = [r.revision for r in scripts.walk_revisions()][::-1]
+    assert chain[:5] == ["0001", "0002", "0007_device_original_masks", "0014_reviews", "0006_hardening"]
+    assert chain[5] == "0005_gradability_laterality"
 
 
 def test_upgrade_from_revision_1_keeps_rows(db_path):
@@ -64,12 +76,12 @@ def test_upgrade_from_revision_1_keeps_rows(db_path):
     raw.commit()
     raw.close()
 
-    assert init_db(engine) == head_revision()
-    assert current_revision(engine) == head_revision()
+    assert init_db(engine) == HEAD
+    assert current_revision(engine) == HEAD
     assert {"width", "height"} <= _cols(engine, "images")
     assert "reason" in _cols(engine, "drops") and "inference_ms" in _cols(engine, "results")
     assert _diff(engine) == []
-    backups = list(db_path.parent.glob(f"old.db.pre-{head_revision()}.*.bak"))
+    backups = list(db_path.parent.glob(f"old.db.pre-{HEAD}.*.bak"))
     assert len(backups) == 1
     with sqlite3.connect(backups[0]) as b:
         assert b.execute("SELECT version_num FROM alembic_version").fetchone() == ("0001",)
@@ -78,16 +90,22 @@ def test_upgrade_from_revision_1_keeps_rows(db_path):
     with make_session_factory(engine)() as s:
         img = s.scalars(select(Image)).one()
         assert (img.source_name, img.state, img.eye, img.width, img.height) == ("P001_L_20240301.jpg", "reported", "L", None, None)
+        assert img.device is None
         assert img.exam.patient.code == "P001"
         assert img.received_at.isoformat() == "2024-03-01T08:00:00+00:00"
         r = s.scalars(select(Result)).one()
-        assert (r.dr_grade, r.dme_grade, r.referable, r.inference_ms) == (3, 1, True, None)
+        assert (r.dr_grade, r.dme_grade, r.referable, r.inference_ms, r.original_masks) == (3, 1, True, None, None)
         assert r.dr_probs == [0, 0, 0.1, 0.8, 0.1] and r.area_od == 0.03
         d = s.scalars(select(Drop)).one()
-        assert (d.outcome, d.reason) == ("new", None)
+        assert (d.outcome, d.reason, d.reason_code, img.error_code) == ("new", None, None, None)
         # the new columns are writable
         img.width, img.height, d.reason, r.inference_ms = 2048, 1536, "ok", 41.0
+        d.reason_code, img.error_code = "empty", "grading_failed"
+        img.device, r.original_masks = "Topcon TRC-NW8", {"MA": "work/aa/mask_MA.tif"}
         s.commit()
+    with make_session_factory(engine)() as s:
+        img, r = s.scalars(select(Image)).one(), s.scalars(select(Result)).one()
+        assert (img.device, r.original_masks) == ("Topcon TRC-NW8", {"MA": "work/aa/mask_MA.tif"})
     engine.dispose()
 
 
@@ -96,6 +114,7 @@ def test_new_database_is_created_and_stamped(tmp_path):
     assert init_db(engine) == head_revision()
     assert current_revision(engine) == head_revision()
     assert _diff(engine) == []
+    assert len(_triggers(engine)) == 4  # reviews are append-only on a new database too
     assert not list(tmp_path.glob("*.bak"))
     assert init_db(engine) == head_revision()  # idempotent, no backup when nothing to do
     assert not list(tmp_path.glob("*.bak"))
@@ -137,15 +156,100 @@ def test_downgrade_to_revision_1_keeps_rows(tmp_path):
     with engine.begin() as conn:  # foreign keys stay ON: no table rebuild may drop 'images'
         command.downgrade(alembic_config(connection=conn), "0001")
     assert current_revision(engine) == "0001" and "width" not in _cols(engine, "images")
+    assert "device" not in _cols(engine, "images") and "original_masks" not in _cols(engine, "results")
     with engine.connect() as conn:
         assert conn.exec_driver_sql("SELECT count(*) FROM drops WHERE image_id IS NOT NULL").scalar() == 1
     init_db(engine)
     assert current_revision(engine) == head_revision() and _diff(engine) == []
 
 
-def test_upgrade_from_revision_2_adds_the_intake_checks_as_unknown(db_path):
+def _triggers(engine) -> set[str]:
+    with engine.connect() as conn:
+        return {r[0] for r in conn.exec_driver_sql("SELECT name FROM sqlite_master WHERE type = 'trigger'")}
+
+
+def test_upgrade_from_the_previous_head_keeps_rows_and_adds_append_only_reviews(db_path):
+    """A clinic database at the revision before (reports included) gains the review tables; its rows stay."""
     engine = make_engine(f"sqlite:///{db_path}")
-    upgrade(engine, "0002")
+    upgrade(engine, PREVIOUS)
+    raw = sqlite3.connect(db_path)
+    raw.executescript(
+        """
+        INSERT INTO patients (id, code, created_at) VALUES (1, 'P001', '2025-03-01 08:00:00.000000');
+        INSERT INTO exams (id, patient_id, exam_date, created_at) VALUES (1, 1, '2025-03-01', '2025-03-01 08:00:00.000000');
+        INSERT INTO images (id, exam_id, eye, sha256, source_name, stored_path, state, error, received_at, updated_at, width, height)
+        VALUES (1, 1, 'R', 'bb', 'P001_R_20250301.jpg', 'archive/bb.jpg', 'reported', NULL,
+                '2025-03-01 08:00:00.000000', '2025-03-01 08:05:00.000000', 640, 480);
+        INSERT INTO results (id, image_id, model_version, checkpoint_sha256, dr_grade, dr_probs, dme_grade, dme_probs,
+                             referable_score, referable, area_ma, area_he, area_ex, area_se, area_od,
+                             mask_dir, overlay_path, dr_cam_path, dme_cam_path, device, inference_ms, created_at)
+        VALUES (1, 1, 'v2', 'cc', 2, '[0,0,1,0,0]', 0, '[1,0,0]', 0.8, 1, 0, 0, 0, 0, 0.02,
+                NULL, NULL, NULL, NULL, 'cpu', 40.5, '2025-03-01 08:01:00.000000');
+        INSERT INTO reports (id, exam_id, version, path, model_version, created_at)
+        VALUES (1, 1, 1, 'reports/P001/2025-03-01/report_v1.pdf', 'v2', '2025-03-01 08:02:00.000000');
+        INSERT INTO reports (id, exam_id, version, path, model_version, created_at)
+        VALUES (2, 1, 2, 'reports/P001/2025-03-01/report_v2.pdf', 'v2', '2025-03-01 09:00:00.000000');
+        """
+    )
+    raw.commit()
+    raw.close()
+    assert "reviews" not in inspect(engine).get_table_names()
+
+    assert init_db(engine) == HEAD
+    assert {"review_users", "reviews", "review_eyes"} <= set(inspect(engine).get_table_names())
+    assert "review_id" in _cols(engine, "reports")
+    assert _diff(engine) == []
+    assert _triggers(engine) == {"reviews_no_update", "reviews_no_delete", "review_eyes_no_update", "review_eyes_no_delete"}
+    assert len(list(db_path.parent.glob(f"old.db.pre-{HEAD}.*.bak"))) == 1
+    with engine.connect() as conn:
+        rows = conn.exec_driver_sql("SELECT id, exam_id, version, path, model_version, created_at, review_id FROM reports ORDER BY id").all()
+        assert [tuple(r) for r in rows] == [
+            (1, 1, 1, "reports/P001/2025-03-01/report_v1.pdf", "v2", "2025-03-01 08:02:00.000000", None),
+            (2, 1, 2, "reports/P001/2025-03-01/report_v2.pdf", "v2", "2025-03-01 09:00:00.000000", None),
+        ]
+        assert conn.exec_driver_sql("SELECT dr_grade, inference_ms FROM results").one() == (2, 40.5)
+        assert conn.exec_driver_sql("PRAGMA foreign_key_check").all() == []
+
+    # the new tables work, and a review cannot be edited or deleted afterwards
+    with engine.begin() as conn:
+        conn.exec_driver_sql(
+            "INSERT INTO reviews (id, exam_id, reviewer, source, outcome, referral, model_referral, reviewed_at, created_at) "
+            "VALUES (1, 1, 'Dr A', 'cli', 'corrected', 'soon', 'routine', '2025-03-02 10:00:00', '2025-03-02 10:00:00')")
+        conn.exec_driver_sql("INSERT INTO review_eyes (review_id, image_id, eye, gradable, dr_grade, dme_grade) VALUES (1, 1, 'R', 1, 3, 0)")
+        conn.exec_driver_sql("UPDATE reports SET review_id = 1 WHERE id = 2")
+    for sql in ("UPDATE reviews SET referral = 'routine'", "DELETE FROM review_eyes", "UPDATE review_eyes SET dr_grade = 2"):
+        with pytest.raises(Exception, match="append-only"), engine.begin() as conn:
+            conn.exec_driver_sql(sql)
+    with pytest.raises(Exception, match="CHECK constraint"), engine.begin() as conn:  # a gradable eye needs both grades
+        conn.exec_driver_sql("INSERT INTO review_eyes (review_id, image_id, eye, gradable, dr_grade, dme_grade) VALUES (1, 1, 'L', 1, NULL, 0)")
+    engine.dispose()
+
+
+def test_downgrade_to_the_previous_head_keeps_reports(tmp_path):
+    from alembic import command
+
+    from screening.db.migrate import alembic_config
+
+    engine = make_engine(f"sqlite:///{tmp_path / 'down3.db'}")
+    init_db(engine)
+    with engine.begin() as conn:
+        conn.exec_driver_sql("INSERT INTO patients (id, code, created_at) VALUES (1, 'P1', '2025-01-01 00:00:00')")
+        conn.exec_driver_sql("INSERT INTO exams (id, patient_id, exam_date, created_at) VALUES (1, 1, '2025-01-01', '2025-01-01 00:00:00')")
+        conn.exec_driver_sql("INSERT INTO reports (exam_id, version, path, model_version, created_at) VALUES (1, 1, 'r.pdf', 'v', '2025-01-01 00:00:00')")
+    with engine.begin() as conn:
+        command.downgrade(alembic_config(connection=conn), PREVIOUS)
+    assert current_revision(engine) == PREVIOUS and "review_id" not in _cols(engine, "reports")
+    assert not {"reviews", "review_eyes", "review_users"} & set(inspect(engine).get_table_names()) and not _triggers(engine)
+    with engine.connect() as conn:
+        assert conn.exec_driver_sql("SELECT path FROM reports").scalar() == "r.pdf"
+    init_db(engine)
+    assert current_revision(engine) == head_revision() and _diff(engine) == []
+    assert len(_triggers(engine)) == 4
+
+
+def test_upgrade_from_hardening_adds_the_intake_checks_as_unknown(db_path):
+    engine = make_engine(f"sqlite:///{db_path}")
+    upgrade(engine, "0006_hardening")
     assert "gradable" not in _cols(engine, "images")
     raw = sqlite3.connect(db_path)
     raw.executescript(
@@ -158,13 +262,13 @@ def test_upgrade_from_revision_2_adds_the_intake_checks_as_unknown(db_path):
     )
     raw.commit()
     raw.close()
-    assert init_db(engine) == head_revision()
+    assert init_db(engine) == HEAD
     assert {"gradable", "quality_reasons", "quality_scores", "eye_source", "predicted_eye", "eye_confidence",
-            "eye_mismatch", "eye_note"} <= _cols(engine, "images")
+            "eye_mismatch", "eye_note", "photo_dir", "stored_at"} <= _cols(engine, "images")
     assert _diff(engine) == []
     with make_session_factory(engine)() as s:
         img = s.scalars(select(Image)).one()
-        assert (img.gradable, img.quality_reasons, img.eye_source, img.eye_mismatch) == (None, None, None, None)
+        assert (img.gradable, img.quality_reasons, img.eye_source, img.eye_mismatch, img.stored_at) == (None,) * 5
         img.gradable, img.quality_reasons, img.quality_scores = False, ["blurred"], {"blurred": 0.9}
         s.commit()
     with make_session_factory(engine)() as s:

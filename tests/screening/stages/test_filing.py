@@ -229,3 +229,33 @@ def test_an_interrupted_move_whose_file_was_taken_away_is_closed_at_start_up(inl
     _run(inline)
     st = _state(inline)
     assert st["drops"] == {"rejected": 2} and len(_files(inline.rejected)) == 2 and _files(inline.inbox) == []
+
+
+def test_a_refused_link_killed_before_its_move_is_recorded_once(inline, tmp_path):
+    """An inbox entry that is not a file has a drop without an image; its interrupted move is finished the same way."""
+    target = write_fundus(tmp_path / "elsewhere.jpg", seed=9)
+    (inline.inbox).mkdir(parents=True, exist_ok=True)
+    (inline.inbox / "P9_R.jpg").symlink_to(target)
+    _killed_run(inline, tmp_path)
+    st = _state(inline)
+    assert st["drops"] == Counter({"rejected": 1}) and st["unfiled"] == [("rejected", "P9_R.jpg")]
+    assert (inline.inbox / "P9_R.jpg").is_symlink()
+    _run(inline)
+    st = _state(inline)
+    assert st["drops"] == Counter({"rejected": 1}) and st["unfiled"] == [] and st["images"] == {}
+    assert [p.name for p in inline.rejected.iterdir() if p.is_symlink()] and target.is_file()
+    assert list(inline.inbox.iterdir()) == []
+
+
+def test_partial_copies_left_by_a_crash_are_removed_at_start_up(inline):
+    from screening.stages import Filing
+
+    for folder in (inline.archive / "2026-01-02", inline.archive / "2026-01-02" / "duplicates", inline.rejected):
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / ".abc_P1_R.jpg.partial").write_bytes(b"half a photo")
+        (folder / "kept.jpg").write_bytes(b"a whole one")
+    filing = Filing(inline, _worker(inline).factory)
+    assert filing.clean_partials() == 3
+    assert sorted(p.name for p in inline.archive.rglob("*") if p.is_file()) == ["kept.jpg", "kept.jpg"]
+    with session_scope(filing.factory) as s:
+        assert [e.code for e in s.scalars(select(Event).where(Event.kind == "reconcile"))] == ["partial_copy_removed"]

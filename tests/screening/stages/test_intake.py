@@ -2,19 +2,28 @@
 
 from __future__ import annotations
 
+import logging
+import os
 import shutil
+import time
+import warnings
 from pathlib import Path
 
+import cv2
+import numpy as np
 import pytest
 from sqlalchemy import select
 
 from screening.checks import IntakeChecks
 from screening.db import init_db, make_engine, make_session_factory, session_scope
 from screening.db.models import Drop, Event, Image
+from screening.imaging import decode, preprocess
+from screening.intake import sweep
 from screening.rejection import RejectReason
-from screening.stages import Admitted, Duplicate, Filing, IntakeStage, Rejected, Vanished
+from screening.stages import Admitted, Deferred, Duplicate, Filing, IntakeStage, Rejected, Vanished
 
-from ..conftest import write_fundus
+from ..conftest import SC_SOP_CLASS, jpeg_bytes, synthetic_fundus, write_dicom, write_fundus
+from ..test_dicom import malformed_dicom
 
 
 def make_stage(settings):
@@ -59,7 +68,7 @@ def test_same_content_from_another_file_in_flight_is_a_duplicate(stage, settings
 @pytest.mark.parametrize("name, content, code, fragment", [
     ("P3_R.pdf", b"%PDF-1.4", RejectReason.UNSUPPORTED_TYPE, "unsupported file type"),
     ("holiday.jpg", None, RejectReason.IDENTITY, "no patient id"),
-    ("P3_R.jpg", b"\xff\xd8\xff\xe0 not really", RejectReason.UNREADABLE, "export"),
+    ("P3_R.jpg", b"GIF89a not a photo format the worker reads", RejectReason.UNREADABLE, "export"),
 ])
 def test_refusals_carry_a_code_and_a_message_and_are_filed(stage, settings, name, content, code, fragment):
     path = settings.inbox / name
@@ -86,7 +95,7 @@ def test_a_file_gone_before_intake(stage, settings):
 
 def test_every_admitted_image_carries_its_checks(stage, settings):
     outcome = stage.admit(write_fundus(settings.inbox / "P10_L.jpg", seed=10))
-    assert isinstance(outcome, Admitted) and outcome.job.gradable and outcome.job.decoded.frame is None
+    assert isinstance(outcome, Admitted) and outcome.job.gradable and outcome.job.decoded.whole is None
     with session_scope(stage.factory) as s:
         image = s.get(Image, outcome.job.image_id)
         assert (image.gradable, image.quality_reasons, image.eye_source, image.eye_mismatch) == (True, [], "name", False)
@@ -142,3 +151,238 @@ def test_a_name_that_contradicts_the_photo_is_flagged_never_corrected(settings, 
         assert "Laterality mismatch" in image.eye_note and "says right eye" in image.eye_note
         assert image.eye_confidence >= 0.8
         assert [e.kind for e in s.scalars(select(Event).where(Event.kind == "eye_mismatch"))] == ["eye_mismatch"]
+
+
+# ------------------------------------------------------------------------------ hostile entries (issue 12)
+
+def _aged(path: Path, seconds: float = 7200) -> Path:
+    old = time.time() - seconds
+    os.utime(path, (old, old), follow_symlinks=False)
+    return path
+
+
+def _reason(outcome) -> str:
+    return Path(str(outcome.filed_as) + ".reason.txt").read_text()
+
+
+def test_links_folders_pipes_and_left_behind_names_are_refused_with_a_reason(stage, settings, tmp_path):
+    """Each used to lie in the inbox for ever, unrecorded; a link to a photo was even graded through the link."""
+    photo = write_fundus(tmp_path / "elsewhere" / "P1_R.jpg", seed=1)
+    secret = tmp_path / "secret.txt"
+    secret.write_text("not for the worker")
+    entries = {
+        "passwd_R.jpg": lambda p: p.symlink_to(secret),
+        "P1_R.jpg": lambda p: p.symlink_to(photo),
+        "folder_of_photos": lambda p: (p.mkdir(), write_fundus(p / "P2_L.jpg", seed=2)),
+        "P3_R.jpg": lambda p: os.mkfifo(p),
+        "..P4_R.jpg": lambda p: (write_fundus(p, seed=4), _aged(p)),
+        "scan.jpg.part": lambda p: (p.write_bytes(b"half"), _aged(p)),
+        "lonely.json": lambda p: (p.write_text('{"patient_id": "P5"}'), _aged(p)),
+    }
+    for name, make in entries.items():
+        make(settings.inbox / name)
+    listed = {p.name for p in sweep(settings.inbox, settings.abandoned_after)}
+    assert listed == set(entries)
+    codes = {}
+    for name in entries:
+        outcome = stage.admit(settings.inbox / name)
+        assert isinstance(outcome, Rejected), (name, outcome)
+        codes[name] = outcome.code
+        assert not os.path.lexists(settings.inbox / name) and os.path.lexists(outcome.filed_as)
+        assert name in _reason(outcome)
+    assert codes == {"passwd_R.jpg": "not_a_file", "P1_R.jpg": "not_a_file", "folder_of_photos": "not_a_file",
+                     "P3_R.jpg": "not_a_file", "..P4_R.jpg": "left_behind", "scan.jpg.part": "left_behind",
+                     "lonely.json": "left_behind"}
+    assert photo.is_file() and secret.read_text() == "not for the worker"  # links moved, never followed
+    assert (settings.rejected.glob("*_P1_R.jpg")).__next__().is_symlink()
+    with session_scope(stage.factory) as s:
+        drops = s.scalars(select(Drop)).all()
+        assert sorted(d.reason_code for d in drops) == sorted(codes.values())
+        assert all(d.outcome == "rejected" and d.image_id is None for d in drops)
+        assert s.scalars(select(Image)).all() == []  # nothing was read as a photo
+
+
+def test_young_temporary_names_are_left_alone(settings):
+    (settings.inbox).mkdir(parents=True, exist_ok=True)
+    (settings.inbox / ".P6_R.jpg.tmp").write_bytes(b"a copy in progress")
+    (settings.inbox / "P6_R.json").write_text('{"eye": "R"}')
+    write_fundus(settings.inbox / "P6_R.jpg", seed=6)
+    _aged(settings.inbox / "P6_R.json")  # old, but its photo is beside it: it travels with the photo
+    assert [p.name for p in sweep(settings.inbox, settings.abandoned_after)] == ["P6_R.jpg"]
+
+
+def test_an_incomplete_file_waits_while_it_may_still_arrive_then_is_refused(stage, settings):
+    data = (write_fundus(settings.work_dir / "src.jpg", seed=7)).read_bytes()
+    path = settings.inbox / "P7_R.jpg"
+    path.write_bytes(data[: len(data) // 2])  # a slow copy, paused half way
+    outcome = stage.admit(path)
+    assert isinstance(outcome, Deferred) and outcome.code == RejectReason.INCOMPLETE
+    assert path.is_file() and list(settings.rejected.iterdir()) == []
+    with session_scope(stage.factory) as s:
+        assert s.scalars(select(Drop)).all() == []  # nothing recorded while it may still arrive
+    with open(path, "ab") as fh:  # the copy resumes
+        fh.write(data[len(data) // 2:])
+    admitted = stage.admit(path)
+    assert isinstance(admitted, Admitted)
+    import hashlib
+    assert admitted.job.sha256 == hashlib.sha256(data).hexdigest()  # the bytes hashed are the bytes decoded
+    stuck = settings.inbox / "P8_R.jpg"
+    stuck.write_bytes(data[: len(data) // 2])
+    _aged(stuck, settings.incomplete_grace + 60)  # unchanged for longer than the grace: refused
+    refused = stage.admit(stuck)
+    assert isinstance(refused, Rejected) and refused.code == RejectReason.INCOMPLETE
+    assert "incomplete or corrupt" in _reason(refused)
+
+
+def test_limits_on_bytes_and_an_empty_file(stage, settings):
+    big = write_fundus(settings.inbox / "P9_R.jpg", seed=9)
+    small = stage.settings.model_copy(update={"max_file_bytes": big.stat().st_size - 1})
+    limited = IntakeStage(small, stage.factory, stage.filing, image_size=64)
+    outcome = limited.admit(big)
+    assert isinstance(outcome, Rejected) and outcome.code == RejectReason.TOO_LARGE and "max_file_bytes" in outcome.message
+    empty = settings.inbox / "P10_R.jpg"
+    empty.write_bytes(b"")
+    outcome = stage.admit(empty)
+    assert isinstance(outcome, Rejected) and outcome.code == RejectReason.EMPTY
+
+
+def _graded(stage, path: Path) -> int:
+    """Admit ``path`` and mark its image graded, as the store stage would (its file archived)."""
+    from screening.db import repository as repo
+    from screening.db.models import ImageState
+
+    job = stage.admit(path).job
+    with session_scope(stage.factory) as s:
+        image = s.get(Image, job.image_id)
+        repo.set_state(s, image, ImageState.DONE)
+    stage.filing.archive_image(job.image_id, path, job.sha256)
+    return job.image_id
+
+
+def test_the_same_bytes_under_another_patient_are_a_recorded_conflict(stage, settings):
+    """They used to be a silent duplicate: that patient got no exam, no report and no warning."""
+    first = write_fundus(settings.inbox / "Patient143_L.jpg", seed=11)
+    data = first.read_bytes()
+    image_id = _graded(stage, first)
+    for name, kind in (("patient143_l.JPG", Duplicate), ("Patient143_L_20250101.jpg", Duplicate),
+                       ("Patient999_L.jpg", Rejected), ("Patient143_R.jpg", Rejected), ("no-name.jpg", Duplicate)):
+        (settings.inbox / name).write_bytes(data)
+        outcome = stage.admit(settings.inbox / name)
+        assert isinstance(outcome, kind), name
+        if kind is Rejected:
+            assert outcome.code == RejectReason.IDENTITY_CONFLICT and f"image {image_id}" in outcome.message
+            assert "Patient143" not in _reason(outcome).split("Reason:")[1]  # the other patient is not named
+    with session_scope(stage.factory) as s:
+        conflicts = s.scalars(select(Drop).where(Drop.reason_code == "identity_conflict")).all()
+        assert sorted(d.source_name for d in conflicts) == ["Patient143_R.jpg", "Patient999_L.jpg"]
+        assert all(d.image_id == image_id and d.outcome == "rejected" for d in conflicts)
+
+
+def test_patient_ids_are_case_folded(stage, settings):
+    from screening.db.models import Patient
+
+    a = stage.admit(write_fundus(settings.inbox / "Patient143_L.jpg", seed=12))
+    b = stage.admit(write_fundus(settings.inbox / "patient143_r.JPG", seed=13))
+    assert isinstance(a, Admitted) and isinstance(b, Admitted) and a.job.exam_id == b.job.exam_id
+    with session_scope(stage.factory) as s:
+        assert [p.code for p in s.scalars(select(Patient))] == ["Patient143"]  # the first spelling is kept
+
+
+# ---------------------------------------------------------------------------------------------------- DICOM
+
+SECRET = "SECRET-ID-4711"
+
+
+def _no_identifier_anywhere(caplog, capfd, *outcomes):
+    out, err = capfd.readouterr()
+    assert SECRET not in caplog.text and SECRET not in out and SECRET not in err
+    for outcome in outcomes:
+        assert SECRET not in repr(outcome)
+
+
+def test_a_dicom_export_without_a_name_is_admitted_from_its_tags(stage, settings, caplog, capfd):
+    caplog.set_level(logging.DEBUG)
+    rgb = synthetic_fundus(5)
+    path = write_dicom(settings.inbox / "IM000001", jpeg=jpeg_bytes(rgb), patient_id=SECRET, image_laterality="L",
+                       acquisition="20250301101500")
+    outcome = stage.admit(path)
+    assert isinstance(outcome, Admitted), outcome
+    job = outcome.job
+    assert np.abs(job.decoded.rgb.astype(int) - preprocess(rgb, (256, 256), 64).rgb).mean() < 3  # the JPEG's loss only
+    with session_scope(stage.factory) as s:
+        image = s.get(Image, job.image_id)
+        assert (image.exam.patient.code, image.eye, image.exam.exam_date.isoformat()) == (SECRET, "L", "2025-03-01")
+        assert (image.device, image.width, image.height, image.source_name) == ("Topcon TRC-NW8", 256, 256, "IM000001")
+        assert image.eye_source == "dicom"  # the laterality tag stated the eye (compared with the photo's)
+    _no_identifier_anywhere(caplog, capfd, outcome)
+
+
+def test_a_dicom_without_laterality_takes_the_eye_the_photo_clearly_shows(settings, intake_models, caplog, capfd):
+    stage = make_stage(settings.model_copy(update={"laterality_model": intake_models["sure_eye"]}))
+    rgb = synthetic_fundus(7)
+    path = write_dicom(settings.inbox / "IM000003", jpeg=jpeg_bytes(rgb), patient_id=SECRET, image_laterality=None,
+                       acquisition="20250301101500")
+    outcome = stage.admit(path)
+    assert isinstance(outcome, Admitted), outcome
+    with session_scope(stage.factory) as s:
+        image = s.get(Image, outcome.job.image_id)
+        assert (image.eye_source, image.eye) == ("image", image.predicted_eye)
+        assert image.eye_note.startswith("Eye read from the photo")
+    _no_identifier_anywhere(caplog, capfd, outcome)
+
+
+@pytest.mark.parametrize("kw, code, fragment", [
+    (dict(patient_id=None), RejectReason.IDENTITY, "no Patient ID (0010,0020)"),
+    (dict(no_pixels=True), RejectReason.UNREADABLE, "no pixel data"),
+    (dict(syntax="1.2.3.4.5.6.7.8.9.10"), RejectReason.UNSUPPORTED_TYPE, "transfer syntax"),
+    (dict(sop_class="1.2.840.10008.5.1.4.1.1.2"), RejectReason.UNSUPPORTED_TYPE, "SOP class"),
+    (dict(image_laterality=None), RejectReason.IDENTITY, "no eye"),
+    (dict(acquisition=None, study_date=SECRET), RejectReason.IDENTITY, "valid date"),
+])
+def test_malformed_dicom_is_refused_with_a_recorded_reason(stage, settings, kw, code, fragment, caplog, capfd):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        path = malformed_dicom(settings.inbox / "IM000002.dcm", **kw)
+    caplog.set_level(logging.DEBUG)
+    outcome = stage.admit(path)
+    assert isinstance(outcome, Rejected) and outcome.code == code and fragment in outcome.message, outcome
+    assert not path.exists() and outcome.filed_as is not None and outcome.filed_as.parent == settings.rejected
+    reason = Path(str(outcome.filed_as) + ".reason.txt").read_text()
+    assert outcome.message in reason and SECRET not in reason
+    with session_scope(stage.factory) as s:
+        image = s.get(Image, outcome.image_id)
+        assert (image.state, image.error, image.exam_id) == ("rejected", outcome.message, None)
+        assert [d.reason for d in s.scalars(select(Drop))] == [outcome.message]
+    _no_identifier_anywhere(caplog, capfd, outcome)
+
+
+def test_a_dcm_name_without_the_dicom_header_is_refused(stage, settings):
+    path = settings.inbox / "P1_R.dcm"
+    path.write_bytes(jpeg_bytes(synthetic_fundus(6)))
+    outcome = stage.admit(path)
+    assert isinstance(outcome, Rejected) and outcome.code == RejectReason.UNREADABLE and "DICM" in outcome.message
+
+
+@pytest.mark.realdata
+def test_dicom_made_from_real_photos_jpeg_and_uncompressed_op_and_sc(stage, settings, shared_data):
+    """Real camera JPEGs put into DICOM as a camera does (the JPEG bytes unchanged), and as uncompressed pixels."""
+    srahim = sorted((shared_data / "srahim").glob("*_R.jpg"))[0]
+    camera = shared_data / "fullres" / "camera_01.jpg"
+    reference = decode(srahim, 64)
+    rgb = cv2.cvtColor(cv2.imread(str(srahim)), cv2.COLOR_BGR2RGB)
+    cases = [
+        ("op_jpeg", dict(jpeg=srahim.read_bytes()), (1024, 685)),
+        ("sc_jpeg", dict(jpeg=srahim.read_bytes(), sop_class=SC_SOP_CLASS), (1024, 685)),
+        ("op_raw", dict(rgb=rgb), (1024, 685)),
+        ("sc_raw", dict(rgb=rgb, sop_class=SC_SOP_CLASS), (1024, 685)),
+        ("camera_op_jpeg", dict(jpeg=camera.read_bytes(), image_laterality="L"), (4288, 2848)),
+    ]
+    for k, (name, kw, size) in enumerate(cases):
+        outcome = stage.admit(write_dicom(settings.inbox / name, patient_id=f"R{k}", **kw))
+        assert isinstance(outcome, Admitted), (name, outcome)
+        assert outcome.job.decoded.original_size == size
+        if size == (1024, 685):  # the same picture as the JPEG file gives, within JPEG decoders' rounding
+            assert np.abs(outcome.job.decoded.rgb.astype(int) - reference.rgb).mean() < 1.5, name
+        with session_scope(stage.factory) as s:
+            image = s.get(Image, outcome.job.image_id)
+            assert (image.width, image.height, image.device) == (*size, "Topcon TRC-NW8")

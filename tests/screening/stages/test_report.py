@@ -77,3 +77,55 @@ def test_version_counts_the_database_the_queue_and_the_disk(stage, settings):
         assert [r.version for r in s.get(Exam, exam_id).reports] == [4]
         assert repo.next_report_version(s, exam_id) == 5
     assert stage.in_flight == {}
+
+
+def test_start_up_removes_unrecorded_pdfs_and_renders_a_missing_one_again(stage, settings):
+    """A renderer that finished after its worker died left report_vN.pdf files no row records (issue 12)."""
+    from sqlalchemy import select
+
+    from screening.db.models import Event
+
+    exam_id = _graded_exam(stage.factory)
+    folder = report_folder(settings.reports, "P7", date(2025, 3, 1))
+    folder.mkdir(parents=True)
+    (folder / "report_v1.pdf").write_bytes(b"%PDF v1, recorded")
+    with session_scope(stage.factory) as s:
+        repo.add_report(s, s.get(Exam, exam_id), folder / "report_v1.pdf", "m", version=1)
+    (folder / "report_v2.pdf").write_bytes(b"%PDF v2, published after the worker died")
+    (folder / "latest.pdf").write_bytes(b"%PDF v2, published after the worker died")
+    (settings.reports / "notes.pdf").write_bytes(b"someone else's file")  # not a report folder: left alone
+    assert stage.reconcile() == []
+    assert sorted(p.name for p in folder.iterdir()) == ["latest.pdf", "report_v1.pdf"]
+    assert (folder / "latest.pdf").read_bytes() == b"%PDF v1, recorded" and (settings.reports / "notes.pdf").exists()
+    (folder / "report_v1.pdf").unlink()  # a recorded report deleted by hand: counted, and the visit made again
+    assert stage.reconcile() == [exam_id]
+    assert not (folder / "latest.pdf").exists() or (folder / "latest.pdf").read_bytes() != b"%PDF v2, published after the worker died"
+    with session_scope(stage.factory) as s:
+        codes = [e.code for e in s.scalars(select(Event).where(Event.kind == "reconcile"))]
+    assert codes == ["orphan_report_removed", "report_file_missing"]
+@pytest.mark.parametrize("rule, result_grade", [("worst", 3), ("latest", 1)])
+def test_every_field_of_an_eye_goes_into_the_report_and_the_rule_picks_the_result(settings, rule, result_grade):
+    stage = ReportStage(settings.model_copy(update={"eye_result": rule}), *_parts(settings), PROJECT / "templates")
+    with session_scope(stage.factory) as s:
+        exam = repo.get_or_create_exam(s, repo.get_or_create_patient(s, "P8"), date(2025, 3, 2))
+        for k, (eye, grade) in enumerate([("R", 0), ("R", 3), ("L", 0), ("R", 1)]):
+            image = repo.add_image(s, sha256=f"{k:064x}", source_name=f"P8_{eye}_{k}.jpg", exam=exam, eye=eye)
+            probs = [0.0] * 5
+            probs[grade] = 1.0
+            repo.add_result(s, image, model_version="m", checkpoint_sha256="c" * 64, dr_grade=grade, dr_probs=probs,
+                            dme_grade=0, dme_probs=[1, 0, 0], referable_score=0.1, referable=False,
+                            mask_dir=f"work/{k}", original_masks={"MA": f"work/{k}/mask_MA.tif"} if k == 1 else None)
+            repo.set_state(s, image, "done")
+        exam_id = exam.id
+    assert stage.submit([exam_id]) == 1
+    ctx = stage.renderer.jobs[0].ctx
+    assert [f.source_name for f in ctx.fields("R")] == ["P8_R_0.jpg", "P8_R_1.jpg", "P8_R_3.jpg"]  # arrival order
+    assert [f.source_name for f in ctx.fields("L")] == ["P8_L_2.jpg"]
+    assert ctx.eye_result_rule == rule and ctx.eye("R").dr_grade == result_grade
+    assert [f.mask_folder for f in ctx.fields("R")] == [None, Path("work/1"), None]  # only where TIFFs were made
+
+
+def _parts(settings):
+    engine = make_engine(settings.database)
+    init_db(engine)
+    return make_session_factory(engine), Predictor(settings.checkpoint, "cpu", 1), Keep()

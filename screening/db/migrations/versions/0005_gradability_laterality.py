@@ -1,10 +1,11 @@
 """Intake checks on images: the gradability verdict and the eye read from the photo (issue 13).
 
 Revision ID: 0005_gradability_laterality
-Revises: 0002
+Revises: 0006_hardening
 Create Date: 2026-01-20
 
-All new columns are nullable: images recorded before this revision were never checked and keep NULL (unknown).
+Written before 0006/0007/0014 and chained after 0006_hardening when its branch was merged (the id is descriptive,
+not an order). All new columns are nullable: images recorded before this revision were never checked and keep NULL (unknown).
 Values are validated by the repository, not by CHECK constraints: adding one to ``images`` on SQLite needs a
 table rebuild, which the foreign keys from drops/results/events forbid (see 0002).
 """
@@ -15,7 +16,7 @@ import sqlalchemy as sa
 from alembic import op
 
 revision = "0005_gradability_laterality"
-down_revision = "0002"
+down_revision = "0006_hardening"
 branch_labels = None
 depends_on = None
 
@@ -28,6 +29,8 @@ _COLUMNS = (
     ("eye_confidence", sa.Float()),
     ("eye_mismatch", sa.Boolean()),
     ("eye_note", sa.Text()),
+    ("photo_dir", sa.Text()),  # an ungradable image's published photo folder (it has no results row)
+    ("stored_at", sa.DateTime()),  # when the store stage committed the image (naive UTC, as every timestamp here)
 )
 
 

@@ -1,0 +1,207 @@
+"""Data access for clinicians' sign-offs (reviews) and the review page's logins.
+
+Like :mod:`screening.db.repository`, every function takes the caller's session and at most flushes; the
+caller commits. Reviews are append-only (the database refuses UPDATE and DELETE on them): a visit's
+*current* review is simply its row with the highest id, and every earlier one stays as history.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+
+from sqlalchemy import and_, func, or_, select
+from sqlalchemy.orm import Session, selectinload
+
+from screening.db.models import (
+    Exam,
+    Eye,
+    Image,
+    ImageState,
+    Report,
+    Result,
+    Review,
+    ReviewEye,
+    ReviewOutcome,
+    ReviewSource,
+    ReviewUser,
+    utcnow,
+)
+from screening.db.repository import add_event
+
+EYES = (Eye.RIGHT.value, Eye.LEFT.value)
+
+
+@dataclass(frozen=True)
+class GradedField:
+    """One photograph (field) of an eye as the worker stored it: the image and the model's result for it, or
+    ``result`` None for a photo the intake checks found ungradable (its verdict is on the image)."""
+
+    image: Image
+    result: Result | None
+
+
+@dataclass(frozen=True)
+class EyeGrades:
+    """What the grader said about one photo (the values stored in ``review_eyes``)."""
+
+    image_id: int
+    eye: str
+    gradable: bool
+    dr_grade: int | None
+    dme_grade: int | None
+
+
+# --- the visit's current photos ------------------------------------------------------------------
+
+
+def graded_fields(session: Session, exam_ids: Iterable[int] | None = None) -> dict[int, dict[str, list[GradedField]]]:
+    """Per exam, per eye (``R`` then ``L``), every photo the worker's report shows, in arrival order: each image
+    with a result, and each image stored as ungradable (no result; ``images.gradable`` = 0). The eye's result
+    is chosen from them by ``screening.report.eye_result``. Exams without any such photo are absent."""
+    ungradable = and_(Image.gradable.is_(False), Image.state.in_([ImageState.DONE.value, ImageState.REPORTED.value]))
+    stmt = (
+        select(Image, Result)
+        .outerjoin(Result, Result.image_id == Image.id)
+        .where(Image.exam_id.is_not(None), Image.eye.in_(EYES), or_(Result.id.is_not(None), ungradable))
+        .order_by(Image.exam_id, Image.id)
+    )
+    if exam_ids is not None:
+        stmt = stmt.where(Image.exam_id.in_(list(exam_ids)))
+    out: dict[int, dict[str, list[GradedField]]] = {}
+    for image, result in session.execute(stmt).all():
+        assert image.exam_id is not None and image.eye is not None
+        out.setdefault(image.exam_id, {}).setdefault(image.eye, []).append(GradedField(image, result))
+    return {exam_id: {e: eyes[e] for e in EYES if e in eyes} for exam_id, eyes in out.items()}
+
+
+def first_report_times(session: Session, exam_ids: Iterable[int] | None = None) -> dict[int, datetime]:
+    """When each exam's first report (its draft) was made."""
+    stmt = select(Report.exam_id, func.min(Report.created_at)).group_by(Report.exam_id)
+    if exam_ids is not None:
+        stmt = stmt.where(Report.exam_id.in_(list(exam_ids)))
+    return {exam_id: at for exam_id, at in session.execute(stmt).all()}  # min() keeps the column's UTC type
+
+
+# --- reviews -------------------------------------------------------------------------------------
+
+
+def add_review(
+    session: Session,
+    exam: Exam,
+    *,
+    reviewer: str,
+    source: str,
+    outcome: str,
+    referral: str,
+    model_referral: str,
+    eyes: Sequence[EyeGrades],
+    comment: str | None = None,
+    user: ReviewUser | None = None,
+    reviewed_at: datetime | None = None,
+    created_at: datetime | None = None,
+) -> Review:
+    """Append a sign-off of ``exam`` with one :class:`EyeGrades` per reviewed eye. Values are checked by
+    the caller (:mod:`screening.review`); the database's constraints are the last line of defence."""
+    now = created_at or utcnow()
+    review = Review(
+        exam_id=exam.id,
+        reviewer=reviewer,
+        user_id=None if user is None else user.id,
+        source=ReviewSource(source).value,
+        outcome=ReviewOutcome(outcome).value,
+        referral=referral,
+        model_referral=model_referral,
+        comment=comment,
+        reviewed_at=reviewed_at or now,
+        created_at=now,
+    )
+    review.eyes = [
+        ReviewEye(image_id=e.image_id, eye=Eye(e.eye).value, gradable=e.gradable, dr_grade=e.dr_grade, dme_grade=e.dme_grade)
+        for e in eyes
+    ]
+    session.add(review)
+    session.flush()
+    add_event(session, "review", f"exam {exam.id}: review {review.id} {review.outcome} ({review.source}), referral {referral}")
+    return review
+
+
+def current_reviews(session: Session, exam_ids: Iterable[int] | None = None) -> dict[int, Review]:
+    """Each exam's current review (highest id), eyes loaded."""
+    latest = select(func.max(Review.id)).group_by(Review.exam_id)
+    if exam_ids is not None:
+        latest = latest.where(Review.exam_id.in_(list(exam_ids)))
+    stmt = select(Review).where(Review.id.in_(latest)).options(selectinload(Review.eyes))
+    return {r.exam_id: r for r in session.scalars(stmt)}
+
+
+def current_review(session: Session, exam_id: int) -> Review | None:
+    return current_reviews(session, [exam_id]).get(exam_id)
+
+
+def review_history(session: Session, exam_id: int) -> list[Review]:
+    """Every sign-off of the exam, newest first (the first is the current one)."""
+    stmt = select(Review).where(Review.exam_id == exam_id).order_by(Review.id.desc()).options(selectinload(Review.eyes))
+    return list(session.scalars(stmt))
+
+
+def all_reviews(session: Session, exam_ids: Iterable[int] | None = None) -> list[Review]:
+    """Every review (of ``exam_ids``), oldest first, eyes loaded (for the audit)."""
+    stmt = select(Review).order_by(Review.id).options(selectinload(Review.eyes))
+    if exam_ids is not None:
+        stmt = stmt.where(Review.exam_id.in_(list(exam_ids)))
+    return list(session.scalars(stmt))
+
+
+def exam_reports(session: Session, exam_id: int) -> list[Report]:
+    """The exam's rendered versions, newest first."""
+    return list(session.scalars(select(Report).where(Report.exam_id == exam_id).order_by(Report.version.desc())))
+
+
+def report_of_review(session: Session, review_id: int) -> Report | None:
+    """The newest version rendered for this sign-off, if any."""
+    stmt = select(Report).where(Report.review_id == review_id).order_by(Report.version.desc()).limit(1)
+    return session.scalars(stmt).first()
+
+
+# --- review-page logins --------------------------------------------------------------------------
+
+
+def add_user(session: Session, username: str, display_name: str, password_hash: str) -> ReviewUser:
+    """A new login; an existing ``username`` raises IntegrityError on flush."""
+    user = ReviewUser(username=username, display_name=display_name, password_hash=password_hash, active=True)
+    session.add(user)
+    session.flush()
+    return user
+
+
+def get_user(session: Session, username: str) -> ReviewUser | None:
+    return session.scalars(select(ReviewUser).where(ReviewUser.username == username)).one_or_none()
+
+
+def list_users(session: Session) -> list[ReviewUser]:
+    return list(session.scalars(select(ReviewUser).order_by(ReviewUser.username)))
+
+
+def count_active_users(session: Session) -> int:
+    return int(session.scalar(select(func.count()).select_from(ReviewUser).where(ReviewUser.active.is_(True))) or 0)
+
+
+__all__ = [
+    "EyeGrades",
+    "GradedField",
+    "add_review",
+    "add_user",
+    "all_reviews",
+    "count_active_users",
+    "current_review",
+    "current_reviews",
+    "exam_reports",
+    "first_report_times",
+    "get_user",
+    "graded_fields",
+    "list_users",
+    "report_of_review",
+    "review_history",
+]

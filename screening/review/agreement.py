@@ -1,0 +1,239 @@
+"""How often the model and the graders agree: the audit's answer to a clinical lead's first question.
+
+For the visits in the audit's period (a visit counts when one of the photos its report shows arrived in the
+period; with a model-version filter, when that photo was graded by that version):
+
+* **share reviewed**: visits with at least one sign-off / visits graded;
+* **DR agreement**: quadratic-weighted Cohen's kappa (scikit-learn) between the model's DR grade and the
+  grader's, over the eyes the grader found gradable, plus the share of exact agreement; the same for DME
+  risk. Each eye is compared with the model's result for the very photo the grader reviewed; an eye whose photo
+  the model found ungradable (the intake checks: no grade) is not in the kappas: it is counted as
+  ``eyes_model_ungradable``, and as ``eyes_ungradable`` too when the grader agreed;
+* **referral**: sensitivity and specificity of the model's referral (``urgent``/``soon``/``routine`` =
+  refer, as shown to the grader) against the grader's; visits the grader could not grade (``ungradable``)
+  are left out and counted;
+* **time to review**: median seconds from the visit's first report (its draft) to its first sign-off.
+
+Overall and per model version, the visit's **current** (latest) sign-off is compared. Per reviewer, each
+reviewer's own latest sign-off of each visit they reviewed is compared, and their time to review is to
+their first sign-off of it; their ``share_reviewed`` is of all visits graded in the period. A visit belongs
+to the model version that graded its newest photo; an eye to the version that graded that eye.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+import warnings
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from screening.db import reviews as rrepo
+from screening.db.models import Result, Review, ReviewOutcome
+from screening.report import NO_GRADE_LEVELS, REFER_LEVELS
+from screening.review.visits import Visit, load_visits
+
+ALL = "ALL"
+
+
+@dataclass
+class AgreementStats:
+    group: str  # the model version, the reviewer's name, or ALL
+    visits_graded: int = 0
+    visits_reviewed: int = 0
+    share_reviewed: float | None = None
+    visits_corrected: int = 0
+    eyes_compared: int = 0  # gradable for the grader
+    eyes_ungradable: int = 0
+    eyes_model_ungradable: int = 0  # the model found the photo ungradable: no grade to compare
+    dr_kappa: float | None = None  # quadratic weights
+    dr_exact_agreement: float | None = None
+    dme_kappa: float | None = None
+    dme_exact_agreement: float | None = None
+    referral_true_pos: int = 0
+    referral_false_pos: int = 0
+    referral_false_neg: int = 0
+    referral_true_neg: int = 0
+    referral_sensitivity: float | None = None
+    referral_specificity: float | None = None
+    visits_ungradable: int = 0  # the grader's referral says no grade could be given: not in sensitivity/specificity
+    review_time_n: int = 0  # visits with both a report and a sign-off
+    review_time_p50_s: float | None = None
+
+
+@dataclass
+class AgreementSummary:
+    overall: AgreementStats
+    by_model: dict[str, AgreementStats] = field(default_factory=dict)
+    by_reviewer: dict[str, AgreementStats] = field(default_factory=dict)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> AgreementSummary:
+        return cls(
+            overall=AgreementStats(**d["overall"]),
+            by_model={k: AgreementStats(**v) for k, v in d["by_model"].items()},
+            by_reviewer={k: AgreementStats(**v) for k, v in d["by_reviewer"].items()},
+        )
+
+
+@dataclass
+class _Acc:
+    """What one group collects before its statistics are computed."""
+
+    visits: set[int] = field(default_factory=set)
+    reviewed: set[int] = field(default_factory=set)
+    corrected: int = 0
+    dr: list[tuple[int, int]] = field(default_factory=list)  # (model, grader)
+    dme: list[tuple[int, int]] = field(default_factory=list)
+    ungradable_eyes: int = 0
+    model_ungradable_eyes: int = 0
+    referral: list[tuple[bool, bool]] = field(default_factory=list)  # (model refers, grader refers)
+    no_grade_visits: int = 0
+    waits: list[float] = field(default_factory=list)
+
+
+def _kappa(pairs: list[tuple[int, int]], labels: list[int]) -> float | None:
+    """Quadratic-weighted kappa; None when undefined (no pairs, or both raters gave one and the same grade)."""
+    if not pairs:
+        return None
+    from sklearn.exceptions import UndefinedMetricWarning
+    from sklearn.metrics import cohen_kappa_score
+
+    with warnings.catch_warnings():  # undefined is an expected answer here (None), not a problem to warn about
+        warnings.simplefilter("ignore", UndefinedMetricWarning)
+        with_nan = cohen_kappa_score([m for m, _ in pairs], [g for _, g in pairs], labels=labels, weights="quadratic")
+    return None if math.isnan(with_nan) else float(with_nan)
+
+
+def _stats(group: str, acc: _Acc, visits_graded: int) -> AgreementStats:
+    from sklearn.metrics import confusion_matrix
+
+    s = AgreementStats(group, visits_graded=visits_graded, visits_reviewed=len(acc.reviewed), visits_corrected=acc.corrected)
+    s.share_reviewed = len(acc.reviewed) / visits_graded if visits_graded else None
+    s.eyes_compared, s.eyes_ungradable = len(acc.dr), acc.ungradable_eyes
+    s.eyes_model_ungradable = acc.model_ungradable_eyes
+    s.dr_kappa, s.dme_kappa = _kappa(acc.dr, list(range(5))), _kappa(acc.dme, list(range(3)))
+    if acc.dr:
+        s.dr_exact_agreement = sum(m == g for m, g in acc.dr) / len(acc.dr)
+        s.dme_exact_agreement = sum(m == g for m, g in acc.dme) / len(acc.dme)
+    if acc.referral:
+        tn, fp, fn, tp = (int(x) for x in confusion_matrix([g for _, g in acc.referral], [m for m, _ in acc.referral],
+                                                           labels=[False, True]).ravel())
+        s.referral_true_pos, s.referral_false_pos, s.referral_false_neg, s.referral_true_neg = tp, fp, fn, tn
+        s.referral_sensitivity = tp / (tp + fn) if tp + fn else None
+        s.referral_specificity = tn / (tn + fp) if tn + fp else None
+    s.visits_ungradable = acc.no_grade_visits
+    s.review_time_n = len(acc.waits)
+    s.review_time_p50_s = statistics.median(acc.waits) if acc.waits else None
+    return s
+
+
+def _compare(acc: _Acc, review: Review, model_of: dict[int, tuple[int, int, str]], eye_acc: dict[str, _Acc] | None) -> None:
+    """Add one sign-off's comparison with the model to ``acc`` (eyes also to their model version's ``eye_acc``)."""
+    acc.reviewed.add(review.exam_id)
+    acc.corrected += review.outcome == ReviewOutcome.CORRECTED
+    for e in review.eyes:
+        graded = model_of.get(e.image_id)
+        if graded is None:  # the model found this photo ungradable: nothing to compare the grader's grade with
+            acc.model_ungradable_eyes += 1
+            acc.ungradable_eyes += not e.gradable
+            continue
+        dr, dme, version = graded
+        targets = [acc] + ([eye_acc.setdefault(version, _Acc())] if eye_acc is not None else [])
+        for t in targets:
+            if e.gradable:
+                assert e.dr_grade is not None and e.dme_grade is not None
+                t.dr.append((dr, e.dr_grade))
+                t.dme.append((dme, e.dme_grade))
+            else:
+                t.ungradable_eyes += 1
+    if review.referral in NO_GRADE_LEVELS:
+        acc.no_grade_visits += 1
+    else:
+        acc.referral.append((review.model_referral in REFER_LEVELS, review.referral in REFER_LEVELS))
+
+
+def _wait(visit: Visit, review: Review) -> float | None:
+    if visit.first_report_at is None:
+        return None
+    return (review.reviewed_at - visit.first_report_at).total_seconds()
+
+
+def _in_period(visit: Visit, lo: datetime | None, hi: datetime | None, model_version: str | None) -> bool:
+    return any((lo is None or f.received_at >= lo) and (hi is None or f.received_at < hi)
+               and (model_version is None or f.model_version == model_version) for f in visit.fields)
+
+
+def agreement_summary(
+    session: Session, lo: datetime | None = None, hi: datetime | None = None, model_version: str | None = None
+) -> AgreementSummary:
+    """Agreement statistics for visits with a photo received in ``[lo, hi)`` (UTC; None = open)."""
+    visits = [v for v in load_visits(session) if _in_period(v, lo, hi, model_version)]
+    by_exam = {v.exam_id: v for v in visits}
+    reviews = rrepo.all_reviews(session, by_exam) if by_exam else []
+    image_ids = {e.image_id for r in reviews for e in r.eyes}
+    model_of = {
+        image_id: (dr, dme, version)
+        for image_id, dr, dme, version in session.execute(
+            select(Result.image_id, Result.dr_grade, Result.dme_grade, Result.model_version).where(Result.image_id.in_(image_ids))
+        ).all()
+    } if image_ids else {}
+    per_visit: dict[int, list[Review]] = {}
+    for r in reviews:  # oldest first
+        per_visit.setdefault(r.exam_id, []).append(r)
+
+    overall, models, eye_models, reviewers = _Acc(), {}, {}, {}  # type: ignore[var-annotated]
+    models_visits: dict[str, int] = {}
+    for v in visits:
+        group = models.setdefault(v.model_version, _Acc())
+        models_visits[v.model_version] = models_visits.get(v.model_version, 0) + 1
+        history = per_visit.get(v.exam_id, [])
+        if not history:
+            continue
+        current, first = history[-1], history[0]
+        _compare(overall, current, model_of, eye_models)
+        _compare(group, current, model_of, None)
+        if (w := _wait(v, first)) is not None:
+            overall.waits.append(w)
+            group.waits.append(w)
+        for name in dict.fromkeys(r.reviewer for r in history):
+            own = [r for r in history if r.reviewer == name]
+            acc = reviewers.setdefault(name, _Acc())
+            _compare(acc, own[-1], model_of, None)
+            if (w := _wait(v, own[0])) is not None:
+                acc.waits.append(w)
+    # per model version: visits by the version of their newest photo, eyes by the version that graded them
+    by_model = {}
+    for version in sorted(set(models) | set(eye_models)):
+        acc = models.get(version, _Acc())
+        eyes = eye_models.get(version, _Acc())
+        acc.dr, acc.dme, acc.ungradable_eyes = eyes.dr, eyes.dme, eyes.ungradable_eyes
+        by_model[version] = _stats(version, acc, models_visits.get(version, 0))
+    return AgreementSummary(
+        overall=_stats(ALL if model_version is None else model_version, overall, len(visits)),
+        by_model=by_model,
+        by_reviewer={name: _stats(name, acc, len(visits)) for name, acc in sorted(reviewers.items())},
+    )
+
+
+def stat_rows(s: AgreementStats) -> list[tuple[str, Any]]:
+    """(key, value) rows of one group, in the order the audit prints them."""
+    keys = [k for k in AgreementStats.__dataclass_fields__ if k != "group"]
+    return [(k, getattr(s, k)) for k in keys]
+
+
+def groups(summary: AgreementSummary) -> Iterable[tuple[str, str, AgreementStats]]:
+    """(model version label, reviewer label, stats) for each column of the summary."""
+    yield summary.overall.group, "", summary.overall
+    for version, s in summary.by_model.items():
+        yield version, "", s
+    for name, s in summary.by_reviewer.items():
+        yield summary.overall.group, name, s
+
+
+__all__ = ["ALL", "AgreementStats", "AgreementSummary", "agreement_summary", "groups", "stat_rows"]

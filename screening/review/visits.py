@@ -1,0 +1,391 @@
+"""The clinician's sign-off of a visit: what awaits review, what the model said, and recording a
+confirmation or a correction beside (never over) the model's results.
+
+A sign-off covers every eye the visit's report shows (each eye's result, chosen from its photos as the report
+does). Each eye is either gradable, with the grader's DR grade and DME risk, or ungradable; the visit gets the
+grader's referral outcome. A photo the worker found ungradable is shown too: the model's answer for it is
+"ungradable" (no grade), and the model's referral follows ``[screening] ungradable_rule``. The command line, the CSV import and the review page all record through
+:func:`sign_off`, so the same rules hold everywhere.
+"""
+
+from __future__ import annotations
+
+import unicodedata
+from collections.abc import Collection, Iterable, Sequence
+from dataclasses import dataclass
+from datetime import date, datetime, timedelta, timezone
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from screening.db import reviews as rrepo
+from screening.db.models import Exam, Patient, Review, ReviewOutcome, ReviewSource, ReviewUser
+from screening.findings import stored_finding
+from screening.report import (
+    EYE_NAMES,
+    NO_GRADE_LEVELS,
+    REFER_LEVELS,
+    REFERRAL_LEVELS,
+    EyeFinding,
+    EyeResultRule,
+    EyeReview,
+    Referral,
+    ReviewNote,
+    UngradableRule,
+    eye_result,
+    referral_recommendation,
+)
+from training.common import DME_GRADES, DR_GRADES
+
+REVIEWER_MAX_CHARS = 120
+COMMENT_MAX_CHARS = 2000
+FUTURE_TOLERANCE = timedelta(minutes=5)  # clock skew between the grading centre and this machine
+# What a grader may choose as the referral ('no_images' is for visits without photos, which are never reviewed).
+GRADER_REFERRALS = tuple(k for k in REFERRAL_LEVELS if k != "no_images")
+
+
+class ReviewError(ValueError):
+    """A sign-off that cannot be recorded: the message says what was wrong and what to do."""
+
+
+# --------------------------------------------------------------------------------------------- visits
+
+
+NOT_GRADED = "not graded"  # the model version of a visit whose photos were all ungradable (no grading model ran)
+
+
+@dataclass(frozen=True)
+class VisitField:
+    """One photograph (field) of an eye: the model's finding for it (graded, or ungradable with its reasons)."""
+
+    image_id: int
+    source_name: str
+    finding: EyeFinding
+    model_version: str | None  # None: ungradable, the grading model did not run on it
+    checkpoint_sha256: str | None
+    graded_at: datetime  # when its result (or its ungradable verdict) was stored: when it joined the visit
+    received_at: datetime  # when the photo arrived (the audit's date basis)
+
+    @property
+    def model_label(self) -> str:
+        return self.model_version or "gradability check: ungradable"
+
+
+@dataclass(frozen=True)
+class VisitEye:
+    """One eye of a visit as the report shows it: every graded field, and the one that gives the eye's result
+    (``screening.report.eye_result``, by the ``[screening] eye_result`` rule). A sign-off answers for the eye."""
+
+    eye: str
+    fields: tuple[VisitField, ...]  # in arrival order
+    result: VisitField
+
+    @property
+    def name(self) -> str:
+        return EYE_NAMES[self.eye]
+
+    @property
+    def finding(self) -> EyeFinding:
+        return self.result.finding
+
+    @property
+    def image_id(self) -> int:
+        """The field whose result stands for the eye (what a sign-off records it reviewed)."""
+        return self.result.image_id
+
+    @property
+    def model_answer(self) -> EyeReview:
+        f = self.finding
+        return EyeReview(f.eye, f.gradable, f.dr_grade, f.dme_grade)
+
+
+@dataclass(frozen=True)
+class Visit:
+    exam_id: int
+    patient_code: str
+    exam_date: date
+    eyes: tuple[VisitEye, ...]  # right eye first
+    model_referral: Referral
+    current_review: Review | None
+    first_report_at: datetime | None
+    eye_result_rule: EyeResultRule = "worst"
+    ungradable_rule: UngradableRule = "recall"
+
+    def eye(self, code: str) -> VisitEye | None:
+        return next((e for e in self.eyes if e.eye == code), None)
+
+    @property
+    def fields(self) -> tuple[VisitField, ...]:
+        return tuple(f for e in self.eyes for f in e.fields)
+
+    @property
+    def image_ids(self) -> dict[str, int]:
+        """Per eye, the field that gives the eye's result."""
+        return {e.eye: e.image_id for e in self.eyes}
+
+    @property
+    def field_ids(self) -> frozenset[int]:
+        """Every graded photograph of the visit (what a grader saw on the page)."""
+        return frozenset(f.image_id for f in self.fields)
+
+    @property
+    def awaiting_review(self) -> bool:
+        """No sign-off yet, or one that does not cover the visit as it is now: an eye it did not answer for, or
+        a photograph graded after it was recorded (a new field, a second eye)."""
+        r = self.current_review
+        if r is None or {e.eye for e in r.eyes} != {e.eye for e in self.eyes}:
+            return True
+        return any(f.graded_at > r.created_at for f in self.fields)
+
+    @property
+    def referable(self) -> bool:
+        return self.model_referral.level in REFER_LEVELS
+
+    @property
+    def ready_at(self) -> datetime:
+        """Since when the visit could be reviewed: its first report, else its first graded photo."""
+        return self.first_report_at or min(f.graded_at for f in self.fields)
+
+    @property
+    def newest(self) -> VisitField:
+        return max(self.fields, key=lambda f: (f.graded_at, f.image_id))
+
+    @property
+    def newest_graded(self) -> VisitField | None:
+        """The newest field the grading model graded (None when every photo was ungradable)."""
+        graded = [f for f in self.fields if f.model_version is not None]
+        return max(graded, key=lambda f: (f.graded_at, f.image_id)) if graded else None
+
+    @property
+    def model_version(self) -> str:
+        """The version that graded the visit's newest graded photo; :data:`NOT_GRADED` when none was graded."""
+        graded = self.newest_graded
+        return graded.model_version or NOT_GRADED if graded is not None else NOT_GRADED
+
+    def report_findings(self) -> list[EyeFinding]:
+        """Every field's finding as the report lists them (right eye first, arrival order within an eye)."""
+        return [f.finding for f in self.fields]
+
+
+def _field(g: rrepo.GradedField) -> VisitField:
+    finding = stored_finding(g.image, g.result)
+    if finding is None:  # graded_fields selects only photos a report shows
+        raise LookupError(f"image {g.image.id} is neither graded nor stored as ungradable")
+    if g.result is not None:
+        return VisitField(image_id=g.image.id, source_name=g.image.source_name, finding=finding,
+                          model_version=g.result.model_version, checkpoint_sha256=g.result.checkpoint_sha256,
+                          graded_at=g.result.created_at, received_at=g.image.received_at)
+    return VisitField(image_id=g.image.id, source_name=g.image.source_name, finding=finding, model_version=None,
+                      checkpoint_sha256=None, graded_at=g.image.stored_at or g.image.updated_at,
+                      received_at=g.image.received_at)
+
+
+def load_visits(session: Session, exam_ids: Iterable[int] | None = None, rule: EyeResultRule = "worst",
+                ungradable_rule: UngradableRule = "recall") -> list[Visit]:
+    """Visits with at least one photo the report shows (of ``exam_ids``, or all), ordered by exam id; each eye's
+    result is chosen by ``rule`` (the worker's ``[screening] eye_result``), and the model's referral for an
+    ungradable eye by ``ungradable_rule`` (``[screening] ungradable_rule``)."""
+    ids = None if exam_ids is None else list(exam_ids)
+    graded = rrepo.graded_fields(session, ids)
+    if not graded:
+        return []
+    reviews = rrepo.current_reviews(session, graded)
+    first_reports = rrepo.first_report_times(session, graded)
+    rows = session.execute(
+        select(Exam.id, Exam.exam_date, Patient.code).join(Patient, Patient.id == Exam.patient_id).where(Exam.id.in_(list(graded)))
+    ).all()
+    visits = []
+    for exam_id, exam_date, code in sorted(rows):
+        eyes = []
+        for eye, graded_fields in graded[exam_id].items():
+            fields = tuple(_field(g) for g in graded_fields)
+            chosen = eye_result([f.finding for f in fields], rule)
+            eyes.append(VisitEye(eye, fields, next(f for f in fields if f.finding is chosen)))
+        visits.append(Visit(
+            exam_id=exam_id, patient_code=code, exam_date=exam_date, eyes=tuple(eyes),
+            model_referral=referral_recommendation([e.finding for e in eyes], ungradable_rule),
+            current_review=reviews.get(exam_id), first_report_at=first_reports.get(exam_id), eye_result_rule=rule,
+            ungradable_rule=ungradable_rule,
+        ))
+    return visits
+
+
+def load_visit(session: Session, exam_id: int, rule: EyeResultRule = "worst",
+               ungradable_rule: UngradableRule = "recall") -> Visit:
+    found = load_visits(session, [exam_id], rule, ungradable_rule)
+    if found:
+        return found[0]
+    if session.get(Exam, exam_id) is None:
+        raise ReviewError(f"there is no visit {exam_id}; `dr-screen review list` shows the visits and their numbers")
+    raise ReviewError(f"visit {exam_id} has no graded photo yet: there is nothing to review")
+
+
+def review_queue(session: Session, rule: EyeResultRule = "worst", ungradable_rule: UngradableRule = "recall") -> list[Visit]:
+    """Visits awaiting review: those the model would refer first, then oldest first (by :attr:`Visit.ready_at`)."""
+    waiting = [v for v in load_visits(session, rule=rule, ungradable_rule=ungradable_rule) if v.awaiting_review]
+    return sorted(waiting, key=lambda v: (not v.referable, v.ready_at, v.exam_id))
+
+
+def recently_reviewed(session: Session, limit: int = 50, rule: EyeResultRule = "worst",
+                      ungradable_rule: UngradableRule = "recall") -> list[Visit]:
+    """Visits whose current sign-off covers their photos, most recently signed off first."""
+    done = [v for v in load_visits(session, rule=rule, ungradable_rule=ungradable_rule) if not v.awaiting_review]
+    return sorted(done, key=lambda v: -(v.current_review.id if v.current_review else 0))[:limit]
+
+
+# ------------------------------------------------------------------------------------------- sign-off
+
+
+def referral_from_answers(answers: Iterable[EyeReview]) -> str:
+    """The referral the grader's own answers imply: the report's worse-eye rule over the gradable eyes, and at
+    least a recall when an eye could not be graded."""
+    answers = list(answers)
+    gradable = [a for a in answers if a.gradable]
+    if not gradable:
+        return "ungradable"
+    findings = []
+    for a in gradable:
+        assert a.dr_grade is not None and a.dme_grade is not None
+        findings.append(EyeFinding(
+            eye=a.eye, source_name="", photo_path=None, overlay_path=None, dr_cam_path=None, dme_cam_path=None,
+            dr_grade=a.dr_grade, dr_probs=[float(i == a.dr_grade) for i in range(len(DR_GRADES))],
+            dme_grade=a.dme_grade, dme_probs=[float(i == a.dme_grade) for i in range(len(DME_GRADES))],
+            referable_score=0.0, referable=False,  # the grader's grades alone decide
+        ))
+    level = referral_recommendation(findings).level
+    if len(gradable) < len(answers) and REFERRAL_LEVELS[level].rank < REFERRAL_LEVELS["ungradable"].rank:
+        return "ungradable"
+    return level
+
+
+def clean_text(value: str | None, what: str, max_chars: int, *, required: bool, multiline: bool = False) -> str | None:
+    """Strip a free-text field and refuse control characters (they would corrupt exports and logs)."""
+    text = (value or "").strip()
+    if not text:
+        if required:
+            raise ReviewError(f"{what} is empty: give the name the sign-off is made in")
+        return None
+    allowed = {"\n", "\r", "\t"} if multiline else set()
+    if any(unicodedata.category(c) == "Cc" and c not in allowed for c in text):
+        raise ReviewError(f"{what} contains control characters; type it as plain text")
+    if len(text) > max_chars:
+        raise ReviewError(f"{what} is {len(text)} characters long; at most {max_chars} are kept")
+    return text
+
+
+_UNSET: object = object()
+
+
+def sign_off(
+    session: Session,
+    exam_id: int,
+    *,
+    reviewer: str,
+    source: str,
+    answers: Sequence[EyeReview] | None = None,
+    referral: str | None = None,
+    comment: str | None = None,
+    user: ReviewUser | None = None,
+    reviewed_at: datetime | None = None,
+    seen_fields: Collection[int] | None = None,
+    seen_review_id: int | None | object = _UNSET,
+    rule: EyeResultRule = "worst",
+    ungradable_rule: UngradableRule = "recall",
+) -> Review:
+    """Record a confirmation (``answers=None``: the model's grades and its referral) or a correction.
+
+    ``answers``: one :class:`EyeReview` per eye the visit's report shows (for the eye, whatever its number of
+    fields; ``rule`` decides which field's result is the model's answer, as on the report; an eye the worker found
+    ungradable has "ungradable" as the model's answer, and ``ungradable_rule`` its referral). ``referral``: a key of
+    :data:`GRADER_REFERRALS`, or None for the one the answers imply (:func:`referral_from_answers`); a
+    referral less urgent than the grader's own grades imply is refused. ``seen_fields`` and ``seen_review_id``
+    (the review page sends them) refuse a sign-off of a visit that changed since the grader opened it: a new
+    photo, or someone else's sign-off. Flushes, never commits.
+    """
+    visit = load_visit(session, exam_id, rule, ungradable_rule)
+    name = clean_text(reviewer, "the reviewer's name", REVIEWER_MAX_CHARS, required=True)
+    assert name is not None
+    note = clean_text(comment, "the comment", COMMENT_MAX_CHARS, required=False, multiline=True)
+    try:
+        source = ReviewSource(source).value
+    except ValueError:
+        raise ReviewError(f"unknown review source {source!r}; expected one of {[s.value for s in ReviewSource]}") from None
+    if seen_fields is not None and frozenset(seen_fields) != visit.field_ids:
+        raise ReviewError(f"visit {exam_id} changed while it was open: a new photo was graded. Look at it, then sign off again")
+    current = visit.current_review
+    if seen_review_id is not _UNSET and seen_review_id != (current.id if current else None):
+        who = f"{current.reviewer} ({current.reviewed_at:%Y-%m-%d %H:%M} UTC)" if current else "nobody"
+        raise ReviewError(f"visit {exam_id} was signed off by {who} while it was open; reload it to see that sign-off, "
+                          "then confirm or correct again")
+    model = {e.eye: e.model_answer for e in visit.eyes}
+    if answers is None:
+        given = dict(model)
+        level = referral or visit.model_referral.level
+    else:
+        given = {}
+        for a in answers:
+            if a.eye in given:
+                raise ReviewError(f"the {EYE_NAMES[a.eye].lower()} is given twice")
+            given[a.eye] = a
+        level = referral or referral_from_answers(given.values())
+    if missing := [EYE_NAMES[e].lower() for e in model if e not in given]:
+        raise ReviewError(f"visit {exam_id}: the review leaves out the {' and '.join(missing)}; give an answer for "
+                          "every eye the report shows (mark an eye ungradable if it could not be graded)")
+    if extra := [EYE_NAMES[e].lower() for e in given if e not in model]:
+        raise ReviewError(f"visit {exam_id} has no graded photo of the {' and '.join(extra)}")
+    if level not in GRADER_REFERRALS:
+        raise ReviewError(f"unknown referral {level!r}; choose one of {', '.join(GRADER_REFERRALS)}")
+    implied = referral_from_answers(given.values())
+    if answers is not None and REFERRAL_LEVELS[level].rank < REFERRAL_LEVELS[implied].rank:
+        raise ReviewError(f"the referral '{REFERRAL_LEVELS[level].text}' is less urgent than the grades given imply "
+                          f"('{REFERRAL_LEVELS[implied].text}'); choose the referral again, or let it follow the grades")
+    when = reviewed_at or datetime.now(timezone.utc)
+    if when.tzinfo is None:
+        raise ReviewError("the review time has no time zone")
+    if when > datetime.now(timezone.utc) + FUTURE_TOLERANCE:
+        raise ReviewError(f"the review time {when:%Y-%m-%d %H:%M} UTC is in the future")
+    ordered = [given[e.eye] for e in visit.eyes]
+    same = all(given[e] == model[e] for e in model) and level == visit.model_referral.level
+    exam = session.get(Exam, exam_id)
+    assert exam is not None
+    return rrepo.add_review(
+        session, exam, reviewer=name, source=source,
+        outcome=(ReviewOutcome.CONFIRMED if same else ReviewOutcome.CORRECTED).value,
+        referral=level, model_referral=visit.model_referral.level, comment=note, user=user, reviewed_at=when,
+        eyes=[rrepo.EyeGrades(image_id=visit.image_ids[a.eye], eye=a.eye, gradable=a.gradable, dr_grade=a.dr_grade,
+                              dme_grade=a.dme_grade) for a in ordered],
+    )
+
+
+def answers_of(review: Review) -> tuple[EyeReview, ...]:
+    return tuple(EyeReview(e.eye, e.gradable, e.dr_grade, e.dme_grade) for e in review.eyes)  # type: ignore[arg-type]
+
+
+def review_note(review: Review) -> ReviewNote:
+    """The sign-off as the reviewed report prints it (local time of this machine, like the report's own date)."""
+    return ReviewNote(
+        reviewer=review.reviewer, reviewed_at=review.reviewed_at.astimezone(), outcome=review.outcome,  # type: ignore[arg-type]
+        referral=review.referral, eyes=answers_of(review), comment=review.comment,
+    )
+
+
+__all__ = [
+    "COMMENT_MAX_CHARS",
+    "GRADER_REFERRALS",
+    "NOT_GRADED",
+    "NO_GRADE_LEVELS",
+    "REVIEWER_MAX_CHARS",
+    "ReviewError",
+    "Visit",
+    "VisitEye",
+    "VisitField",
+    "answers_of",
+    "clean_text",
+    "load_visit",
+    "load_visits",
+    "recently_reviewed",
+    "referral_from_answers",
+    "review_note",
+    "review_queue",
+    "sign_off",
+]

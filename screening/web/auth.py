@@ -1,0 +1,81 @@
+"""Logins for the review page: password hashing, user names, and a brake on password guessing.
+
+Passwords are hashed with Werkzeug's ``generate_password_hash`` (scrypt, n=32768 r=8 p=1, a random salt
+per password, parameters stored in the hash so that stronger defaults apply to new hashes without
+breaking old ones): a maintained KDF instead of hand-rolled parameters.
+"""
+
+from __future__ import annotations
+
+import re
+import threading
+import time
+
+from werkzeug.security import check_password_hash, generate_password_hash
+
+MIN_PASSWORD_CHARS = 10
+USERNAME_RE = re.compile(r"[A-Za-z0-9._-]{1,64}")
+# A constant hash to check against when the user does not exist, so that a wrong user name takes as long
+# as a wrong password (no user-name probing by timing).
+_DUMMY_HASH = generate_password_hash("not a password of anybody", method="scrypt")
+
+
+class AuthError(ValueError):
+    """A user name or password that cannot be used; the message says why."""
+
+
+def check_username(username: str) -> str:
+    name = username.strip()
+    if not USERNAME_RE.fullmatch(name):
+        raise AuthError(f"user name {username!r}: use 1-64 letters, digits, '.', '_' or '-'")
+    return name
+
+
+def hash_password(password: str) -> str:
+    if len(password) < MIN_PASSWORD_CHARS:
+        raise AuthError(f"the password is {len(password)} characters long; use at least {MIN_PASSWORD_CHARS}")
+    if password.strip() != password:
+        raise AuthError("the password starts or ends with white space (a copy-paste slip?); type it again")
+    return generate_password_hash(password, method="scrypt")
+
+
+def verify_password(password_hash: str | None, password: str) -> bool:
+    """True when ``password`` matches; with ``password_hash=None`` (unknown user) spends the same time."""
+    if password_hash is None:
+        check_password_hash(_DUMMY_HASH, password)
+        return False
+    return check_password_hash(password_hash, password)
+
+
+class LoginThrottle:
+    """Refuses logins of a user name for ``lockout_s`` after ``max_failures`` failed attempts within
+    ``window_s`` (in memory: a restart of the page forgets it, which is acceptable for a local service)."""
+
+    def __init__(self, max_failures: int = 5, window_s: float = 900.0, lockout_s: float = 900.0) -> None:
+        self.max_failures, self.window_s, self.lockout_s = max_failures, window_s, lockout_s
+        self._failures: dict[str, list[float]] = {}
+        self._locked_until: dict[str, float] = {}
+        self._lock = threading.Lock()
+
+    def locked(self, username: str, now: float | None = None) -> float:
+        """Seconds until ``username`` may try again (0 when it may now)."""
+        now = time.monotonic() if now is None else now
+        with self._lock:
+            return max(0.0, self._locked_until.get(username.lower(), 0.0) - now)
+
+    def failed(self, username: str, now: float | None = None) -> None:
+        now = time.monotonic() if now is None else now
+        key = username.lower()
+        with self._lock:
+            recent = [t for t in self._failures.get(key, []) if now - t < self.window_s] + [now]
+            self._failures[key] = recent
+            if len(recent) >= self.max_failures:
+                self._locked_until[key] = now + self.lockout_s
+                self._failures[key] = []
+
+    def succeeded(self, username: str) -> None:
+        with self._lock:
+            self._failures.pop(username.lower(), None)
+
+
+__all__ = ["MIN_PASSWORD_CHARS", "AuthError", "LoginThrottle", "check_username", "hash_password", "verify_password"]

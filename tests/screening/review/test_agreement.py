@@ -1,0 +1,127 @@
+"""Model-versus-grader agreement in the audit, on seeded visits with hand-computed answers."""
+
+from __future__ import annotations
+
+import csv
+import json
+from datetime import date, timedelta
+
+import pytest
+
+from screening.audit import audit_summary, format_table, read_json, write_csv, write_json
+from screening.db import session_scope
+from screening.report import EyeReview
+from screening.review import sign_off
+from screening.review.agreement import AgreementStats, agreement_summary
+
+from .conftest import T0, at, seed_ungradable, seed_visit
+
+DAY = date(2025, 3, 3)
+
+
+@pytest.fixture
+def reviewed(factory):
+    """V1-V3 graded by v1, V4-V5 by v2, V6 (v1) received the next day; reviews by A and B (see each line)."""
+    with session_scope(factory) as s:
+        v1 = seed_visit(s, "V1", {"R": (2, 0, True), "L": (0, 0, False)}, report_at=at(100)).id
+        v2 = seed_visit(s, "V2", {"R": (1, 0, False)}, report_at=at(200)).id
+        v3 = seed_visit(s, "V3", {"R": (4, 0, True)}, report_at=at(300)).id
+        v4 = seed_visit(s, "V4", {"L": (2, 1, True)}, model_version="v2", report_at=at(400)).id
+        seed_visit(s, "V5", {"R": (0, 0, False)}, model_version="v2", report_at=at(500))
+        seed_visit(s, "V6", {"R": (0, 0, False)}, received=T0 + timedelta(days=1))
+    with session_scope(factory) as s:
+        sign_off(s, v1, reviewer="A", source="cli", reviewed_at=at(1100))  # confirmed: both refer (TP)
+        sign_off(s, v2, reviewer="A", source="cli", reviewed_at=at(2200), answers=[EyeReview("R", True, 3, 0)])  # FN
+        sign_off(s, v3, reviewer="B", source="cli", reviewed_at=at(3300), answers=[EyeReview("R", False, None, None)])
+        sign_off(s, v4, reviewer="B", source="cli", reviewed_at=at(4400), answers=[EyeReview("L", True, 1, 0)])  # FP
+        sign_off(s, v4, reviewer="A", source="cli", reviewed_at=at(10400))  # current: confirmed (TP)
+    return factory
+
+
+def _check(stats: AgreementStats, **expected):
+    for key, value in expected.items():
+        got = getattr(stats, key)
+        assert got == (pytest.approx(value) if isinstance(value, float) else value), key
+
+
+def test_agreement_overall_per_model_version_and_per_reviewer(reviewed):
+    with session_scope(reviewed) as s:
+        summary = audit_summary(s, DAY, DAY).agreement
+    _check(summary.overall, group="ALL", visits_graded=5, visits_reviewed=4, share_reviewed=0.8, visits_corrected=2,
+           eyes_compared=4, eyes_ungradable=1, dr_kappa=9 / 17, dr_exact_agreement=0.75, dme_kappa=1.0,
+           dme_exact_agreement=1.0, referral_true_pos=2, referral_false_neg=1, referral_false_pos=0, referral_true_neg=0,
+           referral_sensitivity=2 / 3, referral_specificity=None, visits_ungradable=1, review_time_n=4,
+           review_time_p50_s=2500.0)
+    assert list(summary.by_model) == ["v1", "v2"]
+    _check(summary.by_model["v1"], visits_graded=3, visits_reviewed=3, share_reviewed=1.0, visits_corrected=2,
+           dr_kappa=0.5, referral_sensitivity=0.5, visits_ungradable=1, review_time_p50_s=2000.0)
+    _check(summary.by_model["v2"], visits_graded=2, visits_reviewed=1, share_reviewed=0.5, visits_corrected=0,
+           eyes_compared=1, dr_kappa=None, dr_exact_agreement=1.0, referral_sensitivity=1.0, review_time_p50_s=4000.0)
+    assert list(summary.by_reviewer) == ["A", "B"]
+    _check(summary.by_reviewer["A"], visits_graded=5, visits_reviewed=3, share_reviewed=0.6, visits_corrected=1,
+           dr_kappa=9 / 17, referral_true_pos=2, referral_false_neg=1, review_time_p50_s=2000.0)  # 1000, 2000, 10000
+    _check(summary.by_reviewer["B"], visits_reviewed=2, share_reviewed=0.4, visits_corrected=2, eyes_compared=1,
+           eyes_ungradable=1, dr_kappa=0.0, dr_exact_agreement=0.0, referral_false_pos=1, referral_specificity=0.0,
+           referral_sensitivity=None, visits_ungradable=1, review_time_p50_s=3500.0)
+
+
+def test_period_and_model_version_filters(reviewed):
+    with session_scope(reviewed) as s:
+        assert agreement_summary(s).overall.visits_graded == 6  # V6 counts without a period
+        only_v2 = audit_summary(s, model_version="v2").agreement
+    _check(only_v2.overall, group="v2", visits_graded=2, visits_reviewed=1, referral_true_pos=1)
+    assert list(only_v2.by_model) == ["v2"] and list(only_v2.by_reviewer) == ["A", "B"]  # both signed V4 off
+
+
+def test_no_reviews_gives_empty_statistics(factory):
+    with session_scope(factory) as s:
+        seed_visit(s, "V1", {"R": (0, 0, False)})
+        overall = agreement_summary(s).overall
+    _check(overall, visits_graded=1, visits_reviewed=0, share_reviewed=0.0, dr_kappa=None, referral_sensitivity=None,
+           review_time_p50_s=None)
+
+
+def test_agreement_is_in_the_table_the_csv_and_the_json(reviewed, tmp_path):
+    with session_scope(reviewed) as s:
+        summary = audit_summary(s, DAY, DAY)
+    table = format_table(summary)
+    assert "DR kappa (quadratic)" in table and "A (reviewer)" in table and "Referral sensitivity" in table
+    kappa_line = next(line for line in table.splitlines() if line.startswith("DR kappa"))
+    assert kappa_line.split()[3:] == ["0.529", "0.500", "-", "0.529", "0.000"]  # ALL, v1, v2, A, B
+    assert "41.7 min" in next(line for line in table.splitlines() if line.startswith("Report to review"))  # 2500 s
+
+    rows = list(csv.DictReader(write_csv(summary, tmp_path / "a.csv").open()))
+    by = {(r["section"], r["model_version"], r["reviewer"], r["key"]): r["value"] for r in rows}
+    assert by[("agreement", "ALL", "", "dr_kappa")] == "0.529"
+    assert by[("agreement", "v1", "", "referral_sensitivity")] == "0.5"
+    assert by[("agreement", "ALL", "B", "referral_specificity")] == "0.0"
+    assert by[("agreement", "ALL", "A", "share_reviewed")] == "0.6"
+    assert by[("images", "ALL", "", "graded")] == "6"  # the existing rows are unchanged
+
+    write_json(summary, tmp_path / "a.json")
+    data = json.loads((tmp_path / "a.json").read_text())
+    assert data["agreement"]["by_reviewer"]["B"]["referral_false_pos"] == 1
+    assert read_json(tmp_path / "a.json") == summary
+
+
+def test_the_table_labels_every_statistic():
+    from screening.audit import _AGREEMENT_LABELS
+
+    assert list(_AGREEMENT_LABELS) == [k for k in AgreementStats.__dataclass_fields__ if k != "group"]
+
+
+def test_an_eye_the_model_found_ungradable_is_counted_not_compared(factory):
+    with session_scope(factory) as s:
+        exam = seed_visit(s, "U1", {"R": (2, 0, True)}, report_at=at(100))
+        seed_ungradable(s, exam, "L", stored=at(50))
+        other = seed_visit(s, "U2", {"R": (0, 0, False)}, report_at=at(100))
+        seed_ungradable(s, other, "L", stored=at(50))
+        ids = exam.id, other.id
+    with session_scope(factory) as s:
+        sign_off(s, ids[0], reviewer="A", source="cli", reviewed_at=at(1000))  # agrees: left ungradable
+        sign_off(s, ids[1], reviewer="A", source="cli", reviewed_at=at(1000),
+                 answers=[EyeReview("R", True, 0, 0), EyeReview("L", True, 1, 0)])  # graded the left eye
+    with session_scope(factory) as s:
+        overall = agreement_summary(s).overall
+    assert (overall.eyes_compared, overall.eyes_model_ungradable, overall.eyes_ungradable) == (2, 2, 1)
+    assert overall.dr_exact_agreement == 1.0  # the two right eyes; the left ones had no model grade to compare

@@ -1,0 +1,125 @@
+"""The reviewed version of a visit's report, from a real worker run (tiny model, synthetic photos)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from pypdf import PdfReader
+from sqlalchemy import select
+
+from screening.db import reviews as rrepo
+from screening.db import session_scope
+from screening.db.models import Event, Report
+from screening.report import EyeReview, ReportError
+from screening.review import ReviewError, load_visit, sign_off
+from screening.review.reviewed_report import ModelCatalog, render_reviewed_report
+
+from ..conftest import TEMPLATES, run_worker
+
+
+def _text(path) -> str:
+    """The PDF's text, white space collapsed (headings are upper-cased by the stylesheet: compare case-blind)."""
+    return " ".join(" ".join((p.extract_text() or "").split()) for p in PdfReader(str(path)).pages)
+
+
+def _has(text: str, needle: str) -> bool:
+    return " ".join(needle.split()).lower() in text.lower()
+
+
+def _render(w, exam_id, catalog=None, templates=TEMPLATES):
+    return render_reviewed_report(w.factory, exam_id, catalog=catalog or ModelCatalog.from_settings(w.settings),
+                                  clinic_name="North Clinic", templates_dir=templates, reports_dir=w.settings.reports, retries=1)
+
+
+def test_correction_is_rendered_as_a_new_version_beside_the_models_answers(worked):
+    exam_id = worked.exams["P1"]
+    with session_scope(worked.factory) as s:
+        visit = load_visit(s, exam_id)
+        right = visit.eye("R").finding
+        new_dr = (right.dr_grade + 2) % 5
+        review = sign_off(s, exam_id, reviewer="Dr A. Grey", source="cli", comment="see <macula>",
+                          answers=[EyeReview("R", True, new_dr, right.dme_grade), EyeReview("L", False, None, None)])
+        review_id = review.id
+        [draft] = rrepo.exam_reports(s, exam_id)
+    draft_bytes = open(draft.path, "rb").read()
+
+    report = _render(worked, exam_id)
+    assert (report.version, report.review_id) == (draft.version + 1, review_id)
+    assert report.path.endswith(f"report_v{report.version}.pdf") and report.path != draft.path
+    assert open(draft.path, "rb").read() == draft_bytes  # the draft version stays as it was
+    text = _text(report.path)
+    for needle in ["Clinician sign-off", "Reviewed by Dr A. Grey on", "corrected the automated grading", "Comment: see <macula>",
+                   f"Grader: {new_dr} –", "(corrected)", "Grader: ungradable",
+                   f"{right.dr_grade} – {right.dr_name}",  # the model's own answer is still printed
+                   "Model's recommendation", "NOT FOR CLINICAL USE"]:  # a demo model stays watermarked
+        assert _has(text, needle), needle
+    # the sign-off box adds at most a page (test_report checks that typical findings stay on two)
+    assert len(PdfReader(report.path).pages) <= len(PdfReader(draft.path).pages) + 1
+    with session_scope(worked.factory) as s:
+        assert rrepo.report_of_review(s, review_id).version == report.version
+        assert [r.version for r in rrepo.exam_reports(s, exam_id)] == [report.version, draft.version]
+
+
+def test_confirmation_says_confirmed_and_takes_metrics_from_the_grading_checkpoint(worked):
+    exam_id = worked.exams["P2"]
+    with session_scope(worked.factory) as s:
+        sign_off(s, exam_id, reviewer="Ms B. Abbot", source="web")
+    catalog = ModelCatalog.from_settings(worked.settings)
+    text = _text(_render(worked, exam_id, catalog).path)
+    assert "confirmed the automated grading" in text and "(corrected)" not in text
+    assert "Validation DR kappa" in text and "test-synthetic-v1" in text
+    # the checkpoint that graded the visit is gone: no metrics of another model, a 'synthetic' version stays demo
+    with session_scope(worked.factory) as s:
+        sign_off(s, exam_id, reviewer="Ms B. Abbot", source="web", comment="second look")
+    text = _text(_render(worked, exam_id, ModelCatalog([worked.settings.work_dir / "nothing.pt"])).path)
+    assert "Validation DR kappa" not in text and "NOT FOR CLINICAL USE" in text and "second look" in text
+
+
+def test_no_reviewed_report_without_a_current_sign_off(worked):
+    with pytest.raises(ReviewError, match="has not been signed off"):
+        _render(worked, worked.exams["P1"])
+
+
+def test_a_failed_render_keeps_the_sign_off_and_logs_it(worked, tmp_path):
+    exam_id = worked.exams["P2"]
+    with session_scope(worked.factory) as s:
+        sign_off(s, exam_id, reviewer="Dr A. Grey", source="cli")
+    broken = tmp_path / "no-templates"
+    broken.mkdir()
+    with pytest.raises((ReportError, FileNotFoundError)):
+        _render(worked, exam_id, templates=broken)
+    with session_scope(worked.factory) as s:
+        assert rrepo.current_review(s, exam_id) is not None
+        assert s.scalars(select(Report).where(Report.review_id.is_not(None))).all() == []
+        assert "review" in s.scalars(select(Event.message).where(Event.kind == "report_failed")).one()
+    assert _render(worked, exam_id).review_id is not None  # and it can be made later
+
+
+def test_reviewed_version_passes_a_version_already_on_disk(worked):
+    """A version the worker published but has not recorded yet is never overwritten: the reviewed one follows it."""
+    exam_id = worked.exams["P2"]
+    with session_scope(worked.factory) as s:
+        sign_off(s, exam_id, reviewer="Dr A. Grey", source="cli")
+        [draft] = rrepo.exam_reports(s, exam_id)
+    unrecorded = Path(draft.path).with_name("report_v2.pdf")
+    unrecorded.write_bytes(b"%PDF-1.4 published by the worker, not yet recorded")
+    report = _render(worked, exam_id)
+    assert report.version == 3 and report.path.endswith("report_v3.pdf")
+    assert unrecorded.read_bytes().startswith(b"%PDF-1.4 published by the worker")
+
+
+def test_a_visit_the_worker_found_ungradable_is_reviewed_and_rendered_with_its_photo(settings, intake_models):
+    """Every photo ungradable (the intake checks' verdict): the visit is still reviewed, its reviewed version shows
+    the ungradable eye, its photo and the grader beside it, and names the configured model (none graded it)."""
+    w = run_worker(settings.model_copy(update={"quality_model": intake_models["dark_blurred"]}), {"U9_R.jpg": 4})
+    exam_id = w.exams["U9"]
+    with session_scope(w.factory) as s:
+        visit = load_visit(s, exam_id)
+        assert visit.newest_graded is None and not visit.eye("R").finding.gradable
+        assert visit.eye("R").finding.photo_path is not None and visit.eye("R").finding.photo_path.is_file()
+        sign_off(s, exam_id, reviewer="Dr A. Grey", source="cli")
+    text = _text(_render(w, exam_id).path)
+    for needle in ["Clinician sign-off", "confirmed the automated grading", "Recall: ungradable image",
+                   "Ungradable: recapture", "Grader: ungradable (agrees)", "test-synthetic-v1"]:
+        assert _has(text, needle), needle

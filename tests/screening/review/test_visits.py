@@ -1,0 +1,207 @@
+"""The review queue and the sign-off rules (seeded visits, no files)."""
+
+from __future__ import annotations
+
+from datetime import date, datetime, timedelta, timezone
+
+import pytest
+from sqlalchemy import select
+
+from screening.db import reviews as rrepo
+from screening.db import session_scope
+from screening.db.models import Exam, Result
+from screening.report import EyeReview
+from screening.review import ReviewError, load_visit, recently_reviewed, referral_from_answers, review_queue, sign_off
+
+from .conftest import T0, at, seed_ungradable, seed_visit
+
+
+def _ids(visits):
+    return [v.patient_code for v in visits]
+
+
+def test_queue_puts_the_models_referrals_first_then_the_oldest(factory):
+    with session_scope(factory) as s:
+        seed_visit(s, "OLD_NORMAL", {"R": (0, 0, False)}, report_at=at(100))
+        seed_visit(s, "NEW_URGENT", {"R": (4, 0, True), "L": (1, 0, False)}, report_at=at(900))
+        seed_visit(s, "OLD_ROUTINE", {"L": (2, 0, True)}, report_at=at(200))
+        seed_visit(s, "NO_REPORT", {"R": (1, 0, False)})  # ready since its result (T0 + 30 s)
+        seed_visit(s, "DME_ONLY", {"R": (0, 1, False)}, report_at=at(50))  # DME risk refers too
+    with session_scope(factory) as s:
+        queue = review_queue(s)
+        assert _ids(queue) == ["DME_ONLY", "OLD_ROUTINE", "NEW_URGENT", "NO_REPORT", "OLD_NORMAL"]
+        assert [v.referable for v in queue] == [True, True, True, False, False]
+        assert queue[3].ready_at == T0 + timedelta(seconds=30) and queue[4].ready_at == at(100)
+        assert recently_reviewed(s) == []
+
+
+def test_confirm_and_correct_are_stored_beside_the_model_and_leave_the_queue(factory):
+    with session_scope(factory) as s:
+        exam = seed_visit(s, "P1", {"R": (2, 0, True), "L": (1, 0, False)}, report_at=at(60))
+        exam_id = exam.id
+    with session_scope(factory) as s:
+        r = sign_off(s, exam_id, reviewer="  Dr Grey ", source="cli")
+        assert (r.outcome, r.referral, r.model_referral, r.reviewer) == ("confirmed", "routine", "routine", "Dr Grey")
+        assert [(e.eye, e.gradable, e.dr_grade, e.dme_grade) for e in r.eyes] == [("R", True, 2, 0), ("L", True, 1, 0)]
+    with session_scope(factory) as s:
+        assert review_queue(s) == [] and _ids(recently_reviewed(s)) == ["P1"]
+        answers = [EyeReview("R", True, 3, 0), EyeReview("L", True, 1, 0)]
+        r = sign_off(s, exam_id, reviewer="Dr Abbot", source="web", answers=answers, comment="venous beading\nsuperior")
+        assert (r.outcome, r.referral, r.comment) == ("corrected", "soon", "venous beading\nsuperior")  # referral follows the grades
+    with session_scope(factory) as s:
+        assert [h.reviewer for h in rrepo.review_history(s, exam_id)] == ["Dr Abbot", "Dr Grey"]
+        assert sorted(s.scalars(select(Result.dr_grade))) == [1, 2]  # the model's grades are never overwritten
+        visit = load_visit(s, exam_id)
+        assert visit.current_review.reviewer == "Dr Abbot" and not visit.awaiting_review
+
+
+def test_same_grades_with_another_referral_is_a_correction(factory):
+    with session_scope(factory) as s:
+        exam_id = seed_visit(s, "P1", {"R": (1, 0, False)}).id
+        model = [EyeReview("R", True, 1, 0)]
+        assert sign_off(s, exam_id, reviewer="A", source="cli", answers=model).outcome == "confirmed"
+        r = sign_off(s, exam_id, reviewer="A", source="cli", answers=model, referral="routine")  # more urgent: allowed
+        assert (r.outcome, r.referral) == ("corrected", "routine")
+
+
+def test_several_fields_of_an_eye_the_result_follows_the_rule_and_a_new_field_reopens_the_visit(factory):
+    now = datetime.now(timezone.utc) - timedelta(minutes=10)
+    with session_scope(factory) as s:
+        exam_id = seed_visit(s, "P1", {"R": (3, 0, True)}, received=now).id  # macula-centred field: severe NPDR
+        seed_visit(s, "P1", {"R": (1, 0, False)}, received=now + timedelta(seconds=60))  # disc-centred field: mild
+    with session_scope(factory) as s:
+        worst, latest = load_visit(s, exam_id, "worst"), load_visit(s, exam_id, "latest")
+        assert len(worst.eye("R").fields) == 2 and len(worst.field_ids) == 2
+        assert worst.eye("R").model_answer == EyeReview("R", True, 3, 0) and worst.model_referral.level == "soon"
+        assert latest.eye("R").model_answer == EyeReview("R", True, 1, 0) and latest.model_referral.level == "rescreen_12"
+        review = sign_off(s, exam_id, reviewer="A", source="cli", seen_fields=worst.field_ids)
+        assert (review.outcome, review.referral) == ("confirmed", "soon")
+        assert review.eyes[0].image_id == worst.eye("R").image_id  # the field that gave the eye's result
+    with session_scope(factory) as s:
+        assert review_queue(s) == []
+        seed_visit(s, "P1", {"R": (2, 0, True)}, received=datetime.now(timezone.utc))  # a third field, after the sign-off
+    with session_scope(factory) as s:
+        assert [v.exam_id for v in review_queue(s)] == [exam_id]
+        with pytest.raises(ReviewError, match="a new photo was graded"):
+            sign_off(s, exam_id, reviewer="A", source="cli", seen_fields=worst.field_ids)
+
+
+def test_a_photo_graded_after_the_sign_off_puts_the_visit_back_in_the_queue(factory):
+    with session_scope(factory) as s:
+        exam = seed_visit(s, "P1", {"R": (0, 0, False)}, report_at=at(60))
+        exam_id = exam.id
+        sign_off(s, exam_id, reviewer="A", source="cli")
+    with session_scope(factory) as s:
+        seed_visit(s, "P1", {"L": (2, 0, True)}, received=at(3600))  # the second eye arrives later
+    with session_scope(factory) as s:
+        [visit] = review_queue(s)
+        assert visit.exam_id == exam_id and visit.awaiting_review and visit.current_review is not None
+        with pytest.raises(ReviewError, match="leaves out the left eye"):
+            sign_off(s, exam_id, reviewer="A", source="cli", answers=[EyeReview("R", True, 0, 0)])
+        assert sign_off(s, exam_id, reviewer="A", source="cli").referral == "routine"
+        assert review_queue(s) == []
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        (dict(reviewer="   "), "name is empty"),
+        (dict(reviewer="Dr\x1b[31mRed"), "control characters"),
+        (dict(reviewer="x" * 121), "at most 120"),
+        (dict(comment="y" * 2001), "at most 2000"),
+        (dict(source="email"), "unknown review source"),
+        (dict(answers=[EyeReview("R", True, 2, 0)]), "leaves out the left eye"),
+        (dict(answers=[EyeReview("R", True, 2, 0), EyeReview("R", True, 2, 0), EyeReview("L", True, 0, 0)]), "given twice"),
+        (dict(answers=[EyeReview("R", True, 4, 0), EyeReview("L", True, 0, 0)], referral="routine"), "less urgent"),
+        (dict(answers=[EyeReview("R", False, None, None), EyeReview("L", True, 0, 0)], referral="rescreen_24"), "less urgent"),
+        (dict(referral="no_images"), "unknown referral"),
+        (dict(reviewed_at=datetime(2025, 1, 1)), "no time zone"),
+        (dict(reviewed_at=datetime.now(timezone.utc) + timedelta(hours=1)), "in the future"),
+        (dict(seen_fields={999, 998}), "a new photo was graded"),
+        (dict(seen_review_id=12345), "signed off by nobody"),
+    ],
+)
+def test_sign_off_refuses_with_a_reason(factory, kwargs, message):
+    with session_scope(factory) as s:
+        exam_id = seed_visit(s, "P1", {"R": (2, 0, True), "L": (0, 0, False)}).id
+    args = dict(reviewer="Dr Grey", source="cli") | kwargs
+    with session_scope(factory) as s:
+        with pytest.raises(ReviewError, match=message):
+            sign_off(s, exam_id, **args)
+        assert rrepo.current_review(s, exam_id) is None
+
+
+def test_sign_off_of_a_visit_someone_else_signed_meanwhile_is_refused(factory):
+    with session_scope(factory) as s:
+        exam_id = seed_visit(s, "P1", {"R": (2, 0, True)}).id
+        seen = load_visit(s, exam_id).field_ids
+        sign_off(s, exam_id, reviewer="Dr Abbot", source="web", seen_fields=seen, seen_review_id=None)
+    with session_scope(factory) as s, pytest.raises(ReviewError, match="signed off by Dr Abbot .* while it was open"):
+        sign_off(s, exam_id, reviewer="Dr Grey", source="web", seen_fields=seen, seen_review_id=None)
+
+
+def test_unknown_visit_and_visit_without_results(factory):
+    from screening.db import repository as repo
+
+    with session_scope(factory) as s:
+        exam_id = repo.get_or_create_exam(s, repo.get_or_create_patient(s, "P9"), date(2025, 1, 1)).id
+    with session_scope(factory) as s:
+        with pytest.raises(ReviewError, match="no visit 777"):
+            load_visit(s, 777)
+        with pytest.raises(ReviewError, match="no graded photo yet"):
+            sign_off(s, exam_id, reviewer="A", source="cli")
+
+
+@pytest.mark.parametrize(
+    ("answers", "level"),
+    [
+        ([EyeReview("R", True, 0, 0), EyeReview("L", True, 0, 0)], "rescreen_24"),
+        ([EyeReview("R", True, 1, 0)], "rescreen_12"),
+        ([EyeReview("R", True, 1, 0), EyeReview("L", True, 0, 1)], "routine"),
+        ([EyeReview("R", True, 3, 0), EyeReview("L", False, None, None)], "soon"),  # a referral outranks the recall
+        ([EyeReview("R", True, 1, 0), EyeReview("L", False, None, None)], "ungradable"),
+        ([EyeReview("R", False, None, None)], "ungradable"),
+        ([EyeReview("L", True, 4, 2)], "urgent"),
+    ],
+)
+def test_referral_implied_by_the_graders_answers(answers, level):
+    assert referral_from_answers(answers) == level
+
+
+@pytest.mark.parametrize(("rule", "level"), [("recall", "ungradable"), ("refer", "refer_ungradable")])
+def test_an_eye_the_worker_found_ungradable_is_reviewed_as_ungradable(factory, rule, level):
+    """The model's answer for it is 'ungradable' (no grade) and its referral follows [screening] ungradable_rule;
+    confirming records that; a grader may grade it instead."""
+    with session_scope(factory) as s:
+        exam = seed_visit(s, "U1", {"R": (0, 0, False)}, report_at=at(60))
+        left = seed_ungradable(s, exam, "L", stored=T0 + timedelta(seconds=40))
+        exam_id = exam.id
+    with session_scope(factory) as s:
+        [visit] = review_queue(s, ungradable_rule=rule)
+        eye = visit.eye("L")
+        assert eye is not None and eye.image_id == left and not eye.finding.gradable
+        assert eye.model_answer == EyeReview("L", False, None, None) and eye.result.model_version is None
+        assert visit.model_referral.level == level and visit.model_version == "v1"
+        r = sign_off(s, exam_id, reviewer="Dr Grey", source="cli", ungradable_rule=rule)
+        assert (r.outcome, r.referral, r.model_referral) == ("confirmed", level, level)
+        assert [(e.eye, e.gradable, e.image_id) for e in r.eyes] == [("R", True, visit.eye("R").image_id), ("L", False, left)]
+    with session_scope(factory) as s:
+        r = sign_off(s, exam_id, reviewer="Dr Abbot", source="web", ungradable_rule=rule,
+                     answers=[EyeReview("R", True, 0, 0), EyeReview("L", True, 2, 0)])
+        assert (r.outcome, r.referral) == ("corrected", "routine")
+
+
+def test_a_visit_whose_photos_are_all_ungradable_is_in_the_queue_and_a_new_one_reopens_it(factory):
+    with session_scope(factory) as s:
+        exam = repo_exam = seed_visit(s, "U2", {})
+        seed_ungradable(s, repo_exam, "R", stored=at(10))
+        exam_id = exam.id
+    with session_scope(factory) as s:
+        [visit] = review_queue(s)
+        assert visit.model_version == "not graded" and visit.newest_graded is None and visit.ready_at == at(10)
+        sign_off(s, exam_id, reviewer="Dr Grey", source="cli", reviewed_at=at(20))
+    with session_scope(factory) as s:
+        assert review_queue(s) == []
+        seed_ungradable(s, s.get(Exam, exam_id), "R", stored=datetime.now(timezone.utc))  # a recapture, ungradable again
+    with session_scope(factory) as s:
+        assert _ids(review_queue(s)) == ["U2"]

@@ -1,0 +1,277 @@
+"""The review page through Flask's test client: queue, visit, confirm and correct, logins, CSRF, file
+serving by database id only, escaping, and logs without patient ids."""
+
+from __future__ import annotations
+
+import logging
+import re
+
+from sqlalchemy import select, update
+
+from screening.db import reviews as rrepo
+from screening.db import session_scope
+from screening.db.models import Image, Report, Result, ReviewUser, utcnow
+from screening.web.app import create_app, is_loopback
+from screening.web.auth import hash_password
+
+from ..conftest import TEMPLATES
+
+PASSWORD = "correct horse battery"
+
+
+def _app(worked, **kw):
+    return create_app(worked.settings, worked.factory, TEMPLATES, require_login=kw.pop("require_login", False), **kw)
+
+
+def _form(html: str, form_id: str = "signoff") -> dict[str, str]:
+    """The hidden fields and the selected answers of the sign-off form, as a browser would send them."""
+    fields = dict(re.findall(r'<input type="hidden" name="([^"]+)" value="([^"]*)"', html))
+    for name, body in re.findall(r'<select name="([^"]+)"[^>]*>(.*?)</select>', html, re.S):
+        chosen = re.search(r'<option value="([^"]*)" selected', body)
+        fields[name] = chosen.group(1) if chosen else ""
+    return fields
+
+
+def _add_user(worked, username="grey", name="Dr A. Grey", active=True):
+    with session_scope(worked.factory) as s:
+        user = rrepo.add_user(s, username, name, hash_password(PASSWORD))
+        user.active = active
+        return user.id
+
+
+def _login(client, username="grey", password=PASSWORD, follow=False):
+    page = client.get("/login")
+    token = re.search(r'name="csrf_token" value="([^"]+)"', page.get_data(as_text=True)).group(1)
+    return client.post("/login?next=/queue", data={"csrf_token": token, "username": username, "password": password},
+                       follow_redirects=follow)
+
+
+def test_queue_and_visit_show_the_models_answers_pictures_and_pdf(worked):
+    client = _app(worked).test_client()
+    queue = client.get("/queue")
+    assert queue.status_code == 200
+    html = queue.get_data(as_text=True)
+    assert "Awaiting review" in html and "P1" in html and "P2" in html
+    for header, value in (("Cache-Control", "no-store"), ("X-Frame-Options", "DENY"), ("X-Content-Type-Options", "nosniff")):
+        assert queue.headers[header] == value
+    assert "default-src 'none'" in queue.headers["Content-Security-Policy"]
+    assert client.get("/").headers["Location"].endswith("/queue")
+
+    exam_id = worked.exams["P1"]
+    page = client.get(f"/visits/{exam_id}").get_data(as_text=True)
+    assert "Model's recommendation" in page and "Confidence per grade" in page and "Your answer" in page
+    pictures = re.findall(rf'src="(/visits/{exam_id}/images/\d+/(?:photo|overlay|dr_cam|dme_cam)\.jpg)"', page)
+    assert len(pictures) == 8  # two eyes x photo, overlay, two heatmaps
+    for url in pictures:
+        resp = client.get(url)
+        assert resp.status_code == 200 and resp.mimetype == "image/jpeg" and resp.data[:2] == b"\xff\xd8"
+    [pdf] = re.findall(rf'href="(/visits/{exam_id}/reports/1\.pdf)"', page)
+    resp = client.get(pdf)
+    assert resp.status_code == 200 and resp.mimetype == "application/pdf" and resp.data.startswith(b"%PDF")
+    css = client.get("/review.css")
+    assert css.mimetype == "text/css" and ".level-urgent { background: #b71c1c; }" in css.get_data(as_text=True)
+    assert client.get("/visits/999").status_code == 404
+
+
+def test_confirm_and_correct_from_the_page(worked):
+    client = _app(worked).test_client()
+    exam_id = worked.exams["P1"]
+    form = _form(client.get(f"/visits/{exam_id}").get_data(as_text=True))
+    resp = client.post(f"/visits/{exam_id}/confirm", data={**form, "reviewer": "Dr Local", "comment": "looks right"})
+    assert resp.status_code == 302 and resp.headers["Location"].endswith(f"/visits/{exam_id}")
+    page = client.get(f"/visits/{exam_id}").get_data(as_text=True)
+    assert "Signed off (confirmed). The reviewed report is version 2." in page
+    assert "Signed off: confirmed by Dr Local" in page and 'value="Dr Local"' in page  # the name is remembered
+    assert re.search(r"Report version 2</a>\s*— [^—]+— <span class=\"outcome reviewed\">reviewed</span>", page)
+    with session_scope(worked.factory) as s:
+        review = rrepo.current_review(s, exam_id)
+        assert (review.source, review.outcome, review.reviewer, review.comment, review.user_id) == (
+            "web", "confirmed", "Dr Local", "looks right", None)
+
+    assert 'id="confirm"' not in page  # signed off: the form starts from the sign-off, 'confirm' is not offered
+    # a correction: the right eye's DR grade changed, the left eye ungradable
+    form = _form(page)
+    new_dr = str((int(form["dr_R"]) + 1) % 5)
+    # 'Confirm' with a changed answer is refused, so a grader's change is never silently dropped
+    resp = client.post(f"/visits/{exam_id}/confirm", data={**form, "dr_R": new_dr, "reviewer": "Dr Local"})
+    assert resp.status_code == 400 and "pressed &#39;Confirm the model&#39;s findings&#39;" in resp.get_data(as_text=True)
+    resp = client.post(f"/visits/{exam_id}/correct", data={**form, "dr_R": new_dr, "gradable_L": "no", "reviewer": "Dr Local"})
+    assert resp.status_code == 302
+    with session_scope(worked.factory) as s:
+        review = rrepo.current_review(s, exam_id)
+        assert review.outcome == "corrected" and [(e.eye, e.gradable, e.dr_grade) for e in review.eyes] == [
+            ("R", True, int(new_dr)), ("L", False, None)]
+        assert [r.version for r in rrepo.exam_reports(s, exam_id)] == [3, 2, 1]
+    # the form of before the correction is stale now: refused with 409, nothing recorded
+    resp = client.post(f"/visits/{exam_id}/correct", data={**form, "reviewer": "Dr Local"})
+    assert resp.status_code == 409 and "while it was open" in resp.get_data(as_text=True)
+    # a bad value is refused with the reason, and what was typed is kept
+    fresh = _form(client.get(f"/visits/{exam_id}").get_data(as_text=True))
+    resp = client.post(f"/visits/{exam_id}/correct", data={**fresh, "dr_R": "9", "reviewer": "Dr Local", "comment": "kept text"})
+    assert resp.status_code == 400 and "choose a DR grade 0-4" in resp.get_data(as_text=True)
+    assert "kept text" in resp.get_data(as_text=True)
+    with session_scope(worked.factory) as s:
+        assert len(rrepo.review_history(s, exam_id)) == 2
+
+
+def test_without_a_name_or_a_csrf_token_nothing_is_recorded(worked):
+    client = _app(worked).test_client()
+    exam_id = worked.exams["P2"]
+    form = _form(client.get(f"/visits/{exam_id}").get_data(as_text=True))
+    resp = client.post(f"/visits/{exam_id}/confirm", data={**form, "reviewer": "  "})
+    assert resp.status_code == 400 and "name is empty" in resp.get_data(as_text=True)
+    no_token = {k: v for k, v in form.items() if k != "csrf_token"}
+    resp = client.post(f"/visits/{exam_id}/confirm", data={**no_token, "reviewer": "Dr Local"})
+    assert resp.status_code == 400 and "CSRF" in resp.get_data(as_text=True)
+    other = _app(worked).test_client()  # another browser's session: the token is not valid there
+    other.get("/queue")
+    assert other.post(f"/visits/{exam_id}/confirm", data={**form, "reviewer": "Dr Local"}).status_code == 400
+    with session_scope(worked.factory) as s:
+        assert rrepo.current_review(s, exam_id) is None
+
+
+def test_loopback_page_answers_only_to_loopback_host_names(worked):
+    client = _app(worked).test_client()
+    assert client.get("/queue", headers={"Host": "127.0.0.1:8765"}).status_code == 200
+    assert client.get("/queue", headers={"Host": "attacker.example"}).status_code == 400
+    assert is_loopback("127.0.0.1") and is_loopback("::1") and is_loopback("localhost")
+    assert not is_loopback("0.0.0.0") and not is_loopback("192.168.1.20") and not is_loopback("clinic-pc")
+
+
+def test_login_required_off_loopback(worked):
+    app = _app(worked, require_login=True, loopback=False)
+    client = app.test_client()
+    _add_user(worked)
+    _add_user(worked, "gone", "Dr Gone", active=False)
+    resp = client.get(f"/visits/{worked.exams['P1']}")
+    assert resp.status_code == 302 and "/login?next=/visits/" in resp.headers["Location"]
+    assert client.get("/visits/1/images/1/photo.jpg").status_code == 302  # pictures too
+    assert client.post("/visits/1/confirm", data={}).status_code in (400, 401)
+    assert _login(client, password="wrong password!").status_code == 401
+    assert _login(client, username="nobody").status_code == 401
+    assert _login(client, username="gone").status_code == 401  # a disabled user cannot log in
+    resp = _login(client)
+    assert resp.status_code == 302 and resp.headers["Location"] == "/queue"
+    page = client.get(f"/visits/{worked.exams['P1']}").get_data(as_text=True)
+    assert "Signed in as <strong>Dr A. Grey</strong>" in page and 'name="reviewer"' not in page
+    resp = client.post(f"/visits/{worked.exams['P1']}/confirm", data={**_form(page), "reviewer": "Someone Else"})
+    assert resp.status_code == 302
+    with session_scope(worked.factory) as s:
+        review = rrepo.current_review(s, worked.exams["P1"])
+        assert review.reviewer == "Dr A. Grey" and review.user_id is not None  # signed as the logged-in user
+    # a password change ends the sessions opened with the old one
+    with session_scope(worked.factory) as s:
+        s.execute(update(ReviewUser).where(ReviewUser.username == "grey").values(password_changed_at=utcnow()))
+    assert client.get("/queue").status_code == 302
+    # log out
+    _login(client)
+    token = re.search(r'name="csrf_token" value="([^"]+)"', client.get("/queue").get_data(as_text=True)).group(1)
+    assert client.post("/logout", data={"csrf_token": token}).status_code == 302
+    assert client.get("/queue").status_code == 302
+    # an open redirect through ?next= is not possible
+    resp = client.post("/login?next=//evil.example/x", data={
+        "csrf_token": re.search(r'name="csrf_token" value="([^"]+)"', client.get("/login").get_data(as_text=True)).group(1),
+        "username": "grey", "password": PASSWORD})
+    assert resp.headers["Location"] == "/queue"
+
+
+def test_password_guessing_is_slowed_down(worked):
+    client = _app(worked, require_login=True, loopback=False).test_client()
+    _add_user(worked)
+    for _ in range(5):
+        assert _login(client, password="not the password").status_code == 401
+    resp = _login(client)  # even the right password is refused for a while
+    assert resp.status_code == 401 and "Too many failed attempts" in resp.get_data(as_text=True)
+
+
+def test_files_are_served_only_from_work_and_reports_by_id(worked, tmp_path):
+    client = _app(worked).test_client()
+    p1, p2 = worked.exams["P1"], worked.exams["P2"]
+    with session_scope(worked.factory) as s:
+        image_p2 = s.scalars(select(Result.image_id).join(Image, Image.id == Result.image_id).where(Image.exam_id == p2)).one()
+        outside = tmp_path / "outside.jpg"
+        outside.write_bytes(b"\xff\xd8secret")
+        s.execute(update(Result).where(Result.image_id == image_p2).values(overlay_path=str(outside)))
+        s.execute(update(Report).where(Report.exam_id == p2).values(path="/etc/passwd"))
+    assert client.get(f"/visits/{p2}/images/{image_p2}/photo.jpg").status_code == 200
+    assert client.get(f"/visits/{p2}/images/{image_p2}/overlay.jpg").status_code == 404  # stored path outside work/
+    assert client.get(f"/visits/{p1}/images/{image_p2}/photo.jpg").status_code == 404  # another visit's image
+    assert client.get(f"/visits/{p2}/images/{image_p2}/mask_MA.jpg").status_code == 404  # not a served kind
+    assert client.get(f"/visits/{p2}/images/{image_p2}/..%2F..%2Fetc%2Fpasswd.jpg").status_code == 404
+    assert client.get(f"/visits/{p2}/reports/1.pdf").status_code == 404  # stored path outside reports/
+    assert client.get(f"/visits/{p2}/reports/7.pdf").status_code == 404
+
+
+def test_user_text_is_escaped_everywhere(worked):
+    from datetime import date
+
+    from screening.db import repository as repo
+
+    evil = '<script>alert("x")</script>'
+    with session_scope(worked.factory) as s:
+        exam = repo.get_or_create_exam(s, repo.get_or_create_patient(s, evil), date(2025, 1, 2))
+        img = repo.add_image(s, sha256="e" * 64, source_name=f"{evil}.jpg", exam=exam, eye="R")
+        repo.add_result(s, img, model_version=evil, checkpoint_sha256="c" * 64, dr_grade=2, dr_probs=[0.2] * 5, dme_grade=0,
+                        dme_probs=[1 / 3] * 3, referable_score=0.9, referable=True)
+        exam_id = exam.id
+    client = _app(worked).test_client()
+    form = _form(client.get(f"/visits/{exam_id}").get_data(as_text=True))
+    client.post(f"/visits/{exam_id}/confirm", data={**form, "reviewer": f"Dr {evil}", "comment": evil})
+    for url in ("/queue", f"/visits/{exam_id}"):
+        html = client.get(url).get_data(as_text=True)
+        assert "<script>" not in html and "&lt;script&gt;" in html, url
+
+
+def test_access_log_has_ids_but_no_patient_ids(worked, caplog):
+    client = _app(worked).test_client()
+    exam_id = worked.exams["P1"]
+    with caplog.at_level(logging.INFO, logger="screening"):
+        page = client.get(f"/visits/{exam_id}").get_data(as_text=True)
+        client.post(f"/visits/{exam_id}/confirm", data={**_form(page), "reviewer": "Dr Local"})
+        client.get("/queue")
+    messages = [r.getMessage() for r in caplog.records]
+    assert f"GET /visits/{exam_id} 200 user=None" in messages
+    assert any(m.startswith("review ") and f"of exam {exam_id} recorded (confirmed)" in m for m in messages)
+    assert not [m for m in messages if re.search(r"\bP[12]\b", m)], messages
+
+
+def test_an_eye_with_two_fields_shows_both_and_is_signed_off_once(settings):
+    from datetime import date
+
+    from ..conftest import run_worker
+
+    worked = run_worker(settings, {"P3_R.jpg": 1, f"P3_R_{date.today():%Y%m%d}.jpg": 4})  # two fields of one eye
+    client = _app(worked).test_client()
+    exam_id = worked.exams["P3"]
+    page = client.get(f"/visits/{exam_id}").get_data(as_text=True)
+    assert "2 fields; the eye's result is field" in page and "Field 2 of 2" in page
+    image_ids = set(re.findall(rf'src="/visits/{exam_id}/images/(\d+)/photo\.jpg"', page))
+    assert len(image_ids) == 2
+    form = _form(page)
+    assert set(form["seen_fields"].split(",")) == image_ids
+    assert client.post(f"/visits/{exam_id}/confirm", data={**form, "reviewer": "Dr Local"}).status_code == 302
+    with session_scope(worked.factory) as s:
+        review = rrepo.current_review(s, exam_id)
+        assert [e.eye for e in review.eyes] == ["R"] and str(review.eyes[0].image_id) in image_ids
+
+
+def test_an_eye_the_worker_found_ungradable_shows_its_photo_and_reasons_and_confirms(settings, intake_models):
+    from ..conftest import run_worker
+
+    worked = run_worker(settings.model_copy(update={"quality_model": intake_models["dark_blurred"]}), {"P4_L.jpg": 5})
+    client = _app(worked).test_client()
+    exam_id = worked.exams["P4"]
+    assert "P4" in client.get("/queue").get_data(as_text=True)
+    page = client.get(f"/visits/{exam_id}").get_data(as_text=True)
+    assert "ungradable: not graded" in page and "too dark (under-exposed)" in page and "Recall: ungradable image" in page
+    pictures = re.findall(rf'src="(/visits/{exam_id}/images/\d+/\w+\.jpg)"', page)
+    assert len(pictures) == 1 and pictures[0].endswith("/photo.jpg")  # no overlay or heat maps: nothing was graded
+    resp = client.get(pictures[0])
+    assert resp.status_code == 200 and resp.data[:2] == b"\xff\xd8"
+    assert client.get(pictures[0].replace("photo", "overlay")).status_code == 404
+    form = _form(page)
+    assert form["gradable_L"] == "no"  # the model's answer
+    assert client.post(f"/visits/{exam_id}/confirm", data={**form, "reviewer": "Dr Local"}).status_code == 302
+    with session_scope(worked.factory) as s:
+        review = rrepo.current_review(s, exam_id)
+        assert (review.outcome, review.referral, [e.gradable for e in review.eyes]) == ("confirmed", "ungradable", [False])
