@@ -114,7 +114,7 @@ def kinds(outside: Path) -> list[Kind]:
     white = np.full((400, 400, 3), 255, np.uint8)
     blue = np.dstack([np.full((400, 400), v, np.uint8) for v in (40, 90, 200)])
     disc = np.zeros((400, 400, 3), np.uint8)
-    cv2.circle(disc, (200, 200), 150, (200, 40, 20), -1)  # a red disc on black: issue 13 decides these
+    cv2.circle(disc, (200, 200), 150, (200, 40, 20), -1)  # a red disc on black: the gradability model refuses it
     return [
         ("B01_R.jpg", write(lambda s: fundus_jpeg(s)), GOOD),
         ("B02_L.jpg", write(lambda s: fundus_jpeg(s)[: len(fundus_jpeg(s)) * 3 // 10]), "incomplete"),
@@ -156,11 +156,11 @@ def kinds(outside: Path) -> list[Kind]:
         ("B33_X.jpg", write(lambda s: fundus_jpeg(s)), "identity"),  # no such eye
         ("scan34.jpg", write(lambda s: fundus_jpeg(s)), "identity"),  # with a bad sidecar (made below)
         ("scan35.jpg", write(lambda s: fundus_jpeg(s)), "identity"),  # sidecar with a path in the patient id
-        ("B36_R.jpg", write(lambda s: cv2.imencode(".jpg", dark)[1].tobytes()), "too_dark"),
+        ("B36_R.jpg", write(lambda s: cv2.imencode(".jpg", dark)[1].tobytes()), "not_fundus"),  # nothing lit: no fundus
         ("B37_R.png", write(lambda s: encoded(".png", white)), "not_fundus"),
         ("B38_R.png", write(lambda s: encoded(".png", blue)), "not_fundus"),
         ("B39_R.png", write(lambda s: encoded(".png", np.full((60, 60, 3), 120, np.uint8))), "too_small"),
-        ("B40_R.png", write(lambda s: encoded(".png", disc)), "issue 13"),  # not-a-fundus model: issue 13
+        ("B40_R.png", write(lambda s: encoded(".png", disc)), "not_fundus"),
         (LONG, write(lambda s: fundus_jpeg(s)), GOOD),  # a 250-character name (identity from its sidecar)
         ("Patient143_L.jpg", write(lambda s: fundus_jpeg(s)), GOOD),
         ("patient143_r.JPG", write(lambda s: fundus_jpeg(s)), GOOD),  # the same patient, other case
@@ -181,6 +181,7 @@ def config(folder: Path, checkpoint: Path, **extra: Any) -> Path:
     lines = ["[screening]", f"inbox = '{folder / 'inbox'}'", f"reports = '{folder / 'reports'}'",
              f"archive = '{folder / 'archive'}'", f"rejected = '{folder / 'rejected'}'", f"work_dir = '{folder / 'work'}'",
              f"database = 'sqlite:///{folder / 'screening.db'}'", f"checkpoint = '{checkpoint}'", "stable_seconds = 0.2",
+             f"quality_model = '{ROOT / 'models' / 'quality.pt'}'", f"laterality_model = '{ROOT / 'models' / 'laterality.pt'}'",
              "threads = 2", "device = 'cpu'", "max_file_bytes = 8388608", "incomplete_grace = 300.0",
              "abandoned_after = 3600.0", "batch_size = 1"]
     lines += [f"{k} = {json.dumps(v)}" for k, v in extra.items()]
@@ -224,13 +225,16 @@ def bad_input(folder: Path, checkpoint: Path) -> dict[str, Any]:
     second = cli(cfg, "run", "--once")
     outcomes = dict(query(folder, "SELECT source_name, coalesce(reason_code, outcome) FROM drops"))
     graded = {n for (n,) in query(folder, "SELECT i.source_name FROM images i JOIN results r ON r.image_id = i.id")}
+    ungradable = {n for (n,) in query(folder, "SELECT source_name FROM images WHERE gradable = 0 AND state IN ('done', 'reported')")}
     got: dict[str, str] = {}
     for name, _, _ in table:
         if name in graded:
             got[name] = GOOD
+        elif name in ungradable:  # stored without a grade by the intake checks (issue 13)
+            got[name] = "ungradable"
         else:
             got[name] = outcomes.get(name, "(nothing recorded)")
-    wrong = {name: (expected, got[name]) for name, _, expected in table if expected != "issue 13" and got[name] != expected}
+    wrong = {name: (expected, got[name]) for name, _, expected in table if got[name] != expected}
     left = sorted(p.name for p in inbox.iterdir())
     drops = query(folder, "SELECT count(*) FROM drops")[0][0]
     audit = cli(cfg, "audit", "--json", str(folder / "audit.json"))
@@ -238,7 +242,7 @@ def bad_input(folder: Path, checkpoint: Path) -> dict[str, Any]:
     long_name = next((p.name for p in (folder / "archive").rglob("*B41scan_*") if not p.name.endswith(".json")),
                      "(not archived)")
     return {
-        "kinds": len(table), "kinds_checked": len(table) - 1, "wrong": wrong, "left_in_inbox": left,
+        "kinds": len(table), "kinds_checked": len(table), "wrong": wrong, "left_in_inbox": left,
         "deferred_by_the_first_run": deferred, "exit_codes": [first.returncode, second.returncode],
         "traceback": "Traceback" in first.stderr + second.stderr, "first_run_s": round(seconds, 1),
         "drops_recorded": drops, "audit_drops": summary["drops"], "audit_rejected": summary["rejected_reasons"],

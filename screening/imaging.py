@@ -1,5 +1,9 @@
-"""Decoding camera files at the size the model needs, within hard limits, only when they are complete, and
-checking that what was read is a fundus photo; and mapping the model's frame back onto the original photo.
+"""Decoding camera files at the size the model needs, within hard limits, only when they are complete; and
+mapping the model's frame back onto the original photo.
+
+Whether what was read is a gradable fundus photo is not decided here: the learned gradability verdict
+(:mod:`screening.checks`) measures the decoded photo (:attr:`DecodedImage.whole`); a hand-set colour rule used to
+stand here and refused dark but gradable photos (issue 13).
 
 Order of the checks, cheapest first, so that a hostile file costs little (:func:`decode_bytes`):
 
@@ -38,7 +42,7 @@ import numpy as np
 import simplejpeg
 from PIL import Image, UnidentifiedImageError
 
-from training.api import crop_square, fundus_bbox, fundus_mask, resize_square
+from training.api import crop_square, fundus_bbox, resize_square
 
 from .rejection import Rejection, RejectReason
 
@@ -130,6 +134,7 @@ class DecodedImage:
     display: np.ndarray  # the same crop at report resolution (display_size), uint8 RGB
     geometry: FrameGeometry  # how to map the model frame back onto the original photo
     decode_factor: int
+    whole: np.ndarray | None = None  # the whole photo as decoded (reduced for big JPEGs), for the intake checks; dropped after them
 
     @property
     def original_size(self) -> tuple[int, int]:
@@ -240,7 +245,7 @@ def decode_bytes(data: bytes, size: int, display_size: int = 512, *, limits: Dec
                  name: str = "the file") -> DecodedImage:
     """Decode ``data`` (a whole file) no larger than needed and preprocess it exactly as training did, after the
     checks of the module docstring; raises a :class:`~screening.rejection.Rejection` when the file is not a
-    usable, complete colour fundus photo within the limits."""
+    usable, complete photo within the limits."""
     limits = limits or DecodeLimits()
     if not data:
         raise Rejection(RejectReason.EMPTY, f"'{name}' is empty (0 bytes); copy the photo into the inbox again")
@@ -295,17 +300,16 @@ def preprocess(rgb: np.ndarray, original_size: tuple[int, int], size: int, displ
                decode_factor: int = 1) -> DecodedImage:
     """A decoded uint8 RGB photo (from any container: a JPEG, a DICOM) -> the model's frame and the report's,
     with the geometry that maps the frame back; raises a :class:`~screening.rejection.Rejection` when it is too
-    small or not a colour fundus photo."""
+    small (whether it is a gradable colour fundus photo is :mod:`screening.checks`' verdict, on ``whole``)."""
     width, height = original_size
     if min(rgb.shape[:2]) < 128:
         raise Rejection(RejectReason.TOO_SMALL,
                         f"image is too small ({width}x{height}); fundus photos need at least 128 px on the short side")
-    check_fundus(rgb)
     geometry = FrameGeometry.of(rgb, (width, height))
     square = crop_square(rgb)  # crop once; both sizes are resized from it exactly as preprocess_fundus does
     if square.shape[0] != geometry.side:  # the crop is training's: if it ever changes, masks would be misplaced
         raise RuntimeError(f"crop_square made a {square.shape[0]} px square where the recorded geometry says {geometry.side}")
-    return DecodedImage(resize_square(square, size), resize_square(square, display_size), geometry, decode_factor)
+    return DecodedImage(resize_square(square, size), resize_square(square, display_size), geometry, decode_factor, rgb)
 
 
 def decode(path: Path, size: int, display_size: int = 512, limits: DecodeLimits | None = None) -> DecodedImage:
@@ -316,21 +320,3 @@ def decode(path: Path, size: int, display_size: int = 512, limits: DecodeLimits 
     except OSError as exc:
         raise Rejection(RejectReason.UNREADABLE, f"could not read '{Path(path).name}' ({type(exc).__name__})") from None
     return decode_bytes(data, size, display_size, limits=limits, name=Path(path).name)
-
-
-def check_fundus(rgb: np.ndarray) -> None:
-    """Cheap plausibility check: a lit, red-dominant field of view surrounded by dark borders."""
-    small = cv2.resize(rgb, (128, 128), interpolation=cv2.INTER_AREA) if max(rgb.shape[:2]) > 128 else rgb
-    field = fundus_mask(small)
-    frac = float(field.mean())
-    if frac < 0.25:
-        raise Rejection(RejectReason.TOO_DARK, f"image is almost entirely dark ({frac:.0%} lit); check the camera exposure and retake")
-    r, g, b = (float(small[..., i][field].mean()) for i in range(3))
-    if frac > 0.98 and not (r > 1.3 * b and r > g):
-        raise Rejection(RejectReason.NOT_FUNDUS, "does not look like a fundus photo (no dark surround, not red-dominant); check the file")
-    if not (r > 1.15 * b and r >= g):
-        raise Rejection(
-            RejectReason.NOT_FUNDUS,
-            f"does not look like a colour fundus photo (mean R/G/B {r:.0f}/{g:.0f}/{b:.0f}); "
-            "red-free or non-retinal images are not supported"
-        )

@@ -16,13 +16,15 @@ from ..rejection import RejectReason
 
 @dataclass(frozen=True)
 class Job:
-    """An image admitted for grading: recorded as ``received`` and committed, its file still in the inbox."""
+    """An image admitted: recorded as ``received`` (with its intake checks) and committed, its file still in the
+    inbox. ``gradable`` False: the photo is stored as ungradable instead of graded."""
 
     image_id: int
     exam_id: int
     path: Path
     sha256: str
     decoded: DecodedImage
+    gradable: bool = True
 
 
 @dataclass(frozen=True)

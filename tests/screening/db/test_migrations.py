@@ -28,12 +28,20 @@ def db_path(tmp_path):
     return tmp_path / "old.db"
 
 
-HEAD = "0006_hardening"
+HEAD = head_revision()  # read from the migration scripts: a later revision does not break these tests
 PREVIOUS = "0007_device_original_masks"  # the head before the review tables
 
 
-def test_head_is_the_hardening_revision():
-    assert head_revision() == HEAD
+def test_the_revisions_form_one_chain_with_the_intake_checks_after_hardening():
+    from alembic.script import ScriptDirectory
+
+    from screening.db.migrate import alembic_config
+
+    scripts = ScriptDirectory.from_config(alembic_config())
+    assert len(scripts.get_heads()) == 1  # one line of history: no merge revision needed
+    chain = [r.revision for r in scripts.walk_revisions()][::-1]
+    assert chain[:5] == ["0001", "0002", "0007_device_original_masks", "0014_reviews", "0006_hardening"]
+    assert chain[5] == "0005_gradability_laterality"
 
 
 def test_upgrade_from_revision_1_keeps_rows(db_path):
@@ -237,3 +245,32 @@ def test_downgrade_to_the_previous_head_keeps_reports(tmp_path):
     init_db(engine)
     assert current_revision(engine) == head_revision() and _diff(engine) == []
     assert len(_triggers(engine)) == 4
+
+
+def test_upgrade_from_hardening_adds_the_intake_checks_as_unknown(db_path):
+    engine = make_engine(f"sqlite:///{db_path}")
+    upgrade(engine, "0006_hardening")
+    assert "gradable" not in _cols(engine, "images")
+    raw = sqlite3.connect(db_path)
+    raw.executescript(
+        """
+        INSERT INTO images (id, exam_id, eye, sha256, source_name, stored_path, state, error, received_at, updated_at,
+                            width, height)
+        VALUES (1, NULL, 'R', 'bb', 'P2_R.jpg', NULL, 'reported', NULL, '2025-01-01 08:00:00.000000',
+                '2025-01-01 08:00:00.000000', 1024, 768);
+        """
+    )
+    raw.commit()
+    raw.close()
+    assert init_db(engine) == HEAD
+    assert {"gradable", "quality_reasons", "quality_scores", "eye_source", "predicted_eye", "eye_confidence",
+            "eye_mismatch", "eye_note", "photo_dir", "stored_at"} <= _cols(engine, "images")
+    assert _diff(engine) == []
+    with make_session_factory(engine)() as s:
+        img = s.scalars(select(Image)).one()
+        assert (img.gradable, img.quality_reasons, img.eye_source, img.eye_mismatch, img.stored_at) == (None,) * 5
+        img.gradable, img.quality_reasons, img.quality_scores = False, ["blurred"], {"blurred": 0.9}
+        s.commit()
+    with make_session_factory(engine)() as s:
+        assert s.scalars(select(Image)).one().quality_reasons == ["blurred"]
+    engine.dispose()

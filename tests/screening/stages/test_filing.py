@@ -66,7 +66,8 @@ def _killed_run(settings, tmp_path: Path) -> None:
         "[screening]\n"
         f"inbox = '{settings.inbox}'\nreports = '{settings.reports}'\narchive = '{settings.archive}'\n"
         f"rejected = '{settings.rejected}'\nwork_dir = '{settings.work_dir}'\ndatabase = '{settings.database}'\n"
-        f"checkpoint = '{settings.checkpoint}'\nstable_seconds = 0.1\nthreads = 1\ndevice = 'cpu'\n"
+        f"checkpoint = '{settings.checkpoint}'\nquality_model = '{settings.quality_model}'\n"
+        f"laterality_model = '{settings.laterality_model}'\nstable_seconds = 0.1\nthreads = 1\ndevice = 'cpu'\n"
         "report_renderer = 'inline'\n"
     )
     child = subprocess.run([sys.executable, "-c", CHILD, str(cfg)], cwd=PROJECT, capture_output=True, text=True, timeout=300,
