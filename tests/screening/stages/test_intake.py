@@ -113,6 +113,8 @@ def test_links_folders_pipes_and_left_behind_names_are_refused_with_a_reason(sta
     }
     for name, make in entries.items():
         make(settings.inbox / name)
+    (settings.inbox / ".gitkeep").touch()  # the repository's own placeholder, old: never refused, never moved
+    _aged(settings.inbox / ".gitkeep")
     listed = {p.name for p in sweep(settings.inbox, settings.abandoned_after)}
     assert listed == set(entries)
     codes = {}
@@ -132,6 +134,7 @@ def test_links_folders_pipes_and_left_behind_names_are_refused_with_a_reason(sta
         assert sorted(d.reason_code for d in drops) == sorted(codes.values())
         assert all(d.outcome == "rejected" and d.image_id is None for d in drops)
         assert s.scalars(select(Image)).all() == []  # nothing was read as a photo
+    assert [p.name for p in settings.inbox.iterdir()] == [".gitkeep"]
 
 
 def test_young_temporary_names_are_left_alone(settings):
