@@ -187,16 +187,17 @@ class IntakeStage:
     def read(self, path: Path, content: Content, named: Identity | None,
              unidentified: Rejection | None) -> tuple[Identity, DecodedImage]:
         """Who the photo is of and the photo in the model's frame, from a DICOM file's tags and pixels or from
-        an image file's name (or sidecar, ``named``) and pixels; raises a :class:`Rejection` saying what is wrong."""
-        if content.data is not None and is_dicom(path):
-            photo = read_dicom(path)
+        an image file's name (or sidecar, ``named``) and pixels; raises a :class:`Rejection` saying what is wrong.
+        A file over ``max_file_bytes`` (never held in memory) is refused first, whatever it is (a DICOM file too)."""
+        if content.data is None:
+            limit = self.settings.max_file_bytes
+            raise Rejection(RejectReason.TOO_LARGE, f"'{path.name}' is {content.size / 2**20:.0f} MiB, over the limit of "
+                            f"{limit / 2**20:.0f} MiB ([screening] max_file_bytes); export it at a smaller size")
+        if is_dicom(content.data):  # the bytes hashed, not the file read again
+            photo = read_dicom(content.data, name=path.name, limits=self.limits)
             identity = dicom_identity(photo, path, self.settings.filename_patterns)
-            w, h = photo.size
-            if w * h > self.limits.max_pixels:
-                raise Rejection(RejectReason.TOO_LARGE, f"'{path.name}' is {w}x{h} pixels, over the limit of "
-                                f"{self.limits.max_pixels / 1e6:g} megapixels ([screening] max_pixels)")
             return identity, preprocess(photo.rgb, photo.size, self.image_size)
-        if content.data is not None and path.suffix.lower() in DICOM_SUFFIXES:
+        if path.suffix.lower() in DICOM_SUFFIXES:
             raise Rejection(RejectReason.UNREADABLE,
                             f"'{path.name}' is named as DICOM but has no DICOM Part 10 header ('DICM' at byte 128); "
                             "export it again as a DICOM file")
@@ -204,14 +205,7 @@ class IntakeStage:
         if unidentified is not None:
             raise unidentified
         assert named is not None
-        return named, self._decode(path, content)
-
-    def _decode(self, path: Path, content: Content) -> DecodedImage:
-        if content.data is None:
-            limit = self.settings.max_file_bytes
-            raise Rejection(RejectReason.TOO_LARGE, f"'{path.name}' is {content.size / 2**20:.0f} MiB, over the limit of "
-                            f"{limit / 2**20:.0f} MiB ([screening] max_file_bytes); export it at a smaller size")
-        return decode_bytes(content.data, self.image_size, limits=self.limits, name=path.name)
+        return named, decode_bytes(content.data, self.image_size, limits=self.limits, name=path.name)
 
     def _repair(self, known: _Known) -> None:
         """An image whose result is stored but whose state is not ``done``/``reported`` (left by a worker from

@@ -283,6 +283,43 @@ def test_a_dcm_name_without_the_dicom_header_is_refused(stage, settings):
     assert isinstance(outcome, Rejected) and outcome.code == RejectReason.UNREADABLE and "DICM" in outcome.message
 
 
+def test_a_dicom_file_is_decoded_from_the_bytes_that_were_hashed(stage, settings):
+    """The file used to be opened again after hashing: replaced in between, the record held one file's hash and
+    another file's patient and picture."""
+    from screening.intake import read_content
+
+    path = write_dicom(settings.inbox / "IM000003", rgb=synthetic_fundus(8), patient_id="P100", image_laterality="R")
+    content = read_content(path, settings.max_file_bytes)
+    write_dicom(path, rgb=synthetic_fundus(9), patient_id="P200", image_laterality="L")  # replaced after the read
+    identity, decoded = stage.read(path, content, None, None)
+    assert (identity.patient_id, identity.eye) == ("P100", "R")
+    assert np.array_equal(decoded.rgb, preprocess(synthetic_fundus(8), (256, 256), 64).rgb)
+
+
+def test_dicom_pixel_limits(stage, settings):
+    """max_pixels holds for DICOM: a photo over it is refused, and one whose Rows x Columns claim a huge picture
+    is refused from the header, before its pixel data is decoded (this one would not even decode)."""
+    limited = IntakeStage(stage.settings.model_copy(update={"max_pixels": 300 * 200 - 1}), stage.factory, stage.filing,
+                          image_size=64)
+    over = write_dicom(settings.inbox / "IM000004", rgb=cv2.resize(synthetic_fundus(10), (300, 200)))
+    outcome = limited.admit(over)
+    assert isinstance(outcome, Rejected) and outcome.code == RejectReason.TOO_LARGE, outcome
+    assert "300x200" in outcome.message and "max_pixels" in outcome.message
+    named_by_pacs = write_dicom(settings.inbox / "IM000006", rgb=synthetic_fundus(12))  # no suffix, over max_file_bytes
+    tiny = IntakeStage(stage.settings.model_copy(update={"max_file_bytes": 1000}), stage.factory, stage.filing, image_size=64)
+    outcome = tiny.admit(named_by_pacs)  # was "no file extension and is not a DICOM file"
+    assert isinstance(outcome, Rejected) and outcome.code == RejectReason.TOO_LARGE and "max_file_bytes" in outcome.message
+    import pydicom
+
+    bomb = write_dicom(settings.inbox / "IM000005", rgb=synthetic_fundus(11, size=128))
+    ds = pydicom.dcmread(bomb)
+    ds.Rows, ds.Columns = 30000, 30000  # 900 megapixels declared; 128x128 stored
+    ds.save_as(bomb, enforce_file_format=True)
+    outcome = stage.admit(bomb)
+    assert isinstance(outcome, Rejected) and outcome.code == RejectReason.TOO_LARGE, outcome
+    assert "30000x30000" in outcome.message
+
+
 @pytest.mark.realdata
 def test_dicom_made_from_real_photos_jpeg_and_uncompressed_op_and_sc(stage, settings, shared_data):
     """Real camera JPEGs put into DICOM as a camera does (the JPEG bytes unchanged), and as uncompressed pixels."""
