@@ -9,9 +9,10 @@ side process, while the next batch runs); the report stage records each one.
 No photo is left in a state no run can finish: a file whose handling failed or was put off (grading
 failed, a full or read-only archive, a file still arriving) stays in the inbox with its committed state and
 is handed out again (``run_forever``: :meth:`screening.intake.Intake.retry_later`; ``run_once``: the next
-run). A locked database is waited out (:func:`screening.db.session.transaction`); a database file deleted
-or replaced under the worker stops it (:class:`~screening.db.session.DatabaseGone`), since every result
-written after that would be lost. At start-up :meth:`Worker.recover` reconciles the database with the files.
+run). A locked database is waited out (:func:`screening.db.session.transaction`); a database deleted,
+replaced or re-created under the worker stops it (:class:`~screening.db.session.DatabaseGone`, checked
+before every unit of work: :func:`~screening.db.session.guard_identity`), since every result written after
+that would be lost. At start-up :meth:`Worker.recover` reconciles the database with the files.
 
 :class:`Worker` only drives: which files to take (``run_once``: what is in the inbox now; ``run_forever``:
 the watcher and the periodic sweep), the order of the stages, and the counts of what happened.
@@ -31,7 +32,7 @@ from pathlib import Path
 from sqlalchemy.orm import Session, sessionmaker
 
 from .config import ScreeningSettings
-from .db.session import DatabaseGone
+from .db.session import DatabaseGone, guard_identity
 from .inference import Predictor
 from .intake import EMPTY_FILE_FACTOR, Intake, sweep, wait_until_stable
 from .rejection import FailReason
@@ -109,6 +110,7 @@ class Worker:
         self.s = settings
         self.predictor = predictor
         self.factory = factory
+        guard_identity(factory)  # from now on, a database replaced or re-created under the worker stops it
         for folder in (settings.inbox, settings.reports, settings.archive, settings.rejected, settings.work_dir):
             folder.mkdir(parents=True, exist_ok=True)
         self.filing = Filing(settings, factory)

@@ -304,6 +304,22 @@ class Event(Base):
         return f"Event(id={self.id!r}, kind={self.kind!r}, image_id={self.image_id!r})"
 
 
+class DatabaseIdentity(Base):
+    """One row, written once when the database is made (or migrated to revision 0010_db_identity): a random id
+    that names this database, whatever holds it (a SQLite file, a PostgreSQL database). A worker notes it when
+    it starts and checks it at the start of every unit of work (:func:`screening.db.session.guard_identity`), so
+    a database replaced or re-created under it stops it instead of recording into the wrong database."""
+
+    __tablename__ = "database_identity"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    token: Mapped[str] = mapped_column(String(32))  # secrets.token_hex(16)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+    def __repr__(self) -> str:
+        return f"DatabaseIdentity(token={self.token!r})"
+
+
 class ReviewUser(Base):
     """Someone who may log in to the review page (``dr-screen user add``). Not a clinical record: the name
     a review was signed with is copied into ``reviews.reviewer``, so renaming or disabling a user never
@@ -411,6 +427,7 @@ __all__ = [
     "APPEND_ONLY_TABLES",
     "LESION_COLUMNS",
     "Base",
+    "DatabaseIdentity",
     "Drop",
     "DropOutcome",
     "Event",

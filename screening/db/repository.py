@@ -7,6 +7,7 @@ must be timezone-aware; they are stored as UTC.
 
 from __future__ import annotations
 
+import secrets
 from collections.abc import Iterable, Mapping, Sequence
 from datetime import date, datetime
 from os import PathLike
@@ -17,6 +18,7 @@ from sqlalchemy.orm import Session
 
 from screening.db.models import (
     LESION_COLUMNS,
+    DatabaseIdentity,
     Drop,
     DropOutcome,
     Event,
@@ -59,6 +61,25 @@ def _insert_if_absent(session: Session, model: type[Patient] | type[Exam], value
     else:
         session.add(model(**values))
         session.flush()
+
+
+# --- the database itself --------------------------------------------------------------------------
+
+
+def database_token(session: Session) -> str | None:
+    """The database's identity (:class:`~screening.db.models.DatabaseIdentity`); None when it has none yet."""
+    return session.scalars(select(DatabaseIdentity.token).order_by(DatabaseIdentity.id).limit(1)).first()
+
+
+def ensure_database_token(session: Session) -> str:
+    """The database's identity, made now (a random id) when it has none: a database created before revision
+    0010_db_identity gets one from that migration, a new one from ``init_db``, one made otherwise here."""
+    token = database_token(session)
+    if token is None:
+        token = secrets.token_hex(16)
+        session.add(DatabaseIdentity(token=token, created_at=utcnow()))
+        session.flush()
+    return token
 
 
 # --- patients and exams -------------------------------------------------------------------------

@@ -580,6 +580,31 @@ def test_a_deleted_database_stops_the_worker_with_a_clear_error(settings):
     assert (s.inbox / "P6_R.jpg").is_file()  # nothing recorded for it, so it never left the inbox
 
 
+def test_a_database_restored_in_place_from_another_stops_the_worker(settings, tmp_path):
+    """The same file (same inode) with another database's content: the file check saw nothing, and the worker
+    went on recording into a database that is not its own. Its identity says so, as it would for PostgreSQL."""
+    import sqlite3
+
+    from screening.db import DatabaseGone
+
+    s = settings.model_copy(update={"report_renderer": "inline"})
+    worker = make_worker(s)
+    write_fundus(s.inbox / "P5_R.jpg", seed=65)
+    assert worker.run_once(settle_timeout=5).processed == 1
+    other = tmp_path / "other.db"
+    init_db(make_engine(f"sqlite:///{other}"))
+    src, dst = sqlite3.connect(other), sqlite3.connect(s.database.removeprefix("sqlite:///"))
+    src.backup(dst)
+    src.close()
+    dst.close()
+    write_fundus(s.inbox / "P6_R.jpg", seed=66)
+    with pytest.raises(DatabaseGone, match="replaced or re-created"):
+        worker.run_once(settle_timeout=5)
+    assert (s.inbox / "P6_R.jpg").is_file()  # nothing recorded for it, so it never left the inbox
+    with sqlite3.connect(s.database.removeprefix("sqlite:///")) as raw:  # what is there now: the other, untouched
+        assert raw.execute("SELECT count(*) FROM images").fetchone() == (0,)
+
+
 def test_a_database_locked_past_the_busy_timeout_is_waited_out(settings):
     """The worker exited (rc 1) when another program held the database longer than the busy timeout."""
     s = settings.model_copy(update={"report_renderer": "inline"})

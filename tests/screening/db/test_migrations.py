@@ -28,12 +28,21 @@ def db_path(tmp_path):
     return tmp_path / "old.db"
 
 
-HEAD = "0006_hardening"
+HEAD = head_revision()  # read from the scripts: a later revision must not break these tests
 PREVIOUS = "0007_device_original_masks"  # the head before the review tables
+# the order revisions are applied in (branches merged later may put theirs between these)
+ORDER = ["0001", "0002", "0007_device_original_masks", "0014_reviews", "0006_hardening", "0010_db_identity"]
 
 
-def test_head_is_the_hardening_revision():
-    assert head_revision() == HEAD
+def test_the_revisions_form_one_chain_in_order():
+    from alembic.script import ScriptDirectory
+
+    from screening.db.migrate import alembic_config
+
+    scripts = ScriptDirectory.from_config(alembic_config())
+    assert len(scripts.get_heads()) == 1
+    chain = [rev.revision for rev in reversed(list(scripts.walk_revisions()))]
+    assert [r for r in chain if r in ORDER] == ORDER and chain[-1] == HEAD
 
 
 def test_upgrade_from_revision_1_keeps_rows(db_path):
@@ -237,3 +246,33 @@ def test_downgrade_to_the_previous_head_keeps_reports(tmp_path):
     init_db(engine)
     assert current_revision(engine) == head_revision() and _diff(engine) == []
     assert len(_triggers(engine)) == 4
+
+
+def test_the_database_identity_is_made_once_by_init_or_by_the_migration(tmp_path):
+    """Revision 0010_db_identity: an existing database gets its random id from the migration, a new one from
+    init_db; each database its own, kept by later runs; downgrading removes it."""
+    from alembic import command
+
+    from screening.db.migrate import alembic_config
+
+    def token(engine) -> list[str]:
+        with engine.connect() as conn:
+            return [r[0] for r in conn.exec_driver_sql("SELECT token FROM database_identity")]
+
+    old = make_engine(f"sqlite:///{tmp_path / 'old.db'}")
+    upgrade(old, "0006_hardening")
+    assert "database_identity" not in inspect(old).get_table_names()
+    init_db(old)
+    migrated = token(old)
+    new = make_engine(f"sqlite:///{tmp_path / 'new.db'}")
+    init_db(new)
+    made = token(new)
+    assert len(migrated) == len(made) == 1 and migrated != made
+    assert all(len(t) == 32 and int(t, 16) >= 0 for t in migrated + made)
+    init_db(new)
+    assert token(new) == made  # never made twice
+    with old.begin() as conn:
+        command.downgrade(alembic_config(connection=conn), "0006_hardening")
+    assert "database_identity" not in inspect(old).get_table_names()
+    init_db(old)
+    assert len(token(old)) == 1 and _diff(old) == []
