@@ -40,6 +40,7 @@ from .renderer import Renderer, make_renderer
 from .runtime import release_memory
 from .stages import (
     Admitted,
+    AdmittedPages,
     Deferred,
     Duplicate,
     Filing,
@@ -84,6 +85,8 @@ class BatchOutcome:
         elif isinstance(outcome, Deferred):
             self.deferred += 1
             self.retry.append(outcome.path)
+        elif isinstance(outcome, AdmittedPages):  # the pages that are not photos to grade are refused
+            self.rejected += len(outcome.refused)
 
     def count_reports(self, outcomes: list[ReportOutcome]) -> None:
         self.reports += written(outcomes)
@@ -154,6 +157,8 @@ class Worker:
             out.count(outcome)
             if isinstance(outcome, Admitted):
                 jobs.append(outcome.job)
+            elif isinstance(outcome, AdmittedPages):
+                jobs.extend(outcome.jobs)
         batches = self.grade.split(jobs)
         last_batch = {job.exam_id: k for k, batch in enumerate(batches) for job in batch}
         stored: set[int] = set()  # exams with a new result, report not yet submitted
@@ -171,7 +176,7 @@ class Worker:
                     continue
                 stored.add(saved.exam_id)
                 out.processed += 1
-                if saved.archived_as is None and job.path.exists():  # the archive could not take it now
+                if saved.archived_as is None and not saved.awaits_pages and job.path.exists():  # the archive could not take it now
                     out.unmoved += 1
                     out.retry.append(job.path)
             del graded
@@ -269,7 +274,7 @@ class Worker:
                     for path in chunk:  # handed out, not finished: hand them out again
                         intake.retry_later(path)
                     raise
-                for path in out.retry:
+                for path in dict.fromkeys(out.retry):  # once each (the pages of one file share it)
                     delay = intake.retry_later(path)
                     log.info("a file stays in the inbox and is tried again within %.0f s", delay)
                 log.info("batch: %s (reports recorded meanwhile; each report is logged when it is written)", out.summary())

@@ -143,7 +143,8 @@ class Exam(Base):
 
 
 class Image(Base):
-    """One distinct file content (by SHA-256), however many times it was dropped."""
+    """One distinct file content (by SHA-256), however many times it was dropped; or one page of a file holding
+    several photos (a multi-page TIFF: ``page`` and ``file_sha256`` set)."""
 
     __tablename__ = "images"
     __table_args__ = (
@@ -152,6 +153,7 @@ class Image(Base):
         Index("ix_images_state", "state"),
         Index("ix_images_exam_id", "exam_id"),
         Index("ix_images_received_at", "received_at"),
+        Index("ix_images_file_sha256", "file_sha256"),
     )
 
     id: Mapped[int] = mapped_column(primary_key=True)
@@ -169,6 +171,10 @@ class Image(Base):
     height: Mapped[int | None]  # added in revision 0002
     # the camera: DICOM Manufacturer (0008,0070) and Manufacturer's Model Name (0008,1090); revision 0007
     device: Mapped[str | None] = mapped_column(String(128))
+    # a page of a multi-page file (revision 0009_pages): its number in the file (1 = the first directory,
+    # thumbnails counted) and the SHA-256 of the whole file (``sha256`` then names the page); NULL otherwise
+    page: Mapped[int | None]
+    file_sha256: Mapped[str | None] = mapped_column(String(64))
 
     exam: Mapped[Exam | None] = relationship(back_populates="images")
     result: Mapped[Result | None] = relationship(back_populates="image", uselist=False)

@@ -128,6 +128,12 @@ def get_image_by_sha(session: Session, sha256: str) -> Image | None:
     return session.scalars(select(Image).where(Image.sha256 == sha256.lower())).one_or_none()
 
 
+def pages_of_file(session: Session, file_sha256: str) -> list[Image]:
+    """The images made from the pages of the multi-page file whose bytes hash to ``file_sha256``, by page."""
+    stmt = select(Image).where(Image.file_sha256 == file_sha256.lower()).order_by(Image.page, Image.id)
+    return list(session.scalars(stmt))
+
+
 def add_image(
     session: Session,
     *,
@@ -142,10 +148,13 @@ def add_image(
     width: int | None = None,
     height: int | None = None,
     device: str | None = None,
+    page: int | None = None,
+    file_sha256: str | None = None,
     received_at: datetime | None = None,
 ) -> Image:
-    """A new distinct file content. Raises IntegrityError on flush if ``sha256`` is already known:
-    check :func:`get_image_by_sha` first and :func:`record_drop` a duplicate instead."""
+    """A new distinct file content (or a page of a multi-page file: ``page`` and ``file_sha256``). Raises
+    IntegrityError on flush if ``sha256`` is already known: check :func:`get_image_by_sha` first and
+    :func:`record_drop` a duplicate instead."""
     now = received_at or utcnow()
     image = Image(
         sha256=sha256.lower(),
@@ -159,6 +168,8 @@ def add_image(
         width=width,
         height=height,
         device=device,
+        page=page,
+        file_sha256=None if file_sha256 is None else file_sha256.lower(),
         received_at=now,
         updated_at=now,
     )

@@ -20,6 +20,7 @@ from .grade import GradeStage
 from .intake import IntakeStage
 from .outcomes import (
     Admitted,
+    AdmittedPages,
     Deferred,
     Duplicate,
     Failed,
@@ -39,7 +40,7 @@ from .report import ReportStage
 from .store import StoreStage
 
 __all__ = [
-    "Admitted", "Deferred", "Duplicate", "Failed", "Filing", "GradeStage", "GradedBatch", "IntakeOutcome", "IntakeStage", "Job",
+    "Admitted", "AdmittedPages", "Deferred", "Duplicate", "Failed", "Filing", "GradeStage", "GradedBatch", "IntakeOutcome", "IntakeStage", "Job",
     "PendingReport", "Rejected", "ReportFailed", "ReportOutcome", "ReportStage", "ReportWritten", "Resumed", "Stored",
     "StoreStage", "Vanished",
 ]

@@ -19,6 +19,9 @@ Per entry, in this order:
    :class:`Deferred` (left in the inbox, read again later) instead: it may still be being copied;
 6. otherwise the patient, exam, image (``received``) and drop rows are committed: :class:`Admitted`.
 
+A TIFF holding several photos takes its own path after step 2 (:mod:`screening.stages.pages`): one image per
+page, one drop for the file.
+
 The database is written before any file moves (:mod:`screening.stages.filing`); every unit of work waits
 out a locked database (:func:`screening.db.session.transaction`). Nothing here runs the model.
 """
@@ -40,7 +43,7 @@ from ..db import repository as repo
 from ..db.models import DropOutcome, Image, ImageState
 from ..db.session import transaction
 from ..dicom import DICOM_SUFFIXES, dicom_identity, is_dicom, read_dicom
-from ..imaging import DecodedImage, DecodeLimits, decode_bytes, preprocess
+from ..imaging import DecodedImage, DecodeLimits, decode_bytes, preprocess, several_pictures
 from ..intake import (
     Content,
     Identity,
@@ -54,6 +57,7 @@ from ..intake import (
 from ..rejection import FailReason, Incident, Rejection, RejectReason
 from .filing import Filing
 from .outcomes import Admitted, Deferred, Duplicate, IntakeOutcome, Job, Rejected, Resumed, Vanished
+from .pages import PageIntake
 
 log = logging.getLogger("screening")
 
@@ -116,6 +120,7 @@ class IntakeStage:
         self.image_size = image_size  # the model's input size: images are decoded no larger than needed
         self.today = today
         self.limits = DecodeLimits(max_pixels=settings.max_pixels, max_pages=settings.max_pages)
+        self.pages = PageIntake(self)
 
     def admit(self, path: Path) -> IntakeOutcome:
         """One inbox entry through the steps of the module docstring."""
@@ -141,6 +146,8 @@ class IntakeStage:
             identity = parse_identity(path, self.settings.filename_patterns, self.today())
         except Rejection as rejection:
             unidentified = rejection
+        if content.data is not None and several_pictures(content.data, self.limits):  # graded page by page
+            return self.pages.admit(path, content, identity, unidentified)
 
         def look(session: Session) -> tuple[list[tuple[int, int | None]], _Known | None, int | None, str | None]:
             unfiled = [(d.id, d.image_id) for d in repo.unfiled_drops(session, sha256=sha, source_name=path.name)]
@@ -177,12 +184,30 @@ class IntakeStage:
         try:
             identity, decoded = self.read(path, content, identity, unidentified)
         except Rejection as rejection:
-            if rejection.code == RejectReason.INCOMPLETE and time.time() - content.mtime_ns / 1e9 < self.settings.incomplete_grace:
-                log.info("a file is incomplete or corrupt; left in the inbox in case it is still being copied")
-                return Deferred(path, rejection.code, rejection.message)
-            return self._reject(path, sha, known, rejection)
+            return self._deferred(path, content, rejection) or self._reject(path, sha, known, rejection)
         assert identity is not None
         return Admitted(self._admit(path, sha, known, identity, decoded))
+
+    def _deferred(self, path: Path, content: Content, rejection: Rejection) -> Deferred | None:
+        """A file whose image data stops short and that changed within ``incomplete_grace`` seconds is left in the
+        inbox (it may still be being copied): its :class:`Deferred`; None for a refusal to record now."""
+        if rejection.code == RejectReason.INCOMPLETE and time.time() - content.mtime_ns / 1e9 < self.settings.incomplete_grace:
+            log.info("a file is incomplete or corrupt; left in the inbox in case it is still being copied")
+            return Deferred(path, rejection.code, rejection.message)
+        return None
+
+    def refuse(self, path: Path, content: Content, rejection: Rejection) -> Deferred | Rejected:
+        """Refuse the whole file (recorded, then moved to ``rejected/``), or defer it while it may still arrive;
+        for :mod:`screening.stages.pages`, which reads multi-page files."""
+        deferred = self._deferred(path, content, rejection)
+        if deferred is not None:
+            return deferred
+
+        def look(session: Session) -> _Known | None:
+            image = repo.get_image_by_sha(session, content.sha256)
+            return None if image is None else _Known.of(image, path)
+
+        return self._reject(path, content.sha256, transaction(self.factory, look, what="intake"), rejection)
 
     def read(self, path: Path, content: Content, named: Identity | None,
              unidentified: Rejection | None) -> tuple[Identity, DecodedImage]:

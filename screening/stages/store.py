@@ -32,6 +32,7 @@ from ..inference import ImagePrediction, Predictor
 from ..rejection import FailReason
 from .filing import Filing, MoveFailed
 from .outcomes import Failed, Job, Stored
+from .pages import page_settled
 
 log = logging.getLogger("screening")
 
@@ -95,7 +96,7 @@ class StoreStage:
         """Persist one result, then archive the original (see the module docstring)."""
         files = self.write_outputs(job, pred)
 
-        def record(session: Session) -> int | None:
+        def record(session: Session) -> tuple[int | None, bool]:
             image = _image(session, job.image_id)
             if image.result is None:
                 repo.add_result(
@@ -110,15 +111,19 @@ class StoreStage:
                 )
             if image.state not in (ImageState.DONE, ImageState.REPORTED):
                 repo.set_state(session, image, ImageState.DONE)
-            return image.exam_id
+            others = [] if job.file_sha256 is None else repo.pages_of_file(session, job.file_sha256)
+            return image.exam_id, not all(page_settled(p) for p in others)
 
-        exam_id = transaction(self.factory, record, what="storing a result")
+        exam_id, awaits_pages = transaction(self.factory, record, what="storing a result")
         if exam_id is None:  # admitted images always have one; a row edited by hand might not
             raise LookupError(f"image {job.image_id} has no exam; its result is stored but no report can include it")
+        if awaits_pages:  # a page whose file holds pages not graded yet: the file leaves with the last of them
+            return Stored(job.image_id, exam_id, None, awaits_pages=True)
         # Committed: now the original may leave the inbox. If it cannot move now (recorded by the filing), it
         # stays there and the next intake of it (same file, image done) finishes the move.
         try:
-            archived = self.filing.archive_image(job.image_id, job.path, job.sha256)
+            archived = (self.filing.archive_image(job.image_id, job.path, job.sha256) if job.file_sha256 is None
+                        else self.filing.archive_pages(job.file_sha256, job.path))
         except DatabaseGone:
             raise
         except MoveFailed:

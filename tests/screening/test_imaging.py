@@ -2,7 +2,7 @@ import cv2
 import numpy as np
 import pytest
 
-from screening.imaging import DecodeLimits, check_fundus, decode, decode_bytes, reduction_factor
+from screening.imaging import DecodeLimits, check_fundus, decode, decode_bytes, preprocess, reduction_factor
 from screening.rejection import Rejection, RejectReason
 from training.data.synthetic import make_fundus
 from training.data.transforms import preprocess_fundus
@@ -158,6 +158,61 @@ def test_multi_page_tiff_one_photo_or_a_refusal():
     with pytest.raises(Rejection) as exc:
         decode_bytes(_tiff([((200, 200), 0)] + [((60, 60), 1)] * 5), 64, limits=DecodeLimits(max_pages=4))
     assert exc.value.code == RejectReason.MULTI_PAGE and "more than 4 pages" in exc.value.message
+
+
+def _tiff_of(pictures: list[np.ndarray], subfiles: list[int] | None = None) -> bytes:
+    """A TIFF with one page per RGB picture (NewSubfileType from ``subfiles``, default 0: full size)."""
+    import io
+
+    from PIL import Image, TiffImagePlugin
+
+    buf = io.BytesIO()
+    with TiffImagePlugin.AppendingTiffWriter(buf) as tf:
+        for rgb, subfile in zip(pictures, subfiles or [0] * len(pictures)):
+            Image.fromarray(rgb).save(tf, "TIFF", tiffinfo={254: subfile})
+            tf.newFrame()
+    return buf.getvalue()
+
+
+def test_a_multi_page_tiff_is_read_page_by_page():
+    """Issue 12: one result per page that is a fundus photo, or a rejection; the first page used to be graded
+    alone, silently, and then the whole file was refused."""
+    from screening.imaging import decode_pages, several_pictures
+
+    rng = np.random.default_rng
+    a, b = make_fundus(rng(1), size=300).image, make_fundus(rng(2), size=240).image
+    white = np.full((200, 200, 3), 255, np.uint8)
+    data = _tiff_of([cv2.resize(a, (60, 60)), a, white, b], subfiles=[1, 0, 0, 0])  # a thumbnail first
+    assert several_pictures(data, DecodeLimits()) and not several_pictures(_tiff_of([a]), DecodeLimits())
+    assert not several_pictures(cv2.imencode(".jpg", a)[1].tobytes(), DecodeLimits())
+    assert not several_pictures(data[:300], DecodeLimits())  # a damaged header: decode_bytes says why
+    pages = decode_pages(data, 64, name="P1_R.tif")
+    assert [(p.number, p.size) for p in pages] == [(2, (300, 300)), (3, (200, 200)), (4, (240, 240))]
+    assert pages[1].decoded is None and pages[1].rejection.code == RejectReason.NOT_FUNDUS
+    for page, rgb in ((pages[0], a), (pages[2], b)):
+        assert page.rejection is None and np.array_equal(page.decoded.rgb, preprocess(rgb, page.size, 64).rgb)
+    with pytest.raises(Rejection) as exc:  # the file itself cut short: refused (or deferred) as a whole
+        decode_pages(data[: len(data) - 5000], 64, name="P1_R.tif")
+    assert exc.value.code == RejectReason.INCOMPLETE and "page 4" in exc.value.message
+    with pytest.raises(Rejection) as exc:
+        decode_pages(data, 64, limits=DecodeLimits(max_pixels=240 * 240), name="P1_R.tif")
+    assert exc.value.code == RejectReason.TOO_LARGE
+
+
+def test_a_page_is_turned_upright_as_viewers_show_it():
+    import io
+
+    from PIL import Image
+
+    from screening.imaging import decode_pages
+
+    a = make_fundus(np.random.default_rng(3), size=300).image[:, 50:250].copy()  # 200 wide, 300 high
+    buf = io.BytesIO()
+    Image.fromarray(a).save(buf, "TIFF", save_all=True, append_images=[Image.fromarray(a)], tiffinfo={274: 6})
+    pages = decode_pages(buf.getvalue(), 64)
+    assert [p.size for p in pages] == [(300, 200), (300, 200)]  # orientation 6: turned a quarter clockwise
+    upright = np.ascontiguousarray(np.rot90(a, k=-1))
+    assert np.array_equal(pages[0].decoded.rgb, preprocess(upright, (300, 200), 64).rgb)
 
 
 def test_an_empty_file_has_its_own_reason():

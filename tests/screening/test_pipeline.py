@@ -331,6 +331,63 @@ def test_report_failure_keeps_result_and_is_retried(settings, tmp_path, renderer
         assert s.scalars(select(Image)).one().state == "reported"
 
 
+def _visit_tiff(settings, name: str = "P8_R_20250301.tif") -> Path:
+    """Two fundus photos and a scanned form in one TIFF."""
+    from .conftest import WHITE_PAGE, write_tiff_pages
+
+    return write_tiff_pages(settings.inbox / name, [synthetic_fundus(81), WHITE_PAGE, synthetic_fundus(82)])
+
+
+def test_a_multi_page_file_gives_one_result_per_fundus_page_and_is_archived_once(settings):
+    """Issue 12: a multi-page TIFF used page 1 only, silently, then was refused as a whole."""
+    worker = make_worker(settings.model_copy(update={"report_renderer": "inline", "batch_size": 1}))
+    tiff = _visit_tiff(settings)
+    write_fundus(settings.inbox / "P8_L_20250301.jpg", seed=83)
+    out = worker.run_once(settle_timeout=5)
+    assert (out.processed, out.rejected, out.failed, out.unmoved, out.reports) == (3, 1, 0, 0, 1) and out.ok
+    assert list(settings.inbox.iterdir()) == []
+    [archived] = [p for p in settings.archive.rglob("*.tif")]
+    assert archived.name.endswith("_P8_R_20250301.tif") and not tiff.exists()
+    with session_scope(worker.factory) as s:
+        pages = s.scalars(select(Image).where(Image.page.is_not(None)).order_by(Image.page)).all()
+        assert [(i.page, i.state, i.result is not None) for i in pages] == [(1, "reported", True), (2, "rejected", False),
+                                                                           (3, "reported", True)]
+        assert {i.stored_path for i in pages} == {str(archived)}
+        assert [d.outcome for d in s.scalars(select(Drop))] == ["new", "new"]  # two files, two arrivals
+    text = pdf_text(next(settings.reports.rglob("report_v1.pdf")))
+    assert "P8_R_20250301.tif (page 1)" in text and "P8_R_20250301.tif (page 3)" in text  # the right eye's two fields
+    from screening.audit import audit_summary
+
+    with session_scope(worker.factory) as s:  # each arrival once by its outcome, each page once by its state
+        summary = audit_summary(s)
+    assert summary.drops == {"new": 2, "duplicate": 0, "rejected": 0}
+    assert (summary.overall.images, summary.rejected, summary.rejected_reasons) == (3, 1, {"not_fundus": 1})
+
+
+def test_a_page_that_fails_keeps_its_file_in_the_inbox_until_it_is_graded(settings):
+    worker = make_worker(settings.model_copy(update={"report_renderer": "inline", "batch_size": 1}))
+    tiff = _visit_tiff(settings)
+    real_prepare, calls = worker.predictor.prepare, []
+
+    def prepare(images):
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("simulated failure of the second page")
+        return real_prepare(images)
+
+    worker.predictor.prepare = prepare
+    out = worker.run_once(settle_timeout=5)
+    assert (out.processed, out.failed, out.unmoved) == (1, 1, 0) and not out.ok
+    assert tiff.is_file() and list(settings.archive.rglob("*.tif")) == []  # page 1 graded, the file waits for page 3
+    worker.predictor.prepare = real_prepare
+    out = worker.run_once(settle_timeout=5)
+    assert (out.processed, out.rejected, out.failed) == (1, 0, 0) and out.ok and not tiff.exists()
+    with session_scope(worker.factory) as s:
+        assert sorted(i.state for i in s.scalars(select(Image))) == ["rejected", "reported", "reported"]
+        assert count(worker, Result) == 2 and [d.outcome for d in s.scalars(select(Drop))] == ["new"]
+    assert len(list(settings.archive.rglob("*.tif"))) == 1
+
+
 def test_crash_before_commit_redoes_the_image(settings, monkeypatch):
     worker = make_worker(settings)
     write_fundus(settings.inbox / "P7_L.jpg", seed=7)

@@ -31,7 +31,8 @@ def db_path(tmp_path):
 HEAD = head_revision()  # read from the scripts: a later revision must not break these tests
 PREVIOUS = "0007_device_original_masks"  # the head before the review tables
 # the order revisions are applied in (branches merged later may put theirs between these)
-ORDER = ["0001", "0002", "0007_device_original_masks", "0014_reviews", "0006_hardening", "0010_db_identity"]
+ORDER = ["0001", "0002", "0007_device_original_masks", "0014_reviews", "0006_hardening", "0009_pages",
+         "0010_db_identity"]
 
 
 def test_the_revisions_form_one_chain_in_order():
@@ -276,3 +277,26 @@ def test_the_database_identity_is_made_once_by_init_or_by_the_migration(tmp_path
     assert "database_identity" not in inspect(old).get_table_names()
     init_db(old)
     assert len(token(old)) == 1 and _diff(old) == []
+
+
+def test_pages_columns_come_and_go_with_revision_0009(tmp_path):
+    """Revision 0009_pages: images.page and images.file_sha256 (indexed), NULL for the rows written before."""
+    from alembic import command
+
+    from screening.db.migrate import alembic_config
+
+    engine = make_engine(f"sqlite:///{tmp_path / 'pages.db'}")
+    upgrade(engine, "0006_hardening")
+    with engine.begin() as conn:
+        conn.exec_driver_sql("INSERT INTO images (id, sha256, source_name, state, received_at, updated_at) "
+                             "VALUES (1, 'aa', 'P1_R.jpg', 'rejected', '2025-01-01 00:00:00', '2025-01-01 00:00:00')")
+    upgrade(engine, "0009_pages")
+    assert {"page", "file_sha256"} <= _cols(engine, "images")
+    assert "ix_images_file_sha256" in {i["name"] for i in inspect(engine).get_indexes("images")}
+    with engine.connect() as conn:
+        assert conn.exec_driver_sql("SELECT sha256, page, file_sha256 FROM images").one() == ("aa", None, None)
+    with engine.begin() as conn:
+        command.downgrade(alembic_config(connection=conn), "0006_hardening")
+    assert not {"page", "file_sha256"} & _cols(engine, "images")
+    init_db(engine)
+    assert _diff(engine) == []

@@ -1,7 +1,7 @@
 """The database's identity: a random id written once, so that a worker notices its database being replaced.
 
 Revision ID: 0010_db_identity
-Revises: 0006_hardening
+Revises: 0009_pages
 Create Date: 2026-12-02
 
 Why: the worker detected a deleted or replaced database by the SQLite file's inode alone, which says nothing
@@ -20,7 +20,7 @@ import sqlalchemy as sa
 from alembic import op
 
 revision = "0010_db_identity"
-down_revision = "0006_hardening"
+down_revision = "0009_pages"
 branch_labels = None
 depends_on = None
 
