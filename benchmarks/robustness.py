@@ -44,7 +44,7 @@ from _common import ROOT, machine_info, print_header
 from training.data.synthetic import make_fundus
 
 GOOD = "graded"
-PAGES = "pages graded {graded}, refused {refused}"  # a multi-page file: what became of its pages
+PAGES = "pages graded {graded}, ungradable {ungradable}, refused {refused}"  # a multi-page file: what became of its pages
 LONG = "B41scan_" + "x" * 238 + ".jpg"
 
 
@@ -151,7 +151,7 @@ def kinds(outside: Path) -> list[Kind]:
     white = np.full((400, 400, 3), 255, np.uint8)
     blue = np.dstack([np.full((400, 400), v, np.uint8) for v in (40, 90, 200)])
     disc = np.zeros((400, 400, 3), np.uint8)
-    cv2.circle(disc, (200, 200), 150, (200, 40, 20), -1)  # a red disc on black: issue 13 decides these
+    cv2.circle(disc, (200, 200), 150, (200, 40, 20), -1)  # a red disc on black: the gradability model refuses it
     return [
         ("B01_R.jpg", write(lambda s: fundus_jpeg(s)), GOOD),
         ("B02_L.jpg", write(lambda s: fundus_jpeg(s)[: len(fundus_jpeg(s)) * 3 // 10]), "incomplete"),
@@ -174,7 +174,7 @@ def kinds(outside: Path) -> list[Kind]:
         ("B17_R.jpg", write(lambda s: jpeg_claiming(20000, 15000, s)), "too_large"),
         ("B18_R.jpg", write(lambda s: fundus_jpeg(s) + os.urandom(9 * 2**20)), "too_large"),  # over max_file_bytes
         ("B19_R.tif", write(lambda s: tiff_of([make_fundus(np.random.default_rng(s + k), size=300).image for k in (0, 1)])),
-         PAGES.format(graded=2, refused=0)),  # two photos in one TIFF: one result each
+         PAGES.format(graded=2, ungradable=0, refused=0)),  # two photos in one TIFF: one result each
         ("B20_R.tif", write(lambda s: tiff([(300, 0)] + [(64, 1)] * 5, s)), "multi_page"),
         ("B21_R.tif", write(lambda s: tiff([(64, 1), (400, 0)], s)), GOOD),  # thumbnail first, then the photo
         ("passwd_R.jpg", lambda p, s: p.symlink_to(secret), "not_a_file"),
@@ -194,11 +194,11 @@ def kinds(outside: Path) -> list[Kind]:
         ("B33_X.jpg", write(lambda s: fundus_jpeg(s)), "identity"),  # no such eye
         ("scan34.jpg", write(lambda s: fundus_jpeg(s)), "identity"),  # with a bad sidecar (made below)
         ("scan35.jpg", write(lambda s: fundus_jpeg(s)), "identity"),  # sidecar with a path in the patient id
-        ("B36_R.jpg", write(lambda s: cv2.imencode(".jpg", dark)[1].tobytes()), "too_dark"),
+        ("B36_R.jpg", write(lambda s: cv2.imencode(".jpg", dark)[1].tobytes()), "not_fundus"),  # nothing lit: no fundus
         ("B37_R.png", write(lambda s: encoded(".png", white)), "not_fundus"),
         ("B38_R.png", write(lambda s: encoded(".png", blue)), "not_fundus"),
         ("B39_R.png", write(lambda s: encoded(".png", np.full((60, 60, 3), 120, np.uint8))), "too_small"),
-        ("B40_R.png", write(lambda s: encoded(".png", disc)), "issue 13"),  # not-a-fundus model: issue 13
+        ("B40_R.png", write(lambda s: encoded(".png", disc)), "not_fundus"),
         (LONG, write(lambda s: fundus_jpeg(s)), GOOD),  # a 250-character name (identity from its sidecar)
         ("Patient143_L.jpg", write(lambda s: fundus_jpeg(s)), GOOD),
         ("patient143_r.JPG", write(lambda s: fundus_jpeg(s)), GOOD),  # the same patient, other case
@@ -209,8 +209,14 @@ def kinds(outside: Path) -> list[Kind]:
         ("B42_L.jpg", write(lambda s: fundus_jpeg(4242)), "identity_conflict"),  # same bytes, the other eye
         ("B45_R.tif", write(lambda s: tiff_of([make_fundus(np.random.default_rng(s), size=300).image, white,
                                                make_fundus(np.random.default_rng(s + 1), size=300).image])),
-         PAGES.format(graded=2, refused=1)),  # two photos and a scanned form
+         PAGES.format(graded=2, ungradable=0, refused=1)),  # two photos and a scanned form
         ("B46_R.tif", write(lambda s: tiff_of([white, blue])), "not_fundus"),  # no photo on any page: refused whole
+        ("B47_R.tif", write(lambda s: tiff_of([make_fundus(np.random.default_rng(100), size=300).image, cv2.GaussianBlur(
+            make_fundus(np.random.default_rng(101), size=300).image, (0, 0), 6)])),
+         PAGES.format(graded=1, ungradable=1, refused=0)),  # a sharp photo and a blurred one: each page judged alone
+        ("B48.tif", write(lambda s: tiff_of([make_fundus(np.random.default_rng(1), size=400, eye="L", dr_grade=0).image,
+                                             make_fundus(np.random.default_rng(2), size=400, eye="R", dr_grade=0).image])),
+         PAGES.format(graded=2, ungradable=0, refused=0)),  # no eye in the name: each page takes the eye it shows
         ("IM000047", write(lambda s: dicom(s)), GOOD),  # a PACS export without a suffix
         ("IM000048", write(lambda s: dicom(s, 30000, 30000)), "too_large"),  # Rows x Columns of a bomb, from the header
         ("B44_R.png", write(lambda s: cv2.imencode(".png", cv2.cvtColor(
@@ -225,6 +231,7 @@ def config(folder: Path, checkpoint: Path, **extra: Any) -> Path:
     lines = ["[screening]", f"inbox = '{folder / 'inbox'}'", f"reports = '{folder / 'reports'}'",
              f"archive = '{folder / 'archive'}'", f"rejected = '{folder / 'rejected'}'", f"work_dir = '{folder / 'work'}'",
              f"database = 'sqlite:///{folder / 'screening.db'}'", f"checkpoint = '{checkpoint}'", "stable_seconds = 0.2",
+             f"quality_model = '{ROOT / 'models' / 'quality.pt'}'", f"laterality_model = '{ROOT / 'models' / 'laterality.pt'}'",
              "threads = 2", "device = 'cpu'", "max_file_bytes = 8388608", "incomplete_grace = 300.0",
              "abandoned_after = 3600.0", "batch_size = 1"]
     lines += [f"{k} = {json.dumps(v)}" for k, v in extra.items()]
@@ -270,19 +277,25 @@ def bad_input(folder: Path, checkpoint: Path) -> dict[str, Any]:
     second = cli(cfg, "run", "--once")
     outcomes = dict(query(folder, "SELECT source_name, coalesce(reason_code, outcome) FROM drops"))
     graded = {n for (n,) in query(folder, "SELECT i.source_name FROM images i JOIN results r ON r.image_id = i.id")}
+    ungradable = {n for (n,) in query(folder, "SELECT source_name FROM images WHERE gradable = 0 AND state IN ('done', 'reported')")}
     pages: dict[str, dict[str, int]] = {}
-    for name, state in query(folder, "SELECT i.source_name, i.state FROM images i WHERE i.page IS NOT NULL"):
-        counts = pages.setdefault(name.rsplit(" (page ", 1)[0], {"graded": 0, "refused": 0})
-        counts["graded" if state in ("done", "reported") else "refused"] += 1
+    for name, state, has_result in query(folder, "SELECT i.source_name, i.state, r.id IS NOT NULL FROM images i "
+                                                 "LEFT JOIN results r ON r.image_id = i.id WHERE i.page IS NOT NULL"):
+        counts = pages.setdefault(name.rsplit(" (page ", 1)[0], {"graded": 0, "ungradable": 0, "refused": 0, "unfinished": 0})
+        stored = state in ("done", "reported")
+        counts["graded" if stored and has_result else "ungradable" if stored else "refused" if state == "rejected"
+               else "unfinished"] += 1
     got: dict[str, str] = {}
     for name, _, _ in table:
         if name in graded:
             got[name] = GOOD
         elif name in pages:
-            got[name] = PAGES.format(**pages[name])
+            got[name] = PAGES.format(**pages[name]) + (f", unfinished {n}" if (n := pages[name]["unfinished"]) else "")
+        elif name in ungradable:  # stored without a grade by the intake checks (issue 13)
+            got[name] = "ungradable"
         else:
             got[name] = outcomes.get(name, "(nothing recorded)")
-    wrong = {name: (expected, got[name]) for name, _, expected in table if expected != "issue 13" and got[name] != expected}
+    wrong = {name: (expected, got[name]) for name, _, expected in table if got[name] != expected}
     left = sorted(p.name for p in inbox.iterdir() if p.name != ".gitkeep")
     drops = query(folder, "SELECT count(*) FROM drops")[0][0]
     audit = cli(cfg, "audit", "--json", str(folder / "audit.json"))
@@ -290,7 +303,7 @@ def bad_input(folder: Path, checkpoint: Path) -> dict[str, Any]:
     long_name = next((p.name for p in (folder / "archive").rglob("*B41scan_*") if not p.name.endswith(".json")),
                      "(not archived)")
     return {
-        "kinds": len(table), "kinds_checked": len(table) - 1, "wrong": wrong, "left_in_inbox": left,
+        "kinds": len(table), "kinds_checked": len(table), "wrong": wrong, "left_in_inbox": left,
         "deferred_by_the_first_run": deferred, "exit_codes": [first.returncode, second.returncode],
         "traceback": "Traceback" in first.stderr + second.stderr, "first_run_s": round(seconds, 1),
         "drops_recorded": drops, "audit_drops": summary["drops"], "audit_rejected": summary["rejected_reasons"],
@@ -301,6 +314,8 @@ def bad_input(folder: Path, checkpoint: Path) -> dict[str, Any]:
         "patients_143": [c for (c,) in query(folder, "SELECT code FROM patients WHERE lower(code) = 'patient143'")],
         "placeholder_left_alone": (inbox / ".gitkeep").is_file() and not query(
             folder, "SELECT count(*) FROM drops WHERE source_name = '.gitkeep'")[0][0],
+        "eyes_of_the_pages_of_B48": [f"{eye} ({source})" for eye, source in query(
+            folder, "SELECT eye, eye_source FROM images WHERE source_name LIKE 'B48.tif (page %' ORDER BY page")],
         "multi_page_files_archived_once": sorted(p.name.split("_", 1)[1] for p in (folder / "archive").rglob("*.tif")
                                                  if "duplicates" not in p.parts),
     }

@@ -29,6 +29,13 @@ Model versus grader
     against the graders', and the median time from report to review; overall, per model version and per
     reviewer.
 
+Ungradable photos, per day and device
+    Every photo admitted since the intake checks exist has a gradability verdict (``images.gradable``). Per UTC
+    day of arrival and per device (``images.device`` where the database records one, else ``unknown``): how
+    many photos were assessed, how many were ungradable (the rate), the reasons given, and how many carried a
+    laterality mismatch. Pictures refused as not a fundus photo are not photos of an eye: they are counted
+    with the other refusals.
+
 Per model version
     Grades, referrals, duplicates (of images graded by that version) and turnaround are broken down by
     ``results.model_version``; ``overall`` pools them (and counts every duplicate drop, including those of
@@ -84,6 +91,30 @@ class ModelStats:
 
 
 @dataclass
+class UngradableDay:
+    """Gradability on one UTC day of arrival for one device."""
+
+    day: str  # YYYY-MM-DD
+    device: str
+    assessed: int = 0
+    ungradable: int = 0
+    reasons: dict[str, int] = field(default_factory=dict)
+    eye_mismatches: int = 0
+
+    @property
+    def rate(self) -> float | None:
+        return self.ungradable / self.assessed if self.assessed else None
+
+
+UNKNOWN_DEVICE = "unknown"
+
+
+def _device_column() -> Any:
+    """``images.device`` (the camera, from DICOM tags), 'unknown' where the file did not say."""
+    return func.coalesce(Image.device, UNKNOWN_DEVICE)
+
+
+@dataclass
 class AuditSummary:
     start: date | None
     end: date | None
@@ -96,6 +127,7 @@ class AuditSummary:
     failed_reasons: dict[str, int] = field(default_factory=dict)
     drops: dict[str, int] = field(default_factory=lambda: {o.value: 0 for o in DropOutcome})
     incidents: dict[str, int] = field(default_factory=dict)
+    ungradable_by_day: list[UngradableDay] = field(default_factory=list)
     date_basis: str = DATE_BASIS
     agreement: AgreementSummary | None = None  # model versus grader; None in exports made before it existed
 
@@ -103,10 +135,24 @@ class AuditSummary:
     def duplicates(self) -> int:
         return self.overall.duplicates
 
+    @property
+    def assessed(self) -> int:
+        return sum(d.assessed for d in self.ungradable_by_day)
+
+    @property
+    def ungradable(self) -> int:
+        return sum(d.ungradable for d in self.ungradable_by_day)
+
+    @property
+    def ungradable_rate(self) -> float | None:
+        return self.ungradable / self.assessed if self.assessed else None
+
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["start"] = None if self.start is None else self.start.isoformat()
         d["end"] = None if self.end is None else self.end.isoformat()
+        for day, row in zip(self.ungradable_by_day, d["ungradable_by_day"]):
+            row["rate"] = day.rate
         return d
 
     @classmethod
@@ -129,6 +175,8 @@ class AuditSummary:
             failed_reasons=dict(d["failed_reasons"]),
             drops={str(k): int(v) for k, v in d.get("drops", {}).items()},
             incidents={str(k): int(v) for k, v in d.get("incidents", {}).items()},
+            ungradable_by_day=[UngradableDay(**{k: v for k, v in day.items() if k != "rate"})
+                               for day in d.get("ungradable_by_day", [])],
             date_basis=d.get("date_basis", DATE_BASIS),
             agreement=AgreementSummary.from_dict(d["agreement"]) if d.get("agreement") else None,
         )
@@ -275,6 +323,22 @@ def audit_summary(
     def ordered(c: Counter[str]) -> dict[str, int]:
         return dict(sorted(c.items(), key=lambda kv: (-kv[1], kv[0])))
 
+    days: dict[tuple[str, str], UngradableDay] = {}
+    reasons: dict[tuple[str, str], Counter[str]] = {}
+    for row in session.execute(
+        select(Image.received_at, _device_column().label("device"), Image.gradable, Image.quality_reasons,
+               Image.eye_mismatch).where(Image.gradable.is_not(None), *_in_range(Image.received_at, lo, hi))
+    ).all():
+        key = (_as_utc(row.received_at).date().isoformat(), str(row.device))
+        day = days.setdefault(key, UngradableDay(*key))
+        day.assessed += 1
+        if not row.gradable:
+            day.ungradable += 1
+            reasons.setdefault(key, Counter()).update([str(r) for r in (row.quality_reasons or [NO_REASON])])
+        day.eye_mismatches += int(bool(row.eye_mismatch))
+    for key, counter in reasons.items():
+        days[key].reasons = ordered(counter)
+
     return AuditSummary(
         start=start,
         end=end,
@@ -288,6 +352,7 @@ def audit_summary(
         failed_reasons=ordered(failed),
         drops=drops,
         incidents=ordered(incidents),
+        ungradable_by_day=[days[k] for k in sorted(days)],
     )
 
 
@@ -340,6 +405,15 @@ def summary_rows(summary: AuditSummary) -> list[dict[str, str]]:
     out += [("failed_reason", "", reason, n) for reason, n in summary.failed_reasons.items()]
     out += [("drops", "", outcome, n) for outcome, n in summary.drops.items()]
     out += [("incident", "", code, n) for code, n in summary.incidents.items()]
+    out += [("gradability", "", "assessed", summary.assessed), ("gradability", "", "ungradable", summary.ungradable),
+            ("gradability", "", "ungradable_rate", summary.ungradable_rate)]
+    for day in summary.ungradable_by_day:
+        label = f"{day.day} {day.device}"
+        out += [("ungradable_by_day", "", f"{label} assessed", day.assessed),
+                ("ungradable_by_day", "", f"{label} ungradable", day.ungradable),
+                ("ungradable_by_day", "", f"{label} rate", day.rate),
+                ("ungradable_by_day", "", f"{label} eye_mismatches", day.eye_mismatches)]
+        out += [("ungradable_reason", "", f"{label} {reason}", n) for reason, n in day.reasons.items()]
     reviewer_of: dict[int, str] = {}
     if summary.agreement is not None:
         for label, reviewer, stats in agreement_groups(summary.agreement):
@@ -436,6 +510,15 @@ def format_table(summary: AuditSummary) -> str:
     if summary.incidents:
         lines += ["", "Repaired or retried:"]
         lines += [f"  {n:>6}  {code}" for code, n in summary.incidents.items()]
+    rate = summary.ungradable_rate
+    lines += ["", f"Ungradable: {summary.ungradable} of {summary.assessed} photos assessed"
+              + (f" ({rate:.1%})" if rate is not None else "")]
+    if summary.ungradable_by_day:
+        lines.append(f"  {'day':<10}  {'device':<16}  {'assessed':>8}  {'ungradable':>10}  {'rate':>6}  {'eye mismatch':>12}  reasons")
+        for d in summary.ungradable_by_day:
+            why = ", ".join(f"{r} {n}" for r, n in d.reasons.items())
+            lines.append(f"  {d.day:<10}  {d.device[:16]:<16}  {d.assessed:>8}  {d.ungradable:>10}  "
+                         f"{(d.rate or 0):>6.1%}  {d.eye_mismatches:>12}  {why}")
     if summary.agreement is not None:
         lines += ["", *_agreement_table(summary.agreement)]
     return "\n".join(lines) + "\n"
@@ -444,6 +527,7 @@ def format_table(summary: AuditSummary) -> str:
 _AGREEMENT_LABELS = {
     "visits_graded": "Visits graded", "visits_reviewed": "Visits reviewed", "share_reviewed": "Share reviewed",
     "visits_corrected": "Visits corrected", "eyes_compared": "Eyes compared", "eyes_ungradable": "Eyes ungradable (grader)",
+    "eyes_model_ungradable": "Eyes ungradable (model)",
     "dr_kappa": "DR kappa (quadratic)", "dr_exact_agreement": "DR exact agreement",
     "dme_kappa": "DME kappa (quadratic)", "dme_exact_agreement": "DME exact agreement",
     "referral_true_pos": "Referral: both refer", "referral_false_pos": "Referral: model only",
@@ -484,6 +568,7 @@ __all__ = [
     "AgreementSummary",
     "AuditSummary",
     "ModelStats",
+    "UngradableDay",
     "audit_summary",
     "format_table",
     "percentile",

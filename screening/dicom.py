@@ -41,7 +41,7 @@ from pydicom.pixels.decoders.base import get_decoder
 from pydicom.uid import UID
 
 from .imaging import DecodeLimits
-from .intake import Identity, normalise_eye, parse_identity
+from .intake import Identity, normalise_eye, parse_identity, sidecar_for
 from .rejection import Rejection, RejectReason
 
 # pydicom reports odd values (a malformed name or date, quoted) on its logger and as warnings: neither may carry a
@@ -92,6 +92,7 @@ class DicomPhoto:
     exam_date: date | None
     device: str | None
     sop_class: str
+    eye_tag: str | None = None  # which tag gave ``eye``: "Image Laterality (0020,0062)" or "Laterality (0020,0060)"
 
     @property
     def size(self) -> tuple[int, int]:
@@ -142,8 +143,12 @@ def _patient_id(ds: Dataset, name: str) -> str:
     return value
 
 
-def _eye(ds: Dataset, name: str) -> Literal["L", "R"] | None:
-    for keyword, tag in (("ImageLaterality", "(0020,0062)"), ("Laterality", "(0020,0060)")):
+_LATERALITY_TAGS = (("ImageLaterality", "Image Laterality", "(0020,0062)"), ("Laterality", "Laterality", "(0020,0060)"))
+
+
+def _eye(ds: Dataset, name: str) -> tuple[Literal["L", "R"] | None, str | None]:
+    """The eye the laterality tags state, and which tag said it ("Image Laterality (0020,0062)")."""
+    for keyword, tag_name, tag in _LATERALITY_TAGS:
         value = _text(ds, keyword)
         if value is None:
             continue
@@ -152,8 +157,8 @@ def _eye(ds: Dataset, name: str) -> Literal["L", "R"] | None:
         eye = normalise_eye(value)
         if eye is None:
             raise _refuse(RejectReason.IDENTITY, name, f"{keyword} {tag} is {value!r}; expected R or L")
-        return eye
-    return None
+        return eye, f"{tag_name} {tag}"
+    return None, None
 
 
 def _exam_date(ds: Dataset, name: str) -> date | None:
@@ -268,39 +273,43 @@ def read_dicom(source: str | os.PathLike[str] | bytes, *, name: str | None = Non
             raise _refuse(RejectReason.UNSUPPORTED_TYPE, label,
                           f"SOP class {described} is not a photograph the worker grades; {_EXPORT_HINT}")
         patient_id = _patient_id(ds, label)
-        eye, exam_date, device = _eye(ds, label), _exam_date(ds, label), _device(ds)
+        (eye, eye_tag), exam_date, device = _eye(ds, label), _exam_date(ds, label), _device(ds)
         rgb = _pixels(ds, label, limits)
-    return DicomPhoto(rgb=rgb, patient_id=patient_id, eye=eye, exam_date=exam_date, device=device, sop_class=sop)
+    return DicomPhoto(rgb=rgb, patient_id=patient_id, eye=eye, exam_date=exam_date, device=device, sop_class=sop,
+                      eye_tag=eye_tag)
 
 
 def dicom_identity(photo: DicomPhoto, path: str | os.PathLike[str], patterns: tuple[str, ...]) -> Identity:
     """Patient, eye, date and camera of a DICOM photo: the tags, with the file name or sidecar
     (:func:`~screening.intake.parse_identity`) filling in what the tags leave out. Where both state a value and
-    they differ, the file is refused (:class:`Rejection`, ``identity``), naming the tag but not the values."""
+    they differ, the file is refused (:class:`Rejection`, ``identity``), naming the tag but not the values. An eye
+    neither states is left None: the intake checks (:mod:`screening.checks`) read it from the photo when that is
+    clear, and refuse the file otherwise."""
     p = Path(path)
     try:
         named: Identity | None = parse_identity(p, patterns)
     except Rejection:  # the name of a PACS export rarely says anything; the tags must then
         named = None
+    if named is not None and named.eye is None and named.exam_date is None and sidecar_for(p) is None:
+        named = None  # a bare name (IM0001.dcm, as PACS exports name files) says nothing about whose photo it is
     if named is not None and named.patient_id != photo.patient_id:
         raise _refuse(RejectReason.IDENTITY, p.name,
                       "the patient id in the file name or sidecar differs from the Patient ID (0010,0020); correct one of them")
     eye = photo.eye
-    if named is not None and eye is not None and named.eye != eye:
+    if named is not None and eye is not None and named.eye is not None and named.eye != eye:
         raise _refuse(RejectReason.IDENTITY, p.name,
                       f"the file name or sidecar says eye {named.eye}, the DICOM laterality (0020,0062/0020,0060) says {eye}; "
                       "correct one of them")
-    eye = eye or (named.eye if named is not None else None)
-    if eye is None:
-        raise _refuse(RejectReason.IDENTITY, p.name,
-                      "no eye: Image Laterality (0020,0062) and Laterality (0020,0060) are empty and the file name states none; "
-                      "set the laterality on the camera or name the file <id>_<L|R>.dcm")
+    if eye is not None:
+        eye_from: str | None = f"DICOM {photo.eye_tag or 'laterality tag'}"  # screening.checks: eye source 'dicom'
+    else:  # neither the tags nor the name state it: the intake checks read it from the photo, or refuse the file
+        eye, eye_from = (named.eye, named.eye_from) if named is not None else (None, None)
     exam_date = photo.exam_date
     if named is not None and named.exam_date is not None and exam_date is not None and named.exam_date != exam_date:
         raise _refuse(RejectReason.IDENTITY, p.name,
                       "the date in the file name or sidecar differs from the DICOM acquisition or study date; correct one of them")
     exam_date = exam_date or (named.exam_date if named is not None else None)
-    return Identity(patient_id=photo.patient_id, eye=eye, exam_date=exam_date, device=photo.device)
+    return Identity(patient_id=photo.patient_id, eye=eye, exam_date=exam_date, device=photo.device, eye_from=eye_from)
 
 
 __all__ = [

@@ -1,5 +1,9 @@
-"""Decoding camera files at the size the model needs, within hard limits, only when they are complete, and
-checking that what was read is a fundus photo; and mapping the model's frame back onto the original photo.
+"""Decoding camera files at the size the model needs, within hard limits, only when they are complete; and
+mapping the model's frame back onto the original photo.
+
+Whether what was read is a gradable fundus photo is not decided here: the learned gradability verdict
+(:mod:`screening.checks`) measures the decoded photo (:attr:`DecodedImage.whole`); a hand-set colour rule used to
+stand here and refused dark but gradable photos (issue 13).
 
 Order of the checks, cheapest first, so that a hostile file costs little (:func:`decode_bytes`):
 
@@ -7,7 +11,7 @@ Order of the checks, cheapest first, so that a hostile file costs little (:func:
 2. the header (read by Pillow without decoding the pixels) gives width x height, checked against
    ``max_pixels``; a TIFF's pages are counted up to ``max_pages``: thumbnails are skipped, and a file
    holding more than one full-size picture is never read as its first page: the worker reads it page by
-   page (:func:`decode_pages`, one :class:`Page` each, a page that is not a fundus photo refused alone);
+   page (:func:`decode_pages`, one :class:`Page` each, each page then judged by the intake checks alone);
 3. the image data is complete: a JPEG is decoded once, strictly, at 1/8 scale by libjpeg-turbo
    (``simplejpeg``), which turns libjpeg's warnings ("premature end of data segment", corrupt data) into
    errors; a PNG's chunks are walked with their CRCs up to IEND; a TIFF's strips and tiles must lie
@@ -31,7 +35,7 @@ import math
 import struct
 import warnings
 import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -42,7 +46,7 @@ import numpy as np
 import simplejpeg
 from PIL import Image, UnidentifiedImageError
 
-from training.api import crop_square, fundus_bbox, fundus_mask, resize_square
+from training.api import crop_square, fundus_bbox, resize_square
 
 from .rejection import Rejection, RejectReason
 
@@ -135,6 +139,7 @@ class DecodedImage:
     display: np.ndarray  # the same crop at report resolution (display_size), uint8 RGB
     geometry: FrameGeometry  # how to map the model frame back onto the original photo
     decode_factor: int
+    whole: np.ndarray | None = None  # the whole photo as decoded (reduced for big JPEGs), for the intake checks; dropped after them
 
     @property
     def original_size(self) -> tuple[int, int]:
@@ -253,7 +258,7 @@ def decode_bytes(data: bytes, size: int, display_size: int = 512, *, limits: Dec
                  name: str = "the file") -> DecodedImage:
     """Decode ``data`` (a whole file) no larger than needed and preprocess it exactly as training did, after the
     checks of the module docstring; raises a :class:`~screening.rejection.Rejection` when the file is not a
-    usable, complete colour fundus photo within the limits."""
+    usable, complete photo within the limits."""
     limits = limits or DecodeLimits()
     if not data:
         raise Rejection(RejectReason.EMPTY, f"'{name}' is empty (0 bytes); copy the photo into the inbox again")
@@ -316,7 +321,8 @@ _UPRIGHT = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180, 4
 class Page:
     """One full-size picture of a multi-page file: its number (1 = the file's first directory, thumbnails
     counted, as viewers number pages), its (width, height) as a viewer shows it, and either the photo in the
-    model's frame or why this page is not a photo to grade (too small, too dark, not a fundus photo)."""
+    model's frame (with ``whole`` for the intake checks, which judge it like any single photo) or why this page
+    cannot be a photo at all (too small)."""
 
     number: int
     size: tuple[int, int]
@@ -366,43 +372,49 @@ def _page_rgb(im: Image.Image, index: int, file_size: int) -> np.ndarray:
 
 
 def decode_pages(data: bytes, size: int, display_size: int = 512, *, limits: DecodeLimits | None = None,
-                 name: str = "the file") -> list[Page]:
-    """Every full-size picture of a multi-page TIFF (:func:`several_pictures`), decoded one at a time and
-    preprocessed as :func:`decode_bytes` does a single photo. A page that is not a usable fundus photo gets its
-    :class:`~screening.rejection.Rejection` in its :class:`Page` (the other pages are still graded); what is
-    wrong with the file itself (over the limits, incomplete or corrupt) raises one for the whole file."""
+                 name: str = "the file") -> Iterator[Page]:
+    """Every full-size picture of a multi-page TIFF (:func:`several_pictures`), decoded one at a time as the
+    caller iterates and preprocessed as :func:`decode_bytes` does a single photo (``whole`` kept for the intake
+    checks). A page too small to be a photo gets its :class:`~screening.rejection.Rejection` in its :class:`Page`
+    (the other pages are still read); what is wrong with the file itself (over the limits, incomplete or
+    corrupt) raises one for the whole file, at the first page for the limits, at the page it shows on for damage.
+
+    An iterator, not a list, so that a caller may judge each page and drop its whole-size pixels before the next
+    one is decoded: a file of ``max_pages`` camera-size pages then never holds more than one in memory."""
     limits = limits or DecodeLimits()
     if sniff(data) != "TIFF":
         raise ValueError(f"'{name}' is not a TIFF; only TIFF files hold several pages")
+    return _pages(data, size, display_size, limits, name)
+
+
+def _pages(data: bytes, size: int, display_size: int, limits: DecodeLimits, name: str) -> Iterator[Page]:
     Image.MAX_IMAGE_PIXELS = limits.max_pixels
-    pages: list[Page] = []
     with _pillow(name, limits, partial(Image.open, io.BytesIO(data))) as im:
         for index in _pillow(name, limits, partial(tiff_pages, im, limits, name)):
             rgb = _pillow(name, limits, partial(_page_rgb, im, index, len(data)))
             width, height = rgb.shape[1], rgb.shape[0]
             try:
-                pages.append(Page(index + 1, (width, height), preprocess(rgb, (width, height), size, display_size), None))
+                page = Page(index + 1, (width, height), preprocess(rgb, (width, height), size, display_size), None)
             except Rejection as rejection:
-                pages.append(Page(index + 1, (width, height), None, rejection))
-            del rgb  # one page's pixels at a time
-    return pages
+                page = Page(index + 1, (width, height), None, rejection)
+            del rgb  # the page's pixels live on in page.decoded.whole only until the caller drops them
+            yield page
 
 
 def preprocess(rgb: np.ndarray, original_size: tuple[int, int], size: int, display_size: int = 512,
                decode_factor: int = 1) -> DecodedImage:
     """A decoded uint8 RGB photo (from any container: a JPEG, a DICOM) -> the model's frame and the report's,
     with the geometry that maps the frame back; raises a :class:`~screening.rejection.Rejection` when it is too
-    small or not a colour fundus photo."""
+    small (whether it is a gradable colour fundus photo is :mod:`screening.checks`' verdict, on ``whole``)."""
     width, height = original_size
     if min(rgb.shape[:2]) < 128:
         raise Rejection(RejectReason.TOO_SMALL,
                         f"image is too small ({width}x{height}); fundus photos need at least 128 px on the short side")
-    check_fundus(rgb)
     geometry = FrameGeometry.of(rgb, (width, height))
     square = crop_square(rgb)  # crop once; both sizes are resized from it exactly as preprocess_fundus does
     if square.shape[0] != geometry.side:  # the crop is training's: if it ever changes, masks would be misplaced
         raise RuntimeError(f"crop_square made a {square.shape[0]} px square where the recorded geometry says {geometry.side}")
-    return DecodedImage(resize_square(square, size), resize_square(square, display_size), geometry, decode_factor)
+    return DecodedImage(resize_square(square, size), resize_square(square, display_size), geometry, decode_factor, rgb)
 
 
 def decode(path: Path, size: int, display_size: int = 512, limits: DecodeLimits | None = None) -> DecodedImage:
@@ -413,21 +425,3 @@ def decode(path: Path, size: int, display_size: int = 512, limits: DecodeLimits 
     except OSError as exc:
         raise Rejection(RejectReason.UNREADABLE, f"could not read '{Path(path).name}' ({type(exc).__name__})") from None
     return decode_bytes(data, size, display_size, limits=limits, name=Path(path).name)
-
-
-def check_fundus(rgb: np.ndarray) -> None:
-    """Cheap plausibility check: a lit, red-dominant field of view surrounded by dark borders."""
-    small = cv2.resize(rgb, (128, 128), interpolation=cv2.INTER_AREA) if max(rgb.shape[:2]) > 128 else rgb
-    field = fundus_mask(small)
-    frac = float(field.mean())
-    if frac < 0.25:
-        raise Rejection(RejectReason.TOO_DARK, f"image is almost entirely dark ({frac:.0%} lit); check the camera exposure and retake")
-    r, g, b = (float(small[..., i][field].mean()) for i in range(3))
-    if frac > 0.98 and not (r > 1.3 * b and r > g):
-        raise Rejection(RejectReason.NOT_FUNDUS, "does not look like a fundus photo (no dark surround, not red-dominant); check the file")
-    if not (r > 1.15 * b and r >= g):
-        raise Rejection(
-            RejectReason.NOT_FUNDUS,
-            f"does not look like a colour fundus photo (mean R/G/B {r:.0f}/{g:.0f}/{b:.0f}); "
-            "red-free or non-retinal images are not supported"
-        )

@@ -155,9 +155,11 @@ class Identity:
     """Who and what a photo is, from its name, sidecar or DICOM tags. ``patient_id`` stays out of ``repr``."""
 
     patient_id: str = field(repr=False)
-    eye: Literal["L", "R"]
+    eye: Literal["L", "R"] | None  # None: not stated; the intake checks read it from the photo or refuse the file
     exam_date: date | None = None  # None: the pipeline uses the drop date
     device: str | None = None  # the camera, where the file says (DICOM Manufacturer and model)
+    # where the stated eye came from: "file name", "sidecar <name>" or "DICOM <tag>" (screening.checks.EyeCheck.source)
+    eye_from: str | None = None
 
 
 def _unidentified(message: str) -> Rejection:
@@ -234,6 +236,8 @@ def parse_identity(
     The patterns are tried on the file stem in order (as written, then case-insensitively); groups
     ``patient``, ``eye``, ``date`` are used when present. A sidecar (:func:`sidecar_for`) with keys
     ``patient_id``, ``eye``, ``exam_date`` (``YYYY-MM-DD`` or null) overrides/complements the name.
+    An absent eye is allowed (``eye`` None): the worker then reads it from the photo when that is clear enough
+    (:mod:`screening.checks`) and refuses the file otherwise; an eye that is given but invalid is refused here.
     The result is validated: patient id ``[A-Za-z0-9_-]{1,64}`` (:func:`training.common.is_safe_id`: no
     path separators or ``..``),
     eye one of L/R/OD/OS/left/right (OD = right, OS = left), date a real calendar date, not after ``today``
@@ -272,11 +276,11 @@ def parse_identity(
             f"invalid patient id {patient!r} (from {source['patient']}): use 1-{MAX_ID_LENGTH} letters, digits, '_' or '-'"
         )
 
-    if not eye_raw:
-        raise _unidentified(f"no eye (L/R/OD/OS/left/right) in the file name '{p.name}' or its sidecar; {_NAMING_HINT}")
-    eye = normalise_eye(eye_raw)
-    if eye is None:
-        raise _unidentified(f"invalid eye {eye_raw!r} (from {source['eye']}): use L, R, OD (right), OS (left), left or right")
+    eye: Literal["L", "R"] | None = None
+    if eye_raw:
+        eye = normalise_eye(eye_raw)
+        if eye is None:
+            raise _unidentified(f"invalid eye {eye_raw!r} (from {source['eye']}): use L, R, OD (right), OS (left), left or right")
 
     exam_date: date | None = None
     if date_raw:
@@ -291,7 +295,7 @@ def parse_identity(
                 f"exam date {exam_date.isoformat()} (from {source['date']}) is in the future; check the date in the "
                 "file name or sidecar (and the camera's clock)"
             )
-    return Identity(patient_id=patient, eye=eye, exam_date=exam_date)
+    return Identity(patient_id=patient, eye=eye, exam_date=exam_date, eye_from=source["eye"] if eye else None)
 
 
 # ------------------------------------------------------------------------------------------ stability

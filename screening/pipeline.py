@@ -31,6 +31,7 @@ from pathlib import Path
 
 from sqlalchemy.orm import Session, sessionmaker
 
+from .checks import IntakeChecks
 from .config import ScreeningSettings
 from .db.session import DatabaseGone, guard_identity
 from .inference import Predictor
@@ -108,16 +109,17 @@ class Worker:
 
     def __init__(
         self, settings: ScreeningSettings, predictor: Predictor, factory: sessionmaker[Session], templates_dir: Path,
-        today: Callable[[], date] = date.today, renderer: Renderer | None = None,
+        today: Callable[[], date] = date.today, renderer: Renderer | None = None, checks: IntakeChecks | None = None,
     ) -> None:
         self.s = settings
         self.predictor = predictor
         self.factory = factory
         guard_identity(factory)  # from now on, a database replaced or re-created under the worker stops it
+        self.checks = checks if checks is not None else IntakeChecks.from_settings(settings)
         for folder in (settings.inbox, settings.reports, settings.archive, settings.rejected, settings.work_dir):
             folder.mkdir(parents=True, exist_ok=True)
         self.filing = Filing(settings, factory)
-        self.intake = IntakeStage(settings, factory, self.filing, predictor.size, today)
+        self.intake = IntakeStage(settings, factory, self.filing, predictor.size, today, checks=self.checks)
         self.grade = GradeStage(predictor, settings.batch_size)
         self.store = StoreStage(settings, factory, self.filing, predictor)
         self.report = ReportStage(settings, factory, predictor,
@@ -139,7 +141,8 @@ class Worker:
         after the batch holding its last image here, so it renders while the next batch runs; reports finished
         meanwhile are recorded between batches (``self.report.wait()`` waits for the rest)."""
         out = BatchOutcome()
-        jobs = []
+        jobs: list[Job] = []
+        ungradable: list[Job] = []
         for path in paths:
             try:
                 outcome = self.intake.admit(path)
@@ -156,12 +159,29 @@ class Worker:
                 continue
             out.count(outcome)
             if isinstance(outcome, Admitted):
-                jobs.append(outcome.job)
-            elif isinstance(outcome, AdmittedPages):
-                jobs.extend(outcome.jobs)
+                (jobs if outcome.job.gradable else ungradable).append(outcome.job)
+            elif isinstance(outcome, AdmittedPages):  # a page is a photo like any other: graded or stored ungradable
+                for job in outcome.jobs:
+                    (jobs if job.gradable else ungradable).append(job)
         batches = self.grade.split(jobs)
         last_batch = {job.exam_id: k for k, batch in enumerate(batches) for job in batch}
         stored: set[int] = set()  # exams with a new result, report not yet submitted
+        for job in ungradable:  # no grading: the verdict is recorded, the photo is stored for the report
+            try:
+                saved = self.store.save_ungradable(job)
+            except DatabaseGone:
+                raise
+            except Exception as exc:  # noqa: BLE001 - recorded as failed; the file stays for a retry
+                self._fail(job, exc, FailReason.STORING, out)
+                continue
+            stored.add(saved.exam_id)
+            out.processed += 1
+            if saved.archived_as is None and not saved.awaits_pages and job.path.exists():  # the archive could not take it now
+                out.unmoved += 1
+                out.retry.append(job.path)
+        ready = sorted(e for e in stored if e not in last_batch)  # exams with nothing to grade in this group
+        stored.difference_update(ready)
+        self._submit_quietly(ready)
         for k, graded in enumerate(self.grade.grade(batches)):
             if graded.error is not None:
                 for job in graded.jobs:
@@ -180,7 +200,7 @@ class Worker:
                     out.unmoved += 1
                     out.retry.append(job.path)
             del graded
-            ready = sorted(e for e in stored if last_batch[e] <= k)
+            ready = sorted(e for e in stored if last_batch.get(e, -1) <= k)
             stored.difference_update(ready)
             self._submit_quietly(ready)
             out.count_reports(self.report.collect())

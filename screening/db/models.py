@@ -46,7 +46,7 @@ NAMING_CONVENTION = {
 
 class ImageState(StrEnum):
     RECEIVED = "received"  # hashed and recorded, waiting for (or in) inference
-    DONE = "done"  # a Result exists; the exam's report is not yet (re)rendered
+    DONE = "done"  # a Result exists, or the photo was judged ungradable (gradable = False, no Result); not yet reported
     REPORTED = "reported"  # included in a rendered report
     REJECTED = "rejected"  # not gradable input (bad name, not an image, ...); see Image.error
     FAILED = "failed"  # processing raised; see Image.error
@@ -61,6 +61,13 @@ class DropOutcome(StrEnum):
 class Eye(StrEnum):
     LEFT = "L"
     RIGHT = "R"
+
+
+class EyeSource(StrEnum):
+    NAME = "name"  # the file name
+    SIDECAR = "sidecar"  # the sidecar JSON
+    DICOM = "dicom"  # a DICOM laterality tag (an Identity whose eye_from starts with "DICOM")
+    IMAGE = "image"  # read from the photo (no eye stated; confident prediction)
 
 
 class ReviewOutcome(StrEnum):
@@ -107,7 +114,8 @@ def _in(column: str, values: Any) -> str:
 
 class Base(DeclarativeBase):
     metadata = MetaData(naming_convention=NAMING_CONVENTION)
-    type_annotation_map = {datetime: UTCDateTime(), str: String(), dict[str, Any]: JSON(), list[float]: JSON()}
+    type_annotation_map = {datetime: UTCDateTime(), str: String(), dict[str, Any]: JSON(), list[float]: JSON(),
+                           list[str]: JSON(), dict[str, float]: JSON()}
 
 
 class Patient(Base):
@@ -171,6 +179,20 @@ class Image(Base):
     height: Mapped[int | None]  # added in revision 0002
     # the camera: DICOM Manufacturer (0008,0070) and Manufacturer's Model Name (0008,1090); revision 0007
     device: Mapped[str | None] = mapped_column(String(128))
+    # Intake checks (revision 0005; NULL for images recorded before it, and for refused files). Values are checked
+    # by the repository (an added CHECK constraint would need a table rebuild that SQLite's foreign keys forbid).
+    gradable: Mapped[bool | None]  # the learned gradability verdict; False: no Result, the report says recapture
+    quality_reasons: Mapped[list[str] | None]  # reason codes (training.quality.REASONS) when ungradable, [] when gradable
+    quality_scores: Mapped[dict[str, float] | None]  # each reason's probability
+    eye_source: Mapped[str | None] = mapped_column(String(8))  # where ``eye`` came from (EyeSource)
+    predicted_eye: Mapped[str | None] = mapped_column(String(1))  # the eye the photo shows (L/R)
+    eye_confidence: Mapped[float | None] = mapped_column(Float)  # P(predicted_eye)
+    eye_mismatch: Mapped[bool | None]  # the photo confidently shows the other eye than the stated one
+    eye_note: Mapped[str | None] = mapped_column(Text)  # what the report says about the eye check, if anything
+    # Where and when the store stage published the photo (revision 0005): an ungradable image has no Result, so its
+    # display photo's folder and the time it joined its visit (what a review compares with its sign-off) are here.
+    photo_dir: Mapped[str | None] = mapped_column(Text)
+    stored_at: Mapped[datetime | None]
     # a page of a multi-page file (revision 0009_pages): its number in the file (1 = the first directory,
     # thumbnails counted) and the SHA-256 of the whole file (``sha256`` then names the page); NULL otherwise
     page: Mapped[int | None]
@@ -439,6 +461,7 @@ __all__ = [
     "Event",
     "Exam",
     "Eye",
+    "EyeSource",
     "Image",
     "ImageState",
     "Patient",

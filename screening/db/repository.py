@@ -13,7 +13,7 @@ from datetime import date, datetime
 from os import PathLike
 from typing import Any
 
-from sqlalchemy import case, func, or_, select
+from sqlalchemy import case, func, or_, select, union_all
 from sqlalchemy.orm import Session
 
 from screening.db.models import (
@@ -24,6 +24,7 @@ from screening.db.models import (
     Event,
     Exam,
     Eye,
+    EyeSource,
     Image,
     ImageState,
     Patient,
@@ -39,7 +40,7 @@ def _path(p: PathStr | None) -> str | None:
     return None if p is None else str(p)
 
 
-def _check(value: str, allowed: type[ImageState] | type[DropOutcome] | type[Eye], what: str) -> str:
+def _check(value: str, allowed: type[ImageState] | type[DropOutcome] | type[Eye] | type[EyeSource], what: str) -> str:
     try:
         return allowed(value).value
     except ValueError:
@@ -267,6 +268,43 @@ def set_state(session: Session, image: Image, state: str, error: str | None = No
     return add_event(session, "state", message, image=image, code=code if keep else None)
 
 
+def record_checks(
+    session: Session,
+    image: Image,
+    *,
+    gradable: bool,
+    reasons: Sequence[str],
+    scores: Mapping[str, float],
+    eye_source: str,
+    predicted_eye: str,
+    eye_confidence: float,
+    eye_mismatch: bool,
+    eye_note: str | None = None,
+) -> None:
+    """Store the intake checks of ``image`` (screening.checks): the gradability verdict and the eye read from the
+    photo. An ungradable verdict and a laterality mismatch are also logged as events (``ungradable``,
+    ``eye_mismatch``), so that the history of a file shows them."""
+    if gradable and reasons:
+        raise ValueError(f"a gradable photo has no ungradable reasons, got {list(reasons)}")
+    if not gradable and not reasons:
+        raise ValueError("an ungradable photo needs at least one reason")
+    if not 0.0 <= float(eye_confidence) <= 1.0:
+        raise ValueError(f"eye_confidence must be a probability, got {eye_confidence!r}")
+    image.gradable = bool(gradable)
+    image.quality_reasons = [str(r) for r in reasons]
+    image.quality_scores = {str(k): float(v) for k, v in scores.items()}
+    image.eye_source = _check(eye_source, EyeSource, "eye source")
+    image.predicted_eye = _check(predicted_eye, Eye, "eye")
+    image.eye_confidence = float(eye_confidence)
+    image.eye_mismatch = bool(eye_mismatch)
+    image.eye_note = eye_note
+    if not gradable:
+        add_event(session, "ungradable", ", ".join(reasons), image=image)
+    if eye_mismatch:
+        add_event(session, "eye_mismatch", f"stated {image.eye}, photo shows {predicted_eye} ({float(eye_confidence):.2f})",
+                  image=image)
+
+
 # --- results and reports ------------------------------------------------------------------------
 
 
@@ -387,13 +425,20 @@ def images_in_state(session: Session, states: str | Iterable[str]) -> list[Image
 
 def exams_needing_report(session: Session) -> list[Exam]:
     """Exams with at least one ``done`` image whose newest result is not covered by a report, i.e.
-    there is no report created at or after the exam's latest result. Ordered by exam id."""
-    latest_result = (
-        select(Image.exam_id.label("exam_id"), func.max(Result.created_at).label("at"))
+    there is no report created at or after the exam's latest result. An image judged ungradable has no result:
+    the time the store stage committed it (``stored_at``; ``updated_at`` for a row without one) stands for one.
+    Ordered by exam id."""
+    results = (
+        select(Image.exam_id.label("exam_id"), Result.created_at.label("at"))
         .join(Result, Result.image_id == Image.id)
         .where(Image.exam_id.is_not(None))
-        .group_by(Image.exam_id)
-        .subquery()
+    )
+    ungradable = select(Image.exam_id.label("exam_id"), func.coalesce(Image.stored_at, Image.updated_at).label("at")).where(
+        Image.exam_id.is_not(None), Image.state == ImageState.DONE.value, Image.gradable.is_(False)
+    )
+    stored = union_all(results, ungradable).subquery()
+    latest_result = (
+        select(stored.c.exam_id.label("exam_id"), func.max(stored.c.at).label("at")).group_by(stored.c.exam_id).subquery()
     )
     latest_report = (
         select(Report.exam_id.label("exam_id"), func.max(Report.created_at).label("at"))
@@ -428,6 +473,7 @@ __all__ = [
     "get_or_create_patient",
     "images_in_state",
     "next_report_version",
+    "record_checks",
     "record_drop",
     "set_state",
     "unfiled_drops",

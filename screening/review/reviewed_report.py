@@ -26,6 +26,7 @@ from screening.report import (
     ReportContext,
     ReportError,
     ReportVersionTaken,
+    UngradableRule,
     existing_versions,
     model_metrics_for_report,
     render_with_retries,
@@ -81,6 +82,17 @@ class ModelCatalog:
                 self._cache[key] = meta
             return self._cache[key]
 
+    def configured(self) -> ModelInfo:
+        """The first of the checkpoints that can be read (the configured one, else the demo model): what a report
+        names when the visit has no graded photo (every one ungradable), as the worker's own report does."""
+        for path in self.checkpoints:
+            meta = self._meta(path)
+            if meta is not None:
+                version = str(meta["model_version"])
+                return self.describe(version, str(meta["checkpoint_sha256"]))
+        log.warning("none of %s can be read: the reviewed report names no model", [str(p) for p in self.checkpoints])
+        return ModelInfo("unknown", "", "research")
+
     def describe(self, version: str, checkpoint_sha256: str) -> ModelInfo:
         for path in self.checkpoints:
             meta = self._meta(path)
@@ -106,6 +118,7 @@ def reviewed_context(visit: Visit, model: ModelInfo, clinic_name: str, version: 
         eyes=visit.report_findings(), model_version=model.version, checkpoint_sha256=model.checkpoint_sha256,
         model_status=model.status, model_metrics=model.metrics, generated_at=datetime.now(timezone.utc).astimezone(),
         report_version=version, eye_result_rule=visit.eye_result_rule, review=review_note(review),
+        ungradable_rule=visit.ungradable_rule,
     )
 
 
@@ -119,15 +132,17 @@ def render_reviewed_report(
     reports_dir: Path,
     retries: int = 3,
     rule: EyeResultRule = "worst",
+    ungradable_rule: UngradableRule = "recall",
 ) -> Report:
     """Render and record the reviewed version of the visit's current sign-off. The sign-off is committed
     before this is called, so a failed render (ReportError) loses nothing: ``dr-screen review render``
     makes it later. No database transaction is held while WeasyPrint works."""
     for _ in range(VERSION_ATTEMPTS):
         with session_scope(factory) as session:
-            visit = load_visit(session, exam_id, rule)
-            newest = visit.newest
-            model = catalog.describe(newest.model_version, newest.checkpoint_sha256)
+            visit = load_visit(session, exam_id, rule, ungradable_rule)
+            graded = visit.newest_graded
+            model = (catalog.describe(graded.model_version, graded.checkpoint_sha256)
+                     if graded is not None and graded.model_version and graded.checkpoint_sha256 else catalog.configured())
             # past every version recorded and every file on disk (a worker may have published one it has not
             # recorded yet); should the worker take this number meanwhile, the render is refused and repeated
             folder = report_folder(reports_dir, visit.patient_code, visit.exam_date)

@@ -11,8 +11,9 @@ report     which visits need a new report version, rendering (off the inference 
            path), recording
 =========  ==========================================================================  =========================
 
-A TIFF holding several photos goes through intake page by page (:mod:`screening.stages.pages`: a job per
-fundus page, :class:`AdmittedPages`) and is archived once, after its last page is stored.
+A TIFF holding several photos goes through intake page by page (:mod:`screening.stages.pages`: each page
+through the intake checks as a photo of its own, a job per page admitted, gradable or not,
+:class:`AdmittedPages`) and is archived once, after its last page is stored.
 
 :class:`screening.pipeline.Worker` runs them in order. Files leave the inbox only through
 :class:`~screening.stages.filing.Filing`, and only after the database state that records them is committed.

@@ -14,16 +14,21 @@ Per entry, in this order:
 5. the checks, each raising :class:`~screening.rejection.Rejection`: size limit; a DICOM file (by content,
    :mod:`screening.dicom`) gives its patient / eye / date / camera from its tags and its picture from its pixel
    data; any other file needs a supported suffix, patient / eye / date from the name or sidecar and a complete,
-   decodable image within the limits; both must be a colour fundus photo;
-   a file whose data stops short and that changed within ``incomplete_grace`` seconds is
+   decodable image within the limits; then the intake checks of :mod:`screening.checks` on the decoded photo:
+   a colour fundus photo (the learned gradability verdict), and an eye that is stated (name, sidecar or DICOM
+   tag) or clearly visible; a file whose data stops short and that changed within ``incomplete_grace`` seconds is
    :class:`Deferred` (left in the inbox, read again later) instead: it may still be being copied;
-6. otherwise the patient, exam, image (``received``) and drop rows are committed: :class:`Admitted`.
+6. otherwise the patient, exam, image (``received``, with its gradability verdict and eye check) and drop rows
+   are committed: :class:`Admitted`. An ungradable photo is admitted too (its job says so): the store stage
+   keeps it with its reasons instead of it being graded.
 
 A TIFF holding several photos takes its own path after step 2 (:mod:`screening.stages.pages`): one image per
-page, one drop for the file.
+page, one drop for the file; each page goes through the intake checks of step 5 exactly as a single photo does
+(refused, admitted as ungradable, or admitted to grade; its own eye).
 
 The database is written before any file moves (:mod:`screening.stages.filing`); every unit of work waits
-out a locked database (:func:`screening.db.session.transaction`). Nothing here runs the model.
+out a locked database (:func:`screening.db.session.transaction`). Nothing here runs the grading model; the
+intake checks' small models run here, on the decoded photo.
 """
 
 from __future__ import annotations
@@ -32,12 +37,13 @@ import logging
 import os
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import date
 from pathlib import Path
 
 from sqlalchemy.orm import Session, sessionmaker
 
+from ..checks import IntakeChecks, IntakeVerdict
 from ..config import ScreeningSettings
 from ..db import repository as repo
 from ..db.models import DropOutcome, Image, ImageState
@@ -103,23 +109,37 @@ def conflict_with(image: Image, identity: Identity | None) -> str | None:
         return (f"the same bytes as a photo already recorded for another patient (image {image.id}); one of the two "
                 "names is wrong. This copy was not graded: check which patient the photo belongs to and correct the "
                 "record of the wrong one")
-    if image.eye is not None and image.eye != identity.eye:
+    if image.eye is not None and identity.eye is not None and image.eye != identity.eye:
         return (f"the same bytes as this patient's {_EYE_NAMES.get(image.eye, image.eye)} eye photo (image {image.id}), "
                 f"but named as the {_EYE_NAMES[identity.eye]} eye. This copy was not graded: check which eye it is")
     return None
 
 
+def record_verdict(session: Session, image: Image, verdict: IntakeVerdict) -> None:
+    """Store an admitted photo's intake checks on its image (a single photo's, or one page's of a multi-page file:
+    :mod:`screening.stages.pages` records each page through this too)."""
+    prediction = verdict.eye.prediction
+    repo.record_checks(
+        session, image, gradable=verdict.gradable, reasons=verdict.quality.reasons, scores=verdict.quality.scores,
+        eye_source=verdict.eye.source, predicted_eye=prediction.eye, eye_confidence=prediction.confidence,
+        eye_mismatch=verdict.eye.mismatch, eye_note=verdict.eye.note(),
+    )
+
+
 class IntakeStage:
     def __init__(
         self, settings: ScreeningSettings, factory: sessionmaker[Session], filing: Filing, image_size: int,
-        today: Callable[[], date] = date.today,
+        today: Callable[[], date] = date.today, checks: IntakeChecks | None = None,
     ) -> None:
+        """``checks``: the intake checks' models, loaded once by the worker; None loads them from ``settings``
+        (raising :class:`training.api.CheckpointError` with what to do when a model file is missing)."""
         self.settings = settings
         self.factory = factory
         self.filing = filing
         self.image_size = image_size  # the model's input size: images are decoded no larger than needed
         self.today = today
         self.limits = DecodeLimits(max_pixels=settings.max_pixels, max_pages=settings.max_pages)
+        self.checks = checks if checks is not None else IntakeChecks.from_settings(settings)
         self.pages = PageIntake(self)
 
     def admit(self, path: Path) -> IntakeOutcome:
@@ -183,10 +203,11 @@ class IntakeStage:
             return Duplicate(known.image_id, filed)
         try:
             identity, decoded = self.read(path, content, identity, unidentified)
+            verdict = self.checks.check(decoded, identity, path.name)
         except Rejection as rejection:
             return self._deferred(path, content, rejection) or self._reject(path, sha, known, rejection)
-        assert identity is not None
-        return Admitted(self._admit(path, sha, known, identity, decoded))
+        decoded = replace(decoded, whole=None)  # the whole photo was for the checks; jobs wait in memory without it
+        return Admitted(self._admit(path, sha, known, identity, decoded, verdict))
 
     def _deferred(self, path: Path, content: Content, rejection: Rejection) -> Deferred | None:
         """A file whose image data stops short and that changed within ``incomplete_grace`` seconds is left in the
@@ -296,15 +317,18 @@ class IntakeStage:
         log.warning("rejected image %s (sha %s): %s", image_id, sha[:12], rejection.code.value)  # the code: no names
         return Rejected(image_id, rejection.code, rejection.message, filed)
 
-    def _admit(self, path: Path, sha: str, known: _Known | None, identity: Identity, decoded: DecodedImage) -> Job:
-        """Commit the image as ``received`` in its patient's exam; its file stays in the inbox until stored."""
+    def _admit(self, path: Path, sha: str, known: _Known | None, identity: Identity, decoded: DecodedImage,
+               verdict: IntakeVerdict) -> Job:
+        """Commit the image as ``received`` in its patient's exam, with its intake checks; its file stays in the
+        inbox until stored."""
+        eye = verdict.eye.eye  # the stated eye, else the one the photo confidently shows
 
         def record(session: Session) -> Job:
             patient = repo.get_or_create_patient(session, identity.patient_id)
             exam = repo.get_or_create_exam(session, patient, identity.exam_date or self.today())
             w, h = decoded.original_size
             if known is None:
-                image = repo.add_image(session, sha256=sha, source_name=path.name, exam=exam, eye=identity.eye,
+                image = repo.add_image(session, sha256=sha, source_name=path.name, exam=exam, eye=eye,
                                        stored_path=path, width=w, height=h, device=identity.device)
                 repo.record_drop(session, sha256=sha, source_name=path.name, outcome=DropOutcome.NEW, image=image)
             else:  # received before a crash, failed and retried, or rejected earlier and dropped again
@@ -314,12 +338,13 @@ class IntakeStage:
                 image = found
                 if not known.same_drop:
                     repo.record_drop(session, sha256=sha, source_name=path.name, outcome=DropOutcome.NEW, image=image)
-                image.exam, image.eye, image.stored_path, image.width, image.height = exam, identity.eye, str(path), w, h
+                image.exam, image.eye, image.stored_path, image.width, image.height = exam, eye, str(path), w, h
                 image.device = identity.device
                 if image.state != ImageState.RECEIVED:
                     repo.set_state(session, image, ImageState.RECEIVED)
+            record_verdict(session, image, verdict)
             session.flush()
-            return Job(image.id, exam.id, path, sha, decoded)
+            return Job(image.id, exam.id, path, sha, decoded, verdict.gradable)
 
         return transaction(self.factory, record, what="admitting a photo")
 
@@ -344,4 +369,4 @@ class IntakeStage:
         self.filing.close_stale()
 
 
-__all__ = ["IntakeStage", "conflict_with"]
+__all__ = ["IntakeStage", "conflict_with", "record_verdict"]

@@ -16,13 +16,15 @@ from ..rejection import RejectReason
 
 @dataclass(frozen=True)
 class Job:
-    """An image admitted for grading: recorded as ``received`` and committed, its file still in the inbox."""
+    """An image admitted: recorded as ``received`` (with its intake checks) and committed, its file still in the
+    inbox. ``gradable`` False: the photo is stored as ungradable instead of graded."""
 
     image_id: int
     exam_id: int
     path: Path
     sha256: str
     decoded: DecodedImage
+    gradable: bool = True
     file_sha256: str | None = None  # a page of a multi-page file: the file's hash (it is archived with its last page)
 
 
@@ -33,9 +35,10 @@ class Admitted:
 
 @dataclass(frozen=True)
 class AdmittedPages:
-    """A file holding several photos (:mod:`screening.stages.pages`): a job per page that is a fundus photo, and
-    the images of the pages refused now (each recorded as ``rejected`` with its reason). The file stays in the
-    inbox until its last page is stored, then it is archived once."""
+    """A file holding several photos (:mod:`screening.stages.pages`): a job per page admitted by the intake checks
+    (gradable or not, as a single photo's job), and the images of the pages refused now (each recorded as
+    ``rejected`` with its reason). The file stays in the inbox until its last page is stored, then it is archived
+    once."""
 
     jobs: tuple[Job, ...]
     refused: tuple[int, ...]

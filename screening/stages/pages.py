@@ -10,14 +10,20 @@ How a page maps to the records
   the SHA-256 of ``<file sha256>/page/<number>`` (:func:`page_sha256`: unique, and the same whenever the same
   bytes arrive, so a page's pictures have their own ``work/`` folder). Its ``source_name`` is
   ``<file name> (page N)``, which is how the report and the review page show it.
-* A page that is a fundus photo is ``received`` and graded like any photo: one result per page. A page that
-  is not gets a recorded rejection: a ``rejected`` image with its reason and code (``not_fundus``,
-  ``too_dark``, ``too_small``). A file with no fundus page at all is refused as a whole, as one image with the
-  file's own hash and every page's reason. What is wrong with the file itself (more than ``max_pages`` pages,
-  a page over ``max_pixels``, incomplete or corrupt data) refuses it as a whole before any page is recorded.
+* A page is judged exactly as a single photo is: decoded (a page too small to be a photo is refused), then the
+  intake checks of :mod:`screening.checks` on it alone (:meth:`PageIntake.check`, the same
+  :meth:`~screening.checks.IntakeChecks.check` call): a page that is not a colour fundus photo, or whose eye is
+  neither stated by the file name nor clearly visible, is a ``rejected`` image with its reason and code
+  (``not_fundus``, ``identity``, ``too_small``); any other page is ``received`` with its gradability verdict and
+  eye check, and is then graded (one result per page) or, ungradable, stored without a grade with its reasons.
+  Each page has its own eye: the one the file name states (a confident disagreement is a recorded mismatch),
+  else the one that page shows, so a file holding both eyes under a name without one is filed eye by eye.
+  A file none of whose pages passes is refused as a whole, as one image with the file's own hash and every
+  page's reason. What is wrong with the file itself (more than ``max_pages`` pages, a page over ``max_pixels``,
+  incomplete or corrupt data) refuses it as a whole before any page is recorded.
 
-Commit, then move: the file stays in the inbox until the result of its last page is committed, then it is
-archived once (:meth:`~screening.stages.filing.Filing.archive_pages`) and every page's ``stored_path`` names
+Commit, then move: the file stays in the inbox until its last page is stored (graded, or stored as ungradable),
+then it is archived once (:meth:`~screening.stages.filing.Filing.archive_pages`) and every page's ``stored_path`` names
 the archived file. A worker stopped in between finds the file in the inbox with some pages graded: the next
 intake admits the pages not graded yet, or, when every page is done, only finishes the move. The audit counts
 the file once by its drop and each page once by its image's state.
@@ -27,16 +33,17 @@ from __future__ import annotations
 
 import hashlib
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from sqlalchemy.orm import Session
 
+from ..checks import IntakeVerdict
 from ..db import repository as repo
 from ..db.models import DropOutcome, Image, ImageState
 from ..db.session import transaction
-from ..imaging import Page, decode_pages
+from ..imaging import DecodedImage, Page, decode_pages
 from ..intake import Content, Identity
 from ..rejection import Incident, Rejection, RejectReason
 from .outcomes import AdmittedPages, Duplicate, IntakeOutcome, Job, Rejected, Resumed
@@ -54,8 +61,14 @@ def page_sha256(file_sha256: str, number: int) -> str:
     return hashlib.sha256(f"{file_sha256.lower()}/page/{number}".encode("ascii")).hexdigest()
 
 
+def page_name(file_name: str, number: int) -> str:
+    """How a page is named wherever a photo's name is shown (its image's ``source_name``, its refusal)."""
+    return f"{file_name} (page {number})"
+
+
 def page_settled(image: Image) -> bool:
-    """A page needs nothing more before its file may leave the inbox: graded (its result stored) or refused."""
+    """A page needs nothing more before its file may leave the inbox: stored (graded, or ungradable: ``done``
+    without a result) or refused."""
     return image.state in (*_GRADED, ImageState.REJECTED) or image.result is not None
 
 
@@ -83,15 +96,27 @@ class _Pages:
         return (self.settled and not self.same_drop) or self.in_flight_elsewhere
 
 
-def no_photo_in(name: str, pages: list[Page]) -> Rejection:
-    """The refusal of a multi-page file none of whose pages is a photo to grade: every page's reason, under the
-    code they share (``not_fundus`` when they differ)."""
-    reasons = [(p.number, p.rejection) for p in pages if p.rejection is not None]
-    codes = {r.code for _, r in reasons}
+@dataclass(frozen=True)
+class CheckedPage:
+    """One page after the intake checks, as a single photo is after them: admitted (its photo in the model's
+    frame, without the whole-size pixels the checks needed, and its verdict) or refused (why)."""
+
+    number: int
+    size: tuple[int, int]
+    decoded: DecodedImage | None
+    verdict: IntakeVerdict | None
+    rejection: Rejection | None
+
+
+def no_photo_in(name: str, pages: list[CheckedPage]) -> Rejection:
+    """The refusal of a multi-page file none of whose pages passed the intake checks: every page's reason, under
+    the code they share (``not_fundus`` when they differ)."""
+    reasons = [p.rejection for p in pages if p.rejection is not None]
+    codes = {r.code for r in reasons}
     code = codes.pop() if len(codes) == 1 else RejectReason.NOT_FUNDUS
-    listed = "; ".join(f"page {n}: {r.message}" for n, r in reasons)
-    return Rejection(code, f"none of the {len(pages)} pictures in '{name}' is a colour fundus photo ({listed}); "
-                           "export the fundus photos again")
+    listed = "; ".join(r.message for r in reasons)
+    return Rejection(code, f"none of the {len(pages)} pictures in '{name}' is a colour fundus photo that can be filed "
+                           f"({listed}); export the fundus photos again")
 
 
 class PageIntake:
@@ -141,17 +166,38 @@ class PageIntake:
         if unidentified is not None:
             return stage.refuse(path, content, unidentified)
         assert identity is not None and content.data is not None
-        try:
-            pages = decode_pages(content.data, stage.image_size, limits=stage.limits, name=path.name)
-        except Rejection as rejection:
+        try:  # one page decoded and judged at a time: only its photo in the model's frame is kept
+            pages = [self.check(page, identity, path.name)
+                     for page in decode_pages(content.data, stage.image_size, limits=stage.limits, name=path.name)]
+        except Rejection as rejection:  # the file itself: over the limits, incomplete or corrupt
             return stage.refuse(path, content, rejection)
-        if all(p.decoded is None for p in pages):
+        if all(p.verdict is None for p in pages):
             return stage.refuse(path, content, no_photo_in(path.name, pages))
         return self._admit(path, sha, known, identity, pages)
 
-    def _admit(self, path: Path, sha: str, known: _Pages | None, identity: Identity, pages: list[Page]) -> AdmittedPages:
-        """Commit every page (``received``, or ``rejected`` with its reason) in the patient's exam, and the file's
-        drop; pages graded before (a retry, a restart) keep their result. The file stays in the inbox."""
+    def check(self, page: Page, identity: Identity, file_name: str) -> CheckedPage:
+        """A decoded page through the intake checks, exactly as a single photo (the same
+        :meth:`~screening.checks.IntakeChecks.check` on the whole page, named as the page is shown): refused when
+        it is not a colour fundus photo or its eye is neither stated nor visible, otherwise admitted with its
+        verdict, gradable or not. The page's whole-size pixels are dropped here."""
+        name = page_name(file_name, page.number)
+        if page.decoded is None:  # too small to be a photo: decoding refused it, as it refuses such a file
+            assert page.rejection is not None
+            refused = Rejection(page.rejection.code, f"'{name}': {page.rejection.message}")
+            return CheckedPage(page.number, page.size, None, None, refused)
+        try:
+            verdict = self.stage.checks.check(page.decoded, identity, name)
+        except Rejection as rejection:
+            return CheckedPage(page.number, page.size, None, None, rejection)
+        return CheckedPage(page.number, page.size, replace(page.decoded, whole=None), verdict, None)
+
+    def _admit(self, path: Path, sha: str, known: _Pages | None, identity: Identity,
+               pages: list[CheckedPage]) -> AdmittedPages:
+        """Commit every page (``received`` with its intake checks, or ``rejected`` with its reason) in the patient's
+        exam, and the file's drop; pages stored before (a retry, a restart) keep their result or verdict. The file
+        stays in the inbox."""
+        from .intake import record_verdict  # intake imports this module
+
         stage = self.stage
 
         def record(session: Session) -> AdmittedPages:
@@ -162,40 +208,46 @@ class PageIntake:
             jobs: list[Job] = []
             refused: list[int] = []
             for page in pages:
-                rejection = page.rejection
-                message = None if rejection is None else f"page {page.number} of '{path.name}': {rejection.message}"
+                rejection, verdict = page.rejection, page.verdict
+                # the eye of an admitted page is its own (stated, else the one it shows); a refused page keeps the stated one
+                eye = identity.eye if verdict is None else verdict.eye.eye
                 (w, h), image = page.size, recorded.get(page.number)
                 if image is None:
                     image = repo.add_image(
-                        session, sha256=page_sha256(sha, page.number), source_name=f"{path.name} (page {page.number})",
-                        exam=exam, eye=identity.eye, stored_path=path, width=w, height=h, device=identity.device,
+                        session, sha256=page_sha256(sha, page.number), source_name=page_name(path.name, page.number),
+                        exam=exam, eye=eye, stored_path=path, width=w, height=h, device=identity.device,
                         page=page.number, file_sha256=sha, state=ImageState.RECEIVED if rejection is None else ImageState.REJECTED,
-                        error=message, error_code=None if rejection is None else rejection.code)
+                        error=None if rejection is None else rejection.message,
+                        error_code=None if rejection is None else rejection.code)
                     if rejection is not None:
                         refused.append(image.id)
                 else:  # recorded before: received before a crash, failed and retried, or dropped again
-                    image.exam, image.eye, image.stored_path, image.width, image.height = exam, identity.eye, str(path), w, h
+                    image.exam, image.stored_path, image.width, image.height = exam, str(path), w, h
                     image.device = identity.device
-                    if image.result is not None or image.state in _GRADED:  # graded: kept
+                    if image.result is not None or image.state in _GRADED:  # stored (graded or ungradable): kept
                         if image.state not in _GRADED:
                             repo.set_state(session, image, ImageState.DONE)
                         images.append(image)
                         continue
+                    image.eye = eye
                     if rejection is not None and image.state != ImageState.REJECTED:
-                        repo.set_state(session, image, ImageState.REJECTED, message, code=rejection.code)
+                        repo.set_state(session, image, ImageState.REJECTED, rejection.message, code=rejection.code)
                         refused.append(image.id)
                     elif rejection is None and image.state != ImageState.RECEIVED:
                         repo.set_state(session, image, ImageState.RECEIVED)
                 images.append(image)
-                if page.decoded is not None:
-                    jobs.append(Job(image.id, exam.id, path, image.sha256, page.decoded, file_sha256=sha))
+                if verdict is not None and page.decoded is not None:
+                    record_verdict(session, image, verdict)
+                    jobs.append(Job(image.id, exam.id, path, image.sha256, page.decoded, gradable=verdict.gradable,
+                                    file_sha256=sha))
             if known is None or not known.same_drop:
                 repo.record_drop(session, sha256=sha, source_name=path.name, outcome=DropOutcome.NEW, image=images[0])
             session.flush()
             return AdmittedPages(tuple(jobs), tuple(refused))
 
         admitted = transaction(stage.factory, record, what="admitting the pages of a file")
-        log.info("a file of %d pages: %d to grade, %d refused", len(pages), len(admitted.jobs), len(admitted.refused))
+        log.info("a file of %d pages: %d admitted (%d ungradable), %d refused", len(pages), len(admitted.jobs),
+                 sum(not j.gradable for j in admitted.jobs), len(admitted.refused))
         return admitted
 
     def _repair(self, sha: str) -> None:
@@ -211,4 +263,4 @@ class PageIntake:
         transaction(self.stage.factory, fix, what="repairing the pages' states")
 
 
-__all__ = ["PageIntake", "no_photo_in", "page_settled", "page_sha256"]
+__all__ = ["CheckedPage", "PageIntake", "no_photo_in", "page_name", "page_settled", "page_sha256"]

@@ -32,6 +32,7 @@ def test_uncompressed_ophthalmic_photograph_with_all_tags(tmp_path):
                                    acquisition="20250301235959.123456+0100"))
     assert np.array_equal(photo.rgb, rgb) and photo.size == (256, 256)
     assert (photo.patient_id, photo.eye, photo.exam_date, photo.device) == ("A-1234", "L", date(2025, 3, 1), "Topcon TRC-NW8")
+    assert photo.eye_tag == "Image Laterality (0020,0062)"
     assert "A-1234" not in repr(photo)  # a record printed into a log or a traceback carries no identifier
 
 
@@ -48,14 +49,14 @@ def test_fallback_tags_laterality_and_study_date(tmp_path):
     rgb = synthetic_fundus(3)
     photo = read_dicom(write_dicom(tmp_path / "c.dcm", rgb=rgb, image_laterality=None, laterality="R", acquisition=None,
                                    study_date="20240229", manufacturer=None, model=None))
-    assert (photo.eye, photo.exam_date, photo.device) == ("R", date(2024, 2, 29), None)
+    assert (photo.eye, photo.exam_date, photo.device, photo.eye_tag) == ("R", date(2024, 2, 29), None, "Laterality (0020,0060)")
     both = read_dicom(write_dicom(tmp_path / "d.dcm", rgb=rgb, image_laterality="B", laterality=None, acquisition=None))
     assert (both.eye, both.exam_date) == (None, None)  # "both eyes" says nothing of this photo; no date: the drop date
 
 
 def _photo(**kw) -> DicomPhoto:
     base = dict(rgb=np.zeros((2, 2, 3), np.uint8), patient_id="P100", eye="R", exam_date=date(2025, 3, 1), device="X",
-                sop_class=SC_SOP_CLASS)
+                sop_class=SC_SOP_CLASS, eye_tag="Image Laterality (0020,0062)")
     return DicomPhoto(**{**base, **kw})
 
 
@@ -64,11 +65,15 @@ def test_identity_tags_first_the_name_fills_gaps_and_a_disagreement_is_refused(t
     assert (plain.patient_id, plain.eye, plain.exam_date, plain.device) == ("P100", "R", date(2025, 3, 1), "X")
     named = dicom_identity(_photo(eye=None, exam_date=None), tmp_path / "P100_L_20250302.dcm", DEFAULT_PATTERNS)
     assert (named.eye, named.exam_date) == ("L", date(2025, 3, 2))
+    assert (plain.eye_from, named.eye_from) == ("DICOM Image Laterality (0020,0062)", "file name")  # eye source 'dicom' / 'name'
+    # no eye in the tags nor the name: left to the intake checks (read from the photo, or refused there); a bare
+    # PACS file name is no patient id to compare
+    bare = dicom_identity(_photo(eye=None), tmp_path / "IM0001.dcm", DEFAULT_PATTERNS)
+    assert (bare.patient_id, bare.eye, bare.eye_from) == ("P100", None, None)
     for photo, name, fragment in (
         (_photo(), "P200_R.dcm", "patient id"),
         (_photo(eye="L"), "P100_R.dcm", "says eye R"),
         (_photo(), "P100_R_20250302.dcm", "date"),
-        (_photo(eye=None), "IM0001.dcm", "no eye"),
     ):
         with pytest.raises(Rejection, match=fragment) as exc:
             dicom_identity(photo, tmp_path / name, DEFAULT_PATTERNS)

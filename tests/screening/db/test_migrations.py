@@ -31,8 +31,8 @@ def db_path(tmp_path):
 HEAD = head_revision()  # read from the scripts: a later revision must not break these tests
 PREVIOUS = "0007_device_original_masks"  # the head before the review tables
 # the order revisions are applied in (branches merged later may put theirs between these)
-ORDER = ["0001", "0002", "0007_device_original_masks", "0014_reviews", "0006_hardening", "0009_pages",
-         "0010_db_identity"]
+ORDER = ["0001", "0002", "0007_device_original_masks", "0014_reviews", "0006_hardening", "0005_gradability_laterality",
+         "0009_pages", "0010_db_identity"]
 
 
 def test_the_revisions_form_one_chain_in_order():
@@ -41,9 +41,10 @@ def test_the_revisions_form_one_chain_in_order():
     from screening.db.migrate import alembic_config
 
     scripts = ScriptDirectory.from_config(alembic_config())
-    assert len(scripts.get_heads()) == 1
+    assert len(scripts.get_heads()) == 1  # one line of history: no merge revision needed
     chain = [rev.revision for rev in reversed(list(scripts.walk_revisions()))]
     assert [r for r in chain if r in ORDER] == ORDER and chain[-1] == HEAD
+    assert chain[:6] == ORDER[:6]  # the intake checks' columns right after hardening (issue 13a)
 
 
 def test_upgrade_from_revision_1_keeps_rows(db_path):
@@ -300,3 +301,32 @@ def test_pages_columns_come_and_go_with_revision_0009(tmp_path):
     assert not {"page", "file_sha256"} & _cols(engine, "images")
     init_db(engine)
     assert _diff(engine) == []
+
+
+def test_upgrade_from_hardening_adds_the_intake_checks_as_unknown(db_path):
+    engine = make_engine(f"sqlite:///{db_path}")
+    upgrade(engine, "0006_hardening")
+    assert "gradable" not in _cols(engine, "images")
+    raw = sqlite3.connect(db_path)
+    raw.executescript(
+        """
+        INSERT INTO images (id, exam_id, eye, sha256, source_name, stored_path, state, error, received_at, updated_at,
+                            width, height)
+        VALUES (1, NULL, 'R', 'bb', 'P2_R.jpg', NULL, 'reported', NULL, '2025-01-01 08:00:00.000000',
+                '2025-01-01 08:00:00.000000', 1024, 768);
+        """
+    )
+    raw.commit()
+    raw.close()
+    assert init_db(engine) == HEAD
+    assert {"gradable", "quality_reasons", "quality_scores", "eye_source", "predicted_eye", "eye_confidence",
+            "eye_mismatch", "eye_note", "photo_dir", "stored_at"} <= _cols(engine, "images")
+    assert _diff(engine) == []
+    with make_session_factory(engine)() as s:
+        img = s.scalars(select(Image)).one()
+        assert (img.gradable, img.quality_reasons, img.eye_source, img.eye_mismatch, img.stored_at) == (None,) * 5
+        img.gradable, img.quality_reasons, img.quality_scores = False, ["blurred"], {"blurred": 0.9}
+        s.commit()
+    with make_session_factory(engine)() as s:
+        assert s.scalars(select(Image)).one().quality_reasons == ["blurred"]
+    engine.dispose()

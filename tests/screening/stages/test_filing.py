@@ -66,7 +66,8 @@ def _killed_run(settings, tmp_path: Path) -> None:
         "[screening]\n"
         f"inbox = '{settings.inbox}'\nreports = '{settings.reports}'\narchive = '{settings.archive}'\n"
         f"rejected = '{settings.rejected}'\nwork_dir = '{settings.work_dir}'\ndatabase = '{settings.database}'\n"
-        f"checkpoint = '{settings.checkpoint}'\nstable_seconds = 0.1\nthreads = 1\ndevice = 'cpu'\n"
+        f"checkpoint = '{settings.checkpoint}'\nquality_model = '{settings.quality_model}'\n"
+        f"laterality_model = '{settings.laterality_model}'\nstable_seconds = 0.1\nthreads = 1\ndevice = 'cpu'\n"
         "report_renderer = 'inline'\n"
     )
     child = subprocess.run([sys.executable, "-c", CHILD, str(cfg)], cwd=PROJECT, capture_output=True, text=True, timeout=300,
@@ -114,6 +115,7 @@ def test_multi_page_file_killed_before_its_archive(inline, tmp_path):
     moves the file once and records nothing twice (issue 12, multi-page files)."""
     from ..conftest import WHITE_PAGE, synthetic_fundus, write_tiff_pages
 
+    inline = inline.model_copy(update={"quality_model": PROJECT / "models" / "quality.pt"})  # refuses the form
     write_tiff_pages(inline.inbox / "P9_R.tif", [synthetic_fundus(91), WHITE_PAGE, synthetic_fundus(92)])
     _killed_run(inline, tmp_path)
     st = _state(inline)

@@ -1,5 +1,6 @@
 """Multi-page files through the intake stage: one image per page, one drop per file, nothing moved before the
-last page is stored (issue 12: "one result per page that is a fundus photo, or a rejection")."""
+last page is stored (issue 12: "one result per page that is a fundus photo, or a rejection"); each page judged
+by the intake checks exactly as a single photo is (issue 13: refused, ungradable or gradable; its own eye)."""
 
 from __future__ import annotations
 
@@ -18,15 +19,27 @@ from screening.stages.pages import page_sha256
 
 from ..conftest import WHITE_PAGE, synthetic_fundus, write_tiff_pages
 
+MODELS = Path(__file__).resolve().parents[3] / "models"
+
 
 @pytest.fixture
-def stage(settings):
+def settings(settings):
+    """The shipped gradability model: a scanned form must be refused by the learned verdict, page by page."""
+    return settings.model_copy(update={"quality_model": MODELS / "quality.pt"})
+
+
+def _stage(settings) -> IntakeStage:
     engine = make_engine(settings.database)
     init_db(engine)
     factory = make_session_factory(engine)
     for folder in (settings.inbox, settings.archive, settings.rejected):
         folder.mkdir(parents=True, exist_ok=True)
     return IntakeStage(settings, factory, Filing(settings, factory), image_size=64)
+
+
+@pytest.fixture
+def stage(settings):
+    return _stage(settings)
 
 
 def _visit(settings, name: str = "P1_R_20250301.tif") -> Path:
@@ -65,9 +78,13 @@ def test_each_photo_of_a_file_is_an_image_to_grade_and_the_rest_are_refused(stag
     ]
     assert all(i.file_sha256 == sha and i.stored_path == str(path) and i.exam_id == images[0].exam_id for i in images)
     assert [i.sha256 for i in images] == [page_sha256(sha, n) for n in (2, 3, 4)]
-    assert images[1].error_code == RejectReason.NOT_FUNDUS and "page 3 of 'P1_R_20250301.tif'" in images[1].error
-    assert [(j.image_id, j.sha256, j.file_sha256, j.path) for j in outcome.jobs] == [
-        (images[0].id, images[0].sha256, sha, path), (images[2].id, images[2].sha256, sha, path)]
+    assert images[1].error_code == RejectReason.NOT_FUNDUS and "'P1_R_20250301.tif (page 3)'" in images[1].error
+    assert "gradability model" in images[1].error  # the learned verdict, on that page alone
+    assert [(j.image_id, j.sha256, j.file_sha256, j.path, j.gradable) for j in outcome.jobs] == [
+        (images[0].id, images[0].sha256, sha, path, True), (images[2].id, images[2].sha256, sha, path, True)]
+    assert all(j.decoded.whole is None for j in outcome.jobs)  # the whole page was for the checks only
+    assert [(i.gradable, i.quality_reasons, i.eye_source) for i in images] == [
+        (True, [], "name"), (None, None, None), (True, [], "name")]  # the refused page has no verdict, as a refused photo
     with session_scope(stage.factory) as s:
         drops = s.scalars(select(Drop)).all()
         assert [(d.outcome, d.sha256, d.image_id) for d in drops] == [("new", sha, images[0].id)]  # one arrival
@@ -77,7 +94,8 @@ def test_a_file_without_a_single_fundus_photo_is_refused_as_a_whole(stage, setti
     path = write_tiff_pages(settings.inbox / "P2_L.tif", [WHITE_PAGE, WHITE_PAGE[:150]])
     outcome = stage.admit(path)
     assert isinstance(outcome, Rejected) and outcome.code == RejectReason.NOT_FUNDUS, outcome
-    assert "none of the 2 pictures" in outcome.message and "page 1:" in outcome.message and "page 2:" in outcome.message
+    assert "none of the 2 pictures" in outcome.message
+    assert "'P2_L.tif (page 1)' does not look like" in outcome.message and "'P2_L.tif (page 2)'" in outcome.message
     assert not path.exists() and outcome.filed_as.parent == settings.rejected
     [image] = _pages(stage)
     assert (image.page, image.file_sha256, image.state) == (None, None, "rejected")  # the file's own record
@@ -155,3 +173,49 @@ def test_a_page_not_graded_yet_is_admitted_again_and_graded_pages_keep_their_res
     assert isinstance(resumed, Resumed) and resumed.filed_as.is_file() and not path.exists()
     with session_scope(stage.factory) as s:
         assert [d.outcome for d in s.scalars(select(Drop))] == ["new"]  # still one arrival
+
+
+def test_each_page_is_judged_as_a_single_photo_would_be(stage, settings):
+    """A sharp photo, a blurred one and a scanned form: the blurred page is admitted as ungradable with its
+    reason (stored without a grade, as a blurred single photo is), the form refused as not a fundus photo."""
+    import cv2
+
+    sharp, blurred = synthetic_fundus(100, 300), cv2.GaussianBlur(synthetic_fundus(101, 300), (0, 0), 6)
+    path = write_tiff_pages(settings.inbox / "P5_L.tif", [sharp, blurred, WHITE_PAGE])
+    outcome = stage.admit(path)
+    assert isinstance(outcome, AdmittedPages), outcome
+    assert [j.gradable for j in outcome.jobs] == [True, False] and len(outcome.refused) == 1
+    images = _pages(stage)
+    assert [(i.page, i.state, i.gradable, i.quality_reasons) for i in images] == [
+        (1, "received", True, []), (2, "received", False, ["blurred"]), (3, "rejected", None, None)]
+    single = settings.inbox / "P6_L.png"  # the same blurred picture as a file of its own: the same verdict
+    cv2.imwrite(str(single), cv2.cvtColor(blurred, cv2.COLOR_RGB2BGR))
+    alone = stage.admit(single)
+    assert not alone.job.gradable
+    with session_scope(stage.factory) as s:
+        one = s.get(Image, alone.job.image_id)
+        assert (one.gradable, one.quality_reasons) == (False, ["blurred"])
+
+
+def test_each_page_has_its_own_eye_when_the_name_states_none(settings, intake_models):
+    """A visit's two eyes in one file named without an eye: each page is filed under the eye it clearly shows."""
+    import numpy as np
+
+    from training.data.synthetic import make_fundus
+
+    stage = _stage(settings.model_copy(update={"laterality_model": intake_models["sure_eye"]}))
+    left, right = (make_fundus(np.random.default_rng(k), size=256, eye=eye, dr_grade=0).image for k, eye in ((1, "L"), (2, "R")))
+    outcome = stage.admit(write_tiff_pages(settings.inbox / "P7_20250301.tif", [left, right]))
+    assert isinstance(outcome, AdmittedPages) and len(outcome.jobs) == 2, outcome
+    assert [(i.eye, i.eye_source, i.predicted_eye) for i in _pages(stage)] == [("L", "image", "L"), ("R", "image", "R")]
+
+
+def test_pages_without_a_stated_or_visible_eye_are_refused(stage, settings):
+    """The laterality model here is never confident: with no eye in the name, every page is refused (code
+    ``identity``, as such a single photo is), so the file is refused as a whole with each page's reason."""
+    path = write_tiff_pages(settings.inbox / "P8.tif", [synthetic_fundus(1), synthetic_fundus(2)])
+    outcome = stage.admit(path)
+    assert isinstance(outcome, Rejected) and outcome.code == RejectReason.IDENTITY, outcome
+    assert outcome.message.count("no eye stated for 'P8.tif (page ") == 2
+    [image] = _pages(stage)
+    assert (image.page, image.state, image.error_code) == (None, "rejected", "identity")
