@@ -633,6 +633,30 @@ def test_shipped_intake_models_on_real_photos(settings, shared_data, tmp_path):
     assert "Laterality mismatch" in text and "says right eye" in text
 
 
+def test_shipped_gradability_model_refuses_the_non_fundus_pictures_issue_12_found_graded(settings):
+    """Issue 12 point 5: a red-orange gradient, a flat red picture and a red disc on black were graded and referred.
+    With the shipped gradability model each is a recorded rejection ("not_fundus"), and nothing is graded."""
+    import cv2
+    import numpy as np
+
+    worker = make_worker(settings.model_copy(update={"quality_model": PROJECT / "models" / "quality.pt"}))
+    ramp = np.linspace(0, 1, 700)[None, :, None]
+    gradient = (np.array([20, 30, 200]) * (1 - ramp) + np.array([30, 140, 250]) * ramp).repeat(500, 0)  # BGR
+    cv2.imwrite(str(settings.inbox / "G1_R.png"), gradient.astype(np.uint8))
+    cv2.imwrite(str(settings.inbox / "F1_R.png"), np.full((800, 800, 3), (25, 35, 190), np.uint8))
+    disc = np.zeros((600, 600, 3), np.uint8)
+    cv2.circle(disc, (300, 300), 260, (20, 40, 200), -1)
+    cv2.imwrite(str(settings.inbox / "D2_L.jpg"), disc)
+    out = worker.run_once(settle_timeout=5)
+    assert (out.processed, out.rejected, out.failed) == (0, 3, 0)
+    with session_scope(worker.factory) as s:
+        drops = list(s.scalars(select(Drop)))
+        assert sorted(d.source_name for d in drops) == ["D2_L.jpg", "F1_R.png", "G1_R.png"]
+        assert {(d.outcome, d.reason_code) for d in drops} == {("rejected", "not_fundus")}
+        assert all(i.result is None for i in s.scalars(select(Image)))
+    assert len(list(settings.rejected.glob("*.reason.txt"))) == 3
+
+
 # --------------------------------------------------------------------------------------- faults (issue 12)
 
 def _images(worker: Worker) -> dict[str, Image]:
