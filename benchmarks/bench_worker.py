@@ -81,6 +81,7 @@ def settings_for(workdir: Path, checkpoint: Path, batch_size: int, threads: int,
         inbox=workdir / "inbox", reports=workdir / "reports", archive=workdir / "archive", rejected=workdir / "rejected",
         work_dir=workdir / "work", database=f"sqlite:///{workdir / 'screening.db'}", checkpoint=checkpoint,
         stable_seconds=0, batch_size=batch_size, threads=threads, device="cpu", report_renderer=renderer,
+        quality_model=ROOT / "models" / "quality.pt", laterality_model=ROOT / "models" / "laterality.pt",
     )
 
 
@@ -343,13 +344,15 @@ class StubPredictor:
 
 
 def make_backlog(inbox: Path, n: int, seed: int = 0) -> None:
-    """``n`` distinct small fundus JPEGs (a real photo at 200 px + per-file noise), named P<i>_R / P<i>_L."""
+    """``n`` distinct small fundus JPEGs (a real photo at 256 px + per-file noise), named P<i>_R / P<i>_L. Not
+    smaller: the gradability check (issue 13) calls the 200 px version of this photo blurred, and an ungradable
+    photo skips grading, which is not what this benchmark measures."""
     import cv2
     import numpy as np
 
-    src = cv2.imread(str(patient_pairs()[0][0]), cv2.IMREAD_REDUCED_COLOR_4)
+    src = cv2.imread(str(patient_pairs()[0][0]), cv2.IMREAD_REDUCED_COLOR_2)
     h, w = src.shape[:2]
-    base = cv2.resize(src, (200, int(200 * h / w)), interpolation=cv2.INTER_AREA).astype(np.int16)
+    base = cv2.resize(src, (256, int(256 * h / w)), interpolation=cv2.INTER_AREA).astype(np.int16)
     rng = np.random.default_rng(seed)
     inbox.mkdir(parents=True, exist_ok=True)
     t = time.time() - n  # strictly increasing mtimes: sweep order = creation order

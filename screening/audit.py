@@ -30,6 +30,13 @@ Model versus grader
     against the graders', and the median time from report to review; overall, per model version and per
     reviewer.
 
+Ungradable photos, per day and device
+    Every photo admitted since the intake checks exist has a gradability verdict (``images.gradable``). Per UTC
+    day of arrival and per device (``images.device`` where the database records one, else ``unknown``): how
+    many photos were assessed, how many were ungradable (the rate), the reasons given, and how many carried a
+    laterality mismatch. Pictures refused as not a fundus photo are not photos of an eye: they are counted
+    with the other refusals.
+
 Per model version
     Grades, referrals, duplicates (of images graded by that version) and turnaround are broken down by
     ``results.model_version``; ``overall`` pools them (and counts every duplicate drop, including those of
@@ -43,13 +50,15 @@ import csv
 import json
 import math
 from collections import Counter
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import date, datetime, time, timedelta, timezone
 from os import PathLike
 from pathlib import Path
 from typing import Any, cast
 
-from sqlalchemy import ColumnElement, case, func, select
+from sqlalchemy import ColumnElement, Text, case, func, select
+from sqlalchemy import cast as cast_
 from sqlalchemy.orm import Session
 
 from screening.db.models import Drop, DropOutcome, Event, Image, ImageState, Result
@@ -100,6 +109,25 @@ class SiteStats:
 
 
 @dataclass
+class UngradableDay:
+    """Gradability on one UTC day of arrival for one device."""
+
+    day: str  # YYYY-MM-DD
+    device: str
+    assessed: int = 0
+    ungradable: int = 0
+    reasons: dict[str, int] = field(default_factory=dict)
+    eye_mismatches: int = 0
+
+    @property
+    def rate(self) -> float | None:
+        return self.ungradable / self.assessed if self.assessed else None
+
+
+UNKNOWN_DEVICE = "unknown"
+
+
+@dataclass
 class AuditSummary:
     start: date | None
     end: date | None
@@ -112,6 +140,7 @@ class AuditSummary:
     failed_reasons: dict[str, int] = field(default_factory=dict)
     drops: dict[str, int] = field(default_factory=lambda: {o.value: 0 for o in DropOutcome})
     incidents: dict[str, int] = field(default_factory=dict)
+    ungradable_by_day: list[UngradableDay] = field(default_factory=list)
     date_basis: str = DATE_BASIS
     agreement: AgreementSummary | None = None  # model versus grader; None in exports made before it existed
     by_site: dict[str, SiteStats] = field(default_factory=dict)  # filled when asked for (audit --by-site)
@@ -120,10 +149,24 @@ class AuditSummary:
     def duplicates(self) -> int:
         return self.overall.duplicates
 
+    @property
+    def assessed(self) -> int:
+        return sum(d.assessed for d in self.ungradable_by_day)
+
+    @property
+    def ungradable(self) -> int:
+        return sum(d.ungradable for d in self.ungradable_by_day)
+
+    @property
+    def ungradable_rate(self) -> float | None:
+        return self.ungradable / self.assessed if self.assessed else None
+
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["start"] = None if self.start is None else self.start.isoformat()
         d["end"] = None if self.end is None else self.end.isoformat()
+        for day, row in zip(self.ungradable_by_day, d["ungradable_by_day"]):
+            row["rate"] = day.rate
         return d
 
     @classmethod
@@ -146,6 +189,8 @@ class AuditSummary:
             failed_reasons=dict(d["failed_reasons"]),
             drops={str(k): int(v) for k, v in d.get("drops", {}).items()},
             incidents={str(k): int(v) for k, v in d.get("incidents", {}).items()},
+            ungradable_by_day=[UngradableDay(**{k: v for k, v in day.items() if k != "rate"})
+                               for day in d.get("ungradable_by_day", [])],
             date_basis=d.get("date_basis", DATE_BASIS),
             agreement=AgreementSummary.from_dict(d["agreement"]) if d.get("agreement") else None,
             by_site={str(k): SiteStats(**v) for k, v in d.get("by_site", {}).items()},
@@ -285,6 +330,46 @@ def _site_counts(session: Session, where: list[ColumnElement[bool]]) -> dict[str
     return dict(sorted(out.items()))
 
 
+def _day_text(value: Any) -> str:
+    """``date(received_at)`` as read back: text on SQLite, a date on PostgreSQL -> ``YYYY-MM-DD``."""
+    return value if isinstance(value, str) else cast(date, value).isoformat()
+
+
+def _ungradable_days(session: Session, lo: datetime | None, hi: datetime | None,
+                     ordered: Callable[[Counter[str]], dict[str, int]]) -> list[UngradableDay]:
+    """Photos assessed, ungradable and with a laterality mismatch per UTC day of arrival and device: counted by the
+    database (one grouped pass, whatever the number of photos; ``received_at`` is stored as naive UTC, so its
+    ``date()`` is the UTC day on both databases); the reasons of the ungradable photos grouped by their list."""
+    day = func.date(Image.received_at)
+    in_range = [Image.gradable.is_not(None), *_in_range(Image.received_at, lo, hi)]
+    days: dict[tuple[str, str], UngradableDay] = {}
+    counted: Sequence[Any] = session.execute(
+        select(day, Image.device, func.count(), func.count(case((Image.gradable.is_(False), 1))),
+               func.count(case((Image.eye_mismatch.is_(True), 1))))
+        .where(*in_range).group_by(day, Image.device)
+    ).all()
+    for d, device, assessed, ungradable, mismatches in counted:
+        key = (_day_text(d), device if device is not None else UNKNOWN_DEVICE)  # 'unknown' and NULL are one device
+        row = days.setdefault(key, UngradableDay(*key))
+        row.assessed += int(assessed)
+        row.ungradable += int(ungradable)
+        row.eye_mismatches += int(mismatches)
+    reasons: dict[tuple[str, str], Counter[str]] = {}
+    listed = cast_(Image.quality_reasons, Text)  # JSON as its text: groupable on both (PostgreSQL's json is not)
+    refused: Sequence[Any] = session.execute(
+        select(day, Image.device, listed, func.count()).where(*in_range, Image.gradable.is_(False))
+        .group_by(day, Image.device, listed)
+    ).all()
+    for when, camera, text, n in refused:  # one row per day, device and list of reasons: few, whatever the photos
+        key = (_day_text(when), camera if camera is not None else UNKNOWN_DEVICE)
+        counter = reasons.setdefault(key, Counter())
+        for reason in (json.loads(text) if text else None) or [NO_REASON]:
+            counter[str(reason)] += int(n)
+    for key, counter in reasons.items():
+        days[key].reasons = ordered(counter)
+    return [days[k] for k in sorted(days)]
+
+
 def audit_summary(
     session: Session, start: date | None = None, end: date | None = None, model_version: str | None = None,
     *, by_site: bool = False,
@@ -378,6 +463,7 @@ def audit_summary(
     def ordered(c: Counter[str]) -> dict[str, int]:
         return dict(sorted(c.items(), key=lambda kv: (-kv[1], kv[0])))
 
+
     return AuditSummary(
         start=start,
         end=end,
@@ -392,6 +478,7 @@ def audit_summary(
         drops=drops,
         incidents=ordered(incidents),
         by_site=_site_counts(session, where) if by_site else {},
+        ungradable_by_day=_ungradable_days(session, lo, hi, ordered),
     )
 
 
@@ -446,6 +533,15 @@ def summary_rows(summary: AuditSummary) -> list[dict[str, str]]:
     out += [("failed_reason", "", reason, n) for reason, n in summary.failed_reasons.items()]
     out += [("drops", "", outcome, n) for outcome, n in summary.drops.items()]
     out += [("incident", "", code, n) for code, n in summary.incidents.items()]
+    out += [("gradability", "", "assessed", summary.assessed), ("gradability", "", "ungradable", summary.ungradable),
+            ("gradability", "", "ungradable_rate", summary.ungradable_rate)]
+    for day in summary.ungradable_by_day:
+        label = f"{day.day} {day.device}"
+        out += [("ungradable_by_day", "", f"{label} assessed", day.assessed),
+                ("ungradable_by_day", "", f"{label} ungradable", day.ungradable),
+                ("ungradable_by_day", "", f"{label} rate", day.rate),
+                ("ungradable_by_day", "", f"{label} eye_mismatches", day.eye_mismatches)]
+        out += [("ungradable_reason", "", f"{label} {reason}", n) for reason, n in day.reasons.items()]
     reviewer_of: dict[int, str] = {}
     if summary.agreement is not None:
         for label, reviewer, stats in agreement_groups(summary.agreement):
@@ -547,6 +643,15 @@ def format_table(summary: AuditSummary) -> str:
     if summary.incidents:
         lines += ["", "Repaired or retried:"]
         lines += [f"  {n:>6}  {code}" for code, n in summary.incidents.items()]
+    rate = summary.ungradable_rate
+    lines += ["", f"Ungradable: {summary.ungradable} of {summary.assessed} photos assessed"
+              + (f" ({rate:.1%})" if rate is not None else "")]
+    if summary.ungradable_by_day:
+        lines.append(f"  {'day':<10}  {'device':<16}  {'assessed':>8}  {'ungradable':>10}  {'rate':>6}  {'eye mismatch':>12}  reasons")
+        for d in summary.ungradable_by_day:
+            why = ", ".join(f"{r} {n}" for r, n in d.reasons.items())
+            lines.append(f"  {d.day:<10}  {d.device[:16]:<16}  {d.assessed:>8}  {d.ungradable:>10}  "
+                         f"{(d.rate or 0):>6.1%}  {d.eye_mismatches:>12}  {why}")
     if summary.agreement is not None:
         lines += ["", *_agreement_table(summary.agreement)]
     if summary.by_site:
@@ -572,6 +677,7 @@ def _site_table(by_site: dict[str, SiteStats]) -> list[str]:
 _AGREEMENT_LABELS = {
     "visits_graded": "Visits graded", "visits_reviewed": "Visits reviewed", "share_reviewed": "Share reviewed",
     "visits_corrected": "Visits corrected", "eyes_compared": "Eyes compared", "eyes_ungradable": "Eyes ungradable (grader)",
+    "eyes_model_ungradable": "Eyes ungradable (model)",
     "dr_kappa": "DR kappa (quadratic)", "dr_exact_agreement": "DR exact agreement",
     "dme_kappa": "DME kappa (quadratic)", "dme_exact_agreement": "DME exact agreement",
     "referral_true_pos": "Referral: both refer", "referral_false_pos": "Referral: model only",
@@ -613,6 +719,7 @@ __all__ = [
     "AuditSummary",
     "ModelStats",
     "SiteStats",
+    "UngradableDay",
     "audit_summary",
     "format_table",
     "percentile",

@@ -192,7 +192,7 @@ def _render_reviewed(args: argparse.Namespace, settings: ScreeningSettings, fact
         report = render_reviewed_report(factory, exam_id, catalog=ModelCatalog.from_settings(settings),
                                         clinic_name=settings.clinic_name, templates_dir=templates_dir(Path(args.config)),
                                         reports_dir=settings.reports, retries=settings.report_retries, rule=settings.eye_result,
-                                        claims=claims)
+                                        ungradable_rule=settings.ungradable_rule, claims=claims)
     except (ReportError, ReviewError) as exc:
         print(f"error: visit {exam_id}: the reviewed report could not be made: {exc}. The sign-off is stored; "
               f"run `dr-screen review render {exam_id}` to try again", file=sys.stderr)
@@ -209,7 +209,7 @@ def cmd_review_list(args: argparse.Namespace, settings: ScreeningSettings) -> in
     from .review.text import format_queue
 
     with session_scope(_session_factory(settings)) as session:
-        visits = review_queue(session, settings.eye_result)
+        visits = review_queue(session, settings.eye_result, settings.ungradable_rule)
     print(format_queue(visits[: args.limit] if args.limit else visits), end="")
     return 0
 
@@ -222,7 +222,7 @@ def cmd_review_show(args: argparse.Namespace, settings: ScreeningSettings) -> in
 
     with session_scope(_session_factory(settings)) as session:
         try:
-            visit = load_visit(session, args.visit, settings.eye_result)
+            visit = load_visit(session, args.visit, settings.eye_result, settings.ungradable_rule)
         except ReviewError as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 1
@@ -243,7 +243,7 @@ def cmd_review_sign(args: argparse.Namespace, settings: ScreeningSettings) -> in
             answers = None
             referral = None
             if args.review_command == "correct":
-                visit = load_visit(session, args.visit, settings.eye_result)
+                visit = load_visit(session, args.visit, settings.eye_result, settings.ungradable_rule)
                 given = {e.eye: e.model_answer for e in visit.eyes}
                 for eye in args.ungradable:
                     if eye not in given:
@@ -264,6 +264,7 @@ def cmd_review_sign(args: argparse.Namespace, settings: ScreeningSettings) -> in
                 answers = list(given.values())
                 referral = None if args.referral in (None, "auto") else args.referral
             review = sign_off(session, args.visit, reviewer=args.reviewer, source="cli", answers=answers, rule=settings.eye_result,
+                              ungradable_rule=settings.ungradable_rule,
                               referral=referral, comment=args.comment)
             print(f"signed off: {format_review(review)}")
     except (ReviewError, ValueError) as exc:
@@ -282,7 +283,7 @@ def cmd_review_import(args: argparse.Namespace, settings: ScreeningSettings) -> 
     factory = _session_factory(settings)
     session = factory()
     try:
-        outcome = import_grading(session, lines, rule=settings.eye_result)
+        outcome = import_grading(session, lines, rule=settings.eye_result, ungradable_rule=settings.ungradable_rule)
         outcome.errors = sorted(errors + outcome.errors, key=lambda e: (e.line, e.column or ""))
         outcome.warnings = warnings + outcome.warnings
         if outcome.ok and not args.dry_run:
@@ -310,7 +311,8 @@ def cmd_review_render(args: argparse.Namespace, settings: ScreeningSettings) -> 
 
     factory = _session_factory(settings)
     with session_scope(factory) as session:
-        todo = [v.exam_id for v in load_visits(session, [args.visit] if args.visit else None, settings.eye_result)
+        todo = [v.exam_id for v in load_visits(session, [args.visit] if args.visit else None, settings.eye_result,
+                                                  settings.ungradable_rule)
                 if v.current_review is not None and not v.awaiting_review
                 and rrepo.report_of_review(session, v.current_review.id) is None]
     if args.visit and not todo:

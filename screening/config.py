@@ -21,6 +21,9 @@ from training.api import (
 DEFAULT_PATTERNS = (
     r"^(?P<patient>[A-Za-z]+\d+)_(?P<eye>L|R|OD|OS|left|right)$",
     r"^(?P<patient>[A-Za-z0-9-]+)_(?P<eye>L|R|OD|OS|left|right)_(?P<date>\d{8})$",
+    # no eye in the name: the eye is read from the photo when it is clear enough (screening/checks.py), else refused
+    r"^(?P<patient>[A-Za-z]+\d+)$",
+    r"^(?P<patient>[A-Za-z0-9-]+)_(?P<date>\d{8})$",
 )
 
 
@@ -38,6 +41,13 @@ class ScreeningSettings(StrictSettings):
     work_dir: Path = Path("work")
     database: str = "sqlite:///screening.db"
     checkpoint: Path = Path("models/baseline.pt")
+    quality_model: Path = Path("models/quality.pt")  # gradability verdict (`dr-train fit-quality`)
+    laterality_model: Path = Path("models/laterality.pt")  # eye from the photo (`dr-train fit-laterality`)
+    # What an exam with an ungradable eye leads to: "recall" for new photos, or "refer" for an examination.
+    ungradable_rule: Literal["recall", "refer"] = "recall"
+    # "detect": photos may be upright or inverted (rotated 180 degrees, as some cameras and exports show them);
+    # "upright": this site's cameras never invert, so the eye follows the optic disc's side alone.
+    photo_orientation: Literal["detect", "upright"] = "detect"
     observer: Literal["native", "polling"] = "native"
     poll_interval: float = Field(1.0, gt=0)
     sweep_interval: float = Field(30.0, gt=0)

@@ -1,37 +1,81 @@
-"""The model's stored result for one photo as a report shows it (:class:`~screening.report.EyeFinding`).
+"""The model's stored answer for one photo as a report shows it (:class:`~screening.report.EyeFinding`): a
+graded photo's result, or an ungradable photo's verdict.
 
 One owner for the worker's draft versions (:mod:`screening.stages.report`), the reviewed versions and the
 review page (:mod:`screening.review`, :mod:`screening.web`), so that all three show the same pictures and
-numbers. The pictures are the files the store stage wrote into the result's folder (``results.mask_dir``).
+numbers. The pictures are the files the store stage wrote into the photo's folder (``results.mask_dir`` for a
+graded photo, ``images.photo_dir`` for an ungradable one, which has no result).
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from screening.db.models import Image, Result
+from screening.db.models import Image, ImageState, Result
 from screening.report import EyeFinding
 
-PHOTO_FILE = "photo.jpg"  # the display copy of the photo in the result's folder (screening.stages.store writes it)
+PHOTO_FILE = "photo.jpg"  # the display copy of the photo in its folder (screening.stages.store writes it)
+_STORED = (ImageState.DONE, ImageState.REPORTED)
 
 
 def _path(value: str | None) -> Path | None:
     return Path(value) if value else None
 
 
-def eye_finding(image: Image, result: Result) -> EyeFinding:
-    """``result`` (of ``image``) as the report's finding for that photograph (one field of the eye)."""
+def _eye(image: Image) -> str:
     if image.eye not in ("R", "L"):
         raise ValueError(f"image {image.id} has no eye (R or L), so no report shows it")
+    return image.eye
+
+
+def eye_finding(image: Image, result: Result) -> EyeFinding:
+    """``result`` (of ``image``) as the report's finding for that photograph (one field of the eye)."""
+    eye = _eye(image)
     folder = _path(result.mask_dir)
     return EyeFinding(
-        eye="R" if image.eye == "R" else "L", source_name=image.source_name,
+        eye="R" if eye == "R" else "L", source_name=image.source_name,
         photo_path=folder / PHOTO_FILE if folder else None, overlay_path=_path(result.overlay_path),
         dr_cam_path=_path(result.dr_cam_path), dme_cam_path=_path(result.dme_cam_path),
         dr_grade=result.dr_grade, dr_probs=result.dr_probs, dme_grade=result.dme_grade, dme_probs=result.dme_probs,
         referable_score=result.referable_score, referable=result.referable, lesion_areas=result.lesion_areas,
-        mask_folder=folder if result.original_masks else None,
+        mask_folder=folder if result.original_masks else None, eye_note=image.eye_note,
     )
 
 
-__all__ = ["PHOTO_FILE", "eye_finding"]
+def is_ungradable(image: Image) -> bool:
+    """Stored by the worker as ungradable (the intake checks' verdict; it then has no result): shown with its
+    reasons, never graded."""
+    return image.gradable is False and image.state in _STORED
+
+
+def ungradable_finding(image: Image) -> EyeFinding:
+    """An ungradable photo as the report shows it: no grades, its reasons in the words staff read."""
+    if not is_ungradable(image):
+        raise ValueError(f"image {image.id} is not stored as ungradable (gradable={image.gradable}, state={image.state})")
+    # the reasons' wording lives beside the gradability model, which needs torch: imported here, when an ungradable
+    # photo is shown, so that the audit and the review commands start without torch (training.api is lazy)
+    from training.api import REASON_TEXT
+
+    eye = _eye(image)
+    folder = _path(image.photo_dir)
+    photo = folder / PHOTO_FILE if folder else None
+    return EyeFinding(
+        eye="R" if eye == "R" else "L", source_name=image.source_name,
+        photo_path=photo if photo is not None and photo.is_file() else None, overlay_path=None, dr_cam_path=None,
+        dme_cam_path=None, dr_grade=None, dr_probs=None, dme_grade=None, dme_probs=None, referable_score=None,
+        referable=None, gradable=False, eye_note=image.eye_note,
+        ungradable_reasons=tuple(REASON_TEXT.get(r, r) for r in (image.quality_reasons or ["not assessed"])),
+    )
+
+
+def stored_finding(image: Image, result: Result | None) -> EyeFinding | None:
+    """What a report shows for ``image``: its graded result, its ungradable verdict, or None (not stored yet, or
+    no eye)."""
+    if image.eye not in ("R", "L"):
+        return None
+    if result is not None:
+        return eye_finding(image, result)
+    return ungradable_finding(image) if is_ungradable(image) else None
+
+
+__all__ = ["PHOTO_FILE", "eye_finding", "is_ungradable", "stored_finding", "ungradable_finding"]

@@ -16,7 +16,8 @@ How files reach the pipeline
   clocks drift). A file that stays at 0 bytes is reported after ``10 x stable_seconds`` so the
   pipeline can reject it as empty instead of skipping it forever.
 
-Only the top level of the inbox is considered, and nothing in it is skipped for ever. Sub-folders,
+Only the top level of the inbox is considered, and nothing in it is skipped for ever except the inbox's own
+placeholder (an empty ``.gitkeep``, :func:`is_placeholder`). Sub-folders,
 symlinks, pipes and devices are returned like files (never followed or recursed into) and
 :func:`stray_rejection` says why the pipeline refuses them. Temporary/hidden names (see :func:`is_ignored`)
 are left alone while they may still be in use; once unchanged for ``abandoned_after`` seconds they are
@@ -66,6 +67,7 @@ log = logging.getLogger(__name__)
 __all__ = [
     "EMPTY_FILE_FACTOR",
     "MAX_RETRY_DELAY",
+    "PLACEHOLDER_NAME",
     "SUPPORTED_SUFFIXES",
     "Content",
     "Identity",
@@ -77,6 +79,7 @@ __all__ = [
     "entry_sha256",
     "is_candidate",
     "is_ignored",
+    "is_placeholder",
     "is_supported",
     "normalise_eye",
     "parse_identity",
@@ -97,6 +100,10 @@ as its modification time is that old (a one-shot run does not wait for an empty 
 
 MAX_RETRY_DELAY = 3600.0
 """Longest wait, in seconds, before a file whose handling failed or was put off is tried again."""
+
+PLACEHOLDER_NAME = ".gitkeep"
+"""The one name in the inbox the worker leaves alone for ever, when it is an empty regular file
+(:func:`is_placeholder`)."""
 
 _IGNORED_SUFFIXES = (".part", ".tmp", ".crdownload", ".partial", ".json")
 _IGNORED_NAMES = frozenset({"thumbs.db", "desktop.ini"})
@@ -148,9 +155,11 @@ class Identity:
     """Who and what a photo is, from its name, sidecar or DICOM tags. ``patient_id`` stays out of ``repr``."""
 
     patient_id: str = field(repr=False)
-    eye: Literal["L", "R"]
+    eye: Literal["L", "R"] | None  # None: not stated; the intake checks read it from the photo or refuse the file
     exam_date: date | None = None  # None: the pipeline uses the drop date
     device: str | None = None  # the camera, where the file says (DICOM Manufacturer and model)
+    # where the stated eye came from: "file name", "sidecar <name>" or "DICOM <tag>" (screening.checks.EyeCheck.source)
+    eye_from: str | None = None
 
 
 def _unidentified(message: str) -> Rejection:
@@ -227,6 +236,8 @@ def parse_identity(
     The patterns are tried on the file stem in order (as written, then case-insensitively); groups
     ``patient``, ``eye``, ``date`` are used when present. A sidecar (:func:`sidecar_for`) with keys
     ``patient_id``, ``eye``, ``exam_date`` (``YYYY-MM-DD`` or null) overrides/complements the name.
+    An absent eye is allowed (``eye`` None): the worker then reads it from the photo when that is clear enough
+    (:mod:`screening.checks`) and refuses the file otherwise; an eye that is given but invalid is refused here.
     The result is validated: patient id ``[A-Za-z0-9_-]{1,64}`` (:func:`training.common.is_safe_id`: no
     path separators or ``..``),
     eye one of L/R/OD/OS/left/right (OD = right, OS = left), date a real calendar date, not after ``today``
@@ -265,11 +276,11 @@ def parse_identity(
             f"invalid patient id {patient!r} (from {source['patient']}): use 1-{MAX_ID_LENGTH} letters, digits, '_' or '-'"
         )
 
-    if not eye_raw:
-        raise _unidentified(f"no eye (L/R/OD/OS/left/right) in the file name '{p.name}' or its sidecar; {_NAMING_HINT}")
-    eye = normalise_eye(eye_raw)
-    if eye is None:
-        raise _unidentified(f"invalid eye {eye_raw!r} (from {source['eye']}): use L, R, OD (right), OS (left), left or right")
+    eye: Literal["L", "R"] | None = None
+    if eye_raw:
+        eye = normalise_eye(eye_raw)
+        if eye is None:
+            raise _unidentified(f"invalid eye {eye_raw!r} (from {source['eye']}): use L, R, OD (right), OS (left), left or right")
 
     exam_date: date | None = None
     if date_raw:
@@ -284,7 +295,7 @@ def parse_identity(
                 f"exam date {exam_date.isoformat()} (from {source['date']}) is in the future; check the date in the "
                 "file name or sidecar (and the camera's clock)"
             )
-    return Identity(patient_id=patient, eye=eye, exam_date=exam_date)
+    return Identity(patient_id=patient, eye=eye, exam_date=exam_date, eye_from=source["eye"] if eye else None)
 
 
 # ------------------------------------------------------------------------------------------ stability
@@ -408,10 +419,21 @@ def _has_photo(sidecar: Path) -> bool:
     return any(n != sidecar.name and (n == stem or Path(n).stem == stem) and not is_ignored(n) for n in names)
 
 
+def is_placeholder(name: str, st: os.stat_result) -> bool:
+    """True for the inbox's own placeholder: exactly :data:`PLACEHOLDER_NAME`, an empty regular file. The
+    repository ships it so that ``inbox/`` exists in a fresh checkout; refusing it as a hidden name left behind
+    moved the project's own file to ``rejected/``. Anything else under that name (a photo hidden there, a link,
+    a folder) is refused like any hidden name."""
+    return name == PLACEHOLDER_NAME and stat.S_ISREG(st.st_mode) and st.st_size == 0
+
+
 def is_candidate(path: Path, st: os.stat_result, abandoned_after: float | None, now: float | None = None) -> bool:
-    """Whether an inbox entry is for the pipeline now: every entry except a hidden or temporary name
-    (:func:`is_ignored`) that changed less than ``abandoned_after`` seconds ago (None: never), or a sidecar
-    whose photo is beside it (it travels with the photo)."""
+    """Whether an inbox entry is for the pipeline now: every entry except the inbox placeholder
+    (:func:`is_placeholder`, never), a hidden or temporary name (:func:`is_ignored`) that changed less than
+    ``abandoned_after`` seconds ago (None: never), or a sidecar whose photo is beside it (it travels with the
+    photo)."""
+    if is_placeholder(path.name, st):
+        return False
     if not is_ignored(path.name):
         return True
     if abandoned_after is None or (now if now is not None else time.time()) - st.st_mtime < abandoned_after:

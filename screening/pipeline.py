@@ -9,13 +9,16 @@ side process, while the next batch runs); the report stage records each one.
 No photo is left in a state no run can finish: a file whose handling failed or was put off (grading
 failed, a full or read-only archive, a file still arriving) stays in the inbox with its committed state and
 is handed out again (``run_forever``: :meth:`screening.intake.Intake.retry_later`; ``run_once``: the next
-run). A locked database is waited out (:func:`screening.db.session.transaction`); a database file deleted
-or replaced under the worker stops it (:class:`~screening.db.session.DatabaseGone`), since every result
-written after that would be lost. At start-up :meth:`Worker.recover` reconciles the database with the files.
+run). A locked database is waited out (:func:`screening.db.session.transaction`); a database deleted,
+replaced or re-created under the worker stops it (:class:`~screening.db.session.DatabaseGone`, checked
+before every unit of work: :func:`~screening.db.session.guard_identity`), since every result written after
+that would be lost. At start-up :meth:`Worker.recover` reconciles the database with the files.
 
 Several workers may share one inbox and one database (:mod:`screening.claims`): each file is claimed before it
-is read and released once it has left the inbox (or was put off), so every photo is graded by one worker; a
-file another worker holds is left to it and looked at again later (``run_forever``) or by the next run.
+is read and released once it has left the inbox (or was put off), so every photo is graded by one worker (a
+multi-page file's claim covers all its pages: one worker stores them and archives the file once); a file
+another worker holds is left to it and looked at again later (``run_forever``) or by the next run. Each worker
+notes the database's identity when it starts and checks it in its every unit of work, claims included.
 
 :class:`Worker` only drives: which files to take (``run_once``: what is in the inbox now; ``run_forever``:
 the watcher and the periodic sweep), the order of the stages, and the counts of what happened.
@@ -34,10 +37,11 @@ from pathlib import Path
 
 from sqlalchemy.orm import Session, sessionmaker
 
+from .checks import IntakeChecks
 from .claims import Claimer, ClaimLost
 from .config import ScreeningSettings
 from .db.models import ClaimKind
-from .db.session import DatabaseGone
+from .db.session import DatabaseGone, guard_identity
 from .inference import Predictor
 from .intake import EMPTY_FILE_FACTOR, Intake, sweep, wait_until_stable
 from .rejection import FailReason
@@ -45,6 +49,7 @@ from .renderer import Renderer, make_renderer
 from .runtime import release_memory
 from .stages import (
     Admitted,
+    AdmittedPages,
     Deferred,
     Duplicate,
     Filing,
@@ -90,6 +95,8 @@ class BatchOutcome:
         elif isinstance(outcome, Deferred):
             self.deferred += 1
             self.retry.append(outcome.path)
+        elif isinstance(outcome, AdmittedPages):  # the pages that are not photos to grade are refused
+            self.rejected += len(outcome.refused)
 
     def count_reports(self, outcomes: list[ReportOutcome]) -> None:
         self.reports += written(outcomes)
@@ -112,16 +119,20 @@ class Worker:
 
     def __init__(
         self, settings: ScreeningSettings, predictor: Predictor, factory: sessionmaker[Session], templates_dir: Path,
-        today: Callable[[], date] = date.today, renderer: Renderer | None = None, claims: Claimer | None = None,
+        today: Callable[[], date] = date.today, renderer: Renderer | None = None, checks: IntakeChecks | None = None,
+        claims: Claimer | None = None,
     ) -> None:
         self.s = settings
         self.predictor = predictor
         self.factory = factory
+        guard_identity(factory)  # from now on, a database replaced or re-created under the worker stops it
+        self.checks = checks if checks is not None else IntakeChecks.from_settings(settings)
         for folder in (settings.inbox, settings.reports, settings.archive, settings.rejected, settings.work_dir):
             folder.mkdir(parents=True, exist_ok=True)
         self.claims = claims if claims is not None else Claimer(factory, settings.site, settings.claim_lease_seconds)
         self.filing = Filing(settings, factory, self.claims)
-        self.intake = IntakeStage(settings, factory, self.filing, predictor.size, today, claims=self.claims)
+        self.intake = IntakeStage(settings, factory, self.filing, predictor.size, today, checks=self.checks,
+                                  claims=self.claims)
         self.grade = GradeStage(predictor, settings.batch_size)
         self.store = StoreStage(settings, factory, self.filing, predictor, claims=self.claims)
         self.report = ReportStage(settings, factory, predictor,
@@ -164,7 +175,8 @@ class Worker:
         return self.claims.take(ClaimKind.FILE, path.name)
 
     def _process(self, paths: Iterable[Path], out: BatchOutcome, claimed: list[str]) -> None:
-        jobs = []
+        jobs: list[Job] = []
+        ungradable: list[Job] = []
         for path in paths:
             try:
                 if not self._claim(path):  # another worker has it: left to that worker
@@ -189,10 +201,34 @@ class Worker:
                 continue
             out.count(outcome)
             if isinstance(outcome, Admitted):
-                jobs.append(outcome.job)
+                (jobs if outcome.job.gradable else ungradable).append(outcome.job)
+            elif isinstance(outcome, AdmittedPages):  # a page is a photo like any other: graded or stored ungradable
+                for job in outcome.jobs:
+                    (jobs if job.gradable else ungradable).append(job)
         batches = self.grade.split(jobs)
         last_batch = {job.exam_id: k for k, batch in enumerate(batches) for job in batch}
         stored: set[int] = set()  # exams with a new result, report not yet submitted
+        for job in ungradable:  # no grading: the verdict is recorded, the photo is stored for the report
+            try:
+                saved = self.store.save_ungradable(job)
+            except DatabaseGone:
+                raise
+            except ClaimLost:
+                log.warning("image %s was taken over by another worker while this one checked it; its result is "
+                            "that worker's", job.image_id)
+                out.elsewhere += 1
+                continue
+            except Exception as exc:  # noqa: BLE001 - recorded as failed; the file stays for a retry
+                self._fail(job, exc, FailReason.STORING, out)
+                continue
+            stored.add(saved.exam_id)
+            out.processed += 1
+            if saved.archived_as is None and not saved.awaits_pages and job.path.exists():  # the archive could not take it now
+                out.unmoved += 1
+                out.retry.append(job.path)
+        ready = sorted(e for e in stored if e not in last_batch)  # exams with nothing to grade in this group
+        stored.difference_update(ready)
+        self._submit_quietly(ready)
         for k, graded in enumerate(self.grade.grade(batches)):
             if graded.error is not None:
                 for job in graded.jobs:
@@ -212,11 +248,11 @@ class Worker:
                     continue
                 stored.add(saved.exam_id)
                 out.processed += 1
-                if saved.archived_as is None and job.path.exists():  # the archive could not take it now
+                if saved.archived_as is None and not saved.awaits_pages and job.path.exists():  # the archive could not take it now
                     out.unmoved += 1
                     out.retry.append(job.path)
             del graded
-            ready = sorted(e for e in stored if last_batch[e] <= k)
+            ready = sorted(e for e in stored if last_batch.get(e, -1) <= k)
             stored.difference_update(ready)
             self._submit_quietly(ready)
             out.count_reports(self.report.collect())
@@ -312,7 +348,7 @@ class Worker:
                     for path in chunk:  # handed out, not finished: hand them out again
                         intake.retry_later(path)
                     raise
-                for path in out.retry:
+                for path in dict.fromkeys(out.retry):  # once each (the pages of one file share it)
                     delay = intake.retry_later(path)
                     log.info("a file stays in the inbox and is tried again within %.0f s", delay)
                 log.info("batch: %s (reports recorded meanwhile; each report is logged when it is written)", out.summary())

@@ -4,8 +4,10 @@
 Every check that can refuse a dropped file raises :class:`Rejection`: the entry itself
 (:func:`screening.intake.check_entry`: a link, a folder, an empty or oversized file, a temporary name left
 behind), the suffix (:func:`screening.intake.check_supported`), the name or sidecar
-(:func:`screening.intake.parse_identity`), the picture itself (:func:`screening.imaging.decode_bytes`). The
-intake stage catches it in one place and records the refusal. The message is what staff read (in the
+(:func:`screening.intake.parse_identity`), the picture itself (:func:`screening.imaging.decode_bytes`), the
+intake checks (:mod:`screening.checks`: not a fundus photo, or no eye stated and none visible). A fundus photo
+that is ungradable is *not* refused: it is recorded as ungradable, with its reasons (``images.quality_reasons``).
+The intake stage catches a :class:`Rejection` in one place and records the refusal. The message is what staff read (in the
 ``.reason.txt`` beside the file and in the database); the code is what the program and the audit group by
 (``images.error_code``, ``drops.reason_code``, ``events.code``): messages may name files and numbers, codes
 never change. No torch or numpy import here: the inbox layer and the renderer process use it too.
@@ -26,12 +28,14 @@ class RejectReason(StrEnum):
     INCOMPLETE = "incomplete"  # the image data stops before its end (truncated, still being copied, corrupt)
     EMPTY = "empty"  # 0 bytes
     TOO_LARGE = "too_large"  # over the configured limit on bytes or pixels
-    MULTI_PAGE = "multi_page"  # several photos in one file, or more pages than the configured limit
+    MULTI_PAGE = "multi_page"  # more pages than the configured limit (a TIFF of several photos is graded per page)
     NOT_A_FILE = "not_a_file"  # a link, a folder, a pipe or a device in the inbox
     LEFT_BEHIND = "left_behind"  # a hidden or temporary name (.part, ~$, dotfile, a lone sidecar) unchanged too long
     TOO_SMALL = "too_small"  # fewer pixels than a fundus photo needs
-    TOO_DARK = "too_dark"  # almost nothing lit: exposure
-    NOT_FUNDUS = "not_fundus"  # a picture, but not a colour fundus photo
+    # Raised by the hand-set colour rule before revision 0005; older rows carry it. A dark fundus photo is now
+    # recorded as ungradable (reason ``too_dark`` in images.quality_reasons), not refused.
+    TOO_DARK = "too_dark"
+    NOT_FUNDUS = "not_fundus"  # a picture, but not a colour fundus photo (the learned gradability verdict)
 
 
 class FailReason(StrEnum):

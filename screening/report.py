@@ -55,6 +55,7 @@ EYE_NAMES = {"R": "Right eye", "L": "Left eye"}
 EYE_ORDER = ("R", "L")
 
 EyeResultRule = Literal["worst", "latest"]
+UngradableRule = Literal["recall", "refer"]  # what an ungradable eye asks for ([screening] ungradable_rule)
 EYE_RESULT_RULES: dict[str, str] = {  # rule -> how the report states it
     "worst": "its worst field",
     "latest": "its latest field",
@@ -75,7 +76,8 @@ class ReportVersionTaken(FileExistsError):
 
 @dataclass(frozen=True)
 class EyeFinding:
-    """The grading of one photograph (one field) of one eye."""
+    """The grading of one photograph (one field) of one eye. An ungradable photo (``gradable`` False) has no
+    grades (``None``) and says why in ``ungradable_reasons`` (what staff read, one sentence per reason)."""
 
     eye: Literal["R", "L"]
     source_name: str  # the uploaded file's name: shown (escaped), never used as a path
@@ -83,19 +85,31 @@ class EyeFinding:
     overlay_path: Path | None
     dr_cam_path: Path | None
     dme_cam_path: Path | None
-    dr_grade: int
-    dr_probs: Sequence[float]  # 5 ICDR class probabilities
-    dme_grade: int
-    dme_probs: Sequence[float]  # 3 IDRiD DME risk probabilities
-    referable_score: float
-    referable: bool
+    dr_grade: int | None
+    dr_probs: Sequence[float] | None  # 5 ICDR class probabilities
+    dme_grade: int | None
+    dme_probs: Sequence[float] | None  # 3 IDRiD DME risk probabilities
+    referable_score: float | None
+    referable: bool | None
     lesion_areas: dict[str, float] = field(default_factory=dict)  # code -> fraction of the fundus, 0..1
     image_quality: str | None = None
+    gradable: bool = True
+    ungradable_reasons: tuple[str, ...] = ()
+    eye_note: str | None = None  # the laterality check's note (a mismatch, or an eye read from the photo)
     mask_folder: Path | None = None  # the lesion masks at the photo's own size (TIFF), for image viewers
 
     def __post_init__(self) -> None:
         if self.eye not in EYE_NAMES:
             raise ValueError(f"eye must be 'R' or 'L', got {self.eye!r}")
+        if not self.gradable:
+            if not self.ungradable_reasons:
+                raise ValueError("an ungradable eye needs its reasons (ungradable_reasons)")
+            if any(v is not None for v in (self.dr_grade, self.dme_grade, self.referable)):
+                raise ValueError("an ungradable eye has no grades: pass None for dr_grade, dme_grade and referable")
+            return
+        if self.dr_grade is None or self.dme_grade is None or self.dr_probs is None or self.dme_probs is None \
+                or self.referable_score is None or self.referable is None:
+            raise ValueError("a gradable eye needs its grades, probabilities and referral score")
         if not 0 <= int(self.dr_grade) < len(DR_GRADES):
             raise ValueError(f"dr_grade must be 0..{len(DR_GRADES) - 1}, got {self.dr_grade!r}")
         if not 0 <= int(self.dme_grade) < len(DME_GRADES):
@@ -112,21 +126,33 @@ class EyeFinding:
     def eye_name(self) -> str:
         return EYE_NAMES[self.eye]
 
+    def _graded(self) -> tuple[int, Sequence[float], int, Sequence[float]]:
+        if self.dr_grade is None or self.dr_probs is None or self.dme_grade is None or self.dme_probs is None:
+            raise ValueError(f"{self.eye_name} is ungradable: it has no grades")
+        return self.dr_grade, self.dr_probs, self.dme_grade, self.dme_probs
+
     @property
     def dr_name(self) -> str:
-        return DR_GRADES[self.dr_grade]
+        return DR_GRADES[self._graded()[0]]
 
     @property
     def dme_name(self) -> str:
-        return DME_GRADES[self.dme_grade]
+        return DME_GRADES[self._graded()[2]]
 
     @property
     def dr_confidence(self) -> float:
-        return float(self.dr_probs[self.dr_grade])
+        grade, probs, _, _ = self._graded()
+        return float(probs[grade])
 
     @property
     def dme_confidence(self) -> float:
-        return float(self.dme_probs[self.dme_grade])
+        _, _, grade, probs = self._graded()
+        return float(probs[grade])
+
+    @property
+    def short_reasons(self) -> str:
+        """The ungradable reasons without their advice: "too dark (under-exposed), blurred (...)"."""
+        return ", ".join(r.split(":")[0] for r in self.ungradable_reasons)
 
 
 @dataclass(frozen=True)
@@ -189,8 +215,11 @@ class ReportContext:
     report_version: int = 1
     eye_result_rule: EyeResultRule = "worst"
     review: ReviewNote | None = None  # set on the version rendered after a clinician's sign-off
+    ungradable_rule: UngradableRule = "recall"  # [screening] ungradable_rule
 
     def __post_init__(self) -> None:
+        if self.ungradable_rule not in ("recall", "refer"):
+            raise ValueError(f"ungradable_rule must be 'recall' or 'refer', got {self.ungradable_rule!r}")
         if self.model_status not in ("research", "demo"):
             raise ValueError(f"model_status must be 'research' or 'demo', got {self.model_status!r}")
         if isinstance(self.exam_date, datetime) or not isinstance(self.exam_date, date):
@@ -262,18 +291,24 @@ class ReferralLevel:
 REFERRAL_LEVELS: dict[str, ReferralLevel] = {
     lv.level: lv
     for lv in (
-        ReferralLevel("urgent", 6, "Urgent referral (proliferative DR)",
+        ReferralLevel("urgent", 7, "Urgent referral (proliferative DR)",
                       "Refer urgently to ophthalmology / hospital eye service; to be seen within 2 weeks.",
                       "#b71c1c"),
-        ReferralLevel("soon", 5, "Refer within weeks (severe non-proliferative DR)",
+        ReferralLevel("soon", 6, "Refer within weeks (severe non-proliferative DR)",
                       "Refer to ophthalmology; to be seen within 4-6 weeks.", "#d84315"),
-        ReferralLevel("routine", 4, "Refer to ophthalmology (routine)",
+        ReferralLevel("routine", 5, "Refer to ophthalmology (routine)",
                       "Routine referral for moderate non-proliferative DR and/or possible diabetic macular oedema; "
                       "to be seen within 13 weeks.", "#e69500"),
-        # only a grader gives this one (the model grades every photo it accepts)
+        # An eye that could not be graded: the model gives one of these two ([screening] ungradable_rule), a grader
+        # may choose either. Never "no retinopathy" by default.
+        ReferralLevel("refer_ungradable", 4, "Refer: ungradable photographs",
+                      "An eye could not be graded from its photographs (ungradable: recapture was not enough or is not "
+                      "possible). Refer for a clinical examination (slit-lamp biomicroscopy) as local policy requires.",
+                      "#8e5a00"),
         ReferralLevel("ungradable", 3, "Recall: ungradable image",
-                      "An eye could not be graded: recapture the photograph, or examine by slit lamp as per the local "
-                      "pathway.", "#6d4c41"),
+                      "An eye could not be graded from its photograph: recall the patient for new photographs "
+                      "(dilated if not done, clean lens); if they are ungradable again, refer for examination "
+                      "(slit lamp) as per the local pathway.", "#6a1b9a"),
         ReferralLevel("rescreen_12", 2, "Rescreen in 12 months",
                       "Mild non-proliferative DR: no referral needed; rescreen in 12 months and optimise glycaemic, "
                       "blood-pressure and lipid control.", "#558b2f"),
@@ -287,7 +322,7 @@ REFERRAL_LEVELS: dict[str, ReferralLevel] = {
 # The outcomes that send the patient to ophthalmology (a "positive" when referral sensitivity is measured).
 REFER_LEVELS = frozenset({"urgent", "soon", "routine"})
 # Outcomes that say no grade could be given (left out of referral sensitivity and specificity).
-NO_GRADE_LEVELS = frozenset({"ungradable", "no_images"})
+NO_GRADE_LEVELS = frozenset({"ungradable", "refer_ungradable", "no_images"})
 
 
 @dataclass(frozen=True)
@@ -299,7 +334,10 @@ class Referral:
     reason: str  # which eye and finding drove it, e.g. "Right eye: Proliferative DR, No DME risk"
 
 
-def _eye_level(e: EyeFinding) -> ReferralLevel:
+def _eye_level(e: EyeFinding, ungradable_rule: UngradableRule = "recall") -> ReferralLevel:
+    if not e.gradable:
+        return REFERRAL_LEVELS["refer_ungradable" if ungradable_rule == "refer" else "ungradable"]
+    assert e.dr_grade is not None and e.dme_grade is not None
     if e.dr_grade >= 4:
         key = "urgent"
     elif e.dr_grade == 3:
@@ -316,39 +354,48 @@ def _eye_level(e: EyeFinding) -> ReferralLevel:
 
 
 def _severity(e: EyeFinding) -> tuple[int, int, int, float]:
-    """How bad a field's findings are: its referral level first, then the grades, then the referral score."""
-    return _eye_level(e).rank, e.dr_grade, e.dme_grade, e.referable_score
+    """How bad a gradable field's findings are: its referral level first, then the grades, then the referral score."""
+    grade, _, dme, _ = e._graded()
+    return _eye_level(e).rank, grade, dme, float(e.referable_score or 0.0)
 
 
 def eye_result(fields: Sequence[EyeFinding], rule: EyeResultRule = "worst") -> EyeFinding | None:
     """The field that stands for the eye: with ``"worst"`` the one with the most severe findings (ties: the earlier
     field), so a lesion seen in one field only is never outweighed by a clean other field; with ``"latest"`` the
-    last one to arrive (a recapture replaces the result, every field is still shown). None without fields."""
+    last one to arrive (a recapture replaces the result, every field is still shown). Only gradable fields are
+    chosen from when the eye has one (an ungradable recapture does not undo a grade); an eye whose fields are all
+    ungradable is represented by its latest. None without fields."""
+    if rule not in EYE_RESULT_RULES:
+        raise ValueError(f"unknown eye result rule {rule!r}; expected one of {sorted(EYE_RESULT_RULES)}")
     if not fields:
         return None
-    if rule == "latest":
+    gradable = [f for f in fields if f.gradable]
+    if not gradable:
         return fields[-1]
-    if rule != "worst":
-        raise ValueError(f"unknown eye result rule {rule!r}; expected one of {sorted(EYE_RESULT_RULES)}")
-    return max(fields, key=_severity)  # max keeps the first of equal keys
+    if rule == "latest":
+        return gradable[-1]
+    return max(gradable, key=_severity)  # max keeps the first of equal keys
 
 
-def referral_recommendation(eyes: Sequence[EyeFinding]) -> Referral:
+def referral_recommendation(eyes: Sequence[EyeFinding], ungradable_rule: UngradableRule = "recall") -> Referral:
     """The referral for the exam, taken from the worse eye (ties: the right eye, then the left). ``eyes`` holds one
-    finding per eye: each eye's result (:meth:`ReportContext.eye_results`)."""
+    finding per eye: each eye's result (:meth:`ReportContext.eye_results`). An ungradable eye recalls or refers the
+    patient (``ungradable_rule``), unless the other eye needs a referral anyway."""
     if not eyes:
         lv = REFERRAL_LEVELS["no_images"]
         return Referral(lv.level, lv.text, lv.advice, lv.colour, "No eye images were received for this exam.")
     ordered = sorted(eyes, key=lambda e: EYE_ORDER.index(e.eye))
-    worst = max(ordered, key=lambda e: _eye_level(e).rank)  # max keeps the first of equal ranks
-    lv = _eye_level(worst)
+    worst = max(ordered, key=lambda e: _eye_level(e, ungradable_rule).rank)  # max keeps the first of equal ranks
+    lv = _eye_level(worst, ungradable_rule)
     def finding(e: EyeFinding) -> str:
+        if not e.gradable:
+            return f"{e.eye_name}: ungradable ({e.short_reasons})"
         text = f"{e.eye_name}: {e.dr_name}, {e.dme_name}"
-        if e.referable and e.dr_grade < 2 and e.dme_grade == 0:
+        if e.referable and (e.dr_grade or 0) < 2 and e.dme_grade == 0 and e.referable_score is not None:
             text += f" (referable-DR score {e.referable_score:.0%} is above the screening threshold)"
         return text
 
-    reason = "; ".join(finding(e) for e in ordered if _eye_level(e).rank == lv.rank)
+    reason = "; ".join(finding(e) for e in ordered if _eye_level(e, ungradable_rule).rank == lv.rank)
     return Referral(lv.level, lv.text, lv.advice, lv.colour, reason)
 
 
@@ -419,7 +466,7 @@ def _eye_review_view(e: EyeFinding, r: EyeReview | None) -> dict[str, object] | 
     if r is None:
         return None
     if not r.gradable:
-        return {"gradable": False, "agrees": False}
+        return {"gradable": False, "agrees": not e.gradable}
     assert r.dr_grade is not None and r.dme_grade is not None
     return {
         "gradable": True,
@@ -445,12 +492,23 @@ def _review_view(ctx: ReportContext, model_referral: Referral) -> dict[str, obje
     }
 
 
-def _eye_view(e: EyeFinding, review: EyeReview | None = None) -> dict[str, object]:
-    return {
+def _eye_view(e: EyeFinding, review: EyeReview | None = None, ungradable_rule: UngradableRule = "recall") -> dict[str, object]:
+    common: dict[str, object] = {
         "code": e.eye,
         "name": e.eye_name,
         "source_name": e.source_name,
         "photo": _uri(e.photo_path),
+        "gradable": e.gradable,
+        "eye_note": e.eye_note,
+        "level": _eye_level(e, ungradable_rule),
+        "image_quality": e.image_quality,
+        "review": _eye_review_view(e, review),
+    }
+    if not e.gradable:
+        return {**common, "reasons": list(e.ungradable_reasons), "short_reasons": e.short_reasons}
+    assert e.dr_probs is not None and e.dme_probs is not None and e.referable_score is not None
+    return {
+        **common,
         "overlay": _uri(e.overlay_path),
         "dr_cam": _uri(e.dr_cam_path),
         "dme_cam": _uri(e.dme_cam_path),
@@ -464,13 +522,10 @@ def _eye_view(e: EyeFinding, review: EyeReview | None = None) -> dict[str, objec
         "dme_probs": [(i, DME_GRADES[i], _pct(p)) for i, p in enumerate(e.dme_probs)],
         "referable": e.referable,
         "referable_score": _pct(e.referable_score),
-        "level": _eye_level(e),
         "lesions": [
             {"code": c, "label": LESION_LABELS[c], "colour": _rgb(LESION_COLOURS[c]), "area": _area(e.lesion_areas.get(c))}
             for c in LESION_CODES
         ],
-        "image_quality": e.image_quality,
-        "review": _eye_review_view(e, review),
         "mask_folder": str(e.mask_folder) if e.mask_folder is not None else None,
     }
 
@@ -506,12 +561,12 @@ def template_variables(ctx: ReportContext, templates_dir: Path, link_stylesheet:
     """What the template sees (benchmarks/bench_report.py renders other template versions with it)."""
     gen = ctx.generated_at
     generated = gen.strftime("%Y-%m-%d %H:%M") + (f" {gen.strftime('%Z') or gen.strftime('%z')}" if gen.tzinfo else "")
-    referral = referral_recommendation(ctx.eye_results())
+    referral = referral_recommendation(ctx.eye_results(), ctx.ungradable_rule)
     eyes = []
     for code in EYE_ORDER:
         fields, result = ctx.fields(code), ctx.eye(code)
         grader = ctx.review.eye(code) if ctx.review else None  # the grader's answer is for the eye: beside its result
-        views = [dict(_eye_view(f, grader if f is result else None), number=k, is_result=f is result)
+        views = [dict(_eye_view(f, grader if f is result else None, ctx.ungradable_rule), number=k, is_result=f is result)
                  for k, f in enumerate(fields, start=1)]
         eyes.append({
             "code": code, "name": EYE_NAMES[code], "fields": views,
@@ -609,7 +664,8 @@ def render_with_retries(
 __all__ = [
     "DEMO_WATERMARK", "EYE_NAMES", "EYE_RESULT_RULES", "LESION_COLOURS", "LESION_LABELS", "NO_GRADE_LEVELS",
     "REFERRAL_LEVELS", "REFER_LEVELS", "RESEARCH_STATUS", "EyeFinding", "EyeResultRule", "EyeReview", "Referral",
-    "ReferralLevel", "ReportContext", "ReportError", "ReportVersionTaken", "ReviewNote", "existing_versions", "eye_result",
+    "ReferralLevel", "ReportContext", "ReportError", "ReportVersionTaken", "ReviewNote", "UngradableRule", "existing_versions",
+    "eye_result",
     "grade_source", "model_metrics_for_report",
     "referral_recommendation", "render_html", "render_pdf", "render_with_retries", "report_dir", "report_folder",
     "template_variables",

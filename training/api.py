@@ -13,6 +13,10 @@ label vocabulary, the fundus threshold) and from nowhere else in ``training``
 * **transforms**: the evaluation preset :func:`eval_transforms` and the preprocessing it expects
   (:func:`crop_square`, :func:`resize_square`; :func:`fundus_bbox`, the crop box it takes, which the worker keeps to
   map the model's masks back onto the original photo), :func:`fundus_mask`, :func:`channel_max`;
+* **intake checks** (issue 13): the gradability verdict :func:`assess_quality` (with :class:`QualityVerdict`,
+  :data:`REASONS`, :data:`REASON_TEXT`, :func:`load_quality_model`) and the eye read from the photo
+  :func:`predict_laterality` (with :class:`LateralityPrediction`, :func:`load_laterality_model`); both model files
+  raise :class:`CheckpointError` subclasses when missing or unusable;
 * **device**: :func:`resolve_device`, without the training loop;
 * **settings**: the config file is one TOML file for both packages; :func:`read_toml`,
   :func:`parse_training_config` (the worker validates the whole file), :class:`StrictSettings`,
@@ -51,28 +55,37 @@ if TYPE_CHECKING:
     )
     from training.device import resolve_device
     from training.grader import apply_grader, features_of, uses_segmentation
-    from training.metrics import referable_score
+    from training.laterality import LateralityModelError, LateralityPrediction, load_laterality_model
+    from training.laterality import predict as predict_laterality
+    from training.metrics import calibrated_referable, referable_score
     from training.model import ModelConfig, MultiTaskNet, MultiTaskOutput, lesion_evidence
+    from training.quality import REASON_TEXT, REASONS, QualityModelError, QualityVerdict, load_quality_model
+    from training.quality import assess as assess_quality
 
+# name here -> (module, name there); the two renamed ones are the laterality and quality entry points.
 _LAZY = {
-    "CheckpointError": "training.checkpoint", "load_model": "training.checkpoint",
-    "channel_max": "training.data.transforms", "crop_square": "training.data.transforms",
-    "eval_transforms": "training.data.transforms", "fundus_bbox": "training.data.transforms",
-    "fundus_mask": "training.data.transforms", "resize_square": "training.data.transforms",
-    "resolve_device": "training.device",
-    "apply_grader": "training.grader", "features_of": "training.grader", "uses_segmentation": "training.grader",
-    "referable_score": "training.metrics",
-    "ModelConfig": "training.model", "MultiTaskNet": "training.model", "MultiTaskOutput": "training.model",
-    "lesion_evidence": "training.model",
+    "CheckpointError": ("training.checkpoint", "CheckpointError"), "load_model": ("training.checkpoint", "load_model"),
+    **{n: ("training.data.transforms", n) for n in (
+        "channel_max", "crop_square", "eval_transforms", "fundus_bbox", "fundus_mask", "resize_square")},
+    "resolve_device": ("training.device", "resolve_device"),
+    **{n: ("training.grader", n) for n in ("apply_grader", "features_of", "uses_segmentation")},
+    **{n: ("training.laterality", n) for n in ("LateralityModelError", "LateralityPrediction", "load_laterality_model")},
+    "predict_laterality": ("training.laterality", "predict"),
+    **{n: ("training.metrics", n) for n in ("calibrated_referable", "referable_score")},
+    **{n: ("training.model", n) for n in ("ModelConfig", "MultiTaskNet", "MultiTaskOutput", "lesion_evidence")},
+    **{n: ("training.quality", n) for n in (
+        "REASON_TEXT", "REASONS", "QualityModelError", "QualityVerdict", "load_quality_model")},
+    "assess_quality": ("training.quality", "assess"),
 }
 
 
 def __getattr__(name: str) -> Any:
     """The torch-backed names, imported when first asked for."""
-    module = _LAZY.get(name)
-    if module is None:
+    where = _LAZY.get(name)
+    if where is None:
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(module), name)
+    module, attr = where
+    value = getattr(importlib.import_module(module), attr)
     globals()[name] = value
     return value
 
@@ -87,8 +100,10 @@ def train_demo_model(output: Path, work: Path, *, minutes: float = 3.0, progress
 
 
 __all__ = [
-    "CheckpointError", "ConfigError", "ModelConfig", "MultiTaskNet", "MultiTaskOutput", "StrictSettings",
-    "apply_grader", "channel_max", "crop_square", "eval_transforms", "features_of", "format_validation_error", "fundus_bbox",
-    "fundus_mask", "lesion_evidence", "load_model", "parse_training_config", "read_toml", "referable_score", "resize_square",
-    "resolve_device", "resolve_paths", "train_demo_model", "uses_segmentation",
+    "REASONS", "REASON_TEXT", "CheckpointError", "ConfigError", "LateralityModelError", "LateralityPrediction",
+    "ModelConfig", "MultiTaskNet", "MultiTaskOutput", "QualityModelError", "QualityVerdict", "StrictSettings",
+    "apply_grader", "assess_quality", "channel_max", "crop_square", "eval_transforms", "features_of",
+    "format_validation_error", "fundus_bbox", "fundus_mask", "lesion_evidence", "load_laterality_model", "load_model",
+    "load_quality_model", "parse_training_config", "predict_laterality", "read_toml", "referable_score", "calibrated_referable",
+    "resize_square", "resolve_device", "resolve_paths", "train_demo_model", "uses_segmentation",
 ]

@@ -1,4 +1,5 @@
-"""``dr-train``: prepare (cache), train, evaluate, export, demo. Thin: parsing and messages only."""
+"""``dr-train``: prepare (cache), train, evaluate, fit the grader and the intake checks (gradability, laterality),
+export, demo. Thin: parsing and messages only."""
 
 from __future__ import annotations
 
@@ -85,6 +86,27 @@ def cmd_grade_heads(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_fit_quality(args: argparse.Namespace) -> int:
+    from training.fit_quality import fit_quality
+
+    metrics = fit_quality(_cfg(args), Path(args.output), per_source=args.per_source,
+                          target_false_ungradable=args.target_false_ungradable, seed=args.seed)
+    test = metrics["test"]
+    print(json.dumps({"test": {k: test[k] for k in ("gradable_called_ungradable", "degraded_caught", "not_fundus_refused")},
+                      "thresholds": test["thresholds"]}, indent=1))
+    print(f"gradability model written to {args.output} (all metrics in {Path(args.output).with_suffix('.metrics.json')})")
+    return 0
+
+
+def cmd_fit_laterality(args: argparse.Namespace) -> int:
+    from training.fit_laterality import fit_laterality
+
+    metrics = fit_laterality(_cfg(args), Path(args.output), target_accuracy=args.target_accuracy)
+    print(json.dumps(metrics["test"], indent=1))
+    print(f"laterality model written to {args.output} (all metrics in {Path(args.output).with_suffix('.metrics.json')})")
+    return 0
+
+
 def cmd_export(args: argparse.Namespace) -> int:
     from training.checkpoint import export_checkpoint
 
@@ -148,6 +170,20 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--with-segmentation", action="store_true",
                     help="use the network's lesion maps as evidence too (one forward per training image)")
     sp.set_defaults(func=cmd_fit_grader)
+
+    sp = sub.add_parser("fit-quality", help="fit the gradability model on real photos, their degradations and non-fundus pictures")
+    sp.add_argument("--output", default="models/quality.pt")
+    sp.add_argument("--per-source", type=int, default=800, help="photos drawn from each source (default %(default)s)")
+    sp.add_argument("--target-false-ungradable", type=float, default=0.015,
+                    help="most real gradable validation photos called ungradable (default %(default)s)")
+    sp.add_argument("--seed", type=int, default=0)
+    sp.set_defaults(func=cmd_fit_quality)
+
+    sp = sub.add_parser("fit-laterality", help="fit the eye-from-the-photo model on the sources that name the eye")
+    sp.add_argument("--output", default="models/laterality.pt")
+    sp.add_argument("--target-accuracy", type=float, default=0.96,
+                    help="accuracy the confident train+validation photos must reach (default %(default)s)")
+    sp.set_defaults(func=cmd_fit_laterality)
 
     sp = sub.add_parser("export", help="strip optimizer state and store half-precision weights for shipping")
     sp.add_argument("checkpoint")

@@ -46,7 +46,7 @@ NAMING_CONVENTION = {
 
 class ImageState(StrEnum):
     RECEIVED = "received"  # hashed and recorded, waiting for (or in) inference
-    DONE = "done"  # a Result exists; the exam's report is not yet (re)rendered
+    DONE = "done"  # a Result exists, or the photo was judged ungradable (gradable = False, no Result); not yet reported
     REPORTED = "reported"  # included in a rendered report
     REJECTED = "rejected"  # not gradable input (bad name, not an image, ...); see Image.error
     FAILED = "failed"  # processing raised; see Image.error
@@ -61,6 +61,13 @@ class DropOutcome(StrEnum):
 class Eye(StrEnum):
     LEFT = "L"
     RIGHT = "R"
+
+
+class EyeSource(StrEnum):
+    NAME = "name"  # the file name
+    SIDECAR = "sidecar"  # the sidecar JSON
+    DICOM = "dicom"  # a DICOM laterality tag (an Identity whose eye_from starts with "DICOM")
+    IMAGE = "image"  # read from the photo (no eye stated; confident prediction)
 
 
 class ReviewOutcome(StrEnum):
@@ -107,7 +114,8 @@ def _in(column: str, values: Any) -> str:
 
 class Base(DeclarativeBase):
     metadata = MetaData(naming_convention=NAMING_CONVENTION)
-    type_annotation_map = {datetime: UTCDateTime(), str: String(), dict[str, Any]: JSON(), list[float]: JSON()}
+    type_annotation_map = {datetime: UTCDateTime(), str: String(), dict[str, Any]: JSON(), list[float]: JSON(),
+                           list[str]: JSON(), dict[str, float]: JSON()}
 
 
 class Patient(Base):
@@ -143,7 +151,8 @@ class Exam(Base):
 
 
 class Image(Base):
-    """One distinct file content (by SHA-256), however many times it was dropped."""
+    """One distinct file content (by SHA-256), however many times it was dropped; or one page of a file holding
+    several photos (a multi-page TIFF: ``page`` and ``file_sha256`` set)."""
 
     __tablename__ = "images"
     __table_args__ = (
@@ -154,6 +163,7 @@ class Image(Base):
         # work to resume, and the audit's rejected and failed files by date (revision 0003_audit_columns_indexes;
         # was on state alone)
         Index("ix_images_state_received_at", "state", "received_at"),
+        Index("ix_images_file_sha256", "file_sha256"),
     )
 
     id: Mapped[int] = mapped_column(primary_key=True)
@@ -171,6 +181,24 @@ class Image(Base):
     height: Mapped[int | None]  # added in revision 0002
     # the camera: DICOM Manufacturer (0008,0070) and Manufacturer's Model Name (0008,1090); revision 0007
     device: Mapped[str | None] = mapped_column(String(128))
+    # Intake checks (revision 0005; NULL for images recorded before it, and for refused files). Values are checked
+    # by the repository (an added CHECK constraint would need a table rebuild that SQLite's foreign keys forbid).
+    gradable: Mapped[bool | None]  # the learned gradability verdict; False: no Result, the report says recapture
+    quality_reasons: Mapped[list[str] | None]  # reason codes (training.quality.REASONS) when ungradable, [] when gradable
+    quality_scores: Mapped[dict[str, float] | None]  # each reason's probability
+    eye_source: Mapped[str | None] = mapped_column(String(8))  # where ``eye`` came from (EyeSource)
+    predicted_eye: Mapped[str | None] = mapped_column(String(1))  # the eye the photo shows (L/R)
+    eye_confidence: Mapped[float | None] = mapped_column(Float)  # P(predicted_eye)
+    eye_mismatch: Mapped[bool | None]  # the photo confidently shows the other eye than the stated one
+    eye_note: Mapped[str | None] = mapped_column(Text)  # what the report says about the eye check, if anything
+    # Where and when the store stage published the photo (revision 0005): an ungradable image has no Result, so its
+    # display photo's folder and the time it joined its visit (what a review compares with its sign-off) are here.
+    photo_dir: Mapped[str | None] = mapped_column(Text)
+    stored_at: Mapped[datetime | None]
+    # a page of a multi-page file (revision 0009_pages): its number in the file (1 = the first directory,
+    # thumbnails counted) and the SHA-256 of the whole file (``sha256`` then names the page); NULL otherwise
+    page: Mapped[int | None]
+    file_sha256: Mapped[str | None] = mapped_column(String(64))
 
     exam: Mapped[Exam | None] = relationship(back_populates="images")
     result: Mapped[Result | None] = relationship(back_populates="image", uselist=False)
@@ -326,6 +354,22 @@ class Event(Base):
 
     def __repr__(self) -> str:
         return f"Event(id={self.id!r}, kind={self.kind!r}, image_id={self.image_id!r})"
+
+
+class DatabaseIdentity(Base):
+    """One row, written once when the database is made (or migrated to revision 0010_db_identity): a random id
+    that names this database, whatever holds it (a SQLite file, a PostgreSQL database). A worker notes it when
+    it starts and checks it at the start of every unit of work (:func:`screening.db.session.guard_identity`), so
+    a database replaced or re-created under it stops it instead of recording into the wrong database."""
+
+    __tablename__ = "database_identity"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    token: Mapped[str] = mapped_column(String(32))  # secrets.token_hex(16)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+    def __repr__(self) -> str:
+        return f"DatabaseIdentity(token={self.token!r})"
 
 
 class ReviewUser(Base):
@@ -498,11 +542,13 @@ __all__ = [
     "Base",
     "Claim",
     "ClaimKind",
+    "DatabaseIdentity",
     "Drop",
     "DropOutcome",
     "Event",
     "Exam",
     "Eye",
+    "EyeSource",
     "Image",
     "ImageState",
     "Patient",

@@ -7,21 +7,24 @@ must be timezone-aware; they are stored as UTC.
 
 from __future__ import annotations
 
+import secrets
 from collections.abc import Iterable, Mapping, Sequence
 from datetime import date, datetime
 from os import PathLike
 from typing import Any
 
-from sqlalchemy import case, func, or_, select
+from sqlalchemy import case, func, or_, select, union_all
 from sqlalchemy.orm import Session
 
 from screening.db.models import (
     LESION_COLUMNS,
+    DatabaseIdentity,
     Drop,
     DropOutcome,
     Event,
     Exam,
     Eye,
+    EyeSource,
     Image,
     ImageState,
     Patient,
@@ -37,7 +40,7 @@ def _path(p: PathStr | None) -> str | None:
     return None if p is None else str(p)
 
 
-def _check(value: str, allowed: type[ImageState] | type[DropOutcome] | type[Eye], what: str) -> str:
+def _check(value: str, allowed: type[ImageState] | type[DropOutcome] | type[Eye] | type[EyeSource], what: str) -> str:
     try:
         return allowed(value).value
     except ValueError:
@@ -59,6 +62,25 @@ def _insert_if_absent(session: Session, model: type[Patient] | type[Exam], value
     else:
         session.add(model(**values))
         session.flush()
+
+
+# --- the database itself --------------------------------------------------------------------------
+
+
+def database_token(session: Session) -> str | None:
+    """The database's identity (:class:`~screening.db.models.DatabaseIdentity`); None when it has none yet."""
+    return session.scalars(select(DatabaseIdentity.token).order_by(DatabaseIdentity.id).limit(1)).first()
+
+
+def ensure_database_token(session: Session) -> str:
+    """The database's identity, made now (a random id) when it has none: a database created before revision
+    0010_db_identity gets one from that migration, a new one from ``init_db``, one made otherwise here."""
+    token = database_token(session)
+    if token is None:
+        token = secrets.token_hex(16)
+        session.add(DatabaseIdentity(token=token, created_at=utcnow()))
+        session.flush()
+    return token
 
 
 # --- patients and exams -------------------------------------------------------------------------
@@ -107,6 +129,12 @@ def get_image_by_sha(session: Session, sha256: str) -> Image | None:
     return session.scalars(select(Image).where(Image.sha256 == sha256.lower())).one_or_none()
 
 
+def pages_of_file(session: Session, file_sha256: str) -> list[Image]:
+    """The images made from the pages of the multi-page file whose bytes hash to ``file_sha256``, by page."""
+    stmt = select(Image).where(Image.file_sha256 == file_sha256.lower()).order_by(Image.page, Image.id)
+    return list(session.scalars(stmt))
+
+
 def add_image(
     session: Session,
     *,
@@ -121,10 +149,13 @@ def add_image(
     width: int | None = None,
     height: int | None = None,
     device: str | None = None,
+    page: int | None = None,
+    file_sha256: str | None = None,
     received_at: datetime | None = None,
 ) -> Image:
-    """A new distinct file content. Raises IntegrityError on flush if ``sha256`` is already known:
-    check :func:`get_image_by_sha` first and :func:`record_drop` a duplicate instead."""
+    """A new distinct file content (or a page of a multi-page file: ``page`` and ``file_sha256``). Raises
+    IntegrityError on flush if ``sha256`` is already known: check :func:`get_image_by_sha` first and
+    :func:`record_drop` a duplicate instead."""
     now = received_at or utcnow()
     image = Image(
         sha256=sha256.lower(),
@@ -138,6 +169,8 @@ def add_image(
         width=width,
         height=height,
         device=device,
+        page=page,
+        file_sha256=None if file_sha256 is None else file_sha256.lower(),
         received_at=now,
         updated_at=now,
     )
@@ -233,6 +266,43 @@ def set_state(session: Session, image: Image, state: str, error: str | None = No
     image.updated_at = utcnow()
     message = f"{old} -> {new}" + (f": {error}" if error else "")
     return add_event(session, "state", message, image=image, code=code if keep else None)
+
+
+def record_checks(
+    session: Session,
+    image: Image,
+    *,
+    gradable: bool,
+    reasons: Sequence[str],
+    scores: Mapping[str, float],
+    eye_source: str,
+    predicted_eye: str,
+    eye_confidence: float,
+    eye_mismatch: bool,
+    eye_note: str | None = None,
+) -> None:
+    """Store the intake checks of ``image`` (screening.checks): the gradability verdict and the eye read from the
+    photo. An ungradable verdict and a laterality mismatch are also logged as events (``ungradable``,
+    ``eye_mismatch``), so that the history of a file shows them."""
+    if gradable and reasons:
+        raise ValueError(f"a gradable photo has no ungradable reasons, got {list(reasons)}")
+    if not gradable and not reasons:
+        raise ValueError("an ungradable photo needs at least one reason")
+    if not 0.0 <= float(eye_confidence) <= 1.0:
+        raise ValueError(f"eye_confidence must be a probability, got {eye_confidence!r}")
+    image.gradable = bool(gradable)
+    image.quality_reasons = [str(r) for r in reasons]
+    image.quality_scores = {str(k): float(v) for k, v in scores.items()}
+    image.eye_source = _check(eye_source, EyeSource, "eye source")
+    image.predicted_eye = _check(predicted_eye, Eye, "eye")
+    image.eye_confidence = float(eye_confidence)
+    image.eye_mismatch = bool(eye_mismatch)
+    image.eye_note = eye_note
+    if not gradable:
+        add_event(session, "ungradable", ", ".join(reasons), image=image)
+    if eye_mismatch:
+        add_event(session, "eye_mismatch", f"stated {image.eye}, photo shows {predicted_eye} ({float(eye_confidence):.2f})",
+                  image=image)
 
 
 # --- results and reports ------------------------------------------------------------------------
@@ -381,13 +451,20 @@ def images_in_state(session: Session, states: str | Iterable[str]) -> list[Image
 
 def exams_needing_report(session: Session) -> list[Exam]:
     """Exams with at least one ``done`` image whose newest result is not covered by a report, i.e.
-    there is no report created at or after the exam's latest result. Ordered by exam id."""
-    latest_result = (
-        select(Image.exam_id.label("exam_id"), func.max(Result.created_at).label("at"))
+    there is no report created at or after the exam's latest result. An image judged ungradable has no result:
+    the time the store stage committed it (``stored_at``; ``updated_at`` for a row without one) stands for one.
+    Ordered by exam id."""
+    results = (
+        select(Image.exam_id.label("exam_id"), Result.created_at.label("at"))
         .join(Result, Result.image_id == Image.id)
         .where(Image.exam_id.is_not(None))
-        .group_by(Image.exam_id)
-        .subquery()
+    )
+    ungradable = select(Image.exam_id.label("exam_id"), func.coalesce(Image.stored_at, Image.updated_at).label("at")).where(
+        Image.exam_id.is_not(None), Image.state == ImageState.DONE.value, Image.gradable.is_(False)
+    )
+    stored = union_all(results, ungradable).subquery()
+    latest_result = (
+        select(stored.c.exam_id.label("exam_id"), func.max(stored.c.at).label("at")).group_by(stored.c.exam_id).subquery()
     )
     latest_report = (
         select(Report.exam_id.label("exam_id"), func.max(Report.created_at).label("at"))
@@ -422,6 +499,7 @@ __all__ = [
     "get_or_create_patient",
     "images_in_state",
     "next_report_version",
+    "record_checks",
     "record_drop",
     "set_state",
     "unfiled_drops",

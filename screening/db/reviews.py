@@ -11,13 +11,14 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 
-from sqlalchemy import func, select
+from sqlalchemy import and_, func, or_, select
 from sqlalchemy.orm import Session, selectinload
 
 from screening.db.models import (
     Exam,
     Eye,
     Image,
+    ImageState,
     Report,
     Result,
     Review,
@@ -34,10 +35,11 @@ EYES = (Eye.RIGHT.value, Eye.LEFT.value)
 
 @dataclass(frozen=True)
 class GradedField:
-    """One graded photograph (field) of an eye: the image and the model's result for it."""
+    """One photograph (field) of an eye as the worker stored it: the image and the model's result for it, or
+    ``result`` None for a photo the intake checks found ungradable (its verdict is on the image)."""
 
     image: Image
-    result: Result
+    result: Result | None
 
 
 @dataclass(frozen=True)
@@ -55,13 +57,14 @@ class EyeGrades:
 
 
 def graded_fields(session: Session, exam_ids: Iterable[int] | None = None) -> dict[int, dict[str, list[GradedField]]]:
-    """Per exam, per eye (``R`` then ``L``), every image with a result in arrival order: the fields the worker's
-    report shows (the eye's result is chosen from them by ``screening.report.eye_result``). Exams without any
-    graded eye are absent."""
+    """Per exam, per eye (``R`` then ``L``), every photo the worker's report shows, in arrival order: each image
+    with a result, and each image stored as ungradable (no result; ``images.gradable`` = 0). The eye's result
+    is chosen from them by ``screening.report.eye_result``. Exams without any such photo are absent."""
+    ungradable = and_(Image.gradable.is_(False), Image.state.in_([ImageState.DONE.value, ImageState.REPORTED.value]))
     stmt = (
         select(Image, Result)
-        .join(Result, Result.image_id == Image.id)
-        .where(Image.exam_id.is_not(None), Image.eye.in_(EYES))
+        .outerjoin(Result, Result.image_id == Image.id)
+        .where(Image.exam_id.is_not(None), Image.eye.in_(EYES), or_(Result.id.is_not(None), ungradable))
         .order_by(Image.exam_id, Image.id)
     )
     if exam_ids is not None:

@@ -6,7 +6,9 @@ period; with a model-version filter, when that photo was graded by that version)
 * **share reviewed**: visits with at least one sign-off / visits graded;
 * **DR agreement**: quadratic-weighted Cohen's kappa (scikit-learn) between the model's DR grade and the
   grader's, over the eyes the grader found gradable, plus the share of exact agreement; the same for DME
-  risk. Each eye is compared with the model's result for the very photo the grader reviewed;
+  risk. Each eye is compared with the model's result for the very photo the grader reviewed; an eye whose photo
+  the model found ungradable (the intake checks: no grade) is not in the kappas: it is counted as
+  ``eyes_model_ungradable``, and as ``eyes_ungradable`` too when the grader agreed;
 * **referral**: sensitivity and specificity of the model's referral (``urgent``/``soon``/``routine`` =
   refer, as shown to the grader) against the grader's; visits the grader could not grade (``ungradable``)
   are left out and counted;
@@ -48,6 +50,7 @@ class AgreementStats:
     visits_corrected: int = 0
     eyes_compared: int = 0  # gradable for the grader
     eyes_ungradable: int = 0
+    eyes_model_ungradable: int = 0  # the model found the photo ungradable: no grade to compare
     dr_kappa: float | None = None  # quadratic weights
     dr_exact_agreement: float | None = None
     dme_kappa: float | None = None
@@ -88,6 +91,7 @@ class _Acc:
     dr: list[tuple[int, int]] = field(default_factory=list)  # (model, grader)
     dme: list[tuple[int, int]] = field(default_factory=list)
     ungradable_eyes: int = 0
+    model_ungradable_eyes: int = 0
     referral: list[tuple[bool, bool]] = field(default_factory=list)  # (model refers, grader refers)
     no_grade_visits: int = 0
     waits: list[float] = field(default_factory=list)
@@ -112,6 +116,7 @@ def _stats(group: str, acc: _Acc, visits_graded: int) -> AgreementStats:
     s = AgreementStats(group, visits_graded=visits_graded, visits_reviewed=len(acc.reviewed), visits_corrected=acc.corrected)
     s.share_reviewed = len(acc.reviewed) / visits_graded if visits_graded else None
     s.eyes_compared, s.eyes_ungradable = len(acc.dr), acc.ungradable_eyes
+    s.eyes_model_ungradable = acc.model_ungradable_eyes
     s.dr_kappa, s.dme_kappa = _kappa(acc.dr, list(range(5))), _kappa(acc.dme, list(range(3)))
     if acc.dr:
         s.dr_exact_agreement = sum(m == g for m, g in acc.dr) / len(acc.dr)
@@ -133,7 +138,12 @@ def _compare(acc: _Acc, review: Review, model_of: dict[int, tuple[int, int, str]
     acc.reviewed.add(review.exam_id)
     acc.corrected += review.outcome == ReviewOutcome.CORRECTED
     for e in review.eyes:
-        dr, dme, version = model_of[e.image_id]
+        graded = model_of.get(e.image_id)
+        if graded is None:  # the model found this photo ungradable: nothing to compare the grader's grade with
+            acc.model_ungradable_eyes += 1
+            acc.ungradable_eyes += not e.gradable
+            continue
+        dr, dme, version = graded
         targets = [acc] + ([eye_acc.setdefault(version, _Acc())] if eye_acc is not None else [])
         for t in targets:
             if e.gradable:

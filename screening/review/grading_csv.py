@@ -11,7 +11,7 @@ date           yes       the exam date, ``YYYY-MM-DD`` or ``YYYYMMDD``
 dr_grade       yes       ICDR grade 0-4, or ``U`` (ungradable); empty when ``gradable`` is ``no``
 dme_grade      yes       DME risk 0-2, or ``U``; empty when ``gradable`` is ``no``
 gradable       no        ``yes``/``no`` (default ``yes``)
-referral       no        ``urgent``, ``soon``, ``routine``, ``ungradable``, ``rescreen_12``, ``rescreen_24``;
+referral       no        ``urgent``, ``soon``, ``routine``, ``refer_ungradable``, ``ungradable``, ``rescreen_12``, ``rescreen_24``;
                          empty: the referral the grades imply (worse-eye rule)
 reviewer       no        the grader's name (default: ``--reviewer``)
 reviewed_at    no        when it was graded, ``YYYY-MM-DD`` (00:00 UTC) or ISO date-time (UTC unless it has
@@ -39,7 +39,7 @@ from sqlalchemy.orm import Session
 
 from screening.db.models import Exam, Patient, Review, ReviewSource
 from screening.intake import normalise_eye, parse_exam_date
-from screening.report import EYE_NAMES, EyeResultRule, EyeReview
+from screening.report import EYE_NAMES, EyeResultRule, EyeReview, UngradableRule
 from screening.review.visits import (
     COMMENT_MAX_CHARS,
     GRADER_REFERRALS,
@@ -260,9 +260,11 @@ def _same_as_current(review: Review | None, answers: tuple[EyeReview, ...], refe
 
 def import_grading(
     session: Session, lines: Sequence[GradingLine], *, source: str = ReviewSource.IMPORT.value, rule: EyeResultRule = "worst",
+    ungradable_rule: UngradableRule = "recall",
 ) -> ImportOutcome:
     """Record one sign-off per visit in ``lines`` (flushes only). The caller commits when ``outcome.ok``
-    and this is not a dry run, and rolls back otherwise. ``rule``: the worker's ``[screening] eye_result``."""
+    and this is not a dry run, and rolls back otherwise. ``rule``: the worker's ``[screening] eye_result``,
+    ``ungradable_rule`` its ``[screening] ungradable_rule``."""
     out = ImportOutcome()
     groups = _group(lines, out.errors)
     for (patient, exam_date), group in groups.items():
@@ -277,7 +279,7 @@ def import_grading(
             out.errors.append(LineError(first.line, column, why))
             continue
         try:
-            visit = load_visit(session, exam.id, rule)
+            visit = load_visit(session, exam.id, rule, ungradable_rule)
         except ReviewError as exc:
             out.errors.append(LineError(first.line, None, str(exc)))
             continue
@@ -304,6 +306,7 @@ def import_grading(
             continue
         try:
             review = sign_off(session, exam.id, reviewer=reviewer, source=source, answers=answers, referral=referral, rule=rule,
+                               ungradable_rule=ungradable_rule,
                               comment="; ".join(comments) or None, reviewed_at=reviewed_at)
         except ReviewError as exc:
             out.errors.append(LineError(first.line, None, str(exc)))

@@ -28,6 +28,7 @@ from screening.report import (
     ReportContext,
     ReportError,
     ReportVersionTaken,
+    UngradableRule,
     existing_versions,
     model_metrics_for_report,
     render_with_retries,
@@ -84,6 +85,17 @@ class ModelCatalog:
                 self._cache[key] = meta
             return self._cache[key]
 
+    def configured(self) -> ModelInfo:
+        """The first of the checkpoints that can be read (the configured one, else the demo model): what a report
+        names when the visit has no graded photo (every one ungradable), as the worker's own report does."""
+        for path in self.checkpoints:
+            meta = self._meta(path)
+            if meta is not None:
+                version = str(meta["model_version"])
+                return self.describe(version, str(meta["checkpoint_sha256"]))
+        log.warning("none of %s can be read: the reviewed report names no model", [str(p) for p in self.checkpoints])
+        return ModelInfo("unknown", "", "research")
+
     def describe(self, version: str, checkpoint_sha256: str) -> ModelInfo:
         for path in self.checkpoints:
             meta = self._meta(path)
@@ -109,6 +121,7 @@ def reviewed_context(visit: Visit, model: ModelInfo, clinic_name: str, version: 
         eyes=visit.report_findings(), model_version=model.version, checkpoint_sha256=model.checkpoint_sha256,
         model_status=model.status, model_metrics=model.metrics, generated_at=datetime.now(timezone.utc).astimezone(),
         report_version=version, eye_result_rule=visit.eye_result_rule, review=review_note(review),
+        ungradable_rule=visit.ungradable_rule,
     )
 
 
@@ -122,6 +135,7 @@ def render_reviewed_report(
     reports_dir: Path,
     retries: int = 3,
     rule: EyeResultRule = "worst",
+    ungradable_rule: UngradableRule = "recall",
     claims: Claimer | None = None,
 ) -> Report:
     """Render and record the reviewed version of the visit's current sign-off. The sign-off is committed
@@ -133,7 +147,7 @@ def render_reviewed_report(
     one; the version numbers then stay in order whoever writes them."""
     if claims is None:
         return _render_reviewed(factory, exam_id, catalog=catalog, clinic_name=clinic_name, templates_dir=templates_dir,
-                                reports_dir=reports_dir, retries=retries, rule=rule)
+                                reports_dir=reports_dir, retries=retries, rule=rule, ungradable_rule=ungradable_rule)
     key = str(exam_id)
     deadline = time.monotonic() + CLAIM_WAIT_S
     while not claims.take(ClaimKind.VISIT, key):
@@ -147,20 +161,22 @@ def render_reviewed_report(
 
         remove_unrecorded_versions(factory, reports_dir, exam_id)
         return _render_reviewed(factory, exam_id, catalog=catalog, clinic_name=clinic_name, templates_dir=templates_dir,
-                                reports_dir=reports_dir, retries=retries, rule=rule, claims=claims)
+                                reports_dir=reports_dir, retries=retries, rule=rule, ungradable_rule=ungradable_rule,
+                                claims=claims)
     finally:
         claims.release(ClaimKind.VISIT, [key])
 
 
 def _render_reviewed(
     factory: sessionmaker[Session], exam_id: int, *, catalog: ModelCatalog, clinic_name: str, templates_dir: Path,
-    reports_dir: Path, retries: int, rule: EyeResultRule, claims: Claimer | None = None,
+    reports_dir: Path, retries: int, rule: EyeResultRule, ungradable_rule: UngradableRule, claims: Claimer | None = None,
 ) -> Report:
     for _ in range(VERSION_ATTEMPTS):
         with session_scope(factory) as session:
-            visit = load_visit(session, exam_id, rule)
-            newest = visit.newest
-            model = catalog.describe(newest.model_version, newest.checkpoint_sha256)
+            visit = load_visit(session, exam_id, rule, ungradable_rule)
+            graded = visit.newest_graded
+            model = (catalog.describe(graded.model_version, graded.checkpoint_sha256)
+                     if graded is not None and graded.model_version and graded.checkpoint_sha256 else catalog.configured())
             # past every version recorded and every file on disk (a worker may have published one it has not
             # recorded yet); should the worker take this number meanwhile, the render is refused and repeated
             folder = report_folder(reports_dir, visit.patient_code, visit.exam_date)

@@ -36,7 +36,8 @@ def format_queue(visits: Sequence[Visit], now: datetime | None = None) -> str:
         return "No visits await review.\n"
     rows = []
     for v in visits:
-        model = "; ".join(f"{e.eye} DR{e.finding.dr_grade} DME{e.finding.dme_grade}" for e in v.eyes)
+        model = "; ".join(f"{e.eye} DR{e.finding.dr_grade} DME{e.finding.dme_grade}" if e.finding.gradable
+                          else f"{e.eye} ungradable" for e in v.eyes)
         status = "new photo since sign-off" if v.current_review else ("report pending" if v.first_report_at is None else "")
         rows.append([str(v.exam_id), v.patient_code, v.exam_date.isoformat(), model, REFERRAL_LEVELS[v.model_referral.level].text,
                      _ago(v.ready_at, now), status])
@@ -69,9 +70,15 @@ def format_visit(visit: Visit, history: Sequence[Review], reports: Sequence[Repo
         f = e.finding
         for k, fld in enumerate(e.fields, start=1):
             tag = " <- the eye's result" if fld is e.result and len(e.fields) > 1 else ""
-            lines.append(f"{e.name} field {k} of {len(e.fields)}: image {fld.image_id}, {fld.source_name}, model "
-                         f"{fld.model_version}: DR {fld.finding.dr_grade}, DME {fld.finding.dme_grade}{tag}")
+            answer = (f"model {fld.model_version}: DR {fld.finding.dr_grade}, DME {fld.finding.dme_grade}" if fld.finding.gradable
+                      else f"ungradable ({fld.finding.short_reasons}), not graded")
+            lines.append(f"{e.name} field {k} of {len(e.fields)}: image {fld.image_id}, {fld.source_name}, {answer}{tag}")
+            if fld.finding.eye_note:
+                lines.append(f"  {fld.finding.eye_note}")
         lines.append(f"{e.name}, the model's answer for the eye:")
+        if not f.gradable or f.dr_grade is None or f.dme_grade is None:
+            lines.append(f"  ungradable: {f.short_reasons}")
+            continue
         lines.append(f"  DR grade  {f.dr_grade} {DR_GRADES[f.dr_grade]} ({f.dr_confidence:.0%})")
         lines.append(f"  DME risk  {f.dme_grade} {DME_GRADES[f.dme_grade]} ({f.dme_confidence:.0%})")
         lines.append(f"  referable {'yes' if f.referable else 'no'} (score {f.referable_score:.0%})")

@@ -1,9 +1,10 @@
 """The clinician's sign-off of a visit: what awaits review, what the model said, and recording a
 confirmation or a correction beside (never over) the model's results.
 
-A sign-off covers every eye the visit's report shows (the newest graded photo of each eye). Each eye is
-either gradable, with the grader's DR grade and DME risk, or ungradable; the visit gets the grader's
-referral outcome. The command line, the CSV import and the review page all record through
+A sign-off covers every eye the visit's report shows (each eye's result, chosen from its photos as the report
+does). Each eye is either gradable, with the grader's DR grade and DME risk, or ungradable; the visit gets the
+grader's referral outcome. A photo the worker found ungradable is shown too: the model's answer for it is
+"ungradable" (no grade), and the model's referral follows ``[screening] ungradable_rule``. The command line, the CSV import and the review page all record through
 :func:`sign_off`, so the same rules hold everywhere.
 """
 
@@ -19,7 +20,7 @@ from sqlalchemy.orm import Session
 
 from screening.db import reviews as rrepo
 from screening.db.models import Exam, Patient, Review, ReviewOutcome, ReviewSource, ReviewUser
-from screening.findings import eye_finding
+from screening.findings import stored_finding
 from screening.report import (
     EYE_NAMES,
     NO_GRADE_LEVELS,
@@ -30,6 +31,7 @@ from screening.report import (
     EyeReview,
     Referral,
     ReviewNote,
+    UngradableRule,
     eye_result,
     referral_recommendation,
 )
@@ -49,17 +51,24 @@ class ReviewError(ValueError):
 # --------------------------------------------------------------------------------------------- visits
 
 
+NOT_GRADED = "not graded"  # the model version of a visit whose photos were all ungradable (no grading model ran)
+
+
 @dataclass(frozen=True)
 class VisitField:
-    """One graded photograph (field) of an eye: the model's finding for it."""
+    """One photograph (field) of an eye: the model's finding for it (graded, or ungradable with its reasons)."""
 
     image_id: int
     source_name: str
     finding: EyeFinding
-    model_version: str
-    checkpoint_sha256: str
-    graded_at: datetime
+    model_version: str | None  # None: ungradable, the grading model did not run on it
+    checkpoint_sha256: str | None
+    graded_at: datetime  # when its result (or its ungradable verdict) was stored: when it joined the visit
     received_at: datetime  # when the photo arrived (the audit's date basis)
+
+    @property
+    def model_label(self) -> str:
+        return self.model_version or "gradability check: ungradable"
 
 
 @dataclass(frozen=True)
@@ -87,7 +96,7 @@ class VisitEye:
     @property
     def model_answer(self) -> EyeReview:
         f = self.finding
-        return EyeReview(f.eye, True, f.dr_grade, f.dme_grade)
+        return EyeReview(f.eye, f.gradable, f.dr_grade, f.dme_grade)
 
 
 @dataclass(frozen=True)
@@ -100,6 +109,7 @@ class Visit:
     current_review: Review | None
     first_report_at: datetime | None
     eye_result_rule: EyeResultRule = "worst"
+    ungradable_rule: UngradableRule = "recall"
 
     def eye(self, code: str) -> VisitEye | None:
         return next((e for e in self.eyes if e.eye == code), None)
@@ -141,17 +151,40 @@ class Visit:
         return max(self.fields, key=lambda f: (f.graded_at, f.image_id))
 
     @property
+    def newest_graded(self) -> VisitField | None:
+        """The newest field the grading model graded (None when every photo was ungradable)."""
+        graded = [f for f in self.fields if f.model_version is not None]
+        return max(graded, key=lambda f: (f.graded_at, f.image_id)) if graded else None
+
+    @property
     def model_version(self) -> str:
-        return self.newest.model_version
+        """The version that graded the visit's newest graded photo; :data:`NOT_GRADED` when none was graded."""
+        graded = self.newest_graded
+        return graded.model_version or NOT_GRADED if graded is not None else NOT_GRADED
 
     def report_findings(self) -> list[EyeFinding]:
         """Every field's finding as the report lists them (right eye first, arrival order within an eye)."""
         return [f.finding for f in self.fields]
 
 
-def load_visits(session: Session, exam_ids: Iterable[int] | None = None, rule: EyeResultRule = "worst") -> list[Visit]:
-    """Visits with at least one graded eye (of ``exam_ids``, or all), ordered by exam id; each eye's result is
-    chosen by ``rule`` (the worker's ``[screening] eye_result``)."""
+def _field(g: rrepo.GradedField) -> VisitField:
+    finding = stored_finding(g.image, g.result)
+    if finding is None:  # graded_fields selects only photos a report shows
+        raise LookupError(f"image {g.image.id} is neither graded nor stored as ungradable")
+    if g.result is not None:
+        return VisitField(image_id=g.image.id, source_name=g.image.source_name, finding=finding,
+                          model_version=g.result.model_version, checkpoint_sha256=g.result.checkpoint_sha256,
+                          graded_at=g.result.created_at, received_at=g.image.received_at)
+    return VisitField(image_id=g.image.id, source_name=g.image.source_name, finding=finding, model_version=None,
+                      checkpoint_sha256=None, graded_at=g.image.stored_at or g.image.updated_at,
+                      received_at=g.image.received_at)
+
+
+def load_visits(session: Session, exam_ids: Iterable[int] | None = None, rule: EyeResultRule = "worst",
+                ungradable_rule: UngradableRule = "recall") -> list[Visit]:
+    """Visits with at least one photo the report shows (of ``exam_ids``, or all), ordered by exam id; each eye's
+    result is chosen by ``rule`` (the worker's ``[screening] eye_result``), and the model's referral for an
+    ungradable eye by ``ungradable_rule`` (``[screening] ungradable_rule``)."""
     ids = None if exam_ids is None else list(exam_ids)
     graded = rrepo.graded_fields(session, ids)
     if not graded:
@@ -165,24 +198,21 @@ def load_visits(session: Session, exam_ids: Iterable[int] | None = None, rule: E
     for exam_id, exam_date, code in sorted(rows):
         eyes = []
         for eye, graded_fields in graded[exam_id].items():
-            fields = tuple(
-                VisitField(image_id=g.image.id, source_name=g.image.source_name, finding=eye_finding(g.image, g.result),
-                           model_version=g.result.model_version, checkpoint_sha256=g.result.checkpoint_sha256,
-                           graded_at=g.result.created_at, received_at=g.image.received_at)
-                for g in graded_fields
-            )
+            fields = tuple(_field(g) for g in graded_fields)
             chosen = eye_result([f.finding for f in fields], rule)
             eyes.append(VisitEye(eye, fields, next(f for f in fields if f.finding is chosen)))
         visits.append(Visit(
             exam_id=exam_id, patient_code=code, exam_date=exam_date, eyes=tuple(eyes),
-            model_referral=referral_recommendation([e.finding for e in eyes]),
+            model_referral=referral_recommendation([e.finding for e in eyes], ungradable_rule),
             current_review=reviews.get(exam_id), first_report_at=first_reports.get(exam_id), eye_result_rule=rule,
+            ungradable_rule=ungradable_rule,
         ))
     return visits
 
 
-def load_visit(session: Session, exam_id: int, rule: EyeResultRule = "worst") -> Visit:
-    found = load_visits(session, [exam_id], rule)
+def load_visit(session: Session, exam_id: int, rule: EyeResultRule = "worst",
+               ungradable_rule: UngradableRule = "recall") -> Visit:
+    found = load_visits(session, [exam_id], rule, ungradable_rule)
     if found:
         return found[0]
     if session.get(Exam, exam_id) is None:
@@ -190,15 +220,16 @@ def load_visit(session: Session, exam_id: int, rule: EyeResultRule = "worst") ->
     raise ReviewError(f"visit {exam_id} has no graded photo yet: there is nothing to review")
 
 
-def review_queue(session: Session, rule: EyeResultRule = "worst") -> list[Visit]:
+def review_queue(session: Session, rule: EyeResultRule = "worst", ungradable_rule: UngradableRule = "recall") -> list[Visit]:
     """Visits awaiting review: those the model would refer first, then oldest first (by :attr:`Visit.ready_at`)."""
-    waiting = [v for v in load_visits(session, rule=rule) if v.awaiting_review]
+    waiting = [v for v in load_visits(session, rule=rule, ungradable_rule=ungradable_rule) if v.awaiting_review]
     return sorted(waiting, key=lambda v: (not v.referable, v.ready_at, v.exam_id))
 
 
-def recently_reviewed(session: Session, limit: int = 50, rule: EyeResultRule = "worst") -> list[Visit]:
+def recently_reviewed(session: Session, limit: int = 50, rule: EyeResultRule = "worst",
+                      ungradable_rule: UngradableRule = "recall") -> list[Visit]:
     """Visits whose current sign-off covers their photos, most recently signed off first."""
-    done = [v for v in load_visits(session, rule=rule) if not v.awaiting_review]
+    done = [v for v in load_visits(session, rule=rule, ungradable_rule=ungradable_rule) if not v.awaiting_review]
     return sorted(done, key=lambda v: -(v.current_review.id if v.current_review else 0))[:limit]
 
 
@@ -259,17 +290,19 @@ def sign_off(
     seen_fields: Collection[int] | None = None,
     seen_review_id: int | None | object = _UNSET,
     rule: EyeResultRule = "worst",
+    ungradable_rule: UngradableRule = "recall",
 ) -> Review:
     """Record a confirmation (``answers=None``: the model's grades and its referral) or a correction.
 
     ``answers``: one :class:`EyeReview` per eye the visit's report shows (for the eye, whatever its number of
-    fields; ``rule`` decides which field's result is the model's answer, as on the report). ``referral``: a key of
+    fields; ``rule`` decides which field's result is the model's answer, as on the report; an eye the worker found
+    ungradable has "ungradable" as the model's answer, and ``ungradable_rule`` its referral). ``referral``: a key of
     :data:`GRADER_REFERRALS`, or None for the one the answers imply (:func:`referral_from_answers`); a
     referral less urgent than the grader's own grades imply is refused. ``seen_fields`` and ``seen_review_id``
     (the review page sends them) refuse a sign-off of a visit that changed since the grader opened it: a new
     photo, or someone else's sign-off. Flushes, never commits.
     """
-    visit = load_visit(session, exam_id, rule)
+    visit = load_visit(session, exam_id, rule, ungradable_rule)
     name = clean_text(reviewer, "the reviewer's name", REVIEWER_MAX_CHARS, required=True)
     assert name is not None
     note = clean_text(comment, "the comment", COMMENT_MAX_CHARS, required=False, multiline=True)
@@ -339,6 +372,7 @@ def review_note(review: Review) -> ReviewNote:
 __all__ = [
     "COMMENT_MAX_CHARS",
     "GRADER_REFERRALS",
+    "NOT_GRADED",
     "NO_GRADE_LEVELS",
     "REVIEWER_MAX_CHARS",
     "ReviewError",

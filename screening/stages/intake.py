@@ -14,13 +14,21 @@ Per entry, in this order:
 5. the checks, each raising :class:`~screening.rejection.Rejection`: size limit; a DICOM file (by content,
    :mod:`screening.dicom`) gives its patient / eye / date / camera from its tags and its picture from its pixel
    data; any other file needs a supported suffix, patient / eye / date from the name or sidecar and a complete,
-   decodable image within the limits; both must be a colour fundus photo;
-   a file whose data stops short and that changed within ``incomplete_grace`` seconds is
+   decodable image within the limits; then the intake checks of :mod:`screening.checks` on the decoded photo:
+   a colour fundus photo (the learned gradability verdict), and an eye that is stated (name, sidecar or DICOM
+   tag) or clearly visible; a file whose data stops short and that changed within ``incomplete_grace`` seconds is
    :class:`Deferred` (left in the inbox, read again later) instead: it may still be being copied;
-6. otherwise the patient, exam, image (``received``) and drop rows are committed: :class:`Admitted`.
+6. otherwise the patient, exam, image (``received``, with its gradability verdict and eye check) and drop rows
+   are committed: :class:`Admitted`. An ungradable photo is admitted too (its job says so): the store stage
+   keeps it with its reasons instead of it being graded.
+
+A TIFF holding several photos takes its own path after step 2 (:mod:`screening.stages.pages`): one image per
+page, one drop for the file; each page goes through the intake checks of step 5 exactly as a single photo does
+(refused, admitted as ungradable, or admitted to grade; its own eye).
 
 The database is written before any file moves (:mod:`screening.stages.filing`); every unit of work waits
-out a locked database (:func:`screening.db.session.transaction`). Nothing here runs the model.
+out a locked database (:func:`screening.db.session.transaction`). Nothing here runs the grading model; the
+intake checks' small models run here, on the decoded photo.
 """
 
 from __future__ import annotations
@@ -29,20 +37,21 @@ import logging
 import os
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import date
 from pathlib import Path
 
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
+from ..checks import IntakeChecks, IntakeVerdict
 from ..claims import Claimer
 from ..config import ScreeningSettings
 from ..db import repository as repo
 from ..db.models import ClaimKind, DropOutcome, Image, ImageState
 from ..db.session import transaction
 from ..dicom import DICOM_SUFFIXES, dicom_identity, is_dicom, read_dicom
-from ..imaging import DecodedImage, DecodeLimits, decode_bytes, preprocess
+from ..imaging import DecodedImage, DecodeLimits, decode_bytes, preprocess, several_pictures
 from ..intake import (
     Content,
     Identity,
@@ -56,6 +65,7 @@ from ..intake import (
 from ..rejection import FailReason, Incident, Rejection, RejectReason
 from .filing import Filing
 from .outcomes import Admitted, Deferred, Duplicate, IntakeOutcome, Job, Rejected, Resumed, Vanished
+from .pages import PageIntake
 
 log = logging.getLogger("screening")
 
@@ -101,29 +111,45 @@ def conflict_with(image: Image, identity: Identity | None) -> str | None:
         return (f"the same bytes as a photo already recorded for another patient (image {image.id}); one of the two "
                 "names is wrong. This copy was not graded: check which patient the photo belongs to and correct the "
                 "record of the wrong one")
-    if image.eye is not None and image.eye != identity.eye:
+    if image.eye is not None and identity.eye is not None and image.eye != identity.eye:
         return (f"the same bytes as this patient's {_EYE_NAMES.get(image.eye, image.eye)} eye photo (image {image.id}), "
                 f"but named as the {_EYE_NAMES[identity.eye]} eye. This copy was not graded: check which eye it is")
     return None
 
 
+def record_verdict(session: Session, image: Image, verdict: IntakeVerdict) -> None:
+    """Store an admitted photo's intake checks on its image (a single photo's, or one page's of a multi-page file:
+    :mod:`screening.stages.pages` records each page through this too)."""
+    prediction = verdict.eye.prediction
+    repo.record_checks(
+        session, image, gradable=verdict.gradable, reasons=verdict.quality.reasons, scores=verdict.quality.scores,
+        eye_source=verdict.eye.source, predicted_eye=prediction.eye, eye_confidence=prediction.confidence,
+        eye_mismatch=verdict.eye.mismatch, eye_note=verdict.eye.note(),
+    )
+
+
 class IntakeStage:
     def __init__(
         self, settings: ScreeningSettings, factory: sessionmaker[Session], filing: Filing, image_size: int,
-        today: Callable[[], date] = date.today, claims: Claimer | None = None,
+        today: Callable[[], date] = date.today, checks: IntakeChecks | None = None, claims: Claimer | None = None,
     ) -> None:
+        """``checks``: the intake checks' models, loaded once by the worker; None loads them from ``settings``
+        (raising :class:`training.api.CheckpointError` with what to do when a model file is missing)."""
         self.settings = settings
         self.factory = factory
         self.filing = filing
         self.image_size = image_size  # the model's input size: images are decoded no larger than needed
         self.today = today
         self.limits = DecodeLimits(max_pixels=settings.max_pixels, max_pages=settings.max_pages)
+        self.checks = checks if checks is not None else IntakeChecks.from_settings(settings)
         # Several workers: the caller claimed each file (screening.claims); every transaction that records it
         # renews the claim first and raises ClaimLost if another worker took it over. None: one worker, no claims.
         self.claims = claims
+        self.pages = PageIntake(self)
 
-    def _hold(self, session: Session, path: Path) -> None:
-        """Fence work this worker claimed (screening.claims): renewed, or ClaimLost if another worker took it over."""
+    def hold(self, session: Session, path: Path) -> None:
+        """Fence work this worker claimed (screening.claims): renewed, or ClaimLost if another worker took it over.
+        First in every transaction that records something of the file, a multi-page file's pages included."""
         if self.claims is not None and self.claims.holds(ClaimKind.FILE, path.name):
             self.claims.hold(session, ClaimKind.FILE, path.name)
 
@@ -160,9 +186,11 @@ class IntakeStage:
             identity = parse_identity(path, self.settings.filename_patterns, self.today())
         except Rejection as rejection:
             unidentified = rejection
+        if content.data is not None and several_pictures(content.data, self.limits):  # graded page by page
+            return self.pages.admit(path, content, identity, unidentified)
 
         def look(session: Session) -> tuple[list[tuple[int, int | None]], _Known | None, int | None, str | None]:
-            self._hold(session, path)
+            self.hold(session, path)
             unfiled = [(d.id, d.image_id) for d in repo.unfiled_drops(session, sha256=sha, source_name=path.name)]
             image = repo.get_image_by_sha(session, sha)
             known = _Known.of(image, path) if image is not None else None
@@ -196,27 +224,47 @@ class IntakeStage:
             return Duplicate(known.image_id, filed)
         try:
             identity, decoded = self.read(path, content, identity, unidentified)
+            verdict = self.checks.check(decoded, identity, path.name)
         except Rejection as rejection:
-            if rejection.code == RejectReason.INCOMPLETE and time.time() - content.mtime_ns / 1e9 < self.settings.incomplete_grace:
-                log.info("a file is incomplete or corrupt; left in the inbox in case it is still being copied")
-                return Deferred(path, rejection.code, rejection.message)
-            return self._reject(path, sha, known, rejection)
-        assert identity is not None
-        return Admitted(self._admit(path, sha, known, identity, decoded))
+            return self._deferred(path, content, rejection) or self._reject(path, sha, known, rejection)
+        decoded = replace(decoded, whole=None)  # the whole photo was for the checks; jobs wait in memory without it
+        return Admitted(self._admit(path, sha, known, identity, decoded, verdict))
+
+    def _deferred(self, path: Path, content: Content, rejection: Rejection) -> Deferred | None:
+        """A file whose image data stops short and that changed within ``incomplete_grace`` seconds is left in the
+        inbox (it may still be being copied): its :class:`Deferred`; None for a refusal to record now."""
+        if rejection.code == RejectReason.INCOMPLETE and time.time() - content.mtime_ns / 1e9 < self.settings.incomplete_grace:
+            log.info("a file is incomplete or corrupt; left in the inbox in case it is still being copied")
+            return Deferred(path, rejection.code, rejection.message)
+        return None
+
+    def refuse(self, path: Path, content: Content, rejection: Rejection) -> Deferred | Rejected:
+        """Refuse the whole file (recorded, then moved to ``rejected/``), or defer it while it may still arrive;
+        for :mod:`screening.stages.pages`, which reads multi-page files."""
+        deferred = self._deferred(path, content, rejection)
+        if deferred is not None:
+            return deferred
+
+        def look(session: Session) -> _Known | None:
+            image = repo.get_image_by_sha(session, content.sha256)
+            return None if image is None else _Known.of(image, path)
+
+        return self._reject(path, content.sha256, transaction(self.factory, look, what="intake"), rejection)
 
     def read(self, path: Path, content: Content, named: Identity | None,
              unidentified: Rejection | None) -> tuple[Identity, DecodedImage]:
         """Who the photo is of and the photo in the model's frame, from a DICOM file's tags and pixels or from
-        an image file's name (or sidecar, ``named``) and pixels; raises a :class:`Rejection` saying what is wrong."""
-        if content.data is not None and is_dicom(path):
-            photo = read_dicom(path)
+        an image file's name (or sidecar, ``named``) and pixels; raises a :class:`Rejection` saying what is wrong.
+        A file over ``max_file_bytes`` (never held in memory) is refused first, whatever it is (a DICOM file too)."""
+        if content.data is None:
+            limit = self.settings.max_file_bytes
+            raise Rejection(RejectReason.TOO_LARGE, f"'{path.name}' is {content.size / 2**20:.0f} MiB, over the limit of "
+                            f"{limit / 2**20:.0f} MiB ([screening] max_file_bytes); export it at a smaller size")
+        if is_dicom(content.data):  # the bytes hashed, not the file read again
+            photo = read_dicom(content.data, name=path.name, limits=self.limits)
             identity = dicom_identity(photo, path, self.settings.filename_patterns)
-            w, h = photo.size
-            if w * h > self.limits.max_pixels:
-                raise Rejection(RejectReason.TOO_LARGE, f"'{path.name}' is {w}x{h} pixels, over the limit of "
-                                f"{self.limits.max_pixels / 1e6:g} megapixels ([screening] max_pixels)")
             return identity, preprocess(photo.rgb, photo.size, self.image_size)
-        if content.data is not None and path.suffix.lower() in DICOM_SUFFIXES:
+        if path.suffix.lower() in DICOM_SUFFIXES:
             raise Rejection(RejectReason.UNREADABLE,
                             f"'{path.name}' is named as DICOM but has no DICOM Part 10 header ('DICM' at byte 128); "
                             "export it again as a DICOM file")
@@ -224,14 +272,7 @@ class IntakeStage:
         if unidentified is not None:
             raise unidentified
         assert named is not None
-        return named, self._decode(path, content)
-
-    def _decode(self, path: Path, content: Content) -> DecodedImage:
-        if content.data is None:
-            limit = self.settings.max_file_bytes
-            raise Rejection(RejectReason.TOO_LARGE, f"'{path.name}' is {content.size / 2**20:.0f} MiB, over the limit of "
-                            f"{limit / 2**20:.0f} MiB ([screening] max_file_bytes); export it at a smaller size")
-        return decode_bytes(content.data, self.image_size, limits=self.limits, name=path.name)
+        return named, decode_bytes(content.data, self.image_size, limits=self.limits, name=path.name)
 
     def _repair(self, known: _Known) -> None:
         """An image whose result is stored but whose state is not ``done``/``reported`` (left by a worker from
@@ -259,7 +300,7 @@ class IntakeStage:
             return Vanished(path)
 
         def record(session: Session) -> tuple[int, bool]:
-            self._hold(session, path)
+            self.hold(session, path)
             unfiled = repo.unfiled_drops(session, sha256=sha, source_name=path.name)
             if unfiled:
                 return unfiled[0].id, True
@@ -279,7 +320,7 @@ class IntakeStage:
         very file was its pending drop), commit, then file it under ``rejected/``."""
 
         def record(session: Session) -> tuple[int, int]:
-            self._hold(session, path)
+            self.hold(session, path)
             if known is None:
                 image = repo.add_image(session, sha256=sha, source_name=path.name, state=ImageState.REJECTED,
                                        error=rejection.message, error_code=rejection.code, stored_path=path)
@@ -299,16 +340,19 @@ class IntakeStage:
         log.warning("rejected image %s (sha %s): %s", image_id, sha[:12], rejection.code.value)  # the code: no names
         return Rejected(image_id, rejection.code, rejection.message, filed)
 
-    def _admit(self, path: Path, sha: str, known: _Known | None, identity: Identity, decoded: DecodedImage) -> Job:
-        """Commit the image as ``received`` in its patient's exam; its file stays in the inbox until stored."""
+    def _admit(self, path: Path, sha: str, known: _Known | None, identity: Identity, decoded: DecodedImage,
+               verdict: IntakeVerdict) -> Job:
+        """Commit the image as ``received`` in its patient's exam, with its intake checks; its file stays in the
+        inbox until stored."""
+        eye = verdict.eye.eye  # the stated eye, else the one the photo confidently shows
 
         def record(session: Session) -> Job:
-            self._hold(session, path)
+            self.hold(session, path)
             patient = repo.get_or_create_patient(session, identity.patient_id)
             exam = repo.get_or_create_exam(session, patient, identity.exam_date or self.today())
             w, h = decoded.original_size
             if known is None:
-                image = repo.add_image(session, sha256=sha, source_name=path.name, exam=exam, eye=identity.eye,
+                image = repo.add_image(session, sha256=sha, source_name=path.name, exam=exam, eye=eye,
                                        stored_path=path, width=w, height=h, device=identity.device)
                 repo.record_drop(session, sha256=sha, source_name=path.name, outcome=DropOutcome.NEW, image=image)
             else:  # received before a crash, failed and retried, or rejected earlier and dropped again
@@ -318,12 +362,13 @@ class IntakeStage:
                 image = found
                 if not known.same_drop:
                     repo.record_drop(session, sha256=sha, source_name=path.name, outcome=DropOutcome.NEW, image=image)
-                image.exam, image.eye, image.stored_path, image.width, image.height = exam, identity.eye, str(path), w, h
+                image.exam, image.eye, image.stored_path, image.width, image.height = exam, eye, str(path), w, h
                 image.device = identity.device
                 if image.state != ImageState.RECEIVED:
                     repo.set_state(session, image, ImageState.RECEIVED)
+            record_verdict(session, image, verdict)
             session.flush()
-            return Job(image.id, exam.id, path, sha, decoded)
+            return Job(image.id, exam.id, path, sha, decoded, verdict.gradable)
 
         return transaction(self.factory, record, what="admitting a photo")
 
@@ -352,4 +397,4 @@ class IntakeStage:
         self.filing.close_stale()
 
 
-__all__ = ["IntakeStage", "conflict_with"]
+__all__ = ["IntakeStage", "conflict_with", "record_verdict"]

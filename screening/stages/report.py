@@ -1,6 +1,6 @@
 """Report stage: which visits need a report version, rendering off the inference path, recording what was written.
 
-An exam needs a new version when a result was stored after its newest report (the second eye arrived, or
+An exam needs a new version when a result (or an ungradable verdict) was stored after its newest report (the second eye arrived, or
 an earlier render failed). :meth:`ReportStage.submit` reads the exam's results into a
 :class:`~screening.report.ReportContext`, **decides its version** (:meth:`ReportStage.next_version`, the one
 place that does) and hands it to the renderer (by default a side process), which publishes exactly that
@@ -43,11 +43,11 @@ from ..config import ScreeningSettings
 from ..db import repository as repo
 from ..db.models import ClaimKind, Exam, Image, ImageState, Patient, Report, utcnow
 from ..db.session import DatabaseGone, transaction
-from ..findings import eye_finding
+from ..findings import stored_finding
 from ..inference import Predictor
 from ..rejection import Incident
 from ..renderer import Renderer, RenderJob, RenderResult
-from ..report import EYE_ORDER, EyeFinding, ReportContext, existing_versions, report_folder
+from ..report import EyeFinding, ReportContext, existing_versions, report_folder
 from .outcomes import PendingReport, ReportFailed, ReportOutcome, ReportWritten
 
 log = logging.getLogger("screening")
@@ -118,13 +118,14 @@ class ReportStage:
         return max(recorded, queued, on_disk) + 1
 
     def _context(self, session: Session, exam: Exam, version: int) -> ReportContext:
-        """Every graded photograph of the exam, in arrival order within each eye: several fields of one eye are all
-        shown, and the report picks the eye's result by ``settings.eye_result``."""
+        """Every photograph of the exam the worker stored (graded, or ungradable with its reasons), in arrival order
+        within each eye: several fields of one eye are all shown, and the report picks the eye's result by
+        ``settings.eye_result`` (a gradable field before an ungradable one)."""
         fields: list[EyeFinding] = []
-        for image, result in repo.exam_images_with_results(session, exam.id):
-            if image.eye not in EYE_ORDER or result is None:
-                continue
-            fields.append(eye_finding(image, result))
+        for image, result in repo.exam_images_with_results(session, exam.id, include_pending=True):
+            finding = stored_finding(image, result)
+            if finding is not None:
+                fields.append(finding)
         return ReportContext(
             clinic_name=self.settings.clinic_name, patient_id=exam.patient.code, exam_date=exam.exam_date,
             eyes=fields, model_version=self.predictor.version,
@@ -132,6 +133,7 @@ class ReportStage:
             model_status="research" if self.predictor.kind == "real" else "demo",
             model_metrics=self.predictor.report_metrics(), generated_at=datetime.now(timezone.utc).astimezone(),
             report_version=version, eye_result_rule=self.settings.eye_result,
+            ungradable_rule=self.settings.ungradable_rule,
         )
 
     # ---------------------------------------------------------------------------------- rendering

@@ -1,4 +1,6 @@
-"""Store stage: one graded image's outputs, then its result row, then its original to the archive.
+"""Store stage: one graded image's outputs, then its result row, then its original to the archive. An image the
+intake checks judged ungradable is stored the same way without a grade (:meth:`StoreStage.save_ungradable`): its
+display photo, the ``done`` state (no result row: it gets no DR grade), then the archive.
 
 Masks, overlay, heatmaps and the display photo are published as one folder (``work/<sha[:2]>/<sha>``): the
 report's pictures in the cropped square frame (``photo.jpg``, ``overlay.jpg``, ``mask_<code>.png``, heat maps)
@@ -8,7 +10,12 @@ the result and the ``done`` state are committed in one transaction; only then do
 inbox (:meth:`~screening.stages.filing.Filing.archive_image`). A crash before the commit redoes the image;
 a crash after it leaves a ``done`` image whose file intake archives on restart, and so does an archive that
 cannot take the file now (full, read-only): the image stays ``done``, never ``failed``, and its report is
-made all the same. An image that already has a result (stored by an earlier attempt) keeps it.
+made all the same. An image that already has a result (stored by an earlier attempt) keeps it. A page of a
+multi-page file (:mod:`screening.stages.pages`), graded or ungradable, leaves its file in the inbox until the last
+of the file's pages is stored; that page's store archives the file once (:attr:`Stored.awaits_pages` on the others). Where several workers share
+the inbox, the file's claim (:mod:`screening.claims`) covers all its pages: one worker stores them all, and a
+worker whose claim was taken over commits none of them (``ClaimLost``), so no page is stored twice and the file
+is archived once.
 """
 
 from __future__ import annotations
@@ -25,7 +32,7 @@ from training.common import LESION_CODES, atomic_write_dir
 from ..claims import Claimer
 from ..config import ScreeningSettings
 from ..db import repository as repo
-from ..db.models import ClaimKind, Image, ImageState
+from ..db.models import ClaimKind, Image, ImageState, utcnow
 from ..db.session import DatabaseGone, transaction
 from ..explain import cam_overlay, lesion_overlay
 from ..findings import PHOTO_FILE
@@ -33,6 +40,7 @@ from ..inference import ImagePrediction, Predictor
 from ..rejection import FailReason
 from .filing import Filing, MoveFailed
 from .outcomes import Failed, Job, Stored
+from .pages import page_settled
 
 log = logging.getLogger("screening")
 
@@ -94,14 +102,51 @@ class StoreStage:
                 "dr_cam": final / "dr_cam.jpg", "dme_cam": final / "dme_cam.jpg",
                 **{f"mask_{code}.tif": final / f"mask_{code}.tif" for code in LESION_CODES}}
 
+    def photo_dir(self, sha256: str) -> Path:
+        """Where an image's pictures are published: one folder per content."""
+        return self.settings.work_dir / sha256[:2] / sha256
+
+    def save_ungradable(self, job: Job) -> Stored:
+        """Persist an ungradable image: its display photo for the report (the verdict was recorded at intake), the
+        folder and time (``images.photo_dir``, ``images.stored_at``: it has no result row to carry them) and the
+        ``done`` state in one transaction, then the archive. Nothing is graded."""
+        if job.gradable:
+            raise ValueError(f"image {job.image_id} is gradable; grade it and store it with save()")
+        folder = atomic_write_dir(self.photo_dir(job.sha256),
+                                  lambda out: _write_jpeg(out / PHOTO_FILE, job.decoded.display, 92))
+
+        def record(session: Session) -> tuple[int | None, bool]:
+            self._hold(session, job)
+            image = _image(session, job.image_id)
+            if image.state not in (ImageState.DONE, ImageState.REPORTED):
+                image.photo_dir, image.stored_at = str(folder), utcnow()
+                repo.set_state(session, image, ImageState.DONE)
+            return image.exam_id, self._awaits_pages(session, job)
+
+        exam_id, awaits_pages = transaction(self.factory, record, what="storing an ungradable photo")
+        if exam_id is None:
+            raise LookupError(f"image {job.image_id} has no exam; its verdict is stored but no report can include it")
+        return self._finish(job, exam_id, awaits_pages)
+
+    def _hold(self, session: Session, job: Job) -> None:
+        """Several workers: first in each transaction that stores claimed work, renew this worker's claim on the
+        file (all the pages of a multi-page file are one claim), or raise ClaimLost when another worker took it
+        over (that worker stores the image, and archives the file)."""
+        if self.claims is not None and self.claims.holds(ClaimKind.FILE, job.path.name):
+            self.claims.hold(session, ClaimKind.FILE, job.path.name)
+
+    @staticmethod
+    def _awaits_pages(session: Session, job: Job) -> bool:
+        """A page of a multi-page file (:mod:`screening.stages.pages`) whose file holds pages not settled yet:
+        read in the transaction that settles this one, so exactly one page's store archives the file."""
+        return job.file_sha256 is not None and not all(page_settled(p) for p in repo.pages_of_file(session, job.file_sha256))
+
     def save(self, job: Job, pred: ImagePrediction, inference_ms: float) -> Stored:
         """Persist one result, then archive the original (see the module docstring)."""
         files = self.write_outputs(job, pred)
 
-        def record(session: Session) -> int | None:
-            # ClaimLost: another worker took the file over; it stores the result
-            if self.claims is not None and self.claims.holds(ClaimKind.FILE, job.path.name):
-                self.claims.hold(session, ClaimKind.FILE, job.path.name)
+        def record(session: Session) -> tuple[int | None, bool]:
+            self._hold(session, job)
             image = _image(session, job.image_id)
             if image.result is None:
                 repo.add_result(
@@ -115,16 +160,24 @@ class StoreStage:
                     device=str(self.predictor.device), inference_ms=inference_ms, site=self.settings.site,
                 )
             if image.state not in (ImageState.DONE, ImageState.REPORTED):
+                image.stored_at = utcnow()
                 repo.set_state(session, image, ImageState.DONE)
-            return image.exam_id
+            return image.exam_id, self._awaits_pages(session, job)
 
-        exam_id = transaction(self.factory, record, what="storing a result")
+        exam_id, awaits_pages = transaction(self.factory, record, what="storing a result")
         if exam_id is None:  # admitted images always have one; a row edited by hand might not
             raise LookupError(f"image {job.image_id} has no exam; its result is stored but no report can include it")
-        # Committed: now the original may leave the inbox. If it cannot move now (recorded by the filing), it
-        # stays there and the next intake of it (same file, image done) finishes the move.
+        return self._finish(job, exam_id, awaits_pages)
+
+    def _finish(self, job: Job, exam_id: int, awaits_pages: bool) -> Stored:
+        """Committed: now the original may leave the inbox, unless it is a page whose file holds pages not stored
+        yet (the file leaves with the last of them). If it cannot move now (recorded by the filing), it stays there
+        and the next intake of it (same file, image done) finishes the move."""
+        if awaits_pages:
+            return Stored(job.image_id, exam_id, None, awaits_pages=True)
         try:
-            archived = self.filing.archive_image(job.image_id, job.path, job.sha256)
+            archived = (self.filing.archive_image(job.image_id, job.path, job.sha256) if job.file_sha256 is None
+                        else self.filing.archive_pages(job.file_sha256, job.path))
         except DatabaseGone:
             raise
         except MoveFailed:
@@ -137,12 +190,13 @@ class StoreStage:
 
     def fail(self, job: Job, exc: BaseException, code: FailReason = FailReason.GRADING) -> Failed:
         """Record why grading or storing failed (``code``, and a short text without SQL or parameters); the file
-        stays in the inbox and is retried. An image whose result is stored meanwhile is not marked failed."""
+        stays in the inbox and is retried. An image whose result (or ungradable verdict) is stored meanwhile is not
+        marked failed."""
         reason = f"processing failed ({describe(exc)}); the file was kept in the inbox and will be retried"
 
         def record(session: Session) -> None:
             image = _image(session, job.image_id)
-            if image.result is None:
+            if image.result is None and image.state not in (ImageState.DONE, ImageState.REPORTED):
                 repo.set_state(session, image, ImageState.FAILED, reason, code=code)
 
         transaction(self.factory, record, what="recording a failure")

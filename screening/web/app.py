@@ -35,9 +35,9 @@ from sqlalchemy.orm import Session, sessionmaker
 from screening.claims import Claimer, make_holder
 from screening.config import ScreeningSettings
 from screening.db import reviews as rrepo
-from screening.db.models import Report, Result, ReviewSource, ReviewUser
+from screening.db.models import Image, Report, ReviewSource, ReviewUser
 from screening.db.session import session_scope
-from screening.findings import eye_finding
+from screening.findings import stored_finding
 from screening.report import EYE_NAMES, EYE_RESULT_RULES, LESION_LABELS, REFERRAL_LEVELS, EyeReview, ReportError
 from screening.review.reviewed_report import ModelCatalog, render_reviewed_report
 from screening.review.visits import GRADER_REFERRALS, ReviewError, Visit, load_visit, recently_reviewed, review_queue, sign_off
@@ -61,9 +61,12 @@ def _inside(path: str | Path | None, root: Path) -> Path | None:
     return p if p.is_relative_to(root.resolve()) and p.is_file() else None
 
 
-def _picture_path(result: Result, kind: str) -> Path | None:
-    """Where the picture ``kind`` of ``result`` is, as the report shows it (the database says; never the browser)."""
-    f = eye_finding(result.image, result)
+def _picture_path(image: Image, kind: str) -> Path | None:
+    """Where the picture ``kind`` of ``image`` is, as the report shows it (the database says; never the browser).
+    An ungradable photo has only its ``photo``."""
+    f = stored_finding(image, image.result)
+    if f is None:
+        return None
     return {"photo": f.photo_path, "overlay": f.overlay_path, "dr_cam": f.dr_cam_path, "dme_cam": f.dme_cam_path}[kind]
 
 
@@ -143,6 +146,7 @@ def create_app(
     throttle = LoginThrottle()
     work_root, reports_root = Path(settings.work_dir), Path(settings.reports)
     rule = settings.eye_result  # which field of an eye gives its result, as on the worker's reports
+    ungradable = settings.ungradable_rule  # the model's referral for an ungradable eye, as on the worker's reports
     css = Path(templates_dir) / "review" / "review.css"
 
     def current_user(s: Session) -> ReviewUser | None:
@@ -246,13 +250,14 @@ def create_app(
     @app.get("/queue")
     def queue() -> Any:
         with session_scope(factory) as s:
-            waiting, done = review_queue(s, rule), recently_reviewed(s, limit=30, rule=rule)
+            waiting = review_queue(s, rule, ungradable)
+            done = recently_reviewed(s, limit=30, rule=rule, ungradable_rule=ungradable)
         return render_template("queue.html.j2", waiting=waiting, done=done)
 
     def show_visit(exam_id: int, error: str | None = None, status: int = 200, form: Any = None) -> Any:
         with session_scope(factory) as s:
             try:
-                visit = load_visit(s, exam_id, rule)
+                visit = load_visit(s, exam_id, rule, ungradable)
             except ReviewError:
                 abort(404)
             history = rrepo.review_history(s, exam_id)
@@ -280,7 +285,7 @@ def create_app(
         reviewer = g.get("display_name") or form.get("reviewer", "")
         try:
             with session_scope(factory) as s:
-                visit = load_visit(s, exam_id, rule)
+                visit = load_visit(s, exam_id, rule, ungradable)
                 fields, review_id = _seen(form)
                 user = s.get(ReviewUser, g.user_id) if g.user_id is not None else None
                 if confirm:
@@ -290,6 +295,7 @@ def create_app(
                     answers=None if confirm else _parse_answers(form, visit),
                     referral=(form.get("referral") or None) if not confirm else None,
                     comment=form.get("comment"), seen_fields=fields, seen_review_id=review_id, rule=rule,
+                    ungradable_rule=ungradable,
                 )
                 outcome, review_id = review.outcome, review.id
         except ReviewError as exc:  # shown on the visit page, with what the grader entered kept in the form
@@ -300,7 +306,8 @@ def create_app(
         try:
             report = render_reviewed_report(factory, exam_id, catalog=catalog, clinic_name=settings.clinic_name,
                                             templates_dir=Path(templates_dir), reports_dir=reports_root,
-                                            retries=settings.report_retries, rule=rule, claims=claims)
+                                            retries=settings.report_retries, rule=rule,
+                                            ungradable_rule=ungradable, claims=claims)
             flash(f"Signed off ({outcome}). The reviewed report is version {report.version}.", "ok")
         except (ReportError, ReviewError) as exc:
             log.error("reviewed report for exam %s failed: %s", exam_id, type(exc).__name__)
@@ -322,10 +329,10 @@ def create_app(
         if kind not in PICTURES:
             abort(404)
         with session_scope(factory) as s:
-            result = s.scalars(select(Result).where(Result.image_id == image_id)).one_or_none()
-            if result is None or result.image.exam_id != exam_id:
+            image = s.get(Image, image_id)
+            if image is None or image.exam_id != exam_id:
                 abort(404)
-            path = _inside(_picture_path(result, kind), work_root)
+            path = _inside(_picture_path(image, kind), work_root)
         if path is None:
             abort(404)
         return send_file(path, mimetype="image/jpeg", max_age=0)

@@ -32,10 +32,37 @@ def make_checkpoint(path: Path, kind: str = "synthetic", image_size: int = 64, b
     })
 
 
-def write_fundus(path: Path, seed: int = 0, size: int = 256) -> Path:
+def make_quality_model(path: Path, always: tuple[str, ...] = ()) -> Path:
+    """A gradability model (training.quality's format) whose verdict does not depend on the photo: every reason
+    in ``always`` is given (probability ~1), no other (~0). Worker tests then know what the verdict will be."""
+    from training.quality import FEATURE_NAMES, REASONS, pack_model
+
+    n = len(FEATURE_NAMES)
+    model = pack_model(np.zeros(n), np.ones(n), [np.zeros((n, 1)), np.zeros((1, len(REASONS)))],
+                       [np.zeros(1), np.array([10.0 if r in always else -10.0 for r in REASONS])],
+                       {r: 0.5 for r in REASONS}, {}, {"kind": "test"})
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(model, path)
+    return path
+
+
+def make_laterality_model(path: Path, confident: float = 0.999, side_gain: float = 1.0) -> Path:
+    """A laterality model that takes photos as upright. By default it is never confident (side_gain 1: at most
+    ~73 %), so the synthetic photos' random eyes never contradict their names; pass side_gain=20, confident=0.8 for
+    one that reads the eye from the disc side."""
+    from training.laterality import pack_model
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(pack_model(side_gain, 0.0, 20.0, confident, {}, {"kind": "test"}), path)
+    return path
+
+
+def write_fundus(path: Path, seed: int = 0, size: int = 256, eye: str | None = None, dr_grade: int | None = None) -> Path:
+    """A synthetic fundus JPEG; pass ``dr_grade=0`` where the optic disc must be found by brightness (the
+    laterality checks): bright synthetic exudates can outshine it."""
     from training.data.synthetic import make_fundus
 
-    f = make_fundus(np.random.default_rng(seed), size=size)
+    f = make_fundus(np.random.default_rng(seed), size=size, eye=eye, dr_grade=dr_grade)
     path.parent.mkdir(parents=True, exist_ok=True)
     cv2.imwrite(str(path), cv2.cvtColor(f.image, cv2.COLOR_RGB2BGR))
     return path
@@ -52,13 +79,27 @@ def tiny_checkpoint(tmp_path_factory) -> Path:
     return make_checkpoint(tmp_path_factory.mktemp("ckpt") / "demo.pt")
 
 
+@pytest.fixture(scope="session")
+def intake_models(tmp_path_factory) -> dict[str, Path]:
+    """Quality models (always gradable, always one reason) and laterality models (never / often confident)."""
+    folder = tmp_path_factory.mktemp("intake-models")
+    return {
+        "gradable": make_quality_model(folder / "gradable.pt"),
+        "blurred": make_quality_model(folder / "blurred.pt", ("blurred",)),
+        "dark_blurred": make_quality_model(folder / "dark_blurred.pt", ("too_dark", "blurred")),
+        "not_fundus": make_quality_model(folder / "not_fundus.pt", ("not_fundus",)),
+        "unsure_eye": make_laterality_model(folder / "unsure.pt"),
+        "sure_eye": make_laterality_model(folder / "sure.pt", confident=0.8, side_gain=20.0),
+    }
+
+
 @pytest.fixture
-def settings(tmp_path, tiny_checkpoint) -> ScreeningSettings:
+def settings(tmp_path, tiny_checkpoint, intake_models) -> ScreeningSettings:
     return ScreeningSettings(
         inbox=tmp_path / "inbox", reports=tmp_path / "reports", archive=tmp_path / "archive",
         rejected=tmp_path / "rejected", work_dir=tmp_path / "work", database=f"sqlite:///{tmp_path / 'db.sqlite'}",
         checkpoint=tiny_checkpoint, stable_seconds=0.1, poll_interval=0.1, sweep_interval=0.5, batch_size=4,
-        threads=1, device="cpu",
+        threads=1, device="cpu", quality_model=intake_models["gradable"], laterality_model=intake_models["unsure_eye"],
     )
 
 
@@ -158,6 +199,24 @@ def write_dicom(
     path.parent.mkdir(parents=True, exist_ok=True)
     ds.save_as(path, enforce_file_format=True)
     return path
+
+
+def write_tiff_pages(path: Path, pictures: list[np.ndarray], subfiles: list[int] | None = None) -> Path:
+    """A multi-page TIFF, one page per RGB picture (``subfiles``: each page's NewSubfileType, 1 = a thumbnail)."""
+    from PIL import Image as PILImage
+    from PIL import TiffImagePlugin
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    buf = io.BytesIO()
+    with TiffImagePlugin.AppendingTiffWriter(buf) as tf:
+        for rgb, subfile in zip(pictures, subfiles or [0] * len(pictures)):
+            PILImage.fromarray(rgb).save(tf, "TIFF", tiffinfo={254: subfile})
+            tf.newFrame()
+    path.write_bytes(buf.getvalue())
+    return path
+
+
+WHITE_PAGE = np.full((200, 200, 3), 255, np.uint8)  # a scanned form: not a fundus photo
 
 
 def jpeg_bytes(rgb: np.ndarray, quality: int = 95) -> bytes:

@@ -296,6 +296,80 @@ def test_audit_matches_the_reference_definitions_on_random_data(db_url):
     engine.dispose()
 
 
+# ------------------------------------------------------------------------------------ ungradable per day and device
+
+
+def _checked(s, exam, eye, received, gradable, reasons=(), mismatch=False, device=None):
+    img = _image(s, exam, eye, received)
+    img.device = device
+    repo.record_checks(s, img, gradable=gradable, reasons=list(reasons), scores={"blurred": 0.9 if reasons else 0.01},
+                       eye_source="name", predicted_eye="R" if mismatch else eye, eye_confidence=0.9, eye_mismatch=mismatch)
+    return img
+
+
+@pytest.fixture
+def checked(db_url):
+    """Gradability verdicts over two UTC days, grouped by the database (its own date()): SQLite and PostgreSQL."""
+    engine = make_engine(db_url)
+    init_db(engine)
+    factory = make_session_factory(engine)
+    with session_scope(factory) as s:
+        e = repo.get_or_create_exam(s, repo.get_or_create_patient(s, "Q1"), DAY)
+        _checked(s, e, "L", at(0), True)
+        _checked(s, e, "L", at(10), False, ["blurred", "haze"])
+        _checked(s, e, "L", at(20), True, mismatch=True)
+        _checked(s, e, "R", at(86_400), False, ["too_dark"])  # the next day
+        _checked(s, e, "R", at(86_450), True, device="Topcon TRC-NW8")  # a DICOM photo names its camera
+        _image(s, e, "R", at(86_500))  # recorded before the intake checks existed: not counted
+    return factory
+
+
+def test_ungradable_rate_per_day_and_device(checked):
+    with session_scope(checked) as s:
+        summary = audit_summary(s)
+    assert (summary.assessed, summary.ungradable, summary.ungradable_rate) == (5, 2, 0.4)
+    first, camera, second = summary.ungradable_by_day
+    assert (camera.day, camera.device, camera.assessed, camera.ungradable, camera.rate) == ("2024-05-02", "Topcon TRC-NW8", 1, 0, 0.0)
+    assert (first.day, first.device, first.assessed, first.ungradable, first.eye_mismatches) == ("2024-05-01", "unknown", 3, 1, 1)
+    assert first.reasons == {"blurred": 1, "haze": 1} and first.rate == pytest.approx(1 / 3)
+    assert (second.day, second.assessed, second.ungradable, second.reasons) == ("2024-05-02", 1, 1, {"too_dark": 1})
+    with session_scope(checked) as s:
+        assert audit_summary(s, DAY, DAY).ungradable_by_day == [first]
+
+
+def test_ungradable_days_split_at_utc_midnight(db_url):
+    """The database groups by the stored (naive UTC) arrival time's date: a photo a millisecond before midnight UTC
+    and one at midnight fall on two days, on each database."""
+    engine = make_engine(db_url)
+    init_db(engine)
+    factory = make_session_factory(engine)
+    midnight = datetime(2024, 5, 2, tzinfo=timezone.utc)
+    with session_scope(factory) as s:
+        e = repo.get_or_create_exam(s, repo.get_or_create_patient(s, "Q2"), DAY)
+        _checked(s, e, "L", midnight - timedelta(milliseconds=1), False, ["blurred"])
+        _checked(s, e, "R", midnight, True)
+    with session_scope(factory) as s:
+        days = audit_summary(s).ungradable_by_day
+        assert [(d.day, d.assessed, d.ungradable, d.reasons) for d in days] == [
+            ("2024-05-01", 1, 1, {"blurred": 1}), ("2024-05-02", 1, 0, {})]
+        assert [d.day for d in audit_summary(s, date(2024, 5, 2), date(2024, 5, 2)).ungradable_by_day] == ["2024-05-02"]
+    engine.dispose()
+
+
+def test_ungradable_rates_in_table_csv_and_json(checked, tmp_path):
+    with session_scope(checked) as s:
+        summary = audit_summary(s)
+    table = format_table(summary)
+    assert "Ungradable: 2 of 5 photos assessed (40.0%)" in table and "blurred 1, haze 1" in table
+    rows = {(r["section"], r["key"]): r["value"] for r in summary_rows(summary)}
+    assert rows[("gradability", "ungradable_rate")] == "0.4"
+    assert rows[("ungradable_by_day", "2024-05-01 unknown rate")] == "0.333"
+    assert rows[("ungradable_reason", "2024-05-02 unknown too_dark")] == "1"
+    back = read_json(write_json(summary, tmp_path / "a.json"))
+    assert back.ungradable_by_day == summary.ungradable_by_day
+    assert json.loads((tmp_path / "a.json").read_text())["ungradable_by_day"][0]["rate"] == pytest.approx(1 / 3)
+
+
 def test_errors_group_by_code_and_every_drop_counts_once(tmp_path):
     """Messages name files and carry numbers: grouping by them split one cause into many rows (issue 12)."""
     engine = make_engine(f"sqlite:///{tmp_path / 'codes.db'}")

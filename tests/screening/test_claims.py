@@ -114,7 +114,9 @@ def _config(tmp_path: Path, settings, site: str) -> Path:
         "[screening]\n"
         f"inbox = '{settings.inbox}'\nreports = '{settings.reports}'\narchive = '{settings.archive}'\n"
         f"rejected = '{settings.rejected}'\nwork_dir = '{settings.work_dir}'\ndatabase = '{settings.database}'\n"
-        f"checkpoint = '{settings.checkpoint}'\nstable_seconds = 0.1\nthreads = 1\ndevice = 'cpu'\nbatch_size = 1\n"
+        f"checkpoint = '{settings.checkpoint}'\nquality_model = '{settings.quality_model}'\n"
+        f"laterality_model = '{settings.laterality_model}'\n"
+        f"stable_seconds = 0.1\nthreads = 1\ndevice = 'cpu'\nbatch_size = 1\n"
         f"poll_interval = 0.2\nsweep_interval = 1.0\nreport_renderer = 'inline'\nsite = '{site}'\n"
         "claim_lease_seconds = 3\n"
     )

@@ -9,11 +9,23 @@ from screening import cli
 from .conftest import write_fundus
 
 
-def _config(tmp_path: Path, checkpoint: Path, database: str | None = None) -> Path:
+def _config(tmp_path: Path, checkpoint: Path, quality: Path | None = None, laterality: Path | None = None,
+            database: str | None = None) -> Path:
+    """A config beside its own folders; the intake-check models are the shipped ones unless given."""
+    models = Path(__file__).resolve().parents[2] / "models"
+    quality, laterality = quality or models / "quality.pt", laterality or models / "laterality.pt"
     cfg = tmp_path / "config.toml"
-    cfg.write_text(f"[screening]\ncheckpoint = '{checkpoint}'\nstable_seconds = 0.1\nthreads = 1\ndevice = 'cpu'\n"
+    cfg.write_text(f"[screening]\ncheckpoint = '{checkpoint}'\nquality_model = '{quality}'\n"
+                   f"laterality_model = '{laterality}'\nstable_seconds = 0.1\nthreads = 1\ndevice = 'cpu'\n"
                    + (f"database = '{database}'\n" if database else ""))
     return cfg
+
+
+def test_a_missing_intake_model_stops_the_worker_saying_what_to_do(tmp_path, tiny_checkpoint, capsys):
+    cfg = _config(tmp_path, tiny_checkpoint, quality=tmp_path / "no-quality.pt")
+    assert cli.main(["--config", str(cfg), "run", "--once"]) == 2
+    err = capsys.readouterr().err
+    assert "gradability model not found" in err and "no-quality.pt" in err and "dr-train fit-quality" in err
 
 
 def test_help_exits_zero(capsys):
@@ -53,8 +65,8 @@ def test_missing_checkpoint_trains_demo_model_once(tmp_path, monkeypatch, tiny_c
     assert first == second == settings.work_dir / "demo-model.pt" and len(calls) == 1
 
 
-def test_run_once_then_audit_exports(tmp_path, tiny_checkpoint, capsys):
-    cfg = _config(tmp_path, tiny_checkpoint)
+def test_run_once_then_audit_exports(tmp_path, tiny_checkpoint, intake_models, capsys):
+    cfg = _config(tmp_path, tiny_checkpoint, intake_models["gradable"], intake_models["unsure_eye"])
     write_fundus(tmp_path / "inbox" / "P1_R.jpg", seed=1)
     (tmp_path / "inbox" / "notes.txt").write_text("hello")
     assert cli.main(["--config", str(cfg), "run", "--once"]) == 0
@@ -144,8 +156,8 @@ def test_once_rejects_an_empty_file_left_long_ago(tmp_path, tiny_checkpoint, cap
     import os
     import time
 
-    cfg = tmp_path / "config.toml"
-    cfg.write_text(f"[screening]\ncheckpoint = '{tiny_checkpoint}'\nstable_seconds = 2.0\nthreads = 1\ndevice = 'cpu'\n")
+    cfg = _config(tmp_path, tiny_checkpoint)
+    cfg.write_text(cfg.read_text().replace("stable_seconds = 0.1", "stable_seconds = 2.0"))
     empty = tmp_path / "inbox" / "P1_R.jpg"
     empty.parent.mkdir()
     empty.write_bytes(b"")
@@ -160,7 +172,7 @@ def test_once_rejects_an_empty_file_left_long_ago(tmp_path, tiny_checkpoint, cap
 def test_review_commands_end_to_end(tmp_path, tiny_checkpoint, capsys, db_url):
     from pypdf import PdfReader
 
-    cfg = _config(tmp_path, tiny_checkpoint, db_url)  # on SQLite, then on PostgreSQL
+    cfg = _config(tmp_path, tiny_checkpoint, database=db_url)  # on SQLite, then on PostgreSQL
     for name, seed in (("P1_R.jpg", 1), ("P1_L.jpg", 2), ("P2_R.jpg", 3)):
         write_fundus(tmp_path / "inbox" / name, seed=seed)
     assert cli.main(["--config", str(cfg), "run", "--once"]) == 0

@@ -32,6 +32,7 @@ def test_uncompressed_ophthalmic_photograph_with_all_tags(tmp_path):
                                    acquisition="20250301235959.123456+0100"))
     assert np.array_equal(photo.rgb, rgb) and photo.size == (256, 256)
     assert (photo.patient_id, photo.eye, photo.exam_date, photo.device) == ("A-1234", "L", date(2025, 3, 1), "Topcon TRC-NW8")
+    assert photo.eye_tag == "Image Laterality (0020,0062)"
     assert "A-1234" not in repr(photo)  # a record printed into a log or a traceback carries no identifier
 
 
@@ -48,14 +49,14 @@ def test_fallback_tags_laterality_and_study_date(tmp_path):
     rgb = synthetic_fundus(3)
     photo = read_dicom(write_dicom(tmp_path / "c.dcm", rgb=rgb, image_laterality=None, laterality="R", acquisition=None,
                                    study_date="20240229", manufacturer=None, model=None))
-    assert (photo.eye, photo.exam_date, photo.device) == ("R", date(2024, 2, 29), None)
+    assert (photo.eye, photo.exam_date, photo.device, photo.eye_tag) == ("R", date(2024, 2, 29), None, "Laterality (0020,0060)")
     both = read_dicom(write_dicom(tmp_path / "d.dcm", rgb=rgb, image_laterality="B", laterality=None, acquisition=None))
     assert (both.eye, both.exam_date) == (None, None)  # "both eyes" says nothing of this photo; no date: the drop date
 
 
 def _photo(**kw) -> DicomPhoto:
     base = dict(rgb=np.zeros((2, 2, 3), np.uint8), patient_id="P100", eye="R", exam_date=date(2025, 3, 1), device="X",
-                sop_class=SC_SOP_CLASS)
+                sop_class=SC_SOP_CLASS, eye_tag="Image Laterality (0020,0062)")
     return DicomPhoto(**{**base, **kw})
 
 
@@ -64,11 +65,15 @@ def test_identity_tags_first_the_name_fills_gaps_and_a_disagreement_is_refused(t
     assert (plain.patient_id, plain.eye, plain.exam_date, plain.device) == ("P100", "R", date(2025, 3, 1), "X")
     named = dicom_identity(_photo(eye=None, exam_date=None), tmp_path / "P100_L_20250302.dcm", DEFAULT_PATTERNS)
     assert (named.eye, named.exam_date) == ("L", date(2025, 3, 2))
+    assert (plain.eye_from, named.eye_from) == ("DICOM Image Laterality (0020,0062)", "file name")  # eye source 'dicom' / 'name'
+    # no eye in the tags nor the name: left to the intake checks (read from the photo, or refused there); a bare
+    # PACS file name is no patient id to compare
+    bare = dicom_identity(_photo(eye=None), tmp_path / "IM0001.dcm", DEFAULT_PATTERNS)
+    assert (bare.patient_id, bare.eye, bare.eye_from) == ("P100", None, None)
     for photo, name, fragment in (
         (_photo(), "P200_R.dcm", "patient id"),
         (_photo(eye="L"), "P100_R.dcm", "says eye R"),
         (_photo(), "P100_R_20250302.dcm", "date"),
-        (_photo(eye=None), "IM0001.dcm", "no eye"),
     ):
         with pytest.raises(Rejection, match=fragment) as exc:
             dicom_identity(photo, tmp_path / name, DEFAULT_PATTERNS)
@@ -149,6 +154,42 @@ def test_rle_compressed_and_16_bit_secondary_captures_are_read(tmp_path):
     ds["PixelData"].VR = "OW"
     ds.save_as(wide, enforce_file_format=True)
     assert np.array_equal(read_dicom(wide).rgb, rgb)
+
+
+def test_a_file_is_read_from_its_bytes(tmp_path):
+    """The worker hands over the bytes it hashed: nothing is read from the path again."""
+    rgb = synthetic_fundus(9, size=128)
+    path = write_dicom(tmp_path / "IM1", rgb=rgb, patient_id="P7")
+    data = path.read_bytes()
+    path.unlink()
+    assert is_dicom(data) and not is_dicom(data[:100])
+    photo = read_dicom(data, name="IM1")
+    assert np.array_equal(photo.rgb, rgb) and photo.patient_id == "P7"
+    with pytest.raises(Rejection) as exc:
+        read_dicom(data[: len(data) // 2], name="IM1")  # cut short: its pixel data runs past the end
+    assert exc.value.code == RejectReason.UNREADABLE and "'IM1'" in exc.value.message
+
+
+def test_pixel_limits_are_checked_before_decoding_and_after(tmp_path, monkeypatch):
+    from pydicom.dataset import Dataset
+
+    from screening import dicom
+    from screening.imaging import DecodeLimits
+
+    rgb = synthetic_fundus(10, size=128)
+    data = write_dicom(tmp_path / "IM2", rgb=rgb).read_bytes()
+    limits = DecodeLimits(max_pixels=128 * 128 - 1)
+    with monkeypatch.context() as m:  # over the limit by its Rows x Columns: refused without decoding a pixel
+        m.setattr(Dataset, "pixel_array", property(lambda self: pytest.fail("the pixel data was decoded")))
+        with pytest.raises(Rejection) as exc:
+            read_dicom(data, name="IM2", limits=limits)
+    assert exc.value.code == RejectReason.TOO_LARGE and "128x128" in exc.value.message and "max_pixels" in exc.value.message
+    # a header that understates the picture: the decoded size is checked too
+    monkeypatch.setattr(dicom, "_declared_size", lambda ds, name: (64, 64))
+    with pytest.raises(Rejection) as exc:
+        read_dicom(data, name="IM2", limits=limits)
+    assert exc.value.code == RejectReason.TOO_LARGE and "128x128" in exc.value.message
+    assert read_dicom(data, name="IM2", limits=DecodeLimits(max_pixels=128 * 128)).size == (128, 128)
 
 
 def test_a_multi_frame_file_is_refused(tmp_path):

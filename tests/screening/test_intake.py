@@ -66,19 +66,37 @@ def append(path: Path, data: bytes, mtime_ns: int) -> None:
 @pytest.mark.parametrize(
     ("name", "expected"),
     [
-        ("Patient001_L.jpg", Identity("Patient001", "L", None)),
-        ("Patient7_R.png", Identity("Patient7", "R", None)),
-        ("P123_OD_20250102.jpg", Identity("P123", "R", date(2025, 1, 2))),
-        ("AB-9_OS_20241231.tif", Identity("AB-9", "L", date(2024, 12, 31))),
-        ("Patient001_l.jpg", Identity("Patient001", "L", None)),
-        ("Patient001_od.JPG", Identity("Patient001", "R", None)),
-        ("Patient001_Left.jpeg", Identity("Patient001", "L", None)),
-        ("x9_RIGHT_20250102.bmp", Identity("x9", "R", date(2025, 1, 2))),
-        ("x9_os_20250102.png", Identity("x9", "L", date(2025, 1, 2))),
+        ("Patient001_L.jpg", Identity("Patient001", "L", None, eye_from="file name")),
+        ("Patient7_R.png", Identity("Patient7", "R", None, eye_from="file name")),
+        ("P123_OD_20250102.jpg", Identity("P123", "R", date(2025, 1, 2), eye_from="file name")),
+        ("AB-9_OS_20241231.tif", Identity("AB-9", "L", date(2024, 12, 31), eye_from="file name")),
+        ("Patient001_l.jpg", Identity("Patient001", "L", None, eye_from="file name")),
+        ("Patient001_od.JPG", Identity("Patient001", "R", None, eye_from="file name")),
+        ("Patient001_Left.jpeg", Identity("Patient001", "L", None, eye_from="file name")),
+        ("x9_RIGHT_20250102.bmp", Identity("x9", "R", date(2025, 1, 2), eye_from="file name")),
+        ("x9_os_20250102.png", Identity("x9", "L", date(2025, 1, 2), eye_from="file name")),
     ],
 )
 def test_parse_identity_from_name(tmp_path: Path, name: str, expected: Identity) -> None:
     assert parse_identity(tmp_path / name, DEFAULT_PATTERNS) == expected
+
+
+@pytest.mark.parametrize(
+    ("name", "expected"),
+    [
+        ("Patient001.jpg", Identity("Patient001", None, None)),
+        ("A1234_20251120.jpg", Identity("A1234", None, date(2025, 11, 20))),
+    ],
+)
+def test_names_without_an_eye_leave_it_to_the_photo(tmp_path: Path, name: str, expected: Identity) -> None:
+    """The eye is then read from the photo (screening.checks) or the file is refused there, saying why."""
+    assert parse_identity(tmp_path / name, DEFAULT_PATTERNS) == expected
+
+
+def test_sidecar_without_eye_leaves_it_to_the_photo(tmp_path: Path) -> None:
+    img = write(tmp_path / "IMG_3.jpg")
+    (tmp_path / "IMG_3.json").write_text('{"patient_id": "P1"}')
+    assert parse_identity(img, DEFAULT_PATTERNS) == Identity("P1", None, None)
 
 
 def test_invalid_date_in_name_is_error(tmp_path: Path) -> None:
@@ -99,19 +117,19 @@ def test_sidecar_supplies_identity(tmp_path: Path) -> None:
     img = write(tmp_path / "IMG_0001.jpg")
     (tmp_path / "IMG_0001.json").write_text(json.dumps({"patient_id": "Pat42", "eye": "OD", "exam_date": "2025-03-04"}))
     assert sidecar_for(img) == tmp_path / "IMG_0001.json"
-    assert parse_identity(img, DEFAULT_PATTERNS) == Identity("Pat42", "R", date(2025, 3, 4))
+    assert parse_identity(img, DEFAULT_PATTERNS) == Identity("Pat42", "R", date(2025, 3, 4), eye_from="sidecar IMG_0001.json")
 
 
 def test_sidecar_named_after_full_name_and_missing_date(tmp_path: Path) -> None:
     img = write(tmp_path / "scan.tif")
     (tmp_path / "scan.tif.json").write_text(json.dumps({"patient_id": "A1", "eye": "left"}))
-    assert parse_identity(img, DEFAULT_PATTERNS) == Identity("A1", "L", None)
+    assert parse_identity(img, DEFAULT_PATTERNS) == Identity("A1", "L", None, eye_from="sidecar scan.tif.json")
 
 
 def test_sidecar_overrides_and_complements_name(tmp_path: Path) -> None:
     img = write(tmp_path / "Patient7_L.jpg")
     (tmp_path / "Patient7_L.json").write_text(json.dumps({"exam_date": "2024-02-29", "eye": "R"}))
-    assert parse_identity(img, DEFAULT_PATTERNS) == Identity("Patient7", "R", date(2024, 2, 29))
+    assert parse_identity(img, DEFAULT_PATTERNS) == Identity("Patient7", "R", date(2024, 2, 29), eye_from="sidecar Patient7_L.json")
 
 
 @pytest.mark.parametrize(
@@ -119,7 +137,6 @@ def test_sidecar_overrides_and_complements_name(tmp_path: Path) -> None:
     [
         ('{"patient_id": "P1", "eye": "L", "exam_date": "2025-13-01"}', "date"),
         ('{"patient_id": "P1", "eye": "X"}', "eye"),
-        ('{"patient_id": "P1"}', "no eye"),
         ('{"eye": "L"}', "no patient id"),
         ('["P1", "L"]', "JSON object"),
         ("{not json", "could not be read"),
@@ -143,14 +160,14 @@ def test_path_traversal_in_name_rejected_with_permissive_pattern(tmp_path: Path)
     pats = (r"^(?P<patient>.+)_(?P<eye>L|R)$",)
     for name in ("..._L.jpg", "a..b_L.jpg", "x.y_R.png"):
         assert "invalid patient id" in unidentified(tmp_path / name, pats).message, name
-    assert parse_identity(tmp_path / "ok-1_L.jpg", pats) == Identity("ok-1", "L", None)
-    assert parse_identity(tmp_path / ("x" * 64 + "_L.jpg"), pats) == Identity("x" * 64, "L", None)
+    assert parse_identity(tmp_path / "ok-1_L.jpg", pats) == Identity("ok-1", "L", None, eye_from="file name")
+    assert parse_identity(tmp_path / ("x" * 64 + "_L.jpg"), pats) == Identity("x" * 64, "L", None, eye_from="file name")
 
 
 def test_patterns_tried_in_order(tmp_path: Path) -> None:
     pats = (r"^(?P<patient>\d+)-(?P<eye>[LR])$", r"^(?P<patient>[a-z]+)_(?P<eye>[LR])$")
-    assert parse_identity(tmp_path / "123-L.jpg", pats) == Identity("123", "L", None)
-    assert parse_identity(tmp_path / "abc_R.jpg", pats) == Identity("abc", "R", None)
+    assert parse_identity(tmp_path / "123-L.jpg", pats) == Identity("123", "L", None, eye_from="file name")
+    assert parse_identity(tmp_path / "abc_R.jpg", pats) == Identity("abc", "R", None, eye_from="file name")
 
 
 # ------------------------------------------------------------------------------------ names/suffixes
@@ -299,6 +316,23 @@ def test_sweep_lists_candidates_by_mtime(tmp_path: Path) -> None:
         os.utime(tmp_path / name, (old, old))
     assert {p.name for p in sweep(tmp_path, abandoned_after=3600)} - {p.name for p in sweep(tmp_path)} == {
         "d.jpg.part", ".hidden.jpg"}
+
+
+def test_the_inbox_placeholder_is_left_alone(tmp_path: Path) -> None:
+    """The repository's own inbox/.gitkeep was moved to rejected/ as a hidden name left behind. It, and only it
+    (that exact name, an empty regular file), is never a candidate; anything else hidden still is, once old."""
+    old = time.time() - 7200
+    for name, data in ((".gitkeep", b""), (".gitkeep.jpg", b""), (".GITKEEP", b""), (".keep", b"")):
+        write(tmp_path / name, data)
+        os.utime(tmp_path / name, (old, old))
+    assert {p.name for p in sweep(tmp_path, abandoned_after=3600)} == {".gitkeep.jpg", ".GITKEEP", ".keep"}
+    write(tmp_path / ".gitkeep", b"a photo hidden under the placeholder's name")  # no longer empty: refused
+    os.utime(tmp_path / ".gitkeep", (old, old))
+    assert ".gitkeep" in {p.name for p in sweep(tmp_path, abandoned_after=3600)}
+    (tmp_path / ".gitkeep").unlink()
+    (tmp_path / ".gitkeep").mkdir()  # not a regular file: refused like any folder
+    os.utime(tmp_path / ".gitkeep", (old, old))
+    assert ".gitkeep" in {p.name for p in sweep(tmp_path, abandoned_after=3600)}
 
 
 def test_sweep_missing_inbox_raises(tmp_path: Path) -> None:

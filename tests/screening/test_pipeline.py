@@ -104,7 +104,8 @@ def test_duplicates_one_result_two_drops(settings_db):
 
 
 def test_rejected_files_keep_the_file_and_say_why(settings):
-    worker = make_worker(settings)
+    # the shipped gradability model: a white page must be refused as not a fundus photo by the learned verdict
+    worker = make_worker(settings.model_copy(update={"quality_model": PROJECT / "models" / "quality.pt"}))
     (settings.inbox / "P2_L.jpg").write_bytes(b"this is not a jpeg")
     write_fundus(settings.inbox / "holiday.jpg", seed=2)
     (settings.inbox / "P3_R.pdf").write_bytes(b"%PDF-1.4")
@@ -118,7 +119,7 @@ def test_rejected_files_keep_the_file_and_say_why(settings):
     assert "not a readable image" in reasons["P2_L.jpg"]
     assert "no patient id" in reasons["holiday.jpg"]
     assert "unsupported" in reasons["P3_R.pdf"]
-    assert "fundus" in reasons["P4_R.png"]
+    assert "does not look like a colour fundus photo" in reasons["P4_R.png"]
     for name in reasons:  # the file itself is kept beside its reason
         assert any(p.name.endswith(name) for p in settings.rejected.iterdir() if not p.name.endswith(".txt"))
     with session_scope(worker.factory) as s:
@@ -333,6 +334,199 @@ def test_report_failure_keeps_result_and_is_retried(settings, tmp_path, renderer
         assert s.scalars(select(Image)).one().state == "reported"
 
 
+def _visit_tiff(settings, name: str = "P8_R_20250301.tif") -> Path:
+    """Two fundus photos and a scanned form in one TIFF."""
+    from .conftest import WHITE_PAGE, write_tiff_pages
+
+    return write_tiff_pages(settings.inbox / name, [synthetic_fundus(81), WHITE_PAGE, synthetic_fundus(82)])
+
+
+def _judging(settings):
+    """Settings whose gradability verdict depends on the page (the shipped model): a scanned form is refused."""
+    return settings.model_copy(update={"report_renderer": "inline", "batch_size": 1,
+                                       "quality_model": PROJECT / "models" / "quality.pt"})
+
+
+def test_a_multi_page_file_gives_one_result_per_fundus_page_and_is_archived_once(settings):
+    """Issue 12: a multi-page TIFF used page 1 only, silently, then was refused as a whole."""
+    worker = make_worker(_judging(settings))
+    tiff = _visit_tiff(settings)
+    write_fundus(settings.inbox / "P8_L_20250301.jpg", seed=83)
+    out = worker.run_once(settle_timeout=5)
+    assert (out.processed, out.rejected, out.failed, out.unmoved, out.reports) == (3, 1, 0, 0, 1) and out.ok
+    assert list(settings.inbox.iterdir()) == []
+    [archived] = [p for p in settings.archive.rglob("*.tif")]
+    assert archived.name.endswith("_P8_R_20250301.tif") and not tiff.exists()
+    with session_scope(worker.factory) as s:
+        pages = s.scalars(select(Image).where(Image.page.is_not(None)).order_by(Image.page)).all()
+        assert [(i.page, i.state, i.result is not None) for i in pages] == [(1, "reported", True), (2, "rejected", False),
+                                                                           (3, "reported", True)]
+        assert {i.stored_path for i in pages} == {str(archived)}
+        assert [d.outcome for d in s.scalars(select(Drop))] == ["new", "new"]  # two files, two arrivals
+    text = pdf_text(next(settings.reports.rglob("report_v1.pdf")))
+    assert "P8_R_20250301.tif (page 1)" in text and "P8_R_20250301.tif (page 3)" in text  # the right eye's two fields
+    from screening.audit import audit_summary
+
+    with session_scope(worker.factory) as s:  # each arrival once by its outcome, each page once by its state
+        summary = audit_summary(s)
+    assert summary.drops == {"new": 2, "duplicate": 0, "rejected": 0}
+    assert (summary.overall.images, summary.rejected, summary.rejected_reasons) == (3, 1, {"not_fundus": 1})
+
+
+def test_a_page_that_fails_keeps_its_file_in_the_inbox_until_it_is_graded(settings):
+    worker = make_worker(_judging(settings))
+    tiff = _visit_tiff(settings)
+    real_prepare, calls = worker.predictor.prepare, []
+
+    def prepare(images):
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("simulated failure of the second page")
+        return real_prepare(images)
+
+    worker.predictor.prepare = prepare
+    out = worker.run_once(settle_timeout=5)
+    assert (out.processed, out.failed, out.unmoved) == (1, 1, 0) and not out.ok
+    assert tiff.is_file() and list(settings.archive.rglob("*.tif")) == []  # page 1 graded, the file waits for page 3
+    worker.predictor.prepare = real_prepare
+    out = worker.run_once(settle_timeout=5)
+    assert (out.processed, out.rejected, out.failed) == (1, 0, 0) and out.ok and not tiff.exists()
+    with session_scope(worker.factory) as s:
+        assert sorted(i.state for i in s.scalars(select(Image))) == ["rejected", "reported", "reported"]
+        assert count(worker, Result) == 2 and [d.outcome for d in s.scalars(select(Drop))] == ["new"]
+    assert len(list(settings.archive.rglob("*.tif"))) == 1
+
+
+def test_an_ungradable_page_is_stored_without_a_grade_and_the_file_leaves_with_the_last_page(settings):
+    """A sharp and a blurred photo of the right eye in one TIFF: the blurred page is stored as ungradable (no
+    result, its reason, its display photo), the sharp one graded; the report shows both fields; the file is
+    archived once, after both are stored, whichever is stored last."""
+    import cv2
+
+    from .conftest import write_tiff_pages
+
+    worker = make_worker(_judging(settings))
+    blurred = cv2.GaussianBlur(synthetic_fundus(101, 300), (0, 0), 6)
+    tiff = write_tiff_pages(settings.inbox / "P9_R_20250301.tif", [synthetic_fundus(100, 300), blurred])
+    out = worker.run_once(settle_timeout=5)
+    assert (out.processed, out.rejected, out.failed, out.unmoved, out.reports) == (2, 0, 0, 0, 1) and out.ok
+    [archived] = list(settings.archive.rglob("*.tif"))
+    assert not tiff.exists() and list(settings.inbox.iterdir()) == []
+    with session_scope(worker.factory) as s:
+        pages = s.scalars(select(Image).order_by(Image.page)).all()
+        assert [(i.page, i.state, i.gradable, i.quality_reasons, i.result is not None) for i in pages] == [
+            (1, "reported", True, [], True), (2, "reported", False, ["blurred"], False)]
+        assert {i.stored_path for i in pages} == {str(archived)}
+        assert Path(pages[1].photo_dir, "photo.jpg").is_file()  # its display photo, for the report
+    text = " ".join(pdf_text(next(settings.reports.rglob("report_v1.pdf"))).split())
+    assert "P9_R_20250301.tif (page 1)" in text and "P9_R_20250301.tif (page 2)" in text
+    assert "Ungradable: recapture" in text
+
+
+def test_a_file_of_ungradable_pages_is_archived_by_the_last_one_stored(settings):
+    """Nothing to grade: the first page stored waits for the second (awaits_pages), the second archives the file."""
+    import cv2
+
+    from screening.stages.outcomes import Stored
+
+    from .conftest import write_tiff_pages
+
+    worker = make_worker(_judging(settings))
+    stored: list[Stored] = []
+    real = worker.store.save_ungradable
+    worker.store.save_ungradable = lambda job: stored.append(real(job)) or stored[-1]
+    tiff = write_tiff_pages(settings.inbox / "P9_L.tif", [cv2.GaussianBlur(synthetic_fundus(k, 300), (0, 0), 6) for k in (101, 102)])
+    out = worker.run_once(settle_timeout=5)
+    assert (out.processed, out.failed, out.unmoved) == (2, 0, 0) and out.ok and not tiff.exists()
+    assert [(s.awaits_pages, s.archived_as is not None) for s in stored] == [(True, False), (False, True)]
+    assert stored[1].archived_as.is_file() and count(worker, Result) == 0
+
+
+def _two_sites(settings):
+    """Two workers (sites north and south) on one inbox and database, each with its own claims."""
+    judging = _judging(settings)
+    return (make_worker(judging.model_copy(update={"site": "north"})),
+            make_worker(judging.model_copy(update={"site": "south"})))
+
+
+def _one_of_each(worker, settings, tiff: Path) -> None:
+    """Each fundus page graded once, the file archived once, one arrival, report versions 1..n without a gap."""
+    from screening.rejection import Incident
+
+    assert not tiff.exists() and list(settings.inbox.iterdir()) == []
+    [archived] = list(settings.archive.rglob("*.tif"))
+    with session_scope(worker.factory) as s:
+        pages = s.scalars(select(Image).order_by(Image.page)).all()
+        assert [(i.page, i.state) for i in pages] == [(1, "reported"), (2, "rejected"), (3, "reported")]
+        assert {i.stored_path for i in pages} == {str(archived)}
+        results = s.scalars(select(Result)).all()
+        assert sorted(r.image_id for r in results) == [pages[0].id, pages[2].id]  # one result per page
+        assert [d.outcome for d in s.scalars(select(Drop))] == ["new"]
+        assert s.scalar(select(func.count()).select_from(Event).where(Event.code == Incident.NOT_MOVED.value)) == 0
+        versions = sorted(s.scalars(select(Report.version)))
+        assert versions == list(range(1, len(versions) + 1)) and versions
+
+
+def test_two_workers_on_one_multi_page_file_grade_each_page_once_and_archive_it_once(settings_db):
+    """Two workers handed the same multi-page TIFF at the same moment: the file's claim covers all its pages, so
+    one worker admits, grades and archives them while the other leaves the file to it (issue 15 with issue 12's
+    pages); on SQLite and on PostgreSQL."""
+    north, south = _two_sites(settings_db)
+    tiff = _visit_tiff(settings_db)
+    start = threading.Barrier(2)
+    outs: dict[str, object] = {}
+
+    def run(worker, name):
+        start.wait(30)
+        outs[name] = worker.process([tiff])
+        worker.report.wait()
+
+    threads = [threading.Thread(target=run, args=(w, n)) for w, n in ((north, "north"), (south, "south"))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(300)
+    assert set(outs) == {"north", "south"} and all(o.ok for o in outs.values())  # type: ignore[attr-defined]
+    assert sorted(o.processed for o in outs.values()) == [0, 2]  # type: ignore[attr-defined]
+    _one_of_each(north, settings_db, tiff)
+    with session_scope(north.factory) as s:
+        assert len({r.site for r in s.scalars(select(Result))}) == 1  # both pages by the worker that held the file
+
+
+def test_a_multi_page_file_taken_over_mid_way_is_finished_by_the_new_holder_alone(settings_db):
+    """North stores page 1 and then stalls past its lease: south takes the file over, finds page 1 stored, grades
+    page 3 and archives the file. North, resuming, commits nothing more for that file (ClaimLost: page 3 is not
+    graded twice) and does not move it; on SQLite and on PostgreSQL."""
+    from screening.db import claims as db_claims
+    from screening.db.models import ClaimKind
+
+    north, south = _two_sites(settings_db)
+    tiff = _visit_tiff(settings_db)
+    real_save, saved, south_out = north.store.save, [], []
+
+    def save(job, pred, ms):
+        if saved:  # north comes back after the takeover
+            return real_save(job, pred, ms)
+        saved.append(real_save(job, pred, ms))
+        assert saved[0].awaits_pages  # page 3 is not stored yet: the file stays
+        with session_scope(south.factory) as s:  # what a takeover after the lease does (compare-and-set on the holder)
+            assert db_claims.take_over(s, ClaimKind.FILE, tiff.name, south.claims.holder, "south", 60.0,
+                                       north.claims.holder)
+        south_out.append(south.process([tiff]))
+        south.report.wait()
+        return saved[0]
+
+    north.store.save = save
+    out = north.process([tiff])
+    north.report.wait()
+    assert (out.processed, out.elsewhere, out.failed, out.unmoved) == (1, 1, 0, 0)
+    [theirs] = south_out
+    assert (theirs.processed, theirs.failed, theirs.unmoved) == (1, 0, 0) and theirs.ok
+    _one_of_each(north, settings_db, tiff)
+    with session_scope(north.factory) as s:
+        assert [r.site for r in s.scalars(select(Result).order_by(Result.image_id))] == ["north", "south"]
+
+
 def test_crash_before_commit_redoes_the_image(settings_db, monkeypatch):
     settings = settings_db  # on SQLite, then on PostgreSQL
     worker = make_worker(settings)
@@ -408,7 +602,8 @@ def test_killed_worker_leaves_consistent_state(settings_db, tmp_path):
         "[screening]\n"
         f"inbox = '{settings.inbox}'\nreports = '{settings.reports}'\narchive = '{settings.archive}'\n"
         f"rejected = '{settings.rejected}'\nwork_dir = '{settings.work_dir}'\ndatabase = '{settings.database}'\n"
-        f"checkpoint = '{settings.checkpoint}'\nstable_seconds = 0.1\nthreads = 1\ndevice = 'cpu'\nbatch_size = 2\n"
+        f"checkpoint = '{settings.checkpoint}'\nquality_model = '{settings.quality_model}'\n"
+        f"laterality_model = '{settings.laterality_model}'\nstable_seconds = 0.1\nthreads = 1\ndevice = 'cpu'\nbatch_size = 2\n"
     )
     for i in range(6):
         write_fundus(settings.inbox / f"K{i // 2}_{'RL'[i % 2]}.jpg", seed=20 + i)
@@ -436,6 +631,119 @@ def test_killed_worker_leaves_consistent_state(settings_db, tmp_path):
         assert s.scalar(select(func.count()).select_from(Drop).where(Drop.outcome == "duplicate")) == 0
     assert len(list(settings.reports.glob("K*/*/latest.pdf"))) == 3
     assert not [p for p in settings.reports.rglob("*") if p.is_file() and not p.name.endswith(".pdf")]
+
+
+# ------------------------------------------------------------------------------------ intake checks (issue 13)
+
+
+def test_an_ungradable_eye_gets_no_grade_and_its_report_says_recapture(settings, intake_models):
+    """Left eye ungradable (worker with a verdict of 'too dark, blurred'), right eye graded later: no result row
+    for the left eye, its reasons on the report, the patient recalled; then the audit counts it for the day."""
+    from screening.audit import audit_summary
+
+    first = make_worker(settings.model_copy(update={"quality_model": intake_models["dark_blurred"]}))
+    write_fundus(settings.inbox / "P20_L_20251103.jpg", seed=20)
+    out = first.run_once(settle_timeout=5)
+    assert (out.processed, out.rejected, out.failed, out.reports) == (1, 0, 0, 1)
+    folder = settings.reports / "P20" / "2025-11-03"
+    text = pdf_text(folder / "report_v1.pdf")
+    assert "Ungradable: recapture" in text and "too dark (under-exposed)" in text and "blurred (out of focus" in text
+    assert "recall the patient for new photographs" in text
+    with session_scope(first.factory) as s:
+        image = s.scalars(select(Image)).one()
+        assert (image.state, image.gradable, image.result) == ("reported", False, None)
+        assert (Path(settings.work_dir) / image.sha256[:2] / image.sha256 / "photo.jpg").is_file()
+    assert count(first, Result) == 0 and not list(settings.inbox.iterdir())
+
+    second = make_worker(settings.model_copy(update={"ungradable_rule": "refer"}))
+    write_fundus(settings.inbox / "P20_R_20251103.jpg", seed=21)
+    second.run_once(settle_timeout=5)
+    text = pdf_text(folder / "report_v2.pdf")
+    assert "Ungradable: recapture" in text  # the left eye's row and section
+    assert count(second, Result) == 1
+    with session_scope(second.factory) as s:
+        right = s.scalars(select(Result)).one()  # the tiny random model's grade decides whether it outranks the rule
+        right_needs_referral = right.dr_grade >= 2 or right.dme_grade >= 1 or right.referable
+    if not right_needs_referral:
+        assert "Refer: ungradable photographs" in text and "Left eye: ungradable" in text
+    with session_scope(second.factory) as s:
+        summary = audit_summary(s)
+    assert (summary.assessed, summary.ungradable) == (2, 1)
+    [day] = summary.ungradable_by_day
+    assert (day.device, day.assessed, day.ungradable, day.rate) == ("unknown", 2, 1, 0.5)
+    assert day.reasons == {"blurred": 1, "too_dark": 1}
+
+
+def test_a_later_gradable_photo_of_the_eye_gives_its_result_over_the_ungradable_one(settings, intake_models):
+    make_worker(settings.model_copy(update={"quality_model": intake_models["blurred"]}))
+    worker = _OPEN[-1]
+    write_fundus(settings.inbox / "P21_R_20251104.jpg", seed=22)
+    worker.run_once(settle_timeout=5)
+    recapture = make_worker(settings)
+    write_fundus(settings.inbox / "P21_OD_20251104.jpg", seed=23)  # the recapture, same eye and visit
+    recapture.run_once(settle_timeout=5)
+    text = " ".join(pdf_text(settings.reports / "P21" / "2025-11-04" / "report_v2.pdf").split())
+    # both fields are shown; the eye's result is the gradable one, whatever the rule
+    assert "2 fields; result from field 2" in text and "P21_OD_20251104.jpg" in text
+    assert "Ungradable: recapture" in text and "Recall: ungradable image" not in text
+
+
+def test_shipped_intake_models_on_real_photos(settings, shared_data, tmp_path):
+    """The shipped gradability and laterality models in the worker: a dark EyePACS photo that the old colour rule
+    refused as "not a fundus photo" (graded 0 by the graders; in the test split) is graded now, a red disc on
+    black is refused, a photo without an eye in its name takes the one it shows, and a wrong eye in a name is
+    flagged and kept."""
+    import cv2
+    import numpy as np
+
+    models = PROJECT / "models"
+    worker = make_worker(settings.model_copy(update={"quality_model": models / "quality.pt",
+                                                      "laterality_model": models / "laterality.pt"}))
+    shutil.copy(shared_data / "eyepacs" / "694_right.jpg", settings.inbox / "E694_R.jpg")
+    disc = np.zeros((600, 600, 3), np.uint8)
+    cv2.circle(disc, (300, 300), 260, (20, 40, 200), -1)  # BGR: red
+    cv2.imwrite(str(settings.inbox / "D1_R.jpg"), disc)
+    # srahim photos of the test split that the laterality model reads confidently (0.98 and 0.95)
+    shutil.copy(shared_data / "srahim" / "Patient060_R.jpg", settings.inbox / "Patient060.jpg")
+    shutil.copy(shared_data / "srahim" / "Patient034_L.jpg", settings.inbox / "Patient034_R.jpg")
+    out = worker.run_once(settle_timeout=5)
+    assert (out.processed, out.rejected, out.failed) == (3, 1, 0)
+    reason = next(settings.rejected.glob("*D1_R.jpg.reason.txt")).read_text()
+    assert "does not look like a colour fundus photo" in reason
+    with session_scope(worker.factory) as s:
+        by_name = {i.source_name: i for i in s.scalars(select(Image))}
+        dark = by_name["E694_R.jpg"]
+        assert dark.gradable is True and dark.result is not None
+        named_by_photo = by_name["Patient060.jpg"]
+        assert (named_by_photo.eye, named_by_photo.eye_source, named_by_photo.gradable) == ("R", "image", True)
+        wrong = by_name["Patient034_R.jpg"]
+        assert (wrong.eye, wrong.predicted_eye, wrong.eye_mismatch) == ("R", "L", True)
+    text = pdf_text(next((settings.reports / "Patient034").rglob("report_v1.pdf")))
+    assert "Laterality mismatch" in text and "says right eye" in text
+
+
+def test_shipped_gradability_model_refuses_the_non_fundus_pictures_issue_12_found_graded(settings):
+    """Issue 12 point 5: a red-orange gradient, a flat red picture and a red disc on black were graded and referred.
+    With the shipped gradability model each is a recorded rejection ("not_fundus"), and nothing is graded."""
+    import cv2
+    import numpy as np
+
+    worker = make_worker(settings.model_copy(update={"quality_model": PROJECT / "models" / "quality.pt"}))
+    ramp = np.linspace(0, 1, 700)[None, :, None]
+    gradient = (np.array([20, 30, 200]) * (1 - ramp) + np.array([30, 140, 250]) * ramp).repeat(500, 0)  # BGR
+    cv2.imwrite(str(settings.inbox / "G1_R.png"), gradient.astype(np.uint8))
+    cv2.imwrite(str(settings.inbox / "F1_R.png"), np.full((800, 800, 3), (25, 35, 190), np.uint8))
+    disc = np.zeros((600, 600, 3), np.uint8)
+    cv2.circle(disc, (300, 300), 260, (20, 40, 200), -1)
+    cv2.imwrite(str(settings.inbox / "D2_L.jpg"), disc)
+    out = worker.run_once(settle_timeout=5)
+    assert (out.processed, out.rejected, out.failed) == (0, 3, 0)
+    with session_scope(worker.factory) as s:
+        drops = list(s.scalars(select(Drop)))
+        assert sorted(d.source_name for d in drops) == ["D2_L.jpg", "F1_R.png", "G1_R.png"]
+        assert {(d.outcome, d.reason_code) for d in drops} == {("rejected", "not_fundus")}
+        assert all(i.result is None for i in s.scalars(select(Image)))
+    assert len(list(settings.rejected.glob("*.reason.txt"))) == 3
 
 
 # --------------------------------------------------------------------------------------- faults (issue 12)
@@ -582,6 +890,31 @@ def test_a_deleted_database_stops_the_worker_with_a_clear_error(settings):
         thread.join(30)
     assert len(errors) == 1 and isinstance(errors[0], DatabaseGone) and "deleted" in str(errors[0])
     assert (s.inbox / "P6_R.jpg").is_file()  # nothing recorded for it, so it never left the inbox
+
+
+def test_a_database_restored_in_place_from_another_stops_the_worker(settings, tmp_path):
+    """The same file (same inode) with another database's content: the file check saw nothing, and the worker
+    went on recording into a database that is not its own. Its identity says so, as it would for PostgreSQL."""
+    import sqlite3
+
+    from screening.db import DatabaseGone
+
+    s = settings.model_copy(update={"report_renderer": "inline"})
+    worker = make_worker(s)
+    write_fundus(s.inbox / "P5_R.jpg", seed=65)
+    assert worker.run_once(settle_timeout=5).processed == 1
+    other = tmp_path / "other.db"
+    init_db(make_engine(f"sqlite:///{other}"))
+    src, dst = sqlite3.connect(other), sqlite3.connect(s.database.removeprefix("sqlite:///"))
+    src.backup(dst)
+    src.close()
+    dst.close()
+    write_fundus(s.inbox / "P6_R.jpg", seed=66)
+    with pytest.raises(DatabaseGone, match="replaced or re-created"):
+        worker.run_once(settle_timeout=5)
+    assert (s.inbox / "P6_R.jpg").is_file()  # nothing recorded for it, so it never left the inbox
+    with sqlite3.connect(s.database.removeprefix("sqlite:///")) as raw:  # what is there now: the other, untouched
+        assert raw.execute("SELECT count(*) FROM images").fetchone() == (0,)
 
 
 def test_a_database_locked_past_the_busy_timeout_is_waited_out(settings):

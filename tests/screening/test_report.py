@@ -381,6 +381,68 @@ def test_stylesheet_is_parsed_once_yet_applied_and_reloaded_when_it_changes(tmp_
     assert page_mm(render_pdf(dataclasses.replace(ctx, report_version=2), templates, tmp_path / "out")) == (148, 210)
 
 
+# ------------------------------------------------------------------------------- ungradable eyes, laterality
+
+
+def _ungradable(eye: str, folder: Path | None = None, *reasons: str) -> EyeFinding:
+    imgs = _images(folder, eye) if folder is not None else {}
+    return EyeFinding(
+        eye=eye, source_name=f"{eye}_dark.jpg", photo_path=imgs.get("photo"), overlay_path=None, dr_cam_path=None,
+        dme_cam_path=None, dr_grade=None, dr_probs=None, dme_grade=None, dme_probs=None, referable_score=None,
+        referable=None, gradable=False,
+        ungradable_reasons=reasons or ("too dark (under-exposed): raise the flash or exposure",),
+    )
+
+
+@pytest.mark.parametrize(("rule", "level", "text"), [
+    ("recall", "ungradable", "Recall: ungradable image"),
+    ("refer", "refer_ungradable", "Refer: ungradable photographs"),
+])
+def test_an_ungradable_eye_recalls_or_refers_the_patient_by_rule(rule, level, text):
+    ref = referral_recommendation([_eye("R", 0, 0), _ungradable("L")], rule)
+    assert (ref.level, ref.text) == (level, text)
+    assert ref.reason == "Left eye: ungradable (too dark (under-exposed))"
+
+
+def test_an_ungradable_eye_never_hides_a_referral_from_the_other_eye():
+    for rule in ("recall", "refer"):
+        assert referral_recommendation([_eye("R", 4, 0), _ungradable("L")], rule).level == "urgent"
+        assert referral_recommendation([_eye("R", 2, 0), _ungradable("L")], rule).level == "routine"
+    assert referral_recommendation([_eye("R", 1, 0), _ungradable("L")], "recall").level == "ungradable"
+
+
+def test_an_ungradable_finding_has_reasons_and_no_grades():
+    with pytest.raises(ValueError, match="reasons"):
+        dataclasses.replace(_ungradable("R"), ungradable_reasons=())
+    with pytest.raises(ValueError, match="no grades"):
+        dataclasses.replace(_ungradable("R"), dr_grade=2)
+    with pytest.raises(ValueError, match="needs its grades"):
+        dataclasses.replace(_eye("R", 0, 0), dr_grade=None)
+    with pytest.raises(ValueError, match="ungradable"):
+        _ = _ungradable("R").dr_name
+
+
+def test_report_says_ungradable_recapture_with_the_reasons_and_no_grade(tmp_path):
+    reasons = ("blurred (out of focus or moved): refocus, ask the patient to keep still",
+               "hazy, low contrast (media opacity such as cataract, or a dirty lens): clean the lens")
+    ctx = dataclasses.replace(_ctx([_eye("R", 0, 0, tmp_path), _ungradable("L", tmp_path, *reasons)], status="research"),
+                              ungradable_rule="recall")
+    html = render_html(ctx, TEMPLATES)
+    assert html.count("Ungradable: recapture") >= 2 and "Recall: ungradable image" in html  # summary row, eye section; recommendation
+    assert "refocus, ask the patient to keep still" in html and "clean the lens" in html
+    assert "no retinopathy grade is given for it" in html
+    text = " ".join(_pages_text(render_pdf(ctx, TEMPLATES, tmp_path / "reports")))
+    assert "Ungradable: recapture" in text and "recall the patient for new photographs" in text
+    assert "Left eye: ungradable (blurred (out of focus or moved), hazy, low contrast" in text  # the reason line
+    assert len(re.findall(r"Confidence \d", text)) == 2  # the right eye's DR and DME confidences; the left eye has none
+
+
+def test_a_laterality_note_is_shown_escaped(tmp_path):
+    note = "Laterality mismatch: the file name says right eye, but the photo looks like a <left> eye"
+    html = render_html(_ctx([dataclasses.replace(_eye("R", 0, 0), eye_note=note)]), TEMPLATES)
+    assert "Laterality mismatch: the file name says right eye" in html and "&lt;left&gt;" in html
+
+
 # ------------------------------------------------------------------------------------------ reviewed version
 
 
@@ -431,3 +493,31 @@ def test_confirmed_review_says_confirmed_and_draft_has_no_sign_off(tmp_path):
     assert "changed at sign-off" not in html and "Comment:" not in html
     draft = render_html(_ctx(eyes), TEMPLATES)
     assert "Clinician sign-off" not in draft and "Reviewed by" not in draft and "Grader:" not in draft
+
+
+def test_an_eyes_result_is_a_gradable_field_before_an_ungradable_one():
+    graded, dark, blurred = _eye("R", 1, 0), _ungradable("R"), _ungradable("R", None, "blurred (out of focus)")
+    for rule in ("worst", "latest"):
+        assert rpt.eye_result([graded, dark], rule) is graded  # an ungradable recapture does not undo a grade
+        assert rpt.eye_result([dark, graded], rule) is graded
+        assert rpt.eye_result([dark, blurred], rule) is blurred  # all ungradable: the latest stands for the eye
+    with pytest.raises(ValueError, match="unknown eye result rule"):
+        rpt.eye_result([graded], "best")  # type: ignore[arg-type]
+
+
+def test_several_fields_with_an_ungradable_one_show_both_and_grade_from_the_gradable(tmp_path):
+    ctx = _ctx([_ungradable("R", tmp_path), _eye("R", 2, 0, tmp_path), _eye("L", 0, 0, tmp_path)])
+    html = render_html(ctx, TEMPLATES)
+    assert "2 fields; result from field 2" in html and "Ungradable: recapture" in html
+    assert "Refer to ophthalmology (routine)" in html  # the graded field's moderate DR decides, not the recall
+
+
+def test_a_reviewed_report_shows_the_grader_beside_an_ungradable_eye(tmp_path):
+    note = _review(outcome="confirmed", referral="ungradable", comment=None,
+                   eyes=(rpt.EyeReview("R", True, 0, 0), rpt.EyeReview("L", False, None, None)))
+    ctx = dataclasses.replace(_ctx([_eye("R", 0, 0), _ungradable("L")]), review=note)
+    html = render_html(ctx, TEMPLATES)
+    assert "Grader: ungradable (agrees)" in html and "Recall: ungradable image" in html
+    regraded = _review(referral="routine", eyes=(rpt.EyeReview("R", True, 0, 0), rpt.EyeReview("L", True, 2, 0)))
+    html = render_html(dataclasses.replace(ctx, review=regraded), TEMPLATES)
+    assert f"graded it: DR 2 – {DR_GRADES[2]}" in html and "DR 2, DME 0 (graded)" in html

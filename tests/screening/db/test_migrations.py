@@ -40,6 +40,13 @@ def _below(revision: str) -> str:
     return down
 
 
+# the order revisions are applied in (branches merged later may put theirs between these): after hardening, the
+# intake checks' columns (issue 13a), pages and the database identity (issue 12b), then the audit columns and the
+# claims (issue 15, whose branch was merged after those)
+ORDER = ["0001", "0002", "0007_device_original_masks", "0014_reviews", "0006_hardening", "0005_gradability_laterality",
+         "0009_pages", "0010_db_identity", "0003_audit_columns_indexes", "0008_claims_sites"]
+
+
 def test_one_linear_chain_with_the_review_and_audit_revisions_in_order():
     """Every revision has one parent and one head ends the chain (the worker upgrades to 'head'); the revisions
     other tests name are in it, in the order their data depends on."""
@@ -47,9 +54,8 @@ def test_one_linear_chain_with_the_review_and_audit_revisions_in_order():
     assert len(script.get_heads()) == 1 and head_revision() == script.get_current_head()
     chain = [r.revision for r in script.walk_revisions("base", "heads")][::-1]
     assert all(isinstance(r.down_revision, (str, type(None))) for r in script.walk_revisions())
-    order = ["0001", "0002", "0007_device_original_masks", "0014_reviews", "0006_hardening", "0003_audit_columns_indexes",
-             "0008_claims_sites"]
-    assert [r for r in chain if r in order] == order
+    assert [r for r in chain if r in ORDER] == ORDER and chain[-1] == head_revision()
+    assert chain[:6] == ORDER[:6]  # the intake checks' columns right after hardening (issue 13a)
 
 
 # rows written by the old schema, with plain SQL as an old worker would have (portable SQL: ids from the
@@ -324,4 +330,83 @@ def test_downgrade_below_the_reviews_keeps_reports(db_url):
     init_db(engine)
     assert current_revision(engine) == head_revision() and _diff(engine) == []
     assert _triggers(engine) == APPEND_ONLY_TRIGGERS
+    engine.dispose()
+
+
+def test_the_database_identity_is_made_once_by_init_or_by_the_migration(make_db_url):
+    """Revision 0010_db_identity: an existing database gets its random id from the migration, a new one from
+    init_db; each database its own, kept by later runs; downgrading removes it (SQLite and PostgreSQL)."""
+    from alembic import command
+
+    from screening.db.migrate import alembic_config
+
+    def token(engine) -> list[str]:
+        with engine.connect() as conn:
+            return [r[0] for r in conn.exec_driver_sql("SELECT token FROM database_identity")]
+
+    old = make_engine(make_db_url("old"))
+    upgrade(old, "0006_hardening")
+    assert "database_identity" not in inspect(old).get_table_names()
+    init_db(old)
+    migrated = token(old)
+    new = make_engine(make_db_url("new"))
+    init_db(new)
+    made = token(new)
+    assert len(migrated) == len(made) == 1 and migrated != made
+    assert all(len(t) == 32 and int(t, 16) >= 0 for t in migrated + made)
+    init_db(new)
+    assert token(new) == made  # never made twice
+    with old.begin() as conn:
+        command.downgrade(alembic_config(connection=conn), "0006_hardening")
+    assert "database_identity" not in inspect(old).get_table_names()
+    init_db(old)
+    assert len(token(old)) == 1 and _diff(old) == []
+    old.dispose()
+    new.dispose()
+
+
+def test_pages_columns_come_and_go_with_revision_0009(db_url):
+    """Revision 0009_pages: images.page and images.file_sha256 (indexed), NULL for the rows written before."""
+    from alembic import command
+
+    from screening.db.migrate import alembic_config
+
+    engine = make_engine(db_url)
+    upgrade(engine, "0006_hardening")
+    with engine.begin() as conn:
+        conn.exec_driver_sql("INSERT INTO images (id, sha256, source_name, state, received_at, updated_at) "
+                             "VALUES (1, 'aa', 'P1_R.jpg', 'rejected', '2025-01-01 00:00:00', '2025-01-01 00:00:00')")
+    upgrade(engine, "0009_pages")
+    assert {"page", "file_sha256"} <= _cols(engine, "images")
+    assert "ix_images_file_sha256" in {i["name"] for i in inspect(engine).get_indexes("images")}
+    with engine.connect() as conn:
+        assert tuple(conn.exec_driver_sql("SELECT sha256, page, file_sha256 FROM images").one()) == ("aa", None, None)
+    with engine.begin() as conn:
+        command.downgrade(alembic_config(connection=conn), "0006_hardening")
+    assert not {"page", "file_sha256"} & _cols(engine, "images")
+    init_db(engine)
+    assert _diff(engine) == []
+    engine.dispose()
+
+
+def test_upgrade_from_hardening_adds_the_intake_checks_as_unknown(db_url):
+    engine = make_engine(db_url)
+    upgrade(engine, "0006_hardening")
+    assert "gradable" not in _cols(engine, "images")
+    with engine.begin() as conn:
+        conn.exec_driver_sql(
+            "INSERT INTO images (id, exam_id, eye, sha256, source_name, stored_path, state, error, received_at, updated_at, "
+            "width, height) VALUES (1, NULL, 'R', 'bb', 'P2_R.jpg', NULL, 'reported', NULL, '2025-01-01 08:00:00.000000', "
+            "'2025-01-01 08:00:00.000000', 1024, 768)")
+    assert init_db(engine) == head_revision()
+    assert {"gradable", "quality_reasons", "quality_scores", "eye_source", "predicted_eye", "eye_confidence",
+            "eye_mismatch", "eye_note", "photo_dir", "stored_at"} <= _cols(engine, "images")
+    assert _diff(engine) == []
+    with make_session_factory(engine)() as s:
+        img = s.scalars(select(Image)).one()
+        assert (img.gradable, img.quality_reasons, img.eye_source, img.eye_mismatch, img.stored_at) == (None,) * 5
+        img.gradable, img.quality_reasons, img.quality_scores = False, ["blurred"], {"blurred": 0.9}
+        s.commit()
+    with make_session_factory(engine)() as s:
+        assert s.scalars(select(Image)).one().quality_reasons == ["blurred"]
     engine.dispose()

@@ -209,3 +209,50 @@ def test_result_carries_exam_arrival_and_turnaround_for_the_audit(factory):
         assert (r_left.turnaround_s, r_right.turnaround_s, r_late.turnaround_s) == (40.0, 95.0, 294.0)
     with factory() as s:  # and so they were stored
         assert sorted(s.scalars(select(Result.turnaround_s))) == [40.0, 95.0, 294.0]
+
+
+def _checks(**kw):
+    values = dict(gradable=True, reasons=[], scores={"blurred": 0.01}, eye_source="name", predicted_eye="L",
+                  eye_confidence=0.9, eye_mismatch=False)
+    values.update(kw)
+    return values
+
+
+def test_record_checks_stores_the_verdict_and_logs_what_staff_must_see(factory):
+    with session_scope(factory) as s:
+        exam = repo.get_or_create_exam(s, repo.get_or_create_patient(s, "P7"), date(2024, 5, 1))
+        img = repo.add_image(s, sha256="7" * 64, source_name="P7_L.jpg", exam=exam, eye="L")
+        repo.record_checks(s, img, **_checks(gradable=False, reasons=["blurred", "haze"], predicted_eye="R",
+                                             eye_mismatch=True, eye_note="Laterality mismatch: ..."))
+    with session_scope(factory) as s:
+        img = s.scalars(select(Image)).one()
+        assert (img.gradable, img.quality_reasons, img.predicted_eye, img.eye_mismatch) == (False, ["blurred", "haze"], "R", True)
+        assert [(e.kind, e.message) for e in s.scalars(select(Event).where(Event.kind != "state"))] == [
+            ("ungradable", "blurred, haze"), ("eye_mismatch", "stated L, photo shows R (0.90)")]
+
+
+@pytest.mark.parametrize(("change", "fragment"), [
+    ({"gradable": False}, "needs at least one reason"),
+    ({"reasons": ["blurred"]}, "no ungradable reasons"),
+    ({"eye_source": "guess"}, "eye source"),
+    ({"predicted_eye": "X"}, "eye"),
+    ({"eye_confidence": 1.5}, "probability"),
+])
+def test_record_checks_refuses_inconsistent_values(factory, change, fragment):
+    with session_scope(factory) as s:
+        img = repo.add_image(s, sha256="8" * 64, source_name="P8_L.jpg", eye="L")
+        with pytest.raises(ValueError, match=fragment):
+            repo.record_checks(s, img, **_checks(**change))
+
+
+def test_an_ungradable_image_needs_a_report_like_a_result(factory):
+    """It has no result row: the time it was stored (done) stands for one."""
+    with session_scope(factory) as s:
+        exam = repo.get_or_create_exam(s, repo.get_or_create_patient(s, "P9"), date(2024, 5, 1))
+        img = repo.add_image(s, sha256="9" * 64, source_name="P9_L.jpg", exam=exam, eye="L")
+        repo.record_checks(s, img, **_checks(gradable=False, reasons=["too_dark"]))
+        repo.set_state(s, img, "done")
+        assert [e.id for e in repo.exams_needing_report(s)] == [exam.id]
+        repo.add_report(s, exam, "r.pdf", "m1", created_at=datetime.now(timezone.utc) + timedelta(seconds=1))
+        repo.set_state(s, img, "reported")
+        assert repo.exams_needing_report(s) == []

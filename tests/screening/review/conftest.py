@@ -43,6 +43,19 @@ def seed_visit(
     return exam
 
 
+def seed_ungradable(s: Session, exam: Exam, eye: str, *, stored: datetime = T0, reasons: tuple[str, ...] = ("blurred",)) -> int:
+    """A photo of ``eye`` the worker's intake checks found ungradable: stored without a result."""
+    sha = f"{next(_n):064x}"
+    img = repo.add_image(s, sha256=sha, source_name=f"{exam.patient.code}_{eye}_dark.jpg", exam=exam, eye=eye,
+                         received_at=stored - timedelta(seconds=30))
+    repo.record_checks(s, img, gradable=False, reasons=list(reasons), scores=dict.fromkeys(reasons, 0.9),
+                       eye_source="name", predicted_eye=eye, eye_confidence=0.6, eye_mismatch=False)
+    img.stored_at = stored
+    repo.set_state(s, img, "done")
+    s.flush()
+    return img.id
+
+
 @pytest.fixture
 def factory(db_url) -> Iterator[sessionmaker[Session]]:
     engine = make_engine(db_url)  # on SQLite, then on PostgreSQL

@@ -14,7 +14,7 @@ from screening.report import EyeReview
 from screening.review import sign_off
 from screening.review.agreement import AgreementStats, agreement_summary
 
-from .conftest import T0, at, seed_visit
+from .conftest import T0, at, seed_ungradable, seed_visit
 
 DAY = date(2025, 3, 3)
 
@@ -108,3 +108,20 @@ def test_the_table_labels_every_statistic():
     from screening.audit import _AGREEMENT_LABELS
 
     assert list(_AGREEMENT_LABELS) == [k for k in AgreementStats.__dataclass_fields__ if k != "group"]
+
+
+def test_an_eye_the_model_found_ungradable_is_counted_not_compared(factory):
+    with session_scope(factory) as s:
+        exam = seed_visit(s, "U1", {"R": (2, 0, True)}, report_at=at(100))
+        seed_ungradable(s, exam, "L", stored=at(50))
+        other = seed_visit(s, "U2", {"R": (0, 0, False)}, report_at=at(100))
+        seed_ungradable(s, other, "L", stored=at(50))
+        ids = exam.id, other.id
+    with session_scope(factory) as s:
+        sign_off(s, ids[0], reviewer="A", source="cli", reviewed_at=at(1000))  # agrees: left ungradable
+        sign_off(s, ids[1], reviewer="A", source="cli", reviewed_at=at(1000),
+                 answers=[EyeReview("R", True, 0, 0), EyeReview("L", True, 1, 0)])  # graded the left eye
+    with session_scope(factory) as s:
+        overall = agreement_summary(s).overall
+    assert (overall.eyes_compared, overall.eyes_model_ungradable, overall.eyes_ungradable) == (2, 2, 1)
+    assert overall.dr_exact_agreement == 1.0  # the two right eyes; the left ones had no model grade to compare

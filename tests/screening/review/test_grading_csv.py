@@ -99,7 +99,7 @@ def test_every_bad_line_is_reported_with_line_and_column_and_nothing_is_recorded
         "line 3, column 'eye': 'X' is not an eye: write R or L (OD/OS, right/left)",
         "line 3, column 'gradable': 'maybe': write yes or no",
         "line 3, column 'patient': empty: give the patient id as in the photo's file name",
-        "line 3, column 'referral': 'later' is not a referral outcome; write one of urgent, soon, routine, ungradable, "
+        "line 3, column 'referral': 'later' is not a referral outcome; write one of urgent, soon, routine, refer_ungradable, ungradable, "
         "rescreen_12, rescreen_24, or leave it empty to follow the grades",
         "line 3, column 'reviewed_at': 'yesterday' is not a date (YYYY-MM-DD) or ISO date-time (YYYY-MM-DDTHH:MM)",
         "line 4, column 'dr_grade': U (ungradable) contradicts gradable = yes",

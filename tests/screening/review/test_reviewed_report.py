@@ -15,7 +15,7 @@ from screening.report import EyeReview, ReportError
 from screening.review import ReviewError, load_visit, sign_off
 from screening.review.reviewed_report import ModelCatalog, render_reviewed_report
 
-from ..conftest import TEMPLATES
+from ..conftest import TEMPLATES, run_worker
 
 
 def _text(path) -> str:
@@ -141,3 +141,19 @@ def test_with_workers_sharing_the_database_the_reviewed_version_waits_for_the_vi
     with session_scope(worked.factory) as s:
         assert s.scalars(select(Claim)).all() == []  # the page gave the visit back
     page.close()
+
+
+def test_a_visit_the_worker_found_ungradable_is_reviewed_and_rendered_with_its_photo(settings, intake_models):
+    """Every photo ungradable (the intake checks' verdict): the visit is still reviewed, its reviewed version shows
+    the ungradable eye, its photo and the grader beside it, and names the configured model (none graded it)."""
+    w = run_worker(settings.model_copy(update={"quality_model": intake_models["dark_blurred"]}), {"U9_R.jpg": 4})
+    exam_id = w.exams["U9"]
+    with session_scope(w.factory) as s:
+        visit = load_visit(s, exam_id)
+        assert visit.newest_graded is None and not visit.eye("R").finding.gradable
+        assert visit.eye("R").finding.photo_path is not None and visit.eye("R").finding.photo_path.is_file()
+        sign_off(s, exam_id, reviewer="Dr A. Grey", source="cli")
+    text = _text(_render(w, exam_id).path)
+    for needle in ["Clinician sign-off", "confirmed the automated grading", "Recall: ungradable image",
+                   "Ungradable: recapture", "Grader: ungradable (agrees)", "test-synthetic-v1"]:
+        assert _has(text, needle), needle

@@ -9,11 +9,11 @@ from sqlalchemy import select
 
 from screening.db import reviews as rrepo
 from screening.db import session_scope
-from screening.db.models import Result
+from screening.db.models import Exam, Result
 from screening.report import EyeReview
 from screening.review import ReviewError, load_visit, recently_reviewed, referral_from_answers, review_queue, sign_off
 
-from .conftest import T0, at, seed_visit
+from .conftest import T0, at, seed_ungradable, seed_visit
 
 
 def _ids(visits):
@@ -166,3 +166,42 @@ def test_unknown_visit_and_visit_without_results(factory):
 )
 def test_referral_implied_by_the_graders_answers(answers, level):
     assert referral_from_answers(answers) == level
+
+
+@pytest.mark.parametrize(("rule", "level"), [("recall", "ungradable"), ("refer", "refer_ungradable")])
+def test_an_eye_the_worker_found_ungradable_is_reviewed_as_ungradable(factory, rule, level):
+    """The model's answer for it is 'ungradable' (no grade) and its referral follows [screening] ungradable_rule;
+    confirming records that; a grader may grade it instead."""
+    with session_scope(factory) as s:
+        exam = seed_visit(s, "U1", {"R": (0, 0, False)}, report_at=at(60))
+        left = seed_ungradable(s, exam, "L", stored=T0 + timedelta(seconds=40))
+        exam_id = exam.id
+    with session_scope(factory) as s:
+        [visit] = review_queue(s, ungradable_rule=rule)
+        eye = visit.eye("L")
+        assert eye is not None and eye.image_id == left and not eye.finding.gradable
+        assert eye.model_answer == EyeReview("L", False, None, None) and eye.result.model_version is None
+        assert visit.model_referral.level == level and visit.model_version == "v1"
+        r = sign_off(s, exam_id, reviewer="Dr Grey", source="cli", ungradable_rule=rule)
+        assert (r.outcome, r.referral, r.model_referral) == ("confirmed", level, level)
+        assert [(e.eye, e.gradable, e.image_id) for e in r.eyes] == [("R", True, visit.eye("R").image_id), ("L", False, left)]
+    with session_scope(factory) as s:
+        r = sign_off(s, exam_id, reviewer="Dr Abbot", source="web", ungradable_rule=rule,
+                     answers=[EyeReview("R", True, 0, 0), EyeReview("L", True, 2, 0)])
+        assert (r.outcome, r.referral) == ("corrected", "routine")
+
+
+def test_a_visit_whose_photos_are_all_ungradable_is_in_the_queue_and_a_new_one_reopens_it(factory):
+    with session_scope(factory) as s:
+        exam = repo_exam = seed_visit(s, "U2", {})
+        seed_ungradable(s, repo_exam, "R", stored=at(10))
+        exam_id = exam.id
+    with session_scope(factory) as s:
+        [visit] = review_queue(s)
+        assert visit.model_version == "not graded" and visit.newest_graded is None and visit.ready_at == at(10)
+        sign_off(s, exam_id, reviewer="Dr Grey", source="cli", reviewed_at=at(20))
+    with session_scope(factory) as s:
+        assert review_queue(s) == []
+        seed_ungradable(s, s.get(Exam, exam_id), "R", stored=datetime.now(timezone.utc))  # a recapture, ungradable again
+    with session_scope(factory) as s:
+        assert _ids(review_queue(s)) == ["U2"]

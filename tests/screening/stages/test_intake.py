@@ -14,8 +14,9 @@ import numpy as np
 import pytest
 from sqlalchemy import select
 
+from screening.checks import IntakeChecks
 from screening.db import init_db, make_engine, make_session_factory, session_scope
-from screening.db.models import Drop, Image
+from screening.db.models import Drop, Event, Image
 from screening.imaging import decode, preprocess
 from screening.intake import sweep
 from screening.rejection import RejectReason
@@ -25,14 +26,18 @@ from ..conftest import SC_SOP_CLASS, jpeg_bytes, synthetic_fundus, write_dicom, 
 from ..test_dicom import malformed_dicom
 
 
-@pytest.fixture
-def stage(settings):
+def make_stage(settings):
     engine = make_engine(settings.database)
     init_db(engine)
     factory = make_session_factory(engine)
     for folder in (settings.inbox, settings.archive, settings.rejected):
         folder.mkdir(parents=True, exist_ok=True)
-    return IntakeStage(settings, factory, Filing(settings, factory), image_size=64)
+    return IntakeStage(settings, factory, Filing(settings, factory), image_size=64, checks=IntakeChecks.from_settings(settings))
+
+
+@pytest.fixture
+def stage(settings):
+    return make_stage(settings)
 
 
 def test_admitted_is_recorded_but_stays_in_the_inbox(stage, settings):
@@ -85,6 +90,69 @@ def test_a_file_gone_before_intake(stage, settings):
     assert stage.admit(settings.inbox / "gone.jpg") == Vanished(settings.inbox / "gone.jpg")
 
 
+# ------------------------------------------------------------------------------------------- intake checks
+
+
+def test_every_admitted_image_carries_its_checks(stage, settings):
+    outcome = stage.admit(write_fundus(settings.inbox / "P10_L.jpg", seed=10))
+    assert isinstance(outcome, Admitted) and outcome.job.gradable and outcome.job.decoded.whole is None
+    with session_scope(stage.factory) as s:
+        image = s.get(Image, outcome.job.image_id)
+        assert (image.gradable, image.quality_reasons, image.eye_source, image.eye_mismatch) == (True, [], "name", False)
+        assert set(image.quality_scores) >= {"blurred", "not_fundus"} and image.predicted_eye in ("L", "R")
+        assert 0.5 <= image.eye_confidence <= 1 and image.eye_note is None
+
+
+def test_an_ungradable_photo_is_admitted_with_its_reasons_not_refused(settings, intake_models):
+    stage = make_stage(settings.model_copy(update={"quality_model": intake_models["dark_blurred"]}))
+    path = write_fundus(settings.inbox / "P11_R.jpg", seed=11)
+    outcome = stage.admit(path)
+    assert isinstance(outcome, Admitted) and not outcome.job.gradable and path.is_file()
+    with session_scope(stage.factory) as s:
+        image = s.get(Image, outcome.job.image_id)
+        assert image.gradable is False and sorted(image.quality_reasons) == ["blurred", "too_dark"]
+        assert [e.message for e in s.scalars(select(Event).where(Event.kind == "ungradable"))] == ["too_dark, blurred"]
+
+
+def test_a_picture_that_is_not_a_fundus_photo_is_refused_with_the_reason(settings, intake_models):
+    stage = make_stage(settings.model_copy(update={"quality_model": intake_models["not_fundus"]}))
+    path = write_fundus(settings.inbox / "P12_R.jpg", seed=12)
+    outcome = stage.admit(path)
+    assert isinstance(outcome, Rejected) and outcome.code == RejectReason.NOT_FUNDUS
+    assert "does not look like a colour fundus photo" in outcome.message and "P12_R.jpg" in outcome.message
+    assert outcome.filed_as is not None and outcome.filed_as.parent == settings.rejected
+
+
+def test_no_eye_in_the_name_and_an_unclear_photo_is_refused_saying_why(stage, settings):
+    path = write_fundus(settings.inbox / "Patient13.jpg", seed=13)
+    outcome = stage.admit(path)
+    assert isinstance(outcome, Rejected) and outcome.code == RejectReason.IDENTITY
+    assert "no eye" in outcome.message and "does not show it clearly enough" in outcome.message
+    assert "Patient001_L.jpg" in outcome.message  # what to do
+
+
+def test_no_eye_in_the_name_and_a_clear_photo_takes_the_photos_eye(settings, intake_models):
+    stage = make_stage(settings.model_copy(update={"laterality_model": intake_models["sure_eye"]}))
+    outcome = stage.admit(write_fundus(settings.inbox / "Patient14.jpg", seed=14, eye="L", dr_grade=0))
+    assert isinstance(outcome, Admitted)
+    with session_scope(stage.factory) as s:
+        image = s.get(Image, outcome.job.image_id)
+        assert (image.eye, image.eye_source, image.predicted_eye, image.eye_mismatch) == ("L", "image", "L", False)
+        assert image.eye_note.startswith("Eye read from the photo") and "left eye" in image.eye_note
+
+
+def test_a_name_that_contradicts_the_photo_is_flagged_never_corrected(settings, intake_models):
+    stage = make_stage(settings.model_copy(update={"laterality_model": intake_models["sure_eye"]}))
+    outcome = stage.admit(write_fundus(settings.inbox / "Patient15_R.jpg", seed=15, eye="L", dr_grade=0))
+    assert isinstance(outcome, Admitted)
+    with session_scope(stage.factory) as s:
+        image = s.get(Image, outcome.job.image_id)
+        assert (image.eye, image.eye_source, image.predicted_eye, image.eye_mismatch) == ("R", "name", "L", True)
+        assert "Laterality mismatch" in image.eye_note and "says right eye" in image.eye_note
+        assert image.eye_confidence >= 0.8
+        assert [e.kind for e in s.scalars(select(Event).where(Event.kind == "eye_mismatch"))] == ["eye_mismatch"]
+
+
 # ------------------------------------------------------------------------------ hostile entries (issue 12)
 
 def _aged(path: Path, seconds: float = 7200) -> Path:
@@ -113,6 +181,8 @@ def test_links_folders_pipes_and_left_behind_names_are_refused_with_a_reason(sta
     }
     for name, make in entries.items():
         make(settings.inbox / name)
+    (settings.inbox / ".gitkeep").touch()  # the repository's own placeholder, old: never refused, never moved
+    _aged(settings.inbox / ".gitkeep")
     listed = {p.name for p in sweep(settings.inbox, settings.abandoned_after)}
     assert listed == set(entries)
     codes = {}
@@ -132,6 +202,7 @@ def test_links_folders_pipes_and_left_behind_names_are_refused_with_a_reason(sta
         assert sorted(d.reason_code for d in drops) == sorted(codes.values())
         assert all(d.outcome == "rejected" and d.image_id is None for d in drops)
         assert s.scalars(select(Image)).all() == []  # nothing was read as a photo
+    assert [p.name for p in settings.inbox.iterdir()] == [".gitkeep"]
 
 
 def test_young_temporary_names_are_left_alone(settings):
@@ -245,6 +316,21 @@ def test_a_dicom_export_without_a_name_is_admitted_from_its_tags(stage, settings
         image = s.get(Image, job.image_id)
         assert (image.exam.patient.code, image.eye, image.exam.exam_date.isoformat()) == (SECRET, "L", "2025-03-01")
         assert (image.device, image.width, image.height, image.source_name) == ("Topcon TRC-NW8", 256, 256, "IM000001")
+        assert image.eye_source == "dicom"  # the laterality tag stated the eye (compared with the photo's)
+    _no_identifier_anywhere(caplog, capfd, outcome)
+
+
+def test_a_dicom_without_laterality_takes_the_eye_the_photo_clearly_shows(settings, intake_models, caplog, capfd):
+    stage = make_stage(settings.model_copy(update={"laterality_model": intake_models["sure_eye"]}))
+    rgb = synthetic_fundus(7)
+    path = write_dicom(settings.inbox / "IM000003", jpeg=jpeg_bytes(rgb), patient_id=SECRET, image_laterality=None,
+                       acquisition="20250301101500")
+    outcome = stage.admit(path)
+    assert isinstance(outcome, Admitted), outcome
+    with session_scope(stage.factory) as s:
+        image = s.get(Image, outcome.job.image_id)
+        assert (image.eye_source, image.eye) == ("image", image.predicted_eye)
+        assert image.eye_note.startswith("Eye read from the photo")
     _no_identifier_anywhere(caplog, capfd, outcome)
 
 
@@ -278,6 +364,43 @@ def test_a_dcm_name_without_the_dicom_header_is_refused(stage, settings):
     path.write_bytes(jpeg_bytes(synthetic_fundus(6)))
     outcome = stage.admit(path)
     assert isinstance(outcome, Rejected) and outcome.code == RejectReason.UNREADABLE and "DICM" in outcome.message
+
+
+def test_a_dicom_file_is_decoded_from_the_bytes_that_were_hashed(stage, settings):
+    """The file used to be opened again after hashing: replaced in between, the record held one file's hash and
+    another file's patient and picture."""
+    from screening.intake import read_content
+
+    path = write_dicom(settings.inbox / "IM000003", rgb=synthetic_fundus(8), patient_id="P100", image_laterality="R")
+    content = read_content(path, settings.max_file_bytes)
+    write_dicom(path, rgb=synthetic_fundus(9), patient_id="P200", image_laterality="L")  # replaced after the read
+    identity, decoded = stage.read(path, content, None, None)
+    assert (identity.patient_id, identity.eye) == ("P100", "R")
+    assert np.array_equal(decoded.rgb, preprocess(synthetic_fundus(8), (256, 256), 64).rgb)
+
+
+def test_dicom_pixel_limits(stage, settings):
+    """max_pixels holds for DICOM: a photo over it is refused, and one whose Rows x Columns claim a huge picture
+    is refused from the header, before its pixel data is decoded (this one would not even decode)."""
+    limited = IntakeStage(stage.settings.model_copy(update={"max_pixels": 300 * 200 - 1}), stage.factory, stage.filing,
+                          image_size=64)
+    over = write_dicom(settings.inbox / "IM000004", rgb=cv2.resize(synthetic_fundus(10), (300, 200)))
+    outcome = limited.admit(over)
+    assert isinstance(outcome, Rejected) and outcome.code == RejectReason.TOO_LARGE, outcome
+    assert "300x200" in outcome.message and "max_pixels" in outcome.message
+    named_by_pacs = write_dicom(settings.inbox / "IM000006", rgb=synthetic_fundus(12))  # no suffix, over max_file_bytes
+    tiny = IntakeStage(stage.settings.model_copy(update={"max_file_bytes": 1000}), stage.factory, stage.filing, image_size=64)
+    outcome = tiny.admit(named_by_pacs)  # was "no file extension and is not a DICOM file"
+    assert isinstance(outcome, Rejected) and outcome.code == RejectReason.TOO_LARGE and "max_file_bytes" in outcome.message
+    import pydicom
+
+    bomb = write_dicom(settings.inbox / "IM000005", rgb=synthetic_fundus(11, size=128))
+    ds = pydicom.dcmread(bomb)
+    ds.Rows, ds.Columns = 30000, 30000  # 900 megapixels declared; 128x128 stored
+    ds.save_as(bomb, enforce_file_format=True)
+    outcome = stage.admit(bomb)
+    assert isinstance(outcome, Rejected) and outcome.code == RejectReason.TOO_LARGE, outcome
+    assert "30000x30000" in outcome.message
 
 
 @pytest.mark.realdata

@@ -257,3 +257,25 @@ def test_an_eye_with_two_fields_shows_both_and_is_signed_off_once(settings_db):
     with session_scope(worked.factory) as s:
         review = rrepo.current_review(s, exam_id)
         assert [e.eye for e in review.eyes] == ["R"] and str(review.eyes[0].image_id) in image_ids
+
+
+def test_an_eye_the_worker_found_ungradable_shows_its_photo_and_reasons_and_confirms(settings, intake_models):
+    from ..conftest import run_worker
+
+    worked = run_worker(settings.model_copy(update={"quality_model": intake_models["dark_blurred"]}), {"P4_L.jpg": 5})
+    client = _app(worked).test_client()
+    exam_id = worked.exams["P4"]
+    assert "P4" in client.get("/queue").get_data(as_text=True)
+    page = client.get(f"/visits/{exam_id}").get_data(as_text=True)
+    assert "ungradable: not graded" in page and "too dark (under-exposed)" in page and "Recall: ungradable image" in page
+    pictures = re.findall(rf'src="(/visits/{exam_id}/images/\d+/\w+\.jpg)"', page)
+    assert len(pictures) == 1 and pictures[0].endswith("/photo.jpg")  # no overlay or heat maps: nothing was graded
+    resp = client.get(pictures[0])
+    assert resp.status_code == 200 and resp.data[:2] == b"\xff\xd8"
+    assert client.get(pictures[0].replace("photo", "overlay")).status_code == 404
+    form = _form(page)
+    assert form["gradable_L"] == "no"  # the model's answer
+    assert client.post(f"/visits/{exam_id}/confirm", data={**form, "reviewer": "Dr Local"}).status_code == 302
+    with session_scope(worked.factory) as s:
+        review = rrepo.current_review(s, exam_id)
+        assert (review.outcome, review.referral, [e.gradable for e in review.eyes]) == ("confirmed", "ungradable", [False])

@@ -1,8 +1,11 @@
 """Audit at scale: results carry their exam, arrival time and turnaround; indexes for each audit count.
 
 Revision ID: 0003_audit_columns_indexes
-Revises: 0006_hardening
+Revises: 0010_db_identity
 Create Date: 2026-11-30
+
+Written after 0006_hardening and chained after 0010_db_identity when main (issues 12b and 13a) was merged into
+its branch (the id is descriptive, not an order).
 
 The audit used to join every result to its image and look up each exam's first report: fine for a clinic,
 tens of seconds over a million results. Now ``results`` holds ``exam_id`` and ``received_at`` (copied from
@@ -20,7 +23,7 @@ import sqlalchemy as sa
 from alembic import op
 
 revision = "0003_audit_columns_indexes"
-down_revision = "0006_hardening"  # re-chained when revisions of other branches land below it
+down_revision = "0010_db_identity"  # re-chained when revisions of other branches land below it
 branch_labels = None
 depends_on = None
 

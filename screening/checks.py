@@ -1,0 +1,130 @@
+"""The intake checks every photo goes through before grading: is it gradable, and which eye does it show.
+
+* **Gradability** (:func:`training.api.assess_quality`, a learned verdict with reasons): a photo that is not a
+  colour fundus photo at all is refused (a :class:`~screening.rejection.Rejection`, recorded like any other);
+  any other reason makes it *ungradable*: it is stored with its reasons, gets no DR grade, and its report says
+  "ungradable: recapture".
+* **Laterality** (:func:`training.api.predict_laterality`): the eye read from the photo (optic disc side and
+  orientation) with a confidence. The eye stated by the file name, sidecar or DICOM laterality tag always wins; a confident
+  disagreement is recorded and shown as a mismatch, never silently corrected. A photo whose name states no eye
+  takes the predicted one when it is confident, and is refused (with the reason) when it is not.
+
+:class:`IntakeChecks` holds both models for the worker's lifetime.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from training.api import (
+    REASON_TEXT,
+    LateralityPrediction,
+    QualityVerdict,
+    assess_quality,
+    load_laterality_model,
+    load_quality_model,
+    predict_laterality,
+)
+
+from .config import ScreeningSettings
+from .imaging import DecodedImage
+from .intake import Identity
+from .rejection import Rejection, RejectReason
+
+EyeSource = Literal["name", "sidecar", "dicom", "image"]
+EYE_WORDS = {"L": "left", "R": "right"}
+
+
+@dataclass(frozen=True)
+class EyeCheck:
+    """The eye of one photo: what its name said (if anything) and what the photo shows."""
+
+    stated: Literal["L", "R"] | None
+    stated_from: str | None  # "file name", "sidecar <name>.json" or "DICOM (0020,0062)"
+    prediction: LateralityPrediction
+
+    @property
+    def eye(self) -> Literal["L", "R"]:
+        """The eye the photo is filed under: the stated one, else the predicted one."""
+        return self.stated if self.stated is not None else self.prediction.eye
+
+    @property
+    def source(self) -> EyeSource:
+        """Where the filed eye came from: ``stated_from`` "sidecar ..." or "DICOM ..." (a DICOM intake names its
+        laterality tag so), else the file name; "image" when no eye was stated."""
+        if self.stated is None:
+            return "image"
+        origin = self.stated_from or ""
+        if origin.startswith("sidecar"):
+            return "sidecar"
+        return "dicom" if origin.startswith("DICOM") else "name"
+
+    @property
+    def mismatch(self) -> bool:
+        """The photo confidently shows the other eye than the one stated."""
+        return self.stated is not None and self.prediction.confident and self.prediction.eye != self.stated
+
+    def note(self) -> str | None:
+        """What the report says about the eye, or None when there is nothing to say (the name and the photo agree,
+        or the photo is not clear enough to contradict the name). Stored with the image (``images.eye_note``)."""
+        if self.source == "image":
+            return f"Eye read from the photo (none stated in the file name, sidecar or DICOM tags): it {self.prediction.describe()}."
+        if self.mismatch:
+            stated = EYE_WORDS[self.stated or "R"]
+            return (f"Laterality mismatch: the {self.stated_from or 'file name'} says {stated} eye, but the photo "
+                    f"{self.prediction.describe()}. The result is filed under the stated eye: check the label.")
+        return None
+
+
+@dataclass(frozen=True)
+class IntakeVerdict:
+    quality: QualityVerdict
+    eye: EyeCheck
+
+    @property
+    def gradable(self) -> bool:
+        return self.quality.gradable
+
+
+class IntakeChecks:
+    """Both models, loaded once; :meth:`check` runs them on a decoded photo."""
+
+    def __init__(self, quality_model: dict[str, Any], laterality_model: dict[str, Any],
+                 orientation: Literal["detect", "upright"] = "detect") -> None:
+        self.quality_model = quality_model
+        self.laterality_model = laterality_model
+        self.orientation: Literal["detect", "upright"] = orientation
+
+    @classmethod
+    def from_settings(cls, settings: ScreeningSettings) -> IntakeChecks:
+        """Raises :class:`training.api.CheckpointError` (with what to do) when a model file is missing or unusable."""
+        return cls(load_quality_model(settings.quality_model), load_laterality_model(settings.laterality_model),
+                   settings.photo_orientation)
+
+    def check(self, decoded: DecodedImage, identity: Identity, file_name: str) -> IntakeVerdict:
+        """The verdict for one photo; raises a :class:`Rejection` for a picture that is not a colour fundus photo,
+        and for a photo whose eye is neither stated nor confidently visible."""
+        if decoded.whole is None:
+            raise ValueError("the intake checks need the whole decoded photo (screening.imaging.preprocess keeps it in DecodedImage.whole)")
+        quality = assess_quality(self.quality_model, decoded.whole)
+        if quality.not_fundus:
+            score = quality.scores["not_fundus"]
+            raise Rejection(RejectReason.NOT_FUNDUS,
+                            f"'{file_name}' {REASON_TEXT['not_fundus']} (gradability model: {score:.0%} not a fundus photo); "
+                            "export the colour fundus photograph itself (red-free, angiography, documents and other "
+                            "pictures are not supported)")
+        prediction = predict_laterality(self.laterality_model, decoded.rgb, self.orientation)
+        eye = EyeCheck(identity.eye, identity.eye_from, prediction)
+        if identity.eye is None and not prediction.confident:
+            why = (f"the photo is ungradable ({quality.describe()}), so its eye cannot be read from it" if not quality.gradable
+                   else f"the photo does not show it clearly enough: it {prediction.describe()}, "
+                        f"below the {float(self.laterality_model['confident']):.0%} needed")
+            raise Rejection(RejectReason.IDENTITY,
+                            f"no eye stated for '{file_name}' (L/R/OD/OS/left/right: none in its file name, sidecar or "
+                            f"DICOM laterality tags), and {why}; name the file with the eye, e.g. Patient001_L.jpg, or "
+                            "set the laterality on the camera")
+        return IntakeVerdict(quality, eye)
+
+
+__all__ = ["EYE_WORDS", "EyeCheck", "EyeSource", "IntakeChecks", "IntakeVerdict"]

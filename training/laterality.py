@@ -1,0 +1,203 @@
+"""Which eye a fundus photo shows, read from the photo itself, with a confidence.
+
+Anatomy: the optic disc lies nasal to the macula, so in an upright, macula-centred photo of a **right** eye the
+disc is on the image's **right** (checked on the labelled sets: srahim 359 of 360 photos with the brightness
+locator below). Two things get in the way:
+
+* some cameras and exports show the fundus *inverted* (rotated 180 degrees, as seen through a condensing lens):
+  ../shared/data/README.md warns of it for EyePACS, where the disc is on the "wrong" side for whole patients
+  (both eyes: 35 % of the patients here). Such a photo is told from an upright one by the fovea: it lies a little
+  *below* the disc in an upright photo (the blind spot is 1.5 degrees below fixation), about 8 degrees down the
+  disc-fovea line (srahim: median +8.9 degrees), and above it in an inverted one (EyePACS "swapped" patients:
+  median -8.4 degrees);
+* landmarks are found by brightness, so a photo with a bright artefact, heavy exudates or no visible fovea can
+  mislead them; hence the confidence.
+
+:func:`landmarks` finds the disc (the brightest blob at disc scale relative to the local illumination, inside
+the central 82 % of the field, away from rim glare) and the fovea (the darkest vessel-free spot 1.8-3.2 disc
+diameters from the disc, within 25 degrees of horizontal, near the field's centre when the disc is off-centre as
+in a macula-centred view). The eye is then
+
+    P(right eye) = P(disc on the image's right) * P(upright) + P(disc on the left) * P(inverted)
+
+with P(disc right) = sigmoid(side_gain * disc offset / field radius) and P(upright) = sigmoid(tilt_gain * tilt
+in degrees + upright_bias), three numbers fitted by maximum likelihood on the training split of the sets that name
+the eye (``dr-train fit-laterality``, :mod:`training.fit_laterality`). The worker can be told that its cameras
+never invert (``[screening] photo_orientation = "upright"``): then P(upright) = 1.
+
+The fitted model is a small dict of numbers (weights_only-safe); nothing here needs torch at run time.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import cv2
+import numpy as np
+import torch
+
+from training.checkpoint import CheckpointError
+from training.common import FUNDUS_THRESHOLD
+
+LATERALITY_FORMAT = "dr-laterality-1"
+SIDE = 256  # landmarks are found on the square fundus crop at this size
+Orientation = Literal["detect", "upright"]
+
+_YY, _XX = np.mgrid[0:SIDE, 0:SIDE].astype(np.float32)
+
+
+@dataclass(frozen=True)
+class Landmarks:
+    """Disc and fovea in the :data:`SIDE` px square crop; ``fovea`` None when no candidate was found."""
+
+    centre: tuple[float, float]  # the field's centre (x, y)
+    radius: float  # the field's radius (half its width)
+    disc: tuple[float, float]
+    disc_contrast: float  # how much brighter the disc is than the field's median (relative units)
+    fovea: tuple[float, float] | None
+    fovea_depth: float  # how much darker the fovea is than its search window's median
+
+    @property
+    def disc_offset(self) -> float:
+        """The disc's horizontal position from the field's centre, in field radii: > 0 on the image's right."""
+        return (self.disc[0] - self.centre[0]) / self.radius
+
+    @property
+    def tilt(self) -> float:
+        """Degrees by which the fovea lies below the disc along the disc-fovea line (0 when no fovea was found):
+        about +8 in an upright photo, -8 in an inverted one."""
+        if self.fovea is None:
+            return 0.0
+        dx, dy = abs(self.fovea[0] - self.disc[0]), self.fovea[1] - self.disc[1]
+        return float(np.degrees(np.arctan2(dy, max(dx, 1e-6))))
+
+
+def _square(rgb: np.ndarray) -> np.ndarray:
+    if rgb.ndim != 3 or rgb.shape[2] != 3 or rgb.shape[0] != rgb.shape[1]:
+        raise ValueError(f"expected the square fundus crop (S, S, 3), got {rgb.shape}")
+    if rgb.shape[0] == SIDE:
+        return rgb
+    interp = cv2.INTER_AREA if rgb.shape[0] > SIDE else cv2.INTER_LINEAR
+    return cv2.resize(rgb, (SIDE, SIDE), interpolation=interp)
+
+
+def landmarks(square: np.ndarray) -> Landmarks:
+    """Disc and fovea of the square fundus crop (the worker's preprocessed photo, any size; RGB uint8)."""
+    sq = _square(square)
+    field = np.maximum(np.maximum(sq[..., 0], sq[..., 1]), sq[..., 2]) > FUNDUS_THRESHOLD
+    if field.sum() < 100:
+        field = np.ones(field.shape, bool)
+    ys, xs = np.nonzero(field)
+    cx, cy = (float(xs.min()) + float(xs.max())) / 2, (float(ys.min()) + float(ys.max())) / 2
+    rad = max((float(xs.max()) - float(xs.min())) / 2, 1.0)
+    f = field.astype(np.float32)
+    norm = np.maximum(cv2.GaussianBlur(f, (0, 0), 25), 1e-3)
+    r = np.hypot(_XX - cx, _YY - cy) / rad
+
+    lum = sq.astype(np.float32).mean(axis=2)
+    rel = np.where(field, lum / np.maximum(cv2.GaussianBlur(lum * f, (0, 0), 25) / norm, 1.0), 0)
+    smooth = cv2.GaussianBlur(rel, (0, 0), 6)
+    inner = field & (r < 0.82)
+    if not inner.any():
+        inner = field
+    score = np.where(inner, smooth, -np.inf)
+    yd, xd = np.unravel_index(int(np.argmax(score)), score.shape)
+    contrast = float(smooth[yd, xd] - np.median(smooth[inner]))
+
+    # the fovea: dark once the (thin, dark) vessels are closed away
+    green = cv2.morphologyEx(sq[..., 1], cv2.MORPH_CLOSE, cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (9, 9))).astype(np.float32)
+    relg = np.where(field, green / np.maximum(cv2.GaussianBlur(green * f, (0, 0), 25) / norm, 1.0), 2.0)
+    darkness = cv2.GaussianBlur(relg, (0, 0), 5)
+    dd = 0.28 * rad  # a disc diameter: ~0.14 of a 45-degree field's diameter
+    dist = np.hypot(_XX - xd, _YY - yd)
+    angle = np.degrees(np.arctan2(np.abs(_YY - yd), np.abs(_XX - xd)))
+    window = (dist > 1.8 * dd) & (dist < 3.2 * dd) & (angle < 25) & field & (r < 0.9)
+    if abs(xd - cx) / rad > 0.35:  # macula-centred view: the fovea is near the field's centre
+        window &= (np.abs(_XX - cx) < 0.3 * rad) & (np.abs(_YY - cy) < 0.3 * rad)
+    fovea: tuple[float, float] | None = None
+    depth = 0.0
+    if window.sum() >= 20:
+        values = np.where(window, darkness, np.inf)
+        yf, xf = np.unravel_index(int(np.argmin(values)), values.shape)
+        fovea = (float(xf), float(yf))
+        depth = float(np.median(darkness[window]) - darkness[yf, xf])
+    return Landmarks((cx, cy), rad, (float(xd), float(yd)), contrast, fovea, depth)
+
+
+# --------------------------------------------------------------------------------------------------- the model
+
+
+@dataclass(frozen=True)
+class LateralityPrediction:
+    eye: Literal["L", "R"]
+    confidence: float  # P(the predicted eye), 0.5-1
+    confident: bool  # at or above the model's threshold (chosen on validation)
+    disc_side: Literal["left", "right"]  # where the disc is in the image as shown
+    upright: float  # P(the photo is upright, not inverted)
+    landmarks: Landmarks
+
+    def describe(self) -> str:
+        """In words, for the report."""
+        eye = "right" if self.eye == "R" else "left"
+        how = f"optic disc on the image's {self.disc_side}"
+        if self.upright < 0.5:
+            how += ", photo apparently inverted (fovea above the disc)"
+        return f"looks like a {eye} eye ({how}; confidence {self.confidence:.0%})"
+
+
+def _sigmoid(x: float) -> float:
+    return float(1.0 / (1.0 + np.exp(-np.clip(x, -50.0, 50.0))))
+
+
+def probability_right(model: dict[str, Any], offset: float, tilt: float, orientation: Orientation = "detect") -> tuple[float, float]:
+    """(P(right eye), P(upright)) for a disc offset (field radii) and a tilt (degrees)."""
+    p_disc_right = _sigmoid(float(model["side_gain"]) * offset)
+    p_upright = 1.0 if orientation == "upright" else _sigmoid(float(model["tilt_gain"]) * tilt + float(model["upright_bias"]))
+    return p_disc_right * p_upright + (1 - p_disc_right) * (1 - p_upright), p_upright
+
+
+def predict(model: dict[str, Any], square: np.ndarray, orientation: Orientation = "detect") -> LateralityPrediction:
+    """The eye of one photo (the square fundus crop) under ``model`` (:func:`load_laterality_model`)."""
+    lm = landmarks(square)
+    p_right, p_upright = probability_right(model, lm.disc_offset, lm.tilt, orientation)
+    eye: Literal["L", "R"] = "R" if p_right >= 0.5 else "L"
+    confidence = max(p_right, 1 - p_right)
+    return LateralityPrediction(eye, confidence, confidence >= float(model["confident"]),
+                                "right" if lm.disc_offset >= 0 else "left", p_upright, lm)
+
+
+def pack_model(side_gain: float, tilt_gain: float, upright_bias: float, confident: float, metrics: dict[str, Any],
+               provenance: dict[str, Any]) -> dict[str, Any]:
+    return {"format": LATERALITY_FORMAT, "side_gain": float(side_gain), "tilt_gain": float(tilt_gain),
+            "upright_bias": float(upright_bias), "confident": float(confident), "metrics": metrics, "provenance": provenance}
+
+
+class LateralityModelError(CheckpointError):
+    """The laterality model file is missing, unreadable or not one this code can apply."""
+
+
+def load_laterality_model(path: str | Path) -> dict[str, Any]:
+    """Read and check a file written by ``dr-train fit-laterality``."""
+    path = Path(path)
+    if not path.is_file():
+        raise LateralityModelError(f"laterality model not found: {path}; fit one with `dr-train fit-laterality --output {path}` "
+                                   "or set [screening] laterality_model")
+    try:
+        model = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - any unpickling failure is the same user error
+        raise LateralityModelError(f"{path}: not a loadable laterality model ({type(exc).__name__}: {exc})") from None
+    if not isinstance(model, dict) or model.get("format") != LATERALITY_FORMAT:
+        raise LateralityModelError(f"{path}: not a laterality model of format {LATERALITY_FORMAT!r}; refit it with "
+                                   "`dr-train fit-laterality`")
+    for key in ("side_gain", "tilt_gain", "upright_bias", "confident"):
+        if not isinstance(model.get(key), (int, float)):
+            raise LateralityModelError(f"{path}: '{key}' is missing or not a number; refit it with `dr-train fit-laterality`")
+    return dict(model)
+
+
+__all__ = [
+    "LATERALITY_FORMAT", "SIDE", "LateralityModelError", "LateralityPrediction", "Landmarks", "Orientation",
+    "landmarks", "load_laterality_model", "pack_model", "predict", "probability_right",
+]
