@@ -47,7 +47,8 @@ def _check(value: str, allowed: type[ImageState] | type[DropOutcome] | type[Eye]
         raise ValueError(f"unknown {what} {value!r}; expected one of {[v.value for v in allowed]}") from None
 
 
-def _insert_if_absent(session: Session, model: type[Patient] | type[Exam], values: dict[str, Any], key: Sequence[str]) -> None:
+def _insert_if_absent(session: Session, model: type[Patient] | type[Exam] | type[DatabaseIdentity], values: dict[str, Any],
+                      key: Sequence[str]) -> None:
     """INSERT ... ON CONFLICT DO NOTHING where the dialect has it, so two workers racing to create the
     same patient/exam both succeed without a savepoint; elsewhere the caller's select-then-add decides."""
     name = session.get_bind().dialect.name
@@ -76,10 +77,10 @@ def ensure_database_token(session: Session) -> str:
     """The database's identity, made now (a random id) when it has none: a database created before revision
     0010_db_identity gets one from that migration, a new one from ``init_db``, one made otherwise here."""
     token = database_token(session)
-    if token is None:
-        token = secrets.token_hex(16)
-        session.add(DatabaseIdentity(token=token, created_at=utcnow()))
-        session.flush()
+    if token is None:  # row 1, inserted only if absent: workers starting together on one database agree on it
+        _insert_if_absent(session, DatabaseIdentity, {"id": 1, "token": secrets.token_hex(16), "created_at": utcnow()}, ["id"])
+        token = database_token(session)
+        assert token is not None  # this insert's, or the one a concurrent worker committed first
     return token
 
 

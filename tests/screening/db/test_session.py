@@ -213,6 +213,43 @@ def test_an_unguarded_factory_and_a_guarded_one_on_an_unchanged_database(db):
         assert s.scalar(select(func.count()).select_from(DatabaseIdentity)) == 1
 
 
+def test_workers_starting_together_on_a_database_without_an_identity_agree_on_one(db_url):
+    """A database whose identity row is missing (made by hand, or by a tool other than init_db): several workers
+    start at once and each makes it if absent. They must note the same one, or every worker but the first to
+    commit would stop at its next unit of work; one row is made."""
+    import threading
+
+    engine = make_engine(db_url)
+    init_db(engine)
+    with engine.begin() as conn:
+        conn.execute(DatabaseIdentity.__table__.delete())
+    factories = [make_session_factory(make_engine(db_url)) for _ in range(4)]
+    start = threading.Barrier(len(factories))
+    tokens: list[str] = []
+    errors: list[BaseException] = []
+
+    def worker(factory) -> None:
+        try:
+            start.wait(10)
+            tokens.append(guard_identity(factory))
+            _add(factory, f"P{len(tokens)}")  # a unit of work after it: the guard passes
+        except BaseException as exc:  # noqa: BLE001 - reported by the test
+            errors.append(exc)
+
+    threads = [threading.Thread(target=worker, args=(f,)) for f in factories]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert not errors, errors
+    assert len(tokens) == 4 and len(set(tokens)) == 1
+    with session_scope(factories[0]) as s:
+        assert s.scalars(select(DatabaseIdentity.token)).all() == tokens[:1]
+    for f in factories:
+        f.kw["bind"].dispose()
+    engine.dispose()
+
+
 def test_several_workers_on_postgresql_each_stop_when_the_database_is_re_created(pg_url):
     """Several workers on one server database, each with its own engine (processes on several machines): each
     notes the identity when it starts and checks it in every unit of work. The database dropped and created
