@@ -87,9 +87,25 @@ def postgres_database(server_url: str):
     return make_url(server_url).set(database=name).render_as_string(hide_password=False), drop
 
 
-@pytest.fixture(params=["sqlite", "postgresql"])
+BACKENDS = ("sqlite", "postgresql")
+
+
+def _backends() -> list[str]:
+    """The backends the database tests run on: both, unless ``DR_TEST_DATABASES`` names fewer (``sqlite`` for a
+    quicker local run: the PostgreSQL half is about a sixth of the suite's time). CI must run both."""
+    chosen = [b.strip().lower() for b in os.environ.get("DR_TEST_DATABASES", ",".join(BACKENDS)).split(",") if b.strip()]
+    unknown = sorted(set(chosen) - set(BACKENDS))
+    if unknown or not chosen:
+        raise pytest.UsageError(f"DR_TEST_DATABASES={os.environ.get('DR_TEST_DATABASES')!r}: name one or more of "
+                                f"{', '.join(BACKENDS)}, separated by commas (unknown: {', '.join(unknown) or 'none'})")
+    if os.environ.get("CI", "").lower() == "true" and set(chosen) != set(BACKENDS):
+        raise pytest.UsageError("CI=true runs the database tests on every backend; unset DR_TEST_DATABASES")
+    return [b for b in BACKENDS if b in chosen]
+
+
+@pytest.fixture(params=_backends())
 def db_backend(request) -> str:
-    """Each database test runs once per backend the product supports."""
+    """Each database test runs once per backend the product supports (``DR_TEST_DATABASES`` may narrow it)."""
     return request.param
 
 
@@ -121,6 +137,8 @@ def db_url(make_db_url) -> str:
 def pg_url(request):
     """An empty database on the session's PostgreSQL server, for tests of what only a server does (connections
     dropped, deadlocks); dropped at the end of the test."""
+    if "postgresql" not in _backends():
+        pytest.skip("PostgreSQL left out by DR_TEST_DATABASES")
     url, drop = postgres_database(request.getfixturevalue("postgres_server"))
     yield url
     drop()
