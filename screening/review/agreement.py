@@ -201,8 +201,9 @@ def agreement_summary(
     visits graded in the period as :func:`visits_graded` gives them, when the caller has counted them already."""
     if graded is None:
         graded = visits_graded(session, lo, hi, model_version)
-    in_period = select(Result.exam_id).where(*_period(lo, hi, model_version))
-    reviewed_ids = list(session.scalars(select(Review.exam_id).where(Review.exam_id.in_(in_period)).distinct()))
+    # driven by the sign-offs (few), each checked along ix_results_audit_exams: never a pass over the results
+    in_period = select(Result.id).where(Result.exam_id == Review.exam_id, *_period(lo, hi, model_version)).exists()
+    reviewed_ids = sorted(set(session.scalars(select(Review.exam_id).where(in_period))))
     visits = [v for v in load_visits(session, reviewed_ids) if _period_versions(v, lo, hi, model_version)] if reviewed_ids else []
     reviews = sorted((r for ids in _chunks(reviewed_ids) for r in rrepo.all_reviews(session, ids)), key=lambda r: r.id)
     image_ids = sorted({e.image_id for r in reviews for e in r.eyes})
