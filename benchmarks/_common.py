@@ -6,8 +6,11 @@ import json
 import os
 import platform
 import shlex
+import shutil
 import statistics
+import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -90,3 +93,57 @@ def write_json(path: str | None, payload: dict[str, Any]) -> None:
         Path(path).parent.mkdir(parents=True, exist_ok=True)
         Path(path).write_text(json.dumps(payload, indent=2, default=str))
         print(f"JSON written to {path}")
+
+
+# ------------------------------------------------------------------------------------ a throw-away PostgreSQL
+
+def start_temp_postgres(database: str) -> tuple[str, str]:
+    """A PostgreSQL server in a temporary folder (scripts/pg-temp.sh) with an empty ``database``: its URL and the
+    folder (for :func:`server_cpu` and :func:`stop_temp_postgres`)."""
+    folder = tempfile.mkdtemp(prefix="dr-pg-bench-")
+    proc = subprocess.run([str(ROOT / "scripts" / "pg-temp.sh"), "start", folder], capture_output=True, text=True)
+    if proc.returncode != 0:
+        shutil.rmtree(folder, ignore_errors=True)
+        sys.exit(f"error: could not start a temporary PostgreSQL server: {proc.stderr.strip()}")
+    admin = proc.stdout.strip().splitlines()[-1]
+    return create_database(admin, database), folder
+
+
+def create_database(server_url: str, name: str, *, drop_first: bool = False) -> str:
+    """Create the empty database ``name`` on the server of ``server_url``; returns its URL."""
+    from sqlalchemy import create_engine
+    from sqlalchemy.engine import make_url
+
+    eng = create_engine(server_url, isolation_level="AUTOCOMMIT")
+    with eng.connect() as conn:
+        if drop_first:
+            conn.exec_driver_sql(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        conn.exec_driver_sql(f'CREATE DATABASE "{name}"')
+    eng.dispose()
+    return make_url(server_url).set(database=name).render_as_string(hide_password=False)
+
+
+def stop_temp_postgres(folder: str) -> None:
+    subprocess.run([str(ROOT / "scripts" / "pg-temp.sh"), "stop", folder], capture_output=True)
+    shutil.rmtree(folder, ignore_errors=True)
+
+
+def server_cpu(pg_folder: str | None) -> float:
+    """CPU seconds used so far by the temporary server: its postmaster with the children it has reaped
+    (parallel workers and backends that came and went) plus its live children."""
+    if pg_folder is None:
+        return 0.0
+    tick = os.sysconf("SC_CLK_TCK")
+    postmaster = int((Path(pg_folder) / "data" / "postmaster.pid").read_text().split()[0])
+    total = 0
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        pid, ppid = int(stat.parent.name), int(fields[1])
+        if pid == postmaster:
+            total += sum(int(x) for x in fields[11:15])  # utime, stime, cutime, cstime
+        elif ppid == postmaster:
+            total += int(fields[11]) + int(fields[12])
+    return total / tick

@@ -38,7 +38,17 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks._common import ROOT, machine_info, median, print_header, print_table, write_json
+from benchmarks._common import (
+    ROOT,
+    machine_info,
+    median,
+    print_header,
+    print_table,
+    server_cpu,
+    start_temp_postgres,
+    stop_temp_postgres,
+    write_json,
+)
 
 YEAR_START = np.datetime64("2025-01-01T00:00:00", "us")
 YEAR_US = 365 * 24 * 3600 * 10**6
@@ -204,44 +214,6 @@ def _children_cpu() -> float:
     return r.ru_utime + r.ru_stime
 
 
-def _server_cpu(pg_folder: str | None) -> float:
-    """CPU seconds used so far by the temporary server: its postmaster with the children it has reaped
-    (parallel workers that came and went) plus its live children (this benchmark's backend among them)."""
-    if pg_folder is None:
-        return 0.0
-    tick = os.sysconf("SC_CLK_TCK")
-    postmaster = int((Path(pg_folder) / "data" / "postmaster.pid").read_text().split()[0])
-    total = 0
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        pid, ppid = int(stat.parent.name), int(fields[1])
-        if pid == postmaster:
-            total += sum(int(x) for x in fields[11:15])  # utime, stime, cutime, cstime
-        elif ppid == postmaster:
-            total += int(fields[11]) + int(fields[12])
-    return total / tick
-
-
-def start_temp_postgres() -> tuple[str, str]:
-    folder = tempfile.mkdtemp(prefix="dr-pg-bench-")
-    proc = subprocess.run([str(ROOT / "scripts" / "pg-temp.sh"), "start", folder], capture_output=True, text=True)
-    if proc.returncode != 0:
-        shutil.rmtree(folder, ignore_errors=True)
-        sys.exit(f"error: could not start a temporary PostgreSQL server: {proc.stderr.strip()}")
-    admin = proc.stdout.strip().splitlines()[-1]
-    from sqlalchemy import create_engine
-    from sqlalchemy.engine import make_url
-
-    eng = create_engine(admin, isolation_level="AUTOCOMMIT")
-    with eng.connect() as conn:
-        conn.exec_driver_sql("CREATE DATABASE bench")
-    eng.dispose()
-    return make_url(admin).set(database="bench").render_as_string(hide_password=False), folder
-
-
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--database", help="an EMPTY database URL (default: a temporary SQLite file)")
@@ -257,7 +229,7 @@ def main() -> int:
     pg_folder = None
     try:
         if args.postgres_temp:
-            url, pg_folder = start_temp_postgres()
+            url, pg_folder = start_temp_postgres("bench")
         else:
             url = args.database or f"sqlite:///{tmp / 'audit.db'}"
         t0 = time.perf_counter()
@@ -294,13 +266,13 @@ def main() -> int:
             """Wall seconds, and CPU seconds of everything that did the work: this process (in-process audit) or
             the command's process, plus the PostgreSQL server's processes when it is the local temporary one.
             On a busy machine the CPU seconds are what the audit costs; the wall time adds the wait for a core."""
-            server0 = _server_cpu(pg_folder)
+            server0 = server_cpu(pg_folder)
             cpu0 = time.process_time() if in_process else _children_cpu()
             t0 = time.perf_counter()
             fn()
             wall = time.perf_counter() - t0
             cpu = (time.process_time() if in_process else _children_cpu()) - cpu0
-            return wall, cpu + (_server_cpu(pg_folder) - server0)
+            return wall, cpu + (server_cpu(pg_folder) - server0)
 
         rows, payload = [], {"machine": info, "rows": counts, "backend": engine.dialect.name, "generate_s": gen_s,
                              "load_s": load_s, "timings": {}}
@@ -323,8 +295,7 @@ def main() -> int:
         write_json(args.json, payload)
     finally:
         if pg_folder:
-            subprocess.run([str(ROOT / "scripts" / "pg-temp.sh"), "stop", pg_folder], capture_output=True)
-            shutil.rmtree(pg_folder, ignore_errors=True)
+            stop_temp_postgres(pg_folder)
         shutil.rmtree(tmp, ignore_errors=True)
     return 0
 

@@ -468,7 +468,9 @@ def audit_summary(
         start=start,
         end=end,
         model_version=model_version,
-        agreement=agreement_summary(session, lo, hi, model_version),
+        # the visits graded in the period are the exams counted above: handed over, not counted again
+        agreement=agreement_summary(session, lo, hi, model_version,
+                                    graded={None: overall.exams, **{mv: by_model[mv].exams for mv in graded}}),
         overall=overall,
         by_model=by_model,
         rejected=sum(rejected.values()),

@@ -16,8 +16,12 @@ period; with a model-version filter, when that photo was graded by that version)
 
 Overall and per model version, the visit's **current** (latest) sign-off is compared. Per reviewer, each
 reviewer's own latest sign-off of each visit they reviewed is compared, and their time to review is to
-their first sign-off of it; their ``share_reviewed`` is of all visits graded in the period. A visit belongs
-to the model version that graded its newest photo; an eye to the version that graded that eye.
+their first sign-off of it; their ``share_reviewed`` is of all visits graded in the period. Per model version,
+a visit counts for each version that graded one of its photos in the period (as the audit counts exams per
+version; a visit graded by one version, the usual case, counts once); an eye for the version that graded it.
+
+It scales with the sign-offs, not with the photos: the visits graded in the period are counted in SQL (or
+handed in by the audit, which has counted them already), and only the visits with a sign-off are loaded.
 """
 
 from __future__ import annotations
@@ -30,13 +34,13 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import ColumnElement, func, select
 from sqlalchemy.orm import Session
 
 from screening.db import reviews as rrepo
 from screening.db.models import Result, Review, ReviewOutcome
 from screening.report import NO_GRADE_LEVELS, REFER_LEVELS
-from screening.review.visits import Visit, load_visits
+from screening.review.visits import IN_LIST_CHUNK, Visit, load_visits
 
 ALL = "ALL"
 
@@ -111,8 +115,6 @@ def _kappa(pairs: list[tuple[int, int]], labels: list[int]) -> float | None:
 
 
 def _stats(group: str, acc: _Acc, visits_graded: int) -> AgreementStats:
-    from sklearn.metrics import confusion_matrix
-
     s = AgreementStats(group, visits_graded=visits_graded, visits_reviewed=len(acc.reviewed), visits_corrected=acc.corrected)
     s.share_reviewed = len(acc.reviewed) / visits_graded if visits_graded else None
     s.eyes_compared, s.eyes_ungradable = len(acc.dr), acc.ungradable_eyes
@@ -122,6 +124,8 @@ def _stats(group: str, acc: _Acc, visits_graded: int) -> AgreementStats:
         s.dr_exact_agreement = sum(m == g for m, g in acc.dr) / len(acc.dr)
         s.dme_exact_agreement = sum(m == g for m, g in acc.dme) / len(acc.dme)
     if acc.referral:
+        from sklearn.metrics import confusion_matrix  # imported only with sign-offs to compare: 1-2 s of start-up
+
         tn, fp, fn, tp = (int(x) for x in confusion_matrix([g for _, g in acc.referral], [m for m, _ in acc.referral],
                                                            labels=[False, True]).ravel())
         s.referral_true_pos, s.referral_false_pos, s.referral_false_neg, s.referral_true_neg = tp, fp, fn, tn
@@ -164,60 +168,99 @@ def _wait(visit: Visit, review: Review) -> float | None:
     return (review.reviewed_at - visit.first_report_at).total_seconds()
 
 
-def _in_period(visit: Visit, lo: datetime | None, hi: datetime | None, model_version: str | None) -> bool:
-    return any((lo is None or f.received_at >= lo) and (hi is None or f.received_at < hi)
-               and (model_version is None or f.model_version == model_version) for f in visit.fields)
+def _chunks(ids: list[int]) -> Iterable[list[int]]:
+    """``ids`` a statement's worth at a time (PostgreSQL takes at most 65,535 parameters a statement)."""
+    return (ids[k:k + IN_LIST_CHUNK] for k in range(0, len(ids), IN_LIST_CHUNK))
+
+
+def _period_versions(visit: Visit, lo: datetime | None, hi: datetime | None, model_version: str | None) -> set[str]:
+    """The model versions that graded a photo of ``visit`` received in ``[lo, hi)`` (only ``model_version``'s)."""
+    return {f.model_version for f in visit.fields
+            if (lo is None or f.received_at >= lo) and (hi is None or f.received_at < hi)
+            and (model_version is None or f.model_version == model_version)}
+
+
+def _period(lo: datetime | None, hi: datetime | None, model_version: str | None) -> list[ColumnElement[bool]]:
+    where: list[ColumnElement[bool]] = [Result.exam_id.is_not(None)]
+    if lo is not None:
+        where.append(Result.received_at >= lo)
+    if hi is not None:
+        where.append(Result.received_at < hi)
+    if model_version is not None:
+        where.append(Result.model_version == model_version)
+    return where
+
+
+def visits_graded(session: Session, lo: datetime | None = None, hi: datetime | None = None,
+                  model_version: str | None = None) -> dict[str | None, int]:
+    """Visits with a photo graded in the period: pooled under None, and per model version that graded one."""
+    where = _period(lo, hi, model_version)
+    pooled = select(Result.exam_id).where(*where).distinct().subquery()
+    out: dict[str | None, int] = {None: int(session.scalar(select(func.count()).select_from(pooled)) or 0)}
+    for version, n in session.execute(select(Result.model_version, func.count(Result.exam_id.distinct()))
+                                      .where(*where).group_by(Result.model_version)).all():
+        out[str(version)] = int(n)
+    return out
 
 
 def agreement_summary(
-    session: Session, lo: datetime | None = None, hi: datetime | None = None, model_version: str | None = None
+    session: Session, lo: datetime | None = None, hi: datetime | None = None, model_version: str | None = None,
+    graded: dict[str | None, int] | None = None,
 ) -> AgreementSummary:
-    """Agreement statistics for visits with a photo received in ``[lo, hi)`` (UTC; None = open)."""
-    visits = [v for v in load_visits(session) if _in_period(v, lo, hi, model_version)]
-    by_exam = {v.exam_id: v for v in visits}
-    reviews = rrepo.all_reviews(session, by_exam) if by_exam else []
-    image_ids = {e.image_id for r in reviews for e in r.eyes}
+    """Agreement statistics for visits with a photo received in ``[lo, hi)`` (UTC; None = open). ``graded``: the
+    visits graded in the period as :func:`visits_graded` gives them, when the caller has counted them already."""
+    if graded is None:
+        graded = visits_graded(session, lo, hi, model_version)
+    # driven by the sign-offs (few), each checked along ix_results_audit_exams: never a pass over the results
+    in_period = select(Result.id).where(Result.exam_id == Review.exam_id, *_period(lo, hi, model_version)).exists()
+    reviewed_ids = sorted(set(session.scalars(select(Review.exam_id).where(in_period))))
+    visits = [v for v in load_visits(session, reviewed_ids) if _period_versions(v, lo, hi, model_version)] if reviewed_ids else []
+    reviews = sorted((r for ids in _chunks(reviewed_ids) for r in rrepo.all_reviews(session, ids)), key=lambda r: r.id)
+    image_ids = sorted({e.image_id for r in reviews for e in r.eyes})
     model_of = {
         image_id: (dr, dme, version)
+        for ids in _chunks(image_ids)
         for image_id, dr, dme, version in session.execute(
-            select(Result.image_id, Result.dr_grade, Result.dme_grade, Result.model_version).where(Result.image_id.in_(image_ids))
+            select(Result.image_id, Result.dr_grade, Result.dme_grade, Result.model_version).where(Result.image_id.in_(ids))
         ).all()
-    } if image_ids else {}
+    }
     per_visit: dict[int, list[Review]] = {}
     for r in reviews:  # oldest first
         per_visit.setdefault(r.exam_id, []).append(r)
 
-    overall, models, eye_models, reviewers = _Acc(), {}, {}, {}  # type: ignore[var-annotated]
-    models_visits: dict[str, int] = {}
+    overall, eye_models, reviewers = _Acc(), {}, {}  # type: ignore[var-annotated]
+    models: dict[str, _Acc] = {str(version): _Acc() for version in graded if version is not None}
     for v in visits:
-        group = models.setdefault(v.model_version, _Acc())
-        models_visits[v.model_version] = models_visits.get(v.model_version, 0) + 1
         history = per_visit.get(v.exam_id, [])
         if not history:
             continue
         current, first = history[-1], history[0]
+        groups_of_visit = [models.setdefault(version, _Acc()) for version in sorted(_period_versions(v, lo, hi, model_version))]
         _compare(overall, current, model_of, eye_models)
-        _compare(group, current, model_of, None)
+        for group in groups_of_visit:
+            _compare(group, current, model_of, None)
         if (w := _wait(v, first)) is not None:
             overall.waits.append(w)
-            group.waits.append(w)
+            for group in groups_of_visit:
+                group.waits.append(w)
         for name in dict.fromkeys(r.reviewer for r in history):
             own = [r for r in history if r.reviewer == name]
             acc = reviewers.setdefault(name, _Acc())
             _compare(acc, own[-1], model_of, None)
             if (w := _wait(v, own[0])) is not None:
                 acc.waits.append(w)
-    # per model version: visits by the version of their newest photo, eyes by the version that graded them
+    # per model version: visits with a photo it graded in the period, eyes by the version that graded them
     by_model = {}
     for version in sorted(set(models) | set(eye_models)):
         acc = models.get(version, _Acc())
         eyes = eye_models.get(version, _Acc())
         acc.dr, acc.dme, acc.ungradable_eyes = eyes.dr, eyes.dme, eyes.ungradable_eyes
-        by_model[version] = _stats(version, acc, models_visits.get(version, 0))
+        by_model[version] = _stats(version, acc, graded.get(version, 0))
+    total = graded.get(None, 0)
     return AgreementSummary(
-        overall=_stats(ALL if model_version is None else model_version, overall, len(visits)),
+        overall=_stats(ALL if model_version is None else model_version, overall, total),
         by_model=by_model,
-        by_reviewer={name: _stats(name, acc, len(visits)) for name, acc in sorted(reviewers.items())},
+        by_reviewer={name: _stats(name, acc, total) for name, acc in sorted(reviewers.items())},
     )
 
 
@@ -236,4 +279,4 @@ def groups(summary: AgreementSummary) -> Iterable[tuple[str, str, AgreementStats
         yield summary.overall.group, name, s
 
 
-__all__ = ["ALL", "AgreementStats", "AgreementSummary", "agreement_summary", "groups", "stat_rows"]
+__all__ = ["ALL", "AgreementStats", "AgreementSummary", "agreement_summary", "groups", "stat_rows", "visits_graded"]

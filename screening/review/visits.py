@@ -167,6 +167,10 @@ class Visit:
         return [f.finding for f in self.fields]
 
 
+# Exam ids per statement when visits are loaded by id: PostgreSQL takes at most 65,535 parameters a statement.
+IN_LIST_CHUNK = 10_000
+
+
 def _field(g: rrepo.GradedField) -> VisitField:
     finding = stored_finding(g.image, g.result)
     if finding is None:  # graded_fields selects only photos a report shows
@@ -185,15 +189,19 @@ def load_visits(session: Session, exam_ids: Iterable[int] | None = None, rule: E
     """Visits with at least one photo the report shows (of ``exam_ids``, or all), ordered by exam id; each eye's
     result is chosen by ``rule`` (the worker's ``[screening] eye_result``), and the model's referral for an
     ungradable eye by ``ungradable_rule`` (``[screening] ungradable_rule``)."""
-    ids = None if exam_ids is None else list(exam_ids)
+    ids = None if exam_ids is None else sorted(set(exam_ids))
+    if ids is not None and len(ids) > IN_LIST_CHUNK:  # a server refuses statements with too many parameters
+        return [v for k in range(0, len(ids), IN_LIST_CHUNK)
+                for v in load_visits(session, ids[k:k + IN_LIST_CHUNK], rule, ungradable_rule)]
     graded = rrepo.graded_fields(session, ids)
     if not graded:
         return []
-    reviews = rrepo.current_reviews(session, graded)
-    first_reports = rrepo.first_report_times(session, graded)
-    rows = session.execute(
-        select(Exam.id, Exam.exam_date, Patient.code).join(Patient, Patient.id == Exam.patient_id).where(Exam.id.in_(list(graded)))
-    ).all()
+    reviews = rrepo.current_reviews(session, ids)  # all (None) or the few asked for: never one parameter per visit
+    first_reports = rrepo.first_report_times(session, ids)
+    stmt = select(Exam.id, Exam.exam_date, Patient.code).join(Patient, Patient.id == Exam.patient_id)
+    if ids is not None:
+        stmt = stmt.where(Exam.id.in_(ids))
+    rows = [row for row in session.execute(stmt).all() if row[0] in graded]
     visits = []
     for exam_id, exam_date, code in sorted(rows):
         eyes = []

@@ -125,3 +125,35 @@ def test_an_eye_the_model_found_ungradable_is_counted_not_compared(factory):
         overall = agreement_summary(s).overall
     assert (overall.eyes_compared, overall.eyes_model_ungradable, overall.eyes_ungradable) == (2, 2, 1)
     assert overall.dr_exact_agreement == 1.0  # the two right eyes; the left ones had no model grade to compare
+
+
+def test_only_the_signed_off_visits_are_loaded_whatever_the_chunking(reviewed, monkeypatch):
+    """The audit over a million results failed on PostgreSQL (one parameter per visit, over its 65,535 limit) and
+    built every visit in Python: now the visits graded are counted in SQL and only signed-off visits are loaded,
+    by id a chunk at a time. The same answers with a chunk of 2 ids as with one statement."""
+    from screening.review import agreement, visits
+
+    loaded: list[int] = []
+    real = visits.load_visits
+    monkeypatch.setattr(agreement, "load_visits", lambda s, ids=None, rule="worst": loaded.extend(ids or [-1]) or real(s, ids, rule))
+    with session_scope(reviewed) as s:
+        whole = audit_summary(s, DAY, DAY).agreement
+    assert sorted(loaded) == sorted(set(loaded)) and len(loaded) == 4  # V1-V4, the signed-off ones, never "all"
+    monkeypatch.setattr(visits, "IN_LIST_CHUNK", 2)
+    monkeypatch.setattr(agreement, "IN_LIST_CHUNK", 2)
+    with session_scope(reviewed) as s:
+        assert audit_summary(s, DAY, DAY).agreement == whole
+
+
+def test_a_visit_graded_by_two_versions_counts_for_each(factory):
+    """As the audit counts exams per model version: a visit whose eyes two versions graded is in both columns."""
+    with session_scope(factory) as s:
+        exam = seed_visit(s, "M1", {"R": (2, 0, True)}, model_version="v1", report_at=at(100))
+        seed_visit(s, "M1", {"L": (0, 0, False)}, model_version="v2")  # the other eye, graded by v2
+        sign_off(s, exam.id, reviewer="A", source="cli", reviewed_at=at(1000))
+    with session_scope(factory) as s:
+        summary = audit_summary(s, DAY, DAY)
+    assert summary.agreement.overall.visits_graded == summary.overall.exams == 1
+    assert {v: (st.visits_graded, st.visits_reviewed, st.eyes_compared) for v, st in summary.agreement.by_model.items()} \
+        == {"v1": (1, 1, 1), "v2": (1, 1, 1)}
+    assert {v: st.exams for v, st in summary.by_model.items()} == {"v1": 1, "v2": 1}
