@@ -1,7 +1,9 @@
 """How often the model and the graders agree: the audit's answer to a clinical lead's first question.
 
-For the visits in the audit's period (a visit counts when one of the photos its report shows arrived in the
-period; with a model-version filter, when that photo was graded by that version):
+For the visits in the audit's period (a visit counts when one of its graded photos arrived in the period; with
+a model-version filter, when that photo was graded by that version). A visit whose every eye the model found
+ungradable has no grade to compare and is not graded in the audit's sense: it is not in these statistics (the
+audit's gradability counts cover its photos).
 
 * **share reviewed**: visits with at least one sign-off / visits graded;
 * **DR agreement**: quadratic-weighted Cohen's kappa (scikit-learn) between the model's DR grade and the
