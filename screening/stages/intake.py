@@ -315,7 +315,7 @@ class IntakeStage:
             repo.record_checks(
                 session, image, gradable=verdict.gradable, reasons=verdict.quality.reasons, scores=verdict.quality.scores,
                 eye_source=verdict.eye.source, predicted_eye=prediction.eye, eye_confidence=prediction.confidence,
-                eye_mismatch=verdict.eye.mismatch, eye_note=verdict.eye.note(),
+                eye_mismatch=verdict.eye.mismatch, eye_note=verdict.eye.note(), eye_confirmed=verdict.eye.confirmed,
             )
             session.flush()
             return Job(image.id, exam.id, path, sha, decoded, verdict.gradable)
