@@ -44,6 +44,7 @@ from _common import ROOT, machine_info, print_header
 from training.data.synthetic import make_fundus
 
 GOOD = "graded"
+PAGES = "pages graded {graded}, ungradable {ungradable}, refused {refused}"  # a multi-page file: what became of its pages
 LONG = "B41scan_" + "x" * 238 + ".jpg"
 
 
@@ -84,6 +85,42 @@ def tiff(pages: list[tuple[int, int]], seed: int) -> bytes:
             img = make_fundus(np.random.default_rng(seed), size=size).image
             Image.fromarray(img).save(tf, "TIFF", tiffinfo={254: subfile})
             tf.newFrame()
+    return buf.getvalue()
+
+
+def tiff_of(pictures: list[np.ndarray]) -> bytes:
+    """A multi-page TIFF, one full-size page per picture."""
+    from PIL import Image, TiffImagePlugin
+
+    buf = io.BytesIO()
+    with TiffImagePlugin.AppendingTiffWriter(buf) as tf:
+        for img in pictures:
+            Image.fromarray(img).save(tf, "TIFF")
+            tf.newFrame()
+    return buf.getvalue()
+
+
+def dicom(seed: int, rows: int | None = None, columns: int | None = None) -> bytes:
+    """An uncompressed Ophthalmic Photography DICOM of a synthetic photo (patient D<seed>, right eye); ``rows`` and
+    ``columns`` overwrite the size its header declares (a decompression bomb claims a huge one)."""
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+    img = make_fundus(np.random.default_rng(seed), size=256).image
+    meta = FileMetaDataset()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.77.1.5.1"
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    ds = Dataset()
+    ds.file_meta = meta
+    ds.SOPClassUID, ds.SOPInstanceUID, ds.Modality = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID, "OP"
+    ds.PatientID, ds.ImageLaterality, ds.AcquisitionDateTime = f"D{seed}", "R", "20250301101500"
+    ds.Rows, ds.Columns = rows or 256, columns or 256
+    ds.SamplesPerPixel, ds.PlanarConfiguration, ds.PhotometricInterpretation = 3, 0, "RGB"
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 8, 8, 7, 0
+    ds.PixelData = np.ascontiguousarray(img).tobytes()
+    buf = io.BytesIO()
+    ds.save_as(buf, enforce_file_format=True)
     return buf.getvalue()
 
 
@@ -136,7 +173,8 @@ def kinds(outside: Path) -> list[Kind]:
         ("B16_R.png", write(lambda s: png_claiming(13000, 13000)), "too_large"),
         ("B17_R.jpg", write(lambda s: jpeg_claiming(20000, 15000, s)), "too_large"),
         ("B18_R.jpg", write(lambda s: fundus_jpeg(s) + os.urandom(9 * 2**20)), "too_large"),  # over max_file_bytes
-        ("B19_R.tif", write(lambda s: tiff([(300, 0), (300, 0)], s)), "multi_page"),
+        ("B19_R.tif", write(lambda s: tiff_of([make_fundus(np.random.default_rng(s + k), size=300).image for k in (0, 1)])),
+         PAGES.format(graded=2, ungradable=0, refused=0)),  # two photos in one TIFF: one result each
         ("B20_R.tif", write(lambda s: tiff([(300, 0)] + [(64, 1)] * 5, s)), "multi_page"),
         ("B21_R.tif", write(lambda s: tiff([(64, 1), (400, 0)], s)), GOOD),  # thumbnail first, then the photo
         ("passwd_R.jpg", lambda p, s: p.symlink_to(secret), "not_a_file"),
@@ -169,6 +207,18 @@ def kinds(outside: Path) -> list[Kind]:
         ("b42_r_20250101.jpg", write(lambda s: fundus_jpeg(4242)), "duplicate"),  # same bytes, case and date differ
         ("B43_R.jpg", write(lambda s: fundus_jpeg(4242)), "identity_conflict"),  # same bytes, another patient
         ("B42_L.jpg", write(lambda s: fundus_jpeg(4242)), "identity_conflict"),  # same bytes, the other eye
+        ("B45_R.tif", write(lambda s: tiff_of([make_fundus(np.random.default_rng(s), size=300).image, white,
+                                               make_fundus(np.random.default_rng(s + 1), size=300).image])),
+         PAGES.format(graded=2, ungradable=0, refused=1)),  # two photos and a scanned form
+        ("B46_R.tif", write(lambda s: tiff_of([white, blue])), "not_fundus"),  # no photo on any page: refused whole
+        ("B47_R.tif", write(lambda s: tiff_of([make_fundus(np.random.default_rng(100), size=300).image, cv2.GaussianBlur(
+            make_fundus(np.random.default_rng(101), size=300).image, (0, 0), 6)])),
+         PAGES.format(graded=1, ungradable=1, refused=0)),  # a sharp photo and a blurred one: each page judged alone
+        ("B48.tif", write(lambda s: tiff_of([make_fundus(np.random.default_rng(1), size=400, eye="L", dr_grade=0).image,
+                                             make_fundus(np.random.default_rng(2), size=400, eye="R", dr_grade=0).image])),
+         PAGES.format(graded=2, ungradable=0, refused=0)),  # no eye in the name: each page takes the eye it shows
+        ("IM000047", write(lambda s: dicom(s)), GOOD),  # a PACS export without a suffix
+        ("IM000048", write(lambda s: dicom(s, 30000, 30000)), "too_large"),  # Rows x Columns of a bomb, from the header
         ("B44_R.png", write(lambda s: cv2.imencode(".png", cv2.cvtColor(
             (make_fundus(np.random.default_rng(s), size=300).image.astype(np.uint16) * 257), cv2.COLOR_RGB2BGR))[1].tobytes()), GOOD),
     ]
@@ -214,28 +264,39 @@ def bad_input(folder: Path, checkpoint: Path) -> dict[str, Any]:
     (inbox / (LONG[:-4] + ".json")).write_text(json.dumps({"patient_id": "B41", "eye": "R"}))
     (inbox / "scan34.json").write_text("{ not json")
     (inbox / "scan35.json").write_text(json.dumps({"patient_id": "../../etc", "eye": "R"}))
+    (inbox / ".gitkeep").touch()  # the inbox's own placeholder, old: left alone, never recorded
+    aged(inbox / ".gitkeep")
     secret_before = (outside / "secret.txt").read_text()
     t0 = time.monotonic()
     first = cli(cfg, "run", "--once")
     seconds = time.monotonic() - t0
     # incomplete files wait (they may still be being copied): the same files once the grace has passed
-    deferred = sorted(p.name for p in inbox.iterdir())
+    deferred = sorted(p.name for p in inbox.iterdir() if p.name != ".gitkeep")
     for name in deferred:
         aged(inbox / name, 400)
     second = cli(cfg, "run", "--once")
     outcomes = dict(query(folder, "SELECT source_name, coalesce(reason_code, outcome) FROM drops"))
     graded = {n for (n,) in query(folder, "SELECT i.source_name FROM images i JOIN results r ON r.image_id = i.id")}
     ungradable = {n for (n,) in query(folder, "SELECT source_name FROM images WHERE gradable = 0 AND state IN ('done', 'reported')")}
+    pages: dict[str, dict[str, int]] = {}
+    for name, state, has_result in query(folder, "SELECT i.source_name, i.state, r.id IS NOT NULL FROM images i "
+                                                 "LEFT JOIN results r ON r.image_id = i.id WHERE i.page IS NOT NULL"):
+        counts = pages.setdefault(name.rsplit(" (page ", 1)[0], {"graded": 0, "ungradable": 0, "refused": 0, "unfinished": 0})
+        stored = state in ("done", "reported")
+        counts["graded" if stored and has_result else "ungradable" if stored else "refused" if state == "rejected"
+               else "unfinished"] += 1
     got: dict[str, str] = {}
     for name, _, _ in table:
         if name in graded:
             got[name] = GOOD
+        elif name in pages:
+            got[name] = PAGES.format(**pages[name]) + (f", unfinished {n}" if (n := pages[name]["unfinished"]) else "")
         elif name in ungradable:  # stored without a grade by the intake checks (issue 13)
             got[name] = "ungradable"
         else:
             got[name] = outcomes.get(name, "(nothing recorded)")
     wrong = {name: (expected, got[name]) for name, _, expected in table if got[name] != expected}
-    left = sorted(p.name for p in inbox.iterdir())
+    left = sorted(p.name for p in inbox.iterdir() if p.name != ".gitkeep")
     drops = query(folder, "SELECT count(*) FROM drops")[0][0]
     audit = cli(cfg, "audit", "--json", str(folder / "audit.json"))
     summary = json.loads((folder / "audit.json").read_text())
@@ -251,6 +312,12 @@ def bad_input(folder: Path, checkpoint: Path) -> dict[str, Any]:
         "long_name_keeps_extension": long_name.endswith(".jpg"),
         "red_disc_on_black": got["B40_R.png"],
         "patients_143": [c for (c,) in query(folder, "SELECT code FROM patients WHERE lower(code) = 'patient143'")],
+        "placeholder_left_alone": (inbox / ".gitkeep").is_file() and not query(
+            folder, "SELECT count(*) FROM drops WHERE source_name = '.gitkeep'")[0][0],
+        "eyes_of_the_pages_of_B48": [f"{eye} ({source})" for eye, source in query(
+            folder, "SELECT eye, eye_source FROM images WHERE source_name LIKE 'B48.tif (page %' ORDER BY page")],
+        "multi_page_files_archived_once": sorted(p.name.split("_", 1)[1] for p in (folder / "archive").rglob("*.tif")
+                                                 if "duplicates" not in p.parts),
     }
 
 
@@ -297,6 +364,42 @@ def killed_restarts(folder: Path, checkpoint: Path, photos: int, kills: int, see
     }
 
 
+def restored_in_place(folder: Path, cfg: Path, env: dict[str, str]) -> dict[str, Any]:
+    """A watching worker whose database file is overwritten in place with another database (SQLite's backup API:
+    same file, same inode) must stop (exit 3) before it records anything into the other one."""
+    inbox = folder / "inbox"
+    other = folder / "other"
+    other.mkdir()
+    made = cli(config(other, Path(str(cfg)).parent / "unused.pt"), "init-db")
+    watcher = subprocess.Popen([sys.executable, "-m", "screening.cli", "--config", str(cfg), "run"], cwd=ROOT, env=env,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        (inbox / "R1_R.jpg").write_bytes(fundus_jpeg(881))
+        deadline = time.monotonic() + 300
+        while (inbox / "R1_R.jpg").exists() and time.monotonic() < deadline and watcher.poll() is None:
+            time.sleep(0.5)
+        first_graded = not (inbox / "R1_R.jpg").exists()
+        with sqlite3.connect(other / "screening.db") as src, sqlite3.connect(folder / "screening.db") as dst:
+            src.backup(dst)
+        (inbox / "R2_R.jpg").write_bytes(fundus_jpeg(882))
+        try:
+            code = watcher.wait(120)
+        except subprocess.TimeoutExpired:
+            code = None
+    finally:
+        if watcher.poll() is None:
+            watcher.send_signal(signal.SIGTERM)
+            watcher.wait(60)
+    assert watcher.stderr is not None
+    errors = [line for line in watcher.stderr.read().splitlines() if "error:" in line]
+    recorded = query(folder, "SELECT count(*) FROM images")[0][0]
+    left = (inbox / "R2_R.jpg").is_file()
+    (inbox / "R2_R.jpg").unlink(missing_ok=True)  # the next probe starts from an empty inbox
+    return {"other_database_made": made.returncode == 0, "first_photo_graded": first_graded, "exit_code": code,
+            "message": errors[-1][:200] if errors else "", "second_photo_left_in_inbox": left,
+            "images_in_the_other_database": recorded}
+
+
 def faults(folder: Path, checkpoint: Path) -> dict[str, Any]:
     out: dict[str, Any] = {}
     cfg = config(folder, checkpoint)
@@ -312,6 +415,7 @@ def faults(folder: Path, checkpoint: Path) -> dict[str, Any]:
     finally:
         watcher.send_signal(signal.SIGTERM)
         watcher.wait(60)
+    out["database_restored_in_place"] = restored_in_place(folder, cfg, env)
     if os.geteuid() == 0:
         mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(archive)], capture_output=True)
         if mounted.returncode == 0:
@@ -370,7 +474,8 @@ def main() -> int:
         ok = True
         if bad is not None:
             ok &= (not bad["wrong"] and not bad["left_in_inbox"] and bad["audit_counts_every_drop_once"]
-                   and bad["link_target_untouched"] and bad["long_name_keeps_extension"] and not bad["traceback"])
+                   and bad["link_target_untouched"] and bad["long_name_keeps_extension"] and not bad["traceback"]
+                   and bad["placeholder_left_alone"])
             print(f"\nbad input: {bad['kinds']} kinds tried, {len(bad['wrong'])} with the wrong outcome")
         if kill is not None:
             ok &= (kill["files_lost"] == 0 and kill["graded_once_archived_same_sha"] and kill["left_in_inbox"] == 0
@@ -378,6 +483,9 @@ def main() -> int:
             print(f"kill -9: {kill['kills']} restarts survived, files lost {kill['files_lost']}")
         if fault is not None:
             ok &= fault["second_worker_exit_code"] == 3 and fault.get("full_archive", {}).get("archived_with_room", True)
+            restored = fault["database_restored_in_place"]
+            ok &= (restored["exit_code"] == 3 and restored["second_photo_left_in_inbox"]
+                   and restored["images_in_the_other_database"] == 0)
         print("PASS" if ok else "FAIL")
         if args.json:
             args.json.write_text(json.dumps(results, indent=2, ensure_ascii=False) + "\n")

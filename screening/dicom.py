@@ -12,6 +12,10 @@ camera (Manufacturer (0008,0070) and Manufacturer's Model Name (0008,1090)). :fu
 them with what the file name or a sidecar says: the tags win where the name is silent, a disagreement is
 refused (a photo filed under the wrong patient or eye is worse than one sent back).
 
+The worker hands :func:`read_dicom` the bytes it hashed (read once, :func:`screening.intake.read_content`), so
+the tags and picture recorded are those of the hashed content. ``max_pixels`` is checked on Rows x Columns before
+the pixel data is decoded, and on the decoded picture again.
+
 Identifiers never reach a log: this module logs nothing read from a file, its records leave the patient id
 out of their ``repr``, every refusal message names the tag that was wrong but not its value, and pydicom's own
 messages (which can quote tag values) are kept out of the worker's log and warnings.
@@ -19,6 +23,7 @@ messages (which can quote tag values) are kept out of the worker's log and warni
 
 from __future__ import annotations
 
+import io
 import logging
 import os
 import warnings
@@ -35,6 +40,7 @@ from pydicom.multival import MultiValue
 from pydicom.pixels.decoders.base import get_decoder
 from pydicom.uid import UID
 
+from .imaging import DecodeLimits
 from .intake import Identity, normalise_eye, parse_identity, sidecar_for
 from .rejection import Rejection, RejectReason
 
@@ -62,8 +68,11 @@ _MAX_DEVICE_LENGTH = 128  # images.device
 _EXPORT_HINT = "export the photo from the camera or PACS again as Ophthalmic Photography or Secondary Capture"
 
 
-def is_dicom(path: str | os.PathLike[str]) -> bool:
-    """True for a DICOM Part 10 file: ``DICM`` at byte 128, after the preamble."""
+def is_dicom(source: str | os.PathLike[str] | bytes) -> bool:
+    """True for a DICOM Part 10 file (a path, or the file's bytes): ``DICM`` at byte 128, after the preamble."""
+    if isinstance(source, bytes):
+        return source[_PREAMBLE:_PREAMBLE + len(_MAGIC)] == _MAGIC
+    path = source
     try:
         with open(path, "rb") as fh:
             fh.seek(_PREAMBLE)
@@ -91,8 +100,8 @@ class DicomPhoto:
         return int(self.rgb.shape[1]), int(self.rgb.shape[0])
 
 
-def _refuse(code: RejectReason, path: Path, what: str) -> Rejection:
-    return Rejection(code, f"DICOM file '{path.name}': {what}")
+def _refuse(code: RejectReason, name: str, what: str) -> Rejection:
+    return Rejection(code, f"DICOM file '{name}': {what}")
 
 
 def _text(ds: Dataset, keyword: str) -> str | None:
@@ -122,14 +131,14 @@ def _dicom_date(raw: str) -> date | None:
     return d if d.year >= 1900 else None
 
 
-def _patient_id(ds: Dataset, path: Path) -> str:
+def _patient_id(ds: Dataset, name: str) -> str:
     value = _text(ds, "PatientID")
     if value is None:
-        raise _refuse(RejectReason.IDENTITY, path, "no Patient ID (0010,0020); set it on the camera or in the PACS and export again")
+        raise _refuse(RejectReason.IDENTITY, name, "no Patient ID (0010,0020); set it on the camera or in the PACS and export again")
     if "\\" in value:
-        raise _refuse(RejectReason.IDENTITY, path, "the Patient ID (0010,0020) holds several values; it must hold one")
+        raise _refuse(RejectReason.IDENTITY, name, "the Patient ID (0010,0020) holds several values; it must hold one")
     if len(value) > _MAX_ID_LENGTH or not value.isprintable():
-        raise _refuse(RejectReason.IDENTITY, path,
+        raise _refuse(RejectReason.IDENTITY, name,
                       f"the Patient ID (0010,0020) is not a valid id (at most {_MAX_ID_LENGTH} printable characters)")
     return value
 
@@ -137,9 +146,9 @@ def _patient_id(ds: Dataset, path: Path) -> str:
 _LATERALITY_TAGS = (("ImageLaterality", "Image Laterality", "(0020,0062)"), ("Laterality", "Laterality", "(0020,0060)"))
 
 
-def _eye(ds: Dataset, path: Path) -> tuple[Literal["L", "R"] | None, str | None]:
+def _eye(ds: Dataset, name: str) -> tuple[Literal["L", "R"] | None, str | None]:
     """The eye the laterality tags state, and which tag said it ("Image Laterality (0020,0062)")."""
-    for keyword, name, tag in _LATERALITY_TAGS:
+    for keyword, tag_name, tag in _LATERALITY_TAGS:
         value = _text(ds, keyword)
         if value is None:
             continue
@@ -147,12 +156,12 @@ def _eye(ds: Dataset, path: Path) -> tuple[Literal["L", "R"] | None, str | None]
             continue
         eye = normalise_eye(value)
         if eye is None:
-            raise _refuse(RejectReason.IDENTITY, path, f"{keyword} {tag} is {value!r}; expected R or L")
-        return eye, f"{name} {tag}"
+            raise _refuse(RejectReason.IDENTITY, name, f"{keyword} {tag} is {value!r}; expected R or L")
+        return eye, f"{tag_name} {tag}"
     return None, None
 
 
-def _exam_date(ds: Dataset, path: Path) -> date | None:
+def _exam_date(ds: Dataset, name: str) -> date | None:
     present = False
     for keyword in ("AcquisitionDateTime", "StudyDate"):
         value = _text(ds, keyword)
@@ -163,7 +172,7 @@ def _exam_date(ds: Dataset, path: Path) -> date | None:
         if found is not None:
             return found
     if present:
-        raise _refuse(RejectReason.IDENTITY, path,
+        raise _refuse(RejectReason.IDENTITY, name,
                       "neither Acquisition DateTime (0008,002A) nor Study Date (0008,0020) holds a valid date")
     return None
 
@@ -174,65 +183,98 @@ def _device(ds: Dataset) -> str | None:
     return "".join(c for c in text if c.isprintable())[:_MAX_DEVICE_LENGTH] or None
 
 
-def _pixels(ds: Dataset, path: Path) -> np.ndarray:
-    """The photo as (rows, columns, 3) uint8 RGB; raises a :class:`Rejection` saying what is unsupported."""
+def _declared_size(ds: Dataset, name: str) -> tuple[int, int]:
+    """(width, height) as the header declares them: Columns (0028,0011) x Rows (0028,0010)."""
+    try:
+        width, height = int(ds.get("Columns") or 0), int(ds.get("Rows") or 0)
+    except (TypeError, ValueError):
+        width = height = 0
+    if width <= 0 or height <= 0:
+        raise _refuse(RejectReason.UNREADABLE, name, "no valid Rows (0028,0010) and Columns (0028,0011); export it again")
+    return width, height
+
+
+def _too_large(name: str, width: int, height: int, limits: DecodeLimits) -> Rejection:
+    return _refuse(RejectReason.TOO_LARGE, name, f"{width}x{height} pixels ({width * height / 1e6:.0f} megapixels), over the "
+                   f"limit of {limits.max_pixels / 1e6:g} megapixels ([screening] max_pixels); export it at a smaller size")
+
+
+def _pixels(ds: Dataset, name: str, limits: DecodeLimits) -> np.ndarray:
+    """The photo as (rows, columns, 3) uint8 RGB; raises a :class:`Rejection` saying what is unsupported. The size
+    the header declares is checked against ``limits`` before any pixel is decoded (a 30000 x 30000 claim costs
+    nothing), and the decoded size again after (a header that understates its picture)."""
     syntax = ds.file_meta.get("TransferSyntaxUID") if hasattr(ds, "file_meta") else None
     if syntax is None:
-        raise _refuse(RejectReason.UNREADABLE, path, "no Transfer Syntax UID (0002,0010) in the file meta information; export it again")
+        raise _refuse(RejectReason.UNREADABLE, name, "no Transfer Syntax UID (0002,0010) in the file meta information; export it again")
     if "PixelData" not in ds:
-        raise _refuse(RejectReason.UNREADABLE, path, "no pixel data (7FE0,0010): the file holds no picture; export the photo itself")
+        raise _refuse(RejectReason.UNREADABLE, name, "no pixel data (7FE0,0010): the file holds no picture; export the photo itself")
     try:
         decoder = get_decoder(syntax)
     except NotImplementedError:
-        name = getattr(syntax, "name", "") or "unknown"
-        raise _refuse(RejectReason.UNSUPPORTED_TYPE, path,
-                      f"transfer syntax {syntax} ({name}) is not supported; export uncompressed or JPEG baseline") from None
+        syntax_name = getattr(syntax, "name", "") or "unknown"
+        raise _refuse(RejectReason.UNSUPPORTED_TYPE, name,
+                      f"transfer syntax {syntax} ({syntax_name}) is not supported; export uncompressed or JPEG baseline") from None
     if not decoder.is_available:
-        raise _refuse(RejectReason.UNSUPPORTED_TYPE, path,
+        raise _refuse(RejectReason.UNSUPPORTED_TYPE, name,
                       f"no decoder is installed for transfer syntax {syntax} ({syntax.name}); export uncompressed or JPEG baseline")
     frames = int(ds.get("NumberOfFrames", 1) or 1)
     if frames != 1:
-        raise _refuse(RejectReason.UNSUPPORTED_TYPE, path, f"{frames} frames in one file; export each photo as its own file")
+        raise _refuse(RejectReason.UNSUPPORTED_TYPE, name, f"{frames} frames in one file; export each photo as its own file")
     photometric = _text(ds, "PhotometricInterpretation") or ""
     if photometric.startswith("MONOCHROME"):
-        raise _refuse(RejectReason.NOT_FUNDUS, path,
+        raise _refuse(RejectReason.NOT_FUNDUS, name,
                       "a monochrome (red-free) photo; only colour fundus photos are graded")
     if photometric not in ("RGB", "YBR_FULL", "YBR_FULL_422", "YBR_ICT", "YBR_RCT"):
-        raise _refuse(RejectReason.UNSUPPORTED_TYPE, path,
+        raise _refuse(RejectReason.UNSUPPORTED_TYPE, name,
                       f"photometric interpretation {photometric or '(none)'} (0028,0004) is not supported; export as RGB colour")
+    width, height = _declared_size(ds, name)
+    if width * height > limits.max_pixels:
+        raise _too_large(name, width, height, limits)
     try:
         arr = np.asarray(ds.pixel_array)  # YBR is converted to RGB by pydicom
     except Exception as exc:  # noqa: BLE001 - any decoder failure (truncated JPEG, wrong lengths): the file is refused
-        raise _refuse(RejectReason.UNREADABLE, path,
+        raise _refuse(RejectReason.UNREADABLE, name,
                       f"the pixel data could not be decoded ({type(exc).__name__}); export it again") from None
     if arr.ndim != 3 or arr.shape[2] != 3:
-        raise _refuse(RejectReason.UNSUPPORTED_TYPE, path, f"pixel data of shape {arr.shape}; expected one colour picture")
+        raise _refuse(RejectReason.UNSUPPORTED_TYPE, name, f"pixel data of shape {arr.shape}; expected one colour picture")
+    if arr.shape[0] * arr.shape[1] > limits.max_pixels:
+        raise _too_large(name, arr.shape[1], arr.shape[0], limits)
     if arr.dtype != np.uint8:  # a 16-bit Secondary Capture: keep the top 8 of the stored bits
         stored = int(ds.get("BitsStored", 16) or 16)
         arr = (arr.astype(np.uint32) >> max(stored - 8, 0)).clip(0, 255).astype(np.uint8)
     return np.ascontiguousarray(arr)
 
 
-def read_dicom(path: str | os.PathLike[str]) -> DicomPhoto:
-    """Read a DICOM fundus photo; raises a :class:`Rejection` (the tag or property that is wrong, never its
-    value) when it is not one the worker can grade. Call it for files :func:`is_dicom` accepts."""
-    p = Path(path)
+def read_dicom(source: str | os.PathLike[str] | bytes, *, name: str | None = None,
+               limits: DecodeLimits | None = None) -> DicomPhoto:
+    """Read a DICOM fundus photo from a file's bytes (the worker passes the bytes it hashed, so the picture and
+    tags recorded are those of the hashed content) or, for tools, from a path; raises a :class:`Rejection` (the
+    tag or property that is wrong, never its value) when it is not one the worker can grade or is over
+    ``limits``. ``name`` names the file in refusals. Call it for files :func:`is_dicom` accepts."""
+    if isinstance(source, bytes):
+        stream: io.BytesIO | Path = io.BytesIO(source)
+        label = name or "the file"
+    else:
+        stream = Path(source)
+        label = name or stream.name
+    limits = limits or DecodeLimits()
     with warnings.catch_warnings():  # pydicom's warnings may quote tag values (see the module docstring)
         warnings.simplefilter("ignore")
         try:
-            ds = pydicom.dcmread(p)
+            ds = pydicom.dcmread(stream)
         except (InvalidDicomError, OSError, ValueError, EOFError) as exc:
-            raise _refuse(RejectReason.UNREADABLE, p, f"not a readable DICOM file ({type(exc).__name__}); export it again") from None
+            raise _refuse(RejectReason.UNREADABLE, label, f"not a readable DICOM file ({type(exc).__name__}); export it again") from None
         except Exception as exc:  # noqa: BLE001 - pydicom raises many types on malformed files; all mean "unreadable"
-            raise _refuse(RejectReason.UNREADABLE, p, f"not a readable DICOM file ({type(exc).__name__}); export it again") from None
+            raise _refuse(RejectReason.UNREADABLE, label, f"not a readable DICOM file ({type(exc).__name__}); export it again") from None
         sop = str(ds.get("SOPClassUID") or (ds.file_meta.get("MediaStorageSOPClassUID") if hasattr(ds, "file_meta") else "") or "")
         if sop not in SOP_CLASSES:
-            name = UID(sop).name if sop else ""
-            label = f"{sop} ({name})" if name and name != sop else (sop or "(none)")
-            raise _refuse(RejectReason.UNSUPPORTED_TYPE, p, f"SOP class {label} is not a photograph the worker grades; {_EXPORT_HINT}")
-        patient_id = _patient_id(ds, p)
-        (eye, eye_tag), exam_date, device = _eye(ds, p), _exam_date(ds, p), _device(ds)
-        rgb = _pixels(ds, p)
+            sop_name = UID(sop).name if sop else ""
+            described = f"{sop} ({sop_name})" if sop_name and sop_name != sop else (sop or "(none)")
+            raise _refuse(RejectReason.UNSUPPORTED_TYPE, label,
+                          f"SOP class {described} is not a photograph the worker grades; {_EXPORT_HINT}")
+        patient_id = _patient_id(ds, label)
+        (eye, eye_tag), exam_date, device = _eye(ds, label), _exam_date(ds, label), _device(ds)
+        rgb = _pixels(ds, label, limits)
     return DicomPhoto(rgb=rgb, patient_id=patient_id, eye=eye, exam_date=exam_date, device=device, sop_class=sop,
                       eye_tag=eye_tag)
 
@@ -251,11 +293,11 @@ def dicom_identity(photo: DicomPhoto, path: str | os.PathLike[str], patterns: tu
     if named is not None and named.eye is None and named.exam_date is None and sidecar_for(p) is None:
         named = None  # a bare name (IM0001.dcm, as PACS exports name files) says nothing about whose photo it is
     if named is not None and named.patient_id != photo.patient_id:
-        raise _refuse(RejectReason.IDENTITY, p,
+        raise _refuse(RejectReason.IDENTITY, p.name,
                       "the patient id in the file name or sidecar differs from the Patient ID (0010,0020); correct one of them")
     eye = photo.eye
     if named is not None and eye is not None and named.eye is not None and named.eye != eye:
-        raise _refuse(RejectReason.IDENTITY, p,
+        raise _refuse(RejectReason.IDENTITY, p.name,
                       f"the file name or sidecar says eye {named.eye}, the DICOM laterality (0020,0062/0020,0060) says {eye}; "
                       "correct one of them")
     if eye is not None:
@@ -264,7 +306,7 @@ def dicom_identity(photo: DicomPhoto, path: str | os.PathLike[str], patterns: tu
         eye, eye_from = (named.eye, named.eye_from) if named is not None else (None, None)
     exam_date = photo.exam_date
     if named is not None and named.exam_date is not None and exam_date is not None and named.exam_date != exam_date:
-        raise _refuse(RejectReason.IDENTITY, p,
+        raise _refuse(RejectReason.IDENTITY, p.name,
                       "the date in the file name or sidecar differs from the DICOM acquisition or study date; correct one of them")
     exam_date = exam_date or (named.exam_date if named is not None else None)
     return Identity(patient_id=photo.patient_id, eye=eye, exam_date=exam_date, device=photo.device, eye_from=eye_from)

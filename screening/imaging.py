@@ -10,7 +10,8 @@ Order of the checks, cheapest first, so that a hostile file costs little (:func:
 1. the bytes carry a known signature (JPEG, PNG, TIFF, BMP); empty is its own reason;
 2. the header (read by Pillow without decoding the pixels) gives width x height, checked against
    ``max_pixels``; a TIFF's pages are counted up to ``max_pages``: thumbnails are skipped, and a file
-   holding more than one full-size picture is refused rather than read as its first page;
+   holding more than one full-size picture is never read as its first page: the worker reads it page by
+   page (:func:`decode_pages`, one :class:`Page` each, each page then judged by the intake checks alone);
 3. the image data is complete: a JPEG is decoded once, strictly, at 1/8 scale by libjpeg-turbo
    (``simplejpeg``), which turns libjpeg's warnings ("premature end of data segment", corrupt data) into
    errors; a PNG's chunks are walked with their CRCs up to IEND; a TIFF's strips and tiles must lie
@@ -34,8 +35,11 @@ import math
 import struct
 import warnings
 import zlib
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
+from typing import TypeVar
 
 import cv2
 import numpy as np
@@ -52,6 +56,7 @@ _SIGNATURES = (
 )
 _REDUCED_RESOLUTION = 1  # TIFF NewSubfileType bit 0: a thumbnail of another page
 _EXPORT_AGAIN = "export the photo again (or wait until the copy has finished)"
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -211,8 +216,9 @@ def bmp_complete(data: bytes) -> str | None:
     return None
 
 
-def _tiff_page(im: Image.Image, limits: DecodeLimits, name: str) -> int:
-    """The index of the one full-size page of a TIFF (thumbnails skipped); a Rejection when there are more."""
+def tiff_pages(im: Image.Image, limits: DecodeLimits, name: str) -> list[int]:
+    """The indices of a TIFF's full-size pages (thumbnails, NewSubfileType bit 0, skipped), read from the headers
+    alone; a Rejection when the file has more than ``max_pages`` pages or a page over ``max_pixels``."""
     full: list[int] = []
     page = 0
     while True:
@@ -229,9 +235,16 @@ def _tiff_page(im: Image.Image, limits: DecodeLimits, name: str) -> int:
         if not int(getattr(im, "tag_v2", {}).get(254, 0)) & _REDUCED_RESOLUTION:
             full.append(page)
         page += 1
+    return full
+
+
+def _tiff_page(im: Image.Image, limits: DecodeLimits, name: str) -> int:
+    """The index of the one full-size page of a TIFF (thumbnails skipped); a Rejection when there are more (the
+    worker reads those with :func:`decode_pages`) or none."""
+    full = tiff_pages(im, limits, name)
     if len(full) != 1:
-        raise Rejection(RejectReason.MULTI_PAGE, f"'{name}' holds {len(full) or 'no'} full-size pictures; one result "
-                        "is made per file, so export each photo as its own file")
+        raise Rejection(RejectReason.MULTI_PAGE, f"'{name}' holds {len(full) or 'no'} full-size pictures; read it "
+                        "page by page (decode_pages), or export each photo as its own file")
     return full[0]
 
 
@@ -294,6 +307,98 @@ def decode_bytes(data: bytes, size: int, display_size: int = 512, *, limits: Dec
     if bgr is None:
         raise _incomplete("the decoder stopped")
     return preprocess(cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB), (width, height), size, display_size, factor)
+
+
+# ------------------------------------------------------------------------------------------- multi-page files
+
+_TIFF_ORIENTATION = 274
+_UPRIGHT = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180, 4: Image.Transpose.FLIP_TOP_BOTTOM,
+            5: Image.Transpose.TRANSPOSE, 6: Image.Transpose.ROTATE_270, 7: Image.Transpose.TRANSVERSE,
+            8: Image.Transpose.ROTATE_90}  # TIFF/EXIF orientation -> the turn that shows the page as viewers do
+
+
+@dataclass(frozen=True)
+class Page:
+    """One full-size picture of a multi-page file: its number (1 = the file's first directory, thumbnails
+    counted, as viewers number pages), its (width, height) as a viewer shows it, and either the photo in the
+    model's frame (with ``whole`` for the intake checks, which judge it like any single photo) or why this page
+    cannot be a photo at all (too small)."""
+
+    number: int
+    size: tuple[int, int]
+    decoded: DecodedImage | None
+    rejection: Rejection | None
+
+
+def several_pictures(data: bytes, limits: DecodeLimits) -> bool:
+    """True for a TIFF holding more than one full-size picture within the limits: the worker grades it page by
+    page (:func:`decode_pages`). False for anything else, a damaged header or a file over the limits included:
+    :func:`decode_bytes` then says what is wrong with it."""
+    if sniff(data) != "TIFF":
+        return False
+    Image.MAX_IMAGE_PIXELS = limits.max_pixels
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            with Image.open(io.BytesIO(data)) as im:
+                return len(tiff_pages(im, limits, "")) > 1
+    except Exception:  # noqa: BLE001 - any refusal of the header: decode_bytes gives the reason
+        return False
+
+
+def _pillow(name: str, limits: DecodeLimits, work: Callable[[], T]) -> T:
+    """Run Pillow work on a file's bytes, turning its errors into the refusals :func:`decode_bytes` gives."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # DecompressionBombWarning, "Truncated File Read": checked here instead
+            return work()
+    except Image.DecompressionBombError:
+        raise Rejection(RejectReason.TOO_LARGE, f"'{name}' is over the limit of {limits.max_pixels / 1e6:g} "
+                        "megapixels ([screening] max_pixels); export it at a smaller size") from None
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, struct.error) as exc:
+        raise _incomplete(f"TIFF: {type(exc).__name__}") from None
+
+
+def _page_rgb(im: Image.Image, index: int, file_size: int) -> np.ndarray:
+    """Page ``index`` of an open TIFF as an upright uint8 RGB array, once its strips are known to be whole."""
+    im.seek(index)
+    problem = tiff_complete(im, file_size)
+    if problem is not None:
+        raise _incomplete(f"page {index + 1}: {problem}")
+    im.load()  # Pillow >= 11 turns the page upright as it loads it, and then drops the orientation tag
+    turn = _UPRIGHT.get(int(getattr(im, "tag_v2", {}).get(_TIFF_ORIENTATION, 1) or 1))
+    page = im.transpose(turn) if turn is not None else im
+    return np.ascontiguousarray(np.asarray(page.convert("RGB")))
+
+
+def decode_pages(data: bytes, size: int, display_size: int = 512, *, limits: DecodeLimits | None = None,
+                 name: str = "the file") -> Iterator[Page]:
+    """Every full-size picture of a multi-page TIFF (:func:`several_pictures`), decoded one at a time as the
+    caller iterates and preprocessed as :func:`decode_bytes` does a single photo (``whole`` kept for the intake
+    checks). A page too small to be a photo gets its :class:`~screening.rejection.Rejection` in its :class:`Page`
+    (the other pages are still read); what is wrong with the file itself (over the limits, incomplete or
+    corrupt) raises one for the whole file, at the first page for the limits, at the page it shows on for damage.
+
+    An iterator, not a list, so that a caller may judge each page and drop its whole-size pixels before the next
+    one is decoded: a file of ``max_pages`` camera-size pages then never holds more than one in memory."""
+    limits = limits or DecodeLimits()
+    if sniff(data) != "TIFF":
+        raise ValueError(f"'{name}' is not a TIFF; only TIFF files hold several pages")
+    return _pages(data, size, display_size, limits, name)
+
+
+def _pages(data: bytes, size: int, display_size: int, limits: DecodeLimits, name: str) -> Iterator[Page]:
+    Image.MAX_IMAGE_PIXELS = limits.max_pixels
+    with _pillow(name, limits, partial(Image.open, io.BytesIO(data))) as im:
+        for index in _pillow(name, limits, partial(tiff_pages, im, limits, name)):
+            rgb = _pillow(name, limits, partial(_page_rgb, im, index, len(data)))
+            width, height = rgb.shape[1], rgb.shape[0]
+            try:
+                page = Page(index + 1, (width, height), preprocess(rgb, (width, height), size, display_size), None)
+            except Rejection as rejection:
+                page = Page(index + 1, (width, height), None, rejection)
+            del rgb  # the page's pixels live on in page.decoded.whole only until the caller drops them
+            yield page
 
 
 def preprocess(rgb: np.ndarray, original_size: tuple[int, int], size: int, display_size: int = 512,

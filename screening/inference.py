@@ -11,12 +11,12 @@ import torch
 
 from training.api import (
     apply_grader,
+    calibrated_referable,
     eval_transforms,
     features_of,
     fundus_mask,
     lesion_evidence,
     load_model,
-    referable_score,
     resolve_device,
     uses_segmentation,
 )
@@ -49,8 +49,10 @@ class PreparedBatch:
     image_features: np.ndarray | None  # the grader's image measurements, when the checkpoint has a grader
 
 
-# P(referable) = 1 - P(DR <= 1) * P(no DME risk): the same function the referral threshold was chosen with.
-referable_probability = referable_score
+def referable_probability(dr: np.ndarray, dme: np.ndarray, calibration: dict[str, Any] | None = None) -> np.ndarray:
+    """P(referable) = 1 - P(DR <= 1) * P(no DME risk), through the checkpoint's calibration map when it has
+    one: the same function the referral threshold was chosen with."""
+    return calibrated_referable(dr, dme, calibration)
 
 
 class Predictor:
@@ -122,7 +124,8 @@ class Predictor:
             feats = features_of(images, seg_probs if uses_segmentation(grader) else None, image_features=batch.image_features)
             dr, dme = apply_grader(grader, feats, dme)
         seg = seg_probs > self.lesion_threshold
-        ref = referable_probability(dr, dme)
+        # a grader's own probabilities replace the heads', so the heads' calibration map does not apply to them
+        ref = referable_probability(dr, dme, None if "grader" in self.meta else self.meta.get("referable_calibration"))
         dr_cls, dme_cls = dr.argmax(1), dme.argmax(1)
         if explain:
             evidence = lesion_evidence(out.seg_logits) if self.model.config.grade_inputs == "features+lesions" else None

@@ -16,7 +16,8 @@ How files reach the pipeline
   clocks drift). A file that stays at 0 bytes is reported after ``10 x stable_seconds`` so the
   pipeline can reject it as empty instead of skipping it forever.
 
-Only the top level of the inbox is considered, and nothing in it is skipped for ever. Sub-folders,
+Only the top level of the inbox is considered, and nothing in it is skipped for ever except the inbox's own
+placeholder (an empty ``.gitkeep``, :func:`is_placeholder`). Sub-folders,
 symlinks, pipes and devices are returned like files (never followed or recursed into) and
 :func:`stray_rejection` says why the pipeline refuses them. Temporary/hidden names (see :func:`is_ignored`)
 are left alone while they may still be in use; once unchanged for ``abandoned_after`` seconds they are
@@ -66,6 +67,7 @@ log = logging.getLogger(__name__)
 __all__ = [
     "EMPTY_FILE_FACTOR",
     "MAX_RETRY_DELAY",
+    "PLACEHOLDER_NAME",
     "SUPPORTED_SUFFIXES",
     "Content",
     "Identity",
@@ -77,6 +79,7 @@ __all__ = [
     "entry_sha256",
     "is_candidate",
     "is_ignored",
+    "is_placeholder",
     "is_supported",
     "normalise_eye",
     "parse_identity",
@@ -97,6 +100,10 @@ as its modification time is that old (a one-shot run does not wait for an empty 
 
 MAX_RETRY_DELAY = 3600.0
 """Longest wait, in seconds, before a file whose handling failed or was put off is tried again."""
+
+PLACEHOLDER_NAME = ".gitkeep"
+"""The one name in the inbox the worker leaves alone for ever, when it is an empty regular file
+(:func:`is_placeholder`)."""
 
 _IGNORED_SUFFIXES = (".part", ".tmp", ".crdownload", ".partial", ".json")
 _IGNORED_NAMES = frozenset({"thumbs.db", "desktop.ini"})
@@ -412,10 +419,21 @@ def _has_photo(sidecar: Path) -> bool:
     return any(n != sidecar.name and (n == stem or Path(n).stem == stem) and not is_ignored(n) for n in names)
 
 
+def is_placeholder(name: str, st: os.stat_result) -> bool:
+    """True for the inbox's own placeholder: exactly :data:`PLACEHOLDER_NAME`, an empty regular file. The
+    repository ships it so that ``inbox/`` exists in a fresh checkout; refusing it as a hidden name left behind
+    moved the project's own file to ``rejected/``. Anything else under that name (a photo hidden there, a link,
+    a folder) is refused like any hidden name."""
+    return name == PLACEHOLDER_NAME and stat.S_ISREG(st.st_mode) and st.st_size == 0
+
+
 def is_candidate(path: Path, st: os.stat_result, abandoned_after: float | None, now: float | None = None) -> bool:
-    """Whether an inbox entry is for the pipeline now: every entry except a hidden or temporary name
-    (:func:`is_ignored`) that changed less than ``abandoned_after`` seconds ago (None: never), or a sidecar
-    whose photo is beside it (it travels with the photo)."""
+    """Whether an inbox entry is for the pipeline now: every entry except the inbox placeholder
+    (:func:`is_placeholder`, never), a hidden or temporary name (:func:`is_ignored`) that changed less than
+    ``abandoned_after`` seconds ago (None: never), or a sidecar whose photo is beside it (it travels with the
+    photo)."""
+    if is_placeholder(path.name, st):
+        return False
     if not is_ignored(path.name):
         return True
     if abandoned_after is None or (now if now is not None else time.time()) - st.st_mtime < abandoned_after:

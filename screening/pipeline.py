@@ -9,9 +9,10 @@ side process, while the next batch runs); the report stage records each one.
 No photo is left in a state no run can finish: a file whose handling failed or was put off (grading
 failed, a full or read-only archive, a file still arriving) stays in the inbox with its committed state and
 is handed out again (``run_forever``: :meth:`screening.intake.Intake.retry_later`; ``run_once``: the next
-run). A locked database is waited out (:func:`screening.db.session.transaction`); a database file deleted
-or replaced under the worker stops it (:class:`~screening.db.session.DatabaseGone`), since every result
-written after that would be lost. At start-up :meth:`Worker.recover` reconciles the database with the files.
+run). A locked database is waited out (:func:`screening.db.session.transaction`); a database deleted,
+replaced or re-created under the worker stops it (:class:`~screening.db.session.DatabaseGone`, checked
+before every unit of work: :func:`~screening.db.session.guard_identity`), since every result written after
+that would be lost. At start-up :meth:`Worker.recover` reconciles the database with the files.
 
 :class:`Worker` only drives: which files to take (``run_once``: what is in the inbox now; ``run_forever``:
 the watcher and the periodic sweep), the order of the stages, and the counts of what happened.
@@ -32,7 +33,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from .checks import IntakeChecks
 from .config import ScreeningSettings
-from .db.session import DatabaseGone
+from .db.session import DatabaseGone, guard_identity
 from .inference import Predictor
 from .intake import EMPTY_FILE_FACTOR, Intake, sweep, wait_until_stable
 from .rejection import FailReason
@@ -40,6 +41,7 @@ from .renderer import Renderer, make_renderer
 from .runtime import release_memory
 from .stages import (
     Admitted,
+    AdmittedPages,
     Deferred,
     Duplicate,
     Filing,
@@ -84,6 +86,8 @@ class BatchOutcome:
         elif isinstance(outcome, Deferred):
             self.deferred += 1
             self.retry.append(outcome.path)
+        elif isinstance(outcome, AdmittedPages):  # the pages that are not photos to grade are refused
+            self.rejected += len(outcome.refused)
 
     def count_reports(self, outcomes: list[ReportOutcome]) -> None:
         self.reports += written(outcomes)
@@ -110,6 +114,7 @@ class Worker:
         self.s = settings
         self.predictor = predictor
         self.factory = factory
+        guard_identity(factory)  # from now on, a database replaced or re-created under the worker stops it
         self.checks = checks if checks is not None else IntakeChecks.from_settings(settings)
         for folder in (settings.inbox, settings.reports, settings.archive, settings.rejected, settings.work_dir):
             folder.mkdir(parents=True, exist_ok=True)
@@ -155,6 +160,9 @@ class Worker:
             out.count(outcome)
             if isinstance(outcome, Admitted):
                 (jobs if outcome.job.gradable else ungradable).append(outcome.job)
+            elif isinstance(outcome, AdmittedPages):  # a page is a photo like any other: graded or stored ungradable
+                for job in outcome.jobs:
+                    (jobs if job.gradable else ungradable).append(job)
         batches = self.grade.split(jobs)
         last_batch = {job.exam_id: k for k, batch in enumerate(batches) for job in batch}
         stored: set[int] = set()  # exams with a new result, report not yet submitted
@@ -168,7 +176,7 @@ class Worker:
                 continue
             stored.add(saved.exam_id)
             out.processed += 1
-            if saved.archived_as is None and job.path.exists():  # the archive could not take it now
+            if saved.archived_as is None and not saved.awaits_pages and job.path.exists():  # the archive could not take it now
                 out.unmoved += 1
                 out.retry.append(job.path)
         ready = sorted(e for e in stored if e not in last_batch)  # exams with nothing to grade in this group
@@ -188,7 +196,7 @@ class Worker:
                     continue
                 stored.add(saved.exam_id)
                 out.processed += 1
-                if saved.archived_as is None and job.path.exists():  # the archive could not take it now
+                if saved.archived_as is None and not saved.awaits_pages and job.path.exists():  # the archive could not take it now
                     out.unmoved += 1
                     out.retry.append(job.path)
             del graded
@@ -286,7 +294,7 @@ class Worker:
                     for path in chunk:  # handed out, not finished: hand them out again
                         intake.retry_later(path)
                     raise
-                for path in out.retry:
+                for path in dict.fromkeys(out.retry):  # once each (the pages of one file share it)
                     delay = intake.retry_later(path)
                     log.info("a file stays in the inbox and is tried again within %.0f s", delay)
                 log.info("batch: %s (reports recorded meanwhile; each report is logged when it is written)", out.summary())

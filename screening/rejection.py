@@ -28,7 +28,7 @@ class RejectReason(StrEnum):
     INCOMPLETE = "incomplete"  # the image data stops before its end (truncated, still being copied, corrupt)
     EMPTY = "empty"  # 0 bytes
     TOO_LARGE = "too_large"  # over the configured limit on bytes or pixels
-    MULTI_PAGE = "multi_page"  # several photos in one file, or more pages than the configured limit
+    MULTI_PAGE = "multi_page"  # more pages than the configured limit (a TIFF of several photos is graded per page)
     NOT_A_FILE = "not_a_file"  # a link, a folder, a pipe or a device in the inbox
     LEFT_BEHIND = "left_behind"  # a hidden or temporary name (.part, ~$, dotfile, a lone sidecar) unchanged too long
     TOO_SMALL = "too_small"  # fewer pixels than a fundus photo needs

@@ -43,7 +43,7 @@ from training.device import resolve_device
 from training.grader import apply_grader, features_of, uses_segmentation
 from training.laterality import LateralityModelError, LateralityPrediction, load_laterality_model
 from training.laterality import predict as predict_laterality
-from training.metrics import referable_score
+from training.metrics import calibrated_referable, referable_score
 from training.model import ModelConfig, MultiTaskNet, MultiTaskOutput, lesion_evidence
 from training.quality import REASON_TEXT, REASONS, QualityModelError, QualityVerdict, load_quality_model
 from training.quality import assess as assess_quality
@@ -63,6 +63,6 @@ __all__ = [
     "ModelConfig", "MultiTaskNet", "MultiTaskOutput", "QualityModelError", "QualityVerdict", "StrictSettings",
     "apply_grader", "assess_quality", "channel_max", "crop_square", "eval_transforms", "features_of",
     "format_validation_error", "fundus_bbox", "fundus_mask", "lesion_evidence", "load_laterality_model", "load_model",
-    "load_quality_model", "parse_training_config", "predict_laterality", "read_toml", "referable_score",
+    "load_quality_model", "parse_training_config", "predict_laterality", "read_toml", "referable_score", "calibrated_referable",
     "resize_square", "resolve_device", "resolve_paths", "train_demo_model", "uses_segmentation",
 ]

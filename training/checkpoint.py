@@ -2,7 +2,8 @@
 
 A checkpoint carries everything the worker needs to rebuild and describe the model:
 ``model_state``, ``model_config`` (backbone, input size, normalisation...), ``labels``,
-``thresholds`` (the referral operating point), ``provenance`` (data summary, synthetic or real,
+``thresholds`` (the referral operating point, on the scale of ``referable_calibration`` when the
+checkpoint has that map of P(referable)), ``provenance`` (data summary, synthetic or real,
 command, date, git commit) and ``metrics`` (validation). Training checkpoints also carry
 ``optimizer_state``, ``scheduler_state``, ``epoch``, ``best_score`` and ``history`` for resuming.
 """
@@ -92,6 +93,13 @@ def validate_metadata(ckpt: dict[str, Any], path: str | Path) -> None:
         raise CheckpointError(f"{path}: provenance.kind must be one of {MODEL_KINDS}, got {kind!r}")
     if "referable" not in ckpt["thresholds"]:
         raise CheckpointError(f"{path}: thresholds.referable (the referral operating point) is missing")
+    cal = ckpt.get("referable_calibration")
+    if cal is not None:
+        ok = (isinstance(cal, dict) and cal.get("method") == "platt"
+              and all(isinstance(cal.get(k), (int, float)) for k in ("slope", "intercept")) and cal["slope"] > 0)
+        if not ok:
+            raise CheckpointError(f"{path}: referable_calibration must be {{'method': 'platt', 'slope': > 0, "
+                                  f"'intercept': number}}, got {cal!r}; refit it with `dr-train grade-heads`")
 
 
 def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[MultiTaskNet, dict[str, Any]]:

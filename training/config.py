@@ -102,6 +102,7 @@ class ModelSettings(_Strict):
     contrast: Literal["none", "local-mean"] = "none"
     # What the DR/DME heads read: the pooled encoder features, or those plus the lesion head's evidence (v2).
     grade_inputs: Literal["features", "features+lesions"] = "features"
+    head_hidden: int = Field(256, ge=8)  # hidden units of the DR/DME heads (a grade-heads checkpoint records its own)
 
     _image_size_multiple_of_32 = field_validator("image_size")(_multiple_of_32)
     _no_weights_when_empty = field_validator("pretrained_weights", mode="before")(_empty_is_none)
@@ -125,6 +126,9 @@ class TrainSettings(_Strict):
     target_sensitivity: float = Field(0.90, gt=0, le=1)
     max_steps_per_epoch: int | None = Field(None, ge=1)
     balanced_sampling: bool = False  # draw images with weight 1/sqrt(frequency of their DR grade)
+    # draw each image with weight (1 / its source's share) ** power: 0 = as the sources come, 0.5 = as the grading
+    # stage weighs them (APTOS's 1,600 photos no longer drown IDRiD's 290), 1 = every source equally often
+    source_weight_power: float = Field(0.0, ge=0.0, le=1.0)
     # Lesion stage (experiments/README.md E5): train on random crops of the image_size image, start from an
     # earlier checkpoint, train and validate on the lesion-annotated images only.
     crop_size: int | None = Field(None, ge=32)

@@ -20,7 +20,13 @@ from training.data.transforms import eval_transforms
 from training.engine import Predictions, predict, resolve_device
 from training.evaluation import METRICS_FILE, RELIABILITY_PNG, clinical_evaluation, plot_reliability, write_evaluation
 from training.grader import apply_grader, features_of, fit_grader, uses_segmentation
-from training.metrics import choose_threshold, classification_metrics, referable_labels, referable_score
+from training.metrics import (
+    calibrated_referable,
+    choose_threshold,
+    classification_metrics,
+    referable_labels,
+    referable_score,
+)
 from training.model import MultiTaskNet
 
 
@@ -85,6 +91,7 @@ def fit_grader_for_checkpoint(cfg: TrainingConfig, checkpoint: Path, output: Pat
     before = classification_metrics(cnn.dr_probs, cnn.dme_probs, cnn.dr_true, cnn.dme_true)
     after = classification_metrics(dr, dme, cnn.dr_true, cnn.dme_true, threshold)
     ckpt = read_checkpoint(checkpoint)
+    ckpt.pop("referable_calibration", None)  # fitted on the heads' score, not on this grader's
     validation = dict(ckpt["metrics"].get("validation", {}))
     validation.update({
         "network_val_kappa": before["dr"]["quadratic_kappa"] or 0.0, "network_val_ref_auc": before["referable"]["auc"] or 0.0,
@@ -115,12 +122,15 @@ def evaluate_checkpoint(
         out_dir, preds.dr_probs, preds.dme_probs, preds.dr_true, preds.dme_true,
         preds.seg_probs, preds.seg_masks, threshold=float(meta["thresholds"]["referable"]),
         target_sensitivity=float(meta["thresholds"].get("target_sensitivity", 0.9)), bootstrap=bootstrap,
+        referable_calibration=meta.get("referable_calibration"),
     )
     threshold = float(meta["thresholds"]["referable"])
+    calibration = meta.get("referable_calibration")
     clinical = clinical_evaluation(preds.dr_probs, preds.dme_probs, preds.dr_true, preds.dme_true,
-                                   [r.patient_id for r in recs], [r.source for r in recs], threshold, bootstrap)
+                                   [r.patient_id for r in recs], [r.source for r in recs], threshold, bootstrap,
+                                   referable_calibration=calibration)
     plot_reliability(referable_labels(preds.dr_true, preds.dme_true, dme_unknown_as_absent=True),
-                     referable_score(preds.dr_probs, preds.dme_probs), out_dir / RELIABILITY_PNG)
+                     calibrated_referable(preds.dr_probs, preds.dme_probs, calibration), out_dir / RELIABILITY_PNG)
     metrics["clinical"] = clinical
     metrics["plots"]["referable_reliability"] = RELIABILITY_PNG
     (out_dir / METRICS_FILE).write_text(json.dumps(metrics, indent=2, allow_nan=False) + "\n")

@@ -25,6 +25,7 @@ from training.metrics import (
     NUM_DR_GRADES,
     REFERABLE_UNKNOWN,
     bootstrap_ci,
+    calibrated_referable,
     choose_threshold,
     classification_metrics,
     expected_calibration_error,
@@ -33,7 +34,6 @@ from training.metrics import (
     per_patient,
     quadratic_kappa,
     referable_labels,
-    referable_score,
     reliability_curve,
     segmentation_metrics,
     sensitivity_specificity,
@@ -100,10 +100,11 @@ def _with_ci(value: float | None, fn: Any, groups: Sequence[str] | np.ndarray, *
 
 
 def _clinical_block(dr_p: np.ndarray, dme_p: np.ndarray, dr_y: np.ndarray, dme_y: np.ndarray, patients: np.ndarray,
-                    threshold: float, n_boot: int, seed: int, dme_unknown_as_absent: bool) -> dict[str, Any]:
+                    threshold: float, n_boot: int, seed: int, dme_unknown_as_absent: bool,
+                    calibration: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """Eye- and patient-level metrics of one group of images, each with a patient-bootstrap 95% interval."""
     y = referable_labels(dr_y, dme_y, dme_unknown_as_absent)
-    s = referable_score(dr_p, dme_p)
+    s = calibrated_referable(dr_p, dme_p, calibration)
     known = y != REFERABLE_UNKNOWN
     ky, ks, kp = y[known], s[known], patients[known]
     t = float(threshold)
@@ -157,6 +158,7 @@ def _clinical_block(dr_p: np.ndarray, dme_p: np.ndarray, dr_y: np.ndarray, dme_y
 def clinical_evaluation(
     dr_probs: Any, dme_probs: Any, dr_true: Any, dme_true: Any, patients: Sequence[str], sources: Sequence[str],
     threshold: float, bootstrap: int = 1000, seed: int = 0, dme_unknown_as_absent: bool = True,
+    referable_calibration: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Overall and per-source metrics with **patient-level** bootstrap intervals (both eyes resampled together).
 
@@ -164,6 +166,8 @@ def clinical_evaluation(
     Patient level: referred when any eye is (score = the highest eye score). DR kappa and accuracy; DME present
     AUC and accuracy; DME 0/1/2 accuracy where exact grades exist (IDRiD). Patient ids are prefixed by the source
     so two sets' numbering never merges patients. ``dme_unknown_as_absent``: see :func:`referable_labels`.
+    ``referable_calibration``: the checkpoint's map of P(referable) (:func:`calibrated_referable`); the threshold
+    is on that scale.
     """
     dr_p, dme_p = np.asarray(dr_probs, np.float64), np.asarray(dme_probs, np.float64)
     dr_y, dme_y = np.asarray(dr_true).astype(np.int64), np.asarray(dme_true).astype(np.int64)
@@ -173,13 +177,15 @@ def clinical_evaluation(
         "threshold": float(threshold), "bootstrap": {"n_boot": int(bootstrap), "unit": "patient", "seed": int(seed)},
         "referable_definition": ("DR >= 2 or any DME risk; " + ("DR 0-1 with DME not graded counts as not referable"
                                  if dme_unknown_as_absent else "DR 0-1 with DME not graded is left out")),
-        "overall": _clinical_block(dr_p, dme_p, dr_y, dme_y, pat, threshold, bootstrap, seed, dme_unknown_as_absent),
+        "referable_calibration": dict(referable_calibration) if referable_calibration else None,
+        "overall": _clinical_block(dr_p, dme_p, dr_y, dme_y, pat, threshold, bootstrap, seed, dme_unknown_as_absent,
+                                   referable_calibration),
         "by_source": {},
     }
     for name in sorted(set(src.tolist())):
         sel = src == name
         out["by_source"][name] = _clinical_block(dr_p[sel], dme_p[sel], dr_y[sel], dme_y[sel], pat[sel], threshold,
-                                                 bootstrap, seed, dme_unknown_as_absent)
+                                                 bootstrap, seed, dme_unknown_as_absent, referable_calibration)
     result: dict[str, Any] = to_jsonable(out)
     return result
 
@@ -214,8 +220,12 @@ def write_evaluation(
     bootstrap: int = 1000,
     seed: int = 0,
     lesions: Sequence[str] = LESION_CODES,
+    referable_calibration: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Compute every metric, write ``metrics.json`` and the PNG plots into ``out_dir``; return the dict.
+
+    ``referable_calibration``: the checkpoint's map of P(referable) (:func:`calibrated_referable`); the
+    ``threshold`` is on that scale.
 
     When ``threshold`` is None the referable threshold is chosen on these same data for
     ``target_sensitivity`` and recorded as ``threshold_source == "chosen_on_these_data"`` -- the
@@ -228,10 +238,11 @@ def write_evaluation(
     dme_p = np.asarray(dme_probs, dtype=np.float64)
 
     # validates all shapes and label codes up front
-    base = classification_metrics(dr_p, dme_p, dr_true, dme_true, threshold=None)
+    base = classification_metrics(dr_p, dme_p, dr_true, dme_true, threshold=None,
+                                  referable_calibration=referable_calibration)
     dr_y = np.asarray(dr_true).astype(np.int64)
     ref_y = referable_labels(dr_true, dme_true)
-    ref_s = referable_score(dr_p, dme_p)
+    ref_s = calibrated_referable(dr_p, dme_p, referable_calibration)
     known = ref_y != REFERABLE_UNKNOWN
     ky, ks = ref_y[known], ref_s[known]
 

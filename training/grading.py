@@ -18,7 +18,8 @@ Steps (``run_grading_stage``):
    source weighted 1/sqrt(its share) so APTOS's 1,600 photos do not drown IDRiD's 290), early stopping on
    the validation score, a small grid of regularisation settings, the best on validation kept;
 4. temperature scaling of each head on validation (folded into the last linear layer: the model keeps
-   returning logits, now calibrated), the referral threshold for the target sensitivity on validation;
+   returning logits, now calibrated), then a Platt map of P(referable) itself (``referable_calibration``
+   in the checkpoint), the referral threshold on that scale for the target sensitivity on validation;
 5. ``out_dir/graded.pt`` with the settings, the grid's results and the calibration in its provenance.
 """
 
@@ -51,9 +52,11 @@ from training.data.transforms import eval_transforms
 from training.engine import resolve_device, seed_everything
 from training.losses import dme_loss, inverse_frequency_weights
 from training.metrics import (
+    calibrated_referable,
     choose_threshold,
     classification_metrics,
     expected_calibration_error,
+    fit_referable_calibration,
     referable_labels,
     referable_score,
 )
@@ -306,8 +309,11 @@ def fold_temperature(head: EvidenceHead, temperature: float) -> None:
         last.bias.div_(temperature)
 
 
-def calibrate(heads: Heads, val_v: np.ndarray, val_dr: np.ndarray, val_dme: np.ndarray) -> dict[str, float]:
-    """Temperature-scale both heads on validation (folded into the weights); ECE of P(referable) before/after."""
+def calibrate(heads: Heads, val_v: np.ndarray, val_dr: np.ndarray, val_dme: np.ndarray) -> dict[str, Any]:
+    """Calibrate on validation: temperature-scale both heads (folded into the weights, so the DR and DME
+    probabilities shown are calibrated), then fit P(referable) itself (:func:`fit_referable_calibration`:
+    the heads' product is not calibrated by calibrating each head). ECE of P(referable) at each step; the
+    values after the Platt map are in-sample (fitted on these eyes), the test split measures it honestly."""
     vv = torch.from_numpy(val_v)
     dr_y, dme_y = torch.from_numpy(val_dr), torch.from_numpy(val_dme)
     y_ref = referable_labels(val_dr, val_dme, dme_unknown_as_absent=True)
@@ -322,9 +328,16 @@ def calibrate(heads: Heads, val_v: np.ndarray, val_dr: np.ndarray, val_dme: np.n
     fold_temperature(heads.dr_head, t_dr)
     fold_temperature(heads.dme_head, t_dme)
     dr_p, dme_p = _probs(heads, vv)
-    after = expected_calibration_error(y_ref, referable_score(dr_p, dme_p))
+    tempered = expected_calibration_error(y_ref, referable_score(dr_p, dme_p))
+    try:
+        referable: dict[str, Any] | None = fit_referable_calibration(y_ref, referable_score(dr_p, dme_p))
+        skipped = ""
+    except ValueError as exc:  # e.g. a validation split with one class: nothing to fit, the score stays as it is
+        referable, skipped = None, str(exc)
+    after = expected_calibration_error(y_ref, calibrated_referable(dr_p, dme_p, referable))
     return {"dr_temperature": t_dr, "dme_temperature": t_dme, "val_ece_referable_before": before or float("nan"),
-            "val_ece_referable_after": after or float("nan")}
+            "val_ece_referable_tempered": tempered or float("nan"), "val_ece_referable_after": after or float("nan"),
+            "referable": referable, **({"referable_skipped": skipped} if skipped else {})}
 
 
 # ----------------------------------------------------------------------------------------------- stage
@@ -365,13 +378,19 @@ def run_grading_stage(
             best_heads, best_score, best_point = heads, info["best"]["score"], point
     assert best_heads is not None
     calibration = calibrate(best_heads, val_v, val_dr, val_dme)
+    ref_cal = calibration["referable"]
+    platt = (f"P(referable) Platt slope {ref_cal['slope']:.3f} intercept {ref_cal['intercept']:.3f}" if ref_cal
+             else f"P(referable) not mapped ({calibration.get('referable_skipped')})")
     log(f"calibration: T_dr {calibration['dr_temperature']:.3f} T_dme {calibration['dme_temperature']:.3f}; "
-        f"val ECE(referable) {calibration['val_ece_referable_before']:.3f} -> {calibration['val_ece_referable_after']:.3f}")
+        f"{platt}; val ECE(referable) "
+        f"{calibration['val_ece_referable_before']:.3f} -> {calibration['val_ece_referable_tempered']:.3f} (temperatures)"
+        f" -> {calibration['val_ece_referable_after']:.3f} (Platt, in-sample)")
     dr_p, dme_p = _probs(best_heads, torch.from_numpy(val_v))
     target = cfg.train.target_sensitivity
     threshold = float(choose_threshold(referable_labels(val_dr, val_dme, dme_unknown_as_absent=True),
-                                       referable_score(dr_p, dme_p), target))
-    val_metrics = classification_metrics(dr_p, dme_p, val_dr, val_dme, threshold, dme_unknown_as_absent=True)
+                                       calibrated_referable(dr_p, dme_p, ref_cal), target))
+    val_metrics = classification_metrics(dr_p, dme_p, val_dr, val_dme, threshold, dme_unknown_as_absent=True,
+                                         referable_calibration=ref_cal)
 
     # the full network: trunk of init_from, fitted heads (with the chosen dropout, for the record)
     mcfg = ModelConfig(**{**model.config.__dict__, "dropout": best_point.dropout, "head_hidden": best_point.hidden})
@@ -392,6 +411,7 @@ def run_grading_stage(
         "model_version": version, "model_config": mcfg.to_dict(), "labels": labels_dict(),
         "thresholds": {"referable": threshold, "lesion": float(init_ckpt.get("thresholds", {}).get("lesion", 0.5)),
                        "target_sensitivity": target},
+        **({"referable_calibration": ref_cal} if ref_cal else {}),
         "provenance": {
             "kind": "real", "stage": "grading heads on the frozen trunk (training/grading.py)",
             "command": command or " ".join(sys.argv), "started": started.isoformat(), "git_commit": git_commit(),

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -41,6 +41,7 @@ REFERABLE_UNKNOWN = -1
 __all__ = [
     "LESION_CODES", "bootstrap_ci", "choose_threshold", "classification_metrics", "expected_calibration_error",
     "grouped_bootstrap_ci", "lesion_pr_curves", "per_patient", "referable_labels", "referable_score",
+    "calibrated_referable", "fit_referable_calibration",
     "reliability_curve", "segmentation_metrics", "sensitivity_specificity",
 ]
 
@@ -136,6 +137,51 @@ def referable_score(dr_probs: Any, dme_probs: Any) -> np.ndarray:
     return score
 
 
+def fit_referable_calibration(y_true: Any, score: Any) -> dict[str, Any]:
+    """Platt scaling of P(referable) on the logit of :func:`referable_score`: one slope, one intercept.
+
+    Why the score itself and not only each head: ``1 - P(DR <= 1) * P(no DME)`` multiplies two heads as if
+    they were independent, so temperature-scaling each head can still leave P(referable) over- or
+    under-confident (experiments/README.md E7: its ECE rose from 0.111 to 0.132). Two parameters fitted on
+    validation by maximum likelihood (scikit-learn's logistic regression, practically unregularised) cannot
+    overfit hundreds of eyes, and a positive slope keeps the ranking, so AUC is unchanged. Unknown labels
+    are left out.
+    """
+    from sklearn.linear_model import LogisticRegression
+
+    y, s = _known_binary(y_true, score)
+    if len(set(y.tolist())) < 2:
+        raise ValueError("referable calibration needs referable and non-referable eyes with known labels; "
+                         f"got {len(y)} known eyes of one class")
+    z = _logit(s)[:, None]
+    fit = LogisticRegression(C=1e6, max_iter=1000).fit(z, y)
+    slope, intercept = float(fit.coef_[0, 0]), float(fit.intercept_[0])
+    if not slope > 0:
+        raise ValueError(f"referable calibration: fitted slope {slope:.3g} is not positive (the score does not rank "
+                         "referable eyes above the others on this data); keep the uncalibrated score")
+    return {"method": "platt", "slope": slope, "intercept": intercept, "n": int(len(y))}
+
+
+def _logit(p: np.ndarray, eps: float = 1e-6) -> np.ndarray:
+    q = np.clip(np.asarray(p, np.float64), eps, 1.0 - eps)
+    out: np.ndarray = np.log(q) - np.log1p(-q)
+    return out
+
+
+def calibrated_referable(dr_probs: Any, dme_probs: Any, calibration: Mapping[str, Any] | None = None) -> np.ndarray:
+    """P(referable): :func:`referable_score`, mapped through the checkpoint's ``referable_calibration``
+    (:func:`fit_referable_calibration`) when it has one. The referral threshold is chosen on this value."""
+    s = referable_score(dr_probs, dme_probs)
+    if not calibration:
+        return s
+    if calibration.get("method") != "platt":
+        raise ValueError(f"referable_calibration: unknown method {calibration.get('method')!r} (expected 'platt'); "
+                         "the checkpoint was written by a newer version: update the code")
+    z = float(calibration["slope"]) * _logit(s) + float(calibration["intercept"])
+    out: np.ndarray = 1.0 / (1.0 + np.exp(-z))
+    return out
+
+
 def _known_binary(y_true: Any, score: Any) -> tuple[np.ndarray, np.ndarray]:
     y = _labels("y_true", y_true, (REFERABLE_UNKNOWN, 0, 1))
     s = _scores("score", score)
@@ -189,7 +235,7 @@ def _binary_auc(y: np.ndarray, s: np.ndarray) -> tuple[float | None, str | None]
 # ---------------------------------------------------------------------------------- classification
 def classification_metrics(
     dr_probs: Any, dme_probs: Any, dr_true: Any, dme_true: Any, threshold: float | None = None,
-    dme_unknown_as_absent: bool = False,
+    dme_unknown_as_absent: bool = False, referable_calibration: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """DR grading, DME and referable-DR metrics; json-serialisable (python types only).
 
@@ -198,8 +244,8 @@ def classification_metrics(
     * ``dme``: exact-grade accuracy and 3x3 confusion matrix over labels 0/1/2; "DME present"
       accuracy and AUC over all known labels (0 vs 1/2/3 -- code 3 counts as present), predicted
       present = argmax in {1, 2}, score = P(1) + P(2).
-    * ``referable``: AUC of :func:`referable_score`, and sensitivity/specificity at ``threshold``
-      (None when no threshold is given).
+    * ``referable``: AUC of :func:`calibrated_referable` (``referable_calibration`` applied when given), and
+      sensitivity/specificity at ``threshold`` (None when no threshold is given).
     """
     dr_p = _probs("dr_probs", dr_probs, NUM_DR_GRADES)
     dme_p = _probs("dme_probs", dme_probs, NUM_DME_GRADES)
@@ -210,7 +256,7 @@ def classification_metrics(
         "n_samples": int(dr_y.shape[0]),
         "dr": _dr_metrics(dr_p, dr_y),
         "dme": _dme_metrics(dme_p, dme_y),
-        "referable": _referable_metrics(dr_p, dme_p, dr_y, dme_y, threshold, dme_unknown_as_absent),
+        "referable": _referable_metrics(dr_p, dme_p, dr_y, dme_y, threshold, dme_unknown_as_absent, referable_calibration),
     }
 
 
@@ -272,9 +318,10 @@ def _dme_metrics(p: np.ndarray, y: np.ndarray) -> dict[str, Any]:
 
 
 def _referable_metrics(dr_p: np.ndarray, dme_p: np.ndarray, dr_y: np.ndarray, dme_y: np.ndarray,
-                       threshold: float | None, dme_unknown_as_absent: bool = False) -> dict[str, Any]:
+                       threshold: float | None, dme_unknown_as_absent: bool = False,
+                       calibration: Mapping[str, Any] | None = None) -> dict[str, Any]:
     y = referable_labels(dr_y, dme_y, dme_unknown_as_absent)
-    s = referable_score(dr_p, dme_p)
+    s = calibrated_referable(dr_p, dme_p, calibration)
     known = y != REFERABLE_UNKNOWN
     auc, reason = _binary_auc(y[known], s[known])
     out: dict[str, Any] = {

@@ -32,7 +32,8 @@ from training.model import ModelConfig, MultiTaskNet, build_model
 def model_config_from(cfg: TrainingConfig) -> ModelConfig:
     m = cfg.model
     return ModelConfig(backbone=m.backbone, image_size=m.image_size, decoder_channels=tuple(m.decoder_channels),
-                       dropout=m.dropout, contrast=m.contrast, grade_inputs=m.grade_inputs)
+                       dropout=m.dropout, contrast=m.contrast, grade_inputs=m.grade_inputs,
+                       head_hidden=m.head_hidden)
 
 
 def data_summary(splits: dict[str, list[Record]]) -> dict[str, Any]:
@@ -143,6 +144,10 @@ def make_loaders(cfg: TrainingConfig, records: list[Record] | None = None, progr
     if cfg.train.balanced_sampling and any(r.has_grade for r in train_recs):
         counts = np.maximum(class_counts(train_recs), 1)
         weights = [w * (float(counts.max()) / counts[r.dr_grade]) ** 0.5 if r.has_grade else w
+                   for w, r in zip(weights, train_recs)]
+    if cfg.train.source_weight_power > 0:
+        share = Counter(r.source for r in train_recs)
+        weights = [w * (len(train_recs) / share[r.source]) ** cfg.train.source_weight_power
                    for w, r in zip(weights, train_recs)]
     sampler = EpochSampler(weights, cfg.train.samples_per_epoch or len(weights), cfg.train.seed)
     kw: dict[str, Any] = dict(batch_size=cfg.train.batch_size, num_workers=cfg.train.num_workers,

@@ -5,6 +5,8 @@
 * brand-new database (no tables): create the schema from the models and stamp it at head;
 * database tracked by Alembic and behind: take a file backup (SQLite files) and upgrade to head;
 * already at head: nothing;
+* a new database gets its identity (a random id, :class:`~screening.db.models.DatabaseIdentity`), an older one
+  gets it from its migration;
 * tables but no ``alembic_version``: refuse (an unknown database is never altered blindly).
 
 For staff tooling, :func:`alembic_config` returns a Config usable with ``alembic.command``
@@ -22,8 +24,10 @@ from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from sqlalchemy import Connection, Engine, inspect
+from sqlalchemy.orm import Session
 
 from screening.db.models import Base
+from screening.db.repository import ensure_database_token
 
 MIGRATIONS_DIR = Path(__file__).resolve().parent / "migrations"
 VERSION_TABLE = "alembic_version"
@@ -89,6 +93,8 @@ def init_db(engine: Engine, *, backup: bool = True) -> str:
         with engine.begin() as conn:
             Base.metadata.create_all(conn)
             command.stamp(alembic_config(connection=conn), "head")
+            with Session(bind=conn) as session:  # joins this transaction: committed with the schema
+                ensure_database_token(session)  # this database's identity, made once
         return head
     current = current_revision(engine)
     if current is None:

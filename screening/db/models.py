@@ -151,7 +151,8 @@ class Exam(Base):
 
 
 class Image(Base):
-    """One distinct file content (by SHA-256), however many times it was dropped."""
+    """One distinct file content (by SHA-256), however many times it was dropped; or one page of a file holding
+    several photos (a multi-page TIFF: ``page`` and ``file_sha256`` set)."""
 
     __tablename__ = "images"
     __table_args__ = (
@@ -160,6 +161,7 @@ class Image(Base):
         Index("ix_images_state", "state"),
         Index("ix_images_exam_id", "exam_id"),
         Index("ix_images_received_at", "received_at"),
+        Index("ix_images_file_sha256", "file_sha256"),
     )
 
     id: Mapped[int] = mapped_column(primary_key=True)
@@ -191,6 +193,10 @@ class Image(Base):
     # display photo's folder and the time it joined its visit (what a review compares with its sign-off) are here.
     photo_dir: Mapped[str | None] = mapped_column(Text)
     stored_at: Mapped[datetime | None]
+    # a page of a multi-page file (revision 0009_pages): its number in the file (1 = the first directory,
+    # thumbnails counted) and the SHA-256 of the whole file (``sha256`` then names the page); NULL otherwise
+    page: Mapped[int | None]
+    file_sha256: Mapped[str | None] = mapped_column(String(64))
 
     exam: Mapped[Exam | None] = relationship(back_populates="images")
     result: Mapped[Result | None] = relationship(back_populates="image", uselist=False)
@@ -326,6 +332,22 @@ class Event(Base):
         return f"Event(id={self.id!r}, kind={self.kind!r}, image_id={self.image_id!r})"
 
 
+class DatabaseIdentity(Base):
+    """One row, written once when the database is made (or migrated to revision 0010_db_identity): a random id
+    that names this database, whatever holds it (a SQLite file, a PostgreSQL database). A worker notes it when
+    it starts and checks it at the start of every unit of work (:func:`screening.db.session.guard_identity`), so
+    a database replaced or re-created under it stops it instead of recording into the wrong database."""
+
+    __tablename__ = "database_identity"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    token: Mapped[str] = mapped_column(String(32))  # secrets.token_hex(16)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+    def __repr__(self) -> str:
+        return f"DatabaseIdentity(token={self.token!r})"
+
+
 class ReviewUser(Base):
     """Someone who may log in to the review page (``dr-screen user add``). Not a clinical record: the name
     a review was signed with is copied into ``reviews.reviewer``, so renaming or disabling a user never
@@ -433,6 +455,7 @@ __all__ = [
     "APPEND_ONLY_TABLES",
     "LESION_COLUMNS",
     "Base",
+    "DatabaseIdentity",
     "Drop",
     "DropOutcome",
     "Event",

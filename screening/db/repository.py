@@ -7,6 +7,7 @@ must be timezone-aware; they are stored as UTC.
 
 from __future__ import annotations
 
+import secrets
 from collections.abc import Iterable, Mapping, Sequence
 from datetime import date, datetime
 from os import PathLike
@@ -17,6 +18,7 @@ from sqlalchemy.orm import Session
 
 from screening.db.models import (
     LESION_COLUMNS,
+    DatabaseIdentity,
     Drop,
     DropOutcome,
     Event,
@@ -60,6 +62,25 @@ def _insert_if_absent(session: Session, model: type[Patient] | type[Exam], value
     else:
         session.add(model(**values))
         session.flush()
+
+
+# --- the database itself --------------------------------------------------------------------------
+
+
+def database_token(session: Session) -> str | None:
+    """The database's identity (:class:`~screening.db.models.DatabaseIdentity`); None when it has none yet."""
+    return session.scalars(select(DatabaseIdentity.token).order_by(DatabaseIdentity.id).limit(1)).first()
+
+
+def ensure_database_token(session: Session) -> str:
+    """The database's identity, made now (a random id) when it has none: a database created before revision
+    0010_db_identity gets one from that migration, a new one from ``init_db``, one made otherwise here."""
+    token = database_token(session)
+    if token is None:
+        token = secrets.token_hex(16)
+        session.add(DatabaseIdentity(token=token, created_at=utcnow()))
+        session.flush()
+    return token
 
 
 # --- patients and exams -------------------------------------------------------------------------
@@ -108,6 +129,12 @@ def get_image_by_sha(session: Session, sha256: str) -> Image | None:
     return session.scalars(select(Image).where(Image.sha256 == sha256.lower())).one_or_none()
 
 
+def pages_of_file(session: Session, file_sha256: str) -> list[Image]:
+    """The images made from the pages of the multi-page file whose bytes hash to ``file_sha256``, by page."""
+    stmt = select(Image).where(Image.file_sha256 == file_sha256.lower()).order_by(Image.page, Image.id)
+    return list(session.scalars(stmt))
+
+
 def add_image(
     session: Session,
     *,
@@ -122,10 +149,13 @@ def add_image(
     width: int | None = None,
     height: int | None = None,
     device: str | None = None,
+    page: int | None = None,
+    file_sha256: str | None = None,
     received_at: datetime | None = None,
 ) -> Image:
-    """A new distinct file content. Raises IntegrityError on flush if ``sha256`` is already known:
-    check :func:`get_image_by_sha` first and :func:`record_drop` a duplicate instead."""
+    """A new distinct file content (or a page of a multi-page file: ``page`` and ``file_sha256``). Raises
+    IntegrityError on flush if ``sha256`` is already known: check :func:`get_image_by_sha` first and
+    :func:`record_drop` a duplicate instead."""
     now = received_at or utcnow()
     image = Image(
         sha256=sha256.lower(),
@@ -139,6 +169,8 @@ def add_image(
         width=width,
         height=height,
         device=device,
+        page=page,
+        file_sha256=None if file_sha256 is None else file_sha256.lower(),
         received_at=now,
         updated_at=now,
     )

@@ -1,11 +1,18 @@
-"""Engine and session helpers. Nothing here is module-level state: callers build and own their engine.
+"""Engine and session helpers. Callers build and own their engine and session factory.
 
-Two faults of the database file are handled here, where every transaction passes:
+Two faults of the database are handled here, where every transaction passes:
 
-* **deleted or replaced while in use** (:class:`DatabaseGone`): SQLite keeps writing to the inode it opened,
-  so a worker whose ``screening.db`` was deleted, or replaced by a copy, would go on recording results nobody
-  will ever read. The file's identity (device, inode) is noted at the first connection and checked at the
-  start of every transaction; a mismatch refuses the transaction. The worker stops on it.
+* **deleted, replaced or re-created while in use** (:class:`DatabaseGone`), checked twice:
+
+  - for any database, its identity (a random id written once when it was made,
+    :class:`~screening.db.models.DatabaseIdentity`) is noted when the worker starts (:func:`guard_identity`)
+    and read again at the start of every unit of work: a PostgreSQL database dropped and created again, or a
+    SQLite file restored in place from another database, holds another id (or no screening tables at all);
+  - for a SQLite file, also its (device, inode), noted at the first connection: SQLite keeps writing to the
+    inode it opened, so a worker whose ``screening.db`` was deleted, or replaced by a copy (the same id!),
+    would go on recording results nobody will ever read.
+
+  A mismatch refuses the transaction; the worker stops on it.
 * **locked past the busy timeout** (another program holding a write lock, a backup, a long audit query on
   an old SQLite): :func:`transaction` runs a unit of work again until the lock is released, instead of
   failing the photo or the worker.
@@ -16,14 +23,18 @@ from __future__ import annotations
 import logging
 import os
 import time
+import weakref
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any, TypeVar
 
-from sqlalchemy import Engine, create_engine, event
+from sqlalchemy import Connection, Engine, create_engine, event, select
 from sqlalchemy.engine import make_url
-from sqlalchemy.exc import OperationalError
+from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
+
+from .models import DatabaseIdentity
+from .repository import ensure_database_token
 
 DEFAULT_BUSY_TIMEOUT_MS = 30_000
 MAX_RETRY_DELAY_S = 30.0
@@ -33,8 +44,8 @@ log = logging.getLogger("screening")
 
 
 class DatabaseGone(RuntimeError):
-    """The SQLite database file was deleted or replaced while this process had it open. Nothing more is written:
-    the process must stop and be restarted on the file that is there now (or the file restored)."""
+    """The database was deleted, replaced or re-created while this process used it. Nothing more is written: the
+    process must stop and be restarted on the database that is there now (or the right one restored)."""
 
 
 def sqlite_file_path(url: str) -> str | None:
@@ -108,6 +119,56 @@ def make_engine(url: str, *, busy_timeout_ms: int = DEFAULT_BUSY_TIMEOUT_MS, ech
     return engine
 
 
+def _missing_table(exc: DBAPIError) -> bool:
+    """True when the statement failed because a table does not exist (SQLite's "no such table", PostgreSQL's
+    SQLSTATE 42P01 undefined_table): the database was re-created empty, or is not a screening database."""
+    orig = exc.orig
+    state = getattr(orig, "sqlstate", None) or getattr(orig, "pgcode", None)
+    return state == "42P01" or "no such table" in str(orig).lower()
+
+
+class _IdentityGuard:
+    """Checks, at the start of each unit of work of a session factory, that the database still has the identity
+    noted when the guard was made (see the module docstring)."""
+
+    def __init__(self, token: str) -> None:
+        self.token = token
+
+    def __call__(self, session: Session, transaction: Any, connection: Connection) -> None:
+        where = connection.engine.url.render_as_string(hide_password=True)
+        try:
+            found = connection.execute(select(DatabaseIdentity.token).order_by(DatabaseIdentity.id).limit(1)).scalar()
+        except DBAPIError as exc:
+            if not _missing_table(exc):
+                raise  # a lock, a lost connection: transaction() decides whether to wait
+            raise DatabaseGone(
+                f"the database {where} no longer holds the screening tables (deleted and created again empty, or "
+                "another database under its name) while the worker was using it; nothing more was written. "
+                "Restore the right database (or run init-db on a new one) and start the worker again") from None
+        if found != self.token:
+            raise DatabaseGone(
+                f"the database {where} was replaced or re-created while the worker was using it (its identity "
+                "changed: it is another database now); nothing more was written to it. Start the worker again to "
+                "use the database that is there now, or restore the right one first")
+
+
+_GUARDS: weakref.WeakKeyDictionary[sessionmaker[Session], _IdentityGuard] = weakref.WeakKeyDictionary()
+
+
+def guard_identity(factory: sessionmaker[Session]) -> str:
+    """Note the database's identity now (made when it has none) and check it at the start of every later unit of
+    work of ``factory``'s sessions: from then on, a transaction on a database replaced or re-created under it
+    raises :class:`DatabaseGone` before any statement of the unit of work runs. The worker calls it once at
+    start; calling it again for the same factory keeps the first identity. Returns the identity."""
+    guard = _GUARDS.get(factory)
+    if guard is not None:
+        return guard.token
+    guard = _IdentityGuard(transaction(factory, ensure_database_token, what="reading the database's identity"))
+    event.listen(factory, "after_begin", guard)
+    _GUARDS[factory] = guard
+    return guard.token
+
+
 def make_session_factory(engine: Engine) -> sessionmaker[Session]:
     """Sessions keep loaded attributes after commit so results can be used once the unit of work ends."""
     return sessionmaker(bind=engine, expire_on_commit=False)
@@ -161,6 +222,6 @@ def transaction(
 
 
 __all__ = [
-    "DEFAULT_BUSY_TIMEOUT_MS", "DatabaseGone", "is_busy", "make_engine", "make_session_factory", "session_scope",
-    "sqlite_file_path", "transaction",
+    "DEFAULT_BUSY_TIMEOUT_MS", "DatabaseGone", "guard_identity", "is_busy", "make_engine", "make_session_factory",
+    "session_scope", "sqlite_file_path", "transaction",
 ]

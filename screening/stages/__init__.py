@@ -11,6 +11,10 @@ report     which visits need a new report version, rendering (off the inference 
            path), recording
 =========  ==========================================================================  =========================
 
+A TIFF holding several photos goes through intake page by page (:mod:`screening.stages.pages`: each page
+through the intake checks as a photo of its own, a job per page admitted, gradable or not,
+:class:`AdmittedPages`) and is archived once, after its last page is stored.
+
 :class:`screening.pipeline.Worker` runs them in order. Files leave the inbox only through
 :class:`~screening.stages.filing.Filing`, and only after the database state that records them is committed.
 """
@@ -20,6 +24,7 @@ from .grade import GradeStage
 from .intake import IntakeStage
 from .outcomes import (
     Admitted,
+    AdmittedPages,
     Deferred,
     Duplicate,
     Failed,
@@ -39,7 +44,7 @@ from .report import ReportStage
 from .store import StoreStage
 
 __all__ = [
-    "Admitted", "Deferred", "Duplicate", "Failed", "Filing", "GradeStage", "GradedBatch", "IntakeOutcome", "IntakeStage", "Job",
+    "Admitted", "AdmittedPages", "Deferred", "Duplicate", "Failed", "Filing", "GradeStage", "GradedBatch", "IntakeOutcome", "IntakeStage", "Job",
     "PendingReport", "Rejected", "ReportFailed", "ReportOutcome", "ReportStage", "ReportWritten", "Resumed", "Stored",
     "StoreStage", "Vanished",
 ]

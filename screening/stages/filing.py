@@ -205,6 +205,28 @@ class Filing:
         transaction(self.factory, record, what="recording an archived file")
         return dest
 
+    def archive_pages(self, file_sha256: str, path: Path) -> Path | None:
+        """Archive a multi-page file once every page is graded or refused (committed), and record where it went on
+        each of its pages (:mod:`screening.stages.pages`). Raises :class:`MoveFailed` (recorded) when the archive
+        cannot take it now."""
+        try:
+            dest = self.archive(path, file_sha256)
+        except OSError as exc:
+            first = transaction(self.factory, lambda s: [i.id for i in repo.pages_of_file(s, file_sha256)][:1],
+                                what="reading a file's pages")
+            raise self._incident(exc, "a file of several pages to the archive", first[0] if first else None, None) from exc
+
+        def record(session: Session) -> None:
+            pages = repo.pages_of_file(session, file_sha256)
+            for image in pages:
+                if image.stored_path == str(path):
+                    image.stored_path = None if dest is None else str(dest)
+            if dest is None and pages:
+                repo.add_event(session, "archive", f"not archived: {NOT_FILED}", image=pages[0], code=Incident.NOT_MOVED)
+
+        transaction(self.factory, record, what="recording an archived file")
+        return dest
+
     def file_drop(self, drop_id: int, path: Path, sha: str) -> Path | None:
         """Move the file of a committed duplicate or refused drop, then log the drop's closing event (and, when
         it was an image's own file, the image's new ``stored_path``). Raises :class:`MoveFailed` (recorded)

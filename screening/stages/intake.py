@@ -22,6 +22,10 @@ Per entry, in this order:
    are committed: :class:`Admitted`. An ungradable photo is admitted too (its job says so): the store stage
    keeps it with its reasons instead of it being graded.
 
+A TIFF holding several photos takes its own path after step 2 (:mod:`screening.stages.pages`): one image per
+page, one drop for the file; each page goes through the intake checks of step 5 exactly as a single photo does
+(refused, admitted as ungradable, or admitted to grade; its own eye).
+
 The database is written before any file moves (:mod:`screening.stages.filing`); every unit of work waits
 out a locked database (:func:`screening.db.session.transaction`). Nothing here runs the grading model; the
 intake checks' small models run here, on the decoded photo.
@@ -45,7 +49,7 @@ from ..db import repository as repo
 from ..db.models import DropOutcome, Image, ImageState
 from ..db.session import transaction
 from ..dicom import DICOM_SUFFIXES, dicom_identity, is_dicom, read_dicom
-from ..imaging import DecodedImage, DecodeLimits, decode_bytes, preprocess
+from ..imaging import DecodedImage, DecodeLimits, decode_bytes, preprocess, several_pictures
 from ..intake import (
     Content,
     Identity,
@@ -59,6 +63,7 @@ from ..intake import (
 from ..rejection import FailReason, Incident, Rejection, RejectReason
 from .filing import Filing
 from .outcomes import Admitted, Deferred, Duplicate, IntakeOutcome, Job, Rejected, Resumed, Vanished
+from .pages import PageIntake
 
 log = logging.getLogger("screening")
 
@@ -110,6 +115,17 @@ def conflict_with(image: Image, identity: Identity | None) -> str | None:
     return None
 
 
+def record_verdict(session: Session, image: Image, verdict: IntakeVerdict) -> None:
+    """Store an admitted photo's intake checks on its image (a single photo's, or one page's of a multi-page file:
+    :mod:`screening.stages.pages` records each page through this too)."""
+    prediction = verdict.eye.prediction
+    repo.record_checks(
+        session, image, gradable=verdict.gradable, reasons=verdict.quality.reasons, scores=verdict.quality.scores,
+        eye_source=verdict.eye.source, predicted_eye=prediction.eye, eye_confidence=prediction.confidence,
+        eye_mismatch=verdict.eye.mismatch, eye_note=verdict.eye.note(), eye_confirmed=verdict.eye.confirmed,
+    )
+
+
 class IntakeStage:
     def __init__(
         self, settings: ScreeningSettings, factory: sessionmaker[Session], filing: Filing, image_size: int,
@@ -124,6 +140,7 @@ class IntakeStage:
         self.today = today
         self.limits = DecodeLimits(max_pixels=settings.max_pixels, max_pages=settings.max_pages)
         self.checks = checks if checks is not None else IntakeChecks.from_settings(settings)
+        self.pages = PageIntake(self)
 
     def admit(self, path: Path) -> IntakeOutcome:
         """One inbox entry through the steps of the module docstring."""
@@ -149,6 +166,8 @@ class IntakeStage:
             identity = parse_identity(path, self.settings.filename_patterns, self.today())
         except Rejection as rejection:
             unidentified = rejection
+        if content.data is not None and several_pictures(content.data, self.limits):  # graded page by page
+            return self.pages.admit(path, content, identity, unidentified)
 
         def look(session: Session) -> tuple[list[tuple[int, int | None]], _Known | None, int | None, str | None]:
             unfiled = [(d.id, d.image_id) for d in repo.unfiled_drops(session, sha256=sha, source_name=path.name)]
@@ -186,26 +205,45 @@ class IntakeStage:
             identity, decoded = self.read(path, content, identity, unidentified)
             verdict = self.checks.check(decoded, identity, path.name)
         except Rejection as rejection:
-            if rejection.code == RejectReason.INCOMPLETE and time.time() - content.mtime_ns / 1e9 < self.settings.incomplete_grace:
-                log.info("a file is incomplete or corrupt; left in the inbox in case it is still being copied")
-                return Deferred(path, rejection.code, rejection.message)
-            return self._reject(path, sha, known, rejection)
+            return self._deferred(path, content, rejection) or self._reject(path, sha, known, rejection)
         decoded = replace(decoded, whole=None)  # the whole photo was for the checks; jobs wait in memory without it
         return Admitted(self._admit(path, sha, known, identity, decoded, verdict))
+
+    def _deferred(self, path: Path, content: Content, rejection: Rejection) -> Deferred | None:
+        """A file whose image data stops short and that changed within ``incomplete_grace`` seconds is left in the
+        inbox (it may still be being copied): its :class:`Deferred`; None for a refusal to record now."""
+        if rejection.code == RejectReason.INCOMPLETE and time.time() - content.mtime_ns / 1e9 < self.settings.incomplete_grace:
+            log.info("a file is incomplete or corrupt; left in the inbox in case it is still being copied")
+            return Deferred(path, rejection.code, rejection.message)
+        return None
+
+    def refuse(self, path: Path, content: Content, rejection: Rejection) -> Deferred | Rejected:
+        """Refuse the whole file (recorded, then moved to ``rejected/``), or defer it while it may still arrive;
+        for :mod:`screening.stages.pages`, which reads multi-page files."""
+        deferred = self._deferred(path, content, rejection)
+        if deferred is not None:
+            return deferred
+
+        def look(session: Session) -> _Known | None:
+            image = repo.get_image_by_sha(session, content.sha256)
+            return None if image is None else _Known.of(image, path)
+
+        return self._reject(path, content.sha256, transaction(self.factory, look, what="intake"), rejection)
 
     def read(self, path: Path, content: Content, named: Identity | None,
              unidentified: Rejection | None) -> tuple[Identity, DecodedImage]:
         """Who the photo is of and the photo in the model's frame, from a DICOM file's tags and pixels or from
-        an image file's name (or sidecar, ``named``) and pixels; raises a :class:`Rejection` saying what is wrong."""
-        if content.data is not None and is_dicom(path):
-            photo = read_dicom(path)
+        an image file's name (or sidecar, ``named``) and pixels; raises a :class:`Rejection` saying what is wrong.
+        A file over ``max_file_bytes`` (never held in memory) is refused first, whatever it is (a DICOM file too)."""
+        if content.data is None:
+            limit = self.settings.max_file_bytes
+            raise Rejection(RejectReason.TOO_LARGE, f"'{path.name}' is {content.size / 2**20:.0f} MiB, over the limit of "
+                            f"{limit / 2**20:.0f} MiB ([screening] max_file_bytes); export it at a smaller size")
+        if is_dicom(content.data):  # the bytes hashed, not the file read again
+            photo = read_dicom(content.data, name=path.name, limits=self.limits)
             identity = dicom_identity(photo, path, self.settings.filename_patterns)
-            w, h = photo.size
-            if w * h > self.limits.max_pixels:
-                raise Rejection(RejectReason.TOO_LARGE, f"'{path.name}' is {w}x{h} pixels, over the limit of "
-                                f"{self.limits.max_pixels / 1e6:g} megapixels ([screening] max_pixels)")
             return identity, preprocess(photo.rgb, photo.size, self.image_size)
-        if content.data is not None and path.suffix.lower() in DICOM_SUFFIXES:
+        if path.suffix.lower() in DICOM_SUFFIXES:
             raise Rejection(RejectReason.UNREADABLE,
                             f"'{path.name}' is named as DICOM but has no DICOM Part 10 header ('DICM' at byte 128); "
                             "export it again as a DICOM file")
@@ -213,14 +251,7 @@ class IntakeStage:
         if unidentified is not None:
             raise unidentified
         assert named is not None
-        return named, self._decode(path, content)
-
-    def _decode(self, path: Path, content: Content) -> DecodedImage:
-        if content.data is None:
-            limit = self.settings.max_file_bytes
-            raise Rejection(RejectReason.TOO_LARGE, f"'{path.name}' is {content.size / 2**20:.0f} MiB, over the limit of "
-                            f"{limit / 2**20:.0f} MiB ([screening] max_file_bytes); export it at a smaller size")
-        return decode_bytes(content.data, self.image_size, limits=self.limits, name=path.name)
+        return named, decode_bytes(content.data, self.image_size, limits=self.limits, name=path.name)
 
     def _repair(self, known: _Known) -> None:
         """An image whose result is stored but whose state is not ``done``/``reported`` (left by a worker from
@@ -311,12 +342,7 @@ class IntakeStage:
                 image.device = identity.device
                 if image.state != ImageState.RECEIVED:
                     repo.set_state(session, image, ImageState.RECEIVED)
-            prediction = verdict.eye.prediction
-            repo.record_checks(
-                session, image, gradable=verdict.gradable, reasons=verdict.quality.reasons, scores=verdict.quality.scores,
-                eye_source=verdict.eye.source, predicted_eye=prediction.eye, eye_confidence=prediction.confidence,
-                eye_mismatch=verdict.eye.mismatch, eye_note=verdict.eye.note(), eye_confirmed=verdict.eye.confirmed,
-            )
+            record_verdict(session, image, verdict)
             session.flush()
             return Job(image.id, exam.id, path, sha, decoded, verdict.gradable)
 
@@ -343,4 +369,4 @@ class IntakeStage:
         self.filing.close_stale()
 
 
-__all__ = ["IntakeStage", "conflict_with"]
+__all__ = ["IntakeStage", "conflict_with", "record_verdict"]

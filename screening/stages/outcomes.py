@@ -25,11 +25,23 @@ class Job:
     sha256: str
     decoded: DecodedImage
     gradable: bool = True
+    file_sha256: str | None = None  # a page of a multi-page file: the file's hash (it is archived with its last page)
 
 
 @dataclass(frozen=True)
 class Admitted:
     job: Job
+
+
+@dataclass(frozen=True)
+class AdmittedPages:
+    """A file holding several photos (:mod:`screening.stages.pages`): a job per page admitted by the intake checks
+    (gradable or not, as a single photo's job), and the images of the pages refused now (each recorded as
+    ``rejected`` with its reason). The file stays in the inbox until its last page is stored, then it is archived
+    once."""
+
+    jobs: tuple[Job, ...]
+    refused: tuple[int, ...]
 
 
 @dataclass(frozen=True)
@@ -78,7 +90,7 @@ class Deferred:
     message: str
 
 
-IntakeOutcome = Admitted | Deferred | Duplicate | Rejected | Resumed | Vanished
+IntakeOutcome = Admitted | AdmittedPages | Deferred | Duplicate | Rejected | Resumed | Vanished
 
 # ------------------------------------------------------------------------------------------------- grade
 
@@ -103,6 +115,7 @@ class Stored:
     image_id: int
     exam_id: int
     archived_as: Path | None
+    awaits_pages: bool = False  # a page whose file holds pages not stored yet: the file is archived with the last
 
 
 @dataclass(frozen=True)

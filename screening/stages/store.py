@@ -10,7 +10,9 @@ the result and the ``done`` state are committed in one transaction; only then do
 inbox (:meth:`~screening.stages.filing.Filing.archive_image`). A crash before the commit redoes the image;
 a crash after it leaves a ``done`` image whose file intake archives on restart, and so does an archive that
 cannot take the file now (full, read-only): the image stays ``done``, never ``failed``, and its report is
-made all the same. An image that already has a result (stored by an earlier attempt) keeps it.
+made all the same. An image that already has a result (stored by an earlier attempt) keeps it. A page of a
+multi-page file (:mod:`screening.stages.pages`), graded or ungradable, leaves its file in the inbox until the last
+of the file's pages is stored; that page's store archives the file once (:attr:`Stored.awaits_pages` on the others).
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ from ..inference import ImagePrediction, Predictor
 from ..rejection import FailReason
 from .filing import Filing, MoveFailed
 from .outcomes import Failed, Job, Stored
+from .pages import page_settled
 
 log = logging.getLogger("screening")
 
@@ -106,23 +109,29 @@ class StoreStage:
         folder = atomic_write_dir(self.photo_dir(job.sha256),
                                   lambda out: _write_jpeg(out / PHOTO_FILE, job.decoded.display, 92))
 
-        def record(session: Session) -> int | None:
+        def record(session: Session) -> tuple[int | None, bool]:
             image = _image(session, job.image_id)
             if image.state not in (ImageState.DONE, ImageState.REPORTED):
                 image.photo_dir, image.stored_at = str(folder), utcnow()
                 repo.set_state(session, image, ImageState.DONE)
-            return image.exam_id
+            return image.exam_id, self._awaits_pages(session, job)
 
-        exam_id = transaction(self.factory, record, what="storing an ungradable photo")
+        exam_id, awaits_pages = transaction(self.factory, record, what="storing an ungradable photo")
         if exam_id is None:
             raise LookupError(f"image {job.image_id} has no exam; its verdict is stored but no report can include it")
-        return Stored(job.image_id, exam_id, self._archive(job))
+        return self._finish(job, exam_id, awaits_pages)
+
+    @staticmethod
+    def _awaits_pages(session: Session, job: Job) -> bool:
+        """A page of a multi-page file (:mod:`screening.stages.pages`) whose file holds pages not settled yet:
+        read in the transaction that settles this one, so exactly one page's store archives the file."""
+        return job.file_sha256 is not None and not all(page_settled(p) for p in repo.pages_of_file(session, job.file_sha256))
 
     def save(self, job: Job, pred: ImagePrediction, inference_ms: float) -> Stored:
         """Persist one result, then archive the original (see the module docstring)."""
         files = self.write_outputs(job, pred)
 
-        def record(session: Session) -> int | None:
+        def record(session: Session) -> tuple[int | None, bool]:
             image = _image(session, job.image_id)
             if image.result is None:
                 repo.add_result(
@@ -138,18 +147,22 @@ class StoreStage:
             if image.state not in (ImageState.DONE, ImageState.REPORTED):
                 image.stored_at = utcnow()
                 repo.set_state(session, image, ImageState.DONE)
-            return image.exam_id
+            return image.exam_id, self._awaits_pages(session, job)
 
-        exam_id = transaction(self.factory, record, what="storing a result")
+        exam_id, awaits_pages = transaction(self.factory, record, what="storing a result")
         if exam_id is None:  # admitted images always have one; a row edited by hand might not
             raise LookupError(f"image {job.image_id} has no exam; its result is stored but no report can include it")
-        return Stored(job.image_id, exam_id, self._archive(job))
+        return self._finish(job, exam_id, awaits_pages)
 
-    def _archive(self, job: Job) -> Path | None:
-        """Committed: now the original may leave the inbox. If it cannot move now (recorded by the filing), it
-        stays there and the next intake of it (same file, image done) finishes the move."""
+    def _finish(self, job: Job, exam_id: int, awaits_pages: bool) -> Stored:
+        """Committed: now the original may leave the inbox, unless it is a page whose file holds pages not stored
+        yet (the file leaves with the last of them). If it cannot move now (recorded by the filing), it stays there
+        and the next intake of it (same file, image done) finishes the move."""
+        if awaits_pages:
+            return Stored(job.image_id, exam_id, None, awaits_pages=True)
         try:
-            archived = self.filing.archive_image(job.image_id, job.path, job.sha256)
+            archived = (self.filing.archive_image(job.image_id, job.path, job.sha256) if job.file_sha256 is None
+                        else self.filing.archive_pages(job.file_sha256, job.path))
         except DatabaseGone:
             raise
         except MoveFailed:
@@ -158,7 +171,7 @@ class StoreStage:
             log.exception("image %s is stored but its file could not be archived now; it will be on the next pass",
                           job.image_id)
             archived = None
-        return archived
+        return Stored(job.image_id, exam_id, archived)
 
     def fail(self, job: Job, exc: BaseException, code: FailReason = FailReason.GRADING) -> Failed:
         """Record why grading or storing failed (``code``, and a short text without SQL or parameters); the file

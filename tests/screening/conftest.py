@@ -203,6 +203,24 @@ def write_dicom(
     return path
 
 
+def write_tiff_pages(path: Path, pictures: list[np.ndarray], subfiles: list[int] | None = None) -> Path:
+    """A multi-page TIFF, one page per RGB picture (``subfiles``: each page's NewSubfileType, 1 = a thumbnail)."""
+    from PIL import Image as PILImage
+    from PIL import TiffImagePlugin
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    buf = io.BytesIO()
+    with TiffImagePlugin.AppendingTiffWriter(buf) as tf:
+        for rgb, subfile in zip(pictures, subfiles or [0] * len(pictures)):
+            PILImage.fromarray(rgb).save(tf, "TIFF", tiffinfo={254: subfile})
+            tf.newFrame()
+    path.write_bytes(buf.getvalue())
+    return path
+
+
+WHITE_PAGE = np.full((200, 200, 3), 255, np.uint8)  # a scanned form: not a fundus photo
+
+
 def jpeg_bytes(rgb: np.ndarray, quality: int = 95) -> bytes:
     """Baseline JPEG of an RGB picture (what a camera puts in a JPEG-compressed DICOM)."""
     ok, buf = cv2.imencode(".jpg", cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, quality])

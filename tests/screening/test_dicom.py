@@ -156,6 +156,42 @@ def test_rle_compressed_and_16_bit_secondary_captures_are_read(tmp_path):
     assert np.array_equal(read_dicom(wide).rgb, rgb)
 
 
+def test_a_file_is_read_from_its_bytes(tmp_path):
+    """The worker hands over the bytes it hashed: nothing is read from the path again."""
+    rgb = synthetic_fundus(9, size=128)
+    path = write_dicom(tmp_path / "IM1", rgb=rgb, patient_id="P7")
+    data = path.read_bytes()
+    path.unlink()
+    assert is_dicom(data) and not is_dicom(data[:100])
+    photo = read_dicom(data, name="IM1")
+    assert np.array_equal(photo.rgb, rgb) and photo.patient_id == "P7"
+    with pytest.raises(Rejection) as exc:
+        read_dicom(data[: len(data) // 2], name="IM1")  # cut short: its pixel data runs past the end
+    assert exc.value.code == RejectReason.UNREADABLE and "'IM1'" in exc.value.message
+
+
+def test_pixel_limits_are_checked_before_decoding_and_after(tmp_path, monkeypatch):
+    from pydicom.dataset import Dataset
+
+    from screening import dicom
+    from screening.imaging import DecodeLimits
+
+    rgb = synthetic_fundus(10, size=128)
+    data = write_dicom(tmp_path / "IM2", rgb=rgb).read_bytes()
+    limits = DecodeLimits(max_pixels=128 * 128 - 1)
+    with monkeypatch.context() as m:  # over the limit by its Rows x Columns: refused without decoding a pixel
+        m.setattr(Dataset, "pixel_array", property(lambda self: pytest.fail("the pixel data was decoded")))
+        with pytest.raises(Rejection) as exc:
+            read_dicom(data, name="IM2", limits=limits)
+    assert exc.value.code == RejectReason.TOO_LARGE and "128x128" in exc.value.message and "max_pixels" in exc.value.message
+    # a header that understates the picture: the decoded size is checked too
+    monkeypatch.setattr(dicom, "_declared_size", lambda ds, name: (64, 64))
+    with pytest.raises(Rejection) as exc:
+        read_dicom(data, name="IM2", limits=limits)
+    assert exc.value.code == RejectReason.TOO_LARGE and "128x128" in exc.value.message
+    assert read_dicom(data, name="IM2", limits=DecodeLimits(max_pixels=128 * 128)).size == (128, 128)
+
+
 def test_a_multi_frame_file_is_refused(tmp_path):
     import pydicom
 

@@ -2,7 +2,7 @@ import cv2
 import numpy as np
 import pytest
 
-from screening.imaging import DecodeLimits, decode, decode_bytes, reduction_factor
+from screening.imaging import DecodeLimits, decode, decode_bytes, preprocess, reduction_factor
 from screening.rejection import Rejection, RejectReason
 from training.data.synthetic import make_fundus
 from training.data.transforms import preprocess_fundus
@@ -161,6 +161,66 @@ def test_multi_page_tiff_one_photo_or_a_refusal():
     with pytest.raises(Rejection) as exc:
         decode_bytes(_tiff([((200, 200), 0)] + [((60, 60), 1)] * 5), 64, limits=DecodeLimits(max_pages=4))
     assert exc.value.code == RejectReason.MULTI_PAGE and "more than 4 pages" in exc.value.message
+
+
+def _tiff_of(pictures: list[np.ndarray], subfiles: list[int] | None = None) -> bytes:
+    """A TIFF with one page per RGB picture (NewSubfileType from ``subfiles``, default 0: full size)."""
+    import io
+
+    from PIL import Image, TiffImagePlugin
+
+    buf = io.BytesIO()
+    with TiffImagePlugin.AppendingTiffWriter(buf) as tf:
+        for rgb, subfile in zip(pictures, subfiles or [0] * len(pictures)):
+            Image.fromarray(rgb).save(tf, "TIFF", tiffinfo={254: subfile})
+            tf.newFrame()
+    return buf.getvalue()
+
+
+def test_a_multi_page_tiff_is_read_page_by_page():
+    """Issue 12: every full-size page is read, one at a time; the first page used to be graded alone, silently,
+    and then the whole file was refused. Whether a page is a gradable fundus photo is the intake checks' call on
+    each page (screening.stages.pages), as for a single photo: decoding judges only what cannot be a photo."""
+    from screening.imaging import decode_pages, several_pictures
+
+    rng = np.random.default_rng
+    a, b = make_fundus(rng(1), size=300).image, make_fundus(rng(2), size=240).image
+    white, small = np.full((200, 200, 3), 255, np.uint8), make_fundus(rng(4), size=100).image
+    data = _tiff_of([cv2.resize(a, (60, 60)), a, white, small, b], subfiles=[1, 0, 0, 0, 0])  # a thumbnail first
+    limits = DecodeLimits(max_pages=5)  # the default (4) would refuse the file: thumbnails count as pages
+    assert several_pictures(data, limits) and not several_pictures(_tiff_of([a]), limits)
+    assert not several_pictures(data, DecodeLimits(max_pages=4))  # over the limit: decode_bytes says why
+    assert not several_pictures(cv2.imencode(".jpg", a)[1].tobytes(), limits)
+    assert not several_pictures(data[:300], limits)  # a damaged header: decode_bytes says why
+    pages = list(decode_pages(data, 64, limits=limits, name="P1_R.tif"))
+    assert [(p.number, p.size) for p in pages] == [(2, (300, 300)), (3, (200, 200)), (4, (100, 100)), (5, (240, 240))]
+    assert pages[2].decoded is None and pages[2].rejection.code == RejectReason.TOO_SMALL
+    assert pages[1].rejection is None and pages[1].decoded.whole.shape == (200, 200, 3)  # not judged here
+    for page, rgb in ((pages[0], a), (pages[3], b)):
+        assert page.rejection is None and np.array_equal(page.decoded.rgb, preprocess(rgb, page.size, 64).rgb)
+        assert np.array_equal(page.decoded.whole, rgb)  # the whole page, for the intake checks
+    with pytest.raises(Rejection) as exc:  # the file itself cut short: refused (or deferred) as a whole
+        list(decode_pages(data[: len(data) - 5000], 64, limits=limits, name="P1_R.tif"))
+    assert exc.value.code == RejectReason.INCOMPLETE and "page 5" in exc.value.message
+    with pytest.raises(Rejection) as exc:  # the limits are checked on the headers, before any page is decoded
+        next(decode_pages(data, 64, limits=DecodeLimits(max_pixels=240 * 240, max_pages=5), name="P1_R.tif"))
+    assert exc.value.code == RejectReason.TOO_LARGE
+
+
+def test_a_page_is_turned_upright_as_viewers_show_it():
+    import io
+
+    from PIL import Image
+
+    from screening.imaging import decode_pages
+
+    a = make_fundus(np.random.default_rng(3), size=300).image[:, 50:250].copy()  # 200 wide, 300 high
+    buf = io.BytesIO()
+    Image.fromarray(a).save(buf, "TIFF", save_all=True, append_images=[Image.fromarray(a)], tiffinfo={274: 6})
+    pages = list(decode_pages(buf.getvalue(), 64))
+    assert [p.size for p in pages] == [(300, 200), (300, 200)]  # orientation 6: turned a quarter clockwise
+    upright = np.ascontiguousarray(np.rot90(a, k=-1))
+    assert np.array_equal(pages[0].decoded.rgb, preprocess(upright, (300, 200), 64).rgb)
 
 
 def test_an_empty_file_has_its_own_reason():

@@ -71,6 +71,23 @@ def test_referable_probability():
     assert np.allclose(referable_probability(dr, dme), [0.0, 1.0, 0.5])
 
 
+def test_the_checkpoints_referable_calibration_maps_the_score_and_decides_referral(tmp_path, tiny_checkpoint, predictor):
+    ckpt = torch.load(tiny_checkpoint, weights_only=True)
+    ckpt["referable_calibration"] = {"method": "platt", "slope": 2.0, "intercept": -1.0, "n": 100}
+    ckpt["thresholds"]["referable"] = 0.5
+    path = tmp_path / "calibrated.pt"
+    torch.save(ckpt, path)
+    calibrated = Predictor(path, "cpu", 1)
+    imgs = _images(2)
+    raw = predictor.predict(imgs, explain=False)
+    mapped = calibrated.predict(imgs, explain=False)
+    for r, m in zip(raw, mapped):
+        z = np.log(r.referable_score / (1 - r.referable_score))
+        assert m.referable_score == pytest.approx(1 / (1 + np.exp(-(2.0 * z - 1.0))), rel=1e-5)
+        assert m.referable == (m.referable_score >= 0.5)
+        assert m.dr_probs == pytest.approx(r.dr_probs)  # the heads' own probabilities are untouched
+
+
 def test_checkpoint_without_metadata_is_refused(tmp_path, tiny_checkpoint):
     ckpt = torch.load(tiny_checkpoint, weights_only=True)
     del ckpt["provenance"]

@@ -318,6 +318,23 @@ def test_sweep_lists_candidates_by_mtime(tmp_path: Path) -> None:
         "d.jpg.part", ".hidden.jpg"}
 
 
+def test_the_inbox_placeholder_is_left_alone(tmp_path: Path) -> None:
+    """The repository's own inbox/.gitkeep was moved to rejected/ as a hidden name left behind. It, and only it
+    (that exact name, an empty regular file), is never a candidate; anything else hidden still is, once old."""
+    old = time.time() - 7200
+    for name, data in ((".gitkeep", b""), (".gitkeep.jpg", b""), (".GITKEEP", b""), (".keep", b"")):
+        write(tmp_path / name, data)
+        os.utime(tmp_path / name, (old, old))
+    assert {p.name for p in sweep(tmp_path, abandoned_after=3600)} == {".gitkeep.jpg", ".GITKEEP", ".keep"}
+    write(tmp_path / ".gitkeep", b"a photo hidden under the placeholder's name")  # no longer empty: refused
+    os.utime(tmp_path / ".gitkeep", (old, old))
+    assert ".gitkeep" in {p.name for p in sweep(tmp_path, abandoned_after=3600)}
+    (tmp_path / ".gitkeep").unlink()
+    (tmp_path / ".gitkeep").mkdir()  # not a regular file: refused like any folder
+    os.utime(tmp_path / ".gitkeep", (old, old))
+    assert ".gitkeep" in {p.name for p in sweep(tmp_path, abandoned_after=3600)}
+
+
 def test_sweep_missing_inbox_raises(tmp_path: Path) -> None:
     with pytest.raises(OSError):
         sweep(tmp_path / "nope")

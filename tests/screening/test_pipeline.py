@@ -332,6 +332,114 @@ def test_report_failure_keeps_result_and_is_retried(settings, tmp_path, renderer
         assert s.scalars(select(Image)).one().state == "reported"
 
 
+def _visit_tiff(settings, name: str = "P8_R_20250301.tif") -> Path:
+    """Two fundus photos and a scanned form in one TIFF."""
+    from .conftest import WHITE_PAGE, write_tiff_pages
+
+    return write_tiff_pages(settings.inbox / name, [synthetic_fundus(81), WHITE_PAGE, synthetic_fundus(82)])
+
+
+def _judging(settings):
+    """Settings whose gradability verdict depends on the page (the shipped model): a scanned form is refused."""
+    return settings.model_copy(update={"report_renderer": "inline", "batch_size": 1,
+                                       "quality_model": PROJECT / "models" / "quality.pt"})
+
+
+def test_a_multi_page_file_gives_one_result_per_fundus_page_and_is_archived_once(settings):
+    """Issue 12: a multi-page TIFF used page 1 only, silently, then was refused as a whole."""
+    worker = make_worker(_judging(settings))
+    tiff = _visit_tiff(settings)
+    write_fundus(settings.inbox / "P8_L_20250301.jpg", seed=83)
+    out = worker.run_once(settle_timeout=5)
+    assert (out.processed, out.rejected, out.failed, out.unmoved, out.reports) == (3, 1, 0, 0, 1) and out.ok
+    assert list(settings.inbox.iterdir()) == []
+    [archived] = [p for p in settings.archive.rglob("*.tif")]
+    assert archived.name.endswith("_P8_R_20250301.tif") and not tiff.exists()
+    with session_scope(worker.factory) as s:
+        pages = s.scalars(select(Image).where(Image.page.is_not(None)).order_by(Image.page)).all()
+        assert [(i.page, i.state, i.result is not None) for i in pages] == [(1, "reported", True), (2, "rejected", False),
+                                                                           (3, "reported", True)]
+        assert {i.stored_path for i in pages} == {str(archived)}
+        assert [d.outcome for d in s.scalars(select(Drop))] == ["new", "new"]  # two files, two arrivals
+    text = pdf_text(next(settings.reports.rglob("report_v1.pdf")))
+    assert "P8_R_20250301.tif (page 1)" in text and "P8_R_20250301.tif (page 3)" in text  # the right eye's two fields
+    from screening.audit import audit_summary
+
+    with session_scope(worker.factory) as s:  # each arrival once by its outcome, each page once by its state
+        summary = audit_summary(s)
+    assert summary.drops == {"new": 2, "duplicate": 0, "rejected": 0}
+    assert (summary.overall.images, summary.rejected, summary.rejected_reasons) == (3, 1, {"not_fundus": 1})
+
+
+def test_a_page_that_fails_keeps_its_file_in_the_inbox_until_it_is_graded(settings):
+    worker = make_worker(_judging(settings))
+    tiff = _visit_tiff(settings)
+    real_prepare, calls = worker.predictor.prepare, []
+
+    def prepare(images):
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("simulated failure of the second page")
+        return real_prepare(images)
+
+    worker.predictor.prepare = prepare
+    out = worker.run_once(settle_timeout=5)
+    assert (out.processed, out.failed, out.unmoved) == (1, 1, 0) and not out.ok
+    assert tiff.is_file() and list(settings.archive.rglob("*.tif")) == []  # page 1 graded, the file waits for page 3
+    worker.predictor.prepare = real_prepare
+    out = worker.run_once(settle_timeout=5)
+    assert (out.processed, out.rejected, out.failed) == (1, 0, 0) and out.ok and not tiff.exists()
+    with session_scope(worker.factory) as s:
+        assert sorted(i.state for i in s.scalars(select(Image))) == ["rejected", "reported", "reported"]
+        assert count(worker, Result) == 2 and [d.outcome for d in s.scalars(select(Drop))] == ["new"]
+    assert len(list(settings.archive.rglob("*.tif"))) == 1
+
+
+def test_an_ungradable_page_is_stored_without_a_grade_and_the_file_leaves_with_the_last_page(settings):
+    """A sharp and a blurred photo of the right eye in one TIFF: the blurred page is stored as ungradable (no
+    result, its reason, its display photo), the sharp one graded; the report shows both fields; the file is
+    archived once, after both are stored, whichever is stored last."""
+    import cv2
+
+    from .conftest import write_tiff_pages
+
+    worker = make_worker(_judging(settings))
+    blurred = cv2.GaussianBlur(synthetic_fundus(101, 300), (0, 0), 6)
+    tiff = write_tiff_pages(settings.inbox / "P9_R_20250301.tif", [synthetic_fundus(100, 300), blurred])
+    out = worker.run_once(settle_timeout=5)
+    assert (out.processed, out.rejected, out.failed, out.unmoved, out.reports) == (2, 0, 0, 0, 1) and out.ok
+    [archived] = list(settings.archive.rglob("*.tif"))
+    assert not tiff.exists() and list(settings.inbox.iterdir()) == []
+    with session_scope(worker.factory) as s:
+        pages = s.scalars(select(Image).order_by(Image.page)).all()
+        assert [(i.page, i.state, i.gradable, i.quality_reasons, i.result is not None) for i in pages] == [
+            (1, "reported", True, [], True), (2, "reported", False, ["blurred"], False)]
+        assert {i.stored_path for i in pages} == {str(archived)}
+        assert Path(pages[1].photo_dir, "photo.jpg").is_file()  # its display photo, for the report
+    text = " ".join(pdf_text(next(settings.reports.rglob("report_v1.pdf"))).split())
+    assert "P9_R_20250301.tif (page 1)" in text and "P9_R_20250301.tif (page 2)" in text
+    assert "Ungradable: recapture" in text
+
+
+def test_a_file_of_ungradable_pages_is_archived_by_the_last_one_stored(settings):
+    """Nothing to grade: the first page stored waits for the second (awaits_pages), the second archives the file."""
+    import cv2
+
+    from screening.stages.outcomes import Stored
+
+    from .conftest import write_tiff_pages
+
+    worker = make_worker(_judging(settings))
+    stored: list[Stored] = []
+    real = worker.store.save_ungradable
+    worker.store.save_ungradable = lambda job: stored.append(real(job)) or stored[-1]
+    tiff = write_tiff_pages(settings.inbox / "P9_L.tif", [cv2.GaussianBlur(synthetic_fundus(k, 300), (0, 0), 6) for k in (101, 102)])
+    out = worker.run_once(settle_timeout=5)
+    assert (out.processed, out.failed, out.unmoved) == (2, 0, 0) and out.ok and not tiff.exists()
+    assert [(s.awaits_pages, s.archived_as is not None) for s in stored] == [(True, False), (False, True)]
+    assert stored[1].archived_as.is_file() and count(worker, Result) == 0
+
+
 def test_crash_before_commit_redoes_the_image(settings, monkeypatch):
     worker = make_worker(settings)
     write_fundus(settings.inbox / "P7_L.jpg", seed=7)
@@ -525,6 +633,30 @@ def test_shipped_intake_models_on_real_photos(settings, shared_data, tmp_path):
     assert "Laterality mismatch" in text and "says right eye" in text
 
 
+def test_shipped_gradability_model_refuses_the_non_fundus_pictures_issue_12_found_graded(settings):
+    """Issue 12 point 5: a red-orange gradient, a flat red picture and a red disc on black were graded and referred.
+    With the shipped gradability model each is a recorded rejection ("not_fundus"), and nothing is graded."""
+    import cv2
+    import numpy as np
+
+    worker = make_worker(settings.model_copy(update={"quality_model": PROJECT / "models" / "quality.pt"}))
+    ramp = np.linspace(0, 1, 700)[None, :, None]
+    gradient = (np.array([20, 30, 200]) * (1 - ramp) + np.array([30, 140, 250]) * ramp).repeat(500, 0)  # BGR
+    cv2.imwrite(str(settings.inbox / "G1_R.png"), gradient.astype(np.uint8))
+    cv2.imwrite(str(settings.inbox / "F1_R.png"), np.full((800, 800, 3), (25, 35, 190), np.uint8))
+    disc = np.zeros((600, 600, 3), np.uint8)
+    cv2.circle(disc, (300, 300), 260, (20, 40, 200), -1)
+    cv2.imwrite(str(settings.inbox / "D2_L.jpg"), disc)
+    out = worker.run_once(settle_timeout=5)
+    assert (out.processed, out.rejected, out.failed) == (0, 3, 0)
+    with session_scope(worker.factory) as s:
+        drops = list(s.scalars(select(Drop)))
+        assert sorted(d.source_name for d in drops) == ["D2_L.jpg", "F1_R.png", "G1_R.png"]
+        assert {(d.outcome, d.reason_code) for d in drops} == {("rejected", "not_fundus")}
+        assert all(i.result is None for i in s.scalars(select(Image)))
+    assert len(list(settings.rejected.glob("*.reason.txt"))) == 3
+
+
 # --------------------------------------------------------------------------------------- faults (issue 12)
 
 def _images(worker: Worker) -> dict[str, Image]:
@@ -669,6 +801,31 @@ def test_a_deleted_database_stops_the_worker_with_a_clear_error(settings):
         thread.join(30)
     assert len(errors) == 1 and isinstance(errors[0], DatabaseGone) and "deleted" in str(errors[0])
     assert (s.inbox / "P6_R.jpg").is_file()  # nothing recorded for it, so it never left the inbox
+
+
+def test_a_database_restored_in_place_from_another_stops_the_worker(settings, tmp_path):
+    """The same file (same inode) with another database's content: the file check saw nothing, and the worker
+    went on recording into a database that is not its own. Its identity says so, as it would for PostgreSQL."""
+    import sqlite3
+
+    from screening.db import DatabaseGone
+
+    s = settings.model_copy(update={"report_renderer": "inline"})
+    worker = make_worker(s)
+    write_fundus(s.inbox / "P5_R.jpg", seed=65)
+    assert worker.run_once(settle_timeout=5).processed == 1
+    other = tmp_path / "other.db"
+    init_db(make_engine(f"sqlite:///{other}"))
+    src, dst = sqlite3.connect(other), sqlite3.connect(s.database.removeprefix("sqlite:///"))
+    src.backup(dst)
+    src.close()
+    dst.close()
+    write_fundus(s.inbox / "P6_R.jpg", seed=66)
+    with pytest.raises(DatabaseGone, match="replaced or re-created"):
+        worker.run_once(settle_timeout=5)
+    assert (s.inbox / "P6_R.jpg").is_file()  # nothing recorded for it, so it never left the inbox
+    with sqlite3.connect(s.database.removeprefix("sqlite:///")) as raw:  # what is there now: the other, untouched
+        assert raw.execute("SELECT count(*) FROM images").fetchone() == (0,)
 
 
 def test_a_database_locked_past_the_busy_timeout_is_waited_out(settings):

@@ -86,8 +86,12 @@ def test_load_model_rebuilds_from_checkpoint_alone(trained_with_model) -> None:
         (lambda c: c["thresholds"].pop("referable"), "thresholds.referable"),
         (lambda c: c["provenance"].update(kind="handmade"), "provenance.kind"),
         (lambda c: c["provenance"].pop("kind"), "provenance.kind"),
+        (lambda c: c.update(referable_calibration={"method": "platt", "slope": -1.0, "intercept": 0.0}),
+         "referable_calibration"),
+        (lambda c: c.update(referable_calibration={"method": "isotonic"}), "referable_calibration"),
     ],
-    ids=["no-provenance", "no-model-config", "no-referable-threshold", "bad-kind", "no-kind"],
+    ids=["no-provenance", "no-model-config", "no-referable-threshold", "bad-kind", "no-kind", "negative-slope",
+         "unknown-calibration"],
 )
 def test_load_model_refuses_checkpoints_lacking_metadata(trained_with_model, tmp_path: Path, edit, named: str) -> None:
     out, _ = trained_with_model

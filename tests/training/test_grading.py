@@ -99,6 +99,11 @@ def test_grading_stage_writes_a_calibrated_checkpoint_the_worker_can_load(trunk_
     assert model.config.grade_inputs == "features+lesions"
     cal = meta["provenance"]["calibration"]
     assert cal["dr_temperature"] > 0 and cal["dme_temperature"] > 0
+    # P(referable) itself is mapped on validation when both classes are there, and the threshold is on that scale
+    if cal["referable"] is not None:
+        assert meta["referable_calibration"] == cal["referable"] and cal["referable"]["slope"] > 0
+    else:
+        assert "referable_calibration" not in meta and cal["referable_skipped"]  # said why, threshold on the raw score
     assert 0.0 <= meta["thresholds"]["referable"] <= 1.0 and "grader" not in meta
     assert meta["provenance"]["init_from"]["sha256"] and summary["chosen"] == "dropout0.0-wd0.0001-h32"
     # the trunk is the init checkpoint's, unchanged; the cached head inputs equal the saved model's own forward

@@ -8,8 +8,11 @@ import pytest
 from training.metrics import (
     LESION_CODES,
     bootstrap_ci,
+    calibrated_referable,
     choose_threshold,
     classification_metrics,
+    expected_calibration_error,
+    fit_referable_calibration,
     lesion_pr_curves,
     referable_labels,
     referable_score,
@@ -64,6 +67,34 @@ def test_referable_score_formula_and_shape_errors():
         referable_score(dr, np.full((2, 4), 0.25))
     with pytest.raises(ValueError, match="logits"):
         referable_score(dr * 5, dme)
+
+
+def test_referable_calibration_recovers_a_platt_map_and_keeps_the_ranking():
+    rng = np.random.default_rng(3)
+    # eyes whose raw score is overconfident: the true log-odds are half the score's, shifted by -0.5
+    dr = rng.dirichlet(np.ones(5) * 0.4, size=4000)
+    dme = np.c_[np.ones(4000), np.zeros((4000, 2))]
+    raw = referable_score(dr, dme)
+    z = np.log(np.clip(raw, 1e-6, 1 - 1e-6) / np.clip(1 - raw, 1e-6, 1))
+    y = (rng.random(4000) < 1 / (1 + np.exp(-(0.5 * z - 0.5)))).astype(int)
+    cal = fit_referable_calibration(np.r_[y, -1], np.r_[raw, 0.3])  # unknown labels are left out
+    assert cal["method"] == "platt" and cal["n"] == 4000
+    assert cal["slope"] == pytest.approx(0.5, abs=0.08) and cal["intercept"] == pytest.approx(-0.5, abs=0.12)
+    p = calibrated_referable(dr, dme, cal)
+    assert expected_calibration_error(y, p) < expected_calibration_error(y, raw) / 2
+    order = np.argsort(raw, kind="stable")
+    assert np.all(np.diff(p[order]) >= -1e-12)  # monotone: AUC and the ranking are unchanged
+    np.testing.assert_array_equal(calibrated_referable(dr, dme, None), raw)
+
+
+def test_referable_calibration_refuses_what_it_cannot_fit_or_read():
+    with pytest.raises(ValueError, match="one class"):
+        fit_referable_calibration([0, 0, 0], [0.1, 0.5, 0.9])
+    with pytest.raises(ValueError, match="slope"):  # the score ranks backwards on these eyes
+        fit_referable_calibration([1, 1, 1, 0, 0, 0], [0.1, 0.2, 0.3, 0.7, 0.8, 0.9])
+    dr, dme = np.full((1, 5), 0.2), np.full((1, 3), 1 / 3)
+    with pytest.raises(ValueError, match="unknown method 'isotonic'"):
+        calibrated_referable(dr, dme, {"method": "isotonic"})
 
 
 def test_choose_threshold_reaches_target_sensitivity():

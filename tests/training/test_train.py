@@ -68,3 +68,31 @@ def test_init_from_a_different_architecture_names_the_difference(trained_run, un
     cfg = base.model_copy(update={"model": ModelSettings(**(base.model.model_dump() | {"decoder_channels": (32, 16, 16, 8, 8)}))})
     with pytest.raises(ValueError, match=r"best\.pt.*decoder_channels"):
         run_training(cfg, kind="synthetic", resume=False, progress=False, command="pytest", log=lambda _m: None)
+
+
+def test_source_weight_power_evens_out_the_sources_draws(trained_run, tmp_path: Path) -> None:
+    """power 0: images drawn as the sources come (lesion images boosted); power 1: each source equally often."""
+    other = write_synthetic_dataset(tmp_path / "other", 24, size=96, seed=2, with_masks=False)  # source "manifest:other"
+
+    def draws(power: float) -> dict[str, float]:
+        cfg = _config(trained_run, other, tmp_path / f"run{power}", lesion_only=False, crop_size=None,
+                      source_weight_power=power, samples_per_epoch=4000)
+        data = make_loaders(cfg, progress=False)
+        sampler = data.train.sampler
+        sampler.set_epoch(0)
+        sources = [data.splits["train"][i].source for i in sampler]
+        return {s: sources.count(s) / len(sources) for s in set(sources)}
+
+    plain, even = draws(0.0), draws(1.0)
+    assert len(plain) == 2 and plain.keys() == even.keys()
+    assert abs(even["manifest:other"] - 0.5) < 0.04
+    assert abs(plain["manifest:other"] - 0.5) > 0.1
+
+
+def test_head_width_of_the_settings_reaches_the_model(trained_run) -> None:
+    """[model] head_hidden builds heads of that width, so a grade-heads checkpoint (256 or 128) can be continued."""
+    from training.train import model_config_from
+
+    base, _ = trained_run
+    cfg = base.model_copy(update={"model": base.model.model_copy(update={"head_hidden": 64})})
+    assert model_config_from(cfg).head_hidden == 64

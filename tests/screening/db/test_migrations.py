@@ -28,20 +28,23 @@ def db_path(tmp_path):
     return tmp_path / "old.db"
 
 
-HEAD = head_revision()  # read from the migration scripts: a later revision does not break these tests
+HEAD = head_revision()  # read from the scripts: a later revision must not break these tests
 PREVIOUS = "0007_device_original_masks"  # the head before the review tables
+# the order revisions are applied in (branches merged later may put theirs between these)
+ORDER = ["0001", "0002", "0007_device_original_masks", "0014_reviews", "0006_hardening", "0005_gradability_laterality",
+         "0009_pages", "0010_db_identity"]
 
 
-def test_the_revisions_form_one_chain_with_the_intake_checks_after_hardening():
+def test_the_revisions_form_one_chain_in_order():
     from alembic.script import ScriptDirectory
 
     from screening.db.migrate import alembic_config
 
     scripts = ScriptDirectory.from_config(alembic_config())
     assert len(scripts.get_heads()) == 1  # one line of history: no merge revision needed
-    chain = [r.revision for r in scripts.walk_revisions()][::-1]
-    assert chain[:5] == ["0001", "0002", "0007_device_original_masks", "0014_reviews", "0006_hardening"]
-    assert chain[5] == "0005_gradability_laterality"
+    chain = [rev.revision for rev in reversed(list(scripts.walk_revisions()))]
+    assert [r for r in chain if r in ORDER] == ORDER and chain[-1] == HEAD
+    assert chain[:6] == ORDER[:6]  # the intake checks' columns right after hardening (issue 13a)
 
 
 def test_upgrade_from_revision_1_keeps_rows(db_path):
@@ -245,6 +248,59 @@ def test_downgrade_to_the_previous_head_keeps_reports(tmp_path):
     init_db(engine)
     assert current_revision(engine) == head_revision() and _diff(engine) == []
     assert len(_triggers(engine)) == 4
+
+
+def test_the_database_identity_is_made_once_by_init_or_by_the_migration(tmp_path):
+    """Revision 0010_db_identity: an existing database gets its random id from the migration, a new one from
+    init_db; each database its own, kept by later runs; downgrading removes it."""
+    from alembic import command
+
+    from screening.db.migrate import alembic_config
+
+    def token(engine) -> list[str]:
+        with engine.connect() as conn:
+            return [r[0] for r in conn.exec_driver_sql("SELECT token FROM database_identity")]
+
+    old = make_engine(f"sqlite:///{tmp_path / 'old.db'}")
+    upgrade(old, "0006_hardening")
+    assert "database_identity" not in inspect(old).get_table_names()
+    init_db(old)
+    migrated = token(old)
+    new = make_engine(f"sqlite:///{tmp_path / 'new.db'}")
+    init_db(new)
+    made = token(new)
+    assert len(migrated) == len(made) == 1 and migrated != made
+    assert all(len(t) == 32 and int(t, 16) >= 0 for t in migrated + made)
+    init_db(new)
+    assert token(new) == made  # never made twice
+    with old.begin() as conn:
+        command.downgrade(alembic_config(connection=conn), "0006_hardening")
+    assert "database_identity" not in inspect(old).get_table_names()
+    init_db(old)
+    assert len(token(old)) == 1 and _diff(old) == []
+
+
+def test_pages_columns_come_and_go_with_revision_0009(tmp_path):
+    """Revision 0009_pages: images.page and images.file_sha256 (indexed), NULL for the rows written before."""
+    from alembic import command
+
+    from screening.db.migrate import alembic_config
+
+    engine = make_engine(f"sqlite:///{tmp_path / 'pages.db'}")
+    upgrade(engine, "0006_hardening")
+    with engine.begin() as conn:
+        conn.exec_driver_sql("INSERT INTO images (id, sha256, source_name, state, received_at, updated_at) "
+                             "VALUES (1, 'aa', 'P1_R.jpg', 'rejected', '2025-01-01 00:00:00', '2025-01-01 00:00:00')")
+    upgrade(engine, "0009_pages")
+    assert {"page", "file_sha256"} <= _cols(engine, "images")
+    assert "ix_images_file_sha256" in {i["name"] for i in inspect(engine).get_indexes("images")}
+    with engine.connect() as conn:
+        assert conn.exec_driver_sql("SELECT sha256, page, file_sha256 FROM images").one() == ("aa", None, None)
+    with engine.begin() as conn:
+        command.downgrade(alembic_config(connection=conn), "0006_hardening")
+    assert not {"page", "file_sha256"} & _cols(engine, "images")
+    init_db(engine)
+    assert _diff(engine) == []
 
 
 def test_upgrade_from_hardening_adds_the_intake_checks_as_unknown(db_path):

@@ -12,9 +12,17 @@ import time
 import pytest
 from sqlalchemy import func, select
 
-from screening.db import DatabaseGone, init_db, make_engine, make_session_factory, session_scope, transaction
+from screening.db import (
+    DatabaseGone,
+    guard_identity,
+    init_db,
+    make_engine,
+    make_session_factory,
+    session_scope,
+    transaction,
+)
 from screening.db import repository as repo
-from screening.db.models import Patient
+from screening.db.models import DatabaseIdentity, Patient
 
 
 @pytest.fixture
@@ -84,3 +92,62 @@ def test_a_lock_held_past_the_busy_timeout_is_waited_out(db):
             transaction(factory, lambda s: repo.get_or_create_patient(s, "P4"), give_up_after=0.2)
         finally:
             holder.wait(10)
+
+
+# ------------------------------------------------------------------ the database's identity (any backend)
+
+
+def _count(factory) -> int:
+    with session_scope(factory) as s:
+        return s.scalar(select(func.count()).select_from(Patient))
+
+
+def test_a_database_restored_in_place_from_another_stops_the_guarded_factory(db, tmp_path):
+    """A SQLite file overwritten in place with another database (SQLite's own backup/.restore: the same file, the
+    same inode) passed the file check: the worker would have gone on recording into the other database. Its
+    identity differs, as a PostgreSQL database dropped and created again would."""
+    import sqlite3
+
+    path, factory = db
+    token = guard_identity(factory)
+    assert len(token) == 32 and guard_identity(factory) == token  # noted once
+    _add(factory, "P1")
+    other = tmp_path / "other.db"
+    other_engine = make_engine(f"sqlite:///{other}")
+    init_db(other_engine)
+    with session_scope(make_session_factory(other_engine)) as s:
+        assert repo.database_token(s) not in (None, token)  # every database made gets its own
+    inode = path.stat().st_ino
+    src, dst = sqlite3.connect(other), sqlite3.connect(path)
+    src.backup(dst)  # the restore: page by page into the same file
+    src.close()
+    dst.close()
+    assert path.stat().st_ino == inode
+    with pytest.raises(DatabaseGone, match="replaced or re-created"):
+        _add(factory, "P2")
+    with pytest.raises(DatabaseGone):
+        _count(factory)
+    assert _count(make_session_factory(make_engine(f"sqlite:///{path}"))) == 0  # P2 went nowhere
+
+
+def test_a_database_emptied_under_the_guarded_factory_stops_it(db):
+    """Created again empty (no screening tables): a clear error, not "no such table" from some later statement."""
+    import sqlite3
+
+    path, factory = db
+    guard_identity(factory)
+    _add(factory, "P1")
+    with sqlite3.connect(path) as raw:
+        raw.execute("DROP TABLE database_identity")
+    with pytest.raises(DatabaseGone, match="no longer holds the screening tables"):
+        _add(factory, "P2")
+
+
+def test_an_unguarded_factory_and_a_guarded_one_on_an_unchanged_database(db):
+    path, factory = db
+    guard_identity(factory)
+    for k in range(3):
+        _add(factory, f"P{k}")
+    assert _count(factory) == 3
+    with session_scope(factory) as s:  # init_db made the identity: guarding wrote nothing more
+        assert s.scalar(select(func.count()).select_from(DatabaseIdentity)) == 1

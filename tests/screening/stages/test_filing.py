@@ -110,6 +110,31 @@ def test_graded_image_killed_before_its_archive(inline, tmp_path):
     assert len(list(inline.reports.rglob("report_v*.pdf"))) == 1
 
 
+def test_multi_page_file_killed_before_its_archive(inline, tmp_path):
+    """Both photo pages committed, the form refused, then killed where the file would be archived: the restart
+    moves the file once and records nothing twice (issue 12, multi-page files)."""
+    from ..conftest import WHITE_PAGE, synthetic_fundus, write_tiff_pages
+
+    inline = inline.model_copy(update={"quality_model": PROJECT / "models" / "quality.pt"})  # refuses the form
+    write_tiff_pages(inline.inbox / "P9_R.tif", [synthetic_fundus(91), WHITE_PAGE, synthetic_fundus(92)])
+    _killed_run(inline, tmp_path)
+    st = _state(inline)
+    here = str(inline.inbox / "P9_R.tif")
+    assert st["images"] == {"P9_R.tif (page 1)": ("done", here), "P9_R.tif (page 2)": ("rejected", here),
+                            "P9_R.tif (page 3)": ("done", here)}
+    assert st["results"] == 2 and st["drops"] == {"new": 1}
+    assert _files(inline.inbox) == ["P9_R.tif"] and _files(inline.archive) == []
+
+    _run(inline)
+    st = _state(inline)
+    assert _files(inline.inbox) == [] and len(_files(inline.archive)) == 1
+    (archived,) = {stored for _, stored in st["images"].values()}
+    assert Path(archived).is_file() and Path(archived).is_relative_to(inline.archive)
+    assert [state for state, _ in st["images"].values()] == ["reported", "rejected", "reported"]
+    assert st["results"] == 2 and st["drops"] == {"new": 1} and st["unfiled"] == []
+    assert len(list(inline.reports.rglob("report_v*.pdf"))) == 1
+
+
 def test_duplicate_of_a_graded_image_killed_before_its_move(inline, tmp_path):
     write_fundus(inline.inbox / "P2_R.jpg", seed=2)
     _run(inline)

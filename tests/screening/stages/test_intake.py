@@ -184,6 +184,8 @@ def test_links_folders_pipes_and_left_behind_names_are_refused_with_a_reason(sta
     }
     for name, make in entries.items():
         make(settings.inbox / name)
+    (settings.inbox / ".gitkeep").touch()  # the repository's own placeholder, old: never refused, never moved
+    _aged(settings.inbox / ".gitkeep")
     listed = {p.name for p in sweep(settings.inbox, settings.abandoned_after)}
     assert listed == set(entries)
     codes = {}
@@ -203,6 +205,7 @@ def test_links_folders_pipes_and_left_behind_names_are_refused_with_a_reason(sta
         assert sorted(d.reason_code for d in drops) == sorted(codes.values())
         assert all(d.outcome == "rejected" and d.image_id is None for d in drops)
         assert s.scalars(select(Image)).all() == []  # nothing was read as a photo
+    assert [p.name for p in settings.inbox.iterdir()] == [".gitkeep"]
 
 
 def test_young_temporary_names_are_left_alone(settings):
@@ -364,6 +367,43 @@ def test_a_dcm_name_without_the_dicom_header_is_refused(stage, settings):
     path.write_bytes(jpeg_bytes(synthetic_fundus(6)))
     outcome = stage.admit(path)
     assert isinstance(outcome, Rejected) and outcome.code == RejectReason.UNREADABLE and "DICM" in outcome.message
+
+
+def test_a_dicom_file_is_decoded_from_the_bytes_that_were_hashed(stage, settings):
+    """The file used to be opened again after hashing: replaced in between, the record held one file's hash and
+    another file's patient and picture."""
+    from screening.intake import read_content
+
+    path = write_dicom(settings.inbox / "IM000003", rgb=synthetic_fundus(8), patient_id="P100", image_laterality="R")
+    content = read_content(path, settings.max_file_bytes)
+    write_dicom(path, rgb=synthetic_fundus(9), patient_id="P200", image_laterality="L")  # replaced after the read
+    identity, decoded = stage.read(path, content, None, None)
+    assert (identity.patient_id, identity.eye) == ("P100", "R")
+    assert np.array_equal(decoded.rgb, preprocess(synthetic_fundus(8), (256, 256), 64).rgb)
+
+
+def test_dicom_pixel_limits(stage, settings):
+    """max_pixels holds for DICOM: a photo over it is refused, and one whose Rows x Columns claim a huge picture
+    is refused from the header, before its pixel data is decoded (this one would not even decode)."""
+    limited = IntakeStage(stage.settings.model_copy(update={"max_pixels": 300 * 200 - 1}), stage.factory, stage.filing,
+                          image_size=64)
+    over = write_dicom(settings.inbox / "IM000004", rgb=cv2.resize(synthetic_fundus(10), (300, 200)))
+    outcome = limited.admit(over)
+    assert isinstance(outcome, Rejected) and outcome.code == RejectReason.TOO_LARGE, outcome
+    assert "300x200" in outcome.message and "max_pixels" in outcome.message
+    named_by_pacs = write_dicom(settings.inbox / "IM000006", rgb=synthetic_fundus(12))  # no suffix, over max_file_bytes
+    tiny = IntakeStage(stage.settings.model_copy(update={"max_file_bytes": 1000}), stage.factory, stage.filing, image_size=64)
+    outcome = tiny.admit(named_by_pacs)  # was "no file extension and is not a DICOM file"
+    assert isinstance(outcome, Rejected) and outcome.code == RejectReason.TOO_LARGE and "max_file_bytes" in outcome.message
+    import pydicom
+
+    bomb = write_dicom(settings.inbox / "IM000005", rgb=synthetic_fundus(11, size=128))
+    ds = pydicom.dcmread(bomb)
+    ds.Rows, ds.Columns = 30000, 30000  # 900 megapixels declared; 128x128 stored
+    ds.save_as(bomb, enforce_file_format=True)
+    outcome = stage.admit(bomb)
+    assert isinstance(outcome, Rejected) and outcome.code == RejectReason.TOO_LARGE, outcome
+    assert "30000x30000" in outcome.message
 
 
 @pytest.mark.realdata
