@@ -32,8 +32,9 @@ Model versus grader
 Ungradable photos, per day and device
     Every photo admitted since the intake checks exist has a gradability verdict (``images.gradable``). Per UTC
     day of arrival and per device (``images.device`` where the database records one, else ``unknown``): how
-    many photos were assessed, how many were ungradable (the rate), the reasons given, and how many carried a
-    laterality mismatch. Pictures refused as not a fundus photo are not photos of an eye: they are counted
+    many photos were assessed, how many were ungradable (the rate), the reasons given, how many carried a
+    laterality mismatch, and how many stated eyes the photo was too unclear to confirm (``eye_not_confirmed``
+    events: the laterality model abstained). Pictures refused as not a fundus photo are not photos of an eye: they are counted
     with the other refusals.
 
 Per model version
@@ -100,6 +101,7 @@ class UngradableDay:
     ungradable: int = 0
     reasons: dict[str, int] = field(default_factory=dict)
     eye_mismatches: int = 0
+    eyes_not_confirmed: int = 0  # a stated eye the photo was too unclear to check (the laterality model abstained)
 
     @property
     def rate(self) -> float | None:
@@ -325,9 +327,11 @@ def audit_summary(
 
     days: dict[tuple[str, str], UngradableDay] = {}
     reasons: dict[tuple[str, str], Counter[str]] = {}
+    unconfirmed = select(Event.image_id).where(Event.kind == "eye_not_confirmed", Event.image_id == Image.id).exists()
     for row in session.execute(
         select(Image.received_at, _device_column().label("device"), Image.gradable, Image.quality_reasons,
-               Image.eye_mismatch).where(Image.gradable.is_not(None), *_in_range(Image.received_at, lo, hi))
+               Image.eye_mismatch, unconfirmed.label("unconfirmed"))
+        .where(Image.gradable.is_not(None), *_in_range(Image.received_at, lo, hi))
     ).all():
         key = (_as_utc(row.received_at).date().isoformat(), str(row.device))
         day = days.setdefault(key, UngradableDay(*key))
@@ -336,6 +340,7 @@ def audit_summary(
             day.ungradable += 1
             reasons.setdefault(key, Counter()).update([str(r) for r in (row.quality_reasons or [NO_REASON])])
         day.eye_mismatches += int(bool(row.eye_mismatch))
+        day.eyes_not_confirmed += int(bool(row.unconfirmed))
     for key, counter in reasons.items():
         days[key].reasons = ordered(counter)
 
@@ -412,7 +417,8 @@ def summary_rows(summary: AuditSummary) -> list[dict[str, str]]:
         out += [("ungradable_by_day", "", f"{label} assessed", day.assessed),
                 ("ungradable_by_day", "", f"{label} ungradable", day.ungradable),
                 ("ungradable_by_day", "", f"{label} rate", day.rate),
-                ("ungradable_by_day", "", f"{label} eye_mismatches", day.eye_mismatches)]
+                ("ungradable_by_day", "", f"{label} eye_mismatches", day.eye_mismatches),
+                ("ungradable_by_day", "", f"{label} eyes_not_confirmed", day.eyes_not_confirmed)]
         out += [("ungradable_reason", "", f"{label} {reason}", n) for reason, n in day.reasons.items()]
     reviewer_of: dict[int, str] = {}
     if summary.agreement is not None:
@@ -514,11 +520,12 @@ def format_table(summary: AuditSummary) -> str:
     lines += ["", f"Ungradable: {summary.ungradable} of {summary.assessed} photos assessed"
               + (f" ({rate:.1%})" if rate is not None else "")]
     if summary.ungradable_by_day:
-        lines.append(f"  {'day':<10}  {'device':<16}  {'assessed':>8}  {'ungradable':>10}  {'rate':>6}  {'eye mismatch':>12}  reasons")
+        lines.append(f"  {'day':<10}  {'device':<16}  {'assessed':>8}  {'ungradable':>10}  {'rate':>6}  {'eye mismatch':>12}  "
+                     f"{'eye unconfirmed':>15}  reasons")
         for d in summary.ungradable_by_day:
             why = ", ".join(f"{r} {n}" for r, n in d.reasons.items())
             lines.append(f"  {d.day:<10}  {d.device[:16]:<16}  {d.assessed:>8}  {d.ungradable:>10}  "
-                         f"{(d.rate or 0):>6.1%}  {d.eye_mismatches:>12}  {why}")
+                         f"{(d.rate or 0):>6.1%}  {d.eye_mismatches:>12}  {d.eyes_not_confirmed:>15}  {why}")
     if summary.agreement is not None:
         lines += ["", *_agreement_table(summary.agreement)]
     return "\n".join(lines) + "\n"
