@@ -142,7 +142,7 @@ def child_a(args: argparse.Namespace) -> int:
     worker = Worker(settings, predictor, _session_factory(settings), ROOT / "templates")
     timer = StageTimer()
     timer.wrap(worker.intake, "admit", "intake (hash, identify, decode, DB)")
-    timer.wrap(intake_stage, "decode", "  of which decode")
+    timer.wrap(intake_stage, "decode_bytes", "  of which decode")
     timer.wrap(predictor, "run", "forward pass")
     timer.wrap(predictor, "finish", "finish (grades, masks, Grad-CAM)")
     timer.wrap(worker.grade, "_prepare", "prepare next batch (in a thread, overlaps the rest)")

@@ -33,8 +33,9 @@ Model versus grader
 Ungradable photos, per day and device
     Every photo admitted since the intake checks exist has a gradability verdict (``images.gradable``). Per UTC
     day of arrival and per device (``images.device`` where the database records one, else ``unknown``): how
-    many photos were assessed, how many were ungradable (the rate), the reasons given, and how many carried a
-    laterality mismatch. Pictures refused as not a fundus photo are not photos of an eye: they are counted
+    many photos were assessed, how many were ungradable (the rate), the reasons given, how many carried a
+    laterality mismatch, and how many stated eyes the photo was too unclear to confirm (``eye_not_confirmed``
+    events: the laterality model abstained). Pictures refused as not a fundus photo are not photos of an eye: they are counted
     with the other refusals.
 
 Per model version
@@ -118,6 +119,7 @@ class UngradableDay:
     ungradable: int = 0
     reasons: dict[str, int] = field(default_factory=dict)
     eye_mismatches: int = 0
+    eyes_not_confirmed: int = 0  # a stated eye the photo was too unclear to check (the laterality model abstained)
 
     @property
     def rate(self) -> float | None:
@@ -337,23 +339,26 @@ def _day_text(value: Any) -> str:
 
 def _ungradable_days(session: Session, lo: datetime | None, hi: datetime | None,
                      ordered: Callable[[Counter[str]], dict[str, int]]) -> list[UngradableDay]:
-    """Photos assessed, ungradable and with a laterality mismatch per UTC day of arrival and device: counted by the
+    """Photos assessed, ungradable, with a laterality mismatch and with an eye not confirmed per UTC day of arrival and device: counted by the
     database (one grouped pass, whatever the number of photos; ``received_at`` is stored as naive UTC, so its
     ``date()`` is the UTC day on both databases); the reasons of the ungradable photos grouped by their list."""
     day = func.date(Image.received_at)
     in_range = [Image.gradable.is_not(None), *_in_range(Image.received_at, lo, hi)]
+    # a stated eye the laterality model could not confirm has an eye_not_confirmed event; each photo counts once
+    unconfirmed = select(Event.id).where(Event.kind == "eye_not_confirmed", Event.image_id == Image.id).exists()
     days: dict[tuple[str, str], UngradableDay] = {}
     counted: Sequence[Any] = session.execute(
         select(day, Image.device, func.count(), func.count(case((Image.gradable.is_(False), 1))),
-               func.count(case((Image.eye_mismatch.is_(True), 1))))
+               func.count(case((Image.eye_mismatch.is_(True), 1))), func.count(case((unconfirmed, 1))))
         .where(*in_range).group_by(day, Image.device)
     ).all()
-    for d, device, assessed, ungradable, mismatches in counted:
+    for d, device, assessed, ungradable, mismatches, not_confirmed in counted:
         key = (_day_text(d), device if device is not None else UNKNOWN_DEVICE)  # 'unknown' and NULL are one device
         row = days.setdefault(key, UngradableDay(*key))
         row.assessed += int(assessed)
         row.ungradable += int(ungradable)
         row.eye_mismatches += int(mismatches)
+        row.eyes_not_confirmed += int(not_confirmed)
     reasons: dict[tuple[str, str], Counter[str]] = {}
     listed = cast_(Image.quality_reasons, Text)  # JSON as its text: groupable on both (PostgreSQL's json is not)
     refused: Sequence[Any] = session.execute(
@@ -542,7 +547,8 @@ def summary_rows(summary: AuditSummary) -> list[dict[str, str]]:
         out += [("ungradable_by_day", "", f"{label} assessed", day.assessed),
                 ("ungradable_by_day", "", f"{label} ungradable", day.ungradable),
                 ("ungradable_by_day", "", f"{label} rate", day.rate),
-                ("ungradable_by_day", "", f"{label} eye_mismatches", day.eye_mismatches)]
+                ("ungradable_by_day", "", f"{label} eye_mismatches", day.eye_mismatches),
+                ("ungradable_by_day", "", f"{label} eyes_not_confirmed", day.eyes_not_confirmed)]
         out += [("ungradable_reason", "", f"{label} {reason}", n) for reason, n in day.reasons.items()]
     reviewer_of: dict[int, str] = {}
     if summary.agreement is not None:
@@ -649,11 +655,12 @@ def format_table(summary: AuditSummary) -> str:
     lines += ["", f"Ungradable: {summary.ungradable} of {summary.assessed} photos assessed"
               + (f" ({rate:.1%})" if rate is not None else "")]
     if summary.ungradable_by_day:
-        lines.append(f"  {'day':<10}  {'device':<16}  {'assessed':>8}  {'ungradable':>10}  {'rate':>6}  {'eye mismatch':>12}  reasons")
+        lines.append(f"  {'day':<10}  {'device':<16}  {'assessed':>8}  {'ungradable':>10}  {'rate':>6}  {'eye mismatch':>12}  "
+                     f"{'eye unconfirmed':>15}  reasons")
         for d in summary.ungradable_by_day:
             why = ", ".join(f"{r} {n}" for r, n in d.reasons.items())
             lines.append(f"  {d.day:<10}  {d.device[:16]:<16}  {d.assessed:>8}  {d.ungradable:>10}  "
-                         f"{(d.rate or 0):>6.1%}  {d.eye_mismatches:>12}  {why}")
+                         f"{(d.rate or 0):>6.1%}  {d.eye_mismatches:>12}  {d.eyes_not_confirmed:>15}  {why}")
     if summary.agreement is not None:
         lines += ["", *_agreement_table(summary.agreement)]
     if summary.by_site:

@@ -5,7 +5,9 @@
   any other reason makes it *ungradable*: it is stored with its reasons, gets no DR grade, and its report says
   "ungradable: recapture".
 * **Laterality** (:func:`training.api.predict_laterality`): the eye read from the photo (optic disc side and
-  orientation) with a confidence. The eye stated by the file name, sidecar or DICOM laterality tag always wins; a confident
+  orientation) with a confidence. The eye stated by the file name, sidecar or DICOM laterality tag always wins;
+  when the photo is not clear enough to check it (below the model's confidence threshold: the model abstains), the
+  report says "eye not confirmed" instead of guessing; a confident
   disagreement is recorded and shown as a mismatch, never silently corrected. A photo whose name states no eye
   takes the predicted one when it is confident, and is refused (with the reason) when it is not.
 
@@ -65,15 +67,25 @@ class EyeCheck:
         """The photo confidently shows the other eye than the one stated."""
         return self.stated is not None and self.prediction.confident and self.prediction.eye != self.stated
 
+    @property
+    def confirmed(self) -> bool:
+        """The photo confidently shows the stated eye (or, with none stated, the eye it is filed under). False is
+        the model abstaining (not confident) or a mismatch."""
+        return self.prediction.confident and self.prediction.eye == self.eye
+
     def note(self) -> str | None:
-        """What the report says about the eye, or None when there is nothing to say (the name and the photo agree,
-        or the photo is not clear enough to contradict the name). Stored with the image (``images.eye_note``)."""
+        """What the report says about the eye, or None when there is nothing to say (the photo confirms the stated
+        eye). Stored with the image (``images.eye_note``)."""
         if self.source == "image":
             return f"Eye read from the photo (none stated in the file name, sidecar or DICOM tags): it {self.prediction.describe()}."
+        stated = EYE_WORDS[self.stated or "R"]
+        where = self.stated_from or "file name"
         if self.mismatch:
-            stated = EYE_WORDS[self.stated or "R"]
-            return (f"Laterality mismatch: the {self.stated_from or 'file name'} says {stated} eye, but the photo "
+            return (f"Laterality mismatch: the {where} says {stated} eye, but the photo "
                     f"{self.prediction.describe()}. The result is filed under the stated eye: check the label.")
+        if not self.confirmed:
+            return (f"Eye not confirmed by the photo (it {self.prediction.describe()}: too uncertain to check the label). "
+                    f"Filed under the {stated} eye the {where} states.")
         return None
 
 

@@ -95,7 +95,8 @@ class EyeFinding:
     image_quality: str | None = None
     gradable: bool = True
     ungradable_reasons: tuple[str, ...] = ()
-    eye_note: str | None = None  # the laterality check's note (a mismatch, or an eye read from the photo)
+    eye_note: str | None = None  # the laterality check's note (a mismatch, an eye not confirmed or read from the photo)
+    eye_mismatch: bool = False  # the note is a mismatch (shown as a warning; the other notes as information)
     mask_folder: Path | None = None  # the lesion masks at the photo's own size (TIFF), for image viewers
 
     def __post_init__(self) -> None:
@@ -500,6 +501,7 @@ def _eye_view(e: EyeFinding, review: EyeReview | None = None, ungradable_rule: U
         "photo": _uri(e.photo_path),
         "gradable": e.gradable,
         "eye_note": e.eye_note,
+        "eye_note_class": "eye-note" if e.eye_mismatch else "eye-info",
         "level": _eye_level(e, ungradable_rule),
         "image_quality": e.image_quality,
         "review": _eye_review_view(e, review),

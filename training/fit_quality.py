@@ -13,6 +13,11 @@ the per-reason thresholds are chosen on ``val`` (:func:`choose_thresholds`): eve
 most ``target_false_ungradable`` of the real gradable photos called ungradable, as many degraded photos caught as
 that allows; the numbers on ``test`` are what MODEL_CARD.md quotes.
 
+The colour rule (:func:`training.quality.blue_over_red`) is set last: its limit is the largest share of the field
+where blue exceeds red in any real photo of ``train`` and ``val``, plus :data:`COLOUR_MARGIN` (never above 1), so
+that no real photo seen in fitting would be refused by it. Its measurement is cached beside the others
+(``colour.npz``).
+
 Measurements are cached (``<cache_dir>/quality/measurements.npz``, keyed by file, variant and the code's version), so
 a rerun measures only what is new.
 """
@@ -24,7 +29,7 @@ import json
 import logging
 import time
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -38,12 +43,14 @@ from training.common import atomic_write, atomic_write_text
 from training.config import TrainingConfig
 from training.data.records import Record
 from training.degrade import DEGRADATIONS, FROM_PHOTOS, NOT_FUNDUS, VERSIONS, degrade, jpeg, not_fundus
-from training.quality import FEATURE_NAMES, REASONS, measure, pack_model, verdicts
+from training.quality import FEATURE_NAMES, REASONS, blue_over_red, measure, pack_model, verdicts
 
 log = logging.getLogger(__name__)
 
 SAMPLES_VERSION = "1"  # bump when the sample plan changes (a changed degradation bumps its training.degrade.VERSIONS)
 WORK_SIDE = 768  # photos are degraded at this long side at most (sizes scale with the field, so nothing is lost)
+COLOUR_MARGIN = 0.05  # the colour rule's limit above the highest share of blue over red among real fitting photos
+COLOUR_NAMES = ("blue_over_red",)
 
 
 @dataclass(frozen=True)
@@ -116,9 +123,10 @@ def render(sample: Sample, photo: np.ndarray) -> np.ndarray:
 class MeasurementCache:
     """Measurements by sample key, in one npz file; saved every ``every`` new samples and at the end."""
 
-    def __init__(self, path: Path, every: int = 200) -> None:
+    def __init__(self, path: Path, every: int = 200, names: Sequence[str] = FEATURE_NAMES) -> None:
         self.path = path
         self.every = every
+        self.names = tuple(names)
         self.values: dict[str, np.ndarray] = {}
         self._new = 0
         version = self._version()
@@ -127,9 +135,8 @@ class MeasurementCache:
                 if str(data["version"]) == version:
                     self.values = {str(k): v for k, v in zip(data["keys"], data["values"])}
 
-    @staticmethod
-    def _version() -> str:
-        return hashlib.sha256(("|".join(FEATURE_NAMES) + SAMPLES_VERSION).encode()).hexdigest()[:16]
+    def _version(self) -> str:
+        return hashlib.sha256(("|".join(self.names) + SAMPLES_VERSION).encode()).hexdigest()[:16]
 
     def get(self, key: str) -> np.ndarray | None:
         return self.values.get(key)
@@ -145,7 +152,7 @@ class MeasurementCache:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
         keys = np.array(sorted(self.values))
-        values = np.stack([self.values[k] for k in keys]) if len(keys) else np.zeros((0, len(FEATURE_NAMES)))
+        values = np.stack([self.values[k] for k in keys]) if len(keys) else np.zeros((0, len(self.names)))
 
         def write(tmp: Path) -> None:
             with open(tmp, "wb") as fh:
@@ -155,20 +162,29 @@ class MeasurementCache:
         self._new = 0
 
 
-def measure_samples(samples: Sequence[Sample], cache: MeasurementCache, progress: bool = True) -> np.ndarray:
-    """(N, F) measurements of ``samples``, from the cache where possible; each photo is decoded once."""
+def measure_samples(samples: Sequence[Sample], cache: MeasurementCache, progress: bool = True,
+                    fn: Callable[[np.ndarray], np.ndarray] = measure,
+                    also: Sequence[tuple[MeasurementCache, Callable[[np.ndarray], np.ndarray]]] = ()) -> np.ndarray:
+    """(N, F) measurements (``fn``, :func:`training.quality.measure` by default; F = the cache's names) of
+    ``samples``, from the cache where possible; each photo is decoded once and each picture rendered once: the
+    ``also`` caches get their own measurement of the same rendered picture (read them back with
+    ``measure_samples(samples, that_cache, fn=that_fn)``, which then finds everything cached)."""
     by_photo: dict[Path, list[int]] = defaultdict(list)
     for i, s in enumerate(samples):
         by_photo[s.record.image].append(i)
-    out = np.zeros((len(samples), len(FEATURE_NAMES)))
+    out = np.zeros((len(samples), len(cache.names)))
+    pairs = [(cache, fn), *also]
     todo = 0
     t0 = time.monotonic()
     for n, (path, idx) in enumerate(by_photo.items()):
-        missing = [i for i in idx if cache.get(samples[i].key) is None]
+        missing = [i for i in idx if any(c.get(samples[i].key) is None for c, _ in pairs)]
         if missing:
             photo = read_photo(path)
             for i in missing:
-                cache.put(samples[i].key, measure(render(samples[i], photo)))
+                picture = render(samples[i], photo)
+                for c, f in pairs:
+                    if c.get(samples[i].key) is None:
+                        c.put(samples[i].key, f(picture))
                 todo += 1
         for i in idx:
             value = cache.get(samples[i].key)
@@ -176,8 +192,13 @@ def measure_samples(samples: Sequence[Sample], cache: MeasurementCache, progress
             out[i] = value
         if progress and missing and n % 100 == 0:
             log.info("measured %d new pictures (%d/%d photos, %.0f s)", todo, n + 1, len(by_photo), time.monotonic() - t0)
-    cache.save()
+    for c, _ in pairs:
+        c.save()
     return out
+
+
+def _colour(rgb: np.ndarray) -> np.ndarray:
+    return np.array([blue_over_red(rgb)])
 
 
 def labels_of(samples: Sequence[Sample]) -> np.ndarray:
@@ -253,21 +274,35 @@ def _rate(mask: np.ndarray) -> float | None:
     return float(mask.mean()) if mask.size else None
 
 
-def evaluate(probs: np.ndarray, samples: Sequence[Sample], thresholds: dict[str, float], n_boot: int = 1000
-             ) -> dict[str, Any]:
+def colour_limit(shares: np.ndarray, samples: Sequence[Sample]) -> float:
+    """The colour rule's limit: :data:`COLOUR_MARGIN` above the largest blue-over-red share of the real photos among
+    ``samples`` (the fitting splits), at most 1."""
+    real = np.array([s.kind == "photo" for s in samples])
+    if not real.any():
+        raise ValueError("no real photos to set the colour rule on")
+    return float(min(1.0, shares[real].max() + COLOUR_MARGIN))
+
+
+def evaluate(probs: np.ndarray, samples: Sequence[Sample], thresholds: dict[str, float], n_boot: int = 1000,
+             blue_shares: np.ndarray | None = None, colour_max: float | None = None) -> dict[str, Any]:
     """The gradability targets on one split: real gradable photos called ungradable (with a patient-bootstrap 95 %
     interval, and per source), degraded photos caught (any reason; the right reason) per degradation, non-fundus
-    pictures refused (as ``not_fundus``; flagged at all) per kind, mild degradations called ungradable."""
+    pictures refused (as ``not_fundus``, by the network or the colour rule; flagged at all) per kind, mild
+    degradations called ungradable. ``blue_shares`` and ``colour_max``: the colour rule, when the model has one."""
     from training.metrics import grouped_bootstrap_ci
 
     flagged = _flagged(probs, thresholds)
+    k_nf = REASONS.index("not_fundus")
+    by_rule = np.zeros(len(samples), bool)
+    if blue_shares is not None and colour_max is not None:
+        by_rule = np.asarray(blue_shares[:, 0] > colour_max) & ~flagged[:, k_nf]
+        flagged[:, k_nf] |= by_rule
     any_flag: np.ndarray = np.asarray(flagged.any(axis=1))
     kinds = np.array([s.kind for s in samples])
     variants = np.array([s.variant for s in samples])
     sources = np.array([s.record.source for s in samples])
     patients = np.array([f"{s.record.source}|{s.record.patient_id}" for s in samples])
-    k_nf = REASONS.index("not_fundus")
-    out: dict[str, Any] = {"thresholds": thresholds}
+    out: dict[str, Any] = {"thresholds": thresholds, "colour_rule": {"blue_over_red_max": colour_max}}
 
     real = kinds == "photo"
     value = _rate(any_flag[real])
@@ -291,6 +326,7 @@ def evaluate(probs: np.ndarray, samples: Sequence[Sample], thresholds: dict[str,
     nf = kinds == "not_fundus"
     out["not_fundus_refused"] = {
         "rate": _rate(flagged[nf, k_nf]), "flagged_ungradable_at_all": _rate(any_flag[nf]), "pictures": int(nf.sum()),
+        "by_colour_rule_only": int(by_rule[nf].sum()), "real_photos_refused_by_colour_rule": int(by_rule[real].sum()),
         "by_kind": {v: {"refused": _rate(flagged[nf & (variants == v), k_nf]), "pictures": int((nf & (variants == v)).sum())}
                     for v in NOT_FUNDUS},
     }
@@ -325,8 +361,9 @@ def fit_quality(cfg: TrainingConfig, output: Path, per_source: int = 800, target
             picked += [rs[i] for i in sorted(idx)]
         chosen[side] = picked
     cache = MeasurementCache(Path(cfg.data.cache_dir).parent / "quality" / "measurements.npz")
+    colour_cache = MeasurementCache(cache.path.with_name("colour.npz"), names=COLOUR_NAMES)
     samples = {side: plan_samples(recs, seed) for side, recs in chosen.items()}
-    x = {side: measure_samples(s, cache, progress) for side, s in samples.items()}
+    x = {side: measure_samples(s, cache, progress, also=[(colour_cache, _colour)]) for side, s in samples.items()}
     y_train = labels_of(samples["train"])
     mean, scale, weights, biases = fit_network(x["train"], y_train, hidden=hidden, seed=seed)
     provisional = pack_model(mean, scale, weights, biases, {r: 0.5 for r in REASONS}, {}, {})
@@ -334,7 +371,10 @@ def fit_quality(cfg: TrainingConfig, output: Path, per_source: int = 800, target
 
     probs = {side: scores(provisional, x[side]) for side in x}
     thresholds = choose_thresholds(probs["val"], samples["val"], target_false_ungradable)
-    metrics = {side: evaluate(probs[side], samples[side], thresholds) for side in ("val", "test")}
+    shares = {side: measure_samples(s, colour_cache, progress, _colour) for side, s in samples.items()}
+    colour_max = colour_limit(np.r_[shares["train"], shares["val"]][:, 0], [*samples["train"], *samples["val"]])
+    metrics = {side: evaluate(probs[side], samples[side], thresholds, blue_shares=shares[side], colour_max=colour_max)
+               for side in ("val", "test")}
     metrics["samples"] = {side: {"photos": len(chosen[side]), "pictures": len(samples[side])} for side in samples}
     provenance = {
         "kind": "real", "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -344,6 +384,7 @@ def fit_quality(cfg: TrainingConfig, output: Path, per_source: int = 800, target
     }
     model = pack_model(mean, scale, weights, biases, thresholds, {"test": _headline(metrics["test"]),
                                                                   "val": _headline(metrics["val"])}, provenance)
+    model["colour_rule"] = {"blue_over_red_max": colour_max}
     assert verdicts(model, x["test"][:1])  # the stored model applies
     output.parent.mkdir(parents=True, exist_ok=True)
     atomic_write(output, lambda tmp: torch.save(model, tmp))
@@ -362,5 +403,5 @@ def _headline(m: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-__all__ = ["Sample", "choose_thresholds", "evaluate", "fit_network", "fit_quality", "labels_of", "measure_samples",
-           "plan_samples", "render"]
+__all__ = ["COLOUR_MARGIN", "Sample", "choose_thresholds", "colour_limit", "evaluate", "fit_network", "fit_quality",
+           "labels_of", "measure_samples", "plan_samples", "render"]

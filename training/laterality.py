@@ -11,7 +11,7 @@ locator below). Two things get in the way:
   disc-fovea line (srahim: median +8.9 degrees), and above it in an inverted one (EyePACS "swapped" patients:
   median -8.4 degrees);
 * landmarks are found by brightness, so a photo with a bright artefact, heavy exudates or no visible fovea can
-  mislead them; hence the confidence.
+  mislead them; hence the confidence, which knows how far to trust the fovea (below).
 
 :func:`landmarks` finds the disc (the brightest blob at disc scale relative to the local illumination, inside
 the central 82 % of the field, away from rim glare) and the fovea (the darkest vessel-free spot 1.8-3.2 disc
@@ -20,10 +20,19 @@ in a macula-centred view). The eye is then
 
     P(right eye) = P(disc on the image's right) * P(upright) + P(disc on the left) * P(inverted)
 
-with P(disc right) = sigmoid(side_gain * disc offset / field radius) and P(upright) = sigmoid(tilt_gain * tilt
-in degrees + upright_bias), three numbers fitted by maximum likelihood on the training split of the sets that name
-the eye (``dr-train fit-laterality``, :mod:`training.fit_laterality`). The worker can be told that its cameras
-never invert (``[screening] photo_orientation = "upright"``): then P(upright) = 1.
+with P(disc right) = sigmoid(side_gain * disc offset / field radius). P(upright) comes from the tilt as a mixture
+likelihood (format 2): a fovea found where it is gives a tilt near +tilt_mean in an upright photo and -tilt_mean in
+an inverted one (normal, sd ``tilt_sd``), but with probability ``miss = sigmoid(miss_bias - miss_depth_gain *
+fovea depth)`` the "fovea" is some other dark spot and the tilt says nothing (uniform over -25..25 degrees):
+
+    P(upright | tilt) = prior L_up / (prior L_up + (1 - prior) L_inv),  L = (1 - miss) N(tilt; +-mean, sd) + miss / 50
+
+So a shallow fovea, or a tilt far outside the anatomical range, leaves P(upright) near the prior instead of making
+the answer confident (the logistic of format 1 grew *more* confident the larger a wrong tilt was). The six numbers
+are fitted by maximum likelihood on the training split of the sets that name the eye (``dr-train fit-laterality``,
+:mod:`training.fit_laterality`); below the confidence threshold the model abstains: the worker files the photo
+under its stated eye and says "eye not confirmed", or refuses a photo that states none. The worker can be told that
+its cameras never invert (``[screening] photo_orientation = "upright"``): then P(upright) = 1.
 
 The fitted model is a small dict of numbers (weights_only-safe); nothing here needs torch at run time.
 """
@@ -41,7 +50,8 @@ import torch
 from training.checkpoint import CheckpointError
 from training.common import FUNDUS_THRESHOLD
 
-LATERALITY_FORMAT = "dr-laterality-1"
+LATERALITY_FORMAT = "dr-laterality-2"
+TILT_RANGE = 50.0  # degrees: the fovea window spans 25 degrees either side of the disc's horizontal
 SIDE = 256  # landmarks are found on the square fundus crop at this size
 Orientation = Literal["detect", "upright"]
 
@@ -144,6 +154,8 @@ class LateralityPrediction:
         how = f"optic disc on the image's {self.disc_side}"
         if self.upright < 0.5:
             how += ", photo apparently inverted (fovea above the disc)"
+        elif self.landmarks.fovea is None:
+            how += ", no fovea found"
         return f"looks like a {eye} eye ({how}; confidence {self.confidence:.0%})"
 
 
@@ -151,27 +163,54 @@ def _sigmoid(x: float) -> float:
     return float(1.0 / (1.0 + np.exp(-np.clip(x, -50.0, 50.0))))
 
 
-def probability_right(model: dict[str, Any], offset: float, tilt: float, orientation: Orientation = "detect") -> tuple[float, float]:
-    """(P(right eye), P(upright)) for a disc offset (field radii) and a tilt (degrees)."""
+def _normal(x: float, mean: float, sd: float) -> float:
+    return float(np.exp(-0.5 * ((x - mean) / sd) ** 2) / (sd * np.sqrt(2 * np.pi)))
+
+
+def p_upright(model: dict[str, Any], tilt: float, depth: float, has_fovea: bool = True) -> float:
+    """P(the photo is upright) from the tilt (degrees) and the fovea's depth (module docstring)."""
+    if not has_fovea:
+        return float(model["upright_prior"])
+    miss = _sigmoid(float(model["miss_bias"]) - float(model["miss_depth_gain"]) * depth)
+    mean, sd = float(model["tilt_mean"]), float(model["tilt_sd"])
+    up = (1 - miss) * _normal(tilt, mean, sd) + miss / TILT_RANGE
+    inv = (1 - miss) * _normal(tilt, -mean, sd) + miss / TILT_RANGE
+    prior = float(model["upright_prior"])
+    return prior * up / (prior * up + (1 - prior) * inv)
+
+
+def probability_right(model: dict[str, Any], offset: float, tilt: float, orientation: Orientation = "detect",
+                      depth: float = 1.0, has_fovea: bool = True) -> tuple[float, float]:
+    """(P(right eye), P(upright)) for a disc offset (field radii), a tilt (degrees) and the fovea's depth (the default
+    1.0 is a clear fovea)."""
     p_disc_right = _sigmoid(float(model["side_gain"]) * offset)
-    p_upright = 1.0 if orientation == "upright" else _sigmoid(float(model["tilt_gain"]) * tilt + float(model["upright_bias"]))
-    return p_disc_right * p_upright + (1 - p_disc_right) * (1 - p_upright), p_upright
+    up = 1.0 if orientation == "upright" else p_upright(model, tilt, depth, has_fovea)
+    return p_disc_right * up + (1 - p_disc_right) * (1 - up), up
 
 
 def predict(model: dict[str, Any], square: np.ndarray, orientation: Orientation = "detect") -> LateralityPrediction:
     """The eye of one photo (the square fundus crop) under ``model`` (:func:`load_laterality_model`)."""
     lm = landmarks(square)
-    p_right, p_upright = probability_right(model, lm.disc_offset, lm.tilt, orientation)
+    p_right, p_upright = probability_right(model, lm.disc_offset, lm.tilt, orientation, lm.fovea_depth,
+                                           lm.fovea is not None)
     eye: Literal["L", "R"] = "R" if p_right >= 0.5 else "L"
     confidence = max(p_right, 1 - p_right)
     return LateralityPrediction(eye, confidence, confidence >= float(model["confident"]),
                                 "right" if lm.disc_offset >= 0 else "left", p_upright, lm)
 
 
-def pack_model(side_gain: float, tilt_gain: float, upright_bias: float, confident: float, metrics: dict[str, Any],
-               provenance: dict[str, Any]) -> dict[str, Any]:
-    return {"format": LATERALITY_FORMAT, "side_gain": float(side_gain), "tilt_gain": float(tilt_gain),
-            "upright_bias": float(upright_bias), "confident": float(confident), "metrics": metrics, "provenance": provenance}
+PARAMETERS = ("side_gain", "tilt_mean", "tilt_sd", "miss_bias", "miss_depth_gain", "upright_prior")
+
+
+def pack_model(params: dict[str, float], confident: float, metrics: dict[str, Any], provenance: dict[str, Any]) -> dict[str, Any]:
+    """The model file's content: the six :data:`PARAMETERS`, the confidence threshold, metrics and provenance."""
+    missing = [k for k in PARAMETERS if k not in params]
+    if missing:
+        raise ValueError(f"laterality parameters missing: {missing}")
+    if not (float(params["tilt_sd"]) > 0 and 0 < float(params["upright_prior"]) < 1):
+        raise ValueError(f"tilt_sd must be > 0 and upright_prior in (0, 1), got {params}")
+    return {"format": LATERALITY_FORMAT, **{k: float(params[k]) for k in PARAMETERS}, "confident": float(confident),
+            "metrics": metrics, "provenance": provenance}
 
 
 class LateralityModelError(CheckpointError):
@@ -189,15 +228,16 @@ def load_laterality_model(path: str | Path) -> dict[str, Any]:
     except Exception as exc:  # noqa: BLE001 - any unpickling failure is the same user error
         raise LateralityModelError(f"{path}: not a loadable laterality model ({type(exc).__name__}: {exc})") from None
     if not isinstance(model, dict) or model.get("format") != LATERALITY_FORMAT:
-        raise LateralityModelError(f"{path}: not a laterality model of format {LATERALITY_FORMAT!r}; refit it with "
-                                   "`dr-train fit-laterality`")
-    for key in ("side_gain", "tilt_gain", "upright_bias", "confident"):
+        found = model.get("format") if isinstance(model, dict) else None
+        raise LateralityModelError(f"{path}: not a laterality model of format {LATERALITY_FORMAT!r} (found {found!r}); "
+                                   "refit it with `dr-train fit-laterality`")
+    for key in (*PARAMETERS, "confident"):
         if not isinstance(model.get(key), (int, float)):
             raise LateralityModelError(f"{path}: '{key}' is missing or not a number; refit it with `dr-train fit-laterality`")
     return dict(model)
 
 
 __all__ = [
-    "LATERALITY_FORMAT", "SIDE", "LateralityModelError", "LateralityPrediction", "Landmarks", "Orientation",
-    "landmarks", "load_laterality_model", "pack_model", "predict", "probability_right",
+    "LATERALITY_FORMAT", "PARAMETERS", "SIDE", "TILT_RANGE", "LateralityModelError", "LateralityPrediction", "Landmarks",
+    "Orientation", "landmarks", "load_laterality_model", "p_upright", "pack_model", "predict", "probability_right",
 ]

@@ -12,6 +12,14 @@ gradable EyePACS photos (issue 13), so the decision is *learned* (``dr-train fit
 trained on real gradable photos, realistic degradations of them (:mod:`training.degrade`) and pictures that are not
 fundus photos, with one probability per reason and per-reason thresholds chosen on a patient-level validation split.
 
+Beside the network, one physiological rule refuses pictures whose colours no fundus has (:func:`blue_over_red`):
+the retina and choroid return red light most and blue least (blue is absorbed by the lens and the macular pigment),
+so in a colour fundus photo blue seldom exceeds red, even in photos with a strong green or bluish cast (the most in
+any real training or validation photo here: 54 % of the field); a picture where it does over more of the field
+than that (``colour_rule.blue_over_red_max``, chosen by ``dr-train fit-quality`` with a margin above every real
+training and validation photo) is refused as ``not_fundus`` whatever the network says. The network alone graded a
+purple-blue recolouring of a fundus photo (issue 13): a learned boundary has no such guarantee outside its samples.
+
 The fitted model is a dict of plain tensors and lists (``torch.load(weights_only=True)`` reads it) and is applied
 here with numpy (:func:`assess`): no pickled scikit-learn object ever reaches the worker.
 """
@@ -162,18 +170,38 @@ def _geometry(f: _Field) -> list[float]:
     ]
 
 
-def measure(rgb: np.ndarray) -> np.ndarray:
-    """The measurements (:data:`FEATURE_NAMES`) of one photo: ``rgb`` is the whole frame as decoded (H, W, 3) uint8
-    RGB, any size (the worker passes the file decoded at reduced size; training the same)."""
+def _check_rgb(rgb: np.ndarray) -> None:
     if rgb.ndim != 3 or rgb.shape[2] != 3 or rgb.dtype != np.uint8:
         raise ValueError(f"expected an (H, W, 3) uint8 RGB image, got {rgb.shape} {rgb.dtype}")
+
+
+def _lit_square(rgb: np.ndarray) -> tuple[_Field, np.ndarray, np.ndarray]:
+    """The field in the frame, the field cropped square at :data:`MEASURE_SIDE` and its lit pixels (all of them
+    when almost nothing is lit)."""
     f = _field(rgb)
-    out = _geometry(f)
     sq = _square_crop(rgb, f)
     cmax = _channel_max(sq)
     field = cmax > _lit_threshold(cmax)
     if field.sum() < 50:  # nothing lit: measure the whole square
         field = np.ones(field.shape, bool)
+    return f, sq, field
+
+
+def _blue_over_red(sq: np.ndarray, field: np.ndarray) -> float:
+    return float((sq[..., 2][field].astype(np.int16) > sq[..., 0][field].astype(np.int16)).mean())
+
+
+def measure(rgb: np.ndarray) -> np.ndarray:
+    """The measurements (:data:`FEATURE_NAMES`) of one photo: ``rgb`` is the whole frame as decoded (H, W, 3) uint8
+    RGB, any size (the worker passes the file decoded at reduced size; training the same)."""
+    return measure_all(rgb)[0]
+
+
+def measure_all(rgb: np.ndarray) -> tuple[np.ndarray, float]:
+    """:func:`measure` and :func:`blue_over_red` of one photo, finding its field once (what :func:`assess` needs)."""
+    _check_rgb(rgb)
+    f, sq, field = _lit_square(rgb)
+    out = _geometry(f)
     inner = cv2.erode(field.astype(np.uint8), cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (15, 15))).astype(bool)
     if inner.sum() < 50:
         inner = field
@@ -225,7 +253,7 @@ def measure(rgb: np.ndarray) -> np.ndarray:
     values = np.asarray(out, dtype=np.float64)
     if values.shape != (len(FEATURE_NAMES),):  # a programming error, not a data one
         raise AssertionError(f"measure() produced {values.shape[0]} values for {len(FEATURE_NAMES)} names")
-    return np.nan_to_num(values, nan=0.0, posinf=0.0, neginf=0.0)
+    return np.nan_to_num(values, nan=0.0, posinf=0.0, neginf=0.0), _blue_over_red(sq, field)
 
 
 # --------------------------------------------------------------------------------------------------- the verdict
@@ -281,22 +309,43 @@ def scores(model: dict[str, Any], features: np.ndarray) -> np.ndarray:
     return np.asarray(1.0 / (1.0 + np.exp(-np.clip(h, -50, 50))), np.float64)
 
 
-def verdicts(model: dict[str, Any], features: np.ndarray) -> list[QualityVerdict]:
+def blue_over_red(rgb: np.ndarray) -> float:
+    """The share of the illuminated field (found as :func:`measure` finds it) where blue exceeds red: the colour
+    rule's measurement (module docstring)."""
+    _check_rgb(rgb)
+    _, sq, field = _lit_square(rgb)
+    return _blue_over_red(sq, field)
+
+
+def colour_implausible(model: dict[str, Any], share: float | None) -> bool:
+    """Whether the colour rule refuses a picture whose :func:`blue_over_red` share is ``share`` (never without a
+    rule in the model, or without a share)."""
+    rule = model.get("colour_rule")
+    if not rule or share is None:
+        return False
+    return share > float(rule["blue_over_red_max"])
+
+
+def verdicts(model: dict[str, Any], features: np.ndarray, blue_shares: np.ndarray | None = None) -> list[QualityVerdict]:
     """The verdict of each row of ``features``: every reason whose probability reaches its threshold, most likely
-    first (relative to the threshold)."""
+    first (relative to the threshold); ``not_fundus`` first whatever the network says when the colour rule refuses
+    the row's ``blue_shares`` value (:func:`blue_over_red`)."""
     probs = scores(model, features)
     thresholds = np.array([model["thresholds"][r] for r in model["reasons"]])
     out = []
-    for row in probs:
+    for i, row in enumerate(probs):
         over = [(row[k] / thresholds[k], r) for k, r in enumerate(model["reasons"]) if row[k] >= thresholds[k]]
-        out.append(QualityVerdict(tuple(r for _, r in sorted(over, reverse=True)),
-                                  {r: round(float(row[k]), 4) for k, r in enumerate(model["reasons"])}))
+        reasons = [r for _, r in sorted(over, reverse=True)]
+        if colour_implausible(model, None if blue_shares is None else float(blue_shares[i])) and "not_fundus" not in reasons:
+            reasons.insert(0, "not_fundus")
+        out.append(QualityVerdict(tuple(reasons), {r: round(float(row[k]), 4) for k, r in enumerate(model["reasons"])}))
     return out
 
 
 def assess(model: dict[str, Any], rgb: np.ndarray) -> QualityVerdict:
     """The verdict for one photo (the whole decoded frame)."""
-    return verdicts(model, measure(rgb)[None])[0]
+    features, share = measure_all(rgb)
+    return verdicts(model, features[None], np.array([share]))[0]
 
 
 class QualityModelError(CheckpointError):
@@ -321,10 +370,16 @@ def load_quality_model(path: str | Path) -> dict[str, Any]:
     missing = [r for r in REASONS if r not in model["thresholds"]]
     if missing:
         raise QualityModelError(f"{path}: no threshold for {missing}; refit it with `dr-train fit-quality`")
+    rule = model.get("colour_rule")
+    if rule is not None and not (isinstance(rule, dict) and isinstance(rule.get("blue_over_red_max"), (int, float))
+                                 and 0 < float(rule["blue_over_red_max"]) <= 1):
+        raise QualityModelError(f"{path}: 'colour_rule' must hold 'blue_over_red_max', a share in (0, 1]; refit it with "
+                                "`dr-train fit-quality`")
     return dict(model)
 
 
 __all__ = [
     "FEATURE_NAMES", "MEASURE_SIDE", "QUALITY_FORMAT", "REASONS", "REASON_TEXT", "QualityModelError", "QualityVerdict",
-    "assess", "load_quality_model", "measure", "pack_model", "scores", "verdicts",
+    "assess", "blue_over_red", "colour_implausible", "load_quality_model", "measure", "measure_all", "pack_model", "scores",
+    "verdicts",
 ]

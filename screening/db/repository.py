@@ -281,10 +281,12 @@ def record_checks(
     eye_confidence: float,
     eye_mismatch: bool,
     eye_note: str | None = None,
+    eye_confirmed: bool | None = None,
 ) -> None:
     """Store the intake checks of ``image`` (screening.checks): the gradability verdict and the eye read from the
-    photo. An ungradable verdict and a laterality mismatch are also logged as events (``ungradable``,
-    ``eye_mismatch``), so that the history of a file shows them."""
+    photo. An ungradable verdict, a laterality mismatch and a stated eye the photo could not confirm (the model
+    abstained: ``eye_confirmed`` False without a mismatch) are also logged as events (``ungradable``,
+    ``eye_mismatch``, ``eye_not_confirmed``), so that the history of a file shows them and the audit counts them."""
     if gradable and reasons:
         raise ValueError(f"a gradable photo has no ungradable reasons, got {list(reasons)}")
     if not gradable and not reasons:
@@ -303,6 +305,9 @@ def record_checks(
         add_event(session, "ungradable", ", ".join(reasons), image=image)
     if eye_mismatch:
         add_event(session, "eye_mismatch", f"stated {image.eye}, photo shows {predicted_eye} ({float(eye_confidence):.2f})",
+                  image=image)
+    elif eye_confirmed is False:
+        add_event(session, "eye_not_confirmed", f"stated {image.eye}, photo unclear ({predicted_eye} {float(eye_confidence):.2f})",
                   image=image)
 
 

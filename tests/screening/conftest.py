@@ -53,7 +53,9 @@ def make_laterality_model(path: Path, confident: float = 0.999, side_gain: float
     from training.laterality import pack_model
 
     path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save(pack_model(side_gain, 0.0, 20.0, confident, {}, {"kind": "test"}), path)
+    upright = {"side_gain": side_gain, "tilt_mean": 8.0, "tilt_sd": 4.0, "miss_bias": 50.0, "miss_depth_gain": 0.0,
+               "upright_prior": 1 - 1e-9}  # the fovea never counts (miss = 1): P(upright) is the prior
+    torch.save(pack_model(upright, confident, {}, {"kind": "test"}), path)
     return path
 
 

@@ -27,7 +27,16 @@ def _checks(settings, intake_models, quality="gradable", eye="sure_eye"):
 def test_a_stated_eye_that_agrees_has_nothing_to_say(settings, intake_models, photo):
     verdict = _checks(settings, intake_models).check(photo, Identity("P1", "R", None, eye_from="file name"), "P1_R.jpg")
     assert verdict.gradable and verdict.eye.eye == "R" and verdict.eye.source == "name"
-    assert not verdict.eye.mismatch and verdict.eye.note() is None
+    assert not verdict.eye.mismatch and verdict.eye.confirmed and verdict.eye.note() is None
+
+
+def test_an_unclear_photo_says_eye_not_confirmed_and_keeps_the_stated_eye(settings, intake_models, photo):
+    """The model abstains below its confidence threshold: no mismatch is claimed, no eye guessed, the report says so."""
+    verdict = _checks(settings, intake_models, eye="unsure_eye").check(
+        photo, Identity("P1", "L", None, eye_from="file name"), "P1_L.jpg")
+    assert verdict.eye.eye == "L" and not verdict.eye.mismatch and not verdict.eye.confirmed
+    note = verdict.eye.note() or ""
+    assert note.startswith("Eye not confirmed by the photo") and "Filed under the left eye the file name states" in note
 
 
 def test_a_sidecar_or_dicom_eye_is_reported_as_such(settings, intake_models, photo):

@@ -439,8 +439,12 @@ def test_report_says_ungradable_recapture_with_the_reasons_and_no_grade(tmp_path
 
 def test_a_laterality_note_is_shown_escaped(tmp_path):
     note = "Laterality mismatch: the file name says right eye, but the photo looks like a <left> eye"
-    html = render_html(_ctx([dataclasses.replace(_eye("R", 0, 0), eye_note=note)]), TEMPLATES)
+    html = render_html(_ctx([dataclasses.replace(_eye("R", 0, 0), eye_note=note, eye_mismatch=True)]), TEMPLATES)
     assert "Laterality mismatch: the file name says right eye" in html and "&lt;left&gt;" in html
+    assert '<p class="eye-note">Laterality mismatch' in html  # a warning
+    unsure = "Eye not confirmed by the photo (it looks like a left eye ...). Filed under the right eye the file name states."
+    html = render_html(_ctx([dataclasses.replace(_eye("R", 0, 0), eye_note=unsure)]), TEMPLATES)
+    assert '<p class="eye-info">Eye not confirmed by the photo' in html  # information, not an alarm
 
 
 # ------------------------------------------------------------------------------------------ reviewed version

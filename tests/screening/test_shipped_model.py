@@ -32,10 +32,13 @@ def test_shipped_checkpoint_metadata(shipped):
     assert {"val_kappa", "val_ref_auc"} <= set(ckpt["metrics"]["validation"])
     assert "referable AUC" in ckpt["metrics"]["test"]
     prov = ckpt["provenance"]
-    assert prov["data"]["test"]["images"] > 50
-    assert ckpt["grader"]["n_train"] > 300  # the grades are learned from the whole training split
-    stages = [prov, *([prov["init_from"]] if "init_from" in prov else [])]  # a lesion stage records its start
-    assert max(stage["data"]["train"]["images"] for stage in stages) > 300
+    assert ckpt["metrics"]["test"]["images"] > 500  # the whole v2 test split, every source
+    # model v2: the network's own heads grade (no regression), from every graded set, calibrated on validation
+    assert "grader" not in ckpt and ckpt["model_config"]["grade_inputs"] == "features+lesions"
+    assert prov["data"]["train"]["images"] > 3000 and len(prov["data"]["train"]["by_source"]) >= 5
+    assert prov["calibration"]["dr_temperature"] > 0 and prov["init_from"]["sha256"]
+    assert ckpt["referable_calibration"]["method"] == "platt" and ckpt["referable_calibration"]["slope"] > 0
+    assert set(ckpt["metrics"]["test"]["by_source"]) >= {"manifest:aptos", "manifest:messidor2", "idrid-grading"}
 
 
 def test_shipped_model_grades_a_real_photo(shipped, shared_data):
@@ -55,17 +58,25 @@ def test_shipped_model_grades_a_real_photo(shipped, shared_data):
 
 @pytest.mark.slow
 def test_evaluation_reproduces_the_model_cards_test_numbers(shipped, shared_data, tmp_path):
-    """`dr-train evaluate --split test` on the shipped file gives the numbers stored in it (and in MODEL_CARD.md)."""
+    """`dr-train evaluate --split test` on the shipped file gives the per-source numbers stored in it (and in
+    MODEL_CARD.md). Checked on the sources of model v1 (their test patients are pinned, so this subset's split is
+    the full evaluation's): ~75 photos, a minute of CPU, instead of all 771 test photos."""
     from training.config import load_training_config
     from training.evaluate import evaluate_checkpoint
 
-    cfg = load_training_config(PROJECT / "config.toml")
+    cfg = load_training_config(PROJECT / "experiments" / "v1-sources.toml")
     cfg = cfg.model_copy(update={"data": cfg.data.model_copy(update={"cache_dir": tmp_path / "cache"})})
     result = evaluate_checkpoint(cfg, shipped, "test", tmp_path / "eval", bootstrap=0, progress=False)
-    stored = torch.load(shipped, map_location="cpu", weights_only=True)["metrics"]["test"]
-    ref = result["metrics"]["referable"]
-    assert ref["auc"] == pytest.approx(stored["referable AUC"], abs=2e-3)
-    assert ref["sensitivity"] == pytest.approx(stored["sensitivity"], abs=2e-3)
-    assert ref["specificity"] == pytest.approx(stored["specificity"], abs=2e-3)
-    assert result["metrics"]["dr"]["quadratic_kappa"] == pytest.approx(stored["DR kappa"], abs=2e-3)
-    assert result["metrics"]["segmentation"]["OD"]["dice"] == pytest.approx(stored["OD Dice"], abs=5e-3)
+    stored = torch.load(shipped, map_location="cpu", weights_only=True)["metrics"]["test"]["by_source"]
+    measured = result["metrics"]["clinical"]["by_source"]
+    assert set(measured) == {"idrid-segmentation", "manifest:idrid-nar", "manifest:srahim"}
+    for source, block in measured.items():
+        want = stored[source]
+        assert block["images"] == want["images"], source
+        for got, key in ((block["eye"]["auc"], "eye AUC"), (block["eye"]["sensitivity"], "eye sensitivity"),
+                         (block["eye"]["specificity"], "eye specificity"), (block["dr"]["kappa"], "DR kappa")):
+            if want.get(key) is None:  # e.g. the lesion-annotated images carry no grades
+                assert got["value"] is None, (source, key)
+            else:
+                assert got["value"] == pytest.approx(want[key], abs=2e-3), (source, key)
+    assert result["metrics"]["segmentation"]["OD"]["dice"] > 0.85

@@ -8,22 +8,26 @@ import numpy as np
 
 from training import cli
 from training.fit_laterality import fit_parameters
-from training.laterality import load_laterality_model, probability_right
+from training.laterality import load_laterality_model, p_upright, probability_right
 
 
-def test_fit_recovers_anatomy_and_the_share_of_inverted_photos():
-    """Simulated photos: disc offset +-0.5 by eye, tilt +8 upright / -8 inverted (30 % inverted), noisy."""
+def test_fit_recovers_anatomy_the_share_of_inverted_photos_and_bad_foveas():
+    """Simulated photos: disc offset +-0.5 by eye, tilt +9 upright / -9 inverted (sd 4; 30 % inverted); a quarter
+    of the photos have a shallow "fovea" (depth 0) whose tilt is random."""
     rng = np.random.default_rng(0)
-    n = 600
+    n = 1200
     right = rng.random(n) < 0.5
     inverted = rng.random(n) < 0.3
+    bad = rng.random(n) < 0.25
     side = np.where(right != inverted, 1.0, -1.0)  # an inverted right eye shows its disc on the left
-    x = np.c_[side * 0.5 + rng.normal(0, 0.15, n), np.where(inverted, -8.0, 8.0) + rng.normal(0, 5, n)]
-    a, b, c = fit_parameters(x, right.astype(float))
-    assert a > 0 and b > 0  # disc right = right eye; fovea below the disc = upright
-    model = {"side_gain": a, "tilt_gain": b, "upright_bias": c}
-    pred = np.array([probability_right(model, o, t)[0] >= 0.5 for o, t in x])  # type: ignore[arg-type]
-    assert (pred == right).mean() > 0.85
+    tilt = np.where(bad, rng.uniform(-25, 25, n), np.where(inverted, -9.0, 9.0) + rng.normal(0, 4, n))
+    x = np.c_[side * 0.5 + rng.normal(0, 0.15, n), tilt, np.where(bad, 0.0, 0.3), np.ones(n)]
+    params = fit_parameters(x, right.astype(float))
+    assert params["side_gain"] > 0 and 7 < params["tilt_mean"] < 11 and 2.5 < params["tilt_sd"] < 6
+    assert 0.6 < params["upright_prior"] < 0.8  # 70 % upright
+    assert p_upright(params, -9.0, 0.0) > p_upright(params, -9.0, 0.3)  # a shallow fovea is trusted less
+    pred = np.array([probability_right(params, o, t, "detect", d, bool(f))[0] >= 0.5 for o, t, d, f in x])
+    assert (pred[~bad] == right[~bad]).mean() > 0.9
 
 
 def test_fit_laterality_command_end_to_end(tiny_csv, tmp_path, capsys):

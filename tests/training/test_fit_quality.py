@@ -10,7 +10,7 @@ import pytest
 
 from training import cli
 from training.data.records import Record
-from training.fit_quality import Sample, choose_thresholds, labels_of, plan_samples
+from training.fit_quality import COLOUR_MARGIN, Sample, choose_thresholds, colour_limit, evaluate, labels_of, plan_samples
 from training.quality import REASONS, load_quality_model
 
 from .conftest import tiny_config
@@ -51,6 +51,19 @@ def test_thresholds_never_refuse_a_real_photo_and_keep_the_false_ungradable_targ
     assert flagged.mean() <= 0.02
 
 
+def test_the_colour_rule_sits_above_every_real_fitting_photo_and_is_counted_apart():
+    samples = [_sample("photo", i) for i in range(10)] + [_sample("not_fundus", i) for i in range(4)]
+    shares = np.r_[np.linspace(0, 0.54, 10), [0.9, 0.95, 0.2, 0.3]][:, None]
+    limit = colour_limit(shares[:, 0], samples)
+    assert limit == pytest.approx(0.54 + COLOUR_MARGIN)
+    probs = np.zeros((14, len(REASONS)))
+    probs[12, REASONS.index("not_fundus")] = 0.9  # the network refuses one; the rule adds the two blue ones
+    m = evaluate(probs, samples, {r: 0.5 for r in REASONS}, n_boot=10, blue_shares=shares, colour_max=limit)
+    nf = m["not_fundus_refused"]
+    assert (nf["rate"], nf["by_colour_rule_only"], nf["real_photos_refused_by_colour_rule"]) == (0.75, 2, 0)
+    assert m["colour_rule"] == {"blue_over_red_max": limit} and m["gradable_called_ungradable"]["rate"] == 0
+
+
 def test_fit_quality_command_end_to_end(tiny_csv, tmp_path, capsys):
     """16 synthetic photos through the whole command: the file loads and the metrics name every target."""
     cfg = tiny_config(tiny_csv, tmp_path / "run", tmp_path / "cache" / "preprocessed")
@@ -62,10 +75,12 @@ def test_fit_quality_command_end_to_end(tiny_csv, tmp_path, capsys):
     assert cli.main(["--config", str(config), "fit-quality", "--output", str(out), "--per-source", "16"]) == 0
     model = load_quality_model(out)
     assert set(model["thresholds"]) == set(REASONS) and model["provenance"]["per_source"] == 16
+    assert 0 < model["colour_rule"]["blue_over_red_max"] <= 1
     metrics = json.loads(out.with_suffix(".metrics.json").read_text())
     for side in ("val", "test"):
         assert {"gradable_called_ungradable", "degraded_caught", "not_fundus_refused"} <= set(metrics[side])
     assert (tmp_path / "cache" / "quality" / "measurements.npz").is_file()  # the second run measures nothing new
+    assert (tmp_path / "cache" / "quality" / "colour.npz").is_file()
     assert "gradability model written" in capsys.readouterr().out
 
 

@@ -15,13 +15,15 @@ from training.laterality import (
     LateralityModelError,
     landmarks,
     load_laterality_model,
+    p_upright,
     pack_model,
     predict,
     probability_right,
 )
 
 SHIPPED = Path(__file__).resolve().parents[2] / "models" / "laterality.pt"
-MODEL = pack_model(side_gain=8.0, tilt_gain=0.8, upright_bias=1.0, confident=0.8, metrics={}, provenance={})
+PARAMS = {"side_gain": 8.0, "tilt_mean": 9.0, "tilt_sd": 4.0, "miss_bias": 0.0, "miss_depth_gain": 15.0, "upright_prior": 0.7}
+MODEL = pack_model(PARAMS, confident=0.8, metrics={}, provenance={})
 
 
 @pytest.mark.parametrize("eye", ["L", "R"])
@@ -49,6 +51,16 @@ def test_the_eye_combines_disc_side_and_orientation():
     assert probability_right(MODEL, 0.0, 8.0)[0] == pytest.approx(0.5)  # disc in the centre: no idea
 
 
+def test_an_unreliable_fovea_leaves_the_orientation_to_the_prior():
+    """A shallow "fovea" (some other dark spot) or none at all says little: P(upright) stays near the prior, so the
+    answer is not confident, where format 1's logistic grew surer the further a wrong tilt was."""
+    deep = p_upright(MODEL, -8.0, depth=0.3)
+    shallow = p_upright(MODEL, -8.0, depth=0.0)
+    assert deep < 0.05 and 0.2 < shallow < 0.7 and p_upright(MODEL, -8.0, 0.3, has_fovea=False) == pytest.approx(0.7)
+    # a tilt far outside the anatomy (-24 degrees) is no surer than a typical one
+    assert p_upright(MODEL, -24.0, depth=0.3) >= p_upright(MODEL, -9.0, depth=0.3)
+
+
 def test_prediction_and_its_words():
     f = make_fundus(np.random.default_rng(2), size=256, eye="L", dr_grade=0)
     p = predict(MODEL, f.image, "upright")
@@ -61,6 +73,9 @@ def test_prediction_and_its_words():
 def test_loading_explains_what_is_wrong(tmp_path):
     with pytest.raises(LateralityModelError, match="dr-train fit-laterality"):
         load_laterality_model(tmp_path / "absent.pt")
+    torch.save({**MODEL, "format": "dr-laterality-1"}, tmp_path / "old.pt")
+    with pytest.raises(LateralityModelError, match="refit it"):
+        load_laterality_model(tmp_path / "old.pt")
     torch.save({**MODEL, "side_gain": "eight"}, tmp_path / "bad.pt")
     with pytest.raises(LateralityModelError, match="'side_gain'"):
         load_laterality_model(tmp_path / "bad.pt")

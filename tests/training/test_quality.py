@@ -16,6 +16,8 @@ from training.quality import (
     REASONS,
     QualityModelError,
     assess,
+    blue_over_red,
+    colour_implausible,
     load_quality_model,
     measure,
     pack_model,
@@ -61,6 +63,21 @@ def test_measurements_see_what_a_grader_sees(fundus):
     assert cut[names["field_frac"]] < 0.6 * base[names["field_frac"]]
 
 
+def test_the_colour_rule_refuses_blue_over_red_whatever_the_network_says(fundus):
+    """In a fundus photo blue seldom exceeds red; in its blue-for-red or purple-blue copy it does almost everywhere.
+    A network that calls everything gradable still refuses those with the rule; a model without a rule does not."""
+    model = {**_constant_model({}), "colour_rule": {"blue_over_red_max": 0.6}}
+    assert blue_over_red(fundus) < 0.05
+    assert assess(model, fundus).gradable
+    for perm in ([2, 1, 0], [1, 2, 0]):
+        recoloured = np.ascontiguousarray(fundus[..., perm])
+        assert blue_over_red(recoloured) > 0.9
+        verdict = assess(model, recoloured)
+        assert verdict.not_fundus and verdict.reasons[0] == "not_fundus" and verdict.scores["not_fundus"] < 0.01
+        assert assess(_constant_model({}), recoloured).gradable  # the network alone would have graded it
+    assert not colour_implausible(model, None) and colour_implausible(model, 0.61) and not colour_implausible(model, 0.6)
+
+
 def test_verdict_lists_every_reason_over_its_threshold_most_likely_first():
     model = _constant_model({"blurred": 0.7, "haze": 0.95, "too_dark": 0.3}, {**{r: 0.5 for r in REASONS}, "too_dark": 0.2})
     [v] = verdicts(model, np.zeros((1, len(FEATURE_NAMES))))
@@ -85,6 +102,9 @@ def test_loading_explains_what_is_wrong(tmp_path):
     torch.save(model, tmp_path / "old.pt")
     with pytest.raises(QualityModelError, match="other measurements"):
         load_quality_model(tmp_path / "old.pt")
+    torch.save({**_constant_model({}), "colour_rule": {"blue_over_red_max": 1.5}}, tmp_path / "rule.pt")
+    with pytest.raises(QualityModelError, match="colour_rule"):
+        load_quality_model(tmp_path / "rule.pt")
     (tmp_path / "junk.pt").write_bytes(b"not a torch file")
     with pytest.raises(QualityModelError, match="not a loadable"):
         load_quality_model(tmp_path / "junk.pt")
@@ -104,6 +124,22 @@ def test_shipped_model_refuses_every_generated_non_fundus_picture():
         for _ in range(4):
             verdict = assess(model, not_fundus(kind, rng))
             assert verdict.not_fundus, (kind, verdict.scores)
+
+
+@pytest.mark.realdata
+def test_shipped_model_refuses_recoloured_real_photos(shared_data):
+    """Real photos whose colours are no longer a fundus's: blue where red should be and purple-blue (the miss of the
+    first model), grey (red-free) and negative; all refused as not fundus photos, while the originals pass."""
+    model = load_quality_model(SHIPPED)
+    for folder, name in [("eyepacs", "694_right.jpg"), ("srahim", "Patient060_R.jpg"), ("messidor2", None)]:
+        path = shared_data / folder / name if name else sorted((shared_data / folder).glob("*.jpg"))[0]
+        photo = cv2.cvtColor(cv2.imread(str(path)), cv2.COLOR_BGR2RGB)
+        assert not assess(model, photo).not_fundus, path.name
+        grey = np.repeat(cv2.cvtColor(photo, cv2.COLOR_RGB2GRAY)[..., None], 3, axis=2)
+        for label, picture in (("blue", photo[..., [2, 1, 0]]), ("purple", photo[..., [1, 2, 0]]), ("grey", grey),
+                               ("negative", 255 - photo)):
+            verdict = assess(model, np.ascontiguousarray(picture))
+            assert verdict.not_fundus, (path.name, label, verdict.scores["not_fundus"])
 
 
 @pytest.mark.realdata

@@ -100,7 +100,10 @@ def test_every_admitted_image_carries_its_checks(stage, settings):
         image = s.get(Image, outcome.job.image_id)
         assert (image.gradable, image.quality_reasons, image.eye_source, image.eye_mismatch) == (True, [], "name", False)
         assert set(image.quality_scores) >= {"blurred", "not_fundus"} and image.predicted_eye in ("L", "R")
-        assert 0.5 <= image.eye_confidence <= 1 and image.eye_note is None
+        assert 0.5 <= image.eye_confidence <= 1  # the test model is never confident: the eye is not confirmed
+        assert image.eye_note.startswith("Eye not confirmed by the photo") and "Filed under the left eye the file name" in image.eye_note
+        assert [e.kind for e in s.scalars(select(Event).where(Event.image_id == image.id, Event.kind.like("eye%")))] == [
+            "eye_not_confirmed"]
 
 
 def test_an_ungradable_photo_is_admitted_with_its_reasons_not_refused(settings, intake_models):
