@@ -178,7 +178,8 @@ def _chunks(ids: list[int]) -> Iterable[list[int]]:
 def _period_versions(visit: Visit, lo: datetime | None, hi: datetime | None, model_version: str | None) -> set[str]:
     """The model versions that graded a photo of ``visit`` received in ``[lo, hi)`` (only ``model_version``'s)."""
     return {f.model_version for f in visit.fields
-            if (lo is None or f.received_at >= lo) and (hi is None or f.received_at < hi)
+            if f.model_version is not None  # an ungradable photo: no version graded it
+            and (lo is None or f.received_at >= lo) and (hi is None or f.received_at < hi)
             and (model_version is None or f.model_version == model_version)}
 
 
