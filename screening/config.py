@@ -18,6 +18,12 @@ from training.api import (
     resolve_paths,
 )
 
+# Why half precision is float16 only: with model v2 on real photos, bfloat16 (8 mantissa bits) moved the DR, DME and
+# referable probabilities by up to 0.03 from float32 and turned one referral over at the threshold; float16
+# (11 bits) stayed within 0.003 (8 photos, 2026-11-30).
+BFLOAT16_REFUSED = ("it moved probabilities by up to 0.03 from float32 and changed a referral on real photos; "
+                    "use 'float16' (within 0.003) or 'float32'")
+
 DEFAULT_PATTERNS = (
     r"^(?P<patient>[A-Za-z]+\d+)_(?P<eye>L|R|OD|OS|left|right)$",
     r"^(?P<patient>[A-Za-z0-9-]+)_(?P<eye>L|R|OD|OS|left|right)_(?P<date>\d{8})$",
@@ -58,7 +64,7 @@ class ScreeningSettings(StrictSettings):
     # GPU only (device = "cuda"): autocast precision of the forward pass, and the GPU memory (GB) a batch may
     # use: the batch size is then derived from the model's measured memory per image, at most batch_size
     # when that is set too (screening/inference.py). The CPU always runs float32 with batch_size.
-    precision: Literal["float32", "float16", "bfloat16"] = "float32"
+    precision: Literal["float32", "float16"] = "float32"
     gpu_memory_gb: float = Field(0.0, ge=0)
     filename_patterns: tuple[str, ...] = DEFAULT_PATTERNS
     report_retries: int = Field(3, ge=1)
@@ -84,6 +90,13 @@ class ScreeningSettings(StrictSettings):
     # the review page (dr-screen serve); any address but loopback requires a login
     review_host: str = "127.0.0.1"
     review_port: int = Field(8765, ge=1, le=65535)
+
+    @field_validator("precision", mode="before")
+    @classmethod
+    def _no_bfloat16(cls, value: object) -> object:
+        if value == "bfloat16":
+            raise ValueError(f"precision = 'bfloat16' is not offered: {BFLOAT16_REFUSED}")
+        return value
 
     @field_validator("precision", "gpu_memory_gb")
     @classmethod

@@ -24,13 +24,14 @@ from training.api import (
 )
 from training.common import LESION_CODES
 
+from .config import BFLOAT16_REFUSED
 from .explain import head_cams
 from .report import grade_source, model_metrics_for_report
 
 log = logging.getLogger(__name__)
 
-Precision = Literal["float32", "float16", "bfloat16"]
-AUTOCAST_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16}
+Precision = Literal["float32", "float16"]
+AUTOCAST_DTYPES = {"float16": torch.float16}
 MAX_GPU_BATCH = 256  # beyond this a GPU gains nothing per image and a failed batch costs more photos
 MEMORY_HEADROOM = 1.25  # measured activation memory x this: the allocator's fragmentation and cuDNN workspaces
 
@@ -78,16 +79,18 @@ def batch_size_for_memory(budget_bytes: float, fixed_bytes: float, per_image_byt
 class Predictor:
     """Holds the model for the worker's lifetime; ``predict`` takes preprocessed RGB images.
 
-    On a GPU, ``precision`` ``"float16"``/``"bfloat16"`` runs the forward pass under autocast (the heads'
-    probabilities, the masks and their areas stay within the tolerance tested in tests/screening/test_inference.py
-    of float32; Grad-CAM is computed in float32 from the half-precision features), and batches travel to the
+    On a GPU, ``precision = "float16"`` runs the trunk under autocast (the grade heads stay float32, see
+    ``MultiTaskNet.forward``; the heads' probabilities, the masks and their areas stay within the tolerance tested
+    in tests/screening/test_inference.py of float32; Grad-CAM is computed in float32 from the half-precision
+    features). bfloat16 is refused: :data:`BFLOAT16_REFUSED`, and batches travel to the
     device from pinned host memory without blocking. On the CPU the default (float32, plain ``.to``) runs exactly
     the operations it always did: the outputs are bit-identical.
     """
 
     def __init__(self, checkpoint: Path, device: str = "auto", threads: int = 2, precision: Precision = "float32") -> None:
         if precision not in ("float32", *AUTOCAST_DTYPES):
-            raise ValueError(f"precision {precision!r}: use 'float32', 'float16' or 'bfloat16'")
+            why = f" ({BFLOAT16_REFUSED})" if str(precision) == "bfloat16" else ""  # a caller without the types
+            raise ValueError(f"precision {precision!r}: use 'float32' or 'float16'{why}")
         torch.set_num_threads(threads)
         self.device = resolve_device(device)
         self.precision: Precision = precision

@@ -62,7 +62,14 @@ def test_gpu_settings(tmp_path):
     assert load_screening_settings(p).gpu_batch_cap() == 32
 
 
-@pytest.mark.parametrize("line", ["precision = 'bfloat16'", "gpu_memory_gb = 8"])
+def test_bfloat16_is_refused_with_the_reason(tmp_path):
+    p = tmp_path / "c.toml"
+    p.write_text("[screening]\ndevice = 'cuda'\nprecision = 'bfloat16'\n")
+    with pytest.raises(ConfigError, match=r"precision.*bfloat16.*changed a referral.*float16"):
+        load_screening_settings(p)
+
+
+@pytest.mark.parametrize("line", ["precision = 'float16'", "gpu_memory_gb = 8"])
 @pytest.mark.parametrize("device", ["cpu", "auto"])
 def test_gpu_settings_without_cuda_are_refused(tmp_path, line, device):
     """The CPU path stays float32 with the configured batch: a GPU setting there is a mistake, said so."""

@@ -139,10 +139,13 @@ def test_memory_measurement_needs_cuda(predictor):
 def test_unknown_precision_refused(tiny_checkpoint):
     with pytest.raises(ValueError, match="precision 'float8'"):
         Predictor(tiny_checkpoint, "cpu", 1, precision="float8")
+    with pytest.raises(ValueError, match="precision 'bfloat16'.*changed a referral"):
+        Predictor(tiny_checkpoint, "cpu", 1, precision="bfloat16")  # type: ignore[arg-type]
 
 
-# What "matches float32" means for half-precision inference (measured with the shipped model on real photos:
-# bfloat16 differs by at most 0.008 in a probability, 1e-5 of the pixels in a mask and 3e-5 in an area).
+# What "matches float32" means for half-precision inference (measured with the shipped model v2 on 8 real photos:
+# float16 differs by at most 0.0025 in a probability and 1e-5 of the pixels in a mask; bfloat16 by up to 0.03, with a
+# referral changed at the threshold, which is why it is refused).
 PROB_TOL = 0.02  # any DR/DME probability and the referable score
 MASK_PIXELS_TOL = 0.001  # share of a mask's pixels that may flip at the lesion threshold
 AREA_TOL = 0.001  # lesion area as a fraction of the fundus field
@@ -169,10 +172,9 @@ def assert_matches_float32(ref, half):
     "device, precision",
     [
         # the product never runs half precision on a CPU (config refuses it); this proves the autocast path and
-        # the tolerance check where no GPU is present. bfloat16 keeps fewer mantissa bits than float16.
-        ("cpu", "bfloat16"),
+        # the tolerance check where no GPU is present (float16 on a CPU is slow: ~1 minute for one photo)
+        ("cpu", "float16"),
         pytest.param("cuda", "float16", marks=needs_cuda),
-        pytest.param("cuda", "bfloat16", marks=needs_cuda),
     ],
 )
 def test_half_precision_matches_float32_on_real_photos(shared_data, device, precision):
@@ -186,7 +188,7 @@ def test_half_precision_matches_float32_on_real_photos(shared_data, device, prec
     images = [decode(p, ref.size).rgb for p in paths]
     batch = half.prepare(images)
     out = half.run(batch)
-    assert out.seg_logits.dtype == {"float16": torch.float16, "bfloat16": torch.bfloat16}[precision]
+    assert out.seg_logits.dtype == torch.float16 and out.dr_logits.dtype == torch.float32  # heads stay float32
     assert_matches_float32(ref.predict(images), half.finish(batch, out))
 
 
