@@ -80,6 +80,19 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
     return ckpt
 
 
+def load_fitted(path: Path, *, what: str, command: str, setting: str, error: type[CheckpointError]) -> object:
+    """Read a small fitted model file (``dr-train fit-quality``, ``fit-laterality``): ``error`` when it is missing, naming
+    the ``command`` that fits one and the ``[screening] setting`` that points at it, or when it does not load. The
+    caller checks what it holds."""
+    if not path.is_file():
+        raise error(f"{what} model not found: {path}; fit one with `dr-train {command} --output {path}` "
+                    f"or set [screening] {setting}")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - any unpickling failure is the same user error
+        raise error(f"{path}: not a loadable {what} model ({type(exc).__name__}: {exc})") from None
+
+
 def validate_metadata(ckpt: dict[str, Any], path: str | Path) -> None:
     """The worker refuses checkpoints that cannot say what they are."""
     missing = [k for k in REQUIRED_KEYS if k not in ckpt]
