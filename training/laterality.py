@@ -148,11 +148,11 @@ class LateralityPrediction:
     landmarks: Landmarks
 
     def describe(self) -> str:
-        """In words, for the report."""
+        """In words, for the report (one level of brackets: the report's notes wrap it in a sentence)."""
         eye = "right" if self.eye == "R" else "left"
         how = f"optic disc on the image's {self.disc_side}"
         if self.upright < 0.5:
-            how += ", photo apparently inverted (fovea above the disc)"
+            how += "; the photo seems upside down, its fovea above the disc"
         elif self.landmarks.fovea is None:
             how += ", no fovea found"
         return f"looks like a {eye} eye ({how}; confidence {self.confidence:.0%})"

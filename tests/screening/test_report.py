@@ -459,7 +459,7 @@ def test_a_laterality_note_is_shown_escaped(tmp_path):
     html = render_html(_ctx([dataclasses.replace(_eye("R", 0, 0), eye_note=note, eye_mismatch=True)]), TEMPLATES)
     assert "Laterality mismatch: the file name says right eye" in html and "&lt;left&gt;" in html
     assert '<p class="eye-note">Laterality mismatch' in html  # a warning
-    unsure = "Eye not confirmed by the photo (it looks like a left eye ...). Filed under the right eye the file name states."
+    unsure = "Eye not confirmed by the photo: it looks like a left eye (...), too uncertain to check the label. Filed under the right eye the file name states."
     html = render_html(_ctx([dataclasses.replace(_eye("R", 0, 0), eye_note=unsure)]), TEMPLATES)
     assert '<p class="eye-info">Eye not confirmed by the photo' in html  # information, not an alarm
 
