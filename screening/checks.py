@@ -84,8 +84,8 @@ class EyeCheck:
             return (f"Laterality mismatch: the {where} says {stated} eye, but the photo "
                     f"{self.prediction.describe()}. The result is filed under the stated eye: check the label.")
         if not self.confirmed:
-            return (f"Eye not confirmed by the photo (it {self.prediction.describe()}: too uncertain to check the label). "
-                    f"Filed under the {stated} eye the {where} states.")
+            return (f"Eye not confirmed by the photo: it {self.prediction.describe()}, too uncertain to check the "
+                    f"label. Filed under the {stated} eye the {where} states.")
         return None
 
 

@@ -33,6 +33,7 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import date
+from functools import partial
 from pathlib import Path
 
 from sqlalchemy.orm import Session, sessionmaker
@@ -60,6 +61,7 @@ from .stages import (
     Rejected,
     ReportOutcome,
     ReportStage,
+    Stored,
     StoreStage,
 )
 from .stages.filing import MoveFailed
@@ -209,23 +211,7 @@ class Worker:
         last_batch = {job.exam_id: k for k, batch in enumerate(batches) for job in batch}
         stored: set[int] = set()  # exams with a new result, report not yet submitted
         for job in ungradable:  # no grading: the verdict is recorded, the photo is stored for the report
-            try:
-                saved = self.store.save_ungradable(job)
-            except DatabaseGone:
-                raise
-            except ClaimLost:
-                log.warning("image %s was taken over by another worker while this one checked it; its result is "
-                            "that worker's", job.image_id)
-                out.elsewhere += 1
-                continue
-            except Exception as exc:  # noqa: BLE001 - recorded as failed; the file stays for a retry
-                self._fail(job, exc, FailReason.STORING, out)
-                continue
-            stored.add(saved.exam_id)
-            out.processed += 1
-            if saved.archived_as is None and not saved.awaits_pages and job.path.exists():  # the archive could not take it now
-                out.unmoved += 1
-                out.retry.append(job.path)
+            self._store(job, partial(self.store.save_ungradable, job), "checked", stored, out)
         ready = sorted(e for e in stored if e not in last_batch)  # exams with nothing to grade in this group
         stored.difference_update(ready)
         self._submit_quietly(ready)
@@ -234,29 +220,35 @@ class Worker:
                 for job in graded.jobs:
                     self._fail(job, graded.error, FailReason.GRADING, out)
             for job, pred in zip(graded.jobs, graded.predictions):
-                try:
-                    saved = self.store.save(job, pred, graded.per_image_ms)
-                except DatabaseGone:
-                    raise
-                except ClaimLost:
-                    log.warning("image %s was taken over by another worker while this one graded it; its result is "
-                                "that worker's", job.image_id)
-                    out.elsewhere += 1
-                    continue
-                except Exception as exc:  # noqa: BLE001 - recorded as failed; the file stays for a retry
-                    self._fail(job, exc, FailReason.STORING, out)
-                    continue
-                stored.add(saved.exam_id)
-                out.processed += 1
-                if saved.archived_as is None and not saved.awaits_pages and job.path.exists():  # the archive could not take it now
-                    out.unmoved += 1
-                    out.retry.append(job.path)
+                self._store(job, partial(self.store.save, job, pred, graded.per_image_ms), "graded", stored, out)
             del graded
             ready = sorted(e for e in stored if last_batch.get(e, -1) <= k)
             stored.difference_update(ready)
             self._submit_quietly(ready)
             out.count_reports(self.report.collect())
             release_memory(TRIM_ABOVE_FREE_BYTES)
+
+    def _store(self, job: Job, save: Callable[[], Stored], doing: str, stored: set[int], out: BatchOutcome) -> None:
+        """Store one photo with ``save`` (a graded result or an ungradable verdict) and count the outcome: its exam
+        joins ``stored`` (report due), a photo the archive could not take now stays for a retry, a failure is
+        recorded at the storing stage, and a photo another worker took over while this one ``doing`` it is theirs."""
+        try:
+            saved = save()
+        except DatabaseGone:
+            raise
+        except ClaimLost:
+            log.warning("image %s was taken over by another worker while this one %s it; its result is that worker's",
+                        job.image_id, doing)
+            out.elsewhere += 1
+            return
+        except Exception as exc:  # noqa: BLE001 - recorded as failed; the file stays for a retry
+            self._fail(job, exc, FailReason.STORING, out)
+            return
+        stored.add(saved.exam_id)
+        out.processed += 1
+        if saved.archived_as is None and not saved.awaits_pages and job.path.exists():  # the archive could not take it now
+            out.unmoved += 1
+            out.retry.append(job.path)
 
     def _fail(self, job: Job, exc: BaseException, code: FailReason, out: BatchOutcome) -> None:
         out.failed += 1

@@ -262,6 +262,9 @@ def model_metrics_for_report(meta: Mapping[str, Any]) -> dict[str, float | str]:
     if isinstance(ci, (list, tuple)) and len(ci) == 2 and all(isinstance(v, float) for v in ci):
         out["Test referable AUC 95% CI"] = f"{ci[0]:.2f}-{ci[1]:.2f}"
     out["Referral threshold"] = round(float(meta["thresholds"]["referable"]), 3)
+    target = meta["thresholds"].get("target_sensitivity")
+    if isinstance(target, (int, float)) and not isinstance(target, bool):
+        out["Threshold's target sensitivity (validation)"] = round(float(target), 3)
     out["Grades from"] = grade_source(meta)
     return out
 
@@ -333,6 +336,17 @@ class Referral:
     advice: str
     colour: str
     reason: str  # which eye and finding drove it, e.g. "Right eye: Proliferative DR, No DME risk"
+    on_score: bool = False  # referred only because P(referable) is over the threshold: no eye's grade asks for it
+
+
+# The routine referral's advice names moderate DR or macular oedema; an eye referred on its score alone has neither.
+SCORE_REFERRAL_ADVICE = ("Routine referral, to be seen within 13 weeks: the model's referable-DR score is over the "
+                         "screening threshold, though the most likely grade is below moderate DR with no DME risk.")
+
+
+def _on_score(e: EyeFinding) -> bool:
+    """Referred only because the referable-DR score is at or above the threshold: DR below 2, no DME risk."""
+    return bool(e.gradable and e.referable and (e.dr_grade or 0) < 2 and e.dme_grade == 0)
 
 
 def _eye_level(e: EyeFinding, ungradable_rule: UngradableRule = "recall") -> ReferralLevel:
@@ -392,12 +406,14 @@ def referral_recommendation(eyes: Sequence[EyeFinding], ungradable_rule: Ungrada
         if not e.gradable:
             return f"{e.eye_name}: ungradable ({e.short_reasons})"
         text = f"{e.eye_name}: {e.dr_name}, {e.dme_name}"
-        if e.referable and (e.dr_grade or 0) < 2 and e.dme_grade == 0 and e.referable_score is not None:
+        if _on_score(e) and e.referable_score is not None:
             text += f" (referable-DR score {e.referable_score:.0%} is above the screening threshold)"
         return text
 
-    reason = "; ".join(finding(e) for e in ordered if _eye_level(e, ungradable_rule).rank == lv.rank)
-    return Referral(lv.level, lv.text, lv.advice, lv.colour, reason)
+    deciding = [e for e in ordered if _eye_level(e, ungradable_rule).rank == lv.rank]
+    reason = "; ".join(finding(e) for e in deciding)
+    on_score = lv.level == "routine" and all(_on_score(e) for e in deciding)
+    return Referral(lv.level, lv.text, SCORE_REFERRAL_ADVICE if on_score else lv.advice, lv.colour, reason, on_score)
 
 
 # -------------------------------------------------------------------------------------------------- paths
@@ -450,6 +466,11 @@ def _area(x: float | None) -> str:
     if v < 0.01:
         return "<0.01%"
     return f"{v:.2f}%"
+
+
+def _share(v: object) -> str | None:
+    """A model metric that is a share (the referral threshold, its target sensitivity) as a percentage; None if absent."""
+    return _pct(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else None
 
 
 def _metric(v: float | str) -> str:
@@ -587,6 +608,8 @@ def template_variables(ctx: ReportContext, templates_dir: Path, link_stylesheet:
         model_version=ctx.model_version,
         checkpoint_short=(ctx.checkpoint_sha256 or "")[:12] or "unknown",
         model_metrics=[(k, _metric(v)) for k, v in ctx.model_metrics.items()],
+        referral_threshold=_share(ctx.model_metrics.get("Referral threshold")),
+        sensitivity_target=_share(ctx.model_metrics.get("Threshold's target sensitivity (validation)")),
         grades_from_regression="regression" in str(ctx.model_metrics.get("Grades from", "")),
         is_demo=ctx.model_status == "demo",
         demo_watermark=DEMO_WATERMARK,

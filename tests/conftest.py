@@ -134,6 +134,17 @@ def db_url(make_db_url) -> str:
 
 
 @pytest.fixture
+def factory(db_url):
+    """A session factory on ``db_url`` with the schema created (each supported backend); the engine is disposed after."""
+    from screening.db import init_db, make_engine, make_session_factory
+
+    engine = make_engine(db_url)
+    init_db(engine)
+    yield make_session_factory(engine)
+    engine.dispose()
+
+
+@pytest.fixture
 def pg_url(request):
     """An empty database on the session's PostgreSQL server, for tests of what only a server does (connections
     dropped, deadlocks); dropped at the end of the test."""

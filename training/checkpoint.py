@@ -57,27 +57,41 @@ file_sha256 = sha256_file
 """The checkpoint file's SHA-256 (the one hashing function, :func:`training.common.sha256_file`)."""
 
 
+def _load_plain(path: Path, error: type[CheckpointError], what: str, remedy: str) -> Any:
+    """``torch.load`` of tensors and plain data only, every failure as ``error`` naming ``path`` and the ``remedy``.
+
+    torch's own message advises loading with weights_only=False, which would run whatever code the file holds:
+    it is never quoted to someone holding a file of unknown origin."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        if "unsupported global" not in str(exc).lower():  # not a reference to code: damaged, or not a pickle at all
+            raise error(f"{path}: not a loadable {what} (not a PyTorch file, or damaged). {remedy}") from None
+        raise error(f"{path}: refused: it holds Python objects other than tensors and plain data, and loading those "
+                    f"could run code. {remedy}, or use a file from a source you trust") from None
+    except Exception as exc:  # noqa: BLE001 - any other failure to read is the same user error
+        raise error(f"{path}: not a loadable {what} ({type(exc).__name__}); it may be damaged or not a PyTorch file. "
+                    f"{remedy}") from None
+
+
 def read_checkpoint(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint not found: {path} (train one with `dr-train train` or set [screening] checkpoint)")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as exc:
-        # torch's own message advises loading with weights_only=False, which would run whatever code the file
-        # holds: never quote it to someone holding a file of unknown origin
-        if "unsupported global" not in str(exc).lower():  # not a reference to code: damaged, or not a pickle at all
-            raise CheckpointError(f"{path}: not a loadable checkpoint (not a PyTorch file, or damaged); export it again "
-                                  "with `dr-train export`") from None
-        raise CheckpointError(
-            f"{path}: refused: it holds Python objects other than tensors and plain data, and loading those could run "
-            "code. Use a checkpoint exported with `dr-train export`, from a source you trust") from None
-    except Exception as exc:  # noqa: BLE001 - any other failure to read is the same user error
-        raise CheckpointError(f"{path}: not a loadable checkpoint ({type(exc).__name__}); it may be damaged or not a "
-                              "PyTorch file. Export it again with `dr-train export`") from None
+    ckpt = _load_plain(path, CheckpointError, "checkpoint", "Export it again with `dr-train export`")
     if not isinstance(ckpt, dict):
         raise CheckpointError(f"{path}: expected a dict checkpoint, got {type(ckpt).__name__}")
     return ckpt
+
+
+def load_fitted(path: Path, *, what: str, command: str, setting: str, error: type[CheckpointError]) -> object:
+    """Read a small fitted model file (``dr-train fit-quality``, ``fit-laterality``): ``error`` when it is missing, naming
+    the ``command`` that fits one and the ``[screening] setting`` that points at it, or when it does not load. The
+    caller checks what it holds."""
+    if not path.is_file():
+        raise error(f"{what} model not found: {path}; fit one with `dr-train {command} --output {path}` "
+                    f"or set [screening] {setting}")
+    return _load_plain(path, error, f"{what} model", f"Fit it again with `dr-train {command} --output {path}`")
 
 
 def validate_metadata(ckpt: dict[str, Any], path: str | Path) -> None:

@@ -349,27 +349,22 @@ def recoloured(rgb: np.ndarray, rng: Rng) -> np.ndarray:
     return np.ascontiguousarray(rgb[..., perm])
 
 
-GENERATED = ("flat_colour", "gradient", "disc_on_black", "document", "texture")
-FROM_PHOTOS = ("scrambled", "zoomed_patch", "recoloured")
+_GENERATORS = {"flat_colour": flat_colour, "gradient": gradient, "disc_on_black": disc_on_black, "document": document,
+               "texture": texture}
+_TRANSFORMS = {"scrambled": scrambled, "zoomed_patch": zoomed_patch, "recoloured": recoloured}
+GENERATED = tuple(_GENERATORS)
+FROM_PHOTOS = tuple(_TRANSFORMS)
 NOT_FUNDUS = GENERATED + FROM_PHOTOS
 
 
 def not_fundus(name: str, rng: Rng, photo: np.ndarray | None = None) -> np.ndarray:
     """One non-fundus picture of kind ``name`` (:data:`NOT_FUNDUS`); the ``FROM_PHOTOS`` kinds transform ``photo``."""
-    if name in FROM_PHOTOS:
+    if name in _TRANSFORMS:
         if photo is None:
             raise ValueError(f"{name} transforms a fundus photo; pass one")
-        img = {"scrambled": scrambled, "zoomed_patch": zoomed_patch, "recoloured": recoloured}[name](photo, rng)
-    elif name == "flat_colour":
-        img = flat_colour(rng)
-    elif name == "gradient":
-        img = gradient(rng)
-    elif name == "disc_on_black":
-        img = disc_on_black(rng)
-    elif name == "document":
-        img = document(rng)
-    elif name == "texture":
-        img = texture(rng)
+        img = _TRANSFORMS[name](photo, rng)
+    elif name in _GENERATORS:
+        img = _GENERATORS[name](rng)
     else:
         raise ValueError(f"unknown non-fundus kind {name!r}; expected one of {NOT_FUNDUS}")
     return jpeg(img, rng)

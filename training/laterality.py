@@ -45,9 +45,8 @@ from typing import Any, Literal
 
 import cv2
 import numpy as np
-import torch
 
-from training.checkpoint import CheckpointError
+from training.checkpoint import CheckpointError, load_fitted
 from training.common import FUNDUS_THRESHOLD
 
 LATERALITY_FORMAT = "dr-laterality-2"
@@ -149,11 +148,11 @@ class LateralityPrediction:
     landmarks: Landmarks
 
     def describe(self) -> str:
-        """In words, for the report."""
+        """In words, for the report (one level of brackets: the report's notes wrap it in a sentence)."""
         eye = "right" if self.eye == "R" else "left"
         how = f"optic disc on the image's {self.disc_side}"
         if self.upright < 0.5:
-            how += ", photo apparently inverted (fovea above the disc)"
+            how += "; the photo seems upside down, its fovea above the disc"
         elif self.landmarks.fovea is None:
             how += ", no fovea found"
         return f"looks like a {eye} eye ({how}; confidence {self.confidence:.0%})"
@@ -220,13 +219,8 @@ class LateralityModelError(CheckpointError):
 def load_laterality_model(path: str | Path) -> dict[str, Any]:
     """Read and check a file written by ``dr-train fit-laterality``."""
     path = Path(path)
-    if not path.is_file():
-        raise LateralityModelError(f"laterality model not found: {path}; fit one with `dr-train fit-laterality --output {path}` "
-                                   "or set [screening] laterality_model")
-    try:
-        model = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - any unpickling failure is the same user error
-        raise LateralityModelError(f"{path}: not a loadable laterality model ({type(exc).__name__}: {exc})") from None
+    model = load_fitted(path, what="laterality", command="fit-laterality", setting="laterality_model",
+                        error=LateralityModelError)
     if not isinstance(model, dict) or model.get("format") != LATERALITY_FORMAT:
         found = model.get("format") if isinstance(model, dict) else None
         raise LateralityModelError(f"{path}: not a laterality model of format {LATERALITY_FORMAT!r} (found {found!r}); "

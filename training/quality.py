@@ -34,7 +34,7 @@ import cv2
 import numpy as np
 import torch
 
-from training.checkpoint import CheckpointError
+from training.checkpoint import CheckpointError, load_fitted
 from training.common import FUNDUS_THRESHOLD
 
 QUALITY_FORMAT = "dr-quality-1"
@@ -355,13 +355,7 @@ class QualityModelError(CheckpointError):
 def load_quality_model(path: str | Path) -> dict[str, Any]:
     """Read and check a file written by ``dr-train fit-quality``."""
     path = Path(path)
-    if not path.is_file():
-        raise QualityModelError(f"gradability model not found: {path}; fit one with `dr-train fit-quality --output {path}` "
-                                "or set [screening] quality_model")
-    try:
-        model = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - any unpickling failure is the same user error
-        raise QualityModelError(f"{path}: not a loadable gradability model ({type(exc).__name__}: {exc})") from None
+    model = load_fitted(path, what="gradability", command="fit-quality", setting="quality_model", error=QualityModelError)
     if not isinstance(model, dict) or model.get("format") != QUALITY_FORMAT:
         raise QualityModelError(f"{path}: not a gradability model of format {QUALITY_FORMAT!r}; refit it with `dr-train fit-quality`")
     if tuple(model["features"]) != FEATURE_NAMES or tuple(model["reasons"]) != REASONS:

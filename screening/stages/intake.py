@@ -196,32 +196,18 @@ class IntakeStage:
             known = _Known.of(image, path) if image is not None else None
             if unfiled or image is None or known is None or not known.duplicate:
                 return unfiled, known, None, None
-            conflict = conflict_with(image, identity)
-            if conflict is not None:
-                drop = repo.record_drop(session, sha256=sha, source_name=path.name, outcome=DropOutcome.REJECTED,
-                                        image=image, reason=conflict, reason_code=RejectReason.IDENTITY_CONFLICT)
-            else:
-                drop = repo.record_drop(session, sha256=sha, source_name=path.name, outcome=DropOutcome.DUPLICATE,
-                                        image=image, reason=f"same content as image {image.id}")
-            return unfiled, known, drop.id, conflict
+            return unfiled, known, *self.record_repeat(session, path, sha, image, identity, f"image {image.id}")
 
         unfiled, known, drop_id, conflict = transaction(self.factory, look, what="intake")
         # committed: from here on files may move
         if unfiled:
-            drop_id, image_id = unfiled[0]
-            log.info("finishing the interrupted move of a drop of image %s", image_id)
-            return Resumed(image_id, self.filing.file_drop(drop_id, path, sha))
+            return self.resume_drop(path, sha, *unfiled[0])
         if known is not None and known.graded and known.same_drop:  # graded, committed, archive interrupted
             self._repair(known)
             log.info("image %s was graded before an interruption; archiving its file now", known.image_id)
             return Resumed(known.image_id, self.filing.archive_image(known.image_id, path, sha))
         if known is not None and drop_id is not None:
-            filed = self.filing.file_drop(drop_id, path, sha)
-            if conflict is not None:
-                log.warning("identity conflict with image %s: same bytes under another name", known.image_id)
-                return Rejected(known.image_id, RejectReason.IDENTITY_CONFLICT, conflict, filed)
-            log.info("duplicate of image %s", known.image_id)
-            return Duplicate(known.image_id, filed)
+            return self.file_repeat(path, sha, drop_id, conflict, known.image_id, f"image {known.image_id}")
         try:
             identity, decoded = self.read(path, content, identity, unidentified)
             verdict = self.checks.check(decoded, identity, path.name)
@@ -237,6 +223,35 @@ class IntakeStage:
             log.info("a file is incomplete or corrupt; left in the inbox in case it is still being copied")
             return Deferred(path, rejection.code, rejection.message)
         return None
+
+    def record_repeat(self, session: Session, path: Path, sha: str, image: Image, identity: Identity | None,
+                      same_as: str) -> tuple[int, str | None]:
+        """In the intake's transaction: a drop of bytes already recorded as ``image`` (a multi-page file's first page),
+        an identity conflict when its name says another patient or eye (:func:`conflict_with`), else a duplicate of
+        ``same_as``. Returns the drop's id and the conflict (None for a duplicate); :meth:`file_repeat` files it."""
+        conflict = conflict_with(image, identity)
+        if conflict is not None:
+            drop = repo.record_drop(session, sha256=sha, source_name=path.name, outcome=DropOutcome.REJECTED,
+                                    image=image, reason=conflict, reason_code=RejectReason.IDENTITY_CONFLICT)
+        else:
+            drop = repo.record_drop(session, sha256=sha, source_name=path.name, outcome=DropOutcome.DUPLICATE,
+                                    image=image, reason=f"same content as {same_as}")
+        return drop.id, conflict
+
+    def file_repeat(self, path: Path, sha: str, drop_id: int, conflict: str | None, image_id: int,
+                    same_as: str) -> Rejected | Duplicate:
+        """Committed: the drop :meth:`record_repeat` recorded moves to rejected/ (a conflict) or the duplicates."""
+        filed = self.filing.file_drop(drop_id, path, sha)
+        if conflict is not None:
+            log.warning("identity conflict with image %s: same bytes under another name", image_id)
+            return Rejected(image_id, RejectReason.IDENTITY_CONFLICT, conflict, filed)
+        log.info("duplicate of %s", same_as)
+        return Duplicate(image_id, filed)
+
+    def resume_drop(self, path: Path, sha: str, drop_id: int, image_id: int | None) -> Resumed:
+        """A drop recorded before an interruption but never filed: its move finished, nothing recorded again."""
+        log.info("finishing the interrupted move of a drop of image %s", image_id)
+        return Resumed(image_id, self.filing.file_drop(drop_id, path, sha))
 
     def refuse(self, path: Path, content: Content, rejection: Rejection) -> Deferred | Rejected:
         """Refuse the whole file (recorded, then moved to ``rejected/``), or defer it while it may still arrive;

@@ -46,7 +46,7 @@ from ..db.session import transaction
 from ..imaging import DecodedImage, Page, decode_pages
 from ..intake import Content, Identity
 from ..rejection import Incident, Rejection, RejectReason
-from .outcomes import AdmittedPages, Duplicate, IntakeOutcome, Job, Rejected, Resumed
+from .outcomes import AdmittedPages, IntakeOutcome, Job, Resumed
 
 if TYPE_CHECKING:
     from .intake import IntakeStage
@@ -127,8 +127,6 @@ class PageIntake:
 
     def admit(self, path: Path, content: Content, identity: Identity | None, unidentified: Rejection | None) -> IntakeOutcome:
         """The file through the same steps as a single photo (see :mod:`screening.stages.intake`), page by page."""
-        from .intake import conflict_with  # intake imports this module
-
         stage, sha = self.stage, content.sha256
 
         def look(session: Session) -> tuple[list[tuple[int, int | None]], _Pages | None, int | None, str | None]:
@@ -138,32 +136,20 @@ class PageIntake:
             known = _Pages.of(pages, path) if pages else None
             if unfiled or known is None or not known.duplicate:
                 return unfiled, known, None, None
-            conflict = conflict_with(pages[0], identity)
-            if conflict is not None:
-                drop = repo.record_drop(session, sha256=sha, source_name=path.name, outcome=DropOutcome.REJECTED,
-                                        image=pages[0], reason=conflict, reason_code=RejectReason.IDENTITY_CONFLICT)
-            else:
-                drop = repo.record_drop(session, sha256=sha, source_name=path.name, outcome=DropOutcome.DUPLICATE,
-                                        image=pages[0], reason=f"same content as images {pages[0].id}-{pages[-1].id}")
-            return unfiled, known, drop.id, conflict
+            return unfiled, known, *stage.record_repeat(session, path, sha, pages[0], identity,
+                                                        f"images {pages[0].id}-{pages[-1].id}")
 
         unfiled, known, drop_id, conflict = transaction(stage.factory, look, what="intake")
         # committed: from here on files may move
         if unfiled:
-            drop_id, image_id = unfiled[0]
-            log.info("finishing the interrupted move of a drop of image %s", image_id)
-            return Resumed(image_id, stage.filing.file_drop(drop_id, path, sha))
+            return stage.resume_drop(path, sha, *unfiled[0])
         if known is not None and known.settled and known.same_drop:  # every page done, archive interrupted
             self._repair(sha)
             log.info("the pages from image %s on were graded before an interruption; archiving their file now", known.first_id)
             return Resumed(known.first_id, stage.filing.archive_pages(sha, path))
         if known is not None and drop_id is not None:
-            filed = stage.filing.file_drop(drop_id, path, sha)
-            if conflict is not None:
-                log.warning("identity conflict with image %s: same bytes under another name", known.first_id)
-                return Rejected(known.first_id, RejectReason.IDENTITY_CONFLICT, conflict, filed)
-            log.info("duplicate of the pages from image %s on", known.first_id)
-            return Duplicate(known.first_id, filed)
+            return stage.file_repeat(path, sha, drop_id, conflict, known.first_id,
+                                     f"the pages from image {known.first_id} on")
         if unidentified is not None:
             return stage.refuse(path, content, unidentified)
         assert identity is not None and content.data is not None

@@ -50,10 +50,9 @@ def _image(s, exam, eye, received, *, state=None, error=None, result=None):
 
 
 @pytest.fixture
-def factory(db_url):
-    engine = make_engine(db_url)
-    init_db(engine)
-    factory = make_session_factory(engine)
+def programme(factory):
+    """A small programme on 2024-05-01 (and a day either side): visits graded by two model versions, duplicates,
+    failures and rejections."""
     with session_scope(factory) as s:
         exam = lambda code, d=DAY: repo.get_or_create_exam(s, repo.get_or_create_patient(s, code), d)  # noqa: E731
         e1, e2, e3 = exam("P1"), exam("P2"), exam("P3")
@@ -83,8 +82,7 @@ def factory(db_url):
         # outside 2024-05-01 (UTC): a v1 result received the day before (never reported), a reject the day after
         _image(s, exam("P9", date(2024, 4, 30)), "L", T0 - timedelta(hours=9), result=("v1", 1, 0, False, T0 - timedelta(hours=8)))
         repo.record_drop(s, sha256="e" * 64, source_name="late.txt", outcome="rejected", reason="not an image", received_at=T0 + timedelta(days=1))
-    yield factory
-    engine.dispose()
+    return factory
 
 
 def test_percentile_linear_interpolation():
@@ -95,8 +93,8 @@ def test_percentile_linear_interpolation():
     assert percentile([15, 90, 100, 300], 50) == pytest.approx(95)
 
 
-def test_summary_for_one_day(factory):
-    with factory() as s:
+def test_summary_for_one_day(programme):
+    with programme() as s:
         summary = audit_summary(s, DAY, DAY)
     v1, v2, all_ = summary.by_model["v1"], summary.by_model["v2"], summary.overall
     assert list(summary.by_model) == ["v1", "v2"]
@@ -133,8 +131,8 @@ def test_summary_for_one_day(factory):
     ]
 
 
-def test_date_range_and_model_filter(factory):
-    with factory() as s:
+def test_date_range_and_model_filter(programme):
+    with programme() as s:
         everything = audit_summary(s, None, None)
         assert everything.by_model["v1"].images == 4 and everything.by_model["v1"].awaiting_report == 1
         assert everything.rejected == 5 and everything.rejected_reasons["not an image"] == 3
@@ -151,8 +149,8 @@ def test_date_range_and_model_filter(factory):
             audit_summary(s, date(2024, 5, 2), DAY)
 
 
-def test_json_round_trip(factory, tmp_path):
-    with factory() as s:
+def test_json_round_trip(programme, tmp_path):
+    with programme() as s:
         summary = audit_summary(s, DAY, DAY)
     path = write_json(summary, tmp_path / "audit.json")
     assert json.loads(path.read_text())["by_model"]["v1"]["dr_grades"]["4"] == 1
@@ -160,8 +158,8 @@ def test_json_round_trip(factory, tmp_path):
     assert isinstance(back, AuditSummary) and back == summary
 
 
-def test_csv_round_trip(factory, tmp_path):
-    with factory() as s:
+def test_csv_round_trip(programme, tmp_path):
+    with programme() as s:
         summary = audit_summary(s, DAY, DAY)
     path = write_csv(summary, tmp_path / "audit.csv")
     with path.open(newline="", encoding="utf-8") as fh:
@@ -177,8 +175,8 @@ def test_csv_round_trip(factory, tmp_path):
     assert index[("rejected", "", "total")] == "4"
 
 
-def test_format_table(factory):
-    with factory() as s:
+def test_format_table(programme):
+    with programme() as s:
         text = format_table(audit_summary(s, DAY, DAY))
     lines = text.splitlines()
     header = next(line for line in lines if line.strip().startswith("ALL"))
@@ -241,7 +239,7 @@ def _fields(stats):
     return {k: round(v, 6) if isinstance(v, float) else v for k, v in asdict(stats).items()}
 
 
-def test_audit_matches_the_reference_definitions_on_random_data(db_url):
+def test_audit_matches_the_reference_definitions_on_random_data(factory):
     """A random programme (three models, late and out-of-order reports, re-gradings of the same exam on
     other days, duplicates) audited for several periods and models: every count and percentile equals the
     row-by-row reference, on each database."""
@@ -252,9 +250,6 @@ def test_audit_matches_the_reference_definitions_on_random_data(db_url):
     from screening.db.models import Result
 
     rng = random.Random(7)
-    engine = make_engine(db_url)
-    init_db(engine)
-    factory = make_session_factory(engine)
     base = datetime(2024, 6, 1, tzinfo=timezone.utc)
     with session_scope(factory) as s:
         exams = [repo.get_or_create_exam(s, repo.get_or_create_patient(s, f"R{i % 25}"), date(2024, 6, 1 + i // 25))
@@ -293,7 +288,6 @@ def test_audit_matches_the_reference_definitions_on_random_data(db_url):
             assert list(got.by_model) == list(want_by_model)
             for mv, want in want_by_model.items():
                 assert _fields(got.by_model[mv]) == _fields(want), (start, end, model, mv)
-    engine.dispose()
 
 
 # ------------------------------------------------------------------------------------ ungradable per day and device
@@ -309,11 +303,8 @@ def _checked(s, exam, eye, received, gradable, reasons=(), mismatch=False, devic
 
 
 @pytest.fixture
-def checked(db_url):
+def checked(factory):
     """Gradability verdicts over two UTC days, grouped by the database (its own date()): SQLite and PostgreSQL."""
-    engine = make_engine(db_url)
-    init_db(engine)
-    factory = make_session_factory(engine)
     with session_scope(factory) as s:
         e = repo.get_or_create_exam(s, repo.get_or_create_patient(s, "Q1"), DAY)
         _checked(s, e, "L", at(0), True)
@@ -339,12 +330,9 @@ def test_ungradable_rate_per_day_and_device(checked):
         assert audit_summary(s, DAY, DAY).ungradable_by_day == [first]
 
 
-def test_ungradable_days_split_at_utc_midnight(db_url):
+def test_ungradable_days_split_at_utc_midnight(factory):
     """The database groups by the stored (naive UTC) arrival time's date: a photo a millisecond before midnight UTC
     and one at midnight fall on two days, on each database."""
-    engine = make_engine(db_url)
-    init_db(engine)
-    factory = make_session_factory(engine)
     midnight = datetime(2024, 5, 2, tzinfo=timezone.utc)
     with session_scope(factory) as s:
         e = repo.get_or_create_exam(s, repo.get_or_create_patient(s, "Q2"), DAY)
@@ -355,7 +343,6 @@ def test_ungradable_days_split_at_utc_midnight(db_url):
         assert [(d.day, d.assessed, d.ungradable, d.reasons) for d in days] == [
             ("2024-05-01", 1, 1, {"blurred": 1}), ("2024-05-02", 1, 0, {})]
         assert [d.day for d in audit_summary(s, date(2024, 5, 2), date(2024, 5, 2)).ungradable_by_day] == ["2024-05-02"]
-    engine.dispose()
 
 
 def test_ungradable_rates_in_table_csv_and_json(checked, tmp_path):
@@ -404,12 +391,9 @@ def test_errors_group_by_code_and_every_drop_counts_once(tmp_path):
     engine.dispose()
 
 
-def test_audit_groups_by_the_site_that_graded(db_url, tmp_path):
+def test_audit_groups_by_the_site_that_graded(factory, tmp_path):
     """Several workers writing one database (issue 15): --by-site counts each site's images, referrals and
     turnaround; results from before sites were recorded are '(no site)'; the pooled numbers are unchanged."""
-    engine = make_engine(db_url)
-    init_db(engine)
-    factory = make_session_factory(engine)
     with session_scope(factory) as s:
         for k, (site, referable, report_after) in enumerate([("north", True, 100), ("north", False, 300),
                                                             ("south", True, 50), (None, False, None)]):
@@ -436,4 +420,3 @@ def test_audit_groups_by_the_site_that_graded(db_url, tmp_path):
     table = format_table(summary)
     assert "By site" in table and next(line for line in table.splitlines() if line.startswith("Images graded")
                                        and "north" not in line)
-    engine.dispose()

@@ -25,13 +25,6 @@ PROJECT = Path(__file__).resolve().parents[2]
 FILE = ClaimKind.FILE
 
 
-@pytest.fixture
-def factory(db_url):
-    engine = make_engine(db_url)
-    init_db(engine)
-    yield make_session_factory(engine)
-    engine.dispose()
-
 
 def test_the_heartbeat_keeps_a_claim_past_its_lease_and_close_releases_it(factory):
     a, b = Claimer(factory, "north", 1.0), Claimer(factory, "south", 1.0)

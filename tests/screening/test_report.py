@@ -361,6 +361,23 @@ def test_referable_score_above_threshold_escalates_a_low_grade_eye():
     assert referral_recommendation([_eye("R", 1, 0)]).level == "rescreen_12"
 
 
+def test_a_referral_on_the_score_alone_says_the_threshold_is_sensitivity_first():
+    """DR 0 and referred (P(referable) 33% over a 15% threshold): the report must not claim moderate DR or macular
+    oedema, and says why (the operating point was chosen on validation for sensitivity), with the numbers."""
+    from dataclasses import replace
+
+    dr0 = replace(_eye("R", 0, 0), referable=True, referable_score=0.33)
+    ref = referral_recommendation([dr0, _eye("L", 0, 0)])
+    assert ref.level == "routine" and ref.on_score and "moderate non-proliferative" not in ref.advice
+    assert not referral_recommendation([_eye("R", 2, 0), dr0]).on_score  # a grade asks for it: the usual advice
+    ctx = replace(_ctx([dr0, _eye("L", 0, 0)]), model_metrics={"Referral threshold": 0.151,
+                                                               "Threshold's target sensitivity (validation)": 0.9})
+    text = " ".join(render_html(ctx, TEMPLATES).split())
+    assert "the screening threshold (15%) is sensitivity-first" in text and "at least 90% of eyes" in text
+    assert "(model score 33%; referral threshold 15%)" in text
+    assert "sensitivity-first" not in " ".join(render_html(_ctx([_eye("R", 0, 0)]), TEMPLATES).split())
+
+
 def test_stylesheet_is_parsed_once_yet_applied_and_reloaded_when_it_changes(tmp_path: Path) -> None:
     """render_pdf hands WeasyPrint a cached, parsed report.css instead of a <link>: the style must still
     apply, and an edited stylesheet must be picked up."""
@@ -442,7 +459,7 @@ def test_a_laterality_note_is_shown_escaped(tmp_path):
     html = render_html(_ctx([dataclasses.replace(_eye("R", 0, 0), eye_note=note, eye_mismatch=True)]), TEMPLATES)
     assert "Laterality mismatch: the file name says right eye" in html and "&lt;left&gt;" in html
     assert '<p class="eye-note">Laterality mismatch' in html  # a warning
-    unsure = "Eye not confirmed by the photo (it looks like a left eye ...). Filed under the right eye the file name states."
+    unsure = "Eye not confirmed by the photo: it looks like a left eye (...), too uncertain to check the label. Filed under the right eye the file name states."
     html = render_html(_ctx([dataclasses.replace(_eye("R", 0, 0), eye_note=unsure)]), TEMPLATES)
     assert '<p class="eye-info">Eye not confirmed by the photo' in html  # information, not an alarm
 

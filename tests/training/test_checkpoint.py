@@ -178,3 +178,24 @@ def test_hostile_and_damaged_checkpoints_are_refused_without_quoting_torchs_advi
         read_checkpoint(damaged)
     assert "not a loadable checkpoint" in str(exc.value) and "weights_only" not in str(exc.value).lower()
     assert not marker.exists()
+
+
+def test_fitted_model_files_are_refused_without_quoting_torchs_advice(tmp_path: Path) -> None:
+    """The gradability and laterality files load through the same guard as checkpoints (they quoted torch)."""
+    import os
+
+    from training.checkpoint import load_fitted
+
+    marker = tmp_path / "ran"
+
+    class Payload:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    hostile = tmp_path / "quality.pt"
+    torch.save({"weights": Payload()}, hostile)
+    with pytest.raises(CheckpointError) as exc:
+        load_fitted(hostile, what="gradability", command="fit-quality", setting="quality_model", error=CheckpointError)
+    message = str(exc.value)
+    assert "could run code" in message and "fit-quality" in message and "weights_only" not in message.lower()
+    assert not marker.exists()

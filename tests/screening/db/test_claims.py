@@ -5,22 +5,14 @@ from __future__ import annotations
 import threading
 import time
 
-import pytest
 from sqlalchemy import func, select
 
 from screening.db import claims as dbc
-from screening.db import init_db, make_engine, make_session_factory, session_scope, transaction
+from screening.db import session_scope, transaction
 from screening.db.models import Claim, ClaimKind
 
 FILE, VISIT = ClaimKind.FILE, ClaimKind.VISIT
 
-
-@pytest.fixture
-def factory(db_url):
-    engine = make_engine(db_url)
-    init_db(engine)
-    yield make_session_factory(engine)
-    engine.dispose()
 
 
 def _take(factory, key, holder, lease=30.0, kind=FILE):

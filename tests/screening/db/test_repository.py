@@ -8,19 +8,12 @@ import pytest
 from sqlalchemy import func, select
 from sqlalchemy.exc import IntegrityError
 
-from screening.db import init_db, make_engine, make_session_factory, session_scope
 from screening.db import repository as repo
+from screening.db import session_scope
 from screening.db.models import Drop, Event, Exam, Image, Patient, Report, Result
 
 T0 = datetime(2024, 5, 1, 9, 0, tzinfo=timezone.utc)
 
-
-@pytest.fixture
-def factory(db_url):
-    engine = make_engine(db_url)
-    init_db(engine)
-    yield make_session_factory(engine)
-    engine.dispose()
 
 
 def _result(session, image, *, at=None, **kw):

@@ -8,18 +8,10 @@ import pytest
 from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 
-from screening.db import init_db, make_engine, make_session_factory, session_scope
 from screening.db import repository as repo
 from screening.db import reviews as rrepo
+from screening.db import session_scope
 from screening.db.models import Event, Result, Review, ReviewEye
-
-
-@pytest.fixture
-def factory(db_url):
-    engine = make_engine(db_url)  # on SQLite, then on PostgreSQL
-    init_db(engine)
-    yield make_session_factory(engine)
-    engine.dispose()
 
 
 def _graded(s, exam, eye, dr, sha):

@@ -3,13 +3,10 @@ run (``worked``) is in the parent conftest, shared with the review page's tests.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from datetime import date, datetime, timedelta, timezone
 
-import pytest
-from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy.orm import Session
 
-from screening.db import init_db, make_engine, make_session_factory
 from screening.db import repository as repo
 from screening.db.models import Exam
 
@@ -54,11 +51,3 @@ def seed_ungradable(s: Session, exam: Exam, eye: str, *, stored: datetime = T0, 
     repo.set_state(s, img, "done")
     s.flush()
     return img.id
-
-
-@pytest.fixture
-def factory(db_url) -> Iterator[sessionmaker[Session]]:
-    engine = make_engine(db_url)  # on SQLite, then on PostgreSQL
-    init_db(engine)
-    yield make_session_factory(engine)
-    engine.dispose()

@@ -26,7 +26,9 @@ from ..conftest import SC_SOP_CLASS, jpeg_bytes, synthetic_fundus, write_dicom, 
 from ..test_dicom import malformed_dicom
 
 
-def make_stage(settings):
+def make_stage(settings, **models):
+    """An intake stage on a new database; ``models`` replaces settings, e.g. ``laterality_model=...``."""
+    settings = settings.model_copy(update=models)
     engine = make_engine(settings.database)
     init_db(engine)
     factory = make_session_factory(engine)
@@ -107,7 +109,7 @@ def test_every_admitted_image_carries_its_checks(stage, settings):
 
 
 def test_an_ungradable_photo_is_admitted_with_its_reasons_not_refused(settings, intake_models):
-    stage = make_stage(settings.model_copy(update={"quality_model": intake_models["dark_blurred"]}))
+    stage = make_stage(settings, quality_model=intake_models["dark_blurred"])
     path = write_fundus(settings.inbox / "P11_R.jpg", seed=11)
     outcome = stage.admit(path)
     assert isinstance(outcome, Admitted) and not outcome.job.gradable and path.is_file()
@@ -118,7 +120,7 @@ def test_an_ungradable_photo_is_admitted_with_its_reasons_not_refused(settings, 
 
 
 def test_a_picture_that_is_not_a_fundus_photo_is_refused_with_the_reason(settings, intake_models):
-    stage = make_stage(settings.model_copy(update={"quality_model": intake_models["not_fundus"]}))
+    stage = make_stage(settings, quality_model=intake_models["not_fundus"])
     path = write_fundus(settings.inbox / "P12_R.jpg", seed=12)
     outcome = stage.admit(path)
     assert isinstance(outcome, Rejected) and outcome.code == RejectReason.NOT_FUNDUS
@@ -135,7 +137,7 @@ def test_no_eye_in_the_name_and_an_unclear_photo_is_refused_saying_why(stage, se
 
 
 def test_no_eye_in_the_name_and_a_clear_photo_takes_the_photos_eye(settings, intake_models):
-    stage = make_stage(settings.model_copy(update={"laterality_model": intake_models["sure_eye"]}))
+    stage = make_stage(settings, laterality_model=intake_models["sure_eye"])
     outcome = stage.admit(write_fundus(settings.inbox / "Patient14.jpg", seed=14, eye="L", dr_grade=0))
     assert isinstance(outcome, Admitted)
     with session_scope(stage.factory) as s:
@@ -145,7 +147,7 @@ def test_no_eye_in_the_name_and_a_clear_photo_takes_the_photos_eye(settings, int
 
 
 def test_a_name_that_contradicts_the_photo_is_flagged_never_corrected(settings, intake_models):
-    stage = make_stage(settings.model_copy(update={"laterality_model": intake_models["sure_eye"]}))
+    stage = make_stage(settings, laterality_model=intake_models["sure_eye"])
     outcome = stage.admit(write_fundus(settings.inbox / "Patient15_R.jpg", seed=15, eye="L", dr_grade=0))
     assert isinstance(outcome, Admitted)
     with session_scope(stage.factory) as s:
@@ -324,7 +326,7 @@ def test_a_dicom_export_without_a_name_is_admitted_from_its_tags(stage, settings
 
 
 def test_a_dicom_without_laterality_takes_the_eye_the_photo_clearly_shows(settings, intake_models, caplog, capfd):
-    stage = make_stage(settings.model_copy(update={"laterality_model": intake_models["sure_eye"]}))
+    stage = make_stage(settings, laterality_model=intake_models["sure_eye"])
     rgb = synthetic_fundus(7)
     path = write_dicom(settings.inbox / "IM000003", jpeg=jpeg_bytes(rgb), patient_id=SECRET, image_laterality=None,
                        acquisition="20250301101500")
