@@ -12,11 +12,11 @@ import numpy as np
 import torch
 
 from training.api import (
-    apply_grader,
     calibrated_referable,
     eval_transforms,
     features_of,
     fundus_mask,
+    grades_with_grader,
     lesion_evidence,
     load_model,
     resolve_device,
@@ -189,13 +189,13 @@ class Predictor:
         dr = out.dr_logits.float().softmax(1).cpu().numpy()
         dme = out.dme_logits.float().softmax(1).cpu().numpy()
         seg_probs = torch.sigmoid(out.seg_logits.float()).cpu().numpy()
-        if "grader" in self.meta:  # grades from lesion evidence (see training/grader.py)
+        if "grader" in self.meta:  # grades from lesion evidence, alone or blended with the heads (training/grader.py)
             grader = self.meta["grader"]
             feats = features_of(images, seg_probs if uses_segmentation(grader) else None, image_features=batch.image_features)
-            dr, dme = apply_grader(grader, feats, dme)
+            dr, dme = grades_with_grader(grader, feats, dr, dme)
         seg = seg_probs > self.lesion_threshold
-        # a grader's own probabilities replace the heads', so the heads' calibration map does not apply to them
-        ref = referable_probability(dr, dme, None if "grader" in self.meta else self.meta.get("referable_calibration"))
+        # the map was fitted on the score these probabilities give (`dr-train fit-grader` drops the heads' map)
+        ref = referable_probability(dr, dme, self.meta.get("referable_calibration"))
         dr_cls, dme_cls = dr.argmax(1), dme.argmax(1)
         if explain:
             evidence = lesion_evidence(out.seg_logits) if self.model.config.grade_inputs == "features+lesions" else None

@@ -271,7 +271,12 @@ def model_metrics_for_report(meta: Mapping[str, Any]) -> dict[str, float | str]:
 
 def grade_source(meta: Mapping[str, Any]) -> str:
     """What produced the DR grade and DME risk, in words for the report (from the checkpoint's metadata)."""
-    if "grader" in meta:
+    grader = meta.get("grader")
+    if grader is not None and float(grader.get("heads_weight", 0.0)) > 0:
+        w = float(grader["heads_weight"])
+        return (f"the network's DR/DME heads ({w:.0%}) blended with a lesion-evidence regression on image "
+                f"measurements ({1 - w:.0%})")
+    if grader is not None:
         return "lesion-evidence regression on image measurements"
     if (meta.get("model_config") or {}).get("grade_inputs") == "features+lesions":
         return "the network's DR/DME heads (image features and its own lesion maps)"

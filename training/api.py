@@ -7,8 +7,9 @@ label vocabulary, the fundus threshold) and from nowhere else in ``training``
 * **model**: :class:`MultiTaskNet` and its :class:`ModelConfig` / :class:`MultiTaskOutput`; :func:`lesion_evidence`
   (what v2 evidence heads read besides the features, held constant for Grad-CAM);
 * **checkpoint**: :func:`load_model` (rebuild a model and its metadata from a checkpoint file),
-  :class:`CheckpointError`; a checkpoint may carry the lesion-evidence grader, applied with
-  :func:`apply_grader` on :func:`features_of`, and its referral rule is :func:`referable_score`;
+  :class:`CheckpointError`; a checkpoint may carry the lesion-evidence grader (alone, or blended with the
+  network's heads), applied with :func:`grades_with_grader` on :func:`features_of`, and its referral rule is
+  :func:`referable_score`;
   :func:`train_demo_model` makes a synthetic-data checkpoint when no real one exists;
 * **transforms**: the evaluation preset :func:`eval_transforms` and the preprocessing it expects
   (:func:`crop_square`, :func:`resize_square`; :func:`fundus_bbox`, the crop box it takes, which the worker keeps to
@@ -54,7 +55,7 @@ if TYPE_CHECKING:
         resize_square,
     )
     from training.device import resolve_device
-    from training.grader import apply_grader, features_of, uses_segmentation
+    from training.grader import features_of, grades_with_grader, uses_segmentation
     from training.laterality import LateralityModelError, LateralityPrediction, load_laterality_model
     from training.laterality import predict as predict_laterality
     from training.metrics import calibrated_referable, referable_score
@@ -68,7 +69,7 @@ _LAZY = {
     **{n: ("training.data.transforms", n) for n in (
         "channel_max", "crop_square", "eval_transforms", "fundus_bbox", "fundus_mask", "resize_square")},
     "resolve_device": ("training.device", "resolve_device"),
-    **{n: ("training.grader", n) for n in ("apply_grader", "features_of", "uses_segmentation")},
+    **{n: ("training.grader", n) for n in ("features_of", "grades_with_grader", "uses_segmentation")},
     **{n: ("training.laterality", n) for n in ("LateralityModelError", "LateralityPrediction", "load_laterality_model")},
     "predict_laterality": ("training.laterality", "predict"),
     **{n: ("training.metrics", n) for n in ("calibrated_referable", "referable_score")},
@@ -102,7 +103,7 @@ def train_demo_model(output: Path, work: Path, *, minutes: float = 3.0, progress
 __all__ = [
     "REASONS", "REASON_TEXT", "CheckpointError", "ConfigError", "LateralityModelError", "LateralityPrediction",
     "ModelConfig", "MultiTaskNet", "MultiTaskOutput", "QualityModelError", "QualityVerdict", "StrictSettings",
-    "apply_grader", "assess_quality", "channel_max", "crop_square", "eval_transforms", "features_of",
+    "assess_quality", "channel_max", "crop_square", "eval_transforms", "features_of", "grades_with_grader",
     "format_validation_error", "fundus_bbox", "fundus_mask", "lesion_evidence", "load_laterality_model", "load_model",
     "load_quality_model", "parse_training_config", "predict_laterality", "read_toml", "referable_score", "calibrated_referable",
     "resize_square", "resolve_device", "resolve_paths", "train_demo_model", "uses_segmentation",

@@ -107,6 +107,12 @@ def validate_metadata(ckpt: dict[str, Any], path: str | Path) -> None:
         raise CheckpointError(f"{path}: provenance.kind must be one of {MODEL_KINDS}, got {kind!r}")
     if "referable" not in ckpt["thresholds"]:
         raise CheckpointError(f"{path}: thresholds.referable (the referral operating point) is missing")
+    grader = ckpt.get("grader")
+    if isinstance(grader, dict) and "heads_weight" in grader:
+        w = grader["heads_weight"]
+        if isinstance(w, bool) or not isinstance(w, (int, float)) or not 0.0 <= float(w) < 1.0:
+            raise CheckpointError(f"{path}: grader.heads_weight (the network heads' share of a blended grade) must be a "
+                                  f"number in [0, 1), got {w!r}; rebuild it with `dr-train blend-grader`")
     cal = ckpt.get("referable_calibration")
     if cal is not None:
         ok = (isinstance(cal, dict) and cal.get("method") == "platt"

@@ -76,6 +76,15 @@ def cmd_fit_grader(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_blend_grader(args: argparse.Namespace) -> int:
+    from training.evaluate import blend_grader_for_checkpoint
+
+    result = blend_grader_for_checkpoint(_cfg(args), Path(args.checkpoint), Path(args.grader_from), Path(args.output),
+                                         args.heads_weight)
+    print(json.dumps(result, indent=1, default=float))
+    return 0
+
+
 def cmd_grade_heads(args: argparse.Namespace) -> int:
     from training.grading import run_grading_stage
 
@@ -170,6 +179,15 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--with-segmentation", action="store_true",
                     help="use the network's lesion maps as evidence too (one forward per training image)")
     sp.set_defaults(func=cmd_fit_grader)
+
+    sp = sub.add_parser("blend-grader", help="ensemble: a network checkpoint's heads blended with another checkpoint's "
+                        "lesion-evidence regression, recalibrated and thresholded on validation")
+    sp.add_argument("--checkpoint", required=True, help="the network (its DR/DME heads grade), without a grader")
+    sp.add_argument("--grader-from", required=True, help="a checkpoint carrying the regression (`dr-train fit-grader`)")
+    sp.add_argument("--output", required=True)
+    sp.add_argument("--heads-weight", type=float,
+                    help="the heads' share, 0-1 (default: chosen by patient-grouped cross-validation on validation)")
+    sp.set_defaults(func=cmd_blend_grader)
 
     sp = sub.add_parser("fit-quality", help="fit the gradability model on real photos, their degradations and non-fundus pictures")
     sp.add_argument("--output", default="models/quality.pt")

@@ -10,7 +10,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from training.checkpoint import load_model, read_checkpoint, save_checkpoint
+from training.checkpoint import file_sha256, load_model, read_checkpoint, save_checkpoint
 from training.config import TrainingConfig
 from training.data.cache import load_record
 from training.data.dataset import FundusDataset
@@ -19,11 +19,20 @@ from training.data.split import configured_split
 from training.data.transforms import eval_transforms
 from training.engine import Predictions, predict, resolve_device
 from training.evaluation import METRICS_FILE, RELIABILITY_PNG, clinical_evaluation, plot_reliability, write_evaluation
-from training.grader import apply_grader, features_of, fit_grader, uses_segmentation
+from training.grader import (
+    apply_grader,
+    blend,
+    choose_heads_weight,
+    features_of,
+    fit_grader,
+    grades_with_grader,
+    uses_segmentation,
+)
 from training.metrics import (
     calibrated_referable,
     choose_threshold,
     classification_metrics,
+    fit_referable_calibration,
     referable_labels,
     referable_score,
 )
@@ -65,7 +74,7 @@ def _predict(
     if "grader" in meta:
         seg_model = model if uses_segmentation(meta["grader"]) else None
         features = _features(recs, size, cfg.data.cache_dir, seg_model, next(model.parameters()).device)
-        preds.dr_probs, preds.dme_probs = apply_grader(meta["grader"], features, preds.dme_probs)
+        preds.dr_probs, preds.dme_probs = grades_with_grader(meta["grader"], features, preds.dr_probs, preds.dme_probs)
     return preds
 
 
@@ -105,6 +114,66 @@ def fit_grader_for_checkpoint(cfg: TrainingConfig, checkpoint: Path, output: Pat
     )
     save_checkpoint(output, ckpt)
     return {"output": str(output), "threshold": threshold, "validation": validation}
+
+
+def blend_grader_for_checkpoint(cfg: TrainingConfig, checkpoint: Path, grader_from: Path, output: Path,
+                                heads_weight: float | None = None) -> dict[str, Any]:
+    """An ensemble checkpoint: ``checkpoint``'s network (its DR/DME heads) with the lesion-evidence regression of
+    ``grader_from``, blended as w x heads + (1 - w) x regression (:func:`grades_with_grader`). On the validation
+    split: w (given, or :func:`choose_heads_weight`), then P(referable) recalibrated on the blend and the referral
+    threshold chosen on that scale. The test split is not touched. The regression must have been fitted on
+    photos outside this checkpoint's validation and test splits (``pin_split`` keeps v1's patients on their side)."""
+    device = resolve_device(cfg.train.device)
+    model, meta = load_model(checkpoint, device)
+    if "grader" in meta:
+        raise ValueError(f"{checkpoint} already carries a grader: blend from the network-only checkpoint")
+    donor = read_checkpoint(grader_from)
+    if "grader" not in donor:
+        raise ValueError(f"{grader_from} carries no lesion-evidence grader (fit one with `dr-train fit-grader`)")
+    grader = {k: v for k, v in donor["grader"].items() if k != "heads_weight"}
+    val = [r for r in _split(cfg, meta)["val"] if r.has_grade or r.has_dme]
+    heads = _predict(model, meta, val, cfg, device, progress=False)
+    seg_model = model if uses_segmentation(grader) else None
+    reg_dr, reg_dme = apply_grader(grader, _features(val, model.config.image_size, cfg.data.cache_dir, seg_model, device),
+                                   heads.dme_probs)
+    y_ref = referable_labels(heads.dr_true, heads.dme_true, dme_unknown_as_absent=True)
+    choices: list[float] = []
+    if heads_weight is None:
+        heads_weight, choices = choose_heads_weight((heads.dr_probs, heads.dme_probs), (reg_dr, reg_dme), y_ref,
+                                                    np.array([r.source for r in val]), np.array([r.patient_id for r in val]))
+    if not 0.0 < heads_weight < 1.0:
+        raise ValueError(f"--heads-weight must be between 0 and 1 (exclusive), got {heads_weight}")
+    grader["heads_weight"] = float(heads_weight)
+    dr, dme = blend((heads.dr_probs, heads.dme_probs), (reg_dr, reg_dme), heads_weight)  # as grades_with_grader does
+    calibration = fit_referable_calibration(y_ref, referable_score(dr, dme))
+    target = float(meta["thresholds"].get("target_sensitivity", cfg.train.target_sensitivity))
+    threshold = float(choose_threshold(y_ref, calibrated_referable(dr, dme, calibration), target))
+    network = classification_metrics(heads.dr_probs, heads.dme_probs, heads.dr_true, heads.dme_true,
+                                     dme_unknown_as_absent=True, referable_calibration=meta.get("referable_calibration"))
+    after = classification_metrics(dr, dme, heads.dr_true, heads.dme_true, threshold, dme_unknown_as_absent=True,
+                                   referable_calibration=calibration)
+    ckpt = read_checkpoint(checkpoint)
+    validation = dict(ckpt["metrics"].get("validation", {}))
+    validation.update({
+        "network_val_kappa": network["dr"]["quadratic_kappa"] or 0.0, "network_val_ref_auc": network["referable"]["auc"] or 0.0,
+        "val_kappa": after["dr"]["quadratic_kappa"] or 0.0, "val_ref_auc": after["referable"]["auc"] or 0.0,
+        "val_dr_acc": after["dr"]["accuracy"] or 0.0,
+        "val_sensitivity": after["referable"]["sensitivity"], "val_specificity": after["referable"]["specificity"],
+    })
+    provenance = dict(ckpt["provenance"])
+    provenance["grader"] = {"from": str(grader_from), "sha256": file_sha256(grader_from),
+                            "model_version": donor.get("model_version"), "heads_weight": heads_weight,
+                            "fold_choices": choices, "rule": "median over 5 patient-grouped folds of the weight with "
+                            "the best mean per-source referable AUC (validation split)" if choices else "given"}
+    ckpt.update(
+        grader=grader, referable_calibration=calibration, provenance=provenance,
+        model_version=f"{ckpt['model_version'].split('+')[0]}+blend-lesion-lr-{heads_weight:.1f}",
+        thresholds={**ckpt["thresholds"], "referable": threshold},
+        metrics={**ckpt["metrics"], "validation": {k: float(v) for k, v in validation.items() if v is not None}},
+    )
+    save_checkpoint(output, ckpt)
+    return {"output": str(output), "heads_weight": heads_weight, "fold_choices": choices, "threshold": threshold,
+            "calibration": calibration, "validation": validation}
 
 
 def evaluate_checkpoint(

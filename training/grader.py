@@ -162,6 +162,25 @@ def fit_grader(features: np.ndarray, dr: np.ndarray, dme: np.ndarray, c: float =
     }
 
 
+def grades_with_grader(grader: dict[str, Any], features: np.ndarray, heads_dr: np.ndarray,
+                       heads_dme: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The DR and DME probabilities of a checkpoint that carries a grader: the regression's alone, or, with
+    ``grader["heads_weight"]`` = w > 0, the blend w x the network's heads + (1 - w) x the regression (an ensemble,
+    ``dr-train blend-grader``). The two err on different photos: the heads transfer worse to cameras the lesion
+    stage never saw (EyePACS, Messidor-2), the regression worse to IDRiD and APTOS (experiments/README.md, E9)."""
+    dr, dme = apply_grader(grader, features, heads_dme)
+    w = float(grader.get("heads_weight", 0.0))
+    if not 0.0 <= w < 1.0:
+        raise ValueError(f"the grader's heads_weight must be in [0, 1), got {w}; refit it with `dr-train blend-grader`")
+    return blend((heads_dr, heads_dme), (dr, dme), w) if w else (dr, dme)
+
+
+def blend(heads: tuple[np.ndarray, np.ndarray], regression: tuple[np.ndarray, np.ndarray],
+          w: float) -> tuple[np.ndarray, np.ndarray]:
+    """(DR, DME) probabilities w x heads + (1 - w) x regression: still probabilities (each row sums to 1)."""
+    return w * heads[0] + (1.0 - w) * regression[0], w * heads[1] + (1.0 - w) * regression[1]
+
+
 def apply_grader(grader: dict[str, Any], features: np.ndarray, cnn_dme_probs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(DR probabilities (N, 5), DME probabilities (N, 3)) from features and the network's DME head."""
     if tuple(grader["features"]) not in FEATURE_SETS.values():
@@ -179,3 +198,37 @@ def apply_grader(grader: dict[str, Any], features: np.ndarray, cnn_dme_probs: np
     split = cnn_dme_probs[:, 1:3] / np.clip(cnn_dme_probs[:, 1:3].sum(axis=1, keepdims=True), 1e-8, None)
     dme = np.c_[1.0 - present, present[:, None] * split]
     return dr, dme
+
+
+HEADS_WEIGHT_GRID = tuple(round(0.1 * k, 1) for k in range(10))  # 0.0 .. 0.9: 1.0 would be the heads alone
+
+
+def choose_heads_weight(
+    heads: tuple[np.ndarray, np.ndarray], regression: tuple[np.ndarray, np.ndarray], referable: np.ndarray,
+    sources: np.ndarray, patients: np.ndarray, folds: int = 5, seed: int = 0,
+) -> tuple[float, list[float]]:
+    """The blend weight of the heads for :func:`grades_with_grader`, chosen on validation photos as E9 did:
+    in each of ``folds`` patient-grouped folds, the weight of :data:`HEADS_WEIGHT_GRID` with the best mean
+    per-source referable AUC on the other folds; the median of those choices (and the choices, for the record).
+    The mean over sources, not the pooled AUC, so that the largest set does not choose for the cameras it lacks."""
+    from sklearn.metrics import roc_auc_score
+
+    from training.metrics import referable_score
+
+    def mean_source_auc(w: float, idx: np.ndarray) -> float:
+        dr, dme = blend((heads[0][idx], heads[1][idx]), (regression[0][idx], regression[1][idx]), w)
+        score, y, src = referable_score(dr, dme), referable[idx], sources[idx]
+        aucs = [roc_auc_score(y[src == s], score[src == s]) for s in np.unique(src) if len(np.unique(y[src == s])) == 2]
+        if not aucs:
+            raise ValueError("no source has both referable and non-referable validation photos: cannot choose a blend")
+        return float(np.mean(aucs))
+
+    unique = np.unique(patients)
+    order = np.random.default_rng(seed).permutation(len(unique))
+    fold_of = dict(zip(unique[order], np.arange(len(unique)) % folds, strict=True))
+    fold = np.array([fold_of[p] for p in patients])
+    chosen = []
+    for k in range(folds):
+        train = np.where(fold != k)[0]
+        chosen.append(max(HEADS_WEIGHT_GRID, key=lambda w: mean_source_auc(w, train)))
+    return float(np.median(chosen)), chosen

@@ -250,3 +250,32 @@ def test_v2_evidence_heads_grade_and_explain_from_one_forward(tmp_path, make_tin
     assert any(not np.allclose(maps[0], m, atol=1e-3) for m in maps[1:])  # the map depends on the class explained
     assert "lesion maps" in predictor.report_metrics()["Grades from"]
     assert "image features)" in Predictor(make_tiny_checkpoint(tmp_path / "v1.pt"), "cpu", 1).report_metrics()["Grades from"]
+
+
+def test_a_blended_checkpoint_grades_with_both_and_its_own_calibration(tmp_path, make_tiny_checkpoint):
+    """Model v2.1: the network's heads and the v1 lesion regression, w x heads + (1 - w) x regression; P(referable)
+    through the blend's own Platt map; the report says what produced the grades, with the shares."""
+    from training.checkpoint import read_checkpoint, save_checkpoint
+    from training.grader import FEATURE_NAMES, apply_grader, features_of, fit_grader
+    from training.metrics import calibrated_referable
+
+    heads_only = make_tiny_checkpoint(tmp_path / "v2.pt", grade_inputs="features+lesions")
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(100, len(FEATURE_NAMES)))
+    grader = fit_grader(x, np.arange(100) % 5, (np.arange(100) % 3 == 0).astype(int))
+    calibration = {"method": "platt", "slope": 0.5, "intercept": -0.2, "n": 100}
+    ckpt = read_checkpoint(heads_only)
+    ckpt.update(grader={**grader, "heads_weight": 0.6}, referable_calibration=calibration)
+    blended = save_checkpoint(tmp_path / "v2.1.pt", ckpt)
+
+    images = _images(3)
+    heads = Predictor(heads_only, "cpu", 1).predict(images, explain=False)
+    got = Predictor(blended, "cpu", 1).predict(images, explain=False)
+    h_dr, h_dme = np.array([p.dr_probs for p in heads]), np.array([p.dme_probs for p in heads])
+    r_dr, r_dme = apply_grader(grader, features_of(images), h_dme)
+    want_dr, want_dme = 0.6 * h_dr + 0.4 * r_dr, 0.6 * h_dme + 0.4 * r_dme
+    assert np.allclose([p.dr_probs for p in got], want_dr, atol=1e-5)
+    assert np.allclose([p.dme_probs for p in got], want_dme, atol=1e-5)
+    assert np.allclose([p.referable_score for p in got], calibrated_referable(want_dr, want_dme, calibration), atol=1e-5)
+    source = Predictor(blended, "cpu", 1).report_metrics()["Grades from"]
+    assert "heads (60%)" in source and "regression on image measurements (40%)" in source

@@ -89,9 +89,11 @@ def test_load_model_rebuilds_from_checkpoint_alone(trained_with_model) -> None:
         (lambda c: c.update(referable_calibration={"method": "platt", "slope": -1.0, "intercept": 0.0}),
          "referable_calibration"),
         (lambda c: c.update(referable_calibration={"method": "isotonic"}), "referable_calibration"),
+        (lambda c: c.update(grader={"heads_weight": 1.0}), "grader.heads_weight"),
+        (lambda c: c.update(grader={"heads_weight": "0.6"}), "grader.heads_weight"),
     ],
     ids=["no-provenance", "no-model-config", "no-referable-threshold", "bad-kind", "no-kind", "negative-slope",
-         "unknown-calibration"],
+         "unknown-calibration", "blend-weight-one", "blend-weight-text"],
 )
 def test_load_model_refuses_checkpoints_lacking_metadata(trained_with_model, tmp_path: Path, edit, named: str) -> None:
     out, _ = trained_with_model

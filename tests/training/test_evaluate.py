@@ -40,3 +40,28 @@ def test_fit_grader_writes_a_checkpoint_whose_evaluation_matches(graded_run, tmp
     summary = evaluate_checkpoint(cfg, out, "val", tmp_path / "eval", bootstrap=10, progress=False)["summary"]
     assert summary["referable"]["auc"] == pytest.approx(result["validation"]["val_ref_auc"])
     assert summary["dr_kappa"] == pytest.approx(result["validation"]["val_kappa"])
+
+
+def test_blend_grader_writes_an_ensemble_whose_evaluation_matches(graded_run, tmp_path: Path) -> None:
+    """blend-grader: the network's heads with another checkpoint's regression; evaluate reproduces its validation
+    numbers (so the worker, evaluation and the card apply one rule), and the threshold is on the blend's own
+    calibrated scale."""
+    from training.evaluate import blend_grader_for_checkpoint
+
+    cfg, best = graded_run
+    donor = tmp_path / "regression.pt"
+    fit_grader_for_checkpoint(cfg, best, donor, segmentation=True)
+    out = tmp_path / "blend.pt"
+    result = blend_grader_for_checkpoint(cfg, best, donor, out, heads_weight=0.6)
+    ckpt = read_checkpoint(out)
+    assert ckpt["grader"]["heads_weight"] == 0.6 and uses_segmentation(ckpt["grader"])
+    assert ckpt["model_version"].endswith("+blend-lesion-lr-0.6")
+    assert ckpt["referable_calibration"] == result["calibration"]
+    assert ckpt["provenance"]["grader"]["model_version"] == read_checkpoint(donor)["model_version"]
+    summary = evaluate_checkpoint(cfg, out, "val", tmp_path / "eval", bootstrap=10, progress=False)["summary"]
+    assert summary["referable"]["auc"] == pytest.approx(result["validation"]["val_ref_auc"])
+    assert summary["dr_kappa"] == pytest.approx(result["validation"]["val_kappa"])
+    with pytest.raises(ValueError, match="already carries a grader"):
+        blend_grader_for_checkpoint(cfg, out, donor, tmp_path / "again.pt", heads_weight=0.5)
+    with pytest.raises(ValueError, match="carries no lesion-evidence grader"):
+        blend_grader_for_checkpoint(cfg, best, best, tmp_path / "none.pt", heads_weight=0.5)

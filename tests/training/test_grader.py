@@ -174,3 +174,49 @@ def _reference_lesion_features(image):
 def test_image_features_equal_the_reference_implementation(grade):
     img = make_fundus(np.random.default_rng(grade), size=512, dr_grade=grade, dme_grade=min(grade, 2)).image
     assert np.array_equal(lesion_features(img), _reference_lesion_features(img))
+
+
+def test_a_blended_grader_mixes_the_heads_and_the_regression_by_its_weight():
+    from training.grader import grades_with_grader
+
+    x, dr, dme = _toy()
+    g = fit_grader(x, dr, dme)
+    xt, _, _ = _toy(50, seed=2)
+    heads_dr = np.tile([0.0, 0.0, 0.0, 0.0, 1.0], (50, 1))
+    heads_dme = np.tile([0.1, 0.6, 0.3], (50, 1))
+    reg_dr, reg_dme = apply_grader(g, xt, heads_dme)
+    assert all(np.array_equal(a, b) for a, b in zip(grades_with_grader(g, xt, heads_dr, heads_dme), (reg_dr, reg_dme)))
+    pdr, pdme = grades_with_grader({**g, "heads_weight": 0.6}, xt, heads_dr, heads_dme)
+    assert np.allclose(pdr, 0.6 * heads_dr + 0.4 * reg_dr) and np.allclose(pdme, 0.6 * heads_dme + 0.4 * reg_dme)
+    assert np.allclose(pdr.sum(1), 1) and np.allclose(pdme.sum(1), 1)
+    for bad in (1.0, -0.1):
+        with pytest.raises(ValueError, match="heads_weight"):
+            grades_with_grader({**g, "heads_weight": bad}, xt, heads_dr, heads_dme)
+
+
+def test_the_blend_weight_is_chosen_for_every_source_not_the_largest():
+    """Heads that rank source A's photos perfectly and B's at random, a regression the other way round: the mean
+    per-source AUC asks for both (a middle weight); heads informative everywhere and a regression at random: about
+    the most the grid gives the heads."""
+    from training.grader import HEADS_WEIGHT_GRID, choose_heads_weight
+
+    rng = np.random.default_rng(0)
+    n = 400
+    y = rng.integers(0, 2, n)
+    src = np.where(np.arange(n) < 300, "A", "B")  # A is three times B
+    patients = np.arange(n) // 2
+
+    def probs(signal):  # DR probabilities whose referable mass follows `signal`, no DME
+        p = np.clip(signal, 0.01, 0.99)
+        dr = np.c_[1 - p, np.zeros(n), p, np.zeros(n), np.zeros(n)]
+        return dr, np.tile([1.0, 0.0, 0.0], (n, 1))
+
+    noise = rng.uniform(size=n)
+    good = 0.2 + 0.6 * y + 0.1 * rng.uniform(size=n)
+    heads = probs(np.where(src == "A", good, noise))
+    regression = probs(np.where(src == "B", good, noise))
+    w, choices = choose_heads_weight(heads, regression, y, src, patients)
+    assert len(choices) == 5 and 0.3 <= w <= 0.7
+    fair = 0.3 * y + 0.7 * rng.uniform(size=n)  # informative but not separable: any noise mixed in costs AUC
+    w, _ = choose_heads_weight(probs(fair), probs(noise), y, src, patients)
+    assert w >= max(HEADS_WEIGHT_GRID) - 0.1
