@@ -32,6 +32,7 @@ from training.metrics import (
     calibrated_referable,
     choose_threshold,
     classification_metrics,
+    expected_calibration_error,
     fit_referable_calibration,
     referable_labels,
     referable_score,
@@ -159,6 +160,8 @@ def blend_grader_for_checkpoint(cfg: TrainingConfig, checkpoint: Path, grader_fr
         "val_kappa": after["dr"]["quadratic_kappa"] or 0.0, "val_ref_auc": after["referable"]["auc"] or 0.0,
         "val_dr_acc": after["dr"]["accuracy"] or 0.0,
         "val_sensitivity": after["referable"]["sensitivity"], "val_specificity": after["referable"]["specificity"],
+        # in-sample (the map was fitted on these photos); the test split measures it honestly
+        "val_ece_referable": expected_calibration_error(y_ref, calibrated_referable(dr, dme, calibration)) or 0.0,
     })
     provenance = dict(ckpt["provenance"])
     provenance["grader"] = {"from": str(grader_from), "sha256": file_sha256(grader_from),

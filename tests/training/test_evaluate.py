@@ -57,6 +57,9 @@ def test_blend_grader_writes_an_ensemble_whose_evaluation_matches(graded_run, tm
     assert ckpt["grader"]["heads_weight"] == 0.6 and uses_segmentation(ckpt["grader"])
     assert ckpt["model_version"].endswith("+blend-lesion-lr-0.6")
     assert ckpt["referable_calibration"] == result["calibration"]
+    assert ckpt["metrics"]["validation"]["val_ece_referable"] == pytest.approx(result["validation"]["val_ece_referable"])
+    assert ckpt["metrics"]["validation"]["val_ece_referable"] != read_checkpoint(best)["metrics"]["validation"].get(
+        "val_ece_referable")  # the blend's own, not the network's carried over
     assert ckpt["provenance"]["grader"]["model_version"] == read_checkpoint(donor)["model_version"]
     summary = evaluate_checkpoint(cfg, out, "val", tmp_path / "eval", bootstrap=10, progress=False)["summary"]
     assert summary["referable"]["auc"] == pytest.approx(result["validation"]["val_ref_auc"])
