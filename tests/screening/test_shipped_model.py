@@ -33,8 +33,10 @@ def test_shipped_checkpoint_metadata(shipped):
     assert "referable AUC" in ckpt["metrics"]["test"]
     prov = ckpt["provenance"]
     assert ckpt["metrics"]["test"]["images"] > 500  # the whole v2 test split, every source
-    # model v2: the network's own heads grade (no regression), from every graded set, calibrated on validation
-    assert "grader" not in ckpt and ckpt["model_config"]["grade_inputs"] == "features+lesions"
+    # model v2.1: the network's own heads, from every graded set, blended with v1's regression (E9), calibrated on
+    # validation as a blend
+    assert ckpt["model_config"]["grade_inputs"] == "features+lesions"
+    assert 0.0 < ckpt["grader"]["heads_weight"] < 1.0 and prov["grader"]["sha256"]
     assert prov["data"]["train"]["images"] > 3000 and len(prov["data"]["train"]["by_source"]) >= 5
     assert prov["calibration"]["dr_temperature"] > 0 and prov["init_from"]["sha256"]
     assert ckpt["referable_calibration"]["method"] == "platt" and ckpt["referable_calibration"]["slope"] > 0
