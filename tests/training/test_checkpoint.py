@@ -157,20 +157,25 @@ def test_test_summary_carries_per_source_clinical_numbers() -> None:
     assert out["by_source"]["aptos"]["patients"] == 10 and "eye AUC 95% CI" in out["overall"]
 
 
+class _RunsCode:
+    """Unpickled, it would create ``marker``: a file holding code, as an attacker would ship it."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        import os
+
+        return (os.system, (f"touch {self.marker}",))
+
+
 def test_hostile_and_damaged_checkpoints_are_refused_without_quoting_torchs_advice(tmp_path: Path) -> None:
     """torch's refusal message tells the reader to load with weights_only=False, i.e. to run the file's code."""
-    import os
-
     from training.checkpoint import read_checkpoint
 
     marker = tmp_path / "ran"
-
-    class Payload:
-        def __reduce__(self):
-            return (os.system, (f"touch {marker}",))
-
     hostile = tmp_path / "hostile.pt"
-    torch.save({"model_state": Payload()}, hostile)
+    torch.save({"model_state": _RunsCode(marker)}, hostile)
     with pytest.raises(CheckpointError) as exc:
         read_checkpoint(hostile)
     assert "could run code" in str(exc.value) and "weights_only" not in str(exc.value).lower()
@@ -184,18 +189,11 @@ def test_hostile_and_damaged_checkpoints_are_refused_without_quoting_torchs_advi
 
 def test_fitted_model_files_are_refused_without_quoting_torchs_advice(tmp_path: Path) -> None:
     """The gradability and laterality files load through the same guard as checkpoints (they quoted torch)."""
-    import os
-
     from training.checkpoint import load_fitted
 
     marker = tmp_path / "ran"
-
-    class Payload:
-        def __reduce__(self):
-            return (os.system, (f"touch {marker}",))
-
     hostile = tmp_path / "quality.pt"
-    torch.save({"weights": Payload()}, hostile)
+    torch.save({"weights": _RunsCode(marker)}, hostile)
     with pytest.raises(CheckpointError) as exc:
         load_fitted(hostile, what="gradability", command="fit-quality", setting="quality_model", error=CheckpointError)
     message = str(exc.value)
