@@ -79,6 +79,16 @@ def _predict(
     return preds
 
 
+def _grader_validation(network: dict[str, Any], graded: dict[str, Any]) -> dict[str, Any]:
+    """The validation numbers a checkpoint records when a grader joins its network: the network's own (for the
+    comparison) and the graded ones at the new threshold (:func:`classification_metrics` of each)."""
+    return {
+        "network_val_kappa": network["dr"]["quadratic_kappa"] or 0.0, "network_val_ref_auc": network["referable"]["auc"] or 0.0,
+        "val_kappa": graded["dr"]["quadratic_kappa"] or 0.0, "val_ref_auc": graded["referable"]["auc"] or 0.0,
+        "val_sensitivity": graded["referable"]["sensitivity"], "val_specificity": graded["referable"]["specificity"],
+    }
+
+
 def fit_grader_for_checkpoint(cfg: TrainingConfig, checkpoint: Path, output: Path, c: float = 1.0,
                               segmentation: bool = False) -> dict[str, Any]:
     """Fit the lesion-evidence grader on the checkpoint's training split, choose the referral threshold on
@@ -103,11 +113,7 @@ def fit_grader_for_checkpoint(cfg: TrainingConfig, checkpoint: Path, output: Pat
     ckpt = read_checkpoint(checkpoint)
     ckpt.pop("referable_calibration", None)  # fitted on the heads' score, not on this grader's
     validation = dict(ckpt["metrics"].get("validation", {}))
-    validation.update({
-        "network_val_kappa": before["dr"]["quadratic_kappa"] or 0.0, "network_val_ref_auc": before["referable"]["auc"] or 0.0,
-        "val_kappa": after["dr"]["quadratic_kappa"] or 0.0, "val_ref_auc": after["referable"]["auc"] or 0.0,
-        "val_sensitivity": after["referable"]["sensitivity"], "val_specificity": after["referable"]["specificity"],
-    })
+    validation.update(_grader_validation(before, after))
     ckpt.update(
         grader=grader, model_version=ckpt["model_version"].split("+")[0] + ("+lesion-seg-lr" if segmentation else "+lesion-lr"),
         thresholds={**ckpt["thresholds"], "referable": threshold},
@@ -156,10 +162,7 @@ def blend_grader_for_checkpoint(cfg: TrainingConfig, checkpoint: Path, grader_fr
     ckpt = read_checkpoint(checkpoint)
     validation = dict(ckpt["metrics"].get("validation", {}))
     validation.update({
-        "network_val_kappa": network["dr"]["quadratic_kappa"] or 0.0, "network_val_ref_auc": network["referable"]["auc"] or 0.0,
-        "val_kappa": after["dr"]["quadratic_kappa"] or 0.0, "val_ref_auc": after["referable"]["auc"] or 0.0,
-        "val_dr_acc": after["dr"]["accuracy"] or 0.0,
-        "val_sensitivity": after["referable"]["sensitivity"], "val_specificity": after["referable"]["specificity"],
+        **_grader_validation(network, after), "val_dr_acc": after["dr"]["accuracy"] or 0.0,
         # in-sample (the map was fitted on these photos); the test split measures it honestly
         "val_ece_referable": expected_calibration_error(y_ref, calibrated_referable(dr, dme, calibration)) or 0.0,
     })
