@@ -30,6 +30,7 @@ import torch
 
 from training.common import PATHOLOGY_CODES
 from training.data.transforms import fundus_mask, subtract_local_mean
+from training.metrics import referable_score
 
 FEATURE_NAMES: tuple[str, ...] = (
     *(f"bright>{t}" for t in (150, 170, 190, 210)),
@@ -212,8 +213,6 @@ def choose_heads_weight(
     per-source referable AUC on the other folds; the median of those choices (and the choices, for the record).
     The mean over sources, not the pooled AUC, so that the largest set does not choose for the cameras it lacks."""
     from sklearn.metrics import roc_auc_score
-
-    from training.metrics import referable_score
 
     def mean_source_auc(w: float, idx: np.ndarray) -> float:
         dr, dme = blend((heads[0][idx], heads[1][idx]), (regression[0][idx], regression[1][idx]), w)
