@@ -269,15 +269,25 @@ def model_metrics_for_report(meta: Mapping[str, Any]) -> dict[str, float | str]:
     return out
 
 
+REGRESSION_SOURCE = "lesion-evidence regression on image measurements"
+BLENDED = "blended with"
+
+
+def _regression_share(source: str) -> str | None:
+    if REGRESSION_SOURCE not in source:
+        return None
+    return "blend" if BLENDED in source else "regression"
+
+
 def grade_source(meta: Mapping[str, Any]) -> str:
-    """What produced the DR grade and DME risk, in words for the report (from the checkpoint's metadata)."""
+    """What produced the DR grade and DME risk, in words for the report (from the checkpoint's metadata; stored
+    with the report's model metrics, so :func:`template_variables` reads the kind back from these words)."""
     grader = meta.get("grader")
     if grader is not None and float(grader.get("heads_weight", 0.0)) > 0:
         w = float(grader["heads_weight"])
-        return (f"the network's DR/DME heads ({w:.0%}) blended with a lesion-evidence regression on image "
-                f"measurements ({1 - w:.0%})")
+        return f"the network's DR/DME heads ({w:.0%}) {BLENDED} a {REGRESSION_SOURCE} ({1 - w:.0%})"
     if grader is not None:
-        return "lesion-evidence regression on image measurements"
+        return REGRESSION_SOURCE
     if (meta.get("model_config") or {}).get("grade_inputs") == "features+lesions":
         return "the network's DR/DME heads (image features and its own lesion maps)"
     return "the network's DR/DME heads (image features)"
@@ -615,7 +625,8 @@ def template_variables(ctx: ReportContext, templates_dir: Path, link_stylesheet:
         model_metrics=[(k, _metric(v)) for k, v in ctx.model_metrics.items()],
         referral_threshold=_share(ctx.model_metrics.get("Referral threshold")),
         sensitivity_target=_share(ctx.model_metrics.get("Threshold's target sensitivity (validation)")),
-        grades_from_regression="regression" in str(ctx.model_metrics.get("Grades from", "")),
+        # "regression": the grades are the regression's alone; "blend": partly; None: the heads' (what Grad-CAM explains)
+        grades_regression=_regression_share(str(ctx.model_metrics.get("Grades from", ""))),
         is_demo=ctx.model_status == "demo",
         demo_watermark=DEMO_WATERMARK,
         research_status=RESEARCH_STATUS,

@@ -378,6 +378,23 @@ def test_a_referral_on_the_score_alone_says_the_threshold_is_sensitivity_first()
     assert "sensitivity-first" not in " ".join(render_html(_ctx([_eye("R", 0, 0)]), TEMPLATES).split())
 
 
+def test_the_grad_cam_caption_says_how_much_of_the_grade_the_maps_explain() -> None:
+    """A blended model (v2.1) was captioned as if a regression made the whole grade: each kind now has its own words."""
+    from dataclasses import replace
+
+    from screening.report import grade_source
+
+    def caption(meta: dict) -> str:
+        ctx = replace(_ctx([_eye("R", 0, 0)]), model_metrics={"Grades from": grade_source(meta)})
+        return " ".join(render_html(ctx, TEMPLATES).split())
+
+    heads = {"model_config": {"grade_inputs": "features+lesions"}}
+    assert "regression on measured lesion evidence" not in caption(heads)
+    assert "the grades themselves come from a regression" in caption({"grader": {}})
+    blended = caption({"grader": {"heads_weight": 0.6}})
+    assert "part of each grade" in blended and "the grades themselves" not in blended
+
+
 def test_stylesheet_is_parsed_once_yet_applied_and_reloaded_when_it_changes(tmp_path: Path) -> None:
     """render_pdf hands WeasyPrint a cached, parsed report.css instead of a <link>: the style must still
     apply, and an edited stylesheet must be picked up."""
