@@ -98,7 +98,8 @@ def write_config(run: Path, database: str, site: str, threads: int, checkpoint: 
     cfg.write_text("\n".join([
         "[screening]", f"inbox = '{run / 'inbox'}'", f"reports = '{run / 'reports'}'", f"archive = '{run / 'archive'}'",
         f"rejected = '{run / 'rejected'}'", f"work_dir = '{run / 'work'}'", f"database = '{database}'",
-        f"checkpoint = '{checkpoint}'", "device = 'cpu'", f"threads = {threads}", "batch_size = 1",
+        f"checkpoint = '{checkpoint}'", f"quality_model = '{checkpoint.parent / 'quality.pt'}'",
+        f"laterality_model = '{checkpoint.parent / 'laterality.pt'}'", "device = 'cpu'", f"threads = {threads}", "batch_size = 1",
         "stable_seconds = 0.2", "poll_interval = 0.5", "sweep_interval = 5.0", f"site = '{site}'",
         f"claim_lease_seconds = {lease}",
     ]) + "\n")
