@@ -10,8 +10,9 @@ empty; the workers are then stopped with SIGTERM.
 Measured per run: photos per minute over the whole run (start-up included) and between the first and the last
 result (steady state); CPU seconds per photo of the workers (their renderers included) and of the database
 server, each compared with the one-worker run of the same round. Checked per run: no photo lost (each source
-file is one image, with one result and archived once, or refused by the worker's checks and filed under
-rejected/ once; nothing left in the inbox or failed) and none graded twice
+file is one image, with one result and archived once, or judged ungradable (reported for recapture, no result) and
+archived once, or refused by the worker's checks and filed under rejected/ once; nothing left in the inbox or
+failed) and none graded twice
 (one result per image, and no worker reporting a result it had to give up to another worker), report versions
 1..n per visit.
 
@@ -182,7 +183,7 @@ def one_run(workers: int, names: list[str], staging: Path, server_url: str, pg_f
     cpu, server = children_cpu() - cpu0, server_cpu(pg_folder) - server0
 
     with session_scope(factory) as s:
-        images = s.execute(select(Image.source_name, Image.state, Image.id)).all()
+        images = s.execute(select(Image.source_name, Image.state, Image.id, Image.gradable)).all()
         results = Counter(s.scalars(select(Result.image_id)))
         stamps = sorted(s.scalars(select(Result.created_at)))
         sites = Counter(s.scalars(select(Result.site)))
@@ -190,13 +191,17 @@ def one_run(workers: int, names: list[str], staging: Path, server_url: str, pg_f
         for exam_id, version in s.execute(select(Report.exam_id, Report.version).order_by(Report.exam_id, Report.version)):
             versions.setdefault(exam_id, []).append(version)
     engine.dispose()
-    by_name = Counter(name for name, _, _ in images)
+    by_name = Counter(name for name, *_ in images)
     archived = Counter(p.name.split("_", 1)[1] for p in (run / "archive").rglob("*_W*.jpg"))  # <sha12>_<name>
-    refused = {nm for nm, state, _ in images if state == "rejected"}
+    refused = {nm for nm, state, *_ in images if state == "rejected"}
     filed = Counter(p.name.split("_", 2)[2] for p in (run / "rejected").glob("*_W*.jpg"))  # <time>_<sha8>_<name>
     lost = [nm for nm in names if by_name[nm] != 1 or (archived[nm] if nm not in refused else filed[nm]) != 1]
     twice = sum(1 for c in results.values() if c > 1) + sum(log.read_text(errors="replace").count(GAVE_UP) for log in logs)
-    ungraded = [nm for nm, state, image_id in images if state != "rejected" and results[image_id] != 1]
+    # a photo judged ungradable (issue 13) is handled without a grade: reported as "ungradable: recapture", archived
+    # once, no result; any other photo the checks admitted must have exactly one result
+    ungradable = {image_id for _, state, image_id, gradable in images if gradable is False and state == "reported"}
+    ungraded = [nm for nm, state, image_id, _ in images
+                if state != "rejected" and results[image_id] != (0 if image_id in ungradable else 1)]
     out = {
         "workers": workers, "photos": n, "threads_per_worker": threads, "wall_s": round(wall, 1),
         "photos_per_min": round(n / wall * 60, 2),  # refused photos count: the worker read and checked them
@@ -205,12 +210,15 @@ def one_run(workers: int, names: list[str], staging: Path, server_url: str, pg_f
         "killed_at_s": None if killed_at is None else round(killed_at, 1), "results_by_site": dict(sites),
         "lost": len(lost) + len(ungraded), "graded_twice": twice,
         "left_in_inbox": len(list((run / "inbox").iterdir())),
-        "refused_by_checks": len(refused),
-        "failed": sum(1 for _, state, _ in images if state not in ("reported", "rejected")),
+        "refused_by_checks": len(refused), "ungradable": len(ungradable),
+        "failed": sum(1 for _, state, *_ in images if state not in ("reported", "rejected")),
         "versions_in_order": all(v == list(range(1, len(v) + 1)) for v in versions.values()),
         "visits": len(versions),
     }
-    shutil.rmtree(run, ignore_errors=True)
+    if out["lost"] or out["graded_twice"] or out["failed"] or out["left_in_inbox"]:
+        out["kept_for_inspection"] = str(run)  # the logs, inbox, archive and (on the server) the database
+    else:
+        shutil.rmtree(run, ignore_errors=True)
     return out
 
 
@@ -250,7 +258,8 @@ def main() -> int:
                 res["round"] = r + 1
                 runs.append(res)
                 print(f"round {r + 1}, {k} worker(s): {res['photos_per_min']} photos/min ({res['wall_s']} s), "
-                      f"lost {res['lost']}, graded twice {res['graded_twice']}, load {os.getloadavg()[0]:.1f}", flush=True)
+                      f"lost {res['lost']}, graded twice {res['graded_twice']}, ungradable {res['ungradable']}, "
+                      f"refused {res['refused_by_checks']}, load {os.getloadavg()[0]:.1f}", flush=True)
         base = {r["round"]: r for r in runs if r["workers"] == 1}
         for r in runs:
             b = base[r["round"]]

@@ -24,6 +24,13 @@ What is counted
       Excel's PERCENTILE.INC). The database keeps this per result (``results.turnaround_s``, updated
       as reports are recorded), and the result's copy of ``received_at`` selects the date range.
 
+Where the counts come from
+    Grades, referrals, exams, drops and the gradability counts are read from the day tallies the repository
+    keeps as it writes (:mod:`screening.db.tallies`; the same numbers as a count of the rows, which the tests
+    check on both databases), so a year of a million results sums a few hundred rows. Turnaround percentiles,
+    duplicates per model, rejected and failed files, incidents and agreement are read from their rows, each
+    along an index that holds only what they count.
+
 Model versus grader
     ``agreement`` (:mod:`screening.review.agreement`): for the visits in the period, the share signed off
     by a clinician, quadratic kappa of the DR grade, sensitivity and specificity of the model's referral
@@ -332,8 +339,9 @@ def audit_summary(
     """Statistics for files received between ``start`` and ``end`` (UTC dates, inclusive); ``by_site`` adds the
     graded images per site of the worker that graded them (several workers writing one database).
 
-    Graded images are counted from ``results`` alone (its copy of the arrival time, its turnaround), each
-    count along its own index, so that a million results take well under a second (BENCHMARKS.md)."""
+    Graded images, exams, drops and gradability are summed from the day tallies (screening.db.tallies); the
+    turnaround from ``results`` alone (its copy of the arrival time, its turnaround) along its indexes; so that a
+    million results take well under a second (BENCHMARKS.md)."""
     if start is not None and end is not None and end < start:
         raise ValueError(f"end {end} is before start {start}")
     lo, hi = _utc_bounds(start, end)

@@ -248,9 +248,11 @@ class Result(Base):
             CheckConstraint(f"area_{k} >= 0 AND area_{k} <= 1", name=f"area_{k}")
             for k in LESION_KEYS
         ),
-        # The audit counts from this table alone, each count a walk along one of these indexes (revision
+        # The audit counted from this table alone, each count a walk along one of these indexes (revision
         # 0003_audit_columns_indexes): grades and referrals per model; distinct exams, pooled and per model;
         # turnaround percentiles per model and pooled; per site (revision 0008_claims_sites, audit --by-site).
+        # Since revision 0011_audit_tallies grades and exams come from the day tallies; the exam index still finds
+        # the results of visits spread over two days, and the grade indexes serve direct queries (SCHEMA.md).
         Index("ix_results_audit_grades", "model_version", "dr_grade", "dme_grade", "referable", "received_at", "turnaround_s"),
         Index("ix_results_audit_exams", "exam_id", "referable", "received_at"),
         Index("ix_results_audit_model_exams", "model_version", "exam_id", "referable", "received_at"),
