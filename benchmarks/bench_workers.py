@@ -3,8 +3,9 @@
 For each round and each worker count (default 1, 2, 4): a fresh database and inbox holding the same backlog of
 real fundus photos (distinct files from ../shared/data, paired two per visit as right and left eye), then that
 many real `dr-screen run` workers (watch mode, sites w1..wk, torch threads = cores / workers) started together.
-Once ``--kill-at`` of the photos are graded, the first worker is killed with SIGKILL (with one worker it is
-started again at once, else the others finish). The run ends when every photo is reported and the inbox is
+Once ``--kill-at`` of the photos are graded, the first worker is killed with SIGKILL (with one worker, or with
+``--restart``, it is started again at once as a supervisor would; else the others finish, each with the threads
+it started with, so two workers on two cores finish on one core). The run ends when every photo is reported and the inbox is
 empty; the workers are then stopped with SIGTERM.
 
 Measured per run: photos per minute over the whole run (start-up included) and between the first and the last
@@ -18,6 +19,7 @@ failed) and none graded twice
 
     python benchmarks/bench_workers.py --photos 2000 --rounds 3           # the issue's backlog (hours on 2 cores)
     python benchmarks/bench_workers.py --photos 40 --rounds 2 --json benchmarks/results/workers.json
+    python benchmarks/bench_workers.py --photos 2000 --rounds 1 --workers 2 --restart --baseline earlier.json
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from __future__ import annotations
 import argparse
 import csv
 import hashlib
+import json
 import os
 import resource
 import shutil
@@ -120,7 +123,7 @@ def children_cpu() -> float:
 
 
 def one_run(workers: int, names: list[str], staging: Path, server_url: str, pg_folder: str | None, checkpoint: Path,
-            kill_at: float, lease: float, timeout: float, tag: str) -> dict[str, Any]:
+            kill_at: float, lease: float, timeout: float, tag: str, restart: bool = False) -> dict[str, Any]:
     from sqlalchemy import func, select
 
     from screening.db import init_db, make_engine, make_session_factory, session_scope
@@ -159,7 +162,7 @@ def one_run(workers: int, names: list[str], staging: Path, server_url: str, pg_f
                 procs[0].send_signal(signal.SIGKILL)
                 procs[0].wait()
                 killed_at = time.monotonic() - t0
-                if workers == 1:  # nobody else to finish: the worker is started again, as a supervisor would
+                if workers == 1 or restart:  # started again at once, as a supervisor (systemd Restart=always) would
                     procs.append(start_worker(configs[0], logs[0]))
             if reported == n and not any((run / "inbox").iterdir()):
                 break
@@ -207,7 +210,8 @@ def one_run(workers: int, names: list[str], staging: Path, server_url: str, pg_f
         "photos_per_min": round(n / wall * 60, 2),  # refused photos count: the worker read and checked them
         "steady_photos_per_min": round((n - 1) / (stamps[-1] - stamps[0]).total_seconds() * 60, 2) if n > 1 else None,
         "cpu_s_per_photo_workers": round(cpu / n, 3), "cpu_s_per_photo_server": round(server / n, 3),
-        "killed_at_s": None if killed_at is None else round(killed_at, 1), "results_by_site": dict(sites),
+        "killed_at_s": None if killed_at is None else round(killed_at, 1), "killed_restarted": workers == 1 or restart,
+        "results_by_site": dict(sites),
         "lost": len(lost) + len(ungraded), "graded_twice": twice,
         "left_in_inbox": len(list((run / "inbox").iterdir())),
         "refused_by_checks": len(refused), "ungradable": len(ungradable),
@@ -228,6 +232,11 @@ def main() -> int:
     ap.add_argument("--workers", type=int, nargs="+", default=[1, 2, 4])
     ap.add_argument("--rounds", type=int, default=2, help="each round runs every worker count once, in turn")
     ap.add_argument("--kill-at", type=float, default=0.4, help="kill -9 the first worker once this share is graded")
+    ap.add_argument("--restart", action="store_true",
+                    help="start the killed worker again at once, as a supervisor would (always so with one worker); "
+                         "without it the other workers finish alone")
+    ap.add_argument("--baseline", type=Path,
+                    help="the JSON of an earlier run whose 1-worker runs are the baseline (when --workers lacks 1)")
     ap.add_argument("--lease", type=float, default=30.0, help="[screening] claim_lease_seconds of the workers")
     ap.add_argument("--model", type=Path, default=ROOT / "models" / "baseline.pt")
     ap.add_argument("--server", help="an existing PostgreSQL server URL (a database per run is created there); "
@@ -237,8 +246,8 @@ def main() -> int:
     args = ap.parse_args()
     if args.photos < 2 or args.photos % 2:
         ap.error("--photos must be an even number, at least 2 (two eyes per visit)")
-    if 1 not in args.workers:
-        ap.error("--workers must include 1: the other counts are compared with it")
+    if 1 not in args.workers and args.baseline is None:
+        ap.error("--workers must include 1, or --baseline name an earlier run's JSON: the other counts are compared with it")
 
     info = machine_info()
     print_header(f"{args.workers} workers on PostgreSQL, {args.photos}-photo backlog, kill -9 at {args.kill_at:.0%}", info)
@@ -254,13 +263,18 @@ def main() -> int:
         for r in range(args.rounds):
             for k in args.workers:
                 res = one_run(k, names, work / "backlog", server_url, pg_folder, args.model, args.kill_at, args.lease,
-                              args.timeout, tag=f"r{r}k{k}")
+                              args.timeout, tag=f"r{r}k{k}", restart=args.restart)
                 res["round"] = r + 1
                 runs.append(res)
                 print(f"round {r + 1}, {k} worker(s): {res['photos_per_min']} photos/min ({res['wall_s']} s), "
                       f"lost {res['lost']}, graded twice {res['graded_twice']}, ungradable {res['ungradable']}, "
                       f"refused {res['refused_by_checks']}, load {os.getloadavg()[0]:.1f}", flush=True)
         base = {r["round"]: r for r in runs if r["workers"] == 1}
+        if not base:  # an earlier run's 1-worker runs (same backlog size), by round; their median if rounds differ
+            earlier = [r for r in json.loads(args.baseline.read_text())["runs"] if r["workers"] == 1]
+            if not earlier or earlier[0]["photos"] != args.photos:
+                ap.error(f"{args.baseline} has no 1-worker run of {args.photos} photos")
+            base = {r["round"]: next((e for e in earlier if e["round"] == r["round"]), earlier[0]) for r in runs}
         for r in runs:
             b = base[r["round"]]
             r["throughput_vs_1"] = round(r["photos_per_min"] / b["photos_per_min"], 2)

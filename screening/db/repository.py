@@ -17,6 +17,7 @@ from sqlalchemy import case, func, or_, select, union_all
 from sqlalchemy.orm import Session
 
 from screening.db import tallies
+from screening.db.dialect import insert_on_conflict
 from screening.db.models import (
     LESION_COLUMNS,
     DatabaseIdentity,
@@ -52,15 +53,9 @@ def _insert_if_absent(session: Session, model: type[Patient] | type[Exam] | type
                       key: Sequence[str]) -> None:
     """INSERT ... ON CONFLICT DO NOTHING where the dialect has it, so two workers racing to create the
     same patient/exam both succeed without a savepoint; elsewhere the caller's select-then-add decides."""
-    name = session.get_bind().dialect.name
-    if name == "sqlite":
-        from sqlalchemy.dialects.sqlite import insert as sqlite_insert
-
-        session.execute(sqlite_insert(model).values(**values).on_conflict_do_nothing(index_elements=list(key)))
-    elif name == "postgresql":
-        from sqlalchemy.dialects.postgresql import insert as postgresql_insert
-
-        session.execute(postgresql_insert(model).values(**values).on_conflict_do_nothing(index_elements=list(key)))
+    if session.get_bind().dialect.name in ("sqlite", "postgresql"):
+        stmt = insert_on_conflict(session, model).values(**values)
+        session.execute(stmt.on_conflict_do_nothing(index_elements=list(key)))
     else:
         session.add(model(**values))
         session.flush()

@@ -30,6 +30,7 @@ from sqlalchemy import Text, case, delete, func, select, text, update
 from sqlalchemy import cast as cast_
 from sqlalchemy.orm import Session
 
+from screening.db.dialect import insert_on_conflict
 from screening.db.models import AuditTally, Drop, Event, ExamTally, Image, Result
 
 # metrics (AuditTally.metric)
@@ -71,26 +72,11 @@ def parse_grade_key(key: str) -> tuple[int, int, bool]:
     return int(dr), int(dme), referable == "1"
 
 
-def _insert(session: Session) -> Any:
-    """The dialect's INSERT with ON CONFLICT (SQLite and PostgreSQL, the two databases the product runs on)."""
-    name = session.get_bind().dialect.name
-    if name == "postgresql":
-        from sqlalchemy.dialects.postgresql import insert as postgresql_insert
-
-        return postgresql_insert
-    if name == "sqlite":
-        from sqlalchemy.dialects.sqlite import insert as sqlite_insert
-
-        return sqlite_insert
-    raise NotImplementedError(f"audit tallies need INSERT ... ON CONFLICT, which the {name} dialect lacks here")
-
-
 def add(session: Session, counts: Mapping[Key, int]) -> None:
     """Add each non-zero count to its tally (created at zero), in key order: every writer takes the rows' locks in
     the same order, so two workers adding to the same days cannot deadlock on them."""
-    insert = _insert(session)
     for k in sorted(k for k, n in counts.items() if n):
-        stmt = insert(AuditTally).values(**k._asdict(), n=counts[k])
+        stmt = insert_on_conflict(session, AuditTally).values(**k._asdict(), n=counts[k])
         session.execute(stmt.on_conflict_do_update(
             index_elements=["day", "metric", "model_version", "key", "detail"],
             set_={"n": AuditTally.n + stmt.excluded.n},
@@ -114,7 +100,7 @@ def count_result(session: Session, result: Result) -> None:
 
 def _exam_change(session: Session, exam_id: int, model: str, day: date, referable: bool) -> dict[Key, int]:
     """How one more graded photo of exam ``exam_id`` (arrived on ``day``) changes the exam tallies of ``model``."""
-    first = _insert(session)(ExamTally).values(exam_id=exam_id, model_version=model, day=day, referable=referable,
+    first = insert_on_conflict(session, ExamTally).values(exam_id=exam_id, model_version=model, day=day, referable=referable,
                                                  multi_day=False)
     # RETURNING says whether the row was made (psycopg reports no rowcount for a skipped ON CONFLICT insert)
     made = first.on_conflict_do_nothing(index_elements=["exam_id", "model_version"]).returning(ExamTally.exam_id)
