@@ -8,7 +8,11 @@ The synthetic programme: one year (2025) of drops, two eyes per visit, 80 % of p
 20 % twice, a model change on 1 July (``bench-v1`` then ``bench-v2``), 1 % of files rejected, 0.2 % failed,
 2 % dropped twice, one report per visit (10 % re-rendered after a late second eye) and 3 % of visits
 still waiting for their report. Grades and referrals follow a screening population (most eyes DR 0).
-The ``events`` table is left empty: the audit never reads it.
+Every admitted photo has a gradability verdict (three cameras; 8 % more photos judged ungradable, with their
+reasons; 1 % laterality mismatches). The ``events`` table is left empty.
+
+The audit's day tallies (revision 0011_audit_tallies), which the worker keeps as it writes, are rebuilt from
+the loaded rows (``dr-screen tallies rebuild``, timed apart) before the audit is timed.
 
 Rows go in through the driver's bulk path (SQLite ``executemany`` in one transaction, PostgreSQL
 ``COPY``), after the schema is created by ``init_db`` exactly as the worker does; PostgreSQL is then
@@ -111,12 +115,18 @@ def synthesise(n_results: int, seed: int = 0) -> dict[str, tuple[list[str], list
                           [(i, f"B{i:07d}", s_patient[i]) for i in range(1, n_patients + 1)])
     tables["exams"] = (["id", "patient_id", "exam_date", "created_at"],
                        [(i + 1, int(exam_patient[i]), exam_dates[i], s_exam_start[i]) for i in range(n_exams)])
+    # every admitted photo has a gradability verdict (issue 13): the graded ones gradable, from three cameras, 1 %
+    # with a laterality mismatch; plus 8 % as many ungradable photos (no result) with one or two reasons
     img_cols = ["id", "exam_id", "eye", "sha256", "source_name", "stored_path", "state", "error", "received_at",
-                "updated_at", "width", "height"]
+                "updated_at", "width", "height", "gradable", "quality_reasons", "device", "eye_mismatch"]
+    cameras = np.array(["Topcon TRC-NW400", "Canon CR-2 AF", "Optomed Aurora"])
+    camera = cameras[rng.integers(0, 3, n_exams)]
+    mismatch = rng.random(n_results) < 0.01
     images = [
         (i + 1, int(img_exam[i]), eyes[i], f"{i + 1:064x}", f"B{exam_patient[img_exam[i] - 1]:07d}_{eyes[i]}.jpg",
          f"archive/{exam_dates[img_exam[i] - 1]}/{i + 1}.jpg",
-         "reported" if has_report[img_exam[i] - 1] else "done", None, s_received[i], s_graded[i], 2048, 1536)
+         "reported" if has_report[img_exam[i] - 1] else "done", None, s_received[i], s_graded[i], 2048, 1536,
+         True, "[]", str(camera[img_exam[i] - 1]), bool(mismatch[i]))
         for i in range(n_results)
     ]
     reasons = ["not a colour fundus photo", "no patient id in the file name", "not a readable image"]
@@ -124,7 +134,18 @@ def synthesise(n_results: int, seed: int = 0) -> dict[str, tuple[list[str], list
         failed = k >= n_rej
         images.append((n_results + k + 1, None, None, f"{n_results + k + 1:064x}", f"upload_{k}.jpg", None,
                        "failed" if failed else "rejected",
-                       "inference error: out of memory" if failed else reasons[k % 3], s_other[k], s_other[k], None, None))
+                       "inference error: out of memory" if failed else reasons[k % 3], s_other[k], s_other[k], None, None,
+                       None, None, None, None))
+    n_ungradable = int(n_results * 0.08)
+    why = ['["too_dark"]', '["blurred"]', '["over_exposed"]', '["field_too_small"]', '["too_dark", "blurred"]']
+    bad_exam = rng.integers(1, n_exams + 1, n_ungradable)
+    bad_at = _ts(exam_start[bad_exam - 1] + rng.integers(0, 600, n_ungradable).astype("timedelta64[s]"))
+    base = len(images)
+    for k in range(n_ungradable):
+        e = int(bad_exam[k])
+        images.append((base + k + 1, e, "RL"[k % 2], f"{base + k + 1:064x}", f"B{exam_patient[e - 1]:07d}_{'RL'[k % 2]}.jpg",
+                       f"archive/{exam_dates[e - 1]}/{base + k + 1}.jpg", "reported", None, bad_at[k], bad_at[k], 2048,
+                       1536, False, why[k % len(why)], str(camera[e - 1]), False))
     tables["images"] = (img_cols, images)
 
     drop_cols = ["id", "image_id", "sha256", "source_name", "received_at", "outcome", "reason"]
@@ -207,6 +228,23 @@ def fill(url: str, tables: dict[str, tuple[list[str], list[tuple]]]) -> float:
     return time.perf_counter() - t0
 
 
+def rebuild_tallies(url: str) -> float:
+    """The audit's day tallies from the loaded rows (the worker keeps them as it writes; a bulk load does not):
+    ``dr-screen tallies rebuild``. Returns seconds."""
+    from screening.db import make_engine, make_session_factory, session_scope, tallies
+
+    engine = make_engine(url)
+    t0 = time.perf_counter()
+    with session_scope(make_session_factory(engine)) as session:
+        tallies.rebuild(session)
+    if engine.dialect.name == "postgresql":
+        with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
+            conn.exec_driver_sql("VACUUM ANALYZE audit_tallies")
+            conn.exec_driver_sql("VACUUM ANALYZE exam_tallies")
+    engine.dispose()
+    return time.perf_counter() - t0
+
+
 def _children_cpu() -> float:
     import resource
 
@@ -239,6 +277,8 @@ def main() -> int:
         counts = {k: len(v[1]) for k, v in tables.items()}
         del tables
         print(f"rows          : {counts} (generated in {gen_s:.1f} s, loaded in {load_s:.1f} s)")
+        tallies_s = rebuild_tallies(url)
+        print(f"tallies       : rebuilt from the rows in {tallies_s:.1f} s (dr-screen tallies rebuild)")
 
         from screening.audit import audit_summary
         from screening.db import make_engine, make_session_factory, session_scope
@@ -275,7 +315,7 @@ def main() -> int:
             return wall, cpu + (server_cpu(pg_folder) - server0)
 
         rows, payload = [], {"machine": info, "rows": counts, "backend": engine.dialect.name, "generate_s": gen_s,
-                             "load_s": load_s, "timings": {}}
+                             "load_s": load_s, "tallies_rebuild_s": tallies_s, "timings": {}}
         for span in spans:
             timings = {}
             for name, fn, in_process in (("audit_summary", lambda span=span: run(span), True),
@@ -287,7 +327,8 @@ def main() -> int:
             a, c = timings["audit_summary"], timings["command"]
             rows.append([span, graded, median(a["wall_s"]), min(a["wall_s"]), median(a["cpu_s"]), median(c["wall_s"]),
                          median(c["cpu_s"])])
-            payload["timings"][span] = {"graded": graded, **timings}
+            payload["timings"][span] = {"graded": graded, "assessed": summaries[span].assessed,
+                                        "ungradable": summaries[span].ungradable, **timings}
         engine.dispose()
         print(f"backend       : {payload['backend']}, {args.runs} runs after one warm-up")
         print_table(["span", "graded rows", "audit_summary wall median s", "wall min s", "CPU median s",

@@ -24,6 +24,13 @@ What is counted
       Excel's PERCENTILE.INC). The database keeps this per result (``results.turnaround_s``, updated
       as reports are recorded), and the result's copy of ``received_at`` selects the date range.
 
+Where the counts come from
+    Grades, referrals, exams, drops and the gradability counts are read from the day tallies the repository
+    keeps as it writes (:mod:`screening.db.tallies`; the same numbers as a count of the rows, which the tests
+    check on both databases), so a year of a million results sums a few hundred rows. Turnaround percentiles,
+    duplicates per model, rejected and failed files, incidents and agreement are read from their rows, each
+    along an index that holds only what they count.
+
 Model versus grader
     ``agreement`` (:mod:`screening.review.agreement`): for the visits in the period, the share signed off
     by a clinician, quadratic kappa of the DR grade, sensitivity and specificity of the model's referral
@@ -51,18 +58,19 @@ import csv
 import json
 import math
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from datetime import date, datetime, time, timedelta, timezone
 from os import PathLike
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
-from sqlalchemy import ColumnElement, Text, case, func, select
-from sqlalchemy import cast as cast_
+from sqlalchemy import ColumnElement, case, func, select
 from sqlalchemy.orm import Session
 
+from screening.db import tallies
 from screening.db.models import Drop, DropOutcome, Event, Image, ImageState, Result
+from screening.db.tallies import NO_REASON
 from screening.rejection import Incident
 from screening.review.agreement import AgreementStats, AgreementSummary, agreement_summary
 from screening.review.agreement import groups as agreement_groups
@@ -73,7 +81,6 @@ DR_GRADES = range(5)
 DME_GRADES = range(3)
 PERCENTILES = (50, 90, 99)
 DATE_BASIS = "received_at (UTC date, inclusive)"
-NO_REASON = "(no reason given)"
 NO_SITE = "(no site)"  # results stored before revision 0008_claims_sites recorded the grading worker's site
 
 
@@ -126,7 +133,6 @@ class UngradableDay:
         return self.ungradable / self.assessed if self.assessed else None
 
 
-UNKNOWN_DEVICE = "unknown"
 
 
 @dataclass
@@ -233,64 +239,38 @@ def _consistent_snapshot(session: Session) -> None:
         session.connection(execution_options={"isolation_level": "REPEATABLE READ"})
 
 
-def _grade_counts(session: Session, where: list[ColumnElement[bool]]) -> dict[str, ModelStats]:
-    """Images, grades, referrals and reported images per model: one walk along ix_results_audit_grades,
-    whose order is the grouping (no sort, no join)."""
+def _grade_counts(session: Session, start: date | None, end: date | None, model_version: str | None,
+                  where: list[ColumnElement[bool]]) -> dict[str, ModelStats]:
+    """Images, grades and referrals per model from the day tallies (screening.db.tallies); the images still
+    awaiting a report per model along ix_results_awaiting (only those rows: a few per cent)."""
     by_model: dict[str, ModelStats] = {}
-    stmt = (
-        select(Result.model_version, Result.dr_grade, Result.dme_grade, Result.referable, func.count(),
-               func.count(Result.turnaround_s))
-        .where(*where)
-        .group_by(Result.model_version, Result.dr_grade, Result.dme_grade, Result.referable)
-    )
-    for mv, dr, dme, referable, n, reported in session.execute(stmt).all():
+    for _metric, mv, key, _detail, n in tallies.sums(session, [tallies.GRADED], start, end, model_version=model_version):
+        dr, dme, referable = tallies.parse_grade_key(key)
         st = by_model.setdefault(mv, ModelStats(mv))
-        st.images += n
-        st.dr_grades[dr] = st.dr_grades.get(dr, 0) + n
-        st.dme_grades[dme] = st.dme_grades.get(dme, 0) + n
+        st.images += int(n)
+        st.dr_grades[dr] = st.dr_grades.get(dr, 0) + int(n)
+        st.dme_grades[dme] = st.dme_grades.get(dme, 0) + int(n)
         if referable:
-            st.referable += n
+            st.referable += int(n)
         else:
-            st.not_referable += n
-        st.reported += reported
-    for st in by_model.values():
-        st.awaiting_report = st.images - st.reported
+            st.not_referable += int(n)
+    awaiting: dict[str, int] = {mv: n for mv, n in session.execute(
+        select(Result.model_version, func.count()).where(Result.turnaround_s.is_(None), *where).group_by(Result.model_version))}
+    for mv, st in by_model.items():
+        st.awaiting_report = int(awaiting.get(mv, 0))
+        st.reported = st.images - st.awaiting_report
     return by_model
 
 
-def _exam_counts(session: Session, where: list[ColumnElement[bool]], models: list[str]) -> dict[str | None, tuple[int, int]]:
-    """(exams, exams with a referable eye) among the results matching ``where``: pooled under ``None`` and,
-    when there are several ``models``, per model. Exam ids are read in order along ix_results_audit_exams
-    (pooled) and ix_results_audit_model_exams (per model), never sorted. The same numbers on both databases,
-    each in the form it runs fastest (1M results, BENCHMARKS.md): SQLite dedupes a DISTINCT along an index
-    almost for free, so it counts distinct ids; PostgreSQL pays per row visited, so it groups once by exam."""
-    graded = [Result.exam_id.is_not(None), *where]
-    split = len(models) > 1
-    out: dict[str | None, tuple[int, int]] = {}
-    if session.get_bind().dialect.name == "postgresql":
-        referable = func.max(case((Result.referable, 1), else_=0)).label("referable")
-        pooled = select(referable).where(*graded).group_by(Result.exam_id).subquery()
-        n, ref = session.execute(select(func.count(), func.coalesce(func.sum(pooled.c.referable), 0))).one()
-        out[None] = (int(cast(int, n)), int(cast(int, ref)))
-        if split:
-            per = (select(Result.model_version, referable).where(*graded)
-                   .group_by(Result.model_version, Result.exam_id).subquery())
-            per_model_stmt = select(per.c.model_version, func.count(), func.sum(per.c.referable)).group_by(per.c.model_version)
-            for mv_, n_, ref_ in session.execute(per_model_stmt):
-                out[str(mv_)] = (int(cast(int, n_)), int(cast(int, ref_)))
-        return out
-
-    def distinct_exams(*extra: ColumnElement[bool]) -> int:
-        ids = select(Result.exam_id).where(*graded, *extra).distinct().subquery()
-        return int(session.scalar(select(func.count()).select_from(ids)) or 0)
-
-    out[None] = (distinct_exams(), distinct_exams(Result.referable.is_(True)))
-    if split:
-        per_model = select(Result.model_version, func.count(Result.exam_id.distinct())).group_by(Result.model_version)
-        exams = {mv: n for mv, n in session.execute(per_model.where(*graded))}
-        referable_exams = {mv: n for mv, n in session.execute(per_model.where(*graded, Result.referable.is_(True)))}
-        for mv in models:
-            out[mv] = (int(exams.get(mv, 0)), int(referable_exams.get(mv, 0)))
+def _exam_counts(session: Session, start: date | None, end: date | None, model_version: str | None,
+                 models: list[str]) -> dict[str | None, tuple[int, int]]:
+    """(exams, exams with a referable eye) among the graded images in the range: pooled under ``None`` and, when
+    there are several ``models``, per model; from the day tallies (screening.db.tallies)."""
+    pooled = tallies.POOLED if model_version is None else model_version
+    split = models if len(models) > 1 else []
+    counted = tallies.exam_counts(session, start, end, [pooled, *split])
+    out: dict[str | None, tuple[int, int]] = {mv: counted[mv] for mv in split}
+    out[None] = counted[pooled]
     return out
 
 
@@ -332,47 +312,24 @@ def _site_counts(session: Session, where: list[ColumnElement[bool]]) -> dict[str
     return dict(sorted(out.items()))
 
 
-def _day_text(value: Any) -> str:
-    """``date(received_at)`` as read back: text on SQLite, a date on PostgreSQL -> ``YYYY-MM-DD``."""
-    return value if isinstance(value, str) else cast(date, value).isoformat()
-
-
-def _ungradable_days(session: Session, lo: datetime | None, hi: datetime | None,
+def _ungradable_days(session: Session, start: date | None, end: date | None,
                      ordered: Callable[[Counter[str]], dict[str, int]]) -> list[UngradableDay]:
-    """Photos assessed, ungradable, with a laterality mismatch and with an eye not confirmed per UTC day of arrival and device: counted by the
-    database (one grouped pass, whatever the number of photos; ``received_at`` is stored as naive UTC, so its
-    ``date()`` is the UTC day on both databases); the reasons of the ungradable photos grouped by their list."""
-    day = func.date(Image.received_at)
-    in_range = [Image.gradable.is_not(None), *_in_range(Image.received_at, lo, hi)]
-    # a stated eye the laterality model could not confirm has an eye_not_confirmed event; each photo counts once
-    unconfirmed = select(Event.id).where(Event.kind == "eye_not_confirmed", Event.image_id == Image.id).exists()
+    """Photos assessed, ungradable (with each reason), with a laterality mismatch and with an eye not confirmed,
+    per UTC day of arrival and device, from the day tallies (screening.db.tallies)."""
     days: dict[tuple[str, str], UngradableDay] = {}
-    counted: Sequence[Any] = session.execute(
-        select(day, Image.device, func.count(), func.count(case((Image.gradable.is_(False), 1))),
-               func.count(case((Image.eye_mismatch.is_(True), 1))), func.count(case((unconfirmed, 1))))
-        .where(*in_range).group_by(day, Image.device)
-    ).all()
-    for d, device, assessed, ungradable, mismatches, not_confirmed in counted:
-        key = (_day_text(d), device if device is not None else UNKNOWN_DEVICE)  # 'unknown' and NULL are one device
-        row = days.setdefault(key, UngradableDay(*key))
-        row.assessed += int(assessed)
-        row.ungradable += int(ungradable)
-        row.eye_mismatches += int(mismatches)
-        row.eyes_not_confirmed += int(not_confirmed)
     reasons: dict[tuple[str, str], Counter[str]] = {}
-    listed = cast_(Image.quality_reasons, Text)  # JSON as its text: groupable on both (PostgreSQL's json is not)
-    refused: Sequence[Any] = session.execute(
-        select(day, Image.device, listed, func.count()).where(*in_range, Image.gradable.is_(False))
-        .group_by(day, Image.device, listed)
-    ).all()
-    for when, camera, text, n in refused:  # one row per day, device and list of reasons: few, whatever the photos
-        key = (_day_text(when), camera if camera is not None else UNKNOWN_DEVICE)
-        counter = reasons.setdefault(key, Counter())
-        for reason in (json.loads(text) if text else None) or [NO_REASON]:
-            counter[str(reason)] += int(n)
+    for day, metric, _mv, device, detail, n in tallies.sums(session, tallies.CHECK_METRICS, start, end, by_day=True):
+        key = (day.isoformat(), device)
+        row = days.setdefault(key, UngradableDay(*key))
+        if metric == tallies.UNGRADABLE_REASON:
+            reasons.setdefault(key, Counter())[detail] += int(n)
+        else:
+            attr = {tallies.ASSESSED: "assessed", tallies.UNGRADABLE: "ungradable", tallies.EYE_MISMATCH: "eye_mismatches",
+                    tallies.EYE_NOT_CONFIRMED: "eyes_not_confirmed"}[metric]
+            setattr(row, attr, getattr(row, attr) + int(n))
     for key, counter in reasons.items():
         days[key].reasons = ordered(counter)
-    return [days[k] for k in sorted(days)]
+    return [days[k] for k in sorted(days) if days[k].assessed]
 
 
 def audit_summary(
@@ -382,8 +339,9 @@ def audit_summary(
     """Statistics for files received between ``start`` and ``end`` (UTC dates, inclusive); ``by_site`` adds the
     graded images per site of the worker that graded them (several workers writing one database).
 
-    Graded images are counted from ``results`` alone (its copy of the arrival time, its turnaround), each
-    count along its own index, so that a million results take well under a second (BENCHMARKS.md)."""
+    Graded images, exams, drops and gradability are summed from the day tallies (screening.db.tallies); the
+    turnaround from ``results`` alone (its copy of the arrival time, its turnaround) along its indexes; so that a
+    million results take well under a second (BENCHMARKS.md)."""
     if start is not None and end is not None and end < start:
         raise ValueError(f"end {end} is before start {start}")
     lo, hi = _utc_bounds(start, end)
@@ -392,9 +350,10 @@ def audit_summary(
     if model_version is not None:
         where.append(Result.model_version == model_version)
 
-    graded = _grade_counts(session, where)
+    graded = _grade_counts(session, start, end, model_version, where)
     models = sorted(graded)
-    exams: dict[str | None, tuple[int, int]] = _exam_counts(session, where, models) if models else {None: (0, 0)}
+    exams: dict[str | None, tuple[int, int]] = (_exam_counts(session, start, end, model_version, models) if models
+                                                 else {None: (0, 0)})
 
     dup_stmt = (
         select(Result.model_version, func.count(Drop.id))
@@ -453,10 +412,8 @@ def audit_summary(
     ).all():
         rejected[reason_key(code, reason)] += 1
     drops = {o.value: 0 for o in DropOutcome}
-    for outcome, n in session.execute(
-        select(Drop.outcome, func.count(Drop.id)).where(*_in_range(Drop.received_at, lo, hi)).group_by(Drop.outcome)
-    ).all():
-        drops[outcome] = n
+    for _metric, _mv, outcome, _detail, n in tallies.sums(session, [tallies.DROPS], start, end):
+        drops[outcome] = int(n)
     incidents: Counter[str] = Counter()
     for code, n in session.execute(
         select(Event.code, func.count(Event.id))
@@ -485,7 +442,7 @@ def audit_summary(
         drops=drops,
         incidents=ordered(incidents),
         by_site=_site_counts(session, where) if by_site else {},
-        ungradable_by_day=_ungradable_days(session, lo, hi, ordered),
+        ungradable_by_day=_ungradable_days(session, start, end, ordered),
     )
 
 

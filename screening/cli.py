@@ -158,6 +158,28 @@ def cmd_init_db(args: argparse.Namespace, settings: ScreeningSettings) -> int:
     return 0
 
 
+def cmd_tallies(args: argparse.Namespace, settings: ScreeningSettings) -> int:
+    """The audit's day tallies against a count of the rows (``check``), or recomputed from them (``rebuild``)."""
+    from .db import session_scope, tallies
+
+    factory = _session_factory(settings)
+    if args.tallies_command == "rebuild":
+        with session_scope(factory) as session:
+            tallies.rebuild(session)
+        print("audit tallies rebuilt from the rows")
+        return 0
+    with factory() as session:
+        problems = tallies.check(session)
+    if not problems:
+        print("audit tallies agree with the rows")
+        return 0
+    print(f"{len(problems)} audit tallies differ from a count of the rows (written behind the worker's back?); "
+          "`dr-screen tallies rebuild` recomputes them:")
+    for line in problems[:50]:
+        print(f"  {line}")
+    return 1
+
+
 # --- review ---------------------------------------------------------------------------------------
 
 
@@ -410,6 +432,10 @@ def build_parser() -> argparse.ArgumentParser:
     sp.set_defaults(func=cmd_audit)
     sp = sub.add_parser("init-db", help="create or migrate the database")
     sp.set_defaults(func=cmd_init_db)
+    sp = sub.add_parser("tallies", help="the audit's day tallies: check them against the rows, or rebuild them")
+    sp.add_argument("tallies_command", choices=["check", "rebuild"],
+                    help="check: compare with a count of the rows (exit 1 if they differ); rebuild: recompute them")
+    sp.set_defaults(func=cmd_tallies)
 
     rv = sub.add_parser("review", help="the clinician's sign-off: queue, show, confirm, correct, import a grading CSV")
     rsub = rv.add_subparsers(dest="review_command", required=True)

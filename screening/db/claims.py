@@ -28,6 +28,7 @@ from typing import Any, cast
 from sqlalchemy import CursorResult, delete, func, select, update
 from sqlalchemy.orm import Session
 
+from screening.db.dialect import insert_on_conflict
 from screening.db.models import Claim, ClaimKind, utcnow
 
 
@@ -40,25 +41,11 @@ def db_now(session: Session) -> datetime:
     return utcnow()
 
 
-def _insert(session: Session) -> Any:
-    name = session.get_bind().dialect.name
-    if name == "postgresql":
-        from sqlalchemy.dialects.postgresql import insert as pg_insert
-
-        return pg_insert(Claim)
-    if name == "sqlite":
-        from sqlalchemy.dialects.sqlite import insert as sqlite_insert
-
-        return sqlite_insert(Claim)
-    raise NotImplementedError(f"claims need INSERT ... ON CONFLICT, which SQLAlchemy offers here for SQLite and "
-                              f"PostgreSQL only, not {name}")
-
-
 def take(session: Session, kind: ClaimKind, key: str, holder: str, site: str, lease_s: float) -> str:
     """Claim ``(kind, key)`` for ``holder`` unless another holder's lease is still running. Returns the holder
     the claim belongs to afterwards: ``holder`` when it was taken (or already held), else the other one."""
     now = db_now(session)
-    stmt = _insert(session).values(kind=kind.value, key=key, holder=holder, site=site, claimed_at=now,
+    stmt = insert_on_conflict(session, Claim).values(kind=kind.value, key=key, holder=holder, site=site, claimed_at=now,
                                    expires_at=now + timedelta(seconds=lease_s))
     stmt = stmt.on_conflict_do_update(
         index_elements=["kind", "key"],

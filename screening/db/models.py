@@ -27,6 +27,7 @@ from sqlalchemy import (
     Text,
     UniqueConstraint,
     event,
+    text,
 )
 from sqlalchemy.engine import Dialect
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
@@ -247,9 +248,11 @@ class Result(Base):
             CheckConstraint(f"area_{k} >= 0 AND area_{k} <= 1", name=f"area_{k}")
             for k in LESION_KEYS
         ),
-        # The audit counts from this table alone, each count a walk along one of these indexes (revision
+        # The audit counted from this table alone, each count a walk along one of these indexes (revision
         # 0003_audit_columns_indexes): grades and referrals per model; distinct exams, pooled and per model;
         # turnaround percentiles per model and pooled; per site (revision 0008_claims_sites, audit --by-site).
+        # Since revision 0011_audit_tallies grades and exams come from the day tallies; the exam index still finds
+        # the results of visits spread over two days, and the grade indexes serve direct queries (SCHEMA.md).
         Index("ix_results_audit_grades", "model_version", "dr_grade", "dme_grade", "referable", "received_at", "turnaround_s"),
         Index("ix_results_audit_exams", "exam_id", "referable", "received_at"),
         Index("ix_results_audit_model_exams", "model_version", "exam_id", "referable", "received_at"),
@@ -257,6 +260,9 @@ class Result(Base):
         Index("ix_results_turnaround", "turnaround_s", "received_at"),
         Index("ix_results_image_model", "image_id", "model_version"),  # duplicates per model, from the index alone
         Index("ix_results_audit_site", "site", "turnaround_s", "referable", "received_at"),
+        # the images awaiting a report per model: only those rows, a few per cent (revision 0011_audit_tallies)
+        Index("ix_results_awaiting", "model_version", "received_at", sqlite_where=text("turnaround_s IS NULL"),
+              postgresql_where=text("turnaround_s IS NULL")),
     )
 
     id: Mapped[int] = mapped_column(primary_key=True)
@@ -491,6 +497,55 @@ class Claim(Base):
         return f"Claim(kind={self.kind!r}, key={self.key!r}, holder={self.holder!r}, expires_at={self.expires_at!r})"
 
 
+class AuditTally(Base):
+    """A running count the audit reads instead of walking a million rows (revision 0011_audit_tallies, issue 15).
+
+    One row per UTC day of arrival and ``metric`` (see :mod:`screening.db.tallies`, the only writer): graded
+    images per model and grade (``key`` ``"dr|dme|referable"``), exams and referable exams per model, drops by
+    outcome, and per device the photos assessed, ungradable (``detail``: each reason), with a laterality mismatch
+    or an eye not confirmed. The repository adds to them in the same transaction as the rows they count, so they
+    are exactly what a scan of those rows would give; empty strings stand for "none" (a unique key treats NULLs
+    as distinct)."""
+
+    __tablename__ = "audit_tallies"
+    __table_args__ = (UniqueConstraint("day", "metric", "model_version", "key", "detail"),)
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    day: Mapped[date]
+    metric: Mapped[str] = mapped_column(String(24))
+    model_version: Mapped[str] = mapped_column(String(128), default="")
+    key: Mapped[str] = mapped_column(String(128), default="")
+    detail: Mapped[str] = mapped_column(String(128), default="")
+    n: Mapped[int] = mapped_column(default=0)
+
+    def __repr__(self) -> str:
+        return (f"AuditTally(day={self.day!r}, metric={self.metric!r}, model_version={self.model_version!r}, "
+                f"key={self.key!r}, detail={self.detail!r}, n={self.n!r})")
+
+
+class ExamTally(Base):
+    """Where each exam is counted in the daily exam tallies, per model version (``""``: all models pooled).
+
+    An exam whose graded photos all arrived on one UTC day is counted in that day's tally (``day``, with
+    ``referable`` once any of its eyes is). When a photo of it arrives on another day it becomes ``multi_day``:
+    its count leaves the tallies and the audit counts such exams from their results, which is exact for any
+    date range and cheap because they are few (revision 0011_audit_tallies); its ``day`` and ``referable`` are
+    then no longer used."""
+
+    __tablename__ = "exam_tallies"
+    __table_args__ = (Index("ix_exam_tallies_multi_day", "model_version", "multi_day", "exam_id"),)
+
+    exam_id: Mapped[int] = mapped_column(ForeignKey("exams.id", ondelete="RESTRICT"), primary_key=True)
+    model_version: Mapped[str] = mapped_column(String(128), primary_key=True)
+    day: Mapped[date]
+    referable: Mapped[bool] = mapped_column(default=False)
+    multi_day: Mapped[bool] = mapped_column(default=False)
+
+    def __repr__(self) -> str:
+        return (f"ExamTally(exam_id={self.exam_id!r}, model_version={self.model_version!r}, day={self.day!r}, "
+                f"referable={self.referable!r}, multi_day={self.multi_day!r})")
+
+
 # Sign-offs are never edited or removed, not even by a stray UPDATE in an SQL client: the database refuses it
 # (revision 0014_reviews creates the same triggers). A correction is a new review. SQLite: a trigger per verb
 # that raises. PostgreSQL: the same trigger names, calling one PL/pgSQL function that raises with SQLSTATE 23001
@@ -538,6 +593,7 @@ for _table in APPEND_ONLY_TABLES:
 
 __all__ = [
     "APPEND_ONLY_TABLES",
+    "AuditTally",
     "LESION_COLUMNS",
     "Base",
     "Claim",
@@ -547,6 +603,7 @@ __all__ = [
     "DropOutcome",
     "Event",
     "Exam",
+    "ExamTally",
     "Eye",
     "EyeSource",
     "Image",

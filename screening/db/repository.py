@@ -16,6 +16,8 @@ from typing import Any
 from sqlalchemy import case, func, or_, select, union_all
 from sqlalchemy.orm import Session
 
+from screening.db import tallies
+from screening.db.dialect import insert_on_conflict
 from screening.db.models import (
     LESION_COLUMNS,
     DatabaseIdentity,
@@ -51,15 +53,9 @@ def _insert_if_absent(session: Session, model: type[Patient] | type[Exam] | type
                       key: Sequence[str]) -> None:
     """INSERT ... ON CONFLICT DO NOTHING where the dialect has it, so two workers racing to create the
     same patient/exam both succeed without a savepoint; elsewhere the caller's select-then-add decides."""
-    name = session.get_bind().dialect.name
-    if name == "sqlite":
-        from sqlalchemy.dialects.sqlite import insert as sqlite_insert
-
-        session.execute(sqlite_insert(model).values(**values).on_conflict_do_nothing(index_elements=list(key)))
-    elif name == "postgresql":
-        from sqlalchemy.dialects.postgresql import insert as postgresql_insert
-
-        session.execute(postgresql_insert(model).values(**values).on_conflict_do_nothing(index_elements=list(key)))
+    if session.get_bind().dialect.name in ("sqlite", "postgresql"):
+        stmt = insert_on_conflict(session, model).values(**values)
+        session.execute(stmt.on_conflict_do_nothing(index_elements=list(key)))
     else:
         session.add(model(**values))
         session.flush()
@@ -204,6 +200,7 @@ def record_drop(
     )
     session.add(drop)
     session.flush()
+    tallies.count_drop(session, drop)
     return drop
 
 
@@ -269,6 +266,17 @@ def set_state(session: Session, image: Image, state: str, error: str | None = No
     return add_event(session, "state", message, image=image, code=code if keep else None)
 
 
+def set_device(session: Session, image: Image, device: str | None) -> None:
+    """Record the camera ``image`` came from (a file admitted again may name it anew); the audit's per-device
+    counts of its stored verdict move with it."""
+    if image.device == device:
+        return
+    not_confirmed = image.gradable is not None and tallies.eye_was_not_confirmed(session, image)
+    before = tallies.checks_contribution(image, not_confirmed)
+    image.device = device
+    tallies.count_checks(session, before, tallies.checks_contribution(image, not_confirmed))
+
+
 def record_checks(
     session: Session,
     image: Image,
@@ -293,6 +301,9 @@ def record_checks(
         raise ValueError("an ungradable photo needs at least one reason")
     if not 0.0 <= float(eye_confidence) <= 1.0:
         raise ValueError(f"eye_confidence must be a probability, got {eye_confidence!r}")
+    # checks stored again (re-run after a crash) replace the photo's old counts in the audit tallies
+    not_confirmed = image.gradable is not None and tallies.eye_was_not_confirmed(session, image)
+    before = tallies.checks_contribution(image, not_confirmed)
     image.gradable = bool(gradable)
     image.quality_reasons = [str(r) for r in reasons]
     image.quality_scores = {str(k): float(v) for k, v in scores.items()}
@@ -309,6 +320,9 @@ def record_checks(
     elif eye_confirmed is False:
         add_event(session, "eye_not_confirmed", f"stated {image.eye}, photo unclear ({predicted_eye} {float(eye_confidence):.2f})",
                   image=image)
+        not_confirmed = True
+    session.flush()
+    tallies.count_checks(session, before, tallies.checks_contribution(image, not_confirmed))
 
 
 # --- results and reports ------------------------------------------------------------------------
@@ -380,6 +394,7 @@ def add_result(
     )
     session.add(result)
     session.flush()
+    tallies.count_result(session, result)
     add_event(session, "result", f"{model_version}: DR {dr_grade}, DME {dme_grade}, referable={bool(referable)}", image=image)
     return result
 
@@ -506,6 +521,7 @@ __all__ = [
     "images_in_state",
     "next_report_version",
     "record_checks",
+    "set_device",
     "record_drop",
     "set_state",
     "unfiled_drops",

@@ -211,7 +211,7 @@ class PageIntake:
                         refused.append(image.id)
                 else:  # recorded before: received before a crash, failed and retried, or dropped again
                     image.exam, image.stored_path, image.width, image.height = exam, str(path), w, h
-                    image.device = identity.device
+                    repo.set_device(session, image, identity.device)
                     if image.result is not None or image.state in _GRADED:  # stored (graded or ungradable): kept
                         if image.state not in _GRADED:
                             repo.set_state(session, image, ImageState.DONE)

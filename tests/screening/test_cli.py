@@ -107,6 +107,36 @@ def test_init_db_on_each_database_never_prints_the_password(tmp_path, db_url, ca
     engine.dispose()
 
 
+def test_tallies_check_finds_a_tally_out_of_step_and_rebuild_mends_it(tmp_path, capsys):
+    """`dr-screen tallies check` exits 1 naming the count that differs from the rows; `rebuild` recomputes it."""
+    from datetime import datetime, timezone
+
+    from sqlalchemy import update
+
+    from screening.db import init_db, make_engine, make_session_factory, session_scope
+    from screening.db import repository as repo
+    from screening.db.models import AuditTally
+
+    url = f"sqlite:///{tmp_path / 's.db'}"
+    engine = make_engine(url)
+    init_db(engine)
+    with session_scope(make_session_factory(engine)) as s:
+        repo.record_drop(s, sha256="a" * 64, source_name="x.jpg", outcome="rejected",
+                         received_at=datetime(2025, 3, 1, 9, tzinfo=timezone.utc))
+    cfg = tmp_path / "c.toml"
+    cfg.write_text(f"[screening]\ndatabase = '{url}'\n")
+    assert cli.main(["--config", str(cfg), "tallies", "check"]) == 0
+    assert "agree" in capsys.readouterr().out
+    with engine.begin() as conn:  # a row changed behind the worker's back
+        conn.execute(update(AuditTally).values(n=AuditTally.n + 2))
+    assert cli.main(["--config", str(cfg), "tallies", "check"]) == 1
+    out = capsys.readouterr().out
+    assert "2025-03-01 drops" in out and "kept 3, rows say 1" in out
+    assert cli.main(["--config", str(cfg), "tallies", "rebuild"]) == 0
+    assert cli.main(["--config", str(cfg), "tallies", "check"]) == 0
+    engine.dispose()
+
+
 def test_audit_and_init_db_do_not_import_torch(tmp_path):
     """`dr-screen audit` starts in well under a second: torch (seconds to import) is for the worker only."""
     import subprocess

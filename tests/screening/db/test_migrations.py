@@ -44,7 +44,7 @@ def _below(revision: str) -> str:
 # intake checks' columns (issue 13a), pages and the database identity (issue 12b), then the audit columns and the
 # claims (issue 15, whose branch was merged after those)
 ORDER = ["0001", "0002", "0007_device_original_masks", "0014_reviews", "0006_hardening", "0005_gradability_laterality",
-         "0009_pages", "0010_db_identity", "0003_audit_columns_indexes", "0008_claims_sites"]
+         "0009_pages", "0010_db_identity", "0003_audit_columns_indexes", "0008_claims_sites", "0011_audit_tallies"]
 
 
 def test_one_linear_chain_with_the_review_and_audit_revisions_in_order():
