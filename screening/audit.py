@@ -60,7 +60,7 @@ import math
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from datetime import date, datetime, time, timedelta, timezone
+from datetime import date, datetime
 from os import PathLike
 from pathlib import Path
 from typing import Any
@@ -131,8 +131,6 @@ class UngradableDay:
     @property
     def rate(self) -> float | None:
         return self.ungradable / self.assessed if self.assessed else None
-
-
 
 
 @dataclass
@@ -213,12 +211,6 @@ def percentile(values: list[float], q: float) -> float | None:
     pos = (len(xs) - 1) * q / 100.0
     lo, hi = math.floor(pos), math.ceil(pos)
     return xs[lo] + (xs[hi] - xs[lo]) * (pos - lo)
-
-
-def _utc_bounds(start: date | None, end: date | None) -> tuple[datetime | None, datetime | None]:
-    lo = None if start is None else datetime.combine(start, time.min, tzinfo=timezone.utc)
-    hi = None if end is None else datetime.combine(end + timedelta(days=1), time.min, tzinfo=timezone.utc)
-    return lo, hi
 
 
 def _in_range(column: Any, lo: datetime | None, hi: datetime | None) -> list[ColumnElement[bool]]:
@@ -344,7 +336,7 @@ def audit_summary(
     million results take well under a second (BENCHMARKS.md)."""
     if start is not None and end is not None and end < start:
         raise ValueError(f"end {end} is before start {start}")
-    lo, hi = _utc_bounds(start, end)
+    lo, hi = tallies.utc_bounds(start, end)
     _consistent_snapshot(session)
     where = _in_range(Result.received_at, lo, hi)
     if model_version is not None:

@@ -271,8 +271,7 @@ def set_device(session: Session, image: Image, device: str | None) -> None:
     counts of its stored verdict move with it."""
     if image.device == device:
         return
-    not_confirmed = image.gradable is not None and tallies.eye_was_not_confirmed(session, image)
-    before = tallies.checks_contribution(image, not_confirmed)
+    before, not_confirmed = tallies.current_checks(session, image)
     image.device = device
     tallies.count_checks(session, before, tallies.checks_contribution(image, not_confirmed))
 
@@ -302,8 +301,7 @@ def record_checks(
     if not 0.0 <= float(eye_confidence) <= 1.0:
         raise ValueError(f"eye_confidence must be a probability, got {eye_confidence!r}")
     # checks stored again (re-run after a crash) replace the photo's old counts in the audit tallies
-    not_confirmed = image.gradable is not None and tallies.eye_was_not_confirmed(session, image)
-    before = tallies.checks_contribution(image, not_confirmed)
+    before, not_confirmed = tallies.current_checks(session, image)
     image.gradable = bool(gradable)
     image.quality_reasons = [str(r) for r in reasons]
     image.quality_scores = {str(k): float(v) for k, v in scores.items()}
@@ -521,8 +519,8 @@ __all__ = [
     "images_in_state",
     "next_report_version",
     "record_checks",
-    "set_device",
     "record_drop",
+    "set_device",
     "set_state",
     "unfiled_drops",
 ]

@@ -63,6 +63,13 @@ def utc_day(when: datetime) -> date:
     return when.astimezone(timezone.utc).date() if when.tzinfo is not None else when.date()
 
 
+def utc_bounds(start: date | None, end: date | None) -> tuple[datetime | None, datetime | None]:
+    """The UTC days ``start``..``end`` (inclusive; None: open) as times: ``lo <= t < hi``."""
+    lo = None if start is None else datetime.combine(start, time.min, tzinfo=timezone.utc)
+    hi = None if end is None else datetime.combine(end + timedelta(days=1), time.min, tzinfo=timezone.utc)
+    return lo, hi
+
+
 def grade_key(dr_grade: int, dme_grade: int, referable: bool) -> str:
     return f"{int(dr_grade)}|{int(dme_grade)}|{int(bool(referable))}"
 
@@ -142,6 +149,13 @@ def checks_contribution(image: Image, eye_not_confirmed: bool) -> dict[Key, int]
     return out
 
 
+def current_checks(session: Session, image: Image) -> tuple[dict[Key, int], bool]:
+    """What ``image`` adds to the tallies now, and whether its stated eye was already left unconfirmed: taken
+    before its checks or device change, so that :func:`count_checks` replaces them instead of adding."""
+    not_confirmed = image.gradable is not None and eye_was_not_confirmed(session, image)
+    return checks_contribution(image, not_confirmed), not_confirmed
+
+
 def count_checks(session: Session, before: Mapping[Key, int], after: Mapping[Key, int]) -> None:
     """A verdict was stored: replace ``before`` (the image's contribution until now) by ``after``."""
     add(session, {k: after.get(k, 0) - before.get(k, 0) for k in set(before) | set(after)})
@@ -199,8 +213,7 @@ def exam_counts(session: Session, start: date | None, end: date | None, models: 
         if model in out:
             exams, referable = out[model]
             out[model] = (exams + int(n), referable) if metric == EXAMS else (exams, referable + int(n))
-    lo = None if start is None else datetime.combine(start, time.min, tzinfo=timezone.utc)
-    hi = None if end is None else datetime.combine(end + timedelta(days=1), time.min, tzinfo=timezone.utc)
+    lo, hi = utc_bounds(start, end)
     for model in keys:
         where = [ExamTally.model_version == model, ExamTally.multi_day.is_(True)]
         if model != POOLED:
@@ -318,6 +331,7 @@ __all__ = [
     "check",
     "checks_contribution",
     "count_checks",
+    "current_checks",
     "count_drop",
     "count_result",
     "exam_counts",
@@ -327,5 +341,6 @@ __all__ = [
     "rebuild",
     "reason_counts",
     "sums",
+    "utc_bounds",
     "utc_day",
 ]
