@@ -79,6 +79,7 @@ class Predictions:
     dme_true: np.ndarray
     seg_probs: np.ndarray | None = None  # (M, 5, H, W) float16 for the M samples that have masks
     seg_masks: np.ndarray | None = None  # (M, 5, H, W) uint8
+    extra: np.ndarray | None = None  # rows of predict's ``extra`` callback, one per sample
     losses: dict[str, float] = field(default_factory=dict)
     images_per_s: float = 0.0
 
@@ -86,17 +87,22 @@ class Predictions:
 @torch.inference_mode()
 def predict(
     model: nn.Module, loader: Iterable[dict[str, Any]], device: torch.device, loss_fn: MultiTaskLoss | None = None,
-    progress: bool = True, tta_flip: bool = False,
+    progress: bool = True, tta_flip: bool = False, extra: Callable[[Any], np.ndarray] | None = None,
 ) -> Predictions:
-    """Run the model over a loader; keep lesion maps only for samples that have masks."""
+    """Run the model over a loader; keep lesion maps only for samples that have masks. ``extra``, called with
+    each batch's output (the photos' own pass, never the mirrored one), returns rows kept as ``Predictions.extra``:
+    what a caller needs from the full lesion maps (the grader's evidence) without a second forward pass."""
     model.eval()
     dr, dme, dr_t, dme_t, seg_p, seg_m = [], [], [], [], [], []
+    rows: list[np.ndarray] = []
     sums: dict[str, float] = {}
     n = images = 0
     t0 = time.perf_counter()
     for batch in tqdm(loader, desc="predict", leave=False, disable=not progress):
         batch = _to_device(batch, device)
         out = model(batch["image"])
+        if extra is not None:
+            rows.append(np.asarray(extra(out)))
         if loss_fn is not None:
             for k, v in loss_fn(out, batch).as_floats().items():
                 sums[k] = sums.get(k, 0.0) + v
@@ -126,6 +132,7 @@ def predict(
     return Predictions(
         dr_probs=cat(dr), dme_probs=cat(dme), dr_true=cat(dr_t), dme_true=cat(dme_t),
         seg_probs=cat(seg_p) if seg_p else None, seg_masks=cat(seg_m) if seg_m else None,
+        extra=np.concatenate(rows) if rows else None,
         losses={f"val_{k}": v / n for k, v in sums.items()} if n else {},
         images_per_s=images / elapsed if elapsed > 0 else 0.0,
     )

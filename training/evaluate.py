@@ -64,18 +64,44 @@ def _features(records: list[Record], size: int, cache_dir: Path, model: Any = No
     return np.concatenate(rows) if rows else features_of([])
 
 
+def _pass(
+    model: MultiTaskNet, recs: list[Record], cfg: TrainingConfig, device: torch.device, tta: bool = False,
+    progress: bool = True, seg_features: bool = False,
+) -> Predictions:
+    """The network over ``recs`` once. ``seg_features``: the lesion-evidence features a segmentation grader reads
+    (:func:`features_of` the preprocessed photo and its lesion maps) are taken from that same pass into
+    ``Predictions.extra``; a second pass for them doubled evaluation time."""
+    size = model.config.image_size
+    loader = DataLoader(FundusDataset(recs, size, cfg.data.cache_dir, eval_transforms(size, model.config.contrast)),
+                        batch_size=cfg.train.batch_size)
+    seen = 0
+
+    def lesion_rows(out: Any) -> np.ndarray:
+        nonlocal seen
+        chunk = [load_record(r, size, cfg.data.cache_dir).image for r in recs[seen:seen + out.seg_logits.shape[0]]]
+        seen += len(chunk)
+        return features_of(chunk, torch.sigmoid(out.seg_logits.float()).cpu().numpy())
+
+    return predict(model, loader, device, progress=progress, tta_flip=tta, extra=lesion_rows if seg_features else None)
+
+
+def _grader_inputs(grader: dict[str, Any], recs: list[Record], size: int, cache_dir: Path, preds: Predictions) -> Any:
+    """The grader's features of ``recs``: from the network's pass when it reads lesion maps, else from the images."""
+    if uses_segmentation(grader):
+        assert preds.extra is not None, "the pass was run without seg_features"
+        return preds.extra
+    return _features(recs, size, cache_dir)
+
+
 def _predict(
     model: MultiTaskNet, meta: dict[str, Any], recs: list[Record], cfg: TrainingConfig, device: torch.device,
     tta: bool = False, progress: bool = True,
 ) -> Predictions:
-    size = model.config.image_size
-    loader = DataLoader(FundusDataset(recs, size, cfg.data.cache_dir, eval_transforms(size, model.config.contrast)),
-                        batch_size=cfg.train.batch_size)
-    preds = predict(model, loader, device, progress=progress, tta_flip=tta)
-    if "grader" in meta:
-        seg_model = model if uses_segmentation(meta["grader"]) else None
-        features = _features(recs, size, cfg.data.cache_dir, seg_model, next(model.parameters()).device)
-        preds.dr_probs, preds.dme_probs = grades_with_grader(meta["grader"], features, preds.dr_probs, preds.dme_probs)
+    grader = meta.get("grader")
+    preds = _pass(model, recs, cfg, device, tta, progress, seg_features=grader is not None and uses_segmentation(grader))
+    if grader is not None:
+        features = _grader_inputs(grader, recs, model.config.image_size, cfg.data.cache_dir, preds)
+        preds.dr_probs, preds.dme_probs = grades_with_grader(grader, features, preds.dr_probs, preds.dme_probs)
     return preds
 
 
@@ -104,8 +130,8 @@ def fit_grader_for_checkpoint(cfg: TrainingConfig, checkpoint: Path, output: Pat
     grader = fit_grader(_features(train, size, cfg.data.cache_dir, seg_model, device), np.array([r.dr_grade for r in train]),
                         np.array([r.dme_grade for r in train]), c)
     val = [r for r in splits["val"] if r.has_grade or r.has_dme]
-    cnn = _predict(model, meta, val, cfg, device, progress=False)
-    dr, dme = apply_grader(grader, _features(val, size, cfg.data.cache_dir, seg_model, device), cnn.dme_probs)
+    cnn = _pass(model, val, cfg, device, progress=False, seg_features=segmentation)
+    dr, dme = apply_grader(grader, _grader_inputs(grader, val, size, cfg.data.cache_dir, cnn), cnn.dme_probs)
     target = float(meta["thresholds"].get("target_sensitivity", cfg.train.target_sensitivity))
     threshold = float(choose_threshold(referable_labels(cnn.dr_true, cnn.dme_true), referable_score(dr, dme), target))
     before = classification_metrics(cnn.dr_probs, cnn.dme_probs, cnn.dr_true, cnn.dme_true)
@@ -139,9 +165,8 @@ def blend_grader_for_checkpoint(cfg: TrainingConfig, checkpoint: Path, grader_fr
         raise ValueError(f"{grader_from} carries no lesion-evidence grader (fit one with `dr-train fit-grader`)")
     grader = {k: v for k, v in donor["grader"].items() if k != "heads_weight"}
     val = [r for r in _split(cfg, meta)["val"] if r.has_grade or r.has_dme]
-    heads = _predict(model, meta, val, cfg, device, progress=False)
-    seg_model = model if uses_segmentation(grader) else None
-    reg_dr, reg_dme = apply_grader(grader, _features(val, model.config.image_size, cfg.data.cache_dir, seg_model, device),
+    heads = _pass(model, val, cfg, device, progress=False, seg_features=uses_segmentation(grader))
+    reg_dr, reg_dme = apply_grader(grader, _grader_inputs(grader, val, model.config.image_size, cfg.data.cache_dir, heads),
                                    heads.dme_probs)
     y_ref = referable_labels(heads.dr_true, heads.dme_true, dme_unknown_as_absent=True)
     choices: list[float] = []

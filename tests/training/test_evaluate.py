@@ -68,3 +68,40 @@ def test_blend_grader_writes_an_ensemble_whose_evaluation_matches(graded_run, tm
         blend_grader_for_checkpoint(cfg, out, donor, tmp_path / "again.pt", heads_weight=0.5)
     with pytest.raises(ValueError, match="carries no lesion-evidence grader"):
         blend_grader_for_checkpoint(cfg, best, best, tmp_path / "none.pt", heads_weight=0.5)
+
+
+def test_evaluation_reads_the_graders_lesion_evidence_from_its_one_network_pass(
+    graded_run, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A segmentation grader's features come from the pass that gives the heads' grades: one forward per batch
+    (a second pass doubled the evaluation of the shipped model), and the same features a separate pass gives."""
+    import numpy as np
+
+    from training.checkpoint import load_model
+    from training.evaluate import _features, _pass, _split
+    from training.model import MultiTaskNet
+
+    cfg, best = graded_run
+    graded = tmp_path / "graded.pt"
+    fit_grader_for_checkpoint(cfg, best, graded, segmentation=True)
+    model, meta = load_model(graded, torch.device("cpu"))
+    recs = _split(cfg, meta)["val"]
+    batches = -(-len(recs) // cfg.train.batch_size)
+    assert batches > 1
+    forward, calls = MultiTaskNet.forward, []
+
+    def counting(self, x):
+        calls.append(x.shape[0])
+        return forward(self, x)
+
+    monkeypatch.setattr(MultiTaskNet, "forward", counting)
+    evaluate_checkpoint(cfg, graded, "val", tmp_path / "eval", bootstrap=10, progress=False)
+    assert len(calls) == batches and sum(calls) == len(recs)
+    monkeypatch.undo()
+
+    preds = _pass(model, recs, cfg, torch.device("cpu"), progress=False, seg_features=True)
+    separate = _features(recs, model.config.image_size, cfg.data.cache_dir, model, torch.device("cpu"),
+                         batch_size=cfg.train.batch_size)
+    assert preds.extra is not None and preds.extra.shape == separate.shape
+    np.testing.assert_allclose(preds.extra, separate, rtol=1e-5, atol=1e-6)
+    assert _pass(model, recs, cfg, torch.device("cpu"), progress=False).extra is None
