@@ -135,6 +135,9 @@ class TrainSettings(_Strict):
     init_from: Path | None = None
     lesion_only: bool = False  # only lesion-annotated images; the DR/DME heads are left as they are
     samples_per_epoch: int | None = Field(None, ge=1)  # images drawn per epoch (default: the training split's size)
+    # "bf16": training steps under bfloat16 autocast (about 2x faster on CPUs with AVX512-BF16 or AMX, and on
+    # recent GPUs); validation and everything exported stay float32. Each epoch's row in history.json records it.
+    precision: Literal["fp32", "bf16"] = "fp32"
 
     _crop_multiple_of_32 = field_validator("crop_size")(_multiple_of_32)
     _no_init_when_empty = field_validator("init_from", mode="before")(_empty_is_none)

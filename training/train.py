@@ -215,5 +215,5 @@ def run_training(
     return fit(
         model, data.train, data.val, loss_fn, optimizer, scheduler, out_dir, cfg.train.epochs, cfg.train.patience,
         device, score_fn, payload, max_steps=cfg.train.max_steps_per_epoch, resume=resume, progress=progress,
-        plot_fn=plot_history, log=log, max_seconds=max_seconds, seed=cfg.train.seed,
+        plot_fn=plot_history, log=log, max_seconds=max_seconds, seed=cfg.train.seed, precision=cfg.train.precision,
     )

@@ -61,3 +61,9 @@ def test_crop_size_is_checked_against_the_encoder_and_the_image_size(tmp_path):
     cfg = load_training_config(_write(tmp_path, "[model]\nimage_size = 512\n[train]\ncrop_size = 256\ninit_from = 'runs/a/best.pt'\n"))
     assert cfg.train.crop_size == 256 and cfg.train.init_from == tmp_path / "runs/a/best.pt"
     assert load_training_config(_write(tmp_path, "[train]\ninit_from = ''\n")).train.init_from is None
+
+
+def test_training_precision_is_fp32_or_bf16(tmp_path):
+    assert load_training_config(_write(tmp_path, "[train]\nprecision = 'bf16'\n")).train.precision == "bf16"
+    with pytest.raises(ConfigError, match=r"train\.precision"):
+        load_training_config(_write(tmp_path, "[train]\nprecision = 'fp16'\n"))

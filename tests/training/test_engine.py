@@ -148,3 +148,33 @@ def test_resumed_run_ends_with_exactly_the_weights_of_an_uninterrupted_run(make_
     b = read_checkpoint(tmp_path / "resumed" / "last.pt")["model_state"]
     assert a.keys() == b.keys()
     assert all(torch.equal(a[k], b[k]) for k in a), [k for k in a if not torch.equal(a[k], b[k])][:3]
+
+
+def test_bf16_training_steps_under_autocast_and_keeps_float32_weights(make_config, tmp_path: Path) -> None:
+    """precision = "bf16": the forward pass runs in bfloat16 (convolutions see bfloat16 inputs), the weights,
+    the checkpoint and validation stay float32, the loss is finite, each history row says which precision
+    trained it, and the run differs from the float32 one (the option is not ignored)."""
+    def conv_outputs(run_dir: Path, **train: object) -> tuple[engine.FitState, set[tuple[bool, torch.dtype]]]:
+        seen: set[tuple[bool, torch.dtype]] = set()
+
+        def spy(module, _inputs, output):
+            if isinstance(module, torch.nn.Conv2d):
+                seen.add((module.training, output.dtype))
+
+        handle = torch.nn.modules.module.register_module_forward_hook(spy)
+        try:
+            return _run(make_config(out_dir=run_dir, seed=3, **train))[0], seen
+        finally:
+            handle.remove()
+
+    bf, bf_seen = conv_outputs(tmp_path / "bf16", precision="bf16")
+    fp, fp_seen = conv_outputs(tmp_path / "fp32")
+    assert bf_seen == {(True, torch.bfloat16), (False, torch.float32)}  # training steps bf16, validation float32
+    assert fp_seen == {(True, torch.float32), (False, torch.float32)}
+    assert bf.history[0]["train_bf16"] == 1.0 and fp.history[0]["train_bf16"] == 0.0
+    assert math.isfinite(bf.history[0]["train_total"]) and math.isfinite(bf.history[0]["val_total"])
+    assert bf.history[0]["train_total"] != fp.history[0]["train_total"]
+    state = read_checkpoint(tmp_path / "bf16" / "last.pt")["model_state"]
+    assert all(v.dtype in (torch.float32, torch.int64) for v in state.values())
+    with pytest.raises(ValueError, match="precision must be one of fp32, bf16"):
+        engine.train_one_epoch(torch.nn.Linear(1, 1), [], None, None, torch.device("cpu"), 1, precision="fp16")  # type: ignore[arg-type]
