@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 from typing import Any
@@ -28,6 +29,7 @@ from training.grader import (
     grades_with_grader,
     uses_segmentation,
 )
+from training.grading import temper_network
 from training.metrics import (
     calibrated_referable,
     choose_threshold,
@@ -153,8 +155,9 @@ def blend_grader_for_checkpoint(cfg: TrainingConfig, checkpoint: Path, grader_fr
                                 heads_weight: float | None = None) -> dict[str, Any]:
     """An ensemble checkpoint: ``checkpoint``'s network (its DR/DME heads) with the lesion-evidence regression of
     ``grader_from``, blended as w x heads + (1 - w) x regression (:func:`grades_with_grader`). On the validation
-    split: w (given, or :func:`choose_heads_weight`), then P(referable) recalibrated on the blend and the referral
-    threshold chosen on that scale. The test split is not touched. The regression must have been fitted on
+    split: heads never calibrated (trained end to end, E8) are first temperature-scaled (:func:`temper_network`;
+    E7's heads already were), then w (given, or :func:`choose_heads_weight`), then P(referable) recalibrated on the
+    blend and the referral threshold chosen on that scale. The test split is not touched. The regression must have been fitted on
     photos outside this checkpoint's validation and test splits (``pin_split`` keeps v1's patients on their side)."""
     device = resolve_device(cfg.train.device)
     model, meta = load_model(checkpoint, device)
@@ -166,6 +169,15 @@ def blend_grader_for_checkpoint(cfg: TrainingConfig, checkpoint: Path, grader_fr
     grader = {k: v for k, v in donor["grader"].items() if k != "heads_weight"}
     val = [r for r in _split(cfg, meta)["val"] if r.has_grade or r.has_dme]
     heads = _pass(model, val, cfg, device, progress=False, seg_features=uses_segmentation(grader))
+    ckpt = read_checkpoint(checkpoint)
+    provenance = dict(ckpt["provenance"])
+    if "calibration" not in provenance:  # heads trained end to end (E8): temperature-scale them first, as E7's were
+        dr_t, dme_t, temps = temper_network(model, heads.dr_probs, heads.dme_probs, heads.dr_true, heads.dme_true)
+        heads = dataclasses.replace(heads, dr_probs=dr_t, dme_probs=dme_t)
+        provenance["calibration"] = {**temps, "fitted_by": "blend-grader, on the validation split"}
+        tempered = model.state_dict()
+        ckpt["model_state"] = {k: (tempered[k].to(v.dtype) if k.startswith(("dr_head.", "dme_head.")) else v)
+                               for k, v in ckpt["model_state"].items()}
     reg_dr, reg_dme = apply_grader(grader, _grader_inputs(grader, val, model.config.image_size, cfg.data.cache_dir, heads),
                                    heads.dme_probs)
     y_ref = referable_labels(heads.dr_true, heads.dme_true, dme_unknown_as_absent=True)
@@ -184,14 +196,12 @@ def blend_grader_for_checkpoint(cfg: TrainingConfig, checkpoint: Path, grader_fr
                                      dme_unknown_as_absent=True, referable_calibration=meta.get("referable_calibration"))
     after = classification_metrics(dr, dme, heads.dr_true, heads.dme_true, threshold, dme_unknown_as_absent=True,
                                    referable_calibration=calibration)
-    ckpt = read_checkpoint(checkpoint)
     validation = dict(ckpt["metrics"].get("validation", {}))
     validation.update({
         **_grader_validation(network, after), "val_dr_acc": after["dr"]["accuracy"] or 0.0,
         # in-sample (the map was fitted on these photos); the test split measures it honestly
         "val_ece_referable": expected_calibration_error(y_ref, calibrated_referable(dr, dme, calibration)) or 0.0,
     })
-    provenance = dict(ckpt["provenance"])
     provenance["grader"] = {"from": str(grader_from), "sha256": file_sha256(grader_from),
                             "model_version": donor.get("model_version"), "heads_weight": heads_weight,
                             "fold_choices": choices, "rule": "median over 5 patient-grouped folds of the weight with "

@@ -300,13 +300,41 @@ def fit_temperature(logits: torch.Tensor, nll: Callable[[torch.Tensor], torch.Te
     return float(math.exp(result.x))
 
 
-def fold_temperature(head: EvidenceHead, temperature: float) -> None:
+def fold_temperature(head: nn.Module, temperature: float) -> None:
     """Divide the head's last linear layer by T: its logits become logits / T (exact, nothing else changes)."""
-    last = head.mlp[-1]
+    last = list(head.get_submodule("mlp").children())[-1]  # both head kinds end in a linear layer
     assert isinstance(last, nn.Linear)
     with torch.no_grad():
         last.weight.div_(temperature)
         last.bias.div_(temperature)
+
+
+def _nll(loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], target: torch.Tensor,
+         logits: torch.Tensor) -> torch.Tensor:
+    return loss(logits, target)
+
+
+def temper_network(model: MultiTaskNet, dr_probs: np.ndarray, dme_probs: np.ndarray, dr_y: np.ndarray,
+                   dme_y: np.ndarray) -> tuple[np.ndarray, np.ndarray, dict[str, float]]:
+    """Temperature-scale a whole network's DR and DME heads from their validation probabilities, for a network
+    whose heads were trained end to end and never calibrated (E8; this stage's heads are, in :func:`calibrate`).
+
+    The log of a softmax differs from its logits by one constant per photo, which the softmax ignores, so T fitted
+    on log-probabilities is the T of the logits. T is folded into the heads (the model keeps returning logits,
+    now calibrated); returns the rescaled probabilities and the two temperatures. Grades (the argmax) do not move.
+    """
+    out: list[np.ndarray] = []
+    temps: dict[str, float] = {}
+    losses: tuple[Callable[[torch.Tensor, torch.Tensor], torch.Tensor], ...] = (F.cross_entropy, dme_loss)
+    for name, probs, y, loss in zip(("dr", "dme"), (dr_probs, dme_probs), (dr_y, dme_y), losses):
+        log_p = torch.from_numpy(np.log(np.clip(probs, 1e-12, 1.0))).double()
+        target = torch.from_numpy(np.asarray(y, np.int64))
+        known = target >= 0
+        t = fit_temperature(log_p[known], functools.partial(_nll, loss, target[known]))
+        fold_temperature(getattr(model, f"{name}_head"), t)
+        out.append(torch.softmax(log_p / t, dim=1).float().numpy())
+        temps[f"{name}_temperature"] = t
+    return out[0], out[1], temps
 
 
 def calibrate(heads: Heads, val_v: np.ndarray, val_dr: np.ndarray, val_dme: np.ndarray) -> dict[str, Any]:

@@ -61,13 +61,35 @@ def test_blend_grader_writes_an_ensemble_whose_evaluation_matches(graded_run, tm
     assert ckpt["metrics"]["validation"]["val_ece_referable"] != read_checkpoint(best)["metrics"]["validation"].get(
         "val_ece_referable")  # the blend's own, not the network's carried over
     assert ckpt["provenance"]["grader"]["model_version"] == read_checkpoint(donor)["model_version"]
+    # the tiny run's heads were trained end to end, never calibrated: tempered on validation, folded into the saved
+    # weights (evaluate below reproduces the blend's numbers only if they were), the rest of the network unchanged
+    temps = ckpt["provenance"]["calibration"]
+    assert "calibration" not in read_checkpoint(best)["provenance"] and temps["dr_temperature"] > 0
+    source = read_checkpoint(best)["model_state"]
+    changed = {k for k, v in ckpt["model_state"].items() if not torch.equal(v, source[k])}
+    assert changed and all(k.startswith(("dr_head.mlp", "dme_head.mlp")) for k in changed)
     summary = evaluate_checkpoint(cfg, out, "val", tmp_path / "eval", bootstrap=10, progress=False)["summary"]
     assert summary["referable"]["auc"] == pytest.approx(result["validation"]["val_ref_auc"])
     assert summary["dr_kappa"] == pytest.approx(result["validation"]["val_kappa"])
+    again = blend_grader_for_checkpoint(cfg, out_calibrated := _without_grader(out, tmp_path), donor,
+                                        tmp_path / "blend2.pt", heads_weight=0.6)
+    assert read_checkpoint(tmp_path / "blend2.pt")["provenance"]["calibration"] == temps  # not tempered twice
+    for k, v in read_checkpoint(out_calibrated)["model_state"].items():
+        assert torch.equal(read_checkpoint(tmp_path / "blend2.pt")["model_state"][k], v), k
+    assert again["threshold"] == pytest.approx(result["threshold"])
     with pytest.raises(ValueError, match="already carries a grader"):
         blend_grader_for_checkpoint(cfg, out, donor, tmp_path / "again.pt", heads_weight=0.5)
     with pytest.raises(ValueError, match="carries no lesion-evidence grader"):
         blend_grader_for_checkpoint(cfg, best, best, tmp_path / "none.pt", heads_weight=0.5)
+
+
+def _without_grader(path: Path, tmp_path: Path) -> Path:
+    """The blend's network alone (tempered heads, calibration in its provenance), as a network-only checkpoint."""
+    from training.checkpoint import save_checkpoint
+
+    ckpt = read_checkpoint(path)
+    ckpt.pop("grader")
+    return save_checkpoint(tmp_path / "calibrated.pt", ckpt)
 
 
 def test_evaluation_reads_the_graders_lesion_evidence_from_its_one_network_pass(

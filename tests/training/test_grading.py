@@ -21,6 +21,7 @@ from training.grading import (
     head_inputs_of,
     run_grading_stage,
     source_weights,
+    temper_network,
     trunk_model,
 )
 from training.model import ModelConfig, build_model, lesion_evidence
@@ -67,6 +68,32 @@ def test_fit_temperature_recovers_an_overconfident_scale() -> None:
     labels = torch.multinomial(true_logits.softmax(1), 1, generator=gen).squeeze(1)
     t = fit_temperature(true_logits * 3.0, lambda z: F.cross_entropy(z, labels))
     assert 2.6 < t < 3.4
+
+
+def test_tempering_a_whole_network_from_its_probabilities_scales_its_logits() -> None:
+    """E8's heads were trained end to end: T is fitted on their validation probabilities (log-probabilities are
+    the logits up to a per-photo constant) and folded into both heads of the network; grades do not move."""
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(**TINY)).eval()
+    x = torch.randn(6, 3, 64, 64)
+    with torch.no_grad():
+        before = model(x)
+    gen = torch.Generator().manual_seed(1)
+    true_logits = torch.randn(3000, 5, generator=gen) * 1.5
+    dr_y = torch.multinomial(true_logits.softmax(1), 1, generator=gen).squeeze(1).numpy()
+    dr_y[:100] = -1  # ungraded photos are left out of the fit
+    dme_logits = torch.randn(3000, 3, generator=gen)
+    dme_y = torch.multinomial(dme_logits.softmax(1), 1, generator=gen).squeeze(1).numpy()
+    dr_p, dme_p = (true_logits * 3.0).softmax(1).numpy(), (dme_logits * 0.5).softmax(1).numpy()
+    dr_t, dme_t, temps = temper_network(model, dr_p, dme_p, dr_y, dme_y)
+    assert 2.6 < temps["dr_temperature"] < 3.4 and 0.4 < temps["dme_temperature"] < 0.6
+    np.testing.assert_allclose(dr_t, true_logits.softmax(1).numpy(), atol=0.03)
+    assert (dr_t.argmax(1) == dr_p.argmax(1)).all()
+    with torch.no_grad():
+        after = model(x)
+    assert torch.allclose(after.dr_logits, before.dr_logits / temps["dr_temperature"], atol=1e-5)
+    assert torch.allclose(after.dme_logits, before.dme_logits / temps["dme_temperature"], atol=1e-5)
+    assert torch.equal(after.seg_logits, before.seg_logits)
 
 
 def test_source_weights_even_out_source_sizes() -> None:
