@@ -1,4 +1,4 @@
-"""``dr-train``: prepare (cache), train, evaluate, fit the grader and the intake checks (gradability, laterality),
+"""``dr-train``: prepare (cache), train, evaluate, interpolate, fit the grader and the intake checks (gradability, laterality),
 export, demo. Thin: parsing and messages only."""
 
 from __future__ import annotations
@@ -82,6 +82,16 @@ def cmd_blend_grader(args: argparse.Namespace) -> int:
     result = blend_grader_for_checkpoint(_cfg(args), Path(args.checkpoint), Path(args.grader_from), Path(args.output),
                                          args.heads_weight)
     print(json.dumps(result, indent=1, default=float))
+    return 0
+
+
+def cmd_interpolate(args: argparse.Namespace) -> int:
+    from training.interpolate import interpolate_checkpoints
+
+    result = interpolate_checkpoints(_cfg(args), Path(args.start), Path(args.end), args.alpha, Path(args.output),
+                                     reset_bn=args.reset_bn)
+    print(json.dumps(result, indent=1, default=float))
+    print(f"next: dr-train blend-grader --checkpoint {args.output} ... (tempers, blends and calibrates it on validation)")
     return 0
 
 
@@ -188,6 +198,16 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--heads-weight", type=float,
                     help="the heads' share, 0-1 (default: chosen by patient-grouped cross-validation on validation)")
     sp.set_defaults(func=cmd_blend_grader)
+
+    sp = sub.add_parser("interpolate", help="weight-space ensemble (WiSE-FT): (1 - alpha) x start + alpha x end, where "
+                        "end was fine-tuned from start; threshold chosen on validation")
+    sp.add_argument("--start", required=True, help="the exact checkpoint the fine-tuning started from")
+    sp.add_argument("--end", required=True, help="the fine-tuned checkpoint (a blend-grader's temperature is undone)")
+    sp.add_argument("--alpha", type=float, required=True, help="the fine-tuned network's share, 0-1")
+    sp.add_argument("--output", required=True)
+    sp.add_argument("--reset-bn", type=int, default=0, metavar="N",
+                    help="re-measure batch-norm statistics on N graded training photos (default 0: averaged)")
+    sp.set_defaults(func=cmd_interpolate)
 
     sp = sub.add_parser("fit-quality", help="fit the gradability model on real photos, their degradations and non-fundus pictures")
     sp.add_argument("--output", default="models/quality.pt")

@@ -15,7 +15,7 @@ from training.evaluation import DR_CONFUSION_PNG, LESION_PR_PNG, METRICS_FILE, R
 
 torch.set_num_threads(1)
 
-SUBCOMMANDS = ("prepare", "train", "evaluate", "export", "demo")
+SUBCOMMANDS = ("prepare", "train", "evaluate", "interpolate", "export", "demo")
 
 
 def write_config(tmp_path: Path, sources: str, cache: Path | None = None) -> Path:
