@@ -71,13 +71,17 @@ def interpolate_states(start: Mapping[str, torch.Tensor], end: Mapping[str, torc
     return out
 
 
+def _tempered_after_training(ckpt: dict[str, Any]) -> bool:
+    return str((ckpt["provenance"].get("calibration") or {}).get("fitted_by", "")).startswith(TEMPERED_BY)
+
+
 def _untempered(ckpt: dict[str, Any]) -> dict[str, torch.Tensor]:
     """The checkpoint's weights with a temperature folded in by ``blend-grader`` taken out again (exactly:
     the heads' last linear layers are multiplied back by T); other checkpoints' weights as they are."""
-    calibration = ckpt["provenance"].get("calibration") or {}
     state = {k: v.float() if v.is_floating_point() else v for k, v in ckpt["model_state"].items()}
-    if not str(calibration.get("fitted_by", "")).startswith(TEMPERED_BY):
+    if not _tempered_after_training(ckpt):
         return state
+    calibration = ckpt["provenance"]["calibration"]
     model = build_model(ModelConfig.from_dict(ckpt["model_config"]))
     model.load_state_dict(state)
     from training.grading import fold_temperature  # the one owner of the fold; its inverse is a fold by 1 / T
@@ -90,7 +94,8 @@ def _untempered(ckpt: dict[str, Any]) -> dict[str, torch.Tensor]:
 def interpolated_network(start: Path, end: Path, alpha: float) -> tuple[MultiTaskNet, dict[str, Any]]:
     """The network at ``alpha`` on the line from ``start`` to ``end`` (eval mode, CPU) and the checkpoint dict that
     describes it: ``end``'s metadata without its grader, calibration and referral threshold (the threshold is chosen
-    for this network by :func:`interpolate_checkpoints`), ``provenance.interpolated`` saying how it was made. Refuses a pair where ``end`` was not fine-tuned from ``start``."""
+    for this network by :func:`interpolate_checkpoints`), ``provenance.interpolated`` saying how it was made.
+    Refuses a pair where ``end`` was not fine-tuned from ``start``."""
     a, b = read_checkpoint(start), read_checkpoint(end)
     validate_metadata(a, start)
     validate_metadata(b, end)
@@ -114,8 +119,7 @@ def interpolated_network(start: Path, end: Path, alpha: float) -> tuple[MultiTas
         interpolated={"alpha": float(alpha), "rule": "(1 - alpha) * start + alpha * end (WiSE-FT)",
                       "start": {"checkpoint": str(start), "sha256": start_sha, "model_version": a["model_version"]},
                       "end": {"checkpoint": str(end), "sha256": file_sha256(end), "model_version": b["model_version"],
-                              "untempered": (b["provenance"].get("calibration") or {}).get("fitted_by", "")
-                              .startswith(TEMPERED_BY)}},
+                              "untempered": _tempered_after_training(b)}},
     )
     ckpt = {
         "model_version": f"{make_version(config, 'real')}-wise{round(alpha * 100):02d}",
@@ -164,7 +168,8 @@ def interpolate_checkpoints(cfg: TrainingConfig, start: Path, end: Path, alpha: 
     training photos (drawn with ``seed``) re-measure the batch-norm statistics first (:func:`reset_batch_norm`)."""
     from training.engine import resolve_device
     from training.evaluate import _pass, _split
-    from training.metrics import choose_threshold, classification_metrics, referable_labels, referable_score
+    from training.metrics import classification_metrics
+    from training.train import referral_threshold
 
     model, ckpt = interpolated_network(start, end, alpha)
     device = resolve_device(cfg.train.device)
@@ -181,10 +186,8 @@ def interpolate_checkpoints(cfg: TrainingConfig, start: Path, end: Path, alpha: 
         raise ValueError("the validation split has no graded photos: check [data] sources and val_fraction")
     preds = _pass(model, val, cfg, device, progress=False)
     target = float(ckpt["thresholds"].get("target_sensitivity", cfg.train.target_sensitivity))
-    y_ref = referable_labels(preds.dr_true, preds.dme_true, dme_unknown_as_absent=True)
-    threshold = float(choose_threshold(y_ref, referable_score(preds.dr_probs, preds.dme_probs), target))
-    m = classification_metrics(preds.dr_probs, preds.dme_probs, preds.dr_true, preds.dme_true, threshold,
-                               dme_unknown_as_absent=True)
+    threshold = referral_threshold(preds, target)  # as a training run chooses it
+    m = classification_metrics(preds.dr_probs, preds.dme_probs, preds.dr_true, preds.dme_true, threshold)
     validation = {"val_kappa": m["dr"]["quadratic_kappa"] or 0.0, "val_ref_auc": m["referable"]["auc"] or 0.0,
                   "val_sensitivity": m["referable"]["sensitivity"], "val_specificity": m["referable"]["specificity"],
                   "val_dr_acc": m["dr"]["accuracy"] or 0.0}
