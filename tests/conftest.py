@@ -153,3 +153,21 @@ def pg_url(request):
     url, drop = postgres_database(request.getfixturevalue("postgres_server"))
     yield url
     drop()
+
+
+# --- threads: a test must not leave a claims heartbeat behind -----------------------------------------------
+
+@pytest.fixture(autouse=True)
+def _no_claims_heartbeat_left_running():
+    """Fail a test that leaves a :class:`screening.claims.Claimer` holding claims without closing it. Its heartbeat
+    thread would go on renewing them every few seconds for the rest of the session, against a database the test
+    has dropped, logging errors into later tests (and, compiling SQL beside them, it once tripped CPython 3.11's
+    non-thread-safe AST recursion counter in a later test's ``ast.parse``)."""
+    import threading
+
+    before = set(threading.enumerate())
+    yield
+    leaked = [t for t in threading.enumerate() if t.name == "claims-heartbeat" and t not in before and t.is_alive()]
+    if leaked:
+        pytest.fail(f"the test left {len(leaked)} claims heartbeat thread(s) running: close every Claimer it made "
+                    "(Claimer.close, e.g. in a fixture's teardown or a finally block)", pytrace=False)

@@ -133,17 +133,22 @@ def _parts(settings):
 
 # --------------------------------------------------------------------- several workers (issue 15), on each database
 
-def _two_workers(settings_db):
-    """Two report stages as two workers have them: one database, each its own claims and renderer."""
+@pytest.fixture
+def two_workers(settings_db):
+    """Two report stages as two workers have them: one database, each its own claims and renderer. Their claims
+    are closed afterwards: a claim left held keeps its heartbeat thread renewing it for the rest of the session."""
     from screening.claims import Claimer
 
     engine = make_engine(settings_db.database)
     init_db(engine)
     factory = make_session_factory(engine)
     predictor = Predictor(settings_db.checkpoint, "cpu", 1)
-    stages = [ReportStage(settings_db, factory, predictor, Keep(), PROJECT / "templates",
-                          claims=Claimer(factory, f"site-{n}", 30.0)) for n in "ab"]
-    return factory, stages
+    claimers = [Claimer(factory, f"site-{n}", 30.0) for n in "ab"]
+    stages = [ReportStage(settings_db, factory, predictor, Keep(), PROJECT / "templates", claims=c) for c in claimers]
+    yield factory, stages
+    for claimer in claimers:
+        claimer.close()
+    engine.dispose()
 
 
 def _eye(factory, exam_id: int, eye: str, n: int) -> int:
@@ -167,10 +172,10 @@ def _finish(stage, version_folder: Path) -> list:
     return stage.collect()
 
 
-def test_two_eyes_stored_by_two_workers_make_versions_1_and_2_in_order(settings_db):
+def test_two_eyes_stored_by_two_workers_make_versions_1_and_2_in_order(two_workers, settings_db):
     """Worker a reports the right eye; worker b stores the left eye meanwhile and must wait for a's version,
     then makes version 2 with both eyes: never two version 1s, never a gap."""
-    factory, (a, b) = _two_workers(settings_db)
+    factory, (a, b) = two_workers
     with session_scope(factory) as s:
         exam_id = repo.get_or_create_exam(s, repo.get_or_create_patient(s, "P5"), date(2025, 3, 4)).id
     folder = report_folder(settings_db.reports, "P5", date(2025, 3, 4))
@@ -190,8 +195,8 @@ def test_two_eyes_stored_by_two_workers_make_versions_1_and_2_in_order(settings_
         assert {i.state for i in s.get(Exam, exam_id).images} == {"reported"}
 
 
-def test_a_visit_another_worker_covered_meanwhile_is_not_rendered_again(settings_db):
-    factory, (a, b) = _two_workers(settings_db)
+def test_a_visit_another_worker_covered_meanwhile_is_not_rendered_again(two_workers, settings_db):
+    factory, (a, b) = two_workers
     with session_scope(factory) as s:
         exam_id = repo.get_or_create_exam(s, repo.get_or_create_patient(s, "P5"), date(2025, 3, 4)).id
     _eye(factory, exam_id, "R", 1)
@@ -204,10 +209,10 @@ def test_a_visit_another_worker_covered_meanwhile_is_not_rendered_again(settings
         assert [r.version for r in s.get(Exam, exam_id).reports] == [1]
 
 
-def test_a_visit_claimed_afresh_drops_a_dead_workers_unrecorded_version(settings_db):
+def test_a_visit_claimed_afresh_drops_a_dead_workers_unrecorded_version(two_workers, settings_db):
     """A worker killed after its renderer published v2 but before recording it: the next worker to claim the
     visit removes that file and makes v2 itself, so the recorded versions have no gap."""
-    factory, (a, _) = _two_workers(settings_db)
+    factory, (a, _) = two_workers
     exam_id = _graded_exam(factory)
     folder = report_folder(settings_db.reports, "P7", date(2025, 3, 1))
     folder.mkdir(parents=True)
