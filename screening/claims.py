@@ -80,7 +80,8 @@ class Claimer:
         self._held: set[tuple[ClaimKind, str]] = set()
         self._lock = threading.Lock()
         self._beat: threading.Thread | None = None
-        self._wake = threading.Event()
+        self._wake = threading.Event()  # set: the heartbeat looks now (this run is closing, or holds nothing)
+        self._closing = False
 
     # ----------------------------------------------------------------------------------- claiming
     def take(self, kind: ClaimKind, key: str) -> bool:
@@ -113,8 +114,7 @@ class Claimer:
         """In the caller's transaction, before it writes claimed work: renew the claim, or raise
         :class:`ClaimLost` when another worker has taken it over."""
         if not db_claims.hold(session, kind, key, self.holder, self.lease_s):
-            with self._lock:
-                self._held.discard((kind, key))
+            self._forget([(kind, key)])
             raise ClaimLost(f"another worker took over this worker's {kind.value} claim after its lease of "
                             f"{self.lease_s:g} s ran out; that worker finishes the work")
 
@@ -124,8 +124,15 @@ class Claimer:
             return
         transaction(self.factory, lambda session: db_claims.release(session, kind, keys, self.holder),
                     what="releasing claims")
+        self._forget([(kind, key) for key in keys])
+
+    def _forget(self, claims: list[tuple[ClaimKind, str]]) -> None:
+        """Drop ``claims`` from what this run holds; with nothing left, wake the heartbeat so that it ends now
+        rather than a third of a lease later (the next claim starts it again)."""
         with self._lock:
-            self._held.difference_update((kind, key) for key in keys)
+            self._held.difference_update(claims)
+            if not self._held:
+                self._wake.set()
 
     def held_by_others(self, session: Session, kind: ClaimKind) -> dict[str, str]:
         """Keys of ``kind`` other workers hold now (their lease running): key -> holder."""
@@ -141,6 +148,7 @@ class Claimer:
     # ---------------------------------------------------------------------------------- heartbeat
     def _start_heartbeat(self) -> None:
         with self._lock:
+            self._closing = False
             if self._beat is not None and self._beat.is_alive():
                 return
             self._wake.clear()
@@ -148,13 +156,15 @@ class Claimer:
             self._beat.start()
 
     def _heartbeat(self) -> None:
-        """Renew every claim of this run each third of the lease; ends when nothing is held (started again by
-        the next claim) or at :meth:`close`."""
-        while not self._wake.wait(self.lease_s / 3):
+        """Renew every claim of this run each third of the lease; ends as soon as nothing is held (started again
+        by the next claim) or at :meth:`close`."""
+        while True:
+            self._wake.wait(self.lease_s / 3)
             with self._lock:
-                if not self._held:
+                if self._closing or not self._held:
                     self._beat = None
                     return
+                self._wake.clear()  # woken by a release while a new claim was being taken: carry on
             try:
                 transaction(self.factory, lambda session: db_claims.renew(session, self.holder, self.lease_s),
                             what="renewing claims")
@@ -164,12 +174,18 @@ class Claimer:
             except Exception:
                 log.exception("renewing this worker's claims failed; trying again in %.0f s", self.lease_s / 3)
 
-    def close(self) -> None:
-        """Release every claim and stop the heartbeat."""
-        self._wake.set()
+    def _stop_heartbeat(self) -> None:
+        """End the heartbeat now, whatever is held (its claims then lapse when their lease runs out)."""
+        with self._lock:
+            self._closing = True
+            self._wake.set()
         beat = self._beat
         if beat is not None and beat is not threading.current_thread():
             beat.join(timeout=10)
+
+    def close(self) -> None:
+        """Release every claim and stop the heartbeat."""
+        self._stop_heartbeat()
         try:
             self.release_all()
         except DatabaseGone:

@@ -24,6 +24,13 @@ def shared_data() -> Path:
     return SHARED_DATA
 
 
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Run the tests marked ``slow`` (a minute or two each: the demo training run, float16 on real photos, the
+    model card's evaluation, killed workers) first. ``make test`` spreads the suite over the CPU's cores
+    (pytest-xdist); started last, one of them would run alone at the end while the other cores sit idle."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)  # stable: otherwise collection order
+
+
 # --- databases: every database test runs on SQLite and on PostgreSQL ---------------------------------------
 
 PG_TEMP = PROJECT_ROOT / "scripts" / "pg-temp.sh"
@@ -159,7 +166,7 @@ def pg_url(request):
 
 @pytest.fixture(autouse=True)
 def _no_claims_heartbeat_left_running():
-    """Fail a test that leaves a :class:`screening.claims.Claimer` holding claims without closing it. Its heartbeat
+    """Fail a test that leaves a :class:`screening.claims.Claimer` holding claims (not released, not closed). Its heartbeat
     thread would go on renewing them every few seconds for the rest of the session, against a database the test
     has dropped, logging errors into later tests (and, compiling SQL beside them, it once tripped CPython 3.11's
     non-thread-safe AST recursion counter in a later test's ``ast.parse``)."""
@@ -167,7 +174,10 @@ def _no_claims_heartbeat_left_running():
 
     before = set(threading.enumerate())
     yield
-    leaked = [t for t in threading.enumerate() if t.name == "claims-heartbeat" and t not in before and t.is_alive()]
+    started = [t for t in threading.enumerate() if t.name == "claims-heartbeat" and t not in before]
+    for thread in started:
+        thread.join(timeout=1.0)  # one whose last claim was just released is ending
+    leaked = [t for t in started if t.is_alive()]
     if leaked:
         pytest.fail(f"the test left {len(leaked)} claims heartbeat thread(s) running: close every Claimer it made "
                     "(Claimer.close, e.g. in a fixture's teardown or a finally block)", pytrace=False)

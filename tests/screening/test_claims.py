@@ -40,10 +40,33 @@ def test_the_heartbeat_keeps_a_claim_past_its_lease_and_close_releases_it(factor
         assert s.scalar(select(func.count()).select_from(Claim)) == 0
 
 
+def test_the_heartbeat_ends_when_the_last_claim_is_released_and_the_next_claim_starts_another(factory):
+    """A run that holds nothing keeps no thread renewing nothing: releasing its last claim ends the heartbeat at
+    once, not a third of a lease later; the next claim gets a new heartbeat that keeps it past its lease."""
+    a, b = Claimer(factory, "north", 3.0), Claimer(factory, "south", 3.0)
+    try:
+        assert a.take(FILE, "P1_R.jpg") and a.take(FILE, "P2_R.jpg")
+        first = a._beat
+        assert first is not None and first.is_alive()
+        a.release(FILE, ["P1_R.jpg"])
+        first.join(timeout=0.3)
+        assert first.is_alive()  # P2_R.jpg is still held
+        a.release(FILE, ["P2_R.jpg"])
+        first.join(timeout=0.3)  # a third of the lease is 1 s
+        assert not first.is_alive()
+        assert a.take(FILE, "P3_R.jpg")
+        assert a._beat is not None and a._beat is not first and a._beat.is_alive()
+        time.sleep(3.5)  # past the lease: renewed meanwhile
+        assert not b.take(FILE, "P3_R.jpg")
+    finally:
+        a.close()
+        b.close()
+
+
 def test_a_stalled_holder_is_taken_over_after_its_lease_and_commits_nothing(factory):
     a, b = Claimer(factory, "north", 0.5), Claimer(factory, "south", 30.0)
     assert a.take(FILE, "P2_L.jpg")
-    a._wake.set()  # a stalls: its heartbeat stops (as in a process frozen past its lease)
+    a._stop_heartbeat()  # a stalls: its heartbeat stops (as in a process frozen past its lease)
     time.sleep(1.0)
     assert b.take(FILE, "P2_L.jpg")
     with pytest.raises(ClaimLost, match="took over"), session_scope(factory) as s:
@@ -122,6 +145,7 @@ def _start(cfg: Path, log: Path) -> subprocess.Popen[bytes]:
                                 stdout=out, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONPATH": str(PROJECT)})
 
 
+@pytest.mark.slow
 def test_two_workers_share_one_inbox_and_one_is_killed_mid_photo(settings_db, tmp_path):
     """Two workers (sites north and south) in watch mode on one inbox and database with a backlog of 7 visits,
     both eyes each. North is killed with SIGKILL while it holds a photo; south finishes everything. Every photo
