@@ -3,6 +3,8 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 CONFIG ?= config.toml
+# pytest-xdist workers for `make test`: one per core; TEST_WORKERS=0 runs the suite in this one process
+TEST_WORKERS ?= auto
 
 .PHONY: run once test train evaluate bench clean
 
@@ -21,7 +23,7 @@ once: $(VENV)/.installed
 test: $(VENV)/.installed
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/mypy
-	$(VENV)/bin/pytest
+	$(VENV)/bin/pytest -n $(TEST_WORKERS)
 
 train: $(VENV)/.installed
 	$(VENV)/bin/dr-train --config $(CONFIG) train

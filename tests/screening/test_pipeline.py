@@ -594,6 +594,7 @@ def _alive(pid: int) -> bool:
         return False
 
 
+@pytest.mark.slow
 def test_killed_worker_leaves_consistent_state(settings_db, tmp_path):
     """SIGKILL the real CLI mid-run, restart it: every photo ends graded exactly once, none lost."""
     settings = settings_db  # on SQLite, then on PostgreSQL

@@ -42,6 +42,7 @@ def test_fit_grader_writes_a_checkpoint_whose_evaluation_matches(graded_run, tmp
     assert summary["dr_kappa"] == pytest.approx(result["validation"]["val_kappa"])
 
 
+@pytest.mark.slow
 def test_blend_grader_writes_an_ensemble_whose_evaluation_matches(graded_run, tmp_path: Path) -> None:
     """blend-grader: the network's heads with another checkpoint's regression; evaluate reproduces its validation
     numbers (so the worker, evaluation and the card apply one rule), and the threshold is on the blend's own
