@@ -47,7 +47,7 @@ def test_no_labels_at_all_is_zero_but_differentiable():
     batch = {"dr": torch.tensor([-1, -1]), "dme": torch.tensor([-1, -1]),
              "masks": torch.zeros(2, 5, 8, 8), "has_masks": torch.tensor([False, False])}
     parts = MultiTaskLoss()(out, batch)
-    assert float(parts.total) == 0.0
+    assert parts.total.detach().item() == 0.0 and parts.total.requires_grad
     parts.total.backward()
 
 
