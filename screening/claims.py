@@ -157,7 +157,10 @@ class Claimer:
 
     def _heartbeat(self) -> None:
         """Renew every claim of this run each third of the lease; ends as soon as nothing is held (started again
-        by the next claim) or at :meth:`close`."""
+        by the next claim) or at :meth:`close`. A renewal that fails (the server unreachable a while) is tried
+        again each period: the first failure is logged with its traceback, the next ones in a line each, and
+        the first success after them says so."""
+        failures = 0
         while True:
             self._wake.wait(self.lease_s / 3)
             with self._lock:
@@ -171,8 +174,17 @@ class Claimer:
             except DatabaseGone:
                 log.error("the database is gone; claims are no longer renewed")
                 return
-            except Exception:
-                log.exception("renewing this worker's claims failed; trying again in %.0f s", self.lease_s / 3)
+            except Exception as exc:
+                failures += 1
+                if failures == 1:
+                    log.exception("renewing this worker's claims failed; trying again every %.0f s", self.lease_s / 3)
+                else:
+                    log.warning("renewing this worker's claims failed again (%d times in a row, %s); trying again in "
+                                "%.0f s", failures, type(exc).__name__, self.lease_s / 3)
+            else:
+                if failures:
+                    log.info("renewing this worker's claims works again after %d failure(s)", failures)
+                failures = 0
 
     def _stop_heartbeat(self) -> None:
         """End the heartbeat now, whatever is held (its claims then lapse when their lease runs out)."""

@@ -63,6 +63,37 @@ def test_the_heartbeat_ends_when_the_last_claim_is_released_and_the_next_claim_s
         b.close()
 
 
+def test_failing_renewals_log_one_traceback_then_a_line_each_and_the_recovery(factory, monkeypatch, caplog):
+    """A database unreachable for a while: the heartbeat keeps trying without a traceback every few seconds."""
+    import logging
+
+    from screening.db import claims as dbc_module
+
+    real_renew, calls = dbc_module.renew, []
+
+    def flaky(session, holder, lease_s):
+        calls.append(1)
+        if len(calls) <= 3:
+            raise ConnectionError("server unreachable")
+        return real_renew(session, holder, lease_s)
+
+    monkeypatch.setattr(dbc_module, "renew", flaky)
+    a = Claimer(factory, "north", 0.3)
+    try:
+        with caplog.at_level(logging.INFO, logger="screening"):
+            assert a.take(FILE, "P1_R.jpg")
+            deadline = time.monotonic() + 10
+            while len(calls) < 5 and time.monotonic() < deadline:
+                time.sleep(0.05)
+    finally:
+        a.close()
+    records = [r for r in caplog.records if "renewing this worker's claims" in r.getMessage()]
+    assert [(r.levelname, r.exc_info is not None) for r in records[:4]] == [
+        ("ERROR", True), ("WARNING", False), ("WARNING", False), ("INFO", False)]
+    assert "3 times in a row, ConnectionError" in records[2].getMessage()
+    assert "works again after 3 failure(s)" in records[3].getMessage()
+
+
 def test_a_stalled_holder_is_taken_over_after_its_lease_and_commits_nothing(factory):
     a, b = Claimer(factory, "north", 0.5), Claimer(factory, "south", 30.0)
     assert a.take(FILE, "P2_L.jpg")
