@@ -43,6 +43,7 @@ def server(worked):
     thread.start()
     yield f"http://127.0.0.1:{srv.effective_port}", worked
     srv.close()
+    srv.task_dispatcher.shutdown()  # close() leaves waitress's request threads running
     thread.join(timeout=10)
 
 
