@@ -59,6 +59,7 @@ from training.metrics import (
     fit_referable_calibration,
     referable_labels,
     referable_score,
+    validation_numbers,
 )
 from training.model import ModelConfig, MultiTaskNet, build_model
 from training.model.heads import EvidenceHead, lesion_evidence
@@ -429,12 +430,7 @@ def run_grading_stage(
     started = datetime.now(timezone.utc)
     version = make_version(mcfg, "real", started)
     prov_init = init_ckpt.get("provenance", {})
-    validation = {
-        "val_kappa": val_metrics["dr"].get("quadratic_kappa") or 0.0, "val_ref_auc": val_metrics["referable"].get("auc") or 0.0,
-        "val_dr_acc": val_metrics["dr"].get("accuracy") or 0.0,
-        "val_sensitivity": val_metrics["referable"].get("sensitivity"), "val_specificity": val_metrics["referable"].get("specificity"),
-        "val_ece_referable": calibration["val_ece_referable_after"],
-    }
+    validation = {**validation_numbers(val_metrics), "val_ece_referable": calibration["val_ece_referable_after"]}
     payload = {
         "model_version": version, "model_config": mcfg.to_dict(), "labels": labels_dict(),
         "thresholds": {"referable": threshold, "lesion": float(init_ckpt.get("thresholds", {}).get("lesion", 0.5)),

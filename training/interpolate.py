@@ -168,7 +168,7 @@ def interpolate_checkpoints(cfg: TrainingConfig, start: Path, end: Path, alpha: 
     training photos (drawn with ``seed``) re-measure the batch-norm statistics first (:func:`reset_batch_norm`)."""
     from training.engine import resolve_device
     from training.evaluate import _pass, _split
-    from training.metrics import classification_metrics
+    from training.metrics import classification_metrics, validation_numbers
     from training.train import referral_threshold
 
     model, ckpt = interpolated_network(start, end, alpha)
@@ -188,9 +188,7 @@ def interpolate_checkpoints(cfg: TrainingConfig, start: Path, end: Path, alpha: 
     target = float(ckpt["thresholds"].get("target_sensitivity", cfg.train.target_sensitivity))
     threshold = referral_threshold(preds, target)  # as a training run chooses it
     m = classification_metrics(preds.dr_probs, preds.dme_probs, preds.dr_true, preds.dme_true, threshold)
-    validation = {"val_kappa": m["dr"]["quadratic_kappa"] or 0.0, "val_ref_auc": m["referable"]["auc"] or 0.0,
-                  "val_sensitivity": m["referable"]["sensitivity"], "val_specificity": m["referable"]["specificity"],
-                  "val_dr_acc": m["dr"]["accuracy"] or 0.0}
+    validation = validation_numbers(m)
     ckpt["thresholds"] = {**ckpt["thresholds"], "referable": threshold}
     ckpt["metrics"] = {"validation": {k: float(v) for k, v in validation.items() if v is not None}}
     ckpt["model_state"] = {k: v.cpu() for k, v in model.state_dict().items()}

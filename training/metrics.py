@@ -42,7 +42,7 @@ __all__ = [
     "LESION_CODES", "bootstrap_ci", "choose_threshold", "classification_metrics", "expected_calibration_error",
     "grouped_bootstrap_ci", "lesion_pr_curves", "per_patient", "referable_labels", "referable_score",
     "calibrated_referable", "fit_referable_calibration",
-    "reliability_curve", "segmentation_metrics", "sensitivity_specificity",
+    "reliability_curve", "segmentation_metrics", "sensitivity_specificity", "validation_numbers",
 ]
 
 
@@ -258,6 +258,15 @@ def classification_metrics(
         "dme": _dme_metrics(dme_p, dme_y),
         "referable": _referable_metrics(dr_p, dme_p, dr_y, dme_y, threshold, dme_unknown_as_absent, referable_calibration),
     }
+
+
+def validation_numbers(metrics: Mapping[str, Any]) -> dict[str, float | None]:
+    """The validation numbers a checkpoint records (``metrics.validation``) from :func:`classification_metrics`:
+    kappa, referable AUC and DR accuracy (0.0 when undefined), sensitivity and specificity at its threshold."""
+    dr, ref = metrics["dr"], metrics["referable"]
+    return {"val_kappa": dr.get("quadratic_kappa") or 0.0, "val_ref_auc": ref.get("auc") or 0.0,
+            "val_dr_acc": dr.get("accuracy") or 0.0,
+            "val_sensitivity": ref.get("sensitivity"), "val_specificity": ref.get("specificity")}
 
 
 def quadratic_kappa(y_true: np.ndarray, y_pred: np.ndarray) -> float | None:
