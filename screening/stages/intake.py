@@ -378,6 +378,7 @@ class IntakeStage:
                 if not known.same_drop:
                     repo.record_drop(session, sha256=sha, source_name=path.name, outcome=DropOutcome.NEW, image=image)
                 image.exam, image.eye, image.stored_path, image.width, image.height = exam, eye, str(path), w, h
+                image.source_name = path.name  # the name it is admitted under, not one it was refused under
                 repo.set_device(session, image, identity.device)
                 if image.state != ImageState.RECEIVED:
                     repo.set_state(session, image, ImageState.RECEIVED)

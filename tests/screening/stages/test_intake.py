@@ -88,6 +88,23 @@ def test_refusals_carry_a_code_and_a_message_and_are_filed(stage, settings, name
         assert (image.state, image.error, image.stored_path) == ("rejected", outcome.message, str(outcome.filed_as))
 
 
+def test_refused_then_dropped_again_under_a_good_name_takes_the_new_name(stage, settings):
+    """The report names the image by ``source_name``: it read "10_right.jpg" for a photo graded as
+    ``E10_OD_20251120.jpg``, because re-admitting a known image kept the name it had been refused under."""
+    refused = write_fundus(settings.inbox / "10_right.jpg", seed=4)
+    data = refused.read_bytes()
+    first = stage.admit(refused)
+    assert isinstance(first, Rejected) and first.code == RejectReason.IDENTITY
+    renamed = settings.inbox / "E10_R_20251120.jpg"
+    renamed.write_bytes(data)
+    second = stage.admit(renamed)
+    assert isinstance(second, Admitted) and second.job.image_id == first.image_id
+    with session_scope(stage.factory) as s:
+        image = s.get(Image, first.image_id)
+        assert (image.source_name, image.eye, image.state) == ("E10_R_20251120.jpg", "R", "received")
+        assert sorted(d.source_name for d in s.scalars(select(Drop))) == ["10_right.jpg", "E10_R_20251120.jpg"]
+
+
 def test_a_file_gone_before_intake(stage, settings):
     assert stage.admit(settings.inbox / "gone.jpg") == Vanished(settings.inbox / "gone.jpg")
 
