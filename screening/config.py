@@ -24,12 +24,14 @@ from training.api import (
 BFLOAT16_REFUSED = ("it moved probabilities by up to 0.03 from float32 and changed a referral on real photos; "
                     "use 'float16' (within 0.003) or 'float32'")
 
+# Each may end in a field number, ``_1`` ... ``_99``, as cameras number the fields of one eye and visit
+# (``A1234_OD_20251120_2.jpg``): the second field is another photo of the same eye, graded and shown beside the first.
 DEFAULT_PATTERNS = (
-    r"^(?P<patient>[A-Za-z]+\d+)_(?P<eye>L|R|OD|OS|left|right)$",
-    r"^(?P<patient>[A-Za-z0-9-]+)_(?P<eye>L|R|OD|OS|left|right)_(?P<date>\d{8})$",
+    r"^(?P<patient>[A-Za-z]+\d+)_(?P<eye>L|R|OD|OS|left|right)(?:_\d{1,2})?$",
+    r"^(?P<patient>[A-Za-z0-9-]+)_(?P<eye>L|R|OD|OS|left|right)_(?P<date>\d{8})(?:_\d{1,2})?$",
     # no eye in the name: the eye is read from the photo when it is clear enough (screening/checks.py), else refused
     r"^(?P<patient>[A-Za-z]+\d+)$",
-    r"^(?P<patient>[A-Za-z0-9-]+)_(?P<date>\d{8})$",
+    r"^(?P<patient>[A-Za-z0-9-]+)_(?P<date>\d{8})(?:_\d{1,2})?$",
 )
 
 

@@ -75,6 +75,9 @@ def append(path: Path, data: bytes, mtime_ns: int) -> None:
         ("Patient001_Left.jpeg", Identity("Patient001", "L", None, eye_from="file name")),
         ("x9_RIGHT_20250102.bmp", Identity("x9", "R", date(2025, 1, 2), eye_from="file name")),
         ("x9_os_20250102.png", Identity("x9", "L", date(2025, 1, 2), eye_from="file name")),
+        # a field number at the end: another photo of the same eye and visit
+        ("A1234_OD_20251120_2.jpg", Identity("A1234", "R", date(2025, 11, 20), eye_from="file name")),
+        ("Patient017_L_1.jpg", Identity("Patient017", "L", None, eye_from="file name")),
     ],
 )
 def test_parse_identity_from_name(tmp_path: Path, name: str, expected: Identity) -> None:
@@ -86,6 +89,7 @@ def test_parse_identity_from_name(tmp_path: Path, name: str, expected: Identity)
     [
         ("Patient001.jpg", Identity("Patient001", None, None)),
         ("A1234_20251120.jpg", Identity("A1234", None, date(2025, 11, 20))),
+        ("A1234_20251120_3.jpg", Identity("A1234", None, date(2025, 11, 20))),
     ],
 )
 def test_names_without_an_eye_leave_it_to_the_photo(tmp_path: Path, name: str, expected: Identity) -> None:
@@ -103,6 +107,12 @@ def test_invalid_date_in_name_is_error(tmp_path: Path) -> None:
     res = unidentified(tmp_path / "P1_L_20251301.jpg")
     assert "20251301" in res.message and "date" in res.message
     unidentified(tmp_path / "P1_L_20250230.jpg")
+
+
+@pytest.mark.parametrize("name", ["P1_R_123.jpg", "Patient017_2.jpg", "P1_R_20250102_.jpg"])
+def test_a_field_number_is_one_or_two_digits_after_an_eye_or_a_date(tmp_path: Path, name: str) -> None:
+    """``P1_R_123`` could be a field or a typo in a date: it is refused, saying how to name the file."""
+    assert "no patient id" in unidentified(tmp_path / name).message
 
 
 def test_no_patient_id_error_message(tmp_path: Path) -> None:

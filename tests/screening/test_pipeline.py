@@ -145,6 +145,22 @@ def test_second_eye_later_rerenders_and_keeps_v1(settings_db):
         assert [r.version for r in s.scalars(select(Report).order_by(Report.version))] == [1, 2]
 
 
+def test_numbered_fields_of_one_eye_are_one_visit_with_both_fields(settings):
+    """Cameras number the fields of an eye (``_1``, ``_2``): the default names take the number, so both photos are
+    graded as fields of the same eye and visit, and one report shows both."""
+    worker = make_worker(settings)
+    write_fundus(settings.inbox / "P11_OD_20251103_1.jpg", seed=7)
+    write_fundus(settings.inbox / "P11_OD_20251103_2.jpg", seed=8)
+    out = worker.run_once(settle_timeout=5)
+    assert (out.processed, out.reports, out.rejected) == (2, 1, 0)
+    text = pdf_text(settings.reports / "P11" / "2025-11-03" / "report_v1.pdf")
+    for needle in ("P11_OD_20251103_1.jpg", "P11_OD_20251103_2.jpg", "Field 1 of 2", "Field 2 of 2"):
+        assert needle in text, needle
+    with session_scope(worker.factory) as s:
+        assert {(i.eye, i.exam.patient.code, i.exam.exam_date.isoformat()) for i in s.scalars(select(Image))} == {
+            ("R", "P11", "2025-11-03")}
+
+
 def test_a_second_field_of_the_same_eye_from_dicom_rerenders_with_both_fields(settings):
     """Macula-centred field as a named JPEG, the disc-centred field of the same eye later as a nameless DICOM
     export: a new report version shows both fields; the camera is recorded; masks exist at each photo's size."""
