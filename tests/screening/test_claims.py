@@ -199,13 +199,21 @@ def test_two_workers_share_one_inbox_and_one_is_killed_mid_photo(settings_db, tm
                 Claim.site == "north", Claim.kind == FILE.value)))
 
     try:
+        # Seen holding a photo, north is frozen (SIGSTOP) and asked again: it may have released the photo between
+        # the look and the signal (a run once found nothing held at the kill). Still holding one, frozen, it is
+        # killed mid-photo; otherwise it goes on and is caught at its next photo.
         deadline = time.monotonic() + 240
-        while not north_holds_a_photo():
+        while True:
             assert time.monotonic() < deadline and north.poll() is None and south.poll() is None, logs()
+            if north_holds_a_photo():
+                north.send_signal(signal.SIGSTOP)
+                if north_holds_a_photo():
+                    break
+                north.send_signal(signal.SIGCONT)
             time.sleep(0.05)
         north.send_signal(signal.SIGKILL)
         north.wait()
-        with session_scope(factory) as s:  # what north held when it died (it had just claimed them)
+        with session_scope(factory) as s:  # what north held when it died
             held = set(s.scalars(select(Claim.key).where(Claim.site == "north", Claim.kind == FILE.value)))
 
         def finished() -> bool:
