@@ -5,9 +5,13 @@ from training.config import ConfigError
 
 
 def test_project_config(project_root):
+    from screening.config import DEFAULT_PATTERNS
+
     s = load_screening_settings(project_root / "config.toml")
     assert s.inbox == project_root / "inbox"
     assert s.database == f"sqlite:///{project_root / 'screening.db'}"
+    # the names README documents are the same whether config.toml lists them or a config leaves them out
+    assert s.filename_patterns == DEFAULT_PATTERNS
 
 
 def test_unknown_screening_key_named(tmp_path):
