@@ -218,6 +218,7 @@ class PageIntake:
                         images.append(image)
                         continue
                     image.eye = eye
+                    image.source_name = page_name(path.name, page.number)  # the name it is admitted under now
                     if rejection is not None and image.state != ImageState.REJECTED:
                         repo.set_state(session, image, ImageState.REJECTED, rejection.message, code=rejection.code)
                         refused.append(image.id)

@@ -175,6 +175,27 @@ def test_a_page_not_graded_yet_is_admitted_again_and_graded_pages_keep_their_res
         assert [d.outcome for d in s.scalars(select(Drop))] == ["new"]  # still one arrival
 
 
+def test_pages_not_graded_yet_take_the_name_their_file_is_admitted_under_again(stage, settings):
+    """Renamed in the inbox before a restart: the pages still to grade show the new name (the report's heading),
+    a page already graded keeps the name it was graded under."""
+    from screening.db import repository as repo
+    from screening.db.models import ImageState
+
+    path = _visit(settings)
+    first = stage.admit(path)
+    done, failed = first.jobs
+    _mark_graded(stage, [done.image_id])
+    with session_scope(stage.factory) as s:
+        repo.set_state(s, s.get(Image, failed.image_id), ImageState.FAILED, "x", code="grading_failed")
+    renamed = path.rename(settings.inbox / "P1_R_20250301_1.tif")
+    again = stage.admit(renamed)
+    assert isinstance(again, AdmittedPages) and [j.image_id for j in again.jobs] == [failed.image_id]
+    with session_scope(stage.factory) as s:
+        names = {i.id: i.source_name for i in s.scalars(select(Image))}
+    assert names[failed.image_id] == "P1_R_20250301_1.tif (page 4)"
+    assert names[done.image_id] == "P1_R_20250301.tif (page 2)"
+
+
 def test_each_page_is_judged_as_a_single_photo_would_be(stage, settings):
     """A sharp photo, a blurred one and a scanned form: the blurred page is admitted as ungradable with its
     reason (stored without a grade, as a blurred single photo is), the form refused as not a fundus photo."""
