@@ -64,6 +64,19 @@ def _mark_graded(stage, image_ids) -> None:
             repo.set_state(s, s.get(Image, image_id), ImageState.DONE)
 
 
+def _one_page_graded_one_failed(stage, path: Path):
+    """Admit ``path`` (a :func:`_visit`), mark its first fundus page graded and its second failed, as a worker
+    that stopped mid-file leaves them; returns their jobs."""
+    from screening.db import repository as repo
+    from screening.db.models import ImageState
+
+    done, failed = stage.admit(path).jobs
+    _mark_graded(stage, [done.image_id])
+    with session_scope(stage.factory) as s:
+        repo.set_state(s, s.get(Image, failed.image_id), ImageState.FAILED, "x", code="grading_failed")
+    return done, failed
+
+
 def test_each_photo_of_a_file_is_an_image_to_grade_and_the_rest_are_refused(stage, settings):
     path = _visit(settings)
     sha = hashlib.sha256(path.read_bytes()).hexdigest()
@@ -155,15 +168,8 @@ def test_the_file_again_is_a_duplicate_once_graded_and_a_conflict_under_another_
 def test_a_page_not_graded_yet_is_admitted_again_and_graded_pages_keep_their_result(stage, settings):
     """A restart with one page graded and one not: only the other is graded again; once all are graded and the
     file is still in the inbox, only its move is finished."""
-    from screening.db import repository as repo
-    from screening.db.models import ImageState
-
     path = _visit(settings)
-    first = stage.admit(path)
-    done, failed = first.jobs
-    _mark_graded(stage, [done.image_id])
-    with session_scope(stage.factory) as s:
-        repo.set_state(s, s.get(Image, failed.image_id), ImageState.FAILED, "x", code="grading_failed")
+    done, failed = _one_page_graded_one_failed(stage, path)
     again = stage.admit(path)
     assert isinstance(again, AdmittedPages) and [j.image_id for j in again.jobs] == [failed.image_id]
     assert again.refused == ()  # the form was refused the first time: not counted again
@@ -178,15 +184,8 @@ def test_a_page_not_graded_yet_is_admitted_again_and_graded_pages_keep_their_res
 def test_pages_not_graded_yet_take_the_name_their_file_is_admitted_under_again(stage, settings):
     """Renamed in the inbox before a restart: the pages still to grade show the new name (the report's heading),
     a page already graded keeps the name it was graded under."""
-    from screening.db import repository as repo
-    from screening.db.models import ImageState
-
     path = _visit(settings)
-    first = stage.admit(path)
-    done, failed = first.jobs
-    _mark_graded(stage, [done.image_id])
-    with session_scope(stage.factory) as s:
-        repo.set_state(s, s.get(Image, failed.image_id), ImageState.FAILED, "x", code="grading_failed")
+    done, failed = _one_page_graded_one_failed(stage, path)
     renamed = path.rename(settings.inbox / "P1_R_20250301_1.tif")
     again = stage.admit(renamed)
     assert isinstance(again, AdmittedPages) and [j.image_id for j in again.jobs] == [failed.image_id]
