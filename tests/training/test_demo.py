@@ -22,9 +22,10 @@ from training.engine import predict
 from training.metrics import classification_metrics, segmentation_metrics
 
 # Epoch-bounded (seeded, so the same model every run whatever the CPU load); minutes is only a cap.
-EPOCHS = 14
+EPOCHS = 8
 MAX_MINUTES = 6.0
-# Measured on held-out data after 14 epochs (lr 1e-3, AVX2 machine): kappa 0.63, referable AUC 0.96, OD Dice 0.89.
+# Measured on held-out data (lr 1e-3, AVX2 machine): after 8 epochs kappa 0.61, referable AUC 0.97, OD Dice 0.81
+# (after 14: 0.63, 0.96, 0.89, for 60 s more of the suite). Validation AUC passes 0.84 from the second epoch on.
 # The run is seeded but not the same on every CPU type (float kernels differ), so the recipe must learn with margin.
 # Chance is kappa 0, AUC 0.5, Dice ~0.
 THRESHOLDS = {"kappa": 0.3, "ref_auc": 0.75, "od_dice": 0.45}
