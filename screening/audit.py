@@ -12,8 +12,10 @@ What is counted
     * duplicates: drops with outcome ``duplicate`` (the same content dropped again);
     * drops: every arrival of a file (or of anything else in the inbox: a link, a folder) exactly once, by
       its outcome (``new``, ``duplicate``, ``rejected``);
-    * rejected: images in state ``rejected`` plus rejected drops not attached to a rejected image, grouped
-      by their reason code (``images.error_code`` / ``drops.reason_code``, see :mod:`screening.rejection`;
+    * rejected: every refused arrival (drops with outcome ``rejected``: the same bytes refused under three
+      names are three refusals, each with its own reason) plus every page refused inside a multi-page file
+      that was otherwise admitted (a ``rejected`` image with a page number; its file's drop is ``new``), grouped
+      by their reason code (``drops.reason_code`` / ``images.error_code``, see :mod:`screening.rejection`;
       rows from before revision 0006 have no code and are grouped by their message text);
     * failed: images in state ``failed``, grouped the same way;
     * incidents: events with an incident code (a move retried, an orphan report removed, a state repaired
@@ -388,20 +390,19 @@ def audit_summary(
     failed: Counter[str] = Counter()
     for state, error, code in session.execute(
         select(Image.state, Image.error, Image.error_code).where(
-            Image.state.in_([ImageState.REJECTED.value, ImageState.FAILED.value]),
+            (Image.state == ImageState.FAILED.value)
+            | ((Image.state == ImageState.REJECTED.value) & Image.page.is_not(None)),  # a page refused in its file
             *_in_range(Image.received_at, lo, hi),
         )
     ).all():
         (rejected if state == ImageState.REJECTED else failed)[reason_key(code, error)] += 1
-    for reason, code in session.execute(
-        select(Drop.reason, Drop.reason_code)
+    for reason, code, image_error, image_code in session.execute(
+        select(Drop.reason, Drop.reason_code, Image.error, Image.error_code)
         .outerjoin(Image, Image.id == Drop.image_id)
-        .where(
-            Drop.outcome == DropOutcome.REJECTED.value,
-            (Image.id.is_(None)) | (Image.state != ImageState.REJECTED.value),
-            *_in_range(Drop.received_at, lo, hi),
-        )
+        .where(Drop.outcome == DropOutcome.REJECTED.value, *_in_range(Drop.received_at, lo, hi))
     ).all():
+        if code is None and reason is None:  # a drop recorded before revision 0002 kept its reason on the image
+            code, reason = image_code, image_error
         rejected[reason_key(code, reason)] += 1
     drops = {o.value: 0 for o in DropOutcome}
     for _metric, _mv, outcome, _detail, n in tallies.sums(session, [tallies.DROPS], start, end):

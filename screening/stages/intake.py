@@ -352,7 +352,8 @@ class IntakeStage:
 
         image_id, drop_id = transaction(self.factory, record, what="recording a refusal")
         filed = self.filing.file_drop(drop_id, path, sha)
-        log.warning("rejected image %s (sha %s): %s", image_id, sha[:12], rejection.code.value)  # the code: no names
+        # the code, no names; the drop tells apart the same bytes refused under several names
+        log.warning("rejected image %s (drop %s, sha %s): %s", image_id, drop_id, sha[:12], rejection.code.value)
         return Rejected(image_id, rejection.code, rejection.message, filed)
 
     def _admit(self, path: Path, sha: str, known: _Known | None, identity: Identity, decoded: DecodedImage,

@@ -391,6 +391,32 @@ def test_errors_group_by_code_and_every_drop_counts_once(tmp_path):
     engine.dispose()
 
 
+def test_every_refused_arrival_counts_with_its_own_reason_and_so_does_a_refused_page(factory):
+    """The same bytes refused under three names are three refused files (each kept its own reason file); the
+    audit counted the image once, under its last reason, beside "Files dropped ... rejected 3". A page refused
+    inside a file whose other pages were graded counts too (its file's drop is "new")."""
+    with session_scope(factory) as s:
+        sha = "a" * 64
+        img = repo.add_image(s, sha256=sha, source_name="photo 1.jpg", received_at=at(0))
+        for i, (name, code) in enumerate([("photo 1.jpg", "identity"), ("C555_OD_20251120.jpg", "identity_conflict"),
+                                          ("C556_OD_20251332.jpg", "identity")]):
+            repo.set_state(s, img, "rejected", f"refused '{name}'", code=code)
+            repo.record_drop(s, sha256=sha, source_name=name, outcome="rejected", image=img, reason=f"refused '{name}'",
+                             reason_code=code, received_at=at(i))
+        exam = repo.get_or_create_exam(s, repo.get_or_create_patient(s, "M1"), DAY)
+        page1 = repo.add_image(s, sha256="b" * 64, source_name="M1_R.tif (page 1)", exam=exam, eye="R", page=1,
+                               file_sha256="c" * 64, received_at=at(10))
+        repo.add_image(s, sha256="d" * 64, source_name="M1_R.tif (page 2)", exam=exam, eye="R", page=2,
+                       file_sha256="c" * 64, state="rejected", error="'M1_R.tif (page 2)' is not a fundus photo",
+                       error_code="not_fundus", received_at=at(10))
+        repo.record_drop(s, sha256="c" * 64, source_name="M1_R.tif", outcome="new", image=page1, received_at=at(10))
+    with factory() as s:
+        summary = audit_summary(s, DAY, DAY)
+    assert summary.drops == {"new": 1, "duplicate": 0, "rejected": 3}
+    assert summary.rejected == 4
+    assert summary.rejected_reasons == {"identity": 2, "identity_conflict": 1, "not_fundus": 1}
+
+
 def test_audit_groups_by_the_site_that_graded(factory, tmp_path):
     """Several workers writing one database (issue 15): --by-site counts each site's images, referrals and
     turnaround; results from before sites were recorded are '(no site)'; the pooled numbers are unchanged."""
