@@ -125,6 +125,22 @@ def _link_new(tmp: Path, final: Path) -> None:
         tmp.unlink()
 
 
+def _umask() -> int:
+    """The process's umask, read without changing it (``os.umask`` can only be read by setting it, which races
+    with other threads creating files); Linux shows it in /proc, elsewhere the value at import is used."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    return _UMASK_AT_IMPORT
+
+
+_UMASK_AT_IMPORT = os.umask(0o022)
+os.umask(_UMASK_AT_IMPORT)
+
+
 def atomic_write(
     path: str | os.PathLike[str], write: Callable[[Path], object], *, overwrite: bool = True, durable: bool = True,
 ) -> Path:
@@ -134,12 +150,19 @@ def atomic_write(
     writers that pick the format from the suffix work); it is then renamed over ``path``, or, with
     ``overwrite=False``, linked to it and FileExistsError raised if ``path`` already exists (an earlier
     version is never replaced). ``durable`` fsyncs the file and the folder, so the new content survives
-    a power cut once this returns. The temporary file is removed on any failure.
+    a power cut once this returns. The temporary file is removed on any failure. The file gets the mode a
+    plainly created one would (0666 less the umask): ``mkstemp``'s private 0600 hid reports, reason files
+    and pictures from staff who read the shared folders as another user.
     """
     final = Path(path)
     fd, name = tempfile.mkstemp(prefix=f".{final.stem}.", suffix=f".tmp{final.suffix}", dir=final.parent)
-    os.close(fd)
     tmp = Path(name)
+    try:
+        os.fchmod(fd, 0o666 & ~_umask())
+    except OSError:  # a share mounted without Unix permissions: its mount options decide the mode
+        pass
+    finally:
+        os.close(fd)
     try:
         write(tmp)
         if durable:

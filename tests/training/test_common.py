@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import os
 import re
+import stat
 import subprocess
 import sys
 from pathlib import Path
@@ -101,6 +102,20 @@ def test_atomic_write_replaces_or_refuses_and_leaves_no_temporary_file(tmp_path:
     assert target.read_text() == "two"
     assert atomic_write_bytes(tmp_path / "new.pdf", b"%PDF", overwrite=False).read_bytes() == b"%PDF"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.json", "new.pdf"]
+
+
+@pytest.mark.parametrize("umask, mode", [(0o022, 0o644), (0o077, 0o600), (0o002, 0o664)])
+def test_atomic_write_gives_the_mode_a_plainly_created_file_gets(tmp_path: Path, umask: int, mode: int) -> None:
+    """Reports, reason files and pictures are read by staff as other users: mkstemp's 0600 hid them."""
+    old = os.umask(umask)
+    try:
+        written = [atomic_write_text(tmp_path / f"reason{umask}.txt", "why"),
+                   atomic_write_bytes(tmp_path / f"report{umask}.pdf", b"%PDF", overwrite=False)]
+        plain = tmp_path / f"plain{umask}.txt"
+        plain.write_text("x")
+    finally:
+        os.umask(old)
+    assert [stat.S_IMODE(p.stat().st_mode) for p in written] == [mode, mode] == [stat.S_IMODE(plain.stat().st_mode)] * 2
 
 
 def test_atomic_write_hands_the_writer_a_name_with_the_final_suffix_and_cleans_up_on_failure(tmp_path: Path) -> None:
