@@ -223,7 +223,8 @@ def _pixels(ds: Dataset, name: str, limits: DecodeLimits) -> np.ndarray:
     photometric = _text(ds, "PhotometricInterpretation") or ""
     if photometric.startswith("MONOCHROME"):
         raise _refuse(RejectReason.NOT_FUNDUS, name,
-                      "a monochrome (red-free) photo; only colour fundus photos are graded")
+                      f"a monochrome (red-free) photo (Photometric Interpretation (0028,0004) {photometric}); only "
+                      "colour fundus photos are graded: export the colour photograph of this eye")
     if photometric not in ("RGB", "YBR_FULL", "YBR_FULL_422", "YBR_ICT", "YBR_RCT"):
         raise _refuse(RejectReason.UNSUPPORTED_TYPE, name,
                       f"photometric interpretation {photometric or '(none)'} (0028,0004) is not supported; export as RGB colour")

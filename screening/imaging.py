@@ -55,7 +55,8 @@ _SIGNATURES = (
     (b"\xff\xd8\xff", "JPEG"), (b"\x89PNG\r\n\x1a\n", "PNG"), (b"II*\x00", "TIFF"), (b"MM\x00*", "TIFF"), (b"BM", "BMP"),
 )
 _REDUCED_RESOLUTION = 1  # TIFF NewSubfileType bit 0: a thumbnail of another page
-_EXPORT_AGAIN = "export the photo again (or wait until the copy has finished)"
+# Said when the file is refused, i.e. once it has stopped changing (``incomplete_grace``): not "wait for the copy"
+_EXPORT_AGAIN = "the copy into the inbox may have been cut short: copy or export the photo again"
 T = TypeVar("T")
 
 

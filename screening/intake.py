@@ -488,14 +488,27 @@ def stray_rejection(path: Path, st: os.stat_result, abandoned_after: float, now:
     if kind is not None:
         return Rejection(RejectReason.NOT_A_FILE, f"'{path.name}' is {kind}, not a file; copy photos into the inbox as files")
     if is_ignored(path.name) and is_candidate(path, st, abandoned_after, now):
-        hours = abandoned_after / 3600
+        unchanged = (f"{duration_text((now if now is not None else time.time()) - st.st_mtime)} (the limit, [screening] "
+                     f"abandoned_after, is {duration_text(abandoned_after)})")
         if path.name.lower().endswith(".json"):
             return Rejection(RejectReason.LEFT_BEHIND, f"sidecar '{path.name}' has had no photo of the same name beside "
-                             f"it for {hours:g} h; copy the photo and its sidecar into the inbox together")
+                             f"it and has not changed for {unchanged}; copy the photo and its sidecar into the inbox together")
         return Rejection(RejectReason.LEFT_BEHIND, f"'{path.name}' has a hidden or temporary name and has not changed "
-                         f"for {hours:g} h (an interrupted copy?); if it is a photo, give it an ordinary name "
+                         f"for {unchanged} (an interrupted copy?); if it is a photo, give it an ordinary name "
                          "(no leading '.', no .part/.tmp ending) and copy it into the inbox again")
     return None
+
+
+def duration_text(seconds: float) -> str:
+    """A span for people: "40 s", "12 min", "3.5 h", "2.0 days" (a threshold of 10 s once read "0.00277778 h")."""
+    seconds = max(0.0, seconds)
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    if seconds < 90 * 60:
+        return f"{seconds / 60:.0f} min"
+    if seconds < 48 * 3600:
+        return f"{seconds / 3600:.1f} h"
+    return f"{seconds / 86400:.1f} days"
 
 
 def entry_sha256(path: Path, st: os.stat_result | None = None) -> str:

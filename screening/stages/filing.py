@@ -191,7 +191,8 @@ class Filing:
         atomic_write_text(
             _reason_file(dest),
             f"File: {path.name}\nSHA-256: {sha}\nRejected: {when.isoformat(timespec='seconds')}\n"
-            f"Reason: {reason}\nWhat to do: fix the issue and copy the file into the inbox again.\n",
+            f"Reason: {reason}\nWhat to do: as the reason says. This file stays here; a corrected file can be "
+            "dropped into the inbox again.\n",
         )
         return self._move(path, dest)
 

@@ -91,7 +91,7 @@ SECRET = "SECRET-ID-4711"
     (dict(syntax="1.2.3.4.5.6.7.8.9.10"), RejectReason.UNSUPPORTED_TYPE, "transfer syntax 1.2.3.4.5.6.7.8.9.10"),
     (dict(image_laterality="X"), RejectReason.IDENTITY, "ImageLaterality (0020,0062)"),
     (dict(acquisition=None, study_date=SECRET), RejectReason.IDENTITY, "valid date"),
-    (dict(monochrome=True), RejectReason.NOT_FUNDUS, "monochrome"),
+    (dict(monochrome=True), RejectReason.NOT_FUNDUS, "monochrome (red-free) photo (Photometric Interpretation (0028,0004) MONOCHROME2)"),
     (dict(truncated=True), RejectReason.UNREADABLE, "export it again"),
 ])
 def test_malformed_files_are_refused_naming_the_tag_not_its_value(tmp_path, kw, code, fragment, caplog):

@@ -18,10 +18,12 @@ from screening.intake import (
     Intake,
     StabilityTracker,
     check_supported,
+    duration_text,
     is_ignored,
     is_supported,
     parse_identity,
     sidecar_for,
+    stray_rejection,
     sweep,
     wait_until_stable,
 )
@@ -480,3 +482,25 @@ def test_intake_real_time_with_watcher(tmp_path: Path, kind: str) -> None:
         for _ in range(3):
             assert intake.poll() == []
         assert intake.wait_until_stable([new], timeout=1.0) == [new]
+
+
+def test_duration_text_reads_as_people_say_it():
+    assert [duration_text(s) for s in (0.4, 10, 89, 90, 600, 5399, 5400, 12_600, 172_799, 172_800, -3)] == [
+        "0 s", "10 s", "89 s", "2 min", "10 min", "90 min", "1.5 h", "3.5 h", "48.0 h", "2.0 days", "0 s"]
+
+
+def test_a_left_behind_name_is_refused_with_its_own_age_and_the_limit(tmp_path):
+    """With abandoned_after = 10 the reason read "has not changed for 0.00277778 h": the limit in odd units, not
+    how long the file had lain there."""
+    part = tmp_path / "scan.jpg.part"
+    part.write_bytes(b"half")
+    st = part.stat()
+    assert stray_rejection(part, st, abandoned_after=10.0, now=st.st_mtime + 5) is None  # still young: left alone
+    rejection = stray_rejection(part, st, abandoned_after=10.0, now=st.st_mtime + 3 * 3600)
+    assert rejection is not None and rejection.code == RejectReason.LEFT_BEHIND
+    assert "has not changed for 3.0 h (the limit, [screening] abandoned_after, is 10 s)" in rejection.message
+    sidecar = tmp_path / "lonely.json"
+    sidecar.write_text("{}")
+    st = sidecar.stat()
+    rejection = stray_rejection(sidecar, st, abandoned_after=86_400.0, now=st.st_mtime + 3 * 86_400)
+    assert rejection is not None and "has not changed for 3.0 days (the limit, [screening] abandoned_after, is 24.0 h)" in rejection.message

@@ -256,7 +256,10 @@ def test_an_incomplete_file_waits_while_it_may_still_arrive_then_is_refused(stag
     _aged(stuck, settings.incomplete_grace + 60)  # unchanged for longer than the grace: refused
     refused = stage.admit(stuck)
     assert isinstance(refused, Rejected) and refused.code == RejectReason.INCOMPLETE
-    assert "incomplete or corrupt" in _reason(refused)
+    reason = _reason(refused)
+    assert "incomplete or corrupt" in reason and "copy or export the photo again" in reason
+    assert "wait" not in reason  # refused because it stopped changing: waiting longer would not help
+    assert "What to do: as the reason says. This file stays here" in reason
 
 
 def test_limits_on_bytes_and_an_empty_file(stage, settings):
