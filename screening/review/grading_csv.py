@@ -308,8 +308,9 @@ def import_grading(
             review = sign_off(session, exam.id, reviewer=reviewer, source=source, answers=answers, referral=referral, rule=rule,
                                ungradable_rule=ungradable_rule,
                               comment="; ".join(comments) or None, reviewed_at=reviewed_at)
-        except ReviewError as exc:
-            out.errors.append(LineError(first.line, None, str(exc)))
+        except ReviewError as exc:  # on the line that gave the value at fault, where the error names its column
+            line = next((ln.line for ln in group if exc.column and getattr(ln, exc.column, None) is not None), first.line)
+            out.errors.append(LineError(line, exc.column, str(exc)))
             continue
         out.visits.append(ImportedVisit(exam.id, patient, exam_date, [ln.line for ln in group], review))
     out.errors.sort(key=lambda e: (e.line, e.column or ""))

@@ -97,7 +97,7 @@ def format_import(outcome: ImportOutcome, dry_run: bool) -> str:
     lines = [f"warning: {w}" for w in outcome.warnings]
     verb = "would record" if dry_run else "recorded"
     for v in outcome.visits:
-        where = f"lines {', '.join(map(str, v.lines))}: visit {v.exam_id} ({v.patient}, {v.exam_date})"
+        where = f"line{'s' if len(v.lines) > 1 else ''} {', '.join(map(str, v.lines))}: visit {v.exam_id} ({v.patient}, {v.exam_date})"
         if v.review is None:
             lines.append(f"{where}: unchanged, already signed off the same way; skipped")
         else:

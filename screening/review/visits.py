@@ -45,7 +45,12 @@ GRADER_REFERRALS = tuple(k for k in REFERRAL_LEVELS if k != "no_images")
 
 
 class ReviewError(ValueError):
-    """A sign-off that cannot be recorded: the message says what was wrong and what to do."""
+    """A sign-off that cannot be recorded: the message says what was wrong and what to do. ``column``: the
+    grading CSV's column the problem lies in, where it is one (an import names the line and column)."""
+
+    def __init__(self, message: str, column: str | None = None) -> None:
+        super().__init__(message)
+        self.column = column
 
 
 # --------------------------------------------------------------------------------------------- visits
@@ -266,18 +271,19 @@ def referral_from_answers(answers: Iterable[EyeReview]) -> str:
     return level
 
 
-def clean_text(value: str | None, what: str, max_chars: int, *, required: bool, multiline: bool = False) -> str | None:
+def clean_text(value: str | None, what: str, max_chars: int, *, required: bool, multiline: bool = False,
+               column: str | None = None) -> str | None:
     """Strip a free-text field and refuse control characters (they would corrupt exports and logs)."""
     text = (value or "").strip()
     if not text:
         if required:
-            raise ReviewError(f"{what} is empty: give the name the sign-off is made in")
+            raise ReviewError(f"{what} is empty: give the name the sign-off is made in", column)
         return None
     allowed = {"\n", "\r", "\t"} if multiline else set()
     if any(unicodedata.category(c) == "Cc" and c not in allowed for c in text):
-        raise ReviewError(f"{what} contains control characters; type it as plain text")
+        raise ReviewError(f"{what} contains control characters; type it as plain text", column)
     if len(text) > max_chars:
-        raise ReviewError(f"{what} is {len(text)} characters long; at most {max_chars} are kept")
+        raise ReviewError(f"{what} is {len(text)} characters long; at most {max_chars} are kept", column)
     return text
 
 
@@ -311,9 +317,9 @@ def sign_off(
     photo, or someone else's sign-off. Flushes, never commits.
     """
     visit = load_visit(session, exam_id, rule, ungradable_rule)
-    name = clean_text(reviewer, "the reviewer's name", REVIEWER_MAX_CHARS, required=True)
+    name = clean_text(reviewer, "the reviewer's name", REVIEWER_MAX_CHARS, required=True, column="reviewer")
     assert name is not None
-    note = clean_text(comment, "the comment", COMMENT_MAX_CHARS, required=False, multiline=True)
+    note = clean_text(comment, "the comment", COMMENT_MAX_CHARS, required=False, multiline=True, column="comment")
     try:
         source = ReviewSource(source).value
     except ValueError:
@@ -342,16 +348,17 @@ def sign_off(
     if extra := [EYE_NAMES[e].lower() for e in given if e not in model]:
         raise ReviewError(f"visit {exam_id} has no graded photo of the {' and '.join(extra)}")
     if level not in GRADER_REFERRALS:
-        raise ReviewError(f"unknown referral {level!r}; choose one of {', '.join(GRADER_REFERRALS)}")
+        raise ReviewError(f"unknown referral {level!r}; choose one of {', '.join(GRADER_REFERRALS)}", "referral")
     implied = referral_from_answers(given.values())
     if answers is not None and REFERRAL_LEVELS[level].rank < REFERRAL_LEVELS[implied].rank:
         raise ReviewError(f"the referral '{REFERRAL_LEVELS[level].text}' is less urgent than the grades given imply "
-                          f"('{REFERRAL_LEVELS[implied].text}'); choose the referral again, or let it follow the grades")
+                          f"('{REFERRAL_LEVELS[implied].text}'); choose the referral again, or let it follow the grades",
+                          "referral")
     when = reviewed_at or datetime.now(timezone.utc)
     if when.tzinfo is None:
-        raise ReviewError("the review time has no time zone")
+        raise ReviewError("the review time has no time zone", "reviewed_at")
     if when > datetime.now(timezone.utc) + FUTURE_TOLERANCE:
-        raise ReviewError(f"the review time {when:%Y-%m-%d %H:%M} UTC is in the future")
+        raise ReviewError(f"the review time {when:%Y-%m-%d %H:%M} UTC is in the future", "reviewed_at")
     ordered = [given[e.eye] for e in visit.eyes]
     same = all(given[e] == model[e] for e in model) and level == visit.model_referral.level
     exam = session.get(Exam, exam_id)

@@ -124,10 +124,10 @@ def test_a_visit_needs_a_line_for_each_graded_eye_one_referral_and_a_reviewer(fa
     assert sorted(str(e) for e in out.errors) == [
         "line 3, column 'referral': differs from line 2 of the same visit (routine vs soon); a visit has one sign-off",
         "line 3, column 'reviewer': differs from line 2 of the same visit (Dr Grey vs Dr Abbot); a visit has one sign-off"]
-    out = _run(factory, _write(tmp_path, HEADER + "P1,R,2025-03-03,4,0,,routine,Dr Grey,,\nP1,L,2025-03-03,0,0,,,,,\n"))
-    assert [str(e) for e in out.errors] == [  # the sign-off rules apply to imports too
-        "line 2: the referral 'Refer to ophthalmology (routine)' is less urgent than the grades given imply "
-        "('Urgent referral (proliferative DR)'); choose the referral again, or let it follow the grades"]
+    out = _run(factory, _write(tmp_path, HEADER + "P1,R,2025-03-03,4,0,,,Dr Grey,,\nP1,L,2025-03-03,0,0,,routine,,,\n"))
+    assert [str(e) for e in out.errors] == [  # the sign-off rules apply to imports too, on the line that says it
+        "line 3, column 'referral': the referral 'Refer to ophthalmology (routine)' is less urgent than the grades "
+        "given imply ('Urgent referral (proliferative DR)'); choose the referral again, or let it follow the grades"]
     out = _run(factory, _write(tmp_path, HEADER + "P2,R,2025-03-04,1,0,,,,,\n"))
     assert [str(e) for e in out.errors] == [
         "line 2, column 'reviewer': empty on every line of this visit, and no --reviewer was given: say who graded it"]
