@@ -255,7 +255,8 @@ def model_metrics_for_report(meta: Mapping[str, Any]) -> dict[str, float | str]:
         if isinstance(val.get(key), (int, float)):
             out[label] = round(float(val[key]), 3)
     test = metrics.get("test") or {}
-    for key in ("referable AUC", "sensitivity", "specificity", "DR kappa", "OD Dice"):
+    lesion_aupr = tuple(f"{c} AUPR" for c in LESION_CODES if c != "OD")
+    for key in ("referable AUC", "sensitivity", "specificity", "DR kappa", *lesion_aupr, "OD Dice"):
         if isinstance(test.get(key), (int, float)):
             out[f"Test {key}"] = round(float(test[key]), 3)
     ci = test.get("referable AUC 95% CI")
@@ -267,6 +268,19 @@ def model_metrics_for_report(meta: Mapping[str, Any]) -> dict[str, float | str]:
         out["Threshold's target sensitivity (validation)"] = round(float(target), 3)
     out["Grades from"] = grade_source(meta)
     return out
+
+
+# A lesion whose held-out pixel AUPR is below this is not reported as an area: the shipped model's microaneurysm
+# map is empty on every photo (AUPR 0.000), so "Microaneurysms: 0%" read as "none seen" on a grade-3 eye.
+LESION_AUPR_FLOOR = 0.10
+
+
+def undetected_lesions(model_metrics: Mapping[str, float | str]) -> tuple[str, ...]:
+    """The lesion codes this model version does not reliably detect: test AUPR (from the report's labelled
+    metrics, :func:`model_metrics_for_report`) below :data:`LESION_AUPR_FLOOR`. None when the metrics are
+    unknown (a checkpoint no longer installed): nothing is claimed either way."""
+    return tuple(c for c in LESION_CODES
+                 if isinstance(v := model_metrics.get(f"Test {c} AUPR"), (int, float)) and v < LESION_AUPR_FLOOR)
 
 
 REGRESSION_SOURCE = "lesion-evidence regression on image measurements"
@@ -494,6 +508,20 @@ def _metric(v: float | str) -> str:
     return f"{v:.3f}" if isinstance(v, float) else str(v)
 
 
+def _metric_rows(metrics: Mapping[str, float | str]) -> list[tuple[str, str]]:
+    """The model section's rows: each metric on its own, but the per-lesion test AUPRs on one row (four rows of
+    them pushed a two-eye report's last box onto a third page)."""
+    rows: list[tuple[str, str]] = []
+    lesions = [(c, metrics[f"Test {c} AUPR"]) for c in LESION_CODES if f"Test {c} AUPR" in metrics]
+    for key, value in metrics.items():
+        if key.startswith("Test ") and key.endswith(" AUPR") and key.removeprefix("Test ").removesuffix(" AUPR") in LESION_CODES:
+            if lesions and key == f"Test {lesions[0][0]} AUPR":
+                rows.append(("Test lesion AUPR", " · ".join(f"{c} {_metric(v)}" for c, v in lesions)))
+            continue
+        rows.append((key, _metric(value)))
+    return rows
+
+
 def _rgb(c: tuple[int, int, int]) -> str:
     return "#{:02x}{:02x}{:02x}".format(*c)
 
@@ -529,7 +557,8 @@ def _review_view(ctx: ReportContext, model_referral: Referral) -> dict[str, obje
     }
 
 
-def _eye_view(e: EyeFinding, review: EyeReview | None = None, ungradable_rule: UngradableRule = "recall") -> dict[str, object]:
+def _eye_view(e: EyeFinding, review: EyeReview | None = None, ungradable_rule: UngradableRule = "recall",
+              undetected: Sequence[str] = ()) -> dict[str, object]:
     common: dict[str, object] = {
         "code": e.eye,
         "name": e.eye_name,
@@ -561,7 +590,8 @@ def _eye_view(e: EyeFinding, review: EyeReview | None = None, ungradable_rule: U
         "referable": e.referable,
         "referable_score": _pct(e.referable_score),
         "lesions": [
-            {"code": c, "label": LESION_LABELS[c], "colour": _rgb(LESION_COLOURS[c]), "area": _area(e.lesion_areas.get(c))}
+            {"code": c, "label": LESION_LABELS[c], "colour": _rgb(LESION_COLOURS[c]), "assessed": c not in undetected,
+             "area": _area(e.lesion_areas.get(c)) if c not in undetected else "not assessed*"}
             for c in LESION_CODES
         ],
         "mask_folder": str(e.mask_folder) if e.mask_folder is not None else None,
@@ -600,11 +630,13 @@ def template_variables(ctx: ReportContext, templates_dir: Path, link_stylesheet:
     gen = ctx.generated_at
     generated = gen.strftime("%Y-%m-%d %H:%M") + (f" {gen.strftime('%Z') or gen.strftime('%z')}" if gen.tzinfo else "")
     referral = referral_recommendation(ctx.eye_results(), ctx.ungradable_rule)
+    undetected = undetected_lesions(ctx.model_metrics)
     eyes = []
     for code in EYE_ORDER:
         fields, result = ctx.fields(code), ctx.eye(code)
         grader = ctx.review.eye(code) if ctx.review else None  # the grader's answer is for the eye: beside its result
-        views = [dict(_eye_view(f, grader if f is result else None, ctx.ungradable_rule), number=k, is_result=f is result)
+        views = [dict(_eye_view(f, grader if f is result else None, ctx.ungradable_rule, undetected), number=k,
+                      is_result=f is result)
                  for k, f in enumerate(fields, start=1)]
         eyes.append({
             "code": code, "name": EYE_NAMES[code], "fields": views,
@@ -622,7 +654,9 @@ def template_variables(ctx: ReportContext, templates_dir: Path, link_stylesheet:
         eyes=eyes,
         model_version=ctx.model_version,
         checkpoint_short=(ctx.checkpoint_sha256 or "")[:12] or "unknown",
-        model_metrics=[(k, _metric(v)) for k, v in ctx.model_metrics.items()],
+        model_metrics=_metric_rows(ctx.model_metrics),
+        undetected=[LESION_LABELS[c].lower() for c in undetected],
+        lesion_floor=f"{LESION_AUPR_FLOOR:.2f}",
         referral_threshold=_share(ctx.model_metrics.get("Referral threshold")),
         sensitivity_target=_share(ctx.model_metrics.get("Threshold's target sensitivity (validation)")),
         # "regression": the grades are the regression's alone; "blend": partly; None: the heads' (what Grad-CAM explains)
@@ -703,11 +737,11 @@ def render_with_retries(
 
 
 __all__ = [
-    "DEMO_WATERMARK", "EYE_NAMES", "EYE_RESULT_RULES", "LESION_COLOURS", "LESION_LABELS", "NO_GRADE_LEVELS",
+    "DEMO_WATERMARK", "EYE_NAMES", "EYE_RESULT_RULES", "LESION_AUPR_FLOOR", "LESION_COLOURS", "LESION_LABELS", "NO_GRADE_LEVELS",
     "REFERRAL_LEVELS", "REFER_LEVELS", "RESEARCH_STATUS", "EyeFinding", "EyeResultRule", "EyeReview", "Referral",
     "ReferralLevel", "ReportContext", "ReportError", "ReportVersionTaken", "ReviewNote", "UngradableRule", "existing_versions",
     "eye_result",
-    "grade_source", "model_metrics_for_report",
+    "grade_source", "model_metrics_for_report", "undetected_lesions",
     "referral_recommendation", "render_html", "render_pdf", "render_with_retries", "report_dir", "report_folder",
     "template_variables",
 ]

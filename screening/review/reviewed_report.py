@@ -96,6 +96,15 @@ class ModelCatalog:
         log.warning("none of %s can be read: the reviewed report names no model", [str(p) for p in self.checkpoints])
         return ModelInfo("unknown", "", "research")
 
+    def metrics(self, checkpoint_sha256: str | None) -> dict[str, float | str]:
+        """The report's labelled metrics of the checkpoint with this hash; empty when it is not installed (the
+        review page asks for every visit it shows: no warning here, the reviewed report gives one)."""
+        for path in self.checkpoints:
+            meta = self._meta(path)
+            if checkpoint_sha256 and meta is not None and meta["checkpoint_sha256"] == checkpoint_sha256:
+                return model_metrics_for_report(meta)
+        return {}
+
     def describe(self, version: str, checkpoint_sha256: str) -> ModelInfo:
         for path in self.checkpoints:
             meta = self._meta(path)

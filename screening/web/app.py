@@ -38,7 +38,16 @@ from screening.db import reviews as rrepo
 from screening.db.models import Image, Report, ReviewSource, ReviewUser
 from screening.db.session import session_scope
 from screening.findings import stored_finding
-from screening.report import EYE_NAMES, EYE_RESULT_RULES, LESION_LABELS, REFERRAL_LEVELS, EyeReview, ReportError
+from screening.report import (
+    EYE_NAMES,
+    EYE_RESULT_RULES,
+    LESION_AUPR_FLOOR,
+    LESION_LABELS,
+    REFERRAL_LEVELS,
+    EyeReview,
+    ReportError,
+    undetected_lesions,
+)
 from screening.review.reviewed_report import ModelCatalog, render_reviewed_report
 from screening.review.visits import GRADER_REFERRALS, ReviewError, Visit, load_visit, recently_reviewed, review_queue, sign_off
 from screening.web.auth import LoginThrottle, verify_password
@@ -269,9 +278,11 @@ def create_app(
         defaults = {a.eye: a for a in (
             [e.model_answer for e in visit.eyes] if offer_confirm
             else [EyeReview(e.eye, e.gradable, e.dr_grade, e.dme_grade) for e in current.eyes])}  # type: ignore[arg-type, union-attr]
+        # lesions the grading model cannot detect are shown as not assessed, as on the PDF (an empty map is not "none")
+        undetected = {e.eye: undetected_lesions(catalog.metrics(e.result.checkpoint_sha256)) for e in visit.eyes}
         return render_template(
             "visit.html.j2", visit=visit, history=history, reports=reports, defaults=defaults, error=error,
-            offer_confirm=offer_confirm,
+            offer_confirm=offer_confirm, undetected=undetected, lesion_floor=f"{LESION_AUPR_FLOOR:.2f}",
             form=form or {}, reviewer_name=g.get("display_name") or session.get("reviewer_name", ""),
             pictures=PICTURES, rule_text=EYE_RESULT_RULES[rule],
         ), status

@@ -378,6 +378,29 @@ def test_a_referral_on_the_score_alone_says_the_threshold_is_sensitivity_first()
     assert "sensitivity-first" not in " ".join(render_html(_ctx([_eye("R", 0, 0)]), TEMPLATES).split())
 
 
+def test_a_lesion_the_model_cannot_detect_is_not_assessed_rather_than_zero() -> None:
+    """The shipped model's microaneurysm map is empty on every photo (test AUPR 0.000): "Microaneurysms (MA): 0%"
+    on a grade-3 eye read as "none seen". A lesion below the AUPR floor is "not assessed", with the reason."""
+    from dataclasses import replace
+
+    from screening.report import model_metrics_for_report, undetected_lesions
+
+    meta = {"thresholds": {"referable": 0.2}, "metrics": {"test": {"MA AUPR": 0.0004, "HE AUPR": 0.287, "EX AUPR": 0.571,
+                                                                   "SE AUPR": 0.053, "OD Dice": 0.951}}}
+    metrics = model_metrics_for_report(meta)
+    assert metrics["Test MA AUPR"] == 0.0 and metrics["Test HE AUPR"] == 0.287 and "Test OD AUPR" not in metrics
+    assert undetected_lesions(metrics) == ("MA", "SE")
+    assert undetected_lesions({}) == ()  # metrics unknown (the checkpoint is gone): nothing claimed either way
+    text = " ".join(render_html(replace(_ctx([_eye("R", 3, 0)]), model_metrics=metrics), TEMPLATES).split())
+    assert "Microaneurysms (MA): <span class=\"value\">not assessed*</span>" in text
+    assert "Soft exudates (SE): <span class=\"value\">not assessed*</span>" in text
+    assert "Haemorrhages (HE): <span class=\"value\">0.40%</span>" in text  # a lesion it detects keeps its area
+    assert "* Not reliably detected by this model (test AUPR below 0.10): none found does not mean none present." in text
+    assert 'Test lesion AUPR: <span class="value">MA 0.000 · HE 0.287 · EX 0.571 · SE 0.053</span>' in text  # one row
+    plain = " ".join(render_html(_ctx([_eye("R", 3, 0)]), TEMPLATES).split())
+    assert "not assessed" not in plain and "Microaneurysms (MA): <span class=\"value\">0.12%</span>" in plain
+
+
 def test_the_grad_cam_caption_says_how_much_of_the_grade_the_maps_explain() -> None:
     """A blended model (v2.1) was captioned as if a regression made the whole grade: each kind now has its own words."""
     from dataclasses import replace

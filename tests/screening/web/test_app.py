@@ -11,6 +11,7 @@ from sqlalchemy import select, update
 from screening.db import reviews as rrepo
 from screening.db import session_scope
 from screening.db.models import Image, Report, Result, ReviewUser, utcnow
+from screening.review.reviewed_report import ModelCatalog
 from screening.web.app import create_app, is_loopback
 from screening.web.auth import hash_password
 
@@ -72,6 +73,26 @@ def test_queue_and_visit_show_the_models_answers_pictures_and_pdf(worked_db):
     css = client.get("/review.css")
     assert css.mimetype == "text/css" and ".level-urgent { background: #b71c1c; }" in css.get_data(as_text=True)
     assert client.get("/visits/999").status_code == 404
+
+
+def test_a_lesion_the_grading_model_cannot_detect_is_shown_as_not_assessed(worked):
+    """As on the PDF: the model that graded the eye is looked up by its checkpoint's hash, and a lesion whose test
+    AUPR is below the floor shows "not assessed" with the reason, not "0.00%"."""
+    class Measured(ModelCatalog):  # the worked checkpoint, as if it had been tested like the shipped model
+        def _meta(self, path):
+            meta = super()._meta(path)
+            return None if meta is None else {**meta, "metrics": {**meta["metrics"], "test": {
+                "MA AUPR": 0.0004, "HE AUPR": 0.287, "EX AUPR": 0.571, "SE AUPR": 0.053}}}
+
+    url = f"/visits/{worked.exams['P1']}"
+    plain = " ".join(_app(worked).test_client().get(url).get_data(as_text=True).split())
+    assert re.search(r"Microaneurysms \(MA\): \d+\.\d\d%", plain) and "not assessed" not in plain
+    catalog = Measured([worked.settings.checkpoint])
+    page = " ".join(_app(worked, catalog=catalog).test_client().get(url).get_data(as_text=True).split())
+    assert page.count('Microaneurysms (MA): <span class="muted">not assessed*</span>') == 2  # both eyes
+    assert page.count('Soft exudates (SE): <span class="muted">not assessed*</span>') == 2
+    assert re.search(r"Haemorrhages \(HE\): \d+\.\d\d%", page)
+    assert "does not reliably detect microaneurysms or soft exudates (test AUPR below 0.10)" in page
 
 
 def test_confirm_and_correct_from_the_page(worked_db):
