@@ -217,6 +217,8 @@ class ReportContext:
     eye_result_rule: EyeResultRule = "worst"
     review: ReviewNote | None = None  # set on the version rendered after a clinician's sign-off
     ungradable_rule: UngradableRule = "recall"  # [screening] ungradable_rule
+    # pages of a multi-page file of this visit that were refused (each its reason, naming the page): not graded
+    refused_pages: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if self.ungradable_rule not in ("recall", "refer"):
@@ -651,6 +653,7 @@ def template_variables(ctx: ReportContext, templates_dir: Path, link_stylesheet:
         generated_at=generated,
         referral=referral,
         review=_review_view(ctx, referral),
+        refused_pages=list(ctx.refused_pages),
         eyes=eyes,
         model_version=ctx.model_version,
         checkpoint_short=(ctx.checkpoint_sha256 or "")[:12] or "unknown",

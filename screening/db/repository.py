@@ -412,6 +412,14 @@ def exam_images_with_results(
     return [(img, res) for img, res in session.execute(stmt).all()]
 
 
+def refused_pages(session: Session, exam_id: int) -> list[Image]:
+    """Pages refused inside a multi-page file of the exam whose other pages were admitted (not a fundus photo,
+    too small, an eye neither stated nor visible): the report says they were not graded, by page."""
+    stmt = (select(Image).where(Image.exam_id == exam_id, Image.state == ImageState.REJECTED.value, Image.page.is_not(None))
+            .order_by(Image.id))
+    return list(session.scalars(stmt))
+
+
 def next_report_version(session: Session, exam_id: int) -> int:
     current = session.scalar(select(func.max(Report.version)).where(Report.exam_id == exam_id))
     return 1 if current is None else current + 1
@@ -520,6 +528,7 @@ __all__ = [
     "next_report_version",
     "record_checks",
     "record_drop",
+    "refused_pages",
     "set_device",
     "set_state",
     "unfiled_drops",

@@ -119,7 +119,8 @@ class ModelCatalog:
         return ModelInfo(version, checkpoint_sha256, "demo" if "synthetic" in version else "research")
 
 
-def reviewed_context(visit: Visit, model: ModelInfo, clinic_name: str, version: int) -> ReportContext:
+def reviewed_context(visit: Visit, model: ModelInfo, clinic_name: str, version: int,
+                     refused_pages: tuple[str, ...] = ()) -> ReportContext:
     review = visit.current_review
     if review is None:
         raise ReviewError(f"visit {visit.exam_id} has not been signed off: there is no reviewed report to make")
@@ -130,7 +131,7 @@ def reviewed_context(visit: Visit, model: ModelInfo, clinic_name: str, version: 
         eyes=visit.report_findings(), model_version=model.version, checkpoint_sha256=model.checkpoint_sha256,
         model_status=model.status, model_metrics=model.metrics, generated_at=datetime.now(timezone.utc).astimezone(),
         report_version=version, eye_result_rule=visit.eye_result_rule, review=review_note(review),
-        ungradable_rule=visit.ungradable_rule,
+        ungradable_rule=visit.ungradable_rule, refused_pages=refused_pages,
     )
 
 
@@ -190,7 +191,8 @@ def _render_reviewed(
             # recorded yet); should the worker take this number meanwhile, the render is refused and repeated
             folder = report_folder(reports_dir, visit.patient_code, visit.exam_date)
             version = max(repo.next_report_version(session, exam_id), max(existing_versions(folder), default=0) + 1)
-            ctx = reviewed_context(visit, model, clinic_name, version)
+            refused = tuple(str(image.error) for image in repo.refused_pages(session, exam_id))
+            ctx = reviewed_context(visit, model, clinic_name, version, refused)
             review_id = visit.current_review.id  # type: ignore[union-attr]  # reviewed_context checked it
         try:
             with _RENDER_LOCK:

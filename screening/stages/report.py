@@ -134,6 +134,7 @@ class ReportStage:
             model_metrics=self.predictor.report_metrics(), generated_at=datetime.now(timezone.utc).astimezone(),
             report_version=version, eye_result_rule=self.settings.eye_result,
             ungradable_rule=self.settings.ungradable_rule,
+            refused_pages=tuple(str(image.error) for image in repo.refused_pages(session, exam.id)),
         )
 
     # ---------------------------------------------------------------------------------- rendering

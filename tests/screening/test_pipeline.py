@@ -381,6 +381,18 @@ def test_a_multi_page_file_gives_one_result_per_fundus_page_and_is_archived_once
         assert [d.outcome for d in s.scalars(select(Drop))] == ["new", "new"]  # two files, two arrivals
     text = pdf_text(next(settings.reports.rglob("report_v1.pdf")))
     assert "P8_R_20250301.tif (page 1)" in text and "P8_R_20250301.tif (page 3)" in text  # the right eye's two fields
+    # the refused page is named on the report: a clinician must know a page of the file was not graded
+    assert "Not graded: 1 page of a multi-page file was refused." in text
+    assert "'P8_R_20250301.tif (page 2)' does not look like a colour fundus photo" in text
+    from screening.review.reviewed_report import ModelCatalog, render_reviewed_report
+    from screening.review.visits import sign_off
+
+    with session_scope(worker.factory) as s:  # the reviewed version says so too
+        exam_id = s.scalars(select(Image.exam_id).where(Image.page == 1)).one()
+        sign_off(s, exam_id, reviewer="Dr Grey", source="cli")
+    reviewed = render_reviewed_report(worker.factory, exam_id, catalog=ModelCatalog.from_settings(settings),
+                                      clinic_name="C", templates_dir=PROJECT / "templates", reports_dir=settings.reports)
+    assert "Not graded: 1 page of a multi-page file was refused." in pdf_text(Path(reviewed.path))
     from screening.audit import audit_summary
 
     with session_scope(worker.factory) as s:  # each arrival once by its outcome, each page once by its state
