@@ -368,6 +368,7 @@ class Referral:
     colour: str
     reason: str  # which eye and finding drove it, e.g. "Right eye: Proliferative DR, No DME risk"
     on_score: bool = False  # referred only because P(referable) is over the threshold: no eye's grade asks for it
+    basis: str = "Based on the worse eye"  # or "on both eyes" (a tie: both are listed), or "on the one eye received"
 
 
 # The routine referral's advice names moderate DR or macular oedema; an eye referred on its score alone has neither.
@@ -429,7 +430,8 @@ def referral_recommendation(eyes: Sequence[EyeFinding], ungradable_rule: Ungrada
     patient (``ungradable_rule``), unless the other eye needs a referral anyway."""
     if not eyes:
         lv = REFERRAL_LEVELS["no_images"]
-        return Referral(lv.level, lv.text, lv.advice, lv.colour, "No eye images were received for this exam.")
+        return Referral(lv.level, lv.text, lv.advice, lv.colour, "No eye images were received for this exam.",
+                        basis="Nothing to grade")
     ordered = sorted(eyes, key=lambda e: EYE_ORDER.index(e.eye))
     worst = max(ordered, key=lambda e: _eye_level(e, ungradable_rule).rank)  # max keeps the first of equal ranks
     lv = _eye_level(worst, ungradable_rule)
@@ -444,7 +446,10 @@ def referral_recommendation(eyes: Sequence[EyeFinding], ungradable_rule: Ungrada
     deciding = [e for e in ordered if _eye_level(e, ungradable_rule).rank == lv.rank]
     reason = "; ".join(finding(e) for e in deciding)
     on_score = lv.level == "routine" and all(_on_score(e) for e in deciding)
-    return Referral(lv.level, lv.text, SCORE_REFERRAL_ADVICE if on_score else lv.advice, lv.colour, reason, on_score)
+    # "the worse eye" above a list of both eyes read as if the first one named (a grade-0 eye) were the worse
+    basis = ("Based on the one eye received" if len(ordered) == 1 else
+             "Based on both eyes (the same outcome)" if len(deciding) > 1 else "Based on the worse eye")
+    return Referral(lv.level, lv.text, SCORE_REFERRAL_ADVICE if on_score else lv.advice, lv.colour, reason, on_score, basis)
 
 
 # -------------------------------------------------------------------------------------------------- paths

@@ -121,9 +121,18 @@ def test_referral_comes_from_the_worse_eye(right, left, level, text):
 
 def test_referral_reason_names_the_worse_eye_and_handles_no_eyes():
     ref = referral_recommendation([_eye("R", 1, 0), _eye("L", 4, 0)])
-    assert ref.reason.startswith("Left eye") and DR_GRADES[4] in ref.reason
+    assert ref.reason.startswith("Left eye") and DR_GRADES[4] in ref.reason and ref.basis == "Based on the worse eye"
     assert referral_recommendation([_eye("L", 0, 0)]).level == "rescreen_24"
+    assert referral_recommendation([_eye("L", 0, 0)]).basis == "Based on the one eye received"
     assert referral_recommendation([]).level == "no_images"
+    # a tie lists both eyes: "the worse eye" above "Right eye: No apparent retinopathy...; Left eye: Moderate..."
+    # (the right eye referred on its score, the left on its grade) read as if the grade-0 eye were the worse
+    on_score = dataclasses.replace(_eye("R", 0, 0), referable=True, referable_score=0.59)
+    tie = referral_recommendation([on_score, _eye("L", 2, 0)])
+    assert tie.level == "routine" and tie.reason.startswith("Right eye") and "; Left eye" in tie.reason
+    assert tie.basis == "Based on both eyes (the same outcome)"
+    text = " ".join(render_html(_ctx([on_score, _eye("L", 2, 0)]), TEMPLATES).split())
+    assert "Based on both eyes (the same outcome) — Right eye:" in text and "Based on the worse eye" not in text
 
 
 def test_invalid_findings_are_rejected():
