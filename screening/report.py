@@ -219,6 +219,9 @@ class ReportContext:
     ungradable_rule: UngradableRule = "recall"  # [screening] ungradable_rule
     # pages of a multi-page file of this visit that were refused (each its reason, naming the page): not graded
     refused_pages: tuple[str, ...] = ()
+    # a draft made after the visit was signed off (a photo added since): who signed which version, so the newest
+    # PDF does not read as if the visit had never been reviewed
+    earlier_review: str | None = None
 
     def __post_init__(self) -> None:
         if self.ungradable_rule not in ("recall", "refer"):
@@ -659,6 +662,7 @@ def template_variables(ctx: ReportContext, templates_dir: Path, link_stylesheet:
         referral=referral,
         review=_review_view(ctx, referral),
         refused_pages=list(ctx.refused_pages),
+        earlier_review=ctx.earlier_review,
         eyes=eyes,
         model_version=ctx.model_version,
         checkpoint_short=(ctx.checkpoint_sha256 or "")[:12] or "unknown",

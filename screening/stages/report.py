@@ -41,6 +41,7 @@ from training.common import atomic_write, safe_id
 from ..claims import Claimer
 from ..config import ScreeningSettings
 from ..db import repository as repo
+from ..db import reviews as rrepo
 from ..db.models import ClaimKind, Exam, Image, ImageState, Patient, Report, utcnow
 from ..db.session import DatabaseGone, transaction
 from ..findings import stored_finding
@@ -122,7 +123,8 @@ class ReportStage:
         within each eye: several fields of one eye are all shown, and the report picks the eye's result by
         ``settings.eye_result`` (a gradable field before an ungradable one)."""
         fields: list[EyeFinding] = []
-        for image, result in repo.exam_images_with_results(session, exam.id, include_pending=True):
+        images = repo.exam_images_with_results(session, exam.id, include_pending=True)
+        for image, result in images:
             finding = stored_finding(image, result)
             if finding is not None:
                 fields.append(finding)
@@ -135,7 +137,23 @@ class ReportStage:
             report_version=version, eye_result_rule=self.settings.eye_result,
             ungradable_rule=self.settings.ungradable_rule,
             refused_pages=tuple(str(image.error) for image in repo.refused_pages(session, exam.id)),
+            earlier_review=self._earlier_review(session, exam.id, [image for image, _ in images]),
         )
+
+    @staticmethod
+    def _earlier_review(session: Session, exam_id: int, images: list[Image]) -> str | None:
+        """What a worker's version says of the visit's current sign-off, if it has one: that photographs came
+        after it (the visit is back in the review queue), or that it covers everything shown."""
+        review = rrepo.current_review(session, exam_id)
+        if review is None:
+            return None
+        reviewed = rrepo.report_of_review(session, review.id)
+        which = f" (report v{reviewed.version})" if reviewed is not None else ""
+        signed = f"This visit was signed off by {review.reviewer} on {review.reviewed_at.astimezone():%Y-%m-%d}{which}"
+        if any(i.stored_at is not None and i.stored_at > review.created_at for i in images):  # as Visit.awaiting_review
+            return (f"{signed}. Photographs were added after that sign-off, so this version shows the model's findings "
+                    "only and awaits review again.")
+        return f"{signed}; its answers are on that version."
 
     # ---------------------------------------------------------------------------------- rendering
     def _snapshot(self, session: Session, exam_id: int) -> tuple[datetime, int, ReportContext, tuple[int, ...]]:

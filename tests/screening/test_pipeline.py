@@ -363,6 +363,27 @@ def _judging(settings):
                                        "quality_model": PROJECT / "models" / "quality.pt"})
 
 
+def test_a_draft_after_a_sign_off_says_who_signed_which_version_and_that_it_awaits_review_again(settings):
+    """A photo added after a sign-off made a plain draft the newest PDF (latest.pdf), with no sign of the sign-off."""
+    from screening.review.reviewed_report import ModelCatalog, render_reviewed_report
+    from screening.review.visits import sign_off
+
+    from .conftest import TEMPLATES, run_worker
+
+    worked = run_worker(settings, {"P2_R.jpg": 3})
+    exam_id = worked.exams["P2"]
+    with session_scope(worked.factory) as s:
+        sign_off(s, exam_id, reviewer="Dr A. Grey", source="cli")
+    render_reviewed_report(worked.factory, exam_id, catalog=ModelCatalog.from_settings(worked.settings), clinic_name="C",
+                           templates_dir=TEMPLATES, reports_dir=settings.reports)  # v2, the reviewed version
+    run_worker(settings, {"P2_L.jpg": 4})  # the second eye, after the sign-off
+    [folder] = {p.parent for p in settings.reports.rglob("report_v3.pdf")}
+    text = " ".join(pdf_text(folder / "report_v3.pdf").split())
+    assert "This visit was signed off by Dr A. Grey on " in text and "(report v2). Photographs were added" in text
+    assert "awaits review again" in text
+    assert "signed off" not in pdf_text(folder / "report_v1.pdf")  # before the sign-off: nothing to say
+
+
 def test_a_multi_page_file_gives_one_result_per_fundus_page_and_is_archived_once(settings):
     """Issue 12: a multi-page TIFF used page 1 only, silently, then was refused as a whole."""
     worker = make_worker(_judging(settings))
