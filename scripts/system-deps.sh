@@ -5,8 +5,8 @@
 #   reports to PNG), chromium + chromium-driver (the review page's browser test drives the system's
 #   Chromium with Selenium; no browser is ever downloaded), PostgreSQL (the tests run every database test
 #   on SQLite and on a throw-away PostgreSQL server, scripts/pg-temp.sh; the product itself needs no server
-#   unless [screening] database names one). Installs with apt-get when run as root; otherwise says what to
-#   install.
+#   unless [screening] database names one), acl (setfacl: a test that reports and reason files get the mode a
+#   folder's default ACL gives). Installs with apt-get when run as root; otherwise says what to install.
 set -u
 need=()
 ldconfig -p 2>/dev/null | grep -q 'libpango-1.0.so' || need+=(libpango-1.0-0 libpangoft2-1.0-0)
@@ -15,6 +15,7 @@ command -v pdftoppm >/dev/null 2>&1 || need+=(poppler-utils)
 command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1 || need+=(chromium)
 command -v chromedriver >/dev/null 2>&1 || need+=(chromium-driver)
 ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || command -v initdb >/dev/null 2>&1 || need+=(postgresql)
+command -v setfacl >/dev/null 2>&1 || need+=(acl)
 command -v fc-list >/dev/null 2>&1 && [ -n "$(fc-list 2>/dev/null | head -1)" ] || need+=(fonts-dejavu-core)
 [ ${#need[@]} -eq 0 ] && exit 0
 if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then

@@ -13,8 +13,8 @@ from __future__ import annotations
 import hashlib
 import os
 import re
+import secrets
 import shutil
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
@@ -125,20 +125,20 @@ def _link_new(tmp: Path, final: Path) -> None:
         tmp.unlink()
 
 
-def _umask() -> int:
-    """The process's umask, read without changing it (``os.umask`` can only be read by setting it, which races
-    with other threads creating files); Linux shows it in /proc, elsewhere the value at import is used."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("Umask:"):
-                return int(line.split()[1], 8)
-    except (OSError, ValueError, IndexError):
-        pass
-    return _UMASK_AT_IMPORT
-
-
-_UMASK_AT_IMPORT = os.umask(0o022)
-os.umask(_UMASK_AT_IMPORT)
+def _new_temporary(final: Path) -> Path:
+    """An empty, newly created file beside ``final`` for :func:`atomic_write`, created as ``open()`` creates any
+    file (mode 0666, less the umask or as the folder's default ACL says): ``mkstemp``'s private 0600 hid reports,
+    reason files and pictures from staff who read the shared folders as another user, and a chmod afterwards
+    would narrow a default ACL's grant."""
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0)
+    for _ in range(100):
+        tmp = final.parent / f".{final.stem}.{secrets.token_hex(4)}.tmp{final.suffix}"
+        try:
+            os.close(os.open(tmp, flags, 0o666))
+        except FileExistsError:
+            continue
+        return tmp
+    raise FileExistsError(f"no free temporary name beside {final} after 100 tries")
 
 
 def atomic_write(
@@ -151,18 +151,10 @@ def atomic_write(
     ``overwrite=False``, linked to it and FileExistsError raised if ``path`` already exists (an earlier
     version is never replaced). ``durable`` fsyncs the file and the folder, so the new content survives
     a power cut once this returns. The temporary file is removed on any failure. The file gets the mode a
-    plainly created one would (0666 less the umask): ``mkstemp``'s private 0600 hid reports, reason files
-    and pictures from staff who read the shared folders as another user.
+    plainly created one would (:func:`_new_temporary`).
     """
     final = Path(path)
-    fd, name = tempfile.mkstemp(prefix=f".{final.stem}.", suffix=f".tmp{final.suffix}", dir=final.parent)
-    tmp = Path(name)
-    try:
-        os.fchmod(fd, 0o666 & ~_umask())
-    except OSError:  # a share mounted without Unix permissions: its mount options decide the mode
-        pass
-    finally:
-        os.close(fd)
+    tmp = _new_temporary(final)
     try:
         write(tmp)
         if durable:

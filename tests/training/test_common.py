@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import os
 import re
+import shutil
 import stat
 import subprocess
 import sys
@@ -116,6 +117,28 @@ def test_atomic_write_gives_the_mode_a_plainly_created_file_gets(tmp_path: Path,
     finally:
         os.umask(old)
     assert [stat.S_IMODE(p.stat().st_mode) for p in written] == [mode, mode] == [stat.S_IMODE(plain.stat().st_mode)] * 2
+
+
+def test_atomic_write_follows_the_folders_default_acl_as_a_plain_file_does(tmp_path: Path) -> None:
+    """A shared folder whose default ACL lets staff read: the umask does not apply, and a chmod after mkstemp would
+    have narrowed the ACL's mask (0600 -> the staff entry unreadable)."""
+    if shutil.which("setfacl") is None:
+        pytest.skip("setfacl is not installed (package acl; scripts/system-deps.sh installs it)")
+    folder = tmp_path / "shared"
+    folder.mkdir()
+    done = subprocess.run(["setfacl", "-d", "-m", "u::rw,g::r,o::r,u:nobody:r", str(folder)], capture_output=True, text=True)
+    if done.returncode != 0:
+        pytest.skip(f"this file system takes no ACLs: {done.stderr.strip()}")
+    old = os.umask(0o077)
+    try:
+        written = atomic_write_text(folder / "report.txt", "x")
+        plain = folder / "plain.txt"
+        plain.write_text("x")
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(written.stat().st_mode) == stat.S_IMODE(plain.stat().st_mode) == 0o644
+    acl = subprocess.run(["getfacl", "-p", str(written)], capture_output=True, text=True).stdout
+    assert "user:nobody:r--" in acl and "mask::r--" in acl
 
 
 def test_atomic_write_hands_the_writer_a_name_with_the_final_suffix_and_cleans_up_on_failure(tmp_path: Path) -> None:
