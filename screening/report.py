@@ -28,7 +28,7 @@ import logging
 import re
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import date, datetime
 from pathlib import Path
 from typing import Any, Literal, Sequence
@@ -98,6 +98,9 @@ class EyeFinding:
     eye_note: str | None = None  # the laterality check's note (a mismatch, an eye not confirmed or read from the photo)
     eye_mismatch: bool = False  # the note is a mismatch (shown as a warning; the other notes as information)
     mask_folder: Path | None = None  # the lesion masks at the photo's own size (TIFF), for image viewers
+    # lesions the model that graded this photo does not reliably detect (:func:`undetected_lesions` of its metrics;
+    # empty when that model is unknown): shown as "not assessed", not as an area
+    lesions_not_detected: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if self.eye not in EYE_NAMES:
@@ -278,6 +281,11 @@ def model_metrics_for_report(meta: Mapping[str, Any]) -> dict[str, float | str]:
 # A lesion whose held-out pixel AUPR is below this is not reported as an area: the shipped model's microaneurysm
 # map is empty on every photo (AUPR 0.000), so "Microaneurysms: 0%" read as "none seen" on a grade-3 eye.
 LESION_AUPR_FLOOR = 0.10
+
+
+def with_undetected(finding: EyeFinding, model_metrics: Mapping[str, float | str]) -> EyeFinding:
+    """``finding`` marked with the lesions its grading model (whose report metrics these are) cannot detect."""
+    return replace(finding, lesions_not_detected=undetected_lesions(model_metrics)) if finding.gradable else finding
 
 
 def undetected_lesions(model_metrics: Mapping[str, float | str]) -> tuple[str, ...]:
@@ -567,8 +575,7 @@ def _review_view(ctx: ReportContext, model_referral: Referral) -> dict[str, obje
     }
 
 
-def _eye_view(e: EyeFinding, review: EyeReview | None = None, ungradable_rule: UngradableRule = "recall",
-              undetected: Sequence[str] = ()) -> dict[str, object]:
+def _eye_view(e: EyeFinding, review: EyeReview | None = None, ungradable_rule: UngradableRule = "recall") -> dict[str, object]:
     common: dict[str, object] = {
         "code": e.eye,
         "name": e.eye_name,
@@ -600,8 +607,8 @@ def _eye_view(e: EyeFinding, review: EyeReview | None = None, ungradable_rule: U
         "referable": e.referable,
         "referable_score": _pct(e.referable_score),
         "lesions": [
-            {"code": c, "label": LESION_LABELS[c], "colour": _rgb(LESION_COLOURS[c]), "assessed": c not in undetected,
-             "area": _area(e.lesion_areas.get(c)) if c not in undetected else "not assessed*"}
+            {"code": c, "label": LESION_LABELS[c], "colour": _rgb(LESION_COLOURS[c]), "assessed": c not in e.lesions_not_detected,
+             "area": _area(e.lesion_areas.get(c)) if c not in e.lesions_not_detected else "not assessed*"}
             for c in LESION_CODES
         ],
         "mask_folder": str(e.mask_folder) if e.mask_folder is not None else None,
@@ -640,13 +647,11 @@ def template_variables(ctx: ReportContext, templates_dir: Path, link_stylesheet:
     gen = ctx.generated_at
     generated = gen.strftime("%Y-%m-%d %H:%M") + (f" {gen.strftime('%Z') or gen.strftime('%z')}" if gen.tzinfo else "")
     referral = referral_recommendation(ctx.eye_results(), ctx.ungradable_rule)
-    undetected = undetected_lesions(ctx.model_metrics)
     eyes = []
     for code in EYE_ORDER:
         fields, result = ctx.fields(code), ctx.eye(code)
         grader = ctx.review.eye(code) if ctx.review else None  # the grader's answer is for the eye: beside its result
-        views = [dict(_eye_view(f, grader if f is result else None, ctx.ungradable_rule, undetected), number=k,
-                      is_result=f is result)
+        views = [dict(_eye_view(f, grader if f is result else None, ctx.ungradable_rule), number=k, is_result=f is result)
                  for k, f in enumerate(fields, start=1)]
         eyes.append({
             "code": code, "name": EYE_NAMES[code], "fields": views,
@@ -667,7 +672,6 @@ def template_variables(ctx: ReportContext, templates_dir: Path, link_stylesheet:
         model_version=ctx.model_version,
         checkpoint_short=(ctx.checkpoint_sha256 or "")[:12] or "unknown",
         model_metrics=_metric_rows(ctx.model_metrics),
-        undetected=[LESION_LABELS[c].lower() for c in undetected],
         lesion_floor=f"{LESION_AUPR_FLOOR:.2f}",
         referral_threshold=_share(ctx.model_metrics.get("Referral threshold")),
         sensitivity_target=_share(ctx.model_metrics.get("Threshold's target sensitivity (validation)")),
@@ -753,7 +757,7 @@ __all__ = [
     "REFERRAL_LEVELS", "REFER_LEVELS", "RESEARCH_STATUS", "EyeFinding", "EyeResultRule", "EyeReview", "Referral",
     "ReferralLevel", "ReportContext", "ReportError", "ReportVersionTaken", "ReviewNote", "UngradableRule", "existing_versions",
     "eye_result",
-    "grade_source", "model_metrics_for_report", "undetected_lesions",
+    "grade_source", "model_metrics_for_report", "undetected_lesions", "with_undetected",
     "referral_recommendation", "render_html", "render_pdf", "render_with_retries", "report_dir", "report_folder",
     "template_variables",
 ]

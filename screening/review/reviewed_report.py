@@ -33,6 +33,7 @@ from screening.report import (
     model_metrics_for_report,
     render_with_retries,
     report_folder,
+    with_undetected,
 )
 from screening.review.visits import ReviewError, Visit, load_visit, review_note
 
@@ -120,7 +121,9 @@ class ModelCatalog:
 
 
 def reviewed_context(visit: Visit, model: ModelInfo, clinic_name: str, version: int,
-                     refused_pages: tuple[str, ...] = ()) -> ReportContext:
+                     refused_pages: tuple[str, ...] = (), catalog: ModelCatalog | None = None) -> ReportContext:
+    """The reviewed version's content. ``catalog``: each photo's lesions are then judged by the model that graded
+    it (:func:`screening.report.with_undetected`), as on the worker's versions and the review page."""
     review = visit.current_review
     if review is None:
         raise ReviewError(f"visit {visit.exam_id} has not been signed off: there is no reviewed report to make")
@@ -128,7 +131,9 @@ def reviewed_context(visit: Visit, model: ModelInfo, clinic_name: str, version: 
         raise ReviewError(f"visit {visit.exam_id} has a photo graded after its last sign-off; review it again first")
     return ReportContext(
         clinic_name=clinic_name, patient_id=visit.patient_code, exam_date=visit.exam_date,
-        eyes=visit.report_findings(), model_version=model.version, checkpoint_sha256=model.checkpoint_sha256,
+        eyes=[f.finding if catalog is None or f.checkpoint_sha256 is None
+              else with_undetected(f.finding, catalog.metrics(f.checkpoint_sha256)) for f in visit.fields],
+        model_version=model.version, checkpoint_sha256=model.checkpoint_sha256,
         model_status=model.status, model_metrics=model.metrics, generated_at=datetime.now(timezone.utc).astimezone(),
         report_version=version, eye_result_rule=visit.eye_result_rule, review=review_note(review),
         ungradable_rule=visit.ungradable_rule, refused_pages=refused_pages,
@@ -192,7 +197,7 @@ def _render_reviewed(
             folder = report_folder(reports_dir, visit.patient_code, visit.exam_date)
             version = max(repo.next_report_version(session, exam_id), max(existing_versions(folder), default=0) + 1)
             refused = tuple(str(image.error) for image in repo.refused_pages(session, exam_id))
-            ctx = reviewed_context(visit, model, clinic_name, version, refused)
+            ctx = reviewed_context(visit, model, clinic_name, version, refused, catalog)
             review_id = visit.current_review.id  # type: ignore[union-attr]  # reviewed_context checked it
         try:
             with _RENDER_LOCK:

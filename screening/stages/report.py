@@ -32,6 +32,7 @@ import time
 from collections.abc import Mapping
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
@@ -48,8 +49,11 @@ from ..findings import stored_finding
 from ..inference import Predictor
 from ..rejection import Incident
 from ..renderer import Renderer, RenderJob, RenderResult
-from ..report import EyeFinding, ReportContext, existing_versions, report_folder
+from ..report import EyeFinding, ReportContext, existing_versions, report_folder, with_undetected
 from .outcomes import PendingReport, ReportFailed, ReportOutcome, ReportWritten
+
+if TYPE_CHECKING:
+    from ..review.reviewed_report import ModelCatalog
 
 log = logging.getLogger("screening")
 
@@ -69,6 +73,7 @@ class ReportStage:
         self._waiting: set[int] = set()  # exams whose visit claim another worker holds: tried again
         self._waiting_retry_at = 0.0
         self._next_key = 1
+        self._catalog: ModelCatalog | None = None  # installed checkpoints' metrics, for photos another model graded
 
     @property
     def in_flight(self) -> Mapping[int, PendingReport]:
@@ -126,6 +131,8 @@ class ReportStage:
         images = repo.exam_images_with_results(session, exam.id, include_pending=True)
         for image, result in images:
             finding = stored_finding(image, result)
+            if finding is not None and result is not None:  # its lesions judged by the model that graded it
+                finding = with_undetected(finding, self._metrics_of(result.checkpoint_sha256))
             if finding is not None:
                 fields.append(finding)
         return ReportContext(
@@ -139,6 +146,17 @@ class ReportStage:
             refused_pages=tuple(str(image.error) for image in repo.refused_pages(session, exam.id)),
             earlier_review=self._earlier_review(session, exam.id, [image for image, _ in images]),
         )
+
+    def _metrics_of(self, checkpoint_sha256: str) -> Mapping[str, float | str]:
+        """The report metrics of the checkpoint that graded a photo: the loaded model's, else an installed file's
+        (:class:`ModelCatalog`, read once per file); empty when none is installed (nothing claimed)."""
+        if checkpoint_sha256 == self.predictor.meta["checkpoint_sha256"]:
+            return self.predictor.report_metrics()
+        if self._catalog is None:
+            from ..review.reviewed_report import ModelCatalog
+
+            self._catalog = ModelCatalog.from_settings(self.settings)
+        return self._catalog.metrics(checkpoint_sha256)
 
     @staticmethod
     def _earlier_review(session: Session, exam_id: int, images: list[Image]) -> str | None:

@@ -21,14 +21,15 @@ TEMPLATES = Path(__file__).resolve().parents[2] / "templates"
 
 
 def make_checkpoint(path: Path, kind: str = "synthetic", image_size: int = 64, backbone: str = "resnet18",
-                    grade_inputs: str = "features") -> Path:
+                    grade_inputs: str = "features", test_metrics: dict | None = None) -> Path:
     torch.manual_seed(0)
     cfg = ModelConfig(backbone=backbone, image_size=image_size, decoder_channels=(16, 16, 16, 8, 8), grade_inputs=grade_inputs)
     model = build_model(cfg)
     return save_checkpoint(path, {
         "model_state": model.state_dict(), "model_config": cfg.to_dict(), "labels": labels_dict(),
         "thresholds": {"referable": 0.5, "lesion": 0.5}, "provenance": {"kind": kind},
-        "metrics": {"validation": {"val_kappa": 0.5, "val_ref_auc": 0.75}}, "model_version": f"test-{kind}-v1",
+        "metrics": {"validation": {"val_kappa": 0.5, "val_ref_auc": 0.75}, **({"test": test_metrics} if test_metrics else {})},
+        "model_version": f"test-{kind}-v1",
     })
 
 

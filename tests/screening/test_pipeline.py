@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import shutil
 import signal
 import subprocess
@@ -361,6 +362,35 @@ def _judging(settings):
     """Settings whose gradability verdict depends on the page (the shipped model): a scanned form is refused."""
     return settings.model_copy(update={"report_renderer": "inline", "batch_size": 1,
                                        "quality_model": PROJECT / "models" / "quality.pt"})
+
+
+def test_each_photos_lesions_are_judged_by_the_model_that_graded_it(settings, tmp_path):
+    """The worker's draft, then the reviewed version: a photo graded by a model that cannot detect microaneurysms
+    says "not assessed"; one graded (after the checkpoint was replaced) by a model that can, gives its area."""
+    from screening.review.reviewed_report import ModelCatalog, render_reviewed_report
+    from screening.review.visits import sign_off
+
+    from .conftest import TEMPLATES, make_checkpoint, run_worker
+
+    blind = make_checkpoint(tmp_path / "blind.pt", test_metrics={"MA AUPR": 0.0004, "HE AUPR": 0.3, "EX AUPR": 0.6,
+                                                                  "SE AUPR": 0.2})
+    worked = run_worker(settings.model_copy(update={"checkpoint": blind}), {"P4_R_20251120.jpg": 5})
+    [v1] = settings.reports.rglob("report_v1.pdf")
+    assert "Microaneurysms (MA): not assessed*" in " ".join(pdf_text(v1).split())
+    settings.demo_checkpoint.parent.mkdir(parents=True, exist_ok=True)  # the old model stays installed, to be looked up
+    shutil.copy(blind, settings.demo_checkpoint)
+    seeing = make_checkpoint(tmp_path / "seeing.pt", test_metrics={"MA AUPR": 0.4, "HE AUPR": 0.5, "EX AUPR": 0.6,
+                                                                    "SE AUPR": 0.3})
+    later = settings.model_copy(update={"checkpoint": seeing})
+    run_worker(later, {"P4_L_20251120.jpg": 6})
+    text = " ".join(pdf_text(v1.parent / "report_v2.pdf").split())
+    assert text.count("Microaneurysms (MA): not assessed*") == 1 and re.search(r"Microaneurysms \(MA\): [\d.<]+%", text)
+    with session_scope(worked.factory) as s:
+        sign_off(s, worked.exams["P4"], reviewer="Dr A. Grey", source="cli")
+    reviewed = render_reviewed_report(worked.factory, worked.exams["P4"], catalog=ModelCatalog.from_settings(later),
+                                      clinic_name="C", templates_dir=TEMPLATES, reports_dir=settings.reports)
+    text = " ".join(pdf_text(Path(reviewed.path)).split())
+    assert text.count("Microaneurysms (MA): not assessed*") == 1 and re.search(r"Microaneurysms \(MA\): [\d.<]+%", text)
 
 
 def test_a_draft_after_a_sign_off_says_who_signed_which_version_and_that_it_awaits_review_again(settings):

@@ -392,7 +392,7 @@ def test_a_lesion_the_model_cannot_detect_is_not_assessed_rather_than_zero() -> 
     on a grade-3 eye read as "none seen". A lesion below the AUPR floor is "not assessed", with the reason."""
     from dataclasses import replace
 
-    from screening.report import model_metrics_for_report, undetected_lesions
+    from screening.report import model_metrics_for_report, undetected_lesions, with_undetected
 
     meta = {"thresholds": {"referable": 0.2}, "metrics": {"test": {"MA AUPR": 0.0004, "HE AUPR": 0.287, "EX AUPR": 0.571,
                                                                    "SE AUPR": 0.053, "OD Dice": 0.951}}}
@@ -400,7 +400,9 @@ def test_a_lesion_the_model_cannot_detect_is_not_assessed_rather_than_zero() -> 
     assert metrics["Test MA AUPR"] == 0.0 and metrics["Test HE AUPR"] == 0.287 and "Test OD AUPR" not in metrics
     assert undetected_lesions(metrics) == ("MA", "SE")
     assert undetected_lesions({}) == ()  # metrics unknown (the checkpoint is gone): nothing claimed either way
-    text = " ".join(render_html(replace(_ctx([_eye("R", 3, 0)]), model_metrics=metrics), TEMPLATES).split())
+    marked = with_undetected(_eye("R", 3, 0), metrics)
+    assert marked.lesions_not_detected == ("MA", "SE") and with_undetected(_ungradable("L"), metrics).lesions_not_detected == ()
+    text = " ".join(render_html(replace(_ctx([marked]), model_metrics=metrics), TEMPLATES).split())
     assert "Microaneurysms (MA): <span class=\"value\">not assessed*</span>" in text
     assert "Soft exudates (SE): <span class=\"value\">not assessed*</span>" in text
     assert "Haemorrhages (HE): <span class=\"value\">0.40%</span>" in text  # a lesion it detects keeps its area
@@ -408,6 +410,10 @@ def test_a_lesion_the_model_cannot_detect_is_not_assessed_rather_than_zero() -> 
     assert 'Test lesion AUPR: <span class="value">MA 0.000 · HE 0.287 · EX 0.571 · SE 0.053</span>' in text  # one row
     plain = " ".join(render_html(_ctx([_eye("R", 3, 0)]), TEMPLATES).split())
     assert "not assessed" not in plain and "Microaneurysms (MA): <span class=\"value\">0.12%</span>" in plain
+    # each photo by the model that graded it: a field graded by a model that detects microaneurysms keeps its area
+    both = " ".join(render_html(replace(_ctx([marked, _eye("L", 2, 0)]), model_metrics=metrics), TEMPLATES).split())
+    assert both.count("Microaneurysms (MA): <span class=\"value\">not assessed*</span>") == 1
+    assert both.count("Microaneurysms (MA): <span class=\"value\">0.12%</span>") == 1
 
 
 def test_the_grad_cam_caption_says_how_much_of_the_grade_the_maps_explain() -> None:
