@@ -301,6 +301,12 @@ def import_grading(
             continue
         reviewed_at = next((ln.reviewed_at for ln in group if ln.reviewed_at), None)
         comments = [ln.comment for ln in group if ln.comment]
+        if len(joined := "; ".join(comments)) > COMMENT_MAX_CHARS:  # each line's own length was checked as it was read
+            where = [ln.line for ln in group if ln.comment]
+            out.errors.append(LineError(where[-1], "comment", f"the comments on lines {', '.join(map(str, where))} of this "
+                                        f"visit make {len(joined)} characters together (a visit has one sign-off, "
+                                        f"one comment); at most {COMMENT_MAX_CHARS} are kept: shorten them"))
+            continue
         if _same_as_current(visit.current_review, answers, referral or referral_from_answers(answers), reviewer) and not visit.awaiting_review:
             out.visits.append(ImportedVisit(exam.id, patient, exam_date, [ln.line for ln in group], None))
             continue

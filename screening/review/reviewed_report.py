@@ -61,7 +61,7 @@ class ModelCatalog:
 
     def __init__(self, checkpoints: list[Path]) -> None:
         self.checkpoints = [Path(p) for p in checkpoints]
-        self._cache: dict[tuple[Path, int, int], dict[str, Any]] = {}
+        self._cache: dict[tuple[Path, int, int], dict[str, Any] | None] = {}
         self._lock = threading.Lock()
 
     @classmethod
@@ -80,9 +80,9 @@ class ModelCatalog:
 
                 try:
                     _, meta = load_model(path, "cpu")  # the public checkpoint API; only the metadata is kept
-                except CheckpointError as exc:
+                except CheckpointError as exc:  # remembered too: the review page asks on every view
                     log.warning("cannot describe the model from %s: %s", path, exc)
-                    return None
+                    meta = None
                 self._cache[key] = meta
             return self._cache[key]
 

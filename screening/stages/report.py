@@ -166,12 +166,13 @@ class ReportStage:
         if review is None:
             return None
         reviewed = rrepo.report_of_review(session, review.id)
-        which = f" (report v{reviewed.version})" if reviewed is not None else ""
+        which = (f" (report v{reviewed.version})" if reviewed is not None
+                 else " (its reviewed version is not rendered yet: `dr-screen review render` makes it)")
         signed = f"This visit was signed off by {review.reviewer} on {review.reviewed_at.astimezone():%Y-%m-%d}{which}"
         if any(i.stored_at is not None and i.stored_at > review.created_at for i in images):  # as Visit.awaiting_review
             return (f"{signed}. Photographs were added after that sign-off, so this version shows the model's findings "
                     "only and awaits review again.")
-        return f"{signed}; its answers are on that version."
+        return f"{signed}; its answers are on the reviewed version." if reviewed is None else f"{signed}; its answers are on that version."
 
     # ---------------------------------------------------------------------------------- rendering
     def _snapshot(self, session: Session, exam_id: int) -> tuple[datetime, int, ReportContext, tuple[int, ...]]:

@@ -400,18 +400,23 @@ def test_a_draft_after_a_sign_off_says_who_signed_which_version_and_that_it_awai
 
     from .conftest import TEMPLATES, run_worker
 
-    worked = run_worker(settings, {"P2_R.jpg": 3})
+    worked = run_worker(settings, {"P2_R_20251120.jpg": 3})  # dated: two runs either side of midnight are one visit
     exam_id = worked.exams["P2"]
     with session_scope(worked.factory) as s:
         sign_off(s, exam_id, reviewer="Dr A. Grey", source="cli")
     render_reviewed_report(worked.factory, exam_id, catalog=ModelCatalog.from_settings(worked.settings), clinic_name="C",
                            templates_dir=TEMPLATES, reports_dir=settings.reports)  # v2, the reviewed version
-    run_worker(settings, {"P2_L.jpg": 4})  # the second eye, after the sign-off
+    run_worker(settings, {"P2_L_20251120.jpg": 4})  # the second eye, after the sign-off
     [folder] = {p.parent for p in settings.reports.rglob("report_v3.pdf")}
     text = " ".join(pdf_text(folder / "report_v3.pdf").split())
     assert "This visit was signed off by Dr A. Grey on " in text and "(report v2). Photographs were added" in text
     assert "awaits review again" in text
     assert "signed off" not in pdf_text(folder / "report_v1.pdf")  # before the sign-off: nothing to say
+    with session_scope(worked.factory) as s:  # signed off again, its reviewed version not rendered (a failed render)
+        sign_off(s, exam_id, reviewer="Dr B. Abbot", source="cli")
+    run_worker(settings, {"P2_R_20251120_2.jpg": 5})  # a second field
+    text = " ".join(pdf_text(folder / "report_v4.pdf").split())
+    assert "signed off by Dr B. Abbot on " in text and "its reviewed version is not rendered yet" in text
 
 
 def test_a_multi_page_file_gives_one_result_per_fundus_page_and_is_archived_once(settings):

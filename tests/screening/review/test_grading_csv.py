@@ -128,6 +128,11 @@ def test_a_visit_needs_a_line_for_each_graded_eye_one_referral_and_a_reviewer(fa
     assert [str(e) for e in out.errors] == [  # the sign-off rules apply to imports too, on the line that says it
         "line 3, column 'referral': the referral 'Refer to ophthalmology (routine)' is less urgent than the grades "
         "given imply ('Urgent referral (proliferative DR)'); choose the referral again, or let it follow the grades"]
+    long = "x" * 1500  # each line's comment within the limit, the visit's one comment over it
+    out = _run(factory, _write(tmp_path, HEADER + f"P1,R,2025-03-03,2,0,,,Dr Grey,,{long}\nP1,L,2025-03-03,0,0,,,,,{long}\n"))
+    assert [str(e) for e in out.errors] == [
+        "line 3, column 'comment': the comments on lines 2, 3 of this visit make 3002 characters together (a visit has "
+        "one sign-off, one comment); at most 2000 are kept: shorten them"]
     out = _run(factory, _write(tmp_path, HEADER + "P2,R,2025-03-04,1,0,,,,,\n"))
     assert [str(e) for e in out.errors] == [
         "line 2, column 'reviewer': empty on every line of this visit, and no --reviewer was given: say who graded it"]
