@@ -606,6 +606,7 @@ def _eye_view(e: EyeFinding, review: EyeReview | None = None, ungradable_rule: U
         "dme_probs": [(i, DME_GRADES[i], _pct(p)) for i, p in enumerate(e.dme_probs)],
         "referable": e.referable,
         "referable_score": _pct(e.referable_score),
+        "on_score": _on_score(e),  # referred on the score alone: said beside the outcome, where a grade 0 meets "Refer"
         "lesions": [
             {"code": c, "label": LESION_LABELS[c], "colour": _rgb(LESION_COLOURS[c]), "assessed": c not in e.lesions_not_detected,
              "area": _area(e.lesion_areas.get(c)) if c not in e.lesions_not_detected else "not assessed*"}

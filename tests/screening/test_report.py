@@ -133,6 +133,8 @@ def test_referral_reason_names_the_worse_eye_and_handles_no_eyes():
     assert tie.basis == "Based on both eyes (the same outcome)"
     text = " ".join(render_html(_ctx([on_score, _eye("L", 2, 0)]), TEMPLATES).split())
     assert "Based on both eyes (the same outcome) — Right eye:" in text and "Based on the worse eye" not in text
+    # the summary row of a grade-0 eye that is referred says why beside the outcome; a grade-2 eye's does not
+    assert text.count("on the model's referable-DR score (59%), not its grade") == 1
 
 
 def test_invalid_findings_are_rejected():
