@@ -234,9 +234,11 @@ def load_visit(session: Session, exam_id: int, rule: EyeResultRule = "worst",
 
 
 def review_queue(session: Session, rule: EyeResultRule = "worst", ungradable_rule: UngradableRule = "recall") -> list[Visit]:
-    """Visits awaiting review: those the model would refer first, then oldest first (by :attr:`Visit.ready_at`)."""
+    """Visits awaiting review, the most urgent of the model's referrals first (urgent, then within weeks, routine,
+    ungradable...), each level oldest first (by :attr:`Visit.ready_at`): a proliferative eye to be seen within 2 weeks
+    waited behind every older routine referral."""
     waiting = [v for v in load_visits(session, rule=rule, ungradable_rule=ungradable_rule) if v.awaiting_review]
-    return sorted(waiting, key=lambda v: (not v.referable, v.ready_at, v.exam_id))
+    return sorted(waiting, key=lambda v: (-REFERRAL_LEVELS[v.model_referral.level].rank, v.ready_at, v.exam_id))
 
 
 def recently_reviewed(session: Session, limit: int = 50, rule: EyeResultRule = "worst",

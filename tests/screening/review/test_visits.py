@@ -20,7 +20,7 @@ def _ids(visits):
     return [v.patient_code for v in visits]
 
 
-def test_queue_puts_the_models_referrals_first_then_the_oldest(factory):
+def test_queue_puts_the_most_urgent_referrals_first_then_the_oldest(factory):
     with session_scope(factory) as s:
         seed_visit(s, "OLD_NORMAL", {"R": (0, 0, False)}, report_at=at(100))
         seed_visit(s, "NEW_URGENT", {"R": (4, 0, True), "L": (1, 0, False)}, report_at=at(900))
@@ -29,8 +29,10 @@ def test_queue_puts_the_models_referrals_first_then_the_oldest(factory):
         seed_visit(s, "DME_ONLY", {"R": (0, 1, False)}, report_at=at(50))  # DME risk refers too
     with session_scope(factory) as s:
         queue = review_queue(s)
-        assert _ids(queue) == ["DME_ONLY", "OLD_ROUTINE", "NEW_URGENT", "NO_REPORT", "OLD_NORMAL"]
+        # the urgent (proliferative) visit first though newest; then the routine ones, oldest first
+        assert _ids(queue) == ["NEW_URGENT", "DME_ONLY", "OLD_ROUTINE", "NO_REPORT", "OLD_NORMAL"]
         assert [v.referable for v in queue] == [True, True, True, False, False]
+        assert [v.model_referral.level for v in queue] == ["urgent", "routine", "routine", "rescreen_12", "rescreen_24"]
         assert queue[3].ready_at == T0 + timedelta(seconds=30) and queue[4].ready_at == at(100)
         assert recently_reviewed(s) == []
 
