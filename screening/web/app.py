@@ -34,6 +34,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from screening.claims import Claimer, make_holder
 from screening.config import ScreeningSettings
+from screening.db import repository as repo
 from screening.db import reviews as rrepo
 from screening.db.models import Image, Report, ReviewSource, ReviewUser
 from screening.db.session import session_scope
@@ -271,6 +272,7 @@ def create_app(
                 abort(404)
             history = rrepo.review_history(s, exam_id)
             reports = rrepo.exam_reports(s, exam_id)
+            refused = [str(image.error) for image in repo.refused_pages(s, exam_id)]  # as the PDF names them
         current = visit.current_review
         # a signed-off visit shows its current answers to start from; otherwise the model's, and only then is
         # 'Confirm the model's findings' offered (it checks that nothing was changed from the model's answers)
@@ -282,7 +284,7 @@ def create_app(
         undetected = {e.eye: undetected_lesions(catalog.metrics(e.result.checkpoint_sha256)) for e in visit.eyes}
         return render_template(
             "visit.html.j2", visit=visit, history=history, reports=reports, defaults=defaults, error=error,
-            offer_confirm=offer_confirm, undetected=undetected, lesion_floor=f"{LESION_AUPR_FLOOR:.2f}",
+            offer_confirm=offer_confirm, undetected=undetected, refused_pages=refused, lesion_floor=f"{LESION_AUPR_FLOOR:.2f}",
             form=form or {}, reviewer_name=g.get("display_name") or session.get("reviewer_name", ""),
             pictures=PICTURES, rule_text=EYE_RESULT_RULES[rule],
         ), status

@@ -95,6 +95,23 @@ def test_a_lesion_the_grading_model_cannot_detect_is_shown_as_not_assessed(worke
     assert "does not reliably detect microaneurysms or soft exudates (test AUPR below 0.10)" in page
 
 
+def test_a_refused_page_of_the_visit_is_named_on_the_page_as_on_the_pdf(worked):
+    """The PDF says which pages of a multi-page file were not graded; the grader on the page must see it too."""
+    from screening.db import repository as repo
+    from screening.db.models import Exam
+
+    exam_id = worked.exams["P1"]
+    url = f"/visits/{exam_id}"
+    assert "Not graded" not in _app(worked).test_client().get(url).get_data(as_text=True)
+    with session_scope(worked.factory) as s:
+        repo.add_image(s, sha256="9" * 64, source_name="<b>P1_R.tif</b> (page 2)", exam=s.get(Exam, exam_id), eye="R",
+                       page=2, file_sha256="8" * 64, state="rejected", error_code="not_fundus",
+                       error="'<b>P1_R.tif</b> (page 2)' does not look like a colour fundus photo")
+    page = " ".join(_app(worked).test_client().get(url).get_data(as_text=True).split())
+    assert "Not graded: 1 page of a multi-page file was refused." in page
+    assert "&#39;&lt;b&gt;P1_R.tif&lt;/b&gt; (page 2)&#39; does not look like a colour fundus photo" in page  # escaped
+
+
 def test_confirm_and_correct_from_the_page(worked_db):
     worked = worked_db  # on SQLite, then on PostgreSQL
     client = _app(worked).test_client()
