@@ -11,6 +11,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from sqlalchemy.orm import Session
+
+from screening.db import repository as repo
 from screening.db.models import Image, ImageState, Result
 from screening.report import EyeFinding
 
@@ -79,4 +82,10 @@ def stored_finding(image: Image, result: Result | None) -> EyeFinding | None:
     return ungradable_finding(image) if is_ungradable(image) else None
 
 
-__all__ = ["PHOTO_FILE", "eye_finding", "is_ungradable", "stored_finding", "ungradable_finding"]
+def refused_page_reasons(session: Session, exam_id: int) -> tuple[str, ...]:
+    """Why each page of the visit's multi-page files was refused (each reason names its page): what the worker's
+    versions, the reviewed ones and the review page list under "Not graded"."""
+    return tuple(str(image.error) for image in repo.refused_pages(session, exam_id))
+
+
+__all__ = ["PHOTO_FILE", "eye_finding", "is_ungradable", "refused_page_reasons", "stored_finding", "ungradable_finding"]

@@ -529,14 +529,14 @@ def _metric(v: float | str) -> str:
 def _metric_rows(metrics: Mapping[str, float | str]) -> list[tuple[str, str]]:
     """The model section's rows: each metric on its own, but the per-lesion test AUPRs on one row (four rows of
     them pushed a two-eye report's last box onto a third page)."""
+    lesion_keys = {f"Test {c} AUPR": c for c in LESION_CODES}
+    merged = ("Test lesion AUPR", " · ".join(f"{c} {_metric(metrics[k])}" for k, c in lesion_keys.items() if k in metrics))
     rows: list[tuple[str, str]] = []
-    lesions = [(c, metrics[f"Test {c} AUPR"]) for c in LESION_CODES if f"Test {c} AUPR" in metrics]
     for key, value in metrics.items():
-        if key.startswith("Test ") and key.endswith(" AUPR") and key.removeprefix("Test ").removesuffix(" AUPR") in LESION_CODES:
-            if lesions and key == f"Test {lesions[0][0]} AUPR":
-                rows.append(("Test lesion AUPR", " · ".join(f"{c} {_metric(v)}" for c, v in lesions)))
-            continue
-        rows.append((key, _metric(value)))
+        if key not in lesion_keys:
+            rows.append((key, _metric(value)))
+        elif merged not in rows:  # the lesions' one row, where the first of them stood
+            rows.append(merged)
     return rows
 
 

@@ -23,6 +23,7 @@ from screening.config import ScreeningSettings
 from screening.db import repository as repo
 from screening.db.models import ClaimKind, Exam, Report
 from screening.db.session import session_scope
+from screening.findings import refused_page_reasons
 from screening.report import (
     EyeResultRule,
     ReportContext,
@@ -196,8 +197,7 @@ def _render_reviewed(
             # recorded yet); should the worker take this number meanwhile, the render is refused and repeated
             folder = report_folder(reports_dir, visit.patient_code, visit.exam_date)
             version = max(repo.next_report_version(session, exam_id), max(existing_versions(folder), default=0) + 1)
-            refused = tuple(str(image.error) for image in repo.refused_pages(session, exam_id))
-            ctx = reviewed_context(visit, model, clinic_name, version, refused, catalog)
+            ctx = reviewed_context(visit, model, clinic_name, version, refused_page_reasons(session, exam_id), catalog)
             review_id = visit.current_review.id  # type: ignore[union-attr]  # reviewed_context checked it
         try:
             with _RENDER_LOCK:

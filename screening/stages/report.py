@@ -45,7 +45,7 @@ from ..db import repository as repo
 from ..db import reviews as rrepo
 from ..db.models import ClaimKind, Exam, Image, ImageState, Patient, Report, utcnow
 from ..db.session import DatabaseGone, transaction
-from ..findings import stored_finding
+from ..findings import refused_page_reasons, stored_finding
 from ..inference import Predictor
 from ..rejection import Incident
 from ..renderer import Renderer, RenderJob, RenderResult
@@ -130,11 +130,8 @@ class ReportStage:
         fields: list[EyeFinding] = []
         images = repo.exam_images_with_results(session, exam.id, include_pending=True)
         for image, result in images:
-            finding = stored_finding(image, result)
-            if finding is not None and result is not None:  # its lesions judged by the model that graded it
-                finding = with_undetected(finding, self._metrics_of(result.checkpoint_sha256))
-            if finding is not None:
-                fields.append(finding)
+            if (finding := stored_finding(image, result)) is not None:  # graded: lesions judged by the model that graded it
+                fields.append(finding if result is None else with_undetected(finding, self._metrics_of(result.checkpoint_sha256)))
         return ReportContext(
             clinic_name=self.settings.clinic_name, patient_id=exam.patient.code, exam_date=exam.exam_date,
             eyes=fields, model_version=self.predictor.version,
@@ -143,7 +140,7 @@ class ReportStage:
             model_metrics=self.predictor.report_metrics(), generated_at=datetime.now(timezone.utc).astimezone(),
             report_version=version, eye_result_rule=self.settings.eye_result,
             ungradable_rule=self.settings.ungradable_rule,
-            refused_pages=tuple(str(image.error) for image in repo.refused_pages(session, exam.id)),
+            refused_pages=refused_page_reasons(session, exam.id),
             earlier_review=self._earlier_review(session, exam.id, [image for image, _ in images]),
         )
 
@@ -172,7 +169,7 @@ class ReportStage:
         if any(i.stored_at is not None and i.stored_at > review.created_at for i in images):  # as Visit.awaiting_review
             return (f"{signed}. Photographs were added after that sign-off, so this version shows the model's findings "
                     "only and awaits review again.")
-        return f"{signed}; its answers are on the reviewed version." if reviewed is None else f"{signed}; its answers are on that version."
+        return f"{signed}; its answers are on {'the reviewed' if reviewed is None else 'that'} version."
 
     # ---------------------------------------------------------------------------------- rendering
     def _snapshot(self, session: Session, exam_id: int) -> tuple[datetime, int, ReportContext, tuple[int, ...]]:

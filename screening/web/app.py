@@ -34,11 +34,10 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from screening.claims import Claimer, make_holder
 from screening.config import ScreeningSettings
-from screening.db import repository as repo
 from screening.db import reviews as rrepo
 from screening.db.models import Image, Report, ReviewSource, ReviewUser
 from screening.db.session import session_scope
-from screening.findings import stored_finding
+from screening.findings import refused_page_reasons, stored_finding
 from screening.report import (
     EYE_NAMES,
     EYE_RESULT_RULES,
@@ -272,7 +271,7 @@ def create_app(
                 abort(404)
             history = rrepo.review_history(s, exam_id)
             reports = rrepo.exam_reports(s, exam_id)
-            refused = [str(image.error) for image in repo.refused_pages(s, exam_id)]  # as the PDF names them
+            refused = refused_page_reasons(s, exam_id)  # as the PDF names them
         current = visit.current_review
         # a signed-off visit shows its current answers to start from; otherwise the model's, and only then is
         # 'Confirm the model's findings' offered (it checks that nothing was changed from the model's answers)
