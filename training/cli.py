@@ -120,7 +120,9 @@ def cmd_fit_quality(args: argparse.Namespace) -> int:
 def cmd_fit_laterality(args: argparse.Namespace) -> int:
     from training.fit_laterality import fit_laterality
 
-    metrics = fit_laterality(_cfg(args), Path(args.output), target_accuracy=args.target_accuracy)
+    metrics = fit_laterality(_cfg(args), Path(args.output), target_accuracy=args.target_accuracy,
+                             chirality_epochs=args.chirality_epochs, upright_sources=args.upright_source,
+                             init=Path(args.init) if args.init else None)
     print(json.dumps(metrics["test"], indent=1))
     print(f"laterality model written to {args.output} (all metrics in {Path(args.output).with_suffix('.metrics.json')})")
     return 0
@@ -221,6 +223,12 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--output", default="models/laterality.pt")
     sp.add_argument("--target-accuracy", type=float, default=0.97,
                     help="accuracy the confident train+validation photos must reach (default %(default)s)")
+    sp.add_argument("--chirality-epochs", type=int, default=0,
+                    help="also train the chirality network for this many epochs (0: the landmarks alone; E12)")
+    sp.add_argument("--upright-source", action="append", default=[], metavar="SOURCE",
+                    help="a source whose cameras show upright photos: its unnamed train/val photos teach the network "
+                         "with the disc's side as their eye (repeat; e.g. idrid-grading, manifest:messidor2)")
+    sp.add_argument("--init", default="", help="grading checkpoint whose encoder starts the network (e.g. models/baseline.pt)")
     sp.set_defaults(func=cmd_fit_laterality)
 
     sp = sub.add_parser("export", help="strip optimizer state and store half-precision weights for shipping")

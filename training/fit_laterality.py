@@ -1,4 +1,4 @@
-"""``dr-train fit-laterality``: fit the six numbers of the laterality model (:mod:`training.laterality`) and
+"""``dr-train fit-laterality``: fit the laterality model (:mod:`training.laterality`) and
 measure it.
 
 Photos: every record of the configured sources that names its eye (srahim, EyePACS), split by patient with the
@@ -10,6 +10,13 @@ which ``target_accuracy`` of the confident photos of ``train`` and ``val`` toget
 barely overfit, and ``val`` alone, 160 photos, moved the threshold from 0.63 to 0.9 between draws); ``test`` gives
 the numbers for MODEL_CARD.md, with patient-bootstrap 95 % intervals, per source, with the abstention share, and
 the errors sorted by what the landmarks say (:func:`error_kinds`).
+
+With ``--chirality-epochs N`` (format 3, E12) the chirality network (:mod:`training.chirality`) is trained too, on
+the named ``train`` photos and on the unnamed photos of sources whose cameras show upright photos
+(``--upright-source``, their ``train`` and ``val`` photos: the disc's side is then the eye), its encoder started from
+a grading checkpoint (``--init``). The network has seen ``train``, so its weight beside the landmarks
+(:func:`fit_weights`) and the confidence threshold come from ``val`` alone. Its run is checkpointed every epoch in
+``<cache_dir>/laterality/`` and resumed exactly when the command is run again.
 """
 
 from __future__ import annotations
@@ -31,7 +38,7 @@ from training.config import TrainingConfig
 from training.data.records import Record
 from training.data.transforms import crop_square, resize_square
 from training.fit_quality import read_photo
-from training.laterality import PARAMETERS, SIDE, TILT_RANGE, Orientation, landmarks, pack_model, probability_right
+from training.laterality import PARAMETERS, SIDE, TILT_RANGE, Orientation, combine, landmarks, pack_model, probability_right
 
 LANDMARKS_VERSION = "2"
 COLUMNS = ("disc_offset", "tilt", "fovea_depth", "has_fovea")
@@ -108,19 +115,24 @@ def fit_parameters(x: np.ndarray, right: np.ndarray) -> dict[str, float]:
     return dict(zip(PARAMETERS, (side, mean, math.exp(log_sd), miss_bias, miss_gain, prior)))
 
 
-def _predictions(model: dict[str, Any], x: np.ndarray, orientation: str) -> tuple[np.ndarray, np.ndarray]:
+def _predictions(model: dict[str, Any], x: np.ndarray, orientation: str,
+                 cnn: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(right eye?, confidence) per photo; ``cnn``: the chirality network's logits, joined in ``detect`` mode as
+    :func:`training.laterality.predict` joins them."""
     mode: Orientation = "upright" if orientation == "upright" else "detect"
     p = np.array([probability_right(model, float(o), float(t), mode, float(d), bool(f))[0] for o, t, d, f in x])
+    if cnn is not None and mode == "detect" and "chirality_weight" in model:
+        p = np.array([combine(model, float(a), float(c)) for a, c in zip(p, cnn)])
     return p >= 0.5, np.maximum(p, 1 - p)
 
 
-def error_kinds(model: dict[str, Any], x: np.ndarray, right: np.ndarray) -> dict[str, int]:
+def error_kinds(model: dict[str, Any], x: np.ndarray, right: np.ndarray, cnn: np.ndarray | None = None) -> dict[str, int]:
     """The wrong answers (``detect``) by what the landmarks say went wrong: the disc lies on the side that fits the
     stated eye but the photo was judged inverted (``upright_read_as_inverted``); the disc lies on the other side and
     the fovea above it, so the photo is inverted (rotated 180 degrees: the EyePACS quirk) but was judged upright
     (``inverted_read_as_upright``); the disc lies on the other side and the fovea below it or nowhere: a mirrored
     photo, a wrong label or a wrongly found disc, which no orientation cue fixes (``disc_side_wrong``)."""
-    pred, _ = _predictions(model, x, "detect")
+    pred, _ = _predictions(model, x, "detect", cnn)
     out = {"upright_read_as_inverted": 0, "inverted_read_as_upright": 0, "disc_side_wrong": 0}
     for (offset, tilt, _, has_fovea), p, r in zip(x, pred, right.astype(bool)):
         if p == r:
@@ -134,10 +146,11 @@ def error_kinds(model: dict[str, Any], x: np.ndarray, right: np.ndarray) -> dict
     return out
 
 
-def choose_confident(x: np.ndarray, right: np.ndarray, model: dict[str, Any], target_accuracy: float) -> float:
+def choose_confident(x: np.ndarray, right: np.ndarray, model: dict[str, Any], target_accuracy: float,
+                     cnn: np.ndarray | None = None) -> float:
     """The lowest confidence at which ``target_accuracy`` of the photos at or above it are right (0.95 when no level
     reaches it: the metrics then show the accuracy it has)."""
-    pred, conf = _predictions(model, x, "detect")
+    pred, conf = _predictions(model, x, "detect", cnn)
     ok = pred == right.astype(bool)
     for t in np.arange(0.6, 0.995, 0.01):
         keep = conf >= t
@@ -146,7 +159,8 @@ def choose_confident(x: np.ndarray, right: np.ndarray, model: dict[str, Any], ta
     return 0.95
 
 
-def evaluate(model: dict[str, Any], x: np.ndarray, records: Sequence[Record], n_boot: int = 1000) -> dict[str, Any]:
+def evaluate(model: dict[str, Any], x: np.ndarray, records: Sequence[Record], n_boot: int = 1000,
+             cnn: np.ndarray | None = None) -> dict[str, Any]:
     """Accuracy (every photo, both orientation modes) and the confident photos' coverage and accuracy, overall
     and per source, with patient-bootstrap 95 % intervals."""
     from training.metrics import grouped_bootstrap_ci
@@ -158,7 +172,7 @@ def evaluate(model: dict[str, Any], x: np.ndarray, records: Sequence[Record], n_
     def block(mask: np.ndarray) -> dict[str, Any]:
         out: dict[str, Any] = {"photos": int(mask.sum()), "patients": int(len(set(patients[mask])))}
         for orientation in ("detect", "upright"):
-            pred, conf = _predictions(model, x[mask], orientation)
+            pred, conf = _predictions(model, x[mask], orientation, None if cnn is None else cnn[mask])
             ok = (pred == right[mask]).astype(float)
             ci = grouped_bootstrap_ci(lambda v: float(np.mean(v)), patients[mask], ok, n_boot=n_boot)
             keep = conf >= float(model["confident"])
@@ -171,7 +185,7 @@ def evaluate(model: dict[str, Any], x: np.ndarray, records: Sequence[Record], n_
         # photos whose disc lies on the side that does not fit their stated eye: inverted or mirrored by the camera
         # (or wrongly labelled, or the disc wrongly found): the EyePACS quirk, counted, never dropped
         out["disc_side_contradicts_label"] = int(((x[mask][:, 0] > 0) != right[mask]).sum())
-        out["errors"] = error_kinds(model, x[mask], right[mask])
+        out["errors"] = error_kinds(model, x[mask], right[mask], None if cnn is None else cnn[mask])
         return out
 
     result = {"all": block(np.ones(len(records), bool))}
@@ -180,9 +194,71 @@ def evaluate(model: dict[str, Any], x: np.ndarray, records: Sequence[Record], n_
     return result
 
 
-def fit_laterality(cfg: TrainingConfig, output: Path, target_accuracy: float = 0.97) -> dict[str, Any]:
+def _digest(records: Sequence[Record], *extra: str) -> str:
+    return hashlib.sha256("\n".join([*extra, *(str(r.image.resolve()) for r in records)]).encode()).hexdigest()[:16]
+
+
+PSEUDO_MARGIN = 0.15  # disc offset (field radii) beyond which the disc's side names the eye of an upright photo
+
+
+def stored_photos(records: Sequence[Record], cache_dir: Path) -> np.ndarray:
+    """(N, STORE, STORE, 3) uint8: each record as the chirality network stores it
+    (:func:`training.chirality.chirality_input`), cached as one array per list of files (memory-mapped)."""
+    from training.chirality import STORE, chirality_input
+
+    path = cache_dir / f"chirality-photos-{_digest(records, str(STORE))}.npy"
+    if not path.is_file():
+        photos = np.zeros((len(records), STORE, STORE, 3), np.uint8)
+        for i, rec in enumerate(records):
+            photos[i] = chirality_input(crop_square(read_photo(rec.image)))
+        path.parent.mkdir(parents=True, exist_ok=True)
+
+        def write(tmp: Path) -> None:
+            with open(tmp, "wb") as fh:
+                np.save(fh, photos)
+
+        atomic_write(path, write, durable=False)
+    stored: np.ndarray = np.load(path, mmap_mode="r")
+    return stored
+
+
+def pseudo_labelled(records: Sequence[Record], upright_sources: Sequence[str], cache: Path) -> tuple[list[Record], np.ndarray]:
+    """Records of sources whose cameras show upright photos and which do not name the eye, with the eye the disc's
+    side gives (1 = right), kept where the disc is clearly off-centre (:data:`PSEUDO_MARGIN`)."""
+    pool = [r for r in records if r.eye not in ("L", "R") and r.source in upright_sources]
+    if not pool:
+        return [], np.zeros(0)
+    offset = measure_records(pool, cache)[:, 0]
+    keep = np.abs(offset) >= PSEUDO_MARGIN
+    return [r for r, k in zip(pool, keep) if k], (offset[keep] > 0).astype(np.float32)
+
+
+def _logit(p: np.ndarray) -> np.ndarray:
+    p = np.clip(p, 1e-6, 1 - 1e-6)
+    out: np.ndarray = np.log(p / (1 - p))
+    return out
+
+
+def fit_weights(p_landmarks: np.ndarray, cnn: np.ndarray, right: np.ndarray) -> tuple[float, float]:
+    """The (landmark, chirality) weights of :func:`training.laterality.combine`: a logistic regression without
+    intercept on the two log-odds (the network is fitted on train, so these come from the validation split)."""
+    from sklearn.linear_model import LogisticRegression
+
+    fit = LogisticRegression(fit_intercept=False, C=1.0).fit(np.c_[_logit(p_landmarks), cnn], right.astype(int))
+    a, b = (float(v) for v in fit.coef_[0])
+    return a, b
+
+
+def fit_laterality(cfg: TrainingConfig, output: Path, target_accuracy: float = 0.97, *, chirality_epochs: int = 0,
+                   upright_sources: Sequence[str] = (), init: Path | None = None,
+                   log: Any = print) -> dict[str, Any]:
     """Fit on train, choose the confidence threshold on val, evaluate on test; write ``output`` and
-    ``<output stem>.metrics.json``. Returns the metrics."""
+    ``<output stem>.metrics.json``. Returns the metrics.
+
+    ``chirality_epochs`` > 0 also trains the chirality network (:mod:`training.chirality`) on the train split's
+    named photos and on the ``upright_sources``' train and validation photos (eye = the disc's side; their test
+    photos are never read), its encoder started from ``init`` (a grading checkpoint) when given; its weight beside
+    the landmarks and the confidence threshold are then chosen on the validation split alone."""
     from training.data.sources import load_all
     from training.data.split import configured_split
 
@@ -192,20 +268,63 @@ def fit_laterality(cfg: TrainingConfig, output: Path, target_accuracy: float = 0
     if not named["train"] or not named["val"] or not named["test"]:
         raise ValueError("no photos that name their eye in one of the splits; list sources with an 'eye' column "
                          "(srahim, EyePACS) in [data] sources")
+    unknown = sorted(set(upright_sources) - {r.source for recs in split.values() for r in recs})
+    if unknown:
+        raise ValueError(f"--upright-source {unknown}: no such source in [data] sources (they are "
+                         f"{sorted({r.source for recs in split.values() for r in recs})})")
     cache = Path(cfg.data.cache_dir).parent / "laterality" / "landmarks.npz"
     x = {side: measure_records(recs, cache) for side, recs in named.items()}
     y = {side: np.array([r.eye == "R" for r in recs], float) for side, recs in named.items()}
     params = fit_parameters(x["train"], y["train"])
     provisional = pack_model(params, 0.5, {}, {})
-    confident = choose_confident(np.r_[x["train"], x["val"]], np.r_[y["train"], y["val"]], provisional, target_accuracy)
-    model = pack_model(params, confident, {}, {})
-    metrics = {side: evaluate(model, x[side], named[side]) for side in ("val", "test")}
+    cnn: dict[str, np.ndarray | None] = {"val": None, "test": None}
+    chirality: dict[str, Any] | None = None
+    weights = (1.0, 1.0)
+    extra: dict[str, Any] = {}
+    if chirality_epochs > 0:
+        from training.checkpoint import load_model
+        from training.chirality import chirality_logits, fit_chirality, pack_net
+
+        pseudo, pseudo_y = pseudo_labelled([*split["train"], *split["val"]], upright_sources, cache)
+        train_records = [*named["train"], *pseudo]
+        labels = np.r_[y["train"], pseudo_y].astype(np.float32)
+        photos = stored_photos(train_records, cache.parent)
+        encoder_state, backbone = None, "resnet18"
+        if init is not None:
+            grading, ckpt = load_model(init)
+            encoder_state, backbone = grading.encoder.state_dict(), str(ckpt["model_config"]["backbone"])
+        run = cache.parent / f"chirality-run-{_digest(train_records, str(chirality_epochs), str(init))}.pt"
+        log(f"chirality network: {len(named['train'])} named and {len(pseudo)} upright photos, {chirality_epochs} epochs "
+            f"(checkpoint {run}, resumed if present)")
+        val_photos = stored_photos(named["val"], cache.parent)
+
+        def progress(epoch: int, loss: float, net: Any) -> None:
+            alone = float(((chirality_logits(net, val_photos) > 0) == (y["val"] > 0)).mean())
+            log(f"  epoch {epoch}: loss {loss:.4f}, the network alone right on {alone:.1%} of the validation photos")
+
+        net = fit_chirality(photos, labels, epochs=chirality_epochs, checkpoint=run, encoder_state=encoder_state,
+                            backbone=backbone, batch=min(32, len(labels)), on_epoch=progress)
+        val_logits = chirality_logits(net, val_photos)
+        cnn["val"], cnn["test"] = val_logits, chirality_logits(net, stored_photos(named["test"], cache.parent))
+        p_val = np.array([probability_right(provisional, float(o), float(t), "detect", float(d), bool(f))[0]
+                          for o, t, d, f in x["val"]])
+        weights = fit_weights(p_val, val_logits, y["val"])
+        chirality = pack_net(net)
+        extra = {"chirality_photos": {"named": len(named["train"]), "upright": len(pseudo)},
+                 "chirality_epochs": chirality_epochs, "upright_sources": sorted(upright_sources),
+                 "init": str(init) if init is not None else None, "weights": list(weights)}
+        provisional = pack_model(params, 0.5, {}, {}, chirality, weights)
+        confident = choose_confident(x["val"], y["val"], provisional, target_accuracy, cnn["val"])
+    else:
+        confident = choose_confident(np.r_[x["train"], x["val"]], np.r_[y["train"], y["val"]], provisional, target_accuracy)
+    model = pack_model(params, confident, {}, {}, chirality, weights)
+    metrics = {side: evaluate(model, x[side], named[side], cnn=cnn[side]) for side in ("val", "test")}
     metrics["photos"] = {side: len(recs) for side, recs in named.items()}
     model["metrics"] = {"test": metrics["test"]["all"], "val": metrics["val"]["all"]}
     model["provenance"] = {
         "kind": "real", "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "sources": sorted({r.source for recs in named.values() for r in recs}), "split_seed": cfg.data.split_seed,
-        "target_accuracy": target_accuracy, "seconds": round(time.monotonic() - t0, 1),
+        "target_accuracy": target_accuracy, "seconds": round(time.monotonic() - t0, 1), **extra,
     }
     output.parent.mkdir(parents=True, exist_ok=True)
     atomic_write(output, lambda tmp: torch.save(model, tmp))
@@ -213,4 +332,5 @@ def fit_laterality(cfg: TrainingConfig, output: Path, target_accuracy: float = 0
     return metrics
 
 
-__all__ = ["COLUMNS", "choose_confident", "error_kinds", "evaluate", "fit_laterality", "fit_parameters", "measure_records"]
+__all__ = ["COLUMNS", "PSEUDO_MARGIN", "choose_confident", "error_kinds", "evaluate", "fit_laterality", "fit_parameters",
+           "fit_weights", "measure_records", "pseudo_labelled", "stored_photos"]

@@ -34,7 +34,13 @@ are fitted by maximum likelihood on the training split of the sets that name the
 under its stated eye and says "eye not confirmed", or refuses a photo that states none. The worker can be told that
 its cameras never invert (``[screening] photo_orientation = "upright"``): then P(upright) = 1.
 
-The fitted model is a small dict of numbers (weights_only-safe); nothing here needs torch at run time.
+Format 3 adds a second reader of the same question (E12, experiments/README.md): the chirality network of
+:mod:`training.chirality`, trained to name the eye whatever way up the photo is (a rotation keeps the eye, a mirror
+swaps it), so it reads orientation from more than the fovea's tilt. Its logit and the landmarks' log-odds are joined
+by two weights fitted on the validation split (:func:`combine`), in ``detect`` mode only.
+
+The fitted model is a dict of numbers and, in format 3, the network's half-precision tensors (weights_only-safe);
+the landmarks need no torch, the network does.
 """
 
 from __future__ import annotations
@@ -49,7 +55,8 @@ import numpy as np
 from training.checkpoint import CheckpointError, load_fitted
 from training.common import FUNDUS_THRESHOLD
 
-LATERALITY_FORMAT = "dr-laterality-2"
+LATERALITY_FORMAT = "dr-laterality-3"
+READABLE_FORMATS = ("dr-laterality-2", LATERALITY_FORMAT)  # 2: the landmarks alone; 3 may add the chirality network
 TILT_RANGE = 50.0  # degrees: the fovea window spans 25 degrees either side of the disc's horizontal
 SIDE = 256  # landmarks are found on the square fundus crop at this size
 Orientation = Literal["detect", "upright"]
@@ -152,7 +159,8 @@ class LateralityPrediction:
         eye = "right" if self.eye == "R" else "left"
         how = f"optic disc on the image's {self.disc_side}"
         if self.upright < 0.5:
-            how += "; the photo seems upside down, its fovea above the disc"
+            how += "; the photo seems upside down" + (", its fovea above the disc" if self.landmarks.fovea is not None
+                                                      and self.landmarks.tilt < 0 else "")
         elif self.landmarks.fovea is None:
             how += ", no fovea found"
         return f"looks like a {eye} eye ({how}; confidence {self.confidence:.0%})"
@@ -187,11 +195,27 @@ def probability_right(model: dict[str, Any], offset: float, tilt: float, orienta
     return p_disc_right * up + (1 - p_disc_right) * (1 - up), up
 
 
+def combine(model: dict[str, Any], p_landmarks: float, cnn_logit: float) -> float:
+    """P(right eye) from the landmarks' P(right eye) and the chirality network's logit (format 3): a logistic in
+    both log-odds, its two weights fitted on the validation split (``dr-train fit-laterality``)."""
+    p = min(max(p_landmarks, 1e-6), 1 - 1e-6)
+    z = float(model["landmark_weight"]) * float(np.log(p / (1 - p))) + float(model["chirality_weight"]) * cnn_logit
+    return _sigmoid(z)
+
+
 def predict(model: dict[str, Any], square: np.ndarray, orientation: Orientation = "detect") -> LateralityPrediction:
-    """The eye of one photo (the square fundus crop) under ``model`` (:func:`load_laterality_model`)."""
+    """The eye of one photo (the square fundus crop) under ``model`` (:func:`load_laterality_model`). With the
+    chirality network (format 3) and ``orientation = "detect"``, its answer joins the landmarks' (:func:`combine`);
+    a site whose photos are always upright reads the disc's side alone, which the network cannot better there."""
     lm = landmarks(square)
     p_right, p_upright = probability_right(model, lm.disc_offset, lm.tilt, orientation, lm.fovea_depth,
                                            lm.fovea is not None)
+    net = model.get("_net")
+    if net is not None and orientation == "detect":
+        from training.chirality import chirality_logit
+
+        p_right = combine(model, p_right, chirality_logit(net, _square(square)))
+        p_upright = p_right if lm.disc_offset >= 0 else 1 - p_right  # the disc on the side the eye puts it
     eye: Literal["L", "R"] = "R" if p_right >= 0.5 else "L"
     confidence = max(p_right, 1 - p_right)
     return LateralityPrediction(eye, confidence, confidence >= float(model["confident"]),
@@ -201,15 +225,21 @@ def predict(model: dict[str, Any], square: np.ndarray, orientation: Orientation 
 PARAMETERS = ("side_gain", "tilt_mean", "tilt_sd", "miss_bias", "miss_depth_gain", "upright_prior")
 
 
-def pack_model(params: dict[str, float], confident: float, metrics: dict[str, Any], provenance: dict[str, Any]) -> dict[str, Any]:
-    """The model file's content: the six :data:`PARAMETERS`, the confidence threshold, metrics and provenance."""
+def pack_model(params: dict[str, float], confident: float, metrics: dict[str, Any], provenance: dict[str, Any],
+               chirality: dict[str, Any] | None = None, weights: tuple[float, float] = (1.0, 1.0)) -> dict[str, Any]:
+    """The model file's content: the six :data:`PARAMETERS`, the confidence threshold, metrics and provenance; with
+    ``chirality`` (:func:`training.chirality.pack_net`) also the network and the (landmark, chirality) weights of
+    :func:`combine`."""
     missing = [k for k in PARAMETERS if k not in params]
     if missing:
         raise ValueError(f"laterality parameters missing: {missing}")
     if not (float(params["tilt_sd"]) > 0 and 0 < float(params["upright_prior"]) < 1):
         raise ValueError(f"tilt_sd must be > 0 and upright_prior in (0, 1), got {params}")
-    return {"format": LATERALITY_FORMAT, **{k: float(params[k]) for k in PARAMETERS}, "confident": float(confident),
-            "metrics": metrics, "provenance": provenance}
+    model = {"format": LATERALITY_FORMAT, **{k: float(params[k]) for k in PARAMETERS}, "confident": float(confident),
+             "metrics": metrics, "provenance": provenance}
+    if chirality is not None:
+        model.update(chirality=chirality, landmark_weight=float(weights[0]), chirality_weight=float(weights[1]))
+    return model
 
 
 class LateralityModelError(CheckpointError):
@@ -221,17 +251,28 @@ def load_laterality_model(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     model = load_fitted(path, what="laterality", command="fit-laterality", setting="laterality_model",
                         error=LateralityModelError)
-    if not isinstance(model, dict) or model.get("format") != LATERALITY_FORMAT:
+    if not isinstance(model, dict) or model.get("format") not in READABLE_FORMATS:
         found = model.get("format") if isinstance(model, dict) else None
-        raise LateralityModelError(f"{path}: not a laterality model of format {LATERALITY_FORMAT!r} (found {found!r}); "
-                                   "refit it with `dr-train fit-laterality`")
-    for key in (*PARAMETERS, "confident"):
+        raise LateralityModelError(f"{path}: not a laterality model of format {' or '.join(map(repr, READABLE_FORMATS))} "
+                                   f"(found {found!r}); refit it with `dr-train fit-laterality`")
+    needed = (*PARAMETERS, "confident") + (("landmark_weight", "chirality_weight") if "chirality" in model else ())
+    for key in needed:
         if not isinstance(model.get(key), (int, float)):
             raise LateralityModelError(f"{path}: '{key}' is missing or not a number; refit it with `dr-train fit-laterality`")
-    return dict(model)
+    model = dict(model)
+    if "chirality" in model:
+        from training.chirality import unpack_net
+
+        try:
+            model["_net"] = unpack_net(model["chirality"])
+        except (KeyError, TypeError, ValueError, RuntimeError) as exc:
+            raise LateralityModelError(f"{path}: its chirality network cannot be rebuilt ({exc}); refit it with "
+                                       "`dr-train fit-laterality`") from exc
+    return model
 
 
 __all__ = [
     "LATERALITY_FORMAT", "PARAMETERS", "SIDE", "TILT_RANGE", "LateralityModelError", "LateralityPrediction", "Landmarks",
-    "Orientation", "landmarks", "load_laterality_model", "p_upright", "pack_model", "predict", "probability_right",
+    "Orientation", "READABLE_FORMATS", "combine", "landmarks", "load_laterality_model", "p_upright", "pack_model", "predict",
+    "probability_right",
 ]

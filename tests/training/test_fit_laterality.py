@@ -42,3 +42,35 @@ def test_fit_laterality_command_end_to_end(tiny_csv, tmp_path, capsys):
     metrics = json.loads(out.with_suffix(".metrics.json").read_text())
     assert metrics["test"]["all"]["detect"]["accuracy"] >= 0.75  # synthetic photos: the disc side is clear
     assert "laterality model written" in capsys.readouterr().out
+
+
+def test_fit_laterality_with_the_chirality_network(tiny_csv, tmp_path, capsys):
+    """``--chirality-epochs``: the network is trained (checkpointed, so a second run resumes instead of training
+    again), its weight beside the landmarks is fitted, and the file it writes is a format-3 model that predicts."""
+    config = tmp_path / "config.toml"
+    config.write_text(
+        f"[data]\nsources = [{{ kind = 'manifest', path = '{tiny_csv}' }}]\ncache_dir = '{tmp_path / 'cache' / 'pre'}'\n"
+        "val_fraction = 0.25\ntest_fraction = 0.25\nsplit_seed = 0\n")
+    out = tmp_path / "laterality.pt"
+    args = ["--config", str(config), "fit-laterality", "--output", str(out), "--chirality-epochs", "1"]
+    assert cli.main(args) == 0
+    printed = capsys.readouterr().out
+    assert "chirality network: " in printed and "epoch 1: loss" in printed
+    model = load_laterality_model(out)
+    assert model["format"] == "dr-laterality-3" and model["_net"] is not None
+    assert model["provenance"]["chirality_epochs"] == 1 and len(model["provenance"]["weights"]) == 2
+    runs = list((tmp_path / "cache" / "laterality").glob("chirality-run-*.pt"))
+    assert len(runs) == 1
+    assert cli.main(args) == 0  # the finished run is resumed: no epoch is trained again
+    assert "epoch 1: loss" not in capsys.readouterr().out
+
+
+def test_fit_laterality_refuses_an_unknown_upright_source(tiny_csv, tmp_path, capsys):
+    config = tmp_path / "config.toml"
+    config.write_text(
+        f"[data]\nsources = [{{ kind = 'manifest', path = '{tiny_csv}' }}]\ncache_dir = '{tmp_path / 'cache' / 'pre'}'\n"
+        "val_fraction = 0.25\ntest_fraction = 0.25\nsplit_seed = 0\n")
+    assert cli.main(["--config", str(config), "fit-laterality", "--output", str(tmp_path / "l.pt"),
+                     "--chirality-epochs", "1", "--upright-source", "messidor"]) != 0
+    assert "--upright-source ['messidor']: no such source in [data] sources (they are ['manifest:data'])" in capsys.readouterr().err
+    assert not (tmp_path / "l.pt").exists()

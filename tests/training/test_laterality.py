@@ -95,3 +95,46 @@ def test_shipped_model_on_srahim_photos_of_its_test_split(shared_data):
         rgb = cv2.cvtColor(cv2.imread(str(shared_data / "srahim" / name)), cv2.COLOR_BGR2RGB)
         right += predict(model, resize_square(crop_square(rgb), 512)).eye == name[-5]
     assert right >= 11, right  # 12 of 12 when this was written; the model card has the whole test split
+
+
+def _with_network(tmp_path: Path, weights: tuple[float, float]) -> dict:
+    from training.chirality import ChiralityNet, pack_net
+
+    torch.manual_seed(0)
+    model = pack_model(PARAMS, confident=0.8, metrics={}, provenance={}, chirality=pack_net(ChiralityNet()), weights=weights)
+    torch.save(model, tmp_path / "net.pt")
+    return load_laterality_model(tmp_path / "net.pt")
+
+
+def test_format_3_joins_the_chirality_network_in_detect_mode_only(tmp_path):
+    """With the network's weight alone the eye is the network's (its answer is exactly inverted for the mirrored
+    photo); with the landmarks' weight alone it is the landmarks'; ``upright`` mode reads the disc's side only."""
+    from training.chirality import chirality_logit
+    from training.laterality import SIDE
+
+    f = make_fundus(np.random.default_rng(2), size=256, eye="L", dr_grade=0)
+    landmarks_only = predict(MODEL, f.image, "detect")
+    net_only = _with_network(tmp_path, (0.0, 50.0))
+    z = chirality_logit(net_only["_net"], resize_square(f.image, SIDE))
+    p = predict(net_only, f.image, "detect")
+    assert p.eye == ("R" if z > 0 else "L") and p.confidence > 0.5
+    assert predict(net_only, np.ascontiguousarray(f.image[:, ::-1]), "detect").eye == ("L" if z > 0 else "R")
+    assert p.upright == pytest.approx(1 - p.confidence if (p.eye == "R") != (p.disc_side == "right") else p.confidence)
+    same = predict(_with_network(tmp_path, (1.0, 0.0)), f.image, "detect")
+    assert (same.eye, same.confidence) == (landmarks_only.eye, pytest.approx(landmarks_only.confidence))
+    assert predict(net_only, f.image, "upright") == predict(MODEL, f.image, "upright")
+
+
+def test_a_format_3_file_with_a_broken_network_says_so(tmp_path):
+    model = _with_network(tmp_path, (1.0, 1.0))
+    stored = torch.load(tmp_path / "net.pt", weights_only=True)
+    stored["chirality"]["state"].pop("head.1.weight")
+    torch.save(stored, tmp_path / "broken.pt")
+    with pytest.raises(LateralityModelError, match="chirality network cannot be rebuilt"):
+        load_laterality_model(tmp_path / "broken.pt")
+    torch.save({k: v for k, v in stored.items() if k != "chirality_weight"}, tmp_path / "noweight.pt")
+    with pytest.raises(LateralityModelError, match="'chirality_weight'"):
+        load_laterality_model(tmp_path / "noweight.pt")
+    assert model["format"] == "dr-laterality-3"
+    torch.save({**MODEL, "format": "dr-laterality-2"}, tmp_path / "two.pt")  # format 2 files still load
+    assert "_net" not in load_laterality_model(tmp_path / "two.pt")
