@@ -151,7 +151,11 @@ def fit_chirality(images: np.ndarray, labels: np.ndarray, *, epochs: int, checkp
     rng = np.random.default_rng(seed)
     start = 0
     if checkpoint.is_file():
-        state = torch.load(checkpoint, map_location="cpu", weights_only=False)  # our own file: rng state objects
+        try:
+            state = torch.load(checkpoint, map_location="cpu", weights_only=True)
+        except Exception as exc:  # noqa: BLE001 - damaged, cut short, or not this run's file
+            raise ValueError(f"{checkpoint}: not a readable chirality run checkpoint ({type(exc).__name__}); delete it "
+                             "to start the run again") from None
         if state.get("epochs") != epochs or state.get("photos") != len(images):
             raise ValueError(f"{checkpoint}: a run of {state.get('epochs')} epochs on {state.get('photos')} photos, not "
                              f"{epochs} on {len(images)}; delete it to start again")

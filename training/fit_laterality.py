@@ -194,8 +194,25 @@ def evaluate(model: dict[str, Any], x: np.ndarray, records: Sequence[Record], n_
     return result
 
 
+CHIRALITY_VERSION = "1"  # bump when the stored photos' preprocessing or the training recipe changes
+
+
 def _digest(records: Sequence[Record], *extra: str) -> str:
-    return hashlib.sha256("\n".join([*extra, *(str(r.image.resolve()) for r in records)]).encode()).hexdigest()[:16]
+    """A cache key over the files (path, size and modification time: a photo replaced under the same name is new)
+    and ``extra`` (what else decides the content)."""
+    def stamp(path: Path) -> str:
+        st = path.stat()
+        return f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}"
+
+    return hashlib.sha256("\n".join([CHIRALITY_VERSION, *extra, *(stamp(r.image) for r in records)]).encode()).hexdigest()[:16]
+
+
+def _file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 PSEUDO_MARGIN = 0.15  # disc offset (field radii) beyond which the disc's side names the eye of an upright photo
@@ -244,6 +261,9 @@ def fit_weights(p_landmarks: np.ndarray, cnn: np.ndarray, right: np.ndarray) -> 
     intercept on the two log-odds (the network is fitted on train, so these come from the validation split)."""
     from sklearn.linear_model import LogisticRegression
 
+    if len(set(right.astype(int).tolist())) < 2:
+        raise ValueError("the validation split's named photos are all of one eye, so the network's weight beside the "
+                         "landmarks cannot be fitted; add sources that name both eyes, or change [data] split_seed")
     fit = LogisticRegression(fit_intercept=False, C=1.0).fit(np.c_[_logit(p_landmarks), cnn], right.astype(int))
     a, b = (float(v) for v in fit.coef_[0])
     return a, b
@@ -268,6 +288,9 @@ def fit_laterality(cfg: TrainingConfig, output: Path, target_accuracy: float = 0
     if not named["train"] or not named["val"] or not named["test"]:
         raise ValueError("no photos that name their eye in one of the splits; list sources with an 'eye' column "
                          "(srahim, EyePACS) in [data] sources")
+    if upright_sources and chirality_epochs <= 0:
+        raise ValueError("--upright-source teaches the chirality network, which is trained only with --chirality-epochs "
+                         "N (N > 0); add it, or drop --upright-source")
     unknown = sorted(set(upright_sources) - {r.source for recs in split.values() for r in recs})
     if unknown:
         raise ValueError(f"--upright-source {unknown}: no such source in [data] sources (they are "
@@ -293,7 +316,8 @@ def fit_laterality(cfg: TrainingConfig, output: Path, target_accuracy: float = 0
         if init is not None:
             grading, ckpt = load_model(init)
             encoder_state, backbone = grading.encoder.state_dict(), str(ckpt["model_config"]["backbone"])
-        run = cache.parent / f"chirality-run-{_digest(train_records, str(chirality_epochs), str(init))}.pt"
+        init_id = _file_sha256(init) if init is not None else "random"
+        run = cache.parent / f"chirality-run-{_digest(train_records, str(chirality_epochs), init_id, backbone)}.pt"
         log(f"chirality network: {len(named['train'])} named and {len(pseudo)} upright photos, {chirality_epochs} epochs "
             f"(checkpoint {run}, resumed if present)")
         val_photos = stored_photos(named["val"], cache.parent)

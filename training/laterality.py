@@ -215,7 +215,9 @@ def predict(model: dict[str, Any], square: np.ndarray, orientation: Orientation 
         from training.chirality import chirality_logit
 
         p_right = combine(model, p_right, chirality_logit(net, _square(square)))
-        p_upright = p_right if lm.disc_offset >= 0 else 1 - p_right  # the disc on the side the eye puts it
+        if abs(_sigmoid(float(model["side_gain"]) * lm.disc_offset) - 0.5) > 0.4:
+            # the disc is clearly on one side: the photo is upright when that side is the one the eye puts it on
+            p_upright = p_right if lm.disc_offset >= 0 else 1 - p_right
     eye: Literal["L", "R"] = "R" if p_right >= 0.5 else "L"
     confidence = max(p_right, 1 - p_right)
     return LateralityPrediction(eye, confidence, confidence >= float(model["confident"]),
@@ -265,7 +267,7 @@ def load_laterality_model(path: str | Path) -> dict[str, Any]:
 
         try:
             model["_net"] = unpack_net(model["chirality"])
-        except (KeyError, TypeError, ValueError, RuntimeError) as exc:
+        except (KeyError, TypeError, ValueError, RuntimeError, AttributeError) as exc:
             raise LateralityModelError(f"{path}: its chirality network cannot be rebuilt ({exc}); refit it with "
                                        "`dr-train fit-laterality`") from exc
     return model

@@ -54,6 +54,8 @@ def test_views_and_the_stored_photo():
     views, sign = view_batch(stored)
     assert views.shape == (4, CROP, CROP, 3) and list(sign) == [1, 1, -1, -1]
     np.testing.assert_array_equal(views[1], views[0][::-1, ::-1])
+    np.testing.assert_array_equal(views[2], views[0][:, ::-1])
+    np.testing.assert_array_equal(views[3], views[0][::-1, :])
     with pytest.raises(ValueError, match="square fundus crop"):
         chirality_input(np.zeros((20, 30, 3), np.uint8))
 
@@ -117,6 +119,9 @@ def test_training_learns_a_chiral_mark_and_resumes_exactly(tmp_path):
         assert torch.equal(a, b), name
     with pytest.raises(ValueError, match="delete it to start again"):
         fit_chirality(images, labels, epochs=5, checkpoint=tmp_path / "part.pt", batch=16, crop=crop)
+    (tmp_path / "part.pt").write_bytes(b"cut short")
+    with pytest.raises(ValueError, match="not a readable chirality run checkpoint .* delete it"):
+        fit_chirality(images, labels, epochs=2, checkpoint=tmp_path / "part.pt", batch=16, crop=crop)
 
 
 def test_the_packed_network_answers_as_the_trained_one(net):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import pytest
 
 from training import cli
 from training.fit_laterality import fit_parameters
@@ -74,3 +75,28 @@ def test_fit_laterality_refuses_an_unknown_upright_source(tiny_csv, tmp_path, ca
                      "--chirality-epochs", "1", "--upright-source", "messidor"]) != 0
     assert "--upright-source ['messidor']: no such source in [data] sources (they are ['manifest:data'])" in capsys.readouterr().err
     assert not (tmp_path / "l.pt").exists()
+
+
+def test_fit_weights_follows_the_reader_that_is_right_and_needs_both_eyes():
+    """Simulated validation photos: the network's logit names the eye, the landmarks' answer is a coin toss: the
+    network gets the larger weight. A split of one eye cannot be fitted, and says so."""
+    from training.fit_laterality import fit_weights
+
+    rng = np.random.default_rng(0)
+    right = rng.random(200) < 0.5
+    cnn = np.where(right, 3.0, -3.0) + rng.normal(0, 1, 200)
+    landmarks = rng.uniform(0.3, 0.7, 200)
+    a, b = fit_weights(landmarks, cnn, right)
+    assert b > 0.5 and abs(a) < b
+    with pytest.raises(ValueError, match="all of one eye"):
+        fit_weights(landmarks, cnn, np.ones(200, bool))
+
+
+def test_upright_sources_need_the_network(tiny_csv, tmp_path, capsys):
+    config = tmp_path / "config.toml"
+    config.write_text(
+        f"[data]\nsources = [{{ kind = 'manifest', path = '{tiny_csv}' }}]\ncache_dir = '{tmp_path / 'cache' / 'pre'}'\n"
+        "val_fraction = 0.25\ntest_fraction = 0.25\nsplit_seed = 0\n")
+    assert cli.main(["--config", str(config), "fit-laterality", "--output", str(tmp_path / "l.pt"),
+                     "--upright-source", "manifest:data"]) != 0
+    assert "--upright-source teaches the chirality network" in capsys.readouterr().err

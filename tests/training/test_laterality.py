@@ -132,6 +132,12 @@ def test_a_format_3_file_with_a_broken_network_says_so(tmp_path):
     torch.save(stored, tmp_path / "broken.pt")
     with pytest.raises(LateralityModelError, match="chirality network cannot be rebuilt"):
         load_laterality_model(tmp_path / "broken.pt")
+    torch.save({**stored, "chirality": {"backbone": "resnet18", "state": [1, 2]}}, tmp_path / "notdict.pt")
+    with pytest.raises(LateralityModelError, match="chirality network cannot be rebuilt"):
+        load_laterality_model(tmp_path / "notdict.pt")
+    torch.save({**stored, "chirality": {**stored["chirality"], "backbone": "resnet999"}}, tmp_path / "backbone.pt")
+    with pytest.raises(LateralityModelError, match="chirality network cannot be rebuilt"):
+        load_laterality_model(tmp_path / "backbone.pt")
     torch.save({k: v for k, v in stored.items() if k != "chirality_weight"}, tmp_path / "noweight.pt")
     with pytest.raises(LateralityModelError, match="'chirality_weight'"):
         load_laterality_model(tmp_path / "noweight.pt")
