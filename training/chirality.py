@@ -26,6 +26,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from training.common import atomic_write
 from training.data.transforms import resize_square, subtract_local_mean
 from training.model.encoder import ResNetEncoder
 
@@ -165,8 +166,6 @@ def fit_chirality(images: np.ndarray, labels: np.ndarray, *, epochs: int, checkp
         rng.bit_generator.state = state["rng"]
         torch.set_rng_state(state["torch_rng"])
         start = int(state["epoch"])
-    from training.common import atomic_write
-
     for epoch in range(start, epochs):
         t0 = time.monotonic()
         loss = train_epoch(net, images, labels, optimizer, scheduler, rng, batch, crop)

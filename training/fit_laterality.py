@@ -38,7 +38,17 @@ from training.config import TrainingConfig
 from training.data.records import Record
 from training.data.transforms import crop_square, resize_square
 from training.fit_quality import read_photo
-from training.laterality import PARAMETERS, SIDE, TILT_RANGE, Orientation, combine, landmarks, pack_model, probability_right
+from training.laterality import (
+    PARAMETERS,
+    SIDE,
+    TILT_RANGE,
+    Orientation,
+    combine,
+    landmarks,
+    log_odds,
+    pack_model,
+    probability_right,
+)
 
 LANDMARKS_VERSION = "2"
 COLUMNS = ("disc_offset", "tilt", "fovea_depth", "has_fovea")
@@ -115,14 +125,20 @@ def fit_parameters(x: np.ndarray, right: np.ndarray) -> dict[str, float]:
     return dict(zip(PARAMETERS, (side, mean, math.exp(log_sd), miss_bias, miss_gain, prior)))
 
 
-def _predictions(model: dict[str, Any], x: np.ndarray, orientation: str,
-                 cnn: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """(right eye?, confidence) per photo; ``cnn``: the chirality network's logits, joined in ``detect`` mode as
+def _probabilities(model: dict[str, Any], x: np.ndarray, orientation: str, cnn: np.ndarray | None = None) -> np.ndarray:
+    """P(right eye) per photo; ``cnn``: the chirality network's logits, joined in ``detect`` mode as
     :func:`training.laterality.predict` joins them."""
     mode: Orientation = "upright" if orientation == "upright" else "detect"
     p = np.array([probability_right(model, float(o), float(t), mode, float(d), bool(f))[0] for o, t, d, f in x])
     if cnn is not None and mode == "detect" and "chirality_weight" in model:
         p = np.array([combine(model, float(a), float(c)) for a, c in zip(p, cnn)])
+    return p
+
+
+def _predictions(model: dict[str, Any], x: np.ndarray, orientation: str,
+                 cnn: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(right eye?, confidence) per photo (:func:`_probabilities`)."""
+    p = _probabilities(model, x, orientation, cnn)
     return p >= 0.5, np.maximum(p, 1 - p)
 
 
@@ -250,12 +266,6 @@ def pseudo_labelled(records: Sequence[Record], upright_sources: Sequence[str], c
     return [r for r, k in zip(pool, keep) if k], (offset[keep] > 0).astype(np.float32)
 
 
-def _logit(p: np.ndarray) -> np.ndarray:
-    p = np.clip(p, 1e-6, 1 - 1e-6)
-    out: np.ndarray = np.log(p / (1 - p))
-    return out
-
-
 def fit_weights(p_landmarks: np.ndarray, cnn: np.ndarray, right: np.ndarray) -> tuple[float, float]:
     """The (landmark, chirality) weights of :func:`training.laterality.combine`: a logistic regression without
     intercept on the two log-odds (the network is fitted on train, so these come from the validation split)."""
@@ -264,7 +274,7 @@ def fit_weights(p_landmarks: np.ndarray, cnn: np.ndarray, right: np.ndarray) -> 
     if len(set(right.astype(int).tolist())) < 2:
         raise ValueError("the validation split's named photos are all of one eye, so the network's weight beside the "
                          "landmarks cannot be fitted; add sources that name both eyes, or change [data] split_seed")
-    fit = LogisticRegression(fit_intercept=False, C=1.0).fit(np.c_[_logit(p_landmarks), cnn], right.astype(int))
+    fit = LogisticRegression(fit_intercept=False, C=1.0).fit(np.c_[log_odds(p_landmarks), cnn], right.astype(int))
     a, b = (float(v) for v in fit.coef_[0])
     return a, b
 
@@ -330,8 +340,7 @@ def fit_laterality(cfg: TrainingConfig, output: Path, target_accuracy: float = 0
                             backbone=backbone, batch=min(32, len(labels)), on_epoch=progress)
         val_logits = chirality_logits(net, val_photos)
         cnn["val"], cnn["test"] = val_logits, chirality_logits(net, stored_photos(named["test"], cache.parent))
-        p_val = np.array([probability_right(provisional, float(o), float(t), "detect", float(d), bool(f))[0]
-                          for o, t, d, f in x["val"]])
+        p_val = _probabilities(provisional, x["val"], "detect")
         weights = fit_weights(p_val, val_logits, y["val"])
         chirality = pack_net(net)
         extra = {"chirality_photos": {"named": len(named["train"]), "upright": len(pseudo)},

@@ -195,11 +195,16 @@ def probability_right(model: dict[str, Any], offset: float, tilt: float, orienta
     return p_disc_right * up + (1 - p_disc_right) * (1 - up), up
 
 
+def log_odds(p: Any) -> Any:
+    """log(p / (1 - p)), p clipped away from 0 and 1 (a float or an array)."""
+    q = np.clip(p, 1e-6, 1 - 1e-6)
+    return np.log(q / (1 - q))
+
+
 def combine(model: dict[str, Any], p_landmarks: float, cnn_logit: float) -> float:
     """P(right eye) from the landmarks' P(right eye) and the chirality network's logit (format 3): a logistic in
     both log-odds, its two weights fitted on the validation split (``dr-train fit-laterality``)."""
-    p = min(max(p_landmarks, 1e-6), 1 - 1e-6)
-    z = float(model["landmark_weight"]) * float(np.log(p / (1 - p))) + float(model["chirality_weight"]) * cnn_logit
+    z = float(model["landmark_weight"]) * float(log_odds(p_landmarks)) + float(model["chirality_weight"]) * cnn_logit
     return _sigmoid(z)
 
 
@@ -275,6 +280,6 @@ def load_laterality_model(path: str | Path) -> dict[str, Any]:
 
 __all__ = [
     "LATERALITY_FORMAT", "PARAMETERS", "SIDE", "TILT_RANGE", "LateralityModelError", "LateralityPrediction", "Landmarks",
-    "Orientation", "READABLE_FORMATS", "combine", "landmarks", "load_laterality_model", "p_upright", "pack_model", "predict",
+    "Orientation", "READABLE_FORMATS", "combine", "landmarks", "log_odds", "load_laterality_model", "p_upright", "pack_model", "predict",
     "probability_right",
 ]

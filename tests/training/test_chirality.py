@@ -19,16 +19,11 @@ from training.chirality import (
     unpack_net,
     view_batch,
 )
+from training.data.synthetic import make_fundus
 
 
-def _fundus(seed: int, size: int = 300) -> np.ndarray:
-    rng = np.random.default_rng(seed)
-    img = np.zeros((size, size, 3), np.uint8)
-    yy, xx = np.mgrid[0:size, 0:size]
-    field = np.hypot(yy - size / 2, xx - size / 2) < size * 0.48
-    img[field] = (150, 70, 30)
-    img[field] += rng.integers(0, 40, (int(field.sum()), 3), dtype=np.uint8)
-    return img
+def _fundus(seed: int) -> np.ndarray:
+    return make_fundus(np.random.default_rng(seed), size=300, eye="R", dr_grade=0).image
 
 
 @pytest.fixture(scope="module")

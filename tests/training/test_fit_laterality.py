@@ -12,6 +12,15 @@ from training.fit_laterality import fit_parameters
 from training.laterality import load_laterality_model, p_upright, probability_right
 
 
+def _config(tiny_csv, tmp_path):
+    """A config over the synthetic photos (each names its eye), half of them split off for val and test."""
+    config = tmp_path / "config.toml"
+    config.write_text(
+        f"[data]\nsources = [{{ kind = 'manifest', path = '{tiny_csv}' }}]\ncache_dir = '{tmp_path / 'cache' / 'pre'}'\n"
+        "val_fraction = 0.25\ntest_fraction = 0.25\nsplit_seed = 0\n")
+    return config
+
+
 def test_fit_recovers_anatomy_the_share_of_inverted_photos_and_bad_foveas():
     """Simulated photos: disc offset +-0.5 by eye, tilt +9 upright / -9 inverted (sd 4; 30 % inverted); a quarter
     of the photos have a shallow "fovea" (depth 0) whose tilt is random."""
@@ -32,10 +41,7 @@ def test_fit_recovers_anatomy_the_share_of_inverted_photos_and_bad_foveas():
 
 
 def test_fit_laterality_command_end_to_end(tiny_csv, tmp_path, capsys):
-    config = tmp_path / "config.toml"
-    config.write_text(
-        f"[data]\nsources = [{{ kind = 'manifest', path = '{tiny_csv}' }}]\ncache_dir = '{tmp_path / 'cache' / 'pre'}'\n"
-        "val_fraction = 0.25\ntest_fraction = 0.25\nsplit_seed = 0\n")
+    config = _config(tiny_csv, tmp_path)
     out = tmp_path / "laterality.pt"
     assert cli.main(["--config", str(config), "fit-laterality", "--output", str(out)]) == 0
     model = load_laterality_model(out)
@@ -48,10 +54,7 @@ def test_fit_laterality_command_end_to_end(tiny_csv, tmp_path, capsys):
 def test_fit_laterality_with_the_chirality_network(tiny_csv, tmp_path, capsys):
     """``--chirality-epochs``: the network is trained (checkpointed, so a second run resumes instead of training
     again), its weight beside the landmarks is fitted, and the file it writes is a format-3 model that predicts."""
-    config = tmp_path / "config.toml"
-    config.write_text(
-        f"[data]\nsources = [{{ kind = 'manifest', path = '{tiny_csv}' }}]\ncache_dir = '{tmp_path / 'cache' / 'pre'}'\n"
-        "val_fraction = 0.25\ntest_fraction = 0.25\nsplit_seed = 0\n")
+    config = _config(tiny_csv, tmp_path)
     out = tmp_path / "laterality.pt"
     args = ["--config", str(config), "fit-laterality", "--output", str(out), "--chirality-epochs", "1"]
     assert cli.main(args) == 0
@@ -67,10 +70,7 @@ def test_fit_laterality_with_the_chirality_network(tiny_csv, tmp_path, capsys):
 
 
 def test_fit_laterality_refuses_an_unknown_upright_source(tiny_csv, tmp_path, capsys):
-    config = tmp_path / "config.toml"
-    config.write_text(
-        f"[data]\nsources = [{{ kind = 'manifest', path = '{tiny_csv}' }}]\ncache_dir = '{tmp_path / 'cache' / 'pre'}'\n"
-        "val_fraction = 0.25\ntest_fraction = 0.25\nsplit_seed = 0\n")
+    config = _config(tiny_csv, tmp_path)
     assert cli.main(["--config", str(config), "fit-laterality", "--output", str(tmp_path / "l.pt"),
                      "--chirality-epochs", "1", "--upright-source", "messidor"]) != 0
     assert "--upright-source ['messidor']: no such source in [data] sources (they are ['manifest:data'])" in capsys.readouterr().err
@@ -93,10 +93,7 @@ def test_fit_weights_follows_the_reader_that_is_right_and_needs_both_eyes():
 
 
 def test_upright_sources_need_the_network(tiny_csv, tmp_path, capsys):
-    config = tmp_path / "config.toml"
-    config.write_text(
-        f"[data]\nsources = [{{ kind = 'manifest', path = '{tiny_csv}' }}]\ncache_dir = '{tmp_path / 'cache' / 'pre'}'\n"
-        "val_fraction = 0.25\ntest_fraction = 0.25\nsplit_seed = 0\n")
+    config = _config(tiny_csv, tmp_path)
     assert cli.main(["--config", str(config), "fit-laterality", "--output", str(tmp_path / "l.pt"),
                      "--upright-source", "manifest:data"]) != 0
     assert "--upright-source teaches the chirality network" in capsys.readouterr().err
