@@ -16,7 +16,9 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Literal
 
 from training.api import (
@@ -28,6 +30,7 @@ from training.api import (
     load_quality_model,
     predict_laterality,
 )
+from training.common import sha256_file
 
 from .config import ScreeningSettings
 from .imaging import DecodedImage
@@ -89,10 +92,17 @@ class EyeCheck:
         return None
 
 
+def model_identity(model: Mapping[str, Any], path: Path | None = None) -> str:
+    """A check model as the database and the report name it: its format and the first 12 hex digits of its file's
+    SHA-256 (as a grade names its checkpoint), e.g. ``dr-laterality-3 a81c0f3e29b4``."""
+    return f"{model.get('format', 'unknown format')} {sha256_file(path)[:12] if path is not None else 'file unknown'}"
+
+
 @dataclass(frozen=True)
 class IntakeVerdict:
     quality: QualityVerdict
     eye: EyeCheck
+    models: Mapping[str, str] = field(default_factory=dict)  # IntakeChecks.identities: which models said so
 
     @property
     def gradable(self) -> bool:
@@ -103,16 +113,22 @@ class IntakeChecks:
     """Both models, loaded once; :meth:`check` runs them on a decoded photo."""
 
     def __init__(self, quality_model: dict[str, Any], laterality_model: dict[str, Any],
-                 orientation: Literal["detect", "upright"] = "detect") -> None:
+                 orientation: Literal["detect", "upright"] = "detect", identities: Mapping[str, str] | None = None) -> None:
+        """``identities``: each model as :func:`model_identity` names it, stored with every photo it checks (the
+        models' formats alone, "file unknown", when not given)."""
         self.quality_model = quality_model
         self.laterality_model = laterality_model
         self.orientation: Literal["detect", "upright"] = orientation
+        self.identities: dict[str, str] = dict(identities) if identities is not None else {
+            "gradability": model_identity(quality_model), "laterality": model_identity(laterality_model)}
 
     @classmethod
     def from_settings(cls, settings: ScreeningSettings) -> IntakeChecks:
         """Raises :class:`training.api.CheckpointError` (with what to do) when a model file is missing or unusable."""
-        return cls(load_quality_model(settings.quality_model), load_laterality_model(settings.laterality_model),
-                   settings.photo_orientation)
+        quality, laterality = load_quality_model(settings.quality_model), load_laterality_model(settings.laterality_model)
+        return cls(quality, laterality, settings.photo_orientation,
+                   {"gradability": model_identity(quality, Path(settings.quality_model)),
+                    "laterality": model_identity(laterality, Path(settings.laterality_model))})
 
     def check(self, decoded: DecodedImage, identity: Identity, file_name: str) -> IntakeVerdict:
         """The verdict for one photo; raises a :class:`Rejection` for a picture that is not a colour fundus photo,
@@ -136,7 +152,7 @@ class IntakeChecks:
                             f"no eye stated for '{file_name}' (L/R/OD/OS/left/right: none in its file name, sidecar or "
                             f"DICOM laterality tags), and {why}; name the file with the eye, e.g. Patient001_L.jpg, or "
                             "set the laterality on the camera")
-        return IntakeVerdict(quality, eye)
+        return IntakeVerdict(quality, eye, self.identities)
 
 
-__all__ = ["EYE_WORDS", "EyeCheck", "EyeSource", "IntakeChecks", "IntakeVerdict"]
+__all__ = ["EYE_WORDS", "EyeCheck", "EyeSource", "IntakeChecks", "IntakeVerdict", "model_identity"]

@@ -101,6 +101,9 @@ class EyeFinding:
     # lesions the model that graded this photo does not reliably detect (:func:`undetected_lesions` of its metrics;
     # empty when that model is unknown): shown as "not assessed", not as an area
     lesions_not_detected: tuple[str, ...] = ()
+    # the models that checked this photo's gradability and eye ("gradability" / "laterality" -> format and SHA-256
+    # prefix, images.check_models; empty for photos checked before they were recorded)
+    check_models: Mapping[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.eye not in EYE_NAMES:
@@ -643,6 +646,21 @@ def render_html(ctx: ReportContext, templates_dir: Path | str, link_stylesheet: 
     return _environment(templates_dir).get_template(TEMPLATE_NAME).render(**template_variables(ctx, templates_dir, link_stylesheet))
 
 
+CHECK_MODEL_LABELS = {"gradability": "Gradability model", "laterality": "Laterality model"}
+
+
+def check_model_rows(findings: Sequence[EyeFinding]) -> list[tuple[str, str]]:
+    """The report's rows naming the models that checked the visit's photos (gradability, then laterality), each
+    model once; a visit whose photos were checked by two versions of one (a model replaced between its fields)
+    lists both."""
+    rows: list[tuple[str, str]] = []
+    for kind, label in CHECK_MODEL_LABELS.items():
+        seen = list(dict.fromkeys(f.check_models[kind] for f in findings if kind in f.check_models))
+        if seen:
+            rows.append((label, "; ".join(seen)))
+    return rows
+
+
 def template_variables(ctx: ReportContext, templates_dir: Path, link_stylesheet: bool = True) -> dict[str, object]:
     """What the template sees (benchmarks/bench_report.py renders other template versions with it)."""
     gen = ctx.generated_at
@@ -672,6 +690,7 @@ def template_variables(ctx: ReportContext, templates_dir: Path, link_stylesheet:
         eyes=eyes,
         model_version=ctx.model_version,
         checkpoint_short=(ctx.checkpoint_sha256 or "")[:12] or "unknown",
+        check_models=check_model_rows(ctx.eyes),
         model_metrics=_metric_rows(ctx.model_metrics),
         lesion_floor=f"{LESION_AUPR_FLOOR:.2f}",
         referral_threshold=_share(ctx.model_metrics.get("Referral threshold")),

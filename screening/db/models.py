@@ -192,6 +192,9 @@ class Image(Base):
     eye_confidence: Mapped[float | None] = mapped_column(Float)  # P(predicted_eye)
     eye_mismatch: Mapped[bool | None]  # the photo confidently shows the other eye than the stated one
     eye_note: Mapped[str | None] = mapped_column(Text)  # what the report says about the eye check, if anything
+    # the models that made those checks, {"gradability": "<format> <sha256 prefix>", "laterality": ...} (revision
+    # 0015_check_models; NULL before it)
+    check_models: Mapped[dict[str, str] | None] = mapped_column(JSON)
     # Where and when the store stage published the photo (revision 0005): an ungradable image has no Result, so its
     # display photo's folder and the time it joined its visit (what a review compares with its sign-off) are here.
     photo_dir: Mapped[str | None] = mapped_column(Text)

@@ -289,9 +289,11 @@ def record_checks(
     eye_mismatch: bool,
     eye_note: str | None = None,
     eye_confirmed: bool | None = None,
+    check_models: Mapping[str, str] | None = None,
 ) -> None:
     """Store the intake checks of ``image`` (screening.checks): the gradability verdict and the eye read from the
-    photo. An ungradable verdict, a laterality mismatch and a stated eye the photo could not confirm (the model
+    photo, and ``check_models``: which models made them (:attr:`screening.checks.IntakeChecks.identities`). An
+    ungradable verdict, a laterality mismatch and a stated eye the photo could not confirm (the model
     abstained: ``eye_confirmed`` False without a mismatch) are also logged as events (``ungradable``,
     ``eye_mismatch``, ``eye_not_confirmed``), so that the history of a file shows them and the audit counts them."""
     if gradable and reasons:
@@ -310,6 +312,7 @@ def record_checks(
     image.eye_confidence = float(eye_confidence)
     image.eye_mismatch = bool(eye_mismatch)
     image.eye_note = eye_note
+    image.check_models = {str(k): str(v) for k, v in check_models.items()} if check_models else None
     if not gradable:
         add_event(session, "ungradable", ", ".join(reasons), image=image)
     if eye_mismatch:

@@ -125,6 +125,7 @@ def record_verdict(session: Session, image: Image, verdict: IntakeVerdict) -> No
         session, image, gradable=verdict.gradable, reasons=verdict.quality.reasons, scores=verdict.quality.scores,
         eye_source=verdict.eye.source, predicted_eye=prediction.eye, eye_confidence=prediction.confidence,
         eye_mismatch=verdict.eye.mismatch, eye_note=verdict.eye.note(), eye_confirmed=verdict.eye.confirmed,
+        check_models=verdict.models,
     )
 
 

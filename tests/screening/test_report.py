@@ -286,6 +286,19 @@ def test_demo_report_rasterises_and_pdftotext_reads_it(demo_pdf, tmp_path):
         assert _contains(text, needle), needle
 
 
+def test_the_model_section_names_the_models_that_checked_the_photos(tmp_path):
+    """Each check model once, in the words and order of the report; a visit whose fields were checked by two
+    versions of the laterality model lists both; a report of photos checked before this was recorded has no row."""
+    right = dataclasses.replace(_eye("R", 1, 0), check_models={"gradability": "dr-quality-1 aaaa", "laterality": "dr-laterality-3 bbbb"})
+    left = dataclasses.replace(_eye("L", 0, 0), check_models={"gradability": "dr-quality-1 aaaa", "laterality": "dr-laterality-3 cccc"})
+    assert rpt.check_model_rows([right, left]) == [("Gradability model", "dr-quality-1 aaaa"),
+                                                   ("Laterality model", "dr-laterality-3 bbbb; dr-laterality-3 cccc")]
+    assert rpt.check_model_rows([_eye("R", 1, 0)]) == []
+    text = "\n".join(_pages_text(render_pdf(_ctx([right, left], status="research"), TEMPLATES, tmp_path / "reports")))
+    assert _contains(text, "Laterality model") and _contains(text, "dr-laterality-3 bbbb; dr-laterality-3 cccc")
+    assert _contains(text, "Gradability model") and _contains(text, "dr-quality-1 aaaa")
+
+
 def test_research_report_missing_eye_versions_and_evil_id(tmp_path):
     reports = tmp_path / "reports"
     ctx = _ctx([_eye("R", 1, 0, tmp_path / "img")], status="research", patient_id="../../etc")

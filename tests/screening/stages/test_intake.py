@@ -21,6 +21,8 @@ from screening.imaging import decode, preprocess
 from screening.intake import sweep
 from screening.rejection import RejectReason
 from screening.stages import Admitted, Deferred, Duplicate, Filing, IntakeStage, Rejected, Vanished
+from training.api import load_laterality_model
+from training.common import sha256_file
 
 from ..conftest import SC_SOP_CLASS, jpeg_bytes, synthetic_fundus, write_dicom, write_fundus
 from ..test_dicom import malformed_dicom
@@ -173,6 +175,10 @@ def test_a_name_that_contradicts_the_photo_is_flagged_never_corrected(settings, 
         assert "Laterality mismatch" in image.eye_note and "says right eye" in image.eye_note
         assert image.eye_confidence >= 0.8
         assert [e.kind for e in s.scalars(select(Event).where(Event.kind == "eye_mismatch"))] == ["eye_mismatch"]
+        # the flag names the models that raised it: their format and their files' own SHA-256
+        assert image.check_models == {
+            "gradability": f"dr-quality-1 {sha256_file(settings.quality_model)[:12]}",
+            "laterality": f"{load_laterality_model(intake_models['sure_eye'])['format']} {sha256_file(intake_models['sure_eye'])[:12]}"}
 
 
 # ------------------------------------------------------------------------------ hostile entries (issue 12)
