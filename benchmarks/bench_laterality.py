@@ -1,10 +1,11 @@
 """What the eye-from-the-photo check costs per photo: the landmarks alone (format 2) against the landmarks plus the
-chirality network (format 3, E12), on the same real photos in the same run, as the worker calls it
-(:func:`training.api.predict_laterality` on the preprocessed 512 px square crop).
+chirality network (format 3: one network, E12, or several, E13), on the same real photos in the same run, as the
+worker calls it (:func:`training.api.predict_laterality` on the preprocessed 512 px square crop).
 
 Photos: srahim and EyePACS (both eyes of several patients), read from ../shared/data; nothing is copied.
 
-    .venv/bin/python benchmarks/bench_laterality.py --new models/laterality.pt --old <format-2 file> [--photos 24] [--repeats 5]
+    .venv/bin/python benchmarks/bench_laterality.py --old <format-2 file> --new models/laterality.pt [--new <another>]
+        [--photos 24] [--repeats 5]
 """
 
 from __future__ import annotations
@@ -31,7 +32,8 @@ def photos(n: int) -> list[np.ndarray]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--new", default="models/laterality.pt")
+    parser.add_argument("--new", action="append", default=[],
+                        help="a format-3 laterality model (repeat to compare several; default models/laterality.pt)")
     parser.add_argument("--old", required=True, help="a format-2 laterality model (the landmarks alone)")
     parser.add_argument("--photos", type=int, default=24)
     parser.add_argument("--repeats", type=int, default=5)
@@ -39,8 +41,11 @@ def main() -> None:
     args = parser.parse_args()
     info = machine_info()
     print_header("laterality check per photo", info)
-    models = {"format 2 (landmarks)": load_laterality_model(Path(args.old)),
-              "format 3 (+ chirality network)": load_laterality_model(Path(args.new))}
+    models = {"format 2 (landmarks)": load_laterality_model(Path(args.old))}
+    for path in args.new or ["models/laterality.pt"]:
+        model = load_laterality_model(Path(path))
+        n = len(model["chirality"].get("members", [None])) if "chirality" in model else 0
+        models[f"format 3, {n} network{'s' if n != 1 else ''} ({path})"] = model
     squares = photos(args.photos)
     runs: dict[str, list[float]] = {k: [] for k in models}
 

@@ -16,7 +16,7 @@ resumed exactly (model, optimiser, scheduler and random state).
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -48,6 +48,22 @@ class ChiralityNet(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         logits: torch.Tensor = self.head(F.adaptive_avg_pool2d(self.encoder(x)[-1], 1).flatten(1)).squeeze(1)
         return logits
+
+
+class ChiralityEnsemble(nn.Module):
+    """Several :class:`ChiralityNet` trained alike from different seeds; the logit is their mean (E13: one network's
+    errors are partly its own draw). A mean of answers that each ignore a rotation and flip under a mirror does too,
+    so the four-view guarantees hold exactly."""
+
+    def __init__(self, members: Sequence[ChiralityNet]) -> None:
+        super().__init__()
+        if not members or len({m.backbone for m in members}) != 1:
+            raise ValueError("an ensemble needs at least one network, all of one backbone")
+        self.members = nn.ModuleList(members)
+        self.backbone = members[0].backbone
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.stack([m(x) for m in self.members]).mean(0)
 
 
 def chirality_input(square: np.ndarray, store: int = STORE) -> np.ndarray:
@@ -184,19 +200,37 @@ def fit_chirality(images: np.ndarray, labels: np.ndarray, *, epochs: int, checkp
     return net
 
 
-def pack_net(net: ChiralityNet) -> dict[str, Any]:
-    """The network as plain tensors (half precision: the logit moves by < 1e-2) for the laterality model file."""
-    return {"backbone": net.backbone, "state": {k: (v.half() if v.is_floating_point() else v).clone()
-                                                for k, v in net.state_dict().items()}}
+def _half(net: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: (v.half() if v.is_floating_point() else v).clone() for k, v in net.state_dict().items()}
 
 
-def unpack_net(packed: dict[str, Any]) -> ChiralityNet:
-    """The network :func:`pack_net` stored, in float32, ready to evaluate."""
-    net = ChiralityNet(str(packed["backbone"]))
-    net.load_state_dict({k: (v.float() if v.is_floating_point() else v) for k, v in packed["state"].items()})
+def _single(backbone: str, state: dict[str, torch.Tensor]) -> ChiralityNet:
+    net = ChiralityNet(backbone)
+    net.load_state_dict({k: (v.float() if v.is_floating_point() else v) for k, v in state.items()})
+    return net
+
+
+def pack_net(net: ChiralityNet | ChiralityEnsemble) -> dict[str, Any]:
+    """The network as plain tensors (half precision: the logit moves by < 1e-2) for the laterality model file: one
+    ``state``, or an ensemble's ``members`` (one state each)."""
+    if isinstance(net, ChiralityEnsemble):
+        return {"backbone": net.backbone, "members": [_half(m) for m in net.members]}
+    return {"backbone": net.backbone, "state": _half(net)}
+
+
+def unpack_net(packed: dict[str, Any]) -> ChiralityNet | ChiralityEnsemble:
+    """The network (or ensemble) :func:`pack_net` stored, in float32, ready to evaluate."""
+    backbone = str(packed["backbone"])
+    net: ChiralityNet | ChiralityEnsemble
+    if "members" in packed:
+        if not isinstance(packed["members"], list) or not packed["members"]:
+            raise ValueError("'members' must be a non-empty list of network states")
+        net = ChiralityEnsemble([_single(backbone, state) for state in packed["members"]])
+    else:
+        net = _single(backbone, packed["state"])
     net.eval()
     return net
 
 
-__all__ = ["CROP", "STORE", "ChiralityNet", "augment", "chirality_input", "chirality_logit", "chirality_logits",
+__all__ = ["CROP", "STORE", "ChiralityEnsemble", "ChiralityNet", "augment", "chirality_input", "chirality_logit", "chirality_logits",
            "fit_chirality", "pack_net", "to_tensor", "train_epoch", "unpack_net", "view_batch"]

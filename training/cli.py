@@ -122,7 +122,7 @@ def cmd_fit_laterality(args: argparse.Namespace) -> int:
 
     metrics = fit_laterality(_cfg(args), Path(args.output), target_accuracy=args.target_accuracy,
                              chirality_epochs=args.chirality_epochs, upright_sources=args.upright_source,
-                             init=Path(args.init) if args.init else None)
+                             init=Path(args.init) if args.init else None, chirality_networks=args.chirality_networks)
     print(json.dumps(metrics["test"], indent=1))
     print(f"laterality model written to {args.output} (all metrics in {Path(args.output).with_suffix('.metrics.json')})")
     return 0
@@ -229,6 +229,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="a source whose cameras show upright photos: its unnamed train/val photos teach the network "
                          "with the disc's side as their eye (repeat; e.g. idrid-grading, manifest:messidor2)")
     sp.add_argument("--init", default="", help="grading checkpoint whose encoder starts the network (e.g. models/baseline.pt)")
+    sp.add_argument("--chirality-networks", type=int, default=1, metavar="N",
+                    help="train N chirality networks alike (seeds 0..N-1) and join their mean logit (default 1; E13)")
     sp.set_defaults(func=cmd_fit_laterality)
 
     sp = sub.add_parser("export", help="strip optimizer state and store half-precision weights for shipping")

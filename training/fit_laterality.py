@@ -280,7 +280,7 @@ def fit_weights(p_landmarks: np.ndarray, cnn: np.ndarray, right: np.ndarray) -> 
 
 
 def fit_laterality(cfg: TrainingConfig, output: Path, target_accuracy: float = 0.97, *, chirality_epochs: int = 0,
-                   upright_sources: Sequence[str] = (), init: Path | None = None,
+                   upright_sources: Sequence[str] = (), init: Path | None = None, chirality_networks: int = 1,
                    log: Any = print) -> dict[str, Any]:
     """Fit on train, choose the confidence threshold on val, evaluate on test; write ``output`` and
     ``<output stem>.metrics.json``. Returns the metrics.
@@ -288,7 +288,8 @@ def fit_laterality(cfg: TrainingConfig, output: Path, target_accuracy: float = 0
     ``chirality_epochs`` > 0 also trains the chirality network (:mod:`training.chirality`) on the train split's
     named photos and on the ``upright_sources``' train and validation photos (eye = the disc's side; their test
     photos are never read), its encoder started from ``init`` (a grading checkpoint) when given; its weight beside
-    the landmarks and the confidence threshold are then chosen on the validation split alone."""
+    the landmarks and the confidence threshold are then chosen on the validation split alone. ``chirality_networks``
+    > 1 trains that many alike from seeds 0, 1, ... (each its own checkpoint) and joins their mean logit (E13)."""
     from training.data.sources import load_all
     from training.data.split import configured_split
 
@@ -298,6 +299,11 @@ def fit_laterality(cfg: TrainingConfig, output: Path, target_accuracy: float = 0
     if not named["train"] or not named["val"] or not named["test"]:
         raise ValueError("no photos that name their eye in one of the splits; list sources with an 'eye' column "
                          "(srahim, EyePACS) in [data] sources")
+    if chirality_networks < 1:
+        raise ValueError(f"--chirality-networks {chirality_networks}: give 1 or more")
+    if chirality_networks > 1 and chirality_epochs <= 0:
+        raise ValueError("--chirality-networks N > 1 trains several chirality networks, which needs --chirality-epochs "
+                         "N (N > 0); add it, or drop --chirality-networks")
     if upright_sources and chirality_epochs <= 0:
         raise ValueError("--upright-source teaches the chirality network, which is trained only with --chirality-epochs "
                          "N (N > 0); add it, or drop --upright-source")
@@ -316,7 +322,7 @@ def fit_laterality(cfg: TrainingConfig, output: Path, target_accuracy: float = 0
     extra: dict[str, Any] = {}
     if chirality_epochs > 0:
         from training.checkpoint import load_model
-        from training.chirality import chirality_logits, fit_chirality, pack_net
+        from training.chirality import ChiralityEnsemble, chirality_logits, fit_chirality, pack_net
 
         pseudo, pseudo_y = pseudo_labelled([*split["train"], *split["val"]], upright_sources, cache)
         train_records = [*named["train"], *pseudo]
@@ -327,24 +333,32 @@ def fit_laterality(cfg: TrainingConfig, output: Path, target_accuracy: float = 0
             grading, ckpt = load_model(init)
             encoder_state, backbone = grading.encoder.state_dict(), str(ckpt["model_config"]["backbone"])
         init_id = _file_sha256(init) if init is not None else "random"
-        run = cache.parent / f"chirality-run-{_digest(train_records, str(chirality_epochs), init_id, backbone)}.pt"
-        log(f"chirality network: {len(named['train'])} named and {len(pseudo)} upright photos, {chirality_epochs} epochs "
-            f"(checkpoint {run}, resumed if present)")
         val_photos = stored_photos(named["val"], cache.parent)
 
         def progress(epoch: int, loss: float, net: Any) -> None:
             alone = float(((chirality_logits(net, val_photos) > 0) == (y["val"] > 0)).mean())
             log(f"  epoch {epoch}: loss {loss:.4f}, the network alone right on {alone:.1%} of the validation photos")
 
-        net = fit_chirality(photos, labels, epochs=chirality_epochs, checkpoint=run, encoder_state=encoder_state,
-                            backbone=backbone, batch=min(32, len(labels)), on_epoch=progress)
+        nets = []
+        for seed in range(chirality_networks):
+            # seed 0 keeps the key of a single network's run, so E12's finished run is reused
+            key = _digest(train_records, str(chirality_epochs), init_id, backbone, *([f"seed{seed}"] if seed else []))
+            run = cache.parent / f"chirality-run-{key}.pt"
+            log(f"chirality network {seed + 1} of {chirality_networks} (seed {seed}): {len(named['train'])} named and "
+                f"{len(pseudo)} upright photos, {chirality_epochs} epochs (checkpoint {run}, resumed if present)")
+            nets.append(fit_chirality(photos, labels, epochs=chirality_epochs, checkpoint=run, encoder_state=encoder_state,
+                                      backbone=backbone, batch=min(32, len(labels)), seed=seed, on_epoch=progress))
+        net = nets[0] if len(nets) == 1 else ChiralityEnsemble(nets)
+        if len(nets) > 1:
+            log(f"  the {len(nets)} networks' mean right on "
+                f"{float(((chirality_logits(net, val_photos) > 0) == (y['val'] > 0)).mean()):.1%} of the validation photos")
         val_logits = chirality_logits(net, val_photos)
         cnn["val"], cnn["test"] = val_logits, chirality_logits(net, stored_photos(named["test"], cache.parent))
         p_val = _probabilities(provisional, x["val"], "detect")
         weights = fit_weights(p_val, val_logits, y["val"])
         chirality = pack_net(net)
         extra = {"chirality_photos": {"named": len(named["train"]), "upright": len(pseudo)},
-                 "chirality_epochs": chirality_epochs, "upright_sources": sorted(upright_sources),
+                 "chirality_epochs": chirality_epochs, "chirality_networks": chirality_networks, "upright_sources": sorted(upright_sources),
                  "init": str(init) if init is not None else None, "weights": list(weights)}
         provisional = pack_model(params, 0.5, {}, {}, chirality, weights)
         confident = choose_confident(x["val"], y["val"], provisional, target_accuracy, cnn["val"])

@@ -9,6 +9,7 @@ import torch
 from training.chirality import (
     CROP,
     STORE,
+    ChiralityEnsemble,
     ChiralityNet,
     augment,
     chirality_input,
@@ -125,6 +126,28 @@ def test_the_packed_network_answers_as_the_trained_one(net):
     again = unpack_net(pack_net(net))
     assert all(v.dtype == torch.float16 for k, v in pack_net(net)["state"].items() if "running" not in k and v.is_floating_point())
     assert chirality_logit(again, square) == pytest.approx(chirality_logit(net, square), abs=2e-2)
+
+
+def test_an_ensemble_answers_its_members_mean_with_the_same_guarantees_and_packs(net):
+    """E13: the ensemble's logit is the mean of its members' (not, say, the first member's); the mean keeps the
+    rotation invariance and the mirror inversion exact; packing keeps every member; an empty or mixed ensemble is
+    refused."""
+    torch.manual_seed(1)
+    other = ChiralityNet().eval()
+    both = ChiralityEnsemble([net, other]).eval()
+    square = _fundus(4)
+    z1, z2, z = chirality_logit(net, square), chirality_logit(other, square), chirality_logit(both, square)
+    assert abs(z1 - z2) > 1e-3 and z == pytest.approx((z1 + z2) / 2, abs=1e-4)
+    assert chirality_logit(both, square[::-1, ::-1]) == pytest.approx(z, abs=1e-4)
+    assert chirality_logit(both, square[:, ::-1]) == pytest.approx(-z, abs=1e-4)
+    packed = pack_net(both)
+    assert len(packed["members"]) == 2 and "state" not in packed
+    again = unpack_net(packed)
+    assert isinstance(again, ChiralityEnsemble) and chirality_logit(again, square) == pytest.approx(z, abs=2e-2)
+    with pytest.raises(ValueError, match="non-empty list"):
+        unpack_net({"backbone": "resnet18", "members": []})
+    with pytest.raises(ValueError, match="at least one network"):
+        ChiralityEnsemble([])
 
 
 class _Stop(Exception):

@@ -59,7 +59,7 @@ def test_fit_laterality_with_the_chirality_network(tiny_csv, tmp_path, capsys):
     args = ["--config", str(config), "fit-laterality", "--output", str(out), "--chirality-epochs", "1"]
     assert cli.main(args) == 0
     printed = capsys.readouterr().out
-    assert "chirality network: " in printed and "epoch 1: loss" in printed
+    assert "chirality network 1 of 1 (seed 0): " in printed and "epoch 1: loss" in printed
     model = load_laterality_model(out)
     assert model["format"] == "dr-laterality-3" and model["_net"] is not None
     assert model["provenance"]["chirality_epochs"] == 1 and len(model["provenance"]["weights"]) == 2
@@ -67,6 +67,24 @@ def test_fit_laterality_with_the_chirality_network(tiny_csv, tmp_path, capsys):
     assert len(runs) == 1
     assert cli.main(args) == 0  # the finished run is resumed: no epoch is trained again
     assert "epoch 1: loss" not in capsys.readouterr().out
+    # two networks (E13): the first is the run above, reused; only the second (seed 1) trains; their mean is joined
+    assert cli.main([*args, "--chirality-networks", "2"]) == 0
+    printed = capsys.readouterr().out
+    assert printed.count("epoch 1: loss") == 1 and "chirality network 2 of 2 (seed 1)" in printed
+    assert "the 2 networks' mean right on" in printed
+    assert len(list((tmp_path / "cache" / "laterality").glob("chirality-run-*.pt"))) == 2
+    model = load_laterality_model(out)
+    assert len(model["_net"].members) == 2 and model["provenance"]["chirality_networks"] == 2
+
+
+def test_several_networks_need_epochs_and_a_positive_count(tiny_csv, tmp_path, capsys):
+    config = _config(tiny_csv, tmp_path)
+    base = ["--config", str(config), "fit-laterality", "--output", str(tmp_path / "l.pt")]
+    assert cli.main([*base, "--chirality-networks", "2"]) != 0
+    assert "--chirality-networks N > 1 trains several chirality networks" in capsys.readouterr().err
+    assert cli.main([*base, "--chirality-epochs", "1", "--chirality-networks", "0"]) != 0
+    assert "--chirality-networks 0: give 1 or more" in capsys.readouterr().err
+    assert not (tmp_path / "l.pt").exists()
 
 
 def test_fit_laterality_refuses_an_unknown_upright_source(tiny_csv, tmp_path, capsys):

@@ -138,6 +138,9 @@ def test_a_format_3_file_with_a_broken_network_says_so(tmp_path):
     torch.save({**stored, "chirality": {**stored["chirality"], "backbone": "resnet999"}}, tmp_path / "backbone.pt")
     with pytest.raises(LateralityModelError, match="chirality network cannot be rebuilt"):
         load_laterality_model(tmp_path / "backbone.pt")
+    torch.save({**stored, "chirality": {"backbone": "resnet18", "members": "one"}}, tmp_path / "members.pt")
+    with pytest.raises(LateralityModelError, match="chirality network cannot be rebuilt"):
+        load_laterality_model(tmp_path / "members.pt")
     torch.save({k: v for k, v in stored.items() if k != "chirality_weight"}, tmp_path / "noweight.pt")
     with pytest.raises(LateralityModelError, match="'chirality_weight'"):
         load_laterality_model(tmp_path / "noweight.pt")
