@@ -297,6 +297,7 @@ def test_the_model_section_names_the_models_that_checked_the_photos(tmp_path):
     text = "\n".join(_pages_text(render_pdf(_ctx([right, left], status="research"), TEMPLATES, tmp_path / "reports")))
     assert _contains(text, "Laterality model") and _contains(text, "dr-laterality-3 bbbb; dr-laterality-3 cccc")
     assert _contains(text, "Gradability model") and _contains(text, "dr-quality-1 aaaa")
+    assert _contains(text, "Grading model and photo checks")
 
 
 def test_research_report_missing_eye_versions_and_evil_id(tmp_path):
