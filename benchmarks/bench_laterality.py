@@ -45,7 +45,7 @@ def main() -> None:
     for path in args.new or ["models/laterality.pt"]:
         model = load_laterality_model(Path(path))
         n = len(model["chirality"].get("members", [None])) if "chirality" in model else 0
-        models[f"format 3, {n} network{'s' if n != 1 else ''} ({path})"] = model
+        models[f"{model['format']}, {n} network{'s' if n != 1 else ''} ({path})"] = model
     squares = photos(args.photos)
     runs: dict[str, list[float]] = {k: [] for k in models}
 

@@ -652,11 +652,15 @@ CHECK_MODEL_LABELS = {"gradability": "Gradability model", "laterality": "Lateral
 def check_model_rows(findings: Sequence[EyeFinding]) -> list[tuple[str, str]]:
     """The report's rows naming the models that checked the visit's photos (gradability, then laterality), each
     model once; a visit whose photos were checked by two versions of one (a model replaced between its fields)
-    lists both."""
+    lists both, and photos whose checking model was not recorded (checked before revision 0015_check_models) are
+    counted, so a row never claims a model checked every photo when it did not. No row when none was recorded."""
     rows: list[tuple[str, str]] = []
     for kind, label in CHECK_MODEL_LABELS.items():
         seen = list(dict.fromkeys(f.check_models[kind] for f in findings if kind in f.check_models))
+        unknown = sum(kind not in f.check_models for f in findings)
         if seen:
+            if unknown:
+                seen.append(f"not recorded for {unknown} photo{'s' if unknown != 1 else ''}")
             rows.append((label, "; ".join(seen)))
     return rows
 

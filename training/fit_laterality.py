@@ -188,11 +188,14 @@ def evaluate(model: dict[str, Any], x: np.ndarray, records: Sequence[Record], n_
     def block(mask: np.ndarray) -> dict[str, Any]:
         out: dict[str, Any] = {"photos": int(mask.sum()), "patients": int(len(set(patients[mask])))}
         for orientation in ("detect", "upright"):
-            pred, conf = _predictions(model, x[mask], orientation, None if cnn is None else cnn[mask])
+            p = _probabilities(model, x[mask], orientation, None if cnn is None else cnn[mask])
+            pred, conf = p >= 0.5, np.maximum(p, 1 - p)
             ok = (pred == right[mask]).astype(float)
             ci = grouped_bootstrap_ci(lambda v: float(np.mean(v)), patients[mask], ok, n_boot=n_boot)
             keep = conf >= float(model["confident"])
+            q = np.clip(np.where(right[mask], p, 1 - p), 1e-6, 1.0)  # the probability given to the stated eye
             entry: dict[str, Any] = {"accuracy": float(ok.mean()), "accuracy_ci95": list(ci),
+                                     "log_loss": float(-np.log(q).mean()),
                                      "confident_coverage": float(keep.mean()), "abstained": float(1 - keep.mean())}
             if keep.any():
                 ci_k = grouped_bootstrap_ci(lambda v: float(np.mean(v)), patients[mask][keep], ok[keep], n_boot=n_boot)
@@ -293,17 +296,17 @@ def fit_laterality(cfg: TrainingConfig, output: Path, target_accuracy: float = 0
     from training.data.sources import load_all
     from training.data.split import configured_split
 
+    if chirality_networks < 1:
+        raise ValueError(f"--chirality-networks {chirality_networks}: give 1 or more")
+    if chirality_networks > 1 and chirality_epochs <= 0:
+        raise ValueError("--chirality-networks N > 1 trains several chirality networks, which needs --chirality-epochs "
+                         "N (N > 0); add it, or drop --chirality-networks")
     t0 = time.monotonic()
     split = configured_split(cfg.data, load_all(cfg.data))
     named = {side: [r for r in recs if r.eye in ("L", "R")] for side, recs in split.items()}
     if not named["train"] or not named["val"] or not named["test"]:
         raise ValueError("no photos that name their eye in one of the splits; list sources with an 'eye' column "
                          "(srahim, EyePACS) in [data] sources")
-    if chirality_networks < 1:
-        raise ValueError(f"--chirality-networks {chirality_networks}: give 1 or more")
-    if chirality_networks > 1 and chirality_epochs <= 0:
-        raise ValueError("--chirality-networks N > 1 trains several chirality networks, which needs --chirality-epochs "
-                         "N (N > 0); add it, or drop --chirality-networks")
     if upright_sources and chirality_epochs <= 0:
         raise ValueError("--upright-source teaches the chirality network, which is trained only with --chirality-epochs "
                          "N (N > 0); add it, or drop --upright-source")
@@ -341,7 +344,7 @@ def fit_laterality(cfg: TrainingConfig, output: Path, target_accuracy: float = 0
 
         nets = []
         for seed in range(chirality_networks):
-            # seed 0 keeps the key of a single network's run, so E12's finished run is reused
+            # seed 0 has a single network's key (the key since 1a0f690), so a finished single-network run is reused
             key = _digest(train_records, str(chirality_epochs), init_id, backbone, *([f"seed{seed}"] if seed else []))
             run = cache.parent / f"chirality-run-{key}.pt"
             log(f"chirality network {seed + 1} of {chirality_networks} (seed {seed}): {len(named['train'])} named and "

@@ -294,6 +294,9 @@ def test_the_model_section_names_the_models_that_checked_the_photos(tmp_path):
     assert rpt.check_model_rows([right, left]) == [("Gradability model", "dr-quality-1 aaaa"),
                                                    ("Laterality model", "dr-laterality-3 bbbb; dr-laterality-3 cccc")]
     assert rpt.check_model_rows([_eye("R", 1, 0)]) == []
+    assert rpt.check_model_rows([right, _eye("L", 0, 0)]) == [  # the left photo was checked before they were recorded
+        ("Gradability model", "dr-quality-1 aaaa; not recorded for 1 photo"),
+        ("Laterality model", "dr-laterality-3 bbbb; not recorded for 1 photo")]
     text = "\n".join(_pages_text(render_pdf(_ctx([right, left], status="research"), TEMPLATES, tmp_path / "reports")))
     assert _contains(text, "Laterality model") and _contains(text, "dr-laterality-3 bbbb; dr-laterality-3 cccc")
     assert _contains(text, "Gradability model") and _contains(text, "dr-quality-1 aaaa")

@@ -148,6 +148,8 @@ def test_an_ensemble_answers_its_members_mean_with_the_same_guarantees_and_packs
         unpack_net({"backbone": "resnet18", "members": []})
     with pytest.raises(ValueError, match="at least one network"):
         ChiralityEnsemble([])
+    with pytest.raises(ValueError, match="all of one backbone"):
+        ChiralityEnsemble([net, ChiralityNet("resnet34")])
 
 
 class _Stop(Exception):

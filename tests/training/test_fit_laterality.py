@@ -48,6 +48,7 @@ def test_fit_laterality_command_end_to_end(tiny_csv, tmp_path, capsys):
     assert model["side_gain"] > 0 and 0.5 <= model["confident"] < 1
     metrics = json.loads(out.with_suffix(".metrics.json").read_text())
     assert metrics["test"]["all"]["detect"]["accuracy"] >= 0.75  # synthetic photos: the disc side is clear
+    assert metrics["val"]["all"]["detect"]["log_loss"] > 0
     assert "laterality model written" in capsys.readouterr().out
 
 
@@ -115,3 +116,24 @@ def test_upright_sources_need_the_network(tiny_csv, tmp_path, capsys):
     assert cli.main(["--config", str(config), "fit-laterality", "--output", str(tmp_path / "l.pt"),
                      "--upright-source", "manifest:data"]) != 0
     assert "--upright-source teaches the chirality network" in capsys.readouterr().err
+
+
+def test_the_log_loss_is_of_the_stated_eye():
+    """E13's deciding measure: -log P(stated eye), averaged. Photos with the disc clearly on their eye's side (upright
+    mode reads the side alone) give a small loss; the same photos with the opposite labels a large one."""
+    from pathlib import Path
+
+    from training.data.records import Record
+    from training.fit_laterality import evaluate
+    from training.laterality import pack_model
+
+    model = pack_model({"side_gain": 8.0, "tilt_mean": 9.0, "tilt_sd": 4.0, "miss_bias": 0.0, "miss_depth_gain": 10.0,
+                        "upright_prior": 0.7}, 0.6, {}, {})
+    x = np.array([[0.5, 9.0, 0.3, 1.0], [-0.5, 9.0, 0.3, 1.0]] * 4)
+    eyes = ["R", "L"] * 4
+    records = [Record(Path(f"{i}.jpg"), str(i // 2), "s", eye=e) for i, e in enumerate(eyes)]
+    swapped = [Record(r.image, r.patient_id, r.source, eye="L" if r.eye == "R" else "R") for r in records]
+    right = evaluate(model, x, records, n_boot=10)["all"]["upright"]["log_loss"]
+    wrong = evaluate(model, x, swapped, n_boot=10)["all"]["upright"]["log_loss"]
+    expected = -np.log(1 / (1 + np.exp(-8.0 * 0.5)))  # P(stated eye) = sigmoid(side gain x offset)
+    assert right == pytest.approx(expected) and wrong == pytest.approx(-np.log(1 - np.exp(-expected)))

@@ -44,7 +44,8 @@ def _below(revision: str) -> str:
 # intake checks' columns (issue 13a), pages and the database identity (issue 12b), then the audit columns and the
 # claims (issue 15, whose branch was merged after those)
 ORDER = ["0001", "0002", "0007_device_original_masks", "0014_reviews", "0006_hardening", "0005_gradability_laterality",
-         "0009_pages", "0010_db_identity", "0003_audit_columns_indexes", "0008_claims_sites", "0011_audit_tallies"]
+         "0009_pages", "0010_db_identity", "0003_audit_columns_indexes", "0008_claims_sites", "0011_audit_tallies",
+         "0015_check_models"]
 
 
 def test_one_linear_chain_with_the_review_and_audit_revisions_in_order():
@@ -384,6 +385,30 @@ def test_pages_columns_come_and_go_with_revision_0009(db_url):
     with engine.begin() as conn:
         command.downgrade(alembic_config(connection=conn), "0006_hardening")
     assert not {"page", "file_sha256"} & _cols(engine, "images")
+    init_db(engine)
+    assert _diff(engine) == []
+    engine.dispose()
+
+
+def test_check_models_column_comes_and_goes_with_revision_0015(db_url):
+    """Revision 0015_check_models: images.check_models, NULL (unknown) for the photos checked before it."""
+    from alembic import command
+
+    from screening.db.migrate import alembic_config
+
+    engine = make_engine(db_url)
+    upgrade(engine, "0011_audit_tallies")
+    with engine.begin() as conn:
+        conn.exec_driver_sql("INSERT INTO images (id, sha256, source_name, state, received_at, updated_at, gradable) "
+                             "VALUES (1, 'aa', 'P1_R.jpg', 'done', '2025-01-01 00:00:00', '2025-01-01 00:00:00', "
+                             f"{'true' if engine.dialect.name == 'postgresql' else 1})")
+    upgrade(engine, "0015_check_models")
+    assert "check_models" in _cols(engine, "images")
+    with engine.connect() as conn:
+        assert tuple(conn.exec_driver_sql("SELECT sha256, check_models FROM images").one()) == ("aa", None)
+    with engine.begin() as conn:
+        command.downgrade(alembic_config(connection=conn), "0011_audit_tallies")
+    assert "check_models" not in _cols(engine, "images")
     init_db(engine)
     assert _diff(engine) == []
     engine.dispose()

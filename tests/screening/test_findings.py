@@ -1,0 +1,28 @@
+"""A stored photo as the report shows it (screening/findings.py): here, which models checked it."""
+
+from __future__ import annotations
+
+import pytest
+
+from screening.db.models import Image, ImageState, Result
+from screening.findings import eye_finding, ungradable_finding
+
+MODELS = {"gradability": "dr-quality-1 8dbfd5e6961d", "laterality": "dr-laterality-3 ce872d655c06"}
+
+
+def _result() -> Result:
+    return Result(model_version="v", checkpoint_sha256="0" * 64, dr_grade=1, dr_probs=[0.1, 0.6, 0.2, 0.05, 0.05],
+                  dme_grade=0, dme_probs=[0.9, 0.05, 0.05], referable_score=0.2, referable=False, area_ma=0.0,
+                  area_he=0.0, area_ex=0.0, area_se=0.0, area_od=0.02)
+
+
+@pytest.mark.parametrize("stored, shown", [(MODELS, MODELS), (None, {})])
+def test_the_check_models_reach_the_finding_graded_or_ungradable(stored, shown):
+    """images.check_models becomes the finding's (what the report's model section lists); a photo checked before
+    the column existed (NULL) has none, so the report counts it as not recorded."""
+    graded = Image(eye="R", sha256="a" * 64, source_name="P1_R.jpg", state=ImageState.DONE.value, gradable=True,
+                   check_models=stored)
+    assert dict(eye_finding(graded, _result()).check_models) == shown
+    ungradable = Image(eye="L", sha256="b" * 64, source_name="P1_L.jpg", state=ImageState.DONE.value, gradable=False,
+                       quality_reasons=["blurred"], check_models=stored)
+    assert dict(ungradable_finding(ungradable).check_models) == shown
