@@ -54,7 +54,8 @@ def test_fit_laterality_command_end_to_end(tiny_csv, tmp_path, capsys):
 
 def test_fit_laterality_with_the_chirality_network(tiny_csv, tmp_path, capsys):
     """``--chirality-epochs``: the network is trained (checkpointed, so a second run resumes instead of training
-    again), its weight beside the landmarks is fitted, and the file it writes is a format-3 model that predicts."""
+    again), its weight beside the landmarks is fitted, and the file it writes is a format-3 model that predicts;
+    ``--chirality-networks 2`` then reuses that run and trains only the second network."""
     config = _config(tiny_csv, tmp_path)
     out = tmp_path / "laterality.pt"
     args = ["--config", str(config), "fit-laterality", "--output", str(out), "--chirality-epochs", "1"]
@@ -66,12 +67,12 @@ def test_fit_laterality_with_the_chirality_network(tiny_csv, tmp_path, capsys):
     assert model["provenance"]["chirality_epochs"] == 1 and len(model["provenance"]["weights"]) == 2
     runs = list((tmp_path / "cache" / "laterality").glob("chirality-run-*.pt"))
     assert len(runs) == 1
-    assert cli.main(args) == 0  # the finished run is resumed: no epoch is trained again
-    assert "epoch 1: loss" not in capsys.readouterr().out
-    # two networks (E13): the first is the run above, reused; only the second (seed 1) trains; their mean is joined
+    # two networks (E13): the first is the finished run above, resumed (no epoch trained again); only the second
+    # (seed 1) trains; their mean is joined
     assert cli.main([*args, "--chirality-networks", "2"]) == 0
     printed = capsys.readouterr().out
     assert printed.count("epoch 1: loss") == 1 and "chirality network 2 of 2 (seed 1)" in printed
+    assert printed.index("chirality network 2 of 2") < printed.index("epoch 1: loss")
     assert "the 2 networks' mean right on" in printed
     assert len(list((tmp_path / "cache" / "laterality").glob("chirality-run-*.pt"))) == 2
     model = load_laterality_model(out)
