@@ -28,12 +28,13 @@ import torch.nn.functional as F
 
 from training.common import atomic_write
 from training.data.transforms import resize_square, subtract_local_mean
+from training.model import IMAGENET_MEAN, IMAGENET_STD
 from training.model.encoder import ResNetEncoder
 
 STORE = 256  # the photo is kept at this size (square fundus crop, local-mean contrast) ...
 CROP = 224  # ... and the network sees this centre (training: a jittered) crop of it
-MEAN = np.array([0.485, 0.456, 0.406], np.float32)
-STD = np.array([0.229, 0.224, 0.225], np.float32)
+MEAN = np.array(IMAGENET_MEAN, np.float32)  # the grading network's normalisation, whose encoder starts this one
+STD = np.array(IMAGENET_STD, np.float32)
 
 
 class ChiralityNet(nn.Module):

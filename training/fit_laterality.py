@@ -33,7 +33,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from training.common import atomic_write, atomic_write_text
+from training.common import atomic_write, atomic_write_text, sha256_file
 from training.config import TrainingConfig
 from training.data.records import Record
 from training.data.transforms import crop_square, resize_square
@@ -226,14 +226,6 @@ def _digest(records: Sequence[Record], *extra: str) -> str:
     return hashlib.sha256("\n".join([CHIRALITY_VERSION, *extra, *(stamp(r.image) for r in records)]).encode()).hexdigest()[:16]
 
 
-def _file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 PSEUDO_MARGIN = 0.15  # disc offset (field radii) beyond which the disc's side names the eye of an upright photo
 
 
@@ -335,7 +327,7 @@ def fit_laterality(cfg: TrainingConfig, output: Path, target_accuracy: float = 0
         if init is not None:
             grading, ckpt = load_model(init)
             encoder_state, backbone = grading.encoder.state_dict(), str(ckpt["model_config"]["backbone"])
-        init_id = _file_sha256(init) if init is not None else "random"
+        init_id = sha256_file(init) if init is not None else "random"
         val_photos = stored_photos(named["val"], cache.parent)
 
         def progress(epoch: int, loss: float, net: Any) -> None:
