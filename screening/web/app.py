@@ -46,6 +46,7 @@ from screening.report import (
     REFERRAL_LEVELS,
     EyeReview,
     ReportError,
+    check_model_rows,
     undetected_lesions,
 )
 from screening.review.reviewed_report import ModelCatalog, render_reviewed_report
@@ -285,7 +286,7 @@ def create_app(
             "visit.html.j2", visit=visit, history=history, reports=reports, defaults=defaults, error=error,
             offer_confirm=offer_confirm, undetected=undetected, refused_pages=refused, lesion_floor=f"{LESION_AUPR_FLOOR:.2f}",
             form=form or {}, reviewer_name=g.get("display_name") or session.get("reviewer_name", ""),
-            pictures=PICTURES, rule_text=EYE_RESULT_RULES[rule],
+            pictures=PICTURES, rule_text=EYE_RESULT_RULES[rule], check_models=check_model_rows(visit.report_findings()),
         ), status
 
     @app.get("/visits/<int:exam_id>")

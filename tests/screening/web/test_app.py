@@ -317,3 +317,21 @@ def test_an_eye_the_worker_found_ungradable_shows_its_photo_and_reasons_and_conf
     with session_scope(worked.factory) as s:
         review = rrepo.current_review(s, exam_id)
         assert (review.outcome, review.referral, [e.gradable for e in review.eyes]) == ("confirmed", "ungradable", [False])
+
+
+def test_the_visit_page_names_the_models_that_checked_its_photos_as_the_pdf_does(worked):
+    """The PDF's model section names the gradability and laterality models that checked the photos
+    (``images.check_models``); the grader on the page sees the same rows, and none when none was recorded."""
+    exam_id = worked.exams["P1"]
+    url = f"/visits/{exam_id}"
+    with session_scope(worked.factory) as s:
+        s.execute(update(Image).where(Image.exam_id == exam_id).values(check_models=None))
+    assert 'id="check-models"' not in _app(worked).test_client().get(url).get_data(as_text=True)
+    with session_scope(worked.factory) as s:
+        first, second = s.scalars(select(Image).where(Image.exam_id == exam_id).order_by(Image.id)).all()
+        first.check_models = {"gradability": "dr-quality-1 aaaa", "laterality": "dr-laterality-3 <b>bb</b>"}
+        second.check_models = {"gradability": "dr-quality-1 aaaa"}  # checked when no laterality model was loaded
+    page = " ".join(_app(worked).test_client().get(url).get_data(as_text=True).split())
+    line = re.search(r'<p class="muted" id="check-models">(.*?)</p>', page).group(1)
+    assert line == ('Photo checks: Gradability model <span class="mono">dr-quality-1 aaaa</span>; Laterality model '
+                    '<span class="mono">dr-laterality-3 &lt;b&gt;bb&lt;/b&gt;; not recorded for 1 photo</span>.')
