@@ -137,9 +137,9 @@ class Worker:
                                   claims=self.claims)
         self.grade = GradeStage(predictor, settings.batch_size)
         self.store = StoreStage(settings, factory, self.filing, predictor, claims=self.claims)
-        self.report = ReportStage(settings, factory, predictor,
-                                  renderer if renderer is not None else make_renderer(settings.report_renderer), templates_dir,
-                                  claims=self.claims)
+        if renderer is None:
+            renderer = make_renderer(settings.report_renderer, settings.report_priority)
+        self.report = ReportStage(settings, factory, predictor, renderer, templates_dir, claims=self.claims)
 
     def close(self) -> None:
         """Wait for reports on the way, then stop the renderer and give up this run's claims."""

@@ -38,7 +38,8 @@ from .runtime import release_memory
 log = logging.getLogger(__name__)
 
 _PACKAGE_ROOT = Path(__file__).resolve().parents[1]  # the folder holding screening/ and training/
-RENDERER_NICENESS = 10  # where SCHED_IDLE is unavailable (see lower_priority)
+RENDERER_NICENESS = 10  # "low", and "idle" where SCHED_IDLE is unavailable (see lower_priority)
+PRIORITIES = ("idle", "low", "normal")  # [screening] report_priority
 
 
 @dataclass(frozen=True)
@@ -114,8 +115,11 @@ class InlineRenderer:
 class ProcessRenderer:
     """Renders jobs in one child process, in submission order; see the module docstring."""
 
-    def __init__(self, python: str | None = None) -> None:
+    def __init__(self, python: str | None = None, priority: str = "idle") -> None:
+        if priority not in PRIORITIES:
+            raise ValueError(f"unknown report priority {priority!r}; expected one of {', '.join(PRIORITIES)}")
         self.python = python or sys.executable
+        self.priority = priority
         self._proc: subprocess.Popen[bytes] | None = None
         self._reader: threading.Thread | None = None
         self._lock = threading.Lock()
@@ -134,7 +138,7 @@ class ProcessRenderer:
         env = dict(os.environ)
         env["PYTHONPATH"] = os.pathsep.join(p for p in (str(_PACKAGE_ROOT), env.get("PYTHONPATH")) if p)
         self._proc = subprocess.Popen(
-            [self.python, "-m", "screening.renderer"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+            [self.python, "-m", "screening.renderer", "--priority", self.priority], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
             env=env,  # same working folder as the worker: relative paths in a job mean the same to both
         )
         self._reader = threading.Thread(target=self._read, args=(self._proc,), name="report-renderer-reader", daemon=True)
@@ -221,9 +225,9 @@ class ProcessRenderer:
             self._reader.join(timeout=5)
 
 
-def make_renderer(kind: str) -> Renderer:
+def make_renderer(kind: str, priority: str = "idle") -> Renderer:
     if kind == "process":
-        return ProcessRenderer()
+        return ProcessRenderer(priority=priority)
     if kind == "inline":
         return InlineRenderer()
     raise ValueError(f"unknown report renderer {kind!r}; expected 'process' or 'inline'")
@@ -232,14 +236,20 @@ def make_renderer(kind: str) -> Renderer:
 # ------------------------------------------------------------------------------------------------ child
 
 
-def lower_priority() -> str:
+def lower_priority(priority: str = "idle") -> str:
     """Grading comes first: the report takes the CPU the worker leaves idle (all of it while the worker waits).
 
-    Linux's SCHED_IDLE runs this process only on a core nothing else wants, so it no longer preempts the
-    forward pass's threads in the middle of their work the way a nice-10 process still does; elsewhere the
-    process is reniced by :data:`RENDERER_NICENESS`. Returns which of the two applied.
+    ``"idle"`` (the default): Linux's SCHED_IDLE runs this process only on a core nothing else wants, so it no
+    longer preempts the forward pass's threads in the middle of their work the way a nice-10 process still does;
+    elsewhere the process is reniced by :data:`RENDERER_NICENESS`. On a machine that other work keeps busy (another
+    worker, other services) an idle-class renderer waits for them, so ``"low"`` (niceness 10: reports progress at a
+    small share of a busy core) and ``"normal"`` (the worker's own priority) are offered too. Returns what applied.
     """
-    if hasattr(os, "SCHED_IDLE"):
+    if priority not in PRIORITIES:
+        raise ValueError(f"unknown report priority {priority!r}; expected one of {', '.join(PRIORITIES)}")
+    if priority == "normal":
+        return "normal"
+    if priority == "idle" and hasattr(os, "SCHED_IDLE"):
         try:
             os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
             return "SCHED_IDLE"
@@ -270,11 +280,16 @@ def _serve(jobs: BinaryIO, results: BinaryIO, parent: int | None = None) -> int:
         release_memory()
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m screening.renderer", description="the worker's report renderer")
+    parser.add_argument("--priority", choices=PRIORITIES, default="idle")
+    args = parser.parse_args(argv)
     # Ctrl-C in a terminal reaches the whole process group: the worker decides when to stop and closes our stdin.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     parent = os.getppid()
-    lower_priority()
+    lower_priority(args.priority)
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s (renderer): %(message)s")
     results = os.fdopen(os.dup(sys.stdout.fileno()), "wb")

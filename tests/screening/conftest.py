@@ -103,6 +103,9 @@ def settings(tmp_path, tiny_checkpoint, intake_models) -> ScreeningSettings:
         rejected=tmp_path / "rejected", work_dir=tmp_path / "work", database=f"sqlite:///{tmp_path / 'db.sqlite'}",
         checkpoint=tiny_checkpoint, stable_seconds=0.1, poll_interval=0.1, sweep_interval=0.5, batch_size=4,
         threads=1, device="cpu", quality_model=intake_models["gradable"], laterality_model=intake_models["unsure_eye"],
+        # the suite runs one pytest worker per core, so an idle-class renderer would wait for the other worker's
+        # tests; the default ("idle") is tested in test_renderer.py
+        report_priority="normal",
     )
 
 

@@ -17,6 +17,7 @@ def _config(tmp_path: Path, checkpoint: Path, quality: Path | None = None, later
     cfg = tmp_path / "config.toml"
     cfg.write_text(f"[screening]\ncheckpoint = '{checkpoint}'\nquality_model = '{quality}'\n"
                    f"laterality_model = '{laterality}'\nstable_seconds = 0.1\nthreads = 1\ndevice = 'cpu'\n"
+                   "report_priority = 'normal'\n"  # as the settings fixture's (tests/screening/conftest.py)
                    + (f"database = '{database}'\n" if database else ""))
     return cfg
 

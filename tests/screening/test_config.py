@@ -92,3 +92,13 @@ def test_eye_result_rule_is_worst_or_latest(tmp_path, project_root):
     p.write_text("[screening]\neye_result = 'best'\n")
     with pytest.raises(ConfigError, match=r"screening\.eye_result"):
         load_screening_settings(p)
+
+
+def test_report_priority_is_idle_low_or_normal(tmp_path, project_root):
+    assert load_screening_settings(project_root / "config.toml").report_priority == "idle"
+    p = tmp_path / "c.toml"
+    p.write_text("[screening]\nreport_priority = 'low'\n")
+    assert load_screening_settings(p).report_priority == "low"
+    p.write_text("[screening]\nreport_priority = 'background'\n")
+    with pytest.raises(ConfigError, match=r"screening\.report_priority"):
+        load_screening_settings(p)

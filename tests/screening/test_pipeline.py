@@ -689,6 +689,7 @@ def test_killed_worker_leaves_consistent_state(settings_db, tmp_path):
         f"rejected = '{settings.rejected}'\nwork_dir = '{settings.work_dir}'\ndatabase = '{settings.database}'\n"
         f"checkpoint = '{settings.checkpoint}'\nquality_model = '{settings.quality_model}'\n"
         f"laterality_model = '{settings.laterality_model}'\nstable_seconds = 0.1\nthreads = 1\ndevice = 'cpu'\nbatch_size = 2\n"
+        f"report_priority = '{settings.report_priority}'\n"
     )
     for i in range(6):
         write_fundus(settings.inbox / f"K{i // 2}_{'RL'[i % 2]}.jpg", seed=20 + i)

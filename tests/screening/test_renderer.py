@@ -122,6 +122,31 @@ def test_renderer_process_runs_only_on_idle_cpu(tmp_path):
     assert os.sched_getscheduler(0) != os.SCHED_IDLE
 
 
+@pytest.mark.skipif(not hasattr(os, "SCHED_IDLE"), reason="scheduling classes are read the Linux way")
+@pytest.mark.parametrize("priority, added", [("low", 10), ("normal", 0)])
+def test_renderer_process_at_low_or_normal_priority_keeps_the_normal_class(tmp_path, priority, added):
+    """On a machine other work keeps busy an idle-class renderer waits for it: ``report_priority`` "low" renices
+    the child by 10, "normal" leaves it at the worker's priority; neither uses SCHED_IDLE."""
+    renderer = make_renderer("process", priority)
+    try:
+        renderer.submit(RenderJob(1, _ctx([]), TEMPLATES, tmp_path / "reports"))
+        (ok,) = _wait(renderer, 1)  # the child has set its priority before it reads its first job
+        assert ok.path is not None
+        assert os.sched_getscheduler(renderer.pid) == os.SCHED_OTHER
+        assert os.getpriority(os.PRIO_PROCESS, renderer.pid) == min(19, os.getpriority(os.PRIO_PROCESS, 0) + added)
+    finally:
+        renderer.close()
+
+
+def test_an_unknown_report_priority_is_refused_naming_it():
+    with pytest.raises(ValueError, match="'background'.*idle, low, normal"):
+        ProcessRenderer(priority="background")
+    import screening.renderer as r
+
+    with pytest.raises(ValueError, match="'background'"):
+        r.lower_priority("background")
+
+
 def test_lower_priority_falls_back_to_niceness(monkeypatch):
     import screening.renderer as r
 
