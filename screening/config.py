@@ -9,6 +9,7 @@ from typing import Any, Literal
 
 from pydantic import Field, ValidationError, ValidationInfo, field_validator
 
+from screening.renderer import ReportPriority
 from training.api import (
     ConfigError,
     StrictSettings,
@@ -72,8 +73,9 @@ class ScreeningSettings(StrictSettings):
     report_retries: int = Field(3, ge=1)
     report_renderer: Literal["process", "inline"] = "process"
     # The render process's CPU priority (screening/renderer.py): "idle" takes only CPU nothing else wants (grading
-    # first); "low" (niceness 10) and "normal" keep reports coming on a machine that other work keeps busy.
-    report_priority: Literal["idle", "low", "normal"] = "idle"
+    # first); "low" (niceness 10 above the worker's) and "normal" keep reports coming on a machine that other work
+    # keeps busy.
+    report_priority: ReportPriority = "idle"
     clinic_name: str = "Diabetic Eye Screening Service"
     # Hard limits on what a dropped file may cost, checked before it is decoded (over them: a recorded rejection).
     max_file_bytes: int = Field(256 * 1024 * 1024, gt=0)

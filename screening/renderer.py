@@ -7,7 +7,8 @@ small child process (``python -m screening.renderer``) that imports only Jinja2,
 worker goes on with the next batch. :class:`InlineRenderer` renders in the calling thread (same interface;
 ``[screening] report_renderer = "inline"``).
 
-The child only turns a :class:`~screening.report.ReportContext` into a published PDF; the worker keeps all
+The child runs at idle CPU priority by default, so grading comes first (``[screening] report_priority``:
+:func:`set_priority`). The child only turns a :class:`~screening.report.ReportContext` into a published PDF; the worker keeps all
 database work. Protocol: pickled :class:`RenderJob` objects on the child's stdin, pickled
 :class:`RenderResult` objects back on its stdout (both ends are this code; nothing else writes there). The
 child exits when its stdin closes, so it never outlives the worker, not even a killed one; it renders nothing
@@ -30,7 +31,7 @@ import sys
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO, Protocol
+from typing import BinaryIO, Literal, Protocol, get_args
 
 from .report import ReportContext, render_with_retries
 from .runtime import release_memory
@@ -38,8 +39,9 @@ from .runtime import release_memory
 log = logging.getLogger(__name__)
 
 _PACKAGE_ROOT = Path(__file__).resolve().parents[1]  # the folder holding screening/ and training/
-RENDERER_NICENESS = 10  # "low", and "idle" where SCHED_IDLE is unavailable (see lower_priority)
-PRIORITIES = ("idle", "low", "normal")  # [screening] report_priority
+RENDERER_NICENESS = 10  # added to the worker's niceness: "low", and "idle" where SCHED_IDLE is unavailable
+ReportPriority = Literal["idle", "low", "normal"]  # [screening] report_priority (see set_priority)
+PRIORITIES: tuple[str, ...] = get_args(ReportPriority)
 
 
 @dataclass(frozen=True)
@@ -236,14 +238,16 @@ def make_renderer(kind: str, priority: str = "idle") -> Renderer:
 # ------------------------------------------------------------------------------------------------ child
 
 
-def lower_priority(priority: str = "idle") -> str:
-    """Grading comes first: the report takes the CPU the worker leaves idle (all of it while the worker waits).
+def set_priority(priority: str = "idle") -> str:
+    """The render process's CPU priority (``[screening] report_priority``). Returns what applied.
 
-    ``"idle"`` (the default): Linux's SCHED_IDLE runs this process only on a core nothing else wants, so it no
-    longer preempts the forward pass's threads in the middle of their work the way a nice-10 process still does;
-    elsewhere the process is reniced by :data:`RENDERER_NICENESS`. On a machine that other work keeps busy (another
-    worker, other services) an idle-class renderer waits for them, so ``"low"`` (niceness 10: reports progress at a
-    small share of a busy core) and ``"normal"`` (the worker's own priority) are offered too. Returns what applied.
+    ``"idle"`` (the default; grading comes first: the report takes the CPU the worker leaves idle, all of it while
+    the worker waits): Linux's SCHED_IDLE runs this process only on a core nothing else wants, so it no longer
+    preempts the forward pass's threads in the middle of their work the way a reniced process still does; elsewhere
+    the process is reniced by :data:`RENDERER_NICENESS`. On a machine that other work keeps busy (another worker,
+    other services) an idle-class renderer waits for that work, so ``"low"`` (reniced by :data:`RENDERER_NICENESS`
+    above the worker: reports progress at a small share of a busy core) and ``"normal"`` (the worker's own
+    priority, unchanged) are offered too.
     """
     if priority not in PRIORITIES:
         raise ValueError(f"unknown report priority {priority!r}; expected one of {', '.join(PRIORITIES)}")
@@ -289,7 +293,7 @@ def main(argv: list[str] | None = None) -> int:
     # Ctrl-C in a terminal reaches the whole process group: the worker decides when to stop and closes our stdin.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     parent = os.getppid()
-    lower_priority(args.priority)
+    set_priority(args.priority)
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s (renderer): %(message)s")
     results = os.fdopen(os.dup(sys.stdout.fileno()), "wb")

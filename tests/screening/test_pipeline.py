@@ -332,6 +332,17 @@ def test_second_eye_while_the_first_report_renders(settings):
     assert "Left eye" in pdf_text(folder / "report_v2.pdf") and "not received" in pdf_text(folder / "report_v1.pdf").lower()
 
 
+@pytest.mark.parametrize("priority", ["idle", "low"])
+def test_the_worker_starts_its_renderer_at_the_configured_priority(settings, priority):
+    """[screening] report_priority reaches the render process the worker starts (the default included)."""
+    from screening.renderer import ProcessRenderer
+
+    settings = settings.model_copy(update={"report_priority": priority})
+    with make_worker(settings) as worker:
+        renderer = worker.report.renderer
+        assert isinstance(renderer, ProcessRenderer) and renderer.priority == priority
+
+
 @pytest.mark.parametrize("renderer", ["process", "inline"])
 def test_report_failure_keeps_result_and_is_retried(settings, tmp_path, renderer):
     worker = make_worker(settings.model_copy(update={"report_renderer": renderer, "report_retries": 1}))

@@ -144,10 +144,10 @@ def test_an_unknown_report_priority_is_refused_naming_it():
     import screening.renderer as r
 
     with pytest.raises(ValueError, match="'background'"):
-        r.lower_priority("background")
+        r.set_priority("background")
 
 
-def test_lower_priority_falls_back_to_niceness(monkeypatch):
+def test_idle_priority_falls_back_to_niceness(monkeypatch):
     import screening.renderer as r
 
     calls = []
@@ -157,7 +157,7 @@ def test_lower_priority_falls_back_to_niceness(monkeypatch):
 
     monkeypatch.setattr(r.os, "sched_setscheduler", refuse)
     monkeypatch.setattr(r.os, "nice", calls.append)
-    assert r.lower_priority() == f"nice {r.RENDERER_NICENESS}" and calls == [r.RENDERER_NICENESS]
+    assert r.set_priority() == f"nice {r.RENDERER_NICENESS}" and calls == [r.RENDERER_NICENESS]
 
 
 def test_inline_renderer_same_results(tmp_path):

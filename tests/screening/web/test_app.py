@@ -333,5 +333,5 @@ def test_the_visit_page_names_the_models_that_checked_its_photos_as_the_pdf_does
         second.check_models = {"gradability": "dr-quality-1 aaaa"}  # checked when no laterality model was loaded
     page = " ".join(_app(worked).test_client().get(url).get_data(as_text=True).split())
     line = re.search(r'<p class="muted" id="check-models">(.*?)</p>', page).group(1)
-    assert line == ('Photo checks: Gradability model <span class="mono">dr-quality-1 aaaa</span>; Laterality model '
-                    '<span class="mono">dr-laterality-3 &lt;b&gt;bb&lt;/b&gt;; not recorded for 1 photo</span>.')
+    assert line == ('Photo checks: Gradability model <span class="mono">dr-quality-1 aaaa</span> · Laterality model '
+                    '<span class="mono">dr-laterality-3 &lt;b&gt;bb&lt;/b&gt;; not recorded for 1 photo</span>')
