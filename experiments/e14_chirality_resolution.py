@@ -21,7 +21,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from training.chirality import ChiralityNet, chirality_input, chirality_logits, train_epoch  # noqa: E402
-from training.common import atomic_write  # noqa: E402
+from training.common import atomic_write, atomic_write_text  # noqa: E402
 from training.config import load_training_config  # noqa: E402
 from training.data.sources import load_all  # noqa: E402
 from training.data.split import configured_split  # noqa: E402
@@ -35,12 +35,22 @@ E12_RUN = ROOT / ".cache" / "laterality" / "chirality-run-b7e3562f08c72a2b.pt"
 
 
 def stored(records, store: int, path: Path) -> np.ndarray:
+    """The records' photos as the network stores them, at ``store`` px (cached in ``path``)."""
     if not path.is_file():
         photos = np.zeros((len(records), store, store, 3), np.uint8)
         for i, rec in enumerate(records):
             photos[i] = chirality_input(crop_square(read_photo(rec.image)), store)
-        atomic_write(path, lambda tmp: np.save(open(tmp, "wb"), photos), durable=False)
-    return np.load(path, mmap_mode="r")
+
+        def write(tmp: Path) -> None:
+            with open(tmp, "wb") as fh:
+                np.save(fh, photos)
+
+        atomic_write(path, write, durable=False)
+    cached: np.ndarray = np.load(path, mmap_mode="r")
+    if cached.shape != (len(records), store, store, 3):
+        raise SystemExit(f"{path}: holds {cached.shape[0]} photos at {cached.shape[1]} px, not {len(records)} at "
+                         f"{store}; delete it (the photo lists changed)")
+    return cached
 
 
 def joined(p_l: np.ndarray, cnn: np.ndarray, y: np.ndarray) -> dict[str, float]:
@@ -77,7 +87,7 @@ def main() -> int:
 
     torch.manual_seed(14)
     net = ChiralityNet("resnet18")
-    net.load_state_dict(torch.load(E12_RUN, map_location="cpu", weights_only=False)["model"])
+    net.load_state_dict(torch.load(E12_RUN, map_location="cpu", weights_only=True)["model"])
     batch = 32
     opt = torch.optim.AdamW([{"params": net.encoder.parameters(), "lr": args.lr},
                              {"params": net.head.parameters(), "lr": args.lr * 10}], weight_decay=1e-4)
@@ -87,7 +97,7 @@ def main() -> int:
     ckpt = out / "run.pt"
     start, history = 0, []
     if ckpt.is_file():
-        s = torch.load(ckpt, map_location="cpu", weights_only=False)
+        s = torch.load(ckpt, map_location="cpu", weights_only=True)
         net.load_state_dict(s["model"])
         opt.load_state_dict(s["optimizer"])
         sched.load_state_dict(s["scheduler"])
@@ -109,7 +119,7 @@ def main() -> int:
                  "history": history}
         atomic_write(ckpt, lambda tmp, state=state: torch.save(state, tmp))
         print(json.dumps(history[-1]), flush=True)
-    (out / "history.json").write_text(json.dumps(history, indent=1) + "\n")
+    atomic_write_text(out / "history.json", json.dumps(history, indent=1) + "\n")
     return 0
 
 
