@@ -33,6 +33,7 @@ PASSWORD = "correct horse battery"
 @pytest.fixture
 def server(worked):
     """The review page, login required, on a free loopback port, served by waitress in a thread."""
+    from waitress import wasyncore
     from waitress.server import create_server
 
     with session_scope(worked.factory) as s:
@@ -42,9 +43,12 @@ def server(worked):
     thread = threading.Thread(target=srv.run, daemon=True)
     thread.start()
     yield f"http://127.0.0.1:{srv.effective_port}", worked
-    srv.close()
-    srv.task_dispatcher.shutdown()  # close() leaves waitress's request threads running
+    # closed from the server's own loop thread (waitress runs a trigger's thunks there): closing its sockets from
+    # this thread could pull them from under a select() in progress (EBADF in the server thread, seen once)
+    srv.trigger.pull_trigger(lambda: wasyncore.close_all(srv._map))
     thread.join(timeout=10)
+    srv.task_dispatcher.shutdown()  # the loop's end leaves waitress's request threads running
+    assert not thread.is_alive(), "the review server's loop did not stop"
 
 
 @pytest.fixture
