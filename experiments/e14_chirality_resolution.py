@@ -20,40 +20,21 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from training.chirality import ChiralityNet, chirality_input, chirality_logits, train_epoch  # noqa: E402
+from training.chirality import ChiralityNet, chirality_logits, train_epoch  # noqa: E402
 from training.common import atomic_write, atomic_write_text  # noqa: E402
 from training.config import load_training_config  # noqa: E402
 from training.data.sources import load_all  # noqa: E402
 from training.data.split import configured_split  # noqa: E402
-from training.data.transforms import crop_square  # noqa: E402
-from training.fit_laterality import _probabilities, fit_weights, measure_records, pseudo_labelled  # noqa: E402
-from training.fit_quality import read_photo  # noqa: E402
+from training.fit_laterality import _probabilities, fit_weights, measure_records, pseudo_labelled, stored_photos  # noqa: E402
 from training.laterality import load_laterality_model, log_odds  # noqa: E402
 
 UPRIGHT = ("idrid-grading", "idrid-segmentation", "manifest:idrid-nar", "manifest:messidor2")
 E12_RUN = ROOT / ".cache" / "laterality" / "chirality-run-b7e3562f08c72a2b.pt"
 
 
-def stored(records, store: int, path: Path) -> np.ndarray:
-    """The records' photos as the network stores them, at ``store`` px (cached in ``path``)."""
-    if not path.is_file():
-        photos = np.zeros((len(records), store, store, 3), np.uint8)
-        for i, rec in enumerate(records):
-            photos[i] = chirality_input(crop_square(read_photo(rec.image)), store)
-
-        def write(tmp: Path) -> None:
-            with open(tmp, "wb") as fh:
-                np.save(fh, photos)
-
-        atomic_write(path, write, durable=False)
-    cached: np.ndarray = np.load(path, mmap_mode="r")
-    if cached.shape != (len(records), store, store, 3):
-        raise SystemExit(f"{path}: holds {cached.shape[0]} photos at {cached.shape[1]} px, not {len(records)} at "
-                         f"{store}; delete it (the photo lists changed)")
-    return cached
-
-
 def joined(p_l: np.ndarray, cnn: np.ndarray, y: np.ndarray) -> dict[str, float]:
+    """The landmarks and the network joined as `fit-laterality` joins them (weights fitted here, on validation):
+    photos right and the log-loss of the stated eyes (E13's measures)."""
     a, b = fit_weights(p_l, cnn, y)
     p = 1 / (1 + np.exp(-(a * log_odds(p_l) + b * cnn)))
     pc = np.clip(p, 1e-6, 1 - 1e-6)
@@ -80,8 +61,8 @@ def main() -> int:
     labels = np.r_[np.array([r.eye == "R" for r in named["train"]], np.float32), pseudo_y].astype(np.float32)
     y_val = np.array([r.eye == "R" for r in named["val"]], float)
     print(f"{len(named['train'])} named + {len(pseudo)} upright training photos, {len(named['val'])} validation", flush=True)
-    photos = stored(records, args.store, out / f"train-{args.store}.npy")
-    val_photos = stored(named["val"], args.store, out / f"val-{args.store}.npy")
+    photos = stored_photos(records, cache.parent, args.store)
+    val_photos = stored_photos(named["val"], cache.parent, args.store)
     model = load_laterality_model(ROOT / "models" / "laterality.pt")
     p_l = _probabilities(model, measure_records(named["val"], cache), "detect")
 

@@ -19,12 +19,14 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from e14_chirality_resolution import joined  # noqa: E402 - the same joining and measures as the E14 run
+
 from training.chirality import chirality_logits  # noqa: E402
 from training.config import load_training_config  # noqa: E402
 from training.data.sources import load_all  # noqa: E402
 from training.data.split import configured_split  # noqa: E402
-from training.fit_laterality import _probabilities, fit_weights, measure_records, stored_photos  # noqa: E402
-from training.laterality import load_laterality_model, log_odds  # noqa: E402
+from training.fit_laterality import _probabilities, measure_records, stored_photos  # noqa: E402
+from training.laterality import load_laterality_model  # noqa: E402
 
 
 def warp(img: np.ndarray, angle: float, scale: float) -> np.ndarray:
@@ -44,10 +46,9 @@ def main() -> int:
     photos = stored_photos(val, cache.parent)
 
     def report(name: str, cnn: np.ndarray) -> None:
-        a, b = fit_weights(p_l, cnn, y)
-        p = np.clip(1 / (1 + np.exp(-(a * log_odds(p_l) + b * cnn))), 1e-6, 1 - 1e-6)
-        print(f"{name:28s} alone {((cnn > 0) == (y > 0)).mean():.4f}  joined errors {int(((p >= 0.5) != (y > 0)).sum())}"
-              f"  log-loss {-np.mean(y * np.log(p) + (1 - y) * np.log(1 - p)):.4f}", flush=True)
+        j = joined(p_l, cnn, y)
+        print(f"{name:28s} alone {((cnn > 0) == (y > 0)).mean():.4f}  joined errors {len(y) - j['right']}"
+              f"  log-loss {j['log_loss']:.4f}", flush=True)
 
     base = chirality_logits(model["_net"], photos)
     report("4 views (shipped)", base)

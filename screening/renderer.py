@@ -44,6 +44,13 @@ ReportPriority = Literal["idle", "low", "normal"]  # [screening] report_priority
 PRIORITIES: tuple[str, ...] = get_args(ReportPriority)
 
 
+def check_priority(priority: str) -> str:
+    """``priority`` when it is one of :data:`PRIORITIES`; a ValueError naming it otherwise."""
+    if priority not in PRIORITIES:
+        raise ValueError(f"unknown report priority {priority!r}; expected one of {', '.join(PRIORITIES)}")
+    return priority
+
+
 @dataclass(frozen=True)
 class RenderJob:
     key: int  # chosen by the caller, returned in the result
@@ -118,10 +125,8 @@ class ProcessRenderer:
     """Renders jobs in one child process, in submission order; see the module docstring."""
 
     def __init__(self, python: str | None = None, priority: str = "idle") -> None:
-        if priority not in PRIORITIES:
-            raise ValueError(f"unknown report priority {priority!r}; expected one of {', '.join(PRIORITIES)}")
         self.python = python or sys.executable
-        self.priority = priority
+        self.priority = check_priority(priority)  # refused here, in the worker, not later in the child
         self._proc: subprocess.Popen[bytes] | None = None
         self._reader: threading.Thread | None = None
         self._lock = threading.Lock()
@@ -249,9 +254,7 @@ def set_priority(priority: str = "idle") -> str:
     above the worker: reports progress at a small share of a busy core) and ``"normal"`` (the worker's own
     priority, unchanged) are offered too.
     """
-    if priority not in PRIORITIES:
-        raise ValueError(f"unknown report priority {priority!r}; expected one of {', '.join(PRIORITIES)}")
-    if priority == "normal":
+    if check_priority(priority) == "normal":
         return "normal"
     if priority == "idle" and hasattr(os, "SCHED_IDLE"):
         try:

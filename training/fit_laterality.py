@@ -229,16 +229,18 @@ def _digest(records: Sequence[Record], *extra: str) -> str:
 PSEUDO_MARGIN = 0.15  # disc offset (field radii) beyond which the disc's side names the eye of an upright photo
 
 
-def stored_photos(records: Sequence[Record], cache_dir: Path) -> np.ndarray:
-    """(N, STORE, STORE, 3) uint8: each record as the chirality network stores it
-    (:func:`training.chirality.chirality_input`), cached as one array per list of files (memory-mapped)."""
+def stored_photos(records: Sequence[Record], cache_dir: Path, store: int | None = None) -> np.ndarray:
+    """(N, store, store, 3) uint8: each record as the chirality network stores it
+    (:func:`training.chirality.chirality_input`; ``store`` px, by default its ``STORE``), cached as one array per
+    list of files and size (memory-mapped)."""
     from training.chirality import STORE, chirality_input
 
-    path = cache_dir / f"chirality-photos-{_digest(records, str(STORE))}.npy"
+    store = STORE if store is None else store
+    path = cache_dir / f"chirality-photos-{_digest(records, str(store))}.npy"
     if not path.is_file():
-        photos = np.zeros((len(records), STORE, STORE, 3), np.uint8)
+        photos = np.zeros((len(records), store, store, 3), np.uint8)
         for i, rec in enumerate(records):
-            photos[i] = chirality_input(crop_square(read_photo(rec.image)))
+            photos[i] = chirality_input(crop_square(read_photo(rec.image)), store)
         path.parent.mkdir(parents=True, exist_ok=True)
 
         def write(tmp: Path) -> None:
@@ -344,10 +346,10 @@ def fit_laterality(cfg: TrainingConfig, output: Path, target_accuracy: float = 0
             nets.append(fit_chirality(photos, labels, epochs=chirality_epochs, checkpoint=run, encoder_state=encoder_state,
                                       backbone=backbone, batch=min(32, len(labels)), seed=seed, on_epoch=progress))
         net = nets[0] if len(nets) == 1 else ChiralityEnsemble(nets)
+        val_logits = chirality_logits(net, val_photos)
         if len(nets) > 1:
             log(f"  the {len(nets)} networks' mean right on "
-                f"{float(((chirality_logits(net, val_photos) > 0) == (y['val'] > 0)).mean()):.1%} of the validation photos")
-        val_logits = chirality_logits(net, val_photos)
+                f"{float(((val_logits > 0) == (y['val'] > 0)).mean()):.1%} of the validation photos")
         cnn["val"], cnn["test"] = val_logits, chirality_logits(net, stored_photos(named["test"], cache.parent))
         p_val = _probabilities(provisional, x["val"], "detect")
         weights = fit_weights(p_val, val_logits, y["val"])

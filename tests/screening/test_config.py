@@ -84,21 +84,16 @@ def test_gpu_settings_without_cuda_are_refused(tmp_path, line, device):
         load_screening_settings(p)
 
 
-def test_eye_result_rule_is_worst_or_latest(tmp_path, project_root):
-    assert load_screening_settings(project_root / "config.toml").eye_result == "worst"
+@pytest.mark.parametrize("key, default, other, bad", [
+    ("eye_result", "worst", "latest", "best"),  # which field of an eye gives its result
+    ("report_priority", "idle", "low", "background"),  # the report renderer's CPU priority
+])
+def test_a_choice_setting_takes_its_values_and_refuses_others_naming_the_key(tmp_path, project_root, key, default,
+                                                                               other, bad):
+    assert getattr(load_screening_settings(project_root / "config.toml"), key) == default
     p = tmp_path / "c.toml"
-    p.write_text("[screening]\neye_result = 'latest'\n")
-    assert load_screening_settings(p).eye_result == "latest"
-    p.write_text("[screening]\neye_result = 'best'\n")
-    with pytest.raises(ConfigError, match=r"screening\.eye_result"):
-        load_screening_settings(p)
-
-
-def test_report_priority_is_idle_low_or_normal(tmp_path, project_root):
-    assert load_screening_settings(project_root / "config.toml").report_priority == "idle"
-    p = tmp_path / "c.toml"
-    p.write_text("[screening]\nreport_priority = 'low'\n")
-    assert load_screening_settings(p).report_priority == "low"
-    p.write_text("[screening]\nreport_priority = 'background'\n")
-    with pytest.raises(ConfigError, match=r"screening\.report_priority"):
+    p.write_text(f"[screening]\n{key} = '{other}'\n")
+    assert getattr(load_screening_settings(p), key) == other
+    p.write_text(f"[screening]\n{key} = '{bad}'\n")
+    with pytest.raises(ConfigError, match=rf"screening\.{key}"):
         load_screening_settings(p)
