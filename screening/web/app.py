@@ -21,6 +21,7 @@ What keeps patient data in its place:
 from __future__ import annotations
 
 import logging
+import re
 import secrets
 from datetime import timedelta
 from pathlib import Path
@@ -58,6 +59,10 @@ log = logging.getLogger("screening.web")
 
 PICTURES = ("photo", "overlay", "dr_cam", "dme_cam")
 LOOPBACK_HOSTS = ["127.0.0.1", "localhost"]
+# Where the login page may send the user back to: a path of this site and its query, in the characters its own URLs
+# use. Anything else (another host as "//host", "/\\host", or "/<TAB>/host", which browsers and Werkzeug turn into
+# "//host"; a scheme; spaces or control characters) is an open redirect and goes to the queue instead.
+LOCAL_TARGET = re.compile(r"/(?![/\\])[A-Za-z0-9_.~/-]*(\?[A-Za-z0-9_.~%=&+-]*)?")
 SESSION_HOURS = 8
 CSP = ("default-src 'none'; img-src 'self'; style-src 'self'; form-action 'self'; frame-ancestors 'none'; "
        "base-uri 'none'")
@@ -118,6 +123,11 @@ def _seen(form: Any) -> tuple[set[int] | None, int | None]:
         return ({int(i) for i in fields.split(",")} if fields is not None else None), (int(raw) if raw else None)
     except ValueError:
         raise ReviewError("the form is damaged; reload the visit and sign off again") from None
+
+
+def local_target(target: str) -> str | None:
+    """``target`` when it is a path of this site (:data:`LOCAL_TARGET`), else None."""
+    return target if LOCAL_TARGET.fullmatch(target) else None
 
 
 def create_app(
@@ -212,9 +222,7 @@ def create_app(
     # ------------------------------------------------------------------ login
     @app.route("/login", methods=["GET", "POST"])
     def login() -> Any:
-        target = request.args.get("next", "")
-        if not (target.startswith("/") and not target.startswith("//") and "\\" not in target):
-            target = url_for("queue")
+        target = local_target(request.args.get("next", "")) or url_for("queue")
         error = None
         if request.method == "POST":
             username = request.form.get("username", "").strip()
@@ -374,4 +382,4 @@ def is_loopback(host: str) -> bool:
         return False
 
 
-__all__ = ["LOOPBACK_HOSTS", "PICTURES", "create_app", "is_loopback"]
+__all__ = ["LOCAL_TARGET", "LOOPBACK_HOSTS", "PICTURES", "create_app", "is_loopback", "local_target"]

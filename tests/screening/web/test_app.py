@@ -6,13 +6,14 @@ from __future__ import annotations
 import logging
 import re
 
+import pytest
 from sqlalchemy import select, update
 
 from screening.db import reviews as rrepo
 from screening.db import session_scope
 from screening.db.models import Image, Report, Result, ReviewUser, utcnow
 from screening.review.reviewed_report import ModelCatalog
-from screening.web.app import create_app, is_loopback
+from screening.web.app import create_app, is_loopback, local_target
 from screening.web.auth import hash_password
 
 from ..conftest import TEMPLATES
@@ -213,6 +214,26 @@ def test_login_required_off_loopback(worked):
         "csrf_token": re.search(r'name="csrf_token" value="([^"]+)"', client.get("/login").get_data(as_text=True)).group(1),
         "username": "grey", "password": PASSWORD})
     assert resp.headers["Location"] == "/queue"
+
+
+@pytest.mark.parametrize("target", ["//evil.example/x", "/\\evil.example", "/\t/evil.example", "/%09/evil.example",
+                                    "https://evil.example", "/ /evil.example", "javascript:alert(1)", "", "queue"])
+def test_login_never_redirects_off_the_site(target):
+    assert local_target(target) is None
+
+
+@pytest.mark.parametrize("target", ["/queue", "/visits/12", "/visits/12?", "/visits/12?tab=eyes&x=1"])
+def test_login_returns_to_a_page_of_the_site(target):
+    assert local_target(target) == target
+
+
+def test_a_tab_in_next_does_not_make_an_open_redirect(worked):
+    """Werkzeug drops a tab from a Location header, so "/<TAB>/host" would leave the site as "//host"."""
+    client = _app(worked, require_login=True, loopback=False).test_client()
+    _add_user(worked)
+    token = re.search(r'name="csrf_token" value="([^"]+)"', client.get("/login").get_data(as_text=True)).group(1)
+    resp = client.post("/login?next=/%09/evil.example", data={"csrf_token": token, "username": "grey", "password": PASSWORD})
+    assert resp.status_code == 302 and resp.headers["Location"] == "/queue"
 
 
 def test_password_guessing_is_slowed_down(worked):
