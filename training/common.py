@@ -59,6 +59,8 @@ MAX_ID_LENGTH = 64
 _SAFE_ID = re.compile(rf"[A-Za-z0-9_-]{{1,{MAX_ID_LENGTH}}}")
 _UNSAFE_ID_CHARS = re.compile(r"[^A-Za-z0-9_-]")
 _UNSAFE_NAME_CHARS = re.compile(r"[^A-Za-z0-9._-]+")
+# Names Windows (and so an SMB share, where clinics often keep reports/) cannot create, in any case
+_RESERVED = re.compile(r"(?i)(CON|PRN|AUX|NUL|COM[0-9]|LPT[0-9])")
 
 
 def is_safe_id(value: object) -> bool:
@@ -68,13 +70,15 @@ def is_safe_id(value: object) -> bool:
 
 
 def safe_id(value: str) -> str:
-    """``value`` as a folder name: itself when :func:`is_safe_id`, otherwise with every other character
-    replaced by ``_`` (and cut to 64) plus ``-`` and 8 hex digits of its hash, so that two different ids
-    such as ``a/b`` and ``a_b`` never share a folder. Raises ValueError for an empty id."""
+    """``value`` as a folder name: itself when :func:`is_safe_id` and not a name Windows reserves (``CON``,
+    ``NUL``, ``COM1``, ...: such an id is valid, but its folder could not be made on a Windows disk or share),
+    otherwise with every other character replaced by ``_`` (and cut to 64) plus ``-`` and 8 hex digits of its
+    hash, so that two different ids such as ``a/b`` and ``a_b`` never share a folder. Raises ValueError for an
+    empty id."""
     if not isinstance(value, str) or not value.strip():
         raise ValueError("the id is empty; a folder name needs at least one letter or digit")
     cleaned = _UNSAFE_ID_CHARS.sub("_", value.strip())
-    if cleaned == value and len(cleaned) <= MAX_ID_LENGTH:
+    if cleaned == value and len(cleaned) <= MAX_ID_LENGTH and not _RESERVED.fullmatch(cleaned):
         return cleaned
     digest = hashlib.sha256(value.encode("utf-8")).hexdigest()[:8]
     return f"{cleaned[:MAX_ID_LENGTH]}-{digest}"

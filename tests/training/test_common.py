@@ -64,6 +64,15 @@ def test_safe_id_keeps_safe_ids_and_never_merges_two():
             safe_id(bad)
 
 
+@pytest.mark.parametrize("reserved", ["CON", "con", "Nul", "AUX", "PRN", "COM1", "lpt9"])
+def test_safe_id_never_gives_a_name_windows_reserves(reserved):
+    """A valid patient id (``is_safe_id``) whose folder could not be made on a Windows disk or SMB share."""
+    assert is_safe_id(reserved)
+    folder = safe_id(reserved)
+    assert folder.startswith(reserved + "-") and re.fullmatch(r"[A-Za-z0-9_-]+-[0-9a-f]{8}", folder)
+    assert safe_id("CONX") == "CONX" and safe_id("COM10") == "COM10" and safe_id("PCON") == "PCON"
+
+
 @pytest.mark.parametrize("value, ok", [("P1", True), ("a-b_C9", True), ("x" * 64, True), ("x" * 65, False), ("", False),
                                        ("..", False), ("a/b", False), ("a b", False), ("é1", False), ("P1\n", False),
                                        (12, False)])
