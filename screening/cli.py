@@ -20,6 +20,7 @@ apply_worker_env()  # before torch is imported below (see screening/runtime.py)
 from training.api import ConfigError  # noqa: E402  (torch-free: CheckpointError is caught lazily, see main)
 
 from .config import ScreeningSettings, load_screening_settings  # noqa: E402
+from .logs import configure  # noqa: E402
 
 if TYPE_CHECKING:
     from sqlalchemy.orm import Session, sessionmaker
@@ -510,8 +511,7 @@ def _user_errors() -> tuple[type[Exception], ...]:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure(logging.DEBUG if args.verbose else logging.INFO)  # tracebacks without messages: screening.logs
     logging.getLogger("alembic").setLevel(logging.WARNING)
     logging.getLogger("weasyprint.progress").setLevel(logging.WARNING)  # seven "Step n" lines per report
     from .db import DatabaseGone

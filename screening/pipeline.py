@@ -63,6 +63,7 @@ from .stages import (
     ReportStage,
     Stored,
     StoreStage,
+    Unreadable,
 )
 from .stages.filing import MoveFailed
 from .stages.report import failed as failed_reports
@@ -85,6 +86,7 @@ class BatchOutcome:
     reports: int = 0
     report_failures: int = 0  # rendered or recorded unsuccessfully: the catch-up makes them again
     deferred: int = 0  # still arriving (incomplete, or changing while read): read again later
+    unreadable: int = 0  # could not be read (permissions, I/O): an incident says which; read again later
     unmoved: int = 0  # recorded, but the move out of the inbox failed (full, read-only): retried
     elsewhere: int = 0  # claimed by another worker: left to it (looked at again later in watch mode)
     retry: list[Path] = field(default_factory=list)  # the files to hand out again (watch mode)
@@ -97,6 +99,9 @@ class BatchOutcome:
         elif isinstance(outcome, Deferred):
             self.deferred += 1
             self.retry.append(outcome.path)
+        elif isinstance(outcome, Unreadable):
+            self.unreadable += 1
+            self.retry.append(outcome.path)
         elif isinstance(outcome, AdmittedPages):  # the pages that are not photos to grade are refused
             self.rejected += len(outcome.refused)
 
@@ -107,12 +112,12 @@ class BatchOutcome:
     @property
     def ok(self) -> bool:
         """Nothing failed: every file handled (or deferred while it arrives) and every report made."""
-        return not (self.failed or self.report_failures or self.unmoved)
+        return not (self.failed or self.report_failures or self.unmoved or self.unreadable)
 
     def summary(self) -> str:
         return (f"processed {self.processed}, duplicates {self.duplicates}, rejected {self.rejected}, failed {self.failed}, "
                 f"reports {self.reports}, report failures {self.report_failures}, deferred {self.deferred}, "
-                f"not yet moved {self.unmoved}, left to other workers {self.elsewhere}")
+                f"unreadable {self.unreadable}, not yet moved {self.unmoved}, left to other workers {self.elsewhere}")
 
 
 class Worker:

@@ -57,6 +57,7 @@ class Incident(StrEnum):
     ORPHAN_REPORT_REMOVED = "orphan_report_removed"  # a report PDF on disk that the database never recorded
     REPORT_FILE_MISSING = "report_file_missing"  # a recorded report whose PDF is gone; the visit is rendered again
     REPORT_FAILED = "report_failed"  # rendering failed; retried by the catch-up
+    FILE_UNREADABLE = "file_unreadable"  # an inbox file the worker may not or cannot read (permissions, I/O); retried
 
 
 class Rejection(Exception):

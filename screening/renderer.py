@@ -33,6 +33,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, Literal, Protocol, get_args
 
+from .logs import configure, exception_kind
 from .report import ReportContext, render_with_retries
 from .runtime import release_memory
 
@@ -66,7 +67,8 @@ class RenderResult:
     key: int
     version: int  # the report version this job was for: the one written when ``path`` is set
     path: Path | None  # the published report_v<version>.pdf, or None when rendering failed
-    error: str | None = None  # what went wrong, when path is None
+    error: str | None = None  # what went wrong, when path is None (for the database: it may name the patient)
+    kind: str | None = None  # the same without a message, for the log (screening.logs); None: ``error`` names nobody
 
 
 def render_job(job: RenderJob) -> RenderResult:
@@ -75,7 +77,7 @@ def render_job(job: RenderJob) -> RenderResult:
     try:
         path = render_with_retries(job.ctx, job.templates_dir, job.reports_dir, retries=job.retries, delay=job.retry_delay)
     except Exception as exc:  # noqa: BLE001 - reported back to the worker, which records it and retries later
-        return RenderResult(job.key, version, None, f"{type(exc).__name__}: {exc}")
+        return RenderResult(job.key, version, None, f"{type(exc).__name__}: {exc}", exception_kind(exc))
     return RenderResult(job.key, version, path)
 
 
@@ -297,8 +299,7 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     parent = os.getppid()
     set_priority(args.priority)
-    logging.basicConfig(level=logging.WARNING, stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s (renderer): %(message)s")
+    configure(logging.WARNING, "%(asctime)s %(levelname)s %(name)s (renderer): %(message)s", sys.stderr)
     results = os.fdopen(os.dup(sys.stdout.fileno()), "wb")
     os.dup2(sys.stderr.fileno(), sys.stdout.fileno())  # stray prints must not corrupt the result stream
     import weasyprint  # noqa: F401 - imported before the first job arrives

@@ -740,7 +740,7 @@ def render_pdf(ctx: ReportContext, templates_dir: Path | str, reports_dir: Path 
         raise ReportVersionTaken(taken) from None
     if version >= max(existing_versions(folder), default=0):
         atomic_write_bytes(folder / "latest.pdf", pdf)
-    log.debug("wrote report %s", final)
+    log.debug("wrote report version %d", version)  # not its path: the folder is the patient's id
     return final
 
 

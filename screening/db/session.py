@@ -101,8 +101,10 @@ def make_engine(url: str, *, busy_timeout_ms: int = DEFAULT_BUSY_TIMEOUT_MS, ech
     A server database (PostgreSQL, ``postgresql+psycopg://``) gets ``pool_pre_ping``: a long-running worker's
     pooled connection that the server or the network dropped (server restart, idle timeout) is replaced on
     checkout instead of failing the next photo's transaction. Other URLs are passed to :func:`create_engine`
-    unchanged.
+    unchanged. Every engine hides its statements' parameters from its error texts (``hide_parameters``): they
+    hold patient codes and inbox file names, and an error's text may reach a log (:mod:`screening.logs`).
     """
+    kwargs.setdefault("hide_parameters", True)
     if make_url(url).get_backend_name() != "sqlite":
         kwargs.setdefault("pool_pre_ping", True)
     engine = create_engine(url, echo=echo, **kwargs)

@@ -38,6 +38,7 @@ from .outcomes import (
     ReportWritten,
     Resumed,
     Stored,
+    Unreadable,
     Vanished,
 )
 from .report import ReportStage
@@ -46,5 +47,5 @@ from .store import StoreStage
 __all__ = [
     "Admitted", "AdmittedPages", "Deferred", "Duplicate", "Failed", "Filing", "GradeStage", "GradedBatch", "IntakeOutcome", "IntakeStage", "Job",
     "PendingReport", "Rejected", "ReportFailed", "ReportOutcome", "ReportStage", "ReportWritten", "Resumed", "Stored",
-    "StoreStage", "Vanished",
+    "StoreStage", "Unreadable", "Vanished",
 ]

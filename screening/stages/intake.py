@@ -62,9 +62,10 @@ from ..intake import (
     read_content,
     stray_rejection,
 )
+from ..logs import exception_kind
 from ..rejection import FailReason, Incident, Rejection, RejectReason
 from .filing import Filing
-from .outcomes import Admitted, Deferred, Duplicate, IntakeOutcome, Job, Rejected, Resumed, Vanished
+from .outcomes import Admitted, Deferred, Duplicate, IntakeOutcome, Job, Rejected, Resumed, Unreadable, Vanished
 from .pages import PageIntake
 
 log = logging.getLogger("screening")
@@ -147,6 +148,7 @@ class IntakeStage:
         # renews the claim first and raises ClaimLost if another worker took it over. None: one worker, no claims.
         self.claims = claims
         self.pages = PageIntake(self)
+        self._told_unreadable: set[tuple[str, int, int, int, int | None]] = set()  # files whose incident is recorded
 
     def hold(self, session: Session, path: Path) -> None:
         """Fence work this worker claimed (screening.claims): renewed, or ClaimLost if another worker took it over.
@@ -180,6 +182,8 @@ class IntakeStage:
             return Deferred(path, RejectReason.INCOMPLETE, "the file changed while it was read")
         except Rejection as rejection:  # another kind of entry took the name since it was listed
             return self._refuse_entry(path, rejection)
+        except OSError as exc:  # no permission to read it, an I/O error: told once, left in the inbox
+            return self._unreadable(path, st, exc)
         sha = content.sha256
         identity: Identity | None = None
         unidentified: Rejection | None = None
@@ -216,6 +220,23 @@ class IntakeStage:
             return self._deferred(path, content, rejection) or self._reject(path, sha, known, rejection)
         decoded = replace(decoded, whole=None)  # the whole photo was for the checks; jobs wait in memory without it
         return Admitted(self._admit(path, sha, known, identity, decoded, verdict))
+
+    def _unreadable(self, path: Path, st: os.stat_result, exc: OSError) -> Unreadable:
+        """An entry that cannot be read: a ``file_unreadable`` incident naming it and saying what to do, recorded
+        once per file, version and cause (it is tried again on every pass), and an :class:`Unreadable`."""
+        fix = ("give the worker's user permission to read it" if isinstance(exc, PermissionError)
+               else "check the disk the inbox is on, then copy the photo into the inbox again")
+        message = (f"'{path.name}' could not be read ({exc.strerror or type(exc).__name__}); it stays in the inbox "
+                   f"and is read again on every pass: {fix}")
+        key = (path.name, st.st_size, st.st_mtime_ns, st.st_mode, exc.errno)
+        if key not in self._told_unreadable:
+            transaction(self.factory, lambda session: repo.add_event(session, "intake", message,
+                                                                     code=Incident.FILE_UNREADABLE),
+                        what="recording an unreadable file")
+            self._told_unreadable.add(key)
+            log.warning("an inbox file cannot be read (%s); it stays there and is tried again (a file_unreadable "
+                        "event names it)", exception_kind(exc))
+        return Unreadable(path, message)
 
     def _deferred(self, path: Path, content: Content, rejection: Rejection) -> Deferred | None:
         """A file whose image data stops short and that changed within ``incomplete_grace`` seconds is left in the

@@ -90,7 +90,17 @@ class Deferred:
     message: str
 
 
-IntakeOutcome = Admitted | AdmittedPages | Deferred | Duplicate | Rejected | Resumed | Vanished
+@dataclass(frozen=True)
+class Unreadable:
+    """The file could not be read (no permission to, an I/O error): nothing of it is known, so nothing is recorded
+    of it but an incident (once per file and cause). It stays in the inbox and is read again later: fixing its
+    permissions is enough."""
+
+    path: Path
+    message: str
+
+
+IntakeOutcome = Admitted | AdmittedPages | Deferred | Duplicate | Rejected | Resumed | Unreadable | Vanished
 
 # ------------------------------------------------------------------------------------------------- grade
 

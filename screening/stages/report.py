@@ -240,7 +240,7 @@ class ReportStage:
             transaction(self.factory, lambda session: repo.add_event(
                 session, "report_failed", f"exam {pending.exam_id}: {error}", code=Incident.REPORT_FAILED),
                 what="recording a failed report")
-            log.error("report for exam %s failed, will retry: %s", pending.exam_id, error)
+            log.error("report for exam %s failed, will retry: %s", pending.exam_id, result.kind or error)
             return ReportFailed(pending.exam_id, pending.version, error)
         path = result.path
 

@@ -226,3 +226,18 @@ def test_a_killed_worker_leaves_no_traceback_from_its_renderer(tmp_path):
                          cwd=PROJECT, capture_output=True, text=True, timeout=120)
     assert run.returncode == -9
     assert "Traceback" not in run.stderr and "BrokenPipeError" not in run.stderr, run.stderr[-2000:]
+
+
+def test_a_failed_job_keeps_the_patient_for_the_database_and_gives_the_log_only_the_kinds(tmp_path, monkeypatch):
+    """The worker records ``error`` (it names the patient, like the rest of the database) and logs ``kind``."""
+    from screening import report as rpt
+    from screening.renderer import render_job
+
+    def full_disk(ctx, templates_dir, reports_dir):
+        raise OSError(28, "No space left on device", str(tmp_path / "reports" / ctx.patient_id / "report_v1.pdf"))
+
+    monkeypatch.setattr(rpt, "render_pdf", full_disk)
+    ctx = _ctx([], version=1)
+    result = render_job(RenderJob(3, ctx, TEMPLATES, tmp_path / "reports", retries=1, retry_delay=0))
+    assert result.path is None and ctx.patient_id in result.error
+    assert result.kind == "ReportError, from OSError [ENOSPC]"

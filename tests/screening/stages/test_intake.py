@@ -20,7 +20,7 @@ from screening.db.models import Drop, Event, Image
 from screening.imaging import decode, preprocess
 from screening.intake import sweep
 from screening.rejection import RejectReason
-from screening.stages import Admitted, Deferred, Duplicate, Filing, IntakeStage, Rejected, Vanished
+from screening.stages import Admitted, Deferred, Duplicate, Filing, IntakeStage, Rejected, Unreadable, Vanished
 from training.api import load_laterality_model
 from training.common import sha256_file
 
@@ -266,6 +266,35 @@ def test_an_incomplete_file_waits_while_it_may_still_arrive_then_is_refused(stag
     assert "incomplete or corrupt" in reason and "copy or export the photo again" in reason
     assert "wait" not in reason  # refused because it stopped changing: waiting longer would not help
     assert "What to do: as the reason says. This file stays here" in reason
+
+
+def test_a_file_the_worker_may_not_read_is_reported_once_and_stays_until_it_can(stage, settings, monkeypatch, caplog):
+    """Permissions are not the clinic's photo's fault, and fixing them is all it takes: nothing is refused or moved,
+    one incident names the file and says what to do, and the log gives only the kind of error (issue: a
+    PermissionError used to be retried forever, a traceback naming the file in every pass's log)."""
+    import errno
+
+    from screening.stages import intake as module
+
+    path = write_fundus(settings.inbox / "P10_R.jpg", seed=10)
+    real = module.read_content
+
+    def denied(p, max_bytes):  # the suite runs as root, whom chmod 000 does not stop
+        raise PermissionError(errno.EACCES, "Permission denied", str(p))
+
+    monkeypatch.setattr(module, "read_content", denied)
+    with caplog.at_level(logging.WARNING, logger="screening"):
+        outcomes = [stage.admit(path) for _ in range(3)]  # three passes of the worker
+    assert all(isinstance(o, Unreadable) for o in outcomes) and path.is_file()
+    assert "P10_R.jpg" in outcomes[0].message and "permission to read it" in outcomes[0].message
+    with session_scope(stage.factory) as s:
+        events = s.scalars(select(Event).where(Event.code == "file_unreadable")).all()
+        assert [e.message for e in events] == [outcomes[0].message]  # told once, not on every pass
+        assert s.scalars(select(Drop)).all() == []
+    assert "PermissionError [EACCES]" in caplog.text and "P10" not in caplog.text
+    assert list(settings.rejected.iterdir()) == []
+    monkeypatch.setattr(module, "read_content", real)  # permissions fixed
+    assert isinstance(stage.admit(path), Admitted)
 
 
 def test_limits_on_bytes_and_an_empty_file(stage, settings):
