@@ -626,6 +626,17 @@ def _environment(templates_dir: Path) -> Environment:
     return Environment(loader=FileSystemLoader(str(templates_dir)), autoescape=True, undefined=StrictUndefined)
 
 
+LOCAL_PROTOCOLS = ("file", "data")  # what a report may load: its pictures and stylesheet on this machine, inline data
+
+
+def local_fetcher() -> Any:
+    """A WeasyPrint URL fetcher that loads only :data:`LOCAL_PROTOCOLS`: a report never reaches the network, whatever
+    a template or a stored path holds (patient data stays local); anything else is refused (a missing picture)."""
+    from weasyprint.urls import URLFetcher
+
+    return URLFetcher(allowed_protocols=LOCAL_PROTOCOLS)
+
+
 @functools.lru_cache(maxsize=8)
 def _stylesheet(css_path: Path, stamp: tuple[int, int]) -> tuple[object, object]:
     """The report stylesheet parsed once (per file version, ``stamp`` = mtime and size) with its font configuration."""
@@ -633,7 +644,7 @@ def _stylesheet(css_path: Path, stamp: tuple[int, int]) -> tuple[object, object]
     from weasyprint.text.fonts import FontConfiguration
 
     fonts = FontConfiguration()
-    return CSS(filename=str(css_path), font_config=fonts), fonts
+    return CSS(filename=str(css_path), font_config=fonts, url_fetcher=local_fetcher()), fonts
 
 
 def render_html(ctx: ReportContext, templates_dir: Path | str, link_stylesheet: bool = True) -> str:
@@ -733,7 +744,8 @@ def render_pdf(ctx: ReportContext, templates_dir: Path | str, reports_dir: Path 
     if final.exists():
         raise ReportVersionTaken(taken)
     html = render_html(ctx, templates_dir, link_stylesheet=False)
-    pdf = HTML(string=html, base_url=str(templates_dir)).write_pdf(stylesheets=[css], font_config=fonts)
+    pdf = HTML(string=html, base_url=str(templates_dir), url_fetcher=local_fetcher()).write_pdf(stylesheets=[css],
+                                                                                              font_config=fonts)
     try:
         atomic_write_bytes(final, pdf, overwrite=False)
     except FileExistsError:
@@ -777,11 +789,12 @@ def render_with_retries(
 
 
 __all__ = [
-    "DEMO_WATERMARK", "EYE_NAMES", "EYE_RESULT_RULES", "LESION_AUPR_FLOOR", "LESION_COLOURS", "LESION_LABELS", "NO_GRADE_LEVELS",
+    "DEMO_WATERMARK", "EYE_NAMES", "EYE_RESULT_RULES", "LESION_AUPR_FLOOR", "LESION_COLOURS", "LESION_LABELS",
+    "LOCAL_PROTOCOLS", "NO_GRADE_LEVELS",
     "REFERRAL_LEVELS", "REFER_LEVELS", "RESEARCH_STATUS", "EyeFinding", "EyeResultRule", "EyeReview", "Referral",
     "ReferralLevel", "ReportContext", "ReportError", "ReportVersionTaken", "ReviewNote", "UngradableRule", "existing_versions",
     "eye_result",
     "grade_source", "model_metrics_for_report", "undetected_lesions", "with_undetected",
-    "referral_recommendation", "render_html", "render_pdf", "render_with_retries", "report_dir", "report_folder",
+    "local_fetcher", "referral_recommendation", "render_html", "render_pdf", "render_with_retries", "report_dir", "report_folder",
     "template_variables",
 ]

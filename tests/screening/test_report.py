@@ -225,6 +225,33 @@ def test_html_escapes_user_strings_and_uses_file_uris(tmp_path):
         assert "#{:02x}{:02x}{:02x}".format(*rgb) in html
 
 
+def test_a_report_loads_nothing_from_the_network(monkeypatch, tmp_path):
+    """Patient data stays local: the report's fetcher refuses any URL but file: and data:, so even a remote
+    picture or stylesheet in the HTML opens no connection (WeasyPrint catches fetch errors, hence the spy)."""
+    import socket
+
+    from weasyprint import HTML
+
+    attempts = []
+
+    def connect(*args, **kwargs):
+        attempts.append(args)
+        raise OSError("the test allows no connection")
+
+    monkeypatch.setattr(socket, "create_connection", connect)
+    with pytest.raises(ValueError, match="disallowed protocol"):
+        rpt.local_fetcher().fetch("http://203.0.113.7/x.png")
+    remote = ('<link rel="stylesheet" href="https://203.0.113.7/a.css"><p>x</p><img src="http://203.0.113.7/x.png">'
+              '<img src="ftp://203.0.113.7/y.png">')
+    assert HTML(string=remote, url_fetcher=rpt.local_fetcher()).write_pdf().startswith(b"%PDF")
+    assert attempts == []
+    made = []
+    real = rpt.local_fetcher
+    monkeypatch.setattr(rpt, "local_fetcher", lambda: made.append(1) or real())
+    render_pdf(_ctx([_eye("R", 2, 1, tmp_path / "img")]), TEMPLATES, tmp_path / "reports")
+    assert made and attempts == []  # render_pdf renders through it
+
+
 # ------------------------------------------------------------------------------------------ rendered PDFs
 
 
