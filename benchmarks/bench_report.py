@@ -111,7 +111,7 @@ def main() -> int:
     from weasyprint import HTML
 
     from screening.legend import LESION_COLOURS_RGB
-    from screening.report import LESION_LABELS, TEMPLATE_NAME, _environment, _stylesheet, template_variables
+    from screening.report import LESION_LABELS, TEMPLATE_NAME, _environment, _stylesheet, local_fetcher, template_variables
 
     info = machine_info()
     print_header("PDF report rendering (WeasyPrint), two-eye visit", info)
@@ -139,7 +139,8 @@ def main() -> int:
         for i in range(args.repeats + 1):  # the first round warms up (fonts, image decoders)
             for label, (html, folder, css, fonts) in jobs.items():
                 t0, c0 = time.perf_counter(), time.process_time()
-                doc = HTML(string=html, base_url=str(folder)).render(stylesheets=[css], font_config=fonts)
+                doc = HTML(string=html, base_url=str(folder), url_fetcher=local_fetcher()).render(stylesheets=[css],
+                                                                                                 font_config=fonts)
                 pdf = doc.write_pdf()
                 if i:
                     wall[label].append(time.perf_counter() - t0)

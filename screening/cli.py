@@ -118,8 +118,8 @@ def make_worker(settings: ScreeningSettings, config_path: Path, allow_demo: bool
 
 
 def cmd_run(args: argparse.Namespace, settings: ScreeningSettings) -> int:
-    """Exit 0 when everything was handled; 1 when a file failed, could not be moved, or a report failed (all of
-    them are retried by the next run); 2 for a configuration error; 3 when the worker had to stop (the database
+    """Exit 0 when everything was handled; 1 when a file failed, could not be read or moved, or a report failed
+    (all of them are retried by the next run); 2 for a configuration error; 3 when the worker had to stop (the database
     file was deleted or replaced). Other workers may run on the same inbox and database at the same time
     (screening/claims.py); a file one of them holds is left to it."""
     check_database_url(settings.database)

@@ -220,8 +220,9 @@ def _read_sidecar(sidecar: Path) -> dict[str, object]:
         data = json.loads(sidecar.read_text(encoding="utf-8-sig"))
     except FileNotFoundError:
         return {}
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise _unidentified(f"sidecar {sidecar.name} could not be read as JSON: {exc}") from None
+    # any other OSError (no permission, an I/O error) propagates: the photo then waits in the inbox, it is not refused
     if not isinstance(data, dict):
         raise _unidentified(f"sidecar {sidecar.name} must hold a JSON object with patient_id, eye, exam_date")
     return data
@@ -542,8 +543,9 @@ def read_content(path: Path, max_bytes: int) -> Content:
     """Read the regular file ``path`` whole, without following a link, and hash exactly what was read.
 
     Raises :class:`StillChanging` when its size or modification time moved during the read,
-    FileNotFoundError when it is gone, and a :class:`Rejection` (``not_a_file``) when a link or another
-    kind of entry took its name since it was listed."""
+    FileNotFoundError when it is gone, a :class:`Rejection` (``not_a_file``) when a link or another
+    kind of entry took its name since it was listed, and any other OSError (no permission, an I/O error) as it
+    is: the caller leaves such a file in the inbox."""
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
     except OSError as exc:

@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import errno
 import logging
+import sys
+import threading
 import traceback
 from types import TracebackType
 from typing import TextIO
@@ -70,7 +72,8 @@ class PrivateFormatter(logging.Formatter):
                 current = None
         parts: list[str] = []
         for item, link in reversed(chain):  # the first cause first, as Python prints it
-            lines = ["Traceback (most recent call last):\n", *traceback.format_tb(item.__traceback__)]
+            frames = traceback.format_tb(item.__traceback__)
+            lines = ["Traceback (most recent call last):\n", *frames] if frames else []
             parts.append("".join(lines) + f"{_kind(item)} (message withheld: it may name a patient)\n")
             if link:
                 parts.append(link)
@@ -79,10 +82,31 @@ class PrivateFormatter(logging.Formatter):
 
 def configure(level: int, fmt: str = FORMAT, stream: TextIO | None = None) -> None:
     """The root logger of this process, as :func:`logging.basicConfig` sets it up (nothing when it has handlers
-    already): ``level``, one handler to ``stream`` (stderr) with a :class:`PrivateFormatter` of ``fmt``."""
+    already): ``level``, one handler to ``stream`` (stderr) with a :class:`PrivateFormatter` of ``fmt``. An error
+    that nothing handled, in the main thread or another, is logged through it too instead of Python printing its
+    message (:func:`log_uncaught`)."""
     handler = logging.StreamHandler(stream)
     handler.setFormatter(PrivateFormatter(fmt))
     logging.basicConfig(level=level, handlers=[handler])
+    if handler in logging.getLogger().handlers:  # this process's own set-up, not a host's (pytest's, an embedder's)
+        sys.excepthook = log_uncaught
+        threading.excepthook = _log_uncaught_in_thread
 
 
-__all__ = ["FORMAT", "PrivateFormatter", "configure", "exception_kind"]
+def log_uncaught(kind: type[BaseException], exc: BaseException, tb: TracebackType | None) -> None:
+    """``sys.excepthook``: the error through the log (its kind and frames), not Python's full print-out."""
+    if issubclass(kind, KeyboardInterrupt):
+        sys.__excepthook__(kind, exc, tb)
+        return
+    logging.getLogger("screening").critical("stopped by an error that no step handled", exc_info=(kind, exc, tb))
+
+
+def _log_uncaught_in_thread(args: threading.ExceptHookArgs) -> None:
+    if args.exc_type is SystemExit or args.exc_value is None:
+        return
+    name = args.thread.name if args.thread is not None else "?"
+    logging.getLogger("screening").error("thread %s stopped by an error that no step handled", name,
+                                         exc_info=(args.exc_type, args.exc_value, args.exc_traceback))
+
+
+__all__ = ["FORMAT", "PrivateFormatter", "configure", "exception_kind", "log_uncaught"]

@@ -117,7 +117,7 @@ class BatchOutcome:
     def summary(self) -> str:
         return (f"processed {self.processed}, duplicates {self.duplicates}, rejected {self.rejected}, failed {self.failed}, "
                 f"reports {self.reports}, report failures {self.report_failures}, deferred {self.deferred}, "
-                f"unreadable {self.unreadable}, not yet moved {self.unmoved}, left to other workers {self.elsewhere}")
+                f"could not be read (permissions, I/O) {self.unreadable}, not yet moved {self.unmoved}, left to other workers {self.elsewhere}")
 
 
 class Worker:

@@ -64,8 +64,9 @@ _RESERVED = re.compile(r"(?i)(CON|PRN|AUX|NUL|COM[0-9]|LPT[0-9])")
 
 
 def is_safe_id(value: object) -> bool:
-    """True for 1-64 letters, digits, ``_`` or ``-``: an id that can be a folder name as it is (no
-    separators, no ``..``, nothing a shell or a URL would read differently)."""
+    """True for 1-64 letters, digits, ``_`` or ``-``: a valid id, with no separators, no ``..``, nothing a shell
+    or a URL would read differently. Its folder name is :func:`safe_id`'s (itself, but for names Windows
+    reserves)."""
     return isinstance(value, str) and _SAFE_ID.fullmatch(value) is not None
 
 

@@ -225,6 +225,11 @@ def unfiled_drops(session: Session, *, sha256: str | None = None, source_name: s
     return list(session.scalars(stmt.order_by(Drop.id)))
 
 
+def has_event(session: Session, code: str, message: str) -> bool:
+    """Whether the event log holds an event with this ``code`` and ``message`` (an incident told once)."""
+    return session.scalar(select(Event.id).where(Event.code == code, Event.message == message).limit(1)) is not None
+
+
 def add_event(
     session: Session,
     kind: str,
@@ -527,6 +532,7 @@ __all__ = [
     "get_image_by_sha",
     "get_or_create_exam",
     "get_or_create_patient",
+    "has_event",
     "images_in_state",
     "next_report_version",
     "record_checks",

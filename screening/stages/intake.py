@@ -6,7 +6,9 @@ Per entry, in this order:
 1. anything but a regular file with an ordinary name (a link, a folder, a pipe; a hidden or temporary name
    left behind) is refused with its reason, never opened or followed;
 2. the file is read once, whole (:func:`screening.intake.read_content`), and the SHA-256 of exactly those
-   bytes is its identity; the same bytes are decoded in step 6;
+   bytes is its identity; the same bytes are decoded in step 6. A file (or its sidecar) the worker may not or
+   cannot read (permissions, an I/O error) is :class:`Unreadable`: a ``file_unreadable`` incident names it once,
+   and it stays in the inbox, read again on every pass;
 3. a move interrupted by a crash (a committed record whose file is still here) is finished: :class:`Resumed`;
    so is an image whose result is stored but whose state says otherwise (repaired first);
 4. content already graded, or being graded from another file still in the inbox: a :class:`Duplicate`,
@@ -191,6 +193,8 @@ class IntakeStage:
             identity = parse_identity(path, self.settings.filename_patterns, self.today())
         except Rejection as rejection:
             unidentified = rejection
+        except OSError as exc:  # its sidecar cannot be read: as for the photo, told once and left in the inbox
+            return self._unreadable(path, st, exc)
         if content.data is not None and several_pictures(content.data, self.limits):  # graded page by page
             return self.pages.admit(path, content, identity, unidentified)
 
@@ -222,20 +226,28 @@ class IntakeStage:
         return Admitted(self._admit(path, sha, known, identity, decoded, verdict))
 
     def _unreadable(self, path: Path, st: os.stat_result, exc: OSError) -> Unreadable:
-        """An entry that cannot be read: a ``file_unreadable`` incident naming it and saying what to do, recorded
-        once per file, version and cause (it is tried again on every pass), and an :class:`Unreadable`."""
+        """An entry that cannot be read (the photo, or its sidecar: ``exc.filename`` says which): an
+        :class:`Unreadable`, and a ``file_unreadable`` incident naming the file and saying what to do. The
+        incident is recorded once per file name and cause, whichever worker or run meets it first (the file is
+        tried again on every pass; ``run --once`` from cron is a new process each time)."""
+        name = Path(exc.filename).name if isinstance(exc.filename, str) and exc.filename else path.name
         fix = ("give the worker's user permission to read it" if isinstance(exc, PermissionError)
                else "check the disk the inbox is on, then copy the photo into the inbox again")
-        message = (f"'{path.name}' could not be read ({exc.strerror or type(exc).__name__}); it stays in the inbox "
+        message = (f"'{name}' could not be read ({exc.strerror or type(exc).__name__}); it stays in the inbox "
                    f"and is read again on every pass: {fix}")
         key = (path.name, st.st_size, st.st_mtime_ns, st.st_mode, exc.errno)
-        if key not in self._told_unreadable:
-            transaction(self.factory, lambda session: repo.add_event(session, "intake", message,
-                                                                     code=Incident.FILE_UNREADABLE),
-                        what="recording an unreadable file")
+        if key not in self._told_unreadable:  # a database look-up once per pass is avoided, not needed
+
+            def record(session: Session) -> bool:
+                if repo.has_event(session, Incident.FILE_UNREADABLE, message):
+                    return False
+                repo.add_event(session, "intake", message, code=Incident.FILE_UNREADABLE)
+                return True
+
+            if transaction(self.factory, record, what="recording an unreadable file"):
+                log.warning("an inbox file cannot be read (%s); it stays there and is tried again (a file_unreadable "
+                            "event names it)", exception_kind(exc))
             self._told_unreadable.add(key)
-            log.warning("an inbox file cannot be read (%s); it stays there and is tried again (a file_unreadable "
-                        "event names it)", exception_kind(exc))
         return Unreadable(path, message)
 
     def _deferred(self, path: Path, content: Content, rejection: Rejection) -> Deferred | None:

@@ -182,6 +182,28 @@ def test_once_exits_non_zero_when_a_report_failed(tmp_path, tiny_checkpoint, cap
     assert "processed 1" in out and "report failures 1" in out
 
 
+def test_once_exits_non_zero_while_a_file_cannot_be_read_and_logs_privately(tmp_path, tiny_checkpoint, capsys,
+                                                                              monkeypatch):
+    """A file the worker may not read is neither graded nor refused: cron must notice (exit 1) until it can; and
+    dr-screen sets up its log through screening.logs (no exception's message in it)."""
+    import errno
+
+    from screening.stages import intake
+
+    def denied(path, max_bytes):  # the suite runs as root, whom chmod 000 does not stop
+        raise PermissionError(errno.EACCES, "Permission denied", str(path))
+
+    configured = []
+    real_configure = cli.configure
+    monkeypatch.setattr(cli, "configure", lambda *a, **k: configured.append(a) or real_configure(*a, **k))
+    monkeypatch.setattr(intake, "read_content", denied)
+    cfg = _config(tmp_path, tiny_checkpoint)
+    photo = write_fundus(tmp_path / "inbox" / "P1_R.jpg", seed=1)
+    assert cli.main(["--config", str(cfg), "run", "--once"]) == 1
+    assert "could not be read (permissions, I/O) 1" in capsys.readouterr().out and photo.is_file()
+    assert configured
+
+
 def test_once_rejects_an_empty_file_left_long_ago(tmp_path, tiny_checkpoint, capsys):
     """With stable_seconds = 2 an empty file needed 20 s of watching, and --once waits 10 s: never rejected."""
     import os

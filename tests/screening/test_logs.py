@@ -96,3 +96,15 @@ def test_dr_screen_processes_log_through_the_private_formatter(tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert "could not read an inbox file" in proc.stderr and "FileNotFoundError [ENOENT]" in proc.stderr
     assert "SR010" not in proc.stderr
+
+
+def test_an_error_nothing_handled_is_logged_without_its_message(tmp_path):
+    """sys.excepthook: Python would print the uncaught error's message (a reports path names the patient)."""
+    code = ("import logging, threading; from screening.logs import configure; configure(logging.INFO)\n"
+            "t = threading.Thread(target=open, args=(%r,), name='reconcile'); t.start(); t.join()\n"
+            "open(%r, 'rb')\n" % (str(tmp_path / "reports" / "SR010" / "a.pdf"), str(tmp_path / NAME)))
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
+                          cwd=Path(__file__).resolve().parents[2])
+    assert proc.returncode == 1  # still an error exit
+    assert "stopped by an error that no step handled" in proc.stderr and "thread reconcile stopped" in proc.stderr
+    assert proc.stderr.count("FileNotFoundError [ENOENT]") == 2 and "SR010" not in proc.stderr

@@ -293,8 +293,38 @@ def test_a_file_the_worker_may_not_read_is_reported_once_and_stays_until_it_can(
         assert s.scalars(select(Drop)).all() == []
     assert "PermissionError [EACCES]" in caplog.text and "P10" not in caplog.text
     assert list(settings.rejected.iterdir()) == []
+    again = make_stage(settings)  # another worker, or the next `run --once`: the incident is not told twice
+    assert isinstance(again.admit(path), Unreadable)
+    with session_scope(stage.factory) as s:
+        assert len(s.scalars(select(Event).where(Event.code == "file_unreadable")).all()) == 1
     monkeypatch.setattr(module, "read_content", real)  # permissions fixed
     assert isinstance(stage.admit(path), Admitted)
+
+
+def test_a_sidecar_the_worker_may_not_read_keeps_its_photo_waiting_not_refused(stage, settings, monkeypatch):
+    """The sidecar holds the photo's identity: unreadable, it is as if the photo were, not a refusal for good."""
+    import errno
+    import json
+
+    path = write_fundus(settings.inbox / "photo10.jpg", seed=10)
+    sidecar = settings.inbox / "photo10.json"
+    sidecar.write_text(json.dumps({"patient_id": "P10", "eye": "R", "exam_date": "2024-05-17"}))
+    real = Path.read_text
+
+    def read_text(self, *args, **kwargs):
+        if self == sidecar:
+            raise PermissionError(errno.EACCES, "Permission denied", str(self))
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "read_text", read_text)
+    outcome = stage.admit(path)
+    assert isinstance(outcome, Unreadable) and "'photo10.json' could not be read" in outcome.message
+    assert path.is_file() and sidecar.is_file() and list(settings.rejected.iterdir()) == []
+    monkeypatch.setattr(Path, "read_text", real)
+    admitted = stage.admit(path)
+    assert isinstance(admitted, Admitted)
+    with session_scope(stage.factory) as s:
+        assert s.get(Image, admitted.job.image_id).exam.patient.code == "P10"  # from the sidecar, now readable
 
 
 def test_limits_on_bytes_and_an_empty_file(stage, settings):

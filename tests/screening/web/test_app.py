@@ -236,6 +236,17 @@ def test_a_tab_in_next_does_not_make_an_open_redirect(worked):
     assert resp.status_code == 302 and resp.headers["Location"] == "/queue"
 
 
+def test_login_returns_to_the_visit_that_asked_for_it(worked):
+    client = _app(worked, require_login=True, loopback=False).test_client()
+    _add_user(worked)
+    visit = f"/visits/{worked.exams['P1']}"
+    asked = client.get(visit).headers["Location"]  # the login page, with next= as the app builds it
+    page = client.get(asked)
+    token = re.search(r'name="csrf_token" value="([^"]+)"', page.get_data(as_text=True)).group(1)
+    resp = client.post(asked, data={"csrf_token": token, "username": "grey", "password": PASSWORD})
+    assert resp.status_code == 302 and resp.headers["Location"] == visit
+
+
 def test_password_guessing_is_slowed_down(worked):
     client = _app(worked, require_login=True, loopback=False).test_client()
     _add_user(worked)
