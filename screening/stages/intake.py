@@ -150,7 +150,7 @@ class IntakeStage:
         # renews the claim first and raises ClaimLost if another worker took it over. None: one worker, no claims.
         self.claims = claims
         self.pages = PageIntake(self)
-        self._told_unreadable: set[tuple[str, int, int, int, int | None]] = set()  # files whose incident is recorded
+        self._told_unreadable: set[str] = set()  # file_unreadable messages known to be recorded (skips the look-up)
 
     def hold(self, session: Session, path: Path) -> None:
         """Fence work this worker claimed (screening.claims): renewed, or ClaimLost if another worker took it over.
@@ -185,7 +185,7 @@ class IntakeStage:
         except Rejection as rejection:  # another kind of entry took the name since it was listed
             return self._refuse_entry(path, rejection)
         except OSError as exc:  # no permission to read it, an I/O error: told once, left in the inbox
-            return self._unreadable(path, st, exc)
+            return self._unreadable(path, exc)
         sha = content.sha256
         identity: Identity | None = None
         unidentified: Rejection | None = None
@@ -194,7 +194,7 @@ class IntakeStage:
         except Rejection as rejection:
             unidentified = rejection
         except OSError as exc:  # its sidecar cannot be read: as for the photo, told once and left in the inbox
-            return self._unreadable(path, st, exc)
+            return self._unreadable(path, exc)
         if content.data is not None and several_pictures(content.data, self.limits):  # graded page by page
             return self.pages.admit(path, content, identity, unidentified)
 
@@ -225,7 +225,7 @@ class IntakeStage:
         decoded = replace(decoded, whole=None)  # the whole photo was for the checks; jobs wait in memory without it
         return Admitted(self._admit(path, sha, known, identity, decoded, verdict))
 
-    def _unreadable(self, path: Path, st: os.stat_result, exc: OSError) -> Unreadable:
+    def _unreadable(self, path: Path, exc: OSError) -> Unreadable:
         """An entry that cannot be read (the photo, or its sidecar: ``exc.filename`` says which): an
         :class:`Unreadable`, and a ``file_unreadable`` incident naming the file and saying what to do. The
         incident is recorded once per file name and cause, whichever worker or run meets it first (the file is
@@ -235,8 +235,7 @@ class IntakeStage:
                else "check the disk the inbox is on, then copy the photo into the inbox again")
         message = (f"'{name}' could not be read ({exc.strerror or type(exc).__name__}); it stays in the inbox "
                    f"and is read again on every pass: {fix}")
-        key = (path.name, st.st_size, st.st_mtime_ns, st.st_mode, exc.errno)
-        if key not in self._told_unreadable:  # a database look-up once per pass is avoided, not needed
+        if message not in self._told_unreadable:  # the database is asked once per message, not on every pass
 
             def record(session: Session) -> bool:
                 if repo.has_event(session, Incident.FILE_UNREADABLE, message):
@@ -247,7 +246,7 @@ class IntakeStage:
             if transaction(self.factory, record, what="recording an unreadable file"):
                 log.warning("an inbox file cannot be read (%s); it stays there and is tried again (a file_unreadable "
                             "event names it)", exception_kind(exc))
-            self._told_unreadable.add(key)
+            self._told_unreadable.add(message)
         return Unreadable(path, message)
 
     def _deferred(self, path: Path, content: Content, rejection: Rejection) -> Deferred | None:
