@@ -280,6 +280,22 @@ def read_dicom(source: str | os.PathLike[str] | bytes, *, name: str | None = Non
                       eye_tag=eye_tag)
 
 
+def named_identity(path: str | os.PathLike[str], patterns: tuple[str, ...]) -> Identity | None:
+    """What a DICOM file's name or sidecar states about it, or None when they state nothing: a name no pattern
+    reads, or a bare one (``IM000001``, ``IM0001.dcm``, as PACS exports name files) that a pattern reads as a
+    patient id alone, with no eye, no date and no sidecar. Such a name says nothing about whose photo it is; the
+    tags do (:func:`dicom_identity`), and so the intake compares a repeat of a DICOM file by this, not by the name
+    alone."""
+    p = Path(path)
+    try:
+        named = parse_identity(p, patterns)
+    except Rejection:  # the name of a PACS export rarely says anything; the tags must then
+        return None
+    if named.eye is None and named.exam_date is None and sidecar_for(p) is None:
+        return None
+    return named
+
+
 def dicom_identity(photo: DicomPhoto, path: str | os.PathLike[str], patterns: tuple[str, ...]) -> Identity:
     """Patient, eye, date and camera of a DICOM photo: the tags, with the file name or sidecar
     (:func:`~screening.intake.parse_identity`) filling in what the tags leave out. Where both state a value and
@@ -287,12 +303,7 @@ def dicom_identity(photo: DicomPhoto, path: str | os.PathLike[str], patterns: tu
     neither states is left None: the intake checks (:mod:`screening.checks`) read it from the photo when that is
     clear, and refuse the file otherwise."""
     p = Path(path)
-    try:
-        named: Identity | None = parse_identity(p, patterns)
-    except Rejection:  # the name of a PACS export rarely says anything; the tags must then
-        named = None
-    if named is not None and named.eye is None and named.exam_date is None and sidecar_for(p) is None:
-        named = None  # a bare name (IM0001.dcm, as PACS exports name files) says nothing about whose photo it is
+    named = named_identity(p, patterns)
     if named is not None and named.patient_id != photo.patient_id:
         raise _refuse(RejectReason.IDENTITY, p.name,
                       "the patient id in the file name or sidecar differs from the Patient ID (0010,0020); correct one of them")
@@ -315,5 +326,5 @@ def dicom_identity(photo: DicomPhoto, path: str | os.PathLike[str], patterns: tu
 
 __all__ = [
     "DICOM_SUFFIXES", "MULTIFRAME_TRUE_COLOR_SC", "OPHTHALMIC_PHOTOGRAPHY", "SECONDARY_CAPTURE", "SOP_CLASSES", "DicomPhoto",
-    "dicom_identity", "is_dicom", "read_dicom",
+    "dicom_identity", "is_dicom", "named_identity", "read_dicom",
 ]

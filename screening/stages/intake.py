@@ -12,7 +12,8 @@ Per entry, in this order:
 3. a move interrupted by a crash (a committed record whose file is still here) is finished: :class:`Resumed`;
    so is an image whose result is stored but whose state says otherwise (repaired first);
 4. content already graded, or being graded from another file still in the inbox: a :class:`Duplicate`,
-   unless the name says another patient or the other eye: then an ``identity_conflict`` refusal for staff;
+   unless the name says another patient or the other eye: then an ``identity_conflict`` refusal for staff (a DICOM
+   file's bare name, ``IM000101``, says nothing: :func:`~screening.dicom.named_identity`);
 5. the checks, each raising :class:`~screening.rejection.Rejection`: size limit; a DICOM file (by content,
    :mod:`screening.dicom`) gives its patient / eye / date / camera from its tags and its picture from its pixel
    data; any other file needs a supported suffix, patient / eye / date from the name or sidecar and a complete,
@@ -52,7 +53,7 @@ from ..config import ScreeningSettings
 from ..db import repository as repo
 from ..db.models import ClaimKind, DropOutcome, Image, ImageState
 from ..db.session import transaction
-from ..dicom import DICOM_SUFFIXES, dicom_identity, is_dicom, read_dicom
+from ..dicom import DICOM_SUFFIXES, dicom_identity, is_dicom, named_identity, read_dicom
 from ..imaging import DecodedImage, DecodeLimits, decode_bytes, preprocess, several_pictures
 from ..intake import (
     Content,
@@ -190,7 +191,10 @@ class IntakeStage:
         identity: Identity | None = None
         unidentified: Rejection | None = None
         try:
-            identity = parse_identity(path, self.settings.filename_patterns, self.today())
+            if content.data is not None and is_dicom(content.data):  # whose photo it is comes from its tags
+                identity = named_identity(path, self.settings.filename_patterns)
+            else:
+                identity = parse_identity(path, self.settings.filename_patterns, self.today())
         except Rejection as rejection:
             unidentified = rejection
         except OSError as exc:  # its sidecar cannot be read: as for the photo, told once and left in the inbox

@@ -410,6 +410,29 @@ def test_a_dicom_export_without_a_name_is_admitted_from_its_tags(stage, settings
     _no_identifier_anywhere(caplog, capfd, outcome)
 
 
+def test_a_dicom_export_sent_again_under_another_bare_name_is_a_duplicate(stage, settings, caplog, capfd):
+    """A PACS pushes a study again as IM000101: the same bytes, so the same tags. Its bare name says nothing about
+    whose photo it is (as for the first copy), so it is a duplicate, not a conflict with a patient 'IM000101' (it
+    was, found in a clinic-style check). A name or sidecar that does state another patient still conflicts."""
+    caplog.set_level(logging.DEBUG)
+    first = write_dicom(settings.inbox / "IM000001", jpeg=jpeg_bytes(synthetic_fundus(6)), patient_id=SECRET,
+                        image_laterality="L", acquisition="20250301101500")
+    data = first.read_bytes()
+    image_id = _graded(stage, first)
+    outcomes = []
+    for name, kind in (("IM000101", Duplicate), ("1.2.826.0.1.3680043.2.1125.1.dcm", Duplicate),
+                       ("Other7_L_20250301.dcm", Rejected)):
+        (settings.inbox / name).write_bytes(data)
+        outcome = stage.admit(settings.inbox / name)
+        assert isinstance(outcome, kind), (name, outcome)
+        if kind is Duplicate:
+            assert outcome.image_id == image_id and outcome.filed_as.parent.name == "duplicates"
+        else:
+            assert outcome.code == RejectReason.IDENTITY_CONFLICT and "another patient" in outcome.message
+        outcomes.append(outcome)
+    _no_identifier_anywhere(caplog, capfd, *outcomes)
+
+
 def test_a_dicom_without_laterality_takes_the_eye_the_photo_clearly_shows(settings, intake_models, caplog, capfd):
     stage = make_stage(settings, laterality_model=intake_models["sure_eye"])
     rgb = synthetic_fundus(7)
