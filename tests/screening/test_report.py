@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import html
 import re
 import shutil
 import subprocess
@@ -213,6 +214,27 @@ def test_patient_id_is_sanitised_and_cannot_escape(tmp_path):
     for bad in ("", "   "):
         with pytest.raises(ValueError):
             rpt.report_folder(tmp_path / "reports", bad, EXAM)
+
+
+@pytest.mark.skipif(not HAS_POPPLER, reason="poppler-utils (pdftotext) not installed")
+@pytest.mark.parametrize("patient_id", [
+    "HOSPITAL000012345678901234567890ABCDEFGHIJKLMNOPQRSTUVWXYZ012345",  # 64 characters, the longest a name allows
+    "HOSP-0000123456789-ABCDEFGHIJKLMNOPQRSTUVWXYZ-0123456789-XYZ12",  # a DICOM Patient ID (LO: up to 64)
+])
+def test_a_long_patient_id_is_wrapped_in_the_header_never_cut(patient_id, tmp_path):
+    """The header's Patient ID cell is 42 mm wide: an unbroken id of more than about 24 characters ran off the page,
+    so the header showed a plausible but wrong id (found in a clinic-style check). Every character stays on the
+    page, in order."""
+    pdf = render_pdf(_ctx([_eye("R", 1, 0)], patient_id=patient_id), TEMPLATES, tmp_path / "out")
+    page = subprocess.run(["pdftotext", "-bbox", "-f", "1", "-l", "1", str(pdf), "-"], check=True,
+                          capture_output=True, text=True).stdout
+    width = float(re.search(r'<page width="([0-9.]+)"', page).group(1))
+    words = [(float(x0), float(y0), float(x1), html.unescape(w)) for x0, y0, x1, w in re.findall(
+        r'<word xMin="([0-9.]+)" yMin="([0-9.]+)" xMax="([0-9.]+)" yMax="[0-9.]+">([^<]*)</word>', page)]
+    assert max(x1 for _, _, x1, _ in words) <= width - 10  # nothing beyond the right margin
+    start = next(i for i, w in enumerate(words) if w[3] == "ID")  # "Patient ID", then its value's pieces
+    pieces = "".join(w[3] for w in words[start + 1:start + 8])
+    assert pieces.startswith(patient_id), pieces
 
 
 def test_html_escapes_user_strings_and_uses_file_uris(tmp_path):
