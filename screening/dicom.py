@@ -10,7 +10,8 @@ What the tags give (:class:`DicomPhoto`): the patient id (0010,0020), the eye (I
 else Laterality (0020,0060)), the date (Acquisition DateTime (0008,002A), else Study Date (0008,0020)) and the
 camera (Manufacturer (0008,0070) and Manufacturer's Model Name (0008,1090)). :func:`dicom_identity` merges
 them with what the file name or a sidecar says: the tags win where the name is silent, a disagreement is
-refused (a photo filed under the wrong patient or eye is worse than one sent back).
+refused (a photo filed under the wrong patient or eye is worse than one sent back). A file whose tags, name and
+sidecar give no exam date is refused too: the day it arrived would file it under a visit it may not belong to.
 
 The worker hands :func:`read_dicom` the bytes it hashed (read once, :func:`screening.intake.read_content`), so
 the tags and picture recorded are those of the hashed content. ``max_pixels`` is checked on Rows x Columns before
@@ -199,6 +200,16 @@ def _too_large(name: str, width: int, height: int, limits: DecodeLimits) -> Reje
                    f"limit of {limits.max_pixels / 1e6:g} megapixels ([screening] max_pixels); export it at a smaller size")
 
 
+_EXPORT_AS = "export it uncompressed, JPEG-compressed (baseline, extended or lossless) or RLE-compressed"
+
+
+def _syntax(uid: UID) -> str:
+    """A transfer syntax as a reason names it: the UID, and its name where pydicom knows one (for an unknown UID
+    ``UID.name`` is the UID again)."""
+    known = str(getattr(uid, "name", "") or "")
+    return f"{uid} ({known})" if known and known != str(uid) else f"{uid} (not a known transfer syntax)"
+
+
 def _pixels(ds: Dataset, name: str, limits: DecodeLimits) -> np.ndarray:
     """The photo as (rows, columns, 3) uint8 RGB; raises a :class:`Rejection` saying what is unsupported. The size
     the header declares is checked against ``limits`` before any pixel is decoded (a 30000 x 30000 claim costs
@@ -211,12 +222,11 @@ def _pixels(ds: Dataset, name: str, limits: DecodeLimits) -> np.ndarray:
     try:
         decoder = get_decoder(syntax)
     except NotImplementedError:
-        syntax_name = getattr(syntax, "name", "") or "unknown"
         raise _refuse(RejectReason.UNSUPPORTED_TYPE, name,
-                      f"transfer syntax {syntax} ({syntax_name}) is not supported; export uncompressed or JPEG baseline") from None
+                      f"its Transfer Syntax UID (0002,0010), {_syntax(syntax)}, is not supported; {_EXPORT_AS}") from None
     if not decoder.is_available:
         raise _refuse(RejectReason.UNSUPPORTED_TYPE, name,
-                      f"no decoder is installed for transfer syntax {syntax} ({syntax.name}); export uncompressed or JPEG baseline")
+                      f"no decoder is installed for its Transfer Syntax UID (0002,0010), {_syntax(syntax)}; {_EXPORT_AS}")
     frames = int(ds.get("NumberOfFrames", 1) or 1)
     if frames != 1:
         raise _refuse(RejectReason.UNSUPPORTED_TYPE, name, f"{frames} frames in one file; export each photo as its own file")
@@ -321,6 +331,11 @@ def dicom_identity(photo: DicomPhoto, path: str | os.PathLike[str], patterns: tu
         raise _refuse(RejectReason.IDENTITY, p.name,
                       "the date in the file name or sidecar differs from the DICOM acquisition or study date; correct one of them")
     exam_date = exam_date or (named.exam_date if named is not None else None)
+    if exam_date is None:  # the drop day would file it under a visit it may not belong to (a late PACS export)
+        raise _refuse(RejectReason.IDENTITY, p.name,
+                      "no exam date: neither Acquisition DateTime (0008,002A) nor Study Date (0008,0020) is present, and "
+                      "the file name or sidecar gives none; export it with its study date, or add a sidecar "
+                      '(IM000001.json beside IM000001) with {"exam_date": "YYYY-MM-DD"}')
     return Identity(patient_id=photo.patient_id, eye=eye, exam_date=exam_date, device=photo.device, eye_from=eye_from)
 
 

@@ -88,7 +88,7 @@ SECRET = "SECRET-ID-4711"
     (dict(patient_id="A\\B"), RejectReason.IDENTITY, "several values"),
     (dict(no_pixels=True), RejectReason.UNREADABLE, "no pixel data (7FE0,0010)"),
     (dict(sop_class="1.2.840.10008.5.1.4.1.1.2"), RejectReason.UNSUPPORTED_TYPE, "CT Image Storage"),
-    (dict(syntax="1.2.3.4.5.6.7.8.9.10"), RejectReason.UNSUPPORTED_TYPE, "transfer syntax 1.2.3.4.5.6.7.8.9.10"),
+    (dict(syntax="1.2.3.4.5.6.7.8.9.10"), RejectReason.UNSUPPORTED_TYPE, "Transfer Syntax UID (0002,0010), 1.2.3.4.5.6.7.8.9.10 (not a"),
     (dict(image_laterality="X"), RejectReason.IDENTITY, "ImageLaterality (0020,0062)"),
     (dict(acquisition=None, study_date=SECRET), RejectReason.IDENTITY, "valid date"),
     (dict(monochrome=True), RejectReason.NOT_FUNDUS, "monochrome (red-free) photo (Photometric Interpretation (0028,0004) MONOCHROME2)"),

@@ -450,10 +450,12 @@ def test_a_dicom_without_laterality_takes_the_eye_the_photo_clearly_shows(settin
 @pytest.mark.parametrize("kw, code, fragment", [
     (dict(patient_id=None), RejectReason.IDENTITY, "no Patient ID (0010,0020)"),
     (dict(no_pixels=True), RejectReason.UNREADABLE, "no pixel data"),
-    (dict(syntax="1.2.3.4.5.6.7.8.9.10"), RejectReason.UNSUPPORTED_TYPE, "transfer syntax"),
+    (dict(syntax="1.2.3.4.5.6.7.8.9.10"), RejectReason.UNSUPPORTED_TYPE,
+     "Transfer Syntax UID (0002,0010), 1.2.3.4.5.6.7.8.9.10 (not a known transfer syntax), is not supported"),
     (dict(sop_class="1.2.840.10008.5.1.4.1.1.2"), RejectReason.UNSUPPORTED_TYPE, "SOP class"),
     (dict(image_laterality=None), RejectReason.IDENTITY, "no eye"),
     (dict(acquisition=None, study_date=SECRET), RejectReason.IDENTITY, "valid date"),
+    (dict(acquisition=None), RejectReason.IDENTITY, "no exam date: neither Acquisition DateTime (0008,002A) nor"),
 ])
 def test_malformed_dicom_is_refused_with_a_recorded_reason(stage, settings, kw, code, fragment, caplog, capfd):
     with warnings.catch_warnings():
