@@ -195,6 +195,13 @@ def _eye_value(text: str) -> tuple[str, int]:
     return code, int(value)
 
 
+def _count(text: str) -> int:
+    """A count of 0 or more for --limit."""
+    if not text.strip().isdigit():
+        raise argparse.ArgumentTypeError(f"{text!r}: write a whole number, 0 or more (0: no limit)")
+    return int(text)
+
+
 def _eye_code(text: str) -> str:
     from .intake import normalise_eye
 
@@ -233,7 +240,7 @@ def cmd_review_list(args: argparse.Namespace, settings: ScreeningSettings) -> in
 
     with session_scope(_session_factory(settings)) as session:
         visits = review_queue(session, settings.eye_result, settings.ungradable_rule)
-    print(format_queue(visits[: args.limit] if args.limit else visits), end="")
+    print(format_queue(visits, limit=args.limit), end="")
     return 0
 
 
@@ -441,7 +448,7 @@ def build_parser() -> argparse.ArgumentParser:
     rv = sub.add_parser("review", help="the clinician's sign-off: queue, show, confirm, correct, import a grading CSV")
     rsub = rv.add_subparsers(dest="review_command", required=True)
     sp = rsub.add_parser("list", help="visits awaiting review (the model's referrals first, then oldest first)")
-    sp.add_argument("--limit", type=int, default=0, help="show at most this many")
+    sp.add_argument("--limit", type=_count, default=0, help="show at most this many (0: all); the count is always the whole queue's")
     sp.set_defaults(func=cmd_review_list)
     sp = rsub.add_parser("show", help="one visit: the model's grades, sign-offs and reports")
     sp.add_argument("visit", type=int, help="the visit number (from `review list`)")

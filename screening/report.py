@@ -466,6 +466,41 @@ def referral_recommendation(eyes: Sequence[EyeFinding], ungradable_rule: Ungrada
     return Referral(lv.level, lv.text, SCORE_REFERRAL_ADVICE if on_score else lv.advice, lv.colour, reason, on_score, basis)
 
 
+@dataclass(frozen=True)
+class Caution:
+    """Something the recommendation rests on that staff must check before acting on it: ``note`` for the review
+    queue's note column, ``text`` for the report's recommendation box."""
+
+    note: str
+    text: str
+
+
+def visit_cautions(findings: Sequence[EyeFinding]) -> list[Caution]:
+    """What the visit's recommendation box must say beside the outcome (``findings``: every photograph of the
+    visit). An eye with no photograph: the outcome covers the other eye only, yet reads like a whole visit's ("Rescreen
+    in 12-24 months" on a visit missing an eye could close the episode). A photograph whose eye the laterality check
+    doubts: the outcome assumes its label, and a mix-up swaps which eye is referred. Both were said only in the eye's
+    own section, below the box (found in a clinic-style check)."""
+    cautions: list[Caution] = []
+    received = [code for code in EYE_ORDER if any(f.eye == code for f in findings)]
+    if len(received) == 1:
+        missing = next(code for code in EYE_ORDER if code not in received)
+        name, other = EYE_NAMES[missing].lower(), EYE_NAMES[received[0]].lower()
+        cautions.append(Caution(
+            f"{name} missing",
+            f"Incomplete visit: no photograph of the {name} was received, so this recommendation covers the {other} "
+            f"only. Photograph or grade the {name} before the screening episode is closed."))
+    for f in findings:
+        if f.eye_mismatch:
+            name = EYE_NAMES[f.eye].lower()
+            cautions.append(Caution(
+                f"{name}: label in doubt",
+                f"Laterality mismatch: the photograph filed as the {name} ({f.source_name}) looks like the other eye. "
+                "This recommendation assumes its label: check which eye it is before acting on it (details in the "
+                f"{name}'s section)."))
+    return cautions
+
+
 # -------------------------------------------------------------------------------------------------- paths
 
 
@@ -699,6 +734,7 @@ def template_variables(ctx: ReportContext, templates_dir: Path, link_stylesheet:
         report_version=ctx.report_version,
         generated_at=generated,
         referral=referral,
+        cautions=[c.text for c in visit_cautions(ctx.eyes)],
         review=_review_view(ctx, referral),
         refused_pages=list(ctx.refused_pages),
         earlier_review=ctx.earlier_review,
@@ -791,10 +827,10 @@ def render_with_retries(
 __all__ = [
     "DEMO_WATERMARK", "EYE_NAMES", "EYE_RESULT_RULES", "LESION_AUPR_FLOOR", "LESION_COLOURS", "LESION_LABELS",
     "LOCAL_PROTOCOLS", "NO_GRADE_LEVELS",
-    "REFERRAL_LEVELS", "REFER_LEVELS", "RESEARCH_STATUS", "EyeFinding", "EyeResultRule", "EyeReview", "Referral",
+    "REFERRAL_LEVELS", "REFER_LEVELS", "RESEARCH_STATUS", "Caution", "EyeFinding", "EyeResultRule", "EyeReview", "Referral",
     "ReferralLevel", "ReportContext", "ReportError", "ReportVersionTaken", "ReviewNote", "UngradableRule", "existing_versions",
     "eye_result",
     "grade_source", "model_metrics_for_report", "undetected_lesions", "with_undetected",
     "local_fetcher", "referral_recommendation", "render_html", "render_pdf", "render_with_retries", "report_dir", "report_folder",
-    "template_variables",
+    "template_variables", "visit_cautions",
 ]

@@ -31,17 +31,22 @@ def _table(headers: list[str], rows: list[list[str]]) -> list[str]:
     return [fmt(headers), "  ".join("-" * w for w in widths), *(fmt(r) for r in rows)]
 
 
-def format_queue(visits: Sequence[Visit], now: datetime | None = None) -> str:
+def format_queue(visits: Sequence[Visit], now: datetime | None = None, limit: int = 0) -> str:
+    """The queue as a table; ``limit`` > 0 shows its first ``limit`` visits and says so (the count is the whole
+    backlog's, never the shown rows')."""
     if not visits:
         return "No visits await review.\n"
+    shown = visits[:limit] if limit > 0 else visits
     rows = []
-    for v in visits:
+    for v in shown:
         model = "; ".join(f"{e.eye} DR{e.finding.dr_grade} DME{e.finding.dme_grade}" if e.finding.gradable
                           else f"{e.eye} ungradable" for e in v.eyes)
         status = "new photo since sign-off" if v.current_review else ("report pending" if v.first_report_at is None else "")
+        status = "; ".join([*filter(None, [status]), *(c.note for c in v.cautions)])
         rows.append([str(v.exam_id), v.patient_code, v.exam_date.isoformat(), model, REFERRAL_LEVELS[v.model_referral.level].text,
                      _ago(v.ready_at, now), status])
-    lines = [f"{len(visits)} visit(s) await review (the model's referrals first, then oldest first):", ""]
+    showing = f"; the first {len(shown)} shown" if len(shown) < len(visits) else ""
+    lines = [f"{len(visits)} visit(s) await review (the model's referrals first, then oldest first{showing}):", ""]
     lines += _table(["visit", "patient", "exam date", "model grades", "model's recommendation", "waiting", "note"], rows)
     return "\n".join(lines) + "\n"
 

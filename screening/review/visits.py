@@ -26,6 +26,7 @@ from screening.report import (
     NO_GRADE_LEVELS,
     REFER_LEVELS,
     REFERRAL_LEVELS,
+    Caution,
     EyeFinding,
     EyeResultRule,
     EyeReview,
@@ -34,6 +35,7 @@ from screening.report import (
     UngradableRule,
     eye_result,
     referral_recommendation,
+    visit_cautions,
 )
 from training.common import DME_GRADES, DR_GRADES
 
@@ -122,6 +124,11 @@ class Visit:
     @property
     def fields(self) -> tuple[VisitField, ...]:
         return tuple(f for e in self.eyes for f in e.fields)
+
+    @property
+    def cautions(self) -> list[Caution]:
+        """What the model's recommendation rests on (an eye missing, an eye label in doubt), as the report says it."""
+        return visit_cautions([f.finding for f in self.fields])
 
     @property
     def image_ids(self) -> dict[str, int]:

@@ -234,6 +234,15 @@ def test_review_commands_end_to_end(tmp_path, tiny_checkpoint, capsys, db_url):
 
     rc, out, _ = run("list")
     assert rc == 0 and "2 visit(s) await review" in out and "P1" in out and "P2" in out
+    visit_rows = lambda text: [line for line in text.splitlines()[1:] if line[:1].isdigit()]  # noqa: E731
+    rows = {line.split()[1]: line for line in visit_rows(out)}
+    assert "left eye missing" in rows["P2"] and "missing" not in rows["P1"]  # P2 sent its right eye only
+    rc, out, _ = run("list", "--limit", "1")
+    assert rc == 0 and "2 visit(s) await review (the model's referrals first, then oldest first; the first 1 shown)" in out
+    assert len(visit_rows(out)) == 1  # the backlog is counted whole, one row shown
+    with pytest.raises(SystemExit):
+        run("list", "--limit", "-1")
+    assert "0 or more" in capsys.readouterr().err
     rc, out, _ = run("show", "1")
     assert rc == 0 and "Visit 1: patient P1" in out and "status: awaiting review" in out and "Right eye" in out
 

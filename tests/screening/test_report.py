@@ -587,6 +587,27 @@ def test_a_laterality_note_is_shown_escaped(tmp_path):
     assert '<p class="eye-info">Eye not confirmed by the photo' in html  # information, not an alarm
 
 
+def test_the_recommendation_box_says_when_an_eye_is_missing_or_its_label_in_doubt(tmp_path):
+    """Said only in the eye's own section, a missing eye left 'Rescreen in 12-24 months' reading like a whole visit's
+    outcome, and a laterality mismatch left the outcome silent about resting on a label (clinic-style check)."""
+    one = _ctx([_eye("R", 0, 0)])
+    assert [c.note for c in rpt.visit_cautions(one.eyes)] == ["left eye missing"]
+    assert rpt.visit_cautions(_ctx([_eye("R", 0, 0), _eye("L", 0, 0)]).eyes) == []
+    html = render_html(one, TEMPLATES)
+    box = html.split('class="referral"')[1].split("</section>")[0]
+    assert "Incomplete visit: no photograph of the left eye was received" in box and "covers the right eye only" in box
+
+    doubted = dataclasses.replace(_eye("L", 2, 0, source_name="<x>_L.jpg"), eye_mismatch=True,
+                                  eye_note="Laterality mismatch: the file name says left eye, but the photo looks like a right eye.")
+    ctx = _ctx([_eye("R", 0, 0), doubted])
+    assert [c.note for c in rpt.visit_cautions(ctx.eyes)] == ["left eye: label in doubt"]
+    box = render_html(ctx, TEMPLATES).split('class="referral"')[1].split("</section>")[0]
+    assert "the photograph filed as the left eye (&lt;x&gt;_L.jpg) looks like the other eye" in box
+    signed = dataclasses.replace(ctx, review=_review())  # the reviewed version says it too
+    assert "looks like the other eye" in render_html(signed, TEMPLATES).split('class="summary"')[0]
+    assert render_pdf(one, TEMPLATES, tmp_path / "out").is_file()
+
+
 # ------------------------------------------------------------------------------------------ reviewed version
 
 

@@ -74,6 +74,12 @@ def test_queue_and_visit_show_the_models_answers_pictures_and_pdf(worked_db):
     css = client.get("/review.css")
     assert css.mimetype == "text/css" and ".level-urgent { background: #b71c1c; }" in css.get_data(as_text=True)
     assert client.get("/visits/999").status_code == 404
+    # P2 sent its right eye only: the queue and the visit say so beside the recommendation, as the PDF does
+    row = next(r for r in html.split("<tr>") if ">P2<" in r)
+    assert '<span class="badge caution"' in row and "left eye missing" in row and "left eye missing" not in \
+        next(r for r in html.split("<tr>") if ">P1<" in r)
+    page = client.get(f"/visits/{worked.exams['P2']}").get_data(as_text=True)
+    assert "Incomplete visit: no photograph of the left eye was received" in page.split("</section>")[0]
 
 
 def test_a_lesion_the_grading_model_cannot_detect_is_shown_as_not_assessed(worked):
