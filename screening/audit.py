@@ -34,8 +34,9 @@ Where the counts come from
     along an index that holds only what they count.
 
 Model versus grader
-    ``agreement`` (:mod:`screening.review.agreement`): for the visits in the period, the share signed off
-    by a clinician, quadratic kappa of the DR grade, sensitivity and specificity of the model's referral
+    ``agreement`` (:mod:`screening.review.agreement`): for the visits in the period, the share whose sign-off by a
+    clinician is current (a visit with a photo graded after its sign-off is back in the review queue: counted as
+    reopened, not reviewed; its sign-off is still compared for the photos it covered), quadratic kappa of the DR grade, sensitivity and specificity of the model's referral
     against the graders', and the median time from report to review; overall, per model version and per
     reviewer.
 
@@ -634,9 +635,10 @@ def _site_table(by_site: dict[str, SiteStats]) -> list[str]:
 
 
 _AGREEMENT_LABELS = {
-    "visits_graded": "Visits graded", "visits_reviewed": "Visits reviewed", "share_reviewed": "Share reviewed",
-    "visits_corrected": "Visits corrected", "eyes_compared": "Eyes compared", "eyes_ungradable": "Eyes ungradable (grader)",
-    "eyes_model_ungradable": "Eyes ungradable (model)",
+    "visits_graded": "Visits graded", "visits_reviewed": "Visits reviewed (sign-off current)",
+    "visits_reopened": "Visits reopened (photo after sign-off)", "share_reviewed": "Share reviewed (current)",
+    "visits_corrected": "Visits corrected (of all signed off)", "eyes_compared": "Eyes compared (all signed off)",
+    "eyes_ungradable": "Eyes ungradable (grader)", "eyes_model_ungradable": "Eyes ungradable (model)",
     "dr_kappa": "DR kappa (quadratic)", "dr_exact_agreement": "DR exact agreement",
     "dme_kappa": "DME kappa (quadratic)", "dme_exact_agreement": "DME exact agreement",
     "referral_true_pos": "Referral: both refer", "referral_false_pos": "Referral: model only",

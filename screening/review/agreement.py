@@ -5,22 +5,33 @@ a model-version filter, when that photo was graded by that version). A visit who
 ungradable has no grade to compare and is not graded in the audit's sense: it is not in these statistics (the
 audit's gradability counts cover its photos).
 
-* **share reviewed**: visits with at least one sign-off / visits graded;
+* **reviewed**: a visit whose current sign-off covers it as it is now, by the review queue's own rule
+  (:attr:`screening.review.visits.Visit.awaiting_review`: an eye it did not answer for, or a photo graded after it
+  was recorded, puts the visit back in the queue, "new photo since sign-off"). Such a visit is **reopened**: it
+  awaits review and is not counted as reviewed (``visits_reopened``, beside ``visits_reviewed``); **share
+  reviewed** is visits reviewed / visits graded, so 1 - share is the share awaiting review, as the queue shows it
+  now. A reopened visit's sign-off still answered for the photos it covered: it is compared with the model's
+  results for those very photos (eyes, corrections, referral) like any other, so the comparisons are over the
+  visits signed off, ``visits_reviewed + visits_reopened``;
 * **DR agreement**: quadratic-weighted Cohen's kappa (scikit-learn) between the model's DR grade and the
   grader's, over the eyes the grader found gradable, plus the share of exact agreement; the same for DME
   risk. Each eye is compared with the model's result for the very photo the grader reviewed; an eye whose photo
   the model found ungradable (the intake checks: no grade) is not in the kappas: it is counted as
-  ``eyes_model_ungradable``, and as ``eyes_ungradable`` too when the grader agreed;
+  ``eyes_model_ungradable``, and as ``eyes_ungradable`` too when the grader agreed. ``eyes_ungradable`` is every
+  eye the grader found ungradable, whether the model graded its photo or not;
 * **referral**: sensitivity and specificity of the model's referral (``urgent``/``soon``/``routine`` =
   refer, as shown to the grader) against the grader's; visits the grader could not grade (``ungradable``)
   are left out and counted;
 * **time to review**: median seconds from the visit's first report (its draft) to its first sign-off.
 
 Overall and per model version, the visit's **current** (latest) sign-off is compared. Per reviewer, each
-reviewer's own latest sign-off of each visit they reviewed is compared, and their time to review is to
-their first sign-off of it; their ``share_reviewed`` is of all visits graded in the period. Per model version,
+reviewer's own latest sign-off of each visit they reviewed is compared (reviewed or reopened by whether that
+sign-off covers the visit now), and their time to review is to their first sign-off of it; their
+``share_reviewed`` is of all visits graded in the period. Per model version,
 a visit counts for each version that graded one of its photos in the period (as the audit counts exams per
-version; a visit graded by one version, the usual case, counts once); an eye for the version that graded it.
+version; a visit graded by one version, the usual case, counts once); an eye for the version that graded it, and
+an eye the model found ungradable (no version graded its photo) for the versions its visit counts for, as that
+visit does. With one model version its column and the overall one are therefore the same.
 
 It scales with the sign-offs, not with the photos: the visits graded in the period are counted in SQL (or
 handed in by the audit, which has counted them already), and only the visits with a sign-off are loaded.
@@ -32,7 +43,7 @@ import math
 import statistics
 import warnings
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime
 from typing import Any
 
@@ -51,11 +62,12 @@ ALL = "ALL"
 class AgreementStats:
     group: str  # the model version, the reviewer's name, or ALL
     visits_graded: int = 0
-    visits_reviewed: int = 0
+    visits_reviewed: int = 0  # the current sign-off covers every photo (not back in the review queue)
+    visits_reopened: int = 0  # signed off, then a photo was graded: awaiting review again (its sign-off is compared)
     share_reviewed: float | None = None
     visits_corrected: int = 0
     eyes_compared: int = 0  # gradable for the grader
-    eyes_ungradable: int = 0
+    eyes_ungradable: int = 0  # the grader found the eye ungradable (whether the model graded it or not)
     eyes_model_ungradable: int = 0  # the model found the photo ungradable: no grade to compare
     dr_kappa: float | None = None  # quadratic weights
     dr_exact_agreement: float | None = None
@@ -92,12 +104,14 @@ class _Acc:
     """What one group collects before its statistics are computed."""
 
     visits: set[int] = field(default_factory=set)
-    reviewed: set[int] = field(default_factory=set)
+    reviewed: set[int] = field(default_factory=set)  # the sign-off covers the visit as it is now
+    reopened: set[int] = field(default_factory=set)  # a photo was graded after it: back in the review queue
     corrected: int = 0
     dr: list[tuple[int, int]] = field(default_factory=list)  # (model, grader)
     dme: list[tuple[int, int]] = field(default_factory=list)
-    ungradable_eyes: int = 0
+    ungradable_eyes: int = 0  # model graded the photo, the grader found it ungradable (per version: eye level)
     model_ungradable_eyes: int = 0
+    both_ungradable_eyes: int = 0  # neither model nor grader could grade it (no version: visit level)
     referral: list[tuple[bool, bool]] = field(default_factory=list)  # (model refers, grader refers)
     no_grade_visits: int = 0
     waits: list[float] = field(default_factory=list)
@@ -117,9 +131,10 @@ def _kappa(pairs: list[tuple[int, int]], labels: list[int]) -> float | None:
 
 
 def _stats(group: str, acc: _Acc, visits_graded: int) -> AgreementStats:
-    s = AgreementStats(group, visits_graded=visits_graded, visits_reviewed=len(acc.reviewed), visits_corrected=acc.corrected)
+    s = AgreementStats(group, visits_graded=visits_graded, visits_reviewed=len(acc.reviewed),
+                       visits_reopened=len(acc.reopened), visits_corrected=acc.corrected)
     s.share_reviewed = len(acc.reviewed) / visits_graded if visits_graded else None
-    s.eyes_compared, s.eyes_ungradable = len(acc.dr), acc.ungradable_eyes
+    s.eyes_compared, s.eyes_ungradable = len(acc.dr), acc.ungradable_eyes + acc.both_ungradable_eyes
     s.eyes_model_ungradable = acc.model_ungradable_eyes
     s.dr_kappa, s.dme_kappa = _kappa(acc.dr, list(range(5))), _kappa(acc.dme, list(range(3)))
     if acc.dr:
@@ -139,15 +154,24 @@ def _stats(group: str, acc: _Acc, visits_graded: int) -> AgreementStats:
     return s
 
 
-def _compare(acc: _Acc, review: Review, model_of: dict[int, tuple[int, int, str]], eye_acc: dict[str, _Acc] | None) -> None:
-    """Add one sign-off's comparison with the model to ``acc`` (eyes also to their model version's ``eye_acc``)."""
-    acc.reviewed.add(review.exam_id)
+def _covers(visit: Visit, review: Review) -> bool:
+    """Whether ``review`` covers ``visit`` as it is now: the review queue's rule (:attr:`Visit.awaiting_review`),
+    asked of this sign-off (a reviewer's own latest one need not be the visit's current one)."""
+    return not replace(visit, current_review=review).awaiting_review
+
+
+def _compare(acc: _Acc, visit: Visit, review: Review, model_of: dict[int, tuple[int, int, str]],
+             eye_acc: dict[str, _Acc] | None) -> None:
+    """Add one sign-off's comparison with the model to ``acc`` (eyes also to their model version's ``eye_acc``):
+    the visit counts as reviewed when the sign-off covers it now, else as reopened; either way its answers are
+    compared with the model's results for the photos it answered for."""
+    (acc.reviewed if _covers(visit, review) else acc.reopened).add(review.exam_id)
     acc.corrected += review.outcome == ReviewOutcome.CORRECTED
     for e in review.eyes:
         graded = model_of.get(e.image_id)
         if graded is None:  # the model found this photo ungradable: nothing to compare the grader's grade with
             acc.model_ungradable_eyes += 1
-            acc.ungradable_eyes += not e.gradable
+            acc.both_ungradable_eyes += not e.gradable
             continue
         dr, dme, version = graded
         targets = [acc] + ([eye_acc.setdefault(version, _Acc())] if eye_acc is not None else [])
@@ -239,9 +263,9 @@ def agreement_summary(
             continue
         current, first = history[-1], history[0]
         groups_of_visit = [models.setdefault(version, _Acc()) for version in sorted(_period_versions(v, lo, hi, model_version))]
-        _compare(overall, current, model_of, eye_models)
+        _compare(overall, v, current, model_of, eye_models)
         for group in groups_of_visit:
-            _compare(group, current, model_of, None)
+            _compare(group, v, current, model_of, None)
         if (w := _wait(v, first)) is not None:
             overall.waits.append(w)
             for group in groups_of_visit:
@@ -249,10 +273,11 @@ def agreement_summary(
         for name in dict.fromkeys(r.reviewer for r in history):
             own = [r for r in history if r.reviewer == name]
             acc = reviewers.setdefault(name, _Acc())
-            _compare(acc, own[-1], model_of, None)
+            _compare(acc, v, own[-1], model_of, None)
             if (w := _wait(v, own[0])) is not None:
                 acc.waits.append(w)
-    # per model version: visits with a photo it graded in the period, eyes by the version that graded them
+    # per model version: visits with a photo it graded in the period, eyes by the version that graded them (an eye
+    # no version graded, both_ungradable_eyes and model_ungradable_eyes, stays with its visit's versions)
     by_model = {}
     for version in sorted(set(models) | set(eye_models)):
         acc = models.get(version, _Acc())

@@ -157,3 +157,54 @@ def test_a_visit_graded_by_two_versions_counts_for_each(factory):
     assert {v: (st.visits_graded, st.visits_reviewed, st.eyes_compared) for v, st in summary.agreement.by_model.items()} \
         == {"v1": (1, 1, 1), "v2": (1, 1, 1)}
     assert {v: st.exams for v, st in summary.by_model.items()} == {"v1": 1, "v2": 1}
+
+
+def test_a_sign_off_a_later_photo_reopened_is_awaiting_review_not_reviewed(factory):
+    """Found in a staff-style check of the audit: a visit back in the review queue ("new photo since sign-off")
+    still counted as reviewed. The audit now asks the queue's own rule (Visit.awaiting_review): the visit is
+    reopened, awaiting review; its sign-off is still compared for the photo it covered."""
+    from datetime import datetime, timezone
+
+    from screening.review.visits import review_queue
+
+    with session_scope(factory) as s:
+        kept = seed_visit(s, "K1", {"R": (2, 0, True)}, report_at=at(100)).id
+        reopened = seed_visit(s, "R1", {"R": (2, 0, True)}, report_at=at(100)).id
+    with session_scope(factory) as s:
+        sign_off(s, kept, reviewer="A", source="cli", reviewed_at=at(1000))
+        sign_off(s, reopened, reviewer="A", source="cli", reviewed_at=at(1000))
+    with session_scope(factory) as s:  # a photo of the other eye graded after the sign-off was recorded
+        seed_visit(s, "R1", {"L": (0, 0, False)}, received=datetime.now(timezone.utc) + timedelta(minutes=1))
+    with session_scope(factory) as s:
+        assert [v.exam_id for v in review_queue(s)] == [reopened]
+        summary = audit_summary(s)
+    a = summary.agreement
+    for stats in (a.overall, a.by_model["v1"], a.by_reviewer["A"]):
+        _check(stats, visits_graded=2, visits_reviewed=1, visits_reopened=1, share_reviewed=0.5,
+               eyes_compared=2, referral_true_pos=2, dr_exact_agreement=1.0)  # both right eyes: the photos signed off
+    table = format_table(summary)
+    assert "Visits reopened (photo after sign-off)" in table
+    assert next(line for line in table.splitlines() if line.startswith("Visits reviewed (sign-off current)")).split()[-3:] \
+        == ["1", "1", "1"]  # ALL, v1, A
+
+
+def test_eyes_ungradable_per_model_version_includes_eyes_the_model_could_not_grade(factory):
+    """Found in a staff-style check of the audit: with one model version, "Eyes ungradable (grader)" said 2 for ALL
+    and 0 for the version: the per-version count was replaced by an eye-level one that never held the eyes the
+    model found ungradable (no version graded them). They now count for their visit's versions, as
+    eyes_model_ungradable already did, and with one version the two columns agree."""
+    with session_scope(factory) as s:
+        exam = seed_visit(s, "U1", {"R": (2, 0, True)}, report_at=at(100))
+        seed_ungradable(s, exam, "L", stored=at(50))
+        other = seed_visit(s, "U2", {"R": (1, 0, False)}, report_at=at(100))
+        ids = exam.id, other.id
+    with session_scope(factory) as s:
+        sign_off(s, ids[0], reviewer="A", source="cli", reviewed_at=at(1000))  # agrees: left ungradable
+        sign_off(s, ids[1], reviewer="A", source="cli", reviewed_at=at(1000), answers=[EyeReview("R", False, None, None)])
+    with session_scope(factory) as s:
+        a = audit_summary(s).agreement
+    assert list(a.by_model) == ["v1"]
+    for stats in (a.overall, a.by_model["v1"], a.by_reviewer["A"]):
+        _check(stats, eyes_compared=1, eyes_model_ungradable=1, eyes_ungradable=2)
+    assert {k: v for k, v in vars(a.by_model["v1"]).items() if k != "group"} \
+        == {k: v for k, v in vars(a.overall).items() if k != "group"}
