@@ -279,15 +279,20 @@ def cmd_review_sign(args: argparse.Namespace, settings: ScreeningSettings) -> in
                     if eye not in given:
                         raise ReviewError(f"visit {args.visit} has no graded photo of eye {eye}")
                     given[eye] = EyeReview(eye, False, None, None)
+                grades: dict[str, dict[str, int]] = {}
                 for option, values in (("dr", args.dr), ("dme", args.dme)):
                     for eye, grade in values:
                         if eye not in given:
                             raise ReviewError(f"visit {args.visit} has no graded photo of eye {eye}")
-                        if not given[eye].gradable:
+                        if eye in args.ungradable:
                             raise ReviewError(f"eye {eye} is marked --ungradable; it cannot also have a --{option} grade")
-                        old = given[eye]
-                        given[eye] = EyeReview(eye, True, grade if option == "dr" else old.dr_grade,
-                                               grade if option == "dme" else old.dme_grade)
+                        grades.setdefault(eye, {})[option] = grade
+                for eye, grade_of in grades.items():
+                    old = given[eye]
+                    if not old.gradable and len(grade_of) < 2:  # the model found the photo ungradable: no grade to keep
+                        raise ReviewError(f"eye {eye}: the model found its photo ungradable, so grading it takes both "
+                                          f"--dr {eye}=GRADE and --dme {eye}=GRADE")
+                    given[eye] = EyeReview(old.eye, True, grade_of.get("dr", old.dr_grade), grade_of.get("dme", old.dme_grade))
                 if not (args.dr or args.dme or args.ungradable or args.referral):
                     raise ReviewError("nothing to correct: give --dr, --dme, --ungradable or --referral "
                                       "(or use `dr-screen review confirm`)")

@@ -29,6 +29,25 @@ def test_a_missing_intake_model_stops_the_worker_saying_what_to_do(tmp_path, tin
     assert "gradability model not found" in err and "no-quality.pt" in err and "dr-train fit-quality" in err
 
 
+def test_a_grader_grades_an_eye_the_model_found_ungradable_from_the_command_line(tmp_path, tiny_checkpoint, intake_models,
+                                                                                 capsys):
+    """README: the grader may grade a photo the intake checks found ungradable. `review correct --dr` refused it as
+    if the grader had passed --ungradable (found in a staff-style check); with no model grade to keep, both grades
+    are needed."""
+    cfg = _config(tmp_path, tiny_checkpoint, quality=intake_models["dark_blurred"])
+    write_fundus(tmp_path / "inbox" / "U9_R.jpg", seed=4)
+    assert cli.main(["--config", str(cfg), "run", "--once"]) == 0
+    capsys.readouterr()
+    run = lambda *argv: (cli.main(["--config", str(cfg), "review", *argv, "--no-render"]), *capsys.readouterr())  # noqa: E731
+    rc, out, err = run("correct", "1", "--reviewer", "Dr Grey", "--dr", "R=2")
+    assert rc == 1 and "the model found its photo ungradable, so grading it takes both --dr R=GRADE and --dme R=GRADE" in err
+    rc, out, err = run("correct", "1", "--reviewer", "Dr Grey", "--dr", "R=2", "--ungradable", "R")
+    assert rc == 1 and "eye R is marked --ungradable" in err
+    rc, out, err = run("correct", "1", "--reviewer", "Dr Grey", "--dr", "R=2", "--dme", "R=1")
+    assert rc == 0, err
+    assert "corrected by Dr Grey" in out and "Right eye: DR 2, DME 1" in out
+
+
 def test_help_exits_zero(capsys):
     for argv in (["--help"], ["run", "--help"], ["audit", "--help"], ["init-db", "--help"], ["review", "import", "--help"],
                  ["review", "correct", "--help"], ["serve", "--help"], ["user", "add", "--help"]):
