@@ -440,6 +440,12 @@ def audit_summary(
     )
 
 
+def model_versions(session: Session) -> list[str]:
+    """Every model version that graded a photo, at any time (from the day tallies: a few hundred rows a year).
+    Versions name models, not patients: an unknown ``--model-version`` is answered with this list."""
+    return sorted({str(mv) for _metric, mv, _key, _detail, _n in tallies.sums(session, [tallies.GRADED], None, None)})
+
+
 def reason_key(code: str | None, message: str | None) -> str:
     """What a rejection or failure is grouped by: its stable code; rows from before revision 0006 have none and
     are grouped by their message."""
@@ -683,6 +689,7 @@ __all__ = [
     "UngradableDay",
     "audit_summary",
     "format_table",
+    "model_versions",
     "percentile",
     "read_json",
     "reason_key",

@@ -134,20 +134,59 @@ def cmd_run(args: argparse.Namespace, settings: ScreeningSettings) -> int:
     return 0
 
 
+def _day(text: str) -> date:
+    """An audit day, ``YYYY-MM-DD`` (argparse names the option in front of the message)."""
+    try:
+        return date.fromisoformat(text.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a date as YYYY-MM-DD, got {text!r}") from None
+
+
+def _output_problem(option: str, text: str) -> str | None:
+    """Why the file ``text`` given to ``option`` could not be written, or None: checked before the audit is
+    computed, so a wrong path costs nothing and says which option. The path is the user's own argument, not
+    patient data: it is named."""
+    import os
+
+    path = Path(text)
+    if path.is_dir():
+        return f"{option} {text} is a folder: give a file name in it"
+    folder = path.parent
+    if not folder.is_dir():
+        return f"{option} {text}: the folder {folder} does not exist"
+    if not os.access(folder, os.W_OK | os.X_OK) or (path.exists() and not os.access(path, os.W_OK)):
+        return f"{option} {text}: not allowed to write there"
+    return None
+
+
 def cmd_audit(args: argparse.Namespace, settings: ScreeningSettings) -> int:
-    from .audit import audit_summary, format_table, write_csv, write_json
+    if args.start is not None and args.end is not None and args.end < args.start:
+        print(f"error: --to is before --from ({args.end} < {args.start})", file=sys.stderr)
+        return 2
+    outputs = [(option, text) for option, text in (("--csv", args.csv), ("--json", args.json)) if text]
+    for option, text in outputs:
+        if (problem := _output_problem(option, text)) is not None:
+            print(f"error: {problem}", file=sys.stderr)
+            return 2
+
+    from .audit import audit_summary, format_table, model_versions, write_csv, write_json
     from .db import session_scope
 
     factory = _session_factory(settings)
     with session_scope(factory) as session:
+        if args.model_version is not None and args.model_version not in (known := model_versions(session)):
+            print(f"error: --model-version {args.model_version!r}: no photo was graded by that version; "
+                  f"known: {', '.join(known) if known else 'none (no photo graded yet)'}", file=sys.stderr)
+            return 2
         summary = audit_summary(session, args.start, args.end, args.model_version, by_site=args.by_site)
     print(format_table(summary))
-    if args.csv:
-        write_csv(summary, Path(args.csv))
-        print(f"CSV written to {args.csv}")
-    if args.json:
-        write_json(summary, Path(args.json))
-        print(f"JSON written to {args.json}")
+    for option, text in outputs:
+        try:
+            (write_csv if option == "--csv" else write_json)(summary, Path(text))
+        except OSError as exc:  # checked above; the disk may still fill or the folder go
+            print(f"error: {option} {text}: could not write it: {exc.strerror or type(exc).__name__}", file=sys.stderr)
+            return 2
+        print(f"{option[2:].upper()} written to {text}")
     return 0
 
 
@@ -436,9 +475,9 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--no-demo", action="store_true", help="fail instead of training a demo model when no checkpoint exists")
     sp.set_defaults(func=cmd_run)
     sp = sub.add_parser("audit", help="counts by grade, DME, referral; rejects; turnaround; per model version")
-    sp.add_argument("--from", dest="start", type=date.fromisoformat, help="first day (YYYY-MM-DD), by date received")
-    sp.add_argument("--to", dest="end", type=date.fromisoformat, help="last day (YYYY-MM-DD), inclusive")
-    sp.add_argument("--model-version")
+    sp.add_argument("--from", dest="start", type=_day, help="first day (YYYY-MM-DD), by date received")
+    sp.add_argument("--to", dest="end", type=_day, help="last day (YYYY-MM-DD), inclusive")
+    sp.add_argument("--model-version", help="only photos graded by this model version (an unknown one lists the known)")
     sp.add_argument("--by-site", action="store_true", help="also count per site of the grading worker ([screening] site)")
     sp.add_argument("--csv", help="also write the table as CSV to this file")
     sp.add_argument("--json", help="also write JSON to this file")

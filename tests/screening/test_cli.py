@@ -342,3 +342,38 @@ def test_serve_off_loopback_needs_a_user(tmp_path, capsys):
     cfg.write_text("[screening]\n")
     assert cli.main(["--config", str(cfg), "serve", "--host", "0.0.0.0", "--port", "1"]) == 2
     assert "no active user" in capsys.readouterr().err
+
+
+def test_audit_arguments_are_checked_before_the_audit_is_computed(tmp_path, factory, db_url, capsys):
+    """Found in a staff-style check of the audit: --to before --from crashed with a withheld ValueError; --csv in a
+    missing folder and --json naming a folder failed after the table, message withheld; a malformed date said
+    "invalid fromisoformat value"; an unknown --model-version gave an all-zero table. Each is now a plain
+    argument error (exit 2) naming the option, before any statistics are computed."""
+    from screening.db import session_scope
+
+    from .review.conftest import seed_visit
+
+    with session_scope(factory) as s:
+        seed_visit(s, "P1", {"R": (1, 0, False)}, model_version="m-1")
+    cfg = _config(tmp_path, tmp_path / "unused.pt", database=db_url)
+
+    def audit(*argv: str) -> tuple[int, str, str]:
+        rc = cli.main(["--config", str(cfg), "audit", *argv])
+        out, err = capsys.readouterr()
+        return rc, out, err
+
+    rc, out, err = audit("--from", "2026-12-03", "--to", "2026-12-01")
+    assert rc == 2 and "--to is before --from" in err and "Traceback" not in err and out == ""
+    rc, out, err = audit("--csv", str(tmp_path / "missing" / "x.csv"))
+    assert rc == 2 and f"--csv {tmp_path / 'missing' / 'x.csv'}" in err and "does not exist" in err and out == ""
+    rc, out, err = audit("--csv", str(tmp_path / "a.csv"), "--json", str(tmp_path))
+    assert rc == 2 and f"--json {tmp_path} is a folder" in err and out == "" and not (tmp_path / "a.csv").exists()
+    rc, out, err = audit("--model-version", "nope")
+    assert rc == 2 and "no photo was graded by that version" in err and "known: m-1" in err and out == ""
+    for bad in ("2026-13-01", "1/12/2026"):
+        with pytest.raises(SystemExit) as exc:
+            cli.main(["--config", str(cfg), "audit", "--from", bad])
+        assert exc.value.code == 2
+        assert "argument --from: expected a date as YYYY-MM-DD" in capsys.readouterr().err
+    rc, out, err = audit("--model-version", "m-1", "--csv", str(tmp_path / "a.csv"))
+    assert rc == 0 and "CSV written to" in out and (tmp_path / "a.csv").exists()
