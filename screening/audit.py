@@ -473,46 +473,63 @@ def _stat_rows(s: ModelStats) -> list[tuple[str, str, Any]]:
     return rows
 
 
-CSV_FIELDS = ["section", "model_version", "key", "value", "reviewer", "site"]
+CSV_FIELDS = ["section", "model_version", "key", "value", "reviewer", "site", "day", "device", "reason"]
 _SITE_KEYS = ("images", "referable", "reported", "awaiting_report", *(f"turnaround_p{q}_s" for q in PERCENTILES))
 
 
 def summary_rows(summary: AuditSummary) -> list[dict[str, str]]:
-    """The summary as tidy rows ``section, model_version, key, value, reviewer, site`` (what :func:`write_csv`
-    writes). ``model_version`` is ``ALL`` for the pooled column and empty for period-wide rows; ``reviewer``
-    is set only on the per-reviewer agreement rows (section ``agreement``), ``site`` only on the per-site rows
-    (section ``site``, with ``audit --by-site``)."""
-    out: list[tuple[str, str, str, Any]] = [
-        ("filter", "", "start", summary.start.isoformat() if summary.start else ""),
-        ("filter", "", "end", summary.end.isoformat() if summary.end else ""),
-        ("filter", "", "model_version", summary.model_version or ""),
-        ("filter", "", "date_basis", summary.date_basis),
-    ]
+    """The summary as tidy rows, one number each, with the columns of :data:`CSV_FIELDS` (what :func:`write_csv`
+    writes), so a spreadsheet can filter on any of them:
+
+    * ``section``: what the row belongs to; ``key``: what is counted (``value``);
+    * ``model_version``: ``ALL`` for the pooled column, a version for its own, empty for period-wide rows;
+    * ``reviewer``: only on the per-reviewer agreement rows (section ``agreement``);
+    * ``site``: only on the per-site rows (section ``site``, with ``audit --by-site``);
+    * ``day`` (YYYY-MM-DD, UTC day of arrival) and ``device``: only on the gradability rows per day and device
+      (sections ``ungradable_by_day`` and ``ungradable_reason``);
+    * ``reason``: the reason code on the rows counted per reason (sections ``rejected_reason``,
+      ``failed_reason``, ``ungradable_reason``; ``key`` then says what was counted: ``rejected``, ``failed``,
+      ``ungradable``).
+    Empty where a column does not apply."""
+    out: list[dict[str, Any]] = []
+
+    def add(section: str, model_version: str, key: str, value: Any, **extra: str) -> None:
+        out.append({"section": section, "model_version": model_version, "key": key, "value": value, **extra})
+
+    add("filter", "", "start", summary.start.isoformat() if summary.start else "")
+    add("filter", "", "end", summary.end.isoformat() if summary.end else "")
+    add("filter", "", "model_version", summary.model_version or "")
+    add("filter", "", "date_basis", summary.date_basis)
     for col in [summary.overall, *summary.by_model.values()]:
         label = ALL if col is summary.overall else col.model_version
-        out += [(sec, label, key, val) for sec, key, val in _stat_rows(col)]
-    out.append(("rejected", "", "total", summary.rejected))
-    out += [("rejected_reason", "", reason, n) for reason, n in summary.rejected_reasons.items()]
-    out.append(("failed", "", "total", summary.failed))
-    out += [("failed_reason", "", reason, n) for reason, n in summary.failed_reasons.items()]
-    out += [("drops", "", outcome, n) for outcome, n in summary.drops.items()]
-    out += [("incident", "", code, n) for code, n in summary.incidents.items()]
-    out += [("gradability", "", "assessed", summary.assessed), ("gradability", "", "ungradable", summary.ungradable),
-            ("gradability", "", "ungradable_rate", summary.ungradable_rate)]
+        for sec, key, val in _stat_rows(col):
+            add(sec, label, key, val)
+    add("rejected", "", "total", summary.rejected)
+    for reason, n in summary.rejected_reasons.items():
+        add("rejected_reason", "", "rejected", n, reason=reason)
+    add("failed", "", "total", summary.failed)
+    for reason, n in summary.failed_reasons.items():
+        add("failed_reason", "", "failed", n, reason=reason)
+    for outcome, n in summary.drops.items():
+        add("drops", "", outcome, n)
+    for code, n in summary.incidents.items():
+        add("incident", "", code, n)
+    add("gradability", "", "assessed", summary.assessed)
+    add("gradability", "", "ungradable", summary.ungradable)
+    add("gradability", "", "ungradable_rate", summary.ungradable_rate)
     for day in summary.ungradable_by_day:
-        label = f"{day.day} {day.device}"
-        out += [("ungradable_by_day", "", f"{label} assessed", day.assessed),
-                ("ungradable_by_day", "", f"{label} ungradable", day.ungradable),
-                ("ungradable_by_day", "", f"{label} rate", day.rate),
-                ("ungradable_by_day", "", f"{label} eye_mismatches", day.eye_mismatches),
-                ("ungradable_by_day", "", f"{label} eyes_not_confirmed", day.eyes_not_confirmed)]
-        out += [("ungradable_reason", "", f"{label} {reason}", n) for reason, n in day.reasons.items()]
-    reviewer_of: dict[int, str] = {}
+        where = {"day": day.day, "device": day.device}
+        for key in ("assessed", "ungradable", "rate", "eye_mismatches", "eyes_not_confirmed"):
+            add("ungradable_by_day", "", key, getattr(day, key), **where)
+        for reason, n in day.reasons.items():
+            add("ungradable_reason", "", "ungradable", n, reason=reason, **where)
     if summary.agreement is not None:
         for label, reviewer, stats in agreement_groups(summary.agreement):
             for key, val in agreement_rows(stats):
-                reviewer_of[len(out)] = reviewer
-                out.append(("agreement", label, key, val))
+                add("agreement", label, key, val, reviewer=reviewer)
+    for site, site_stats in summary.by_site.items():
+        for key in _SITE_KEYS:
+            add("site", summary.model_version or ALL, key, getattr(site_stats, key), site=site)
 
     def text(v: Any) -> str:
         if v is None:
@@ -521,13 +538,7 @@ def summary_rows(summary: AuditSummary) -> list[dict[str, str]]:
             return repr(round(v, 3))
         return str(v)
 
-    site_of: dict[int, str] = {}
-    for site, site_stats in summary.by_site.items():
-        for key in _SITE_KEYS:
-            site_of[len(out)] = site
-            out.append(("site", summary.model_version or ALL, key, getattr(site_stats, key)))
-    return [{"section": s, "model_version": m, "key": k, "value": text(v), "reviewer": reviewer_of.get(i, ""),
-             "site": site_of.get(i, "")} for i, (s, m, k, v) in enumerate(out)]
+    return [{name: text(row.get(name)) for name in CSV_FIELDS} for row in out]
 
 
 def write_csv(summary: AuditSummary, path: str | PathLike[str]) -> Path:

@@ -171,7 +171,8 @@ def test_csv_round_trip(programme, tmp_path):
     assert index[("referral", "ALL", "referable")] == "3"
     assert float(index[("turnaround_s", "v1", "p90")]) == pytest.approx(260)
     assert index[("turnaround_s", "v2", "awaiting_report")] == "1"
-    assert index[("failed_reason", "", "CUDA out of memory")] == "2"
+    by_reason = {(r["section"], r["reason"]): (r["key"], r["value"]) for r in rows if r["reason"]}
+    assert by_reason[("failed_reason", "CUDA out of memory")] == ("failed", "2")
     assert index[("rejected", "", "total")] == "4"
 
 
@@ -330,6 +331,28 @@ def test_ungradable_rate_per_day_and_device(checked):
         assert audit_summary(s, DAY, DAY).ungradable_by_day == [first]
 
 
+def test_the_csv_gives_day_device_and_reason_their_own_columns(checked, tmp_path):
+    """Found in a staff-style check of the audit: the CSV packed day, device and metric into one key
+    ("2026-12-02 Topcon TRC-NW8 assessed"), so a spreadsheet could not filter per device or per day. They are
+    columns now, as in the JSON, and so is the reason of every per-reason row."""
+    with session_scope(checked) as s:
+        summary = audit_summary(s)
+    with write_csv(summary, tmp_path / "a.csv").open(newline="", encoding="utf-8") as fh:
+        reader = csv.DictReader(fh)
+        assert reader.fieldnames == ["section", "model_version", "key", "value", "reviewer", "site", "day", "device", "reason"]
+        rows = list(reader)
+    camera = [r for r in rows if r["device"] == "Topcon TRC-NW8"]
+    assert {(r["section"], r["day"], r["key"], r["value"]) for r in camera} == {
+        ("ungradable_by_day", "2024-05-02", "assessed", "1"), ("ungradable_by_day", "2024-05-02", "ungradable", "0"),
+        ("ungradable_by_day", "2024-05-02", "rate", "0.0"), ("ungradable_by_day", "2024-05-02", "eye_mismatches", "0"),
+        ("ungradable_by_day", "2024-05-02", "eyes_not_confirmed", "0")}
+    first_day = {(r["section"], r["device"], r["reason"], r["key"]): r["value"] for r in rows if r["day"] == "2024-05-01"}
+    assert first_day[("ungradable_by_day", "unknown", "", "assessed")] == "4"
+    assert first_day[("ungradable_reason", "unknown", "haze", "ungradable")] == "1"
+    assert all(r["key"] in {"assessed", "ungradable", "rate", "eye_mismatches", "eyes_not_confirmed"}
+               for r in rows if r["section"] == "ungradable_by_day")
+
+
 def test_ungradable_days_split_at_utc_midnight(factory):
     """The database groups by the stored (naive UTC) arrival time's date: a photo a millisecond before midnight UTC
     and one at midnight fall on two days, on each database."""
@@ -351,11 +374,11 @@ def test_ungradable_rates_in_table_csv_and_json(checked, tmp_path):
     table = format_table(summary)
     assert "Ungradable: 2 of 6 photos assessed (33.3%)" in table and "blurred 1, haze 1" in table
     assert "eye unconfirmed" in table
-    rows = {(r["section"], r["key"]): r["value"] for r in summary_rows(summary)}
-    assert rows[("gradability", "ungradable_rate")] == "0.333"
-    assert rows[("ungradable_by_day", "2024-05-01 unknown rate")] == "0.25"
-    assert rows[("ungradable_by_day", "2024-05-01 unknown eyes_not_confirmed")] == "1"
-    assert rows[("ungradable_reason", "2024-05-02 unknown too_dark")] == "1"
+    rows = {(r["section"], r["day"], r["device"], r["reason"], r["key"]): r["value"] for r in summary_rows(summary)}
+    assert rows[("gradability", "", "", "", "ungradable_rate")] == "0.333"
+    assert rows[("ungradable_by_day", "2024-05-01", "unknown", "", "rate")] == "0.25"
+    assert rows[("ungradable_by_day", "2024-05-01", "unknown", "", "eyes_not_confirmed")] == "1"
+    assert rows[("ungradable_reason", "2024-05-02", "unknown", "too_dark", "ungradable")] == "1"
     back = read_json(write_json(summary, tmp_path / "a.json"))
     assert back.ungradable_by_day == summary.ungradable_by_day
     assert json.loads((tmp_path / "a.json").read_text())["ungradable_by_day"][0]["rate"] == pytest.approx(1 / 4)
