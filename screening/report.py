@@ -351,8 +351,9 @@ REFERRAL_LEVELS: dict[str, ReferralLevel] = {
         # An eye that could not be graded: the model gives one of these two ([screening] ungradable_rule), a grader
         # may choose either. Never "no retinopathy" by default.
         ReferralLevel("refer_ungradable", 4, "Refer: ungradable photographs",
-                      "An eye could not be graded from its photographs (ungradable: recapture was not enough or is not "
-                      "possible). Refer for a clinical examination (slit-lamp biomicroscopy) as local policy requires.",
+                      "An eye could not be graded from its photographs, and this programme refers such eyes instead of "
+                      "recalling for new photographs. Refer for a clinical examination (slit-lamp biomicroscopy) as local "
+                      "policy requires.",
                       "#8e5a00"),
         ReferralLevel("ungradable", 3, "Recall: ungradable image",
                       "An eye could not be graded from its photograph: recall the patient for new photographs "
@@ -464,6 +465,20 @@ def referral_recommendation(eyes: Sequence[EyeFinding], ungradable_rule: Ungrada
     basis = ("Based on the one eye received" if len(ordered) == 1 else
              "Based on both eyes (the same outcome)" if len(deciding) > 1 else "Based on the worse eye")
     return Referral(lv.level, lv.text, SCORE_REFERRAL_ADVICE if on_score else lv.advice, lv.colour, reason, on_score, basis)
+
+
+def ungradable_next_step(level: ReferralLevel, visit: Referral, result_field: int | None = None) -> str:
+    """What an ungradable photograph's section tells staff to do, in step with the visit's recommendation: its
+    eye's advice (recall or refer) when that decides the visit; nothing for a field that is not its eye's result
+    (``result_field``: the field that is, e.g. a gradable retake); and, when the other eye's outcome is more urgent,
+    that outcome first. Each section gave its own eye's advice, so an eye under a referral for the other eye read
+    "recall the patient for new photographs" (found in a clinic-style check)."""
+    if result_field is not None:
+        return f"none for this photograph: the eye's result is field {result_field}'s."
+    if REFERRAL_LEVELS[visit.level].rank > level.rank:
+        return (f"the recommendation above (\"{visit.text}\") comes first; the eye examination it leads to covers "
+                "this eye too.")
+    return level.advice
 
 
 @dataclass(frozen=True)
@@ -722,6 +737,11 @@ def template_variables(ctx: ReportContext, templates_dir: Path, link_stylesheet:
         grader = ctx.review.eye(code) if ctx.review else None  # the grader's answer is for the eye: beside its result
         views = [dict(_eye_view(f, grader if f is result else None, ctx.ungradable_rule), number=k, is_result=f is result)
                  for k, f in enumerate(fields, start=1)]
+        result_number = next((k for k, f in enumerate(fields, start=1) if f is result), None)
+        for view, f in zip(views, fields):
+            if not f.gradable:
+                view["next_step"] = ungradable_next_step(_eye_level(f, ctx.ungradable_rule), referral,
+                                                         None if f is result else result_number)
         eyes.append({
             "code": code, "name": EYE_NAMES[code], "fields": views,
             "finding": next((v for v in views if v["is_result"]), None),
@@ -832,5 +852,5 @@ __all__ = [
     "eye_result",
     "grade_source", "model_metrics_for_report", "undetected_lesions", "with_undetected",
     "local_fetcher", "referral_recommendation", "render_html", "render_pdf", "render_with_retries", "report_dir", "report_folder",
-    "template_variables", "visit_cautions",
+    "template_variables", "ungradable_next_step", "visit_cautions",
 ]

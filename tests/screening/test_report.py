@@ -551,6 +551,26 @@ def test_an_ungradable_eye_never_hides_a_referral_from_the_other_eye():
     assert referral_recommendation([_eye("R", 1, 0), _ungradable("L")], "recall").level == "ungradable"
 
 
+def _next_steps(ctx) -> list[str]:
+    page = render_html(ctx, TEMPLATES)
+    return [" ".join(html.unescape(m).split()) for m in re.findall(r'<p class="ungradable-next">Next step: (.*?)</p>', page, re.S)]
+
+
+def test_an_ungradable_photos_next_step_follows_the_visits_recommendation():
+    """Each ungradable section gave its own eye's advice: 'recall the patient for new photographs' under a referral
+    for the other eye, and under an ungradable field whose eye a gradable retake had graded (clinic-style check)."""
+    [step] = _next_steps(_ctx([_eye("R", 3, 0), _ungradable("L")]))
+    assert step.startswith('the recommendation above ("Refer within weeks (severe non-proliferative DR)") comes first')
+    assert "recall the patient" not in step
+    [step] = _next_steps(_ctx([_eye("R", 0, 0), _ungradable("L")]))  # the ungradable eye decides: its advice
+    assert step == rpt.REFERRAL_LEVELS["ungradable"].advice
+    [step] = _next_steps(_ctx([_ungradable("L"), _eye("L", 0, 0), _eye("R", 0, 0)]))  # field 1; the retake graded
+    assert step == "none for this photograph: the eye's result is field 2's."
+    refer = dataclasses.replace(_ctx([_ungradable("R")]), ungradable_rule="refer")
+    [step] = _next_steps(refer)  # the programme refers instead of recalling: no "recapture was not enough"
+    assert step == rpt.REFERRAL_LEVELS["refer_ungradable"].advice and "instead of recalling" in step
+
+
 def test_an_ungradable_finding_has_reasons_and_no_grades():
     with pytest.raises(ValueError, match="reasons"):
         dataclasses.replace(_ungradable("R"), ungradable_reasons=())
