@@ -57,8 +57,8 @@ EYE_ORDER = ("R", "L")
 EyeResultRule = Literal["worst", "latest"]
 UngradableRule = Literal["recall", "refer"]  # what an ungradable eye asks for ([screening] ungradable_rule)
 EYE_RESULT_RULES: dict[str, str] = {  # rule -> how the report states it
-    "worst": "its worst field",
-    "latest": "its latest field",
+    "worst": "its worst gradable field",
+    "latest": "its latest gradable field",
 }
 
 

@@ -176,7 +176,7 @@ def test_a_second_field_of_the_same_eye_from_dicom_rerenders_with_both_fields(se
     assert (out.processed, out.reports, out.rejected) == (1, 1, 0)
     assert (folder / "report_v1.pdf").read_bytes() == v1
     text = pdf_text(folder / "report_v2.pdf")
-    for needle in ("P10_R_20251102.jpg", "IM000001", "Field 1 of 2", "Field 2 of 2", "eye result", "worst field"):
+    for needle in ("P10_R_20251102.jpg", "IM000001", "Field 1 of 2", "Field 2 of 2", "eye result", "worst gradable field"):
         assert needle in text, needle
     with session_scope(worker.factory) as s:
         images = list(s.scalars(select(Image).order_by(Image.id)))

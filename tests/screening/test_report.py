@@ -190,13 +190,13 @@ def test_every_field_is_shown_with_its_pictures_and_the_eye_result_is_marked(tmp
     assert "Field 1 of 2" in html and "Field 2 of 2" in html and html.count("eye result</span>") == 1
     assert "Field 1 of 1" not in html  # a single photograph looks as it always did
     text = "\n".join(_pages_text(render_pdf(ctx, TEMPLATES, tmp_path / "reports")))
-    for needle in ("P1_R_macula.jpg", "P1_R_disc.jpg", "2 photographs of this eye", "its worst field: field 2",
+    for needle in ("P1_R_macula.jpg", "P1_R_disc.jpg", "2 photographs of this eye", "its worst gradable field: field 2",
                    "2 fields; result from field 2", DR_GRADES[1], DR_GRADES[3], "Refer within weeks",
                    "Lesion masks at the photograph's own size", str(tmp_path / "work" / "ab" / "abcdef")):
         assert _contains(text, needle), needle
     recaptured = dataclasses.replace(ctx, eyes=[disc, macula, left], eye_result_rule="latest", report_version=2)
     latest = "\n".join(_pages_text(render_pdf(recaptured, TEMPLATES, tmp_path / "reports")))
-    assert _contains(latest, f"its latest field: field 2, {DR_GRADES[1]}") and _contains(latest, "Rescreen in 12 months")
+    assert _contains(latest, f"its latest gradable field: field 2, {DR_GRADES[1]}") and _contains(latest, "Rescreen in 12 months")
     assert _contains(latest, DR_GRADES[3])  # the earlier field is still shown
 
 
