@@ -455,7 +455,7 @@ def referral_recommendation(eyes: Sequence[EyeFinding], ungradable_rule: Ungrada
             return f"{e.eye_name}: ungradable ({e.short_reasons})"
         text = f"{e.eye_name}: {e.dr_name}, {e.dme_name}"
         if _on_score(e) and e.referable_score is not None:
-            text += f" (referable-DR score {e.referable_score:.0%} is above the screening threshold)"
+            text += f" (referable-DR score {e.referable_score:.1%} is above the screening threshold)"
         return text
 
     deciding = [e for e in ordered if _eye_level(e, ungradable_rule).rank == lv.rank]
@@ -568,9 +568,9 @@ def _area(x: float | None) -> str:
     return f"{v:.2f}%"
 
 
-def _share(v: object) -> str | None:
+def _share(v: object, digits: int = 0) -> str | None:
     """A model metric that is a share (the referral threshold, its target sensitivity) as a percentage; None if absent."""
-    return _pct(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else None
+    return _pct(v, digits) if isinstance(v, (int, float)) and not isinstance(v, bool) else None
 
 
 def _metric(v: float | str) -> str:
@@ -658,7 +658,7 @@ def _eye_view(e: EyeFinding, review: EyeReview | None = None, ungradable_rule: U
         "dme_conf": _pct(e.dme_confidence),
         "dme_probs": [(i, DME_GRADES[i], _pct(p)) for i, p in enumerate(e.dme_probs)],
         "referable": e.referable,
-        "referable_score": _pct(e.referable_score),
+        "referable_score": _pct(e.referable_score, 1),  # to a tenth, as the threshold: 15.7 % vs 15.5 % read "16 %" both
         "on_score": _on_score(e),  # referred on the score alone: said beside the outcome, where a grade 0 meets "Refer"
         "lesions": [
             {"code": c, "label": LESION_LABELS[c], "colour": _rgb(LESION_COLOURS[c]), "assessed": c not in e.lesions_not_detected,
@@ -764,7 +764,7 @@ def template_variables(ctx: ReportContext, templates_dir: Path, link_stylesheet:
         check_models=check_model_rows(ctx.eyes),
         model_metrics=_metric_rows(ctx.model_metrics),
         lesion_floor=f"{LESION_AUPR_FLOOR:.2f}",
-        referral_threshold=_share(ctx.model_metrics.get("Referral threshold")),
+        referral_threshold=_share(ctx.model_metrics.get("Referral threshold"), 1),
         sensitivity_target=_share(ctx.model_metrics.get("Threshold's target sensitivity (validation)")),
         # "regression": the grades are the regression's alone; "blend": partly; None: the heads' (what Grad-CAM explains)
         grades_regression=_regression_share(str(ctx.model_metrics.get("Grades from", ""))),

@@ -135,7 +135,7 @@ def test_referral_reason_names_the_worse_eye_and_handles_no_eyes():
     text = " ".join(render_html(_ctx([on_score, _eye("L", 2, 0)]), TEMPLATES).split())
     assert "Based on both eyes (the same outcome) — Right eye:" in text and "Based on the worse eye" not in text
     # the summary row of a grade-0 eye that is referred says why beside the outcome; a grade-2 eye's does not
-    assert text.count("on the model's referable-DR score (59%), not its grade") == 1
+    assert text.count("on the model's referable-DR score (59.0%), not its grade") == 1
 
 
 def test_invalid_findings_are_rejected():
@@ -434,7 +434,7 @@ def test_referable_score_above_threshold_escalates_a_low_grade_eye():
     mild = replace(_eye("R", 1, 0), referable=True, referable_score=0.61)
     ref = referral_recommendation([mild, _eye("L", 0, 0)])
     assert ref.level == "routine"
-    assert "above the screening threshold" in ref.reason and "61%" in ref.reason
+    assert "above the screening threshold" in ref.reason and "61.0%" in ref.reason
     assert referral_recommendation([_eye("R", 1, 0)]).level == "rescreen_12"
 
 
@@ -450,8 +450,10 @@ def test_a_referral_on_the_score_alone_says_the_threshold_is_sensitivity_first()
     ctx = replace(_ctx([dr0, _eye("L", 0, 0)]), model_metrics={"Referral threshold": 0.151,
                                                                "Threshold's target sensitivity (validation)": 0.9})
     text = " ".join(render_html(ctx, TEMPLATES).split())
-    assert "the screening threshold (15%) is sensitivity-first" in text and "at least 90% of eyes" in text
-    assert "(model score 33%; referral threshold 15%)" in text
+    assert "the screening threshold (15.1%) is sensitivity-first" in text and "at least 90% of eyes" in text
+    assert "(model score 33.0%; referral threshold 15.1%)" in text
+    near = replace(ctx, eyes=[replace(dr0, referable_score=0.157), _eye("L", 0, 0)])  # both read "16%" to the unit
+    assert "(model score 15.7%; referral threshold 15.1%)" in " ".join(render_html(near, TEMPLATES).split())
     assert "sensitivity-first" not in " ".join(render_html(_ctx([_eye("R", 0, 0)]), TEMPLATES).split())
 
 
