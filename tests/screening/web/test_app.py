@@ -80,6 +80,7 @@ def test_queue_and_visit_show_the_models_answers_pictures_and_pdf(worked_db):
         next(r for r in html.split("<tr>") if ">P1<" in r)
     page = client.get(f"/visits/{worked.exams['P2']}").get_data(as_text=True)
     assert "Incomplete visit: no photograph of the left eye was received" in page.split("</section>")[0]
+    assert re.search(r"\(score \d+\.\d%\)", page)  # to a tenth, as on the PDF
 
 
 def test_a_lesion_the_grading_model_cannot_detect_is_shown_as_not_assessed(worked):
