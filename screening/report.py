@@ -452,7 +452,7 @@ def referral_recommendation(eyes: Sequence[EyeFinding], ungradable_rule: Ungrada
     lv = _eye_level(worst, ungradable_rule)
     def finding(e: EyeFinding) -> str:
         if not e.gradable:
-            return f"{e.eye_name}: ungradable ({e.short_reasons})"
+            return f"{e.eye_name}: ungradable, {e.short_reasons}"
         text = f"{e.eye_name}: {e.dr_name}, {e.dme_name}"
         if _on_score(e) and e.referable_score is not None:
             text += f" (referable-DR score {e.referable_score:.1%} is above the screening threshold)"

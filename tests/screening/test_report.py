@@ -543,7 +543,7 @@ def _ungradable(eye: str, folder: Path | None = None, *reasons: str) -> EyeFindi
 def test_an_ungradable_eye_recalls_or_refers_the_patient_by_rule(rule, level, text):
     ref = referral_recommendation([_eye("R", 0, 0), _ungradable("L")], rule)
     assert (ref.level, ref.text) == (level, text)
-    assert ref.reason == "Left eye: ungradable (too dark (under-exposed))"
+    assert ref.reason == "Left eye: ungradable, too dark (under-exposed)"
 
 
 def test_an_ungradable_eye_never_hides_a_referral_from_the_other_eye():
@@ -595,7 +595,7 @@ def test_report_says_ungradable_recapture_with_the_reasons_and_no_grade(tmp_path
     assert "no retinopathy grade is given for it" in html
     text = " ".join(_pages_text(render_pdf(ctx, TEMPLATES, tmp_path / "reports")))
     assert "Ungradable: recapture" in text and "recall the patient for new photographs" in text
-    assert "Left eye: ungradable (blurred (out of focus or moved), hazy, low contrast" in text  # the reason line
+    assert "Left eye: ungradable, blurred (out of focus or moved), hazy, low contrast" in text  # the reason line
     assert len(re.findall(r"Confidence \d", text)) == 2  # the right eye's DR and DME confidences; the left eye has none
 
 
