@@ -187,7 +187,7 @@ class Filing:
             return None
         self.settings.rejected.mkdir(parents=True, exist_ok=True)
         dest = self._reject_dest(path.name, sha, received_at)
-        when = received_at.astimezone().replace(tzinfo=None)
+        when = received_at.astimezone()  # local, with its offset: the audit counts UTC days, folders local ones
         atomic_write_text(
             _reason_file(dest),
             f"File: {path.name}\nSHA-256: {sha}\nRejected: {when.isoformat(timespec='seconds')}\n"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import shutil
 import time
 import warnings
@@ -85,6 +86,8 @@ def test_refusals_carry_a_code_and_a_message_and_are_filed(stage, settings, name
     assert not path.exists() and outcome.filed_as is not None and outcome.filed_as.parent == settings.rejected
     reason = Path(str(outcome.filed_as) + ".reason.txt").read_text()
     assert outcome.message in reason and name in reason
+    # local time with its offset (the audit counts UTC days; staff compare the two): 2026-12-01T23:48:39-10:00
+    assert re.search(r"^Rejected: \d{4}-\d\d-\d\dT\d\d:\d\d:\d\d[+-]\d\d:\d\d$", reason, re.M), reason
     with session_scope(stage.factory) as s:
         image = s.get(Image, outcome.image_id)
         assert (image.state, image.error, image.stored_path) == ("rejected", outcome.message, str(outcome.filed_as))
