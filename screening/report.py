@@ -467,6 +467,15 @@ def referral_recommendation(eyes: Sequence[EyeFinding], ungradable_rule: Ungrada
     return Referral(lv.level, lv.text, SCORE_REFERRAL_ADVICE if on_score else lv.advice, lv.colour, reason, on_score, basis)
 
 
+def printed_referral(ctx: ReportContext) -> str:
+    """The level key (:data:`REFERRAL_LEVELS`) of the recommendation the PDF of ``ctx`` leads with: the grader's on a
+    reviewed version (its "Clinician sign-off" box), else the model's (:func:`referral_recommendation`, as
+    :func:`template_variables` prints it). Recorded with the version (``reports.referral_level``) for the audit."""
+    if ctx.review is not None:
+        return ctx.review.referral
+    return referral_recommendation(ctx.eye_results(), ctx.ungradable_rule).level
+
+
 def ungradable_next_step(level: ReferralLevel, visit: Referral, result_field: int | None = None) -> str:
     """What an ungradable photograph's section tells staff to do, in step with the visit's recommendation: its
     eye's advice (recall or refer) when that decides the visit; nothing for a field that is not its eye's result
@@ -488,6 +497,7 @@ class Caution:
 
     note: str
     text: str
+    kind: Literal["missing", "mismatch"] = "missing"
 
 
 def visit_cautions(findings: Sequence[EyeFinding]) -> list[Caution]:
@@ -510,9 +520,8 @@ def visit_cautions(findings: Sequence[EyeFinding]) -> list[Caution]:
             name = EYE_NAMES[f.eye].lower()
             cautions.append(Caution(
                 f"{name}: label in doubt",
-                f"Laterality mismatch: the photograph filed as the {name} ({f.source_name}) looks like the other eye. "
-                "This recommendation assumes its label: check which eye it is before acting on it (details in the "
-                f"{name}'s section)."))
+                f"Laterality mismatch: the photograph filed as the {name} ({f.source_name}) looks like the other eye; "
+                "this recommendation assumes its label. Check the eye before acting on it.", "mismatch"))
     return cautions
 
 
@@ -746,6 +755,7 @@ def template_variables(ctx: ReportContext, templates_dir: Path, link_stylesheet:
             "code": code, "name": EYE_NAMES[code], "fields": views,
             "finding": next((v for v in views if v["is_result"]), None),
             "rule_text": EYE_RESULT_RULES[ctx.eye_result_rule],
+            "label_in_doubt": any(f.eye_mismatch for f in fields),
         })
     return dict(
         clinic_name=ctx.clinic_name,
@@ -754,7 +764,9 @@ def template_variables(ctx: ReportContext, templates_dir: Path, link_stylesheet:
         report_version=ctx.report_version,
         generated_at=generated,
         referral=referral,
-        cautions=[c.text for c in visit_cautions(ctx.eyes)],
+        # the box says what a missing eye means; a doubted label is tagged on its eye's summary row (a line in the
+        # box pushed a reviewed two-eye report onto a third page), and its section says why
+        cautions=[c.text for c in visit_cautions(ctx.eyes) if c.kind == "missing"],
         review=_review_view(ctx, referral),
         refused_pages=list(ctx.refused_pages),
         earlier_review=ctx.earlier_review,
@@ -851,6 +863,6 @@ __all__ = [
     "ReferralLevel", "ReportContext", "ReportError", "ReportVersionTaken", "ReviewNote", "UngradableRule", "existing_versions",
     "eye_result",
     "grade_source", "model_metrics_for_report", "undetected_lesions", "with_undetected",
-    "local_fetcher", "referral_recommendation", "render_html", "render_pdf", "render_with_retries", "report_dir", "report_folder",
+    "local_fetcher", "printed_referral", "referral_recommendation", "render_html", "render_pdf", "render_with_retries", "report_dir", "report_folder",
     "template_variables", "ungradable_next_step", "visit_cautions",
 ]
