@@ -174,14 +174,20 @@ def synthesise(n_results: int, seed: int = 0) -> dict[str, tuple[list[str], list
         for i in range(n_results)
     ])
 
-    rep_cols = ["id", "exam_id", "version", "path", "model_version", "created_at"]
+    # each version records the recommendation it printed (revision 0016_report_referral_level): here the worse eye's
+    # referral, roughly (the audit's visit count reads it; its cost does not depend on the values)
+    rep_cols = ["id", "exam_id", "version", "path", "model_version", "created_at", "referral_level"]
     reports: list[tuple] = []
     late = _ts(first_report + np.timedelta64(3600, "s"))
+    worse = np.maximum(dr[0::2], dr[1::2])
+    levels = np.where(worse >= 4, "urgent", np.where(worse == 3, "soon", np.where(
+        referable[0::2] | referable[1::2], "routine", np.where(worse == 1, "rescreen_12", "rescreen_24"))))
     for e in np.flatnonzero(has_report):
         mv = version[2 * e]
-        reports.append((len(reports) + 1, int(e) + 1, 1, f"reports/{e + 1}/report_v1.pdf", mv, s_first_report[e]))
+        reports.append((len(reports) + 1, int(e) + 1, 1, f"reports/{e + 1}/report_v1.pdf", mv, s_first_report[e],
+                        str(levels[e])))
         if second[e]:
-            reports.append((len(reports) + 1, int(e) + 1, 2, f"reports/{e + 1}/report_v2.pdf", mv, late[e]))
+            reports.append((len(reports) + 1, int(e) + 1, 2, f"reports/{e + 1}/report_v2.pdf", mv, late[e], str(levels[e])))
     tables["reports"] = (rep_cols, reports)
     return tables
 

@@ -48,6 +48,15 @@ Ungradable photos, per day and device
     events: the laterality model abstained). Pictures refused as not a fundus photo are not photos of an eye: they are counted
     with the other refusals.
 
+Visits screened, by the recommendation standing
+    The programme's unit is the visit: :class:`VisitStats` counts every visit with a photo received in the period
+    that was graded or stored as ungradable (so a visit whose photos were all ungradable, recalled or referred as
+    such, counts: it is in no grade or "Visits graded" count), by the recommendation its latest report version
+    printed (``reports.referral_level``: the model's on a draft, the grader's on a reviewed version), plus those
+    with no report yet and those whose latest version predates revision 0016_report_referral_level. Counted from
+    the rows in one GROUP BY (not the day tallies: the standing recommendation changes with each new version), for
+    every model version and site: ``--model-version`` and ``--by-site`` do not apply to it, and the output says so.
+
 Per model version
     Grades, referrals, duplicates (of images graded by that version) and turnaround are broken down by
     ``results.model_version``; ``overall`` pools them (and counts every duplicate drop, including those of
@@ -61,7 +70,7 @@ import csv
 import json
 import math
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import date, datetime
 from os import PathLike
@@ -72,7 +81,8 @@ from sqlalchemy import ColumnElement, case, func, select
 from sqlalchemy.orm import Session
 
 from screening.db import tallies
-from screening.db.models import Drop, DropOutcome, Event, Image, ImageState, Result
+from screening.db.models import Drop, DropOutcome, Event, Image, ImageState, Report, Result
+from screening.db.repository import REFERRAL_LEVEL_KEYS
 from screening.db.tallies import NO_REASON
 from screening.rejection import Incident
 from screening.review.agreement import AgreementStats, AgreementSummary, agreement_summary
@@ -136,6 +146,38 @@ class UngradableDay:
         return self.ungradable / self.assessed if self.assessed else None
 
 
+NO_REPORT = "no_report"  # a visit screened in the period with no report version recorded yet
+NOT_RECORDED = "not_recorded"  # its latest version was rendered before revision 0016_report_referral_level
+VISIT_OUTCOMES = (*REFERRAL_LEVEL_KEYS, NO_REPORT, NOT_RECORDED)
+VISITS_SCOPE = "every model version and site (--model-version and --by-site do not apply)"
+_VISIT_LABELS = {
+    "urgent": "Urgent referral", "soon": "Referral within weeks", "routine": "Routine referral",
+    "refer_ungradable": "Refer (ungradable)", "ungradable": "Recall (ungradable)", "rescreen_12": "Rescreen 12 months",
+    "rescreen_24": "Rescreen 12-24 months", "no_images": "No gradable images", NO_REPORT: "No report yet",
+    NOT_RECORDED: "Recorded before this count",
+}
+
+
+@dataclass
+class VisitStats:
+    """Visits screened in the period by the recommendation standing for them: the programme's unit of work.
+
+    ``screened``: visits (exams) with a photo that arrived in the period and was graded or stored as ungradable
+    (state ``done`` or ``reported``); a visit whose photos arrived on two days counts once over a range holding
+    both and once in each day, as "Visits graded" does. ``by_recommendation``: those visits by the level printed
+    on their latest report version (``reports.referral_level``: the model's on a draft, the grader's on a reviewed
+    version), plus ``no_report`` (no version yet) and ``not_recorded`` (the latest version was rendered before
+    revision 0016_report_referral_level). ``set_by_grader``: visits whose latest version is a reviewed one. The
+    recommendation belongs to the visit, not to a model version or a grading site (an ungradable photo has
+    neither), so these counts ignore ``--model-version`` and ``--by-site``."""
+
+    screened: int = 0
+    by_recommendation: dict[str, int] = field(default_factory=lambda: {k: 0 for k in VISIT_OUTCOMES})
+    set_by_grader: int = 0
+    share_set_by_grader: float | None = None
+    scope: str = VISITS_SCOPE
+
+
 @dataclass
 class AuditSummary:
     start: date | None
@@ -153,6 +195,7 @@ class AuditSummary:
     date_basis: str = DATE_BASIS
     agreement: AgreementSummary | None = None  # model versus grader; None in exports made before it existed
     by_site: dict[str, SiteStats] = field(default_factory=dict)  # filled when asked for (audit --by-site)
+    visits: VisitStats | None = None  # visits by standing recommendation; None in exports made before it existed
 
     @property
     def duplicates(self) -> int:
@@ -203,6 +246,7 @@ class AuditSummary:
             date_basis=d.get("date_basis", DATE_BASIS),
             agreement=AgreementSummary.from_dict(d["agreement"]) if d.get("agreement") else None,
             by_site={str(k): SiteStats(**v) for k, v in d.get("by_site", {}).items()},
+            visits=VisitStats(**d["visits"]) if d.get("visits") else None,
         )
 
 
@@ -327,6 +371,37 @@ def _ungradable_days(session: Session, start: date | None, end: date | None,
     return [days[k] for k in sorted(days) if days[k].assessed]
 
 
+def _visit_recommendations(session: Session, lo: datetime | None, hi: datetime | None) -> VisitStats:
+    """:class:`VisitStats` for photos received in ``[lo, hi)``, in one GROUP BY: the distinct visits among the
+    stored photos in the range (along ix_images_state_received_at), each visit's latest report version found along
+    the reports' unique (exam_id, version) index. Read from the rows, not the day tallies: a visit's standing
+    recommendation changes with every new version (a sign-off, a later photo), long after the day it is counted on."""
+    screened = (
+        select(Image.exam_id.label("exam_id"))
+        .where(Image.exam_id.is_not(None), Image.state.in_([ImageState.DONE.value, ImageState.REPORTED.value]),
+               *_in_range(Image.received_at, lo, hi))
+        .distinct()
+        .subquery()
+    )
+    latest_id = (select(Report.id).where(Report.exam_id == screened.c.exam_id).order_by(Report.version.desc())
+                 .limit(1).scalar_subquery())
+    visits = select(screened.c.exam_id, latest_id.label("report_id")).subquery()
+    outcome = case((visits.c.report_id.is_(None), NO_REPORT), else_=func.coalesce(Report.referral_level, NOT_RECORDED))
+    by_grader = case((Report.review_id.is_not(None), 1), else_=0)
+    stats = VisitStats()
+    rows: Sequence[Any] = session.execute(
+        select(outcome, by_grader, func.count()).select_from(visits)
+        .outerjoin(Report, Report.id == visits.c.report_id).group_by(outcome, by_grader)
+    ).all()
+    for level, graded_by, n in rows:
+        key = str(level) if str(level) in stats.by_recommendation else NOT_RECORDED  # a value no release wrote
+        stats.by_recommendation[key] += int(n)
+        stats.screened += int(n)
+        stats.set_by_grader += int(n) if graded_by else 0
+    stats.share_set_by_grader = stats.set_by_grader / stats.screened if stats.screened else None
+    return stats
+
+
 def audit_summary(
     session: Session, start: date | None = None, end: date | None = None, model_version: str | None = None,
     *, by_site: bool = False,
@@ -437,6 +512,7 @@ def audit_summary(
         incidents=ordered(incidents),
         by_site=_site_counts(session, where) if by_site else {},
         ungradable_by_day=_ungradable_days(session, start, end, ordered),
+        visits=_visit_recommendations(session, lo, hi),
     )
 
 
@@ -489,7 +565,10 @@ def summary_rows(summary: AuditSummary) -> list[dict[str, str]]:
       (sections ``ungradable_by_day`` and ``ungradable_reason``);
     * ``reason``: the reason code on the rows counted per reason (sections ``rejected_reason``,
       ``failed_reason``, ``ungradable_reason``; ``key`` then says what was counted: ``rejected``, ``failed``,
-      ``ungradable``).
+      ``ungradable``);
+    * visits screened by their standing recommendation (section ``visits_by_recommendation``): ``key`` is the
+      level (``urgent`` ... ``rescreen_24``, ``no_images``, ``no_report``, ``not_recorded``); ``model_version`` is
+      empty, as these rows cover every model version and site.
     Empty where a column does not apply."""
     out: list[dict[str, Any]] = []
 
@@ -530,6 +609,14 @@ def summary_rows(summary: AuditSummary) -> list[dict[str, str]]:
     for site, site_stats in summary.by_site.items():
         for key in _SITE_KEYS:
             add("site", summary.model_version or ALL, key, getattr(site_stats, key), site=site)
+    if summary.visits is not None:  # period-wide: every model version and site
+        v = summary.visits
+        add("visits", "", "screened", v.screened)
+        for level, n in v.by_recommendation.items():
+            add("visits_by_recommendation", "", level, n)
+        add("visits", "", "set_by_grader", v.set_by_grader)
+        add("visits", "", "share_set_by_grader", v.share_set_by_grader)
+        add("visits", "", "scope", v.scope)
 
     def text(v: Any) -> str:
         if v is None:
@@ -629,11 +716,22 @@ def format_table(summary: AuditSummary) -> str:
             why = ", ".join(f"{r} {n}" for r, n in d.reasons.items())
             lines.append(f"  {d.day:<10}  {d.device[:16]:<16}  {d.assessed:>8}  {d.ungradable:>10}  "
                          f"{(d.rate or 0):>6.1%}  {d.eye_mismatches:>12}  {d.eyes_not_confirmed:>15}  {why}")
+    if summary.visits is not None:
+        lines += ["", *_visit_table(summary.visits)]
     if summary.agreement is not None:
         lines += ["", *_agreement_table(summary.agreement)]
     if summary.by_site:
         lines += ["", *_site_table(summary.by_site)]
     return "\n".join(lines) + "\n"
+
+
+def _visit_table(v: VisitStats) -> list[str]:
+    """Visits screened, by the recommendation standing now (their latest report version)."""
+    share = f" ({v.share_set_by_grader:.1%})" if v.share_set_by_grader is not None else ""
+    return [f"Visits screened (a photo graded or ungradable): {v.screened}; {v.scope}",
+            "  by the recommendation standing (latest report version):",
+            *(f"  {n:>6}  {_VISIT_LABELS[level]}" for level, n in v.by_recommendation.items()),
+            f"  Standing recommendation set by a grader (reviewed version): {v.set_by_grader} of {v.screened}{share}"]
 
 
 def _site_table(by_site: dict[str, SiteStats]) -> list[str]:
@@ -698,6 +796,7 @@ __all__ = [
     "ModelStats",
     "SiteStats",
     "UngradableDay",
+    "VisitStats",
     "audit_summary",
     "format_table",
     "model_versions",

@@ -337,6 +337,10 @@ class Report(Base):
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     # the sign-off this version shows (revision 0014_reviews); empty for the model's draft versions
     review_id: Mapped[int | None] = mapped_column(ForeignKey("reviews.id", ondelete="RESTRICT"))
+    # the recommendation this version's PDF led with, a key of screening.report.REFERRAL_LEVELS: the model's on a
+    # draft, the grader's on a reviewed version (revision 0016_report_referral_level; NULL for reports rendered
+    # before it: not guessed). Checked by the repository, as images.gradable is.
+    referral_level: Mapped[str | None] = mapped_column(String(16))
 
     exam: Mapped[Exam] = relationship(back_populates="reports")
 

@@ -36,6 +36,10 @@ from screening.db.models import (
 )
 
 PathStr = str | PathLike[str]
+# the level keys of screening.report.REFERRAL_LEVELS, most urgent first (reports.referral_level); kept here so the
+# database layer does not import the report renderer's module (tests/screening/db/test_repository.py checks they agree)
+REFERRAL_LEVEL_KEYS = ("urgent", "soon", "routine", "refer_ungradable", "ungradable", "rescreen_12", "rescreen_24",
+                       "no_images")
 
 
 def _path(p: PathStr | None) -> str | None:
@@ -442,10 +446,15 @@ def add_report(
     version: int | None = None,
     created_at: datetime | None = None,
     review_id: int | None = None,
+    referral_level: str | None = None,
 ) -> Report:
     """Record a rendered report; ``version`` defaults to :func:`next_report_version`. Two writers racing
     for the same version get an IntegrityError on flush (unique exam_id, version). ``review_id``: the
-    sign-off the version shows (reviewed versions only)."""
+    sign-off the version shows (reviewed versions only). ``referral_level``: the recommendation the PDF printed
+    (:func:`screening.report.printed_referral`, a key of ``REFERRAL_LEVELS``), which the audit counts visits by;
+    every caller that renders a report passes it (None only for rows loaded by other means)."""
+    if referral_level is not None and referral_level not in REFERRAL_LEVEL_KEYS:
+        raise ValueError(f"unknown referral level {referral_level!r}; expected one of {list(REFERRAL_LEVEL_KEYS)}")
     if exam.id is None:
         session.flush()
     report = Report(
@@ -455,6 +464,7 @@ def add_report(
         model_version=model_version,
         created_at=created_at or utcnow(),
         review_id=review_id,
+        referral_level=referral_level,
     )
     session.add(report)
     session.flush()
@@ -522,6 +532,7 @@ def exams_needing_report(session: Session) -> list[Exam]:
 
 
 __all__ = [
+    "REFERRAL_LEVEL_KEYS",
     "add_event",
     "add_image",
     "add_report",

@@ -32,6 +32,7 @@ from screening.report import (
     UngradableRule,
     existing_versions,
     model_metrics_for_report,
+    printed_referral,
     render_with_retries,
     report_folder,
     with_undetected,
@@ -213,7 +214,8 @@ def _render_reviewed(
                 claims.hold(session, ClaimKind.VISIT, str(exam_id))
             exam = session.get(Exam, exam_id)
             assert exam is not None
-            report = repo.add_report(session, exam, path, model.version, version=version, review_id=review_id)
+            report = repo.add_report(session, exam, path, model.version, version=version, review_id=review_id,
+                                     referral_level=printed_referral(ctx))  # the grader's referral
         log.info("reviewed report v%s for exam %s written", report.version, exam_id)
         return report
     raise ReportError(f"visit {exam_id}: another writer took {VERSION_ATTEMPTS} report versions in a row; try again")

@@ -146,6 +146,7 @@ class PendingReport:
     version: int
     image_ids: tuple[int, ...]  # the exam's images that were 'done' when the report's content was read
     snapshot_at: datetime  # when its content was read: results stored later are not in it
+    referral_level: str | None = None  # the recommendation its PDF prints (screening.report.printed_referral)
 
 
 @dataclass(frozen=True)

@@ -4,8 +4,8 @@ An exam needs a new version when a result (or an ungradable verdict) was stored 
 an earlier render failed). :meth:`ReportStage.submit` reads the exam's results into a
 :class:`~screening.report.ReportContext`, **decides its version** (:meth:`ReportStage.next_version`, the one
 place that does) and hands it to the renderer (by default a side process), which publishes exactly that
-version. :meth:`ReportStage.collect` records the finished ones: a report row, and the images it covers as
-``reported``. A failed render leaves the results stored; the catch-up (``submit()`` without exams) renders
+version. :meth:`ReportStage.collect` records the finished ones: a report row (with the recommendation its PDF
+printed, for the audit), and the images it covers as ``reported``. A failed render leaves the results stored; the catch-up (``submit()`` without exams) renders
 the exam again.
 
 At start-up :meth:`ReportStage.reconcile` makes the report folders and the database agree: a
@@ -49,7 +49,7 @@ from ..findings import refused_page_reasons, stored_finding
 from ..inference import Predictor
 from ..rejection import Incident
 from ..renderer import Renderer, RenderJob, RenderResult
-from ..report import EyeFinding, ReportContext, existing_versions, report_folder, with_undetected
+from ..report import EyeFinding, ReportContext, existing_versions, printed_referral, report_folder, with_undetected
 from .outcomes import PendingReport, ReportFailed, ReportOutcome, ReportWritten
 
 if TYPE_CHECKING:
@@ -213,7 +213,7 @@ class ReportStage:
             except BaseException:
                 self._release(exam_id)
                 raise
-            self._in_flight[key] = PendingReport(exam_id, version, done, snapshot_at)
+            self._in_flight[key] = PendingReport(exam_id, version, done, snapshot_at, printed_referral(ctx))
             submitted += 1
         return submitted
 
@@ -252,7 +252,7 @@ class ReportStage:
                 raise LookupError(f"exam {pending.exam_id} is not in the database; its report {path.name} is unrecorded")
             # created_at = when its content was read, so a result stored after that still counts as unreported
             repo.add_report(session, exam, path, self.predictor.version, version=result.version,
-                            created_at=pending.snapshot_at)
+                            created_at=pending.snapshot_at, referral_level=pending.referral_level)
             for image in exam.images:
                 if image.id in pending.image_ids and image.state == ImageState.DONE:
                     repo.set_state(session, image, ImageState.REPORTED)

@@ -469,3 +469,109 @@ def test_audit_groups_by_the_site_that_graded(factory, tmp_path):
     table = format_table(summary)
     assert "By site" in table and next(line for line in table.splitlines() if line.startswith("Images graded")
                                        and "north" not in line)
+
+
+# ------------------------------------------------------------------------------ visits by standing recommendation
+
+
+def _stored(s, exam, eye, received, *, graded=True, referable=False):
+    """A photo stored by the worker: graded (a result), or judged ungradable (no result), state 'done'."""
+    if graded:
+        return _image(s, exam, eye, received, result=("v1", 2 if referable else 0, 0, referable, received + timedelta(seconds=5)))
+    img = _checked(s, exam, eye, received, False, ["blurred"])
+    repo.set_state(s, img, "done")
+    return img
+
+
+@pytest.fixture
+def visits(factory):
+    """Visits on 2024-05-01 and 2024-05-02 with the recommendation each report version printed."""
+    from screening.db.models import Review
+
+    nxt = DAY + timedelta(days=1)
+    with session_scope(factory) as s:
+        exam = lambda code: repo.get_or_create_exam(s, repo.get_or_create_patient(s, code), DAY)  # noqa: E731
+        # every photo ungradable: recalled (ungradable_rule "recall") and referred (ungradable_rule "refer")
+        recall, refer = exam("U1"), exam("U2")
+        for e, level in ((recall, "ungradable"), (refer, "refer_ungradable")):
+            _stored(s, e, "R", at(0), graded=False)
+            _stored(s, e, "L", at(5), graded=False)
+            repo.add_report(s, e, f"r/{e.id}v1.pdf", "v1", created_at=at(60), referral_level=level)
+        # the model's draft said routine; a grader's reviewed version said urgent: the grader's stands
+        reviewed = exam("G1")
+        _stored(s, reviewed, "R", at(100), referable=True)
+        repo.add_report(s, reviewed, "r/g1v1.pdf", "v1", created_at=at(160), referral_level="routine")
+        review = Review(exam_id=reviewed.id, reviewer="Dr A", source="cli", outcome="corrected", referral="urgent",
+                        model_referral="routine", reviewed_at=at(200), created_at=at(200))
+        s.add(review)
+        s.flush()
+        repo.add_report(s, reviewed, "r/g1v2.pdf", "v1", created_at=at(210), review_id=review.id, referral_level="urgent")
+        # graded, no report yet
+        waiting = exam("G2")
+        _stored(s, waiting, "R", at(300))
+        # reported before revision 0016: its level is not known
+        old = exam("G3")
+        _stored(s, old, "R", at(400))
+        repo.add_report(s, old, "r/g3v1.pdf", "v1", created_at=at(460))
+        # photos on two days: rescreen; counted once over both days and once in each
+        two_days = exam("G4")
+        _stored(s, two_days, "R", at(500))
+        _stored(s, two_days, "L", at(86_400 + 500))
+        repo.add_report(s, two_days, "r/g4v2.pdf", "v1", version=2, created_at=at(86_400 + 600), referral_level="rescreen_24")
+        repo.add_report(s, two_days, "r/g4v1.pdf", "v1", version=1, created_at=at(600), referral_level="rescreen_24")
+        # not screened: a photo still waiting for its checks, and a refused page of a visit
+        pending = exam("N1")
+        _image(s, pending, "R", at(700))
+        repo.add_image(s, sha256="9" * 64, source_name="N1_R.tif (page 2)", exam=pending, eye="R", page=2,
+                       file_sha256="8" * 64, state="rejected", error="not a fundus photo", error_code="not_fundus",
+                       received_at=at(700))
+    assert nxt == date(2024, 5, 2)
+    return factory
+
+
+def test_visits_screened_count_each_visit_once_by_its_standing_recommendation(visits):
+    """Found in a staff-style check: the audit's referral rows were per photo, and a visit whose photos were all
+    ungradable was in no visit count (not in "Visits graded"), so recalled and refer-for-ungradable visits were
+    missing from every referral figure. Each visit screened now counts once, by the level its latest report
+    version printed: the grader's on a reviewed version."""
+    with visits() as s:
+        both_days = audit_summary(s)
+        first, second = audit_summary(s, DAY, DAY), audit_summary(s, date(2024, 5, 2), date(2024, 5, 2))
+        later = audit_summary(s, date(2024, 5, 3), None)
+    v = both_days.visits
+    assert v is not None and v.screened == 6
+    assert v.by_recommendation == {"urgent": 1, "soon": 0, "routine": 0, "refer_ungradable": 1, "ungradable": 1,
+                                   "rescreen_12": 0, "rescreen_24": 1, "no_images": 0, "no_report": 1, "not_recorded": 1}
+    assert sum(v.by_recommendation.values()) == v.screened
+    assert (v.set_by_grader, v.share_set_by_grader) == (1, pytest.approx(1 / 6))
+    assert both_days.overall.exams == 4  # "Visits graded" leaves the two all-ungradable visits out
+    assert (first.visits.screened, second.visits.screened) == (6, 1)  # the two-day visit once in each day
+    assert second.visits.by_recommendation["rescreen_24"] == 1 and second.visits.set_by_grader == 0
+    assert later.visits.screened == 0
+
+
+def test_visit_rows_ignore_the_model_filter_and_reach_the_table_csv_and_json(visits, tmp_path):
+    with visits() as s:
+        summary = audit_summary(s, DAY, DAY, model_version="v1", by_site=True)
+        assert summary.visits == audit_summary(s, DAY, DAY).visits  # the visit's recommendation, whatever graded it
+    table = format_table(summary)
+    assert "Visits screened (a photo graded or ungradable): 6; every model version and site" in table
+    assert "--model-version and --by-site do not apply" in table
+    lines = table.splitlines()
+    for label, n in (("Urgent referral", 1), ("Recall (ungradable)", 1), ("Refer (ungradable)", 1), ("No report yet", 1),
+                     ("Recorded before this count", 1), ("Rescreen 12-24 months", 1), ("Routine referral", 0)):
+        assert any(line.split() == [str(n), *label.split()] for line in lines), label
+    assert "Standing recommendation set by a grader (reviewed version): 1 of 6 (16.7%)" in table
+    with write_csv(summary, tmp_path / "a.csv").open(newline="", encoding="utf-8") as fh:
+        rows = list(csv.DictReader(fh))
+    levels = {r["key"]: r["value"] for r in rows if r["section"] == "visits_by_recommendation"}
+    assert levels["ungradable"] == levels["refer_ungradable"] == levels["urgent"] == levels["no_report"] == "1"
+    assert all(r["model_version"] == "" for r in rows if r["section"].startswith("visits"))
+    visit_rows = {r["key"]: r["value"] for r in rows if r["section"] == "visits"}
+    assert (visit_rows["screened"], visit_rows["set_by_grader"], visit_rows["share_set_by_grader"]) == ("6", "1", "0.167")
+    back = read_json(write_json(summary, tmp_path / "a.json"))
+    assert back == summary
+    assert json.loads((tmp_path / "a.json").read_text())["visits"]["by_recommendation"]["refer_ungradable"] == 1
+    older = json.loads((tmp_path / "a.json").read_text())
+    del older["visits"]  # an export made before these rows existed still reads
+    assert AuditSummary.from_dict(older).visits is None

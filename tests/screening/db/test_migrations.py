@@ -45,7 +45,7 @@ def _below(revision: str) -> str:
 # claims (issue 15, whose branch was merged after those)
 ORDER = ["0001", "0002", "0007_device_original_masks", "0014_reviews", "0006_hardening", "0005_gradability_laterality",
          "0009_pages", "0010_db_identity", "0003_audit_columns_indexes", "0008_claims_sites", "0011_audit_tallies",
-         "0015_check_models"]
+         "0015_check_models", "0016_report_referral_level"]
 
 
 def test_one_linear_chain_with_the_review_and_audit_revisions_in_order():
@@ -434,4 +434,35 @@ def test_upgrade_from_hardening_adds_the_intake_checks_as_unknown(db_url):
         s.commit()
     with make_session_factory(engine)() as s:
         assert s.scalars(select(Image)).one().quality_reasons == ["blurred"]
+    engine.dispose()
+
+
+def test_referral_level_column_comes_and_goes_with_revision_0016(db_url):
+    """Revision 0016_report_referral_level: reports.referral_level (the recommendation each version printed, which
+    the audit counts visits by), NULL for the reports rendered before it: never guessed."""
+    from alembic import command
+
+    from screening.db.migrate import alembic_config
+
+    engine = make_engine(db_url)
+    upgrade(engine, "0015_check_models")
+    assert "referral_level" not in _cols(engine, "reports")
+    with engine.begin() as conn:
+        conn.exec_driver_sql("INSERT INTO patients (id, code, created_at) VALUES (1, 'P1', '2025-01-01 00:00:00')")
+        conn.exec_driver_sql("INSERT INTO exams (id, patient_id, exam_date, created_at) VALUES (1, 1, '2025-01-01', '2025-01-01 00:00:00')")
+        conn.exec_driver_sql("INSERT INTO reports (exam_id, version, path, model_version, created_at) "
+                             "VALUES (1, 1, 'r.pdf', 'v', '2025-01-01 00:00:00')")
+    upgrade(engine, "0016_report_referral_level")
+    assert "referral_level" in _cols(engine, "reports")
+    with engine.begin() as conn:
+        assert tuple(conn.exec_driver_sql("SELECT path, referral_level FROM reports").one()) == ("r.pdf", None)
+        conn.exec_driver_sql("INSERT INTO reports (exam_id, version, path, model_version, created_at, referral_level) "
+                             "VALUES (1, 2, 'r2.pdf', 'v', '2025-01-02 00:00:00', 'refer_ungradable')")
+    with engine.begin() as conn:
+        command.downgrade(alembic_config(connection=conn), "0015_check_models")
+    assert "referral_level" not in _cols(engine, "reports")
+    with engine.connect() as conn:  # the reports stay, without the column
+        assert [r[0] for r in conn.exec_driver_sql("SELECT path FROM reports ORDER BY version")] == ["r.pdf", "r2.pdf"]
+    init_db(engine)
+    assert current_revision(engine) == head_revision() and _diff(engine) == []
     engine.dispose()

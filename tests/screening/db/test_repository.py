@@ -142,6 +142,23 @@ def test_report_versions(factory):
             repo.add_report(s, s.get(Exam, exam_id), "r/dup.pdf", "m1", version=2)
 
 
+def test_a_report_records_the_recommendation_it_printed(factory):
+    """reports.referral_level (revision 0016_report_referral_level): a level key of screening.report.REFERRAL_LEVELS,
+    what the audit counts visits by; anything else is refused before it reaches the database."""
+    from screening.report import REFERRAL_LEVELS
+
+    assert repo.REFERRAL_LEVEL_KEYS == tuple(REFERRAL_LEVELS)  # the database layer's copy of the keys
+    with session_scope(factory) as s:
+        exam = repo.get_or_create_exam(s, repo.get_or_create_patient(s, "P1"), date(2024, 5, 1))
+        repo.add_report(s, exam, "r/v1.pdf", "m1", referral_level="refer_ungradable")
+        repo.add_report(s, exam, "r/v2.pdf", "m1")  # loaded by other means: not known
+        with pytest.raises(ValueError, match="unknown referral level 'refer'"):
+            repo.add_report(s, exam, "r/v3.pdf", "m1", referral_level="refer")
+        exam_id = exam.id
+    with factory() as s:
+        assert [(r.version, r.referral_level) for r in s.get(Exam, exam_id).reports] == [(1, "refer_ungradable"), (2, None)]
+
+
 def test_images_in_state_for_recovery(factory):
     with session_scope(factory) as s:
         a = repo.add_image(s, sha256="a" * 64, source_name="a", received_at=T0 + timedelta(seconds=2))

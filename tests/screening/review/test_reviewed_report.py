@@ -157,3 +157,30 @@ def test_a_visit_the_worker_found_ungradable_is_reviewed_and_rendered_with_its_p
     for needle in ["Clinician sign-off", "confirmed the automated grading", "Recall: ungradable image",
                    "Ungradable: recapture", "Grader: ungradable (agrees)", "test-synthetic-v1"]:
         assert _has(text, needle), needle
+
+
+def test_each_version_records_the_recommendation_it_printed_and_the_audit_counts_the_standing_one(settings_db, intake_models):
+    """reports.referral_level: the worker's draft records the model's referral as its PDF printed it (here every
+    photo ungradable under ungradable_rule "refer"), the reviewed version the grader's; the audit counts the visit
+    as screened (it has no graded photo, so "Visits graded" never did) under the recommendation standing: first the
+    model's, then the grader's (on SQLite and PostgreSQL)."""
+    from screening.audit import audit_summary
+
+    w = run_worker(settings_db.model_copy(update={"quality_model": intake_models["dark_blurred"], "ungradable_rule": "refer"}),
+                   {"U7_R.jpg": 4})
+    exam_id = w.exams["U7"]
+    with session_scope(w.factory) as s:
+        [draft] = rrepo.exam_reports(s, exam_id)
+        assert (draft.review_id, draft.referral_level) == (None, "refer_ungradable")
+        before = audit_summary(s).visits
+    assert before is not None and before.screened == 1 and before.set_by_grader == 0
+    assert before.by_recommendation["refer_ungradable"] == 1
+    with session_scope(w.factory) as s:  # the grader can grade the photo: proliferative DR
+        sign_off(s, exam_id, reviewer="Dr A. Grey", source="cli", answers=[EyeReview("R", True, 4, 0)], ungradable_rule="refer")
+    reviewed = _render(w, exam_id)
+    assert (reviewed.version, reviewed.referral_level) == (2, "urgent")
+    assert _has(_text(reviewed.path), "Urgent referral")
+    with session_scope(w.factory) as s:
+        after = audit_summary(s).visits
+    assert after is not None and (after.screened, after.set_by_grader) == (1, 1)
+    assert after.by_recommendation["urgent"] == 1 and after.by_recommendation["refer_ungradable"] == 0
