@@ -136,12 +136,23 @@ class Exam(Base):
     """One visit: a patient's photos taken on one date (the unit a PDF report covers)."""
 
     __tablename__ = "exams"
-    __table_args__ = (UniqueConstraint("patient_id", "exam_date"),)
+    __table_args__ = (
+        UniqueConstraint("patient_id", "exam_date"),
+        Index("ix_exams_screened_standing", "screened_at", "standing_version", "standing_level", "standing_by_grader"),
+    )
 
     id: Mapped[int] = mapped_column(primary_key=True)
     patient_id: Mapped[int] = mapped_column(ForeignKey("patients.id", ondelete="RESTRICT"))
     exam_date: Mapped[date]
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    # Kept by screening.db.tallies for the audit's visits by standing recommendation (revision
+    # 0016_report_referral_level), so a year of visits is one index range, not a walk of a million photos:
+    # the arrival of its first photo graded or stored ungradable (NULL: none yet), and its latest report version's
+    # number, printed recommendation (reports.referral_level) and whether a grader's sign-off set it.
+    screened_at: Mapped[datetime | None]
+    standing_version: Mapped[int | None]
+    standing_level: Mapped[str | None] = mapped_column(String(16))
+    standing_by_grader: Mapped[bool | None]
 
     patient: Mapped[Patient] = relationship(back_populates="exams")
     images: Mapped[list[Image]] = relationship(back_populates="exam", order_by="Image.id")

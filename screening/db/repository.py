@@ -271,6 +271,9 @@ def set_state(session: Session, image: Image, state: str, error: str | None = No
     image.error = error if keep else None
     image.error_code = code if keep else None
     image.updated_at = utcnow()
+    if new == ImageState.DONE:  # graded or stored ungradable: its visit is screened (the audit's visit counts)
+        session.flush()
+        tallies.screen_exam(session, image)
     message = f"{old} -> {new}" + (f": {error}" if error else "")
     return add_event(session, "state", message, image=image, code=code if keep else None)
 
@@ -468,6 +471,7 @@ def add_report(
     )
     session.add(report)
     session.flush()
+    tallies.stand_exam(session, exam.id, report.version, referral_level, review_id is not None)  # the audit's visits
     _record_turnaround(session, exam.id, report.created_at)
     add_event(session, "report", f"exam {exam.id} v{report.version}: {report.path}")
     return report

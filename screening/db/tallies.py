@@ -14,7 +14,12 @@ checks it on both databases), because:
   that covers only one of its days counts it exactly as a scan would;
 * a verdict stored again (the checks re-run after a crash) replaces its old contribution, it does not add.
 
-Only this module writes the two tables. ``rebuild`` recomputes them from the rows, for a database filled by
+The visits by standing recommendation are kept on the visit's own row instead (``exams.screened_at`` and the
+``standing_*`` columns, revision 0016_report_referral_level): a visit's recommendation changes with each new
+report version, long after the day it is counted on, so a day tally would go stale; one value per visit, counted
+by an index range over ``exams``, does not. A visit counts once, in the period its first screened photo arrived in.
+
+Only this module writes the two tables and those columns. ``rebuild`` recomputes them from the rows, for a database filled by
 other means (a bulk import, a benchmark) or after an upgrade to revision 0011_audit_tallies, which fills them
 the same way.
 """
@@ -26,12 +31,12 @@ from collections.abc import Iterable, Mapping, Sequence
 from datetime import date, datetime, time, timedelta, timezone
 from typing import Any, NamedTuple
 
-from sqlalchemy import Text, case, delete, func, select, text, update
+from sqlalchemy import Text, case, delete, func, or_, select, text, update
 from sqlalchemy import cast as cast_
 from sqlalchemy.orm import Session
 
 from screening.db.dialect import insert_on_conflict
-from screening.db.models import AuditTally, Drop, Event, ExamTally, Image, Result
+from screening.db.models import AuditTally, Drop, Event, Exam, ExamTally, Image, Result
 
 # metrics (AuditTally.metric)
 GRADED = "graded"  # per model, key "dr|dme|referable": graded images
@@ -284,13 +289,45 @@ def reason_counts(session: Session) -> dict[Key, int]:
     return out
 
 
+def screen_exam(session: Session, image: Image) -> None:
+    """``image`` was graded or stored ungradable: its visit counts as screened from its first such photo's arrival
+    (``exams.screened_at``, the earliest, whatever order they are graded in)."""
+    if image.exam_id is None:
+        return
+    session.execute(update(Exam).where(Exam.id == image.exam_id,
+                                       or_(Exam.screened_at.is_(None), Exam.screened_at > image.received_at))
+                    .values(screened_at=image.received_at).execution_options(synchronize_session="fetch"))
+
+
+def stand_exam(session: Session, exam_id: int, version: int, level: str | None, by_grader: bool) -> None:
+    """Report ``version`` of the visit was recorded: it stands for the visit unless a later one already does."""
+    session.execute(update(Exam).where(Exam.id == exam_id, or_(Exam.standing_version.is_(None),
+                                                                Exam.standing_version <= version))
+                    .values(standing_version=version, standing_level=level, standing_by_grader=by_grader)
+                    .execution_options(synchronize_session="fetch"))
+
+
+# the same in the migration that adds the columns (0016_report_referral_level), which cannot import this module.
+# "i.state || ''" keeps SQLite on ix_images_exam_id: on ix_images_state_received_at (state = ?) each visit's
+# look-up walked every stored photo (a rebuild of 500,000 visits did not end in minutes)
+STANDING_SQL = """UPDATE exams SET
+    screened_at = (SELECT min(i.received_at) FROM images i WHERE i.exam_id = exams.id
+                                                 AND i.state || '' IN ('done', 'reported')),
+    standing_version = (SELECT max(r.version) FROM reports r WHERE r.exam_id = exams.id),
+    standing_level = (SELECT r.referral_level FROM reports r WHERE r.exam_id = exams.id ORDER BY r.version DESC LIMIT 1),
+    standing_by_grader = (SELECT r.review_id IS NOT NULL FROM reports r WHERE r.exam_id = exams.id
+                          ORDER BY r.version DESC LIMIT 1)"""
+
+
 def rebuild(session: Session) -> None:
-    """Recompute both tables from the rows (in the caller's transaction)."""
+    """Recompute both tables and the visits' standing columns from the rows (in the caller's transaction)."""
     session.execute(delete(AuditTally))
     session.execute(delete(ExamTally))
     for sql in REBUILD_SQL:
         session.execute(text(sql))
     add(session, reason_counts(session))
+    session.execute(text(STANDING_SQL))
+    session.expire_all()  # the columns changed under any loaded Exam
 
 
 def check(session: Session) -> list[str]:
@@ -301,15 +338,26 @@ def check(session: Session) -> list[str]:
                                       AuditTally.detail, AuditTally.n).where(AuditTally.n != 0)).all()
         return {(_as_date(r[0]), *r[1:5]): int(r[5]) for r in rows}
 
-    kept = snapshot()
+    def standing() -> dict[int, tuple[Any, ...]]:
+        rows = session.execute(select(Exam.id, Exam.screened_at, Exam.standing_version, Exam.standing_level,
+                                      Exam.standing_by_grader)).all()
+        return {int(r[0]): (r[1], r[2], r[3], None if r[4] is None else bool(r[4])) for r in rows}
+
+    kept, kept_standing = snapshot(), standing()
     nested = session.begin_nested()
     try:
         rebuild(session)
-        want = snapshot()
+        want, want_standing = snapshot(), standing()
     finally:
         nested.rollback()
+        session.expire_all()
+    names = ("screened_at", "standing_version", "standing_level", "standing_by_grader")
     return [f"{' '.join(str(p) for p in k)}: kept {kept.get(k, 0)}, rows say {want.get(k, 0)}"
-            for k in sorted(set(kept) | set(want), key=str) if kept.get(k, 0) != want.get(k, 0)]
+            for k in sorted(set(kept) | set(want), key=str) if kept.get(k, 0) != want.get(k, 0)] + [
+        f"exam {exam_id} {name}: kept {a}, rows say {b}"
+        for exam_id in sorted(set(kept_standing) | set(want_standing))
+        for name, a, b in zip(names, kept_standing.get(exam_id, (None,) * 4), want_standing.get(exam_id, (None,) * 4))
+        if a != b]
 
 
 __all__ = [
@@ -340,6 +388,8 @@ __all__ = [
     "parse_grade_key",
     "rebuild",
     "reason_counts",
+    "screen_exam",
+    "stand_exam",
     "sums",
     "utc_bounds",
     "utc_day",

@@ -513,7 +513,7 @@ def visits(factory):
         old = exam("G3")
         _stored(s, old, "R", at(400))
         repo.add_report(s, old, "r/g3v1.pdf", "v1", created_at=at(460))
-        # photos on two days: rescreen; counted once over both days and once in each
+        # photos on two days: rescreen; counted once, in the day its first photo arrived
         two_days = exam("G4")
         _stored(s, two_days, "R", at(500))
         _stored(s, two_days, "L", at(86_400 + 500))
@@ -545,9 +545,29 @@ def test_visits_screened_count_each_visit_once_by_its_standing_recommendation(vi
     assert sum(v.by_recommendation.values()) == v.screened
     assert (v.set_by_grader, v.share_set_by_grader) == (1, pytest.approx(1 / 6))
     assert both_days.overall.exams == 4  # "Visits graded" leaves the two all-ungradable visits out
-    assert (first.visits.screened, second.visits.screened) == (6, 1)  # the two-day visit once in each day
-    assert second.visits.by_recommendation["rescreen_24"] == 1 and second.visits.set_by_grader == 0
+    assert (first.visits.screened, second.visits.screened) == (6, 0)  # a visit counts where its first photo arrived
+    assert first.visits.by_recommendation["rescreen_24"] == 1  # the two-day visit, in its first day only
     assert later.visits.screened == 0
+
+
+def test_the_visits_standing_is_kept_as_the_rows_say_and_tallies_check_finds_it_stale(visits):
+    """Each visit keeps its first screened arrival and standing version on its row (what the audit counts along
+    one index instead of walking a year's photos): written as photos and reports are recorded, in any order (G4's
+    version 2 before its version 1), it agrees with a rebuild from the rows; a changed value is reported by
+    `tallies check` and put right by `tallies rebuild`."""
+    from sqlalchemy import select, update
+
+    from screening.db import tallies
+    from screening.db.models import Exam, Patient
+
+    with session_scope(visits) as s:
+        assert tallies.check(s) == []
+        g4 = s.scalars(select(Exam).join(Patient).where(Patient.code == "G4")).one()
+        assert (g4.standing_version, g4.standing_level, g4.screened_at) == (2, "rescreen_24", at(500))
+        s.execute(update(Exam).where(Exam.id == g4.id).values(standing_level="urgent"))
+        assert tallies.check(s) == [f"exam {g4.id} standing_level: kept urgent, rows say rescreen_24"]
+        tallies.rebuild(s)
+        assert tallies.check(s) == []
 
 
 def test_visit_rows_ignore_the_model_filter_and_reach_the_table_csv_and_json(visits, tmp_path):

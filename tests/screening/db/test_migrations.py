@@ -456,11 +456,15 @@ def test_referral_level_column_comes_and_goes_with_revision_0016(db_url):
     assert "referral_level" in _cols(engine, "reports")
     with engine.begin() as conn:
         assert tuple(conn.exec_driver_sql("SELECT path, referral_level FROM reports").one()) == ("r.pdf", None)
+        # the visit's standing version, filled from the rows: v1, level unknown, no grader; no photo screened
+        standing = conn.exec_driver_sql("SELECT screened_at, standing_version, standing_level, standing_by_grader "
+                                        "FROM exams").one()
+        assert (standing[0], standing[1], standing[2], bool(standing[3])) == (None, 1, None, False)
         conn.exec_driver_sql("INSERT INTO reports (exam_id, version, path, model_version, created_at, referral_level) "
                              "VALUES (1, 2, 'r2.pdf', 'v', '2025-01-02 00:00:00', 'refer_ungradable')")
     with engine.begin() as conn:
         command.downgrade(alembic_config(connection=conn), "0015_check_models")
-    assert "referral_level" not in _cols(engine, "reports")
+    assert "referral_level" not in _cols(engine, "reports") and "standing_level" not in _cols(engine, "exams")
     with engine.connect() as conn:  # the reports stay, without the column
         assert [r[0] for r in conn.exec_driver_sql("SELECT path FROM reports ORDER BY version")] == ["r.pdf", "r2.pdf"]
     init_db(engine)
