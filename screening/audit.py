@@ -621,12 +621,21 @@ def summary_rows(summary: AuditSummary) -> list[dict[str, str]]:
     return [{name: text(row.get(name)) for name in CSV_FIELDS} for row in out]
 
 
+_FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
+
+
+def _cell(value: object) -> object:
+    """A text cell a spreadsheet would read as a formula (a camera name from a DICOM tag, a reviewer's name:
+    ``=HYPERLINK(...)``) written with a leading apostrophe, as OWASP advises for CSV exports; numbers unchanged."""
+    return "'" + value if isinstance(value, str) and value.startswith(_FORMULA_START) else value
+
+
 def write_csv(summary: AuditSummary, path: str | PathLike[str]) -> Path:
     path = Path(path)
     with path.open("w", newline="", encoding="utf-8") as fh:
         writer = csv.DictWriter(fh, fieldnames=CSV_FIELDS)
         writer.writeheader()
-        writer.writerows(summary_rows(summary))
+        writer.writerows({k: _cell(v) for k, v in row.items()} for row in summary_rows(summary))
     return path
 
 

@@ -335,7 +335,8 @@ def dicom_identity(photo: DicomPhoto, path: str | os.PathLike[str], patterns: tu
         raise _refuse(RejectReason.IDENTITY, p.name,
                       "no exam date: neither Acquisition DateTime (0008,002A) nor Study Date (0008,0020) is present, and "
                       "the file name or sidecar gives none; export it with its study date, or add a sidecar "
-                      '(IM000001.json beside IM000001) with {"exam_date": "YYYY-MM-DD"}')
+                      '(IM000001.json beside IM000001) with {"patient_id": "<its Patient ID>", "exam_date": "YYYY-MM-DD"} '
+                      "(a sidecar names the patient, so it gives the same id as the tag)")
     return Identity(patient_id=photo.patient_id, eye=eye, exam_date=exam_date, device=photo.device, eye_from=eye_from)
 
 

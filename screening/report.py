@@ -476,17 +476,23 @@ def printed_referral(ctx: ReportContext) -> str:
     return referral_recommendation(ctx.eye_results(), ctx.ungradable_rule).level
 
 
-def ungradable_next_step(level: ReferralLevel, visit: Referral, result_field: int | None = None) -> str:
-    """What an ungradable photograph's section tells staff to do, in step with the visit's recommendation: its
-    eye's advice (recall or refer) when that decides the visit; nothing for a field that is not its eye's result
-    (``result_field``: the field that is, e.g. a gradable retake); and, when the other eye's outcome is more urgent,
-    that outcome first. Each section gave its own eye's advice, so an eye under a referral for the other eye read
-    "recall the patient for new photographs" (found in a clinic-style check)."""
+def ungradable_next_step(level: ReferralLevel, standing: ReferralLevel, result_field: int | None = None, *,
+                         signed_off: bool = False, graded_by_grader: bool = False) -> str:
+    """What an ungradable photograph's section tells staff to do, in step with the recommendation that stands
+    (``standing``: the model's on a draft, the grader's on a reviewed version, ``signed_off``): its eye's advice
+    (recall or refer) when that decides the visit; nothing for a field that is not its eye's result
+    (``result_field``: the field that is, e.g. a gradable retake) or for an eye the grader graded; and, when
+    another outcome stands above it, that outcome. Each section gave its own eye's advice, so an eye under a
+    referral for the other eye read "recall the patient for new photographs" (found in a clinic-style check)."""
     if result_field is not None:
         return f"none for this photograph: the eye's result is field {result_field}'s."
-    if REFERRAL_LEVELS[visit.level].rank > level.rank:
-        return (f"the recommendation above (\"{visit.text}\") comes first; the eye examination it leads to covers "
+    if graded_by_grader:
+        return "none for this photograph: the grader graded this eye (above); the sign-off's recommendation stands."
+    if standing.rank > level.rank:
+        return (f"the recommendation above (\"{standing.text}\") comes first; the eye examination it leads to covers "
                 "this eye too.")
+    if signed_off and standing.level != level.level:  # the grader chose another outcome for the visit: it stands
+        return f"as the sign-off above says (\"{standing.text}\")."
     return level.advice
 
 
@@ -513,10 +519,11 @@ def visit_cautions(findings: Sequence[EyeFinding]) -> list[Caution]:
         name, other = EYE_NAMES[missing].lower(), EYE_NAMES[received[0]].lower()
         cautions.append(Caution(
             f"{name} missing",
-            f"Incomplete visit: no photograph of the {name} was received, so this recommendation covers the {other} "
-            f"only. Photograph or grade the {name} before the screening episode is closed."))
+            f"Incomplete visit: no photograph of the {name} was graded (none received, or refused), so this "
+            f"recommendation covers the {other} only. Photograph or grade the {name} before the screening episode is "
+            "closed."))
     for f in findings:
-        if f.eye_mismatch:
+        if f.eye_mismatch and not any(c.note == f"{EYE_NAMES[f.eye].lower()}: label in doubt" for c in cautions):
             name = EYE_NAMES[f.eye].lower()
             cautions.append(Caution(
                 f"{name}: label in doubt",
@@ -747,10 +754,12 @@ def template_variables(ctx: ReportContext, templates_dir: Path, link_stylesheet:
         views = [dict(_eye_view(f, grader if f is result else None, ctx.ungradable_rule), number=k, is_result=f is result)
                  for k, f in enumerate(fields, start=1)]
         result_number = next((k for k, f in enumerate(fields, start=1) if f is result), None)
+        standing = REFERRAL_LEVELS[ctx.review.referral if ctx.review else referral.level]  # what the PDF leads with
         for view, f in zip(views, fields):
             if not f.gradable:
-                view["next_step"] = ungradable_next_step(_eye_level(f, ctx.ungradable_rule), referral,
-                                                         None if f is result else result_number)
+                view["next_step"] = ungradable_next_step(
+                    _eye_level(f, ctx.ungradable_rule), standing, None if f is result else result_number,
+                    signed_off=ctx.review is not None, graded_by_grader=f is result and grader is not None and grader.gradable)
         eyes.append({
             "code": code, "name": EYE_NAMES[code], "fields": views,
             "finding": next((v for v in views if v["is_result"]), None),

@@ -156,7 +156,9 @@ def add_image(
 ) -> Image:
     """A new distinct file content (or a page of a multi-page file: ``page`` and ``file_sha256``). Raises
     IntegrityError on flush if ``sha256`` is already known: check :func:`get_image_by_sha` first and
-    :func:`record_drop` a duplicate instead."""
+    :func:`record_drop` a duplicate instead. A photo is graded or stored ungradable through :func:`set_state`
+    (``done``), which also marks its visit screened (``exams.screened_at``); created here in that state, it is not
+    (until ``tallies rebuild``)."""
     now = received_at or utcnow()
     image = Image(
         sha256=sha256.lower(),

@@ -353,6 +353,23 @@ def test_the_csv_gives_day_device_and_reason_their_own_columns(checked, tmp_path
                for r in rows if r["section"] == "ungradable_by_day")
 
 
+def test_a_csv_cell_a_spreadsheet_would_run_as_a_formula_is_written_as_text(factory, tmp_path):
+    """A camera name comes from a DICOM tag, any printable text: in its own CSV column, '=HYPERLINK(...)' would be a
+    live formula when staff open the file (review finding). Such cells start with an apostrophe; numbers do not."""
+    with session_scope(factory) as s:
+        e = repo.get_or_create_exam(s, repo.get_or_create_patient(s, "Q3"), DAY)
+        _checked(s, e, "R", at(10), True, device='=HYPERLINK("http://x","y")')
+        _checked(s, e, "L", at(20), True, device="-1+1")
+    with session_scope(factory) as s:
+        summary = audit_summary(s)
+    with write_csv(summary, tmp_path / "a.csv").open(newline="", encoding="utf-8") as fh:
+        rows = list(csv.DictReader(fh))
+    devices = {r["device"] for r in rows if r["device"]}
+    assert devices == {"'=HYPERLINK(\"http://x\",\"y\")", "'-1+1"}
+    assert all(not v.startswith(("=", "+", "@")) for r in rows for v in r.values() if v)
+    assert any(r["value"] == "1" for r in rows if r["device"] == "'-1+1")  # counts stay numbers
+
+
 def test_ungradable_days_split_at_utc_midnight(factory):
     """The database groups by the stored (naive UTC) arrival time's date: a photo a millisecond before midnight UTC
     and one at midnight fall on two days, on each database."""

@@ -568,6 +568,13 @@ def test_an_ungradable_photos_next_step_follows_the_visits_recommendation():
     assert step == rpt.REFERRAL_LEVELS["ungradable"].advice
     [step] = _next_steps(_ctx([_ungradable("L"), _eye("L", 0, 0), _eye("R", 0, 0)]))  # field 1; the retake graded
     assert step == "none for this photograph: the eye's result is field 2's."
+    # a reviewed version follows the grader's recommendation, not the model's it replaced (review finding)
+    overturned = _review(referral="ungradable", eyes=(rpt.EyeReview("R", True, 0, 0), rpt.EyeReview("L", False, None, None)))
+    [step] = _next_steps(dataclasses.replace(_ctx([_eye("R", 3, 0), _ungradable("L")]), review=overturned))
+    assert step == rpt.REFERRAL_LEVELS["ungradable"].advice  # the grader's recall stands: no "Refer within weeks"
+    graded = _review(referral="soon", eyes=(rpt.EyeReview("R", True, 0, 0), rpt.EyeReview("L", True, 3, 0)))
+    [step] = _next_steps(dataclasses.replace(_ctx([_eye("R", 0, 0), _ungradable("L")]), review=graded))
+    assert step.startswith("none for this photograph: the grader graded this eye")
     refer = dataclasses.replace(_ctx([_ungradable("R")]), ungradable_rule="refer")
     [step] = _next_steps(refer)  # the programme refers instead of recalling: no "recapture was not enough"
     assert step == rpt.REFERRAL_LEVELS["refer_ungradable"].advice and "instead of recalling" in step
@@ -617,11 +624,12 @@ def test_the_recommendation_box_says_when_an_eye_is_missing_or_its_label_in_doub
     assert rpt.visit_cautions(_ctx([_eye("R", 0, 0), _eye("L", 0, 0)]).eyes) == []
     html = render_html(one, TEMPLATES)
     box = html.split('class="referral"')[1].split("</section>")[0]
-    assert "Incomplete visit: no photograph of the left eye was received" in box and "covers the right eye only" in box
+    assert "Incomplete visit: no photograph of the left eye was graded (none received, or refused)" in box and "covers the right eye only" in box
 
     doubted = dataclasses.replace(_eye("L", 2, 0, source_name="<x>_L.jpg"), eye_mismatch=True,
                                   eye_note="Laterality mismatch: the file name says left eye, but the photo looks like a right eye.")
     ctx = _ctx([_eye("R", 0, 0), doubted])
+    assert len(rpt.visit_cautions([*ctx.eyes, dataclasses.replace(doubted, source_name="L2.jpg")])) == 1  # once an eye
     [caution] = rpt.visit_cautions(ctx.eyes)
     assert caution.note == "left eye: label in doubt" and "(<x>_L.jpg) looks like the other eye" in caution.text
     # on the PDF the doubted eye's summary row is tagged (its section says why): a line in the box pushed a

@@ -436,6 +436,27 @@ def test_a_dicom_export_sent_again_under_another_bare_name_is_a_duplicate(stage,
     _no_identifier_anywhere(caplog, capfd, *outcomes)
 
 
+def test_a_dicom_without_a_date_is_admitted_once_the_advised_sidecar_gives_one(stage, settings):
+    """The refusal's advice, followed as written, admits the file (review finding: a sidecar with the date alone made
+    the bare name a patient id, and the file was refused again for another reason)."""
+    import json
+
+    path = write_dicom(settings.inbox / "IM000007", jpeg=jpeg_bytes(synthetic_fundus(8)), patient_id=SECRET,
+                       image_laterality="R", acquisition=None)
+    refused = stage.admit(path)
+    assert isinstance(refused, Rejected) and "no exam date" in refused.message
+    advice = refused.message[refused.message.index("{"):refused.message.index("}") + 1]
+    sidecar = json.loads(advice.replace("<its Patient ID>", SECRET).replace("YYYY-MM-DD", "2025-03-01"))
+    again = write_dicom(settings.inbox / "IM000008", jpeg=jpeg_bytes(synthetic_fundus(8)), patient_id=SECRET,
+                        image_laterality="R", acquisition=None)
+    (settings.inbox / "IM000008.json").write_text(json.dumps(sidecar))
+    outcome = stage.admit(again)
+    assert isinstance(outcome, Admitted), outcome
+    with session_scope(stage.factory) as s:
+        image = s.get(Image, outcome.job.image_id)
+        assert (image.exam.patient.code, image.exam.exam_date.isoformat()) == (SECRET, "2025-03-01")
+
+
 def test_a_dicom_without_laterality_takes_the_eye_the_photo_clearly_shows(settings, intake_models, caplog, capfd):
     stage = make_stage(settings, laterality_model=intake_models["sure_eye"])
     rgb = synthetic_fundus(7)

@@ -79,7 +79,7 @@ def test_queue_and_visit_show_the_models_answers_pictures_and_pdf(worked_db):
     assert '<span class="badge caution"' in row and "left eye missing" in row and "left eye missing" not in \
         next(r for r in html.split("<tr>") if ">P1<" in r)
     page = client.get(f"/visits/{worked.exams['P2']}").get_data(as_text=True)
-    assert "Incomplete visit: no photograph of the left eye was received" in page.split("</section>")[0]
+    assert "Incomplete visit: no photograph of the left eye was graded (none received, or refused)" in page.split("</section>")[0]
     assert re.search(r"\(score \d+\.\d%\)", page)  # to a tenth, as on the PDF
 
 
