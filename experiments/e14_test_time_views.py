@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
+from typing import Any
 
 import cv2
 import numpy as np
@@ -23,6 +24,7 @@ from e14_chirality_resolution import joined  # noqa: E402 - the same joining and
 
 from training.chirality import chirality_logits  # noqa: E402
 from training.config import load_training_config  # noqa: E402
+from training.data.records import Record  # noqa: E402
 from training.data.sources import load_all  # noqa: E402
 from training.data.split import configured_split  # noqa: E402
 from training.fit_laterality import _probabilities, measure_records, stored_photos  # noqa: E402
@@ -35,15 +37,21 @@ def warp(img: np.ndarray, angle: float, scale: float) -> np.ndarray:
     return cv2.warpAffine(np.ascontiguousarray(img), m, (size, size), borderValue=(0, 0, 0))
 
 
-def main() -> int:
+def named_validation(model: dict[str, Any]) -> tuple[list[Record], Path, np.ndarray, np.ndarray]:
+    """The validation photos that name the eye (quality.toml's split), the laterality cache folder, their labels
+    (1 = right eye) and the landmarks' P(right eye) under ``model``: what E14's views, E16 and E17 are measured on."""
     cfg = load_training_config(ROOT / "experiments" / "quality.toml")
     split = configured_split(cfg.data, load_all(cfg.data))
     val = [r for r in split["val"] if r.eye in ("L", "R")]
     cache = Path(cfg.data.cache_dir).parent / "laterality" / "landmarks.npz"
     y = np.array([r.eye == "R" for r in val], float)
+    return val, cache.parent, y, _probabilities(model, measure_records(val, cache), "detect")
+
+
+def main() -> int:
     model = load_laterality_model(ROOT / "models" / "laterality.pt")
-    p_l = _probabilities(model, measure_records(val, cache), "detect")
-    photos = stored_photos(val, cache.parent)
+    val, cache_dir, y, p_l = named_validation(model)
+    photos = stored_photos(val, cache_dir)
 
     def report(name: str, cnn: np.ndarray) -> None:
         j = joined(p_l, cnn, y)

@@ -15,18 +15,14 @@ import json
 import sys
 from pathlib import Path
 
-import numpy as np
-
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from e14_chirality_resolution import joined  # noqa: E402 - the same joining and measures as E14
+from e14_test_time_views import named_validation  # noqa: E402 - the same validation photos and landmarks
 
 from training.chirality import CROP, STORE, chirality_logits  # noqa: E402
-from training.config import load_training_config  # noqa: E402
-from training.data.sources import load_all  # noqa: E402
-from training.data.split import configured_split  # noqa: E402
-from training.fit_laterality import _probabilities, measure_records, stored_photos  # noqa: E402
+from training.fit_laterality import stored_photos  # noqa: E402
 from training.laterality import load_laterality_model  # noqa: E402
 
 
@@ -35,15 +31,10 @@ def main() -> int:
     ap.add_argument("--store", type=int, default=320)
     ap.add_argument("--crop", type=int, default=280)
     args = ap.parse_args()
-    cfg = load_training_config(ROOT / "experiments" / "quality.toml")
-    split = configured_split(cfg.data, load_all(cfg.data))
-    val = [r for r in split["val"] if r.eye in ("L", "R")]
-    cache = Path(cfg.data.cache_dir).parent / "laterality" / "landmarks.npz"
-    y = np.array([r.eye == "R" for r in val], float)
     model = load_laterality_model(ROOT / "models" / "laterality.pt")
-    p_l = _probabilities(model, measure_records(val, cache), "detect")
+    val, cache_dir, y, p_l = named_validation(model)
     for store, crop in ((STORE, CROP), (args.store, args.crop)):
-        cnn = chirality_logits(model["_net"], stored_photos(val, cache.parent, store), crop=crop)
+        cnn = chirality_logits(model["_net"], stored_photos(val, cache_dir, store), crop=crop)
         row = {"store": store, "crop": crop, "photos": len(y),
                "alone_right": int(((cnn > 0) == (y > 0)).sum()), **joined(p_l, cnn, y)}
         print(json.dumps(row), flush=True)

@@ -16,18 +16,14 @@ import sys
 import tempfile
 from pathlib import Path
 
-import numpy as np
-
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from e14_chirality_resolution import joined  # noqa: E402 - the same joining and measures as E14
+from e14_test_time_views import named_validation  # noqa: E402 - the same validation photos and landmarks
 
 from training.chirality import chirality_logits  # noqa: E402
-from training.config import load_training_config  # noqa: E402
-from training.data.sources import load_all  # noqa: E402
-from training.data.split import configured_split  # noqa: E402
-from training.fit_laterality import _probabilities, measure_records, stored_photos  # noqa: E402
+from training.fit_laterality import stored_photos  # noqa: E402
 from training.laterality import load_laterality_model  # noqa: E402
 
 E12_COMMIT = "7835d2f"
@@ -45,13 +41,8 @@ def main() -> int:
                                              check=True, capture_output=True).stdout)
         e12 = load_laterality_model(other)
     e15 = load_laterality_model(ROOT / "models" / "laterality.pt")
-    cfg = load_training_config(ROOT / "experiments" / "quality.toml")
-    split = configured_split(cfg.data, load_all(cfg.data))
-    val = [r for r in split["val"] if r.eye in ("L", "R")]
-    cache = Path(cfg.data.cache_dir).parent / "laterality" / "landmarks.npz"
-    y = np.array([r.eye == "R" for r in val], float)
-    p_l = _probabilities(e15, measure_records(val, cache), "detect")
-    photos = stored_photos(val, cache.parent)
+    val, cache_dir, y, p_l = named_validation(e15)
+    photos = stored_photos(val, cache_dir)
     logits = {"E12": chirality_logits(e12["_net"], photos), "E15": chirality_logits(e15["_net"], photos)}
     logits["mean"] = (logits["E12"] + logits["E15"]) / 2
     for name, cnn in logits.items():

@@ -471,9 +471,12 @@ def printed_referral(ctx: ReportContext) -> str:
     """The level key (:data:`REFERRAL_LEVELS`) of the recommendation the PDF of ``ctx`` leads with: the grader's on a
     reviewed version (its "Clinician sign-off" box), else the model's (:func:`referral_recommendation`, as
     :func:`template_variables` prints it). Recorded with the version (``reports.referral_level``) for the audit."""
-    if ctx.review is not None:
-        return ctx.review.referral
-    return referral_recommendation(ctx.eye_results(), ctx.ungradable_rule).level
+    return _standing_level(ctx, referral_recommendation(ctx.eye_results(), ctx.ungradable_rule))
+
+
+def _standing_level(ctx: ReportContext, model_referral: Referral) -> str:
+    """The grader's referral on a reviewed version, else the model's ``model_referral``."""
+    return ctx.review.referral if ctx.review is not None else model_referral.level
 
 
 def ungradable_next_step(level: ReferralLevel, standing: ReferralLevel, result_field: int | None = None, *,
@@ -522,9 +525,10 @@ def visit_cautions(findings: Sequence[EyeFinding]) -> list[Caution]:
             f"Incomplete visit: no photograph of the {name} was graded (none received, or refused), so this "
             f"recommendation covers the {other} only. Photograph or grade the {name} before the screening episode is "
             "closed."))
-    for f in findings:
-        if f.eye_mismatch and not any(c.note == f"{EYE_NAMES[f.eye].lower()}: label in doubt" for c in cautions):
-            name = EYE_NAMES[f.eye].lower()
+    for code in EYE_ORDER:  # once an eye, however many of its fields are doubted
+        f = next((f for f in findings if f.eye == code and f.eye_mismatch), None)
+        if f is not None:
+            name = EYE_NAMES[code].lower()
             cautions.append(Caution(
                 f"{name}: label in doubt",
                 f"Laterality mismatch: the photograph filed as the {name} ({f.source_name}) looks like the other eye; "
@@ -747,6 +751,7 @@ def template_variables(ctx: ReportContext, templates_dir: Path, link_stylesheet:
     gen = ctx.generated_at
     generated = gen.strftime("%Y-%m-%d %H:%M") + (f" {gen.strftime('%Z') or gen.strftime('%z')}" if gen.tzinfo else "")
     referral = referral_recommendation(ctx.eye_results(), ctx.ungradable_rule)
+    standing = REFERRAL_LEVELS[_standing_level(ctx, referral)]  # what the PDF leads with (printed_referral)
     eyes = []
     for code in EYE_ORDER:
         fields, result = ctx.fields(code), ctx.eye(code)
@@ -754,7 +759,6 @@ def template_variables(ctx: ReportContext, templates_dir: Path, link_stylesheet:
         views = [dict(_eye_view(f, grader if f is result else None, ctx.ungradable_rule), number=k, is_result=f is result)
                  for k, f in enumerate(fields, start=1)]
         result_number = next((k for k, f in enumerate(fields, start=1) if f is result), None)
-        standing = REFERRAL_LEVELS[ctx.review.referral if ctx.review else referral.level]  # what the PDF leads with
         for view, f in zip(views, fields):
             if not f.gradable:
                 view["next_step"] = ungradable_next_step(
