@@ -11,7 +11,9 @@ the exam again.
 At start-up :meth:`ReportStage.reconcile` makes the report folders and the database agree: a
 ``report_vN.pdf`` that no row records (published by a renderer that finished after its worker died) is
 removed, and ``latest.pdf`` put back to the newest recorded version; a recorded report whose file is gone
-is counted and its visit rendered again. Both are ``reconcile`` events with an incident code.
+is counted and its visit rendered again: a visit whose sign-off covers every photo as its reviewed version (the
+grader's answers stay the ones that stand), any other as the model's. Both are ``reconcile`` events with an
+incident code.
 
 Several workers (:mod:`screening.claims`): a visit's next version is claimed (``visit``) from choosing the version
 until it is recorded, so two workers that stored the visit's two eyes at the same moment make versions 1 and 2
@@ -49,7 +51,7 @@ from ..findings import refused_page_reasons, stored_finding
 from ..inference import Predictor
 from ..rejection import Incident
 from ..renderer import Renderer, RenderJob, RenderResult
-from ..report import EyeFinding, ReportContext, existing_versions, printed_referral, report_folder, with_undetected
+from ..report import EyeFinding, ReportContext, ReportError, existing_versions, printed_referral, report_folder, with_undetected
 from .outcomes import PendingReport, ReportFailed, ReportOutcome, ReportWritten
 
 if TYPE_CHECKING:
@@ -321,7 +323,9 @@ class ReportStage:
           worker that submitted it died before recording it, so its images were never marked reported (and
           every start-up reconciles before anything renders). Only those exams' folders are listed.
         * A recorded report whose newest version is gone from disk (deleted by hand, a restored backup) is
-          counted and its visit rendered again: one ``stat`` per exam with reports.
+          counted and its visit rendered again: one ``stat`` per exam with reports. A visit whose sign-off covers
+          every photo is rendered here as its reviewed version (:meth:`_render_reviewed_again`); the others are
+          returned, for the model's version.
 
         Only folders of exams in the database are looked at; nothing else in ``reports/`` is touched."""
         if self._in_flight:
@@ -372,7 +376,45 @@ class ReportStage:
             transaction(self.factory, record, what="recording reconciled reports")
             log.warning("reports reconciled at start-up: %d unrecorded PDF(s) removed, %d visit(s) whose report is "
                         "missing rendered again", sum(map(len, removed.values())), len(missing))
-        return sorted(missing)
+        signed = self._signed_off(sorted(missing))
+        for exam_id in signed:
+            self._render_reviewed_again(exam_id)
+        return sorted(set(missing) - set(signed))
+
+    def _signed_off(self, exam_ids: list[int]) -> list[int]:
+        """Of ``exam_ids``, the visits whose current sign-off covers every photo (not awaiting review): their
+        report is the grader's, so it is made again as a reviewed version, not as the model's draft, which would
+        stand in its place (the PDF staff open, the audit's standing recommendation)."""
+        if not exam_ids:
+            return []
+        from ..review.visits import load_visits
+
+        def read(session: Session) -> list[int]:
+            reviewed = rrepo.current_reviews(session, exam_ids)
+            visits = load_visits(session, list(reviewed), self.settings.eye_result, self.settings.ungradable_rule)
+            return [v.exam_id for v in visits if not v.awaiting_review]
+
+        return transaction(self.factory, read, what="reading the sign-offs of visits to render again")
+
+    def _render_reviewed_again(self, exam_id: int) -> None:
+        """The reviewed version of a signed-off visit whose latest report is gone, rendered here (start-up only,
+        so WeasyPrint's time in this process is rare). A failure is logged with what to do; the sign-off and its
+        grades stay recorded, and the model's draft is not made in its place."""
+        from ..review.reviewed_report import ModelCatalog, render_reviewed_report
+        from ..review.visits import ReviewError
+
+        if self._catalog is None:
+            self._catalog = ModelCatalog.from_settings(self.settings)
+        try:
+            report = render_reviewed_report(
+                self.factory, exam_id, catalog=self._catalog, clinic_name=self.settings.clinic_name,
+                templates_dir=self.templates_dir, reports_dir=self.settings.reports, retries=self.settings.report_retries,
+                rule=self.settings.eye_result, ungradable_rule=self.settings.ungradable_rule, claims=self.claims)
+        except (ReportError, ReviewError) as exc:
+            log.error("visit %s: its signed-off report is missing and could not be made again (%s); "
+                      "`dr-screen review render %s` makes it", exam_id, exc, exam_id)
+            return
+        log.info("visit %s: its signed-off report was missing; reviewed version v%s made again", exam_id, report.version)
 
     @staticmethod
     def _restore_latest(folder: Path, recorded: set[int]) -> None:

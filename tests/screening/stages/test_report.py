@@ -225,3 +225,36 @@ def test_a_visit_claimed_afresh_drops_a_dead_workers_unrecorded_version(two_work
     assert [j.ctx.report_version for j in a.renderer.jobs] == [2]
     assert sorted(p.name for p in folder.iterdir()) == ["latest.pdf", "report_v1.pdf"]
     assert (folder / "latest.pdf").read_bytes() == b"%PDF v1"
+
+
+def test_start_up_makes_a_signed_off_visits_missing_report_again_as_its_reviewed_version(worked):
+    """A signed-off visit's PDF deleted by hand: start-up makes the grader's version again, not a model draft that
+    would stand in its place (on the PDF staff open and in the audit's standing recommendation)."""
+    from pypdf import PdfReader
+
+    from screening.db import reviews as rrepo
+    from screening.review import sign_off
+    from screening.review.reviewed_report import ModelCatalog, render_reviewed_report
+
+    signed, unsigned = worked.exams["P1"], worked.exams["P2"]
+    with session_scope(worked.factory) as s:
+        review_id = sign_off(s, signed, reviewer="Dr A. Grey", source="cli", comment="seen").id
+    reviewed = render_reviewed_report(worked.factory, signed, catalog=ModelCatalog.from_settings(worked.settings),
+                                      clinic_name="North Clinic", templates_dir=PROJECT / "templates",
+                                      reports_dir=worked.settings.reports, retries=1)
+    Path(reviewed.path).unlink()
+    with session_scope(worked.factory) as s:
+        [draft] = rrepo.exam_reports(s, unsigned)
+    Path(draft.path).unlink()
+
+    stage = ReportStage(worked.settings, worked.factory, Predictor(worked.settings.checkpoint, "cpu", 1), Keep(),
+                        PROJECT / "templates")
+    assert stage.reconcile() == [unsigned]  # only the visit without a sign-off gets the model's version
+    with session_scope(worked.factory) as s:
+        latest = rrepo.exam_reports(s, signed)[0]
+        exam = s.get(Exam, signed)
+        assert (latest.version, latest.review_id) == (reviewed.version + 1, review_id)
+        assert (exam.standing_version, exam.standing_by_grader) == (latest.version, True)
+    text = " ".join((p.extract_text() or "") for p in PdfReader(latest.path).pages).lower()
+    assert "reviewed by dr a. grey" in " ".join(text.split())
+    assert (Path(latest.path).parent / "latest.pdf").read_bytes() == Path(latest.path).read_bytes()
