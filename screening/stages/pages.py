@@ -25,7 +25,9 @@ How a page maps to the records
 Commit, then move: the file stays in the inbox until its last page is stored (graded, or stored as ungradable),
 then it is archived once (:meth:`~screening.stages.filing.Filing.archive_pages`) and every page's ``stored_path`` names
 the archived file. A worker stopped in between finds the file in the inbox with some pages graded: the next
-intake admits the pages not graded yet, or, when every page is done, only finishes the move. The audit counts
+intake admits the pages not graded yet, in the visit the file was first filed in (a name without a date would
+otherwise put them in the day of the retry's visit), or, when every page is done, only finishes the move. A graded
+page is never moved to another visit: its result and reports belong to its own. The audit counts
 the file once by its drop and each page once by its image's state.
 """
 
@@ -33,6 +35,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+from collections.abc import Iterable
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -41,7 +44,7 @@ from sqlalchemy.orm import Session
 
 from ..checks import IntakeVerdict
 from ..db import repository as repo
-from ..db.models import DropOutcome, Image, ImageState
+from ..db.models import DropOutcome, Exam, Image, ImageState
 from ..db.session import transaction
 from ..imaging import DecodedImage, Page, decode_pages
 from ..intake import Content, Identity
@@ -119,6 +122,13 @@ def no_photo_in(name: str, pages: list[CheckedPage]) -> Rejection:
                            f"({listed}); export the fundus photos again")
 
 
+def _visit_of(pages: Iterable[Image], patient_id: int) -> Exam | None:
+    """The visit a file's pages were filed in when it was first admitted, if any and the patient's. A file whose
+    name states no date is admitted again (after a restart, a failed page) into that visit, not today's: a retry
+    after midnight would otherwise file its remaining pages in another visit than its graded ones."""
+    return next((p.exam for p in pages if p.exam is not None and p.exam.patient_id == patient_id), None)
+
+
 class PageIntake:
     """The intake stage's path for a file holding several photos (:func:`screening.imaging.several_pictures`)."""
 
@@ -190,8 +200,10 @@ class PageIntake:
         def record(session: Session) -> AdmittedPages:
             stage.hold(session, path)  # several workers: the file's claim covers all its pages
             patient = repo.get_or_create_patient(session, identity.patient_id)
-            exam = repo.get_or_create_exam(session, patient, identity.exam_date or stage.today())
             recorded = {image.page: image for image in repo.pages_of_file(session, sha)}
+            exam = _visit_of(recorded.values(), patient.id) if identity.exam_date is None else None
+            if exam is None:
+                exam = repo.get_or_create_exam(session, patient, identity.exam_date or stage.today())
             images: list[Image] = []
             jobs: list[Job] = []
             refused: list[int] = []
@@ -210,13 +222,14 @@ class PageIntake:
                     if rejection is not None:
                         refused.append(image.id)
                 else:  # recorded before: received before a crash, failed and retried, or dropped again
-                    image.exam, image.stored_path, image.width, image.height = exam, str(path), w, h
+                    image.stored_path, image.width, image.height = str(path), w, h
                     repo.set_device(session, image, identity.device)
-                    if image.result is not None or image.state in _GRADED:  # stored (graded or ungradable): kept
-                        if image.state not in _GRADED:
+                    if image.result is not None or image.state in _GRADED:  # stored (graded or ungradable): kept,
+                        if image.state not in _GRADED:  # in the visit its result and reports belong to
                             repo.set_state(session, image, ImageState.DONE)
                         images.append(image)
                         continue
+                    image.exam = exam
                     image.eye = eye
                     image.source_name = page_name(path.name, page.number)  # the name it is admitted under now
                     if rejection is not None and image.state != ImageState.REJECTED:

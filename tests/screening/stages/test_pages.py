@@ -28,13 +28,13 @@ def settings(settings):
     return settings.model_copy(update={"quality_model": MODELS / "quality.pt"})
 
 
-def _stage(settings) -> IntakeStage:
+def _stage(settings, **kwargs) -> IntakeStage:
     engine = make_engine(settings.database)
     init_db(engine)
     factory = make_session_factory(engine)
     for folder in (settings.inbox, settings.archive, settings.rejected):
         folder.mkdir(parents=True, exist_ok=True)
-    return IntakeStage(settings, factory, Filing(settings, factory), image_size=64)
+    return IntakeStage(settings, factory, Filing(settings, factory), image_size=64, **kwargs)
 
 
 @pytest.fixture
@@ -179,6 +179,24 @@ def test_a_page_not_graded_yet_is_admitted_again_and_graded_pages_keep_their_res
     assert isinstance(resumed, Resumed) and resumed.filed_as.is_file() and not path.exists()
     with session_scope(stage.factory) as s:
         assert [d.outcome for d in s.scalars(select(Drop))] == ["new"]  # still one arrival
+
+
+def test_a_file_without_a_date_admitted_again_after_midnight_stays_in_its_first_visit(settings):
+    """A worker stopped mid-file on day 1, restarted on day 2: the page still to grade joins the visit its graded
+    page is in, and the graded page is not moved (its result, report and the visit's tallies belong there)."""
+    from datetime import date
+
+    from screening.db.models import Exam
+
+    day = {"today": date(2025, 3, 1)}
+    stage = _stage(settings, today=lambda: day["today"])
+    done, failed = _one_page_graded_one_failed(stage, _visit(settings, "P1_R.tif"))  # no date in the name
+    day["today"] = date(2025, 3, 2)
+    again = stage.admit(settings.inbox / "P1_R.tif")
+    assert isinstance(again, AdmittedPages) and [(j.image_id, j.exam_id) for j in again.jobs] == [(failed.image_id, done.exam_id)]
+    with session_scope(stage.factory) as s:
+        assert {i.exam_id for i in s.scalars(select(Image))} == {done.exam_id}
+        assert [e.exam_date for e in s.scalars(select(Exam))] == [date(2025, 3, 1)]
 
 
 def test_pages_not_graded_yet_take_the_name_their_file_is_admitted_under_again(stage, settings):
