@@ -31,12 +31,12 @@ from collections.abc import Iterable, Mapping, Sequence
 from datetime import date, datetime, time, timedelta, timezone
 from typing import Any, NamedTuple
 
-from sqlalchemy import Text, case, delete, func, or_, select, text, update
+from sqlalchemy import Boolean, Integer, String, Text, case, column, delete, func, or_, select, text, update
 from sqlalchemy import cast as cast_
 from sqlalchemy.orm import Session
 
 from screening.db.dialect import insert_on_conflict
-from screening.db.models import AuditTally, Drop, Event, Exam, ExamTally, Image, Result
+from screening.db.models import AuditTally, Drop, Event, Exam, ExamTally, Image, Result, UTCDateTime
 
 # metrics (AuditTally.metric)
 GRADED = "graded"  # per model, key "dr|dme|referable": graded images
@@ -307,51 +307,66 @@ def stand_exam(session: Session, exam_id: int, version: int, level: str | None, 
                     .execution_options(synchronize_session="fetch"))
 
 
-# the same in the migration that adds the columns (0016_report_referral_level), which cannot import this module.
+# Each visit's standing columns as the rows give them. The same statement is copied in the migration that adds the
+# columns (0016_report_referral_level), which cannot import this module.
 # "i.state || ''" keeps SQLite on ix_images_exam_id: on ix_images_state_received_at (state = ?) each visit's
 # look-up walked every stored photo (a rebuild of 500,000 visits did not end in minutes)
-STANDING_SQL = """UPDATE exams SET
-    screened_at = (SELECT min(i.received_at) FROM images i WHERE i.exam_id = exams.id
-                                                 AND i.state || '' IN ('done', 'reported')),
-    standing_version = (SELECT max(r.version) FROM reports r WHERE r.exam_id = exams.id),
-    standing_level = (SELECT r.referral_level FROM reports r WHERE r.exam_id = exams.id ORDER BY r.version DESC LIMIT 1),
-    standing_by_grader = (SELECT r.review_id IS NOT NULL FROM reports r WHERE r.exam_id = exams.id
-                          ORDER BY r.version DESC LIMIT 1)"""
+STANDING_COLUMNS = {
+    "screened_at": """(SELECT min(i.received_at) FROM images i WHERE i.exam_id = exams.id
+                                                 AND i.state || '' IN ('done', 'reported'))""",
+    "standing_version": "(SELECT max(r.version) FROM reports r WHERE r.exam_id = exams.id)",
+    "standing_level": "(SELECT r.referral_level FROM reports r WHERE r.exam_id = exams.id ORDER BY r.version DESC LIMIT 1)",
+    "standing_by_grader": """(SELECT r.review_id IS NOT NULL FROM reports r WHERE r.exam_id = exams.id
+                          ORDER BY r.version DESC LIMIT 1)""",
+}
+STANDING_SQL = "UPDATE exams SET\n" + ",\n".join(f"    {name} = {expr}" for name, expr in STANDING_COLUMNS.items())
+# the same columns read, not written: what tallies check compares, without locking a row workers update
+_STANDING_SELECT = (text("SELECT exams.id, " + ", ".join(f"{expr} AS {name}" for name, expr in STANDING_COLUMNS.items())
+                         + " FROM exams")
+                    .columns(column("id", Integer), column("screened_at", UTCDateTime()),
+                             column("standing_version", Integer), column("standing_level", String()),
+                             column("standing_by_grader", Boolean())))
 
 
-def rebuild(session: Session) -> None:
-    """Recompute both tables and the visits' standing columns from the rows (in the caller's transaction)."""
+def _rebuild_tallies(session: Session) -> None:
     session.execute(delete(AuditTally))
     session.execute(delete(ExamTally))
     for sql in REBUILD_SQL:
         session.execute(text(sql))
     add(session, reason_counts(session))
+
+
+def rebuild(session: Session) -> None:
+    """Recompute both tables and the visits' standing columns from the rows (in the caller's transaction)."""
+    _rebuild_tallies(session)
     session.execute(text(STANDING_SQL))
     session.expire_all()  # the columns changed under any loaded Exam
 
 
 def check(session: Session) -> list[str]:
-    """The differences between the stored tallies and a rebuild from the rows (empty: they agree). Runs the
-    rebuild in a savepoint it rolls back, so nothing is changed."""
+    """The differences between the stored tallies and a rebuild from the rows (empty: they agree). The tally
+    tables are rebuilt in a savepoint it rolls back, so nothing is changed; the visits' standing columns are only
+    read (:data:`STANDING_COLUMNS` as a query), so the check holds no lock on the ``exams`` rows workers update."""
     def snapshot() -> dict[tuple[Any, ...], int]:
         rows = session.execute(select(AuditTally.day, AuditTally.metric, AuditTally.model_version, AuditTally.key,
                                       AuditTally.detail, AuditTally.n).where(AuditTally.n != 0)).all()
         return {(_as_date(r[0]), *r[1:5]): int(r[5]) for r in rows}
 
-    def standing() -> dict[int, tuple[Any, ...]]:
-        rows = session.execute(select(Exam.id, Exam.screened_at, Exam.standing_version, Exam.standing_level,
-                                      Exam.standing_by_grader)).all()
+    def standing(rows: Any) -> dict[int, tuple[Any, ...]]:
         return {int(r[0]): (r[1], r[2], r[3], None if r[4] is None else bool(r[4])) for r in rows}
 
-    kept, kept_standing = snapshot(), standing()
+    kept_standing = standing(session.execute(select(Exam.id, Exam.screened_at, Exam.standing_version,
+                                                    Exam.standing_level, Exam.standing_by_grader)).all())
+    want_standing = standing(session.execute(_STANDING_SELECT).all())
+    kept = snapshot()
     nested = session.begin_nested()
     try:
-        rebuild(session)
-        want, want_standing = snapshot(), standing()
+        _rebuild_tallies(session)
+        want = snapshot()
     finally:
         nested.rollback()
         session.expire_all()
-    names = ("screened_at", "standing_version", "standing_level", "standing_by_grader")
+    names = tuple(STANDING_COLUMNS)
     return [f"{' '.join(str(p) for p in k)}: kept {kept.get(k, 0)}, rows say {want.get(k, 0)}"
             for k in sorted(set(kept) | set(want), key=str) if kept.get(k, 0) != want.get(k, 0)] + [
         f"exam {exam_id} {name}: kept {a}, rows say {b}"

@@ -470,3 +470,13 @@ def test_referral_level_column_comes_and_goes_with_revision_0016(db_url):
     init_db(engine)
     assert current_revision(engine) == head_revision() and _diff(engine) == []
     engine.dispose()
+
+
+def test_revision_0016_fills_the_standing_columns_with_the_statement_tallies_rebuilds_them_with():
+    """The migration may not import screening.db.tallies, so it carries a copy of the statement: the two must stay
+    the same, or an upgraded database and a rebuilt one would disagree."""
+    from screening.db import tallies
+
+    revision = _script().get_revision("0016_report_referral_level")
+    assert revision is not None and revision.module.STANDING_SQL == tallies.STANDING_SQL
+    assert revision.module.STANDING_COLUMNS == tuple(tallies.STANDING_COLUMNS)
