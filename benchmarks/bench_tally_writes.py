@@ -1,7 +1,7 @@
 """What keeping the audit's day tallies costs the worker's writes (revision 0011_audit_tallies, issue 15).
 
 Each photo is written as the worker writes it, in its units of work: the image and its drop with the intake checks
-(one transaction), then its result (another). Rounds alternate between the repository as it is (tallies kept)
+(one transaction), then its result (another); after a visit's second eye, its report version (a third). Rounds alternate between the repository as it is (tallies kept)
 and the same code with the tally writes switched off, each round on a fresh database; medians of the rounds,
 and the ratio of the two in the same run.
 
@@ -38,10 +38,11 @@ from benchmarks._common import (
 
 @contextmanager
 def tallies_off() -> Iterator[None]:
-    """The repository with every tally write a no-op (what it cost before revision 0011_audit_tallies)."""
+    """The repository with every tally write a no-op: the day tallies (revision 0011_audit_tallies) and the visits'
+    screened arrival and standing report (0016_report_referral_level)."""
     from screening.db import tallies
 
-    names = ("count_result", "count_drop", "count_checks")
+    names = ("count_result", "count_drop", "count_checks", "screen_exam", "stand_exam")
     saved = {n: getattr(tallies, n) for n in names}
     for n in names:
         setattr(tallies, n, lambda *a, **k: None)
@@ -80,6 +81,12 @@ def one_round(url: str, photos: int) -> float:
                             dme_grade=0, dme_probs=[1 / 3] * 3, referable_score=0.5, referable=i % 5 >= 2,
                             created_at=when + timedelta(seconds=5))
             repo.set_state(s, graded, "done")
+        if i % 2:  # the visit's second eye: its report version is recorded, as the report stage records it
+            with session_scope(factory) as s:
+                visit = s.get(Image, image_id)
+                assert visit is not None and visit.exam is not None
+                repo.add_report(s, visit.exam, f"reports/P{i // 2}/report_v1.pdf", "v1", version=1,
+                                created_at=when + timedelta(seconds=9), referral_level="rescreen_24")
     seconds = (time.perf_counter() - start) / photos
     engine.dispose()
     return seconds
