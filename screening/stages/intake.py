@@ -414,7 +414,11 @@ class IntakeStage:
                     raise LookupError(f"image {known.image_id} vanished from the database while {path.name} was read")
                 image = found
                 if not known.same_drop:
-                    repo.record_drop(session, sha256=sha, source_name=path.name, outcome=DropOutcome.NEW, image=image)
+                    drop = repo.record_drop(session, sha256=sha, source_name=path.name, outcome=DropOutcome.NEW, image=image)
+                    if image.state == ImageState.REJECTED and image.gradable is None:
+                        # refused before it was checked (a bad name or sidecar): it arrives for grading with this
+                        # drop, so its turnaround and audit day start here, not at the refused arrival
+                        image.received_at = drop.received_at
                 image.exam, image.eye, image.stored_path, image.width, image.height = exam, eye, str(path), w, h
                 image.source_name = path.name  # the name it is admitted under, not one it was refused under
                 repo.set_device(session, image, identity.device)

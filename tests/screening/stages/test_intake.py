@@ -16,7 +16,7 @@ import pytest
 from sqlalchemy import select
 
 from screening.checks import IntakeChecks
-from screening.db import init_db, make_engine, make_session_factory, session_scope
+from screening.db import init_db, make_engine, make_session_factory, session_scope, tallies
 from screening.db.models import Drop, Event, Image
 from screening.imaging import decode, preprocess
 from screening.intake import sweep
@@ -107,7 +107,13 @@ def test_refused_then_dropped_again_under_a_good_name_takes_the_new_name(stage, 
     with session_scope(stage.factory) as s:
         image = s.get(Image, first.image_id)
         assert (image.source_name, image.eye, image.state) == ("E10_R_20251120.jpg", "R", "received")
-        assert sorted(d.source_name for d in s.scalars(select(Drop))) == ["10_right.jpg", "E10_R_20251120.jpg"]
+        drops = {d.source_name: d for d in s.scalars(select(Drop))}
+        assert sorted(drops) == ["10_right.jpg", "E10_R_20251120.jpg"]
+        # it arrived for grading with the second drop: its turnaround and audit day start there, not at the refusal
+        # (the refused arrival's time made a 13 s turnaround read 8 minutes)
+        assert drops["E10_R_20251120.jpg"].received_at > drops["10_right.jpg"].received_at
+        assert image.received_at == drops["E10_R_20251120.jpg"].received_at
+        assert tallies.check(s) == []
 
 
 def test_a_file_gone_before_intake(stage, settings):
