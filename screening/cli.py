@@ -305,6 +305,7 @@ def cmd_review_sign(args: argparse.Namespace, settings: ScreeningSettings) -> in
     from .report import EyeReview
     from .review import ReviewError, load_visit, sign_off
     from .review.text import format_review
+    from .review.visits import answers_of
 
     factory = _session_factory(settings)
     try:
@@ -314,6 +315,8 @@ def cmd_review_sign(args: argparse.Namespace, settings: ScreeningSettings) -> in
             if args.review_command == "correct":
                 visit = load_visit(session, args.visit, settings.eye_result, settings.ungradable_rule)
                 given = {e.eye: e.model_answer for e in visit.eyes}
+                if visit.current_review is not None:  # a signed-off visit (reopened or not) starts from its sign-off
+                    given.update({a.eye: a for a in answers_of(visit.current_review) if a.eye in given})
                 for eye in args.ungradable:
                     if eye not in given:
                         raise ReviewError(f"visit {args.visit} has no graded photo of eye {eye}")
@@ -498,7 +501,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("visit", type=int, help="the visit number (from `review list`)")
     sp.set_defaults(func=cmd_review_show)
     for name, text in (("confirm", "confirm the model's grades and referral"),
-                       ("correct", "record the grader's own answers (eyes not named keep the model's grades)")):
+                       ("correct", "record the grader's own answers (eyes not named keep the current sign-off's "
+                                   "answers, or the model's grades when there is none)")):
         sp = rsub.add_parser(name, help=text)
         sp.add_argument("visit", type=int)
         sp.add_argument("--reviewer", required=True, help="the name the sign-off is made in (printed on the report)")

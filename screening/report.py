@@ -228,6 +228,8 @@ class ReportContext:
     # a draft made after the visit was signed off (a photo added since): who signed which version, so the newest
     # PDF does not read as if the visit had never been reviewed
     earlier_review: str | None = None
+    # the visit's reopened sign-off recommended more urgently than this draft: its note is shown as a caution
+    earlier_review_urgent: bool = False
 
     def __post_init__(self) -> None:
         if self.ungradable_rule not in ("recall", "refer"):
@@ -783,6 +785,7 @@ def template_variables(ctx: ReportContext, templates_dir: Path, link_stylesheet:
         review=_review_view(ctx, referral),
         refused_pages=list(ctx.refused_pages),
         earlier_review=ctx.earlier_review,
+        earlier_review_urgent=ctx.earlier_review_urgent,
         eyes=eyes,
         model_version=ctx.model_version,
         checkpoint_short=(ctx.checkpoint_sha256 or "")[:12] or "unknown",

@@ -410,6 +410,9 @@ class ReviewUser(Base):
     active: Mapped[bool] = mapped_column(default=True)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     password_changed_at: Mapped[datetime] = mapped_column(default=utcnow)
+    # the user's last logout (revision 0017_logout_ends_sessions): a session that logged in before it is refused, so
+    # a copied cookie stops working at logout; NULL: never logged out
+    sessions_ended_at: Mapped[datetime | None]
 
     def __repr__(self) -> str:
         return f"ReviewUser(id={self.id!r}, username={self.username!r}, active={self.active!r})"

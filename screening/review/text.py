@@ -41,12 +41,14 @@ def format_queue(visits: Sequence[Visit], now: datetime | None = None, limit: in
     for v in shown:
         model = "; ".join(f"{e.eye} DR{e.finding.dr_grade} DME{e.finding.dme_grade}" if e.finding.gradable
                           else f"{e.eye} ungradable" for e in v.eyes)
-        status = "new photo since sign-off" if v.current_review else ("report pending" if v.first_report_at is None else "")
+        status = (f"new photo since sign-off ({REFERRAL_LEVELS[v.current_review.referral].text})" if v.current_review
+                  else ("report pending" if v.first_report_at is None else ""))
         status = "; ".join([*filter(None, [status]), *(c.note for c in v.cautions)])
         rows.append([str(v.exam_id), v.patient_code, v.exam_date.isoformat(), model, REFERRAL_LEVELS[v.model_referral.level].text,
                      _ago(v.ready_at, now), status])
     showing = f"; the first {len(shown)} shown" if len(shown) < len(visits) else ""
-    lines = [f"{len(visits)} visit(s) await review (the model's referrals first, then oldest first{showing}):", ""]
+    lines = [f"{len(visits)} visit(s) await review (the model's referrals first, or a reopened sign-off's when more "
+             f"urgent; then oldest first{showing}):", ""]
     lines += _table(["visit", "patient", "exam date", "model grades", "model's recommendation", "waiting", "note"], rows)
     return "\n".join(lines) + "\n"
 

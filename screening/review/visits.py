@@ -150,6 +150,30 @@ class Visit:
         return any(f.graded_at > r.created_at for f in self.fields)
 
     @property
+    def reopened(self) -> Review | None:
+        """The sign-off a photograph graded after it reopened (the visit awaits review again), else None. Its
+        answers and referral are where the next review starts: a new field must not silently undo them."""
+        r = self.current_review
+        return r if r is not None and self.awaiting_review else None
+
+    @property
+    def new_since_review(self) -> tuple[VisitField, ...]:
+        """The photographs graded after the current sign-off (none when there is no sign-off)."""
+        r = self.current_review
+        return () if r is None else tuple(f for f in self.fields if f.graded_at > r.created_at)
+
+    @property
+    def queue_level(self) -> str:
+        """What the review queue sorts and labels the visit by: the model's referral, or the reopened sign-off's
+        when that was more urgent (a visit a grader referred urgently stays ahead of routine ones when a photo
+        arrives after the sign-off)."""
+        earlier = self.reopened
+        model = self.model_referral.level
+        if earlier is None or REFERRAL_LEVELS[earlier.referral].rank <= REFERRAL_LEVELS[model].rank:
+            return model
+        return earlier.referral
+
+    @property
     def referable(self) -> bool:
         return self.model_referral.level in REFER_LEVELS
 
@@ -241,11 +265,12 @@ def load_visit(session: Session, exam_id: int, rule: EyeResultRule = "worst",
 
 
 def review_queue(session: Session, rule: EyeResultRule = "worst", ungradable_rule: UngradableRule = "recall") -> list[Visit]:
-    """Visits awaiting review, the most urgent of the model's referrals first (urgent, then within weeks, routine,
-    ungradable...), each level oldest first (by :attr:`Visit.ready_at`): a proliferative eye to be seen within 2 weeks
-    waited behind every older routine referral."""
+    """Visits awaiting review, the most urgent first (urgent, then within weeks, routine, ungradable...) by
+    :attr:`Visit.queue_level` (the model's referral, or a reopened sign-off's when more urgent), each level oldest
+    first (by :attr:`Visit.ready_at`): a proliferative eye to be seen within 2 weeks waited behind every older
+    routine referral."""
     waiting = [v for v in load_visits(session, rule=rule, ungradable_rule=ungradable_rule) if v.awaiting_review]
-    return sorted(waiting, key=lambda v: (-REFERRAL_LEVELS[v.model_referral.level].rank, v.ready_at, v.exam_id))
+    return sorted(waiting, key=lambda v: (-REFERRAL_LEVELS[v.queue_level].rank, v.ready_at, v.exam_id))
 
 
 def recently_reviewed(session: Session, limit: int = 50, rule: EyeResultRule = "worst",
@@ -299,6 +324,14 @@ def clean_text(value: str | None, what: str, max_chars: int, *, required: bool, 
 _UNSET: object = object()
 
 
+def check_unchanged(visit: Visit, seen_fields: Collection[int] | None) -> None:
+    """Refuse a sign-off of ``visit`` made from a page that showed other photographs (``seen_fields``; None: not
+    known) than the visit has now: a new photo was graded while it was open."""
+    if seen_fields is not None and frozenset(seen_fields) != visit.field_ids:
+        raise ReviewError(f"visit {visit.exam_id} changed while it was open: a new photo was graded. Look at it, then "
+                          "sign off again")
+
+
 def sign_off(
     session: Session,
     exam_id: int,
@@ -321,7 +354,8 @@ def sign_off(
     fields; ``rule`` decides which field's result is the model's answer, as on the report; an eye the worker found
     ungradable has "ungradable" as the model's answer, and ``ungradable_rule`` its referral). ``referral``: a key of
     :data:`GRADER_REFERRALS`, or None for the one the answers imply (:func:`referral_from_answers`); a
-    referral less urgent than the grader's own grades imply is refused. ``seen_fields`` and ``seen_review_id``
+    referral less urgent than the grader's own grades imply is refused, and so is one less urgent than the sign-off a
+    new photograph reopened (:attr:`Visit.reopened`) unless the referral is chosen and a comment says why. ``seen_fields`` and ``seen_review_id``
     (the review page sends them) refuse a sign-off of a visit that changed since the grader opened it: a new
     photo, or someone else's sign-off. Flushes, never commits.
     """
@@ -333,8 +367,7 @@ def sign_off(
         source = ReviewSource(source).value
     except ValueError:
         raise ReviewError(f"unknown review source {source!r}; expected one of {[s.value for s in ReviewSource]}") from None
-    if seen_fields is not None and frozenset(seen_fields) != visit.field_ids:
-        raise ReviewError(f"visit {exam_id} changed while it was open: a new photo was graded. Look at it, then sign off again")
+    check_unchanged(visit, seen_fields)
     current = visit.current_review
     if seen_review_id is not _UNSET and seen_review_id != (current.id if current else None):
         who = f"{current.reviewer} ({current.reviewed_at:%Y-%m-%d %H:%M} UTC)" if current else "nobody"
@@ -363,6 +396,14 @@ def sign_off(
         raise ReviewError(f"the referral '{REFERRAL_LEVELS[level].text}' is less urgent than the grades given imply "
                           f"('{REFERRAL_LEVELS[implied].text}'); choose the referral again, or let it follow the grades",
                           "referral")
+    earlier = visit.reopened
+    if earlier is not None and REFERRAL_LEVELS[level].rank < REFERRAL_LEVELS[earlier.referral].rank and (
+            referral is None or note is None):
+        raise ReviewError(
+            f"the sign-off by {earlier.reviewer} ({earlier.reviewed_at:%Y-%m-%d}) recommended "
+            f"'{REFERRAL_LEVELS[earlier.referral].text}', and this one would recommend the less urgent "
+            f"'{REFERRAL_LEVELS[level].text}' after a photograph was added; to lower it, choose the referral "
+            "yourself (not 'follow the grades' or the model's) and say why in the comment", "referral")
     when = reviewed_at or datetime.now(timezone.utc)
     if when.tzinfo is None:
         raise ReviewError("the review time has no time zone", "reviewed_at")

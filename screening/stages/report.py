@@ -32,6 +32,7 @@ import os
 import shutil
 import time
 from collections.abc import Mapping
+from dataclasses import replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -45,13 +46,22 @@ from ..claims import Claimer
 from ..config import ScreeningSettings
 from ..db import repository as repo
 from ..db import reviews as rrepo
-from ..db.models import ClaimKind, Exam, Image, ImageState, Patient, Report, utcnow
+from ..db.models import ClaimKind, Exam, Image, ImageState, Patient, Report, Review, utcnow
 from ..db.session import DatabaseGone, transaction
 from ..findings import refused_page_reasons, stored_finding
 from ..inference import Predictor
 from ..rejection import Incident
 from ..renderer import Renderer, RenderJob, RenderResult
-from ..report import EyeFinding, ReportContext, ReportError, existing_versions, printed_referral, report_folder, with_undetected
+from ..report import (
+    REFERRAL_LEVELS,
+    EyeFinding,
+    ReportContext,
+    ReportError,
+    existing_versions,
+    printed_referral,
+    report_folder,
+    with_undetected,
+)
 from .outcomes import PendingReport, ReportFailed, ReportOutcome, ReportWritten
 
 if TYPE_CHECKING:
@@ -131,10 +141,11 @@ class ReportStage:
         ``settings.eye_result`` (a gradable field before an ungradable one)."""
         fields: list[EyeFinding] = []
         images = repo.exam_images_with_results(session, exam.id, include_pending=True)
+        review = rrepo.current_review(session, exam.id)
         for image, result in images:
             if (finding := stored_finding(image, result)) is not None:  # graded: lesions judged by the model that graded it
                 fields.append(finding if result is None else with_undetected(finding, self._metrics_of(result.checkpoint_sha256)))
-        return ReportContext(
+        ctx = ReportContext(
             clinic_name=self.settings.clinic_name, patient_id=exam.patient.code, exam_date=exam.exam_date,
             eyes=fields, model_version=self.predictor.version,
             checkpoint_sha256=self.predictor.meta["checkpoint_sha256"],
@@ -143,8 +154,16 @@ class ReportStage:
             report_version=version, eye_result_rule=self.settings.eye_result,
             ungradable_rule=self.settings.ungradable_rule,
             refused_pages=refused_page_reasons(session, exam.id),
-            earlier_review=self._earlier_review(session, exam.id, [image for image, _ in images]),
+            earlier_review=self._earlier_review(session, review, [image for image, _ in images]),
         )
+        if review is not None and ctx.earlier_review is not None and any(
+                i.stored_at is not None and i.stored_at > review.created_at for i, _ in images) and (
+                REFERRAL_LEVELS[review.referral].rank > REFERRAL_LEVELS[printed_referral(ctx)].rank):
+            # a reopened sign-off more urgent than this draft: the draft must not read as the lower answer alone
+            ctx = replace(ctx, earlier_review=f"{ctx.earlier_review} That sign-off's recommendation, "
+                          f"'{REFERRAL_LEVELS[review.referral].text}', is more urgent than this version's: act on it "
+                          "until the visit is reviewed again.", earlier_review_urgent=True)
+        return ctx
 
     def _metrics_of(self, checkpoint_sha256: str) -> Mapping[str, float | str]:
         """The report metrics of the checkpoint that graded a photo: the loaded model's, else an installed file's
@@ -158,16 +177,16 @@ class ReportStage:
         return self._catalog.metrics(checkpoint_sha256)
 
     @staticmethod
-    def _earlier_review(session: Session, exam_id: int, images: list[Image]) -> str | None:
-        """What a worker's version says of the visit's current sign-off, if it has one: that photographs came
-        after it (the visit is back in the review queue), or that it covers everything shown."""
-        review = rrepo.current_review(session, exam_id)
+    def _earlier_review(session: Session, review: Review | None, images: list[Image]) -> str | None:
+        """What a worker's version says of the visit's current sign-off ``review``, if it has one: that photographs
+        came after it (the visit is back in the review queue), or that it covers everything shown."""
         if review is None:
             return None
         reviewed = rrepo.report_of_review(session, review.id)
         which = (f" (report v{reviewed.version})" if reviewed is not None
                  else " (its reviewed version is not rendered yet: `dr-screen review render` makes it)")
-        signed = f"This visit was signed off by {review.reviewer} on {review.reviewed_at.astimezone():%Y-%m-%d}{which}"
+        signed = (f"This visit was signed off by {review.reviewer} on {review.reviewed_at.astimezone():%Y-%m-%d}{which}, "
+                  f"recommending '{REFERRAL_LEVELS[review.referral].text}'")
         if any(i.stored_at is not None and i.stored_at > review.created_at for i in images):  # as Visit.awaiting_review
             return (f"{signed}. Photographs were added after that sign-off, so this version shows the model's findings "
                     "only and awaits review again.")

@@ -23,7 +23,7 @@ from __future__ import annotations
 import logging
 import re
 import secrets
-from datetime import timedelta
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -32,11 +32,12 @@ from flask_wtf.csrf import CSRFError, CSRFProtect
 from jinja2 import StrictUndefined
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
+from werkzeug.routing import IntegerConverter, Map
 
 from screening.claims import Claimer, make_holder
 from screening.config import ScreeningSettings
 from screening.db import reviews as rrepo
-from screening.db.models import Image, Report, ReviewSource, ReviewUser
+from screening.db.models import Image, Report, ReviewSource, ReviewUser, utcnow
 from screening.db.session import session_scope
 from screening.findings import refused_page_reasons, stored_finding
 from screening.report import (
@@ -51,7 +52,18 @@ from screening.report import (
     undetected_lesions,
 )
 from screening.review.reviewed_report import ModelCatalog, render_reviewed_report
-from screening.review.visits import GRADER_REFERRALS, ReviewError, Visit, load_visit, recently_reviewed, review_queue, sign_off
+from screening.review.visits import (
+    GRADER_REFERRALS,
+    ReviewError,
+    Visit,
+    answers_of,
+    check_unchanged,
+    load_visit,
+    recently_reviewed,
+    referral_from_answers,
+    review_queue,
+    sign_off,
+)
 from screening.web.auth import LoginThrottle, verify_password
 from training.common import DME_GRADES, DR_GRADES
 
@@ -125,6 +137,22 @@ def _seen(form: Any) -> tuple[set[int] | None, int | None]:
         raise ReviewError("the form is damaged; reload the visit and sign off again") from None
 
 
+class DatabaseId(IntegerConverter):
+    """A number in a path that names a row (a visit, an image, a report version): 1 to 2**63 - 1. A larger one is
+    "not found" like any id that names nothing, instead of an overflow in the database driver (a server error)."""
+
+    def __init__(self, url_map: Map) -> None:
+        super().__init__(url_map, min=1, max=2**63 - 1)
+
+
+def _logged_in_after(login_at: Any, ended_at: datetime) -> bool:
+    """Whether a session's login time (``session["at"]``, ISO 8601) is after ``ended_at``; False when missing."""
+    try:
+        return isinstance(login_at, str) and datetime.fromisoformat(login_at) > ended_at
+    except ValueError:
+        return False
+
+
 def local_target(target: str) -> str | None:
     """``target`` when it is a path of this site (:data:`LOCAL_TARGET`), else None."""
     return target if LOCAL_TARGET.fullmatch(target) else None
@@ -144,6 +172,7 @@ def create_app(
     """The review page's WSGI app. ``templates_dir`` holds ``report.html.j2`` (the PDF) and ``review/``
     (these pages). A fresh random ``secret_key`` per process signs sessions: a restart logs everyone out."""
     app = Flask(__name__, template_folder=str(Path(templates_dir) / "review"), static_folder=None)
+    app.url_map.converters["id"] = DatabaseId
     app.config.update(
         SECRET_KEY=secret_key or secrets.token_bytes(32),
         SESSION_COOKIE_NAME="dr_review",
@@ -174,6 +203,8 @@ def create_app(
         user = s.get(ReviewUser, uid) if isinstance(uid, int) else None
         if user is None or not user.active or session.get("pw") != user.password_changed_at.isoformat():
             return None  # disabled, or the password changed since this session logged in
+        if user.sessions_ended_at is not None and not _logged_in_after(session.get("at"), user.sessions_ended_at):
+            return None  # logged in before the user's last logout (a copy of an ended session's cookie)
         return user
 
     @app.before_request
@@ -240,6 +271,7 @@ def create_app(
                         session.clear()  # a fresh session at login (no fixation)
                         session.permanent = True
                         session["user_id"], session["pw"] = user.id, user.password_changed_at.isoformat()
+                        session["at"] = utcnow().isoformat()  # compared with the user's next logout
                         throttle.succeeded(username)
                         log.info("login user=%s", user.id)
                         return redirect(target)
@@ -250,6 +282,13 @@ def create_app(
 
     @app.post("/logout")
     def logout() -> Any:
+        """Ends every session of the user, not only this cookie (a copy of it would otherwise work on)."""
+        if g.get("user_id") is not None:
+            with session_scope(factory) as s:
+                user = s.get(ReviewUser, g.user_id)
+                if user is not None:
+                    user.sessions_ended_at = utcnow()
+            log.info("logout user=%s", g.user_id)
         session.clear()
         return redirect(url_for("login") if require_login else url_for("queue"))
 
@@ -282,22 +321,28 @@ def create_app(
             reports = rrepo.exam_reports(s, exam_id)
             refused = refused_page_reasons(s, exam_id)  # as the PDF names them
         current = visit.current_review
-        # a signed-off visit shows its current answers to start from; otherwise the model's, and only then is
-        # 'Confirm the model's findings' offered (it checks that nothing was changed from the model's answers)
-        offer_confirm = current is None or visit.awaiting_review
-        defaults = {a.eye: a for a in (
-            [e.model_answer for e in visit.eyes] if offer_confirm
-            else [EyeReview(e.eye, e.gradable, e.dr_grade, e.dme_grade) for e in current.eyes])}  # type: ignore[arg-type, union-attr]
+        # a signed-off visit, reopened by a new photograph or not, starts from its sign-off's answers (an eye it did
+        # not answer for from the model's) and referral: a new field must not silently put the model's answers back
+        # in place of the grader's. Only a visit never signed off offers 'Confirm the model's findings'.
+        offer_confirm = current is None
+        defaults = {e.eye: e.model_answer for e in visit.eyes}
+        referral_default = ""
+        if current is not None:
+            earlier = {a.eye: a for a in answers_of(current)}
+            defaults.update({eye: earlier[eye] for eye in defaults if eye in earlier})
+            if current.referral != referral_from_answers(earlier.values()):  # the grader chose it: keep it chosen
+                referral_default = current.referral
         # lesions the grading model cannot detect are shown as not assessed, as on the PDF (an empty map is not "none")
         undetected = {e.eye: undetected_lesions(catalog.metrics(e.result.checkpoint_sha256)) for e in visit.eyes}
         return render_template(
             "visit.html.j2", visit=visit, history=history, reports=reports, defaults=defaults, error=error,
+            referral_default=referral_default,
             offer_confirm=offer_confirm, undetected=undetected, refused_pages=refused, lesion_floor=f"{LESION_AUPR_FLOOR:.2f}",
             form=form or {}, reviewer_name=g.get("display_name") or session.get("reviewer_name", ""),
             pictures=PICTURES, rule_text=EYE_RESULT_RULES[rule], check_models=check_model_rows(visit.report_findings()),
         ), status
 
-    @app.get("/visits/<int:exam_id>")
+    @app.get("/visits/<id:exam_id>")
     def visit(exam_id: int) -> Any:
         return show_visit(exam_id)
 
@@ -308,6 +353,7 @@ def create_app(
             with session_scope(factory) as s:
                 visit = load_visit(s, exam_id, rule, ungradable)
                 fields, review_id = _seen(form)
+                check_unchanged(visit, fields)  # before the answers: a form without the new eye's fields is stale
                 user = s.get(ReviewUser, g.user_id) if g.user_id is not None else None
                 if confirm:
                     _check_untouched(form, visit)
@@ -336,16 +382,16 @@ def create_app(
                   f"run `dr-screen review render {exam_id}` on the worker machine.", "error")
         return redirect(url_for("visit", exam_id=exam_id))
 
-    @app.post("/visits/<int:exam_id>/confirm")
+    @app.post("/visits/<id:exam_id>/confirm")
     def confirm(exam_id: int) -> Any:
         return record(exam_id, confirm=True)
 
-    @app.post("/visits/<int:exam_id>/correct")
+    @app.post("/visits/<id:exam_id>/correct")
     def correct(exam_id: int) -> Any:
         return record(exam_id, confirm=False)
 
     # ------------------------------------------------------------------ files, by database id only
-    @app.get("/visits/<int:exam_id>/images/<int:image_id>/<kind>.jpg")
+    @app.get("/visits/<id:exam_id>/images/<id:image_id>/<kind>.jpg")
     def picture(exam_id: int, image_id: int, kind: str) -> Any:
         if kind not in PICTURES:
             abort(404)
@@ -358,7 +404,7 @@ def create_app(
             abort(404)
         return send_file(path, mimetype="image/jpeg", max_age=0)
 
-    @app.get("/visits/<int:exam_id>/reports/<int:version>.pdf")
+    @app.get("/visits/<id:exam_id>/reports/<id:version>.pdf")
     def report_pdf(exam_id: int, version: int) -> Any:
         with session_scope(factory) as s:
             report = s.scalars(select(Report).where(Report.exam_id == exam_id, Report.version == version)).one_or_none()

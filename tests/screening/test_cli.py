@@ -257,7 +257,8 @@ def test_review_commands_end_to_end(tmp_path, tiny_checkpoint, capsys, db_url):
     rows = {line.split()[1]: line for line in visit_rows(out)}
     assert "left eye missing" in rows["P2"] and "missing" not in rows["P1"]  # P2 sent its right eye only
     rc, out, _ = run("list", "--limit", "1")
-    assert rc == 0 and "2 visit(s) await review (the model's referrals first, then oldest first; the first 1 shown)" in out
+    assert rc == 0 and ("2 visit(s) await review (the model's referrals first, or a reopened sign-off's when more urgent; "
+                        "then oldest first; the first 1 shown)") in out
     assert len(visit_rows(out)) == 1  # the backlog is counted whole, one row shown
     with pytest.raises(SystemExit):
         run("list", "--limit", "-1")

@@ -207,3 +207,32 @@ def test_a_visit_whose_photos_are_all_ungradable_is_in_the_queue_and_a_new_one_r
         seed_ungradable(s, s.get(Exam, exam_id), "R", stored=datetime.now(timezone.utc))  # a recapture, ungradable again
     with session_scope(factory) as s:
         assert _ids(review_queue(s)) == ["U2"]
+
+
+def test_a_new_photo_after_an_urgent_sign_off_keeps_it_ahead_and_lowering_it_needs_a_chosen_referral_and_a_reason(factory):
+    """A grader referred a visit urgently; a field arriving after the sign-off must not put it behind routine visits
+    by the model's lower answer, nor let one 'confirm' quietly lower the referral."""
+    with session_scope(factory) as s:
+        urgent = seed_visit(s, "GRADED_4", {"R": (1, 0, False)}, report_at=at(60)).id
+        sign_off(s, urgent, reviewer="Dr A", source="cli", answers=[EyeReview("R", True, 4, 0)])
+        seed_visit(s, "ROUTINE_OLD", {"L": (2, 0, True)}, report_at=at(30))
+    with session_scope(factory) as s:
+        # a second field, graded (30 s after its arrival) after the sign-off
+        seed_visit(s, "GRADED_4", {"R": (1, 0, False)}, received=datetime.now(timezone.utc) - timedelta(seconds=30))
+    with session_scope(factory) as s:
+        queue = review_queue(s)
+        assert _ids(queue) == ["GRADED_4", "ROUTINE_OLD"]  # the model alone says rescreen: it was last before
+        visit = queue[0]
+        assert visit.model_referral.level == "rescreen_12" and visit.queue_level == "urgent"
+        assert visit.reopened is not None and visit.reopened.referral == "urgent"
+        assert [f.source_name for f in visit.new_since_review] == ["GRADED_4_R.jpg"] and len(visit.fields) == 2
+        for kwargs in (dict(), dict(answers=[EyeReview("R", True, 1, 0)]),
+                       dict(answers=[EyeReview("R", True, 1, 0)], referral="rescreen_12"),  # chosen, but no reason
+                       dict(answers=[EyeReview("R", True, 1, 0)], comment="artefact")):  # a reason, not chosen
+            with pytest.raises(ReviewError, match="recommended 'Urgent referral.*less urgent 'Rescreen in 12 months'"):
+                sign_off(s, urgent, reviewer="Dr B", source="cli", **kwargs)
+        lowered = sign_off(s, urgent, reviewer="Dr B", source="cli", answers=[EyeReview("R", True, 1, 0)],
+                           referral="rescreen_12", comment="the new field shows the first one's vessels were an artefact")
+        assert lowered.referral == "rescreen_12"
+        # once signed off again, the visit is not reopened: the next sign-off is free to change it either way
+        assert _ids(review_queue(s)) == ["ROUTINE_OLD"] and load_visit(s, urgent).reopened is None

@@ -211,11 +211,16 @@ def test_login_required_off_loopback(worked):
     with session_scope(worked.factory) as s:
         s.execute(update(ReviewUser).where(ReviewUser.username == "grey").values(password_changed_at=utcnow()))
     assert client.get("/queue").status_code == 302
-    # log out
+    # log out: a copy of the session's cookie (another browser, a saved profile) stops working too
     _login(client)
+    copy = app.test_client()
+    copy.set_cookie("dr_review", client.get_cookie("dr_review").value)
+    assert copy.get("/queue").status_code == 200
     token = re.search(r'name="csrf_token" value="([^"]+)"', client.get("/queue").get_data(as_text=True)).group(1)
     assert client.post("/logout", data={"csrf_token": token}).status_code == 302
     assert client.get("/queue").status_code == 302
+    assert copy.get("/queue").status_code == 302
+    assert _login(client).status_code == 302 and client.get("/queue").status_code == 200  # a new login works
     # an open redirect through ?next= is not possible
     resp = client.post("/login?next=//evil.example/x", data={
         "csrf_token": re.search(r'name="csrf_token" value="([^"]+)"', client.get("/login").get_data(as_text=True)).group(1),
@@ -352,6 +357,10 @@ def test_an_eye_the_worker_found_ungradable_shows_its_photo_and_reasons_and_conf
     assert client.get(pictures[0].replace("photo", "overlay")).status_code == 404
     form = _form(page)
     assert form["gradable_L"] == "no"  # the model's answer
+    # no grade is put in the grader's mouth: made gradable, the eye's grades must be chosen (they were 0 and 0)
+    assert re.search(r'<select name="dr_L"[^>]*>\s*<option value="" selected>choose', page)
+    resp = client.post(f"/visits/{exam_id}/correct", data={**form, "gradable_L": "yes", "reviewer": "Dr Local"})
+    assert resp.status_code == 400 and "choose a DR grade" in resp.get_data(as_text=True)
     assert client.post(f"/visits/{exam_id}/confirm", data={**form, "reviewer": "Dr Local"}).status_code == 302
     with session_scope(worked.factory) as s:
         review = rrepo.current_review(s, exam_id)
@@ -374,3 +383,64 @@ def test_the_visit_page_names_the_models_that_checked_its_photos_as_the_pdf_does
     line = re.search(r'<p class="muted" id="check-models">(.*?)</p>', page).group(1)
     assert line == ('Photo checks: Gradability model <span class="mono">dr-quality-1 aaaa</span> · Laterality model '
                     '<span class="mono">dr-laterality-3 &lt;b&gt;bb&lt;/b&gt;; not recorded for 1 photo</span>')
+
+
+def test_a_photo_after_an_urgent_sign_off_reopens_the_visit_from_the_graders_answers(worked, intake_models):
+    """A grader referred P2 urgently (DR 4 where the model said 1); the left eye arrives afterwards, ungradable. The
+    queue, the page and the new draft keep the grader's referral in sight, the form starts from the grader's
+    answers, and the model's lower answer cannot be signed off without a chosen referral and a reason."""
+    from pypdf import PdfReader
+
+    from screening.report import EyeReview
+    from screening.review import load_visit, sign_off
+    from screening.review.reviewed_report import render_reviewed_report
+
+    from ..conftest import run_worker
+
+    exam_id = worked.exams["P2"]
+    with session_scope(worked.factory) as s:  # the tiny test model grades every photo 4: make its answer mild DR
+        s.execute(update(Result).where(Result.image_id.in_(select(Image.id).where(Image.exam_id == exam_id)))
+                  .values(dr_grade=1, dr_probs=[0.1, 0.8, 0.05, 0.03, 0.02], dme_grade=0, dme_probs=[0.9, 0.05, 0.05],
+                          referable=False, referable_score=0.05))
+    with session_scope(worked.factory) as s:
+        sign_off(s, exam_id, reviewer="Dr A. Grey", source="cli", answers=[EyeReview("R", True, 4, 0)])
+    render_reviewed_report(worked.factory, exam_id, catalog=ModelCatalog.from_settings(worked.settings),
+                           clinic_name="North Clinic", templates_dir=TEMPLATES, reports_dir=worked.settings.reports, retries=1)
+    client = _app(worked).test_client()
+    stale = _form(client.get(f"/visits/{exam_id}").get_data(as_text=True))  # the right eye only
+    # the left eye, after the sign-off, found ungradable: a model's draft of the visit recommending a recall
+    run_worker(worked.settings.model_copy(update={"quality_model": intake_models["dark_blurred"]}), {"P2_L.jpg": 4})
+    with session_scope(worked.factory) as s:
+        visit = load_visit(s, exam_id)
+        model_level, model_r = visit.model_referral.level, visit.eye("R").model_answer
+        draft = rrepo.exam_reports(s, exam_id)[0]
+    assert model_level != "urgent" and draft.review_id is None and draft.version == 3
+    text = " ".join(" ".join((p.extract_text() or "").split()) for p in PdfReader(draft.path).pages)
+    assert "recommending 'Urgent referral (proliferative DR)'" in text
+    assert "is more urgent than this version's: act on it until the visit is reviewed again" in text
+
+    # the page opened before the left eye arrived: refused as stale (it had no left-eye fields to complain about)
+    resp = client.post(f"/visits/{exam_id}/correct", data={**stale, "reviewer": "Dr Local"})
+    assert resp.status_code == 409 and "a new photo was graded" in resp.get_data(as_text=True)
+    assert "signed off before: Urgent referral" in client.get("/queue").get_data(as_text=True)
+    page = client.get(f"/visits/{exam_id}").get_data(as_text=True)
+    assert "Earlier sign-off (reopened)" in page and "P2_L.jpg" in page and 'id="confirm"' not in page
+    form = _form(page)
+    assert form["dr_R"] == "4" and form["gradable_L"] in ("yes", "no")  # the grader's right eye, the model's left
+    lowered = {**form, "dr_R": str(model_r.dr_grade), "dme_R": str(model_r.dme_grade), "reviewer": "Dr Local"}
+    resp = client.post(f"/visits/{exam_id}/correct", data=lowered)
+    assert resp.status_code == 400 and "recommended &#39;Urgent referral" in resp.get_data(as_text=True)
+    assert client.post(f"/visits/{exam_id}/correct", data={**form, "reviewer": "Dr Local"}).status_code == 302
+    with session_scope(worked.factory) as s:
+        assert rrepo.current_review(s, exam_id).referral == "urgent"
+
+
+def test_ids_beyond_the_databases_range_are_not_found(worked):
+    client = _app(worked).test_client()
+    huge = "99999999999999999999999"
+    exam_id = worked.exams["P1"]
+    for path in (f"/visits/{huge}", f"/visits/{2**63}", f"/visits/{exam_id}/images/{huge}/photo.jpg",
+                 f"/visits/{exam_id}/reports/{huge}.pdf", "/visits/0"):
+        resp = client.get(path)
+        assert resp.status_code == 404 and "There is nothing at this address" in resp.get_data(as_text=True), path
+    assert client.post(f"/visits/{huge}/confirm", data={}).status_code in (400, 404)  # CSRF or not found, never 500
