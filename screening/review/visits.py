@@ -179,7 +179,10 @@ class Visit:
 
     @property
     def ready_at(self) -> datetime:
-        """Since when the visit could be reviewed: its first report, else its first graded photo."""
+        """Since when the visit could be reviewed: its first report, else its first graded photo; a reopened visit
+        since the first photograph graded after its sign-off (it waits from then, not from its first draft)."""
+        if self.reopened is not None and (new := self.new_since_review):
+            return min(f.graded_at for f in new)
         return self.first_report_at or min(f.graded_at for f in self.fields)
 
     @property

@@ -226,6 +226,7 @@ def test_a_new_photo_after_an_urgent_sign_off_keeps_it_ahead_and_lowering_it_nee
         assert visit.model_referral.level == "rescreen_12" and visit.queue_level == "urgent"
         assert visit.reopened is not None and visit.reopened.referral == "urgent"
         assert [f.source_name for f in visit.new_since_review] == ["GRADED_4_R.jpg"] and len(visit.fields) == 2
+        assert visit.ready_at == visit.new_since_review[0].graded_at  # it waits since the new field, not its draft
         for kwargs in (dict(), dict(answers=[EyeReview("R", True, 1, 0)]),
                        dict(answers=[EyeReview("R", True, 1, 0)], referral="rescreen_12"),  # chosen, but no reason
                        dict(answers=[EyeReview("R", True, 1, 0)], comment="artefact")):  # a reason, not chosen
