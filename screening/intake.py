@@ -110,6 +110,10 @@ _IGNORED_NAMES = frozenset({"thumbs.db", "desktop.ini"})
 _EYES = {"l": "L", "left": "L", "os": "L", "r": "R", "right": "R", "od": "R"}
 _SIDECAR_MAX_BYTES = 64 * 1024
 _NAMING_HINT = "name files like Patient001_L.jpg or <id>_<eye>_<yyyymmdd>.jpg"
+# A camera's or PACS export's own file numbering (IMG0001, DSC01234, PXL_..., IM000101, scan8), which the
+# "<letters><digits>" patterns would otherwise read as a patient id: two patients' IMG0001.jpg then joined one visit.
+CAMERA_NUMBERING = re.compile(r"(?:IMG|IMAG|IMAGE|IM|DSC|DSCN|DSCF|DCIM|PICT|PXL|CIMG|GOPR|DJI|MVIMG|SCAN)[_-]?\d+",
+                              re.IGNORECASE)
 
 
 # --------------------------------------------------------------------------------------------- names
@@ -276,6 +280,11 @@ def parse_identity(
         raise _unidentified(
             f"invalid patient id {patient!r} (from {source['patient']}): use 1-{MAX_ID_LENGTH} letters, digits, '_' or '-'"
         )
+    if source["patient"] == "file name" and CAMERA_NUMBERING.fullmatch(patient):
+        raise _unidentified(
+            f"'{p.name}' is named by a camera's own numbering: {patient!r} is not taken as a patient id; "
+            f"{_NAMING_HINT}, or put a sidecar {p.with_suffix('.json').name} with its patient_id in the inbox "
+            "before the photo (or with it)")
 
     eye: Literal["L", "R"] | None = None
     if eye_raw:

@@ -117,6 +117,22 @@ def test_a_field_number_is_one_or_two_digits_after_an_eye_or_a_date(tmp_path: Pa
     assert "no patient id" in unidentified(tmp_path / name).message
 
 
+@pytest.mark.parametrize("name", ["IMG0001.jpg", "DSC01234.JPG", "img0042.jpg", "PXL20261202.jpg", "IM000101.png",
+                                  "scan8.jpg", "IMG0001_R.jpg", "DSCN0007_OD_20261202.jpg"])
+def test_a_cameras_own_numbering_is_not_a_patient_id(tmp_path: Path, name: str) -> None:
+    """Two patients' IMG0001.jpg were filed as one patient 'IMG0001', their photos in one visit and one report."""
+    res = unidentified(tmp_path / name)
+    assert "a camera's own numbering" in res.message and f"sidecar {Path(name).stem}.json" in res.message
+    sidecar = write(tmp_path / name)  # with a sidecar naming the patient, the same name is fine
+    (tmp_path / f"{Path(name).stem}.json").write_text('{"patient_id": "P77"}')
+    assert parse_identity(sidecar, DEFAULT_PATTERNS).patient_id == "P77"
+
+
+def test_ids_that_only_start_like_a_camera_name_are_patient_ids(tmp_path: Path) -> None:
+    for name, patient in (("IMRAN7_L.jpg", "IMRAN7"), ("Scanlon12_R.jpg", "Scanlon12"), ("DSCA1_R.jpg", "DSCA1")):
+        assert parse_identity(tmp_path / name, DEFAULT_PATTERNS).patient_id == patient
+
+
 def test_no_patient_id_error_message(tmp_path: Path) -> None:
     res = unidentified(tmp_path / "x.jpg")
     assert "no patient id in the file name 'x.jpg'" in res.message
