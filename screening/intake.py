@@ -509,6 +509,17 @@ def stray_rejection(path: Path, st: os.stat_result, abandoned_after: float, now:
     return None
 
 
+def text_name(name: str) -> str | None:
+    """``name`` as text where it is not valid UTF-8 (a share or camera with another character set wrote it: Python
+    lists such bytes as surrogates, which no database or log line can hold), each such byte shown as ``\\xNN``;
+    None when ``name`` is already valid text."""
+    try:
+        name.encode("utf-8")
+        return None
+    except UnicodeEncodeError:
+        return name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
 def duration_text(seconds: float) -> str:
     """A span for people: "40 s", "12 min", "3.5 h", "2.0 days" (a threshold of 10 s once read "0.00277778 h")."""
     seconds = max(0.0, seconds)

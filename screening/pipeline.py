@@ -44,7 +44,7 @@ from .config import ScreeningSettings
 from .db.models import ClaimKind
 from .db.session import DatabaseGone, guard_identity
 from .inference import Predictor
-from .intake import EMPTY_FILE_FACTOR, Intake, sweep, wait_until_stable
+from .intake import EMPTY_FILE_FACTOR, Intake, sweep, text_name, wait_until_stable
 from .rejection import FailReason
 from .renderer import Renderer, make_renderer
 from .runtime import release_memory
@@ -186,6 +186,9 @@ class Worker:
         ungradable: list[Job] = []
         for path in paths:
             try:
+                if (shown := text_name(path.name)) is not None:  # no claim, row or log line can hold such a name
+                    out.count(self.intake.refuse_undecodable(path, shown))
+                    continue
                 if not self._claim(path):  # another worker has it: left to that worker
                     out.elsewhere += 1
                     out.retry.append(path)

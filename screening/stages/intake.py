@@ -229,6 +229,25 @@ class IntakeStage:
         decoded = replace(decoded, whole=None)  # the whole photo was for the checks; jobs wait in memory without it
         return Admitted(self._admit(path, sha, known, identity, decoded, verdict))
 
+    def refuse_undecodable(self, path: Path, shown: str) -> IntakeOutcome:
+        """An inbox file whose name is not UTF-8 text (:func:`screening.intake.text_name` gave ``shown``): nothing
+        can record or claim that name, so the file is first renamed in the inbox to ``shown`` (its bytes unchanged),
+        then refused like any entry, saying how to name it. Should another worker list the new name first, it refuses
+        it too (a backslash is in no patient id)."""
+        target = path.with_name(shown)
+        if target.exists():
+            return Deferred(path, RejectReason.IDENTITY, f"'{shown}' is taken in the inbox; renamed later")
+        try:
+            os.rename(path, target)
+        except FileNotFoundError:
+            return Vanished(path)
+        log.warning("an inbox file whose name is not UTF-8 text was renamed to show its bytes as \\xNN, and is refused")
+        return self._refuse_entry(target, Rejection(
+            RejectReason.IDENTITY,
+            f"the file name is not UTF-8 text (a share or camera with another character set wrote it); it was renamed "
+            f"'{shown}', each byte that is not text shown as \\xNN, to be filed here. Name the photo with letters, "
+            "digits, '_' and '-' (e.g. Patient001_L.jpg) and copy it into the inbox again"))
+
     def _unreadable(self, path: Path, exc: OSError) -> Unreadable:
         """An entry that cannot be read (the photo, or its sidecar: ``exc.filename`` says which): an
         :class:`Unreadable`, and a ``file_unreadable`` incident naming the file and saying what to do. The

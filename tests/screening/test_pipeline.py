@@ -128,6 +128,32 @@ def test_rejected_files_keep_the_file_and_say_why(settings):
         assert s.scalar(select(func.count()).select_from(Drop).where(Drop.outcome == "rejected")) == 4
 
 
+def test_a_file_name_that_is_not_utf8_is_refused_with_its_bytes_kept(settings_db):
+    """A Latin-1 name from a share with another character set ('P\\xe4tient9_R_...'): no claim, row or log line could
+    hold it, so it stayed in the inbox for ever with a traceback at each retry. It is renamed to show its bytes and
+    refused, saying how to name it, on SQLite and PostgreSQL."""
+    import os
+
+    worker = make_worker(settings_db)
+    write_fundus(settings_db.inbox / "P9_L_20261202.jpg", seed=9)
+    data = (settings_db.inbox / "P9_L_20261202.jpg").read_bytes()
+    (settings_db.inbox / "P9_L_20261202.jpg").unlink()
+    bad = os.path.join(os.fsencode(settings_db.inbox), b"P\xe4tient9_R_20261202.jpg")
+    with open(bad, "wb") as fh:
+        fh.write(data)
+    out = worker.run_once(settle_timeout=5)
+    assert (out.processed, out.rejected, out.failed) == (0, 1, 0)
+    assert os.listdir(os.fsencode(settings_db.inbox)) == []
+    [reason] = settings_db.rejected.glob("*.reason.txt")
+    text = reason.read_text(encoding="utf-8")
+    assert "not UTF-8 text" in text and "P\\xe4tient9_R_20261202.jpg" in text
+    [kept] = [p for p in settings_db.rejected.iterdir() if not p.name.endswith(".txt")]
+    assert kept.read_bytes() == data  # the photo itself, unchanged
+    with session_scope(worker.factory) as s:
+        [drop] = s.scalars(select(Drop)).all()
+        assert (drop.outcome, drop.source_name, drop.reason_code) == ("rejected", "P\\xe4tient9_R_20261202.jpg", "identity")
+
+
 def test_second_eye_later_rerenders_and_keeps_v1(settings_db):
     settings = settings_db  # on SQLite, then on PostgreSQL
     worker = make_worker(settings)
