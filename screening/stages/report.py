@@ -350,15 +350,16 @@ class ReportStage:
         if self._in_flight:
             raise RuntimeError("reconcile() runs before any report is submitted")
 
-        def read(session: Session) -> dict[int, tuple[str, set[int], bool]]:
+        def read(session: Session) -> tuple[dict[int, tuple[str, set[int], bool]], dict[tuple[int, int], str]]:
             busy = self.claims.held_by_others(session, ClaimKind.VISIT) if self.claims is not None else {}
             has_done = select(Image.id).where(Image.exam_id == Exam.id, Image.state == ImageState.DONE.value).exists()
             rows = session.execute(
-                select(Exam.id, Patient.code, Exam.exam_date, Report.version, has_done)
+                select(Exam.id, Patient.code, Exam.exam_date, Report.version, Report.path, has_done)
                 .join(Patient, Patient.id == Exam.patient_id).outerjoin(Report, Report.exam_id == Exam.id)).all()
             root = str(self.settings.reports)
             exams: dict[int, tuple[str, set[int], bool]] = {}
-            for exam_id, code, exam_date, version, done in rows:
+            recorded: dict[tuple[int, int], str] = {}
+            for exam_id, code, exam_date, version, path, done in rows:
                 if str(exam_id) in busy:  # another worker is making a version of it right now
                     continue
                 entry = exams.get(exam_id)
@@ -366,9 +367,10 @@ class ReportStage:
                     entry = exams[exam_id] = (os.path.join(root, safe_id(code), exam_date.isoformat()), set(), bool(done))
                 if version is not None:
                     entry[1].add(version)
-            return exams
+                    recorded[(exam_id, version)] = path
+            return exams, recorded
 
-        exams = transaction(self.factory, read, what="reading recorded reports")
+        exams, recorded = transaction(self.factory, read, what="reading recorded reports")
         removed: dict[int, list[int]] = {}
         missing: dict[int, int] = {}
         for exam_id, (where, versions, has_done) in exams.items():
@@ -380,7 +382,10 @@ class ReportStage:
                 if orphans:
                     removed[exam_id] = orphans
                     self._restore_latest(folder, versions)
-            if versions and not os.path.isfile(os.path.join(where, f"report_v{max(versions)}.pdf")):
+            # gone from both where it was recorded and where the configured folder puts it (a reports folder
+            # moved in the settings, its files left where they were: nothing to render again)
+            if versions and not os.path.isfile(os.path.join(where, f"report_v{max(versions)}.pdf")) and not (
+                    os.path.isfile(recorded[(exam_id, max(versions))])):
                 missing[exam_id] = max(versions)
 
         def record(session: Session) -> None:

@@ -258,3 +258,16 @@ def test_start_up_makes_a_signed_off_visits_missing_report_again_as_its_reviewed
     text = " ".join((p.extract_text() or "") for p in PdfReader(latest.path).pages).lower()
     assert "reviewed by dr a. grey" in " ".join(text.split())
     assert (Path(latest.path).parent / "latest.pdf").read_bytes() == Path(latest.path).read_bytes()
+
+
+def test_a_reports_folder_moved_in_the_settings_does_not_render_every_visit_again(stage, settings, tmp_path):
+    """The recorded PDFs are where they were written; only a report gone from both places is made again."""
+    exam_id = _graded_exam(stage.factory)
+    old = tmp_path / "old-reports" / "P7" / "2025-03-01"
+    old.mkdir(parents=True)
+    (old / "report_v1.pdf").write_bytes(b"%PDF v1, in the folder the settings named before")
+    with session_scope(stage.factory) as s:
+        repo.add_report(s, s.get(Exam, exam_id), old / "report_v1.pdf", "m", version=1)
+    assert stage.reconcile() == []  # settings.reports is another folder now: the recorded file is still there
+    (old / "report_v1.pdf").unlink()
+    assert stage.reconcile() == [exam_id]
