@@ -86,6 +86,9 @@ class ReportStage:
         self._waiting_retry_at = 0.0
         self._next_key = 1
         self._catalog: ModelCatalog | None = None  # installed checkpoints' metrics, for photos another model graded
+        # visits reconcile found without their latest PDF, until a version of them is recorded: every photo of
+        # theirs is reported, so the catch-up would not find them again after a failed render
+        self._again: set[int] = set()
 
     @property
     def in_flight(self) -> Mapping[int, PendingReport]:
@@ -212,6 +215,7 @@ class ReportStage:
             in_flight = {p.exam_id for p in self._in_flight.values()}
             exam_ids = transaction(self.factory, lambda session: [
                 e.id for e in repo.exams_needing_report(session) if e.id not in in_flight], what="finding reports to make")
+            exam_ids += sorted(self._again - in_flight - set(exam_ids))
         submitted = 0
         for exam_id in exam_ids:
             waited = exam_id in self._waiting
@@ -279,6 +283,7 @@ class ReportStage:
                     repo.set_state(session, image, ImageState.REPORTED)
 
         transaction(self.factory, record, what="recording a report")
+        self._again.discard(pending.exam_id)
         log.info("report v%s for exam %s written", result.version, pending.exam_id)
         return ReportWritten(pending.exam_id, result.version, result.path)
 
@@ -403,7 +408,9 @@ class ReportStage:
         signed = self._signed_off(sorted(missing))
         for exam_id in signed:
             self._render_reviewed_again(exam_id)
-        return sorted(set(missing) - set(signed))
+        drafts = sorted(set(missing) - set(signed))
+        self._again.update(drafts)  # tried again by the catch-up until a version is recorded
+        return drafts
 
     def _signed_off(self, exam_ids: list[int]) -> list[int]:
         """Of ``exam_ids``, the visits whose current sign-off covers every photo (not awaiting review): their

@@ -271,3 +271,26 @@ def test_a_reports_folder_moved_in_the_settings_does_not_render_every_visit_agai
     assert stage.reconcile() == []  # settings.reports is another folder now: the recorded file is still there
     (old / "report_v1.pdf").unlink()
     assert stage.reconcile() == [exam_id]
+
+
+def test_a_failed_render_of_a_reconciled_visit_is_tried_again_by_the_catch_up(stage, settings):
+    """Its photos are all reported, so only reconcile knew it needed a version: a failed render (disk full) was
+    never tried again while the worker ran."""
+    exam_id = _graded_exam(stage.factory)
+    folder = report_folder(settings.reports, "P7", date(2025, 3, 1))
+    with session_scope(stage.factory) as s:
+        repo.add_report(s, s.get(Exam, exam_id), folder / "report_v1.pdf", "m", version=1)  # never on disk
+        for image in s.get(Exam, exam_id).images:
+            repo.set_state(s, image, "reported")
+    assert stage.reconcile() == [exam_id]
+    assert stage.submit([exam_id]) == 1
+    job = stage.renderer.jobs[-1]
+    stage.renderer.done = [RenderResult(job.key, job.ctx.report_version, None, "No space left on device")]
+    assert stage.collect() == [ReportFailed(exam_id, 2, "No space left on device")]
+    assert stage.submit() == 1  # the catch-up
+    job = stage.renderer.jobs[-1]
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "report_v2.pdf").write_bytes(b"%PDF v2")
+    stage.renderer.done = [RenderResult(job.key, 2, folder / "report_v2.pdf")]
+    assert stage.collect() == [ReportWritten(exam_id, 2, folder / "report_v2.pdf")]
+    assert stage.submit() == 0  # made: nothing more to do
