@@ -273,10 +273,13 @@ class IntakeStage:
         return Unreadable(path, message)
 
     def _deferred(self, path: Path, content: Content, rejection: Rejection) -> Deferred | None:
-        """A file whose image data stops short and that changed within ``incomplete_grace`` seconds is left in the
-        inbox (it may still be being copied): its :class:`Deferred`; None for a refusal to record now."""
-        if rejection.code == RejectReason.INCOMPLETE and time.time() - content.mtime_ns / 1e9 < self.settings.incomplete_grace:
-            log.info("a file is incomplete or corrupt; left in the inbox in case it is still being copied")
+        """A file whose image data stops short, or that is still empty, and that changed within ``incomplete_grace``
+        seconds is left in the inbox (it may still be being copied: a copy that opens its file and writes later kept
+        it empty past the watcher's wait, and the finished photo was then found in rejected/): its
+        :class:`Deferred`; None for a refusal to record now."""
+        if rejection.code in (RejectReason.INCOMPLETE, RejectReason.EMPTY) and (
+                time.time() - content.mtime_ns / 1e9 < self.settings.incomplete_grace):
+            log.info("a file is empty, incomplete or corrupt; left in the inbox in case it is still being copied")
             return Deferred(path, rejection.code, rejection.message)
         return None
 

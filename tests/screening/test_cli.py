@@ -233,7 +233,7 @@ def test_once_rejects_an_empty_file_left_long_ago(tmp_path, tiny_checkpoint, cap
     empty = tmp_path / "inbox" / "P1_R.jpg"
     empty.parent.mkdir()
     empty.write_bytes(b"")
-    os.utime(empty, (time.time() - 60, time.time() - 60))
+    os.utime(empty, (time.time() - 400, time.time() - 400))  # older than incomplete_grace (300 s): not a copy starting
     t0 = time.monotonic()
     assert cli.main(["--config", str(cfg), "run", "--once"]) == 0
     assert "rejected 1" in capsys.readouterr().out and time.monotonic() - t0 < 60

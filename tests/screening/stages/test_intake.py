@@ -344,6 +344,12 @@ def test_limits_on_bytes_and_an_empty_file(stage, settings):
     assert isinstance(outcome, Rejected) and outcome.code == RejectReason.TOO_LARGE and "max_file_bytes" in outcome.message
     empty = settings.inbox / "P10_R.jpg"
     empty.write_bytes(b"")
+    # still empty a moment after it appeared: a copy may have opened it and not written yet (it was refused, and
+    # the photo written into it afterwards was found in rejected/ ungraded): left in the inbox
+    outcome = stage.admit(empty)
+    assert isinstance(outcome, Deferred) and outcome.code == RejectReason.EMPTY and empty.exists()
+    old = time.time() - settings.incomplete_grace - 1  # empty for longer than incomplete_grace: refused
+    os.utime(empty, (old, old))
     outcome = stage.admit(empty)
     assert isinstance(outcome, Rejected) and outcome.code == RejectReason.EMPTY
 
