@@ -807,14 +807,15 @@ class Intake:
             return
         self._pending.add(key)
 
-    def retry_later(self, path: Path, now: float | None = None) -> float:
+    def retry_later(self, path: Path, now: float | None = None, *, reset: bool = False) -> float:
         """Hand ``path`` out again later: after ``sweep_interval`` seconds, doubling with each attempt (at most
-        :data:`MAX_RETRY_DELAY`), or as soon as it changes. Returns the delay."""
+        :data:`MAX_RETRY_DELAY`), or as soon as it changes. ``reset``: count from the first attempt again (what
+        held it up was not the file, e.g. the database was unreachable). Returns the delay."""
         key = self._key(Path(path))
         if key is None:
             return 0.0
         t = self.clock() if now is None else now
-        attempts = self._retry[key].attempts + 1 if key in self._retry else 1
+        attempts = self._retry[key].attempts + 1 if key in self._retry and not reset else 1
         delay = min(self.sweep_interval * 2.0 ** (attempts - 1), MAX_RETRY_DELAY)
         self._retry[key] = _Retry(self._returned.get(key) or _signature(key), t + delay, attempts)
         self._returned.pop(key, None)

@@ -42,9 +42,10 @@ from .checks import IntakeChecks
 from .claims import Claimer, ClaimLost
 from .config import ScreeningSettings
 from .db.models import ClaimKind
-from .db.session import DatabaseGone, guard_identity
+from .db.session import DatabaseGone, guard_identity, is_unreachable
 from .inference import Predictor
 from .intake import EMPTY_FILE_FACTOR, Intake, sweep, text_name, wait_until_stable
+from .logs import exception_kind
 from .rejection import FailReason
 from .renderer import Renderer, make_renderer
 from .runtime import release_memory
@@ -89,6 +90,7 @@ class BatchOutcome:
     unreadable: int = 0  # could not be read (permissions, I/O): an incident says which; read again later
     unmoved: int = 0  # recorded, but the move out of the inbox failed (full, read-only): retried
     elsewhere: int = 0  # claimed by another worker: left to it (looked at again later in watch mode)
+    no_database: int = 0  # not looked at: the database could not be reached (tried again soon, not backed off)
     retry: list[Path] = field(default_factory=list)  # the files to hand out again (watch mode)
 
     def count(self, outcome: IntakeOutcome) -> None:
@@ -117,7 +119,8 @@ class BatchOutcome:
     def summary(self) -> str:
         return (f"processed {self.processed}, duplicates {self.duplicates}, rejected {self.rejected}, failed {self.failed}, "
                 f"reports {self.reports}, report failures {self.report_failures}, deferred {self.deferred}, "
-                f"could not be read (permissions, I/O) {self.unreadable}, not yet moved {self.unmoved}, left to other workers {self.elsewhere}")
+                f"could not be read (permissions, I/O) {self.unreadable}, not yet moved {self.unmoved}, left to other workers {self.elsewhere}"
+                + (f", waiting for the database {self.no_database}" if self.no_database else ""))
 
 
 class Worker:
@@ -184,7 +187,8 @@ class Worker:
     def _process(self, paths: Iterable[Path], out: BatchOutcome, claimed: list[str]) -> None:
         jobs: list[Job] = []
         ungradable: list[Job] = []
-        for path in paths:
+        paths = list(paths)
+        for k, path in enumerate(paths):
             try:
                 if (shown := text_name(path.name)) is not None:  # no claim, row or log line can hold such a name
                     out.count(self.intake.refuse_undecodable(path, shown))
@@ -204,7 +208,13 @@ class Worker:
                 out.unmoved += 1
                 out.retry.append(path)
                 continue
-            except Exception:
+            except Exception as exc:
+                if is_unreachable(exc):  # one line, not a traceback per file; the rest of the group waits too
+                    log.warning("the database cannot be reached (%s); %d file(s) stay in the inbox and are tried again "
+                                "at the next sweep (every %.0f s)", exception_kind(exc), len(paths) - k, self.s.sweep_interval)
+                    out.no_database += len(paths) - k
+                    out.retry.extend(paths[k:])
+                    break
                 log.exception("intake of a file failed; it stays in the inbox and is tried again")
                 out.failed += 1
                 out.retry.append(path)
@@ -273,8 +283,13 @@ class Worker:
             self.report.submit(exam_ids)
         except DatabaseGone:
             raise
-        except Exception:
-            log.exception("could not hand reports %s to the renderer; they will be retried", exam_ids or "")
+        except Exception as exc:
+            which = f"of visits {exam_ids}" if exam_ids else "waiting to be made"
+            if is_unreachable(exc):
+                log.warning("could not hand the reports %s to the renderer: the database cannot be reached (%s); "
+                            "they will be retried", which, exception_kind(exc))
+            else:
+                log.exception("could not hand the reports %s to the renderer; they will be retried", which)
 
     def recover(self) -> None:
         """After a restart, before anything else: the images and moves the last run left unfinished
@@ -349,7 +364,8 @@ class Worker:
                         intake.retry_later(path)
                     raise
                 for path in dict.fromkeys(out.retry):  # once each (the pages of one file share it)
-                    delay = intake.retry_later(path)
+                    # a database outage is not the file's fault: tried again at the base interval, not backed off
+                    delay = intake.retry_later(path, reset=bool(out.no_database))
                     log.info("a file stays in the inbox and is tried again within %.0f s", delay)
                 log.info("batch: %s (reports recorded meanwhile; each report is logged when it is written)", out.summary())
         elif self.report.busy:

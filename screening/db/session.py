@@ -211,6 +211,21 @@ def is_busy(exc: BaseException) -> bool:
     return "database is locked" in text or "database is busy" in text or "database table is locked" in text
 
 
+def is_unreachable(exc: BaseException) -> bool:
+    """True when ``exc`` says the database could not be reached at all (a server stopped or restarting, the network
+    down, a connection cut): nothing about the file being handled, so it waits and is tried again soon."""
+    if not isinstance(exc, DBAPIError):
+        return False
+    if exc.connection_invalidated:
+        return True
+    sqlstate = str(getattr(exc.orig, "sqlstate", None) or "")
+    if sqlstate.startswith("08") or sqlstate in ("57P01", "57P02", "57P03"):  # connection exception, shutdown
+        return True
+    text = str(exc.orig).lower()
+    return any(m in text for m in ("connection refused", "could not connect", "connection failed", "is the server running",
+                                   "server closed the connection", "terminating connection", "unable to open database file"))
+
+
 # SQLSTATEs after which PostgreSQL expects the transaction to be run again: serialization failure, deadlock
 RETRY_SQLSTATES = {"40001": "a serialization failure", "40P01": "a deadlock with another worker"}
 
@@ -251,6 +266,6 @@ def transaction(
 
 
 __all__ = [
-    "DEFAULT_BUSY_TIMEOUT_MS", "RETRY_SQLSTATES", "DatabaseGone", "guard_identity", "is_busy", "make_engine",
+    "DEFAULT_BUSY_TIMEOUT_MS", "RETRY_SQLSTATES", "DatabaseGone", "guard_identity", "is_busy", "is_unreachable", "make_engine",
     "make_session_factory", "session_scope", "sqlite_file_path", "transaction",
 ]

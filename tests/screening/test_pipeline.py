@@ -1083,3 +1083,52 @@ def test_a_failed_intake_is_retried_in_watch_mode_without_a_restart(settings):
         stop.set()
         thread.join(30)
     assert errors == [] and calls == ["P8_R.jpg", "P8_R.jpg"]
+
+
+def _unreachable_error():
+    from sqlalchemy.exc import OperationalError
+
+    return OperationalError("SELECT 1", {}, Exception('connection to server at "db" failed: Connection refused. '
+                                                      "Is the server running on that host?"))
+
+
+def test_a_database_outage_is_one_line_per_group_and_its_files_wait_without_backing_off(settings, caplog):
+    """PostgreSQL stopped: each file logged a traceback on each try (1,255 lines in 40 s for 4 files), counted as
+    failed, and its retry delay doubled as if the file were at fault (photos waited 86 s after the server was back)."""
+    import logging
+
+    from screening.db.session import is_unreachable
+    from screening.intake import Intake
+
+    worker = make_worker(settings)
+    paths = [write_fundus(settings.inbox / f"P{k}_R.jpg", seed=70 + k) for k in range(3)]
+
+    def down(path):
+        raise _unreachable_error()
+
+    worker.intake.admit = down
+    with caplog.at_level(logging.INFO, logger="screening"):
+        out = worker.process(paths)
+    assert (out.failed, out.no_database, out.retry) == (0, 3, paths)
+    assert "waiting for the database 3" in out.summary()
+    warnings = [r for r in caplog.records if "cannot be reached" in r.getMessage()]
+    assert len(warnings) == 1 and warnings[0].exc_info is None and "3 file(s)" in warnings[0].getMessage()
+    assert not [r for r in caplog.records if r.exc_info]  # no traceback
+    assert is_unreachable(_unreachable_error())
+
+    intake = Intake(settings.model_copy(update={"sweep_interval": 30.0}))  # not started: no watcher thread
+    assert [intake.retry_later(paths[0]) for _ in range(3)] == [30.0, 60.0, 120.0]  # the file's own trouble
+    assert intake.retry_later(paths[0], reset=True) == 30.0  # not the file's: back to the base interval
+
+
+def test_what_counts_as_an_unreachable_database():
+    from sqlalchemy.exc import IntegrityError, OperationalError
+
+    from screening.db.session import is_unreachable
+
+    assert is_unreachable(_unreachable_error())
+    assert is_unreachable(OperationalError("x", {}, Exception("server closed the connection unexpectedly")))
+    assert not is_unreachable(OperationalError("x", {}, Exception("database is locked")))  # busy: retried in place
+    assert not is_unreachable(OperationalError("x", {}, Exception("no such table: images")))
+    assert not is_unreachable(IntegrityError("x", {}, Exception("UNIQUE constraint failed")))
+    assert not is_unreachable(RuntimeError("connection refused"))  # not a database error
