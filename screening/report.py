@@ -27,6 +27,7 @@ import functools
 import logging
 import re
 import time
+from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from datetime import date, datetime
@@ -508,7 +509,7 @@ class Caution:
 
     note: str
     text: str
-    kind: Literal["missing", "mismatch"] = "missing"
+    kind: Literal["missing", "mismatch", "resent"] = "missing"
 
 
 def visit_cautions(findings: Sequence[EyeFinding]) -> list[Caution]:
@@ -535,6 +536,14 @@ def visit_cautions(findings: Sequence[EyeFinding]) -> list[Caution]:
                 f"{name}: label in doubt",
                 f"Laterality mismatch: the photograph filed as the {name} ({f.source_name}) looks like the other eye; "
                 "this recommendation assumes its label. Check the eye before acting on it.", "mismatch"))
+    named = Counter(f.source_name for f in findings if f.source_name)
+    for name, n in named.items():  # different bytes under one name (the same bytes would be a duplicate)
+        if n > 1:
+            cautions.append(Caution(
+                "same name twice",
+                f"{n} different photographs arrived under the same name {name}: a photograph sent again is graded as "
+                "another field beside the first, not in its place. Check which is right before acting on this "
+                "recommendation.", "resent"))
     return cautions
 
 
@@ -781,7 +790,7 @@ def template_variables(ctx: ReportContext, templates_dir: Path, link_stylesheet:
         referral=referral,
         # the box says what a missing eye means; a doubted label is tagged on its eye's summary row (a line in the
         # box pushed a reviewed two-eye report onto a third page), and its section says why
-        cautions=[c.text for c in visit_cautions(ctx.eyes) if c.kind == "missing"],
+        cautions=[c.text for c in visit_cautions(ctx.eyes) if c.kind in ("missing", "resent")],
         review=_review_view(ctx, referral),
         refused_pages=list(ctx.refused_pages),
         earlier_review=ctx.earlier_review,

@@ -645,6 +645,18 @@ def test_the_recommendation_box_says_when_an_eye_is_missing_or_its_label_in_doub
     assert len(pages) == 2  # the reviewed two-eye report keeps its two pages
 
 
+def test_two_different_photographs_under_one_name_are_said_in_the_box():
+    """A corrected photo sent again under the same name was added as a second field beside the first, both labelled
+    with the one name, and nothing said so (an IT-style hardening check)."""
+    first, again = _eye("R", 0, 0, source_name="EPN1_R_20261202.jpg"), _eye("R", 3, 0, source_name="EPN1_R_20261202.jpg")
+    ctx = _ctx([first, again, _eye("L", 0, 0)])
+    [caution] = rpt.visit_cautions(ctx.eyes)
+    assert caution.note == "same name twice" and "2 different photographs arrived under the same name EPN1_R_20261202.jpg" in caution.text
+    box = render_html(ctx, TEMPLATES).split('class="referral"')[1].split("</section>")[0]
+    assert "sent again is graded as another field beside the first" in box
+    assert rpt.visit_cautions(_ctx([first, _eye("R", 3, 0, source_name="EPN1_R_20261202_2.jpg"), _eye("L", 0, 0)]).eyes) == []
+
+
 # ------------------------------------------------------------------------------------------ reviewed version
 
 
