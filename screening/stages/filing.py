@@ -69,6 +69,12 @@ class MoveFailed(Exception):
     """A file could not leave the inbox (the cause is chained); its record is committed and the move is retried."""
 
 
+def _one_line(text: str) -> str:
+    """``text`` with its control characters written as escapes (``\\n``): a file name (or a reason quoting one)
+    with a line break in it wrote a second, forged-looking ``File:`` line into the reason file."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
 def _reason_file(dest: Path) -> Path:
     return dest.with_name(dest.name + ".reason.txt")
 
@@ -190,8 +196,8 @@ class Filing:
         when = received_at.astimezone()  # local, with its offset: the audit counts UTC days, folders local ones
         atomic_write_text(
             _reason_file(dest),
-            f"File: {path.name}\nSHA-256: {sha}\nRejected: {when.isoformat(timespec='seconds')}\n"
-            f"Reason: {reason}\nWhat to do: as the reason says. This file stays here; a corrected file can be "
+            f"File: {_one_line(path.name)}\nSHA-256: {sha}\nRejected: {when.isoformat(timespec='seconds')}\n"
+            f"Reason: {_one_line(reason)}\nWhat to do: as the reason says. This file stays here; a corrected file can be "
             "dropped into the inbox again.\n",
         )
         return self._move(path, dest)

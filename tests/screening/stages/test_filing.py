@@ -293,3 +293,19 @@ def test_partial_copies_left_by_a_crash_are_removed_at_start_up(inline):
     assert sorted(p.name for p in inline.archive.rglob("*") if p.is_file()) == ["kept.jpg", "kept.jpg"]
     with session_scope(filing.factory) as s:
         assert [e.code for e in s.scalars(select(Event).where(Event.kind == "reconcile"))] == ["partial_copy_removed"]
+
+
+def test_a_line_break_in_a_refused_files_name_cannot_forge_a_line_of_its_reason_file(settings):
+    from datetime import datetime, timezone
+
+    from screening.stages import Filing
+
+    settings.inbox.mkdir(parents=True, exist_ok=True)
+    path = settings.inbox / "P1_R.jpg\nFile: forged.jpg"
+    path.write_bytes(b"not a photo")
+    dest = Filing(settings, None).reject(path, "a" * 64, f"'{path.name}' is not a readable image",
+                                         datetime(2026, 12, 2, 12, 0, tzinfo=timezone.utc))
+    text = Path(str(dest) + ".reason.txt").read_text(encoding="utf-8")
+    assert [line for line in text.splitlines() if line.startswith("File:")] == ["File: P1_R.jpg\\nFile: forged.jpg"]
+    assert "Reason: 'P1_R.jpg\\nFile: forged.jpg' is not a readable image" in text
+    assert dest.read_bytes() == b"not a photo"
