@@ -305,7 +305,7 @@ def cmd_review_sign(args: argparse.Namespace, settings: ScreeningSettings) -> in
     from .report import EyeReview
     from .review import ReviewError, load_visit, sign_off
     from .review.text import format_review
-    from .review.visits import answers_of
+    from .review.visits import starting_answers
 
     factory = _session_factory(settings)
     try:
@@ -314,9 +314,7 @@ def cmd_review_sign(args: argparse.Namespace, settings: ScreeningSettings) -> in
             referral = None
             if args.review_command == "correct":
                 visit = load_visit(session, args.visit, settings.eye_result, settings.ungradable_rule)
-                given = {e.eye: e.model_answer for e in visit.eyes}
-                if visit.current_review is not None:  # a signed-off visit (reopened or not) starts from its sign-off
-                    given.update({a.eye: a for a in answers_of(visit.current_review) if a.eye in given})
+                given, chosen = starting_answers(visit)  # a signed-off visit starts from its sign-off, as on the page
                 for eye in args.ungradable:
                     if eye not in given:
                         raise ReviewError(f"visit {args.visit} has no graded photo of eye {eye}")
@@ -331,15 +329,16 @@ def cmd_review_sign(args: argparse.Namespace, settings: ScreeningSettings) -> in
                         grades.setdefault(eye, {})[option] = grade
                 for eye, grade_of in grades.items():
                     old = given[eye]
-                    if not old.gradable and len(grade_of) < 2:  # the model found the photo ungradable: no grade to keep
-                        raise ReviewError(f"eye {eye}: the model found its photo ungradable, so grading it takes both "
-                                          f"--dr {eye}=GRADE and --dme {eye}=GRADE")
+                    if not old.gradable and len(grade_of) < 2:  # ungradable so far: no grade to keep
+                        raise ReviewError(f"eye {eye}: it has no grade to keep (the {'sign-off' if visit.current_review else 'model'} "
+                                          f"found it ungradable), so grading it takes both --dr {eye}=GRADE and --dme {eye}=GRADE")
                     given[eye] = EyeReview(old.eye, True, grade_of.get("dr", old.dr_grade), grade_of.get("dme", old.dme_grade))
                 if not (args.dr or args.dme or args.ungradable or args.referral):
                     raise ReviewError("nothing to correct: give --dr, --dme, --ungradable or --referral "
                                       "(or use `dr-screen review confirm`)")
                 answers = list(given.values())
-                referral = None if args.referral in (None, "auto") else args.referral
+                # not given: the sign-off's chosen referral is kept (as the page keeps it selected); auto: the grades'
+                referral = None if args.referral == "auto" else (args.referral or chosen)
             review = sign_off(session, args.visit, reviewer=args.reviewer, source="cli", answers=answers, rule=settings.eye_result,
                               ungradable_rule=settings.ungradable_rule,
                               referral=referral, comment=args.comment)
@@ -494,7 +493,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     rv = sub.add_parser("review", help="the clinician's sign-off: queue, show, confirm, correct, import a grading CSV")
     rsub = rv.add_subparsers(dest="review_command", required=True)
-    sp = rsub.add_parser("list", help="visits awaiting review (the model's referrals first, then oldest first)")
+    sp = rsub.add_parser("list", help="visits awaiting review (the most urgent first: the model's referral, or a reopened sign-off's when more urgent; then oldest first)")
     sp.add_argument("--limit", type=_count, default=0, help="show at most this many (0: all); the count is always the whole queue's")
     sp.set_defaults(func=cmd_review_list)
     sp = rsub.add_parser("show", help="one visit: the model's grades, sign-offs and reports")
@@ -515,7 +514,8 @@ def build_parser() -> argparse.ArgumentParser:
             sp.add_argument("--dme", type=_eye_value, action="append", default=[], metavar="EYE=GRADE", help="DME risk 0-2, e.g. L=1")
             sp.add_argument("--ungradable", type=_eye_code, action="append", default=[], metavar="EYE", help="this eye's photo is ungradable")
             sp.add_argument("--referral", choices=["auto", *GRADER_REFERRALS],
-                            help="the referral outcome (default auto: what the grades imply, worse-eye rule)")
+                            help="the referral outcome (auto: what the grades imply, worse-eye rule; not given: the "
+                                 "current sign-off's chosen referral if it chose one, else auto)")
         sp.set_defaults(func=cmd_review_sign)
     sp = rsub.add_parser("import", help="record a grading centre's CSV (patient, eye, date, dr_grade, dme_grade, ...)")
     sp.add_argument("csv", help="the CSV file; see screening/review/grading_csv.py for its columns")

@@ -255,14 +255,20 @@ def _too_large(name: str, w: int, h: int, limits: DecodeLimits) -> Rejection:
                      "smaller size")
 
 
+def refuse_empty(data: bytes, name: str) -> None:
+    """Raise the refusal of an empty file (``EMPTY``; the intake leaves a fresh one in the inbox, as a copy may be
+    starting), before anything else is said of it (its name, a DICOM header it cannot have yet)."""
+    if not data:
+        raise Rejection(RejectReason.EMPTY, f"'{name}' is empty (0 bytes); copy the photo into the inbox again")
+
+
 def decode_bytes(data: bytes, size: int, display_size: int = 512, *, limits: DecodeLimits | None = None,
                  name: str = "the file") -> DecodedImage:
     """Decode ``data`` (a whole file) no larger than needed and preprocess it exactly as training did, after the
     checks of the module docstring; raises a :class:`~screening.rejection.Rejection` when the file is not a
     usable, complete photo within the limits."""
     limits = limits or DecodeLimits()
-    if not data:
-        raise Rejection(RejectReason.EMPTY, f"'{name}' is empty (0 bytes); copy the photo into the inbox again")
+    refuse_empty(data, name)
     fmt = sniff(data)
     if fmt is None:
         raise Rejection(RejectReason.UNREADABLE,

@@ -91,6 +91,7 @@ class BatchOutcome:
     unmoved: int = 0  # recorded, but the move out of the inbox failed (full, read-only): retried
     elsewhere: int = 0  # claimed by another worker: left to it (looked at again later in watch mode)
     no_database: int = 0  # not looked at: the database could not be reached (tried again soon, not backed off)
+    waited_for_database: list[Path] = field(default_factory=list)  # those files (their back-off is not raised)
     retry: list[Path] = field(default_factory=list)  # the files to hand out again (watch mode)
 
     def count(self, outcome: IntakeOutcome) -> None:
@@ -114,7 +115,7 @@ class BatchOutcome:
     @property
     def ok(self) -> bool:
         """Nothing failed: every file handled (or deferred while it arrives) and every report made."""
-        return not (self.failed or self.report_failures or self.unmoved or self.unreadable)
+        return not (self.failed or self.report_failures or self.unmoved or self.unreadable or self.no_database)
 
     def summary(self) -> str:
         return (f"processed {self.processed}, duplicates {self.duplicates}, rejected {self.rejected}, failed {self.failed}, "
@@ -214,6 +215,7 @@ class Worker:
                                 "at the next sweep (every %.0f s)", exception_kind(exc), len(paths) - k, self.s.sweep_interval)
                     out.no_database += len(paths) - k
                     out.retry.extend(paths[k:])
+                    out.waited_for_database.extend(paths[k:])
                     break
                 log.exception("intake of a file failed; it stays in the inbox and is tried again")
                 out.failed += 1
@@ -365,7 +367,7 @@ class Worker:
                     raise
                 for path in dict.fromkeys(out.retry):  # once each (the pages of one file share it)
                     # a database outage is not the file's fault: tried again at the base interval, not backed off
-                    delay = intake.retry_later(path, reset=bool(out.no_database))
+                    delay = intake.retry_later(path, reset=path in out.waited_for_database)
                     log.info("a file stays in the inbox and is tried again within %.0f s", delay)
                 log.info("batch: %s (reports recorded meanwhile; each report is logged when it is written)", out.summary())
         elif self.report.busy:

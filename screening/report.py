@@ -536,8 +536,8 @@ def visit_cautions(findings: Sequence[EyeFinding]) -> list[Caution]:
                 f"{name}: label in doubt",
                 f"Laterality mismatch: the photograph filed as the {name} ({f.source_name}) looks like the other eye; "
                 "this recommendation assumes its label. Check the eye before acting on it.", "mismatch"))
-    named = Counter(f.source_name for f in findings if f.source_name)
-    for name, n in named.items():  # different bytes under one name (the same bytes would be a duplicate)
+    named = Counter((f.eye, f.source_name) for f in findings if f.source_name)  # a name without an eye may serve both
+    for (_, name), n in named.items():  # different bytes under one name (the same bytes would be a duplicate)
         if n > 1:
             cautions.append(Caution(
                 "same name twice",

@@ -222,8 +222,9 @@ def is_unreachable(exc: BaseException) -> bool:
     if sqlstate.startswith("08") or sqlstate in ("57P01", "57P02", "57P03"):  # connection exception, shutdown
         return True
     text = str(exc.orig).lower()
-    return any(m in text for m in ("connection refused", "could not connect", "connection failed", "is the server running",
-                                   "server closed the connection", "terminating connection", "unable to open database file"))
+    return type(exc.orig).__name__ == "ConnectionTimeout" or any(m in text for m in (
+        "connection refused", "could not connect", "connection failed", "is the server running", "timeout expired",
+        "server closed the connection", "terminating connection", "unable to open database file"))
 
 
 # SQLSTATEs after which PostgreSQL expects the transaction to be run again: serialization failure, deadlock

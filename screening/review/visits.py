@@ -164,13 +164,14 @@ class Visit:
 
     @property
     def queue_level(self) -> str:
-        """What the review queue sorts and labels the visit by: the model's referral, or the reopened sign-off's
-        when that was more urgent (a visit a grader referred urgently stays ahead of routine ones when a photo
-        arrives after the sign-off)."""
+        """What the review queue sorts the visit by: the model's referral, or the reopened sign-off's when that was a
+        referral to ophthalmology more urgent than the model's (a visit a grader referred urgently stays ahead of
+        routine ones when a photo arrives after the sign-off)."""
         earlier = self.reopened
         model = self.model_referral.level
-        if earlier is None or REFERRAL_LEVELS[earlier.referral].rank <= REFERRAL_LEVELS[model].rank:
-            return model
+        if earlier is None or earlier.referral not in REFER_LEVELS or (
+                REFERRAL_LEVELS[earlier.referral].rank <= REFERRAL_LEVELS[model].rank):
+            return model  # an earlier 'ungradable: recall' is what a new photograph answers, not a referral to keep
         return earlier.referral
 
     @property
@@ -357,8 +358,9 @@ def sign_off(
     fields; ``rule`` decides which field's result is the model's answer, as on the report; an eye the worker found
     ungradable has "ungradable" as the model's answer, and ``ungradable_rule`` its referral). ``referral``: a key of
     :data:`GRADER_REFERRALS`, or None for the one the answers imply (:func:`referral_from_answers`); a
-    referral less urgent than the grader's own grades imply is refused, and so is one less urgent than the sign-off a
-    new photograph reopened (:attr:`Visit.reopened`) unless the referral is chosen and a comment says why. ``seen_fields`` and ``seen_review_id``
+    referral less urgent than the grader's own grades imply is refused, and so is one less urgent than the referral to
+    ophthalmology of the sign-off a new photograph reopened (:attr:`Visit.reopened`) unless the referral is chosen
+    and a comment says why (a sign-off's "ungradable: recall" is what the new photograph answers: not kept). ``seen_fields`` and ``seen_review_id``
     (the review page sends them) refuse a sign-off of a visit that changed since the grader opened it: a new
     photo, or someone else's sign-off. Flushes, never commits.
     """
@@ -400,13 +402,14 @@ def sign_off(
                           f"('{REFERRAL_LEVELS[implied].text}'); choose the referral again, or let it follow the grades",
                           "referral")
     earlier = visit.reopened
-    if earlier is not None and REFERRAL_LEVELS[level].rank < REFERRAL_LEVELS[earlier.referral].rank and (
-            referral is None or note is None):
+    if earlier is not None and earlier.referral in REFER_LEVELS and (
+            REFERRAL_LEVELS[level].rank < REFERRAL_LEVELS[earlier.referral].rank) and (referral is None or note is None):
         raise ReviewError(
             f"the sign-off by {earlier.reviewer} ({earlier.reviewed_at:%Y-%m-%d}) recommended "
             f"'{REFERRAL_LEVELS[earlier.referral].text}', and this one would recommend the less urgent "
             f"'{REFERRAL_LEVELS[level].text}' after a photograph was added; to lower it, choose the referral "
-            "yourself (not 'follow the grades' or the model's) and say why in the comment", "referral")
+            "yourself (not 'follow the grades', nor `review confirm`: `review correct --referral ... --comment ...`, "
+            "or the page's referral and comment) and say why in the comment", "referral")
     when = reviewed_at or datetime.now(timezone.utc)
     if when.tzinfo is None:
         raise ReviewError("the review time has no time zone", "reviewed_at")
@@ -423,6 +426,20 @@ def sign_off(
         eyes=[rrepo.EyeGrades(image_id=visit.image_ids[a.eye], eye=a.eye, gradable=a.gradable, dr_grade=a.dr_grade,
                               dme_grade=a.dme_grade) for a in ordered],
     )
+
+
+def starting_answers(visit: Visit) -> tuple[dict[str, EyeReview], str | None]:
+    """Where a new sign-off of ``visit`` starts (the review page's form, ``review correct``): the current sign-off's
+    answers for the eyes it answered, reopened or not (a new photograph must not quietly put the model's back), the
+    model's for the others; and the sign-off's referral when the grader chose it (it differs from what its answers
+    imply), else None (follow the grades)."""
+    answers = {e.eye: e.model_answer for e in visit.eyes}
+    current = visit.current_review
+    if current is None:
+        return answers, None
+    earlier = {a.eye: a for a in answers_of(current)}
+    answers.update({eye: earlier[eye] for eye in answers if eye in earlier})
+    return answers, (current.referral if current.referral != referral_from_answers(earlier.values()) else None)
 
 
 def answers_of(review: Review) -> tuple[EyeReview, ...]:

@@ -54,7 +54,7 @@ from ..db import repository as repo
 from ..db.models import ClaimKind, DropOutcome, Image, ImageState
 from ..db.session import transaction
 from ..dicom import DICOM_SUFFIXES, dicom_identity, is_dicom, named_identity, read_dicom
-from ..imaging import DecodedImage, DecodeLimits, decode_bytes, preprocess, several_pictures
+from ..imaging import DecodedImage, DecodeLimits, decode_bytes, preprocess, refuse_empty, several_pictures
 from ..intake import (
     Content,
     Identity,
@@ -232,16 +232,30 @@ class IntakeStage:
     def refuse_undecodable(self, path: Path, shown: str) -> IntakeOutcome:
         """An inbox file whose name is not UTF-8 text (:func:`screening.intake.text_name` gave ``shown``): nothing
         can record or claim that name, so the file is first renamed in the inbox to ``shown`` (its bytes unchanged),
-        then refused like any entry, saying how to name it. Should another worker list the new name first, it refuses
-        it too (a backslash is in no patient id)."""
+        then refused like any entry, saying how to name it. The new name is claimed before it exists, so another
+        worker that lists it leaves it alone, and a file already of that name is never replaced."""
         target = path.with_name(shown)
-        if target.exists():
-            return Deferred(path, RejectReason.IDENTITY, f"'{shown}' is taken in the inbox; renamed later")
+        if self.claims is not None and not self.claims.take(ClaimKind.FILE, shown):  # the new name, before it exists
+            return Deferred(path, RejectReason.IDENTITY, f"'{shown}' is claimed by another worker; renamed later")
         try:
-            os.rename(path, target)
-        except FileNotFoundError:
-            return Vanished(path)
-        log.warning("an inbox file whose name is not UTF-8 text was renamed to show its bytes as \\xNN, and is refused")
+            try:
+                os.link(path, target)  # never over another file of that name
+                os.unlink(path)
+            except FileExistsError:
+                return Deferred(path, RejectReason.IDENTITY, f"'{shown}' is taken in the inbox; renamed later")
+            except FileNotFoundError:
+                return Vanished(path)
+            except OSError:  # a share without hard links: a plain rename, the name checked just before
+                if target.exists():
+                    return Deferred(path, RejectReason.IDENTITY, f"'{shown}' is taken in the inbox; renamed later")
+                os.rename(path, target)
+            log.warning("an inbox file whose name is not UTF-8 text was renamed to show its bytes as \\xNN, and is refused")
+            return self._refuse_renamed(target, shown)
+        finally:
+            if self.claims is not None:
+                self.claims.release(ClaimKind.FILE, [shown])
+
+    def _refuse_renamed(self, target: Path, shown: str) -> IntakeOutcome:
         return self._refuse_entry(target, Rejection(
             RejectReason.IDENTITY,
             f"the file name is not UTF-8 text (a share or camera with another character set wrote it); it was renamed "
@@ -334,6 +348,7 @@ class IntakeStage:
             limit = self.settings.max_file_bytes
             raise Rejection(RejectReason.TOO_LARGE, f"'{path.name}' is {content.size / 2**20:.0f} MiB, over the limit of "
                             f"{limit / 2**20:.0f} MiB ([screening] max_file_bytes); export it at a smaller size")
+        refuse_empty(content.data, path.name)  # first: a copy that has not written yet is neither unnamed nor not DICOM
         if is_dicom(content.data):  # the bytes hashed, not the file read again
             photo = read_dicom(content.data, name=path.name, limits=self.limits)
             identity = dicom_identity(photo, path, self.settings.filename_patterns)

@@ -50,9 +50,11 @@ from ..db.models import ClaimKind, Exam, Image, ImageState, Patient, Report, Rev
 from ..db.session import DatabaseGone, transaction
 from ..findings import refused_page_reasons, stored_finding
 from ..inference import Predictor
+from ..logs import exception_kind
 from ..rejection import Incident
 from ..renderer import Renderer, RenderJob, RenderResult
 from ..report import (
+    REFER_LEVELS,
     REFERRAL_LEVELS,
     EyeFinding,
     ReportContext,
@@ -86,9 +88,9 @@ class ReportStage:
         self._waiting_retry_at = 0.0
         self._next_key = 1
         self._catalog: ModelCatalog | None = None  # installed checkpoints' metrics, for photos another model graded
-        # visits reconcile found without their latest PDF, until a version of them is recorded: every photo of
-        # theirs is reported, so the catch-up would not find them again after a failed render
-        self._again: set[int] = set()
+        # visits reconcile found without their latest PDF (exam -> that version), until a version of them is
+        # recorded: every photo of theirs is reported, so the catch-up would not find them again after a failed render
+        self._again: dict[int, int] = {}
 
     @property
     def in_flight(self) -> Mapping[int, PendingReport]:
@@ -145,6 +147,7 @@ class ReportStage:
         fields: list[EyeFinding] = []
         images = repo.exam_images_with_results(session, exam.id, include_pending=True)
         review = rrepo.current_review(session, exam.id)
+        reopened = review is not None and self._reopened(session, exam.id)
         for image, result in images:
             if (finding := stored_finding(image, result)) is not None:  # graded: lesions judged by the model that graded it
                 fields.append(finding if result is None else with_undetected(finding, self._metrics_of(result.checkpoint_sha256)))
@@ -157,12 +160,11 @@ class ReportStage:
             report_version=version, eye_result_rule=self.settings.eye_result,
             ungradable_rule=self.settings.ungradable_rule,
             refused_pages=refused_page_reasons(session, exam.id),
-            earlier_review=self._earlier_review(session, review, [image for image, _ in images]),
+            earlier_review=self._earlier_review(session, review, reopened),
         )
-        if review is not None and ctx.earlier_review is not None and any(
-                i.stored_at is not None and i.stored_at > review.created_at for i, _ in images) and (
+        if review is not None and ctx.earlier_review is not None and reopened and review.referral in REFER_LEVELS and (
                 REFERRAL_LEVELS[review.referral].rank > REFERRAL_LEVELS[printed_referral(ctx)].rank):
-            # a reopened sign-off more urgent than this draft: the draft must not read as the lower answer alone
+            # a reopened referral more urgent than this draft's: the draft must not read as the lower answer alone
             ctx = replace(ctx, earlier_review=f"{ctx.earlier_review} That sign-off's recommendation, "
                           f"'{REFERRAL_LEVELS[review.referral].text}', is more urgent than this version's: act on it "
                           "until the visit is reviewed again.", earlier_review_urgent=True)
@@ -179,10 +181,18 @@ class ReportStage:
             self._catalog = ModelCatalog.from_settings(self.settings)
         return self._catalog.metrics(checkpoint_sha256)
 
+    def _reopened(self, session: Session, exam_id: int) -> bool:
+        """Whether a photograph came after the visit's current sign-off: the review queue's own rule
+        (:attr:`screening.review.visits.Visit.reopened`)."""
+        from ..review.visits import load_visits
+
+        visits = load_visits(session, [exam_id], self.settings.eye_result, self.settings.ungradable_rule)
+        return bool(visits) and visits[0].reopened is not None
+
     @staticmethod
-    def _earlier_review(session: Session, review: Review | None, images: list[Image]) -> str | None:
+    def _earlier_review(session: Session, review: Review | None, reopened: bool) -> str | None:
         """What a worker's version says of the visit's current sign-off ``review``, if it has one: that photographs
-        came after it (the visit is back in the review queue), or that it covers everything shown."""
+        came after it (``reopened``: the visit is back in the review queue), or that it covers everything shown."""
         if review is None:
             return None
         reviewed = rrepo.report_of_review(session, review.id)
@@ -190,7 +200,7 @@ class ReportStage:
                  else " (its reviewed version is not rendered yet: `dr-screen review render` makes it)")
         signed = (f"This visit was signed off by {review.reviewer} on {review.reviewed_at.astimezone():%Y-%m-%d}{which}, "
                   f"recommending '{REFERRAL_LEVELS[review.referral].text}'")
-        if any(i.stored_at is not None and i.stored_at > review.created_at for i in images):  # as Visit.awaiting_review
+        if reopened:
             return (f"{signed}. Photographs were added after that sign-off, so this version shows the model's findings "
                     "only and awaits review again.")
         return f"{signed}; its answers are on {'the reviewed' if reviewed is None else 'that'} version."
@@ -215,7 +225,7 @@ class ReportStage:
             in_flight = {p.exam_id for p in self._in_flight.values()}
             exam_ids = transaction(self.factory, lambda session: [
                 e.id for e in repo.exams_needing_report(session) if e.id not in in_flight], what="finding reports to make")
-            exam_ids += sorted(self._again - in_flight - set(exam_ids))
+            exam_ids += [e for e in self._made_again(in_flight) if e not in exam_ids]
         submitted = 0
         for exam_id in exam_ids:
             waited = exam_id in self._waiting
@@ -283,7 +293,7 @@ class ReportStage:
                     repo.set_state(session, image, ImageState.REPORTED)
 
         transaction(self.factory, record, what="recording a report")
-        self._again.discard(pending.exam_id)
+        self._again.pop(pending.exam_id, None)
         log.info("report v%s for exam %s written", result.version, pending.exam_id)
         return ReportWritten(pending.exam_id, result.version, result.path)
 
@@ -405,12 +415,34 @@ class ReportStage:
             transaction(self.factory, record, what="recording reconciled reports")
             log.warning("reports reconciled at start-up: %d unrecorded PDF(s) removed, %d visit(s) whose report is "
                         "missing rendered again", sum(map(len, removed.values())), len(missing))
+        self._again.update(missing)  # tried again by the catch-up (:meth:`_made_again`) until a version is recorded
         signed = self._signed_off(sorted(missing))
         for exam_id in signed:
             self._render_reviewed_again(exam_id)
-        drafts = sorted(set(missing) - set(signed))
-        self._again.update(drafts)  # tried again by the catch-up until a version is recorded
-        return drafts
+        return sorted(set(missing) - set(signed))
+
+    def _made_again(self, in_flight: set[int]) -> list[int]:
+        """The catch-up's share of the visits reconcile found without their latest PDF: each still missing it (no
+        newer version recorded since, by this worker, another or a sign-off, and the file still gone) is made
+        again, a signed-off one here as its reviewed version; returns those for the model's version."""
+        if not self._again:
+            return []
+
+        def newest(session: Session) -> dict[int, tuple[int, str]]:
+            rows = session.execute(select(Report.exam_id, Report.version, Report.path)
+                                   .where(Report.exam_id.in_(list(self._again))).order_by(Report.version)).all()
+            return {exam_id: (version, path) for exam_id, version, path in rows}
+
+        latest = transaction(self.factory, newest, what="reading the versions of visits to make again")
+        for exam_id, version in list(self._again.items()):
+            recorded = latest.get(exam_id)
+            if recorded is None or recorded[0] != version or os.path.isfile(recorded[1]):
+                del self._again[exam_id]  # a newer version was recorded, or the file is back
+        due = sorted(e for e in self._again if e not in in_flight)
+        signed = self._signed_off(due)
+        for exam_id in signed:
+            self._render_reviewed_again(exam_id)
+        return [e for e in due if e not in signed]
 
     def _signed_off(self, exam_ids: list[int]) -> list[int]:
         """Of ``exam_ids``, the visits whose current sign-off covers every photo (not awaiting review): their
@@ -442,9 +474,10 @@ class ReportStage:
                 templates_dir=self.templates_dir, reports_dir=self.settings.reports, retries=self.settings.report_retries,
                 rule=self.settings.eye_result, ungradable_rule=self.settings.ungradable_rule, claims=self.claims)
         except (ReportError, ReviewError) as exc:
-            log.error("visit %s: its signed-off report is missing and could not be made again (%s); "
-                      "`dr-screen review render %s` makes it", exam_id, exc, exam_id)
+            log.error("visit %s: its signed-off report is missing and could not be made again (%s); the worker tries "
+                      "again at its next catch-up (every sweep_interval)", exam_id, exception_kind(exc))
             return
+        self._again.pop(exam_id, None)
         log.info("visit %s: its signed-off report was missing; reviewed version v%s made again", exam_id, report.version)
 
     @staticmethod

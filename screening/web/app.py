@@ -56,13 +56,12 @@ from screening.review.visits import (
     GRADER_REFERRALS,
     ReviewError,
     Visit,
-    answers_of,
     check_unchanged,
     load_visit,
     recently_reviewed,
-    referral_from_answers,
     review_queue,
     sign_off,
+    starting_answers,
 )
 from screening.web.auth import LoginThrottle, verify_password
 from training.common import DME_GRADES, DR_GRADES
@@ -325,13 +324,8 @@ def create_app(
         # not answer for from the model's) and referral: a new field must not silently put the model's answers back
         # in place of the grader's. Only a visit never signed off offers 'Confirm the model's findings'.
         offer_confirm = current is None
-        defaults = {e.eye: e.model_answer for e in visit.eyes}
-        referral_default = ""
-        if current is not None:
-            earlier = {a.eye: a for a in answers_of(current)}
-            defaults.update({eye: earlier[eye] for eye in defaults if eye in earlier})
-            if current.referral != referral_from_answers(earlier.values()):  # the grader chose it: keep it chosen
-                referral_default = current.referral
+        defaults, chosen = starting_answers(visit)
+        referral_default = chosen or ""
         # lesions the grading model cannot detect are shown as not assessed, as on the PDF (an empty map is not "none")
         undetected = {e.eye: undetected_lesions(catalog.metrics(e.result.checkpoint_sha256)) for e in visit.eyes}
         return render_template(

@@ -40,7 +40,7 @@ def test_a_grader_grades_an_eye_the_model_found_ungradable_from_the_command_line
     capsys.readouterr()
     run = lambda *argv: (cli.main(["--config", str(cfg), "review", *argv, "--no-render"]), *capsys.readouterr())  # noqa: E731
     rc, out, err = run("correct", "1", "--reviewer", "Dr Grey", "--dr", "R=2")
-    assert rc == 1 and "the model found its photo ungradable, so grading it takes both --dr R=GRADE and --dme R=GRADE" in err
+    assert rc == 1 and "no grade to keep (the model found it ungradable), so grading it takes both --dr R=GRADE and --dme R=GRADE" in err
     rc, out, err = run("correct", "1", "--reviewer", "Dr Grey", "--dr", "R=2", "--ungradable", "R")
     assert rc == 1 and "eye R is marked --ungradable" in err
     rc, out, err = run("correct", "1", "--reviewer", "Dr Grey", "--dr", "R=2", "--dme", "R=1")

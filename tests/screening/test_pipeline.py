@@ -446,7 +446,8 @@ def test_a_draft_after_a_sign_off_says_who_signed_which_version_and_that_it_awai
     run_worker(settings, {"P2_L_20251120.jpg": 4})  # the second eye, after the sign-off
     [folder] = {p.parent for p in settings.reports.rglob("report_v3.pdf")}
     text = " ".join(pdf_text(folder / "report_v3.pdf").split())
-    assert "This visit was signed off by Dr A. Grey on " in text and "(report v2). Photographs were added" in text
+    assert "This visit was signed off by Dr A. Grey on " in text
+    assert "(report v2), recommending 'Urgent referral (proliferative DR)'. Photographs were added" in text
     assert "awaits review again" in text
     assert "signed off" not in pdf_text(folder / "report_v1.pdf")  # before the sign-off: nothing to say
     with session_scope(worked.factory) as s:  # signed off again, its reviewed version not rendered (a failed render)
@@ -1109,8 +1110,8 @@ def test_a_database_outage_is_one_line_per_group_and_its_files_wait_without_back
     worker.intake.admit = down
     with caplog.at_level(logging.INFO, logger="screening"):
         out = worker.process(paths)
-    assert (out.failed, out.no_database, out.retry) == (0, 3, paths)
-    assert "waiting for the database 3" in out.summary()
+    assert (out.failed, out.no_database, out.retry, out.waited_for_database) == (0, 3, paths, paths)
+    assert "waiting for the database 3" in out.summary() and not out.ok  # `run --once` exits 1: nothing was graded
     warnings = [r for r in caplog.records if "cannot be reached" in r.getMessage()]
     assert len(warnings) == 1 and warnings[0].exc_info is None and "3 file(s)" in warnings[0].getMessage()
     assert not [r for r in caplog.records if r.exc_info]  # no traceback
@@ -1128,6 +1129,11 @@ def test_what_counts_as_an_unreachable_database():
 
     assert is_unreachable(_unreachable_error())
     assert is_unreachable(OperationalError("x", {}, Exception("server closed the connection unexpectedly")))
+
+    class ConnectionTimeout(Exception):  # psycopg's, when the network drops packets: no SQLSTATE
+        pass
+
+    assert is_unreachable(OperationalError("x", {}, ConnectionTimeout("connection timeout expired")))
     assert not is_unreachable(OperationalError("x", {}, Exception("database is locked")))  # busy: retried in place
     assert not is_unreachable(OperationalError("x", {}, Exception("no such table: images")))
     assert not is_unreachable(IntegrityError("x", {}, Exception("UNIQUE constraint failed")))

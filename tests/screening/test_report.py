@@ -655,6 +655,8 @@ def test_two_different_photographs_under_one_name_are_said_in_the_box():
     box = render_html(ctx, TEMPLATES).split('class="referral"')[1].split("</section>")[0]
     assert "sent again is graded as another field beside the first" in box
     assert rpt.visit_cautions(_ctx([first, _eye("R", 3, 0, source_name="EPN1_R_20261202_2.jpg"), _eye("L", 0, 0)]).eyes) == []
+    # a name without an eye may serve both eyes (the eye read from each photo): not the same photograph sent again
+    assert rpt.visit_cautions(_ctx([_eye("R", 0, 0, source_name="P17.jpg"), _eye("L", 0, 0, source_name="P17.jpg")]).eyes) == []
 
 
 # ------------------------------------------------------------------------------------------ reviewed version

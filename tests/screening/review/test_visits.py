@@ -237,3 +237,21 @@ def test_a_new_photo_after_an_urgent_sign_off_keeps_it_ahead_and_lowering_it_nee
         assert lowered.referral == "rescreen_12"
         # once signed off again, the visit is not reopened: the next sign-off is free to change it either way
         assert _ids(review_queue(s)) == ["ROUTINE_OLD"] and load_visit(s, urgent).reopened is None
+
+
+def test_a_retake_after_an_ungradable_sign_off_follows_its_grades(factory):
+    """'Recall: ungradable image' is what the new photograph answers: it is neither kept ahead in the queue nor
+    required to be lowered with a chosen referral and a comment."""
+    with session_scope(factory) as s:
+        exam_id = seed_visit(s, "RETAKE", {"L": (0, 0, False)}, report_at=at(60)).id
+        seed_ungradable(s, s.get(Exam, exam_id), "R", stored=at(90))
+        first = sign_off(s, exam_id, reviewer="Dr A", source="cli")
+        assert first.referral == "ungradable"
+    with session_scope(factory) as s:
+        seed_visit(s, "RETAKE", {"R": (0, 0, False)}, received=datetime.now(timezone.utc) - timedelta(seconds=30))
+    with session_scope(factory) as s:
+        visit = load_visit(s, exam_id)
+        assert visit.reopened is not None and visit.queue_level == visit.model_referral.level
+        again = sign_off(s, exam_id, reviewer="Dr A", source="cli",
+                         answers=[EyeReview("R", True, 0, 0), EyeReview("L", True, 0, 0)])
+        assert again.referral == "rescreen_24"

@@ -348,6 +348,12 @@ def test_limits_on_bytes_and_an_empty_file(stage, settings):
     # the photo written into it afterwards was found in rejected/ ungraded): left in the inbox
     outcome = stage.admit(empty)
     assert isinstance(outcome, Deferred) and outcome.code == RejectReason.EMPTY and empty.exists()
+    for name in ("IM000101.dcm", "scan.jpg"):  # nor refused as not DICOM, or for its name, before it is written
+        fresh = settings.inbox / name
+        fresh.write_bytes(b"")
+        outcome = stage.admit(fresh)
+        assert isinstance(outcome, Deferred) and outcome.code == RejectReason.EMPTY, name
+        fresh.unlink()
     old = time.time() - settings.incomplete_grace - 1  # empty for longer than incomplete_grace: refused
     os.utime(empty, (old, old))
     outcome = stage.admit(empty)

@@ -294,3 +294,24 @@ def test_a_failed_render_of_a_reconciled_visit_is_tried_again_by_the_catch_up(st
     stage.renderer.done = [RenderResult(job.key, 2, folder / "report_v2.pdf")]
     assert stage.collect() == [ReportWritten(exam_id, 2, folder / "report_v2.pdf")]
     assert stage.submit() == 0  # made: nothing more to do
+
+
+def test_the_catch_up_leaves_a_reconciled_visit_alone_once_another_version_is_recorded(stage, settings):
+    """Its render failed; a grader's sign-off (or another worker) then recorded a newer version: a model draft made
+    now would stand over it."""
+    exam_id = _graded_exam(stage.factory)
+    folder = report_folder(settings.reports, "P7", date(2025, 3, 1))
+    with session_scope(stage.factory) as s:
+        repo.add_report(s, s.get(Exam, exam_id), folder / "report_v1.pdf", "m", version=1)  # never on disk
+        for image in s.get(Exam, exam_id).images:
+            repo.set_state(s, image, "reported")
+    assert stage.reconcile() == [exam_id]
+    assert stage.submit([exam_id]) == 1
+    job = stage.renderer.jobs[-1]
+    stage.renderer.done = [RenderResult(job.key, job.ctx.report_version, None, "No space left on device")]
+    stage.collect()
+    with session_scope(stage.factory) as s:  # someone else's version 2, on disk
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "report_v2.pdf").write_bytes(b"%PDF v2, the reviewed version")
+        repo.add_report(s, s.get(Exam, exam_id), folder / "report_v2.pdf", "m", version=2)
+    assert stage.submit() == 0
