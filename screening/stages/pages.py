@@ -27,7 +27,8 @@ then it is archived once (:meth:`~screening.stages.filing.Filing.archive_pages`)
 the archived file. A worker stopped in between finds the file in the inbox with some pages graded: the next
 intake admits the pages not graded yet, in the visit the file was first filed in (a name without a date would
 otherwise put them in the day of the retry's visit), or, when every page is done, only finishes the move. A graded
-page is never moved to another visit: its result and reports belong to its own. The audit counts
+page is never moved to another visit: its result and reports belong to its own; a file renamed meanwhile to another
+patient is refused as an identity conflict rather than split between the two. The audit counts
 the file once by its drop and each page once by its image's state.
 """
 
@@ -122,6 +123,19 @@ def no_photo_in(name: str, pages: list[CheckedPage]) -> Rejection:
                            f"({listed}); export the fundus photos again")
 
 
+def _graded_for_another(session: Session, sha: str, identity: Identity) -> str | None:
+    """Why a file whose pages were partly graded cannot be admitted again under ``identity``: its name now says
+    another patient than its graded pages were filed under (renamed in the inbox after a stop mid-file). Its pages
+    would otherwise be split between two patients. None when they agree."""
+    for page in repo.pages_of_file(session, sha):
+        if (page.result is not None or page.state in _GRADED) and page.exam is not None and (
+                page.exam.patient.code.lower() != identity.patient_id.lower()):
+            return (f"pages of this file were already graded for another patient (image {page.id}); one of the two "
+                    "names is wrong. The rest was not graded: check which patient the file belongs to and correct the "
+                    "record of the wrong one")
+    return None
+
+
 def _visit_of(pages: Iterable[Image], patient_id: int) -> Exam | None:
     """The visit a file's pages were filed in when it was first admitted, if any and the patient's. A file whose
     name states no date is admitted again (after a restart, a failed page) into that visit, not today's: a retry
@@ -163,6 +177,9 @@ class PageIntake:
         if unidentified is not None:
             return stage.refuse(path, content, unidentified)
         assert identity is not None and content.data is not None
+        if known is not None and (moved := transaction(stage.factory, lambda s: _graded_for_another(s, sha, identity),
+                                                       what="reading the pages of a file")):
+            return stage.refuse(path, content, Rejection(RejectReason.IDENTITY_CONFLICT, f"'{path.name}': {moved}"))
         try:  # one page decoded and judged at a time: only its photo in the model's frame is kept
             pages = [self.check(page, identity, path.name)
                      for page in decode_pages(content.data, stage.image_size, limits=stage.limits, name=path.name)]

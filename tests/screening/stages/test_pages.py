@@ -199,6 +199,20 @@ def test_a_file_without_a_date_admitted_again_after_midnight_stays_in_its_first_
         assert [e.exam_date for e in s.scalars(select(Exam))] == [date(2025, 3, 1)]
 
 
+def test_a_part_graded_file_renamed_to_another_patient_is_refused_not_split(stage, settings):
+    """Renamed in the inbox after a stop mid-file to another patient's name: its graded page stayed with the first
+    patient and the rest went to the second's visit. It is refused as an identity conflict, the graded page kept."""
+    path = _visit(settings)
+    done, failed = _one_page_graded_one_failed(stage, path)
+    renamed = path.rename(settings.inbox / "P2_R_20250301.tif")
+    again = stage.admit(renamed)
+    assert isinstance(again, Rejected) and again.code == RejectReason.IDENTITY_CONFLICT
+    assert "already graded for another patient" in again.message
+    with session_scope(stage.factory) as s:
+        patients = {i.exam.patient.code for i in s.scalars(select(Image)) if i.exam is not None}
+        assert patients == {"P1"} and s.get(Image, done.image_id).state == "done"
+
+
 def test_pages_not_graded_yet_take_the_name_their_file_is_admitted_under_again(stage, settings):
     """Renamed in the inbox before a restart: the pages still to grade show the new name (the report's heading),
     a page already graded keeps the name it was graded under."""
