@@ -235,6 +235,7 @@ class IntakeStage:
         then refused like any entry, saying how to name it. The new name is claimed before it exists, so another
         worker that lists it leaves it alone, and a file already of that name is never replaced."""
         target = path.with_name(shown)
+        taken = Deferred(path, RejectReason.IDENTITY, f"'{shown}' is taken in the inbox; renamed later")
         if self.claims is not None and not self.claims.take(ClaimKind.FILE, shown):  # the new name, before it exists
             return Deferred(path, RejectReason.IDENTITY, f"'{shown}' is claimed by another worker; renamed later")
         try:
@@ -242,12 +243,12 @@ class IntakeStage:
                 os.link(path, target)  # never over another file of that name
                 os.unlink(path)
             except FileExistsError:
-                return Deferred(path, RejectReason.IDENTITY, f"'{shown}' is taken in the inbox; renamed later")
+                return taken
             except FileNotFoundError:
                 return Vanished(path)
             except OSError:  # a share without hard links: a plain rename, the name checked just before
                 if target.exists():
-                    return Deferred(path, RejectReason.IDENTITY, f"'{shown}' is taken in the inbox; renamed later")
+                    return taken
                 os.rename(path, target)
             log.warning("an inbox file whose name is not UTF-8 text was renamed to show its bytes as \\xNN, and is refused")
             return self._refuse_renamed(target, shown)

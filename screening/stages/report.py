@@ -415,11 +415,8 @@ class ReportStage:
             transaction(self.factory, record, what="recording reconciled reports")
             log.warning("reports reconciled at start-up: %d unrecorded PDF(s) removed, %d visit(s) whose report is "
                         "missing rendered again", sum(map(len, removed.values())), len(missing))
-        self._again.update(missing)  # tried again by the catch-up (:meth:`_made_again`) until a version is recorded
-        signed = self._signed_off(sorted(missing))
-        for exam_id in signed:
-            self._render_reviewed_again(exam_id)
-        return sorted(set(missing) - set(signed))
+        self._again.update(missing)  # made now, and by the catch-up until a version is recorded: one path for both
+        return self._made_again(set())
 
     def _made_again(self, in_flight: set[int]) -> list[int]:
         """The catch-up's share of the visits reconcile found without their latest PDF: each still missing it (no

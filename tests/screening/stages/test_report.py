@@ -273,9 +273,9 @@ def test_a_reports_folder_moved_in_the_settings_does_not_render_every_visit_agai
     assert stage.reconcile() == [exam_id]
 
 
-def test_a_failed_render_of_a_reconciled_visit_is_tried_again_by_the_catch_up(stage, settings):
-    """Its photos are all reported, so only reconcile knew it needed a version: a failed render (disk full) was
-    never tried again while the worker ran."""
+def _reconciled_render_failed(stage, settings) -> tuple[int, Path]:
+    """A visit whose photos are all reported and whose recorded v1 is not on disk: reconcile hands it over, and its
+    render fails (disk full). Returns the exam and its report folder."""
     exam_id = _graded_exam(stage.factory)
     folder = report_folder(settings.reports, "P7", date(2025, 3, 1))
     with session_scope(stage.factory) as s:
@@ -287,6 +287,13 @@ def test_a_failed_render_of_a_reconciled_visit_is_tried_again_by_the_catch_up(st
     job = stage.renderer.jobs[-1]
     stage.renderer.done = [RenderResult(job.key, job.ctx.report_version, None, "No space left on device")]
     assert stage.collect() == [ReportFailed(exam_id, 2, "No space left on device")]
+    return exam_id, folder
+
+
+def test_a_failed_render_of_a_reconciled_visit_is_tried_again_by_the_catch_up(stage, settings):
+    """Its photos are all reported, so only reconcile knew it needed a version: a failed render (disk full) was
+    never tried again while the worker ran."""
+    exam_id, folder = _reconciled_render_failed(stage, settings)
     assert stage.submit() == 1  # the catch-up
     job = stage.renderer.jobs[-1]
     folder.mkdir(parents=True, exist_ok=True)
@@ -299,17 +306,7 @@ def test_a_failed_render_of_a_reconciled_visit_is_tried_again_by_the_catch_up(st
 def test_the_catch_up_leaves_a_reconciled_visit_alone_once_another_version_is_recorded(stage, settings):
     """Its render failed; a grader's sign-off (or another worker) then recorded a newer version: a model draft made
     now would stand over it."""
-    exam_id = _graded_exam(stage.factory)
-    folder = report_folder(settings.reports, "P7", date(2025, 3, 1))
-    with session_scope(stage.factory) as s:
-        repo.add_report(s, s.get(Exam, exam_id), folder / "report_v1.pdf", "m", version=1)  # never on disk
-        for image in s.get(Exam, exam_id).images:
-            repo.set_state(s, image, "reported")
-    assert stage.reconcile() == [exam_id]
-    assert stage.submit([exam_id]) == 1
-    job = stage.renderer.jobs[-1]
-    stage.renderer.done = [RenderResult(job.key, job.ctx.report_version, None, "No space left on device")]
-    stage.collect()
+    exam_id, folder = _reconciled_render_failed(stage, settings)
     with session_scope(stage.factory) as s:  # someone else's version 2, on disk
         folder.mkdir(parents=True, exist_ok=True)
         (folder / "report_v2.pdf").write_bytes(b"%PDF v2, the reviewed version")
