@@ -404,7 +404,8 @@ def cmd_serve(args: argparse.Namespace, settings: ScreeningSettings) -> int:
     try:
         serve(settings, _session_factory(settings), templates_dir(Path(args.config)),
               host=args.host or settings.review_host, port=args.port or settings.review_port,
-              require_login=args.require_login, secure_cookies=args.secure_cookies)
+              require_login=args.require_login, secure_cookies=args.secure_cookies,
+              trusted_proxy=args.trusted_proxy)
     except ServeError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -532,6 +533,9 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--port", type=int, help="port (default: [screening] review_port, 8765)")
     sp.add_argument("--require-login", action="store_true", help="require a login on loopback too")
     sp.add_argument("--secure-cookies", action="store_true", help="behind an HTTPS proxy: send the session cookie over HTTPS only")
+    sp.add_argument("--trusted-proxy", metavar="ADDRESS",
+                    help="the HTTPS proxy's IP address: believe its X-Forwarded-For, so that the login brake counts each "
+                         "client's own address")
     sp.set_defaults(func=cmd_serve)
 
     us = sub.add_parser("user", help="logins for the review page")

@@ -257,9 +257,11 @@ def create_app(
         if request.method == "POST":
             username = request.form.get("username", "").strip()
             password = request.form.get("password", "")
-            wait = throttle.locked(username)
+            address = request.remote_addr
+            wait = throttle.locked(username, address)
             if wait:
-                error = f"Too many failed attempts for this user name; try again in {wait / 60:.0f} minutes."
+                error = (f"Too many failed attempts for this user name from this computer; try again in "
+                         f"{max(1, round(wait / 60))} minutes.")
             else:
                 with session_scope(factory) as s:
                     user = rrepo.get_user(s, username) if username else None
@@ -271,10 +273,10 @@ def create_app(
                         session.permanent = True
                         session["user_id"], session["pw"] = user.id, user.password_changed_at.isoformat()
                         session["at"] = utcnow().isoformat()  # compared with the user's next logout
-                        throttle.succeeded(username)
+                        throttle.succeeded(username, address)
                         log.info("login user=%s", user.id)
                         return redirect(target)
-                throttle.failed(username)
+                throttle.failed(username, address)
                 log.warning("failed login")
                 error = "Unknown user name or wrong password."
         return render_template("login.html.j2", error=error, next=target), (401 if error else 200)

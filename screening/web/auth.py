@@ -48,34 +48,53 @@ def verify_password(password_hash: str | None, password: str) -> bool:
 
 
 class LoginThrottle:
-    """Refuses logins of a user name for ``lockout_s`` after ``max_failures`` failed attempts within
-    ``window_s`` (in memory: a restart of the page forgets it, which is acceptable for a local service)."""
+    """Refuses logins of a user name *from one client address* for ``lockout_s`` after ``max_failures`` failed
+    attempts from there within ``window_s`` (in memory: a restart of the page forgets it, which is acceptable for a
+    local service).
+
+    Why per address and not per name alone: keyed on the name only, anyone who can reach the page could lock a
+    named grader out of it for a quarter of an hour by typing five wrong passwords; keyed on (name, address), the
+    guesser locks out only themselves, and the grader at their own workstation still logs in. Guessing from many
+    addresses is slowed by the scrypt hash and the 10-character minimum. Behind a reverse proxy every client has the
+    proxy's address, so ``dr-screen serve --trusted-proxy`` must name it for the client's own address to be used."""
 
     def __init__(self, max_failures: int = 5, window_s: float = 900.0, lockout_s: float = 900.0) -> None:
         self.max_failures, self.window_s, self.lockout_s = max_failures, window_s, lockout_s
-        self._failures: dict[str, list[float]] = {}
-        self._locked_until: dict[str, float] = {}
+        self._failures: dict[tuple[str, str], list[float]] = {}
+        self._locked_until: dict[tuple[str, str], float] = {}
         self._lock = threading.Lock()
 
-    def locked(self, username: str, now: float | None = None) -> float:
-        """Seconds until ``username`` may try again (0 when it may now)."""
-        now = time.monotonic() if now is None else now
-        with self._lock:
-            return max(0.0, self._locked_until.get(username.lower(), 0.0) - now)
+    @staticmethod
+    def _key(username: str, address: str | None) -> tuple[str, str]:
+        return username.lower(), address or "?"
 
-    def failed(self, username: str, now: float | None = None) -> None:
+    def locked(self, username: str, address: str | None, now: float | None = None) -> float:
+        """Seconds until ``username`` may try again from ``address`` (0 when it may now)."""
         now = time.monotonic() if now is None else now
-        key = username.lower()
         with self._lock:
+            return max(0.0, self._locked_until.get(self._key(username, address), 0.0) - now)
+
+    def failed(self, username: str, address: str | None, now: float | None = None) -> None:
+        now = time.monotonic() if now is None else now
+        key = self._key(username, address)
+        with self._lock:
+            self._forget_old(now)
             recent = [t for t in self._failures.get(key, []) if now - t < self.window_s] + [now]
             self._failures[key] = recent
             if len(recent) >= self.max_failures:
                 self._locked_until[key] = now + self.lockout_s
                 self._failures[key] = []
 
-    def succeeded(self, username: str) -> None:
+    def succeeded(self, username: str, address: str | None) -> None:
         with self._lock:
-            self._failures.pop(username.lower(), None)
+            self._failures.pop(self._key(username, address), None)
+
+    def _forget_old(self, now: float) -> None:
+        """Drops expired entries, so that guesses under ever new names or addresses cannot grow memory for good."""
+        if len(self._failures) + len(self._locked_until) < 1024:
+            return
+        self._failures = {k: v for k, v in self._failures.items() if v and now - v[-1] < self.window_s}
+        self._locked_until = {k: t for k, t in self._locked_until.items() if t > now}
 
 
 __all__ = ["MIN_PASSWORD_CHARS", "AuthError", "LoginThrottle", "check_username", "hash_password", "verify_password"]

@@ -29,9 +29,14 @@ def serve(
     port: int,
     require_login: bool = False,
     secure_cookies: bool = False,
+    trusted_proxy: str | None = None,
     threads: int = 4,
 ) -> None:
-    """Serve until interrupted. Off loopback a login is always required, and at least one user must exist."""
+    """Serve until interrupted. Off loopback a login is always required, and at least one user must exist.
+
+    ``trusted_proxy``: the address of the HTTPS proxy in front of the page. Its ``X-Forwarded-For`` and
+    ``X-Forwarded-Proto`` headers are then believed (from it only), so that the login brake counts each client's
+    own address; without it every client behind the proxy shares the proxy's address."""
     loopback = is_loopback(host)
     require_login = require_login or not loopback
     if require_login:
@@ -49,7 +54,22 @@ def serve(
     log.info("review page on http://%s:%d/ (%s)", host if ":" not in host else f"[{host}]", port,
              "login required" if require_login else "local access, no login")
     waitress_serve(app, host=host, port=port, threads=threads, ident="dr-screen", clear_untrusted_proxy_headers=True,
-                   max_request_body_size=1024 * 1024)
+                   max_request_body_size=1024 * 1024, **proxy_options(trusted_proxy))
 
 
-__all__ = ["ServeError", "serve"]
+def proxy_options(trusted_proxy: str | None) -> dict[str, object]:
+    """waitress's settings for one trusted proxy (none: proxy headers are dropped, the peer is the client)."""
+    if not trusted_proxy:
+        return {}
+    import ipaddress
+
+    try:
+        ipaddress.ip_address(trusted_proxy)
+    except ValueError:
+        raise ServeError(f"--trusted-proxy {trusted_proxy!r} is not an IP address: give the proxy's address as the page "
+                         "sees it (for a proxy on this machine, 127.0.0.1)") from None
+    return {"trusted_proxy": trusted_proxy, "trusted_proxy_count": 1,
+            "trusted_proxy_headers": {"x-forwarded-for", "x-forwarded-proto"}}
+
+
+__all__ = ["ServeError", "proxy_options", "serve"]

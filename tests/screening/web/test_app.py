@@ -268,6 +268,20 @@ def test_password_guessing_is_slowed_down(worked):
     assert resp.status_code == 401 and "Too many failed attempts" in resp.get_data(as_text=True)
 
 
+def test_a_guesser_elsewhere_does_not_lock_the_grader_out(worked):
+    """Keyed on the name alone, five wrong passwords from anywhere locked a named grader out for 15 minutes."""
+    app = _app(worked, require_login=True, loopback=False)
+    _add_user(worked)
+    guesser = app.test_client()
+    guesser.environ_base["REMOTE_ADDR"] = "10.9.9.9"
+    for _ in range(5):
+        assert _login(guesser, password="not the password").status_code == 401
+    assert "Too many failed attempts" in _login(guesser).get_data(as_text=True)  # the guesser is stopped
+    grader = app.test_client()
+    grader.environ_base["REMOTE_ADDR"] = "10.0.0.2"
+    assert _login(grader).status_code == 302  # at the grader's own workstation, the right password still works
+
+
 def test_files_are_served_only_from_work_and_reports_by_id(worked, tmp_path):
     client = _app(worked).test_client()
     p1, p2 = worked.exams["P1"], worked.exams["P2"]
