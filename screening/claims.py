@@ -32,7 +32,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from .db import claims as db_claims
 from .db.models import ClaimKind
-from .db.session import DatabaseGone, transaction
+from .db.session import DatabaseGone, log_failure, transaction
 
 log = logging.getLogger("screening")
 
@@ -174,10 +174,11 @@ class Claimer:
             except DatabaseGone:
                 log.error("the database is gone; claims are no longer renewed")
                 return
-            except Exception as exc:
+            except Exception as exc:  # noqa: BLE001 - log_failure logs it
                 failures += 1
                 if failures == 1:
-                    log.exception("renewing this worker's claims failed; trying again every %.0f s", self.lease_s / 3)
+                    log_failure(log, exc, "renewing this worker's claims failed; trying again every %.0f s",
+                                self.lease_s / 3)
                 else:
                     log.warning("renewing this worker's claims failed again (%d times in a row, %s); trying again in "
                                 "%.0f s", failures, type(exc).__name__, self.lease_s / 3)

@@ -61,8 +61,11 @@ def _session_factory(settings: ScreeningSettings) -> sessionmaker[Session]:
         engine = make_engine(settings.database)
         init_db(engine)
     except OperationalError as exc:
-        raise ConfigError(f"[screening] database {settings.database.split('@')[-1]!r} cannot be opened ({exc.orig}); "
-                          "check the path and its permissions") from None
+        advice = ("check the path and its permissions" if settings.database.startswith("sqlite") else
+                  "check that the server is running and reachable from here, and the host, port, user name, password "
+                  "and database name in the URL")
+        raise ConfigError(f"[screening] database {settings.database.split('@')[-1]!r} cannot be opened "
+                          f"({str(exc.orig).strip()}); {advice}") from None
     return make_session_factory(engine)
 
 

@@ -42,7 +42,7 @@ from .checks import IntakeChecks
 from .claims import Claimer, ClaimLost
 from .config import ScreeningSettings
 from .db.models import ClaimKind
-from .db.session import DatabaseGone, guard_identity, is_unreachable
+from .db.session import DatabaseGone, guard_identity, is_unreachable, log_failure
 from .inference import Predictor
 from .intake import EMPTY_FILE_FACTOR, Intake, sweep, text_name, wait_until_stable
 from .logs import exception_kind
@@ -177,9 +177,9 @@ class Worker:
                 self.claims.release(ClaimKind.FILE, claimed)
             except DatabaseGone:
                 raise
-            except Exception:
-                log.exception("could not release this worker's claims on %d file(s); they lapse after %.0f s",
-                              len(claimed), self.s.claim_lease_seconds)
+            except Exception as exc:  # noqa: BLE001 - log_failure logs it
+                log_failure(log, exc, "could not release this worker's claims on %d file(s); they lapse after %.0f s",
+                            len(claimed), self.s.claim_lease_seconds)
         return out
 
     def _claim(self, path: Path) -> bool:
@@ -262,6 +262,14 @@ class Worker:
             out.elsewhere += 1
             return
         except Exception as exc:  # noqa: BLE001 - recorded as failed; the file stays for a retry
+            if is_unreachable(exc):  # nothing wrong with the photo, and no failure can be recorded: it waits
+                if not out.no_database:  # one line per group
+                    log.warning("the database cannot be reached (%s) while storing results; their files stay in the "
+                                "inbox and are graded again at the next sweep", exception_kind(exc))
+                out.no_database += 1
+                out.retry.append(job.path)
+                out.waited_for_database.append(job.path)
+                return
             self._fail(job, exc, FailReason.STORING, out)
             return
         stored.add(saved.exam_id)
@@ -277,21 +285,17 @@ class Worker:
             self.store.fail(job, exc, code)
         except DatabaseGone:
             raise
-        except Exception:
-            log.exception("image %s failed and the failure could not be recorded; it is tried again", job.image_id)
+        except Exception as rec:  # noqa: BLE001 - log_failure logs it
+            log_failure(log, rec, "image %s failed and the failure could not be recorded; it is tried again", job.image_id)
 
     def _submit_quietly(self, exam_ids: list[int] | None) -> None:
         try:
             self.report.submit(exam_ids)
         except DatabaseGone:
             raise
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - log_failure logs it
             which = f"of visits {exam_ids}" if exam_ids else "waiting to be made"
-            if is_unreachable(exc):
-                log.warning("could not hand the reports %s to the renderer: the database cannot be reached (%s); "
-                            "they will be retried", which, exception_kind(exc))
-            else:
-                log.exception("could not hand the reports %s to the renderer; they will be retried", which)
+            log_failure(log, exc, "could not hand the reports %s to the renderer (they will be retried)", which)
 
     def recover(self) -> None:
         """After a restart, before anything else: the images and moves the last run left unfinished

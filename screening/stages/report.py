@@ -47,7 +47,7 @@ from ..config import ScreeningSettings
 from ..db import repository as repo
 from ..db import reviews as rrepo
 from ..db.models import ClaimKind, Exam, Image, ImageState, Patient, Report, Review, utcnow
-from ..db.session import DatabaseGone, transaction
+from ..db.session import DatabaseGone, log_failure, transaction
 from ..findings import refused_page_reasons, stored_finding
 from ..inference import Predictor
 from ..logs import exception_kind
@@ -261,8 +261,8 @@ class ReportStage:
             self.submit(sorted(self._waiting))
         except DatabaseGone:
             raise
-        except Exception:
-            log.exception("could not hand over reports that waited for another worker; trying again")
+        except Exception as exc:  # noqa: BLE001 - log_failure logs it
+            log_failure(log, exc, "could not hand over reports that waited for another worker; trying again")
 
     # ---------------------------------------------------------------------------------- recording
     def _record(self, result: RenderResult) -> ReportOutcome:
@@ -307,8 +307,8 @@ class ReportStage:
                 outcomes.append(self._record(result))
             except DatabaseGone:
                 raise
-            except Exception as exc:  # the report is made again by the catch-up
-                log.exception("recording the report of job %s failed; it will be rendered again", result.key)
+            except Exception as exc:  # noqa: BLE001 - logged; the catch-up makes it again
+                log_failure(log, exc, "recording the report of job %s failed; it will be rendered again", result.key)
                 pending = self._in_flight.pop(result.key, None)
                 if pending is not None:
                     outcomes.append(ReportFailed(pending.exam_id, pending.version, f"{type(exc).__name__}: not recorded"))

@@ -338,6 +338,18 @@ def test_user_commands(tmp_path, capsys, monkeypatch):
     assert verify_password(stored, "a new long password") and not verify_password(stored, "correct horse battery")
 
 
+def test_a_database_server_that_cannot_be_reached_gets_server_advice(tmp_path, capsys):
+    """It said "check the path and its permissions" for a PostgreSQL URL too; the password is never printed."""
+    pytest.importorskip("psycopg")
+    cfg = tmp_path / "config.toml"
+    cfg.write_text('[screening]\ndatabase = "postgresql+psycopg://grader:s3cret-pw@127.0.0.1:1/screening"\n'
+                   f'inbox = "{tmp_path / "inbox"}"\n')
+    assert cli.main(["--config", str(cfg), "review", "list"]) == 2
+    err = capsys.readouterr().err
+    assert "cannot be opened" in err and "server is running" in err and "check the path" not in err
+    assert "s3cret-pw" not in err and "127.0.0.1:1/screening" in err
+
+
 def test_serve_off_loopback_needs_a_user(tmp_path, capsys):
     cfg = tmp_path / "config.toml"
     cfg.write_text("[screening]\n")

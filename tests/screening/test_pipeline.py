@@ -1122,6 +1122,34 @@ def test_a_database_outage_is_one_line_per_group_and_its_files_wait_without_back
     assert intake.retry_later(paths[0], reset=True) == 30.0  # not the file's: back to the base interval
 
 
+def test_an_outage_while_storing_is_one_line_and_the_photos_are_graded_when_it_is_back(settings, caplog):
+    """The server stopped between grading and storing: each photo logged a traceback for the save and another for
+    recording its failure (which cannot be recorded either), and counted as failed; releasing the claims logged a
+    third traceback. Now one line for the group, the photos wait, and they are graded once the server is back."""
+    import logging
+
+    worker = make_worker(settings)
+    paths = [write_fundus(settings.inbox / f"P{k}_R.jpg", seed=80 + k) for k in range(2)]
+    save, release = worker.store.save, worker.claims.release
+
+    def down(*args, **kwargs):
+        raise _unreachable_error()
+
+    worker.store.save, worker.claims.release = down, down
+    with caplog.at_level(logging.INFO, logger="screening"):
+        out = worker.process(paths)
+    assert (out.processed, out.failed, out.no_database, out.waited_for_database) == (0, 0, 2, paths)
+    assert not out.ok and all(p.exists() for p in paths)
+    assert not [r for r in caplog.records if r.exc_info]  # no traceback
+    lines = [r.getMessage() for r in caplog.records if "cannot be reached" in r.getMessage()]
+    assert len(lines) == 2 and "storing results" in lines[0] and "claims" in lines[1]
+
+    worker.store.save, worker.claims.release = save, release  # the server is back
+    out = worker.process(paths)
+    worker.report.wait()
+    assert (out.processed, out.failed) == (2, 0) and not any(p.exists() for p in paths)
+
+
 def test_what_counts_as_an_unreachable_database():
     from sqlalchemy.exc import IntegrityError, OperationalError
 
