@@ -42,7 +42,7 @@ def eye_finding(image: Image, result: Result) -> EyeFinding:
         dr_grade=result.dr_grade, dr_probs=result.dr_probs, dme_grade=result.dme_grade, dme_probs=result.dme_probs,
         referable_score=result.referable_score, referable=result.referable, lesion_areas=result.lesion_areas,
         mask_folder=folder if result.original_masks else None, eye_note=image.eye_note,
-        eye_mismatch=bool(image.eye_mismatch), check_models=dict(image.check_models or {}),
+        eye_mismatch=bool(image.eye_mismatch), check_models=dict(image.check_models or {}), device=image.device,
     )
 
 
@@ -69,7 +69,7 @@ def ungradable_finding(image: Image) -> EyeFinding:
         dme_cam_path=None, dr_grade=None, dr_probs=None, dme_grade=None, dme_probs=None, referable_score=None,
         referable=None, gradable=False, eye_note=image.eye_note, eye_mismatch=bool(image.eye_mismatch),
         ungradable_reasons=tuple(REASON_TEXT.get(r, r) for r in (image.quality_reasons or ["not assessed"])),
-        check_models=dict(image.check_models or {}),
+        check_models=dict(image.check_models or {}), device=image.device,
     )
 
 

@@ -105,6 +105,7 @@ class EyeFinding:
     # the models that checked this photo's gradability and eye ("gradability" / "laterality" -> format and SHA-256
     # prefix, images.check_models; empty for photos checked before they were recorded)
     check_models: Mapping[str, str] = field(default_factory=dict)
+    device: str | None = None  # the camera (DICOM manufacturer and model), when the file named it
 
     def __post_init__(self) -> None:
         if self.eye not in EYE_NAMES:
@@ -664,6 +665,7 @@ def _eye_view(e: EyeFinding, review: EyeReview | None = None, ungradable_rule: U
         "code": e.eye,
         "name": e.eye_name,
         "source_name": e.source_name,
+        "device": e.device,
         "photo": _uri(e.photo_path),
         "gradable": e.gradable,
         "eye_note": e.eye_note,

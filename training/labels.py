@@ -21,10 +21,10 @@ DR_GRADES: tuple[str, ...] = (
     "Severe non-proliferative DR",
     "Proliferative DR",
 )
-DME_GRADES: tuple[str, ...] = (
+DME_GRADES: tuple[str, ...] = (  # names without their number: reports print "2 – <name>"
     "No DME risk",
-    "DME risk 1 (hard exudates away from the macula centre)",
-    "DME risk 2 (hard exudates within one disc diameter of the macula centre)",
+    "DME risk: hard exudates away from the macula centre",
+    "DME risk: hard exudates within one disc diameter of the macula centre",
 )
 
 __all__ = ["DME_GRADES", "DR_GRADES", "LESIONS", "LESION_CODES", "LESION_KEYS", "LESION_NAMES", "PATHOLOGY_CODES"]

@@ -26,3 +26,14 @@ def test_the_check_models_reach_the_finding_graded_or_ungradable(stored, shown):
     ungradable = Image(eye="L", sha256="b" * 64, source_name="P1_L.jpg", state=ImageState.DONE.value, gradable=False,
                        quality_reasons=["blurred"], check_models=stored)
     assert dict(ungradable_finding(ungradable).check_models) == shown
+
+
+@pytest.mark.parametrize("device", ["Topcon TRC-NW8", None])
+def test_the_camera_reaches_the_finding_graded_or_ungradable(device):
+    """images.device (a DICOM file's manufacturer and model) is printed beside the photo's name; None: not named."""
+    graded = Image(eye="R", sha256="a" * 64, source_name="P1_R.dcm", state=ImageState.DONE.value, gradable=True,
+                   device=device)
+    assert eye_finding(graded, _result()).device == device
+    ungradable = Image(eye="L", sha256="b" * 64, source_name="P1_L.dcm", state=ImageState.DONE.value, gradable=False,
+                       quality_reasons=["blurred"], device=device)
+    assert ungradable_finding(ungradable).device == device

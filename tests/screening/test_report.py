@@ -280,7 +280,9 @@ def test_a_report_loads_nothing_from_the_network(monkeypatch, tmp_path):
 @pytest.fixture(scope="module")
 def demo_pdf(tmp_path_factory) -> Path:
     tmp = tmp_path_factory.mktemp("demo")
-    eyes = [_eye("L", 4, 0, tmp / "img"), _eye("R", 2, 1, tmp / "img", source_name="<script>x</script>.jpg")]
+    right = dataclasses.replace(_eye("R", 2, 1, tmp / "img", source_name="<script>x</script>.jpg"),
+                                device="<Topcon> TRC-NW400")  # from a DICOM file's tags: escaped like any user text
+    eyes = [_eye("L", 4, 0, tmp / "img"), right]
     return render_pdf(_ctx(eyes, status="demo"), TEMPLATES, tmp / "reports")
 
 
@@ -295,8 +297,10 @@ def test_demo_report_pdf(demo_pdf, tmp_path):
     text = "\n".join(pages)
     for needle in ["PAT-00123", "2024-05-17", DR_GRADES[4], DR_GRADES[2], DME_GRADES[0], DME_GRADES[1],
                    "Urgent referral (proliferative DR)", "mt-resnet34 v1.3.0", "ab12cd34ef56", "0.812",
-                   "Right eye", "Left eye", "<script>x</script>.jpg", "not replace an examination"]:
+                   "Right eye", "Left eye", "<script>x</script>.jpg", "not replace an examination",
+                   "Camera: <Topcon> TRC-NW400"]:  # the camera beside the photo's name
         assert _contains(text, needle), needle
+    assert not re.search(r"([12])–dmerisk\1", _norm(text)), "the DME label repeats its number"
     for page in pages:  # the watermark is on every page
         assert _contains(page, "NOT FOR CLINICAL USE")
     assert _contains(text, DEMO_WATERMARK)
