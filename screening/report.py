@@ -510,7 +510,7 @@ class Caution:
 
     note: str
     text: str
-    kind: Literal["missing", "mismatch", "resent"] = "missing"
+    kind: Literal["missing", "mismatch", "resent", "contradiction"] = "missing"
 
 
 def visit_cautions(findings: Sequence[EyeFinding]) -> list[Caution]:
@@ -537,6 +537,17 @@ def visit_cautions(findings: Sequence[EyeFinding]) -> list[Caution]:
                 f"{name}: label in doubt",
                 f"Laterality mismatch: the photograph filed as the {name} ({f.source_name}) looks like the other eye; "
                 "this recommendation assumes its label. Check the eye before acting on it.", "mismatch"))
+    for code in EYE_ORDER:  # the model's two heads disagree: exudates (DME risk) are themselves retinopathy
+        f = next((f for f in findings if f.eye == code and f.gradable and f.dr_grade == 0 and (f.dme_grade or 0) >= 1),
+                 None)
+        if f is not None:
+            name = EYE_NAMES[code].lower()
+            cautions.append(Caution(
+                f"{name}: grades disagree",
+                f"The model's grades for the {name} ({f.source_name}) contradict each other: no apparent retinopathy, "
+                f"yet a DME risk of {f.dme_grade} (hard exudates, which are themselves a sign of retinopathy). One of "
+                "them is wrong and the retinopathy may be more severe than graded: a grader must look at this eye.",
+                "contradiction"))
     named = Counter((f.eye, f.source_name) for f in findings if f.source_name)  # a name without an eye may serve both
     for (_, name), n in named.items():  # different bytes under one name (the same bytes would be a duplicate)
         if n > 1:
@@ -792,7 +803,7 @@ def template_variables(ctx: ReportContext, templates_dir: Path, link_stylesheet:
         referral=referral,
         # the box says what a missing eye means; a doubted label is tagged on its eye's summary row (a line in the
         # box pushed a reviewed two-eye report onto a third page), and its section says why
-        cautions=[c.text for c in visit_cautions(ctx.eyes) if c.kind in ("missing", "resent")],
+        cautions=[c.text for c in visit_cautions(ctx.eyes) if c.kind in ("missing", "resent", "contradiction")],
         review=_review_view(ctx, referral),
         refused_pages=list(ctx.refused_pages),
         earlier_review=ctx.earlier_review,

@@ -663,6 +663,18 @@ def test_two_different_photographs_under_one_name_are_said_in_the_box():
     assert rpt.visit_cautions(_ctx([_eye("R", 0, 0, source_name="P17.jpg"), _eye("L", 0, 0, source_name="P17.jpg")]).eyes) == []
 
 
+def test_grades_that_contradict_each_other_are_said_in_the_box(tmp_path):
+    """EyePACS patient 16 (graders: DR 4 in both eyes) was graded DR 0 with DME risk 2 and sent on as a routine
+    referral with nothing saying the two answers cannot both be right (exudates are retinopathy)."""
+    ctx = _ctx([_eye("R", 0, 2, source_name="EP16_R.jpg"), _eye("L", 2, 1)])
+    [caution] = rpt.visit_cautions(ctx.eyes)
+    assert caution.kind == "contradiction" and caution.note == "right eye: grades disagree"
+    assert "(EP16_R.jpg) contradict each other" in caution.text and "DME risk of 2" in caution.text
+    pages = _pages_text(render_pdf(ctx, TEMPLATES, tmp_path / "out"))
+    assert _contains(pages[0], "a grader must look at this eye") and len(pages) == 2
+    assert rpt.visit_cautions(_ctx([_eye("R", 1, 1), _eye("L", 0, 0)]).eyes) == []  # mild DR with exudates: possible
+
+
 # ------------------------------------------------------------------------------------------ reviewed version
 
 
