@@ -92,6 +92,7 @@ class BatchOutcome:
     elsewhere: int = 0  # claimed by another worker: left to it (looked at again later in watch mode)
     no_database: int = 0  # not looked at: the database could not be reached (tried again soon, not backed off)
     waited_for_database: list[Path] = field(default_factory=list)  # those files (their back-off is not raised)
+    held_elsewhere: list[Path] = field(default_factory=list)  # the files another worker holds (not this one's trouble)
     retry: list[Path] = field(default_factory=list)  # the files to hand out again (watch mode)
 
     def count(self, outcome: IntakeOutcome) -> None:
@@ -197,6 +198,7 @@ class Worker:
                 if not self._claim(path):  # another worker has it: left to that worker
                     out.elsewhere += 1
                     out.retry.append(path)
+                    out.held_elsewhere.append(path)
                     continue
                 claimed.append(path.name)
                 outcome = self.intake.admit(path)
@@ -372,7 +374,10 @@ class Worker:
                 for path in dict.fromkeys(out.retry):  # once each (the pages of one file share it)
                     # a database outage is not the file's fault: tried again at the base interval, not backed off
                     delay = intake.retry_later(path, reset=path in out.waited_for_database)
-                    log.info("a file stays in the inbox and is tried again within %.0f s", delay)
+                    if path in out.held_elsewhere:  # nothing wrong with it: looked at again in case that worker stops
+                        log.info("a file is being handled by another worker; looked at again within %.0f s", delay)
+                    else:
+                        log.info("a file stays in the inbox and is tried again within %.0f s", delay)
                 log.info("batch: %s (reports recorded meanwhile; each report is logged when it is written)", out.summary())
         elif self.report.busy:
             self.report.collect(timeout=self.s.poll_interval)

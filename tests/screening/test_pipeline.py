@@ -1150,6 +1150,30 @@ def test_an_outage_while_storing_is_one_line_and_the_photos_are_graded_when_it_i
     assert (out.processed, out.failed) == (2, 0) and not any(p.exists() for p in paths)
 
 
+def test_a_file_another_worker_holds_is_logged_as_theirs_not_as_a_retry(settings, caplog):
+    """Files another worker was grading were logged as "stays in the inbox and is tried again", the line a file
+    that failed gets, so an IT person read a healthy two-worker set-up as failing."""
+    import logging
+    import threading
+
+    worker = make_worker(settings)
+    path = write_fundus(settings.inbox / "P1_R.jpg", seed=90)
+    worker.claims.take = lambda kind, key: False  # held by another worker
+
+    class Handed:  # the intake's two calls the step makes
+        def poll(self):
+            return [path]
+
+        def retry_later(self, p, *, reset=False):
+            return 1.0
+
+    with caplog.at_level(logging.INFO, logger="screening"):
+        worker._watch_step(Handed(), threading.Event())
+    lines = [r.getMessage() for r in caplog.records]
+    assert any("handled by another worker" in m for m in lines)
+    assert not any("stays in the inbox" in m for m in lines) and path.exists()
+
+
 def test_what_counts_as_an_unreachable_database():
     from sqlalchemy.exc import IntegrityError, OperationalError
 
