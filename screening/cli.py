@@ -50,13 +50,22 @@ def check_database_url(url: str) -> None:
                           "the database URL at an existing folder")
 
 
-def _session_factory(settings: ScreeningSettings) -> sessionmaker[Session]:
-    """The database, created or migrated; a URL that cannot work is a :class:`ConfigError` saying why."""
+def _session_factory(settings: ScreeningSettings, create: bool = False) -> sessionmaker[Session]:
+    """The database, migrated; a URL that cannot work is a :class:`ConfigError` saying why.
+
+    ``create``: a SQLite file that does not exist yet is made (the worker's start, ``init-db``, the first user).
+    Every other command refuses it: an audit on a mistyped path made an empty database and reported a day of
+    zeros as if nothing had happened (found in a manager-style check)."""
     from sqlalchemy.exc import OperationalError
 
     from .db import init_db, make_engine, make_session_factory
+    from .db.session import sqlite_file_path
 
     check_database_url(settings.database)
+    path = sqlite_file_path(settings.database)
+    if not create and path is not None and not Path(path).exists():
+        raise ConfigError(f"[screening] database: there is no database at {path}. The worker makes it on its first "
+                          "run (`dr-screen run`); if it has run, check the path in the configuration (a typo?)")
     try:
         engine = make_engine(settings.database)
         init_db(engine)
@@ -117,7 +126,7 @@ def make_worker(settings: ScreeningSettings, config_path: Path, allow_demo: bool
     if settings.gpu_memory_gb:  # device is cuda (config validation): batches as large as that memory allows
         batch = predictor.batch_size_for(settings.gpu_memory_gb, settings.gpu_batch_cap() or MAX_GPU_BATCH)
         settings = settings.model_copy(update={"batch_size": batch})
-    return Worker(settings, predictor, _session_factory(settings), templates_dir(config_path))
+    return Worker(settings, predictor, _session_factory(settings, create=True), templates_dir(config_path))
 
 
 def cmd_run(args: argparse.Namespace, settings: ScreeningSettings) -> int:
@@ -139,21 +148,29 @@ def cmd_run(args: argparse.Namespace, settings: ScreeningSettings) -> int:
 
 def _day(text: str) -> date:
     """An audit day, ``YYYY-MM-DD`` (argparse names the option in front of the message)."""
+    import re
+
+    shaped = re.fullmatch(r"\d{4}-\d{2}-\d{2}", text.strip()) is not None
     try:
         return date.fromisoformat(text.strip())
     except ValueError:
+        if shaped:  # 2026-02-30: the form is right, the date does not exist
+            raise argparse.ArgumentTypeError(f"{text!r} is not a real date (no such month or day)") from None
         raise argparse.ArgumentTypeError(f"expected a date as YYYY-MM-DD, got {text!r}") from None
 
 
-def _output_problem(option: str, text: str) -> str | None:
+def _output_problem(option: str, text: str, overwrite: bool = False) -> str | None:
     """Why the file ``text`` given to ``option`` could not be written, or None: checked before the audit is
     computed, so a wrong path costs nothing and says which option. The path is the user's own argument, not
-    patient data: it is named."""
+    patient data: it is named. An existing file is replaced only with ``overwrite`` (``--csv config.toml``
+    replaced the configuration without a word, found in a manager-style check)."""
     import os
 
     path = Path(text)
     if path.is_dir():
         return f"{option} {text} is a folder: give a file name in it"
+    if path.exists() and not overwrite:
+        return f"{option} {text} exists already: give a new file name, or pass --overwrite to replace it"
     folder = path.parent
     if not folder.is_dir():
         return f"{option} {text}: the folder {folder} does not exist"
@@ -167,8 +184,12 @@ def cmd_audit(args: argparse.Namespace, settings: ScreeningSettings) -> int:
         print(f"error: --to is before --from ({args.end} < {args.start})", file=sys.stderr)
         return 2
     outputs = [(option, text) for option, text in (("--csv", args.csv), ("--json", args.json)) if text]
+    if len(outputs) == 2 and Path(args.csv).resolve() == Path(args.json).resolve():
+        print(f"error: --csv and --json name the same file ({args.csv}): the second would replace the first; give "
+              "each its own name", file=sys.stderr)
+        return 2
     for option, text in outputs:
-        if (problem := _output_problem(option, text)) is not None:
+        if (problem := _output_problem(option, text, args.overwrite)) is not None:
             print(f"error: {problem}", file=sys.stderr)
             return 2
 
@@ -196,7 +217,7 @@ def cmd_audit(args: argparse.Namespace, settings: ScreeningSettings) -> int:
 def cmd_init_db(args: argparse.Namespace, settings: ScreeningSettings) -> int:
     from sqlalchemy.engine import make_url
 
-    _session_factory(settings)
+    _session_factory(settings, create=True)
     print(f"database ready: {make_url(settings.database).render_as_string(hide_password=True)}")
     return 0
 
@@ -437,7 +458,7 @@ def cmd_user(args: argparse.Namespace, settings: ScreeningSettings) -> int:
     from .db.models import utcnow
     from .web.auth import AuthError, check_username, hash_password
 
-    factory = _session_factory(settings)
+    factory = _session_factory(settings, create=args.user_command == "add")  # the first user may come before a run
     try:
         if args.user_command == "list":
             with session_scope(factory) as session:
@@ -487,6 +508,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--by-site", action="store_true", help="also count per site of the grading worker ([screening] site)")
     sp.add_argument("--csv", help="also write the table as CSV to this file")
     sp.add_argument("--json", help="also write JSON to this file")
+    sp.add_argument("--overwrite", action="store_true", help="replace --csv/--json files that exist already")
     sp.set_defaults(func=cmd_audit)
     sp = sub.add_parser("init-db", help="create or migrate the database")
     sp.set_defaults(func=cmd_init_db)

@@ -163,6 +163,7 @@ def test_audit_and_init_db_do_not_import_torch(tmp_path):
     import sys
 
     code = ("import sys; from screening import cli; "
+            f"cli.main(['--config', {str(tmp_path / 'c.toml')!r}, 'init-db']); "
             f"rc = cli.main(['--config', {str(tmp_path / 'c.toml')!r}, 'audit']); "
             "print(rc, 'torch' in sys.modules)")
     (tmp_path / "c.toml").write_text(f"[screening]\ndatabase = 'sqlite:///{tmp_path / 'a.db'}'\n")
@@ -353,8 +354,21 @@ def test_a_database_server_that_cannot_be_reached_gets_server_advice(tmp_path, c
 def test_serve_off_loopback_needs_a_user(tmp_path, capsys):
     cfg = tmp_path / "config.toml"
     cfg.write_text("[screening]\n")
+    assert cli.main(["--config", str(cfg), "init-db"]) == 0
     assert cli.main(["--config", str(cfg), "serve", "--host", "0.0.0.0", "--port", "1"]) == 2
     assert "no active user" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("command", [["audit"], ["review", "list"], ["tallies", "check"], ["serve"]])
+def test_a_mistyped_database_path_is_refused_not_made_empty(tmp_path, capsys, command):
+    """`audit` on a mistyped SQLite path made an empty database and printed a day of zeros, rc 0 (a manager-style
+    check); only the worker's run, init-db and the first `user add` make a database."""
+    cfg = tmp_path / "config.toml"
+    cfg.write_text(f"[screening]\ndatabase = 'sqlite:///{tmp_path / 'screeing_typo.db'}'\n")
+    assert cli.main(["--config", str(cfg), *command]) == 2
+    err = capsys.readouterr().err
+    assert "there is no database at" in err and "screeing_typo.db" in err and "a typo?" in err
+    assert not (tmp_path / "screeing_typo.db").exists()
 
 
 def test_audit_arguments_are_checked_before_the_audit_is_computed(tmp_path, factory, db_url, capsys):
@@ -383,10 +397,18 @@ def test_audit_arguments_are_checked_before_the_audit_is_computed(tmp_path, fact
     assert rc == 2 and f"--json {tmp_path} is a folder" in err and out == "" and not (tmp_path / "a.csv").exists()
     rc, out, err = audit("--model-version", "nope")
     assert rc == 2 and "no photo was graded by that version" in err and "known: m-1" in err and out == ""
-    for bad in ("2026-13-01", "1/12/2026"):
+    for bad, said in (("1/12/2026", "expected a date as YYYY-MM-DD"), ("2026-02-30", "'2026-02-30' is not a real date"),
+                      ("2026-13-01", "'2026-13-01' is not a real date")):  # YYYY-MM-DD but no such day: not "expected YYYY-MM-DD"
         with pytest.raises(SystemExit) as exc:
             cli.main(["--config", str(cfg), "audit", "--from", bad])
         assert exc.value.code == 2
-        assert "argument --from: expected a date as YYYY-MM-DD" in capsys.readouterr().err
+        assert f"argument --from: {said}" in capsys.readouterr().err
     rc, out, err = audit("--model-version", "m-1", "--csv", str(tmp_path / "a.csv"))
     assert rc == 0 and "CSV written to" in out and (tmp_path / "a.csv").exists()
+    # an existing file is replaced only when asked (--csv config.toml replaced the configuration without a word)
+    rc, out, err = audit("--csv", str(cfg))
+    assert rc == 2 and "exists already" in err and "--overwrite" in err and "[screening]" in cfg.read_text()
+    rc, out, err = audit("--csv", str(tmp_path / "b.out"), "--json", str(tmp_path / "b.out"))
+    assert rc == 2 and "name the same file" in err and not (tmp_path / "b.out").exists()
+    rc, out, err = audit("--csv", str(tmp_path / "a.csv"), "--overwrite")
+    assert rc == 0 and "CSV written to" in out
