@@ -11,8 +11,15 @@ from pathlib import Path
 
 from training.config import ConfigError, TrainingConfig, load_training_config
 
+OPTION_OF = {"image_size": "--image-size", "backbone": "--backbone", "epochs": "--epochs", "batch_size": "--batch-size",
+             "max_steps_per_epoch": "--max-steps-per-epoch", "lr": "--lr", "device": "--device", "out_dir": "--out-dir"}
+
 
 def _cfg(args: argparse.Namespace) -> TrainingConfig:
+    """The config file's settings with the command line's overrides, validated as the file's are (a copy with
+    updates skips validation: --epochs 0 and --image-size 100 were taken, and failed later or silently)."""
+    from pydantic import ValidationError
+
     cfg = load_training_config(args.config)
     updates = {}
     for key in ("epochs", "batch_size", "max_steps_per_epoch", "lr", "device"):
@@ -24,10 +31,17 @@ def _cfg(args: argparse.Namespace) -> TrainingConfig:
     model_updates = {"image_size": args.image_size} if getattr(args, "image_size", None) else {}
     if getattr(args, "backbone", None):
         model_updates["backbone"] = args.backbone
-    return cfg.model_copy(update={
-        "train": cfg.train.model_copy(update=updates),
-        "model": cfg.model.model_copy(update=model_updates),
-    })
+    try:
+        return TrainingConfig.model_validate({**cfg.model_dump(), "train": {**cfg.train.model_dump(), **updates},
+                                              "model": {**cfg.model.model_dump(), **model_updates}})
+    except ValidationError as exc:
+        problems = []
+        for err in exc.errors():
+            key = str(err["loc"][-1]) if err["loc"] else ""
+            option = OPTION_OF.get(key, key)
+            problems.append(f"{option} {err.get('input')!r}: {err['msg']}" if key in {**updates, **model_updates}
+                            else f"{'.'.join(map(str, err['loc']))}: {err['msg']}")
+        raise ConfigError("; ".join(problems)) from None
 
 
 def cmd_prepare(args: argparse.Namespace) -> int:
@@ -131,9 +145,20 @@ def cmd_fit_laterality(args: argparse.Namespace) -> int:
 def cmd_export(args: argparse.Namespace) -> int:
     from training.checkpoint import export_checkpoint
 
-    test = json.loads(Path(args.test_metrics).read_text()) if args.test_metrics else None
-    out = export_checkpoint(args.checkpoint, args.output, half=not args.full_precision, test_metrics=test)
-    print(f"exported {args.checkpoint} -> {out} ({out.stat().st_size / 1e6:.1f} MB)")
+    src, dst = Path(args.checkpoint), Path(args.output)
+    if dst.exists() and src.exists() and dst.resolve() == src.resolve():
+        raise ConfigError(f"export {src} {dst}: the output is the input; exporting strips the optimizer state, so the "
+                          "run could no longer be resumed. Give the shipped file another name")
+    replaced = dst.is_file()
+    test = None
+    if args.test_metrics:
+        try:
+            test = json.loads(Path(args.test_metrics).read_text())
+        except json.JSONDecodeError as exc:
+            raise ConfigError(f"--test-metrics {args.test_metrics}: not JSON ({exc}); give the metrics.json that "
+                              "`dr-train evaluate --split test` wrote") from None
+    out = export_checkpoint(src, dst, half=not args.full_precision, test_metrics=test)
+    print(f"exported {src} -> {out} ({out.stat().st_size / 1e6:.1f} MB)" + (" (replaced the file there)" if replaced else ""))
     return 0
 
 
@@ -143,6 +168,16 @@ def cmd_demo(args: argparse.Namespace) -> int:
     path = train_demo_model(Path(args.output), Path(args.work), minutes=args.minutes)
     print(f"demo model (synthetic data, not for clinical use) written to {path}")
     return 0
+
+
+def _count(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {value}")
+    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -180,7 +215,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--split", choices=["train", "val", "test"], default="val")
     sp.add_argument("--out", help="output folder (default: beside the checkpoint, eval-<split>)")
     sp.add_argument("--tta", action="store_true", help="average with a horizontally flipped pass")
-    sp.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for 95%% intervals")
+    sp.add_argument("--bootstrap", type=_count, default=1000, help="bootstrap resamples for 95%% intervals (0: none)")
     sp.add_argument("--device", choices=["auto", "cpu", "cuda"])
     sp.set_defaults(func=cmd_evaluate)
 
@@ -255,6 +290,11 @@ def main(argv: list[str] | None = None) -> int:
         return command(args)
     except (ConfigError, FileNotFoundError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:  # an output path that is a file, a full disk: the path and the system's reason, no traceback
+        where = f" {exc.filename}" if exc.filename else ""
+        print(f"error:{where}: {exc.strerror or exc}; check the path given on the command line or in the config",
+              file=sys.stderr)
         return 2
 
 

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import torch
 
+from training.config import ConfigError
+
 
 def resolve_device(name: str) -> torch.device:
     """``"auto"`` (CUDA when available, else the CPU), ``"cpu"`` or ``"cuda"``; asking for CUDA where there is
     none is an error that says what to set instead."""
     if name == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("device = 'cuda' was requested but CUDA is not available; use 'auto' or 'cpu'")
+        raise ConfigError("device = 'cuda' was requested but CUDA is not available; use 'auto' or 'cpu'")
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(name)

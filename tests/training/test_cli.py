@@ -171,3 +171,42 @@ def test_export_writes_a_smaller_checkpoint(trained_run, tmp_path: Path, capsys:
     assert run_cli(["export", str(run_dir / "best.pt"), str(dst)]) == 0
     assert dst.is_file() and dst.stat().st_size < (run_dir / "best.pt").stat().st_size
     assert "exported" in capsys.readouterr().out
+
+
+# ----------------------------------------------------------------- an ML engineer's check of the command line
+
+@pytest.mark.parametrize("argv, said", [
+    (["train", "--epochs", "0"], "--epochs 0: Input should be greater than or equal to 1"),
+    (["train", "--image-size", "100"], "--image-size 100: Value error, image_size must be a multiple of 32"),
+    (["train", "--lr", "-1"], "--lr -1.0: Input should be greater than 0"),
+])
+def test_command_line_overrides_are_validated_as_the_file_is(tiny_csv: Path, tmp_path: Path, capsys, argv, said) -> None:
+    """A copy with updates skipped validation: --epochs 0 'finished' with no checkpoint, --image-size 100 failed
+    after caching every photo at 100 px, without naming the option."""
+    config = write_config(tmp_path, manifest_source(tiny_csv))
+    assert run_cli(["--config", str(config), *argv]) == 2
+    assert said in capsys.readouterr().err
+    assert not (tmp_path / "cache").exists()  # refused before any work
+
+
+def test_export_refuses_to_overwrite_its_own_input_and_an_output_path_error_is_a_message(
+        trained_run, tmp_path: Path, capsys) -> None:
+    """`export last.pt last.pt` stripped the optimizer state from the run's own checkpoint (no resume any more); an
+    output under a file gave a FileExistsError traceback; --test-metrics that is not JSON named no file."""
+    import shutil
+
+    _, run_dir = trained_run
+    own = tmp_path / "last.pt"
+    shutil.copy(run_dir / "last.pt", own)
+    size = own.stat().st_size
+    assert run_cli(["export", str(own), str(own)]) == 2
+    assert "the output is the input" in capsys.readouterr().err and own.stat().st_size == size
+    (tmp_path / "afile").write_text("x")
+    assert run_cli(["export", str(own), str(tmp_path / "afile" / "x.pt")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error:") and "Traceback" not in err and "afile" in err
+    (tmp_path / "bad.json").write_text("{not json")
+    assert run_cli(["export", str(own), str(tmp_path / "s.pt"), "--test-metrics", str(tmp_path / "bad.json")]) == 2
+    assert "--test-metrics" in capsys.readouterr().err and not (tmp_path / "s.pt").exists()
+    assert run_cli(["evaluate", "--checkpoint", str(own), "--bootstrap", "-5"]) == 2
+    assert "must be 0 or more" in capsys.readouterr().err

@@ -84,13 +84,13 @@ def require_dir(path: Path, what: str) -> Path:
         parent = path.parent
         found = sorted(p.name for p in parent.iterdir()) if parent.is_dir() else None
         hint = f"; {parent} holds {found}" if found is not None else f"; {parent} does not exist either"
-        raise DataSourceError(f"{what}: folder not found: {path}{hint}. Check the source's 'path' in config.toml.")
+        raise DataSourceError(f"{what}: folder not found: {path}{hint}. Check the source's 'path' in the config file (--config).")
     return path
 
 
 def require_file(path: Path, what: str) -> Path:
     if not path.is_file():
-        raise DataSourceError(f"{what}: file not found: {path}. Check the source's 'path' in config.toml.")
+        raise DataSourceError(f"{what}: file not found: {path}. Check the source's 'path' in the config file (--config).")
     return path
 
 
@@ -445,7 +445,7 @@ def load_records(source: SourceSettings) -> list[Record]:
 def load_all(data: DataSettings) -> list[Record]:
     """Records of every configured source, in config order; an image listed twice is an error."""
     if not data.sources:
-        raise DataSourceError("no data sources configured: add entries to [data].sources in config.toml")
+        raise DataSourceError("no data sources configured: add entries to [data].sources in the config file (--config)")
     records: list[Record] = []
     seen: dict[Path, str] = {}
     for source in data.sources:
