@@ -15,7 +15,7 @@ from training.checkpoint import file_sha256, load_model, read_checkpoint, save_c
 from training.config import TrainingConfig
 from training.data.cache import load_record
 from training.data.dataset import FundusDataset
-from training.data.records import Record
+from training.data.records import Record, fingerprints
 from training.data.split import configured_split
 from training.data.transforms import eval_transforms
 from training.engine import Predictions, predict, resolve_device
@@ -46,6 +46,23 @@ def _split(cfg: TrainingConfig, meta: dict[str, Any]) -> dict[str, list[Record]]
     """The checkpoint's own split, rebuilt from the configured sources and the recorded fractions and seed."""
     sp = meta["provenance"].get("split", {})
     return configured_split(cfg.data, None, sp.get("val_fraction"), sp.get("test_fraction"), sp.get("seed"))
+
+
+def check_unseen(meta: dict[str, Any], split: str, records: list[Record], checkpoint: Path) -> None:
+    """Refuse to score a checkpoint on photos its run trained on (and, for the test split, validated on). The split
+    is rebuilt from today's configured sources: one source with a few more rows deals patients out differently,
+    and photos of the run's training side land in "test" without a word (found in an ML engineer's check).
+    Checkpoints trained before the run recorded what it saw (``provenance.split.seen``) cannot be checked."""
+    seen = meta.get("provenance", {}).get("split", {}).get("seen")
+    if not seen or split == "train":
+        return
+    sides = ("train",) if split == "val" else ("train", "val")
+    known = {h for side in sides for h in seen.get(side, [])}
+    overlap = [h for h in fingerprints(records) if h in known]
+    if overlap:
+        raise ValueError(f"{checkpoint}: {len(overlap)} of the {len(records)} photos of the {split!r} split were in "
+                         f"its run's {' or '.join(sides)} split, so the scores would be flattered. The configured sources "
+                         "or split settings differ from the run's: evaluate with the config the run was trained with")
 
 
 def _features(records: list[Record], size: int, cache_dir: Path, model: Any = None, device: Any = None,
@@ -225,7 +242,10 @@ def evaluate_checkpoint(
     model, meta = load_model(checkpoint, device)
     recs = _split(cfg, meta)[split]
     if not recs:
-        raise ValueError(f"split {split!r} is empty; check [data] val_fraction/test_fraction")
+        sp = meta["provenance"].get("split", {})
+        raise ValueError(f"split {split!r} is empty: the checkpoint's recorded split (val_fraction "
+                         f"{sp.get('val_fraction')}, test_fraction {sp.get('test_fraction')}) applies, not the config's")
+    check_unseen(meta, split, recs, checkpoint)
     preds = _predict(model, meta, recs, cfg, device, tta, progress)
     out_dir = out_dir or checkpoint.parent / f"eval-{split}{'-tta' if tta else ''}"
     metrics = write_evaluation(

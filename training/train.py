@@ -15,10 +15,10 @@ import torch
 from torch.utils.data import DataLoader, WeightedRandomSampler
 
 from training.checkpoint import file_sha256, git_commit, labels_dict, make_version, read_checkpoint
-from training.config import TrainingConfig
+from training.config import ConfigError, TrainingConfig
 from training.data.cache import build_cache
 from training.data.dataset import FundusDataset, class_counts
-from training.data.records import Record
+from training.data.records import Record, fingerprints
 from training.data.sources import load_all
 from training.data.split import configured_split
 from training.data.transforms import eval_transforms, train_transforms
@@ -159,6 +159,37 @@ def make_loaders(cfg: TrainingConfig, records: list[Record] | None = None, progr
     )
 
 
+# Settings a resumed run may change: how long it goes on, where it runs. Any other change would mix two recipes in one
+# model while its checkpoint named only the last (a resume with --lr 0.1 kept the old rate and recorded the new one).
+RESUMABLE_CHANGES = frozenset({"epochs", "patience", "device", "out_dir"})
+
+
+def check_resumable(last: Path, cfg: TrainingConfig, mcfg: ModelConfig, summary: dict[str, Any]) -> None:
+    """Refuse to resume ``last`` under other settings or data than it was trained with, naming each difference."""
+    ckpt = read_checkpoint(last)
+    prov = ckpt.get("provenance", {})
+    differences = []
+    before_train, now_train = prov.get("train_config", {}), json.loads(cfg.train.model_dump_json())
+    for key in sorted(set(before_train) | set(now_train)):
+        if key not in RESUMABLE_CHANGES and before_train.get(key) != now_train.get(key):
+            differences.append(f"train.{key} {before_train.get(key)!r} -> {now_train.get(key)!r}")
+    before_model = json.loads(json.dumps(ckpt.get("model_config", {})))
+    now_model = json.loads(json.dumps(mcfg.to_dict()))
+    for key in sorted(set(before_model) | set(now_model)):
+        if before_model.get(key) != now_model.get(key):
+            differences.append(f"model.{key} {before_model.get(key)!r} -> {now_model.get(key)!r}")
+    before_split = {k: v for k, v in prov.get("split", {}).items() if k != "seen"}
+    now_split = {"val_fraction": cfg.data.val_fraction, "test_fraction": cfg.data.test_fraction, "seed": cfg.data.split_seed}
+    if before_split and before_split != now_split:
+        differences.append(f"data split {before_split} -> {now_split}")
+    if prov.get("data") is not None and json.loads(json.dumps(prov["data"])) != json.loads(json.dumps(summary)):
+        differences.append("the data (its images or patients per split differ: a source was added, removed or changed)")
+    if differences:
+        raise ConfigError(f"{last} was trained with other settings than this command's, so resuming would mix two "
+                          f"recipes in one model: {'; '.join(differences)}. Resume with the run's settings, start over "
+                          "with --restart (replaces that run's checkpoints), or give another --out-dir")
+
+
 def run_training(
     cfg: TrainingConfig, kind: str = "real", resume: bool = True, progress: bool = True,
     records: list[Record] | None = None, command: str | None = None, log: Callable[[str], None] = print,
@@ -176,6 +207,8 @@ def run_training(
     log("data: " + ", ".join(f"{k} {v['images']} images / {v['patients']} patients" for k, v in summary.items()))
 
     mcfg = model_config_from(cfg)
+    if resume and (out_dir / "last.pt").is_file():
+        check_resumable(out_dir / "last.pt", cfg, mcfg, summary)
     model = build_model(mcfg, cfg.model.pretrained_weights)
     init_from = init_weights(model, cfg.train.init_from) if cfg.train.init_from is not None else None
     model = model.to(device)
@@ -191,6 +224,7 @@ def run_training(
     version = make_version(mcfg, kind, started)
     command = command or " ".join(sys.argv)
     last_preds: dict[str, Predictions] = {}
+    seen = {k: fingerprints(data.splits[k]) for k in ("train", "val")}
 
     def score_fn(preds: Predictions) -> tuple[float, dict[str, float]]:
         last_preds["val"] = preds
@@ -207,7 +241,9 @@ def run_training(
                 "kind": kind, "command": command, "started": started.isoformat(), "git_commit": git_commit(),
                 "data": summary, "pretrained_weights": str(cfg.model.pretrained_weights or "none (random init)"),
                 "train_config": json.loads(cfg.train.model_dump_json()),
-                "split": {"val_fraction": cfg.data.val_fraction, "test_fraction": cfg.data.test_fraction, "seed": cfg.data.split_seed},
+                "split": {"val_fraction": cfg.data.val_fraction, "test_fraction": cfg.data.test_fraction, "seed": cfg.data.split_seed,
+                          # what evaluate checks its split against (training.evaluate.check_unseen)
+                          "seen": {"train": seen["train"], "val": seen["val"]}},
             } | ({"init_from": init_from} if init_from else {}),
             "metrics": {"validation": {k: float(v) for k, v in row.items()}},
         }

@@ -96,3 +96,43 @@ def test_head_width_of_the_settings_reaches_the_model(trained_run) -> None:
     base, _ = trained_run
     cfg = base.model_copy(update={"model": base.model.model_copy(update={"head_hidden": 64})})
     assert model_config_from(cfg).head_hidden == 64
+
+
+def _quiet(cfg: TrainingConfig, resume: bool = True):
+    return run_training(cfg, kind="synthetic", resume=resume, progress=False, command="pytest", log=lambda _m: None)
+
+
+def test_a_resume_under_other_settings_or_data_is_refused_naming_them(make_config, unannotated_csv: Path) -> None:
+    """An ML engineer's check: `train --lr 0.1` resumed at the old rate while the checkpoint recorded 0.1, and
+    `--image-size 96` finished a 64 px run at 96 px; only how long it runs and where may change."""
+    from training.config import ConfigError
+
+    _quiet(make_config(), resume=False)
+    with pytest.raises(ConfigError, match=r"train\.lr 0\.001 -> 0\.1.*--restart"):
+        _quiet(make_config(epochs=2, lr=0.1))
+    cfg = make_config(epochs=2)
+    more = cfg.model_copy(update={"data": DataSettings(**(cfg.data.model_dump() | {"sources": (
+        *cfg.data.sources, ManifestSource(kind="manifest", path=unannotated_csv))}))})
+    with pytest.raises(ConfigError, match="the data"):
+        _quiet(more)
+    assert _quiet(cfg).epoch == 2  # more epochs: resumed
+    assert read_checkpoint(cfg.train.out_dir / "last.pt")["provenance"]["train_config"]["lr"] == 0.001
+
+
+def test_an_evaluation_split_holding_photos_the_run_saw_is_refused(trained_run) -> None:
+    """The run records hashes of the photos it trained and validated on; evaluate refuses a split holding any."""
+    from training.data.records import fingerprints
+    from training.evaluate import _split, check_unseen
+
+    cfg, run_dir = trained_run
+    meta = read_checkpoint(run_dir / "best.pt")
+    seen = meta["provenance"]["split"]["seen"]
+    splits = _split(cfg, meta)
+    assert seen == {"train": fingerprints(splits["train"]), "val": fingerprints(splits["val"])}
+    assert not any("/" in h or "synthetic" in h for h in seen["train"])  # hashes, not file names
+    check_unseen(meta, "test", splits["test"], run_dir / "best.pt")  # the run's own split: fine
+    check_unseen(meta, "val", splits["val"], run_dir / "best.pt")
+    with pytest.raises(ValueError, match=r"1 of the \d+ photos of the 'test' split were in its run's train or val"):
+        check_unseen(meta, "test", [*splits["test"], splits["train"][0]], run_dir / "best.pt")
+    with pytest.raises(ValueError, match="'val' split were in its run's train split"):
+        check_unseen(meta, "val", [*splits["val"], splits["train"][0]], run_dir / "best.pt")

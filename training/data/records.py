@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -49,3 +51,12 @@ class Record:
         if self.dr_grade in (0, 1) and self.dme_grade == 0:
             return 0
         return None
+
+
+def fingerprints(records: Iterable[Record]) -> list[str]:
+    """Short, sorted hashes of the records' source and file name: what a checkpoint keeps of the photos its run
+    trained and validated on, so that an evaluation can tell when its split holds any of them (the split is rebuilt
+    from the sources configured then; a source with more or fewer rows deals patients out differently). Hashed: a
+    clinic's own file names may hold patient ids, and a checkpoint is shipped."""
+    return sorted({hashlib.blake2b(f"{r.source}:{Path(r.image).name}".encode(), digest_size=6).hexdigest()
+                   for r in records})
