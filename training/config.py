@@ -92,6 +92,22 @@ class DataSettings(_Strict):
             raise ValueError("val_fraction + test_fraction must be below 1")
         return self
 
+    @model_validator(mode="after")
+    def _distinct_manifest_names(self) -> "DataSettings":
+        """A manifest source is named after its folder (``manifest:<folder>``): two CSVs in folders of one name
+        were merged into one source in per-source metrics, weights and ``--upright-source`` (an ML engineer's check)."""
+        folders: dict[str, Path] = {}
+        for source in self.sources:
+            if isinstance(source, ManifestSource):
+                name = source.path.parent.name
+                if folders.get(name) == source.path:
+                    raise ValueError(f"the manifest {source.path} is listed twice in [data].sources: remove one")
+                if name in folders:
+                    raise ValueError(f"two manifest sources ({folders[name]} and {source.path}) would share the source "
+                                     f"name 'manifest:{name}' (taken from the folder): put each CSV in a folder of its own name")
+                folders[name] = source.path
+        return self
+
 
 class ModelSettings(_Strict):
     backbone: Literal["resnet18", "resnet34", "resnet50"] = "resnet34"

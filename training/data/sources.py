@@ -451,6 +451,8 @@ def load_all(data: DataSettings) -> list[Record]:
     for source in data.sources:
         for rec in load_records(source):
             key = rec.image.resolve()
+            if key in seen and seen[key] == rec.source:
+                raise DataSourceError(f"image {rec.image} is listed twice by {rec.source}: remove the repeated row from its CSV")
             if key in seen:
                 raise DataSourceError(
                     f"image {rec.image} is listed by two sources ({seen[key]} and {rec.source}); "

@@ -7,6 +7,7 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
+from pydantic import ValidationError
 
 from training.config import (
     DataSettings,
@@ -208,8 +209,21 @@ def test_load_all_concatenates_and_rejects_duplicates(tmp_path: Path, synth, mak
     seg = IdridSegmentationSource(kind="idrid-segmentation", path=root)
     man = ManifestSource(kind="manifest", path=tmp_path / "m" / "labels.csv")
     assert len(load_all(DataSettings(sources=(seg, man)))) == 3
-    with pytest.raises(DataSourceError, match="listed by two sources"):
-        load_all(DataSettings(sources=(man, man)))
+    with pytest.raises(ValidationError, match="listed twice in"):
+        DataSettings(sources=(man, man))
+    (tmp_path / "m" / "labels.csv").write_text("image,dr_grade,dme_grade\na.jpg,1,0\na.jpg,1,0\n")
+    with pytest.raises(DataSourceError, match="listed twice by manifest:m: remove the repeated row"):
+        load_all(DataSettings(sources=(man,)))
+
+
+def test_two_manifests_in_folders_of_one_name_are_refused(tmp_path: Path) -> None:
+    """Both were named manifest:<folder> and merged into one source in per-source metrics and weights."""
+    first = ManifestSource(kind="manifest", path=tmp_path / "data" / "a.csv")
+    second = ManifestSource(kind="manifest", path=tmp_path / "data" / "b.csv")
+    elsewhere = ManifestSource(kind="manifest", path=tmp_path / "other" / "data" / "c.csv")
+    for pair in ((first, second), (first, elsewhere)):
+        with pytest.raises(ValidationError, match="would share the source name 'manifest:data'"):
+            DataSettings(sources=pair)
 
 
 # ------------------------------------------------------------------------------------------ real data
