@@ -182,6 +182,23 @@ def _clinical_summary(block: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def check_test_metrics(metrics: dict[str, Any], ckpt: dict[str, Any], src: str | Path) -> None:
+    """Refuse to store ``metrics`` as ``src``'s test metrics unless an evaluation of the test split of the same
+    model wrote them (``metrics["evaluated"]``, by ``dr-train evaluate``): any JSON was taken, a validation run's
+    or another model's numbers would have reached the reports as this model's test figures."""
+    done = metrics.get("evaluated") if isinstance(metrics, dict) else None
+    if not isinstance(done, dict):
+        raise CheckpointError("--test-metrics: not the metrics.json of a `dr-train evaluate` run (it records what it "
+                              "evaluated; files written before it did must be made again): run `dr-train evaluate "
+                              f"--checkpoint {src} --split test` and pass its metrics.json")
+    if done.get("split") != "test":
+        raise CheckpointError(f"--test-metrics: that evaluation was of the {done.get('split')!r} split; only the test "
+                              "split's numbers are stored as the model's test metrics")
+    if done.get("model_version") != ckpt.get("model_version"):
+        raise CheckpointError(f"--test-metrics: that evaluation was of model {done.get('model_version')!r}, but {src} is "
+                              f"{ckpt.get('model_version')!r}: evaluate this checkpoint")
+
+
 def export_checkpoint(src: str | Path, dst: str | Path, half: bool = True, test_metrics: dict[str, Any] | None = None) -> Path:
     """Strip optimizer/scheduler state (and optionally store weights in float16) for shipping.
 
@@ -191,6 +208,7 @@ def export_checkpoint(src: str | Path, dst: str | Path, half: bool = True, test_
     validate_metadata(ckpt, src)
     out = {k: v for k, v in ckpt.items() if k not in ("optimizer_state", "scheduler_state", "history", "torch_rng")}
     if test_metrics is not None:
+        check_test_metrics(test_metrics, ckpt, src)
         out["metrics"] = {**ckpt["metrics"], "test": test_summary(test_metrics)}
     if half:
         out["model_state"] = {k: v.half() if v.is_floating_point() else v for k, v in ckpt["model_state"].items()}

@@ -263,6 +263,9 @@ def evaluate_checkpoint(
                      calibrated_referable(preds.dr_probs, preds.dme_probs, calibration), out_dir / RELIABILITY_PNG)
     metrics["clinical"] = clinical
     metrics["plots"]["referable_reliability"] = RELIABILITY_PNG
+    # what was evaluated: `dr-train export --test-metrics` stores only a test split's numbers of the same model
+    metrics["evaluated"] = {"split": split, "model_version": meta["model_version"], "checkpoint": checkpoint.name,
+                            "checkpoint_sha256": file_sha256(checkpoint), "images": len(recs), "tta": tta}
     (out_dir / METRICS_FILE).write_text(json.dumps(metrics, indent=2, allow_nan=False) + "\n")
     seg = metrics.get("segmentation") or {}
     summary = {

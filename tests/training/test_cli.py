@@ -210,3 +210,29 @@ def test_export_refuses_to_overwrite_its_own_input_and_an_output_path_error_is_a
     assert "--test-metrics" in capsys.readouterr().err and not (tmp_path / "s.pt").exists()
     assert run_cli(["evaluate", "--checkpoint", str(own), "--bootstrap", "-5"]) == 2
     assert "must be 0 or more" in capsys.readouterr().err
+
+
+def test_export_stores_only_a_test_evaluation_of_the_same_model(trained_run, tmp_path: Path, capsys) -> None:
+    """`export --test-metrics` took any JSON ({"a": 1} became empty test metrics); a validation run's or another
+    model's numbers would have reached the reports as this model's test figures."""
+    from training.checkpoint import read_checkpoint
+
+    cfg, run_dir = trained_run
+    config = write_config(tmp_path, manifest_source(cfg.data.sources[0].path), cache=cfg.data.cache_dir)
+    best = str(run_dir / "best.pt")
+    for split in ("val", "test"):
+        assert run_cli(["--config", str(config), "evaluate", "--checkpoint", best, "--split", split,
+                        "--out", str(tmp_path / split), "--bootstrap", "0", "--device", "cpu"]) == 0
+    capsys.readouterr()
+    evaluated = json.loads((tmp_path / "test" / METRICS_FILE).read_text())["evaluated"]
+    assert evaluated["split"] == "test" and evaluated["model_version"] == read_checkpoint(best)["model_version"]
+    (tmp_path / "any.json").write_text('{"a": 1}')
+    other = json.loads((tmp_path / "test" / METRICS_FILE).read_text())
+    other["evaluated"]["model_version"] = "another-model"
+    (tmp_path / "other.json").write_text(json.dumps(other))
+    for metrics, said in (("any.json", "not the metrics.json of a `dr-train evaluate` run"),
+                          (f"val/{METRICS_FILE}", "of the 'val' split"), ("other.json", "of model 'another-model'")):
+        assert run_cli(["export", best, str(tmp_path / "s.pt"), "--test-metrics", str(tmp_path / metrics)]) == 2
+        assert said in capsys.readouterr().err and not (tmp_path / "s.pt").exists()
+    assert run_cli(["export", best, str(tmp_path / "s.pt"), "--test-metrics", str(tmp_path / "test" / METRICS_FILE)]) == 0
+    assert read_checkpoint(tmp_path / "s.pt")["metrics"]["test"]["images"] == evaluated["images"]
