@@ -125,7 +125,7 @@ def interpolated_network(start: Path, end: Path, alpha: float) -> tuple[MultiTas
         "model_version": f"{make_version(config, 'real')}-wise{round(alpha * 100):02d}",
         "model_config": b["model_config"], "labels": b["labels"], "provenance": provenance,
         # the end's referral threshold belongs to the end's scores: chosen again for this network
-        "thresholds": {k: v for k, v in b["thresholds"].items() if k != "referable"}, "metrics": {},
+        "thresholds": {k: v for k, v in b["thresholds"].items() if k not in ("referable", "referable_source")}, "metrics": {},
         "model_state": model.state_dict(),
     }
     return model, ckpt

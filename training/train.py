@@ -72,11 +72,27 @@ def score_predictions(preds: Predictions) -> tuple[float, dict[str, float]]:
     return (float(np.mean(parts)) if parts else -float(preds.losses.get("val_total", 0.0))), metrics
 
 
+DEFAULT_THRESHOLD = 0.5
+
+
+def threshold_basis(dr_true: Any, dme_true: Any) -> str | None:
+    """Why the referral threshold cannot be chosen on these validation labels (None when it can): it needs referable
+    and non-referable photos, and DR 0-1 without a DME grade is neither (a DR-only set such as APTOS's)."""
+    y = referable_labels(np.asarray(dr_true), np.asarray(dme_true))
+    known = set(y[y >= 0].tolist())
+    if len(known) == 2:
+        return None
+    missing = "non-referable" if 1 in known else "referable" if 0 in known else "referable or non-referable"
+    return (f"the validation split has no {missing} photo with a known answer (DR 0-1 counts as non-referable only "
+            f"with a DME grade), so the referral threshold stays at {DEFAULT_THRESHOLD}, not chosen for the target "
+            "sensitivity: add a source with DME grades or more validation patients")
+
+
 def referral_threshold(preds: Predictions, target_sensitivity: float) -> float:
+    if threshold_basis(preds.dr_true, preds.dme_true) is not None:
+        return DEFAULT_THRESHOLD
     y = referable_labels(preds.dr_true, preds.dme_true)
     s = referable_score(preds.dr_probs, preds.dme_probs)
-    if len(set(y[y >= 0].tolist())) < 2:
-        return 0.5
     return float(choose_threshold(y, s, target_sensitivity))
 
 
@@ -225,6 +241,9 @@ def run_training(
     command = command or " ".join(sys.argv)
     last_preds: dict[str, Predictions] = {}
     seen = {k: fingerprints(data.splits[k]) for k in ("train", "val")}
+    not_chosen = threshold_basis([r.dr_grade for r in data.splits["val"]], [r.dme_grade for r in data.splits["val"]])
+    if not_chosen:
+        log(f"warning: {not_chosen}")
 
     def score_fn(preds: Predictions) -> tuple[float, dict[str, float]]:
         last_preds["val"] = preds
@@ -236,7 +255,8 @@ def run_training(
             "model_version": version,
             "model_config": mcfg.to_dict(),
             "labels": labels_dict(),
-            "thresholds": {"referable": threshold, "lesion": 0.5, "target_sensitivity": cfg.train.target_sensitivity},
+            "thresholds": {"referable": threshold, "lesion": 0.5, "target_sensitivity": cfg.train.target_sensitivity,
+                           "referable_source": not_chosen or "chosen on the validation split for the target sensitivity"},
             "provenance": {
                 "kind": kind, "command": command, "started": started.isoformat(), "git_commit": git_commit(),
                 "data": summary, "pretrained_weights": str(cfg.model.pretrained_weights or "none (random init)"),

@@ -136,3 +136,19 @@ def test_an_evaluation_split_holding_photos_the_run_saw_is_refused(trained_run) 
         check_unseen(meta, "test", [*splits["test"], splits["train"][0]], run_dir / "best.pt")
     with pytest.raises(ValueError, match="'val' split were in its run's train split"):
         check_unseen(meta, "val", [*splits["val"], splits["train"][0]], run_dir / "best.pt")
+
+
+def test_a_validation_split_with_no_negatives_says_the_threshold_was_not_chosen() -> None:
+    """A DR-only set (APTOS) trained with thresholds.referable = 0.5 and nothing said: DR 0-1 without a DME grade
+    is neither referable nor not, so its validation had no negatives to choose the threshold on."""
+    from training.data.records import DME_UNKNOWN
+    from training.train import threshold_basis
+
+    assert threshold_basis([0, 0, 2, 4], [DME_UNKNOWN] * 4).startswith("the validation split has no non-referable photo")
+    assert threshold_basis([0, 0, 2, 4], [0, 0, DME_UNKNOWN, DME_UNKNOWN]) is None  # DR 0 with DME 0: non-referable
+    assert "no referable or non-referable photo" in threshold_basis([0, 1], [DME_UNKNOWN, DME_UNKNOWN])
+
+
+def test_the_checkpoint_says_how_its_threshold_was_set(trained_run) -> None:
+    _, run_dir = trained_run
+    assert read_checkpoint(run_dir / "best.pt")["thresholds"]["referable_source"]
