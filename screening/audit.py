@@ -599,6 +599,8 @@ def summary_rows(summary: AuditSummary) -> list[dict[str, str]]:
         for label, reviewer, stats in agreement_groups(summary.agreement):
             for key, val in agreement_rows(stats):
                 add("agreement", label, key, val, reviewer=reviewer)
+        for key, val in asdict(summary.agreement.model_ungradable).items():  # period-wide: no version graded them
+            add("agreement_model_ungradable", "", key, val)
     for site, site_stats in summary.by_site.items():
         for key in _SITE_KEYS:
             add("site", summary.model_version or ALL, key, getattr(site_stats, key), site=site)
@@ -697,6 +699,8 @@ def format_table(summary: AuditSummary) -> str:
 
     lines += ["", fmt(headers), "  ".join("-" * w for w in widths)]
     lines += [fmt(r) for r in body]
+    lines.append("(Referable: a grade that refers, or the model's referable-DR score at or above its threshold, which can "
+                 "refer a photo whose most likely grade is DR 0-1.)")
     for title, total, reasons in (
         ("Rejected", summary.rejected, summary.rejected_reasons),
         ("Failed", summary.failed, summary.failed_reasons),
@@ -722,6 +726,10 @@ def format_table(summary: AuditSummary) -> str:
         lines += ["", *_visit_table(summary.visits)]
     if summary.agreement is not None:
         lines += ["", *_agreement_table(summary.agreement)]
+        u = summary.agreement.model_ungradable
+        lines += [f"Visits the model found wholly ungradable (not in the table above: no grade to compare): {u.visits}; "
+                  f"signed off {u.signed_off}, of which the grader graded an eye in {u.graded_by_grader} and referred "
+                  f"{u.referred_by_grader}"]
     if summary.by_site:
         lines += ["", *_site_table(summary.by_site)]
     return "\n".join(lines) + "\n"

@@ -2,8 +2,8 @@
 
 For the visits in the audit's period (a visit counts when one of its graded photos arrived in the period; with
 a model-version filter, when that photo was graded by that version). A visit whose every eye the model found
-ungradable has no grade to compare and is not graded in the audit's sense: it is not in these statistics (the
-audit's gradability counts cover its photos).
+ungradable has no grade to compare and is not graded in the audit's sense: it is not in these statistics; its own
+counts (:class:`ModelUngradableVisits`: how many, signed off, graded or referred by their grader) stand beside them.
 
 * **reviewed**: a visit whose current sign-off covers it as it is now, by the review queue's own rule
   (:attr:`screening.review.visits.Visit.awaiting_review`: an eye it did not answer for, or a photo graded after it
@@ -51,7 +51,7 @@ from sqlalchemy import ColumnElement, func, select
 from sqlalchemy.orm import Session
 
 from screening.db import reviews as rrepo
-from screening.db.models import Result, Review, ReviewOutcome
+from screening.db.models import Image, ImageState, Result, Review, ReviewOutcome
 from screening.report import NO_GRADE_LEVELS, REFER_LEVELS
 from screening.review.visits import IN_LIST_CHUNK, Visit, load_visits
 
@@ -85,10 +85,24 @@ class AgreementStats:
 
 
 @dataclass
+class ModelUngradableVisits:
+    """The visits left out of the comparison because the model found every photo of them ungradable (no grade to
+    compare), and what their graders did: where the two disagree on gradability, a clinical lead wants to see it.
+    Visits with a photo stored ungradable in the period and no graded photo at all; period-wide (no model version
+    graded them)."""
+
+    visits: int = 0
+    signed_off: int = 0
+    graded_by_grader: int = 0  # the current sign-off grades at least one eye (the grader found it gradable)
+    referred_by_grader: int = 0  # the current sign-off refers to ophthalmology
+
+
+@dataclass
 class AgreementSummary:
     overall: AgreementStats
     by_model: dict[str, AgreementStats] = field(default_factory=dict)
     by_reviewer: dict[str, AgreementStats] = field(default_factory=dict)
+    model_ungradable: ModelUngradableVisits = field(default_factory=ModelUngradableVisits)
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> AgreementSummary:
@@ -96,6 +110,7 @@ class AgreementSummary:
             overall=AgreementStats(**d["overall"]),
             by_model={k: AgreementStats(**v) for k, v in d["by_model"].items()},
             by_reviewer={k: AgreementStats(**v) for k, v in d["by_reviewer"].items()},
+            model_ungradable=ModelUngradableVisits(**d.get("model_ungradable", {})),  # absent in older exports
         )
 
 
@@ -230,6 +245,27 @@ def visits_graded(session: Session, lo: datetime | None = None, hi: datetime | N
     return out
 
 
+def model_ungradable_visits(session: Session, lo: datetime | None = None, hi: datetime | None = None) -> ModelUngradableVisits:
+    """:class:`ModelUngradableVisits` for the photos received in ``[lo, hi)``."""
+    where: list[ColumnElement[bool]] = [
+        Image.gradable.is_(False), Image.state.in_([ImageState.DONE.value, ImageState.REPORTED.value]),
+        ~select(Result.id).where(Result.exam_id == Image.exam_id).exists()]
+    if lo is not None:
+        where.append(Image.received_at >= lo)
+    if hi is not None:
+        where.append(Image.received_at < hi)
+    ids = sorted({e for e in session.scalars(select(Image.exam_id).where(*where)) if e is not None})
+    out = ModelUngradableVisits(visits=len(ids))
+    current: dict[int, Review] = {}
+    for chunk in _chunks(ids):
+        for r in sorted(rrepo.all_reviews(session, chunk), key=lambda r: r.id):
+            current[r.exam_id] = r  # the latest sign-off of each visit
+    out.signed_off = len(current)
+    out.graded_by_grader = sum(any(e.gradable for e in r.eyes) for r in current.values())
+    out.referred_by_grader = sum(r.referral in REFER_LEVELS for r in current.values())
+    return out
+
+
 def agreement_summary(
     session: Session, lo: datetime | None = None, hi: datetime | None = None, model_version: str | None = None,
     graded: dict[str | None, int] | None = None,
@@ -289,6 +325,7 @@ def agreement_summary(
         overall=_stats(ALL if model_version is None else model_version, overall, total),
         by_model=by_model,
         by_reviewer={name: _stats(name, acc, total) for name, acc in sorted(reviewers.items())},
+        model_ungradable=model_ungradable_visits(session, lo, hi),
     )
 
 
@@ -307,4 +344,4 @@ def groups(summary: AgreementSummary) -> Iterable[tuple[str, str, AgreementStats
         yield summary.overall.group, name, s
 
 
-__all__ = ["ALL", "AgreementStats", "AgreementSummary", "agreement_summary", "groups", "stat_rows", "visits_graded"]
+__all__ = ["ALL", "AgreementStats", "AgreementSummary", "ModelUngradableVisits", "agreement_summary", "groups", "stat_rows", "visits_graded"]

@@ -127,6 +127,33 @@ def test_an_eye_the_model_found_ungradable_is_counted_not_compared(factory):
     assert overall.dr_exact_agreement == 1.0  # the two right eyes; the left ones had no model grade to compare
 
 
+def test_visits_the_model_found_wholly_ungradable_are_counted_beside_the_comparison(factory):
+    """A manager-style check: a grader graded and referred a visit the model called ungradable, and the audit's
+    model-versus-grader table did not show it anywhere (such a visit has no grade to compare)."""
+    from screening.db import repository as repo
+
+    with session_scope(factory) as s:
+        ids = []
+        for code in ("W1", "W2", "W3"):
+            exam = repo.get_or_create_exam(s, repo.get_or_create_patient(s, code), DAY)
+            seed_ungradable(s, exam, "R", stored=at(50))
+            ids.append(exam.id)
+        seed_visit(s, "G1", {"R": (0, 0, False)}, report_at=at(100))  # graded: in the comparison, not here
+    with session_scope(factory) as s:
+        sign_off(s, ids[0], reviewer="A", source="cli", reviewed_at=at(1000),
+                 answers=[EyeReview("R", True, 3, 0)])  # graded it: severe NPDR, referred
+        sign_off(s, ids[1], reviewer="A", source="cli", reviewed_at=at(1000))  # agrees: ungradable
+    with session_scope(factory) as s:
+        summary = audit_summary(s, DAY, DAY)
+    u = summary.agreement.model_ungradable
+    assert (u.visits, u.signed_off, u.graded_by_grader, u.referred_by_grader) == (3, 2, 1, 1)
+    assert summary.agreement.overall.visits_graded == 1
+    assert "Visits the model found wholly ungradable (not in the table above: no grade to compare): 3; signed off 2, " \
+           "of which the grader graded an eye in 1 and referred 1" in format_table(summary)
+    with session_scope(factory) as s:
+        assert agreement_summary(s, at(10_000)).model_ungradable.visits == 0  # by arrival, like the rest
+
+
 def test_only_the_signed_off_visits_are_loaded_whatever_the_chunking(reviewed, monkeypatch):
     """The audit over a million results failed on PostgreSQL (one parameter per visit, over its 65,535 limit) and
     built every visit in Python: now the visits graded are counted in SQL and only signed-off visits are loaded,
