@@ -86,7 +86,7 @@ from screening.db import tallies
 from screening.db.models import Drop, DropOutcome, Event, Exam, Image, ImageState, Result
 from screening.db.repository import REFERRAL_LEVEL_KEYS
 from screening.db.tallies import NO_REASON
-from screening.rejection import Incident
+from screening.rejection import Incident, code_text
 from screening.review.agreement import AgreementStats, AgreementSummary, agreement_summary
 from screening.review.agreement import groups as agreement_groups
 from screening.review.agreement import stat_rows as agreement_rows
@@ -706,12 +706,12 @@ def format_table(summary: AuditSummary) -> str:
         ("Failed", summary.failed, summary.failed_reasons),
     ):
         lines += ["", f"{title}: {total}"]
-        lines += [f"  {n:>6}  {reason}" for reason, n in reasons.items()]
+        lines += [f"  {n:>6}  {code_text(reason)}" for reason, n in reasons.items()]
     lines += ["", f"Files dropped: {sum(summary.drops.values())} "
               f"({', '.join(f'{outcome} {n}' for outcome, n in summary.drops.items())})"]
     if summary.incidents:
         lines += ["", "Repaired or retried:"]
-        lines += [f"  {n:>6}  {code}" for code, n in summary.incidents.items()]
+        lines += [f"  {n:>6}  {code_text(code)}" for code, n in summary.incidents.items()]
     rate = summary.ungradable_rate
     lines += ["", f"Ungradable: {summary.ungradable} of {summary.assessed} photos assessed"
               + (f" ({rate:.1%})" if rate is not None else "")]

@@ -60,6 +60,44 @@ class Incident(StrEnum):
     FILE_UNREADABLE = "file_unreadable"  # an inbox file the worker may not or cannot read (permissions, I/O); retried
 
 
+# What each code means, in the words a programme manager reads beside it in the audit (the codes themselves are
+# stable keys for exports and queries; the audit printed them bare, and "identity" next to "identity_conflict" read
+# as jargon: a manager-style check). The reason file of each refused file says exactly what was wrong with it.
+CODE_TEXT: dict[str, str] = {
+    RejectReason.UNSUPPORTED_TYPE: "not an image type the worker reads",
+    RejectReason.IDENTITY: "patient, eye or exam date missing or invalid (file name, sidecar or DICOM tags; camera "
+                           "numbering such as IMG0001 without a sidecar; a date in the future)",
+    RejectReason.IDENTITY_CONFLICT: "the same photo already recorded for another patient or eye",
+    RejectReason.UNREADABLE: "no image could be read from the file",
+    RejectReason.INCOMPLETE: "the image data stops before its end (truncated or corrupt)",
+    RejectReason.EMPTY: "an empty file (0 bytes)",
+    RejectReason.TOO_LARGE: "over the configured size limit",
+    RejectReason.MULTI_PAGE: "more pages than the configured limit",
+    RejectReason.NOT_A_FILE: "a link, folder or device in the inbox",
+    RejectReason.LEFT_BEHIND: "a hidden or temporary file left unchanged too long",
+    RejectReason.TOO_SMALL: "too few pixels for a fundus photograph",
+    RejectReason.TOO_DARK: "too dark (refused before 0005; now recorded as ungradable)",
+    RejectReason.NOT_FUNDUS: "not a colour fundus photograph",
+    FailReason.GRADING: "grading failed; the file stays in the inbox and is retried",
+    FailReason.STORING: "storing the result failed; retried",
+    FailReason.ORIGINAL_MISSING: "the file left the inbox before it was graded",
+    Incident.ARCHIVE_FAILED: "a move out of the inbox failed (full or read-only disk); retried",
+    Incident.PARTIAL_COPY_REMOVED: "a half-copied file left by a crash, removed",
+    Incident.NOT_MOVED: "a recorded file was gone from the inbox when it was to be moved",
+    Incident.RESULT_STATE_REPAIRED: "a graded photo not marked graded, repaired",
+    Incident.ORPHAN_REPORT_REMOVED: "a report file the database never recorded, removed",
+    Incident.REPORT_FILE_MISSING: "a recorded report whose file was gone; made again",
+    Incident.REPORT_FAILED: "a report failed to render; retried",
+    Incident.FILE_UNREADABLE: "an inbox file that could not be read (permissions, I/O); retried",
+}
+
+
+def code_text(code: str) -> str:
+    """``code`` with what it means (``identity (patient, eye or exam date ...)``), or the code alone if unknown."""
+    text = CODE_TEXT.get(code)
+    return f"{code} ({text})" if text else code
+
+
 class Rejection(Exception):
     """A file the worker cannot use. ``message`` says what was wrong and what to do, for clinic staff: it
     names the file but never carries anything read from inside it beyond what is needed to fix it."""
@@ -76,4 +114,4 @@ class Rejection(Exception):
         return f"Rejection({self.code.value!r}, {self.message!r})"
 
 
-__all__ = ["FailReason", "Incident", "RejectReason", "Rejection"]
+__all__ = ["CODE_TEXT", "FailReason", "Incident", "RejectReason", "Rejection", "code_text"]

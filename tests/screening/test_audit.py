@@ -187,6 +187,20 @@ def test_format_table(programme):
     assert "Rejected: 4" in text and "Failed: 3" in text and "CUDA out of memory" in text
 
 
+def test_every_reason_code_is_explained_where_the_audit_prints_it(programme):
+    """The audit printed bare codes ("identity" beside "identity_conflict"): a manager-style check."""
+    from screening.rejection import CODE_TEXT, FailReason, Incident, RejectReason, code_text
+
+    assert {c for enum in (RejectReason, FailReason, Incident) for c in enum} <= set(CODE_TEXT)
+    assert code_text("identity").startswith("identity (patient, eye or exam date missing or invalid")
+    assert code_text("no_such_code") == "no_such_code"
+    with programme() as s:
+        summary = audit_summary(s, DAY, DAY)
+    text = format_table(summary)
+    for code in summary.rejected_reasons:
+        assert code_text(code) in text
+
+
 def _reference_summary(session, start, end, model_version):
     """The audit's definitions computed the slow, obvious way (every row in Python, turnaround from the
     reports themselves): what audit_summary gave before results carried their own copy (revision 0003_audit_columns_indexes)."""
