@@ -664,7 +664,7 @@ def _fmt_seconds(v: float | None) -> str:
 def format_table(summary: AuditSummary) -> str:
     """A plain-text table for the terminal: one column per model version plus the pooled one."""
     period = f"{summary.start or 'beginning'} .. {summary.end or 'now'}"
-    lines = [f"Screening audit, files received {period} (UTC dates, by {summary.date_basis.split(' ')[0]})"]
+    lines = [f"Screening audit, files received {period} (UTC dates, by the day each file arrived in the inbox)"]
     if summary.model_version:
         lines.append(f"Model version: {summary.model_version}")
     cols = [summary.overall, *summary.by_model.values()]
@@ -673,8 +673,8 @@ def format_table(summary: AuditSummary) -> str:
         ("images", "graded"): "Images graded",
         ("referral", "referable"): "Referable",
         ("referral", "not_referable"): "Not referable",
-        ("exams", "graded"): "Exams graded",
-        ("exams", "referable"): "Exams referable",
+        ("exams", "graded"): "Visits graded",  # an exam is a visit: the rest of the audit says visits
+        ("exams", "referable"): "Visits referable",
         ("duplicates", "drops"): "Duplicate drops",
         ("turnaround_s", "reported"): "Reported images",
         ("turnaround_s", "awaiting_report"): "Awaiting report",

@@ -90,7 +90,8 @@ def format_visit(visit: Visit, history: Sequence[Review], reports: Sequence[Repo
         lines.append(f"  DME risk  {f.dme_grade} {DME_GRADES[f.dme_grade]} ({f.dme_confidence:.0%})")
         lines.append(f"  referable {'yes' if f.referable else 'no'} (score {f.referable_score:.0%})")
     r = visit.model_referral
-    lines += ["", f"model's recommendation: {r.text} ({r.level}) - {r.reason}", ""]
+    # the level's key is what --referral takes; in brackets after the text it read "(routine) (routine)"
+    lines += ["", f"model's recommendation: {r.text} [--referral {r.level}] - {r.reason}", ""]
     lines.append("sign-offs (newest first):" if history else "sign-offs: none yet")
     lines += [f"  {format_review(h)}" for h in history]
     lines.append("")

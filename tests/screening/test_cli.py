@@ -1,5 +1,6 @@
 import json
 import logging
+import re
 from pathlib import Path
 
 import pytest
@@ -266,6 +267,7 @@ def test_review_commands_end_to_end(tmp_path, tiny_checkpoint, capsys, db_url):
     assert "0 or more" in capsys.readouterr().err
     rc, out, _ = run("show", "1")
     assert rc == 0 and "Visit 1: patient P1" in out and "status: awaiting review" in out and "Right eye" in out
+    assert re.search(r"model's recommendation: .+ \[--referral [a-z_0-9]+\] - ", out)  # not "(routine) (routine)"
 
     rc, out, err = run("correct", "1", "--reviewer", "Dr Grey", "--dr", "R=4", "--ungradable", "L", "--comment", "NVD")
     assert rc == 0, err
