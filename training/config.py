@@ -93,19 +93,11 @@ class DataSettings(_Strict):
         return self
 
     @model_validator(mode="after")
-    def _distinct_manifest_names(self) -> "DataSettings":
-        """A manifest source is named after its folder (``manifest:<folder>``): two CSVs in folders of one name
-        were merged into one source in per-source metrics, weights and ``--upright-source`` (an ML engineer's check)."""
-        folders: dict[str, Path] = {}
-        for source in self.sources:
-            if isinstance(source, ManifestSource):
-                name = source.path.parent.name
-                if folders.get(name) == source.path:
-                    raise ValueError(f"the manifest {source.path} is listed twice in [data].sources: remove one")
-                if name in folders:
-                    raise ValueError(f"two manifest sources ({folders[name]} and {source.path}) would share the source "
-                                     f"name 'manifest:{name}' (taken from the folder): put each CSV in a folder of its own name")
-                folders[name] = source.path
+    def _no_manifest_twice(self) -> "DataSettings":
+        """One manifest listed twice would fail later as every image 'listed by two sources'; said here instead."""
+        paths = [s.path for s in self.sources if isinstance(s, ManifestSource)]
+        for path in {p for p in paths if paths.count(p) > 1}:
+            raise ValueError(f"the manifest {path} is listed twice in [data].sources: remove one")
         return self
 
 

@@ -141,6 +141,10 @@ def make_loaders(cfg: TrainingConfig, records: list[Record] | None = None, progr
     if not records:
         raise ValueError("no training images: add sources under [data] in the config")
     splits = configured_split(cfg.data, records)
+    if not splits["train"] or not splits["val"]:  # found before the cache is built and an epoch is spent
+        raise ValueError(f"the split has {len(splits['train'])} training and {len(splits['val'])} validation images "
+                         f"({len(records)} images of {len({r.patient_id for r in records})} patients, val_fraction "
+                         f"{cfg.data.val_fraction}): both need patients; add images or change [data] val_fraction")
     size = cfg.model.image_size
     build_cache(records, size, cfg.data.cache_dir, progress=progress)
     contrast = cfg.model.contrast
@@ -225,6 +229,8 @@ def run_training(
     mcfg = model_config_from(cfg)
     if resume and (out_dir / "last.pt").is_file():
         check_resumable(out_dir / "last.pt", cfg, mcfg, summary)
+    elif (out_dir / "best.pt").is_file() or (out_dir / "last.pt").is_file():
+        log(f"starting over: the earlier run's checkpoints and history in {out_dir} are replaced as this one goes")
     model = build_model(mcfg, cfg.model.pretrained_weights)
     init_from = init_weights(model, cfg.train.init_from) if cfg.train.init_from is not None else None
     model = model.to(device)

@@ -152,3 +152,24 @@ def test_a_validation_split_with_no_negatives_says_the_threshold_was_not_chosen(
 def test_the_checkpoint_says_how_its_threshold_was_set(trained_run) -> None:
     _, run_dir = trained_run
     assert read_checkpoint(run_dir / "best.pt")["thresholds"]["referable_source"]
+
+
+def test_an_empty_manifest_a_split_without_validation_and_a_non_utf8_csv_say_what_to_do(tmp_path: Path, make_config) -> None:
+    """An ML engineer's check: a header-only manifest gave 'cached 0 images' and then 'add sources' with a source
+    configured; a one-patient set trained a whole epoch before 'the data loader gave no batches'; a Latin-1 CSV named
+    a byte offset only."""
+    from training.data.sources import DataSourceError, load_all
+    from training.train import make_loaders
+
+    (tmp_path / "d").mkdir()
+    (tmp_path / "d" / "labels.csv").write_text("image,dr_grade,dme_grade\n")
+    empty = DataSettings(sources=(ManifestSource(kind="manifest", path=tmp_path / "d" / "labels.csv"),))
+    with pytest.raises(DataSourceError, match="lists no images: add its rows or remove it"):
+        load_all(empty)
+    (tmp_path / "d" / "labels.csv").write_bytes("image,dr_grade,dme_grade\ncaf\xe9.jpg,1,0\n".encode("latin-1"))
+    with pytest.raises(DataSourceError, match="is not UTF-8 text.*save it as UTF-8"):
+        load_all(empty)
+    cfg = make_config()
+    one_patient = [r for r in load_all(cfg.data) if r.patient_id == load_all(cfg.data)[0].patient_id]
+    with pytest.raises(ValueError, match=r"the split has \d+ training and 0 validation images"):
+        make_loaders(cfg, one_patient, progress=False)

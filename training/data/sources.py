@@ -135,7 +135,10 @@ def read_csv(path: Path, required: Sequence[str], what: str, optional: Sequence[
     try:
         with path.open(newline="", encoding="utf-8-sig") as fh:
             lines = list(csv.reader(fh))
-    except (OSError, UnicodeDecodeError, csv.Error) as exc:
+    except UnicodeDecodeError as exc:
+        raise DataSourceError(f"{what}: CSV {path} is not UTF-8 text (byte {exc.start}: {exc.reason}); save it as "
+                              "UTF-8 (in a spreadsheet: 'CSV UTF-8') and try again") from None
+    except (OSError, csv.Error) as exc:
         raise DataSourceError(f"{what}: cannot read CSV {path}: {exc}") from None
     if not lines:
         raise DataSourceError(f"{what}: CSV {path} is empty; expected a header with columns {list(required)}")
@@ -449,7 +452,11 @@ def load_all(data: DataSettings) -> list[Record]:
     records: list[Record] = []
     seen: dict[Path, str] = {}
     for source in data.sources:
-        for rec in load_records(source):
+        listed = load_records(source)
+        if not listed:  # a header-only manifest: 'cached 0 images', then 'add sources' with a source configured
+            raise DataSourceError(f"the {source.kind} source {getattr(source, 'path', '')} lists no images: add its rows "
+                                  "or remove it from [data].sources")
+        for rec in listed:
             key = rec.image.resolve()
             if key in seen and seen[key] == rec.source:
                 raise DataSourceError(f"image {rec.image} is listed twice by {rec.source}: remove the repeated row from its CSV")

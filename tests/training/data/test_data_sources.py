@@ -216,15 +216,6 @@ def test_load_all_concatenates_and_rejects_duplicates(tmp_path: Path, synth, mak
         load_all(DataSettings(sources=(man,)))
 
 
-def test_two_manifests_in_folders_of_one_name_are_refused(tmp_path: Path) -> None:
-    """Both were named manifest:<folder> and merged into one source in per-source metrics and weights."""
-    first = ManifestSource(kind="manifest", path=tmp_path / "data" / "a.csv")
-    second = ManifestSource(kind="manifest", path=tmp_path / "data" / "b.csv")
-    elsewhere = ManifestSource(kind="manifest", path=tmp_path / "other" / "data" / "c.csv")
-    for pair in ((first, second), (first, elsewhere)):
-        with pytest.raises(ValidationError, match="would share the source name 'manifest:data'"):
-            DataSettings(sources=pair)
-
 
 # ------------------------------------------------------------------------------------------ real data
 
