@@ -204,6 +204,12 @@ def cmd_audit(args: argparse.Namespace, settings: ScreeningSettings) -> int:
             return 2
         summary = audit_summary(session, args.start, args.end, args.model_version, by_site=args.by_site)
     print(format_table(summary))
+    from datetime import datetime, timezone
+
+    today = datetime.now(timezone.utc).date()
+    if args.start is not None and args.start > today:  # zeros with no hint read as a day with no activity
+        print(f"note: --from {args.start} is after today ({today}, UTC): no file can have arrived in that period yet",
+              file=sys.stderr)
     for option, text in outputs:
         try:
             (write_csv if option == "--csv" else write_json)(summary, Path(text))

@@ -197,8 +197,8 @@ class Filing:
         atomic_write_text(
             _reason_file(dest),
             f"File: {_one_line(path.name)}\nSHA-256: {sha}\nRejected: {when.isoformat(timespec='seconds')}\n"
-            f"Reason: {_one_line(reason)}\nWhat to do: as the reason says. This file stays here; a corrected file can be "
-            "dropped into the inbox again.\n",
+            f"Reason: {_one_line(reason)}\nWhat to do: correct what the reason names (it says how), then drop the corrected "
+            "file into the inbox again. This file stays here for reference; it is not tried again.\n",
         )
         return self._move(path, dest)
 

@@ -414,3 +414,5 @@ def test_audit_arguments_are_checked_before_the_audit_is_computed(tmp_path, fact
     assert rc == 2 and "name the same file" in err and not (tmp_path / "b.out").exists()
     rc, out, err = audit("--csv", str(tmp_path / "a.csv"), "--overwrite")
     assert rc == 0 and "CSV written to" in out
+    rc, out, err = audit("--from", "2999-01-01")
+    assert rc == 0 and "is after today" in err and "no file can have arrived" in err

@@ -274,7 +274,7 @@ def test_an_incomplete_file_waits_while_it_may_still_arrive_then_is_refused(stag
     reason = _reason(refused)
     assert "incomplete or corrupt" in reason and "copy or export the photo again" in reason
     assert "wait" not in reason  # refused because it stopped changing: waiting longer would not help
-    assert "What to do: as the reason says. This file stays here" in reason
+    assert "What to do: correct what the reason names (it says how), then drop the corrected file" in reason
 
 
 def test_a_file_the_worker_may_not_read_is_reported_once_and_stays_until_it_can(stage, settings, monkeypatch, caplog):
