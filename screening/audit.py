@@ -727,7 +727,8 @@ def format_table(summary: AuditSummary) -> str:
     if summary.agreement is not None:
         lines += ["", *_agreement_table(summary.agreement)]
         u = summary.agreement.model_ungradable
-        lines += [f"Visits the model found wholly ungradable (not in the table above: no grade to compare): {u.visits}; "
+        lines += [f"Visits the model found wholly ungradable (not in the table above: no grade to compare; all model "
+                  f"versions): {u.visits}; "
                   f"signed off {u.signed_off}, of which the grader graded an eye in {u.graded_by_grader} and referred "
                   f"{u.referred_by_grader}"]
     if summary.by_site:

@@ -513,7 +513,7 @@ class Caution:
     kind: Literal["missing", "mismatch", "resent", "contradiction"] = "missing"
 
 
-def visit_cautions(findings: Sequence[EyeFinding]) -> list[Caution]:
+def visit_cautions(findings: Sequence[EyeFinding], rule: EyeResultRule = "worst") -> list[Caution]:
     """What the visit's recommendation box must say beside the outcome (``findings``: every photograph of the
     visit). An eye with no photograph: the outcome covers the other eye only, yet reads like a whole visit's ("Rescreen
     in 12-24 months" on a visit missing an eye could close the episode). A photograph whose eye the laterality check
@@ -538,9 +538,8 @@ def visit_cautions(findings: Sequence[EyeFinding]) -> list[Caution]:
                 f"Laterality mismatch: the photograph filed as the {name} ({f.source_name}) looks like the other eye; "
                 "this recommendation assumes its label. Check the eye before acting on it.", "mismatch"))
     for code in EYE_ORDER:  # the model's two heads disagree: exudates (DME risk) are themselves retinopathy
-        f = next((f for f in findings if f.eye == code and f.gradable and f.dr_grade == 0 and (f.dme_grade or 0) >= 1),
-                 None)
-        if f is not None:
+        f = eye_result([f for f in findings if f.eye == code], rule)  # the photo that gives the eye's result (``rule``)
+        if f is not None and f.gradable and f.dr_grade == 0 and (f.dme_grade or 0) >= 1:
             name = EYE_NAMES[code].lower()
             cautions.append(Caution(
                 f"{name}: grades disagree",
@@ -803,7 +802,10 @@ def template_variables(ctx: ReportContext, templates_dir: Path, link_stylesheet:
         referral=referral,
         # the box says what a missing eye means; a doubted label is tagged on its eye's summary row (a line in the
         # box pushed a reviewed two-eye report onto a third page), and its section says why
-        cautions=[c.text for c in visit_cautions(ctx.eyes) if c.kind in ("missing", "resent", "contradiction")],
+        # the grades' contradiction is for the grader to resolve: a signed version's box does not repeat it (the grader
+        # has answered for the eye; the line also pushed a reviewed two-eye report onto a third page)
+        cautions=[c.text for c in visit_cautions(ctx.eyes, ctx.eye_result_rule)
+                  if c.kind in ("missing", "resent") or (c.kind == "contradiction" and ctx.review is None)],
         review=_review_view(ctx, referral),
         refused_pages=list(ctx.refused_pages),
         earlier_review=ctx.earlier_review,

@@ -182,6 +182,37 @@ def _clinical_summary(block: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def content_digest(ckpt: dict[str, Any]) -> str:
+    """What makes a checkpoint's answers, hashed: its weights (as float16, so a shipped half-precision export and its
+    float32 source agree), its grader and its referral operating point. Two blends of one base with different
+    graders share a model version; they differ here."""
+    import hashlib
+
+    h = hashlib.sha256()
+
+    def feed(value: Any) -> None:
+        if isinstance(value, torch.Tensor):
+            t = value.detach().cpu()
+            t = t.half() if t.is_floating_point() else t
+            h.update(str(tuple(t.shape)).encode())
+            h.update(t.contiguous().numpy().tobytes())
+        elif isinstance(value, dict):
+            for k in sorted(value, key=str):
+                h.update(str(k).encode())
+                feed(value[k])
+        elif isinstance(value, (list, tuple)):
+            for v in value:
+                feed(v)
+        else:
+            h.update(repr(value).encode())
+
+    feed(ckpt["model_state"])
+    feed(ckpt.get("grader"))
+    feed(ckpt.get("referable_calibration"))
+    feed(float(ckpt["thresholds"]["referable"]))
+    return h.hexdigest()[:16]
+
+
 def check_test_metrics(metrics: dict[str, Any], ckpt: dict[str, Any], src: str | Path) -> None:
     """Refuse to store ``metrics`` as ``src``'s test metrics unless an evaluation of the test split of the same
     model wrote them (``metrics["evaluated"]``, by ``dr-train evaluate``): any JSON was taken, a validation run's
@@ -194,9 +225,10 @@ def check_test_metrics(metrics: dict[str, Any], ckpt: dict[str, Any], src: str |
     if done.get("split") != "test":
         raise CheckpointError(f"--test-metrics: that evaluation was of the {done.get('split')!r} split; only the test "
                               "split's numbers are stored as the model's test metrics")
-    if done.get("model_version") != ckpt.get("model_version"):
-        raise CheckpointError(f"--test-metrics: that evaluation was of model {done.get('model_version')!r}, but {src} is "
-                              f"{ckpt.get('model_version')!r}: evaluate this checkpoint")
+    if done.get("model_version") != ckpt.get("model_version") or done.get("content_digest") != content_digest(ckpt):
+        raise CheckpointError(f"--test-metrics: that evaluation was of another model ({done.get('model_version')!r}, "
+                              f"content {done.get('content_digest')!r}) than {src} ({ckpt.get('model_version')!r}, "
+                              f"content {content_digest(ckpt)!r}): evaluate this checkpoint, or its float16 export")
 
 
 def export_checkpoint(src: str | Path, dst: str | Path, half: bool = True, test_metrics: dict[str, Any] | None = None) -> Path:

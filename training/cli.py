@@ -292,9 +292,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except OSError as exc:  # an output path that is a file, a full disk: the path and the system's reason, no traceback
-        where = f" {exc.filename}" if exc.filename else ""
-        print(f"error:{where}: {exc.strerror or exc}; check the path given on the command line or in the config",
-              file=sys.stderr)
+        if exc.filename:
+            print(f"error: {exc.filename}: {exc.strerror or exc}; check the path given on the command line or in the "
+                  "config", file=sys.stderr)
+        else:
+            print(f"error: {exc}", file=sys.stderr)
         return 2
 
 

@@ -11,7 +11,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from training.checkpoint import file_sha256, load_model, read_checkpoint, save_checkpoint
+from training.checkpoint import content_digest, file_sha256, load_model, read_checkpoint, save_checkpoint
 from training.config import TrainingConfig
 from training.data.cache import load_record
 from training.data.dataset import FundusDataset
@@ -243,8 +243,10 @@ def evaluate_checkpoint(
     recs = _split(cfg, meta)[split]
     if not recs:
         sp = meta["provenance"].get("split", {})
-        raise ValueError(f"split {split!r} is empty: the checkpoint's recorded split (val_fraction "
-                         f"{sp.get('val_fraction')}, test_fraction {sp.get('test_fraction')}) applies, not the config's")
+        fractions = (f"the checkpoint's recorded split (val_fraction {sp.get('val_fraction')}, test_fraction "
+                     f"{sp.get('test_fraction')}) applies, not the config's" if sp.get("val_fraction") is not None
+                     else "check [data] val_fraction/test_fraction")
+        raise ValueError(f"split {split!r} is empty: {fractions}")
     check_unseen(meta, split, recs, checkpoint)
     preds = _predict(model, meta, recs, cfg, device, tta, progress)
     out_dir = out_dir or checkpoint.parent / f"eval-{split}{'-tta' if tta else ''}"
@@ -265,7 +267,8 @@ def evaluate_checkpoint(
     metrics["plots"]["referable_reliability"] = RELIABILITY_PNG
     # what was evaluated: `dr-train export --test-metrics` stores only a test split's numbers of the same model
     metrics["evaluated"] = {"split": split, "model_version": meta["model_version"], "checkpoint": checkpoint.name,
-                            "checkpoint_sha256": file_sha256(checkpoint), "images": len(recs), "tta": tta}
+                            "checkpoint_sha256": file_sha256(checkpoint), "content_digest": content_digest(read_checkpoint(checkpoint)),
+                            "images": len(recs), "tta": tta}
     (out_dir / METRICS_FILE).write_text(json.dumps(metrics, indent=2, allow_nan=False) + "\n")
     seg = metrics.get("segmentation") or {}
     summary = {

@@ -15,7 +15,7 @@ import torch
 from torch.utils.data import DataLoader, WeightedRandomSampler
 
 from training.checkpoint import file_sha256, git_commit, labels_dict, make_version, read_checkpoint
-from training.config import ConfigError, TrainingConfig
+from training.config import ConfigError, TrainingConfig, TrainSettings
 from training.data.cache import build_cache
 from training.data.dataset import FundusDataset, class_counts
 from training.data.records import Record, fingerprints
@@ -181,7 +181,10 @@ def make_loaders(cfg: TrainingConfig, records: list[Record] | None = None, progr
 
 # Settings a resumed run may change: how long it goes on, where it runs. Any other change would mix two recipes in one
 # model while its checkpoint named only the last (a resume with --lr 0.1 kept the old rate and recorded the new one).
-RESUMABLE_CHANGES = frozenset({"epochs", "patience", "device", "out_dir"})
+# Precision may change (E8's run resumed in bf16 after starting in fp32), as may the loader's workers, the steps cap
+# (a smoke run) and init_from (read only when a run starts, never on a resume).
+RESUMABLE_CHANGES = frozenset({"epochs", "patience", "device", "out_dir", "num_workers", "precision",
+                               "max_steps_per_epoch", "init_from"})
 
 
 def check_resumable(last: Path, cfg: TrainingConfig, mcfg: ModelConfig, summary: dict[str, Any]) -> None:
@@ -190,9 +193,12 @@ def check_resumable(last: Path, cfg: TrainingConfig, mcfg: ModelConfig, summary:
     prov = ckpt.get("provenance", {})
     differences = []
     before_train, now_train = prov.get("train_config", {}), json.loads(cfg.train.model_dump_json())
+    # a key the run's checkpoint lacks was added to the settings since: the run had its default
+    defaults = json.loads(TrainSettings().model_dump_json())
     for key in sorted(set(before_train) | set(now_train)):
-        if key not in RESUMABLE_CHANGES and before_train.get(key) != now_train.get(key):
-            differences.append(f"train.{key} {before_train.get(key)!r} -> {now_train.get(key)!r}")
+        before = before_train.get(key, defaults.get(key))
+        if key not in RESUMABLE_CHANGES and before != now_train.get(key):
+            differences.append(f"train.{key} {before!r} -> {now_train.get(key)!r}")
     before_model = json.loads(json.dumps(ckpt.get("model_config", {})))
     now_model = json.loads(json.dumps(mcfg.to_dict()))
     for key in sorted(set(before_model) | set(now_model)):

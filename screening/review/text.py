@@ -9,7 +9,7 @@ from datetime import datetime, timezone
 from screening.db.models import Report, Review
 from screening.report import EYE_NAMES, REFERRAL_LEVELS
 from screening.review.grading_csv import ImportOutcome
-from screening.review.visits import Visit
+from screening.review.visits import GRADER_REFERRALS, Visit
 from training.common import DME_GRADES, DR_GRADES
 
 
@@ -91,7 +91,8 @@ def format_visit(visit: Visit, history: Sequence[Review], reports: Sequence[Repo
         lines.append(f"  referable {'yes' if f.referable else 'no'} (score {f.referable_score:.0%})")
     r = visit.model_referral
     # the level's key is what --referral takes; in brackets after the text it read "(routine) (routine)"
-    lines += ["", f"model's recommendation: {r.text} [--referral {r.level}] - {r.reason}", ""]
+    key = f" [--referral {r.level}]" if r.level in GRADER_REFERRALS else ""  # only a key --referral takes
+    lines += ["", f"model's recommendation: {r.text}{key} - {r.reason}", ""]
     lines.append("sign-offs (newest first):" if history else "sign-offs: none yet")
     lines += [f"  {format_review(h)}" for h in history]
     lines.append("")

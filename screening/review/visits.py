@@ -128,7 +128,7 @@ class Visit:
     @property
     def cautions(self) -> list[Caution]:
         """What the model's recommendation rests on (an eye missing, an eye label in doubt), as the report says it."""
-        return visit_cautions([f.finding for f in self.fields])
+        return visit_cautions([f.finding for f in self.fields], self.eye_result_rule)
 
     @property
     def image_ids(self) -> dict[str, int]:

@@ -33,7 +33,7 @@ from ..claims import Claimer
 from ..config import ScreeningSettings
 from ..db import repository as repo
 from ..db.models import ClaimKind, Image, ImageState, utcnow
-from ..db.session import DatabaseGone, transaction
+from ..db.session import DatabaseGone, log_failure, transaction
 from ..explain import cam_overlay, lesion_overlay
 from ..findings import PHOTO_FILE
 from ..inference import ImagePrediction, Predictor
@@ -182,9 +182,9 @@ class StoreStage:
             raise
         except MoveFailed:
             archived = None
-        except Exception:
-            log.exception("image %s is stored but its file could not be archived now; it will be on the next pass",
-                          job.image_id)
+        except Exception as exc:  # noqa: BLE001 - log_failure logs it
+            log_failure(log, exc, "image %s is stored but its file could not be archived now; it will be on the next "
+                        "pass", job.image_id)
             archived = None
         return Stored(job.image_id, exam_id, archived)
 

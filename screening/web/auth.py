@@ -49,30 +49,48 @@ def verify_password(password_hash: str | None, password: str) -> bool:
 
 class LoginThrottle:
     """Refuses logins of a user name *from one client address* for ``lockout_s`` after ``max_failures`` failed
-    attempts from there within ``window_s`` (in memory: a restart of the page forgets it, which is acceptable for a
-    local service).
+    attempts from there within ``window_s``, and of the name from *any new address* after ``name_cap`` failures from
+    all addresses together (in memory: a restart of the page forgets it, acceptable for a local service).
 
     Why per address and not per name alone: keyed on the name only, anyone who can reach the page could lock a
     named grader out of it for a quarter of an hour by typing five wrong passwords; keyed on (name, address), the
-    guesser locks out only themselves, and the grader at their own workstation still logs in. Guessing from many
-    addresses is slowed by the scrypt hash and the 10-character minimum. Behind a reverse proxy every client has the
+    guesser locks out only themselves. The looser cap per name stops a guesser who changes address (an IPv6 /64 is
+    counted as one address, since one host may hold all of it); it spares the addresses the name has logged in from
+    before, so the grader at their own workstation still logs in. Behind a reverse proxy every client has the
     proxy's address, so ``dr-screen serve --trusted-proxy`` must name it for the client's own address to be used."""
 
-    def __init__(self, max_failures: int = 5, window_s: float = 900.0, lockout_s: float = 900.0) -> None:
-        self.max_failures, self.window_s, self.lockout_s = max_failures, window_s, lockout_s
+    def __init__(self, max_failures: int = 5, window_s: float = 900.0, lockout_s: float = 900.0,
+                 name_cap: int = 30) -> None:
+        self.max_failures, self.window_s, self.lockout_s, self.name_cap = max_failures, window_s, lockout_s, name_cap
         self._failures: dict[tuple[str, str], list[float]] = {}
         self._locked_until: dict[tuple[str, str], float] = {}
+        self._name_failures: dict[str, list[float]] = {}
+        self._name_locked_until: dict[str, float] = {}
+        self._known: dict[str, set[str]] = {}  # addresses each name has logged in from (spared by the name's cap)
         self._lock = threading.Lock()
 
     @staticmethod
-    def _key(username: str, address: str | None) -> tuple[str, str]:
-        return username.lower(), address or "?"
+    def _address(address: str | None) -> str:
+        import ipaddress
+
+        try:
+            ip = ipaddress.ip_address(address or "")
+        except ValueError:
+            return address or "?"
+        return str(ipaddress.ip_network(f"{ip}/64", strict=False)) if ip.version == 6 else str(ip)
+
+    def _key(self, username: str, address: str | None) -> tuple[str, str]:
+        return username.lower(), self._address(address)
 
     def locked(self, username: str, address: str | None, now: float | None = None) -> float:
         """Seconds until ``username`` may try again from ``address`` (0 when it may now)."""
         now = time.monotonic() if now is None else now
+        name, where = key = self._key(username, address)
         with self._lock:
-            return max(0.0, self._locked_until.get(self._key(username, address), 0.0) - now)
+            wait = self._locked_until.get(key, 0.0) - now
+            if where not in self._known.get(name, ()):
+                wait = max(wait, self._name_locked_until.get(name, 0.0) - now)
+            return max(0.0, wait)
 
     def failed(self, username: str, address: str | None, now: float | None = None) -> None:
         now = time.monotonic() if now is None else now
@@ -84,17 +102,29 @@ class LoginThrottle:
             if len(recent) >= self.max_failures:
                 self._locked_until[key] = now + self.lockout_s
                 self._failures[key] = []
+            name = key[0]
+            everywhere = [t for t in self._name_failures.get(name, []) if now - t < self.window_s] + [now]
+            self._name_failures[name] = everywhere
+            if len(everywhere) >= self.name_cap:
+                self._name_locked_until[name] = now + self.lockout_s
+                self._name_failures[name] = []
 
     def succeeded(self, username: str, address: str | None) -> None:
+        name, where = key = self._key(username, address)
         with self._lock:
-            self._failures.pop(self._key(username, address), None)
+            self._failures.pop(key, None)
+            known = self._known.setdefault(name, set())
+            if len(known) < 64:  # a grader's few workstations
+                known.add(where)
 
     def _forget_old(self, now: float) -> None:
         """Drops expired entries, so that guesses under ever new names or addresses cannot grow memory for good."""
-        if len(self._failures) + len(self._locked_until) < 1024:
+        if len(self._failures) + len(self._locked_until) + len(self._name_failures) < 1024:
             return
         self._failures = {k: v for k, v in self._failures.items() if v and now - v[-1] < self.window_s}
         self._locked_until = {k: t for k, t in self._locked_until.items() if t > now}
+        self._name_failures = {k: v for k, v in self._name_failures.items() if v and now - v[-1] < self.window_s}
+        self._name_locked_until = {k: t for k, t in self._name_locked_until.items() if t > now}
 
 
 __all__ = ["MIN_PASSWORD_CHARS", "AuthError", "LoginThrottle", "check_username", "hash_password", "verify_password"]

@@ -38,7 +38,10 @@ def serve(
     ``X-Forwarded-Proto`` headers are then believed (from it only), so that the login brake counts each client's
     own address; without it every client behind the proxy shares the proxy's address."""
     loopback = is_loopback(host)
-    require_login = require_login or not loopback
+    proxy = proxy_options(trusted_proxy)  # checked first: a bad address stops the start
+    # behind a proxy the page serves the network even when bound to 127.0.0.1 (the proxy's Host passes the loopback
+    # check), so a login is required whenever a proxy is named
+    require_login = require_login or not loopback or bool(proxy)
     if require_login:
         with session_scope(factory) as s:
             if rrepo.count_active_users(s) == 0:
@@ -54,7 +57,7 @@ def serve(
     log.info("review page on http://%s:%d/ (%s)", host if ":" not in host else f"[{host}]", port,
              "login required" if require_login else "local access, no login")
     waitress_serve(app, host=host, port=port, threads=threads, ident="dr-screen", clear_untrusted_proxy_headers=True,
-                   max_request_body_size=1024 * 1024, **proxy_options(trusted_proxy))
+                   max_request_body_size=1024 * 1024, **proxy)
 
 
 def proxy_options(trusted_proxy: str | None) -> dict[str, object]:

@@ -359,6 +359,9 @@ def test_serve_off_loopback_needs_a_user(tmp_path, capsys):
     assert cli.main(["--config", str(cfg), "init-db"]) == 0
     assert cli.main(["--config", str(cfg), "serve", "--host", "0.0.0.0", "--port", "1"]) == 2
     assert "no active user" in capsys.readouterr().err
+    # behind a proxy on this machine the page is bound to 127.0.0.1 yet serves the network: a login is required too
+    assert cli.main(["--config", str(cfg), "serve", "--port", "1", "--trusted-proxy", "127.0.0.1"]) == 2
+    assert "no active user" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("command", [["audit"], ["review", "list"], ["tallies", "check"], ["serve"]])

@@ -673,6 +673,13 @@ def test_grades_that_contradict_each_other_are_said_in_the_box(tmp_path):
     pages = _pages_text(render_pdf(ctx, TEMPLATES, tmp_path / "out"))
     assert _contains(pages[0], "a grader must look at this eye") and len(pages) == 2
     assert rpt.visit_cautions(_ctx([_eye("R", 1, 1), _eye("L", 0, 0)]).eyes) == []  # mild DR with exudates: possible
+    # another field of the eye gives its result (DR 3, the worst): that result is not contradictory
+    assert rpt.visit_cautions([_eye("R", 0, 2), _eye("R", 3, 0, source_name="R2.jpg"), _eye("L", 2, 1)]) == []
+    # a signed version: the grader answered for the eye; the box does not repeat the caution, two pages kept
+    both = _ctx([_eye("R", 0, 2), _eye("L", 0, 1)])
+    signed = dataclasses.replace(both, review=_review(eyes=(rpt.EyeReview("R", True, 4, 2), rpt.EyeReview("L", True, 2, 1))))
+    pages = _pages_text(render_pdf(signed, TEMPLATES, tmp_path / "signed"))
+    assert not _contains(" ".join(pages), "a grader must look at this eye") and len(pages) == 2
 
 
 # ------------------------------------------------------------------------------------------ reviewed version

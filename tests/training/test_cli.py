@@ -230,9 +230,17 @@ def test_export_stores_only_a_test_evaluation_of_the_same_model(trained_run, tmp
     other = json.loads((tmp_path / "test" / METRICS_FILE).read_text())
     other["evaluated"]["model_version"] = "another-model"
     (tmp_path / "other.json").write_text(json.dumps(other))
+    same_name = json.loads((tmp_path / "test" / METRICS_FILE).read_text())
+    same_name["evaluated"]["content_digest"] = "0" * 16  # another blend of the same base: one version name
+    (tmp_path / "same_name.json").write_text(json.dumps(same_name))
     for metrics, said in (("any.json", "not the metrics.json of a `dr-train evaluate` run"),
-                          (f"val/{METRICS_FILE}", "of the 'val' split"), ("other.json", "of model 'another-model'")):
+                          (f"val/{METRICS_FILE}", "of the 'val' split"), ("other.json", "of another model ('another-model'"),
+                          ("same_name.json", "content '0000000000000000'")):
         assert run_cli(["export", best, str(tmp_path / "s.pt"), "--test-metrics", str(tmp_path / metrics)]) == 2
         assert said in capsys.readouterr().err and not (tmp_path / "s.pt").exists()
     assert run_cli(["export", best, str(tmp_path / "s.pt"), "--test-metrics", str(tmp_path / "test" / METRICS_FILE)]) == 0
     assert read_checkpoint(tmp_path / "s.pt")["metrics"]["test"]["images"] == evaluated["images"]
+    # the documented flow: evaluate the float16 export, store its numbers with the float32 source
+    assert run_cli(["--config", str(config), "evaluate", "--checkpoint", str(tmp_path / "s.pt"), "--split", "test",
+                    "--out", str(tmp_path / "half"), "--bootstrap", "0", "--device", "cpu"]) == 0
+    assert run_cli(["export", best, str(tmp_path / "s2.pt"), "--test-metrics", str(tmp_path / "half" / METRICS_FILE)]) == 0

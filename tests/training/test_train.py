@@ -115,7 +115,10 @@ def test_a_resume_under_other_settings_or_data_is_refused_naming_them(make_confi
         *cfg.data.sources, ManifestSource(kind="manifest", path=unannotated_csv))}))})
     with pytest.raises(ConfigError, match="the data"):
         _quiet(more)
-    assert _quiet(cfg).epoch == 2  # more epochs: resumed
+    said: list[str] = []
+    state = run_training(cfg.model_copy(update={"train": cfg.train.model_copy(update={"precision": "bf16"})}),
+                         kind="synthetic", progress=False, command="pytest", log=said.append)  # E8 resumed in bf16
+    assert state.epoch == 2 and any(m.startswith("resumed from") and "after epoch 1" in m for m in said)
     assert read_checkpoint(cfg.train.out_dir / "last.pt")["provenance"]["train_config"]["lr"] == 0.001
 
 

@@ -459,7 +459,8 @@ def load_all(data: DataSettings) -> list[Record]:
         for rec in listed:
             key = rec.image.resolve()
             if key in seen and seen[key] == rec.source:
-                raise DataSourceError(f"image {rec.image} is listed twice by {rec.source}: remove the repeated row from its CSV")
+                raise DataSourceError(f"image {rec.image} is listed twice by {rec.source}: remove the repeated row from its "
+                                      "CSV (or, for two manifests in folders of that one name, from one of them)")
             if key in seen:
                 raise DataSourceError(
                     f"image {rec.image} is listed by two sources ({seen[key]} and {rec.source}); "

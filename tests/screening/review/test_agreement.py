@@ -148,7 +148,7 @@ def test_visits_the_model_found_wholly_ungradable_are_counted_beside_the_compari
     u = summary.agreement.model_ungradable
     assert (u.visits, u.signed_off, u.graded_by_grader, u.referred_by_grader) == (3, 2, 1, 1)
     assert summary.agreement.overall.visits_graded == 1
-    assert "Visits the model found wholly ungradable (not in the table above: no grade to compare): 3; signed off 2, " \
+    assert "Visits the model found wholly ungradable (not in the table above: no grade to compare; all model versions): 3; signed off 2, " \
            "of which the grader graded an eye in 1 and referred 1" in format_table(summary)
     with session_scope(factory) as s:
         assert agreement_summary(s, at(10_000)).model_ungradable.visits == 0  # by arrival, like the rest
