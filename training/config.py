@@ -55,6 +55,13 @@ class ManifestSource(_Strict):
     dme_column: str = "dme_grade"
     # True when the DME column is a binary present/absent flag, not IDRiD's 0/1/2 risk.
     dme_binary: bool = False
+    # The source's name in per-source metrics, weights and --upright-source ("manifest:<name>"); default: the CSV's
+    # folder. Two CSVs in folders of one name need names of their own.
+    name: str | None = Field(None, pattern=r"^[A-Za-z0-9._-]{1,64}$")
+
+    @property
+    def source_name(self) -> str:
+        return f"manifest:{self.name or self.path.parent.name}"
 
 
 Source = Annotated[
@@ -93,11 +100,21 @@ class DataSettings(_Strict):
         return self
 
     @model_validator(mode="after")
-    def _no_manifest_twice(self) -> "DataSettings":
-        """One manifest listed twice would fail later as every image 'listed by two sources'; said here instead."""
-        paths = [s.path for s in self.sources if isinstance(s, ManifestSource)]
-        for path in {p for p in paths if paths.count(p) > 1}:
-            raise ValueError(f"the manifest {path} is listed twice in [data].sources: remove one")
+    def _distinct_manifests(self) -> "DataSettings":
+        """One manifest listed twice would fail later as every image 'listed by two sources'; two manifests of one
+        source name (``manifest:<folder>``) were merged in per-source metrics, weights and ``--upright-source`` (an ML
+        engineer's check): both are said here."""
+        seen: dict[str, Path] = {}
+        for source in self.sources:
+            if not isinstance(source, ManifestSource):
+                continue
+            if source.path in seen.values():
+                raise ValueError(f"the manifest {source.path} is listed twice in [data].sources: remove one")
+            name = source.source_name
+            if name in seen:
+                raise ValueError(f"two manifest sources ({seen[name]} and {source.path}) would share the source name "
+                                 f"'{name}' (taken from the folder): give each a name of its own (name = \"...\")")
+            seen[name] = source.path
         return self
 
 

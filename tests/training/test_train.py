@@ -26,7 +26,7 @@ def _config(trained_run, unannotated_csv: Path, out: Path, **train: object) -> T
     settings = dict(base.train.model_dump()) | dict(out_dir=out, lesion_only=True, crop_size=32, samples_per_epoch=8,
                                                     max_steps_per_epoch=None, cls_weight=0.0, seg_weight=1.0)
     settings.update(train)
-    sources = (*base.data.sources, ManifestSource(kind="manifest", path=unannotated_csv))
+    sources = (*base.data.sources, ManifestSource(kind="manifest", path=unannotated_csv, name="plain"))
     return TrainingConfig(data=DataSettings(**(base.data.model_dump() | {"sources": sources})), model=base.model,
                           train=TrainSettings(**settings))
 
@@ -72,7 +72,7 @@ def test_init_from_a_different_architecture_names_the_difference(trained_run, un
 
 def test_source_weight_power_evens_out_the_sources_draws(trained_run, tmp_path: Path) -> None:
     """power 0: images drawn as the sources come (lesion images boosted); power 1: each source equally often."""
-    other = write_synthetic_dataset(tmp_path / "other", 24, size=96, seed=2, with_masks=False)  # source "manifest:other"
+    other = write_synthetic_dataset(tmp_path / "other", 24, size=96, seed=2, with_masks=False)  # named "manifest:plain" by _config
 
     def draws(power: float) -> dict[str, float]:
         cfg = _config(trained_run, other, tmp_path / f"run{power}", lesion_only=False, crop_size=None,
@@ -85,8 +85,8 @@ def test_source_weight_power_evens_out_the_sources_draws(trained_run, tmp_path: 
 
     plain, even = draws(0.0), draws(1.0)
     assert len(plain) == 2 and plain.keys() == even.keys()
-    assert abs(even["manifest:other"] - 0.5) < 0.04
-    assert abs(plain["manifest:other"] - 0.5) > 0.1
+    assert abs(even["manifest:plain"] - 0.5) < 0.04
+    assert abs(plain["manifest:plain"] - 0.5) > 0.1
 
 
 def test_head_width_of_the_settings_reaches_the_model(trained_run) -> None:
@@ -112,7 +112,7 @@ def test_a_resume_under_other_settings_or_data_is_refused_naming_them(make_confi
         _quiet(make_config(epochs=2, lr=0.1))
     cfg = make_config(epochs=2)
     more = cfg.model_copy(update={"data": DataSettings(**(cfg.data.model_dump() | {"sources": (
-        *cfg.data.sources, ManifestSource(kind="manifest", path=unannotated_csv))}))})
+        *cfg.data.sources, ManifestSource(kind="manifest", path=unannotated_csv, name="plain"))}))})
     with pytest.raises(ConfigError, match="the data"):
         _quiet(more)
     said: list[str] = []

@@ -418,7 +418,7 @@ def load_manifest(settings: ManifestSource, skip_missing: bool = False) -> list[
             image=image,
             patient_id=row.get("patient_id") or image.stem,
             eye=_eye_code(row.get("eye", ""), where),
-            source=f"manifest:{csv_path.parent.name}",
+            source=settings.source_name,
             dr_grade=_dr_code(row["dr_grade"], where, "dr_grade"),
             dme_grade=(_dme_code(row[settings.dme_column], settings.dme_binary, where, settings.dme_column)
                        if has_dme else DME_UNKNOWN),
@@ -459,8 +459,7 @@ def load_all(data: DataSettings) -> list[Record]:
         for rec in listed:
             key = rec.image.resolve()
             if key in seen and seen[key] == rec.source:
-                raise DataSourceError(f"image {rec.image} is listed twice by {rec.source}: remove the repeated row from its "
-                                      "CSV (or, for two manifests in folders of that one name, from one of them)")
+                raise DataSourceError(f"image {rec.image} is listed twice by {rec.source}: remove the repeated row from its CSV")
             if key in seen:
                 raise DataSourceError(
                     f"image {rec.image} is listed by two sources ({seen[key]} and {rec.source}); "

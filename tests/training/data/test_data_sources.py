@@ -217,6 +217,21 @@ def test_load_all_concatenates_and_rejects_duplicates(tmp_path: Path, synth, mak
 
 
 
+
+def test_two_manifests_of_one_source_name_are_refused_unless_named(tmp_path: Path) -> None:
+    """Both were named manifest:<folder> and merged into one source in per-source metrics and weights (an ML
+    engineer's check); a name of their own keeps them apart."""
+    first = ManifestSource(kind="manifest", path=tmp_path / "data" / "a.csv")
+    second = ManifestSource(kind="manifest", path=tmp_path / "data" / "b.csv")
+    elsewhere = ManifestSource(kind="manifest", path=tmp_path / "other" / "data" / "c.csv")
+    for pair in ((first, second), (first, elsewhere)):
+        with pytest.raises(ValidationError, match="would share the source name 'manifest:data'.*name of its own"):
+            DataSettings(sources=pair)
+    named = ManifestSource(kind="manifest", path=tmp_path / "data" / "b.csv", name="site-b")
+    assert [s.source_name for s in DataSettings(sources=(first, named)).sources] == ["manifest:data", "manifest:site-b"]
+    with pytest.raises(ValidationError):
+        ManifestSource(kind="manifest", path=tmp_path / "x.csv", name="../escape")
+
 # ------------------------------------------------------------------------------------------ real data
 
 

@@ -69,7 +69,7 @@ def test_configured_split_pins_the_split_of_another_config(tmp_path: Path, synth
     (tmp_path / "old.csv").write_text("image,patient_id,dr_grade,dme_grade\n" + "".join(f"P{p}.jpg,P{p},{p % 5},0\n" for p in range(6)))
     (tmp_path / "new.csv").write_text("image,patient_id,dr_grade,dme_grade\n" + "".join(f"P{p}.jpg,P{p},{p % 5},0\n" for p in range(6, 12)))
     (tmp_path / "old.toml").write_text('[data]\nsources = [{ kind = "manifest", path = "old.csv" }]\nval_fraction = 0.3\ntest_fraction = 0.3\nsplit_seed = 1\n')
-    (tmp_path / "new.toml").write_text('[data]\nsources = [{ kind = "manifest", path = "old.csv" }, { kind = "manifest", path = "new.csv" }]\n'
+    (tmp_path / "new.toml").write_text('[data]\nsources = [{ kind = "manifest", path = "old.csv" }, { kind = "manifest", path = "new.csv", name = "new" }]\n'
                                        'pin_split = "old.toml"\nsplit_seed = 99\n')
     old = configured_split(load_training_config(tmp_path / "old.toml").data)
     new = configured_split(load_training_config(tmp_path / "new.toml").data)
