@@ -84,10 +84,15 @@ def prepare_folders(settings: ScreeningSettings) -> None:
         folder: Path = getattr(settings, key)
         if folder.exists() and not folder.is_dir():
             raise ConfigError(f"[screening] {key} = {str(folder)!r} is a file, not a folder; point it at a folder")
+        made = not folder.exists()
         try:
             folder.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise ConfigError(f"[screening] {key}: cannot create the folder {folder} ({exc.strerror})") from None
+        if made and key == "inbox":  # a typo or an unmounted share read like a quiet clinic (a newcomer's check)
+            log.warning("the inbox %s did not exist and was made empty: if it should be a network share, is it mounted? "
+                        "If the path is wrong, fix [screening] inbox (relative paths are read from the config file's "
+                        "folder)", folder)
 
 
 def resolve_checkpoint(settings: ScreeningSettings, allow_demo: bool = True) -> Path:
@@ -97,7 +102,15 @@ def resolve_checkpoint(settings: ScreeningSettings, allow_demo: bool = True) -> 
     if not allow_demo:
         from training.api import CheckpointError
 
-        raise CheckpointError(f"checkpoint not found: {settings.checkpoint}; set [screening] checkpoint in the config")
+        raise CheckpointError(f"checkpoint not found: {settings.checkpoint}; set [screening] checkpoint in the config "
+                              "(relative paths are read from the config file's folder)")
+    if not settings.checkpoint.parent.is_dir():  # a config copied elsewhere: its relative model path points nowhere
+        from training.api import CheckpointError
+
+        raise CheckpointError(f"checkpoint not found: {settings.checkpoint} (its folder does not exist either). Relative "
+                              "paths in a config are read from the config file's own folder: point [screening] checkpoint "
+                              "(and quality_model, laterality_model) at the project's models/. A demo model is trained "
+                              "only where the configured model folder exists")
     demo = settings.demo_checkpoint
     if not demo.is_file():
         from training.api import train_demo_model

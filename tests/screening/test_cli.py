@@ -86,6 +86,24 @@ def test_missing_checkpoint_trains_demo_model_once(tmp_path, monkeypatch, tiny_c
     assert first == second == settings.work_dir / "demo-model.pt" and len(calls) == 1
 
 
+def test_a_config_copied_elsewhere_gets_no_demo_model_and_a_made_inbox_is_said(tmp_path, caplog):
+    """A newcomer's check: config.toml copied out of the project pointed at a models/ folder that is not there and
+    quietly trained a demo model; a mistyped (or unmounted) inbox was made empty without a word."""
+    import logging
+
+    from screening.config import load_screening_settings
+    from training.api import CheckpointError
+
+    settings = load_screening_settings(_config(tmp_path, tmp_path / "models" / "baseline.pt"))
+    with pytest.raises(CheckpointError, match="its folder does not exist either.*config file's own folder"):
+        cli.resolve_checkpoint(settings)
+    with caplog.at_level(logging.WARNING, logger="screening"):
+        cli.prepare_folders(settings)
+        cli.prepare_folders(settings)  # it exists now: said once
+    made = [r.getMessage() for r in caplog.records if "did not exist and was made empty" in r.getMessage()]
+    assert len(made) == 1 and str(settings.inbox) in made[0] and "mounted" in made[0]
+
+
 def test_run_once_then_audit_exports(tmp_path, tiny_checkpoint, intake_models, capsys):
     cfg = _config(tmp_path, tiny_checkpoint, intake_models["gradable"], intake_models["unsure_eye"])
     write_fundus(tmp_path / "inbox" / "P1_R.jpg", seed=1)
