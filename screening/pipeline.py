@@ -109,6 +109,12 @@ class BatchOutcome:
         elif isinstance(outcome, AdmittedPages):  # the pages that are not photos to grade are refused
             self.rejected += len(outcome.refused)
 
+    def wait_for_database(self, paths: list[Path]) -> None:
+        """``paths`` were not handled because the database could not be reached: tried again at the next sweep."""
+        self.no_database += len(paths)
+        self.retry.extend(paths)
+        self.waited_for_database.extend(paths)
+
     def count_reports(self, outcomes: list[ReportOutcome]) -> None:
         self.reports += written(outcomes)
         self.report_failures += failed_reports(outcomes)
@@ -215,9 +221,7 @@ class Worker:
                 if is_unreachable(exc):  # one line, not a traceback per file; the rest of the group waits too
                     log.warning("the database cannot be reached (%s); %d file(s) stay in the inbox and are tried again "
                                 "at the next sweep (every %.0f s)", exception_kind(exc), len(paths) - k, self.s.sweep_interval)
-                    out.no_database += len(paths) - k
-                    out.retry.extend(paths[k:])
-                    out.waited_for_database.extend(paths[k:])
+                    out.wait_for_database(paths[k:])
                     break
                 log.exception("intake of a file failed; it stays in the inbox and is tried again")
                 out.failed += 1
@@ -268,9 +272,7 @@ class Worker:
                 if not out.no_database:  # one line per group
                     log.warning("the database cannot be reached (%s) while storing results; their files stay in the "
                                 "inbox and are graded again at the next sweep", exception_kind(exc))
-                out.no_database += 1
-                out.retry.append(job.path)
-                out.waited_for_database.append(job.path)
+                out.wait_for_database([job.path])
                 return
             self._fail(job, exc, FailReason.STORING, out)
             return

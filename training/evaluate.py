@@ -267,7 +267,9 @@ def evaluate_checkpoint(
     metrics["plots"]["referable_reliability"] = RELIABILITY_PNG
     # what was evaluated: `dr-train export --test-metrics` stores only a test split's numbers of the same model
     metrics["evaluated"] = {"split": split, "model_version": meta["model_version"], "checkpoint": checkpoint.name,
-                            "checkpoint_sha256": file_sha256(checkpoint), "content_digest": content_digest(read_checkpoint(checkpoint)),
+                            # from what load_model read already: the file is neither hashed nor read again
+                            "checkpoint_sha256": meta["checkpoint_sha256"],
+                            "content_digest": content_digest({**meta, "model_state": model.state_dict()}),
                             "images": len(recs), "tta": tta}
     (out_dir / METRICS_FILE).write_text(json.dumps(metrics, indent=2, allow_nan=False) + "\n")
     seg = metrics.get("segmentation") or {}

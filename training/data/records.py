@@ -55,9 +55,9 @@ class Record:
 
 def fingerprints(records: Iterable[Record]) -> list[str]:
     """Short, sorted hashes of the records' source, folder and file name (``site1/001.jpg`` and ``site2/001.jpg``
-    differ): what a checkpoint keeps of the photos its run
-    trained and validated on, so that an evaluation can tell when its split holds any of them (the split is rebuilt
-    from the sources configured then; a source with more or fewer rows deals patients out differently). Hashed: a
-    clinic's own file names may hold patient ids, and a checkpoint is shipped."""
+    differ): what a checkpoint keeps of the photos its run trained and validated on, so that an evaluation can tell
+    when its split holds any of them (the split is rebuilt from the sources configured then; a source with more or
+    fewer rows deals patients out differently). Hashed: a clinic's own file names may hold patient ids, and a
+    checkpoint is shipped."""
     return sorted({hashlib.blake2b(f"{r.source}:{Path(r.image).parent.name}/{Path(r.image).name}".encode(),
                                    digest_size=6).hexdigest() for r in records})
