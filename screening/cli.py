@@ -315,6 +315,66 @@ def _render_reviewed(args: argparse.Namespace, settings: ScreeningSettings, fact
     return True
 
 
+def _image_eye(text: str) -> tuple[int, str]:
+    """IMAGE=EYE for ``review eye``: an image id and R or L."""
+    image, sep, eye = text.partition("=")
+    if not sep or not image.strip().isdigit():
+        raise argparse.ArgumentTypeError(f"{text!r}: write IMAGE=EYE, e.g. 12=L (image ids from `review show VISIT`)")
+    return int(image), _eye_code(eye)
+
+
+def cmd_review_eye(args: argparse.Namespace, settings: ScreeningSettings) -> int:
+    """``review eye``: a person who checked the labels sets (or confirms) photos' eyes, in one transaction under the
+    visits' report claims, so that a worker making a version of the visit finishes first and then makes another."""
+    import time
+
+    from sqlalchemy import select
+
+    from .claims import Claimer, make_holder
+    from .db import session_scope
+    from .db.models import ClaimKind, Image
+    from .review import ReviewError, load_visits
+    from .review.eyes import set_eyes
+    from .review.reviewed_report import CLAIM_WAIT_S
+
+    factory = _session_factory(settings)
+    with session_scope(factory) as session:
+        wanted = [image_id for image_id, _ in args.eyes]
+        exam_ids = sorted({e for e in session.scalars(select(Image.exam_id).where(Image.id.in_(wanted))) if e is not None})
+    claims = Claimer(factory, settings.site, settings.claim_lease_seconds, make_holder(f"{settings.site}-review"))
+    try:
+        deadline = time.monotonic() + CLAIM_WAIT_S
+        for exam_id in exam_ids:
+            while not claims.take(ClaimKind.VISIT, str(exam_id)):
+                if time.monotonic() > deadline:
+                    print(f"error: visit {exam_id}: a worker has been writing a version of its report for over "
+                          f"{CLAIM_WAIT_S:.0f} s; nothing was changed. Try again in a minute", file=sys.stderr)
+                    return 1
+                time.sleep(0.5)
+        try:
+            with session_scope(factory) as session:
+                for exam_id in exam_ids:
+                    claims.hold(session, ClaimKind.VISIT, str(exam_id))
+                done = set_eyes(session, args.eyes, args.reviewer, args.reason)
+        except ReviewError as exc:
+            print(f"error: {exc}; nothing was changed", file=sys.stderr)
+            return 1
+    finally:
+        claims.close()
+    for e in done:
+        what = "confirmed as" if not e.changed else f"set from {e.before} to"
+        print(f"image {e.image_id} (visit {e.exam_id}): eye {what} {e.after}")
+    with session_scope(factory) as session:
+        visits = load_visits(session, sorted({e.exam_id for e in done}), settings.eye_result, settings.ungradable_rule)
+    for v in visits:
+        print(f"visit {v.exam_id}: a new report version follows (a running worker makes it at its next sweep, within "
+              f"{settings.sweep_interval:g} s; with none running, `dr-screen run --once`)")
+        if v.current_review is not None and v.awaiting_review:
+            print(f"visit {v.exam_id}: its sign-off by {v.current_review.reviewer} was made before this, so the visit "
+                  "awaits review again (`dr-screen review list`)")
+    return 0
+
+
 def cmd_review_list(args: argparse.Namespace, settings: ScreeningSettings) -> int:
     from .db import session_scope
     from .review import review_queue
@@ -568,6 +628,13 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--dry-run", action="store_true", help="check everything and say what would be recorded; write nothing")
     sp.add_argument("--no-render", action="store_true", help="do not render the reviewed reports now (`review render` later)")
     sp.set_defaults(func=cmd_review_import)
+    sp = rsub.add_parser("eye", help="set (or confirm) photos' eyes after checking their labels (a laterality mismatch, "
+                                     "an identity conflict); their visits get a new report version")
+    sp.add_argument("eyes", type=_image_eye, nargs="+", metavar="IMAGE=EYE",
+                    help="an image id (from `review show VISIT`) and R or L, e.g. 12=L; give a swapped pair together")
+    sp.add_argument("--reviewer", required=True, help="the name of the person who checked the label (printed on the report)")
+    sp.add_argument("--reason", required=True, help="what the label was checked against, e.g. 'camera worklist'")
+    sp.set_defaults(func=cmd_review_eye)
     sp = rsub.add_parser("render", help="render reviewed reports that are missing (e.g. after a failed render)")
     sp.add_argument("visit", type=int, nargs="?", help="only this visit")
     sp.set_defaults(func=cmd_review_render)

@@ -14,7 +14,7 @@ from pathlib import Path
 from sqlalchemy.orm import Session
 
 from screening.db import repository as repo
-from screening.db.models import Image, ImageState, Result
+from screening.db.models import EyeSource, Image, ImageState, Result
 from screening.report import EyeFinding
 
 PHOTO_FILE = "photo.jpg"  # the display copy of the photo in its folder (screening.stages.store writes it)
@@ -23,6 +23,13 @@ _STORED = (ImageState.DONE, ImageState.REPORTED)
 
 def _path(value: str | None) -> Path | None:
     return Path(value) if value else None
+
+
+def label_in_doubt(image: Image) -> bool:
+    """Whether the report warns that the photo's eye label is in doubt: the intake's check found the photo showing
+    the other eye, and no person has set the eye since (``dr-screen review eye``: then the note says what they set
+    and what the photo showed, as information)."""
+    return bool(image.eye_mismatch) and image.eye_source != EyeSource.STAFF
 
 
 def _eye(image: Image) -> str:
@@ -42,7 +49,7 @@ def eye_finding(image: Image, result: Result) -> EyeFinding:
         dr_grade=result.dr_grade, dr_probs=result.dr_probs, dme_grade=result.dme_grade, dme_probs=result.dme_probs,
         referable_score=result.referable_score, referable=result.referable, lesion_areas=result.lesion_areas,
         mask_folder=folder if result.original_masks else None, eye_note=image.eye_note,
-        eye_mismatch=bool(image.eye_mismatch), check_models=dict(image.check_models or {}), device=image.device,
+        eye_mismatch=label_in_doubt(image), check_models=dict(image.check_models or {}), device=image.device,
     )
 
 
@@ -67,7 +74,7 @@ def ungradable_finding(image: Image) -> EyeFinding:
         eye="R" if eye == "R" else "L", source_name=image.source_name,
         photo_path=photo if photo is not None and photo.is_file() else None, overlay_path=None, dr_cam_path=None,
         dme_cam_path=None, dr_grade=None, dr_probs=None, dme_grade=None, dme_probs=None, referable_score=None,
-        referable=None, gradable=False, eye_note=image.eye_note, eye_mismatch=bool(image.eye_mismatch),
+        referable=None, gradable=False, eye_note=image.eye_note, eye_mismatch=label_in_doubt(image),
         ungradable_reasons=tuple(REASON_TEXT.get(r, r) for r in (image.quality_reasons or ["not assessed"])),
         check_models=dict(image.check_models or {}), device=image.device,
     )

@@ -69,6 +69,7 @@ class EyeSource(StrEnum):
     SIDECAR = "sidecar"  # the sidecar JSON
     DICOM = "dicom"  # a DICOM laterality tag (an Identity whose eye_from starts with "DICOM")
     IMAGE = "image"  # read from the photo (no eye stated; confident prediction)
+    STAFF = "staff"  # set by a person who checked the label (`dr-screen review eye`; images.eye_set_at)
 
 
 class ReviewOutcome(StrEnum):
@@ -203,6 +204,9 @@ class Image(Base):
     eye_confidence: Mapped[float | None] = mapped_column(Float)  # P(predicted_eye)
     eye_mismatch: Mapped[bool | None]  # the photo confidently shows the other eye than the stated one
     eye_note: Mapped[str | None] = mapped_column(Text)  # what the report says about the eye check, if anything
+    # when a person set or confirmed ``eye`` after checking the label (revision 0018_eye_set_by_staff; eye_source
+    # 'staff'): the visit then needs a new report version, and a sign-off from before it no longer covers the photo
+    eye_set_at: Mapped[datetime | None]
     # the models that made those checks, {"gradability": "<format> <sha256 prefix>", "laterality": ...} (revision
     # 0015_check_models; NULL before it)
     check_models: Mapped[dict[str, str] | None] = mapped_column(JSON)

@@ -290,6 +290,21 @@ def set_device(session: Session, image: Image, device: str | None) -> None:
     tallies.count_checks(session, before, tallies.checks_contribution(image, not_confirmed))
 
 
+def set_eye(session: Session, image: Image, eye: str, note: str, message: str, at: datetime) -> None:
+    """A person who checked the label set (or confirmed) ``image``'s eye: filed under ``eye`` from now on, with
+    ``note`` for the report, the time in ``eye_set_at`` and an ``eye_set`` event (``message``: what changed, by whom
+    and why). The intake's own checks stay as they were (``predicted_eye``, ``eye_confidence``, ``eye_mismatch``:
+    the audit counts the stated label the photo contradicted). A photo already in a report goes back to ``done``,
+    so its visit gets a new version (:func:`exams_needing_report` compares ``eye_set_at`` with the newest report)."""
+    image.eye = _check(eye, Eye, "eye")
+    image.eye_source = EyeSource.STAFF.value
+    image.eye_note = note
+    image.eye_set_at = at
+    if image.state == ImageState.REPORTED:
+        set_state(session, image, ImageState.DONE)
+    add_event(session, "eye_set", message, image=image, created_at=at)
+
+
 def record_checks(
     session: Session,
     image: Image,
@@ -503,8 +518,8 @@ def images_in_state(session: Session, states: str | Iterable[str]) -> list[Image
 def exams_needing_report(session: Session) -> list[Exam]:
     """Exams with at least one ``done`` image whose newest result is not covered by a report, i.e.
     there is no report created at or after the exam's latest result. An image judged ungradable has no result:
-    the time the store stage committed it (``stored_at``; ``updated_at`` for a row without one) stands for one.
-    Ordered by exam id."""
+    the time the store stage committed it (``stored_at``; ``updated_at`` for a row without one) stands for one, and a
+    photo whose eye a person set (``eye_set_at``) counts from then. Ordered by exam id."""
     results = (
         select(Image.exam_id.label("exam_id"), Result.created_at.label("at"))
         .join(Result, Result.image_id == Image.id)
@@ -513,7 +528,10 @@ def exams_needing_report(session: Session) -> list[Exam]:
     ungradable = select(Image.exam_id.label("exam_id"), func.coalesce(Image.stored_at, Image.updated_at).label("at")).where(
         Image.exam_id.is_not(None), Image.state == ImageState.DONE.value, Image.gradable.is_(False)
     )
-    stored = union_all(results, ungradable).subquery()
+    relabelled = select(Image.exam_id.label("exam_id"), Image.eye_set_at.label("at")).where(
+        Image.exam_id.is_not(None), Image.state == ImageState.DONE.value, Image.eye_set_at.is_not(None)
+    )
+    stored = union_all(results, ungradable, relabelled).subquery()
     latest_result = (
         select(stored.c.exam_id.label("exam_id"), func.max(stored.c.at).label("at")).group_by(stored.c.exam_id).subquery()
     )
@@ -556,6 +574,7 @@ __all__ = [
     "record_drop",
     "refused_pages",
     "set_device",
+    "set_eye",
     "set_state",
     "unfiled_drops",
 ]

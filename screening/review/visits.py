@@ -72,6 +72,13 @@ class VisitField:
     checkpoint_sha256: str | None
     graded_at: datetime  # when its result (or its ungradable verdict) was stored: when it joined the visit
     received_at: datetime  # when the photo arrived (the audit's date basis)
+    eye_set_at: datetime | None = None  # when a person set its eye (`dr-screen review eye`)
+
+    @property
+    def changed_at(self) -> datetime:
+        """When the photo last changed as a sign-off sees it: graded, or its eye set by a person since (a sign-off
+        before that answered for the eye it was filed under then)."""
+        return self.graded_at if self.eye_set_at is None else max(self.graded_at, self.eye_set_at)
 
     @property
     def model_label(self) -> str:
@@ -141,13 +148,24 @@ class Visit:
         return frozenset(f.image_id for f in self.fields)
 
     @property
+    def field_eyes(self) -> frozenset[tuple[int, str]]:
+        """Every graded photograph with the eye it is filed under (a person may set a photo's eye while a grader
+        has the visit open: :func:`check_unchanged`)."""
+        return frozenset((f.image_id, e.eye) for e in self.eyes for f in e.fields)
+
+    @property
+    def field_eye_keys(self) -> str:
+        """:attr:`field_eyes` as the review page's form sends them back: ``31R,32L``."""
+        return ",".join(f"{i}{eye}" for i, eye in sorted(self.field_eyes))
+
+    @property
     def awaiting_review(self) -> bool:
         """No sign-off yet, or one that does not cover the visit as it is now: an eye it did not answer for, or
-        a photograph graded after it was recorded (a new field, a second eye)."""
+        a photograph graded after it was recorded (a new field, a second eye) or whose eye a person set since."""
         r = self.current_review
         if r is None or {e.eye for e in r.eyes} != {e.eye for e in self.eyes}:
             return True
-        return any(f.graded_at > r.created_at for f in self.fields)
+        return any(f.changed_at > r.created_at for f in self.fields)
 
     @property
     def reopened(self) -> Review | None:
@@ -158,9 +176,9 @@ class Visit:
 
     @property
     def new_since_review(self) -> tuple[VisitField, ...]:
-        """The photographs graded after the current sign-off (none when there is no sign-off)."""
+        """The photographs graded, or whose eye was set, after the current sign-off (none when there is none)."""
         r = self.current_review
-        return () if r is None else tuple(f for f in self.fields if f.graded_at > r.created_at)
+        return () if r is None else tuple(f for f in self.fields if f.changed_at > r.created_at)
 
     @property
     def queue_level(self) -> str:
@@ -183,7 +201,7 @@ class Visit:
         """Since when the visit could be reviewed: its first report, else its first graded photo; a reopened visit
         since the first photograph graded after its sign-off (it waits from then, not from its first draft)."""
         if self.reopened is not None and (new := self.new_since_review):
-            return min(f.graded_at for f in new)
+            return min(f.changed_at for f in new)
         return self.first_report_at or min(f.graded_at for f in self.fields)
 
     @property
@@ -218,10 +236,10 @@ def _field(g: rrepo.GradedField) -> VisitField:
     if g.result is not None:
         return VisitField(image_id=g.image.id, source_name=g.image.source_name, finding=finding,
                           model_version=g.result.model_version, checkpoint_sha256=g.result.checkpoint_sha256,
-                          graded_at=g.result.created_at, received_at=g.image.received_at)
+                          graded_at=g.result.created_at, received_at=g.image.received_at, eye_set_at=g.image.eye_set_at)
     return VisitField(image_id=g.image.id, source_name=g.image.source_name, finding=finding, model_version=None,
                       checkpoint_sha256=None, graded_at=g.image.stored_at or g.image.updated_at,
-                      received_at=g.image.received_at)
+                      received_at=g.image.received_at, eye_set_at=g.image.eye_set_at)
 
 
 def load_visits(session: Session, exam_ids: Iterable[int] | None = None, rule: EyeResultRule = "worst",
@@ -328,11 +346,17 @@ def clean_text(value: str | None, what: str, max_chars: int, *, required: bool, 
 _UNSET: object = object()
 
 
-def check_unchanged(visit: Visit, seen_fields: Collection[int] | None) -> None:
+def check_unchanged(visit: Visit, seen_fields: Collection[int] | None,
+                    seen_eyes: Collection[tuple[int, str]] | None = None) -> None:
     """Refuse a sign-off of ``visit`` made from a page that showed other photographs (``seen_fields``; None: not
-    known) than the visit has now: a new photo was graded while it was open."""
+    known) than the visit has now: a new photo was graded while it was open; or the same photographs under other
+    eyes (``seen_eyes``, image id and eye; None: not known): a person set a photo's eye while it was open, and the
+    grader's answer for one eye would land on another photo."""
     if seen_fields is not None and frozenset(seen_fields) != visit.field_ids:
         raise ReviewError(f"visit {visit.exam_id} changed while it was open: a new photo was graded. Look at it, then "
+                          "sign off again")
+    if seen_eyes is not None and frozenset(seen_eyes) != visit.field_eyes:
+        raise ReviewError(f"visit {visit.exam_id} changed while it was open: a photo's eye was set. Look at it, then "
                           "sign off again")
 
 
@@ -348,6 +372,7 @@ def sign_off(
     user: ReviewUser | None = None,
     reviewed_at: datetime | None = None,
     seen_fields: Collection[int] | None = None,
+    seen_eyes: Collection[tuple[int, str]] | None = None,
     seen_review_id: int | None | object = _UNSET,
     rule: EyeResultRule = "worst",
     ungradable_rule: UngradableRule = "recall",
@@ -360,9 +385,9 @@ def sign_off(
     :data:`GRADER_REFERRALS`, or None for the one the answers imply (:func:`referral_from_answers`); a
     referral less urgent than the grader's own grades imply is refused, and so is one less urgent than the referral to
     ophthalmology of the sign-off a new photograph reopened (:attr:`Visit.reopened`) unless the referral is chosen
-    and a comment says why (a sign-off's "ungradable: recall" is what the new photograph answers: not kept). ``seen_fields`` and ``seen_review_id``
-    (the review page sends them) refuse a sign-off of a visit that changed since the grader opened it: a new
-    photo, or someone else's sign-off. Flushes, never commits.
+    and a comment says why (a sign-off's "ungradable: recall" is what the new photograph answers: not kept). ``seen_fields``, ``seen_eyes`` and
+    ``seen_review_id`` (the review page sends them) refuse a sign-off of a visit that changed since the grader
+    opened it: a new photo, a photo's eye set, or someone else's sign-off. Flushes, never commits.
     """
     visit = load_visit(session, exam_id, rule, ungradable_rule)
     name = clean_text(reviewer, "the reviewer's name", REVIEWER_MAX_CHARS, required=True, column="reviewer")
@@ -372,7 +397,7 @@ def sign_off(
         source = ReviewSource(source).value
     except ValueError:
         raise ReviewError(f"unknown review source {source!r}; expected one of {[s.value for s in ReviewSource]}") from None
-    check_unchanged(visit, seen_fields)
+    check_unchanged(visit, seen_fields, seen_eyes)
     current = visit.current_review
     if seen_review_id is not _UNSET and seen_review_id != (current.id if current else None):
         who = f"{current.reviewer} ({current.reviewed_at:%Y-%m-%d %H:%M} UTC)" if current else "nobody"

@@ -117,7 +117,9 @@ def conflict_with(image: Image, identity: Identity | None) -> str | None:
                 "record of the wrong one")
     if image.eye is not None and identity.eye is not None and image.eye != identity.eye:
         return (f"the same bytes as this patient's {_EYE_NAMES.get(image.eye, image.eye)} eye photo (image {image.id}), "
-                f"but named as the {_EYE_NAMES[identity.eye]} eye. This copy was not graded: check which eye it is")
+                f"but named as the {_EYE_NAMES[identity.eye]} eye. This copy was not graded: check which eye it is; if the "
+                f"recorded one is wrong, `dr-screen review eye {image.id}={identity.eye} --reviewer NAME --reason TEXT` "
+                "sets it")
     return None
 
 

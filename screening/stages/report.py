@@ -201,8 +201,8 @@ class ReportStage:
         signed = (f"This visit was signed off by {review.reviewer} on {review.reviewed_at.astimezone():%Y-%m-%d}{which}, "
                   f"recommending '{REFERRAL_LEVELS[review.referral].text}'")
         if reopened:
-            return (f"{signed}. Photographs were added after that sign-off, so this version shows the model's findings "
-                    "only and awaits review again.")
+            return (f"{signed}. Photographs were added, or a photo's eye was set, after that sign-off, so this version "
+                    "shows the model's findings only and awaits review again.")
         return f"{signed}; its answers are on {'the reviewed' if reviewed is None else 'that'} version."
 
     # ---------------------------------------------------------------------------------- rendering

@@ -126,12 +126,19 @@ def _check_untouched(form: Any, visit: Visit) -> None:
                           "press 'Sign off with my answers' to record your answers, or put them back")
 
 
-def _seen(form: Any) -> tuple[set[int] | None, int | None]:
-    """The visit's photographs and sign-off as they were when the grader opened the page (hidden fields)."""
+def _seen(form: Any) -> tuple[set[int] | None, set[tuple[int, str]] | None, int | None]:
+    """The visit's photographs, their eyes and its sign-off as they were when the grader opened the page (hidden
+    fields; ``seen_eyes`` reads ``31R,32L``)."""
     try:
         fields = form.get("seen_fields")
+        eyes = form.get("seen_eyes")
         raw = form.get("seen_review", "")
-        return ({int(i) for i in fields.split(",")} if fields is not None else None), (int(raw) if raw else None)
+        seen_eyes = None
+        if eyes is not None:
+            seen_eyes = {(int(k[:-1]), k[-1]) for k in eyes.split(",") if k}
+            if any(eye not in ("R", "L") for _, eye in seen_eyes):
+                raise ValueError(eyes)
+        return ({int(i) for i in fields.split(",")} if fields is not None else None), seen_eyes, (int(raw) if raw else None)
     except ValueError:
         raise ReviewError("the form is damaged; reload the visit and sign off again") from None
 
@@ -348,8 +355,8 @@ def create_app(
         try:
             with session_scope(factory) as s:
                 visit = load_visit(s, exam_id, rule, ungradable)
-                fields, review_id = _seen(form)
-                check_unchanged(visit, fields)  # before the answers: a form without the new eye's fields is stale
+                fields, eyes, review_id = _seen(form)
+                check_unchanged(visit, fields, eyes)  # before the answers: a form without the new eye's fields is stale
                 user = s.get(ReviewUser, g.user_id) if g.user_id is not None else None
                 if confirm:
                     _check_untouched(form, visit)
@@ -357,7 +364,7 @@ def create_app(
                     s, exam_id, reviewer=reviewer, source=ReviewSource.WEB.value, user=user,
                     answers=None if confirm else _parse_answers(form, visit),
                     referral=(form.get("referral") or None) if not confirm else None,
-                    comment=form.get("comment"), seen_fields=fields, seen_review_id=review_id, rule=rule,
+                    comment=form.get("comment"), seen_fields=fields, seen_eyes=eyes, seen_review_id=review_id, rule=rule,
                     ungradable_rule=ungradable,
                 )
                 outcome, review_id = review.outcome, review.id

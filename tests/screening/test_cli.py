@@ -437,3 +437,36 @@ def test_audit_arguments_are_checked_before_the_audit_is_computed(tmp_path, fact
     assert rc == 0 and "CSV written to" in out
     rc, out, err = audit("--from", "2999-01-01")
     assert rc == 0 and "is after today" in err and "no file can have arrived" in err
+
+
+def test_staff_swap_a_visits_eyes_and_the_worker_makes_a_new_version_saying_so(tmp_path, tiny_checkpoint, capsys):
+    """A laterality mismatch says "check the label"; `review eye` records the answer (a swapped pair in one command)
+    and the next version of the visit's report shows it."""
+    from pypdf import PdfReader
+
+    cfg = _config(tmp_path, tiny_checkpoint)
+    for name, seed in (("P1_R.jpg", 1), ("P1_L.jpg", 2)):
+        write_fundus(tmp_path / "inbox" / name, seed=seed)
+    assert cli.main(["--config", str(cfg), "run", "--once"]) == 0
+    capsys.readouterr()
+    run = lambda *argv: (cli.main(["--config", str(cfg), *argv]), *capsys.readouterr())  # noqa: E731
+    rc, out, _ = run("review", "show", "1")
+    ids = {m[1]: int(m[0]) for m in re.findall(r"image (\d+), (P1_[RL]\.jpg)", out)}
+    right, left = ids["P1_R.jpg"], ids["P1_L.jpg"]
+
+    rc, out, err = run("review", "eye", f"{right}=L", f"{left}=OD", "--reviewer", "Ann Lee", "--reason", "camera worklist")
+    assert rc == 0, err
+    assert f"image {right} (visit 1): eye set from R to L" in out and f"image {left} (visit 1): eye set from L to R" in out
+    assert "visit 1: a new report version follows" in out
+    assert cli.main(["--config", str(cfg), "run", "--once"]) == 0
+    (folder,) = {p.parent for p in (tmp_path / "reports").rglob("report_v2.pdf")}
+    text = " ".join(p.extract_text() for p in PdfReader(folder / "report_v2.pdf").pages).replace("\n", " ")
+    assert "Eye set to the left eye by Ann Lee" in text and "camera worklist" in text
+    rc, out, _ = run("review", "show", "1")
+    assert f"Left eye field 1 of 1: image {right}, P1_R.jpg" in out  # filed under the eye set
+
+    rc, out, err = run("review", "eye", f"{right}=L", "--reviewer", "Ann Lee", "--reason", "again")
+    assert rc == 1 and f"image {right} is already filed as the left eye" in err and "nothing was changed" in err
+    with pytest.raises(SystemExit):
+        run("review", "eye", str(right), "--reviewer", "Ann Lee", "--reason", "x")
+    assert "write IMAGE=EYE" in capsys.readouterr().err

@@ -45,7 +45,8 @@ def _below(revision: str) -> str:
 # claims (issue 15, whose branch was merged after those)
 ORDER = ["0001", "0002", "0007_device_original_masks", "0014_reviews", "0006_hardening", "0005_gradability_laterality",
          "0009_pages", "0010_db_identity", "0003_audit_columns_indexes", "0008_claims_sites", "0011_audit_tallies",
-         "0015_check_models", "0016_report_referral_level", "0017_logout_ends_sessions"]
+         "0015_check_models", "0016_report_referral_level", "0017_logout_ends_sessions",
+         "0018_eye_set_by_staff"]
 
 
 def test_one_linear_chain_with_the_review_and_audit_revisions_in_order():

@@ -333,6 +333,31 @@ def test_access_log_has_ids_but_no_patient_ids(worked, caplog):
     assert not [m for m in messages if re.search(r"\bP[12]\b", m)], messages
 
 
+def test_a_page_opened_before_a_photos_eye_was_set_cannot_sign_off(worked):
+    """`review eye` swaps a visit's photos while a grader has it open: the grader's answer for the right eye would
+    land on the other photo, so the sign-off is refused (409) as for a new photo; the reloaded page signs off."""
+    from screening.review.eyes import set_eyes
+
+    client = _app(worked).test_client()
+    exam_id = worked.exams["P1"]
+    form = _form(client.get(f"/visits/{exam_id}").get_data(as_text=True))
+    seen = dict((int(k[:-1]), k[-1]) for k in form["seen_eyes"].split(","))
+    assert sorted(seen.values()) == ["L", "R"]
+    resp = client.post(f"/visits/{exam_id}/confirm", data={**form, "seen_eyes": "1X", "reviewer": "Dr Local"})
+    assert resp.status_code == 400 and "the form is damaged" in resp.get_data(as_text=True)
+    with session_scope(worked.factory) as s:
+        set_eyes(s, [(i, "L" if eye == "R" else "R") for i, eye in seen.items()], "A. Clerk", "worklist")
+    resp = client.post(f"/visits/{exam_id}/confirm", data={**form, "reviewer": "Dr Local"})
+    assert resp.status_code == 409 and "a photo&#39;s eye was set" in resp.get_data(as_text=True)
+    with session_scope(worked.factory) as s:
+        assert rrepo.current_review(s, exam_id) is None
+    fresh = _form(client.get(f"/visits/{exam_id}").get_data(as_text=True))
+    assert client.post(f"/visits/{exam_id}/confirm", data={**fresh, "reviewer": "Dr Local"}).status_code == 302
+    with session_scope(worked.factory) as s:
+        review = rrepo.current_review(s, exam_id)
+        assert {(e.image_id, e.eye) for e in review.eyes} == {(i, "L" if eye == "R" else "R") for i, eye in seen.items()}
+
+
 def test_an_eye_with_two_fields_shows_both_and_is_signed_off_once(settings_db):
     from datetime import date
 

@@ -1,0 +1,113 @@
+"""A person sets a photo's eye after checking its label: the answer to a laterality mismatch or an identity conflict.
+
+Why: the intake never changes a stated eye (a label the photo contradicts is flagged, "check the label"), and a copy
+of the photo named with the other eye is refused as an identity conflict. Without this, the answer to "check the
+label" had nowhere to go. :func:`set_eyes` records it: the photo is filed under the eye given, the report's note
+says who set it, when, why, what was stated and what the photo showed (information, no longer a warning), and an
+``eye_set`` event keeps the trail. The intake's own findings stay as they were, for the audit.
+
+Several photos are set in one transaction, so that swapping a visit's two eyes never leaves a version with both
+photos under one eye. The visit then gets a new report version from the worker; a sign-off made before is no longer
+taken to cover the photo (:attr:`screening.review.visits.Visit.awaiting_review`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime
+
+from sqlalchemy.orm import Session
+
+from screening.db import repository as repo
+from screening.db.models import Image, ImageState, utcnow
+from screening.report import EYE_NAMES
+from screening.review.visits import REVIEWER_MAX_CHARS, ReviewError, clean_text
+
+REASON_MAX_CHARS = 500
+_SOURCE_WORDS = {"name": "the file name", "sidecar": "the sidecar", "dicom": "the DICOM laterality tag",
+                 "image": "the photo itself (no eye was stated)", "staff": "a person"}
+
+
+@dataclass(frozen=True)
+class EyeSet:
+    """One photo's eye as set: the visit it belongs to, the eye before and after, and the report's note."""
+
+    image_id: int
+    exam_id: int
+    before: str
+    after: str
+    note: str
+
+    @property
+    def changed(self) -> bool:
+        return self.before != self.after
+
+
+def _photo_reading(image: Image) -> str:
+    if image.predicted_eye not in EYE_NAMES or image.eye_confidence is None:
+        return "the photo was not read for its eye"
+    return (f"the photo reads as the {EYE_NAMES[image.predicted_eye].lower()} "
+            f"({image.eye_confidence:.0%} sure)")
+
+
+def _storable(image: Image | None, image_id: int) -> Image:
+    """The image, if it is a photo stored in a visit; else why not, and what to do."""
+    if image is None:
+        raise ReviewError(f"there is no image {image_id}: `dr-screen review show VISIT` lists a visit's images")
+    if image.state == ImageState.RECEIVED:
+        raise ReviewError(f"image {image_id} is still being graded; set its eye once its report is out")
+    if image.state in (ImageState.REJECTED, ImageState.FAILED) or image.exam_id is None:
+        raise ReviewError(f"image {image_id} is not in a visit (it was {image.state}: {image.error_code or 'no code'}); "
+                          "drop the file into the inbox again, named with the right eye")
+    if image.result is None and image.gradable is not False:
+        raise ReviewError(f"image {image_id} has no stored result or gradability verdict, so no report shows it")
+    return image
+
+
+def set_eyes(session: Session, eyes: Sequence[tuple[int, str]], reviewer: str, reason: str,
+             now: datetime | None = None) -> list[EyeSet]:
+    """Set each ``(image id, eye)`` of ``eyes`` (eye ``R`` or ``L``) as checked by ``reviewer`` for ``reason``, in
+    the caller's transaction (nothing is committed here). All or none: a problem with any photo raises
+    :class:`ReviewError` naming it before anything changes. An eye equal to the filed one is a confirmation (the
+    warning goes, the note says who confirmed it); one already set by a person to that eye is refused (nothing
+    to do)."""
+    name = clean_text(reviewer, "the name of the person who checked the label", REVIEWER_MAX_CHARS, required=True)
+    why = clean_text(reason, "the reason (what the label was checked against)", REASON_MAX_CHARS, required=True)
+    assert name is not None and why is not None
+    if not eyes:
+        raise ReviewError("no photo given: write IMAGE=EYE, e.g. 12=L (`dr-screen review show VISIT` lists image ids)")
+    seen: set[int] = set()
+    images: list[tuple[Image, str]] = []
+    for image_id, eye in eyes:
+        if image_id in seen:
+            raise ReviewError(f"image {image_id} is given twice; give each photo once")
+        seen.add(image_id)
+        if eye not in EYE_NAMES:
+            raise ReviewError(f"image {image_id}: {eye!r} is not an eye; write R or L")
+        image = _storable(session.get(Image, image_id), image_id)
+        if image.eye == eye and image.eye_source == "staff":
+            raise ReviewError(f"image {image_id} is already filed as the {EYE_NAMES[eye].lower()}, set by a person; "
+                              "nothing to change")
+        images.append((image, eye))
+    at = now or utcnow()
+    day = at.astimezone().strftime("%Y-%m-%d")
+    out: list[EyeSet] = []
+    for image, eye in images:
+        before = image.eye or "?"
+        stated = f"{EYE_NAMES.get(before, 'no eye').lower()} from {_SOURCE_WORDS.get(image.eye_source or '', 'unknown')}"
+        if before == eye:
+            note = (f"Eye confirmed as the {EYE_NAMES[eye].lower()} by {name} on {day} ({why}); "
+                    f"{_photo_reading(image)}.")
+            message = f"eye {eye} confirmed by {name}: {why}"
+        else:
+            note = (f"Eye set to the {EYE_NAMES[eye].lower()} by {name} on {day} ({why}); it was filed as the "
+                    f"{stated}, and {_photo_reading(image)}.")
+            message = f"eye {before} -> {eye} by {name}: {why}"
+        assert image.exam_id is not None
+        repo.set_eye(session, image, eye, note, message, at)
+        out.append(EyeSet(image.id, image.exam_id, before, eye, note))
+    return out
+
+
+__all__ = ["REASON_MAX_CHARS", "EyeSet", "set_eyes"]

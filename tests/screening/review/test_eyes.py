@@ -1,0 +1,107 @@
+"""A person sets a photo's eye after checking its label (seeded visits, no files)."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+import pytest
+from sqlalchemy import select
+
+from screening.db import repository as repo
+from screening.db import session_scope
+from screening.db.models import Event, Image
+from screening.findings import stored_finding
+from screening.review import ReviewError, load_visit, sign_off
+from screening.review.eyes import set_eyes
+
+from .conftest import at, seed_visit
+
+
+def _mislabelled_visit(s):
+    """P1: the right-eye photo shows the left eye (the intake flagged it), and the left-eye photo the right one."""
+    exam = seed_visit(s, "P1", {"R": (2, 0, True), "L": (0, 0, False)}, report_at=at(60))
+    right, left = exam.images
+    for image, shows in ((right, "L"), (left, "R")):
+        repo.record_checks(s, image, gradable=True, reasons=[], scores={}, eye_source="name", predicted_eye=shows,
+                           eye_confidence=0.97, eye_mismatch=True, eye_note="Laterality mismatch: check the label.")
+        repo.set_state(s, image, "reported")
+    return exam.id, right.id, left.id
+
+
+def test_a_swapped_pair_is_set_together_the_warning_goes_and_the_visit_needs_a_new_version(factory):
+    with session_scope(factory) as s:
+        exam_id, right, left = _mislabelled_visit(s)
+        assert [e.id for e in repo.exams_needing_report(s)] == []  # its report covers both photos
+        assert load_visit(s, exam_id).cautions  # the label in doubt
+    with session_scope(factory) as s:
+        done = set_eyes(s, [(right, "L"), (left, "R")], " Ann Lee ", "camera worklist", now=at(120))
+        assert [(e.image_id, e.before, e.after, e.changed) for e in done] == [(right, "R", "L", True), (left, "L", "R", True)]
+    with session_scope(factory) as s:
+        a, b = s.get(Image, right), s.get(Image, left)
+        assert (a.eye, b.eye) == ("L", "R") and a.eye_source == b.eye_source == "staff"
+        assert a.state == b.state == "done" and a.eye_set_at == at(120)
+        assert a.eye_mismatch  # the intake's finding stays, for the audit
+        assert a.eye_note.startswith("Eye set to the left eye by Ann Lee on ") and "(camera worklist)" in a.eye_note
+        assert "filed as the right eye from the file name" in a.eye_note and "reads as the left eye (97% sure)" in a.eye_note
+        finding = stored_finding(a, a.result)
+        assert finding is not None and not finding.eye_mismatch and finding.eye_note == a.eye_note  # information now
+        assert [e.id for e in repo.exams_needing_report(s)] == [exam_id]
+        visit = load_visit(s, exam_id)
+        assert not visit.cautions and visit.eye("L").image_id == right
+        trail = s.scalars(select(Event.message).where(Event.kind == "eye_set").order_by(Event.id)).all()
+        assert trail == ["eye R -> L by Ann Lee: camera worklist", "eye L -> R by Ann Lee: camera worklist"]
+        repo.add_report(s, s.get(Image, right).exam, "reports/P1/v2.pdf", "v1", created_at=at(130))
+        assert repo.exams_needing_report(s) == []  # a version made after the change covers it
+
+
+def test_a_confirmed_eye_keeps_its_eye_and_loses_the_warning(factory):
+    with session_scope(factory) as s:
+        exam_id, right, _ = _mislabelled_visit(s)
+        (done,) = set_eyes(s, [(right, "R")], "Ann Lee", "checked the camera's worklist", now=at(120))
+        assert (done.before, done.after, done.changed) == ("R", "R", False)
+        image = s.get(Image, right)
+        assert image.eye == "R" and image.eye_note.startswith("Eye confirmed as the right eye by Ann Lee")
+        assert not stored_finding(image, image.result).eye_mismatch
+        with pytest.raises(ReviewError, match=f"image {right} is already filed as the right eye, set by a person"):
+            set_eyes(s, [(right, "R")], "Ann Lee", "again")
+
+
+def test_a_sign_off_made_before_the_eye_was_set_no_longer_covers_the_visit(factory):
+    with session_scope(factory) as s:
+        exam_id, right, left = _mislabelled_visit(s)
+        review = sign_off(s, exam_id, reviewer="Dr Grey", source="cli")
+        assert not load_visit(s, exam_id).awaiting_review
+    with session_scope(factory) as s:
+        set_eyes(s, [(right, "L"), (left, "R")], "Ann Lee", "worklist", now=review.created_at + timedelta(minutes=5))
+    with session_scope(factory) as s:
+        visit = load_visit(s, exam_id)
+        assert visit.awaiting_review and visit.reopened is not None
+        assert {f.image_id for f in visit.new_since_review} == {right, left}
+        assert visit.ready_at == review.created_at + timedelta(minutes=5)
+
+
+def test_refusals_name_the_photo_and_change_nothing(factory):
+    with session_scope(factory) as s:
+        exam_id, right, left = _mislabelled_visit(s)
+        refused = repo.add_image(s, sha256="f" * 64, source_name="P9.jpg", exam=None, eye=None)
+        repo.set_state(s, refused, "rejected", "no eye in the name", code="identity")
+        waiting = repo.add_image(s, sha256="e" * 64, source_name="P1_R2.jpg", exam=s.get(Image, right).exam, eye="R")
+        ids = (refused.id, waiting.id)
+    cases = [
+        ([(999, "L")], "there is no image 999"),
+        ([(ids[0], "L")], f"image {ids[0]} is not in a visit (it was rejected: identity); drop the file"),
+        ([(ids[1], "L")], f"image {ids[1]} is still being graded"),
+        ([(right, "L"), (right, "R")], f"image {right} is given twice"),
+        ([(right, "L"), (999, "R")], "there is no image 999"),  # all or none: the first photo is not set either
+        ([], "no photo given"),
+    ]
+    for eyes, message in cases:
+        with session_scope(factory) as s, pytest.raises(ReviewError, match=message.replace("(", r"\(").replace(")", r"\)")):
+            set_eyes(s, eyes, "Ann Lee", "worklist")
+    for reviewer, reason, message in (("", "worklist", "name of the person"), ("Ann", " ", "the reason"),
+                                      ("Ann\x1b[31m", "worklist", "control characters")):
+        with session_scope(factory) as s, pytest.raises(ReviewError, match=message):
+            set_eyes(s, [(right, "L")], reviewer, reason)
+    with session_scope(factory) as s:
+        assert [s.get(Image, i).eye for i in (right, left)] == ["R", "L"]
+        assert s.scalars(select(Event).where(Event.kind == "eye_set")).all() == []
