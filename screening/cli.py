@@ -18,6 +18,7 @@ from .runtime import apply_worker_env
 apply_worker_env()  # before torch is imported below (see screening/runtime.py)
 
 from training.api import ConfigError  # noqa: E402  (torch-free: CheckpointError is caught lazily, see main)
+from training.common import also_after_subcommands  # noqa: E402
 
 from .config import ScreeningSettings, load_screening_settings  # noqa: E402
 from .logs import configure  # noqa: E402
@@ -663,6 +664,7 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("username")
     usub.add_parser("list", help="user names, display names, active or not")
     us.set_defaults(func=cmd_user)
+    also_after_subcommands(p, "--config")  # `dr-screen audit --config site.toml` as well as before the subcommand
     return p
 
 

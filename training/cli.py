@@ -9,6 +9,7 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
+from training.common import also_after_subcommands
 from training.config import ConfigError, TrainingConfig, load_training_config
 
 OPTION_OF = {"image_size": "--image-size", "backbone": "--backbone", "epochs": "--epochs", "batch_size": "--batch-size",
@@ -280,6 +281,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--work", default=".cache/demo")
     sp.add_argument("--minutes", type=float, default=3.0)
     sp.set_defaults(func=cmd_demo)
+    also_after_subcommands(p, "--config")  # `dr-train evaluate --config other.toml` too
     return p
 
 

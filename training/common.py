@@ -10,6 +10,7 @@ so the renderer process (which must stay free of torch and numpy) can use it too
 
 from __future__ import annotations
 
+import argparse
 import hashlib
 import os
 import re
@@ -30,7 +31,7 @@ from training.labels import (
 
 __all__ = [
     "DME_GRADES", "DR_GRADES", "FUNDUS_THRESHOLD", "LESIONS", "LESION_CODES", "LESION_KEYS", "LESION_NAMES",
-    "MAX_ID_LENGTH", "PATHOLOGY_CODES", "atomic_write", "atomic_write_bytes", "atomic_write_dir", "atomic_write_text",
+    "MAX_ID_LENGTH", "PATHOLOGY_CODES", "also_after_subcommands", "atomic_write", "atomic_write_bytes", "atomic_write_dir", "atomic_write_text",
     "fsync_dir", "is_safe_id", "safe_file_name", "safe_id", "sha256_file",
 ]
 
@@ -42,6 +43,25 @@ the black surround of a fundus photo stays below it. Used to crop, to mask the c
 the lesion areas, and to tell a fundus photo from other pictures (``training.data.transforms.fundus_mask``)."""
 
 # ---------------------------------------------------------------------------------------------- hashing
+
+
+def also_after_subcommands(parser: argparse.ArgumentParser, *flags: str) -> None:
+    """Let the top-level options ``flags`` that take a value (e.g. ``--config``) be written after the subcommand too, as in
+    ``dr-screen audit --config site.toml``: argparse takes a parser's options only before its subcommand, and the
+    error it gave ("unrecognized arguments") read as if the option did not exist. Each subcommand, at every depth,
+    gets a copy whose default is SUPPRESS, so the value given before the subcommand, or the default, stands unless
+    given again after it. Call it once the subcommands are all added."""
+    originals = [a for a in parser._actions if any(f in a.option_strings for f in flags)]
+    pending = [parser]
+    while pending:
+        for action in pending.pop()._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                for sub in action.choices.values():
+                    for original in originals:
+                        text = (original.help or "").replace("%(default)s", str(original.default))
+                        sub.add_argument(*original.option_strings, dest=original.dest, default=argparse.SUPPRESS,
+                                         help=text or None, metavar=original.metavar)
+                    pending.append(sub)
 
 
 def sha256_file(path: str | os.PathLike[str], chunk: int = 1 << 20) -> str:

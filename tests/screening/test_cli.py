@@ -470,3 +470,14 @@ def test_staff_swap_a_visits_eyes_and_the_worker_makes_a_new_version_saying_so(t
     with pytest.raises(SystemExit):
         run("review", "eye", str(right), "--reviewer", "Ann Lee", "--reason", "x")
     assert "write IMAGE=EYE" in capsys.readouterr().err
+
+
+def test_config_may_follow_the_subcommand(tmp_path, tiny_checkpoint, capsys):
+    """`dr-screen review list --config site.toml` was "unrecognized arguments" (a newcomer's check)."""
+    cfg = _config(tmp_path, tiny_checkpoint)
+    assert cli.main(["--config", str(cfg), "init-db"]) == 0
+    capsys.readouterr()
+    assert cli.main(["review", "list", "--config", str(cfg)]) == 0
+    assert "No visits await review." in capsys.readouterr().out
+    assert cli.main(["audit", "--config", str(tmp_path / "missing.toml")]) == 2
+    assert "missing.toml" in capsys.readouterr().err

@@ -201,3 +201,27 @@ def test_fundus_mask_is_the_one_threshold():
     mask = fundus_mask(image)
     assert mask.dtype == bool and mask.sum() == 40 * 20 and not mask[:5, :5].any()
     assert fundus_bbox(image) == (10, 50, 20, 40)
+
+
+def test_a_top_level_option_may_follow_the_subcommand_at_any_depth_and_the_last_one_given_stands():
+    import argparse
+
+    from training.cli import build_parser
+    from training.common import also_after_subcommands
+
+    p = argparse.ArgumentParser(prog="tool")
+    p.add_argument("--config", default="config.toml", help="settings file (default: %(default)s)")
+    sub = p.add_subparsers(dest="command", required=True)
+    sub.add_parser("audit").add_argument("--json")
+    group = sub.add_parser("review").add_subparsers(dest="review_command", required=True)
+    group.add_parser("list")
+    with pytest.raises(SystemExit):  # argparse alone: "unrecognized arguments"
+        p.parse_args(["review", "list", "--config", "a.toml"])
+    also_after_subcommands(p, "--config")
+    assert p.parse_args(["audit"]).config == "config.toml"  # the default stands
+    assert p.parse_args(["--config", "a.toml", "audit"]).config == "a.toml"
+    assert p.parse_args(["audit", "--config", "b.toml", "--json", "x"]).config == "b.toml"
+    assert p.parse_args(["review", "list", "--config", "c.toml"]).config == "c.toml"
+    assert p.parse_args(["--config", "a.toml", "review", "list", "--config", "c.toml"]).config == "c.toml"
+    assert "(default: config.toml)" in sub.choices["audit"].format_help()  # not "==SUPPRESS=="
+    assert build_parser().parse_args(["evaluate", "--checkpoint", "m.pt", "--config", "t.toml"]).config == "t.toml"
