@@ -365,6 +365,10 @@ def cmd_review_eye(args: argparse.Namespace, settings: ScreeningSettings) -> int
     for e in done:
         what = "confirmed as" if not e.changed else f"set from {e.before} to"
         print(f"image {e.image_id} (visit {e.exam_id}): eye {what} {e.after}")
+        if e.contradicted:
+            print(f"warning: image {e.image_id}: the photo reads as the {'right' if e.photo_reads == 'R' else 'left'} "
+                  f"eye ({e.photo_confidence:.0%} sure), not the one set; check the image id (`dr-screen review show "
+                  f"{e.exam_id}`) and the label. Run the command again with the other eye if it was a slip")
     with session_scope(factory) as session:
         visits = load_visits(session, sorted({e.exam_id for e in done}), settings.eye_result, settings.ungradable_rule)
     for v in visits:

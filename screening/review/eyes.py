@@ -38,6 +38,14 @@ class EyeSet:
     before: str
     after: str
     note: str
+    photo_reads: str | None = None  # the eye the laterality check read from the photo, where it read one
+    photo_confidence: float | None = None
+
+    @property
+    def contradicted(self) -> bool:
+        """The photo reads as the other eye than the one set (a mistyped image id, or a photo the check misread):
+        the command says so, so that the person looks again."""
+        return self.photo_reads is not None and self.photo_reads != self.after
 
     @property
     def changed(self) -> bool:
@@ -106,7 +114,8 @@ def set_eyes(session: Session, eyes: Sequence[tuple[int, str]], reviewer: str, r
             message = f"eye {before} -> {eye} by {name}: {why}"
         assert image.exam_id is not None
         repo.set_eye(session, image, eye, note, message, at)
-        out.append(EyeSet(image.id, image.exam_id, before, eye, note))
+        reads = image.predicted_eye if image.predicted_eye in EYE_NAMES and image.eye_confidence is not None else None
+        out.append(EyeSet(image.id, image.exam_id, before, eye, note, reads, image.eye_confidence if reads else None))
     return out
 
 

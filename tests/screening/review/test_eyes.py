@@ -36,6 +36,7 @@ def test_a_swapped_pair_is_set_together_the_warning_goes_and_the_visit_needs_a_n
     with session_scope(factory) as s:
         done = set_eyes(s, [(right, "L"), (left, "R")], " Ann Lee ", "camera worklist", now=at(120))
         assert [(e.image_id, e.before, e.after, e.changed) for e in done] == [(right, "R", "L", True), (left, "L", "R", True)]
+        assert not any(e.contradicted for e in done)  # each photo now filed under the eye it reads as
     with session_scope(factory) as s:
         a, b = s.get(Image, right), s.get(Image, left)
         assert (a.eye, b.eye) == ("L", "R") and a.eye_source == b.eye_source == "staff"
@@ -59,6 +60,7 @@ def test_a_confirmed_eye_keeps_its_eye_and_loses_the_warning(factory):
         exam_id, right, _ = _mislabelled_visit(s)
         (done,) = set_eyes(s, [(right, "R")], "Ann Lee", "checked the camera's worklist", now=at(120))
         assert (done.before, done.after, done.changed) == ("R", "R", False)
+        assert done.contradicted and (done.photo_reads, done.photo_confidence) == ("L", 0.97)  # the command warns
         image = s.get(Image, right)
         assert image.eye == "R" and image.eye_note.startswith("Eye confirmed as the right eye by Ann Lee")
         assert not stored_finding(image, image.result).eye_mismatch
