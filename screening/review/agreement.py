@@ -7,7 +7,7 @@ counts (:class:`ModelUngradableVisits`: how many, signed off, graded or referred
 
 * **reviewed**: a visit whose current sign-off covers it as it is now, by the review queue's own rule
   (:attr:`screening.review.visits.Visit.awaiting_review`: an eye it did not answer for, or a photo graded after it
-  was recorded, puts the visit back in the queue, "new photo since sign-off"). Such a visit is **reopened**: it
+  was recorded, puts the visit back in the queue, "changed since sign-off"). Such a visit is **reopened**: it
   awaits review and is not counted as reviewed (``visits_reopened``, beside ``visits_reviewed``); **share
   reviewed** is visits reviewed / visits graded, so 1 - share is the share awaiting review, as the queue shows it
   now. A reopened visit's sign-off still answered for the photos it covered: it is compared with the model's

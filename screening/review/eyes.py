@@ -80,8 +80,10 @@ def set_eyes(session: Session, eyes: Sequence[tuple[int, str]], reviewer: str, r
     :class:`ReviewError` naming it before anything changes. An eye equal to the filed one is a confirmation (the
     warning goes, the note says who confirmed it); one already set by a person to that eye is refused (nothing
     to do)."""
-    name = clean_text(reviewer, "the name of the person who checked the label", REVIEWER_MAX_CHARS, required=True)
-    why = clean_text(reason, "the reason (what the label was checked against)", REASON_MAX_CHARS, required=True)
+    name = clean_text(reviewer, "the name of the person who checked the label", REVIEWER_MAX_CHARS, required=True,
+                      hint="give the name it is recorded in")
+    why = clean_text(reason, "the reason (what the label was checked against)", REASON_MAX_CHARS, required=True,
+                     hint="say what the label was checked against, e.g. 'camera worklist'")
     assert name is not None and why is not None
     if not eyes:
         raise ReviewError("no photo given: write IMAGE=EYE, e.g. 12=L (`dr-screen review show VISIT` lists image ids)")

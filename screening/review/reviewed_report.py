@@ -130,7 +130,7 @@ def reviewed_context(visit: Visit, model: ModelInfo, clinic_name: str, version: 
     if review is None:
         raise ReviewError(f"visit {visit.exam_id} has not been signed off: there is no reviewed report to make")
     if visit.awaiting_review:
-        raise ReviewError(f"visit {visit.exam_id} has a photo graded after its last sign-off; review it again first")
+        raise ReviewError(f"visit {visit.exam_id} has a photo graded, or a photo's eye set, after its last sign-off; review it again first")
     return ReportContext(
         clinic_name=clinic_name, patient_id=visit.patient_code, exam_date=visit.exam_date,
         eyes=[f.finding if catalog is None or f.checkpoint_sha256 is None

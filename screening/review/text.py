@@ -41,7 +41,7 @@ def format_queue(visits: Sequence[Visit], now: datetime | None = None, limit: in
     for v in shown:
         model = "; ".join(f"{e.eye} DR{e.finding.dr_grade} DME{e.finding.dme_grade}" if e.finding.gradable
                           else f"{e.eye} ungradable" for e in v.eyes)
-        status = (f"new photo since sign-off ({REFERRAL_LEVELS[v.current_review.referral].text})" if v.current_review
+        status = (f"changed since sign-off ({REFERRAL_LEVELS[v.current_review.referral].text})" if v.current_review
                   else ("report pending" if v.first_report_at is None else ""))
         status = "; ".join([*filter(None, [status]), *(c.note for c in v.cautions)])
         rows.append([str(v.exam_id), v.patient_code, v.exam_date.isoformat(), model, REFERRAL_LEVELS[v.model_referral.level].text,

@@ -165,6 +165,8 @@ class Visit:
         r = self.current_review
         if r is None or {e.eye for e in r.eyes} != {e.eye for e in self.eyes}:
             return True
+        if any((e.image_id, e.eye) not in self.field_eyes for e in r.eyes):  # a photo it answered for is filed
+            return True                                                     # under the other eye now
         return any(f.changed_at > r.created_at for f in self.fields)
 
     @property
@@ -328,12 +330,13 @@ def referral_from_answers(answers: Iterable[EyeReview]) -> str:
 
 
 def clean_text(value: str | None, what: str, max_chars: int, *, required: bool, multiline: bool = False,
-               column: str | None = None) -> str | None:
-    """Strip a free-text field and refuse control characters (they would corrupt exports and logs)."""
+               column: str | None = None, hint: str = "give the name the sign-off is made in") -> str | None:
+    """Strip a free-text field and refuse control characters (they would corrupt exports and logs). ``hint``: what
+    to do about an empty required field."""
     text = (value or "").strip()
     if not text:
         if required:
-            raise ReviewError(f"{what} is empty: give the name the sign-off is made in", column)
+            raise ReviewError(f"{what} is empty: {hint}", column)
         return None
     allowed = {"\n", "\r", "\t"} if multiline else set()
     if any(unicodedata.category(c) == "Cc" and c not in allowed for c in text):
@@ -463,7 +466,10 @@ def starting_answers(visit: Visit) -> tuple[dict[str, EyeReview], str | None]:
     if current is None:
         return answers, None
     earlier = {a.eye: a for a in answers_of(current)}
-    answers.update({eye: earlier[eye] for eye in answers if eye in earlier})
+    # an answer is carried only while the photo it was given for is still filed under its eye: after a person set
+    # the eyes of a swapped pair, the right eye's answer belongs to the photo now filed as the left one
+    still = {e.eye for e in current.eyes if (e.image_id, e.eye) in visit.field_eyes}
+    answers.update({eye: earlier[eye] for eye in answers if eye in earlier and eye in still})
     return answers, (current.referral if current.referral != referral_from_answers(earlier.values()) else None)
 
 

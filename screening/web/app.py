@@ -369,7 +369,10 @@ def create_app(
                 )
                 outcome, review_id = review.outcome, review.id
         except ReviewError as exc:  # shown on the visit page, with what the grader entered kept in the form
-            return show_visit(exam_id, error=str(exc), status=409 if "while it was open" in str(exc) else 400, form=form)
+            # a photo's eye set while the page was open: the answers typed were for the photos under their old eyes,
+            # so the page comes back with the current starting answers, not the typed ones
+            kept = None if "a photo's eye was set" in str(exc) else form
+            return show_visit(exam_id, error=str(exc), status=409 if "while it was open" in str(exc) else 400, form=kept)
         if g.get("user_id") is None:
             session["reviewer_name"] = reviewer.strip()
         log.info("review %s of exam %s recorded (%s) user=%s", review_id, exam_id, outcome, g.get("user_id"))

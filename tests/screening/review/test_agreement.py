@@ -187,7 +187,7 @@ def test_a_visit_graded_by_two_versions_counts_for_each(factory):
 
 
 def test_a_sign_off_a_later_photo_reopened_is_awaiting_review_not_reviewed(factory):
-    """Found in a staff-style check of the audit: a visit back in the review queue ("new photo since sign-off")
+    """Found in a staff-style check of the audit: a visit back in the review queue ("changed since sign-off")
     still counted as reviewed. The audit now asks the queue's own rule (Visit.awaiting_review): the visit is
     reopened, awaiting review; its sign-off is still compared for the photo it covered."""
     from datetime import datetime, timezone

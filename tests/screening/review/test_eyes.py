@@ -11,8 +11,10 @@ from screening.db import repository as repo
 from screening.db import session_scope
 from screening.db.models import Event, Image
 from screening.findings import stored_finding
+from screening.report import EyeReview
 from screening.review import ReviewError, load_visit, sign_off
 from screening.review.eyes import set_eyes
+from screening.review.visits import starting_answers
 
 from .conftest import at, seed_visit
 
@@ -82,6 +84,23 @@ def test_a_sign_off_made_before_the_eye_was_set_no_longer_covers_the_visit(facto
         assert visit.ready_at == review.created_at + timedelta(minutes=5)
 
 
+def test_after_a_swap_the_earlier_answers_are_not_put_on_the_other_photo_however_the_times_fall(factory):
+    """The sign-off graded the right-named photo DR 3; once it is filed as the left eye, neither eye starts from that
+    answer (it was for the other photo), and the sign-off no longer covers the visit even if its row was written
+    after the eyes were set (a sign-off that read the visit before the change, committed after it)."""
+    with session_scope(factory) as s:
+        exam_id, right, left = _mislabelled_visit(s)
+        answers = [EyeReview("R", True, 3, 0), EyeReview("L", True, 0, 0)]
+        review = sign_off(s, exam_id, reviewer="Dr Grey", source="cli", answers=answers)
+        set_eyes(s, [(right, "L"), (left, "R")], "Ann Lee", "worklist", now=review.created_at - timedelta(minutes=1))
+    with session_scope(factory) as s:
+        visit = load_visit(s, exam_id)
+        assert visit.awaiting_review
+        given, _ = starting_answers(visit)
+        assert given == {"R": visit.eye("R").model_answer, "L": visit.eye("L").model_answer}
+        assert given["L"].dr_grade == 2  # the model's grade of the photo now filed as the left eye, not the grader's 3
+
+
 def test_refusals_name_the_photo_and_change_nothing(factory):
     with session_scope(factory) as s:
         exam_id, right, left = _mislabelled_visit(s)
@@ -100,7 +119,7 @@ def test_refusals_name_the_photo_and_change_nothing(factory):
     for eyes, message in cases:
         with session_scope(factory) as s, pytest.raises(ReviewError, match=message.replace("(", r"\(").replace(")", r"\)")):
             set_eyes(s, eyes, "Ann Lee", "worklist")
-    for reviewer, reason, message in (("", "worklist", "name of the person"), ("Ann", " ", "the reason"),
+    for reviewer, reason, message in (("", "worklist", "name of the person"), ("Ann", " ", "say what the label was"),
                                       ("Ann\x1b[31m", "worklist", "control characters")):
         with session_scope(factory) as s, pytest.raises(ReviewError, match=message):
             set_eyes(s, [(right, "L")], reviewer, reason)

@@ -349,6 +349,9 @@ def test_a_page_opened_before_a_photos_eye_was_set_cannot_sign_off(worked):
         set_eyes(s, [(i, "L" if eye == "R" else "R") for i, eye in seen.items()], "A. Clerk", "worklist")
     resp = client.post(f"/visits/{exam_id}/confirm", data={**form, "reviewer": "Dr Local"})
     assert resp.status_code == 409 and "a photo&#39;s eye was set" in resp.get_data(as_text=True)
+    resp = client.post(f"/visits/{exam_id}/correct", data={**form, "reviewer": "Dr Local", "comment": "typed for R"})
+    page = resp.get_data(as_text=True)  # the answers typed were for the photos under their old eyes: not kept
+    assert resp.status_code == 409 and "a photo&#39;s eye was set" in page and "typed for R" not in page
     with session_scope(worked.factory) as s:
         assert rrepo.current_review(s, exam_id) is None
     fresh = _form(client.get(f"/visits/{exam_id}").get_data(as_text=True))
