@@ -26,6 +26,7 @@ from .logs import configure  # noqa: E402
 if TYPE_CHECKING:
     from sqlalchemy.orm import Session, sessionmaker
 
+    from .claims import Claimer
     from .pipeline import Worker
 
 log = logging.getLogger("screening")
@@ -327,39 +328,28 @@ def _image_eye(text: str) -> tuple[int, str]:
 def cmd_review_eye(args: argparse.Namespace, settings: ScreeningSettings) -> int:
     """``review eye``: a person who checked the labels sets (or confirms) photos' eyes, in one transaction under the
     visits' report claims, so that a worker making a version of the visit finishes first and then makes another."""
-    import time
-
     from sqlalchemy import select
 
-    from .claims import Claimer, make_holder
     from .db import session_scope
     from .db.models import ClaimKind, Image
     from .review import ReviewError, load_visits
     from .review.eyes import set_eyes
-    from .review.reviewed_report import CLAIM_WAIT_S
 
     factory = _session_factory(settings)
     with session_scope(factory) as session:
         wanted = [image_id for image_id, _ in args.eyes]
         exam_ids = sorted({e for e in session.scalars(select(Image.exam_id).where(Image.id.in_(wanted))) if e is not None})
-    claims = Claimer(factory, settings.site, settings.claim_lease_seconds, make_holder(f"{settings.site}-review"))
+    claims = _visit_claims(settings, factory, exam_ids)
+    if claims is None:
+        return 1
     try:
-        deadline = time.monotonic() + CLAIM_WAIT_S
-        for exam_id in exam_ids:
-            while not claims.take(ClaimKind.VISIT, str(exam_id)):
-                if time.monotonic() > deadline:
-                    print(f"error: visit {exam_id}: a worker has been writing a version of its report for over "
-                          f"{CLAIM_WAIT_S:.0f} s; nothing was changed. Try again in a minute", file=sys.stderr)
-                    return 1
-                time.sleep(0.5)
-        try:
-            with session_scope(factory) as session:
-                for exam_id in exam_ids:
-                    claims.hold(session, ClaimKind.VISIT, str(exam_id))
-                done = set_eyes(session, args.eyes, args.reviewer, args.reason)
-        except ReviewError as exc:
-            print(f"error: {exc}; nothing was changed", file=sys.stderr)
-            return 1
+        with session_scope(factory) as session:
+            for exam_id in exam_ids:
+                claims.hold(session, ClaimKind.VISIT, str(exam_id))
+            done = set_eyes(session, args.eyes, args.reviewer, args.reason)
+    except ReviewError as exc:
+        print(f"error: {exc}; nothing was changed", file=sys.stderr)
+        return 1
     finally:
         claims.close()
     for e in done:
@@ -377,6 +367,75 @@ def cmd_review_eye(args: argparse.Namespace, settings: ScreeningSettings) -> int
         if v.current_review is not None and v.awaiting_review:
             print(f"visit {v.exam_id}: its sign-off by {v.current_review.reviewer} was made before this, so the visit "
                   "awaits review again (`dr-screen review list`)")
+    return 0
+
+
+def _visit_claims(settings: ScreeningSettings, factory: sessionmaker[Session], exam_ids: list[int]) -> Claimer | None:
+    """The report claims of ``exam_ids``, taken as a worker takes them (waiting up to CLAIM_WAIT_S for one making a
+    version), so that a change to the visits lands between two versions; None (and an error printed) on a timeout."""
+    import time
+
+    from .claims import Claimer, make_holder
+    from .db.models import ClaimKind
+    from .review.reviewed_report import CLAIM_WAIT_S
+
+    claims = Claimer(factory, settings.site, settings.claim_lease_seconds, make_holder(f"{settings.site}-review"))
+    deadline = time.monotonic() + CLAIM_WAIT_S
+    for exam_id in exam_ids:
+        while not claims.take(ClaimKind.VISIT, str(exam_id)):
+            if time.monotonic() > deadline:
+                claims.close()
+                print(f"error: visit {exam_id}: a worker has been writing a version of its report for over "
+                      f"{CLAIM_WAIT_S:.0f} s; nothing was changed. Try again in a minute", file=sys.stderr)
+                return None
+            time.sleep(0.5)
+    return claims
+
+
+def _date_arg(text: str) -> date:
+    try:
+        return date.fromisoformat(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a date: write YYYY-MM-DD") from None
+
+
+def cmd_review_move(args: argparse.Namespace, settings: ScreeningSettings) -> int:
+    """``review move``: photos stored under the wrong patient (or date) filed in the right visit, under the visits'
+    report claims; both visits get a new version from the worker."""
+    from sqlalchemy import select
+
+    from .db import session_scope
+    from .db.models import ClaimKind, Image
+    from .review import ReviewError, load_visits
+    from .review.eyes import move_photos
+
+    factory = _session_factory(settings)
+    with session_scope(factory) as session:
+        exam_ids = sorted({e for e in session.scalars(select(Image.exam_id).where(Image.id.in_(args.images))) if e is not None})
+    claims = _visit_claims(settings, factory, exam_ids)
+    if claims is None:
+        return 1
+    try:
+        with session_scope(factory) as session:
+            for exam_id in exam_ids:
+                claims.hold(session, ClaimKind.VISIT, str(exam_id))
+            moved = move_photos(session, args.images, args.patient, args.date, args.eye, args.reviewer, args.reason)
+    except ReviewError as exc:
+        print(f"error: {exc}; nothing was changed", file=sys.stderr)
+        return 1
+    finally:
+        claims.close()
+    for m in moved:
+        print(f"image {m.image_id}: moved from visit {m.from_exam} to visit {m.to_exam} (eye {m.eye})"
+              + (f"; visit {m.from_exam} has no photo left, and its next version says so" if m.emptied else ""))
+    touched = sorted({m.from_exam for m in moved} | {m.to_exam for m in moved})
+    print(f"visit(s) {', '.join(map(str, touched))}: a new report version follows (a running worker makes it at its next "
+          f"sweep, within {settings.sweep_interval:g} s; with none running, `dr-screen run --once`)")
+    with session_scope(factory) as session:
+        for v in load_visits(session, touched, settings.eye_result, settings.ungradable_rule):
+            if v.current_review is not None and v.awaiting_review:
+                print(f"visit {v.exam_id}: its sign-off by {v.current_review.reviewer} was made before this, so the "
+                      "visit awaits review again (`dr-screen review list`)")
     return 0
 
 
@@ -640,6 +699,15 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--reviewer", required=True, help="the name of the person who checked the label (printed on the report)")
     sp.add_argument("--reason", required=True, help="what the label was checked against, e.g. 'camera worklist'")
     sp.set_defaults(func=cmd_review_eye)
+    sp = rsub.add_parser("move", help="file photos stored under the wrong patient (or date) in the right visit; both "
+                                      "visits get a new report version")
+    sp.add_argument("images", type=int, nargs="+", metavar="IMAGE", help="image ids (from `review show VISIT`)")
+    sp.add_argument("--patient", required=True, help="the patient id the photos belong to, as in the file names")
+    sp.add_argument("--date", type=_date_arg, help="the visit's date, YYYY-MM-DD (default: the date they are filed under)")
+    sp.add_argument("--eye", type=_eye_code, help="R or L (default: the eye they are filed under)")
+    sp.add_argument("--reviewer", required=True, help="the name of the person who checked the label (printed on the report)")
+    sp.add_argument("--reason", required=True, help="what the label was checked against, e.g. 'camera worklist'")
+    sp.set_defaults(func=cmd_review_move)
     sp = rsub.add_parser("render", help="render reviewed reports that are missing (e.g. after a failed render)")
     sp.add_argument("visit", type=int, nargs="?", help="only this visit")
     sp.set_defaults(func=cmd_review_render)

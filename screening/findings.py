@@ -25,6 +25,14 @@ def _path(value: str | None) -> Path | None:
     return Path(value) if value else None
 
 
+def shown_name(image: Image) -> str:
+    """The photo's name as reports and the review page show it: the file's, except for a photo a person moved here
+    from another visit (`dr-screen review move`), whose file name may carry the other patient's id."""
+    if image.filing_note:
+        return f"image {image.id}, moved from another visit"
+    return image.source_name
+
+
 def label_in_doubt(image: Image) -> bool:
     """Whether the report warns that the photo's eye label is in doubt: the intake's check found the photo showing
     the other eye, and no person has set the eye since (``dr-screen review eye``: then the note says what they set
@@ -43,12 +51,12 @@ def eye_finding(image: Image, result: Result) -> EyeFinding:
     eye = _eye(image)
     folder = _path(result.mask_dir)
     return EyeFinding(
-        eye="R" if eye == "R" else "L", source_name=image.source_name,
+        eye="R" if eye == "R" else "L", source_name=shown_name(image),
         photo_path=folder / PHOTO_FILE if folder else None, overlay_path=_path(result.overlay_path),
         dr_cam_path=_path(result.dr_cam_path), dme_cam_path=_path(result.dme_cam_path),
         dr_grade=result.dr_grade, dr_probs=result.dr_probs, dme_grade=result.dme_grade, dme_probs=result.dme_probs,
         referable_score=result.referable_score, referable=result.referable, lesion_areas=result.lesion_areas,
-        mask_folder=folder if result.original_masks else None, eye_note=image.eye_note,
+        mask_folder=folder if result.original_masks else None, eye_note=image.eye_note, filing_note=image.filing_note,
         eye_mismatch=label_in_doubt(image), check_models=dict(image.check_models or {}), device=image.device,
     )
 
@@ -71,10 +79,10 @@ def ungradable_finding(image: Image) -> EyeFinding:
     folder = _path(image.photo_dir)
     photo = folder / PHOTO_FILE if folder else None
     return EyeFinding(
-        eye="R" if eye == "R" else "L", source_name=image.source_name,
+        eye="R" if eye == "R" else "L", source_name=shown_name(image),
         photo_path=photo if photo is not None and photo.is_file() else None, overlay_path=None, dr_cam_path=None,
         dme_cam_path=None, dr_grade=None, dr_probs=None, dme_grade=None, dme_probs=None, referable_score=None,
-        referable=None, gradable=False, eye_note=image.eye_note, eye_mismatch=label_in_doubt(image),
+        referable=None, gradable=False, eye_note=image.eye_note, filing_note=image.filing_note, eye_mismatch=label_in_doubt(image),
         ungradable_reasons=tuple(REASON_TEXT.get(r, r) for r in (image.quality_reasons or ["not assessed"])),
         check_models=dict(image.check_models or {}), device=image.device,
     )

@@ -98,6 +98,7 @@ class EyeFinding:
     ungradable_reasons: tuple[str, ...] = ()
     eye_note: str | None = None  # the laterality check's note (a mismatch, an eye not confirmed or read from the photo)
     eye_mismatch: bool = False  # the note is a mismatch (shown as a warning; the other notes as information)
+    filing_note: str | None = None  # a person moved the photo into this visit (`dr-screen review move`): who, when, why
     mask_folder: Path | None = None  # the lesion masks at the photo's own size (TIFF), for image viewers
     # lesions the model that graded this photo does not reliably detect (:func:`undetected_lesions` of its metrics;
     # empty when that model is unknown): shown as "not assessed", not as an area
@@ -232,6 +233,9 @@ class ReportContext:
     earlier_review: str | None = None
     # the visit's reopened sign-off recommended more urgently than this draft: its note is shown as a caution
     earlier_review_urgent: bool = False
+    # a person moved a photo out of this visit (`dr-screen review move`): earlier versions showed another patient's
+    # photo; shown as a caution under the recommendation
+    visit_note: str | None = None
 
     def __post_init__(self) -> None:
         if self.ungradable_rule not in ("recall", "refer"):
@@ -680,6 +684,7 @@ def _eye_view(e: EyeFinding, review: EyeReview | None = None, ungradable_rule: U
         "gradable": e.gradable,
         "eye_note": e.eye_note,
         "eye_note_class": "eye-note" if e.eye_mismatch else "eye-info",
+        "filing_note": e.filing_note,
         "level": _eye_level(e, ungradable_rule),
         "image_quality": e.image_quality,
         "review": _eye_review_view(e, review),
@@ -810,6 +815,7 @@ def template_variables(ctx: ReportContext, templates_dir: Path, link_stylesheet:
         refused_pages=list(ctx.refused_pages),
         earlier_review=ctx.earlier_review,
         earlier_review_urgent=ctx.earlier_review_urgent,
+        visit_note=ctx.visit_note,
         eyes=eyes,
         model_version=ctx.model_version,
         checkpoint_short=(ctx.checkpoint_sha256 or "")[:12] or "unknown",

@@ -145,6 +145,14 @@ def _init_db(engine: Engine, *, backup: bool) -> str:
             "but no alembic_version: not a screening database, or one from before migrations were tracked; "
             "refusing to alter it"
         )
+    known = {script.revision for script in ScriptDirectory.from_config(alembic_config()).walk_revisions()}
+    if current not in known:
+        raise SchemaError(
+            f"{engine.url.render_as_string(hide_password=True)} is at schema revision {current!r}, which this version "
+            f"of the software does not know (its newest is {head!r}): a newer version wrote it. Run that version, or "
+            "restore the backup taken before its upgrade (screening.db.pre-<revision>.<time>.bak beside a SQLite "
+            "database; your pg_dump for PostgreSQL); nothing was changed"
+        )
     if current != head:
         if backup:
             _backup_sqlite(engine, f"pre-{head}")

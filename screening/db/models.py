@@ -69,7 +69,7 @@ class EyeSource(StrEnum):
     SIDECAR = "sidecar"  # the sidecar JSON
     DICOM = "dicom"  # a DICOM laterality tag (an Identity whose eye_from starts with "DICOM")
     IMAGE = "image"  # read from the photo (no eye stated; confident prediction)
-    STAFF = "staff"  # set by a person who checked the label (`dr-screen review eye`; images.eye_set_at)
+    STAFF = "staff"  # set by a person who checked the label (`dr-screen review eye`; images.refiled_at)
 
 
 class ReviewOutcome(StrEnum):
@@ -154,6 +154,10 @@ class Exam(Base):
     standing_version: Mapped[int | None]
     standing_level: Mapped[str | None] = mapped_column(String(16))
     standing_by_grader: Mapped[bool | None]
+    # when a person moved a photo of this visit to another (`dr-screen review move`, revision 0018_staff_refiling):
+    # a report made before it shows a photo that is not this patient's; ``filing_note``: what its reports say
+    refiled_at: Mapped[datetime | None]
+    filing_note: Mapped[str | None] = mapped_column(Text)
 
     patient: Mapped[Patient] = relationship(back_populates="exams")
     images: Mapped[list[Image]] = relationship(back_populates="exam", order_by="Image.id")
@@ -204,9 +208,11 @@ class Image(Base):
     eye_confidence: Mapped[float | None] = mapped_column(Float)  # P(predicted_eye)
     eye_mismatch: Mapped[bool | None]  # the photo confidently shows the other eye than the stated one
     eye_note: Mapped[str | None] = mapped_column(Text)  # what the report says about the eye check, if anything
-    # when a person set or confirmed ``eye`` after checking the label (revision 0018_eye_set_by_staff; eye_source
-    # 'staff'): the visit then needs a new report version, and a sign-off from before it no longer covers the photo
-    eye_set_at: Mapped[datetime | None]
+    # when a person set or confirmed ``eye`` (eye_source 'staff'), or moved the photo to another visit, after
+    # checking its label (revision 0018_staff_refiling): the visit then needs a new report version, and a sign-off
+    # from before it no longer covers the photo; ``filing_note``: what its report section says about a move
+    refiled_at: Mapped[datetime | None]
+    filing_note: Mapped[str | None] = mapped_column(Text)
     # the models that made those checks, {"gradability": "<format> <sha256 prefix>", "laterality": ...} (revision
     # 0015_check_models; NULL before it)
     check_models: Mapped[dict[str, str] | None] = mapped_column(JSON)

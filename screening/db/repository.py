@@ -292,17 +292,41 @@ def set_device(session: Session, image: Image, device: str | None) -> None:
 
 def set_eye(session: Session, image: Image, eye: str, note: str, message: str, at: datetime) -> None:
     """A person who checked the label set (or confirmed) ``image``'s eye: filed under ``eye`` from now on, with
-    ``note`` for the report, the time in ``eye_set_at`` and an ``eye_set`` event (``message``: what changed, by whom
+    ``note`` for the report, the time in ``refiled_at`` and an ``eye_set`` event (``message``: what changed, by whom
     and why). The intake's own checks stay as they were (``predicted_eye``, ``eye_confidence``, ``eye_mismatch``:
     the audit counts the stated label the photo contradicted). A photo already in a report goes back to ``done``,
-    so its visit gets a new version (:func:`exams_needing_report` compares ``eye_set_at`` with the newest report)."""
+    so its visit gets a new version (:func:`exams_needing_report` compares ``refiled_at`` with the newest report)."""
     image.eye = _check(eye, Eye, "eye")
     image.eye_source = EyeSource.STAFF.value
     image.eye_note = note
-    image.eye_set_at = at
+    image.refiled_at = at
     if image.state == ImageState.REPORTED:
         set_state(session, image, ImageState.DONE)
     add_event(session, "eye_set", message, image=image, created_at=at)
+
+
+def move_image(session: Session, image: Image, to: Exam, eye: str, note: str, left_note: str, message: str,
+               at: datetime) -> None:
+    """A person who checked the label filed ``image`` in visit ``to`` under ``eye`` (another patient's, or another
+    date's). ``note``: what the photo's report section says from now on (``images.filing_note``); ``left_note``:
+    what the reports of the visit it left say (``exams.filing_note``, with ``exams.refiled_at``), so that a later
+    version of that visit never shows the photo and says why. Both visits get a new version (a photo already in a
+    report goes back to ``done``; :func:`exams_needing_report` compares both times with the newest report) and a
+    ``moved`` event keeps the trail. The audit's tallies of visits are the caller's to recompute
+    (:func:`screening.db.tallies.rebuild`): a visit may have lost its only photo."""
+    left = image.exam
+    if left is None:
+        raise ValueError(f"image {image.id} is in no visit; only a stored photo is moved")
+    image.exam_id = to.id
+    image.exam = to
+    image.eye = _check(eye, Eye, "eye")
+    image.refiled_at = at
+    image.filing_note = note
+    left.refiled_at = at
+    left.filing_note = left_note
+    if image.state == ImageState.REPORTED:
+        set_state(session, image, ImageState.DONE)
+    add_event(session, "moved", message, image=image, created_at=at)
 
 
 def record_checks(
@@ -519,7 +543,9 @@ def exams_needing_report(session: Session) -> list[Exam]:
     """Exams with at least one ``done`` image whose newest result is not covered by a report, i.e.
     there is no report created at or after the exam's latest result. An image judged ungradable has no result:
     the time the store stage committed it (``stored_at``; ``updated_at`` for a row without one) stands for one, and a
-    photo whose eye a person set (``eye_set_at``) counts from then. Ordered by exam id."""
+    photo a person refiled (``images.refiled_at``: its eye set, or moved here) counts from then, and so does the
+    visit a photo was moved out of (``exams.refiled_at``: its report must not show that photo; it may have no photo
+    left, and then gets a version saying so). Ordered by exam id."""
     results = (
         select(Image.exam_id.label("exam_id"), Result.created_at.label("at"))
         .join(Result, Result.image_id == Image.id)
@@ -528,10 +554,11 @@ def exams_needing_report(session: Session) -> list[Exam]:
     ungradable = select(Image.exam_id.label("exam_id"), func.coalesce(Image.stored_at, Image.updated_at).label("at")).where(
         Image.exam_id.is_not(None), Image.state == ImageState.DONE.value, Image.gradable.is_(False)
     )
-    relabelled = select(Image.exam_id.label("exam_id"), Image.eye_set_at.label("at")).where(
-        Image.exam_id.is_not(None), Image.state == ImageState.DONE.value, Image.eye_set_at.is_not(None)
+    relabelled = select(Image.exam_id.label("exam_id"), Image.refiled_at.label("at")).where(
+        Image.exam_id.is_not(None), Image.state == ImageState.DONE.value, Image.refiled_at.is_not(None)
     )
-    stored = union_all(results, ungradable, relabelled).subquery()
+    left = select(Exam.id.label("exam_id"), Exam.refiled_at.label("at")).where(Exam.refiled_at.is_not(None))
+    stored = union_all(results, ungradable, relabelled, left).subquery()
     latest_result = (
         select(stored.c.exam_id.label("exam_id"), func.max(stored.c.at).label("at")).group_by(stored.c.exam_id).subquery()
     )
@@ -549,7 +576,8 @@ def exams_needing_report(session: Session) -> list[Exam]:
         select(Exam)
         .join(latest_result, latest_result.c.exam_id == Exam.id)
         .outerjoin(latest_report, latest_report.c.exam_id == Exam.id)
-        .where(has_done, or_(latest_report.c.at.is_(None), latest_report.c.at < latest_result.c.at))
+        .where(or_(has_done, Exam.refiled_at.is_not(None)),  # a visit a photo left may have none left
+               or_(latest_report.c.at.is_(None), latest_report.c.at < latest_result.c.at))
         .order_by(Exam.id)
     )
     return list(session.scalars(stmt))
@@ -569,6 +597,7 @@ __all__ = [
     "get_or_create_patient",
     "has_event",
     "images_in_state",
+    "move_image",
     "next_report_version",
     "record_checks",
     "record_drop",

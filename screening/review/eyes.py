@@ -1,4 +1,5 @@
-"""A person sets a photo's eye after checking its label: the answer to a laterality mismatch or an identity conflict.
+"""A person refiles a photo after checking its label: sets its eye (:func:`set_eyes`), or moves it to another
+patient's visit (:func:`move_photos`): the answers to a laterality mismatch or an identity conflict.
 
 Why: the intake never changes a stated eye (a label the photo contradicts is flagged, "check the label"), and a copy
 of the photo named with the other eye is refused as an identity conflict. Without this, the answer to "check the
@@ -15,14 +16,17 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import date, datetime, timezone
 
+from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from screening.db import repository as repo
+from screening.db import tallies
 from screening.db.models import Image, ImageState, utcnow
 from screening.report import EYE_NAMES
-from screening.review.visits import REVIEWER_MAX_CHARS, ReviewError, clean_text
+from screening.review.visits import FUTURE_TOLERANCE, REVIEWER_MAX_CHARS, ReviewError, clean_text
+from training.common import MAX_ID_LENGTH, is_safe_id
 
 REASON_MAX_CHARS = 500
 _SOURCE_WORDS = {"name": "the file name", "sidecar": "the sidecar", "dicom": "the DICOM laterality tag",
@@ -80,11 +84,7 @@ def set_eyes(session: Session, eyes: Sequence[tuple[int, str]], reviewer: str, r
     :class:`ReviewError` naming it before anything changes. An eye equal to the filed one is a confirmation (the
     warning goes, the note says who confirmed it); one already set by a person to that eye is refused (nothing
     to do)."""
-    name = clean_text(reviewer, "the name of the person who checked the label", REVIEWER_MAX_CHARS, required=True,
-                      hint="give the name it is recorded in")
-    why = clean_text(reason, "the reason (what the label was checked against)", REASON_MAX_CHARS, required=True,
-                     hint="say what the label was checked against, e.g. 'camera worklist'")
-    assert name is not None and why is not None
+    name, why = _names(reviewer, reason)
     if not eyes:
         raise ReviewError("no photo given: write IMAGE=EYE, e.g. 12=L (`dr-screen review show VISIT` lists image ids)")
     seen: set[int] = set()
@@ -104,21 +104,105 @@ def set_eyes(session: Session, eyes: Sequence[tuple[int, str]], reviewer: str, r
     day = at.astimezone().strftime("%Y-%m-%d")
     out: list[EyeSet] = []
     for image, eye in images:
-        before = image.eye or "?"
-        stated = f"{EYE_NAMES.get(before, 'no eye').lower()} from {_SOURCE_WORDS.get(image.eye_source or '', 'unknown')}"
-        if before == eye:
-            note = (f"Eye confirmed as the {EYE_NAMES[eye].lower()} by {name} on {day} ({why}); "
-                    f"{_photo_reading(image)}.")
-            message = f"eye {eye} confirmed by {name}: {why}"
-        else:
-            note = (f"Eye set to the {EYE_NAMES[eye].lower()} by {name} on {day} ({why}); it was filed as the "
-                    f"{stated}, and {_photo_reading(image)}.")
-            message = f"eye {before} -> {eye} by {name}: {why}"
-        assert image.exam_id is not None
-        repo.set_eye(session, image, eye, note, message, at)
-        reads = image.predicted_eye if image.predicted_eye in EYE_NAMES and image.eye_confidence is not None else None
-        out.append(EyeSet(image.id, image.exam_id, before, eye, note, reads, image.eye_confidence if reads else None))
+        out.append(_set_eye(session, image, eye, name, why, day, at))
     return out
 
 
-__all__ = ["REASON_MAX_CHARS", "EyeSet", "set_eyes"]
+def _set_eye(session: Session, image: Image, eye: str, name: str, why: str, day: str, at: datetime,
+             before: str | None = None) -> EyeSet:
+    """Record ``eye`` as set by ``name`` on one photo (``before``: the eye it was filed under, when the caller has
+    already changed it)."""
+    before = before or image.eye or "?"
+    stated = f"{EYE_NAMES.get(before, 'no eye').lower()} from {_SOURCE_WORDS.get(image.eye_source or '', 'unknown')}"
+    if before == eye:
+        note = (f"Eye confirmed as the {EYE_NAMES[eye].lower()} by {name} on {day} ({why}); "
+                f"{_photo_reading(image)}.")
+        message = f"eye {eye} confirmed by {name}: {why}"
+    else:
+        note = (f"Eye set to the {EYE_NAMES[eye].lower()} by {name} on {day} ({why}); it was filed as the "
+                f"{stated}, and {_photo_reading(image)}.")
+        message = f"eye {before} -> {eye} by {name}: {why}"
+    assert image.exam_id is not None
+    repo.set_eye(session, image, eye, note, message, at)
+    reads = image.predicted_eye if image.predicted_eye in EYE_NAMES and image.eye_confidence is not None else None
+    return EyeSet(image.id, image.exam_id, before, eye, note, reads, image.eye_confidence if reads else None)
+
+
+@dataclass(frozen=True)
+class Moved:
+    """One photo moved: from which visit to which, under which eye."""
+
+    image_id: int
+    from_exam: int
+    to_exam: int
+    eye: str
+    emptied: bool  # the visit it left has no photo left (its next version says so)
+
+
+def _names(reviewer: str, reason: str) -> tuple[str, str]:
+    name = clean_text(reviewer, "the name of the person who checked the label", REVIEWER_MAX_CHARS, required=True,
+                      hint="give the name it is recorded in")
+    why = clean_text(reason, "the reason (what the label was checked against)", REASON_MAX_CHARS, required=True,
+                     hint="say what the label was checked against, e.g. 'camera worklist'")
+    assert name is not None and why is not None
+    return name, why
+
+
+def move_photos(session: Session, image_ids: Sequence[int], patient: str, exam_date: date | None, eye: str | None,
+                reviewer: str, reason: str, now: datetime | None = None) -> list[Moved]:
+    """File each photo of ``image_ids`` in ``patient``'s visit of ``exam_date`` (None: the date of the visit it is
+    in now), under ``eye`` (None: the eye it is filed under now), as checked by ``reviewer`` for ``reason``: a photo
+    stored under the wrong patient. In the caller's transaction; all or none (:class:`ReviewError` names the
+    problem). The photo's section of its new visit's report says it was moved there, by whom, when and why, without
+    naming the other patient; the reports of the visit it left say that a photo shown in earlier versions belonged to
+    another patient and was moved (a visit left without photos gets a version saying so). The audit's tallies
+    are recomputed (a visit may have lost its only photo)."""
+    name, why = _names(reviewer, reason)
+    code = (patient or "").strip()
+    if not is_safe_id(code):
+        raise ReviewError(f"{patient!r} is not a patient id: letters, digits, '-' and '_' only, at most {MAX_ID_LENGTH}, "
+                          "as in the file names")
+    if exam_date is not None and exam_date > (datetime.now(timezone.utc) + FUTURE_TOLERANCE).date():
+        raise ReviewError(f"the exam date {exam_date.isoformat()} is in the future; give the visit's date")
+    if eye is not None and eye not in EYE_NAMES:
+        raise ReviewError(f"{eye!r} is not an eye; write R or L")
+    if not image_ids:
+        raise ReviewError("no photo given (`dr-screen review show VISIT` lists a visit's image ids)")
+    if len(set(image_ids)) != len(image_ids):
+        raise ReviewError("a photo is given twice; give each photo once")
+    images = [_storable(session.get(Image, i), i) for i in image_ids]
+    at = now or utcnow()
+    day = at.astimezone().strftime("%Y-%m-%d")
+    target_patient = repo.find_patient(session, code)
+    for image in images:
+        assert image.exam is not None
+        when = exam_date or image.exam.exam_date
+        if target_patient is not None and image.exam.patient_id == target_patient.id and image.exam.exam_date == when:
+            raise ReviewError(f"image {image.id} is already in that visit"
+                              + ("; `dr-screen review eye` sets its eye" if eye is not None else ""))
+    patient_row = target_patient or repo.get_or_create_patient(session, code)
+    out: list[Moved] = []
+    for image in images:
+        left = image.exam
+        assert left is not None
+        to = repo.get_or_create_exam(session, patient_row, exam_date or left.exam_date)
+        new_eye = eye or image.eye or "?"
+        note = f"Filed in this visit by {name} on {day} ({why}); it had been stored under another visit."
+        left_note = (f"A photograph shown in earlier versions of this report ({image.source_name}) is not this "
+                     f"visit's: {name} moved it to another visit on {day} ({why}). Do not act on those versions.")
+        if left.filing_note and left.filing_note not in left_note:
+            left_note = f"{left.filing_note} {left_note}"
+        message = f"image moved from visit {left.id} to visit {to.id}" + (
+            f", eye {image.eye} -> {new_eye}" if new_eye != image.eye else "") + f" by {name}: {why}"
+        from_id, old_eye = left.id, image.eye
+        repo.move_image(session, image, to, new_eye, note, left_note, message, at)
+        if eye is not None:  # the eye was checked too: said as `review eye` says it, and no longer "in doubt"
+            _set_eye(session, image, eye, name, why, day, at, before=old_eye)
+        session.flush()
+        emptied = session.scalar(select(Image.id).where(Image.exam_id == from_id).limit(1)) is None
+        out.append(Moved(image.id, from_id, to.id, new_eye, emptied))
+    tallies.rebuild(session)
+    return out
+
+
+__all__ = ["REASON_MAX_CHARS", "EyeSet", "Moved", "move_photos", "set_eyes"]

@@ -138,7 +138,7 @@ def reviewed_context(visit: Visit, model: ModelInfo, clinic_name: str, version: 
         model_version=model.version, checkpoint_sha256=model.checkpoint_sha256,
         model_status=model.status, model_metrics=model.metrics, generated_at=datetime.now(timezone.utc).astimezone(),
         report_version=version, eye_result_rule=visit.eye_result_rule, review=review_note(review),
-        ungradable_rule=visit.ungradable_rule, refused_pages=refused_pages,
+        ungradable_rule=visit.ungradable_rule, refused_pages=refused_pages, visit_note=visit.filing_note,
     )
 
 

@@ -72,7 +72,8 @@ def format_review(review: Review) -> str:
 
 def format_visit(visit: Visit, history: Sequence[Review], reports: Sequence[Report]) -> str:
     lines = [f"Visit {visit.exam_id}: patient {visit.patient_code}, exam {visit.exam_date.isoformat()}",
-             "status: " + ("awaiting review" if visit.awaiting_review else "signed off"), ""]
+             "status: " + ("awaiting review" if visit.awaiting_review else "signed off"),
+             *([f"note: {visit.filing_note}"] if visit.filing_note else []), ""]
     for e in visit.eyes:
         f = e.finding
         for k, fld in enumerate(e.fields, start=1):
@@ -80,8 +81,9 @@ def format_visit(visit: Visit, history: Sequence[Review], reports: Sequence[Repo
             answer = (f"model {fld.model_version}: DR {fld.finding.dr_grade}, DME {fld.finding.dme_grade}" if fld.finding.gradable
                       else f"ungradable ({fld.finding.short_reasons}), not graded")
             lines.append(f"{e.name} field {k} of {len(e.fields)}: image {fld.image_id}, {fld.source_name}, {answer}{tag}")
-            if fld.finding.eye_note:
-                lines.append(f"  {fld.finding.eye_note}")
+            for note in (fld.finding.filing_note, fld.finding.eye_note):
+                if note:
+                    lines.append(f"  {note}")
         lines.append(f"{e.name}, the model's answer for the eye:")
         if not f.gradable or f.dr_grade is None or f.dme_grade is None:
             lines.append(f"  ungradable: {f.short_reasons}")

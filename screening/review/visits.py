@@ -20,7 +20,7 @@ from sqlalchemy.orm import Session
 
 from screening.db import reviews as rrepo
 from screening.db.models import Exam, Patient, Review, ReviewOutcome, ReviewSource, ReviewUser
-from screening.findings import stored_finding
+from screening.findings import shown_name, stored_finding
 from screening.report import (
     EYE_NAMES,
     NO_GRADE_LEVELS,
@@ -72,13 +72,13 @@ class VisitField:
     checkpoint_sha256: str | None
     graded_at: datetime  # when its result (or its ungradable verdict) was stored: when it joined the visit
     received_at: datetime  # when the photo arrived (the audit's date basis)
-    eye_set_at: datetime | None = None  # when a person set its eye (`dr-screen review eye`)
+    refiled_at: datetime | None = None  # when a person set its eye (`dr-screen review eye`)
 
     @property
     def changed_at(self) -> datetime:
         """When the photo last changed as a sign-off sees it: graded, or its eye set by a person since (a sign-off
         before that answered for the eye it was filed under then)."""
-        return self.graded_at if self.eye_set_at is None else max(self.graded_at, self.eye_set_at)
+        return self.graded_at if self.refiled_at is None else max(self.graded_at, self.refiled_at)
 
     @property
     def model_label(self) -> str:
@@ -124,6 +124,7 @@ class Visit:
     first_report_at: datetime | None
     eye_result_rule: EyeResultRule = "worst"
     ungradable_rule: UngradableRule = "recall"
+    filing_note: str | None = None  # a person moved a photo out of this visit (exams.filing_note)
 
     def eye(self, code: str) -> VisitEye | None:
         return next((e for e in self.eyes if e.eye == code), None)
@@ -236,12 +237,12 @@ def _field(g: rrepo.GradedField) -> VisitField:
     if finding is None:  # graded_fields selects only photos a report shows
         raise LookupError(f"image {g.image.id} is neither graded nor stored as ungradable")
     if g.result is not None:
-        return VisitField(image_id=g.image.id, source_name=g.image.source_name, finding=finding,
+        return VisitField(image_id=g.image.id, source_name=shown_name(g.image), finding=finding,
                           model_version=g.result.model_version, checkpoint_sha256=g.result.checkpoint_sha256,
-                          graded_at=g.result.created_at, received_at=g.image.received_at, eye_set_at=g.image.eye_set_at)
-    return VisitField(image_id=g.image.id, source_name=g.image.source_name, finding=finding, model_version=None,
+                          graded_at=g.result.created_at, received_at=g.image.received_at, refiled_at=g.image.refiled_at)
+    return VisitField(image_id=g.image.id, source_name=shown_name(g.image), finding=finding, model_version=None,
                       checkpoint_sha256=None, graded_at=g.image.stored_at or g.image.updated_at,
-                      received_at=g.image.received_at, eye_set_at=g.image.eye_set_at)
+                      received_at=g.image.received_at, refiled_at=g.image.refiled_at)
 
 
 def load_visits(session: Session, exam_ids: Iterable[int] | None = None, rule: EyeResultRule = "worst",
@@ -258,12 +259,12 @@ def load_visits(session: Session, exam_ids: Iterable[int] | None = None, rule: E
         return []
     reviews = rrepo.current_reviews(session, ids)  # all (None) or the few asked for: never one parameter per visit
     first_reports = rrepo.first_report_times(session, ids)
-    stmt = select(Exam.id, Exam.exam_date, Patient.code).join(Patient, Patient.id == Exam.patient_id)
+    stmt = select(Exam.id, Exam.exam_date, Patient.code, Exam.filing_note).join(Patient, Patient.id == Exam.patient_id)
     if ids is not None:
         stmt = stmt.where(Exam.id.in_(ids))
     rows = [row for row in session.execute(stmt).all() if row[0] in graded]
     visits = []
-    for exam_id, exam_date, code in sorted(rows):
+    for exam_id, exam_date, code, filing_note in sorted(rows, key=lambda row: row[0]):
         eyes = []
         for eye, graded_fields in graded[exam_id].items():
             fields = tuple(_field(g) for g in graded_fields)
@@ -273,7 +274,7 @@ def load_visits(session: Session, exam_ids: Iterable[int] | None = None, rule: E
             exam_id=exam_id, patient_code=code, exam_date=exam_date, eyes=tuple(eyes),
             model_referral=referral_recommendation([e.finding for e in eyes], ungradable_rule),
             current_review=reviews.get(exam_id), first_report_at=first_reports.get(exam_id), eye_result_rule=rule,
-            ungradable_rule=ungradable_rule,
+            ungradable_rule=ungradable_rule, filing_note=filing_note,
         ))
     return visits
 

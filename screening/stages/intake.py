@@ -113,8 +113,9 @@ def conflict_with(image: Image, identity: Identity | None) -> str | None:
         return None
     if image.exam.patient.code.lower() != identity.patient_id.lower():
         return (f"the same bytes as a photo already recorded for another patient (image {image.id}); one of the two "
-                "names is wrong. This copy was not graded: check which patient the photo belongs to and correct the "
-                "record of the wrong one")
+                "names is wrong. This copy was not graded: check which patient the photo belongs to; if the recorded one is "
+                f"wrong, `dr-screen review move {image.id} --patient ID --reviewer NAME --reason TEXT` files it in the "
+                "right visit")
     if image.eye is not None and identity.eye is not None and image.eye != identity.eye:
         return (f"the same bytes as this patient's {_EYE_NAMES.get(image.eye, image.eye)} eye photo (image {image.id}), "
                 f"but named as the {_EYE_NAMES[identity.eye]} eye. This copy was not graded: check which eye it is; if the "

@@ -160,7 +160,7 @@ class ReportStage:
             report_version=version, eye_result_rule=self.settings.eye_result,
             ungradable_rule=self.settings.ungradable_rule,
             refused_pages=refused_page_reasons(session, exam.id),
-            earlier_review=self._earlier_review(session, review, reopened),
+            earlier_review=self._earlier_review(session, review, reopened), visit_note=exam.filing_note,
         )
         if review is not None and ctx.earlier_review is not None and reopened and review.referral in REFER_LEVELS and (
                 REFERRAL_LEVELS[review.referral].rank > REFERRAL_LEVELS[printed_referral(ctx)].rank):

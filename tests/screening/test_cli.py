@@ -481,3 +481,43 @@ def test_config_may_follow_the_subcommand(tmp_path, tiny_checkpoint, capsys):
     assert "No visits await review." in capsys.readouterr().out
     assert cli.main(["audit", "--config", str(tmp_path / "missing.toml")]) == 2
     assert "missing.toml" in capsys.readouterr().err
+
+
+def test_staff_move_a_photo_to_the_right_patient_and_both_visits_get_a_version_saying_so(tmp_path, tiny_checkpoint, capsys):
+    """An identity conflict's other answer: the photo was stored under the wrong patient. The visit it left says
+    so (and, left without photos, says that), and the visit it joins never names the other patient."""
+    from pypdf import PdfReader
+
+    cfg = _config(tmp_path, tiny_checkpoint)
+    for name, seed in (("P1_R.jpg", 1), ("P1_L.jpg", 2), ("P2_R.jpg", 3)):
+        write_fundus(tmp_path / "inbox" / name, seed=seed)
+    assert cli.main(["--config", str(cfg), "run", "--once"]) == 0
+    capsys.readouterr()
+    run = lambda *argv: (cli.main(["--config", str(cfg), *argv]), *capsys.readouterr())  # noqa: E731
+    ids = {m[1]: int(m[0]) for m in re.findall(r"image (\d+), (P1_[RL]\.jpg)", run("review", "show", "1")[1])}
+    pdf = lambda patient, v: " ".join(  # noqa: E731
+        p.extract_text() for p in PdfReader(next((tmp_path / "reports" / patient).rglob(f"report_v{v}.pdf"))).pages
+    ).replace("\n", " ")
+
+    rc, out, err = run("review", "move", str(ids["P1_L.jpg"]), "--patient", "P2", "--reviewer", "Ann Lee",
+                       "--reason", "camera worklist")
+    assert rc == 0, err
+    assert f"image {ids['P1_L.jpg']}: moved from visit 1 to visit 2 (eye L)" in out and "visit(s) 1, 2: a new report" in out
+    assert cli.main(["--config", str(cfg), "run", "--once"]) == 0
+    p1, p2 = pdf("P1", 2), pdf("P2", 2)
+    assert "is not this visit's: Ann Lee moved it to another visit" in p1 and "Left eye" in pdf("P1", 1)
+    assert "Filed in this visit by Ann Lee" in p2 and "moved from another visit" in p2 and "P1" not in p2
+
+    rc, out, err = run("review", "move", str(ids["P1_R.jpg"]), "--patient", "P3", "--date", "2025-02-01", "--eye", "L",
+                       "--reviewer", "Ann Lee", "--reason", "clinic notes")
+    assert rc == 0 and "visit 1 has no photo left, and its next version says so" in out, err
+    assert cli.main(["--config", str(cfg), "run", "--once"]) == 0
+    p1 = pdf("P1", 3)
+    assert "No gradable images received" in p1 and "P1_R.jpg" in p1 and "P1_L.jpg" in p1  # both moves are said
+    assert next((tmp_path / "reports" / "P3" / "2025-02-01").glob("report_v1.pdf"))
+    rc, _, err = run("review", "move", str(ids["P1_R.jpg"]), "--patient", "P3", "--date", "2025-02-01",
+                     "--reviewer", "Ann Lee", "--reason", "again")
+    assert rc == 1 and "is already in that visit" in err and "nothing was changed" in err
+    with pytest.raises(SystemExit):
+        run("review", "move", "1", "--patient", "P3", "--date", "1 Feb", "--reviewer", "A", "--reason", "x")
+    assert "is not a date: write YYYY-MM-DD" in capsys.readouterr().err

@@ -46,7 +46,7 @@ def _below(revision: str) -> str:
 ORDER = ["0001", "0002", "0007_device_original_masks", "0014_reviews", "0006_hardening", "0005_gradability_laterality",
          "0009_pages", "0010_db_identity", "0003_audit_columns_indexes", "0008_claims_sites", "0011_audit_tallies",
          "0015_check_models", "0016_report_referral_level", "0017_logout_ends_sessions",
-         "0018_eye_set_by_staff"]
+         "0018_staff_refiling"]
 
 
 def test_one_linear_chain_with_the_review_and_audit_revisions_in_order():
@@ -481,3 +481,19 @@ def test_revision_0016_fills_the_standing_columns_with_the_statement_tallies_reb
     revision = _script().get_revision("0016_report_referral_level")
     assert revision is not None and revision.module.STANDING_SQL == tallies.STANDING_SQL
     assert revision.module.STANDING_COLUMNS == tuple(tallies.STANDING_COLUMNS)
+
+
+def test_a_database_a_newer_version_upgraded_is_refused_saying_so(tmp_path):
+    """An older copy of the software on a database a newer one upgraded met a revision it does not know: alembic's
+    error came out as a traceback whose message was withheld (it may name a patient), so nothing said what to do."""
+    from sqlalchemy import text
+
+    engine = make_engine(f"sqlite:///{tmp_path / 'newer.db'}")
+    init_db(engine)
+    with engine.begin() as conn:
+        conn.execute(text("UPDATE alembic_version SET version_num = '0099_from_the_future'"))
+    with pytest.raises(SchemaError, match="revision '0099_from_the_future', which this version of the software does "
+                                          "not know .* a newer version wrote it. .*nothing was changed"):
+        init_db(engine)
+    assert current_revision(engine) == "0099_from_the_future"
+    engine.dispose()

@@ -42,7 +42,7 @@ def test_a_swapped_pair_is_set_together_the_warning_goes_and_the_visit_needs_a_n
     with session_scope(factory) as s:
         a, b = s.get(Image, right), s.get(Image, left)
         assert (a.eye, b.eye) == ("L", "R") and a.eye_source == b.eye_source == "staff"
-        assert a.state == b.state == "done" and a.eye_set_at == at(120)
+        assert a.state == b.state == "done" and a.refiled_at == at(120)
         assert a.eye_mismatch  # the intake's finding stays, for the audit
         assert a.eye_note.startswith("Eye set to the left eye by Ann Lee on ") and "(camera worklist)" in a.eye_note
         assert "filed as the right eye from the file name" in a.eye_note and "reads as the left eye (97% sure)" in a.eye_note
@@ -126,3 +126,87 @@ def test_refusals_name_the_photo_and_change_nothing(factory):
     with session_scope(factory) as s:
         assert [s.get(Image, i).eye for i in (right, left)] == ["R", "L"]
         assert s.scalars(select(Event).where(Event.kind == "eye_set")).all() == []
+
+
+# ------------------------------------------------------------------------------------------------ moving photos
+
+
+def test_a_photo_stored_under_the_wrong_patient_moves_to_the_right_visit_and_both_need_a_new_version(factory):
+    from screening.db import tallies
+    from screening.db.models import Exam
+    from screening.review.eyes import move_photos
+
+    with session_scope(factory) as s:
+        exam_id, right, left = _mislabelled_visit(s)
+        other = seed_visit(s, "P2", {"R": (1, 0, False)}, report_at=at(60)).id
+        signed_at = sign_off(s, other, reviewer="Dr Grey", source="cli").created_at
+        assert repo.exams_needing_report(s) == [] and tallies.check(s) == []
+    with session_scope(factory) as s:
+        (moved,) = move_photos(s, [left], "p2", None, None, "Ann Lee", "camera worklist",
+                               now=signed_at + timedelta(minutes=1))
+        assert (moved.from_exam, moved.to_exam, moved.eye, moved.emptied) == (exam_id, other, "L", False)
+    with session_scope(factory) as s:
+        image = s.get(Image, left)
+        assert image.exam_id == other and image.eye == "L" and image.state == "done"
+        assert image.filing_note.startswith("Filed in this visit by Ann Lee on ") and "(camera worklist)" in image.filing_note
+        finding = stored_finding(image, image.result)
+        assert finding.source_name == f"image {left}, moved from another visit"  # its file name named P1
+        left_visit = s.get(Exam, exam_id)
+        assert "P1_L.jpg" in left_visit.filing_note and "Do not act on those versions" in left_visit.filing_note
+        assert [e.id for e in repo.exams_needing_report(s)] == [exam_id, other]
+        assert tallies.check(s) == []  # the audit's counts follow the rows
+        (message,) = s.scalars(select(Event.message).where(Event.kind == "moved")).all()
+        assert message == f"image moved from visit {exam_id} to visit {other} by Ann Lee: camera worklist"
+        p2 = load_visit(s, other)
+        assert p2.awaiting_review and [f.image_id for f in p2.new_since_review] == [left]  # the sign-off saw no left eye
+        assert load_visit(s, exam_id).filing_note == left_visit.filing_note
+        assert [f.image_id for f in load_visit(s, exam_id).fields] == [right]
+
+
+def test_a_visit_left_without_photos_still_gets_a_version_and_a_sign_off_there_no_longer_covers_it(factory):
+    from datetime import date
+
+    from screening.db.models import Patient
+    from screening.review.eyes import move_photos
+
+    with session_scope(factory) as s:
+        exam_id, right, left = _mislabelled_visit(s)
+        sign_off(s, exam_id, reviewer="Dr Grey", source="cli")
+    with session_scope(factory) as s:
+        moved = move_photos(s, [right, left], "NEW7", date(2025, 3, 1), "R", "Ann Lee", "worklist", now=at(7200))
+        assert [m.emptied for m in moved] == [False, True] and len({m.to_exam for m in moved}) == 1
+    with session_scope(factory) as s:
+        assert s.scalars(select(Patient.code)).all() == ["P1", "NEW7"]
+        assert [e.id for e in repo.exams_needing_report(s)] == [exam_id, moved[0].to_exam]  # P1 has no photo, still due
+        assert load_visit(s, moved[0].to_exam).exam_date == date(2025, 3, 1)
+        assert [s.get(Image, i).eye for i in (right, left)] == ["R", "R"]
+        moved_left = s.get(Image, left)
+        assert moved_left.eye_source == "staff" and not stored_finding(moved_left, moved_left.result).eye_mismatch
+        assert moved_left.eye_note.startswith("Eye set to the right eye by Ann Lee") and "filed as the left eye" in moved_left.eye_note
+        assert s.get(Image, right).eye_note.startswith("Eye confirmed as the right eye")  # --eye R: checked too
+
+
+def test_a_move_is_refused_with_a_reason_and_changes_nothing(factory):
+    from datetime import date
+
+    from screening.review.eyes import move_photos
+
+    with session_scope(factory) as s:
+        exam_id, right, left = _mislabelled_visit(s)
+    cases = [
+        (dict(image_ids=[right], patient="../P2"), "is not a patient id"),
+        (dict(image_ids=[right], patient="P2", exam_date=date(2999, 1, 1)), "is in the future"),
+        (dict(image_ids=[right], patient="p1"), f"image {right} is already in that visit"),
+        (dict(image_ids=[right], patient="P1", eye="L"), "`dr-screen review eye` sets its eye"),
+        (dict(image_ids=[right, right], patient="P2"), "given twice"),
+        (dict(image_ids=[right, 999], patient="P2"), "there is no image 999"),
+        (dict(image_ids=[], patient="P2"), "no photo given"),
+        (dict(image_ids=[right], patient="P2", reason=""), "say what the label was checked against"),
+    ]
+    for kwargs, message in cases:
+        call = dict(exam_date=None, eye=None, reviewer="Ann Lee", reason="worklist") | kwargs
+        with session_scope(factory) as s, pytest.raises(ReviewError, match=message.replace("(", r"\(")):
+            move_photos(s, **call)
+    with session_scope(factory) as s:
+        assert [s.get(Image, i).exam_id for i in (right, left)] == [exam_id, exam_id]
+        assert s.scalars(select(Event).where(Event.kind == "moved")).all() == []

@@ -386,6 +386,8 @@ def test_the_same_bytes_under_another_patient_are_a_recorded_conflict(stage, set
         if kind is Rejected:
             assert outcome.code == RejectReason.IDENTITY_CONFLICT and f"image {image_id}" in outcome.message
             assert "Patient143" not in _reason(outcome).split("Reason:")[1]  # the other patient is not named
+            if name == "Patient999_L.jpg":  # and so has "check which patient the photo belongs to"
+                assert f"`dr-screen review move {image_id} --patient ID --reviewer NAME --reason TEXT`" in outcome.message
             if name == "Patient143_R.jpg":  # the answer to "check which eye it is" has a command
                 assert f"`dr-screen review eye {image_id}=R --reviewer NAME --reason TEXT` sets it" in outcome.message
     with session_scope(stage.factory) as s:
