@@ -514,7 +514,7 @@ class Caution:
 
     note: str
     text: str
-    kind: Literal["missing", "mismatch", "resent", "contradiction"] = "missing"
+    kind: Literal["missing", "mismatch", "resent", "contradiction", "conflict"] = "missing"
 
 
 def visit_cautions(findings: Sequence[EyeFinding], rule: EyeResultRule = "worst") -> list[Caution]:

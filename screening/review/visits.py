@@ -15,12 +15,13 @@ from collections.abc import Collection, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import date, datetime, timedelta, timezone
 
-from sqlalchemy import select
+from sqlalchemy import or_, select
 from sqlalchemy.orm import Session
 
 from screening.db import reviews as rrepo
-from screening.db.models import Exam, Patient, Review, ReviewOutcome, ReviewSource, ReviewUser
+from screening.db.models import Drop, Exam, Image, Patient, Review, ReviewOutcome, ReviewSource, ReviewUser
 from screening.findings import shown_name, stored_finding
+from screening.rejection import RejectReason
 from screening.report import (
     EYE_NAMES,
     NO_GRADE_LEVELS,
@@ -125,6 +126,7 @@ class Visit:
     eye_result_rule: EyeResultRule = "worst"
     ungradable_rule: UngradableRule = "recall"
     filing_note: str | None = None  # a person moved a photo out of this visit (exams.filing_note)
+    conflicts: tuple[int, ...] = ()  # photos a copy of which was refused as an identity conflict, not refiled since
 
     def eye(self, code: str) -> VisitEye | None:
         return next((e for e in self.eyes if e.eye == code), None)
@@ -136,7 +138,15 @@ class Visit:
     @property
     def cautions(self) -> list[Caution]:
         """What the model's recommendation rests on (an eye missing, an eye label in doubt), as the report says it."""
-        return visit_cautions([f.finding for f in self.fields], self.eye_result_rule)
+        cautions = visit_cautions([f.finding for f in self.fields], self.eye_result_rule)
+        if self.conflicts:
+            images = ", ".join(f"image {i}" for i in self.conflicts)
+            cautions.append(Caution(
+                "identity conflict",
+                f"A copy of a photo of this visit ({images}) was dropped again named as another patient or the other "
+                "eye, and refused: one of the two names is wrong. Check the label before acting on this visit; staff "
+                "record the answer with `dr-screen review eye` or `dr-screen review move` (README).", "conflict"))
+        return cautions
 
     @property
     def image_ids(self) -> dict[str, int]:
@@ -245,6 +255,22 @@ def _field(g: rrepo.GradedField) -> VisitField:
                       received_at=g.image.received_at, refiled_at=g.image.refiled_at)
 
 
+def _conflicts(session: Session, exam_ids: list[int] | None) -> dict[int, tuple[int, ...]]:
+    """Per exam, its photos a copy of which was refused as an identity conflict after the photo was last refiled by
+    a person (a conflict `review eye` or `review move` answered is not shown again)."""
+    stmt = (select(Image.exam_id, Image.id).join(Drop, Drop.image_id == Image.id)
+            .where(Drop.reason_code == RejectReason.IDENTITY_CONFLICT.value, Image.exam_id.is_not(None),
+                   or_(Image.refiled_at.is_(None), Drop.received_at > Image.refiled_at))
+            .distinct())
+    if exam_ids is not None:
+        stmt = stmt.where(Image.exam_id.in_(exam_ids))
+    out: dict[int, list[int]] = {}
+    for exam_id, image_id in session.execute(stmt).all():
+        if exam_id is not None:
+            out.setdefault(exam_id, []).append(image_id)
+    return {e: tuple(sorted(i)) for e, i in out.items()}
+
+
 def load_visits(session: Session, exam_ids: Iterable[int] | None = None, rule: EyeResultRule = "worst",
                 ungradable_rule: UngradableRule = "recall") -> list[Visit]:
     """Visits with at least one photo the report shows (of ``exam_ids``, or all), ordered by exam id; each eye's
@@ -259,6 +285,7 @@ def load_visits(session: Session, exam_ids: Iterable[int] | None = None, rule: E
         return []
     reviews = rrepo.current_reviews(session, ids)  # all (None) or the few asked for: never one parameter per visit
     first_reports = rrepo.first_report_times(session, ids)
+    conflicts = _conflicts(session, ids)
     stmt = select(Exam.id, Exam.exam_date, Patient.code, Exam.filing_note).join(Patient, Patient.id == Exam.patient_id)
     if ids is not None:
         stmt = stmt.where(Exam.id.in_(ids))
@@ -274,7 +301,7 @@ def load_visits(session: Session, exam_ids: Iterable[int] | None = None, rule: E
             exam_id=exam_id, patient_code=code, exam_date=exam_date, eyes=tuple(eyes),
             model_referral=referral_recommendation([e.finding for e in eyes], ungradable_rule),
             current_review=reviews.get(exam_id), first_report_at=first_reports.get(exam_id), eye_result_rule=rule,
-            ungradable_rule=ungradable_rule, filing_note=filing_note,
+            ungradable_rule=ungradable_rule, filing_note=filing_note, conflicts=conflicts.get(exam_id, ()),
         ))
     return visits
 

@@ -210,3 +210,26 @@ def test_a_move_is_refused_with_a_reason_and_changes_nothing(factory):
     with session_scope(factory) as s:
         assert [s.get(Image, i).exam_id for i in (right, left)] == [exam_id, exam_id]
         assert s.scalars(select(Event).where(Event.kind == "moved")).all() == []
+
+
+def test_a_refused_identity_conflict_is_a_caution_in_the_queue_until_a_person_refiles_the_photo(factory):
+    """A copy of a stored photo named as the other eye was refused, and nothing in the review queue said so: the
+    grader could sign the visit off under a label a staff member had reason to doubt."""
+    from screening.review import review_queue
+    from screening.review.text import format_queue
+
+    with session_scope(factory) as s:
+        exam_id, right, _ = _mislabelled_visit(s)
+        image = s.get(Image, right)
+        repo.record_drop(s, sha256=image.sha256, source_name="P1_L_copy.jpg", outcome="rejected", image=image,
+                         reason="the same bytes as this patient's right eye photo", reason_code="identity_conflict",
+                         received_at=at(300))
+    with session_scope(factory) as s:
+        visit = load_visit(s, exam_id)
+        assert visit.conflicts == (right,)
+        (conflict,) = [c for c in visit.cautions if c.kind == "conflict"]
+        assert f"(image {right})" in conflict.text and "`dr-screen review eye`" in conflict.text
+        assert "identity conflict" in format_queue(review_queue(s))
+        set_eyes(s, [(right, "R")], "Ann Lee", "worklist: the copy's name was wrong", now=at(400))
+    with session_scope(factory) as s:
+        assert load_visit(s, exam_id).conflicts == ()  # answered: not shown again
