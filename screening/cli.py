@@ -404,20 +404,29 @@ def cmd_review_move(args: argparse.Namespace, settings: ScreeningSettings) -> in
     report claims; both visits get a new version from the worker."""
     from sqlalchemy import select
 
+    from .db import repository as repo
     from .db import session_scope
-    from .db.models import ClaimKind, Image
+    from .db.models import ClaimKind, Exam, Image
     from .review import ReviewError, load_visits
     from .review.eyes import move_photos
 
     factory = _session_factory(settings)
     with session_scope(factory) as session:
-        exam_ids = sorted({e for e in session.scalars(select(Image.exam_id).where(Image.id.in_(args.images))) if e is not None})
-    claims = _visit_claims(settings, factory, exam_ids)
+        # the visits the photos leave, and the one they join if it exists: a worker making a version of either waits
+        # for the move (a version read before the move's commit but timed after it would never show the photo)
+        exam_ids = {e for e in session.scalars(select(Image.exam_id).where(Image.id.in_(args.images))) if e is not None}
+        patient = repo.find_patient(session, args.patient.strip())
+        if patient is not None:
+            dates = {args.date} if args.date else set(session.scalars(
+                select(Exam.exam_date).join(Image, Image.exam_id == Exam.id).where(Image.id.in_(args.images))))
+            exam_ids |= set(session.scalars(select(Exam.id).where(Exam.patient_id == patient.id,
+                                                                  Exam.exam_date.in_(dates))))
+    claims = _visit_claims(settings, factory, sorted(exam_ids))
     if claims is None:
         return 1
     try:
         with session_scope(factory) as session:
-            for exam_id in exam_ids:
+            for exam_id in sorted(exam_ids):
                 claims.hold(session, ClaimKind.VISIT, str(exam_id))
             moved = move_photos(session, args.images, args.patient, args.date, args.eye, args.reviewer, args.reason)
     except ReviewError as exc:

@@ -312,13 +312,15 @@ def move_image(session: Session, image: Image, to: Exam, eye: str, note: str, le
     what the reports of the visit it left say (``exams.filing_note``, with ``exams.refiled_at``), so that a later
     version of that visit never shows the photo and says why. Both visits get a new version (a photo already in a
     report goes back to ``done``; :func:`exams_needing_report` compares both times with the newest report) and a
-    ``moved`` event keeps the trail. The audit's tallies of visits are the caller's to recompute
-    (:func:`screening.db.tallies.rebuild`): a visit may have lost its only photo."""
+    ``moved`` event keeps the trail. The audit's tallies of the two visits are the caller's to recompute
+    (:func:`screening.db.tallies.recount_exams`): a visit may have lost its only photo."""
     left = image.exam
     if left is None:
         raise ValueError(f"image {image.id} is in no visit; only a stored photo is moved")
     image.exam_id = to.id
     image.exam = to
+    if image.result is not None:  # results.exam_id copies the image's visit (the audit's visit counts read it)
+        image.result.exam_id = to.id
     image.eye = _check(eye, Eye, "eye")
     image.refiled_at = at
     image.filing_note = note

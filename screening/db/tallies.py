@@ -31,7 +31,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from datetime import date, datetime, time, timedelta, timezone
 from typing import Any, NamedTuple
 
-from sqlalchemy import Boolean, Integer, String, Text, case, column, delete, func, or_, select, text, update
+from sqlalchemy import Boolean, Integer, String, Text, bindparam, case, column, delete, func, or_, select, text, update
 from sqlalchemy import cast as cast_
 from sqlalchemy.orm import Session
 
@@ -334,6 +334,51 @@ def _rebuild_tallies(session: Session) -> None:
     for sql in REBUILD_SQL:
         session.execute(text(sql))
     add(session, reason_counts(session))
+
+
+def recount_exams(session: Session, exam_ids: Iterable[int]) -> None:
+    """Recompute the exam tallies and the standing columns of ``exam_ids`` from their rows, as :func:`rebuild` would,
+    touching only those visits' rows: a photo moved from one visit to another (``dr-screen review move``) moves its
+    result's visit, so one visit may stop counting and another start. The photo's own tallies (its grades, its checks,
+    its drops) keep their day and are not touched. Rows are locked and added to in key order, as :func:`add` does."""
+    ids = sorted(set(exam_ids))
+    if not ids:
+        return
+    counts: dict[Key, int] = {}
+
+    def bump(key: Key, n: int) -> None:
+        counts[key] = counts.get(key, 0) + n
+
+    for row in session.execute(select(ExamTally.day, ExamTally.model_version, ExamTally.referable, ExamTally.multi_day)
+                                .where(ExamTally.exam_id.in_(ids))
+                                .order_by(ExamTally.exam_id, ExamTally.model_version).with_for_update()).all():
+        if not row.multi_day:
+            bump(Key(row.day, EXAMS, row.model_version), -1)
+            if row.referable:
+                bump(Key(row.day, REFERABLE_EXAMS, row.model_version), -1)
+    session.execute(delete(ExamTally).where(ExamTally.exam_id.in_(ids)))
+    groups: dict[tuple[int, str], tuple[set[date], bool]] = {}
+    for exam_id, model, received_at, referable in session.execute(
+            select(Result.exam_id, Result.model_version, Result.received_at, Result.referable)
+            .where(Result.exam_id.in_(ids))).all():
+        if exam_id is None:
+            continue
+        for key in ((exam_id, model), (exam_id, POOLED)):
+            days, any_referable = groups.get(key, (set(), False))
+            groups[key] = (days | {utc_day(received_at)}, any_referable or bool(referable))
+    for (exam_id, model), (days, referable) in sorted(groups.items()):
+        multi_day = len(days) > 1
+        session.add(ExamTally(exam_id=exam_id, model_version=model, day=min(days), referable=referable,
+                              multi_day=multi_day))
+        if not multi_day:
+            bump(Key(min(days), EXAMS, model), 1)
+            if referable:
+                bump(Key(min(days), REFERABLE_EXAMS, model), 1)
+    session.flush()
+    add(session, counts)
+    session.execute(text(STANDING_SQL + "\nWHERE exams.id IN :ids").bindparams(bindparam("ids", expanding=True)),
+                    {"ids": ids})
+    session.expire_all()  # the columns changed under any loaded Exam
 
 
 def rebuild(session: Session) -> None:

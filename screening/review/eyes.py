@@ -24,6 +24,7 @@ from sqlalchemy.orm import Session
 from screening.db import repository as repo
 from screening.db import tallies
 from screening.db.models import Image, ImageState, utcnow
+from screening.findings import shown_name
 from screening.report import EYE_NAMES
 from screening.review.visits import FUTURE_TOLERANCE, REVIEWER_MAX_CHARS, ReviewError, clean_text
 from training.common import MAX_ID_LENGTH, is_safe_id
@@ -68,10 +69,10 @@ def _storable(image: Image | None, image_id: int) -> Image:
     if image is None:
         raise ReviewError(f"there is no image {image_id}: `dr-screen review show VISIT` lists a visit's images")
     if image.state == ImageState.RECEIVED:
-        raise ReviewError(f"image {image_id} is still being graded; set its eye once its report is out")
+        raise ReviewError(f"image {image_id} is still being graded; refile it once its report is out")
     if image.state in (ImageState.REJECTED, ImageState.FAILED) or image.exam_id is None:
         raise ReviewError(f"image {image_id} is not in a visit (it was {image.state}: {image.error_code or 'no code'}); "
-                          "drop the file into the inbox again, named with the right eye")
+                          "drop the file into the inbox again, named with the right patient, eye and date")
     if image.result is None and image.gradable is not False:
         raise ReviewError(f"image {image_id} has no stored result or gradability verdict, so no report shows it")
     return image
@@ -156,7 +157,7 @@ def move_photos(session: Session, image_ids: Sequence[int], patient: str, exam_d
     problem). The photo's section of its new visit's report says it was moved there, by whom, when and why, without
     naming the other patient; the reports of the visit it left say that a photo shown in earlier versions belonged to
     another patient and was moved (a visit left without photos gets a version saying so). The audit's tallies
-    are recomputed (a visit may have lost its only photo)."""
+    of the visits involved are recomputed (a visit may have lost its only photo)."""
     name, why = _names(reviewer, reason)
     code = (patient or "").strip()
     if not is_safe_id(code):
@@ -188,7 +189,7 @@ def move_photos(session: Session, image_ids: Sequence[int], patient: str, exam_d
         to = repo.get_or_create_exam(session, patient_row, exam_date or left.exam_date)
         new_eye = eye or image.eye or "?"
         note = f"Filed in this visit by {name} on {day} ({why}); it had been stored under another visit."
-        left_note = (f"A photograph shown in earlier versions of this report ({image.source_name}) is not this "
+        left_note = (f"A photograph shown in earlier versions of this report ({shown_name(image)}) is not this "
                      f"visit's: {name} moved it to another visit on {day} ({why}). Do not act on those versions.")
         if left.filing_note and left.filing_note not in left_note:
             left_note = f"{left.filing_note} {left_note}"
@@ -201,7 +202,7 @@ def move_photos(session: Session, image_ids: Sequence[int], patient: str, exam_d
         session.flush()
         emptied = session.scalar(select(Image.id).where(Image.exam_id == from_id).limit(1)) is None
         out.append(Moved(image.id, from_id, to.id, new_eye, emptied))
-    tallies.rebuild(session)
+    tallies.recount_exams(session, [m.from_exam for m in out] + [m.to_exam for m in out])
     return out
 
 

@@ -127,6 +127,7 @@ class Visit:
     ungradable_rule: UngradableRule = "recall"
     filing_note: str | None = None  # a person moved a photo out of this visit (exams.filing_note)
     conflicts: tuple[int, ...] = ()  # photos a copy of which was refused as an identity conflict, not refiled since
+    refiled_at: datetime | None = None  # a person last moved a photo out of this visit (exams.refiled_at)
 
     def eye(self, code: str) -> VisitEye | None:
         return next((e for e in self.eyes if e.eye == code), None)
@@ -177,7 +178,9 @@ class Visit:
         if r is None or {e.eye for e in r.eyes} != {e.eye for e in self.eyes}:
             return True
         if any((e.image_id, e.eye) not in self.field_eyes for e in r.eyes):  # a photo it answered for is filed
-            return True                                                     # under the other eye now
+            return True                                                     # under the other eye now, or moved
+        if self.refiled_at is not None and self.refiled_at > r.created_at:  # a photo it saw was moved out
+            return True
         return any(f.changed_at > r.created_at for f in self.fields)
 
     @property
@@ -286,12 +289,13 @@ def load_visits(session: Session, exam_ids: Iterable[int] | None = None, rule: E
     reviews = rrepo.current_reviews(session, ids)  # all (None) or the few asked for: never one parameter per visit
     first_reports = rrepo.first_report_times(session, ids)
     conflicts = _conflicts(session, ids)
-    stmt = select(Exam.id, Exam.exam_date, Patient.code, Exam.filing_note).join(Patient, Patient.id == Exam.patient_id)
+    stmt = (select(Exam.id, Exam.exam_date, Patient.code, Exam.filing_note, Exam.refiled_at)
+            .join(Patient, Patient.id == Exam.patient_id))
     if ids is not None:
         stmt = stmt.where(Exam.id.in_(ids))
     rows = [row for row in session.execute(stmt).all() if row[0] in graded]
     visits = []
-    for exam_id, exam_date, code, filing_note in sorted(rows, key=lambda row: row[0]):
+    for exam_id, exam_date, code, filing_note, refiled_at in sorted(rows, key=lambda row: row[0]):
         eyes = []
         for eye, graded_fields in graded[exam_id].items():
             fields = tuple(_field(g) for g in graded_fields)
@@ -302,6 +306,7 @@ def load_visits(session: Session, exam_ids: Iterable[int] | None = None, rule: E
             model_referral=referral_recommendation([e.finding for e in eyes], ungradable_rule),
             current_review=reviews.get(exam_id), first_report_at=first_reports.get(exam_id), eye_result_rule=rule,
             ungradable_rule=ungradable_rule, filing_note=filing_note, conflicts=conflicts.get(exam_id, ()),
+            refiled_at=refiled_at,
         ))
     return visits
 
@@ -311,8 +316,11 @@ def load_visit(session: Session, exam_id: int, rule: EyeResultRule = "worst",
     found = load_visits(session, [exam_id], rule, ungradable_rule)
     if found:
         return found[0]
-    if session.get(Exam, exam_id) is None:
+    exam = session.get(Exam, exam_id)
+    if exam is None:
         raise ReviewError(f"there is no visit {exam_id}; `dr-screen review list` shows the visits and their numbers")
+    if exam.filing_note:  # every photo was moved to other visits: nothing to review, and the reason is recorded
+        raise ReviewError(f"visit {exam_id} has no photo to review: {exam.filing_note}")
     raise ReviewError(f"visit {exam_id} has no graded photo yet: there is nothing to review")
 
 
@@ -384,8 +392,8 @@ def check_unchanged(visit: Visit, seen_fields: Collection[int] | None,
     eyes (``seen_eyes``, image id and eye; None: not known): a person set a photo's eye while it was open, and the
     grader's answer for one eye would land on another photo."""
     if seen_fields is not None and frozenset(seen_fields) != visit.field_ids:
-        raise ReviewError(f"visit {visit.exam_id} changed while it was open: a new photo was graded. Look at it, then "
-                          "sign off again")
+        raise ReviewError(f"visit {visit.exam_id} changed while it was open: a new photo was graded, or one was moved "
+                          "to another visit. Look at it, then sign off again")
     if seen_eyes is not None and frozenset(seen_eyes) != visit.field_eyes:
         raise ReviewError(f"visit {visit.exam_id} changed while it was open: a photo's eye was set. Look at it, then "
                           "sign off again")

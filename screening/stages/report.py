@@ -147,7 +147,10 @@ class ReportStage:
         fields: list[EyeFinding] = []
         images = repo.exam_images_with_results(session, exam.id, include_pending=True)
         review = rrepo.current_review(session, exam.id)
-        reopened = review is not None and self._reopened(session, exam.id)
+        # a photo moved out of the visit after its sign-off (dr-screen review move) reopens it too; a visit left with no
+        # photo is no visit of the review queue, so its sign-off is read here
+        moved_out = review is not None and exam.refiled_at is not None and exam.refiled_at > review.created_at
+        reopened = review is not None and (moved_out or self._reopened(session, exam.id))
         for image, result in images:
             if (finding := stored_finding(image, result)) is not None:  # graded: lesions judged by the model that graded it
                 fields.append(finding if result is None else with_undetected(finding, self._metrics_of(result.checkpoint_sha256)))
@@ -160,9 +163,10 @@ class ReportStage:
             report_version=version, eye_result_rule=self.settings.eye_result,
             ungradable_rule=self.settings.ungradable_rule,
             refused_pages=refused_page_reasons(session, exam.id),
-            earlier_review=self._earlier_review(session, review, reopened), visit_note=exam.filing_note,
+            earlier_review=self._earlier_review(session, review, reopened, emptied=not fields),
+            visit_note=exam.filing_note,
         )
-        if review is not None and ctx.earlier_review is not None and reopened and review.referral in REFER_LEVELS and (
+        if fields and review is not None and ctx.earlier_review is not None and reopened and review.referral in REFER_LEVELS and (
                 REFERRAL_LEVELS[review.referral].rank > REFERRAL_LEVELS[printed_referral(ctx)].rank):
             # a reopened referral more urgent than this draft's: the draft must not read as the lower answer alone
             ctx = replace(ctx, earlier_review=f"{ctx.earlier_review} That sign-off's recommendation, "
@@ -190,7 +194,7 @@ class ReportStage:
         return bool(visits) and visits[0].reopened is not None
 
     @staticmethod
-    def _earlier_review(session: Session, review: Review | None, reopened: bool) -> str | None:
+    def _earlier_review(session: Session, review: Review | None, reopened: bool, emptied: bool = False) -> str | None:
         """What a worker's version says of the visit's current sign-off ``review``, if it has one: that photographs
         came after it (``reopened``: the visit is back in the review queue), or that it covers everything shown."""
         if review is None:
@@ -200,9 +204,12 @@ class ReportStage:
                  else " (its reviewed version is not rendered yet: `dr-screen review render` makes it)")
         signed = (f"This visit was signed off by {review.reviewer} on {review.reviewed_at.astimezone():%Y-%m-%d}{which}, "
                   f"recommending '{REFERRAL_LEVELS[review.referral].text}'")
+        if emptied:  # every photo it answered for was moved to another patient's or date's visit
+            return (f"{signed}. Its photographs were moved to other visits since, so that sign-off no longer stands "
+                    "for this visit.")
         if reopened:
-            return (f"{signed}. Photographs were added, or a photo's eye was set, after that sign-off, so this version "
-                    "shows the model's findings only and awaits review again.")
+            return (f"{signed}. Photographs were added, moved, or had their eye set after that sign-off, so this "
+                    "version shows the model's findings only and awaits review again.")
         return f"{signed}; its answers are on {'the reviewed' if reviewed is None else 'that'} version."
 
     # ---------------------------------------------------------------------------------- rendering

@@ -508,12 +508,16 @@ def test_staff_move_a_photo_to_the_right_patient_and_both_visits_get_a_version_s
     assert "is not this visit's: Ann Lee moved it to another visit" in p1 and "Left eye" in pdf("P1", 1)
     assert "Filed in this visit by Ann Lee" in p2 and "moved from another visit" in p2 and "P1" not in p2
 
+    assert run("review", "confirm", "1", "--reviewer", "Dr Grey")[0] == 0  # P1 as it is now: v3, reviewed
     rc, out, err = run("review", "move", str(ids["P1_R.jpg"]), "--patient", "P3", "--date", "2025-02-01", "--eye", "L",
                        "--reviewer", "Ann Lee", "--reason", "clinic notes")
     assert rc == 0 and "visit 1 has no photo left, and its next version says so" in out, err
     assert cli.main(["--config", str(cfg), "run", "--once"]) == 0
-    p1 = pdf("P1", 3)
+    p1 = pdf("P1", 4)
     assert "No gradable images received" in p1 and "P1_R.jpg" in p1 and "P1_L.jpg" in p1  # both moves are said
+    assert "Its photographs were moved to other visits since, so that sign-off no longer stands" in p1
+    rc, _, err = run("review", "show", "1")
+    assert rc == 1 and "visit 1 has no photo to review: A photograph shown in earlier versions" in err
     assert next((tmp_path / "reports" / "P3" / "2025-02-01").glob("report_v1.pdf"))
     rc, _, err = run("review", "move", str(ids["P1_R.jpg"]), "--patient", "P3", "--date", "2025-02-01",
                      "--reviewer", "Ann Lee", "--reason", "again")

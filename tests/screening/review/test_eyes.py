@@ -148,6 +148,7 @@ def test_a_photo_stored_under_the_wrong_patient_moves_to_the_right_visit_and_bot
     with session_scope(factory) as s:
         image = s.get(Image, left)
         assert image.exam_id == other and image.eye == "L" and image.state == "done"
+        assert image.result.exam_id == other  # the audit's visit counts read the result's copy of the visit
         assert image.filing_note.startswith("Filed in this visit by Ann Lee on ") and "(camera worklist)" in image.filing_note
         finding = stored_finding(image, image.result)
         assert finding.source_name == f"image {left}, moved from another visit"  # its file name named P1
@@ -161,12 +162,40 @@ def test_a_photo_stored_under_the_wrong_patient_moves_to_the_right_visit_and_bot
         assert p2.awaiting_review and [f.image_id for f in p2.new_since_review] == [left]  # the sign-off saw no left eye
         assert load_visit(s, exam_id).filing_note == left_visit.filing_note
         assert [f.image_id for f in load_visit(s, exam_id).fields] == [right]
+    with session_scope(factory) as s:  # moved on again: the visit it leaves now never names P1's file
+        move_photos(s, [left], "P3", None, None, "Ann Lee", "second look", now=signed_at + timedelta(minutes=2))
+        assert tallies.check(s) == []
+    with session_scope(factory) as s:
+        note = s.get(Exam, other).filing_note
+        assert f"(image {left}, moved from another visit)" in note and "P1" not in note
+
+
+def test_moving_out_a_field_that_was_not_the_eyes_result_reopens_the_visit_it_left(factory):
+    """The sign-off answered for the eye by its worse field; the other field (not this patient's) moved out, so the
+    grader saw a photo that is gone: the visit awaits review again (its eyes and result fields are unchanged)."""
+    from datetime import datetime, timezone
+
+    from screening.review.eyes import move_photos
+
+    start = datetime.now(timezone.utc) - timedelta(minutes=30)
+    with session_scope(factory) as s:
+        exam_id = seed_visit(s, "P1", {"R": (3, 0, True)}, received=start).id
+        seed_visit(s, "P1", {"R": (1, 0, False)}, received=start + timedelta(seconds=60))
+        visit = load_visit(s, exam_id)
+        worse, other = visit.eye("R").image_id, next(f.image_id for f in visit.fields if f.image_id != visit.eye("R").image_id)
+        signed_at = sign_off(s, exam_id, reviewer="Dr Grey", source="cli").created_at
+    with session_scope(factory) as s:
+        move_photos(s, [other], "P2", None, None, "Ann Lee", "worklist", now=signed_at + timedelta(minutes=1))
+    with session_scope(factory) as s:
+        visit = load_visit(s, exam_id)
+        assert visit.eye("R").image_id == worse and visit.awaiting_review and visit.reopened is not None
 
 
 def test_a_visit_left_without_photos_still_gets_a_version_and_a_sign_off_there_no_longer_covers_it(factory):
     from datetime import date
 
-    from screening.db.models import Patient
+    from screening.db import tallies
+    from screening.db.models import Exam, Patient
     from screening.review.eyes import move_photos
 
     with session_scope(factory) as s:
@@ -177,6 +206,7 @@ def test_a_visit_left_without_photos_still_gets_a_version_and_a_sign_off_there_n
         assert [m.emptied for m in moved] == [False, True] and len({m.to_exam for m in moved}) == 1
     with session_scope(factory) as s:
         assert s.scalars(select(Patient.code)).all() == ["P1", "NEW7"]
+        assert tallies.check(s) == [] and s.get(Exam, exam_id).screened_at is None  # P1 is no screened visit now
         assert [e.id for e in repo.exams_needing_report(s)] == [exam_id, moved[0].to_exam]  # P1 has no photo, still due
         assert load_visit(s, moved[0].to_exam).exam_date == date(2025, 3, 1)
         assert [s.get(Image, i).eye for i in (right, left)] == ["R", "R"]
