@@ -346,7 +346,7 @@ def cmd_review_eye(args: argparse.Namespace, settings: ScreeningSettings) -> int
         with session_scope(factory) as session:
             for exam_id in exam_ids:
                 claims.hold(session, ClaimKind.VISIT, str(exam_id))
-            done = set_eyes(session, args.eyes, args.reviewer, args.reason)
+            done = set_eyes(session, args.eyes, args.reviewer, args.reason, against_photo=args.against_photo)
     except ReviewError as exc:
         print(f"error: {exc}; nothing was changed", file=sys.stderr)
         return 1
@@ -428,12 +428,16 @@ def cmd_review_move(args: argparse.Namespace, settings: ScreeningSettings) -> in
         with session_scope(factory) as session:
             for exam_id in sorted(exam_ids):
                 claims.hold(session, ClaimKind.VISIT, str(exam_id))
-            moved = move_photos(session, args.images, args.patient, args.date, args.eye, args.reviewer, args.reason)
+            moved = move_photos(session, args.images, args.patient, args.date, args.eye, args.reviewer, args.reason,
+                                against_photo=args.against_photo)
     except ReviewError as exc:
         print(f"error: {exc}; nothing was changed", file=sys.stderr)
         return 1
     finally:
         claims.close()
+    if moved and moved[0].new_patient:
+        print(f"note: patient {args.patient.strip()} was not in the database: a new patient record was made (a typo? "
+              "`dr-screen review move` the photos back)")
     for m in moved:
         print(f"image {m.image_id}: moved from visit {m.from_exam} to visit {m.to_exam} (eye {m.eye})"
               + (f"; visit {m.from_exam} has no photo left, and its next version says so" if m.emptied else ""))
@@ -707,6 +711,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="an image id (from `review show VISIT`) and R or L, e.g. 12=L; give a swapped pair together")
     sp.add_argument("--reviewer", required=True, help="the name of the person who checked the label (printed on the report)")
     sp.add_argument("--reason", required=True, help="what the label was checked against, e.g. 'camera worklist'")
+    sp.add_argument("--against-photo", action="store_true",
+                    help="set an eye the photo reads as the other one (90%%+ sure): a camera that mirrors photos")
     sp.set_defaults(func=cmd_review_eye)
     sp = rsub.add_parser("move", help="file photos stored under the wrong patient (or date) in the right visit; both "
                                       "visits get a new report version")
@@ -716,6 +722,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--eye", type=_eye_code, help="R or L (default: the eye they are filed under)")
     sp.add_argument("--reviewer", required=True, help="the name of the person who checked the label (printed on the report)")
     sp.add_argument("--reason", required=True, help="what the label was checked against, e.g. 'camera worklist'")
+    sp.add_argument("--against-photo", action="store_true",
+                    help="with --eye: an eye the photo reads as the other one (90%%+ sure)")
     sp.set_defaults(func=cmd_review_move)
     sp = rsub.add_parser("render", help="render reviewed reports that are missing (e.g. after a failed render)")
     sp.add_argument("visit", type=int, nargs="?", help="only this visit")

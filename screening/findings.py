@@ -29,7 +29,7 @@ def shown_name(image: Image) -> str:
     """The photo's name as reports and the review page show it: the file's, except for a photo a person moved here
     from another visit (`dr-screen review move`), whose file name may carry the other patient's id."""
     if image.filing_note:
-        return f"image {image.id}, moved from another visit"
+        return "file name withheld: moved from another visit"
     return image.source_name
 
 

@@ -198,6 +198,9 @@ class ReviewNote:
     referral: str  # the grader's referral outcome, a key of REFERRAL_LEVELS
     eyes: tuple[EyeReview, ...]
     comment: str | None = None
+    # the referral the grader's grades alone imply (a key of REFERRAL_LEVELS; None: not known): when the sign-off's
+    # referral is more urgent, its box says why instead of the level's generic advice
+    implied: str | None = None
 
     def __post_init__(self) -> None:
         if not self.reviewer.strip():
@@ -663,12 +666,22 @@ def _review_view(ctx: ReportContext, model_referral: Referral) -> dict[str, obje
     if r is None:
         return None
     at = r.reviewed_at
+    level = REFERRAL_LEVELS[r.referral]
+    advice = level.advice
+    if r.implied in REFERRAL_LEVELS and level.level in REFER_LEVELS and REFERRAL_LEVELS[r.implied].rank < level.rank:
+        # e.g. grades 0 and 0 confirmed with the model's score-based routine referral: the level's own advice
+        # ("for moderate non-proliferative DR and/or possible DME") would give a reason the grades contradict
+        why = ("the model's referable-DR score was over the screening threshold" if r.outcome == "confirmed"
+               else "the grader chose it")
+        advice = (f"Referred although the grades recorded alone would imply '{REFERRAL_LEVELS[r.implied].text}': "
+                  f"{why}.")
     return {
         "reviewer": r.reviewer,
         "reviewed_at": at.strftime("%Y-%m-%d %H:%M") + (f" {at.strftime('%Z') or at.strftime('%z')}" if at.tzinfo else ""),
         "reviewed_on": at.strftime("%Y-%m-%d"),
         "corrected": r.outcome == "corrected",
-        "level": REFERRAL_LEVELS[r.referral],
+        "level": level,
+        "advice": advice,
         "referral_changed": r.referral != model_referral.level,
         "comment": r.comment,
     }

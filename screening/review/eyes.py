@@ -30,6 +30,9 @@ from screening.review.visits import FUTURE_TOLERANCE, REVIEWER_MAX_CHARS, Review
 from training.common import MAX_ID_LENGTH, is_safe_id
 
 REASON_MAX_CHARS = 500
+# At or above this probability of the other eye, setting an eye takes ``against_photo``: the commonest cause is a
+# mistyped image id, which would file two photos under one eye and leave the other "not received".
+SURE = 0.9
 _SOURCE_WORDS = {"name": "the file name", "sidecar": "the sidecar", "dicom": "the DICOM laterality tag",
                  "image": "the photo itself (no eye was stated)", "staff": "a person"}
 
@@ -78,8 +81,18 @@ def _storable(image: Image | None, image_id: int) -> Image:
     return image
 
 
+def _check_photo(image: Image, eye: str, against_photo: bool) -> None:
+    """Refuse an eye the photo reads as the other one with at least :data:`SURE`, unless ``against_photo``."""
+    if (not against_photo and image.predicted_eye in EYE_NAMES and image.predicted_eye != eye
+            and (image.eye_confidence or 0.0) >= SURE):
+        raise ReviewError(f"image {image.id}: the photo reads as the {EYE_NAMES[image.predicted_eye].lower()} "
+                          f"({image.eye_confidence:.0%} sure), not the {EYE_NAMES[eye].lower()}. Check the image id "
+                          "(`dr-screen review show VISIT`); if the label you checked says so all the same (a camera that "
+                          "mirrors photos), add --against-photo")
+
+
 def set_eyes(session: Session, eyes: Sequence[tuple[int, str]], reviewer: str, reason: str,
-             now: datetime | None = None) -> list[EyeSet]:
+             now: datetime | None = None, against_photo: bool = False) -> list[EyeSet]:
     """Set each ``(image id, eye)`` of ``eyes`` (eye ``R`` or ``L``) as checked by ``reviewer`` for ``reason``, in
     the caller's transaction (nothing is committed here). All or none: a problem with any photo raises
     :class:`ReviewError` naming it before anything changes. An eye equal to the filed one is a confirmation (the
@@ -97,6 +110,7 @@ def set_eyes(session: Session, eyes: Sequence[tuple[int, str]], reviewer: str, r
         if eye not in EYE_NAMES:
             raise ReviewError(f"image {image_id}: {eye!r} is not an eye; write R or L")
         image = _storable(session.get(Image, image_id), image_id)
+        _check_photo(image, eye, against_photo)
         if image.eye == eye and image.eye_source == "staff":
             raise ReviewError(f"image {image_id} is already filed as the {EYE_NAMES[eye].lower()}, set by a person; "
                               "nothing to change")
@@ -138,6 +152,7 @@ class Moved:
     to_exam: int
     eye: str
     emptied: bool  # the visit it left has no photo left (its next version says so)
+    new_patient: bool = False  # the patient id was not in the database before (a typo makes a new patient)
 
 
 def _names(reviewer: str, reason: str) -> tuple[str, str]:
@@ -150,7 +165,7 @@ def _names(reviewer: str, reason: str) -> tuple[str, str]:
 
 
 def move_photos(session: Session, image_ids: Sequence[int], patient: str, exam_date: date | None, eye: str | None,
-                reviewer: str, reason: str, now: datetime | None = None) -> list[Moved]:
+                reviewer: str, reason: str, now: datetime | None = None, against_photo: bool = False) -> list[Moved]:
     """File each photo of ``image_ids`` in ``patient``'s visit of ``exam_date`` (None: the date of the visit it is
     in now), under ``eye`` (None: the eye it is filed under now), as checked by ``reviewer`` for ``reason``: a photo
     stored under the wrong patient. In the caller's transaction; all or none (:class:`ReviewError` names the
@@ -172,6 +187,9 @@ def move_photos(session: Session, image_ids: Sequence[int], patient: str, exam_d
     if len(set(image_ids)) != len(image_ids):
         raise ReviewError("a photo is given twice; give each photo once")
     images = [_storable(session.get(Image, i), i) for i in image_ids]
+    for image in images:
+        if eye is not None:
+            _check_photo(image, eye, against_photo)
     at = now or utcnow()
     day = at.astimezone().strftime("%Y-%m-%d")
     target_patient = repo.find_patient(session, code)
@@ -201,7 +219,7 @@ def move_photos(session: Session, image_ids: Sequence[int], patient: str, exam_d
             _set_eye(session, image, eye, name, why, day, at, before=old_eye)
         session.flush()
         emptied = session.scalar(select(Image.id).where(Image.exam_id == from_id).limit(1)) is None
-        out.append(Moved(image.id, from_id, to.id, new_eye, emptied))
+        out.append(Moved(image.id, from_id, to.id, new_eye, emptied, target_patient is None))
     tallies.recount_exams(session, [m.from_exam for m in out] + [m.to_exam for m in out])
     return out
 

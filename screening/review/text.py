@@ -73,7 +73,8 @@ def format_review(review: Review) -> str:
 def format_visit(visit: Visit, history: Sequence[Review], reports: Sequence[Report]) -> str:
     lines = [f"Visit {visit.exam_id}: patient {visit.patient_code}, exam {visit.exam_date.isoformat()}",
              "status: " + ("awaiting review" if visit.awaiting_review else "signed off"),
-             *([f"note: {visit.filing_note}"] if visit.filing_note else []), ""]
+             *([f"note: {visit.filing_note}"] if visit.filing_note else []),
+             *(f"caution ({c.note}): {c.text}" for c in visit.cautions), ""]
     for e in visit.eyes:
         f = e.finding
         for k, fld in enumerate(e.fields, start=1):

@@ -518,6 +518,7 @@ def review_note(review: Review) -> ReviewNote:
     return ReviewNote(
         reviewer=review.reviewer, reviewed_at=review.reviewed_at.astimezone(), outcome=review.outcome,  # type: ignore[arg-type]
         referral=review.referral, eyes=answers_of(review), comment=review.comment,
+        implied=referral_from_answers(answers_of(review)),
     )
 
 

@@ -454,7 +454,8 @@ def test_staff_swap_a_visits_eyes_and_the_worker_makes_a_new_version_saying_so(t
     ids = {m[1]: int(m[0]) for m in re.findall(r"image (\d+), (P1_[RL]\.jpg)", out)}
     right, left = ids["P1_R.jpg"], ids["P1_L.jpg"]
 
-    rc, out, err = run("review", "eye", f"{right}=L", f"{left}=OD", "--reviewer", "Ann Lee", "--reason", "camera worklist")
+    rc, out, err = run("review", "eye", f"{right}=L", f"{left}=OD", "--reviewer", "Ann Lee", "--reason", "camera worklist",
+                       "--against-photo")  # synthetic photos: whatever the laterality check reads in them
     assert rc == 0, err
     assert f"image {right} (visit 1): eye set from R to L" in out and f"image {left} (visit 1): eye set from L to R" in out
     assert "visit 1: a new report version follows" in out
@@ -465,7 +466,7 @@ def test_staff_swap_a_visits_eyes_and_the_worker_makes_a_new_version_saying_so(t
     rc, out, _ = run("review", "show", "1")
     assert f"Left eye field 1 of 1: image {right}, P1_R.jpg" in out  # filed under the eye set
 
-    rc, out, err = run("review", "eye", f"{right}=L", "--reviewer", "Ann Lee", "--reason", "again")
+    rc, out, err = run("review", "eye", f"{right}=L", "--reviewer", "Ann Lee", "--reason", "again", "--against-photo")
     assert rc == 1 and f"image {right} is already filed as the left eye" in err and "nothing was changed" in err
     with pytest.raises(SystemExit):
         run("review", "eye", str(right), "--reviewer", "Ann Lee", "--reason", "x")
@@ -510,8 +511,9 @@ def test_staff_move_a_photo_to_the_right_patient_and_both_visits_get_a_version_s
 
     assert run("review", "confirm", "1", "--reviewer", "Dr Grey")[0] == 0  # P1 as it is now: v3, reviewed
     rc, out, err = run("review", "move", str(ids["P1_R.jpg"]), "--patient", "P3", "--date", "2025-02-01", "--eye", "L",
-                       "--reviewer", "Ann Lee", "--reason", "clinic notes")
+                       "--reviewer", "Ann Lee", "--reason", "clinic notes", "--against-photo")
     assert rc == 0 and "visit 1 has no photo left, and its next version says so" in out, err
+    assert "note: patient P3 was not in the database: a new patient record was made" in out
     assert cli.main(["--config", str(cfg), "run", "--once"]) == 0
     p1 = pdf("P1", 4)
     assert "No gradable images received" in p1 and "P1_R.jpg" in p1 and "P1_L.jpg" in p1  # both moves are said

@@ -734,6 +734,23 @@ def test_confirmed_review_says_confirmed_and_draft_has_no_sign_off(tmp_path):
     assert "Clinician sign-off" not in draft and "Reviewed by" not in draft and "Grader:" not in draft
 
 
+def test_a_sign_off_referring_above_what_its_grades_imply_says_why_not_the_levels_generic_reason():
+    """A grader confirmed DR 0 / DME 0 with the model's score-based routine referral: the box read "Routine referral
+    for moderate non-proliferative DR and/or possible diabetic macular oedema" (a staff-style check)."""
+    eyes = [_eye("R", 0, 0)]
+    confirmed = _review(outcome="confirmed", referral="routine", eyes=(rpt.EyeReview("R", True, 0, 0),), comment=None,
+                        implied="rescreen_12")
+    html = render_html(dataclasses.replace(_ctx(eyes), review=confirmed), TEMPLATES)
+    assert ("Referred although the grades recorded alone would imply &#39;" in html
+            and "the model&#39;s referable-DR score was over the screening threshold." in html)
+    assert rpt.REFERRAL_LEVELS["routine"].advice not in html.split("Clinician sign-off")[1].split("Model")[0]
+    chosen = dataclasses.replace(confirmed, outcome="corrected", referral="soon")
+    assert "the grader chose it." in render_html(dataclasses.replace(_ctx(eyes), review=chosen), TEMPLATES)
+    implied = dataclasses.replace(confirmed, implied="routine")  # the grades themselves refer: the level's own advice
+    html = render_html(dataclasses.replace(_ctx(eyes), review=implied), TEMPLATES)
+    assert "Referred although" not in html
+
+
 def test_an_eyes_result_is_a_gradable_field_before_an_ungradable_one():
     graded, dark, blurred = _eye("R", 1, 0), _ungradable("R"), _ungradable("R", None, "blurred (out of focus)")
     for rule in ("worst", "latest"):

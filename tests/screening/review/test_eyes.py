@@ -60,14 +60,17 @@ def test_a_swapped_pair_is_set_together_the_warning_goes_and_the_visit_needs_a_n
 def test_a_confirmed_eye_keeps_its_eye_and_loses_the_warning(factory):
     with session_scope(factory) as s:
         exam_id, right, _ = _mislabelled_visit(s)
-        (done,) = set_eyes(s, [(right, "R")], "Ann Lee", "checked the camera's worklist", now=at(120))
+        with pytest.raises(ReviewError, match=f"image {right}: the photo reads as the left eye \\(97% sure\\), not the "
+                                              "right eye.*add --against-photo"):
+            set_eyes(s, [(right, "R")], "Ann Lee", "checked the camera's worklist")  # a mistyped id, most often
+        (done,) = set_eyes(s, [(right, "R")], "Ann Lee", "checked the camera's worklist", now=at(120), against_photo=True)
         assert (done.before, done.after, done.changed) == ("R", "R", False)
         assert done.contradicted and (done.photo_reads, done.photo_confidence) == ("L", 0.97)  # the command warns
         image = s.get(Image, right)
         assert image.eye == "R" and image.eye_note.startswith("Eye confirmed as the right eye by Ann Lee")
         assert not stored_finding(image, image.result).eye_mismatch
         with pytest.raises(ReviewError, match=f"image {right} is already filed as the right eye, set by a person"):
-            set_eyes(s, [(right, "R")], "Ann Lee", "again")
+            set_eyes(s, [(right, "R")], "Ann Lee", "again", against_photo=True)
 
 
 def test_a_sign_off_made_before_the_eye_was_set_no_longer_covers_the_visit(factory):
@@ -151,7 +154,7 @@ def test_a_photo_stored_under_the_wrong_patient_moves_to_the_right_visit_and_bot
         assert image.result.exam_id == other  # the audit's visit counts read the result's copy of the visit
         assert image.filing_note.startswith("Filed in this visit by Ann Lee on ") and "(camera worklist)" in image.filing_note
         finding = stored_finding(image, image.result)
-        assert finding.source_name == f"image {left}, moved from another visit"  # its file name named P1
+        assert finding.source_name == "file name withheld: moved from another visit"  # its file name named P1
         left_visit = s.get(Exam, exam_id)
         assert "P1_L.jpg" in left_visit.filing_note and "Do not act on those versions" in left_visit.filing_note
         assert [e.id for e in repo.exams_needing_report(s)] == [exam_id, other]
@@ -167,7 +170,7 @@ def test_a_photo_stored_under_the_wrong_patient_moves_to_the_right_visit_and_bot
         assert tallies.check(s) == []
     with session_scope(factory) as s:
         note = s.get(Exam, other).filing_note
-        assert f"(image {left}, moved from another visit)" in note and "P1" not in note
+        assert "(file name withheld: moved from another visit)" in note and "P1" not in note
 
 
 def test_moving_out_a_field_that_was_not_the_eyes_result_reopens_the_visit_it_left(factory):
@@ -202,7 +205,11 @@ def test_a_visit_left_without_photos_still_gets_a_version_and_a_sign_off_there_n
         exam_id, right, left = _mislabelled_visit(s)
         sign_off(s, exam_id, reviewer="Dr Grey", source="cli")
     with session_scope(factory) as s:
-        moved = move_photos(s, [right, left], "NEW7", date(2025, 3, 1), "R", "Ann Lee", "worklist", now=at(7200))
+        with pytest.raises(ReviewError, match="the photo reads as the left eye"):
+            move_photos(s, [right, left], "NEW7", date(2025, 3, 1), "R", "Ann Lee", "worklist")
+        moved = move_photos(s, [right, left], "NEW7", date(2025, 3, 1), "R", "Ann Lee", "worklist", now=at(7200),
+                            against_photo=True)
+        assert [m.new_patient for m in moved] == [True, True]
         assert [m.emptied for m in moved] == [False, True] and len({m.to_exam for m in moved}) == 1
     with session_scope(factory) as s:
         assert s.scalars(select(Patient.code)).all() == ["P1", "NEW7"]
@@ -246,7 +253,7 @@ def test_a_refused_identity_conflict_is_a_caution_in_the_queue_until_a_person_re
     """A copy of a stored photo named as the other eye was refused, and nothing in the review queue said so: the
     grader could sign the visit off under a label a staff member had reason to doubt."""
     from screening.review import review_queue
-    from screening.review.text import format_queue
+    from screening.review.text import format_queue, format_visit
 
     with session_scope(factory) as s:
         exam_id, right, _ = _mislabelled_visit(s)
@@ -260,6 +267,7 @@ def test_a_refused_identity_conflict_is_a_caution_in_the_queue_until_a_person_re
         (conflict,) = [c for c in visit.cautions if c.kind == "conflict"]
         assert f"(image {right})" in conflict.text and "`dr-screen review eye`" in conflict.text
         assert "identity conflict" in format_queue(review_queue(s))
-        set_eyes(s, [(right, "R")], "Ann Lee", "worklist: the copy's name was wrong", now=at(400))
+        assert f"caution (identity conflict): A copy of a photo of this visit (image {right})" in format_visit(visit, [], [])
+        set_eyes(s, [(right, "R")], "Ann Lee", "worklist: the copy's name was wrong", now=at(400), against_photo=True)
     with session_scope(factory) as s:
         assert load_visit(s, exam_id).conflicts == ()  # answered: not shown again
