@@ -211,6 +211,11 @@ def move_photos(session: Session, image_ids: Sequence[int], patient: str, exam_d
                      f"visit's: {name} moved it to another visit on {day} ({why}). Do not act on those versions.")
         if left.filing_note and left.filing_note not in left_note:
             left_note = f"{left.filing_note} {left_note}"
+        if to.filing_note:  # a photo moved (back) into a visit that said one of its photos was not its own
+            joined = (f"Then {name} moved a photograph into this visit on {day} ({why}): the photographs shown in "
+                      "this version are the ones filed in it now.")
+            if joined not in to.filing_note:
+                to.filing_note = f"{to.filing_note} {joined}"
         message = f"image moved from visit {left.id} to visit {to.id}" + (
             f", eye {image.eye} -> {new_eye}" if new_eye != image.eye else "") + f" by {name}: {why}"
         from_id, old_eye = left.id, image.eye

@@ -171,6 +171,12 @@ def test_a_photo_stored_under_the_wrong_patient_moves_to_the_right_visit_and_bot
     with session_scope(factory) as s:
         note = s.get(Exam, other).filing_note
         assert "(file name withheld: moved from another visit)" in note and "P1" not in note
+    with session_scope(factory) as s:  # moved back where it came from: that visit's note says so
+        move_photos(s, [left], "P1", None, None, "Ann Lee", "it was P1's after all", now=signed_at + timedelta(minutes=3))
+        assert s.get(Image, left).exam_id == exam_id and tallies.check(s) == []
+        note = s.get(Exam, exam_id).filing_note
+        assert note.index("is not this visit's") < note.index("Then Ann Lee moved a photograph into this visit")
+        assert "(it was P1's after all): the photographs shown in this version are the ones filed in it now." in note
 
 
 def test_moving_out_a_field_that_was_not_the_eyes_result_reopens_the_visit_it_left(factory):
