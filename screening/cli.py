@@ -8,10 +8,10 @@ import argparse
 import getpass
 import logging
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from datetime import date
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypeVar
 
 from .runtime import apply_worker_env
 
@@ -28,8 +28,10 @@ if TYPE_CHECKING:
 
     from .claims import Claimer
     from .pipeline import Worker
+    from .review import Visit
 
 log = logging.getLogger("screening")
+T = TypeVar("T")
 
 
 def check_database_url(url: str) -> None:
@@ -331,27 +333,18 @@ def cmd_review_eye(args: argparse.Namespace, settings: ScreeningSettings) -> int
     from sqlalchemy import select
 
     from .db import session_scope
-    from .db.models import ClaimKind, Image
-    from .review import ReviewError, load_visits
+    from .db.models import Image
+    from .review import load_visits
     from .review.eyes import set_eyes
 
     factory = _session_factory(settings)
     with session_scope(factory) as session:
         wanted = [image_id for image_id, _ in args.eyes]
         exam_ids = sorted({e for e in session.scalars(select(Image.exam_id).where(Image.id.in_(wanted))) if e is not None})
-    claims = _visit_claims(settings, factory, exam_ids)
-    if claims is None:
+    done = _refile(settings, factory, exam_ids, lambda session: set_eyes(
+        session, args.eyes, args.reviewer, args.reason, against_photo=args.against_photo))
+    if done is None:
         return 1
-    try:
-        with session_scope(factory) as session:
-            for exam_id in exam_ids:
-                claims.hold(session, ClaimKind.VISIT, str(exam_id))
-            done = set_eyes(session, args.eyes, args.reviewer, args.reason, against_photo=args.against_photo)
-    except ReviewError as exc:
-        print(f"error: {exc}; nothing was changed", file=sys.stderr)
-        return 1
-    finally:
-        claims.close()
     for e in done:
         what = "confirmed as" if not e.changed else f"set from {e.before} to"
         print(f"image {e.image_id} (visit {e.exam_id}): eye {what} {e.after}")
@@ -364,10 +357,38 @@ def cmd_review_eye(args: argparse.Namespace, settings: ScreeningSettings) -> int
     for v in visits:
         print(f"visit {v.exam_id}: a new report version follows (a running worker makes it at its next sweep, within "
               f"{settings.sweep_interval:g} s; with none running, `dr-screen run --once`)")
-        if v.current_review is not None and v.awaiting_review:
-            print(f"visit {v.exam_id}: its sign-off by {v.current_review.reviewer} was made before this, so the visit "
-                  "awaits review again (`dr-screen review list`)")
+        _say_reopened(v)
     return 0
+
+
+def _say_reopened(visit: Visit) -> None:
+    if visit.current_review is not None and visit.awaiting_review:
+        print(f"visit {visit.exam_id}: its sign-off by {visit.current_review.reviewer} was made before this, so the "
+              "visit awaits review again (`dr-screen review list`)")
+
+
+def _refile(settings: ScreeningSettings, factory: sessionmaker[Session], exam_ids: Iterable[int],
+            work: Callable[[Session], T]) -> T | None:
+    """Run ``work`` (a refiling: `review eye`, `review move`) in one transaction under the report claims of the
+    visits it touches; None, with the error printed, when a claim or the work is refused (nothing was changed)."""
+    from .db import session_scope
+    from .db.models import ClaimKind
+    from .review import ReviewError
+
+    exam_ids = sorted(exam_ids)
+    claims = _visit_claims(settings, factory, exam_ids)
+    if claims is None:
+        return None
+    try:
+        with session_scope(factory) as session:
+            for exam_id in exam_ids:
+                claims.hold(session, ClaimKind.VISIT, str(exam_id))
+            return work(session)
+    except ReviewError as exc:
+        print(f"error: {exc}; nothing was changed", file=sys.stderr)
+        return None
+    finally:
+        claims.close()
 
 
 def _visit_claims(settings: ScreeningSettings, factory: sessionmaker[Session], exam_ids: list[int]) -> Claimer | None:
@@ -406,8 +427,8 @@ def cmd_review_move(args: argparse.Namespace, settings: ScreeningSettings) -> in
 
     from .db import repository as repo
     from .db import session_scope
-    from .db.models import ClaimKind, Exam, Image
-    from .review import ReviewError, load_visits
+    from .db.models import Exam, Image
+    from .review import load_visits
     from .review.eyes import move_photos
 
     factory = _session_factory(settings)
@@ -421,20 +442,11 @@ def cmd_review_move(args: argparse.Namespace, settings: ScreeningSettings) -> in
                 select(Exam.exam_date).join(Image, Image.exam_id == Exam.id).where(Image.id.in_(args.images))))
             exam_ids |= set(session.scalars(select(Exam.id).where(Exam.patient_id == patient.id,
                                                                   Exam.exam_date.in_(dates))))
-    claims = _visit_claims(settings, factory, sorted(exam_ids))
-    if claims is None:
+    moved = _refile(settings, factory, exam_ids, lambda session: move_photos(
+        session, args.images, args.patient, args.date, args.eye, args.reviewer, args.reason,
+        against_photo=args.against_photo))
+    if moved is None:
         return 1
-    try:
-        with session_scope(factory) as session:
-            for exam_id in sorted(exam_ids):
-                claims.hold(session, ClaimKind.VISIT, str(exam_id))
-            moved = move_photos(session, args.images, args.patient, args.date, args.eye, args.reviewer, args.reason,
-                                against_photo=args.against_photo)
-    except ReviewError as exc:
-        print(f"error: {exc}; nothing was changed", file=sys.stderr)
-        return 1
-    finally:
-        claims.close()
     if moved and moved[0].new_patient:
         print(f"note: patient {args.patient.strip()} was not in the database: a new patient record was made (a typo? "
               "`dr-screen review move` the photos back)")
@@ -446,9 +458,7 @@ def cmd_review_move(args: argparse.Namespace, settings: ScreeningSettings) -> in
           f"sweep, within {settings.sweep_interval:g} s; with none running, `dr-screen run --once`)")
     with session_scope(factory) as session:
         for v in load_visits(session, touched, settings.eye_result, settings.ungradable_rule):
-            if v.current_review is not None and v.awaiting_review:
-                print(f"visit {v.exam_id}: its sign-off by {v.current_review.reviewer} was made before this, so the "
-                      "visit awaits review again (`dr-screen review list`)")
+            _say_reopened(v)
     return 0
 
 

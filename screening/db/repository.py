@@ -299,10 +299,16 @@ def set_eye(session: Session, image: Image, eye: str, note: str, message: str, a
     image.eye = _check(eye, Eye, "eye")
     image.eye_source = EyeSource.STAFF.value
     image.eye_note = note
+    _refiled(session, image, at, "eye_set", message)
+
+
+def _refiled(session: Session, image: Image, at: datetime, kind: str, message: str) -> None:
+    """What every refiling by a person records: when (``images.refiled_at``), the photo back to ``done`` if it was
+    in a report (its visit gets a new version), and the event that keeps the trail."""
     image.refiled_at = at
     if image.state == ImageState.REPORTED:
         set_state(session, image, ImageState.DONE)
-    add_event(session, "eye_set", message, image=image, created_at=at)
+    add_event(session, kind, message, image=image, created_at=at)
 
 
 def move_image(session: Session, image: Image, to: Exam, eye: str, note: str, left_note: str, message: str,
@@ -322,13 +328,10 @@ def move_image(session: Session, image: Image, to: Exam, eye: str, note: str, le
     if image.result is not None:  # results.exam_id copies the image's visit (the audit's visit counts read it)
         image.result.exam_id = to.id
     image.eye = _check(eye, Eye, "eye")
-    image.refiled_at = at
     image.filing_note = note
     left.refiled_at = at
     left.filing_note = left_note
-    if image.state == ImageState.REPORTED:
-        set_state(session, image, ImageState.DONE)
-    add_event(session, "moved", message, image=image, created_at=at)
+    _refiled(session, image, at, "moved", message)
 
 
 def record_checks(
