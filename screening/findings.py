@@ -16,6 +16,7 @@ from sqlalchemy.orm import Session
 from screening.db import repository as repo
 from screening.db.models import EyeSource, Image, ImageState, Result
 from screening.report import EyeFinding
+from training.api import REASON_TEXT  # torch-free: showing an ungradable photo must not load the model stack
 
 PHOTO_FILE = "photo.jpg"  # the display copy of the photo in its folder (screening.stages.store writes it)
 _STORED = (ImageState.DONE, ImageState.REPORTED)
@@ -71,10 +72,6 @@ def ungradable_finding(image: Image) -> EyeFinding:
     """An ungradable photo as the report shows it: no grades, its reasons in the words staff read."""
     if not is_ungradable(image):
         raise ValueError(f"image {image.id} is not stored as ungradable (gradable={image.gradable}, state={image.state})")
-    # the reasons' wording lives beside the gradability model, which needs torch: imported here, when an ungradable
-    # photo is shown, so that the audit and the review commands start without torch (training.api is lazy)
-    from training.api import REASON_TEXT
-
     eye = _eye(image)
     folder = _path(image.photo_dir)
     photo = folder / PHOTO_FILE if folder else None

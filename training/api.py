@@ -43,6 +43,7 @@ from training.config import (
     read_toml,
     resolve_paths,
 )
+from training.labels import REASON_TEXT, REASONS  # the gradability reasons' words: no torch
 
 if TYPE_CHECKING:
     from training.checkpoint import CheckpointError, load_model
@@ -60,7 +61,7 @@ if TYPE_CHECKING:
     from training.laterality import predict as predict_laterality
     from training.metrics import calibrated_referable, referable_score
     from training.model import ModelConfig, MultiTaskNet, MultiTaskOutput, lesion_evidence
-    from training.quality import REASON_TEXT, REASONS, QualityModelError, QualityVerdict, load_quality_model
+    from training.quality import QualityModelError, QualityVerdict, load_quality_model
     from training.quality import assess as assess_quality
 
 # name here -> (module, name there); the two renamed ones are the laterality and quality entry points.
@@ -75,7 +76,7 @@ _LAZY = {
     **{n: ("training.metrics", n) for n in ("calibrated_referable", "referable_score")},
     **{n: ("training.model", n) for n in ("ModelConfig", "MultiTaskNet", "MultiTaskOutput", "lesion_evidence")},
     **{n: ("training.quality", n) for n in (
-        "REASON_TEXT", "REASONS", "QualityModelError", "QualityVerdict", "load_quality_model")},
+        "QualityModelError", "QualityVerdict", "load_quality_model")},
     "assess_quality": ("training.quality", "assess"),
 }
 

@@ -36,24 +36,9 @@ import torch
 
 from training.checkpoint import CheckpointError, load_fitted
 from training.common import FUNDUS_THRESHOLD
+from training.labels import REASON_TEXT, REASONS
 
 QUALITY_FORMAT = "dr-quality-1"
-
-REASONS: tuple[str, ...] = ("too_dark", "over_exposed", "blurred", "field", "obscured", "haze", "not_fundus")
-"""Why a photo is ungradable, one model output each. ``not_fundus`` is not a photo to recapture but a wrong
-file: the worker refuses it (a recorded rejection); every other reason makes the eye "ungradable: recapture"."""
-
-REASON_TEXT: dict[str, str] = {
-    "too_dark": "too dark (under-exposed): raise the flash or exposure, check the pupil is dilated",
-    "over_exposed": "over-exposed (washed out): lower the flash or exposure",
-    "blurred": "blurred (out of focus or moved): refocus, ask the patient to keep still",
-    "field": "field too small, decentred or cut off: centre the pupil and the macula, check the working distance",
-    "obscured": "part of the field obscured (eyelashes, eyelid or pupil-edge shadow): hold the lids open, re-align",
-    "haze": "hazy, low contrast (media opacity such as cataract, or a dirty lens): clean the lens; if it persists, "
-            "the patient needs a slit-lamp examination",
-    "not_fundus": "does not look like a colour fundus photo",
-}
-"""What staff read for each reason: what is wrong and what to do."""
 
 MEASURE_SIDE = 256  # texture is measured on the field cropped square at this size; geometry on the frame at this long side
 _BANDS = (0.7, 1.4, 2.8, 5.6, 11.2)

@@ -37,3 +37,17 @@ def test_the_camera_reaches_the_finding_graded_or_ungradable(device):
     ungradable = Image(eye="L", sha256="b" * 64, source_name="P1_L.dcm", state=ImageState.DONE.value, gradable=False,
                        quality_reasons=["blurred"], device=device)
     assert ungradable_finding(ungradable).device == device
+
+
+def test_an_ungradable_photo_is_shown_without_loading_torch(project_root):
+    """The review queue and `review list` show every ungradable photo's reasons: their words must not pull in the
+    deep-learning stack (importing it cost `review list` about 7 seconds before its first line)."""
+    import subprocess
+    import sys
+
+    code = ("import sys; from screening.db.models import Image, ImageState; from screening.findings import "
+            "ungradable_finding; img = Image(id=1, eye='L', sha256='b' * 64, source_name='P1_L.jpg', "
+            "state=ImageState.DONE.value, gradable=False, quality_reasons=['too_dark']); "
+            "print(ungradable_finding(img).ungradable_reasons[0].split(' (')[0], 'torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], cwd=project_root, capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["too", "dark", "False"]
