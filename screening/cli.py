@@ -577,10 +577,10 @@ def cmd_review_render(args: argparse.Namespace, settings: ScreeningSettings) -> 
 
     factory = _session_factory(settings)
     with session_scope(factory) as session:
-        todo = [v.exam_id for v in load_visits(session, [args.visit] if args.visit else None, settings.eye_result,
-                                                  settings.ungradable_rule)
-                if v.current_review is not None and not v.awaiting_review
-                and rrepo.report_of_review(session, v.current_review.id) is None]
+        # only the visits whose current sign-off has no PDF are built (not every visit ever graded)
+        unrendered = [e for e in rrepo.exams_with_unrendered_review(session) if not args.visit or e == args.visit]
+        todo = [v.exam_id for v in load_visits(session, unrendered, settings.eye_result, settings.ungradable_rule)
+                if v.current_review is not None and not v.awaiting_review]
     if args.visit and not todo:
         print(f"visit {args.visit}: nothing to render (not signed off, awaiting a new sign-off, or its reviewed report exists)")
     ok = [exam_id for exam_id in todo if _render_reviewed(args, settings, factory, exam_id)]

@@ -12,7 +12,8 @@ from dataclasses import dataclass
 from datetime import datetime
 
 from sqlalchemy import and_, func, or_, select
-from sqlalchemy.orm import Session, selectinload
+from sqlalchemy.orm import Session, aliased, selectinload
+from sqlalchemy.sql.elements import ColumnElement
 
 from screening.db.models import (
     Exam,
@@ -60,11 +61,10 @@ def graded_fields(session: Session, exam_ids: Iterable[int] | None = None) -> di
     """Per exam, per eye (``R`` then ``L``), every photo the worker's report shows, in arrival order: each image
     with a result, and each image stored as ungradable (no result; ``images.gradable`` = 0). The eye's result
     is chosen from them by ``screening.report.eye_result``. Exams without any such photo are absent."""
-    ungradable = and_(Image.gradable.is_(False), Image.state.in_([ImageState.DONE.value, ImageState.REPORTED.value]))
     stmt = (
         select(Image, Result)
         .outerjoin(Result, Result.image_id == Image.id)
-        .where(Image.exam_id.is_not(None), Image.eye.in_(EYES), or_(Result.id.is_not(None), ungradable))
+        .where(_shown())
         .order_by(Image.exam_id, Image.id)
     )
     if exam_ids is not None:
@@ -74,6 +74,66 @@ def graded_fields(session: Session, exam_ids: Iterable[int] | None = None) -> di
         assert image.exam_id is not None and image.eye is not None
         out.setdefault(image.exam_id, {}).setdefault(image.eye, []).append(GradedField(image, result))
     return {exam_id: {e: eyes[e] for e in EYES if e in eyes} for exam_id, eyes in out.items()}
+
+
+def _shown() -> ColumnElement[bool]:
+    """The photos a visit's report shows (as :func:`graded_fields` selects them), given ``Image`` outer-joined with
+    ``Result``."""
+    ungradable = and_(Image.gradable.is_(False), Image.state.in_([ImageState.DONE.value, ImageState.REPORTED.value]))
+    return and_(Image.exam_id.is_not(None), Image.eye.in_(EYES), or_(Result.id.is_not(None), ungradable))
+
+
+def exams_maybe_awaiting_review(session: Session) -> list[int]:
+    """The exams that may await review, found in SQL: a photo a report shows and no sign-off; or a current sign-off
+    that does not answer for a shown photo's eye, or answered for a photo no longer shown under that eye; or one older
+    than a shown photo's result or verdict, a photo's refiling (its eye set, or moved in) or the visit's own refiling
+    (a photo moved out). Every visit :attr:`screening.review.visits.Visit.awaiting_review` holds for is among them
+    (each of its tests has its counterpart here); the caller applies that rule to these alone. Without this the
+    review queue built every visit ever graded each time it was shown: on a year's database (500,000 visits) that
+    is minutes and gigabytes for a page staff reload all day."""
+    latest = select(Review.exam_id.label("exam_id"), func.max(Review.id).label("review_id")).group_by(Review.exam_id).subquery()
+    current = aliased(Review)
+    signed = current.created_at
+    answered_eye = select(ReviewEye.id).where(ReviewEye.review_id == current.id, ReviewEye.eye == Image.eye).exists()
+    photos = (
+        select(Image.exam_id)
+        .outerjoin(Result, Result.image_id == Image.id)
+        .join(Exam, Exam.id == Image.exam_id)
+        .outerjoin(latest, latest.c.exam_id == Image.exam_id)
+        .outerjoin(current, current.id == latest.c.review_id)
+        .where(_shown(), or_(
+            current.id.is_(None),
+            ~answered_eye,
+            Result.created_at > signed,
+            func.coalesce(Image.stored_at, Image.updated_at) > signed,
+            Image.refiled_at > signed,
+            Exam.refiled_at > signed,
+        ))
+    )
+    shown = aliased(Image)
+    shown_result = aliased(Result)
+    still_shown = (
+        select(shown.id).outerjoin(shown_result, shown_result.image_id == shown.id)
+        .where(shown.id == ReviewEye.image_id, shown.eye == ReviewEye.eye, shown.exam_id == current.exam_id,
+               or_(shown_result.id.is_not(None), and_(shown.gradable.is_(False),
+                                                     shown.state.in_([ImageState.DONE.value, ImageState.REPORTED.value]))))
+        .exists()
+    )
+    answers = (
+        select(current.exam_id)
+        .join(latest, latest.c.review_id == current.id)
+        .join(ReviewEye, ReviewEye.review_id == current.id)
+        .where(~still_shown)
+    )
+    found = set(session.scalars(photos)) | set(session.scalars(answers))
+    return sorted(exam_id for exam_id in found if exam_id is not None)
+
+
+def exams_by_latest_review(session: Session, offset: int, limit: int) -> list[int]:
+    """Exams with a sign-off, the most recently signed off first (by their current review's id): a page of them."""
+    stmt = (select(Review.exam_id).group_by(Review.exam_id).order_by(func.max(Review.id).desc())
+            .offset(offset).limit(limit))
+    return list(session.scalars(stmt))
 
 
 def first_report_times(session: Session, exam_ids: Iterable[int] | None = None) -> dict[int, datetime]:
@@ -163,6 +223,15 @@ def report_of_review(session: Session, review_id: int) -> Report | None:
     """The newest version rendered for this sign-off, if any."""
     stmt = select(Report).where(Report.review_id == review_id).order_by(Report.version.desc()).limit(1)
     return session.scalars(stmt).first()
+
+
+def exams_with_unrendered_review(session: Session) -> list[int]:
+    """Exams whose current sign-off has no rendered version (``dr-screen review render``'s candidates: a reviewed
+    PDF that failed to render, or a sign-off recorded while the worker was down), in SQL, not one query per visit."""
+    latest = select(func.max(Review.id)).group_by(Review.exam_id)
+    rendered = select(Report.id).where(Report.review_id == Review.id).exists()
+    stmt = select(Review.exam_id).where(Review.id.in_(latest), ~rendered).order_by(Review.exam_id)
+    return list(session.scalars(stmt))
 
 
 # --- review-page logins --------------------------------------------------------------------------

@@ -329,14 +329,24 @@ def review_queue(session: Session, rule: EyeResultRule = "worst", ungradable_rul
     :attr:`Visit.queue_level` (the model's referral, or a reopened sign-off's when more urgent), each level oldest
     first (by :attr:`Visit.ready_at`): a proliferative eye to be seen within 2 weeks waited behind every older
     routine referral."""
-    waiting = [v for v in load_visits(session, rule=rule, ungradable_rule=ungradable_rule) if v.awaiting_review]
+    candidates = rrepo.exams_maybe_awaiting_review(session)
+    waiting = [v for v in load_visits(session, candidates, rule, ungradable_rule) if v.awaiting_review]
     return sorted(waiting, key=lambda v: (-REFERRAL_LEVELS[v.queue_level].rank, v.ready_at, v.exam_id))
 
 
 def recently_reviewed(session: Session, limit: int = 50, rule: EyeResultRule = "worst",
                       ungradable_rule: UngradableRule = "recall") -> list[Visit]:
-    """Visits whose current sign-off covers their photos, most recently signed off first."""
-    done = [v for v in load_visits(session, rule=rule, ungradable_rule=ungradable_rule) if not v.awaiting_review]
+    """Visits whose current sign-off covers their photos, most recently signed off first (``limit`` of them): read a
+    page of the most recently signed-off visits at a time, not every visit."""
+    done: list[Visit] = []
+    page = max(2 * limit, 50)
+    offset = 0
+    while len(done) < limit:
+        ids = rrepo.exams_by_latest_review(session, offset, page)
+        if not ids:
+            break
+        done += [v for v in load_visits(session, ids, rule, ungradable_rule) if not v.awaiting_review]
+        offset += page
     return sorted(done, key=lambda v: -(v.current_review.id if v.current_review else 0))[:limit]
 
 

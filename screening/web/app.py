@@ -164,6 +164,11 @@ def local_target(target: str) -> str | None:
     return target if LOCAL_TARGET.fullmatch(target) else None
 
 
+QUEUE_ROWS = 200
+"""The most urgent visits the queue page lists (the count above them is the whole backlog's): a backlog of
+thousands after a grader's holiday is still one quick page, and the next ones come up as these are signed off."""
+
+
 def create_app(
     settings: ScreeningSettings,
     factory: sessionmaker[Session],
@@ -191,6 +196,7 @@ def create_app(
         MAX_CONTENT_LENGTH=64 * 1024,
         MAX_FORM_MEMORY_SIZE=64 * 1024,
         TRUSTED_HOSTS=LOOPBACK_HOSTS if loopback else None,
+        QUEUE_ROWS=QUEUE_ROWS,
     )
     # Flask autoescapes only *.html file names; these templates are *.html.j2: escape everything, always.
     app.jinja_options = {**app.jinja_options, "autoescape": True, "undefined": StrictUndefined}
@@ -317,7 +323,7 @@ def create_app(
         with session_scope(factory) as s:
             waiting = review_queue(s, rule, ungradable)
             done = recently_reviewed(s, limit=30, rule=rule, ungradable_rule=ungradable)
-        return render_template("queue.html.j2", waiting=waiting, done=done)
+        return render_template("queue.html.j2", waiting=waiting, shown=waiting[:app.config["QUEUE_ROWS"]], done=done)
 
     def show_visit(exam_id: int, error: str | None = None, status: int = 200, form: Any = None) -> Any:
         with session_scope(factory) as s:

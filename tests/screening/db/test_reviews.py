@@ -63,6 +63,24 @@ def test_reviews_are_appended_and_the_latest_is_current(factory):
         s.delete(s.scalars(select(ReviewEye)).first())
 
 
+def test_exams_with_unrendered_review_are_those_whose_current_sign_off_has_no_pdf(factory):
+    """`review render`'s candidates, found in SQL: a visit rendered for an earlier sign-off but not its current one
+    is among them; one rendered for its current sign-off, or never signed off, is not."""
+    def sign(s, exam, img):
+        return rrepo.add_review(s, exam, reviewer="A", source="cli", outcome="confirmed", referral="routine",
+                                model_referral="routine", eyes=[rrepo.EyeGrades(img.id, "R", True, 2, 0)])
+
+    with session_scope(factory) as s:
+        exams = [repo.get_or_create_exam(s, repo.get_or_create_patient(s, f"P{k}"), date(2025, 1, 2)) for k in range(3)]
+        imgs = [_graded(s, exam, "R", 2, "abc"[k]) for k, exam in enumerate(exams)]
+        done = sign(s, exams[0], imgs[0])
+        repo.add_report(s, exams[0], "reports/0/v1.pdf", "m", review_id=done.id)
+        earlier = sign(s, exams[1], imgs[1])
+        repo.add_report(s, exams[1], "reports/1/v1.pdf", "m", review_id=earlier.id)
+        sign(s, exams[1], imgs[1])  # signed off again: its PDF is not made yet
+        assert rrepo.exams_with_unrendered_review(s) == [exams[1].id]  # exams[2]: never signed off
+
+
 def test_review_checks_in_the_database(factory):
     with session_scope(factory) as s:
         exam = repo.get_or_create_exam(s, repo.get_or_create_patient(s, "P1"), date(2025, 1, 2))

@@ -104,6 +104,40 @@ def test_a_photo_graded_after_the_sign_off_puts_the_visit_back_in_the_queue(fact
         assert review_queue(s) == []
 
 
+def test_the_queue_reads_only_visits_that_may_await_review_and_misses_none(factory):
+    """The queue builds only the visits its SQL prefilter names (a year's signed-off visits stay in the database).
+    Each way a sign-off stops covering a visit must be among them, even when no timestamp moved after the sign-off
+    (a result stored by a worker while a grader was signing off carries the earlier time)."""
+    from sqlalchemy import update
+
+    from screening.db.models import Image
+    from screening.review import load_visits
+
+    old = at(60)
+    with session_scope(factory) as s:
+        covered = seed_visit(s, "COVERED", {"R": (0, 0, False), "L": (0, 0, False)}, report_at=at(60)).id
+        late_eye = seed_visit(s, "LATE_EYE", {"R": (0, 0, False)}, report_at=at(60)).id
+        swapped = seed_visit(s, "SWAPPED", {"R": (0, 0, False), "L": (1, 0, False)}, report_at=at(60)).id
+        waiting = seed_visit(s, "NEVER_SIGNED", {"R": (2, 0, True)}, report_at=at(60)).id
+        for exam_id in (covered, late_eye, swapped):
+            sign_off(s, exam_id, reviewer="A", source="cli")
+    with session_scope(factory) as s:
+        assert rrepo.exams_maybe_awaiting_review(s) == [waiting]
+        # the second eye's result, stored with a time before the sign-off
+        seed_visit(s, "LATE_EYE", {"L": (2, 0, True)}, received=T0)
+        # the two photos' eyes exchanged behind the sign-off's back, no time recorded
+        ids = {i.eye: i.id for i in s.scalars(select(Image).where(Image.exam_id == swapped))}
+        s.execute(update(Image).where(Image.id == ids["L"]).values(eye="R", updated_at=old))
+        s.execute(update(Image).where(Image.id == ids["R"]).values(eye="L", updated_at=old))
+        s.execute(update(Image).where(Image.exam_id == late_eye).values(updated_at=old))
+    with session_scope(factory) as s:
+        rule = {v.exam_id for v in load_visits(s) if v.awaiting_review}
+        assert rule == {late_eye, swapped, waiting}
+        assert rrepo.exams_maybe_awaiting_review(s) == sorted(rule)
+        assert {v.exam_id for v in review_queue(s)} == rule
+        assert [v.exam_id for v in recently_reviewed(s)] == [covered]
+
+
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [

@@ -83,6 +83,18 @@ def test_queue_and_visit_show_the_models_answers_pictures_and_pdf(worked_db):
     assert re.search(r"\(score \d+\.\d%\)", page)  # to a tenth, as on the PDF
 
 
+def test_the_queue_page_lists_the_most_urgent_visits_and_counts_the_whole_backlog(worked):
+    """A backlog of thousands must stay one quick page: the first QUEUE_ROWS visits in the queue's order, the count
+    and a line saying more wait."""
+    app = _app(worked)
+    html = app.test_client().get("/queue").get_data(as_text=True)
+    assert html.count('class="open"') == 2 and 'id="more"' not in html
+    app.config["QUEUE_ROWS"] = 1
+    html = app.test_client().get("/queue").get_data(as_text=True)
+    assert html.count('class="open"') == 1 and '<span class="count">2</span>' in html
+    assert "The 1 most urgent of 2 are listed" in html
+
+
 def test_a_lesion_the_grading_model_cannot_detect_is_shown_as_not_assessed(worked):
     """As on the PDF: the model that graded the eye is looked up by its checkpoint's hash, and a lesion whose test
     AUPR is below the floor shows "not assessed" with the reason, not "0.00%"."""
