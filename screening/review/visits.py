@@ -145,8 +145,9 @@ class Visit:
             cautions.append(Caution(
                 "identity conflict",
                 f"A copy of a photo of this visit ({images}) was dropped again named as another patient or the other "
-                "eye, and refused: one of the two names is wrong. Check the label before acting on this visit; staff "
-                "record the answer with `dr-screen review eye` or `dr-screen review move` (README).", "conflict"))
+                "eye, and refused: one of the two names is wrong. Check the label before acting on this visit; it cannot "
+                "be signed off until staff record the answer with `dr-screen review eye` or `dr-screen review move` "
+                "(README).", "conflict"))
         return cautions
 
     @property
@@ -436,7 +437,9 @@ def sign_off(
     ophthalmology of the sign-off a new photograph reopened (:attr:`Visit.reopened`) unless the referral is chosen
     and a comment says why (a sign-off's "ungradable: recall" is what the new photograph answers: not kept). ``seen_fields``, ``seen_eyes`` and
     ``seen_review_id`` (the review page sends them) refuse a sign-off of a visit that changed since the grader
-    opened it: a new photo, a photo's eye set, or someone else's sign-off. Flushes, never commits.
+    opened it: a new photo, a photo's eye set, or someone else's sign-off. A visit with an open identity conflict
+    (:attr:`Visit.conflicts`) is refused too: a copy of one of its photos came named as another patient or eye, and
+    a sign-off would put a grader's name to grades that may be someone else's. Flushes, never commits.
     """
     visit = load_visit(session, exam_id, rule, ungradable_rule)
     name = clean_text(reviewer, "the reviewer's name", REVIEWER_MAX_CHARS, required=True, column="reviewer")
@@ -447,6 +450,13 @@ def sign_off(
     except ValueError:
         raise ReviewError(f"unknown review source {source!r}; expected one of {[s.value for s in ReviewSource]}") from None
     check_unchanged(visit, seen_fields, seen_eyes)
+    if visit.conflicts:
+        images = ", ".join(f"image {i}" for i in visit.conflicts)
+        raise ReviewError(
+            f"visit {exam_id} cannot be signed off while its identity conflict is open: a copy of {images} was dropped "
+            "again named as another patient or the other eye, so one of the two names is wrong and these grades may "
+            "not be this patient's. Staff answer it first (`dr-screen review eye` confirms or sets the eye, "
+            "`dr-screen review move` files the photo under the right patient; README), then sign off")
     current = visit.current_review
     if seen_review_id is not _UNSET and seen_review_id != (current.id if current else None):
         who = f"{current.reviewer} ({current.reviewed_at:%Y-%m-%d %H:%M} UTC)" if current else "nobody"

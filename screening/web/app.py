@@ -378,7 +378,8 @@ def create_app(
             # a photo's eye set while the page was open: the answers typed were for the photos under their old eyes,
             # so the page comes back with the current starting answers, not the typed ones
             kept = None if "a photo's eye was set" in str(exc) else form
-            return show_visit(exam_id, error=str(exc), status=409 if "while it was open" in str(exc) else 400, form=kept)
+            conflict = "while it was open" in str(exc) or "conflict is open" in str(exc)  # the visit's state, not the form
+            return show_visit(exam_id, error=str(exc), status=409 if conflict else 400, form=kept)
         if g.get("user_id") is None:
             session["reviewer_name"] = reviewer.strip()
         log.info("review %s of exam %s recorded (%s) user=%s", review_id, exam_id, outcome, g.get("user_id"))

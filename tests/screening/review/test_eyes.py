@@ -8,6 +8,7 @@ import pytest
 from sqlalchemy import select
 
 from screening.db import repository as repo
+from screening.db import reviews as rrepo
 from screening.db import session_scope
 from screening.db.models import Event, Image
 from screening.findings import stored_finding
@@ -274,6 +275,11 @@ def test_a_refused_identity_conflict_is_a_caution_in_the_queue_until_a_person_re
         assert f"(image {right})" in conflict.text and "`dr-screen review eye`" in conflict.text
         assert "identity conflict" in format_queue(review_queue(s))
         assert f"caution (identity conflict): A copy of a photo of this visit (image {right})" in format_visit(visit, [], [])
+        # nor can it be signed off until a person answers: the grades may be another patient's
+        with pytest.raises(ReviewError, match=rf"identity conflict is open: a copy of image {right} .*`dr-screen review move`"):
+            sign_off(s, exam_id, reviewer="Dr Grey", source="cli")
+        assert rrepo.current_review(s, exam_id) is None
         set_eyes(s, [(right, "R")], "Ann Lee", "worklist: the copy's name was wrong", now=at(400), against_photo=True)
     with session_scope(factory) as s:
         assert load_visit(s, exam_id).conflicts == ()  # answered: not shown again
+        assert sign_off(s, exam_id, reviewer="Dr Grey", source="cli").reviewer == "Dr Grey"

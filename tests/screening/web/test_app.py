@@ -95,6 +95,28 @@ def test_the_queue_page_lists_the_most_urgent_visits_and_counts_the_whole_backlo
     assert "The 1 most urgent of 2 are listed" in html
 
 
+def test_a_visit_with_an_open_identity_conflict_cannot_be_signed_off_on_the_page(worked):
+    """A copy of one of its photos came named as another patient: the page says why its buttons are off, and a
+    sign-off sent anyway is refused (409) and not recorded."""
+    from screening.db import repository as repo
+
+    exam_id = worked.exams["P1"]
+    client = _app(worked).test_client()
+    html = client.get(f"/visits/{exam_id}").get_data(as_text=True)
+    assert 'id="conflict-block"' not in html and 'id="confirm">' in html
+    form = _form(html)
+    with session_scope(worked.factory) as s:
+        image = s.scalars(select(Image).where(Image.exam_id == exam_id, Image.eye == "R")).first()
+        repo.record_drop(s, sha256=image.sha256, source_name="P9_R.jpg", outcome="rejected", image=image,
+                         reason="the same bytes as another patient's photo", reason_code="identity_conflict")
+    html = client.get(f"/visits/{exam_id}").get_data(as_text=True)
+    assert 'id="conflict-block"' in html and 'id="confirm" disabled>' in html and 'id="correct" class="secondary" disabled>' in html
+    resp = client.post(f"/visits/{exam_id}/confirm", data={**form, "reviewer": "Dr Local"})
+    assert resp.status_code == 409 and "identity conflict is open" in resp.get_data(as_text=True)
+    with session_scope(worked.factory) as s:
+        assert rrepo.current_review(s, exam_id) is None
+
+
 def test_a_lesion_the_grading_model_cannot_detect_is_shown_as_not_assessed(worked):
     """As on the PDF: the model that graded the eye is looked up by its checkpoint's hash, and a lesion whose test
     AUPR is below the floor shows "not assessed" with the reason, not "0.00%"."""
