@@ -37,7 +37,7 @@ from werkzeug.routing import IntegerConverter, Map
 from screening.claims import Claimer, make_holder
 from screening.config import ScreeningSettings
 from screening.db import reviews as rrepo
-from screening.db.models import Image, Report, ReviewSource, ReviewUser, utcnow
+from screening.db.models import Exam, Image, Report, ReviewSource, ReviewUser, utcnow
 from screening.db.session import session_scope
 from screening.findings import refused_page_reasons, stored_finding
 from screening.report import (
@@ -329,8 +329,14 @@ def create_app(
         with session_scope(factory) as s:
             try:
                 visit = load_visit(s, exam_id, rule, ungradable)
-            except ReviewError:
-                abort(404)
+            except ReviewError as exc:
+                if s.get(Exam, exam_id) is None:
+                    abort(404)
+                # a visit whose photos were all moved to other visits, or not graded yet: say so, not "nothing here"
+                # (a link to it may sit in an old message or a bookmark); its PDFs stay as they were
+                reports = rrepo.exam_reports(s, exam_id)
+                return render_template("error.html.j2", title=f"Visit {exam_id}: nothing to review", message=str(exc),
+                                       reports=reports, exam_id=exam_id), 404
             history = rrepo.review_history(s, exam_id)
             reports = rrepo.exam_reports(s, exam_id)
             refused = refused_page_reasons(s, exam_id)  # as the PDF names them

@@ -117,6 +117,26 @@ def test_a_visit_with_an_open_identity_conflict_cannot_be_signed_off_on_the_page
         assert rrepo.current_review(s, exam_id) is None
 
 
+def test_a_visit_whose_photos_were_all_moved_says_so_and_keeps_its_reports(worked):
+    """A link to a visit emptied by `review move` (an old bookmark, a colleague's message) said only "There is
+    nothing at this address": the page says what happened to its photos and lists its PDFs. An id that never
+    existed is still a plain 404."""
+    from screening.review.eyes import move_photos
+
+    exam_id = worked.exams["P2"]
+    client = _app(worked).test_client()
+    with session_scope(worked.factory) as s:
+        ids = list(s.scalars(select(Image.id).where(Image.exam_id == exam_id)))
+        move_photos(s, ids, "P1", None, None, "Ann Lee", "camera worklist <b>names P1</b>")
+    resp = client.get(f"/visits/{exam_id}")
+    html = resp.get_data(as_text=True)
+    assert resp.status_code == 404 and f"Visit {exam_id}: nothing to review" in html
+    assert "has no photo to review" in html and "Ann Lee" in html and "&lt;b&gt;names P1&lt;/b&gt;" in html
+    [pdf] = re.findall(rf'href="(/visits/{exam_id}/reports/1\.pdf)"', html)
+    assert client.get(pdf).status_code == 200
+    assert "There is nothing at this address" in client.get("/visits/98765").get_data(as_text=True)
+
+
 def test_a_lesion_the_grading_model_cannot_detect_is_shown_as_not_assessed(worked):
     """As on the PDF: the model that graded the eye is looked up by its checkpoint's hash, and a lesion whose test
     AUPR is below the floor shows "not assessed" with the reason, not "0.00%"."""
