@@ -149,7 +149,7 @@ class IntakeChecks:
                    else f"the photo does not show it clearly enough: it {prediction.describe()}, "
                         f"below the {float(self.laterality_model['confident']):.0%} needed")
             raise Rejection(RejectReason.IDENTITY,
-                            f"no eye stated for '{file_name}' (L/R/OD/OS/left/right: none in its file name, sidecar or "
+                            f"no eye stated for '{file_name}' (L/R/LE/RE/OD/OS/left/right: none in its file name, sidecar or "
                             f"DICOM laterality tags), and {why}; name the file with the eye, e.g. Patient001_L.jpg, or "
                             "set the laterality on the camera")
         return IntakeVerdict(quality, eye, self.identities)

@@ -293,7 +293,7 @@ def _eye_code(text: str) -> str:
 
     code = normalise_eye(text)
     if code is None:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an eye: write R or L (OD/OS, right/left)")
+        raise argparse.ArgumentTypeError(f"{text!r} is not an eye: write R or L (RE/LE, OD/OS, right/left)")
     return code
 
 

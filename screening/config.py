@@ -27,12 +27,13 @@ BFLOAT16_REFUSED = ("it moved probabilities by up to 0.03 from float32 and chang
 
 # Each may end in a field number, ``_1`` ... ``_99``, as cameras number the fields of one eye and visit
 # (``A1234_OD_20251120_2.jpg``): the second field is another photo of the same eye, graded and shown beside the first.
+# Eyes: L/R, LE/RE (UK clinics), OS/OD, left/right; dates: YYYYMMDD or YYYY-MM-DD (A1234_RE_2025-11-20.jpg).
 DEFAULT_PATTERNS = (
-    r"^(?P<patient>[A-Za-z]+\d+)_(?P<eye>L|R|OD|OS|left|right)(?:_\d{1,2})?$",
-    r"^(?P<patient>[A-Za-z0-9-]+)_(?P<eye>L|R|OD|OS|left|right)_(?P<date>\d{8})(?:_\d{1,2})?$",
+    r"^(?P<patient>[A-Za-z]+\d+)_(?P<eye>L|R|LE|RE|OD|OS|left|right)(?:_\d{1,2})?$",
+    r"^(?P<patient>[A-Za-z0-9-]+)_(?P<eye>L|R|LE|RE|OD|OS|left|right)_(?P<date>\d{8}|\d{4}-\d{2}-\d{2})(?:_\d{1,2})?$",
     # no eye in the name: the eye is read from the photo when it is clear enough (screening/checks.py), else refused
     r"^(?P<patient>[A-Za-z]+\d+)$",
-    r"^(?P<patient>[A-Za-z0-9-]+)_(?P<date>\d{8})(?:_\d{1,2})?$",
+    r"^(?P<patient>[A-Za-z0-9-]+)_(?P<date>\d{8}|\d{4}-\d{2}-\d{2})(?:_\d{1,2})?$",
 )
 
 

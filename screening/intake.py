@@ -107,9 +107,10 @@ PLACEHOLDER_NAME = ".gitkeep"
 
 _IGNORED_SUFFIXES = (".part", ".tmp", ".crdownload", ".partial", ".json")
 _IGNORED_NAMES = frozenset({"thumbs.db", "desktop.ini"})
-_EYES = {"l": "L", "left": "L", "os": "L", "r": "R", "right": "R", "od": "R"}
+_EYES = {"l": "L", "left": "L", "le": "L", "os": "L", "r": "R", "right": "R", "re": "R", "od": "R"}
 _SIDECAR_MAX_BYTES = 64 * 1024
-_NAMING_HINT = "name files like Patient001_L.jpg or <id>_<eye>_<yyyymmdd>.jpg"
+_NAMING_HINT = ("name files like Patient001_L.jpg or <id>_<eye>_<yyyymmdd>.jpg (eye L, R, LE, RE, OS, OD, left or "
+                "right; date YYYYMMDD or YYYY-MM-DD)")
 # A camera's or PACS export's own file numbering (IMG0001, DSC01234, PXL_..., IM000101, scan8), which the
 # "<letters><digits>" patterns would otherwise read as a patient id: two patients' IMG0001.jpg then joined one visit.
 CAMERA_NUMBERING = re.compile(r"(?:IMG|IMAG|IMAGE|IM|DSC|DSCN|DSCF|DCIM|PICT|PXL|CIMG|GOPR|DJI|MVIMG|SCAN)[_-]?\d+",
@@ -180,7 +181,8 @@ def sidecar_for(path: str | os.PathLike[str]) -> Path | None:
 
 
 def normalise_eye(value: object) -> Literal["L", "R"] | None:
-    """``L``/``R``/``OD``/``OS``/``left``/``right`` (any case) -> ``"L"`` or ``"R"``; None for anything else."""
+    """``L``/``R``/``LE``/``RE``/``OS``/``OD``/``left``/``right`` (any case) -> ``"L"`` or ``"R"``; None for
+    anything else."""
     if not isinstance(value, str):
         return None
     eye = _EYES.get(value.strip().lower())
@@ -216,6 +218,65 @@ def _match_patterns(stem: str, patterns: Sequence[str | re.Pattern[str]]) -> dic
     return None
 
 
+# Eye words seen in clinics' names that the patterns do not take (compared lower-cased, without '-', '.', ' '):
+# both eyes, short forms, other languages. A name with one of these is refused, saying so.
+_NOT_EYES = frozenset({
+    "ou", "both", "rt", "lt", "reye", "leye", "righteye", "lefteye", "eyer", "eyel", "eyeright", "eyeleft",
+    "rechts", "links", "droit", "droite", "gauche", "og", "derecho", "izquierdo", "oi", "destro", "sinistro",
+})
+
+
+def _as_date(year: str, month: str, day: str) -> date | None:
+    try:
+        return date(int(year), int(month), int(day))
+    except ValueError:
+        return None
+
+
+def _date_problem(part: str) -> str | None:
+    """What is wrong with ``part`` when it looks like a date written in a form the names do not take."""
+    if re.fullmatch(r"[0-9]{8}|[0-9]{4}-[0-9]{2}-[0-9]{2}", part):
+        return None  # a form the patterns take: the name fails for another reason
+    m = re.fullmatch(r"([0-9]{1,4})[-.]([0-9]{1,2})[-.]([0-9]{1,4})", part)
+    if m and len(m[1]) == 4 and len(m[3]) <= 2:
+        readings = {_as_date(m[1], m[2], m[3])}  # year-month-day
+    elif m and len(m[1]) <= 2 and len(m[3]) == 4:
+        readings = {_as_date(m[3], m[2], m[1]), _as_date(m[3], m[1], m[2])}  # day-month-year, month-day-year
+    elif (m and len(m[1]) <= 2 and len(m[3]) == 2) or re.fullmatch(r"[0-9]{6}", part):
+        # a two-digit year (201125, 20.11.25): which end is the year cannot be told, so no example; and it must
+        # read as some date, as a camera's time (143015) does not
+        a, b, c = m.groups() if m else (part[:2], part[2:4], part[4:])
+        if not {_as_date("20" + a, b, c), _as_date("20" + c, b, a), _as_date("20" + c, a, b)} - {None}:
+            return None
+        readings = set()
+    else:
+        return None
+    readings.discard(None)
+    example = f" ({readings.pop():%Y%m%d})" if len(readings) == 1 else ""
+    return f"'{part}' looks like a date; write dates as YYYYMMDD{example} or YYYY-MM-DD"
+
+
+def _diagnose_name(stem: str) -> str | None:
+    """The first thing recognisably wrong with a file name no pattern matched, or None.
+
+    Without this such a name was refused as having "no patient id", although the id was there and the date
+    (``E1011_R_20.11.2025``) or the eye (``E1011_OU_20251120``) was what the patterns did not take. Only the
+    ``_``-separated parts after the first are looked at: the first is the patient id in every default pattern,
+    and may be any letters, digits and hyphens. A six-digit part is taken for a date only when no part is a
+    date already (``..._20251120_143015`` ends in a time).
+    """
+    parts = stem.split("_")[1:]
+    has_date = any(re.fullmatch(r"[0-9]{8}|[0-9]{4}-[0-9]{2}-[0-9]{2}", part) for part in parts)
+    for part in parts:
+        if re.sub(r"[-. ]", "", part.lower()) in _NOT_EYES:
+            return (f"'{part}' is not an eye the names use: write R, RE, OD or right (L, LE, OS or left), "
+                    "one photo per eye")
+        problem = None if has_date and part.isdigit() else _date_problem(part)
+        if problem:
+            return problem
+    return None
+
+
 def _read_sidecar(sidecar: Path) -> dict[str, object]:
     try:
         size = sidecar.stat().st_size
@@ -239,13 +300,14 @@ def parse_identity(
     (``identity``) saying what is missing or invalid and how to name the file.
 
     The patterns are tried on the file stem in order (as written, then case-insensitively); groups
-    ``patient``, ``eye``, ``date`` are used when present. A sidecar (:func:`sidecar_for`) with keys
+    ``patient``, ``eye``, ``date`` are used when present; a name none matches, without a sidecar patient id, is
+    refused saying what in it looks wrong (:func:`_diagnose_name`). A sidecar (:func:`sidecar_for`) with keys
     ``patient_id``, ``eye``, ``exam_date`` (``YYYY-MM-DD`` or null) overrides/complements the name.
     An absent eye is allowed (``eye`` None): the worker then reads it from the photo when that is clear enough
     (:mod:`screening.checks`) and refuses the file otherwise; an eye that is given but invalid is refused here.
     The result is validated: patient id ``[A-Za-z0-9_-]{1,64}`` (:func:`training.common.is_safe_id`: no
     path separators or ``..``),
-    eye one of L/R/OD/OS/left/right (OD = right, OS = left), date a real calendar date, not after ``today``
+    eye one of L/R/LE/RE/OD/OS/left/right (OD = right, OS = left), date a real calendar date, not after ``today``
     (default: the local date; one day of slack for a camera whose clock runs ahead of this machine's).
     """
     p = Path(path)
@@ -275,6 +337,11 @@ def parse_identity(
 
     if not patient:
         side = p.with_suffix(".json").name
+        problem = _diagnose_name(p.stem)
+        if problem:
+            raise _unidentified(
+                f"cannot read the file name '{p.name}': {problem}; or put a sidecar {side} with its patient_id; "
+                f"{_NAMING_HINT}")
         raise _unidentified(f"no patient id in the file name '{p.name}' and no sidecar {side}; {_NAMING_HINT}")
     if not isinstance(patient, str) or not is_safe_id(patient):
         raise _unidentified(
@@ -290,7 +357,8 @@ def parse_identity(
     if eye_raw:
         eye = normalise_eye(eye_raw)
         if eye is None:
-            raise _unidentified(f"invalid eye {eye_raw!r} (from {source['eye']}): use L, R, OD (right), OS (left), left or right")
+            raise _unidentified(
+                f"invalid eye {eye_raw!r} (from {source['eye']}): use R, RE, OD or right (L, LE, OS or left)")
 
     exam_date: date | None = None
     if date_raw:

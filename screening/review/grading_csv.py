@@ -145,7 +145,7 @@ def _parse_line(n: int, row: dict[str, str], default_reviewer: str | None, error
         errors.append(LineError(n, "patient", "empty: give the patient id as in the photo's file name"))
     eye = normalise_eye(get("eye"))
     if eye is None:
-        errors.append(LineError(n, "eye", f"{get('eye')!r} is not an eye: write R or L (OD/OS, right/left)"))
+        errors.append(LineError(n, "eye", f"{get('eye')!r} is not an eye: write R or L (RE/LE, OD/OS, right/left)"))
     exam_date = parse_exam_date(get("date"))
     if exam_date is None:
         errors.append(LineError(n, "date", f"{get('date')!r} is not an exam date: write YYYY-MM-DD"))

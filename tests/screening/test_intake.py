@@ -141,6 +141,51 @@ def test_no_patient_id_error_message(tmp_path: Path) -> None:
     assert str(res) == res.message
 
 
+@pytest.mark.parametrize(
+    ("name", "expected"),
+    [
+        ("E1011_right_2025-11-20.jpg", Identity("E1011", "R", date(2025, 11, 20), eye_from="file name")),
+        ("E1008_RE_20251120.jpg", Identity("E1008", "R", date(2025, 11, 20), eye_from="file name")),
+        ("A1234_LE_20251120_2.jpg", Identity("A1234", "L", date(2025, 11, 20), eye_from="file name")),
+        ("Patient017_le.jpg", Identity("Patient017", "L", None, eye_from="file name")),
+        ("A1234_2025-11-20_3.jpg", Identity("A1234", None, date(2025, 11, 20))),
+    ],
+)
+def test_names_with_re_le_eyes_and_dashed_dates(tmp_path: Path, name: str, expected: Identity) -> None:
+    """UK clinics write the eye RE/LE; many write the date YYYY-MM-DD. Both were refused as "no patient id"."""
+    assert parse_identity(tmp_path / name, DEFAULT_PATTERNS) == expected
+
+
+@pytest.mark.parametrize(
+    ("name", "fragments"),
+    [
+        ("E1011_OU_20251120.jpg", ("'OU' is not an eye", "R, RE, OD or right", "one photo per eye")),
+        ("E1011_rechts.jpg", ("'rechts' is not an eye", "R, RE, OD or right")),
+        ("E1011_R_20.11.2025.jpg", ("'20.11.2025' looks like a date", "YYYYMMDD (20251120) or YYYY-MM-DD")),
+        ("E1011_R_2025-1-5.jpg", ("'2025-1-5' looks like a date", "YYYYMMDD (20250105) or YYYY-MM-DD")),
+        # day and month could be either way round, the year either end: no example is guessed
+        ("E1011_R_05.11.2025.jpg", ("'05.11.2025' looks like a date", "write dates as YYYYMMDD or YYYY-MM-DD")),
+        ("E1011_L_201125.jpg", ("'201125' looks like a date", "write dates as YYYYMMDD or YYYY-MM-DD")),
+    ],
+)
+def test_a_name_no_pattern_takes_is_refused_saying_what_is_wrong(tmp_path: Path, name: str, fragments: tuple[str, ...]) -> None:
+    """It was refused as having "no patient id", though the id was there and the eye or the date was the problem."""
+    message = unidentified(tmp_path / name).message
+    assert all(f in message for f in fragments), message
+    assert "no patient id" not in message
+    # still names the file and the sidecar way out, and ends with how to name files
+    assert f"'{name}'" in message and f"sidecar {Path(name).stem}.json" in message
+    assert message.endswith("date YYYYMMDD or YYYY-MM-DD)")
+
+
+@pytest.mark.parametrize("name", ["holiday.jpg", "P1_R_143015.jpg", "P1_R_20251120_101205.jpg"])
+def test_a_name_with_nothing_recognisable_gets_the_general_message(tmp_path: Path, name: str) -> None:
+    """A camera's time (143015) is not taken for a date; nor is a six-digit part beside a date."""
+    message = unidentified(tmp_path / name).message
+    assert f"no patient id in the file name '{name}'" in message
+    assert message.endswith("(eye L, R, LE, RE, OS, OD, left or right; date YYYYMMDD or YYYY-MM-DD)")
+
+
 def test_sidecar_supplies_identity(tmp_path: Path) -> None:
     img = write(tmp_path / "IMG_0001.jpg")
     (tmp_path / "IMG_0001.json").write_text(json.dumps({"patient_id": "Pat42", "eye": "OD", "exam_date": "2025-03-04"}))

@@ -96,7 +96,7 @@ def test_every_bad_line_is_reported_with_line_and_column_and_nothing_is_recorded
         "line 3, column 'date': '2025-13-01' is not an exam date: write YYYY-MM-DD",
         "line 3, column 'dme_grade': empty: give the grade, or write U (or gradable = no) for an ungradable eye",
         "line 3, column 'dr_grade': '7' is not a grade: write 0-4, or U when the eye is ungradable",
-        "line 3, column 'eye': 'X' is not an eye: write R or L (OD/OS, right/left)",
+        "line 3, column 'eye': 'X' is not an eye: write R or L (RE/LE, OD/OS, right/left)",
         "line 3, column 'gradable': 'maybe': write yes or no",
         "line 3, column 'patient': empty: give the patient id as in the photo's file name",
         "line 3, column 'referral': 'later' is not a referral outcome; write one of urgent, soon, routine, refer_ungradable, ungradable, "
