@@ -115,13 +115,24 @@ def conflict_with(image: Image, identity: Identity | None) -> str | None:
         return (f"the same bytes as a photo already recorded for another patient (image {image.id}); one of the two "
                 "names is wrong. This copy was not graded: check which patient the photo belongs to; if the recorded one is "
                 f"wrong, `dr-screen review move {image.id} --patient ID --reviewer NAME --reason TEXT` files it in the "
-                "right visit")
+                "right visit" + _refiled_already(image))
     if image.eye is not None and identity.eye is not None and image.eye != identity.eye:
         return (f"the same bytes as this patient's {_EYE_NAMES.get(image.eye, image.eye)} eye photo (image {image.id}), "
                 f"but named as the {_EYE_NAMES[identity.eye]} eye. This copy was not graded: check which eye it is; if the "
                 f"recorded one is wrong, `dr-screen review eye {image.id}={identity.eye} --reviewer NAME --reason TEXT` "
-                "sets it")
+                "sets it" + _refiled_already(image))
     return None
+
+
+def _refiled_already(image: Image) -> str:
+    """For a photo a person has already refiled (its eye set or confirmed, or moved: ``images.refiled_at``): a copy
+    under its old name is most likely the same export again, and the message without this read as if nobody had
+    looked. Its visit shows the conflict again until someone confirms the filing."""
+    if image.refiled_at is None or image.eye is None:
+        return ""
+    return (f". A person already checked and refiled the recorded photo ({image.refiled_at:%Y-%m-%d %H:%M} UTC; "
+            f"`dr-screen review show {image.exam_id}` says who and why): if this copy carries the name they corrected, "
+            f"`dr-screen review eye {image.id}={image.eye} --reviewer NAME --reason TEXT` confirms that the filing stands")
 
 
 def record_verdict(session: Session, image: Image, verdict: IntakeVerdict) -> None:

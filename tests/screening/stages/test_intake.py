@@ -8,6 +8,7 @@ import re
 import shutil
 import time
 import warnings
+from datetime import datetime, timezone
 from pathlib import Path
 
 import cv2
@@ -394,6 +395,26 @@ def test_the_same_bytes_under_another_patient_are_a_recorded_conflict(stage, set
         conflicts = s.scalars(select(Drop).where(Drop.reason_code == "identity_conflict")).all()
         assert sorted(d.source_name for d in conflicts) == ["Patient143_R.jpg", "Patient999_L.jpg"]
         assert all(d.image_id == image_id and d.outcome == "rejected" for d in conflicts)
+
+
+def test_a_copy_of_a_photo_a_person_refiled_says_so(stage, settings):
+    """A copy under the name a person corrected (here: the eye set to left after checking) read as if nobody had
+    looked: the message says when it was refiled, where to see who and why, and how to confirm the filing stands."""
+    from screening.db import repository as repo
+
+    first = write_fundus(settings.inbox / "Patient150_R.jpg", seed=14)
+    data = first.read_bytes()
+    image_id = _graded(stage, first)
+    with session_scope(stage.factory) as s:
+        image = s.get(Image, image_id)
+        repo.set_eye(s, image, "L", note="set by A. Clerk", message="eye set", at=datetime(2025, 5, 6, 7, 8, tzinfo=timezone.utc))
+        exam_id = image.exam_id
+    (settings.inbox / "Patient150_R.jpg").write_bytes(data)
+    outcome = stage.admit(settings.inbox / "Patient150_R.jpg")
+    assert isinstance(outcome, Rejected) and outcome.code == RejectReason.IDENTITY_CONFLICT
+    assert (f"A person already checked and refiled the recorded photo (2025-05-06 07:08 UTC; `dr-screen review show "
+            f"{exam_id}` says who and why)") in outcome.message
+    assert f"`dr-screen review eye {image_id}=L --reviewer NAME --reason TEXT` confirms that the filing stands" in outcome.message
 
 
 def test_patient_ids_are_case_folded(stage, settings):
