@@ -10,8 +10,9 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
+from typing import Any
 
-from sqlalchemy import and_, func, or_, select
+from sqlalchemy import Select, and_, func, or_, select
 from sqlalchemy.orm import Session, aliased, selectinload
 from sqlalchemy.sql.elements import ColumnElement
 
@@ -32,6 +33,14 @@ from screening.db.models import (
 from screening.db.repository import add_event
 
 EYES = (Eye.RIGHT.value, Eye.LEFT.value)
+
+# Which exams a query is about: their ids, or a query that selects them (the audit's signed-off visits of a period:
+# a subquery has no parameter limit and nothing to send, where a year's ids are hundreds of thousands of parameters).
+Exams = Sequence[int] | Select[Any]
+
+
+def _among(exams: Exams) -> Sequence[int] | Select[Any]:
+    return exams if isinstance(exams, Select) else list(exams)
 
 
 @dataclass(frozen=True)
@@ -76,6 +85,40 @@ def graded_fields(session: Session, exam_ids: Iterable[int] | None = None) -> di
     return {exam_id: {e: eyes[e] for e in EYES if e in eyes} for exam_id, eyes in out.items()}
 
 
+@dataclass(frozen=True)
+class ShownPhotoRow:
+    """A photo a visit's report shows, reduced to what decides whether a sign-off covers it and which model version
+    graded it (the audit's agreement reads these for every signed-off visit; building the visits themselves there
+    cost minutes on a year's database)."""
+
+    exam_id: int
+    image_id: int
+    eye: str
+    model_version: str | None  # None: stored ungradable, no grading model ran
+    result_at: datetime | None  # when its result was stored (None for an ungradable photo)
+    stored_at: datetime | None  # when its ungradable verdict was stored (None: see updated_at)
+    updated_at: datetime
+    received_at: datetime
+    refiled_at: datetime | None
+
+
+def shown_photo_rows(session: Session, exam_ids: Exams) -> list[ShownPhotoRow]:
+    """:class:`ShownPhotoRow` of every photo of ``exam_ids`` that :func:`graded_fields` gives (the same rule), as
+    columns rather than objects, in arrival order per exam."""
+    stmt = (
+        select(Image.exam_id, Image.id, Image.eye, Result.model_version, Result.created_at, Image.stored_at,
+               Image.updated_at, Image.received_at, Image.refiled_at)
+        .outerjoin(Result, Result.image_id == Image.id)
+        .where(_shown(), Image.exam_id.in_(_among(exam_ids)))
+        .order_by(Image.exam_id, Image.id)
+    )
+    out = []
+    for exam_id, image_id, eye, version, result_at, stored_at, updated_at, received_at, refiled_at in session.execute(stmt).all():
+        assert exam_id is not None and eye is not None  # _shown(): filed under a visit and an eye
+        out.append(ShownPhotoRow(exam_id, image_id, eye, version, result_at, stored_at, updated_at, received_at, refiled_at))
+    return out
+
+
 def _shown() -> ColumnElement[bool]:
     """The photos a visit's report shows (as :func:`graded_fields` selects them), given ``Image`` outer-joined with
     ``Result``."""
@@ -83,14 +126,15 @@ def _shown() -> ColumnElement[bool]:
     return and_(Image.exam_id.is_not(None), Image.eye.in_(EYES), or_(Result.id.is_not(None), ungradable))
 
 
-def exams_maybe_awaiting_review(session: Session) -> list[int]:
+def exams_maybe_awaiting_review(session: Session, exam_ids: Exams | None = None) -> list[int]:
     """The exams that may await review, found in SQL: a photo a report shows and no sign-off; or a current sign-off
     that does not answer for a shown photo's eye, or answered for a photo no longer shown under that eye; or one older
     than a shown photo's result or verdict, a photo's refiling (its eye set, or moved in) or the visit's own refiling
     (a photo moved out). Every visit :attr:`screening.review.visits.Visit.awaiting_review` holds for is among them
     (each of its tests has its counterpart here); the caller applies that rule to these alone. Without this the
     review queue built every visit ever graded each time it was shown: on a year's database (500,000 visits) that
-    is minutes and gigabytes for a page staff reload all day."""
+    is minutes and gigabytes for a page staff reload all day. ``exam_ids``: only among these (the audit's
+    agreement asks it of the visits signed off in its period)."""
     latest = select(Review.exam_id.label("exam_id"), func.max(Review.id).label("review_id")).group_by(Review.exam_id).subquery()
     current = aliased(Review)
     signed = current.created_at
@@ -125,8 +169,19 @@ def exams_maybe_awaiting_review(session: Session) -> list[int]:
         .join(ReviewEye, ReviewEye.review_id == current.id)
         .where(~still_shown)
     )
+    if exam_ids is not None:
+        photos = photos.where(Image.exam_id.in_(_among(exam_ids)))
+        answers = answers.where(current.exam_id.in_(_among(exam_ids)))
     found = set(session.scalars(photos)) | set(session.scalars(answers))
     return sorted(exam_id for exam_id in found if exam_id is not None)
+
+
+def graded_versions(session: Session, exam_ids: Exams, where: Sequence[ColumnElement[bool]] = ()) -> list[tuple[int, str]]:
+    """(exam id, model version) for each version that graded a photo of ``exam_ids`` a report shows, with the
+    further conditions ``where`` on ``Image`` and ``Result`` (the audit's period and model version)."""
+    stmt = (select(Image.exam_id, Result.model_version).join(Result, Result.image_id == Image.id)
+            .where(_shown(), Image.exam_id.in_(_among(exam_ids)), *where).distinct())
+    return [(exam_id, version) for exam_id, version in session.execute(stmt).all() if exam_id is not None]
 
 
 def exams_by_latest_review(session: Session, offset: int, limit: int) -> list[int]:
@@ -136,11 +191,11 @@ def exams_by_latest_review(session: Session, offset: int, limit: int) -> list[in
     return list(session.scalars(stmt))
 
 
-def first_report_times(session: Session, exam_ids: Iterable[int] | None = None) -> dict[int, datetime]:
+def first_report_times(session: Session, exam_ids: Exams | None = None) -> dict[int, datetime]:
     """When each exam's first report (its draft) was made."""
     stmt = select(Report.exam_id, func.min(Report.created_at)).group_by(Report.exam_id)
     if exam_ids is not None:
-        stmt = stmt.where(Report.exam_id.in_(list(exam_ids)))
+        stmt = stmt.where(Report.exam_id.in_(_among(exam_ids)))
     return {exam_id: at for exam_id, at in session.execute(stmt).all()}  # min() keeps the column's UTC type
 
 
@@ -206,12 +261,35 @@ def review_history(session: Session, exam_id: int) -> list[Review]:
     return list(session.scalars(stmt))
 
 
-def all_reviews(session: Session, exam_ids: Iterable[int] | None = None) -> list[Review]:
-    """Every review (of ``exam_ids``), oldest first, eyes loaded (for the audit)."""
-    stmt = select(Review).order_by(Review.id).options(selectinload(Review.eyes))
-    if exam_ids is not None:
-        stmt = stmt.where(Review.exam_id.in_(list(exam_ids)))
-    return list(session.scalars(stmt))
+@dataclass(frozen=True)
+class SignOffRow:
+    """A sign-off as the audit compares it, read as columns: what :class:`Review` holds but its comment and user."""
+
+    id: int
+    exam_id: int
+    reviewer: str
+    outcome: str
+    referral: str
+    model_referral: str
+    reviewed_at: datetime
+    created_at: datetime
+    eyes: tuple[EyeGrades, ...]
+
+
+def sign_off_rows(session: Session, exam_ids: Exams) -> list[SignOffRow]:
+    """Every sign-off of ``exam_ids``, oldest first, with its eyes: as columns, not an ORM object per review
+    and per eye (a year's sign-offs are hundreds of thousands)."""
+    ids = _among(exam_ids)
+    eyes: dict[int, list[EyeGrades]] = {}
+    for review_id, image_id, eye, gradable, dr, dme in session.execute(
+            select(ReviewEye.review_id, ReviewEye.image_id, ReviewEye.eye, ReviewEye.gradable, ReviewEye.dr_grade,
+                   ReviewEye.dme_grade)
+            .join(Review, Review.id == ReviewEye.review_id).where(Review.exam_id.in_(ids))
+            .order_by(ReviewEye.review_id, ReviewEye.eye.desc())).all():
+        eyes.setdefault(review_id, []).append(EyeGrades(image_id, eye, gradable, dr, dme))
+    stmt = (select(Review.id, Review.exam_id, Review.reviewer, Review.outcome, Review.referral, Review.model_referral,
+                   Review.reviewed_at, Review.created_at).where(Review.exam_id.in_(ids)).order_by(Review.id))
+    return [SignOffRow(*row, eyes=tuple(eyes.get(row[0], ()))) for row in session.execute(stmt).all()]
 
 
 def exam_reports(session: Session, exam_id: int) -> list[Report]:
@@ -259,10 +337,12 @@ def count_active_users(session: Session) -> int:
 
 __all__ = [
     "EyeGrades",
+    "Exams",
     "GradedField",
+    "ShownPhotoRow",
+    "SignOffRow",
     "add_review",
     "add_user",
-    "all_reviews",
     "count_active_users",
     "current_review",
     "current_reviews",
@@ -270,7 +350,10 @@ __all__ = [
     "first_report_times",
     "get_user",
     "graded_fields",
+    "graded_versions",
     "list_users",
     "report_of_review",
     "review_history",
+    "shown_photo_rows",
+    "sign_off_rows",
 ]

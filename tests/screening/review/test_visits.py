@@ -289,3 +289,62 @@ def test_a_retake_after_an_ungradable_sign_off_follows_its_grades(factory):
         again = sign_off(s, exam_id, reviewer="Dr A", source="cli",
                          answers=[EyeReview("R", True, 0, 0), EyeReview("L", True, 0, 0)])
         assert again.referral == "rescreen_24"
+
+
+def test_a_visit_outline_is_covered_exactly_when_the_visit_no_longer_awaits_review(factory):
+    """The audit's agreement reads signed-off visits as outlines (columns, not built visits: 30 s per 50,000 visits
+    otherwise) and asks them the queue's rule. Each way a sign-off stops covering a visit, and two ways it still
+    does (an ungradable verdict stored before it, a photo's eye confirmed before it), give the same answer both ways:
+    one rule (visits.covers), two readers."""
+    from sqlalchemy import update
+
+    from screening.db.models import Image
+    from screening.review import load_visits
+    from screening.review.eyes import move_photos, set_eyes
+    from screening.review.visits import load_outlines
+
+    later = datetime.now(timezone.utc) + timedelta(minutes=1)
+    with session_scope(factory) as s:
+        covered = seed_visit(s, "COVERED", {"R": (0, 0, False), "L": (0, 0, False)}, report_at=at(60))
+        ungradable_before = seed_visit(s, "UNGRADABLE_BEFORE", {"R": (1, 0, False)}, report_at=at(60))
+        seed_ungradable(s, ungradable_before, "L", stored=at(50))
+        confirmed_before = seed_visit(s, "CONFIRMED_BEFORE", {"R": (0, 0, False)}, report_at=at(60))
+        set_eyes(s, [(confirmed_before.images[0].id, "R")], "Ann Lee", "worklist", now=at(70))
+        ids = {name: seed_visit(s, name, eyes, report_at=at(60)).id for name, eyes in (
+            ("LATE_EYE", {"R": (0, 0, False)}), ("SWAPPED", {"R": (0, 0, False), "L": (1, 0, False)}),
+            ("EYE_SET", {"R": (0, 0, False)}), ("UNGRADABLE_AFTER", {"R": (0, 0, False)}),
+            ("MOVED_OUT", {"R": (0, 0, False), "L": (1, 0, False)}))}
+        ids |= {"COVERED": covered.id, "UNGRADABLE_BEFORE": ungradable_before.id, "CONFIRMED_BEFORE": confirmed_before.id}
+        field_moved = seed_visit(s, "FIELD_MOVED_OUT", {"R": (2, 0, True)}, report_at=at(60))
+        seed_visit(s, "FIELD_MOVED_OUT", {"R": (0, 0, False)})  # a second field: the eye's result is the first (worst)
+        ids["FIELD_MOVED_OUT"] = field_moved.id
+        never = seed_visit(s, "NEVER_SIGNED", {"R": (2, 0, True)}, report_at=at(60)).id
+        for exam_id in ids.values():
+            sign_off(s, exam_id, reviewer="A", source="cli")
+    with session_scope(factory) as s:
+        seed_visit(s, "LATE_EYE", {"L": (2, 0, True)}, received=T0)  # its time is before the sign-off
+        photos = {i.eye: i.id for i in s.scalars(select(Image).where(Image.exam_id == ids["SWAPPED"]))}
+        s.execute(update(Image).where(Image.id == photos["L"]).values(eye="R"))
+        s.execute(update(Image).where(Image.id == photos["R"]).values(eye="L"))
+        eye_set = s.scalars(select(Image.id).where(Image.exam_id == ids["EYE_SET"])).one()
+        set_eyes(s, [(eye_set, "R")], "Ann Lee", "worklist", now=later)
+        seed_ungradable(s, s.get(Exam, ids["UNGRADABLE_AFTER"]), "L", stored=later)
+        left = s.scalars(select(Image.id).where(Image.exam_id == ids["MOVED_OUT"], Image.eye == "L")).one()
+        move_photos(s, [left], "OTHER", date(2025, 3, 3), "L", "Ann Lee", "worklist", now=later)
+        second = max(s.scalars(select(Image.id).where(Image.exam_id == ids["FIELD_MOVED_OUT"])))
+        move_photos(s, [second], "OTHER", date(2025, 3, 3), "R", "Ann Lee", "worklist", now=later)  # only the visit's time
+    with session_scope(factory) as s:
+        visits = {v.exam_id: v for v in load_visits(s, [*ids.values(), never])}
+        outlines = {o.exam_id: o for o in load_outlines(s, [*ids.values(), never])}
+        assert outlines.keys() == visits.keys() == {*ids.values(), never}
+        answers = {}
+        for name, exam_id in ids.items():
+            review = visits[exam_id].current_review
+            assert review is not None
+            answers[name] = outlines[exam_id].covered_by(review.created_at, [(e.image_id, e.eye) for e in review.eyes])
+            assert answers[name] == (not visits[exam_id].awaiting_review), name
+        assert {name for name, covered in answers.items() if covered} == {"COVERED", "UNGRADABLE_BEFORE", "CONFIRMED_BEFORE"}
+        for exam_id, outline in outlines.items():  # the model versions and arrival times the audit's periods use
+            assert sorted((p.image_id, p.eye, p.model_version, p.received_at) for p in outline.photos) \
+                == sorted((f.image_id, e.eye, f.model_version, f.received_at) for e in visits[exam_id].eyes for f in e.fields)
+            assert outline.first_report_at == visits[exam_id].first_report_at == at(60)
