@@ -26,7 +26,6 @@ from .logs import configure  # noqa: E402
 if TYPE_CHECKING:
     from sqlalchemy.orm import Session, sessionmaker
 
-    from .claims import Claimer
     from .pipeline import Worker
     from .review import Visit
 
@@ -370,47 +369,21 @@ def _say_reopened(visit: Visit) -> None:
 def _refile(settings: ScreeningSettings, factory: sessionmaker[Session], exam_ids: Iterable[int],
             work: Callable[[Session], T]) -> T | None:
     """Run ``work`` (a refiling: `review eye`, `review move`) in one transaction under the report claims of the
-    visits it touches; None, with the error printed, when a claim or the work is refused (nothing was changed)."""
-    from .db import session_scope
-    from .db.models import ClaimKind
+    visits it touches (:func:`screening.review.eyes.under_visit_claims`); None, with the error printed, when a claim
+    or the work is refused (nothing was changed)."""
+    from .claims import Claimer, make_holder
     from .review import ReviewError
+    from .review.eyes import under_visit_claims
 
-    exam_ids = sorted(exam_ids)
-    claims = _visit_claims(settings, factory, exam_ids)
-    if claims is None:
-        return None
+    claims = Claimer(factory, settings.site, settings.claim_lease_seconds, make_holder(f"{settings.site}-review"))
     try:
-        with session_scope(factory) as session:
-            for exam_id in exam_ids:
-                claims.hold(session, ClaimKind.VISIT, str(exam_id))
-            return work(session)
+        return under_visit_claims(factory, claims, exam_ids, work)
     except ReviewError as exc:
-        print(f"error: {exc}; nothing was changed", file=sys.stderr)
+        print(f"error: {exc}; nothing was changed" if "nothing was changed" not in str(exc) else f"error: {exc}",
+              file=sys.stderr)
         return None
     finally:
         claims.close()
-
-
-def _visit_claims(settings: ScreeningSettings, factory: sessionmaker[Session], exam_ids: list[int]) -> Claimer | None:
-    """The report claims of ``exam_ids``, taken as a worker takes them (waiting up to CLAIM_WAIT_S for one making a
-    version), so that a change to the visits lands between two versions; None (and an error printed) on a timeout."""
-    import time
-
-    from .claims import Claimer, make_holder
-    from .db.models import ClaimKind
-    from .review.reviewed_report import CLAIM_WAIT_S
-
-    claims = Claimer(factory, settings.site, settings.claim_lease_seconds, make_holder(f"{settings.site}-review"))
-    deadline = time.monotonic() + CLAIM_WAIT_S
-    for exam_id in exam_ids:
-        while not claims.take(ClaimKind.VISIT, str(exam_id)):
-            if time.monotonic() > deadline:
-                claims.close()
-                print(f"error: visit {exam_id}: a worker has been writing a version of its report for over "
-                      f"{CLAIM_WAIT_S:.0f} s; nothing was changed. Try again in a minute", file=sys.stderr)
-                return None
-            time.sleep(0.5)
-    return claims
 
 
 def _date_arg(text: str) -> date:

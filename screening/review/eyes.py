@@ -14,22 +14,27 @@ taken to cover the photo (:attr:`screening.review.visits.Visit.awaiting_review`)
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import date, datetime, timezone
+from typing import TypeVar
 
 from sqlalchemy import select
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, sessionmaker
 
+from screening.claims import Claimer
 from screening.db import repository as repo
 from screening.db import tallies
-from screening.db.models import Image, ImageState, utcnow
+from screening.db.models import ClaimKind, Image, ImageState, utcnow
+from screening.db.session import session_scope
 from screening.findings import shown_name
 from screening.report import EYE_NAMES
 from screening.review.visits import FUTURE_TOLERANCE, REVIEWER_MAX_CHARS, ReviewError, clean_text
 from training.common import MAX_ID_LENGTH, is_safe_id
 
 REASON_MAX_CHARS = 500
+CLAIM_WAIT_S = 30.0  # a worker's version of a visit takes seconds; longer, and the refiling is refused: try again
 # At or above this probability of the other eye, setting an eye takes ``against_photo``: the commonest cause is a
 # mistyped image id, which would file two photos under one eye and leave the other "not received".
 SURE = 0.9
@@ -229,4 +234,33 @@ def move_photos(session: Session, image_ids: Sequence[int], patient: str, exam_d
     return out
 
 
-__all__ = ["REASON_MAX_CHARS", "EyeSet", "Moved", "move_photos", "set_eyes"]
+T = TypeVar("T")
+
+
+def under_visit_claims(factory: sessionmaker[Session], claims: Claimer, exam_ids: Iterable[int],
+                       work: Callable[[Session], T], wait_s: float = CLAIM_WAIT_S) -> T:
+    """Run ``work`` (a refiling: :func:`set_eyes`, :func:`move_photos`) in one transaction under the report claims of
+    the visits it touches, taken as a worker takes them: a worker making a version of one of them finishes first, and
+    the change lands between two versions (the next one shows it). Raises :class:`ReviewError` when a worker has held
+    a claim for over ``wait_s`` (nothing was changed); ``work``'s own refusals pass through. The command line and the
+    review page both refile through here; the claims are released afterwards."""
+    keys = [str(e) for e in sorted(set(exam_ids))]
+    taken: list[str] = []
+    try:
+        deadline = time.monotonic() + wait_s
+        for key in keys:
+            while not claims.take(ClaimKind.VISIT, key):
+                if time.monotonic() > deadline:
+                    raise ReviewError(f"visit {key}: a worker has been writing a version of its report for over "
+                                      f"{wait_s:.0f} s; nothing was changed. Try again in a minute")
+                time.sleep(0.5)
+            taken.append(key)
+        with session_scope(factory) as session:
+            for key in keys:
+                claims.hold(session, ClaimKind.VISIT, key)
+            return work(session)
+    finally:
+        claims.release(ClaimKind.VISIT, taken)
+
+
+__all__ = ["CLAIM_WAIT_S", "REASON_MAX_CHARS", "EyeSet", "Moved", "move_photos", "set_eyes", "under_visit_claims"]

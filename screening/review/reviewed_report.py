@@ -37,6 +37,7 @@ from screening.report import (
     report_folder,
     with_undetected,
 )
+from screening.review.eyes import CLAIM_WAIT_S  # longer, and the sign-off is rendered later
 from screening.review.visits import ReviewError, Visit, load_visit, review_note
 
 log = logging.getLogger(__name__)
@@ -44,7 +45,6 @@ log = logging.getLogger(__name__)
 # stylesheet and font configuration (screening.report) are shared objects not meant for concurrent use.
 _RENDER_LOCK = threading.Lock()
 VERSION_ATTEMPTS = 5
-CLAIM_WAIT_S = 30.0  # a worker's version of the visit takes seconds; longer, and the sign-off is rendered later
 
 
 @dataclass(frozen=True)

@@ -51,6 +51,7 @@ from screening.report import (
     check_model_rows,
     undetected_lesions,
 )
+from screening.review.eyes import set_eyes, under_visit_claims
 from screening.review.reviewed_report import ModelCatalog, render_reviewed_report
 from screening.review.visits import (
     GRADER_REFERRALS,
@@ -408,6 +409,44 @@ def create_app(
     @app.post("/visits/<id:exam_id>/correct")
     def correct(exam_id: int) -> Any:
         return record(exam_id, confirm=False)
+
+    @app.post("/visits/<id:exam_id>/images/<id:image_id>/eye")
+    def set_eye(exam_id: int, image_id: int) -> Any:
+        """A person who checked the label sets (or confirms) a photo's eye from the visit page, as `dr-screen review
+        eye` does (screening.review.eyes.set_eyes, under the visit's report claim): the answer to a laterality
+        mismatch or an identity conflict no longer needs a terminal. Refused, with nothing changed, when the page
+        showed other photos or eyes than the visit has now, or when set_eyes refuses (the photo reads as the other eye
+        and 'even against the photo' was not ticked; no reason given; already set to that eye)."""
+        form = request.form
+        who = g.get("display_name") or form.get("reviewer", "")
+        eye = form.get("eye", "")
+
+        def work(s: Session) -> Any:
+            image = s.get(Image, image_id)
+            if image is None or image.exam_id != exam_id:
+                abort(404)
+            if eye not in EYE_NAMES:
+                raise ReviewError("choose the right or the left eye")
+            _, seen_eyes, _ = _seen(form)
+            if seen_eyes is None:
+                raise ReviewError("the form is damaged; reload the visit and set the eye again")
+            visit = load_visit(s, exam_id, rule, ungradable)
+            check_unchanged(visit, None, seen_eyes)
+            (done,) = set_eyes(s, [(image_id, eye)], who, form.get("reason", ""), against_photo=bool(form.get("against_photo")))
+            return done, visit.current_review is not None
+
+        try:
+            done, signed = under_visit_claims(factory, claims, [exam_id], work)
+        except ReviewError as exc:
+            stale = "while it was open" in str(exc) or "has been writing" in str(exc)
+            return show_visit(exam_id, error=f"Image {image_id}: {exc}", status=409 if stale else 400)
+        if g.get("user_id") is None:
+            session["reviewer_name"] = who.strip()
+        log.info("eye of image %s in exam %s set user=%s", image_id, exam_id, g.get("user_id"))
+        what = "confirmed as the" if not done.changed else f"set from the {EYE_NAMES[done.before].lower()} to the"
+        flash(f"Image {image_id}: eye {what} {EYE_NAMES[done.after].lower()}. The worker makes a new report version at "
+              "its next sweep" + ("; the visit's sign-off no longer covers it: review it again." if signed else "."), "ok")
+        return redirect(url_for("visit", exam_id=exam_id))
 
     # ------------------------------------------------------------------ files, by database id only
     @app.get("/visits/<id:exam_id>/images/<id:image_id>/<kind>.jpg")

@@ -283,3 +283,32 @@ def test_a_refused_identity_conflict_is_a_caution_in_the_queue_until_a_person_re
     with session_scope(factory) as s:
         assert load_visit(s, exam_id).conflicts == ()  # answered: not shown again
         assert sign_off(s, exam_id, reviewer="Dr Grey", source="cli").reviewer == "Dr Grey"
+
+
+def test_a_refiling_waits_for_a_workers_version_then_refuses_and_releases_its_claims(factory):
+    """`review eye`, `review move` and the review page's eye form refile under the visits' report claims: while a
+    worker holds one (it is writing a version) the refiling waits, then is refused with nothing changed; after a
+    refiling the claims are free again for the worker's next version."""
+    from screening.claims import Claimer
+    from screening.db.models import ClaimKind
+    from screening.review.eyes import under_visit_claims
+
+    with session_scope(factory) as s:
+        exam_id, right, _ = _mislabelled_visit(s)
+    worker = Claimer(factory, "clinic", 60.0, "worker-1")
+    desk = Claimer(factory, "clinic", 60.0, "desk-1")
+    ran = []
+    try:
+        assert worker.take(ClaimKind.VISIT, str(exam_id))
+        with pytest.raises(ReviewError, match=f"visit {exam_id}: a worker has been writing a version of its report for "
+                                              "over 1 s; nothing was changed"):
+            under_visit_claims(factory, desk, [exam_id], lambda s: ran.append(1), wait_s=0.6)
+        assert ran == [] and not desk.holds(ClaimKind.VISIT, str(exam_id))
+        worker.release(ClaimKind.VISIT, [str(exam_id)])
+        done = under_visit_claims(factory, desk, [exam_id], lambda s: set_eyes(
+            s, [(right, "R")], "Ann Lee", "worklist", against_photo=True))
+        assert [d.after for d in done] == ["R"]
+        assert worker.take(ClaimKind.VISIT, str(exam_id))  # released after the refiling
+    finally:
+        worker.close()
+        desk.close()

@@ -540,3 +540,87 @@ def test_ids_beyond_the_databases_range_are_not_found(worked):
         resp = client.get(path)
         assert resp.status_code == 404 and "There is nothing at this address" in resp.get_data(as_text=True), path
     assert client.post(f"/visits/{huge}/confirm", data={}).status_code in (400, 404)  # CSRF or not found, never 500
+
+
+def _eye_form(client, exam_id: int, image_id: int, **fields) -> dict[str, str]:
+    """The visit page's "Wrong eye?" form of ``image_id`` as a browser sends it, with ``fields`` filled in."""
+    html = client.get(f"/visits/{exam_id}").get_data(as_text=True)
+    block = re.search(rf'<details class="set-eye" id="set-eye-{image_id}"(.*?)</details>', html, re.S).group(1)
+    hidden = dict(re.findall(r'<input type="hidden" name="([^"]+)" value="([^"]*)"', block))
+    return {**hidden, "eye": "R", **fields}
+
+
+def test_a_photos_eye_is_set_from_the_visit_page_with_who_and_why(worked):
+    """A grader who sees "Laterality mismatch: check the label" had to go to a terminal (`review eye`) to answer it.
+    The page's form does what the command does, under the visit's report claim: refusals name the problem and change
+    nothing; a confirmation is recorded with the name and reason, the warning goes, a new version is due and a
+    sign-off made before no longer covers the visit."""
+    from screening.db import repository as repo
+    from screening.db.models import Event
+    from screening.review.visits import load_visit
+
+    exam_id = worked.exams["P1"]
+    client = _app(worked).test_client()
+    with session_scope(worked.factory) as s:
+        right = s.scalars(select(Image).where(Image.exam_id == exam_id, Image.eye == "R")).first()
+        right.predicted_eye, right.eye_confidence, right.eye_mismatch = "L", 0.97, True  # reads as the left eye
+        right.eye_note = "Laterality mismatch: the photo reads as the left eye; check the label."
+        rid = right.id
+        other = s.scalars(select(Image.id).where(Image.exam_id != exam_id, Image.exam_id.is_not(None))).first()
+    form = _form(client.get(f"/visits/{exam_id}").get_data(as_text=True))
+    assert client.post(f"/visits/{exam_id}/confirm", data={**form, "reviewer": "Dr Local"}).status_code == 302
+    html = client.get(f"/visits/{exam_id}").get_data(as_text=True)
+    assert f'id="set-eye-{rid}" open>' in html  # the flagged photo's form is open; the other photo's is folded
+    assert re.search(r'id="set-eye-\d+">', html)
+
+    def post(**fields):
+        return client.post(f"/visits/{exam_id}/images/{rid}/eye", data=_eye_form(client, exam_id, rid, **fields))
+
+    refusals = [
+        (dict(reason="camera worklist", reviewer="Dr Local"), 400, "the photo reads as the left eye (97% sure)"),
+        (dict(reason="  ", reviewer="Dr Local", against_photo="1"), 400, "the reason (what the label was checked against) is empty"),
+        (dict(eye="X", reason="worklist", reviewer="Dr Local"), 400, "choose the right or the left eye"),
+        (dict(reason="worklist", reviewer="Dr Local", against_photo="1", seen_eyes="1R"), 409, "changed while it was open"),
+    ]
+    for fields, status, message in refusals:
+        resp = post(**fields)
+        assert resp.status_code == status and message in resp.get_data(as_text=True).replace("&#39;", "'"), fields
+    assert client.post(f"/visits/{exam_id}/images/{other}/eye", data=_eye_form(
+        client, exam_id, rid, reason="worklist", reviewer="Dr Local", against_photo="1")).status_code == 404
+    with session_scope(worked.factory) as s:
+        assert s.get(Image, rid).eye_source != "staff" and not s.scalars(select(Event).where(Event.kind == "eye_set")).all()
+        assert not load_visit(s, exam_id).awaiting_review
+
+    resp = post(reason="camera worklist <b>", reviewer="Dr Local", against_photo="1")
+    assert resp.status_code == 302
+    page = client.get(f"/visits/{exam_id}").get_data(as_text=True)
+    assert f"Image {rid}: eye confirmed as the right eye" in page and "sign-off no longer covers it" in page
+    assert f'id="set-eye-{rid}" open>' not in page and "camera worklist &lt;b&gt;" in page  # the note, escaped
+    with session_scope(worked.factory) as s:
+        image = s.get(Image, rid)
+        assert image.eye == "R" and image.eye_source == "staff"
+        assert image.eye_note.startswith("Eye confirmed as the right eye by Dr Local")
+        assert s.scalars(select(Event.message).where(Event.kind == "eye_set")).all() == [
+            "eye R confirmed by Dr Local: camera worklist <b>"]
+        assert exam_id in [e.id for e in repo.exams_needing_report(s)]
+        assert load_visit(s, exam_id).awaiting_review  # the earlier sign-off answered while the label was in doubt
+
+
+def test_an_identity_conflict_answered_on_the_page_lifts_the_sign_off_block(worked):
+    from screening.db import repository as repo
+
+    exam_id = worked.exams["P1"]
+    client = _app(worked).test_client()
+    with session_scope(worked.factory) as s:
+        image = s.scalars(select(Image).where(Image.exam_id == exam_id, Image.eye == "L")).first()
+        repo.record_drop(s, sha256=image.sha256, source_name="P1_R_copy.jpg", outcome="rejected", image=image,
+                         reason="the same bytes as the other eye's photo", reason_code="identity_conflict")
+        lid = image.id
+    html = client.get(f"/visits/{exam_id}").get_data(as_text=True)
+    assert 'id="conflict-block"' in html and f'id="set-eye-{lid}" open>' in html
+    resp = client.post(f"/visits/{exam_id}/images/{lid}/eye", data=_eye_form(
+        client, exam_id, lid, eye="L", reason="checked the camera's worklist", reviewer="Dr Local", against_photo="1"))
+    assert resp.status_code == 302
+    html = client.get(f"/visits/{exam_id}").get_data(as_text=True)
+    assert 'id="conflict-block"' not in html and 'id="confirm">' in html
+    assert client.post(f"/visits/{exam_id}/confirm", data={**_form(html), "reviewer": "Dr Local"}).status_code == 302

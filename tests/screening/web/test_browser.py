@@ -128,3 +128,18 @@ def test_log_in_open_the_queue_correct_a_grade_and_get_the_reviewed_pdf(server, 
     # without the session the PDF is not served: the login page is
     with urllib.request.urlopen(link.get_attribute("href"), timeout=30) as resp:
         assert "/login?next=" in resp.geturl() and resp.headers["Content-Type"].startswith("text/html")
+
+    # the photo's eye confirmed from the page after checking the label: the folded form opens, sends and says so
+    browser.get(f"{base}/visits/{exam_id}")
+    wait.until(lambda b: b.execute_script("return document.readyState") == "complete")
+    form = browser.find_element(By.CSS_SELECTOR, "#eye-R details.set-eye")
+    form.find_element(By.TAG_NAME, "summary").click()
+    assert Select(form.find_element(By.NAME, "eye")).first_selected_option.text == "right eye"
+    form.find_element(By.NAME, "reason").send_keys("camera worklist")
+    form.find_element(By.NAME, "against_photo").click()
+    browser.save_screenshot(str(tmp_path / "visit-eye-form.png"))
+    form.find_element(By.CSS_SELECTOR, "button[type=submit]").click()
+    flash = wait.until(EC.visibility_of_element_located((By.CSS_SELECTOR, ".flash")))
+    assert "eye confirmed as the right eye" in flash.text and "sign-off no longer covers it" in flash.text
+    assert "Awaiting review" in browser.find_element(By.ID, "status").text
+    assert "Eye confirmed as the right eye by Dr A. Grey" in browser.find_element(By.ID, "eye-R").text
