@@ -23,6 +23,7 @@ from __future__ import annotations
 import logging
 import re
 import secrets
+from collections.abc import Callable
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -410,43 +411,61 @@ def create_app(
     def correct(exam_id: int) -> Any:
         return record(exam_id, confirm=False)
 
-    @app.post("/visits/<id:exam_id>/images/<id:image_id>/eye")
-    def set_eye(exam_id: int, image_id: int) -> Any:
-        """A person who checked the label sets (or confirms) a photo's eye from the visit page, as `dr-screen review
-        eye` does (screening.review.eyes.set_eyes, under the visit's report claim): the answer to a laterality
-        mismatch or an identity conflict no longer needs a terminal. Refused, with nothing changed, when the page
-        showed other photos or eyes than the visit has now, or when set_eyes refuses (the photo reads as the other eye
-        and 'even against the photo' was not ticked; no reason given; already set to that eye)."""
+    def refile_eyes(exam_id: int, choose: Callable[[Session, Visit], list[tuple[int, str]]]) -> Any:
+        """A person who checked the labels sets (or confirms) photos' eyes from the visit page, as `dr-screen review
+        eye` does (screening.review.eyes.set_eyes, in one transaction under the visit's report claim): the answer to a
+        laterality mismatch or an identity conflict no longer needs a terminal. ``choose``: the (image id, eye) pairs
+        the form asks for. Refused, with nothing changed, when the page showed other photos or eyes than the visit has
+        now, or when set_eyes refuses (a photo reads as the other eye and 'even if the photo reads as the other eye'
+        was not ticked; no reason; already set to that eye by a person)."""
         form = request.form
         who = g.get("display_name") or form.get("reviewer", "")
-        eye = form.get("eye", "")
 
         def work(s: Session) -> Any:
-            image = s.get(Image, image_id)
-            if image is None or image.exam_id != exam_id:
-                abort(404)
-            if eye not in EYE_NAMES:
-                raise ReviewError("choose the right or the left eye")
             _, seen_eyes, _ = _seen(form)
             if seen_eyes is None:
                 raise ReviewError("the form is damaged; reload the visit and set the eye again")
             visit = load_visit(s, exam_id, rule, ungradable)
             check_unchanged(visit, None, seen_eyes)
-            (done,) = set_eyes(s, [(image_id, eye)], who, form.get("reason", ""), against_photo=bool(form.get("against_photo")))
+            done = set_eyes(s, choose(s, visit), who, form.get("reason", ""), against_photo=bool(form.get("against_photo")))
             return done, visit.current_review is not None
 
         try:
             done, signed = under_visit_claims(factory, claims, [exam_id], work)
         except ReviewError as exc:
             stale = "while it was open" in str(exc) or "has been writing" in str(exc)
-            return show_visit(exam_id, error=f"Image {image_id}: {exc}", status=409 if stale else 400)
+            return show_visit(exam_id, error=str(exc), status=409 if stale else 400)
         if g.get("user_id") is None:
             session["reviewer_name"] = who.strip()
-        log.info("eye of image %s in exam %s set user=%s", image_id, exam_id, g.get("user_id"))
-        what = "confirmed as the" if not done.changed else f"set from the {EYE_NAMES[done.before].lower()} to the"
-        flash(f"Image {image_id}: eye {what} {EYE_NAMES[done.after].lower()}. The worker makes a new report version at "
-              "its next sweep" + ("; the visit's sign-off no longer covers it: review it again." if signed else "."), "ok")
+        log.info("eyes of %s image(s) in exam %s set user=%s", len(done), exam_id, g.get("user_id"))
+        said = "; ".join(f"image {d.image_id}: eye " + ("confirmed as the" if not d.changed else
+                                                        f"set from the {EYE_NAMES[d.before].lower()} to the")
+                         + f" {EYE_NAMES[d.after].lower()}" for d in done)
+        flash(f"{said[0].upper()}{said[1:]}. The worker makes a new report version at its next sweep"
+              + ("; the visit's sign-off no longer covers it: review it again." if signed else "."), "ok")
         return redirect(url_for("visit", exam_id=exam_id))
+
+    @app.post("/visits/<id:exam_id>/images/<id:image_id>/eye")
+    def set_eye(exam_id: int, image_id: int) -> Any:
+        """One photo's eye (the "Wrong eye?" form under each photo)."""
+        eye = request.form.get("eye", "")
+
+        def choose(s: Session, visit: Visit) -> list[tuple[int, str]]:
+            image = s.get(Image, image_id)
+            if image is None or image.exam_id != exam_id:
+                abort(404)
+            if eye not in EYE_NAMES:
+                raise ReviewError(f"image {image_id}: choose the right or the left eye")
+            return [(image_id, eye)]
+
+        return refile_eyes(exam_id, choose)
+
+    @app.post("/visits/<id:exam_id>/swap-eyes")
+    def swap_eyes(exam_id: int) -> Any:
+        """Every photo of the visit filed under the other eye, together (a swapped pair: the camera's right and left
+        exchanged), so that no version ever shows both eyes' photos under one eye."""
+        return refile_eyes(exam_id, lambda s, visit: [(f.image_id, "L" if e.eye == "R" else "R")
+                                                      for e in visit.eyes for f in e.fields])
 
     # ------------------------------------------------------------------ files, by database id only
     @app.get("/visits/<id:exam_id>/images/<id:image_id>/<kind>.jpg")

@@ -624,3 +624,31 @@ def test_an_identity_conflict_answered_on_the_page_lifts_the_sign_off_block(work
     html = client.get(f"/visits/{exam_id}").get_data(as_text=True)
     assert 'id="conflict-block"' not in html and 'id="confirm">' in html
     assert client.post(f"/visits/{exam_id}/confirm", data={**_form(html), "reviewer": "Dr Local"}).status_code == 302
+
+
+def test_a_swapped_pair_is_swapped_on_the_page_in_one_step(worked):
+    """Both photos read as the other eye: the page offers (open) to file every photo under the other eye, together,
+    as `review eye 31=L 32=R` does; a page older than the visit's eyes is refused and changes nothing."""
+    from screening.db.models import Event
+
+    exam_id = worked.exams["P1"]
+    client = _app(worked).test_client()
+    with session_scope(worked.factory) as s:
+        photos = {i.eye: i for i in s.scalars(select(Image).where(Image.exam_id == exam_id))}
+        for image, reads in ((photos["R"], "L"), (photos["L"], "R")):
+            image.predicted_eye, image.eye_confidence, image.eye_mismatch = reads, 0.95, True
+        ids = {eye: image.id for eye, image in photos.items()}
+    html = client.get(f"/visits/{exam_id}").get_data(as_text=True)
+    block = re.search(r'<details class="set-eye" id="swap-eyes" open>(.*?)</details>', html, re.S).group(1)
+    form = dict(re.findall(r'<input type="hidden" name="([^"]+)" value="([^"]*)"', block))
+    stale = {**form, "seen_eyes": f"{ids['R']}L,{ids['L']}R", "reason": "worklist", "reviewer": "Dr Local"}
+    assert client.post(f"/visits/{exam_id}/swap-eyes", data=stale).status_code == 409
+    resp = client.post(f"/visits/{exam_id}/swap-eyes", data={**form, "reason": "camera worklist", "reviewer": "Dr Local"})
+    assert resp.status_code == 302
+    page = client.get(f"/visits/{exam_id}").get_data(as_text=True)
+    assert (f"Image {ids['R']}: eye set from the right eye to the left eye; image {ids['L']}: eye set from the left eye "
+            "to the right eye.") in page
+    assert 'id="swap-eyes" open>' not in page  # each photo is now filed under the eye it reads as
+    with session_scope(worked.factory) as s:
+        assert {i.id: i.eye for i in s.scalars(select(Image).where(Image.exam_id == exam_id))} == {ids["R"]: "L", ids["L"]: "R"}
+        assert len(s.scalars(select(Event).where(Event.kind == "eye_set")).all()) == 2
