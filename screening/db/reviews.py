@@ -135,7 +135,10 @@ def exams_maybe_awaiting_review(session: Session, exam_ids: Exams | None = None)
     review queue built every visit ever graded each time it was shown: on a year's database (500,000 visits) that
     is minutes and gigabytes for a page staff reload all day. ``exam_ids``: only among these (the audit's
     agreement asks it of the visits signed off in its period)."""
-    latest = select(Review.exam_id.label("exam_id"), func.max(Review.id).label("review_id")).group_by(Review.exam_id).subquery()
+    latest_q = select(Review.exam_id.label("exam_id"), func.max(Review.id).label("review_id")).group_by(Review.exam_id)
+    if exam_ids is not None:  # not every visit's latest sign-off: a year's are hundreds of thousands
+        latest_q = latest_q.where(Review.exam_id.in_(_among(exam_ids)))
+    latest = latest_q.subquery()
     current = aliased(Review)
     signed = current.created_at
     answered_eye = select(ReviewEye.id).where(ReviewEye.review_id == current.id, ReviewEye.eye == Image.eye).exists()
