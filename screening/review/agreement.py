@@ -225,24 +225,18 @@ def _period_versions(session: Session, exams: rrepo.Exams, lo: datetime | None, 
                      model_version: str | None) -> dict[int, set[str]]:
     """Per visit of ``exams``, the model versions that graded a photo of it (one its report shows) received in
     ``[lo, hi)`` (only ``model_version``'s); a visit none graded in the period is absent."""
-    where: list[ColumnElement[bool]] = []
-    if lo is not None:
-        where.append(Image.received_at >= lo)
-    if hi is not None:
-        where.append(Image.received_at < hi)
-    if model_version is not None:
-        where.append(Result.model_version == model_version)
     out: dict[int, set[str]] = {}
-    for exam_id, version in rrepo.graded_versions(session, exams, where):
+    for exam_id, version in rrepo.graded_versions(session, exams, _photo_period(lo, hi, model_version)):
         out.setdefault(exam_id, set()).add(version)
     return out
 
 
 def _coverage(session: Session, exams: rrepo.Exams, history: dict[int, list[SignOffRow]]) -> dict[int, bool]:
     """Per sign-off id that the comparison uses (each visit's current one, each reviewer's own latest one), whether it
-    covers its visit as it is now (``history``: the sign-offs of each visit of ``exams``, oldest first). The SQL prefilter of the review queue (``exams_maybe_awaiting_review``) settles most:
-    a visit it does not name is covered by its current sign-off. Only the visits it names, and sign-offs that are not
-    their visit's current one, are read as outlines and asked the rule (:func:`_covers`)."""
+    covers its visit as it is now (``history``: the sign-offs of each visit of ``exams``, oldest first). The review
+    queue's SQL prefilter (``exams_maybe_awaiting_review``) settles most: a visit it does not name is covered by its
+    current sign-off. Only the visits it names, and sign-offs that are not their visit's current one, are read as
+    outlines and asked the rule (:func:`_covers`)."""
     maybe = set(rrepo.exams_maybe_awaiting_review(session, exams))
     out: dict[int, bool] = {}
     to_check: list[SignOffRow] = []
@@ -278,15 +272,21 @@ def _signed_in_period(lo: datetime | None, hi: datetime | None, model_version: s
     if lo is None and hi is None:
         in_period = select(Result.id).where(Result.exam_id == Review.exam_id, *_period(lo, hi, model_version)).exists()
         return select(Review.exam_id).where(in_period).distinct()
-    where: list[ColumnElement[bool]] = [Image.exam_id.is_not(None),
-                                        select(Review.id).where(Review.exam_id == Image.exam_id).exists()]
+    signed = select(Review.id).where(Review.exam_id == Image.exam_id).exists()
+    return (select(Image.exam_id).join(Result, Result.image_id == Image.id)
+            .where(Image.exam_id.is_not(None), signed, *_photo_period(lo, hi, model_version)).distinct())
+
+
+def _photo_period(lo: datetime | None, hi: datetime | None, model_version: str | None) -> list[ColumnElement[bool]]:
+    """:func:`_period` by the photo's arrival (``Image.received_at``), for reads joined from the images."""
+    where: list[ColumnElement[bool]] = []
     if lo is not None:
         where.append(Image.received_at >= lo)
     if hi is not None:
         where.append(Image.received_at < hi)
     if model_version is not None:
         where.append(Result.model_version == model_version)
-    return select(Image.exam_id).join(Result, Result.image_id == Image.id).where(*where).distinct()
+    return where
 
 
 def visits_graded(session: Session, lo: datetime | None = None, hi: datetime | None = None,
