@@ -256,15 +256,58 @@ def _date_problem(part: str) -> str | None:
     return f"'{part}' looks like a date; write dates as YYYYMMDD{example} or YYYY-MM-DD"
 
 
-def _diagnose_name(stem: str) -> str | None:
+# What a computer adds to the name of a copy: "A1234_OD_20251120 (1)", "... - Copy", "... - Copy (2)", "... copy 2".
+_COPY_SUFFIX = re.compile(r"(?:\s*\(\d{1,3}\)|\s*-\s*copy(?:\s*\(\d{1,3}\))?|\s+copy(?:\s+\d{1,3})?)$", re.IGNORECASE)
+
+
+def _taken(stem: str, patterns: Sequence[str | re.Pattern[str]]) -> bool:
+    """Whether the patterns would take ``stem`` as a patient's photo (a valid id, not a camera's numbering)."""
+    groups = _match_patterns(stem, patterns)
+    patient = groups.get("patient") if groups else None
+    return bool(patient) and is_safe_id(patient) and not CAMERA_NUMBERING.fullmatch(patient or "")
+
+
+def _renamed(stem: str, suffix: str, patterns: Sequence[str | re.Pattern[str]]) -> str | None:
+    """How to rename a file whose name the patterns take once a copy's number is dropped or its parts are
+    separated by ``_``; None when neither helps. The suggestion is checked against the patterns in use, so it is
+    never a name that would be refused in turn."""
+    copy = _COPY_SUFFIX.search(stem)
+    bases = [stem] if copy is None else [stem[:copy.start()], stem]
+    for base in bases:
+        separated = [re.sub(r"\s+", "_", base)]
+        # '_' on both sides of an eye word only: a hyphen in the id (AB-12) or a YYYY-MM-DD date stays
+        separated.append(re.sub(r"[\s.-]+(L|R|LE|RE|OD|OS|left|right)([\s.-]+|$)",
+                                lambda m: f"_{m[1]}{'_' if m[2] else ''}", base, flags=re.IGNORECASE))
+        separated.append(re.sub(r"[\s.]+", "_", base))
+        separated.append(re.sub(r"[\s.-]+", "_", base))
+        separated.append(re.sub(r"(?<![0-9])([0-9]{4})_([0-9]{2})_([0-9]{2})(?![0-9])", r"\1-\2-\3", separated[-1]))
+        for candidate in dict.fromkeys(separated):  # in order, each once
+            if candidate == stem or not _taken(candidate, patterns):
+                continue
+            name = candidate + suffix
+            if base != stem and copy is not None:
+                second = f", or {candidate}_2{suffix} if it is a second photo of that eye" if _taken(
+                    candidate + "_2", patterns) else ""
+                return (f"'{copy.group().strip()}' at its end looks like what a computer adds to a copy's name: "
+                        f"rename it {name}{second}")
+            return f"separate the patient id, eye and date with '_': rename it {name}"
+    return None
+
+
+def _diagnose_name(stem: str, suffix: str = "", patterns: Sequence[str | re.Pattern[str]] = ()) -> str | None:
     """The first thing recognisably wrong with a file name no pattern matched, or None.
 
     Without this such a name was refused as having "no patient id", although the id was there and the date
-    (``E1011_R_20.11.2025``) or the eye (``E1011_OU_20251120``) was what the patterns did not take. Only the
-    ``_``-separated parts after the first are looked at: the first is the patient id in every default pattern,
+    (``E1011_R_20.11.2025``) or the eye (``E1011_OU_20251120``) was what the patterns did not take, or the parts
+    were separated by spaces or hyphens (``A1234 OD 20251120``), or a computer had numbered a copy
+    (``A1234_OD_20251120 (1)``), or the id had a letter outside A-Z (``Müller017_L``). Only the ``_``-separated
+    parts after the first are looked at for eyes and dates: the first is the patient id in every default pattern,
     and may be any letters, digits and hyphens. A six-digit part is taken for a date only when no part is a
     date already (``..._20251120_143015`` ends in a time).
     """
+    renamed = _renamed(stem, suffix, patterns)
+    if renamed:
+        return renamed
     parts = stem.split("_")[1:]
     has_date = any(re.fullmatch(r"[0-9]{8}|[0-9]{4}-[0-9]{2}-[0-9]{2}", part) for part in parts)
     for part in parts:
@@ -274,6 +317,13 @@ def _diagnose_name(stem: str) -> str | None:
         problem = None if has_date and part.isdigit() else _date_problem(part)
         if problem:
             return problem
+    odd = sorted({c for c in stem if not (c.isascii() and (c.isalnum() or c in "_-"))})
+    if odd:
+        shown = ", ".join("a space" if c == " " else f"'{c}'" for c in odd[:5])
+        letter = any(c.isalpha() for c in odd)
+        return (f"it has characters the names do not take ({shown}): names use only the letters A-Z and a-z, "
+                "the digits 0-9 and '-', with '_' between the parts"
+                + (" (write a patient id with another letter as the clinic's system writes it in these)" if letter else ""))
     return None
 
 
@@ -337,7 +387,7 @@ def parse_identity(
 
     if not patient:
         side = p.with_suffix(".json").name
-        problem = _diagnose_name(p.stem)
+        problem = _diagnose_name(p.stem, p.suffix, patterns)
         if problem:
             raise _unidentified(
                 f"cannot read the file name '{p.name}': {problem}; or put a sidecar {side} with its patient_id; "

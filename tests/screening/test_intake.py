@@ -178,6 +178,63 @@ def test_a_name_no_pattern_takes_is_refused_saying_what_is_wrong(tmp_path: Path,
     assert message.endswith("date YYYYMMDD or YYYY-MM-DD)")
 
 
+@pytest.mark.parametrize(
+    ("name", "fragment", "suggested", "expected"),
+    [
+        ("A1234_OD_20251120 (1).jpg", "'(1)' at its end looks like what a computer adds to a copy's name",
+         "A1234_OD_20251120.jpg", Identity("A1234", "R", date(2025, 11, 20))),
+        ("A1234_OD_20251120 - Copy (2).jpg", "'- Copy (2)' at its end", "A1234_OD_20251120.jpg",
+         Identity("A1234", "R", date(2025, 11, 20))),
+        ("Patient017_L copy 2.jpg", "'copy 2' at its end", "Patient017_L.jpg", Identity("Patient017", "L", None)),
+        ("A1234 OD 20251120.jpg", "separate the patient id, eye and date with '_'", "A1234_OD_20251120.jpg",
+         Identity("A1234", "R", date(2025, 11, 20))),
+        # a hyphen in the id stays, one in a YYYY-MM-DD date too
+        ("AB-12-OD-2025-11-20.jpg", "separate the patient id", "AB-12_OD_2025-11-20.jpg",
+         Identity("AB-12", "R", date(2025, 11, 20))),
+        ("Patient017-left.jpg", "separate the patient id", "Patient017_left.jpg", Identity("Patient017", "L", None)),
+        ("AB-12 OD 20251120.jpg", "separate the patient id", "AB-12_OD_20251120.jpg",
+         Identity("AB-12", "R", date(2025, 11, 20))),
+        ("A1234.OS.20251120.jpg", "separate the patient id", "A1234_OS_20251120.jpg",
+         Identity("A1234", "L", date(2025, 11, 20))),
+    ],
+)
+def test_a_copy_or_a_name_with_other_separators_is_refused_with_the_name_to_use(
+        tmp_path: Path, name: str, fragment: str, suggested: str, expected: Identity) -> None:
+    """Copies Windows or macOS numbered ("(1)", "- Copy") and names with spaces, hyphens or dots between the parts
+    were refused as having "no patient id". The message now names the file to drop instead, and that name is
+    one the patterns take, with the same patient, eye and date."""
+    message = unidentified(tmp_path / name).message
+    assert fragment in message and f"rename it {suggested}" in message, message
+    assert "no patient id" not in message
+    found = parse_identity(tmp_path / suggested, DEFAULT_PATTERNS)
+    assert (found.patient_id, found.eye, found.exam_date) == (expected.patient_id, expected.eye, expected.exam_date)
+
+
+def test_a_copy_of_a_field_is_offered_the_second_field_name_only_where_the_patterns_take_one(tmp_path: Path) -> None:
+    message = unidentified(tmp_path / "A1234_OD_20251120 (1).jpg").message
+    assert "or A1234_OD_20251120_2.jpg if it is a second photo of that eye" in message
+    # a site whose only pattern has no field number is never offered a name it would refuse
+    site = [r"^(?P<patient>[A-Z]\d+)_(?P<eye>OD|OS)$"]
+    with pytest.raises(Rejection) as info:
+        parse_identity(tmp_path / "A1234_OD (1).jpg", site)
+    assert "rename it A1234_OD.jpg" in info.value.message and "_2.jpg" not in info.value.message
+    parse_identity(tmp_path / "A1234_OD.jpg", site)
+
+
+@pytest.mark.parametrize(
+    ("name", "shown", "letter"),
+    [("Müller017_L.jpg", "('ü')", True), ("Patient 017 L.jpg", "(a space)", False),
+     ("DSC01234 (1).jpg", "(a space, '(', ')')", False)],
+)
+def test_a_name_with_characters_the_names_do_not_take_says_which(tmp_path: Path, name: str, shown: str,
+                                                                  letter: bool) -> None:
+    """A patient id with a letter outside A-Z was refused as having "no patient id"."""
+    message = unidentified(tmp_path / name).message
+    assert f"it has characters the names do not take {shown}" in message, message
+    assert ("another letter" in message) == letter
+    assert "no patient id" not in message
+
+
 @pytest.mark.parametrize("name", ["holiday.jpg", "P1_R_143015.jpg", "P1_R_20251120_101205.jpg"])
 def test_a_name_with_nothing_recognisable_gets_the_general_message(tmp_path: Path, name: str) -> None:
     """A camera's time (143015) is not taken for a date; nor is a six-digit part beside a date."""
