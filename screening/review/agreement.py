@@ -13,7 +13,7 @@ counts (:class:`ModelUngradableVisits`: how many, signed off, graded or referred
   now. A reopened visit's sign-off still answered for the photos it covered: it is compared with the model's
   results for those very photos (eyes, corrections, referral) like any other, so the comparisons are over the
   visits signed off, ``visits_reviewed + visits_reopened``;
-* **DR agreement**: quadratic-weighted Cohen's kappa (scikit-learn) between the model's DR grade and the
+* **DR agreement**: quadratic-weighted Cohen's kappa (:func:`quadratic_kappa`, from the confusion counts) between the model's DR grade and the
   grader's, over the eyes the grader found gradable, plus the share of exact agreement; the same for DME
   risk. Each eye is compared with the model's result for the very photo the grader reviewed; an eye whose photo
   the model found ungradable (the intake checks: no grade) is not in the kappas: it is counted as
@@ -44,10 +44,9 @@ a reviewer's sign-off that is no longer the current one) are read as outlines
 
 from __future__ import annotations
 
-import math
 import statistics
-import warnings
-from collections.abc import Iterable
+from collections import Counter
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -128,44 +127,48 @@ class _Acc:
     reviewed: set[int] = field(default_factory=set)  # the sign-off covers the visit as it is now
     reopened: set[int] = field(default_factory=set)  # a photo was graded after it: back in the review queue
     corrected: int = 0
-    dr: list[tuple[int, int]] = field(default_factory=list)  # (model, grader)
-    dme: list[tuple[int, int]] = field(default_factory=list)
+    dr: Counter[tuple[int, int]] = field(default_factory=Counter)  # (model, grader) -> eyes
+    dme: Counter[tuple[int, int]] = field(default_factory=Counter)
     ungradable_eyes: int = 0  # model graded the photo, the grader found it ungradable (per version: eye level)
     model_ungradable_eyes: int = 0
     both_ungradable_eyes: int = 0  # neither model nor grader could grade it (no version: visit level)
-    referral: list[tuple[bool, bool]] = field(default_factory=list)  # (model refers, grader refers)
+    referral: Counter[tuple[bool, bool]] = field(default_factory=Counter)  # (model refers, grader refers) -> visits
     no_grade_visits: int = 0
     waits: list[float] = field(default_factory=list)
 
 
-def _kappa(pairs: list[tuple[int, int]], labels: list[int]) -> float | None:
-    """Quadratic-weighted kappa; None when undefined (no pairs, or both raters gave one and the same grade)."""
-    if not pairs:
+def quadratic_kappa(counts: Mapping[tuple[int, int], int], labels: int) -> float | None:
+    """Cohen's kappa with quadratic weights from a confusion table (``counts[(a, b)]``: items rater one put in
+    class ``a`` and rater two in ``b``, classes ``0..labels-1``); None when undefined (no items, or both raters put
+    every item in one and the same class). The same number as scikit-learn's ``cohen_kappa_score(...,
+    weights="quadratic")`` (a test checks it), from the counts: the audit compares hundreds of thousands of eyes,
+    and importing scikit-learn for it cost the command 1-2 s (up to 6 s on a busy machine) before the first row."""
+    n = sum(counts.values())
+    if n == 0:
         return None
-    from sklearn.exceptions import UndefinedMetricWarning
-    from sklearn.metrics import cohen_kappa_score
-
-    with warnings.catch_warnings():  # undefined is an expected answer here (None), not a problem to warn about
-        warnings.simplefilter("ignore", UndefinedMetricWarning)
-        with_nan = cohen_kappa_score([m for m, _ in pairs], [g for _, g in pairs], labels=labels, weights="quadratic")
-    return None if math.isnan(with_nan) else float(with_nan)
+    rows, cols = [0] * labels, [0] * labels
+    for (a, b), k in counts.items():
+        rows[a] += k
+        cols[b] += k
+    observed = sum(k * (a - b) ** 2 for (a, b), k in counts.items())
+    expected = sum(rows[a] * cols[b] * (a - b) ** 2 for a in range(labels) for b in range(labels)) / n
+    return None if expected == 0 else 1.0 - observed / expected
 
 
 def _stats(group: str, acc: _Acc, visits_graded: int) -> AgreementStats:
     s = AgreementStats(group, visits_graded=visits_graded, visits_reviewed=len(acc.reviewed),
                        visits_reopened=len(acc.reopened), visits_corrected=acc.corrected)
     s.share_reviewed = len(acc.reviewed) / visits_graded if visits_graded else None
-    s.eyes_compared, s.eyes_ungradable = len(acc.dr), acc.ungradable_eyes + acc.both_ungradable_eyes
+    eyes = sum(acc.dr.values())
+    s.eyes_compared, s.eyes_ungradable = eyes, acc.ungradable_eyes + acc.both_ungradable_eyes
     s.eyes_model_ungradable = acc.model_ungradable_eyes
-    s.dr_kappa, s.dme_kappa = _kappa(acc.dr, list(range(5))), _kappa(acc.dme, list(range(3)))
-    if acc.dr:
-        s.dr_exact_agreement = sum(m == g for m, g in acc.dr) / len(acc.dr)
-        s.dme_exact_agreement = sum(m == g for m, g in acc.dme) / len(acc.dme)
+    s.dr_kappa, s.dme_kappa = quadratic_kappa(acc.dr, 5), quadratic_kappa(acc.dme, 3)
+    if eyes:
+        s.dr_exact_agreement = sum(k for (m, g), k in acc.dr.items() if m == g) / eyes
+        s.dme_exact_agreement = sum(k for (m, g), k in acc.dme.items() if m == g) / sum(acc.dme.values())
     if acc.referral:
-        from sklearn.metrics import confusion_matrix  # imported only with sign-offs to compare: 1-2 s of start-up
-
-        tn, fp, fn, tp = (int(x) for x in confusion_matrix([g for _, g in acc.referral], [m for m, _ in acc.referral],
-                                                           labels=[False, True]).ravel())
+        tp, fp = acc.referral[(True, True)], acc.referral[(True, False)]
+        fn, tn = acc.referral[(False, True)], acc.referral[(False, False)]
         s.referral_true_pos, s.referral_false_pos, s.referral_false_neg, s.referral_true_neg = tp, fp, fn, tn
         s.referral_sensitivity = tp / (tp + fn) if tp + fn else None
         s.referral_specificity = tn / (tn + fp) if tn + fp else None
@@ -196,18 +199,18 @@ def _compare(acc: _Acc, covered: bool, review: SignOffRow, model_of: dict[int, t
             acc.both_ungradable_eyes += not e.gradable
             continue
         dr, dme, version = graded
-        targets = [acc] + ([eye_acc.setdefault(version, _Acc())] if eye_acc is not None else [])
+        targets = [acc] if eye_acc is None else [acc, eye_acc.get(version) or eye_acc.setdefault(version, _Acc())]
         for t in targets:
             if e.gradable:
                 assert e.dr_grade is not None and e.dme_grade is not None
-                t.dr.append((dr, e.dr_grade))
-                t.dme.append((dme, e.dme_grade))
+                t.dr[(dr, e.dr_grade)] += 1
+                t.dme[(dme, e.dme_grade)] += 1
             else:
                 t.ungradable_eyes += 1
     if review.referral in NO_GRADE_LEVELS:
         acc.no_grade_visits += 1
     else:
-        acc.referral.append((review.model_referral in REFER_LEVELS, review.referral in REFER_LEVELS))
+        acc.referral[(review.model_referral in REFER_LEVELS, review.referral in REFER_LEVELS)] += 1
 
 
 def _wait(first_report_at: datetime | None, review: SignOffRow) -> float | None:
@@ -351,7 +354,8 @@ def agreement_summary(
     models: dict[str, _Acc] = {str(version): _Acc() for version in graded if version is not None}
     for exam_id, history in sorted(per_visit.items()):
         current, first, report_at = history[-1], history[0], first_reports.get(exam_id)
-        groups_of_visit = [models.setdefault(version, _Acc()) for version in sorted(versions_of[exam_id])]
+        groups_of_visit = [models.get(version) or models.setdefault(version, _Acc())
+                           for version in sorted(versions_of[exam_id])]
         _compare(overall, covered[current.id], current, model_of, eye_models)
         for group in groups_of_visit:
             _compare(group, covered[current.id], current, model_of, None)
@@ -361,7 +365,7 @@ def agreement_summary(
                 group.waits.append(w)
         for name in dict.fromkeys(r.reviewer for r in history):
             own = [r for r in history if r.reviewer == name]
-            acc = reviewers.setdefault(name, _Acc())
+            acc = reviewers.get(name) or reviewers.setdefault(name, _Acc())
             _compare(acc, covered[own[-1].id], own[-1], model_of, None)
             if (w := _wait(report_at, own[0])) is not None:
                 acc.waits.append(w)

@@ -14,11 +14,40 @@ from screening.db import session_scope
 from screening.db.models import Exam, Patient
 from screening.report import EyeReview
 from screening.review import sign_off
-from screening.review.agreement import AgreementStats, agreement_summary
+from screening.review.agreement import AgreementStats, agreement_summary, quadratic_kappa
 
 from .conftest import T0, at, seed_ungradable, seed_visit
 
 DAY = date(2025, 3, 3)
+
+
+@pytest.mark.parametrize("labels", [3, 5])
+def test_quadratic_kappa_from_counts_is_scikit_learns(labels: int) -> None:
+    """The audit's kappa from a confusion table gives scikit-learn's number for the same pairs, on random tables
+    (some classes empty, some raters far apart), and None where scikit-learn's is undefined."""
+    import random
+    import warnings
+    from collections import Counter
+
+    from sklearn.metrics import cohen_kappa_score
+
+    rng = random.Random(7)
+    for trial in range(200):
+        n = rng.randint(1, 60)
+        bias = rng.choice([0, 0, 1, -1])
+        pairs = [(a, min(labels - 1, max(0, a + bias + rng.choice([0, 0, 0, 1, -1, 2])))) for a in
+                 (rng.randrange(rng.randint(1, labels)) for _ in range(n))]
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            expected = cohen_kappa_score([a for a, _ in pairs], [b for _, b in pairs], labels=list(range(labels)),
+                                         weights="quadratic")
+        got = quadratic_kappa(Counter(pairs), labels)
+        if expected != expected:  # NaN: undefined
+            assert got is None, (trial, pairs)
+        else:
+            assert got == pytest.approx(float(expected), abs=1e-12), (trial, pairs)
+    assert quadratic_kappa(Counter(), labels) is None
+    assert quadratic_kappa(Counter({(1, 1): 4}), labels) is None  # one and the same grade for everything
 
 
 @pytest.fixture
