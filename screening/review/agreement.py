@@ -39,7 +39,7 @@ sign-offs as rows, the model versions and first reports as columns, all filtered
 Whether a sign-off covers its visit now comes from the review queue's SQL prefilter; only the visits it names (and
 a reviewer's sign-off that is no longer the current one) are read as outlines
 (:class:`~screening.review.visits.VisitOutline`) and asked the rule. No visit is built as the review page shows it
-(benchmarks/bench_agreement.py: 46 s before, about 9 s now, for 48,000 signed-off visits).
+(benchmarks/bench_agreement.py: 46 s before, about 5 s now, for 48,000 signed-off visits).
 """
 
 from __future__ import annotations
