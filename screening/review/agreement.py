@@ -13,9 +13,9 @@ counts (:class:`ModelUngradableVisits`: how many, signed off, graded or referred
   now. A reopened visit's sign-off still answered for the photos it covered: it is compared with the model's
   results for those very photos (eyes, corrections, referral) like any other, so the comparisons are over the
   visits signed off, ``visits_reviewed + visits_reopened``;
-* **DR agreement**: quadratic-weighted Cohen's kappa (:func:`quadratic_kappa`, from the confusion counts) between the model's DR grade and the
-  grader's, over the eyes the grader found gradable, plus the share of exact agreement; the same for DME
-  risk. Each eye is compared with the model's result for the very photo the grader reviewed; an eye whose photo
+* **DR agreement**: quadratic-weighted Cohen's kappa (:func:`quadratic_kappa`, from the confusion counts)
+  between the model's DR grade and the grader's, over the eyes the grader found gradable, plus the share of exact
+  agreement; the same for DME risk. Each eye is compared with the model's result for the very photo the grader reviewed; an eye whose photo
   the model found ungradable (the intake checks: no grade) is not in the kappas: it is counted as
   ``eyes_model_ungradable``, and as ``eyes_ungradable`` too when the grader agreed. ``eyes_ungradable`` is every
   eye the grader found ungradable, whether the model graded its photo or not;
