@@ -260,6 +260,10 @@ def _date_problem(part: str) -> str | None:
 _COPY_SUFFIX = re.compile(r"(?:\s*\(\d{1,3}\)|\s*-\s*copy(?:\s*\(\d{1,3}\))?|\s+copy(?:\s+\d{1,3})?)$", re.IGNORECASE)
 
 
+# An eye word the names take (_EYES) between other separators than '_'
+_EYE_WORD = re.compile(r"[\s.-]+(" + "|".join(sorted(_EYES, key=len, reverse=True)) + r")([\s.-]+|$)", re.IGNORECASE)
+
+
 def _taken(stem: str, patterns: Sequence[str | re.Pattern[str]]) -> bool:
     """Whether the patterns would take ``stem`` as a patient's photo (a valid id, not a camera's numbering)."""
     groups = _match_patterns(stem, patterns)
@@ -276,8 +280,7 @@ def _renamed(stem: str, suffix: str, patterns: Sequence[str | re.Pattern[str]]) 
     for base in bases:
         separated = [re.sub(r"\s+", "_", base)]
         # '_' on both sides of an eye word only: a hyphen in the id (AB-12) or a YYYY-MM-DD date stays
-        separated.append(re.sub(r"[\s.-]+(L|R|LE|RE|OD|OS|left|right)([\s.-]+|$)",
-                                lambda m: f"_{m[1]}{'_' if m[2] else ''}", base, flags=re.IGNORECASE))
+        separated.append(_EYE_WORD.sub(lambda m: f"_{m[1]}{'_' if m[2] else ''}", base))
         separated.append(re.sub(r"[\s.]+", "_", base))
         separated.append(re.sub(r"[\s.-]+", "_", base))
         separated.append(re.sub(r"(?<![0-9])([0-9]{4})_([0-9]{2})_([0-9]{2})(?![0-9])", r"\1-\2-\3", separated[-1]))
@@ -294,7 +297,7 @@ def _renamed(stem: str, suffix: str, patterns: Sequence[str | re.Pattern[str]]) 
     return None
 
 
-def _diagnose_name(stem: str, suffix: str = "", patterns: Sequence[str | re.Pattern[str]] = ()) -> str | None:
+def _diagnose_name(stem: str, suffix: str, patterns: Sequence[str | re.Pattern[str]]) -> str | None:
     """The first thing recognisably wrong with a file name no pattern matched, or None.
 
     Without this such a name was refused as having "no patient id", although the id was there and the date

@@ -256,12 +256,15 @@ def _coverage(session: Session, exams: rrepo.Exams, history: dict[int, list[Sign
     return out
 
 
-def _period(lo: datetime | None, hi: datetime | None, model_version: str | None) -> list[ColumnElement[bool]]:
-    where: list[ColumnElement[bool]] = [Result.exam_id.is_not(None)]
+def _period(lo: datetime | None, hi: datetime | None, model_version: str | None,
+            arrived: Any = Result.received_at) -> list[ColumnElement[bool]]:
+    """The audit's period and model version as conditions: the result's arrival, or ``arrived`` (the photo's,
+    ``Image.received_at``, for reads joined from the images)."""
+    where: list[ColumnElement[bool]] = []
     if lo is not None:
-        where.append(Result.received_at >= lo)
+        where.append(arrived >= lo)
     if hi is not None:
-        where.append(Result.received_at < hi)
+        where.append(arrived < hi)
     if model_version is not None:
         where.append(Result.model_version == model_version)
     return where
@@ -273,7 +276,8 @@ def _signed_in_period(lo: datetime | None, hi: datetime | None, model_version: s
     with dates by the period's photos (ix_images_received_at), each checked along ix_reviews_exam_id: a month of a
     signed-off year is a twelfth of the photos but every sign-off (3 s a read, on a year's database)."""
     if lo is None and hi is None:
-        in_period = select(Result.id).where(Result.exam_id == Review.exam_id, *_period(lo, hi, model_version)).exists()
+        in_period = select(Result.id).where(Result.exam_id == Review.exam_id, Result.exam_id.is_not(None),
+                                            *_period(lo, hi, model_version)).exists()
         return select(Review.exam_id).where(in_period).distinct()
     signed = select(Review.id).where(Review.exam_id == Image.exam_id).exists()
     return (select(Image.exam_id).join(Result, Result.image_id == Image.id)
@@ -281,21 +285,13 @@ def _signed_in_period(lo: datetime | None, hi: datetime | None, model_version: s
 
 
 def _photo_period(lo: datetime | None, hi: datetime | None, model_version: str | None) -> list[ColumnElement[bool]]:
-    """:func:`_period` by the photo's arrival (``Image.received_at``), for reads joined from the images."""
-    where: list[ColumnElement[bool]] = []
-    if lo is not None:
-        where.append(Image.received_at >= lo)
-    if hi is not None:
-        where.append(Image.received_at < hi)
-    if model_version is not None:
-        where.append(Result.model_version == model_version)
-    return where
+    return _period(lo, hi, model_version, Image.received_at)
 
 
 def visits_graded(session: Session, lo: datetime | None = None, hi: datetime | None = None,
                   model_version: str | None = None) -> dict[str | None, int]:
     """Visits with a photo graded in the period: pooled under None, and per model version that graded one."""
-    where = _period(lo, hi, model_version)
+    where = [Result.exam_id.is_not(None), *_period(lo, hi, model_version)]
     pooled = select(Result.exam_id).where(*where).distinct().subquery()
     out: dict[str | None, int] = {None: int(session.scalar(select(func.count()).select_from(pooled)) or 0)}
     for version, n in session.execute(select(Result.model_version, func.count(Result.exam_id.distinct()))
